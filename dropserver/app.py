@@ -1,0 +1,159 @@
+"""The application: shared connections plus the routes of every domain package.
+
+Follow the imports from here to find any endpoint: ``realtime.component`` (the
+WebSocket gateway), ``drops.component`` (creator API), ``checkout.component``
+(buy, payments, webhooks), ``streaming.component`` (WHIP, HLS, replays) and, last so
+API routes win, ``dropserver.web`` (the viewer page and the creator console).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import checkout.component
+import drops.component
+import realtime.component
+import streaming.component
+from dropserver import __version__, web
+from dropserver.auth import TokenVerifier, principal
+from dropserver.component import Component
+from dropserver.db import create_pool
+from dropserver.errors import exception_handlers
+from dropserver.observability import RequestContextMiddleware, bind, metrics_endpoint
+from dropserver.settings import Settings
+
+__all__ = ["COMPONENTS", "create_app"]
+
+log = logging.getLogger("dropserver.app")
+
+COMPONENTS: tuple[Component, ...] = (
+    realtime.component.component,
+    drops.component.component,
+    checkout.component.component,
+    streaming.component.component,
+    web.component,  # pages and static files: last, so API routes win
+)
+
+
+async def healthz(request: Request) -> JSONResponse:
+    """The process is up and its event loop answers."""
+    return JSONResponse({"status": "ok", "node": request.app.state.node_id,
+                         "version": __version__})
+
+
+async def readyz(request: Request) -> JSONResponse:
+    """Redis and PostgreSQL both answer within a second."""
+    state = request.app.state
+    checks: dict[str, str] = {}
+
+    async def check(name: str, probe) -> None:
+        try:
+            async with asyncio.timeout(1.0):
+                await probe()
+            checks[name] = "ok"
+        except Exception as exc:  # any failure means not ready
+            checks[name] = f"{type(exc).__name__}: {exc}"[:200]
+
+    await asyncio.gather(
+        check("redis", state.redis.ping),
+        check("postgres", lambda: state.db.fetchval("SELECT 1")),
+    )
+    draining = getattr(state, "draining", False)
+    ready = all(v == "ok" for v in checks.values()) and not draining
+    body = {"status": "ready" if ready else "unavailable", "checks": checks,
+            "draining": draining}
+    if not ready:
+        body["error"] = {"code": "unavailable", "message": "not ready", "details": checks}
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+async def me(request: Request) -> JSONResponse:
+    """Who the bearer token says the caller is (guests get ``guest: true``)."""
+    who = await principal(request)
+    if who.is_guest:
+        return JSONResponse({"guest": True, "user_id": None, "role": None})
+    return JSONResponse({"guest": False, "user_id": who.user_id,
+                         "role": who.role.value if who.role else None, "name": who.name})
+
+
+def create_app(settings: Settings, components: tuple[Component, ...] = COMPONENTS) -> Starlette:
+    if not settings.redis_url or not settings.database_url:
+        raise ValueError("create_app needs settings.redis_url and settings.database_url")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state = app.state
+        state.settings = settings
+        state.node_id = settings.effective_node_id
+        state.draining = False
+        state.verifier = TokenVerifier(settings)
+        # WebSocket commands other packages handle (e.g. checkout registers "buy"):
+        # name -> async handler(app, conn: realtime.CommandContext, data: dict) -> dict
+        state.commands = {}
+        bind(node_id=state.node_id)
+        state.redis = aioredis.Redis.from_url(
+            settings.redis_url, decode_responses=False, health_check_interval=15,
+            socket_keepalive=True, max_connections=512,
+        )
+        state.db = await create_pool(settings.database_url, min_size=settings.db_pool_min,
+                                     max_size=settings.db_pool_max)
+        started: list[Component] = []
+        try:
+            for comp in components:
+                if comp.startup is not None:
+                    await comp.startup(app)
+                started.append(comp)
+            log.info("started", extra={"components": [c.name for c in components]})
+            yield
+        finally:
+            for comp in reversed(started):
+                if comp.shutdown is not None:
+                    try:
+                        await comp.shutdown(app)
+                    except Exception:
+                        log.exception("shutdown hook failed", extra={"component": comp.name})
+            await state.db.close()
+            await state.redis.aclose()
+
+    async def drain() -> None:
+        """Stop taking new work; each component tells its clients when to retry."""
+        app.state.draining = True
+        for comp in components:
+            if comp.drain is not None:
+                try:
+                    await comp.drain(app)
+                except Exception:
+                    log.exception("drain hook failed", extra={"component": comp.name})
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/v1/me", me, methods=["GET"]),
+    ]
+    for comp in components:
+        routes.extend(comp.routes)
+    middleware = [Middleware(RequestContextMiddleware)]
+    if settings.cors_origins:
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=["authorization", "content-type", "idempotency-key"],
+            expose_headers=["location", "link", "etag"],
+        ))
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                    exception_handlers=exception_handlers())
+    app.state.drain = drain
+    app.state.settings = settings
+    return app

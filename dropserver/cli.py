@@ -1,0 +1,210 @@
+"""The ``dropserver`` command: dev, serve, migrate, token, services."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+import urllib.request
+
+from dropserver.settings import SettingsError, load_settings
+
+__all__ = ["main"]
+
+
+def _settings(args: argparse.Namespace, **overrides):
+    for name in ("host", "port", "workers"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    try:
+        return load_settings(**overrides)
+    except SettingsError as exc:
+        print(f"dropserver: invalid configuration: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+async def _migrate(database_url: str) -> list[int]:
+    import asyncpg
+
+    from dropserver.db import migrate
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    settings = _settings(args, dev=True)  # migrate needs no auth settings
+    if not settings.database_url:
+        print("dropserver migrate: set DATABASE_URL", file=sys.stderr)
+        return 2
+    applied = asyncio.run(_migrate(settings.database_url))
+    print(json.dumps({"applied": applied}))
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from dropserver.auth import Role, issue_token
+
+    settings = _settings(args, dev=not os.environ.get("DROPSERVER_JWT_SECRET"))
+    print(issue_token(settings, args.sub, Role(args.role), ttl=args.ttl, name=args.name))
+    return 0
+
+
+def _wait_ready(url: str, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=1) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
+def _announce(settings, port: int, started: float) -> None:
+    from dropserver.auth import Role, issue_token
+
+    base = f"http://{settings.host}:{port}"
+    ready = _wait_ready(base)
+    creator = issue_token(settings, "creator-dev", Role.CREATOR, name="Dev Creator")
+    viewer = issue_token(settings, "viewer-dev", Role.VIEWER, name="Dev Viewer")
+    lines = [
+        "",
+        f"  dropserver dev {'ready' if ready else 'NOT READY'} in "
+        f"{time.monotonic() - started:.2f} s",
+        f"  HTTP        {base}",
+        f"  WebSocket   ws://{settings.host}:{port}/ws",
+        f"  Viewer page {base}/",
+        f"  Console     {base}/console",
+        f"  Redis       {settings.redis_url}",
+        f"  PostgreSQL  {settings.database_url}",
+        f"  Creator token (sub=creator-dev):\n    {creator}",
+        f"  Viewer token  (sub=viewer-dev):\n    {viewer}",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from dropserver.observability import configure_logging
+    from dropserver.services import LocalServices
+
+    started = time.monotonic()
+    settings = _settings(args, dev=True)
+    configure_logging(settings.log_level, settings.log_format)
+    services = LocalServices(want_redis=not settings.redis_url,
+                             want_postgres=not settings.database_url)
+    with contextlib.ExitStack() as stack:
+        if services.want_redis or services.want_postgres:
+            stack.enter_context(services)
+            settings = settings.replace(
+                redis_url=settings.redis_url or services.redis_url,
+                database_url=settings.database_url or services.database_url,
+                # media of a throwaway database goes with it (drop ids restart at 1)
+                media_dir=settings.media_dir or str(services.root / "media"),
+            )
+        asyncio.run(_migrate(settings.database_url))
+        return _run(settings, started)
+
+
+def _run(settings, started: float) -> int:
+    from dropserver.serve import bind_socket, run_single, run_supervisor
+
+    if settings.workers > 1:
+        def on_ready(port: int) -> None:
+            threading.Thread(target=_announce, args=(settings, port, started),
+                             daemon=True).start()
+
+        return run_supervisor(settings, on_ready=on_ready)
+    sock = bind_socket(settings.host, settings.port, reuse_port=False)
+    port = sock.getsockname()[1]
+    threading.Thread(target=_announce, args=(settings, port, started), daemon=True).start()
+    run_single(settings, sock)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dropserver.observability import configure_logging
+
+    settings = _settings(args)
+    configure_logging(settings.log_level, settings.log_format)
+    if not settings.redis_url or not settings.database_url:
+        print("dropserver serve: set REDIS_URL and DATABASE_URL "
+              "(use `dropserver dev` for local services)", file=sys.stderr)
+        return 2
+    if args.migrate:
+        asyncio.run(_migrate(settings.database_url))
+    from dropserver.serve import run_supervisor
+
+    return run_supervisor(settings)
+
+
+def cmd_services(args: argparse.Namespace) -> int:
+    """Start only Redis and PostgreSQL and print their URLs (benchmarks, debugging)."""
+    import signal
+
+    from dropserver.services import LocalServices
+
+    with LocalServices() as services:
+        asyncio.run(_migrate(services.database_url))
+        print(json.dumps({"REDIS_URL": services.redis_url,
+                          "DATABASE_URL": services.database_url}), flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dropserver", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def net(p: argparse.ArgumentParser, port_default: int | None) -> None:
+        p.add_argument("--host", default=None, help="listen address (DROPSERVER_HOST)")
+        p.add_argument("--port", type=int, default=port_default,
+                       help="listen port (DROPSERVER_PORT)")
+        p.add_argument("--workers", type=int, default=None,
+                       help="worker processes (DROPSERVER_WORKERS)")
+
+    dev = sub.add_parser("dev", help="run with local Redis and PostgreSQL of its own")
+    net(dev, None)
+    dev.set_defaults(func=cmd_dev)
+
+    serve = sub.add_parser("serve", help="production: REDIS_URL and DATABASE_URL required")
+    net(serve, None)
+    serve.add_argument("--migrate", action="store_true", help="apply migrations first")
+    serve.set_defaults(func=cmd_serve)
+
+    migrate = sub.add_parser("migrate", help="apply schema migrations (idempotent)")
+    migrate.set_defaults(func=cmd_migrate)
+
+    token = sub.add_parser("token", help="issue an HS256 token (dev secret by default)")
+    token.add_argument("--sub", required=True, help="user id")
+    token.add_argument("--role", default="viewer",
+                       choices=["viewer", "creator", "admin", "investor"])
+    token.add_argument("--ttl", type=int, default=24 * 3600, help="seconds")
+    token.add_argument("--name", default=None, help="display name")
+    token.set_defaults(func=cmd_token)
+
+    services = sub.add_parser("services", help="start only local Redis and PostgreSQL")
+    services.set_defaults(func=cmd_services)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""HTTP errors: every 4xx/5xx answers ``{"error": {"code", "message", "details"}}``.
+
+Domain code raises :class:`ApiError` (or a subclass) with a stable machine-readable
+``code``; the handlers installed by :func:`install` turn it, Starlette's own
+``HTTPException`` and any unexpected exception into that JSON body.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+__all__ = [
+    "ApiError",
+    "Conflict",
+    "Forbidden",
+    "NotFound",
+    "Unauthorized",
+    "ValidationFailed",
+    "error_body",
+    "exception_handlers",
+]
+
+log = logging.getLogger("dropserver.http")
+
+
+class ApiError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.details = details or {}
+        self.headers = headers
+
+
+class ValidationFailed(ApiError):
+    status = 422
+    code = "validation_failed"
+
+
+class Unauthorized(ApiError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ApiError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(ApiError):
+    status = 409
+    code = "conflict"
+
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_failed",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict:
+    return {"error": {"code": code, "message": message, "details": details or {}}}
+
+
+def _json_error(status: int, code: str, message: str, details=None, headers=None):
+    return JSONResponse(error_body(code, message, details), status_code=status,
+                        headers=headers)
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    headers = dict(exc.headers or {})
+    if exc.status == 401:
+        headers.setdefault("WWW-Authenticate", 'Bearer realm="dropserver"')
+    return _json_error(exc.status, exc.code, exc.message, exc.details, headers)
+
+
+async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    code = _STATUS_CODES.get(exc.status_code, "error")
+    return _json_error(exc.status_code, code, str(exc.detail), None, exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", extra={"path": request.url.path})
+    return _json_error(500, "internal_error", "internal server error")
+
+
+def exception_handlers() -> dict[Any, Any]:
+    return {ApiError: _api_error, HTTPException: _http_exception, Exception: _unexpected}

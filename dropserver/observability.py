@@ -1,0 +1,152 @@
+"""Structured JSON logs with request/connection context, and Prometheus metrics.
+
+Context travels in :mod:`contextvars`: :func:`bind` sets ``request_id``,
+``conn_id``, ``drop_id`` or ``user_id`` for the current task and every log line it
+writes carries them. Metrics use prometheus-client; with several worker processes
+``PROMETHEUS_MULTIPROC_DIR`` is set by ``dropserver serve`` so ``/metrics`` on any
+worker reports the sum of all of them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    generate_latest,
+    multiprocess,
+)
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = [
+    "RequestContextMiddleware",
+    "bind",
+    "configure_logging",
+    "metrics_endpoint",
+    "new_id",
+]
+
+_CONTEXT_KEYS = ("request_id", "conn_id", "drop_id", "user_id", "node_id")
+_context: dict[str, contextvars.ContextVar[Any]] = {
+    key: contextvars.ContextVar(key, default=None) for key in _CONTEXT_KEYS
+}
+_RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+def new_id(prefix: str = "") -> str:
+    return prefix + secrets.token_hex(6)
+
+
+def bind(**values: Any) -> None:
+    """Attach values (request_id, conn_id, drop_id, user_id, node_id) to this task."""
+    for key, value in values.items():
+        _context[key].set(value)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, var in _context.items():
+            value = var.get()
+            if value is not None:
+                out[key] = value
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, separators=(",", ":"))
+
+
+def configure_logging(level: str = "info", fmt: str = "json") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # uvicorn's own access log duplicates ours; its error log goes through root.
+    logging.getLogger("uvicorn.access").disabled = True
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+
+
+class RequestContextMiddleware:
+    """Gives each HTTP request and WebSocket an id (``X-Request-ID`` is honoured)
+    and logs one line per HTTP request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.log = logging.getLogger("dropserver.access")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        incoming = None
+        for name, value in scope.get("headers", ()):
+            if name == b"x-request-id":
+                incoming = value.decode("latin-1")[:64]
+                break
+        request_id = incoming or new_id("r-")
+        bind(request_id=request_id)
+        scope.setdefault("state", {})["request_id"] = request_id
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", []).append(
+                    (b"x-request-id", request_id.encode("latin-1"))
+                )
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.log.info(
+                "%s %s %s",
+                scope["method"],
+                scope["path"],
+                status,
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "ms": round((time.perf_counter() - started) * 1000, 2),
+                },
+            )
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """Prometheus text exposition; sums all workers in multi-process mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        data = generate_latest(registry)
+    else:
+        data = generate_latest()
+    return Response(data, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,211 @@
+"""Running the app: one process, or N worker processes sharing a port.
+
+Workers each bind their own listening socket with ``SO_REUSEPORT``; the kernel
+spreads new connections across them. The supervisor holds a bound (not listening)
+socket on the same port so ``--port 0`` resolves once for all, restarts a worker
+that dies, and forwards SIGTERM/SIGINT so every worker drains: it stops accepting,
+tells each viewer "going away, reconnect after N ms" (jittered), then stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from types import FrameType
+
+import uvicorn
+
+from dropserver.settings import Settings, load_settings
+
+__all__ = ["bind_socket", "run_single", "run_supervisor"]
+
+log = logging.getLogger("dropserver.serve")
+
+
+def bind_socket(host: str, port: int, *, reuse_port: bool, listen: bool = True) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    if listen:
+        sock.listen(4096)
+    sock.set_inheritable(True)
+    return sock
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first exit signal drains the app before stopping."""
+
+    def __init__(self, config: uvicorn.Config, drain_timeout: float) -> None:
+        super().__init__(config)
+        self._drain_timeout = drain_timeout
+        self._draining: asyncio.Task | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining is not None or self.should_exit:
+            # A second signal: stop now.
+            self.force_exit = True
+            self.should_exit = True
+            return
+        loop = asyncio.get_event_loop()
+        self._draining = loop.create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        # Stop accepting first, so a drained viewer reconnects to another worker.
+        for server in getattr(self, "servers", []):
+            server.close()
+        app = self.config.loaded_app
+        drain = _find_drain(app)
+        if drain is not None:
+            try:
+                async with asyncio.timeout(self._drain_timeout):
+                    await drain()
+            except TimeoutError:
+                log.warning("drain timed out")
+            except Exception:
+                log.exception("drain failed")
+        self.should_exit = True
+
+
+def _find_drain(app: object):
+    # uvicorn wraps the app (proxy headers, message logger); walk down to Starlette.
+    for _ in range(8):
+        state = getattr(app, "state", None)
+        if state is not None and hasattr(state, "drain"):
+            return state.drain
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
+def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
+    # /ws bypasses Starlette's stack and uvicorn keeps no handshake per socket:
+    # ~27 -> ~20 KiB per idle viewer (realtime/asgi.py, docs/topics/realtime.md).
+    from realtime.asgi import FastPath, LeanWebSocketProtocol
+
+    return uvicorn.Config(
+        FastPath(app),
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        ws=LeanWebSocketProtocol,  # websockets-sansio, leaner
+        ws_max_size=settings.ws_max_message_bytes,
+        ws_per_message_deflate=False,  # ~50 KiB per socket with deflate; see memory docs
+        ws_ping_interval=None,  # the gateway sends its own heartbeats
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
+        backlog=4096,
+        server_header=False,
+        proxy_headers=True,
+    )
+
+
+def run_single(settings: Settings, sock: socket.socket | None = None) -> None:
+    """Run one worker in this process (serving ``sock`` or host:port)."""
+    from dropserver.app import create_app
+
+    app = create_app(settings)
+    config = uvicorn_config(app, settings)
+    if sock is None:
+        sock = bind_socket(settings.host, settings.port, reuse_port=False)
+    server = _DrainingServer(config, drain_timeout=settings.shutdown_grace)
+    _use_uvloop()
+    server.run(sockets=[sock])
+
+
+def _use_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _worker_main() -> None:
+    """Entry of a worker started by the supervisor (settings come from the env)."""
+    from dropserver.observability import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    sock = bind_socket(settings.host, settings.port, reuse_port=True)
+    run_single(settings, sock)
+
+
+def run_supervisor(settings: Settings, *, extra_env: dict[str, str] | None = None,
+                   on_ready=None) -> int:
+    """Run ``settings.workers`` worker processes on one port until signalled."""
+    # Resolve the port once; hold it so it cannot be taken between restarts.
+    holder = bind_socket(settings.host, settings.port, reuse_port=True, listen=False)
+    port = holder.getsockname()[1]
+    metrics_dir = tempfile.mkdtemp(prefix="dropserver-metrics-")
+    env = dict(os.environ)
+    env.update(extra_env or {})
+    env.update({
+        "DROPSERVER_HOST": settings.host,
+        "DROPSERVER_PORT": str(port),
+        "DROPSERVER_WORKERS": "1",
+        "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
+    })
+    if settings.redis_url:
+        env["REDIS_URL"] = settings.redis_url
+    if settings.database_url:
+        env["DATABASE_URL"] = settings.database_url
+    if settings.dev:
+        env["DROPSERVER_DEV"] = "1"
+    stopping = False
+    procs: dict[int, subprocess.Popen] = {}
+
+    def spawn(index: int) -> None:
+        wenv = dict(env)
+        base = settings.node_id or socket.gethostname()
+        wenv["DROPSERVER_NODE_ID"] = f"{base}:w{index}:{os.getpid()}"
+        procs[index] = subprocess.Popen(
+            [sys.executable, "-c", "from dropserver.serve import _worker_main; _worker_main()"],
+            env=wenv,
+        )
+
+    def forward(sig: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for i in range(settings.workers):
+            spawn(i)
+        log.info("supervisor started", extra={"workers": settings.workers, "port": port})
+        if on_ready is not None:
+            on_ready(port)
+        while True:
+            time.sleep(0.2)
+            if stopping:
+                deadline = time.monotonic() + settings.shutdown_grace + 5
+                for proc in procs.values():
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                    if proc.poll() is None:
+                        proc.kill()
+                return 0
+            for index, proc in list(procs.items()):
+                if proc.poll() is not None:
+                    log.error("worker exited; restarting", extra={
+                        "worker": index, "returncode": proc.returncode})
+                    spawn(index)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        holder.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)

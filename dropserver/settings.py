@@ -1,0 +1,264 @@
+"""One typed settings object, read from environment variables.
+
+Every field names its variable; `docs/configuration.md` lists them all. An invalid
+value raises :class:`SettingsError` naming the variable, and start-up stops there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Settings", "SettingsError", "load_settings"]
+
+DEV_JWT_SECRET = "dropserver-dev-secret-not-for-production"
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or malformed."""
+
+    def __init__(self, variable: str, message: str) -> None:
+        super().__init__(f"{variable}: {message}")
+        self.variable = variable
+
+
+def _env(name: str, default: Any, doc: str, *, choices: tuple[str, ...] = ()) -> Any:
+    return field(
+        default=default,
+        metadata={"env": name, "doc": doc, "choices": choices},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # --- process -------------------------------------------------------------
+    host: str = _env("DROPSERVER_HOST", "127.0.0.1", "Address to listen on.")
+    port: int = _env("DROPSERVER_PORT", 8000, "TCP port (0 picks a free one).")
+    workers: int = _env("DROPSERVER_WORKERS", 1, "Worker processes sharing the port.")
+    node_id: str = _env("DROPSERVER_NODE_ID", "", "Name of this process in presence "
+                        "and logs; empty derives hostname:pid.")
+    log_level: str = _env("DROPSERVER_LOG_LEVEL", "info", "Log level.",
+                          choices=("debug", "info", "warning", "error"))
+    log_format: str = _env("DROPSERVER_LOG_FORMAT", "json", "Log line format.",
+                           choices=("json", "text"))
+    public_url: str = _env("DROPSERVER_PUBLIC_URL", "", "Base URL viewers use; empty "
+                           "derives it from host and port.")
+    cors_origins: tuple[str, ...] = _env("DROPSERVER_CORS_ORIGINS", (), "Comma-separated "
+                                         "origins allowed by CORS (HLS and API).")
+
+    # --- backing services ----------------------------------------------------
+    redis_url: str = _env("REDIS_URL", "", "Redis URL. Empty under `dropserver dev` "
+                          "starts a local one.")
+    database_url: str = _env("DATABASE_URL", "", "PostgreSQL URL. Empty under "
+                             "`dropserver dev` starts a local one.")
+    db_pool_min: int = _env("DROPSERVER_DB_POOL_MIN", 1, "asyncpg pool minimum size.")
+    db_pool_max: int = _env("DROPSERVER_DB_POOL_MAX", 10, "asyncpg pool maximum size.")
+
+    # --- auth ----------------------------------------------------------------
+    jwt_secret: str = _env("DROPSERVER_JWT_SECRET", "", "HS256 secret. `dropserver dev` "
+                           "uses a fixed dev secret when empty.")
+    jwks_url: str = _env("DROPSERVER_JWKS_URL", "", "JWKS URL for RS256/ES256 tokens "
+                         "(Clerk, Auth0, Better Auth). Takes precedence over the secret.")
+    jwt_audience: str = _env("DROPSERVER_JWT_AUDIENCE", "dropserver", "Required `aud`.")
+    jwt_issuer: str = _env("DROPSERVER_JWT_ISSUER", "", "Required `iss`; empty skips it.")
+    jwt_role_claim: str = _env("DROPSERVER_JWT_ROLE_CLAIM", "role", "Claim holding the "
+                               "role (viewer, creator, admin, investor).")
+
+    # --- real-time -----------------------------------------------------------
+    ws_max_message_bytes: int = _env("DROPSERVER_WS_MAX_MESSAGE_BYTES", 16384,
+                                     "Largest frame a client may send.")
+    ws_send_queue_bytes: int = _env("DROPSERVER_WS_SEND_QUEUE_BYTES", 262144,
+                                    "Per-connection outgoing buffer before a slow close.")
+    ws_ping_interval: float = _env("DROPSERVER_WS_PING_INTERVAL", 25.0,
+                                   "Seconds between server pings.")
+    ws_pong_timeout: float = _env("DROPSERVER_WS_PONG_TIMEOUT", 10.0,
+                                  "Seconds to wait for a pong before closing.")
+    history_size: int = _env("DROPSERVER_HISTORY_SIZE", 1000,
+                             "Events kept per drop for recovery.")
+    history_ttl: int = _env("DROPSERVER_HISTORY_TTL", 86400,
+                            "Seconds a drop's history is kept after its last event.")
+    stock_coalesce_ms: int = _env("DROPSERVER_STOCK_COALESCE_MS", 100,
+                                  "Minimum interval between stock updates per drop.")
+    viewers_coalesce_ms: int = _env("DROPSERVER_VIEWERS_COALESCE_MS", 1000,
+                                    "Minimum interval between viewer-count updates.")
+    presence_ttl: int = _env("DROPSERVER_PRESENCE_TTL", 10,
+                             "Seconds before a silent node's viewers leave the count.")
+    reconnect_min_ms: int = _env("DROPSERVER_RECONNECT_MIN_MS", 500,
+                                 "Lower bound of the jittered reconnect delay on drain.")
+    reconnect_max_ms: int = _env("DROPSERVER_RECONNECT_MAX_MS", 5000,
+                                 "Upper bound of the jittered reconnect delay on drain.")
+    shutdown_grace: float = _env("DROPSERVER_SHUTDOWN_GRACE", 10.0,
+                                 "Seconds a draining worker waits before it stops.")
+    max_connections: int = _env("DROPSERVER_MAX_CONNECTIONS", 18000,
+                                "Sockets per worker before new ones are told to retry.")
+
+    # --- chat ----------------------------------------------------------------
+    chat_max_chars: int = _env("DROPSERVER_CHAT_MAX_CHARS", 300, "Longest chat message.")
+    chat_rate_per_10s: int = _env("DROPSERVER_CHAT_RATE", 5,
+                                  "Chat messages a user may send per 10 s.")
+    chat_history: int = _env("DROPSERVER_CHAT_HISTORY", 50, "Chat messages sent on join.")
+
+    # --- checkout ------------------------------------------------------------
+    hold_ttl: int = _env("DROPSERVER_HOLD_TTL", 600, "Seconds a reservation is held.")
+    buy_rate_per_user: int = _env("DROPSERVER_BUY_RATE_USER", 10,
+                                  "Buy attempts per user per 10 s.")
+    buy_rate_per_ip: int = _env("DROPSERVER_BUY_RATE_IP", 100,
+                                "Buy attempts per IP address per 10 s.")
+    buy_velocity_window_ms: int = _env("DROPSERVER_BUY_VELOCITY_WINDOW_MS", 2000,
+                                       "Window after BUY NOW with a stricter per-user "
+                                       "attempt cap (0 disables).")
+    buy_velocity_max: int = _env("DROPSERVER_BUY_VELOCITY_MAX", 5,
+                                 "Buy attempts per user inside that window.")
+    buy_verifier: str = _env("DROPSERVER_BUY_VERIFIER", "", "Captcha/attestation hook "
+                             "as module:attr; empty accepts every buy attempt.")
+    hold_sweep_interval: float = _env("DROPSERVER_HOLD_SWEEP_INTERVAL", 1.0,
+                                      "Seconds between expired-hold sweeps per process.")
+    recovery_interval: float = _env("DROPSERVER_RECOVERY_INTERVAL", 2.0,
+                                    "Seconds between checks for live drops missing "
+                                    "from Redis (rebuilt from PostgreSQL).")
+    recovery_grace_ms: int = _env("DROPSERVER_RECOVERY_GRACE_MS", 1000,
+                                  "Wait before reading PostgreSQL in a rebuild, so "
+                                  "order writes in flight land first.")
+    payment_gateway: str = _env("DROPSERVER_PAYMENT_GATEWAY", "fake", "Payment gateway.",
+                                choices=("fake", "stripe"))
+    stripe_api_key: str = _env("STRIPE_API_KEY", "", "Stripe secret key.")
+    stripe_api_base: str = _env("STRIPE_API_BASE", "", "Override of Stripe's API address "
+                                "(tests point it at a local server).")
+    stripe_webhook_secret: str = _env("STRIPE_WEBHOOK_SECRET", "", "Webhook signing secret.")
+    stripe_publishable_key: str = _env("STRIPE_PUBLISHABLE_KEY", "", "Given to Stripe.js.")
+    platform_fee_bps: int = _env("DROPSERVER_PLATFORM_FEE_BPS", 1000,
+                                 "Platform fee in basis points (1000 = 10%).")
+    order_workers: int = _env("DROPSERVER_ORDER_WORKERS", 1,
+                              "Order-queue consumers per process (0 disables).")
+    order_claim_idle_ms: int = _env("DROPSERVER_ORDER_CLAIM_IDLE_MS", 15000,
+                                    "Pending order entries idle this long are re-claimed "
+                                    "from a consumer that died.")
+    order_max_attempts: int = _env("DROPSERVER_ORDER_MAX_ATTEMPTS", 5,
+                                   "Tries of a failing order entry before it goes to the "
+                                   "dead-letter stream orders:dead.")
+    campaign_check_interval: float = _env("DROPSERVER_CAMPAIGN_CHECK_INTERVAL", 5.0,
+                                          "Seconds between checks for campaign deadlines.")
+
+    # --- streaming -----------------------------------------------------------
+    media_dir: str = _env("DROPSERVER_MEDIA_DIR", "", "Where HLS segments and replays "
+                          "are written (shared by all workers); empty uses "
+                          "<tmp>/dropserver-media, or under dropserver dev with its "
+                          "own databases, a folder deleted with them.")
+    hls_segment_seconds: float = _env("DROPSERVER_HLS_SEGMENT_SECONDS", 1.0,
+                                      "Target HLS segment duration.")
+    hls_part_seconds: float = _env("DROPSERVER_HLS_PART_SECONDS", 0.2,
+                                   "Target LL-HLS part duration.")
+    hls_transcode: str = _env("DROPSERVER_HLS_TRANSCODE", "auto", "auto: pass H.264 "
+                              "through, re-encode other codecs; always: re-encode every "
+                              "stream to H.264.", choices=("auto", "always"))
+    stream_reconnect_grace: float = _env("DROPSERVER_STREAM_RECONNECT_GRACE", 15.0,
+                                         "Seconds a lost publisher may reconnect into the "
+                                         "same stream before it is finalized as a replay.")
+
+    # --- mode ----------------------------------------------------------------
+    dev: bool = _env("DROPSERVER_DEV", False, "Development mode (dev secret, fake "
+                     "payments, verbose errors).")
+
+    @property
+    def effective_node_id(self) -> str:
+        if self.node_id:
+            return self.node_id
+        import socket
+
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+    @property
+    def effective_jwt_secret(self) -> str:
+        if self.jwt_secret:
+            return self.jwt_secret
+        return DEV_JWT_SECRET if self.dev else ""
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        """Cross-field checks; single-field checks happen while parsing."""
+        if not self.dev and not (self.jwks_url or self.jwt_secret):
+            raise SettingsError(
+                "DROPSERVER_JWKS_URL", "production needs DROPSERVER_JWKS_URL or "
+                "DROPSERVER_JWT_SECRET (the dev secret is only used by `dropserver dev`)"
+            )
+        if self.reconnect_min_ms > self.reconnect_max_ms:
+            raise SettingsError("DROPSERVER_RECONNECT_MIN_MS",
+                                "must not exceed DROPSERVER_RECONNECT_MAX_MS")
+        if self.payment_gateway == "stripe" and not self.stripe_api_key:
+            raise SettingsError("STRIPE_API_KEY", "required when "
+                                "DROPSERVER_PAYMENT_GATEWAY=stripe")
+        if self.db_pool_min > self.db_pool_max:
+            raise SettingsError("DROPSERVER_DB_POOL_MIN", "must not exceed "
+                                "DROPSERVER_DB_POOL_MAX")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _parse(name: str, raw: str, typ: Any, choices: tuple[str, ...]) -> Any:
+    raw = raw.strip()
+    if typ is bool:
+        low = raw.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise SettingsError(name, f"expected true or false, got {raw!r}")
+    if typ is int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(name, f"expected an integer, got {raw!r}") from None
+        if value < 0:
+            raise SettingsError(name, f"must not be negative, got {value}")
+        return value
+    if typ is float:
+        try:
+            fvalue = float(raw)
+        except ValueError:
+            raise SettingsError(name, f"expected a number, got {raw!r}") from None
+        if fvalue < 0:
+            raise SettingsError(name, f"must not be negative, got {fvalue}")
+        return fvalue
+    if typing.get_origin(typ) is tuple:
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if choices and raw not in choices:
+        raise SettingsError(name, f"expected one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build :class:`Settings` from ``environ`` (default ``os.environ``)."""
+    env = os.environ if environ is None else environ
+    hints = typing.get_type_hints(Settings)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        name = f.metadata["env"]
+        if name in env:
+            typ = hints[f.name]
+            if isinstance(typ, types.UnionType):  # pragma: no cover - none today
+                typ = typing.get_args(typ)[0]
+            values[f.name] = _parse(name, env[name], typ, f.metadata["choices"])
+    values.update(overrides)
+    settings = Settings(**values)
+    settings.validate()
+    return settings
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(variable, default, description) for every setting: the docs table."""
+    rows = []
+    for f in dataclasses.fields(Settings):
+        default = f.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        rows.append((f.metadata["env"], repr(default), f.metadata["doc"]))
+    return rows

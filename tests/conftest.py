@@ -1,0 +1,177 @@
+"""Shared fixtures: real Redis and PostgreSQL, started once per test session by the
+same launcher as `dropserver dev`, and emptied between tests.
+
+Set TEST_REDIS_URL / TEST_DATABASE_URL to run against servers of your own (they are
+flushed and truncated between tests: never point them at data you want to keep).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+
+import asyncpg
+import httpx
+import pytest
+import redis
+
+from dropserver.auth import Role, issue_token
+from dropserver.db import migrate
+from dropserver.serve import bind_socket, uvicorn_config
+from dropserver.services import LocalServices
+from dropserver.settings import Settings, load_settings
+
+
+def run_sync(coro):
+    """Run a coroutine to completion from sync code, even inside a running loop."""
+    result: list = []
+    error: list = []
+
+    def target() -> None:
+        try:
+            result.append(asyncio.run(coro))
+        except BaseException as exc:  # re-raised in the caller
+            error.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+@dataclass(frozen=True)
+class Backends:
+    redis_url: str
+    database_url: str
+
+
+async def _prepare_db(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def backends() -> Iterator[Backends]:
+    redis_url = os.environ.get("TEST_REDIS_URL", "")
+    database_url = os.environ.get("TEST_DATABASE_URL", "")
+    with contextlib.ExitStack() as stack:
+        if not (redis_url and database_url):
+            services = stack.enter_context(LocalServices(
+                want_redis=not redis_url, want_postgres=not database_url))
+            redis_url = redis_url or services.redis_url
+            database_url = database_url or services.database_url
+        run_sync(_prepare_db(database_url))
+        yield Backends(redis_url, database_url)
+
+
+async def _truncate(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        tables = await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+            "AND tablename <> 'schema_migrations'")
+        if tables:
+            names = ", ".join(f'"{r["tablename"]}"' for r in tables)
+            await conn.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def clean_backends(backends: Backends) -> Backends:
+    """Empty Redis and PostgreSQL before the test."""
+    client = redis.Redis.from_url(backends.redis_url)
+    try:
+        client.flushall()
+        client.script_flush()
+    finally:
+        client.close()
+    run_sync(_truncate(backends.database_url))
+    return backends
+
+
+@pytest.fixture
+def settings(clean_backends: Backends, tmp_path) -> Settings:
+    return load_settings(
+        {},
+        dev=True,
+        redis_url=clean_backends.redis_url,
+        database_url=clean_backends.database_url,
+        log_format="text",
+        order_workers=1,
+        media_dir=str(tmp_path / "media"),
+    )
+
+
+@pytest.fixture
+def make_token(settings: Settings) -> Callable[..., str]:
+    def make(sub: str = "viewer-1", role: Role | str = Role.VIEWER, **kw) -> str:
+        return issue_token(settings, sub, role, **kw)
+
+    return make
+
+
+@dataclass
+class RunningServer:
+    app: object
+    base_url: str
+    ws_url: str
+    port: int
+
+
+async def start_server(settings: Settings) -> tuple[RunningServer, Callable]:
+    """Start the real app under uvicorn on a free loopback port in this loop."""
+    import uvicorn
+
+    from dropserver.app import create_app
+
+    app = create_app(settings)
+    config = uvicorn_config(app, settings)
+    sock = bind_socket("127.0.0.1", 0, reuse_port=False)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+
+    async def stop() -> None:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 15)
+        sock.close()
+
+    running = RunningServer(app, f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", port)
+    return running, stop
+
+
+@pytest.fixture
+async def server(settings: Settings) -> AsyncIterator[RunningServer]:
+    running, stop = await start_server(settings)
+    try:
+        yield running
+    finally:
+        await stop()
+
+
+@pytest.fixture
+async def http(server: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as client:
+        yield client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

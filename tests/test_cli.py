@@ -1,0 +1,144 @@
+"""`dropserver dev` and `dropserver serve` as real processes."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+
+def _get(url: str, timeout: float = 2.0):
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.status, json.loads(resp.read())
+
+
+def _procs_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def _wait_line(proc: subprocess.Popen, pattern: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        if re.search(pattern, line):
+            return line
+    raise AssertionError(f"{pattern!r} not seen; output:\n{''.join(seen)}")
+
+
+def _dev_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env["DROPSERVER_LOG_FORMAT"] = "text"
+    return env
+
+
+def test_dev_kill_9_leaves_nothing_behind():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dropserver.cli", "dev", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_dev_env(),
+    )
+    try:
+        line = _wait_line(proc, r"HTTP\s+http://", 30)
+        base = line.split()[-1]
+        status, body = _get(base + "/readyz")
+        assert status == 200 and body["status"] == "ready"
+        rline = _wait_line(proc, r"Redis\s+redis://", 5)
+        redis_port = rline.rsplit(":", 1)[1].split("/")[0]
+        pg = _wait_line(proc, r"PostgreSQL\s+postgresql://", 5)
+        pg_port = pg.rsplit(":", 1)[1].split("/")[0]
+        servers = _procs_mentioning(f"-p {pg_port}")
+        assert servers, "the PostgreSQL child was not found"
+        cmd = (Path(f"/proc/{servers[0]}/cmdline").read_bytes().split(b"\0"))
+        datadir = Path(cmd[cmd.index(b"-D") + 1].decode())
+        root = datadir.parents[1]
+        assert root.name.startswith("dropserver-") and root.exists()
+        # Valkey rewrites its title to "valkey-server HOST:PORT".
+        redis_children = _procs_mentioning(f"127.0.0.1:{redis_port}")
+        assert redis_children, "the Redis child was not found"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        left = _procs_mentioning(str(root))
+        if not left and not root.exists():
+            break
+        time.sleep(0.05)
+    assert _procs_mentioning(str(root)) == []
+    assert _procs_mentioning(f"-p {pg_port}") == []
+    assert _procs_mentioning(f"127.0.0.1:{redis_port}") == []
+    assert not root.exists(), f"{root} was left behind"
+
+
+@pytest.mark.timeout(90)
+def test_serve_runs_workers_on_one_port_and_drains(backends):
+    env = _dev_env()
+    env.update({"REDIS_URL": backends.redis_url, "DATABASE_URL": backends.database_url,
+                "DROPSERVER_DEV": "1", "DROPSERVER_SHUTDOWN_GRACE": "3"})
+    from tests.conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dropserver.cli", "serve", "--workers", "2",
+         "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )
+    try:
+        nodes = set()
+        deadline = time.monotonic() + 40
+        while len(nodes) < 2 and time.monotonic() < deadline:
+            try:
+                # A new connection each time: SO_REUSEPORT spreads them over workers.
+                nodes.add(_get(f"http://127.0.0.1:{port}/healthz", 1)[1]["node"])
+            except OSError:
+                time.sleep(0.1)
+        assert len(nodes) == 2, f"saw workers {nodes}"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_token_command_issues_a_verifiable_token():
+    out = subprocess.run(
+        [sys.executable, "-m", "dropserver.cli", "token", "--sub", "carol",
+         "--role", "creator"], capture_output=True, text=True, check=True, env=_dev_env(),
+    ).stdout.strip()
+    import jwt
+
+    from dropserver.settings import DEV_JWT_SECRET
+
+    claims = jwt.decode(out, DEV_JWT_SECRET, algorithms=["HS256"], audience="dropserver")
+    assert claims["sub"] == "carol" and claims["role"] == "creator"
+
+
+def test_invalid_setting_stops_startup_naming_the_variable():
+    env = _dev_env()
+    env["DROPSERVER_PORT"] = "not-a-port"
+    out = subprocess.run([sys.executable, "-m", "dropserver.cli", "dev"],
+                         capture_output=True, text=True, env=env, timeout=30)
+    assert out.returncode == 2
+    assert "DROPSERVER_PORT" in out.stderr
