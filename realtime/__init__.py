@@ -1,0 +1,1 @@
+"""Real-time gateway: sockets, wire protocol, fan-out, presence, chat."""

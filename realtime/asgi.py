@@ -1,0 +1,50 @@
+"""Serving ``/ws`` lean: what each idle socket costs is most of a node's memory.
+
+Measured with ``realtime/bench_fanout.py`` (docs/topics/realtime.md): through the
+full Starlette stack an idle joined socket cost ~27 KiB; these two changes bring it
+down without giving up uvicorn (workers, lifespan, HTTP on the same port):
+
+* :class:`FastPath` hands WebSocket scopes for ``/ws`` straight to the gateway,
+  skipping Starlette's middleware and router coroutines that would otherwise stay
+  suspended for the socket's lifetime (HTTP requests still go through all of it);
+* :class:`LeanWebSocketProtocol` is uvicorn's ``websockets-sansio`` protocol that,
+  once the handshake is done, drops the parsed request and response (headers and
+  all) it otherwise keeps for the life of the connection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+__all__ = ["FastPath", "LeanWebSocketProtocol"]
+
+WS_PATH = "/ws"
+
+
+class FastPath:
+    """ASGI wrapper: ``/ws`` WebSockets to the gateway, everything else to ``app``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app  # dropserver.serve finds the drain hook through .app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket" and scope["path"] == WS_PATH:
+            from realtime.gateway import endpoint
+
+            scope["app"] = self.app
+            await endpoint(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O WebSocket protocol without the handshake kept in memory."""
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.accept" and self.handshake_complete:
+            # Only the handshake reads these (uvicorn 0.54, websockets_sansio_impl).
+            self.request = None  # type: ignore[assignment]
+            self.response = None  # type: ignore[assignment]

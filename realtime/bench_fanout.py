@@ -1,0 +1,388 @@
+"""BUY NOW fan-out benchmark: the gateway beside a bare ``websockets.broadcast()`` server.
+
+    python -m realtime.bench_fanout --viewers 10000 --events 20
+
+Starts local Redis and PostgreSQL (``dropserver.services``), creates a drop, then for
+each server in turn:
+
+* ``gateway``: the real app, one process (``run_single``) or ``dropserver serve
+  --workers N``; viewers connect and ``join`` the drop.
+* ``baseline``: a bare server (websockets' asyncio server, no compression) whose only
+  job is to subscribe to the drop's Redis channel and ``websockets.broadcast()`` each
+  message to every socket (``--workers N``: N such processes with SO_REUSEPORT).
+
+Viewers are lean sans-I/O clients (``loadtest.wsclient``; no task per socket) split
+over ``--clients`` processes (one process holds at most ``ulimit -n`` sockets; 50,000
+viewers need several, and several server workers too). The benchmark publishes
+``drop.buy_now`` with ``realtime.publish.publish`` (history + PUBLISH, as in
+production) ``--events`` times, one per ``--interval``, and every viewer records when
+each event arrived. Latency is arrival minus the moment before ``publish`` was called
+(CLOCK_MONOTONIC, one clock for all processes); the run fails unless every viewer got
+every event. Memory per idle connection is the server's RSS growth from before the
+first connection to all viewers joined (summed over server processes), divided by the
+viewers.
+
+Prints one JSON object; docs/benchmarks.md has the figures and the exact commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import resource
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import msgpack
+
+from dropserver.services import LocalServices, free_port
+from loadtest import wsclient
+from realtime import channels
+from realtime.publish import publish
+
+_BASELINE = r"""
+import asyncio, sys
+import redis.asyncio as aioredis
+import websockets
+from websockets.asyncio.server import serve, broadcast
+
+async def main(port, redis_url, channel):
+    conns = set()
+
+    async def handler(ws):
+        conns.add(ws)
+        try:
+            await ws.wait_closed()
+        finally:
+            conns.discard(ws)
+
+    r = aioredis.Redis.from_url(redis_url)
+    pubsub = r.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(channel)
+
+    async def relay():
+        async for msg in pubsub.listen():
+            broadcast(conns, msg["data"])
+
+    async with serve(handler, "127.0.0.1", port, compression=None, ping_interval=None,
+                     backlog=4096, reuse_port=True):
+        print("ready", flush=True)
+        await relay()
+
+asyncio.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3]))
+"""
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+class Viewer:
+    """Records arrival times of event ``k``; joins first when ``join`` is set."""
+
+    def __init__(self, bench: Bench, drop_id: int, join: bool) -> None:
+        self.bench = bench
+        self.drop_id = drop_id
+        self.join = join
+
+    def on_open(self, conn: Any) -> None:
+        if self.join:
+            conn.send(msgpack.packb({"t": "join", "drop_id": self.drop_id, "id": 1}))
+        else:
+            self.bench.joined += 1
+
+    def on_message(self, conn: Any, data: bytes | str) -> None:
+        now = time.perf_counter()
+        if self.join:
+            frame = msgpack.unpackb(data, strict_map_key=False)
+            t = frame.get("t")
+            if t == "joined":
+                self.bench.joined += 1
+                return
+            if t != "event":
+                return
+            k = frame["data"]["k"]
+        else:
+            k = channels.parse_message(data).data["k"]
+        self.bench.arrivals[k].append(now)
+
+    def on_close(self, conn: Any, code: int | None, reason: str) -> None:
+        self.bench.closed += 1
+
+
+class Bench:
+    def __init__(self, events: int) -> None:
+        self.joined = 0
+        self.closed = 0
+        self.arrivals: list[list[float]] = [[] for _ in range(events)]
+
+
+def _source(i: int) -> str:
+    # ~28k ephemeral ports per (source, destination) pair: spread over 127.0.0.x.
+    return f"127.0.0.{2 + i // 20000}"
+
+
+async def _client_main_async(pipe: Any, url: str, first: int, count: int, drop_id: int,
+                             join: bool, events: int, subprotocols: list[str] | None) -> None:
+    loop = asyncio.get_running_loop()
+    bench = Bench(events)
+    conns = []
+    batch = 500
+    for i in range(first, first + count, batch):
+        chunk = await asyncio.gather(*[
+            wsclient.connect(url, Viewer(bench, drop_id, join), source=_source(j),
+                             subprotocols=subprotocols)
+            for j in range(i, min(first + count, i + batch))])
+        conns.extend(chunk)
+        while bench.joined < len(conns) - 50:  # noqa: ASYNC110 (polls counters)
+            await asyncio.sleep(0.01)
+    deadline = time.monotonic() + 60
+    while bench.joined < count and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    pipe.send(("joined", bench.joined))
+    wait_s = await loop.run_in_executor(None, pipe.recv)
+    deadline = time.monotonic() + wait_s
+    while any(len(a) < bench.joined for a in bench.arrivals) and \
+            time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    pipe.send(("done", bench.joined, bench.closed, bench.arrivals))
+    for c in conns:
+        with contextlib.suppress(Exception):
+            c.abort()
+
+
+def _client_main(*args: Any) -> None:
+    """One viewer process (the swarm is split over ``--clients`` of them)."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    asyncio.run(_client_main_async(*args))
+
+
+async def _run_viewers(url: str, n: int, drop_id: int, join: bool, events: int,
+                       interval: float, redis: Any, server_pids: list[int], clients: int,
+                       subprotocols: list[str] | None) -> dict[str, Any]:
+    import multiprocessing
+
+    loop = asyncio.get_running_loop()
+    ctx = multiprocessing.get_context("spawn")
+    await asyncio.sleep(1.0)
+    rss_before = sum(_rss_kib(pid) for pid in server_pids)
+    started = time.perf_counter()
+    pipes, procs = [], []
+    share = -(-n // clients)
+    for c in range(clients):
+        first, count = c * share, min(share, n - c * share)
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_client_main, args=(child, url, first, count, drop_id,
+                                                      join, events, subprotocols), daemon=True)
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    joined = 0
+    for pipe in pipes:
+        _, count = await loop.run_in_executor(None, pipe.recv)
+        joined += count
+    connect_s = time.perf_counter() - started
+    await asyncio.sleep(3.0)  # settle: presence ticks, allocator
+    rss_after = sum(_rss_kib(pid) for pid in server_pids)
+    sent: list[float] = []
+    for k in range(events):
+        sent.append(time.perf_counter())  # CLOCK_MONOTONIC: same clock in every process
+        await publish(redis, drop_id, "drop.buy_now",
+                      {"product_id": 1, "price": 2500, "currency": "usd", "remaining": 300,
+                       "k": k})
+        await asyncio.sleep(interval)
+    arrivals: list[list[float]] = [[] for _ in range(events)]
+    closed = 0
+    for pipe in pipes:
+        pipe.send(10.0)
+    for pipe in pipes:
+        _, _, c_closed, c_arrivals = await loop.run_in_executor(None, pipe.recv)
+        closed += c_closed
+        for k in range(events):
+            arrivals[k].extend(c_arrivals[k])
+    for proc in procs:
+        proc.join(10)
+    lat_ms: list[float] = []
+    complete = 0
+    for k, got in enumerate(arrivals):
+        complete += len(got) == joined == n
+        lat_ms.extend((a - sent[k]) * 1000 for a in got)
+    lat_ms.sort()
+
+    def pct(p: float) -> float | None:
+        if not lat_ms:
+            return None
+        return round(lat_ms[min(len(lat_ms) - 1, int(p / 100 * len(lat_ms)))], 2)
+
+    return {
+        "viewers_joined": joined, "viewers_wanted": n,
+        "events_complete": complete, "events": events,
+        "deliveries": len(lat_ms), "deliveries_expected": n * events,
+        "p50_ms": pct(50), "p99_ms": pct(99), "max_ms": round(lat_ms[-1], 2) if lat_ms else None,
+        "connect_s": round(connect_s, 2), "server_processes": len(server_pids),
+        "server_rss_before_kib": rss_before, "server_rss_after_kib": rss_after,
+        "kib_per_idle_connection": round((rss_after - rss_before) / max(1, joined), 2),
+        "closed_during_run": closed,
+    }
+
+
+async def _create_drop(database_url: str) -> int:
+    import asyncpg
+
+    from dropserver.db import migrate
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await migrate(conn)
+        await conn.execute("INSERT INTO users (id, role) VALUES ('bench-creator', 'creator') "
+                           "ON CONFLICT DO NOTHING")
+        drop_id = await conn.fetchval(
+            "INSERT INTO drops (creator_id, title, state) VALUES "
+            "('bench-creator', 'bench', 'live') RETURNING id")
+        pid = await conn.fetchval("INSERT INTO products (creator_id, title) VALUES "
+                                  "('bench-creator', 'p') RETURNING id")
+        await conn.execute("INSERT INTO drop_products (drop_id, product_id, price, units) "
+                           "VALUES ($1, $2, 2500, 300)", drop_id, pid)
+        return drop_id
+    finally:
+        await conn.close()
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.1)
+    raise RuntimeError("server did not start")
+
+
+def _start_gateway(port: int, redis_url: str, database_url: str, n: int,
+                   workers: int) -> list[subprocess.Popen]:
+    """One process running the app (``run_single``), or ``dropserver serve --workers``."""
+    env = dict(os.environ)
+    per_worker = -(-n // workers) + 1000
+    env.update({"REDIS_URL": redis_url, "DATABASE_URL": database_url, "DROPSERVER_DEV": "1",
+                "DROPSERVER_PORT": str(port), "DROPSERVER_LOG_LEVEL": "warning",
+                "DROPSERVER_LOG_FORMAT": "text", "DROPSERVER_NODE_ID": "bench",
+                "DROPSERVER_MAX_CONNECTIONS": str(per_worker)})
+    if workers == 1:
+        code = ("from dropserver.settings import load_settings\n"
+                "from dropserver.serve import run_single\n"
+                "from dropserver.observability import configure_logging\n"
+                "s = load_settings(); configure_logging('warning', 'text'); run_single(s)\n")
+        return [subprocess.Popen([sys.executable, "-c", code], env=env)]
+    return [subprocess.Popen([sys.executable, "-m", "dropserver.cli", "serve", "--workers",
+                              str(workers)], env=env)]
+
+
+def _start_baseline(port: int, redis_url: str, channel: str,
+                    workers: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", _BASELINE, str(port), redis_url, channel])
+            for _ in range(workers)]
+
+
+def _server_pids(procs: list[subprocess.Popen]) -> list[int]:
+    """The processes holding sockets: the workers under a supervisor, else the procs."""
+    import psutil
+
+    pids = []
+    for proc in procs:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        pids.extend(c.pid for c in children) if children else pids.append(proc.pid)
+    return pids
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    import redis.asyncio as aioredis
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    results: dict[str, Any] = {
+        "command": " ".join(["python -m realtime.bench_fanout", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{os.cpu_count()} CPUs, {platform.python_version()}",
+        "viewers": args.viewers, "events": args.events, "workers": args.workers,
+        "client_processes": args.clients,
+    }
+    with LocalServices() as services:
+        drop_id = await _create_drop(services.database_url)
+        redis = aioredis.Redis.from_url(services.redis_url)
+        try:
+            for name in args.servers:
+                port = free_port()
+                if name == "gateway":
+                    procs = _start_gateway(port, services.redis_url, services.database_url,
+                                           args.viewers, args.workers)
+                else:
+                    procs = _start_baseline(port, services.redis_url,
+                                            channels.drop_channel(drop_id), args.workers)
+                try:
+                    for proc in procs:
+                        _wait_port(port, proc)
+                    await asyncio.sleep(1.0 + args.workers)  # every worker listening
+                    results[name] = await _run_viewers(
+                        f"ws://127.0.0.1:{port}/ws", args.viewers, drop_id,
+                        join=(name == "gateway"), events=args.events,
+                        interval=args.interval, redis=redis,
+                        server_pids=_server_pids(procs), clients=args.clients,
+                        subprotocols=["dropserver.msgpack.v1"] if name == "gateway" else None)
+                finally:
+                    for proc in procs:
+                        proc.send_signal(signal.SIGTERM)
+                    for proc in procs:
+                        try:
+                            proc.wait(20)
+                        except subprocess.TimeoutExpired:
+                            proc.kill()
+                            proc.wait()
+                print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)
+        finally:
+            await redis.aclose()
+    if "gateway" in results and "baseline" in results:
+        g, b = results["gateway"], results["baseline"]
+        if g["p99_ms"] and b["p99_ms"]:
+            results["p99_ratio"] = round(g["p99_ms"] / b["p99_ms"], 2)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--viewers", type=int, default=10000)
+    parser.add_argument("--events", type=int, default=20)
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between events")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server processes on the port (both servers)")
+    parser.add_argument("--clients", type=int, default=1, help="viewer processes")
+    parser.add_argument("--servers", nargs="+", default=["gateway", "baseline"],
+                        choices=["gateway", "baseline"])
+    args = parser.parse_args(argv)
+    results = asyncio.run(main_async(args))
+    print(json.dumps(results, indent=2))
+    ok = all(results[s]["events_complete"] == args.events and
+             results[s]["viewers_joined"] == args.viewers for s in args.servers)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Drop chat: post, recent history, slow mode, and moderation by the creator or admins.
+
+* Posting needs a signed-in viewer; the text is trimmed, control characters other
+  than newline are removed, and it must be 1..``DROPSERVER_CHAT_MAX_CHARS`` characters.
+  The server never turns it into HTML: clients render it as text (textContent).
+* ``scripts/chat_check.lua`` checks ban/mute, the per-user rate limit
+  (``DROPSERVER_CHAT_RATE`` per 10 s per drop) and slow mode in one step.
+* A message is a durable event ("chat.message"), so it has a position and is
+  recovered like any other event; the last ``DROPSERVER_CHAT_HISTORY`` messages are
+  also kept in a capped Redis list for the join snapshot. Clients dedupe by ``id``.
+* Mutes (one drop, for a while) and bans (every drop of the creator, until lifted)
+  are rows in ``chat_moderation`` and cached in the drop's Redis hash; the rows are
+  read into that hash the first time a connection posts, so a ban holds across
+  reconnects and Redis restarts.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from typing import Any
+
+import msgpack
+
+from realtime import channels, metrics
+from realtime._lua import load
+from realtime.protocol import ErrorCode, ProtocolError
+from realtime.publish import publish
+
+__all__ = ["ban", "delete", "normalize", "post", "set_slow_mode", "unban"]
+
+_check = load("chat_check")
+
+DEFAULT_MUTE_SECONDS = 600
+RATE_WINDOW_MS = 10_000
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def normalize(text: str, max_chars: int) -> str:
+    """The text as stored: trimmed, without control or bidi-override characters."""
+    clean = _CONTROL.sub("", text).strip()
+    if not clean:
+        raise ProtocolError(ErrorCode.INVALID_FIELD, "text is empty", details={"field": "text"})
+    if len(clean) > max_chars:
+        raise ProtocolError(ErrorCode.INVALID_FIELD, f"text longer than {max_chars} characters",
+                            details={"field": "text", "max_chars": max_chars})
+    return clean
+
+
+def _require_user(conn: Any) -> str:
+    if conn.principal is None or conn.principal.is_guest:
+        raise ProtocolError(ErrorCode.TOKEN_MISSING, "sign in to chat")
+    return conn.principal.user_id
+
+
+def _require_manager(conn: Any) -> str:
+    user_id = _require_user(conn)
+    if not conn.principal.can_manage(conn.creator_id or ""):
+        raise ProtocolError(ErrorCode.FORBIDDEN, "only the drop's creator or an admin may "
+                            "moderate this chat")
+    return user_id
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def _load_moderation(app: Any, conn: Any, user_id: str) -> None:
+    """Copy the user's active mutes/bans for this drop from PostgreSQL into Redis."""
+    rows = await app.state.db.fetch(
+        """SELECT action, expires_at FROM chat_moderation
+           WHERE user_id = $1 AND action IN ('mute', 'ban') AND lifted_at IS NULL
+             AND (expires_at IS NULL OR expires_at > now())
+             AND (drop_id = $2 OR (drop_id IS NULL AND (creator_id = $3 OR creator_id IS NULL)))
+           ORDER BY action = 'ban' DESC, expires_at DESC NULLS FIRST LIMIT 1""",
+        user_id, conn.drop_id, conn.creator_id)
+    if rows:
+        row = rows[0]
+        until = 0 if row["expires_at"] is None else int(row["expires_at"].timestamp() * 1000)
+        await app.state.redis.hset(channels.chat_key(conn.drop_id, "blocked"), user_id,
+                                   f"{row['action']}:{until}")
+
+
+async def post(app: Any, conn: Any, text: str) -> dict[str, Any]:
+    settings = app.state.settings
+    redis = app.state.redis
+    user_id = _require_user(conn)
+    clean = normalize(text, settings.chat_max_chars)
+    drop_id = conn.drop_id
+    if not conn.moderation_checked:
+        await _load_moderation(app, conn, user_id)
+        conn.moderation_checked = True
+    exempt = conn.principal.can_manage(conn.creator_id or "")
+    verdict, wait_ms = await _check(
+        keys=[channels.chat_key(drop_id, "blocked"), channels.chat_key(drop_id, f"rate:{user_id}"),
+              channels.chat_key(drop_id, "slow"), channels.chat_key(drop_id, f"last:{user_id}")],
+        args=[user_id, _now_ms(), settings.chat_rate_per_10s, RATE_WINDOW_MS,
+              "1" if exempt else "0"],
+        client=redis)
+    verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
+    if verdict == "ban":
+        raise ProtocolError(ErrorCode.BANNED, "you are banned from this chat")
+    if verdict == "mute":
+        raise ProtocolError(ErrorCode.MUTED, "you are muted in this chat",
+                            details={"retry_after_ms": int(wait_ms)})
+    if verdict == "rate_limited":
+        raise ProtocolError(ErrorCode.RATE_LIMITED, "too many messages; slow down",
+                            details={"retry_after_ms": max(int(wait_ms), 0)})
+    if verdict == "slow_mode":
+        raise ProtocolError(ErrorCode.SLOW_MODE, "slow mode is on",
+                            details={"retry_after_ms": int(wait_ms)})
+    message = {"id": secrets.token_hex(8), "user_id": user_id,
+               "name": conn.principal.name or user_id, "text": clean, "at": _now_ms()}
+    epoch, offset = await publish(redis, drop_id, "chat.message", message)
+    key = channels.chat_key(drop_id, "recent")
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.lpush(key, msgpack.packb(message, use_bin_type=True))
+        pipe.ltrim(key, 0, max(settings.chat_history, 1) - 1)
+        pipe.expire(key, settings.history_ttl)
+        await pipe.execute()
+    metrics.CHAT_MESSAGES.inc()
+    return {"message_id": message["id"], "pos": {"epoch": epoch, "offset": offset}}
+
+
+async def delete(app: Any, conn: Any, message_id: str) -> dict[str, Any]:
+    moderator = _require_manager(conn)
+    redis = app.state.redis
+    key = channels.chat_key(conn.drop_id, "recent")
+    for raw in await redis.lrange(key, 0, -1):
+        try:
+            message = msgpack.unpackb(raw, raw=False)
+        except Exception:
+            continue
+        if message.get("id") == message_id:
+            break
+    else:
+        raise ProtocolError(ErrorCode.MESSAGE_NOT_FOUND, "no such recent message",
+                            details={"message_id": message_id})
+    await redis.lrem(key, 0, raw)
+    await app.state.db.execute(
+        """INSERT INTO chat_moderation (drop_id, user_id, action, message_id, moderator_id)
+           VALUES ($1, $2, 'delete', $3, $4)""",
+        conn.drop_id, message["user_id"], message_id, moderator)
+    epoch, offset = await publish(redis, conn.drop_id, "chat.deleted", {"id": message_id})
+    return {"deleted": message_id, "pos": {"epoch": epoch, "offset": offset}}
+
+
+async def _open_drops_of(app: Any, creator_id: str) -> list[int]:
+    rows = await app.state.db.fetch(
+        "SELECT id FROM drops WHERE creator_id = $1 AND state NOT IN ('ended', 'settled')",
+        creator_id)
+    return [r["id"] for r in rows]
+
+
+async def moderate(app: Any, conn: Any, action: str, user_id: str, seconds: int | None,
+                   reason: str) -> dict[str, Any]:
+    """Mute (this drop; default 10 minutes) or ban (all drops of the creator)."""
+    moderator = _require_manager(conn)
+    if action == "mute":
+        seconds = seconds or DEFAULT_MUTE_SECONDS
+    until_ms = 0 if seconds is None else _now_ms() + seconds * 1000
+    db = app.state.db
+    if action == "mute":
+        await db.execute(
+            """INSERT INTO chat_moderation (drop_id, user_id, action, reason, moderator_id,
+                                            expires_at)
+               VALUES ($1, $2, 'mute', $3, $4, now() + make_interval(secs => $5))""",
+            conn.drop_id, user_id, reason, moderator, float(seconds))
+        drops = [conn.drop_id]
+    else:
+        await db.execute(
+            """INSERT INTO chat_moderation (creator_id, user_id, action, reason, moderator_id,
+                                            expires_at)
+               VALUES ($1, $2, 'ban', $3, $4,
+                       CASE WHEN $5::float8 IS NULL THEN NULL
+                            ELSE now() + make_interval(secs => $5::float8) END)""",
+            conn.creator_id, user_id, reason, moderator,
+            None if seconds is None else float(seconds))
+        drops = sorted(set(await _open_drops_of(app, conn.creator_id)) | {conn.drop_id})
+    redis = app.state.redis
+    for drop_id in drops:
+        await redis.hset(channels.chat_key(drop_id, "blocked"), user_id, f"{action}:{until_ms}")
+    return {"user_id": user_id, "action": action,
+            "until_ms": None if until_ms == 0 else until_ms}
+
+
+async def unban(app: Any, conn: Any, user_id: str) -> dict[str, Any]:
+    """Lift the user's mutes in this drop and bans by this drop's creator."""
+    _require_manager(conn)
+    result = await app.state.db.execute(
+        """UPDATE chat_moderation SET lifted_at = now()
+           WHERE user_id = $1 AND action IN ('mute', 'ban') AND lifted_at IS NULL
+             AND (drop_id = $2 OR creator_id = $3)""",
+        user_id, conn.drop_id, conn.creator_id)
+    drops = sorted(set(await _open_drops_of(app, conn.creator_id)) | {conn.drop_id})
+    for drop_id in drops:
+        await app.state.redis.hdel(channels.chat_key(drop_id, "blocked"), user_id)
+    return {"user_id": user_id, "lifted": int(result.split()[-1])}
+
+
+async def set_slow_mode(app: Any, conn: Any, seconds: int) -> dict[str, Any]:
+    _require_manager(conn)
+    redis = app.state.redis
+    key = channels.chat_key(conn.drop_id, "slow")
+    if seconds > 0:
+        await redis.set(key, seconds, ex=app.state.settings.history_ttl)
+    else:
+        await redis.delete(key)
+    epoch, offset = await publish(redis, conn.drop_id, "chat.slow", {"seconds": seconds})
+    return {"seconds": seconds, "pos": {"epoch": epoch, "offset": offset}}
+
+
+ban = moderate

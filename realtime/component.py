@@ -1,0 +1,57 @@
+"""The realtime package as mounted by dropserver.app: ``/ws`` and its machinery.
+
+Start-up builds, on ``app.state.realtime``, the process's :class:`realtime.hub.Hub`
+(rooms, the pub/sub subscriber, the snapshot cache), then starts presence reporting
+and heartbeats. Drain tells every socket when to reconnect (realtime.gateway.drain).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+
+from dropserver.component import Component
+from realtime import gateway, publish
+from realtime.hub import Hub
+from realtime.presence import Presence
+from realtime.snapshot import SnapshotCache
+
+
+async def startup(app: Starlette) -> None:
+    state = app.state
+    settings = state.settings
+    publish.configure(history_size=settings.history_size, history_ttl=settings.history_ttl)
+    hub = Hub(app, SnapshotCache(app))
+    await hub.start()
+    state.realtime = hub
+    state.realtime_presence = Presence(hub)
+    state.realtime_presence.start()
+    state.realtime_heartbeat = asyncio.get_running_loop().create_task(
+        gateway.heartbeat_loop(hub), name="heartbeats")
+
+
+async def shutdown(app: Starlette) -> None:
+    state = app.state
+    task = getattr(state, "realtime_heartbeat", None)
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    presence = getattr(state, "realtime_presence", None)
+    if presence is not None:
+        await presence.stop()
+    hub = getattr(state, "realtime", None)
+    if hub is not None:
+        await hub.stop()
+
+
+component = Component(
+    name="realtime",
+    routes=[WebSocketRoute("/ws", gateway.RawEndpoint())],
+    startup=startup,
+    shutdown=shutdown,
+    drain=gateway.drain,
+)

@@ -1,0 +1,328 @@
+"""The WebSocket endpoint ``/ws``: a raw ASGI callable (no Starlette WebSocket object
+per socket; see docs/topics/realtime.md for the memory figures behind that choice).
+
+One connection: negotiate the format, accept (or tell the client when to retry),
+then read frames until the socket closes. Frames are handled one at a time per
+connection; replies and events share the connection's bounded send queue
+(realtime.connection). A bad frame gets an ``error`` frame and the connection lives;
+``BAD_FRAME_LIMIT`` bad frames in a row close it with 4000. No exception raised while
+handling a frame leaves this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import HTTPConnection
+
+from dropserver.auth import GUEST, Principal, bearer_token
+from dropserver.errors import ApiError
+from dropserver.observability import new_id
+from realtime import chat, history, metrics, protocol
+from realtime.connection import Connection
+from realtime.hub import Broadcast, Hub, asgi_message
+from realtime.protocol import ClientFrame, ClientType, CloseCode, ErrorCode, ProtocolError
+
+__all__ = ["CommandContext", "drain", "endpoint", "heartbeat_loop"]
+
+log = logging.getLogger("dropserver.realtime")
+
+BAD_FRAME_LIMIT = 10
+FRAMES_PER_SECOND = 50  # per connection; more are answered with rate_limited
+
+
+@dataclass(frozen=True, slots=True)
+class CommandContext:
+    """What a delegated command handler (``app.state.commands``) gets as ``ctx``."""
+
+    principal: Principal
+    drop_id: int
+    ip: str
+    conn_id: str
+    node_id: str
+
+
+def _reconnect_after_ms(settings: Any) -> int:
+    return random.randint(settings.reconnect_min_ms, settings.reconnect_max_ms)
+
+
+def _send_frame(conn: Connection, frame: dict[str, Any]) -> None:
+    Broadcast(frame).deliver(conn)
+
+
+def _send_error(conn: Connection, exc: ProtocolError) -> None:
+    metrics.ERRORS.labels(exc.code).inc()
+    _send_frame(conn, protocol.error_frame(exc.code, exc.message, exc.request_id,
+                                           exc.details or None))
+
+
+async def endpoint(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """ASGI app for the ``/ws`` route."""
+    app = scope["app"]
+    state = app.state
+    hub: Hub = state.realtime
+    settings = state.settings
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    fmt, subprotocol = protocol.negotiate(list(scope.get("subprotocols") or ()))
+    accept: dict[str, Any] = {"type": "websocket.accept"}
+    if subprotocol:
+        accept["subprotocol"] = subprotocol
+    refuse = None
+    if getattr(state, "draining", False):
+        refuse = ("draining", CloseCode.SERVICE_RESTART)
+    elif len(hub.connections) >= settings.max_connections:
+        refuse = ("overload", CloseCode.TRY_AGAIN_LATER)
+    if refuse is not None:
+        metrics.REFUSED.inc()
+        metrics.CLOSES.labels(str(int(refuse[1]))).inc()
+        frame = protocol.going_away_frame(refuse[0], _reconnect_after_ms(settings))
+        with contextlib.suppress(Exception):
+            await send(accept)
+            await send(asgi_message(protocol.encode(frame, fmt))[0])
+            await send({"type": "websocket.close", "code": int(refuse[1]),
+                        "reason": refuse[0]})
+        return
+    try:
+        token = bearer_token(HTTPConnection(scope))
+    except ApiError:
+        token = "malformed"  # a bad Authorization header: join answers token_invalid
+    client = scope.get("client") or ("", 0)
+    conn = Connection(send, fmt, settings.ws_send_queue_bytes, new_id("c-"), client[0],
+                      grace=max(1.0, settings.ws_pong_timeout))
+    try:
+        await send(accept)
+    except Exception:  # the peer left during the handshake
+        return
+    # The headers are not needed any more; drop them from the long-lived scope.
+    scope["headers"] = []
+    conn.task = asyncio.current_task()
+    hub.connections.add(conn)
+    metrics.CONNECTIONS.inc()
+    try:
+        await _serve(app, hub, conn, token, receive)
+    except asyncio.CancelledError:
+        if not conn.closed:  # not ours (server shutdown): let it propagate
+            raise
+    finally:
+        hub.connections.discard(conn)
+        hub.leave(conn)
+        metrics.CONNECTIONS.dec()
+        if conn.close_code is not None:
+            metrics.CLOSES.labels(str(conn.close_code)).inc()
+
+
+async def _serve(app: Any, hub: Hub, conn: Connection, token: str | None, receive: Any) -> None:
+    bad = 0
+    window_start = time.monotonic()
+    window_count = 0
+    commands = app.state.commands
+    while True:
+        message = await receive()
+        if message["type"] != "websocket.receive":
+            return  # websocket.disconnect
+        now = conn.last_seen = time.monotonic()
+        if conn.closed:
+            continue  # closing: wait for the peer's close
+        raw = message.get("bytes")
+        if raw is None:
+            raw = message.get("text", "")
+        if now - window_start >= 1.0:
+            window_start, window_count = now, 0
+        window_count += 1
+        if window_count > FRAMES_PER_SECOND:
+            if window_count == FRAMES_PER_SECOND + 1:
+                _send_error(conn, ProtocolError(ErrorCode.RATE_LIMITED,
+                                                "too many frames; slow down"))
+            continue
+        try:
+            frame = protocol.decode(raw, conn.fmt, commands)
+        except ProtocolError as exc:
+            metrics.FRAMES_IN.labels("invalid").inc()
+            bad += 1
+            _send_error(conn, exc)
+            if bad >= BAD_FRAME_LIMIT:
+                conn.close(CloseCode.BAD_FRAMES, "too many bad frames")
+            continue
+        bad = 0
+        metrics.FRAMES_IN.labels(frame.command or frame.type.value).inc()
+        try:
+            reply = await _handle(app, hub, conn, token, frame)
+        except ProtocolError as exc:
+            exc.request_id = exc.request_id or frame.id
+            _send_error(conn, exc)
+            continue
+        except ApiError as exc:
+            _send_error(conn, ProtocolError(exc.code, exc.message, frame.id,
+                                            exc.details or None))
+            continue
+        except Exception:
+            log.exception("frame handler failed", extra={
+                "type": frame.type.value, "command": frame.command, "conn_id": conn.conn_id,
+                "drop_id": conn.drop_id})
+            _send_error(conn, ProtocolError(ErrorCode.INTERNAL_ERROR, "internal error",
+                                            frame.id))
+            continue
+        if reply is not None:
+            _send_frame(conn, reply)
+
+
+async def _handle(app: Any, hub: Hub, conn: Connection, token: str | None,
+                  frame: ClientFrame) -> dict[str, Any] | None:
+    t = frame.type
+    if t is ClientType.PING:
+        out: dict[str, Any] = {"t": protocol.ServerType.PONG.value}
+        if frame.id is not None:
+            out["id"] = frame.id
+        return out
+    if t is ClientType.PONG:
+        return None
+    if t is ClientType.JOIN:
+        await _join(app, hub, conn, token, frame)
+        return None
+    if conn.room is None:
+        raise ProtocolError(ErrorCode.NOT_JOINED, "join a drop first")
+    data = frame.data
+    if t is ClientType.CHAT_SEND:
+        result = await chat.post(app, conn, data["text"])
+    elif t is ClientType.CHAT_DELETE:
+        result = await chat.delete(app, conn, data["message_id"])
+    elif t in (ClientType.CHAT_MUTE, ClientType.CHAT_BAN):
+        action = "mute" if t is ClientType.CHAT_MUTE else "ban"
+        result = await chat.moderate(app, conn, action, data["user_id"], data["seconds"],
+                                     data["reason"])
+    elif t is ClientType.CHAT_UNBAN:
+        result = await chat.unban(app, conn, data["user_id"])
+    elif t is ClientType.CHAT_SLOW:
+        result = await chat.set_slow_mode(app, conn, data["seconds"])
+    else:  # a command registered by another package (e.g. checkout's "buy")
+        if conn.principal is None or conn.principal.is_guest:
+            raise ProtocolError(ErrorCode.TOKEN_MISSING, f"sign in to {frame.command}")
+        handler = app.state.commands[frame.command]
+        ctx = CommandContext(conn.principal, conn.drop_id, conn.ip, conn.conn_id,
+                             hub.node_id)
+        result = await handler(app, ctx, data)
+    return protocol.reply_frame(frame.id, result if isinstance(result, dict) else {})
+
+
+async def _join(app: Any, hub: Hub, conn: Connection, token: str | None,
+                frame: ClientFrame) -> None:
+    if conn.room is not None:
+        raise ProtocolError(ErrorCode.ALREADY_JOINED, "this connection already joined a drop; "
+                            "open another connection for another drop")
+    data = frame.data
+    drop_id = data["drop_id"]
+    token = data.get("token") or token
+    who = GUEST
+    if token:
+        try:
+            who = await app.state.verifier.verify(token)
+        except ApiError as exc:
+            raise ProtocolError(exc.code, exc.message) from None
+    # A join storm (a node restart) queues here instead of exhausting Redis and
+    # PostgreSQL connection pools.
+    async with hub.join_slots:
+        await _join_drop(app, hub, conn, who, frame, drop_id)
+
+
+async def _join_drop(app: Any, hub: Hub, conn: Connection, who: Principal, frame: ClientFrame,
+                     drop_id: int) -> None:
+    data = frame.data
+    snap = await hub.snapshots.get(drop_id)
+    if snap is None or (snap["state"] == "draft"
+                        and not who.can_manage(snap["drop"]["creator_id"])):
+        raise ProtocolError(ErrorCode.DROP_NOT_FOUND, f"no drop {drop_id}",
+                            details={"drop_id": drop_id})
+    conn.principal = who
+    conn.creator_id = snap["drop"]["creator_id"]
+    room = await hub.enter(conn, drop_id)
+    try:
+        await _answer_join(app, hub, room, conn, frame, data.get("since"))
+    except BaseException:
+        hub.leave(conn)
+        conn.drop_id = None
+        raise
+
+
+async def _answer_join(app: Any, hub: Hub, room: Any, conn: Connection, frame: ClientFrame,
+                       since: tuple[str, int] | None) -> None:
+    redis = app.state.redis
+    limit = app.state.settings.history_size
+    if since is not None:
+        rec = await history.recover(redis, room.drop_id, history.Position(*since), limit)
+        metrics.RECOVERIES.labels("recovered" if rec.recovered else "snapshot").inc()
+        if rec.recovered:
+            _send_frame(conn, hub.joined_frame(room, frame.id, None, recovered=True,
+                                               events=rec.publications, position=rec.position))
+            hub.activate(conn, room, rec.position.offset, rec.position.epoch)
+            return
+    for fresh in (False, True):
+        snap = await hub.snapshots.get(room.drop_id, fresh=fresh)
+        if snap is None:
+            raise ProtocolError(ErrorCode.DROP_NOT_FOUND, f"no drop {room.drop_id}")
+        pos = history.Position(snap["pos"]["epoch"], snap["pos"]["offset"])
+        rec = await history.recover(redis, room.drop_id, pos, limit)
+        if rec.recovered:
+            break
+    else:
+        # The history moved on twice while we read it: send the newest snapshot
+        # alone; the live events buffered since the subscription follow it.
+        rec = history.Recovery(True, pos)
+    joined = hub.joined_frame(room, frame.id, snap, recovered=False, events=rec.publications)
+    _send_frame(conn, joined)
+    last = rec.publications[-1] if rec.publications else None
+    epoch, offset = (last.epoch, last.offset) if last else (pos.epoch, pos.offset)
+    hub.activate(conn, room, offset, epoch)
+
+
+# -- heartbeats, drain ---------------------------------------------------------------
+
+async def heartbeat_loop(hub: Hub) -> None:
+    """Ping every socket each interval; close those silent for interval + timeout."""
+    settings = hub.settings
+    interval = settings.ws_ping_interval
+    if interval <= 0:
+        return
+    ping = Broadcast({"t": protocol.ServerType.PING.value})
+    while True:
+        await asyncio.sleep(interval)
+        deadline = time.monotonic() - interval - settings.ws_pong_timeout
+        for conn in list(hub.connections):
+            if conn.closed:
+                continue
+            if conn.last_seen < deadline:
+                conn.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+            else:
+                ping.deliver(conn)
+
+
+async def drain(app: Any) -> None:
+    """Tell every socket to come back after a jittered delay, then close it (1012)."""
+    hub: Hub | None = getattr(app.state, "realtime", None)
+    if hub is None:
+        return
+    settings = app.state.settings
+    conns = list(hub.connections)
+    for conn in conns:
+        frame = protocol.going_away_frame("restart", _reconnect_after_ms(settings))
+        conn.close(CloseCode.SERVICE_RESTART, "service restart",
+                   after=asgi_message(protocol.encode(frame, conn.fmt))[0])
+    log.info("drained", extra={"connections": len(conns)})
+    deadline = time.monotonic() + min(5.0, settings.shutdown_grace)
+    while hub.connections and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+
+
+class RawEndpoint:
+    """Starlette treats a plain function as a WebSocket session handler; an instance
+    is mounted as the raw ASGI app it is."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await endpoint(scope, receive, send)

@@ -1,0 +1,33 @@
+"""Prometheus metrics of the gateway (names carry their unit)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CONNECTIONS = Gauge("dropserver_ws_connections", "Open WebSocket connections.",
+                    multiprocess_mode="livesum")
+ROOMS = Gauge("dropserver_ws_drops_subscribed", "Drops this process is subscribed to.",
+              multiprocess_mode="livesum")
+CLOSES = Counter("dropserver_ws_closes_total", "Connections closed by the server, by code.",
+                 ["code"])
+SLOW_CLOSES = Counter("dropserver_ws_slow_closes_total",
+                      "Connections closed because they could not keep up (4008).")
+REFUSED = Counter("dropserver_ws_refused_total", "Sockets told to retry later (overload).")
+FRAMES_IN = Counter("dropserver_ws_frames_received_total", "Client frames, by type.",
+                    ["type"])
+ERRORS = Counter("dropserver_ws_errors_total", "Error frames sent, by code.", ["code"])
+FANOUT_SECONDS = Histogram(
+    "dropserver_fanout_seconds", "Time to hand one publication to every local socket.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+FANOUT_MESSAGES = Counter("dropserver_fanout_messages_total",
+                          "Messages handed to local sockets.", ["kind"])
+COALESCED = Counter("dropserver_coalesced_total",
+                    "Coalescable events merged or dropped, by where.", ["where"])
+RESUBSCRIBES = Counter("dropserver_pubsub_resubscribes_total",
+                       "Times the pub/sub connection was lost and re-established.")
+GAPS = Counter("dropserver_history_gaps_total",
+               "Gaps in a drop's live stream, by outcome (filled from history, resync).",
+               ["outcome"])
+RECOVERIES = Counter("dropserver_recoveries_total", "Client resumes, by outcome.",
+                     ["outcome"])
+CHAT_MESSAGES = Counter("dropserver_chat_messages_total", "Chat messages accepted.")

@@ -1,0 +1,87 @@
+"""Viewer counts across processes and nodes: counts, never rosters.
+
+Every ``DROPSERVER_VIEWERS_COALESCE_MS`` each process reports its local count per
+drop with ``scripts/presence_update.lua`` (a hash field per node, expiring after
+``DROPSERVER_PRESENCE_TTL`` seconds: the node heartbeat) and gets the drop's total
+back. It hands the total to its own viewers as the volatile "viewers" event when it
+changed, so counting costs one Redis call per drop per second per process and no
+pub/sub traffic. A crashed node stops reporting and its viewers leave every total
+within the TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from realtime._lua import load
+
+__all__ = ["Presence", "presence_key"]
+
+log = logging.getLogger("dropserver.realtime")
+
+_update = load("presence_update")
+
+
+def presence_key(drop_id: int) -> str:
+    return f"{{drop:{int(drop_id)}}}:presence"
+
+
+async def report(redis: Any, drop_id: int, node_id: str, count: int, ttl_s: float) -> int:
+    """Set this node's count for the drop; return the total over live nodes."""
+    total = await _update(keys=[presence_key(drop_id)],
+                          args=[node_id, count, int(time.time() * 1000), int(ttl_s * 1000)],
+                          client=redis)
+    return int(total)
+
+
+class Presence:
+    def __init__(self, hub: Any) -> None:
+        self.hub = hub
+        self._task: asyncio.Task | None = None
+        self._reported: dict[int, int] = {}
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="presence")
+
+    async def stop(self, *, withdraw: bool = True) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if withdraw:  # a clean stop leaves the count at once
+            hub = self.hub
+            for drop_id in list(self._reported):
+                with contextlib.suppress(Exception):
+                    await report(hub.redis, drop_id, hub.node_id, 0, hub.settings.presence_ttl)
+
+    async def _run(self) -> None:
+        interval = max(0.05, self.hub.settings.viewers_coalesce_ms / 1000)
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("presence update failed")
+            await asyncio.sleep(interval)
+
+    async def tick(self) -> None:
+        hub = self.hub
+        ttl = hub.settings.presence_ttl
+        drops = set(self._reported) | set(hub.rooms)
+        for drop_id in drops:
+            room = hub.rooms.get(drop_id)
+            local = len(room.conns) if room is not None else 0
+            if local == 0 and drop_id not in hub.rooms:
+                await report(hub.redis, drop_id, hub.node_id, 0, ttl)
+                self._reported.pop(drop_id, None)
+                continue
+            total = await report(hub.redis, drop_id, hub.node_id, local, ttl)
+            self._reported[drop_id] = local
+            if room is not None and total != room.viewers:
+                room.viewers = total
+                room.on_volatile("viewers", {"count": total})

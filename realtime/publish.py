@@ -1,0 +1,62 @@
+"""Publishing drop events: the contract every package uses to reach viewers.
+
+* :func:`publish` -- durable: gets a position ``(epoch, offset)``, goes into the drop's
+  capped history (a Redis Stream) and out on the drop's channel, in one Lua script
+  (``scripts/history_add.lua``), so history order is channel order.
+* :func:`publish_volatile` -- coalescable, latest wins ("stock", "viewers",
+  "campaign.progress"); not in history.
+* :func:`publish_user` -- private to every socket of one user on any node ("order.*").
+
+History size and lifetime come from settings (:func:`configure`, called at start-up).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from realtime import channels
+from realtime._lua import load
+
+__all__ = ["configure", "publish", "publish_user", "publish_volatile"]
+
+_history_add = load("history_add")
+_limits = {"history_size": 1000, "history_ttl": 86400}
+
+
+def configure(*, history_size: int, history_ttl: int) -> None:
+    """Set the history cap and TTL used by :func:`publish` in this process."""
+    if history_size < 1 or history_ttl < 1:
+        raise ValueError("history_size and history_ttl must be positive")
+    _limits["history_size"] = history_size
+    _limits["history_ttl"] = history_ttl
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(4)
+
+
+async def publish(redis: Any, drop_id: int, event: str, data: dict) -> tuple[str, int]:
+    """Durable, ordered event for every viewer of ``drop_id``; returns its position."""
+    body = channels.pack_body(event, data)
+    epoch, offset = await _history_add(
+        keys=[channels.meta_key(drop_id), channels.history_key(drop_id)],
+        args=[channels.drop_channel(drop_id), body, new_epoch(),
+              _limits["history_size"], _limits["history_ttl"]],
+        client=redis,
+    )
+    if isinstance(epoch, bytes):
+        epoch = epoch.decode()
+    return epoch, int(offset)
+
+
+async def publish_volatile(redis: Any, drop_id: int, event: str, data: dict) -> None:
+    """Latest-wins event for every viewer of ``drop_id``; may be coalesced."""
+    await redis.publish(channels.drop_channel(drop_id),
+                        b"V" + channels.pack_body(event, data))
+
+
+async def publish_user(redis: Any, user_id: str, event: str, data: dict) -> None:
+    """Private event for every socket of ``user_id`` on every node; never coalesced."""
+    await redis.publish(channels.user_channel(user_id),
+                        b"U" + channels.pack_body(event, data))

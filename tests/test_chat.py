@@ -1,0 +1,177 @@
+"""Chat over real sockets: post, limits, slow mode, moderation, history on join."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import asyncpg
+import pytest
+
+from realtime import chat
+from realtime.protocol import ProtocolError
+from tests.conftest import start_server
+from tests.realtime_support import Client, create_drop
+
+
+@contextlib.asynccontextmanager
+async def running(settings, **changes):
+    srv, stop = await start_server(settings.replace(**changes))
+    try:
+        yield srv
+    finally:
+        await stop()
+
+
+async def _viewer(srv, drop_id, token=None):
+    c = await Client.connect(srv.ws_url, token=token)
+    joined = await c.join(drop_id)
+    assert joined["t"] == "joined", joined
+    return c
+
+
+async def test_post_reaches_everyone_and_html_stays_text(server, settings, make_token):
+    drop_id, _ = await create_drop(settings.database_url)
+    alice = await _viewer(server, drop_id, make_token("alice", name="Alice"))
+    bob = await _viewer(server, drop_id)  # a guest can read chat
+    text = "<script>alert(1)</script> &amp; \u202eevil"
+    reply = await alice.request({"t": "chat.send", "text": f"  {text}  "})
+    assert reply["t"] == "reply" and reply["data"]["message_id"]
+    msg = await bob.recv_until(lambda f: f.get("event") == "chat.message")
+    assert msg["data"]["text"] == "<script>alert(1)</script> &amp; evil"  # verbatim, no bidi
+    assert msg["data"]["user_id"] == "alice" and msg["data"]["name"] == "Alice"
+    assert msg["data"]["id"] == reply["data"]["message_id"]
+    # Guests cannot post.
+    err = await bob.request({"t": "chat.send", "text": "hi"})
+    assert err["code"] == "token_missing"
+    # A new viewer gets recent chat in the snapshot.
+    carol = await Client.connect(server.ws_url)
+    joined = await carol.join(drop_id)
+    assert [m["text"] for m in joined["snapshot"]["chat"]] == [msg["data"]["text"]]
+    for c in (alice, bob, carol):
+        await c.close()
+
+
+async def test_length_limit_and_empty_text(server, settings, make_token):
+    drop_id, _ = await create_drop(settings.database_url)
+    c = await _viewer(server, drop_id, make_token("alice"))
+    too_long = "a" * (settings.chat_max_chars + 1)
+    err = await c.request({"t": "chat.send", "text": too_long})
+    assert err["code"] == "invalid_field" and err["details"]["field"] == "text"
+    assert (await c.request({"t": "chat.send", "text": "   \x00 "}))["code"] == "invalid_field"
+    ok = await c.request({"t": "chat.send", "text": "é" * settings.chat_max_chars})
+    assert ok["t"] == "reply"
+    await c.close()
+
+
+async def test_rate_limit_per_user(settings, make_token):
+    drop_id, _ = await create_drop(settings.database_url)
+    async with running(settings, chat_rate_per_10s=3) as srv:
+        c = await _viewer(srv, drop_id, make_token("alice"))
+        codes = [(await c.request({"t": "chat.send", "text": f"m{i}"}))["t"] for i in range(3)]
+        assert codes == ["reply"] * 3
+        err = await c.request({"t": "chat.send", "text": "one more"})
+        assert err["code"] == "rate_limited" and err["details"]["retry_after_ms"] > 0
+        # Another user is not limited by alice's messages.
+        other = await _viewer(srv, drop_id, make_token("bob"))
+        assert (await other.request({"t": "chat.send", "text": "hi"}))["t"] == "reply"
+        await c.close()
+        await other.close()
+
+
+async def test_slow_mode_set_by_creator_only(server, settings, make_token):
+    drop_id, _ = await create_drop(settings.database_url)
+    creator = await _viewer(server, drop_id, make_token("creator-1", "creator"))
+    viewer = await _viewer(server, drop_id, make_token("alice"))
+    assert (await viewer.request({"t": "chat.slow", "seconds": 5}))["code"] == "forbidden"
+    assert (await creator.request({"t": "chat.slow", "seconds": 1}))["t"] == "reply"
+    event = await viewer.recv_until(lambda f: f.get("event") == "chat.slow")
+    assert event["data"] == {"seconds": 1}
+    assert (await viewer.request({"t": "chat.send", "text": "one"}))["t"] == "reply"
+    err = await viewer.request({"t": "chat.send", "text": "two"})
+    assert err["code"] == "slow_mode" and 0 < err["details"]["retry_after_ms"] <= 1000
+    # The creator is exempt.
+    assert (await creator.request({"t": "chat.send", "text": "a"}))["t"] == "reply"
+    assert (await creator.request({"t": "chat.send", "text": "b"}))["t"] == "reply"
+    await asyncio.sleep(1.05)
+    assert (await viewer.request({"t": "chat.send", "text": "three"}))["t"] == "reply"
+    await creator.request({"t": "chat.slow", "seconds": 0})
+    assert (await viewer.request({"t": "chat.send", "text": "four"}))["t"] == "reply"
+    await creator.close()
+    await viewer.close()
+
+
+async def test_delete_message(server, settings, make_token):
+    drop_id, _ = await create_drop(settings.database_url)
+    creator = await _viewer(server, drop_id, make_token("creator-1", "creator"))
+    viewer = await _viewer(server, drop_id, make_token("alice"))
+    mid = (await viewer.request({"t": "chat.send", "text": "spam"}))["data"]["message_id"]
+    assert (await viewer.request({"t": "chat.delete", "message_id": mid}))["code"] == "forbidden"
+    reply = await creator.request({"t": "chat.delete", "message_id": mid})
+    assert reply["data"]["deleted"] == mid
+    deleted = await viewer.recv_until(lambda f: f.get("event") == "chat.deleted")
+    assert deleted["data"] == {"id": mid}
+    again = await creator.request({"t": "chat.delete", "message_id": mid})
+    assert again["code"] == "message_not_found"
+    late = await Client.connect(server.ws_url)
+    assert (await late.join(drop_id))["snapshot"]["chat"] == []
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        row = await conn.fetchrow("SELECT user_id, action, message_id, moderator_id "
+                                  "FROM chat_moderation")
+    finally:
+        await conn.close()
+    assert dict(row) == {"user_id": "alice", "action": "delete", "message_id": mid,
+                         "moderator_id": "creator-1"}
+    for c in (creator, viewer, late):
+        await c.close()
+
+
+async def test_mute_then_ban_holds_across_reconnects_and_drops(server, settings, make_token):
+    drop_id, _ = await create_drop(settings.database_url)
+    other_drop, _ = await create_drop(settings.database_url)  # same creator
+    creator = await _viewer(server, drop_id, make_token("creator-1", "creator"))
+    viewer = await _viewer(server, drop_id, make_token("troll"))
+    assert (await viewer.request({"t": "chat.mute", "user_id": "x"}))["code"] == "forbidden"
+    reply = await creator.request({"t": "chat.mute", "user_id": "troll", "seconds": 60})
+    assert reply["data"]["action"] == "mute"
+    err = await viewer.request({"t": "chat.send", "text": "hi"})
+    assert err["code"] == "muted"
+    await creator.request({"t": "chat.ban", "user_id": "troll", "reason": "spam"})
+    assert (await viewer.request({"t": "chat.send", "text": "hi"}))["code"] == "banned"
+    await viewer.close()
+    # Reconnect: still banned, here and in the creator's other drop.
+    for d in (drop_id, other_drop):
+        again = await _viewer(server, d, make_token("troll"))
+        assert (await again.request({"t": "chat.send", "text": "hi"}))["code"] == "banned"
+        await again.close()
+    # Lifting the ban lets the user post again.
+    assert (await creator.request({"t": "chat.unban", "user_id": "troll"}))["data"]["lifted"] == 2
+    back = await _viewer(server, drop_id, make_token("troll"))
+    assert (await back.request({"t": "chat.send", "text": "sorry"}))["t"] == "reply"
+    await back.close()
+    await creator.close()
+
+
+async def test_ban_survives_a_lost_redis_cache(server, settings, make_token, clean_backends):
+    import redis.asyncio as aioredis
+
+    drop_id, _ = await create_drop(settings.database_url)
+    admin = await _viewer(server, drop_id, make_token("root", "admin"))
+    assert (await admin.request({"t": "chat.ban", "user_id": "troll"}))["t"] == "reply"
+    r = aioredis.Redis.from_url(clean_backends.redis_url)
+    await r.delete(f"{{drop:{drop_id}}}:chat:blocked")  # e.g. Redis restarted
+    await r.aclose()
+    viewer = await _viewer(server, drop_id, make_token("troll"))
+    assert (await viewer.request({"t": "chat.send", "text": "hi"}))["code"] == "banned"
+    await viewer.close()
+    await admin.close()
+
+
+def test_normalize_pure():
+    assert chat.normalize("  hi\tthere\n ", 10) == "hithere"
+    assert chat.normalize("a\nb", 10) == "a\nb"
+    with pytest.raises(ProtocolError):
+        chat.normalize("\u200b\u200b", 10)
+    with pytest.raises(ProtocolError):
+        chat.normalize("x" * 11, 10)
