@@ -1,0 +1,1 @@
+"""Drops: lifecycle state machine, creator API, settlement."""

@@ -1,0 +1,7 @@
+"""The drops package as mounted by dropserver.app: lifecycle API, then settlement."""
+
+from drops.api import part as lifecycle
+from drops.settlement_api import part as settlement
+from dropserver.component import combine
+
+component = combine("drops", lifecycle, settlement)
