@@ -1,0 +1,1 @@
+"""Checkout: reservation scripts, order queue, payments, webhooks."""

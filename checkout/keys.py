@@ -1,0 +1,129 @@
+"""Redis key names of the checkout hot path.
+
+Every key of one drop carries the hash tag ``{drop:<id>}`` so that all of them land in
+one Redis Cluster slot and a single Lua script may touch them all (Redis Cluster spec,
+"Hash tags"). The one exception is :data:`ACTIVE_DROPS`, a global set the hold sweeper
+reads with plain commands, never from a script.
+
+Layout (D = drop id, P = product id, H = hold id)::
+
+    {drop:D}:sale            HASH  loaded, generation, currency, max_holds, flow
+    {drop:D}:products        SET   product ids of the drop
+    {drop:D}:p:P             HASH  price, units, limit, currency, state, remaining,
+                                   buyers (last buyer number), opened_at (ms)
+    {drop:D}:p:P:units       HASH  user id -> units held or paid (per-buyer limit)
+    {drop:D}:p:P:open        HASH  user id -> open holds (max holds per user)
+    {drop:D}:idem            HASH  "<user>\\n<idempotency key>" -> hold id
+    {drop:D}:hold:H          HASH  one hold (see docs/topics/checkout.md)
+    {drop:D}:expiry          ZSET  hold id scored by its expiry (unix ms)
+    {drop:D}:orders          STREAM reserve / release entries for the payments worker
+    {drop:D}:rl:u:<user>     HASH  sliding-window buy attempts of one user
+    {drop:D}:rl:ip:<ip>      HASH  sliding-window buy attempts of one address
+    {drop:D}:rebuild         STRING lock held while recovery rebuilds the drop
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+
+__all__ = [
+    "ACTIVE_DROPS",
+    "HoldRef",
+    "expiry",
+    "hold",
+    "idem",
+    "meta",
+    "new_hold_id",
+    "open_holds",
+    "orders",
+    "parse_hold_id",
+    "product",
+    "products",
+    "rate_ip",
+    "rate_user",
+    "rebuild_lock",
+    "tag",
+    "units",
+]
+
+# Drops whose holds the sweeper of every process looks at (see checkout/holds.py).
+ACTIVE_DROPS = "checkout:drops"
+
+
+def tag(drop_id: int) -> str:
+    return f"{{drop:{int(drop_id)}}}"
+
+
+def meta(drop_id: int) -> str:
+    # Not "{drop:D}:meta": the realtime history owns that hash (epoch, offset).
+    return f"{tag(drop_id)}:sale"
+
+
+def products(drop_id: int) -> str:
+    return f"{tag(drop_id)}:products"
+
+
+def product(drop_id: int, product_id: int) -> str:
+    return f"{tag(drop_id)}:p:{int(product_id)}"
+
+
+def units(drop_id: int, product_id: int) -> str:
+    return f"{tag(drop_id)}:p:{int(product_id)}:units"
+
+
+def open_holds(drop_id: int, product_id: int) -> str:
+    return f"{tag(drop_id)}:p:{int(product_id)}:open"
+
+
+def idem(drop_id: int) -> str:
+    return f"{tag(drop_id)}:idem"
+
+
+def hold(drop_id: int, hold_id: str) -> str:
+    return f"{tag(drop_id)}:hold:{hold_id}"
+
+
+def expiry(drop_id: int) -> str:
+    return f"{tag(drop_id)}:expiry"
+
+
+def orders(drop_id: int) -> str:
+    return f"{tag(drop_id)}:orders"
+
+
+def rate_user(drop_id: int, user_id: str) -> str:
+    return f"{tag(drop_id)}:rl:u:{user_id}"
+
+
+def rate_ip(drop_id: int, ip: str) -> str:
+    return f"{tag(drop_id)}:rl:ip:{ip}"
+
+
+def rebuild_lock(drop_id: int) -> str:
+    return f"{tag(drop_id)}:rebuild"
+
+
+# A hold id names its drop and product so any node can find the hold's keys from the
+# id alone (GET /v1/holds/{id}, the sweeper): "<drop>-<product>-<16 hex>".
+_HOLD_RE = re.compile(r"^([1-9][0-9]{0,17})-([1-9][0-9]{0,17})-([0-9a-f]{16})$")
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRef:
+    drop_id: int
+    product_id: int
+    hold_id: str
+
+
+def new_hold_id(drop_id: int, product_id: int) -> str:
+    return f"{int(drop_id)}-{int(product_id)}-{secrets.token_hex(8)}"
+
+
+def parse_hold_id(hold_id: str) -> HoldRef | None:
+    """The drop and product a hold id names, or None when it is not a hold id."""
+    match = _HOLD_RE.match(hold_id) if isinstance(hold_id, str) else None
+    if match is None:
+        return None
+    return HoldRef(int(match.group(1)), int(match.group(2)), hold_id)

@@ -1,0 +1,127 @@
+"""Payments: order workers, Stripe, webhooks, campaigns (routes and hooks).
+
+Start-up builds the gateway ``DROPSERVER_PAYMENT_GATEWAY`` names, starts
+``DROPSERVER_ORDER_WORKERS`` order consumers and the campaign deadline loop; shutdown
+stops them. Objects on ``app.state``: ``payments_gateway``, ``order_processor``,
+``order_workers``, ``campaign_loop``.
+
+Routes: ``POST /v1/webhooks/stripe`` (signature-verified, see checkout/webhooks.py);
+``POST /v1/dev/orders/{order_id}/confirm`` (fake gateway only: Stripe.js stand-in).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from checkout import campaigns, webhooks
+from checkout.orders import OrderProcessor, OrderWorker
+from checkout.payments import create_gateway
+from dropserver.component import Component
+from dropserver.errors import ApiError
+
+log = logging.getLogger("dropserver.payments")
+
+MAX_WEBHOOK_BYTES = 1024 * 1024
+
+
+async def stripe_webhook(request: Request) -> JSONResponse:
+    """Verify on the raw body, store the event id, apply the object's current state."""
+    state = request.app.state
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_WEBHOOK_BYTES:
+            raise ApiError("webhook body too large", code="payload_too_large", status=413)
+    try:
+        event = webhooks.verify(bytes(body), request.headers.get("stripe-signature"),
+                                state.settings.stripe_webhook_secret)
+    except webhooks.WebhookError as exc:
+        status = 503 if exc.code == "not_configured" else 400
+        raise ApiError(str(exc), code=exc.code, status=status) from None
+    result = await webhooks.handle_event(event, db=state.db,
+                                         gateway=state.payments_gateway,
+                                         processor=state.order_processor)
+    return JSONResponse({"received": True, "id": event["id"], "result": result.value})
+
+
+async def fake_confirm(request: Request) -> JSONResponse:
+    """Dev only (fake gateway): what Stripe.js does with the client secret. The buyer
+    confirms their client-confirmed order with a test payment method."""
+    from checkout.payments import FakeGateway, GatewayError
+    from dropserver.auth import require
+    from dropserver.errors import NotFound
+    from dropserver.http import field, read_json
+
+    state = request.app.state
+    gateway = state.payments_gateway
+    if not isinstance(gateway, FakeGateway):
+        raise NotFound("only with DROPSERVER_PAYMENT_GATEWAY=fake", code="not_available")
+    who = await require(request)
+    data = await read_json(request)
+    pm = field(data, "payment_method", str, default="pm_card_visa", max_len=64)
+    order = await state.db.fetchrow(
+        "SELECT o.id, o.public_id, o.drop_id, o.product_id, o.user_id, o.state, "
+        "o.payment_flow, p.intent_id FROM orders o JOIN payments p ON p.order_id = o.id "
+        "WHERE o.public_id = $1", request.path_params["order_id"])
+    if order is None or order["user_id"] != who.user_id:
+        raise NotFound("no such order awaiting payment", code="order_not_found")
+    try:
+        intent = await gateway.confirm_as_buyer(order["intent_id"], pm)
+    except GatewayError as exc:
+        raise ApiError(str(exc), code=exc.code, status=409) from None
+    result = await state.order_processor.apply_intent(order, intent)
+    return JSONResponse({"order_id": order["public_id"], "state": result.value,
+                         "status": intent.status.value, "error": intent.error_code})
+
+
+async def startup(app: Starlette) -> None:
+    state = app.state
+    settings = state.settings
+    gateway = create_gateway(settings)
+    state.payments_gateway = gateway
+
+    async def on_authorized(drop_id: int) -> None:
+        await campaigns.broadcast_progress(state.db, state.redis, drop_id)
+
+    processor = OrderProcessor(state.db, state.redis, gateway, on_authorized=on_authorized)
+    state.order_processor = processor
+    state.order_workers = []
+    for i in range(settings.order_workers):
+        worker = OrderWorker(
+            state.redis, processor, consumer=f"{state.node_id}:{i}:{secrets.token_hex(3)}",
+            claim_idle_ms=settings.order_claim_idle_ms,
+            max_attempts=settings.order_max_attempts)
+        worker.start()
+        state.order_workers.append(worker)
+    state.campaign_loop = campaigns.DeadlineLoop(
+        state.db, state.redis, gateway, processor, settings.campaign_check_interval)
+    state.campaign_loop.start()
+    log.info("payments started", extra={"gateway": gateway.name,
+                                        "order_workers": settings.order_workers})
+
+
+async def shutdown(app: Starlette) -> None:
+    state = app.state
+    loop = getattr(state, "campaign_loop", None)
+    if loop is not None:
+        await loop.stop()
+    for worker in getattr(state, "order_workers", []):
+        await worker.stop()
+    gateway = getattr(state, "payments_gateway", None)
+    if gateway is not None:
+        await gateway.close()
+
+
+part = Component(
+    name="checkout.payments",
+    routes=[Route("/v1/webhooks/stripe", stripe_webhook, methods=["POST"]),
+            Route("/v1/dev/orders/{order_id}/confirm", fake_confirm, methods=["POST"])],
+    startup=startup,
+    shutdown=shutdown,
+)

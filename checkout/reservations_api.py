@@ -1,0 +1,370 @@
+"""Reservations: the buy command, holds, bot defence, recovery (routes and hooks).
+
+* WebSocket commands (contract 3): ``buy`` {product_id, quantity?, idempotency_key,
+  flow?, proof?} -> {hold_id, buyer_number, expires_at, amount, currency, remaining,
+  ...}; ``cancel_hold`` {hold_id} -> {hold_id, state, remaining}.
+* HTTP: ``POST /v1/drops/{id}/buy``, ``GET /v1/holds/{hold_id}``,
+  ``DELETE /v1/holds/{hold_id}`` (docs/http-api.md, section Checkout).
+* Background, in every process: the hold sweeper and the recovery check.
+
+After a buy the answer goes straight back on the socket (one Redis round trip); what
+others see is sent off the hot path by :class:`Notifier`: the buyer's private
+``order.held`` (pipelined), the drop's ``stock`` (volatile, at most one per
+``DROPSERVER_STOCK_COALESCE_MS`` per process and drop), and the drops package's
+sold-out / back-in-stock transitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from checkout import defense, holds, inventory, recovery
+from checkout.defense import BuyAttempt, BuyLimits
+from checkout.holds import Reason, ReleaseResult, Sweeper
+from checkout.reserve import (
+    BuyRefused,
+    BuyRequest,
+    Hold,
+    Refusal,
+    ReserveBatcher,
+    hot_path_client,
+    reserve_batched,
+)
+from dropserver.auth import Principal, Role, principal
+from dropserver.component import Component
+from dropserver.errors import ApiError, NotFound, Unauthorized, ValidationFailed
+from dropserver.http import field, read_json
+from dropserver.observability import bind
+
+__all__ = ["Notifier", "Reservations", "buy", "cancel", "part"]
+
+log = logging.getLogger("dropserver.checkout")
+
+RESERVATIONS = Counter("dropserver_reservations_total",
+                       "Buy attempts by outcome (held, replay or the refusal code)",
+                       ["result"])
+RESERVE_SECONDS = Histogram("dropserver_reserve_seconds",
+                            "Time to answer a buy attempt (script round trip included)",
+                            buckets=(.0005, .001, .002, .005, .01, .025, .05, .1, .25, 1))
+_HELD = RESERVATIONS.labels("held")
+_REPLAYED = RESERVATIONS.labels("replay")
+RELEASES = Counter("dropserver_hold_releases_total", "Holds released", ["reason"])
+
+_NOT_LIVE_CACHE_S = 1.0
+
+
+class Notifier:
+    """Sends what a buy or a release tells others, batched, off the hot path."""
+
+    def __init__(self, app: Starlette, redis: Any, coalesce_ms: int) -> None:
+        self.app = app
+        self.redis = redis
+        self.coalesce = max(coalesce_ms, 1) / 1000
+        self._user_events: list[tuple[str, str, dict]] = []
+        self._dirty: set[int] = set()
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._loop: asyncio.Task | None = None
+
+    # -- called on the hot path (no awaits) ---------------------------------
+    def user_event(self, user_id: str, event: str, data: dict) -> None:
+        self._user_events.append((user_id, event, data))
+        self._wake.set()
+
+    def stock_changed(self, drop_id: int) -> None:
+        self._dirty.add(drop_id)
+        self._wake.set()
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the flusher ----------------------------------------------------------
+    async def flush(self) -> None:
+        from realtime.publish import publish_user, publish_volatile
+
+        events, self._user_events = self._user_events, []
+        dirty, self._dirty = self._dirty, set()
+        if events:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for user_id, event, data in events:
+                    await publish_user(pipe, user_id, event, data)
+                await pipe.execute()
+        for drop_id in dirty:
+            left = await inventory.remaining(self.redis, drop_id)
+            await publish_volatile(self.redis, drop_id, "stock",
+                                   {"products": {str(k): v for k, v in left.items()}})
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("checkout notifications failed", exc_info=True)
+            # Stock updates at most once per coalescing interval.
+            await asyncio.sleep(self.coalesce)
+
+    def start(self) -> None:
+        self._loop = asyncio.create_task(self._run(), name="checkout-notifier")
+
+    async def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+        with contextlib.suppress(Exception):
+            await self.flush()
+        for task in list(self._tasks):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(task, 2)
+
+    # -- drop state transitions (owned by the drops package) -------------------
+    def sold_out(self, drop_id: int, product_id: int) -> None:
+        from drops.store import mark_sold_out
+
+        self.spawn(self._guard(mark_sold_out(self.app, self.redis, drop_id, product_id)))
+
+    def back_in_stock(self, drop_id: int, product_id: int) -> None:
+        from drops.store import mark_back_in_stock
+
+        self.spawn(self._guard(mark_back_in_stock(self.app, self.redis, drop_id,
+                                                  product_id)))
+
+    @staticmethod
+    async def _guard(coro: Any) -> None:
+        try:
+            await coro
+        except Exception:
+            log.warning("drop state update failed", exc_info=True)
+
+
+class Reservations:
+    """This process's reservation machinery, kept on ``app.state.reservations``."""
+
+    def __init__(self, app: Starlette) -> None:
+        s = app.state.settings
+        self.app = app
+        self.redis = app.state.redis
+        self.db = app.state.db
+        # The buy path's own client: pipelined EVALSHA with C packing (reserve.py).
+        self.hot_redis = hot_path_client(s.redis_url)
+        self.batcher = ReserveBatcher(self.hot_redis)
+        self.hold_ttl_ms = s.hold_ttl * 1000
+        self.limits = BuyLimits.from_settings(s)
+        self.grace_ms = s.recovery_grace_ms
+        existing = getattr(app.state, "buy_verifier", None)
+        self.verifier = existing if existing is not None else defense.load_verifier(
+            s.buy_verifier)
+        self.notifier = Notifier(app, self.hot_redis, s.stock_coalesce_ms)
+        self.sweeper = Sweeper(self.redis, s.hold_sweep_interval, self.on_release)
+        self.recovery = recovery.RecoveryLoop(self.db, self.redis, s.recovery_interval,
+                                              s.recovery_grace_ms)
+        self._not_live: dict[int, float] = {}
+        self._loading: dict[int, asyncio.Task] = {}
+
+    async def on_release(self, result: ReleaseResult) -> None:
+        RELEASES.labels(result.state).inc()
+        self.notifier.user_event(result.user_id, f"order.{result.state}", {
+            "order_id": result.hold_id, "product_id": result.product_id})
+        self.notifier.stock_changed(result.drop_id)
+        if result.remaining == result.quantity:  # it was sold out a moment ago
+            self.notifier.back_in_stock(result.drop_id, result.product_id)
+
+    async def reserve(self, req: BuyRequest) -> Hold:
+        try:
+            return await self._reserve(req)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            # Redis is restarting or failing over: say so, the client retries.
+            log.warning("redis unavailable for a buy", exc_info=True)
+            raise ApiError("sales are paused for a moment, retry shortly",
+                           code="unavailable", status=503,
+                           headers={"Retry-After": "1"}) from None
+
+    async def _reserve(self, req: BuyRequest) -> Hold:
+        try:
+            return await reserve_batched(self.batcher, req, hold_ttl_ms=self.hold_ttl_ms,
+                                         limits=self.limits)
+        except BuyRefused as exc:
+            if exc.refusal is not Refusal.NOT_READY:
+                raise
+        # The drop is not loaded: a Redis loss (rebuild from PostgreSQL first) or a
+        # drop that is not live at all.
+        until = self._not_live.get(req.drop_id, 0.0)
+        if until > time.monotonic():
+            raise BuyRefused(Refusal.NOT_SELLING, "drop is not live")
+        outcome = await self._ensure_loaded(req.drop_id)
+        if outcome == "not_live":
+            self._not_live[req.drop_id] = time.monotonic() + _NOT_LIVE_CACHE_S
+            raise BuyRefused(Refusal.NOT_SELLING, "drop is not live")
+        if outcome == "busy":
+            raise BuyRefused(Refusal.NOT_READY)
+        return await reserve_batched(self.batcher, req, hold_ttl_ms=self.hold_ttl_ms,
+                                     limits=self.limits)
+
+
+    async def _ensure_loaded(self, drop_id: int) -> str:
+        """One rebuild-or-wait per drop and process, however many buyers are waiting."""
+        task = self._loading.get(drop_id)
+        if task is None:
+            task = asyncio.create_task(recovery.ensure_loaded(
+                self.db, self.redis, drop_id, grace_ms=self.grace_ms, wait=3.0))
+            self._loading[drop_id] = task
+            task.add_done_callback(lambda _t: self._loading.pop(drop_id, None))
+        return await asyncio.shield(task)
+
+
+def _state(app: Any) -> Reservations:
+    return app.state.reservations
+
+
+async def buy(app: Any, who: Principal, drop_id: int, data: dict[str, Any], *, ip: str,
+              idempotency_key: str | None = None) -> tuple[Hold, dict[str, Any]]:
+    """The buy path shared by the ``buy`` command and ``POST /v1/drops/{id}/buy``."""
+    started = time.perf_counter()
+    if who.is_guest:
+        raise Unauthorized("sign in to buy", code="token_missing")
+    product_id = field(data, "product_id", int, min_value=1, max_value=2**62)
+    quantity = field(data, "quantity", int, default=1, min_value=1, max_value=100)
+    key = idempotency_key or field(data, "idempotency_key", str, max_len=255)
+    flow = field(data, "flow", str, default="", max_len=32)
+    req = BuyRequest(drop_id=drop_id, product_id=product_id, user_id=who.user_id or "",
+                     idempotency_key=key, quantity=quantity, ip=ip, flow=flow)
+    req.validate()
+    res = _state(app)
+    try:
+        if not isinstance(res.verifier, defense.AcceptAll):
+            await defense.check(res.verifier, BuyAttempt(req.user_id, drop_id, product_id,
+                                                         ip, data.get("proof")))
+        hold = await res.reserve(req)
+    except ApiError as exc:
+        RESERVATIONS.labels(exc.code).inc()
+        raise
+    finally:
+        RESERVE_SECONDS.observe(time.perf_counter() - started)
+    if hold.replay:
+        _REPLAYED.inc()
+    else:
+        _HELD.inc()
+        res.notifier.user_event(req.user_id, "order.held", {
+            "order_id": hold.hold_id, "product_id": product_id,
+            "buyer_number": hold.buyer_number, "expires_at": hold.expires_at,
+            "amount": hold.amount, "currency": hold.currency})
+        res.notifier.stock_changed(drop_id)
+        if hold.remaining == 0:
+            res.notifier.sold_out(drop_id, product_id)
+    return hold, hold.reply()
+
+
+async def cancel(app: Any, who: Principal, hold_id: str) -> dict[str, Any]:
+    """The buyer cancels their own hold (release.lua with reason ``cancelled``)."""
+    if who.is_guest:
+        raise Unauthorized("sign in to cancel a hold", code="token_missing")
+    if not isinstance(hold_id, str) or not hold_id:
+        raise ValidationFailed("hold_id is required", details={"field": "hold_id"})
+    res = _state(app)
+    result = await holds.release(res.redis, hold_id, Reason.CANCELLED,
+                                 owner=who.user_id or "")
+    if result.error:  # not_found, not_owner: the same answer, leak nothing
+        raise NotFound("no such hold", code="hold_not_found")
+    if not result.released:
+        raise ApiError(f"the hold is {result.state}", code="hold_not_active", status=409,
+                       details={"state": result.state})
+    await res.on_release(result)
+    return {"hold_id": hold_id, "state": "cancelled", "remaining": result.remaining}
+
+
+# -- WebSocket commands (contract 3) ------------------------------------------------
+
+async def ws_buy(app: Any, ctx: Any, data: dict) -> dict:
+    drop_id = getattr(ctx, "drop_id", None)
+    if drop_id is None:
+        drop_id = field(data, "drop_id", int, min_value=1)
+    _hold, reply = await buy(app, ctx.principal, int(drop_id), data,
+                             ip=getattr(ctx, "ip", "") or "")
+    return reply
+
+
+async def ws_cancel_hold(app: Any, ctx: Any, data: dict) -> dict:
+    return await cancel(app, ctx.principal, field(data, "hold_id", str, max_len=64))
+
+
+# -- HTTP -----------------------------------------------------------------------------
+
+def _ip(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+async def http_buy(request: Request) -> JSONResponse:
+    who = await principal(request)
+    drop_id = request.path_params["drop_id"]
+    bind(drop_id=drop_id, user_id=who.user_id)
+    data = await read_json(request)
+    header = request.headers.get("idempotency-key")
+    hold, reply = await buy(request.app, who, drop_id, data, ip=_ip(request),
+                            idempotency_key=header)
+    return JSONResponse(reply, status_code=200 if hold.replay else 201,
+                        headers={"Location": f"/v1/holds/{hold.hold_id}"})
+
+
+async def http_get_hold(request: Request) -> JSONResponse:
+    who = await principal(request)
+    if who.is_guest:
+        raise Unauthorized("sign in to see your holds", code="token_missing")
+    record = await holds.get_hold(request.app.state.redis, request.path_params["hold_id"])
+    if record is None or (record["user_id"] != who.user_id and who.role is not Role.ADMIN):
+        raise NotFound("no such hold", code="hold_not_found")
+    return JSONResponse(record)
+
+
+async def http_cancel_hold(request: Request) -> JSONResponse:
+    who = await principal(request)
+    return JSONResponse(await cancel(request.app, who, request.path_params["hold_id"]))
+
+
+# -- lifecycle ----------------------------------------------------------------------
+
+async def startup(app: Starlette) -> None:
+    res = Reservations(app)
+    app.state.reservations = res
+    app.state.commands["buy"] = ws_buy
+    app.state.commands["cancel_hold"] = ws_cancel_hold
+    res.notifier.start()
+    res.sweeper.start()
+    res.recovery.start()
+
+
+async def shutdown(app: Starlette) -> None:
+    res: Reservations | None = getattr(app.state, "reservations", None)
+    if res is None:
+        return
+    await res.recovery.stop()
+    await res.sweeper.stop()
+    await res.notifier.stop()
+    await res.hot_redis.aclose()
+
+
+routes = [
+    Route("/v1/drops/{drop_id:int}/buy", http_buy, methods=["POST"]),
+    Route("/v1/holds/{hold_id}", http_get_hold, methods=["GET"]),
+    Route("/v1/holds/{hold_id}", http_cancel_hold, methods=["DELETE"]),
+]
+
+part = Component(name="checkout.reservations", routes=routes, startup=startup,
+                 shutdown=shutdown)

@@ -1,0 +1,303 @@
+"""Reserve stock: the buy decision (``reserve.lua``) and what it answers.
+
+The pure part maps the script's reply to a :class:`Hold` or a :class:`Refusal` with
+its HTTP status; the adapter :func:`reserve` makes the one Redis round trip. Callers
+(the WebSocket ``buy`` command, ``POST /v1/drops/{id}/buy``) live in
+:mod:`checkout.reservations_api`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import hiredis
+from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
+from redis.exceptions import NoScriptError
+
+from checkout import keys
+from checkout.defense import BuyLimits
+from checkout.scripts import script
+from dropserver.errors import ApiError
+
+__all__ = [
+    "BuyRefused",
+    "BuyRequest",
+    "Flow",
+    "Hold",
+    "Refusal",
+    "ReserveBatcher",
+    "hot_path_client",
+    "parse_reply",
+    "reserve",
+]
+
+MAX_IDEMPOTENCY_KEY = 255  # as Stripe's Idempotency-Key
+_IDEM_RE = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces
+
+
+class Refusal(enum.StrEnum):
+    """Why a buy was refused: the ``code`` of the error frame / HTTP body."""
+
+    NOT_READY = "not_ready"              # the drop is being rebuilt: retry shortly
+    NOT_SELLING = "not_selling"
+    SOLD_OUT = "sold_out"
+    NOT_ENOUGH_STOCK = "not_enough_stock"
+    LIMIT_REACHED = "limit_reached"      # per-buyer unit limit of the product
+    HOLD_EXISTS = "hold_exists"          # max open holds per user per product
+    RATE_LIMITED = "rate_limited"
+    VELOCITY_EXCEEDED = "velocity_exceeded"
+    IDEMPOTENCY_MISMATCH = "idempotency_mismatch"
+    IDEMPOTENCY_KEY_EXPIRED = "idempotency_key_expired"
+
+    @property
+    def status(self) -> int:
+        return _STATUS[self]
+
+    @property
+    def message(self) -> str:
+        return _MESSAGES[self]
+
+
+_STATUS = {
+    Refusal.NOT_READY: 503,
+    Refusal.NOT_SELLING: 409,
+    Refusal.SOLD_OUT: 409,
+    Refusal.NOT_ENOUGH_STOCK: 409,
+    Refusal.LIMIT_REACHED: 409,
+    Refusal.HOLD_EXISTS: 409,
+    Refusal.RATE_LIMITED: 429,
+    Refusal.VELOCITY_EXCEEDED: 429,
+    Refusal.IDEMPOTENCY_MISMATCH: 422,
+    Refusal.IDEMPOTENCY_KEY_EXPIRED: 422,
+}
+_MESSAGES = {
+    Refusal.NOT_READY: "sales are resuming, retry in a moment",
+    Refusal.NOT_SELLING: "this product is not on sale",
+    Refusal.SOLD_OUT: "sold out",
+    Refusal.NOT_ENOUGH_STOCK: "fewer units left than requested",
+    Refusal.LIMIT_REACHED: "you reached the per-buyer limit for this product",
+    Refusal.HOLD_EXISTS: "you already hold this product; pay or cancel that hold first",
+    Refusal.RATE_LIMITED: "too many buy attempts, slow down",
+    Refusal.VELOCITY_EXCEEDED: "too many buy attempts right after BUY NOW",
+    Refusal.IDEMPOTENCY_MISMATCH: "this idempotency key was used for a different buy",
+    Refusal.IDEMPOTENCY_KEY_EXPIRED: "this idempotency key's hold is gone; use a new key",
+}
+
+
+class Flow(enum.StrEnum):
+    """How the order will be paid (``orders.payment_flow``)."""
+
+    CLIENT_CONFIRM = "client_confirm"    # Stripe.js confirms with the client secret
+    OFF_SESSION = "off_session"          # one-tap with the saved card
+    MANUAL_CAPTURE = "manual_capture"    # campaign drops: authorize now, capture later
+
+
+class BuyRefused(ApiError):
+    """A refused buy; ``refusal`` is the reason, ``code`` its string."""
+
+    def __init__(self, refusal: Refusal, detail: str = "") -> None:
+        details: dict[str, Any] = {"detail": detail} if detail else {}
+        if refusal in (Refusal.SOLD_OUT, Refusal.NOT_ENOUGH_STOCK) and detail.isdigit():
+            details = {"remaining": int(detail)}
+        headers = None
+        if refusal is Refusal.NOT_READY:
+            headers = {"Retry-After": "1"}
+        elif refusal in (Refusal.RATE_LIMITED, Refusal.VELOCITY_EXCEEDED):
+            details = {"scope": detail} if refusal is Refusal.RATE_LIMITED else {}
+            headers = {"Retry-After": "2"}
+        super().__init__(refusal.message, code=refusal.value, status=refusal.status,
+                         details=details, headers=headers)
+        self.refusal = refusal
+
+
+@dataclass(frozen=True, slots=True)
+class BuyRequest:
+    drop_id: int
+    product_id: int
+    user_id: str
+    idempotency_key: str
+    quantity: int = 1
+    ip: str = ""
+    flow: str = ""  # "" = the drop's default
+
+    def validate(self) -> None:
+        from dropserver.errors import ValidationFailed
+
+        if not isinstance(self.idempotency_key, str) or not _IDEM_RE.match(
+                self.idempotency_key):
+            raise ValidationFailed("idempotency_key must be 1-255 printable ASCII characters",
+                                   details={"field": "idempotency_key"})
+        if not 1 <= self.quantity <= 100:
+            raise ValidationFailed("quantity must be between 1 and 100",
+                                   details={"field": "quantity"})
+        if self.flow and self.flow not in (Flow.CLIENT_CONFIRM, Flow.OFF_SESSION):
+            raise ValidationFailed("flow must be client_confirm or off_session",
+                                   details={"field": "flow"})
+        if "\n" in self.user_id:
+            raise ValidationFailed("bad user id")
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A reservation as the buyer sees it."""
+
+    hold_id: str
+    drop_id: int
+    product_id: int
+    buyer_number: int
+    expires_at: int          # unix ms
+    amount: int              # minor units
+    currency: str
+    remaining: int           # units left of the product right after this buy
+    quantity: int
+    unit_price: int
+    state: str               # held, paid, expired, cancelled, failed
+    flow: str
+    replay: bool = False     # an idempotent retry: the first result, nothing changed
+
+    def reply(self) -> dict[str, Any]:
+        """The payload of the ``buy`` reply and of the HTTP 201/200 body."""
+        return {"hold_id": self.hold_id, "drop_id": self.drop_id,
+                "product_id": self.product_id, "buyer_number": self.buyer_number,
+                "expires_at": self.expires_at, "amount": self.amount,
+                "currency": self.currency, "remaining": self.remaining,
+                "quantity": self.quantity, "unit_price": self.unit_price,
+                "state": self.state, "flow": self.flow, "replay": self.replay}
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def parse_reply(req: BuyRequest, reply: list[Any]) -> Hold:
+    """reserve.lua's reply -> :class:`Hold`, or raise :class:`BuyRefused`."""
+    if _s(reply[0]) != "ok":
+        raise BuyRefused(Refusal(_s(reply[1])), _s(reply[2]) if len(reply) > 2 else "")
+    return Hold(
+        hold_id=_s(reply[1]), drop_id=req.drop_id, product_id=req.product_id,
+        buyer_number=int(reply[2]), expires_at=int(reply[3]), amount=int(reply[4]),
+        currency=_s(reply[5]), remaining=int(reply[6]), replay=bool(int(reply[7])),
+        state=_s(reply[8]), quantity=int(reply[9]), unit_price=int(reply[10]),
+        flow=_s(reply[11]),
+    )
+
+
+def script_call(req: BuyRequest, hold_ttl_ms: int, limits: BuyLimits,
+                ) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of reserve.lua for one request (see the script's header)."""
+    d, p = req.drop_id, req.product_id
+    hold_id = keys.new_hold_id(d, p)
+    key_list = [
+        keys.meta(d), keys.product(d, p), keys.units(d, p), keys.open_holds(d, p),
+        keys.idem(d), keys.hold(d, hold_id), keys.expiry(d), keys.orders(d),
+        keys.rate_user(d, req.user_id), keys.rate_ip(d, req.ip or "-"),
+    ]
+    args = [req.user_id, req.quantity, req.idempotency_key, hold_id, hold_ttl_ms,
+            req.flow, d, p, *limits.script_args()]
+    return key_list, args
+
+
+async def reserve(redis: Redis, req: BuyRequest, *, hold_ttl_ms: int,
+                  limits: BuyLimits) -> Hold:
+    """One EVALSHA of reserve.lua. Raises :class:`BuyRefused` with the reason."""
+    key_list, args = script_call(req, hold_ttl_ms, limits)
+    reply = await script("reserve")(keys=key_list, args=args, client=redis)
+    return parse_reply(req, reply)
+
+
+class ReserveBatcher:
+    """Sends the reserve calls that arrive together as one pipeline.
+
+    Under a rush thousands of buys wait on Redis at once; one EVALSHA each costs a
+    connection checkout, a write and a read per buy in redis-py. The batcher queues
+    the calls made in one event-loop turn and sends them as a single non-transactional
+    pipeline (at most ``max_batch`` per round trip); each caller still gets its own
+    reply. Redis runs each script atomically and in order, so nothing about the
+    decision changes. On NOSCRIPT (a restarted Redis) the script is loaded and the
+    failed calls are sent again.
+    """
+
+    def __init__(self, redis: Redis, *, max_batch: int = 256) -> None:
+        self.redis = redis
+        self.max_batch = max_batch
+        self._queue: list[tuple[list[str], list[Any], asyncio.Future]] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task] = set()
+
+    async def call(self, key_list: list[str], args: list[Any]) -> Any:
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._queue.append((key_list, args, fut))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._start)
+        return await fut
+
+    def _start(self) -> None:
+        self._scheduled = False
+        queue, self._queue = self._queue, []
+        for i in range(0, len(queue), self.max_batch):
+            task = asyncio.ensure_future(self._send(queue[i:i + self.max_batch]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[list[str], list[Any], asyncio.Future]]) -> None:
+        lua = script("reserve")
+        try:
+            for attempt in range(2):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for key_list, args, _fut in batch:
+                        pipe.evalsha(lua.sha, len(key_list), *key_list, *args)
+                    replies = await pipe.execute(raise_on_error=False)
+                retry = []
+                for item, reply in zip(batch, replies, strict=True):
+                    fut = item[2]
+                    if isinstance(reply, NoScriptError) and attempt == 0:
+                        retry.append(item)
+                    elif fut.done():
+                        continue
+                    elif isinstance(reply, Exception):
+                        fut.set_exception(reply)
+                    else:
+                        fut.set_result(reply)
+                if not retry:
+                    return
+                await self.redis.script_load(lua.script)
+                batch = retry
+        except BaseException as exc:
+            for _k, _a, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+
+
+async def reserve_batched(batcher: ReserveBatcher, req: BuyRequest, *, hold_ttl_ms: int,
+                          limits: BuyLimits) -> Hold:
+    """:func:`reserve` through a :class:`ReserveBatcher` (same reply, same refusals)."""
+    key_list, args = script_call(req, hold_ttl_ms, limits)
+    return parse_reply(req, await batcher.call(key_list, args))
+
+
+class PackedConnection(Connection):
+    """A redis-py connection that serializes commands with hiredis' C packer.
+
+    redis-py's asyncio connection packs every argument in Python; a reserve call has
+    23 of them, and under a rush that packing was the largest single cost of the buy
+    path in the profile. ``hiredis.pack_command`` produces the same RESP bytes."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " in args[0]:  # "CONFIG GET" style names
+            return super().pack_command(*args)
+        return [hiredis.pack_command(args)]
+
+
+def hot_path_client(url: str, *, max_connections: int = 64) -> Redis:
+    """The Redis client of the buy path (bytes replies, C packing and parsing)."""
+    return Redis.from_url(url, decode_responses=False, connection_class=PackedConnection,
+                          max_connections=max_connections, socket_keepalive=True,
+                          health_check_interval=15)

@@ -1,0 +1,43 @@
+"""A one-shot order worker process for the crash test (tests/test_orders.py).
+
+``python -m tests.order_worker_proc REDIS_URL DATABASE_URL STRIPE_URL crash-after-intent``
+consumes as consumer ``doomed`` and SIGKILLs itself right after the first PaymentIntent
+exists and before PostgreSQL records it: the worst moment for a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import redis.asyncio as aioredis
+
+from checkout.orders import OrderProcessor, OrderWorker
+from checkout.payments import Intent, StripeGateway
+from dropserver.db import create_pool
+
+
+async def main(redis_url: str, database_url: str, stripe_url: str, mode: str) -> None:
+    db = await create_pool(database_url, min_size=1, max_size=2)
+    redis = aioredis.Redis.from_url(redis_url)
+    gateway = StripeGateway("sk_test_x", api_base=stripe_url, max_network_retries=0)
+
+    async def notify(*_: object) -> None:
+        return None
+
+    proc = OrderProcessor(db, redis, gateway, notify=notify)
+    if mode == "crash-after-intent":
+        async def crash(intent: Intent) -> None:
+            print("intent", intent.id, "created; dying", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        proc.after_intent = crash
+    worker = OrderWorker(redis, proc, consumer="doomed", block_ms=200)
+    for _ in range(50):
+        await worker.run_once()
+    print("no entry arrived", flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(*sys.argv[1:5]))

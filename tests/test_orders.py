@@ -1,0 +1,443 @@
+"""checkout/orders.py: the order worker against real Redis Streams and PostgreSQL, with
+the real stripe SDK talking to the loopback stub."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from checkout import keys
+from checkout.orders import (
+    DEAD_LETTER_STREAM,
+    GROUP,
+    BadEntry,
+    OrderProcessor,
+    OrderState,
+    OrderWorker,
+    ReleaseEntry,
+    ReserveEntry,
+    backoff,
+    can_transition,
+    parse_entry,
+    state_for_intent,
+)
+from checkout.payments import Flow, Intent, IntentStatus, StripeGateway
+from dropserver.db import create_pool
+from tests.payments_fixtures import (
+    Recorder,
+    add_release,
+    add_reserve,
+    make_drop,
+    order_row,
+    save_card,
+)
+from tests.stripe_stub import StripeStub
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- pure core ----------------------------------------------------------------
+def _fields(**over):
+    base = {"type": "reserve", "hold_id": "1-2-00000000000000ab", "drop_id": "1",
+            "product_id": "2", "user_id": "u1", "quantity": "2", "buyer_number": "7",
+            "unit_price": "500", "amount": "1000", "currency": "USD",
+            "idempotency_key": "k", "expires_at": "1700000000000", "flow": "off_session"}
+    base.update(over)
+    return {k.encode(): str(v).encode() for k, v in base.items()}
+
+
+def test_parse_reserve_and_release() -> None:
+    e = parse_entry(_fields())
+    assert isinstance(e, ReserveEntry)
+    assert (e.quantity, e.amount, e.currency, e.flow) == (2, 1000, "usd", Flow.OFF_SESSION)
+    r = parse_entry({b"type": b"release", b"hold_id": b"h", b"drop_id": b"3",
+                     b"reason": b"cancelled"})
+    assert r == ReleaseEntry(hold_id="h", drop_id=3, reason="cancelled")
+
+
+@pytest.mark.parametrize("over", [
+    {"type": "nope"}, {"amount": "999"}, {"quantity": "0"}, {"flow": "magic"},
+    {"currency": "dollars"}, {"drop_id": "x"}, {"hold_id": ""},
+])
+def test_parse_rejects_bad_entries(over) -> None:
+    with pytest.raises(BadEntry):
+        parse_entry(_fields(**over))
+
+
+def test_state_for_intent() -> None:
+    def pi(status, code=None):
+        return Intent(id="pi_1", status=IntentStatus(status), amount=1, currency="usd",
+                      error_code=code)
+    assert state_for_intent(pi("succeeded"), Flow.OFF_SESSION) is OrderState.PAID
+    assert state_for_intent(pi("requires_capture"), Flow.MANUAL_CAPTURE) \
+        is OrderState.AUTHORIZED
+    assert state_for_intent(pi("requires_payment_method", "card_declined"),
+                            Flow.OFF_SESSION) is OrderState.FAILED
+    # a buyer confirming in Stripe.js may try another card
+    assert state_for_intent(pi("requires_payment_method", "card_declined"),
+                            Flow.CLIENT_CONFIRM) is OrderState.PAYMENT_PENDING
+    assert state_for_intent(pi("canceled"), Flow.CLIENT_CONFIRM) is OrderState.CANCELLED
+
+
+def test_transitions_and_backoff() -> None:
+    assert can_transition(OrderState.HELD, OrderState.PAID)
+    assert can_transition(OrderState.PAID, OrderState.REFUNDED)
+    assert not can_transition(OrderState.PAID, OrderState.FAILED)
+    assert not can_transition(OrderState.EXPIRED, OrderState.PAID)
+    for attempt in range(10):
+        assert 0 <= backoff(attempt) <= 5.0
+
+
+# -- against Redis, PostgreSQL and the stub -----------------------------------
+@pytest.fixture(scope="module")
+def stub() -> Iterator[StripeStub]:
+    with StripeStub() as s:
+        yield s
+
+
+@pytest.fixture
+async def env(clean_backends, stub) -> AsyncIterator[dict]:
+    db = await create_pool(clean_backends.database_url, min_size=1, max_size=5)
+    redis = aioredis.Redis.from_url(clean_backends.redis_url)
+    gateway = StripeGateway("sk_test_x", api_base=stub.url, max_network_retries=0)
+    rec = Recorder()
+    proc = OrderProcessor(db, redis, gateway, notify=rec)
+    worker = OrderWorker(redis, proc, consumer="test-a", claim_idle_ms=200, block_ms=100)
+    try:
+        yield {"db": db, "redis": redis, "gw": gateway, "rec": rec, "proc": proc,
+               "worker": worker, "stub": stub, "backends": clean_backends}
+    finally:
+        await worker.stop()
+        await gateway.close()
+        await redis.aclose()
+        await db.close()
+
+
+async def drain(worker: OrderWorker, rounds: int = 5) -> None:
+    for _ in range(rounds):
+        await worker.run_once()
+
+
+async def test_client_confirm_sends_client_secret_then_webhookless_pay(env) -> None:
+    db, redis, rec, stub = env["db"], env["redis"], env["rec"], env["stub"]
+    drop_id, product_id = await make_drop(db)
+    hold = await add_reserve(redis, drop_id, product_id, "buyer-1")
+    await drain(env["worker"])
+    row = await order_row(db, hold)
+    assert row["state"] == "payment_pending"
+    assert row["payment_status"] == "requires_payment_method"
+    (msg,) = rec.of("order.payment")
+    assert msg["order_id"] == hold and msg["client_secret"].startswith(row["intent_id"])
+    pi = stub.intents[row["intent_id"]]
+    assert pi["metadata"]["order_id"] == hold
+    assert pi["transfer_group"] == f"drop_{drop_id}"
+    assert await redis.xpending(keys.orders(drop_id), GROUP) == {
+        "pending": 0, "min": None, "max": None, "consumers": []}
+
+
+async def test_off_session_charge_is_paid_and_recorded(env) -> None:
+    db, redis, rec, stub = env["db"], env["redis"], env["rec"], env["stub"]
+    drop_id, product_id = await make_drop(db, price=4200)
+    await save_card(db, "buyer-2")
+    hold = await add_reserve(redis, drop_id, product_id, "buyer-2", price=4200,
+                             flow="off_session")
+    await drain(env["worker"])
+    row = await order_row(db, hold)
+    assert row["state"] == "paid" and row["payment_status"] == "succeeded"
+    assert row["amount_received"] == 4200 and row["fee"] == (4200 * 29 + 500) // 1000 + 30
+    assert rec.of("order.paid") == [{"order_id": hold, "drop_id": drop_id,
+                                     "product_id": product_id, "amount": 4200,
+                                     "currency": "usd"}]
+    assert stub.intents[row["intent_id"]]["customer"] == "cus_buyer-2"
+
+
+async def test_off_session_decline_fails_the_order(env) -> None:
+    db, redis, rec = env["db"], env["redis"], env["rec"]
+    drop_id, product_id = await make_drop(db)
+    await save_card(db, "buyer-3", "pm_card_chargeDeclined")
+    hold = await add_reserve(redis, drop_id, product_id, "buyer-3", flow="off_session")
+    await drain(env["worker"])
+    row = await order_row(db, hold)
+    assert row["state"] == "failed"
+    assert rec.of("order.failed")[0]["reason"] == "card_declined"
+
+
+async def test_release_cancels_the_intent(env) -> None:
+    db, redis, rec, stub = env["db"], env["redis"], env["rec"], env["stub"]
+    drop_id, product_id = await make_drop(db)
+    hold = await add_reserve(redis, drop_id, product_id, "buyer-4")
+    await add_release(redis, drop_id, hold, "expired")
+    await drain(env["worker"])
+    row = await order_row(db, hold)
+    assert row["state"] == "expired"
+    assert stub.intents[row["intent_id"]]["status"] == "canceled"
+    assert rec.of("order.expired")[0]["order_id"] == hold
+
+
+async def test_lapsed_hold_is_never_charged(env) -> None:
+    db, redis, stub = env["db"], env["redis"], env["stub"]
+    drop_id, product_id = await make_drop(db)
+    await save_card(db, "buyer-5")
+    before = stub.count("POST /v1/payment_intents")
+    hold = await add_reserve(redis, drop_id, product_id, "buyer-5", flow="off_session",
+                             ttl_s=-1)
+    await drain(env["worker"])
+    assert (await order_row(db, hold))["state"] == "expired"
+    assert stub.count("POST /v1/payment_intents") == before
+
+
+async def test_malformed_and_unknown_entries_go_to_dead_letter(env) -> None:
+    db, redis, rec = env["db"], env["redis"], env["rec"]
+    drop_id, product_id = await make_drop(db)
+    await redis.sadd(keys.ACTIVE_DROPS, drop_id)
+    await redis.xadd(keys.orders(drop_id), {"type": "reserve", "hold_id": "x-1",
+                                            "user_id": "buyer-6"})
+    # off-session without a saved card is refused, the buyer is told
+    hold = await add_reserve(redis, drop_id, product_id, "buyer-7", flow="off_session")
+    await drain(env["worker"])
+    dead = await redis.xrange(DEAD_LETTER_STREAM)
+    reasons = sorted(f[b"reason"].decode() for _, f in dead)
+    assert reasons == ["malformed", "rejected"]
+    assert json.loads(dead[0][1][b"fields"])["hold_id"] == "x-1"
+    assert (await order_row(db, hold))["state"] == "failed"
+    assert [d["order_id"] for d in rec.of("order.failed")] == ["x-1", hold]
+    assert (await redis.xpending(keys.orders(drop_id), GROUP))["pending"] == 0
+
+
+async def test_transient_gateway_errors_are_retried(env) -> None:
+    db, redis, stub = env["db"], env["redis"], env["stub"]
+    drop_id, product_id = await make_drop(db)
+    await save_card(db, "buyer-8")
+    stub.fail_next.extend([500, 503])
+    hold = await add_reserve(redis, drop_id, product_id, "buyer-8", flow="off_session")
+    await drain(env["worker"])
+    assert (await order_row(db, hold))["state"] == "paid"
+    assert await redis.xlen(DEAD_LETTER_STREAM) == 0
+
+
+async def test_retries_exhausted_dead_letters_with_metric(env) -> None:
+    from prometheus_client import REGISTRY
+
+    db, redis, stub = env["db"], env["redis"], env["stub"]
+    drop_id, product_id = await make_drop(db)
+    await save_card(db, "buyer-9")
+    worker = OrderWorker(redis, env["proc"], consumer="test-r", max_attempts=2,
+                         block_ms=100)
+    before = REGISTRY.get_sample_value("dropserver_order_dead_letters_total",
+                                       {"reason": "retries_exhausted"}) or 0
+    stub.fail_next.extend([500, 500])
+    hold = await add_reserve(redis, drop_id, product_id, "buyer-9", flow="off_session")
+    await drain(worker)
+    after = REGISTRY.get_sample_value("dropserver_order_dead_letters_total",
+                                      {"reason": "retries_exhausted"})
+    assert after == before + 1
+    assert (await order_row(db, hold))["state"] == "failed"
+
+
+async def test_replayed_entry_does_not_charge_twice(env) -> None:
+    """The same reserve entry processed again (e.g. re-added after a Redis failover)
+    finds its order and intent: one PaymentIntent, one orders row, one payments row."""
+    db, redis, stub = env["db"], env["redis"], env["stub"]
+    drop_id, product_id = await make_drop(db)
+    await save_card(db, "buyer-10")
+    hold = await add_reserve(redis, drop_id, product_id, "buyer-10", flow="off_session")
+    await drain(env["worker"])
+    entry = (await redis.xrange(keys.orders(drop_id)))[-1][1]
+    await redis.xadd(keys.orders(drop_id), entry)
+    await drain(env["worker"])
+    made = [p for p in stub.intents.values() if p["metadata"].get("order_id") == hold]
+    assert len(made) == 1
+    assert await db.fetchval("SELECT count(*) FROM orders WHERE public_id = $1", hold) == 1
+    assert await db.fetchval("SELECT count(*) FROM payments p JOIN orders o "
+                             "ON o.id = p.order_id WHERE o.public_id = $1", hold) == 1
+
+
+async def test_worker_killed_after_intent_before_db_charges_once(env) -> None:
+    """A worker process is SIGKILLed between creating the PaymentIntent and recording
+    it. Another consumer XAUTOCLAIMs the entry: exactly one charge, one order row, one
+    payments row (the re-run sends the same idempotency key and gets the same intent)."""
+    db, redis, stub = env["db"], env["redis"], env["stub"]
+    backends = env["backends"]
+    drop_id, product_id = await make_drop(db)
+    await save_card(db, "buyer-11")
+    hold = await add_reserve(redis, drop_id, product_id, "buyer-11", flow="off_session")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.order_worker_proc", backends.redis_url,
+        backends.database_url, stub.url, "crash-after-intent",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, out.decode()
+    made = [p for p in stub.intents.values() if p["metadata"].get("order_id") == hold]
+    assert len(made) == 1 and made[0]["status"] == "succeeded"  # charged, not recorded
+    row = await order_row(db, hold)
+    assert row["state"] == "held" and row["intent_id"] is None
+    pending = await redis.xpending(keys.orders(drop_id), GROUP)
+    assert pending["pending"] == 1 and pending["consumers"][0]["name"] == b"doomed"
+
+    await asyncio.sleep(0.3)  # idle longer than claim_idle_ms
+    await drain(env["worker"])
+    made = [p for p in stub.intents.values() if p["metadata"].get("order_id") == hold]
+    assert len(made) == 1
+    assert f"pi:{hold}" in stub.idempotency_keys
+    assert stub.idempotency_keys.count(f"pi:{hold}") == 2  # asked twice, charged once
+    row = await order_row(db, hold)
+    assert row["state"] == "paid" and row["intent_id"] == made[0]["id"]
+    assert await db.fetchval("SELECT count(*) FROM orders") == 1
+    assert await db.fetchval("SELECT count(*) FROM payments") == 1
+    assert (await redis.xpending(keys.orders(drop_id), GROUP))["pending"] == 0
+
+
+async def test_two_workers_share_a_drop_without_double_charges(env) -> None:
+    db, redis, stub = env["db"], env["redis"], env["stub"]
+    drop_id, product_id = await make_drop(db)
+    holds = []
+    for i in range(40):
+        await save_card(db, f"b{i}")
+        holds.append(await add_reserve(redis, drop_id, product_id, f"b{i}",
+                                       flow="off_session"))
+    second = OrderWorker(redis, env["proc"], consumer="test-b", block_ms=100)
+    await asyncio.gather(drain(env["worker"], 4), drain(second, 4))
+    states = [r["state"] for r in await db.fetch(
+        "SELECT state FROM orders WHERE public_id = ANY($1::text[])", holds)]
+    assert states == ["paid"] * 40
+    made = [p for p in stub.intents.values() if p["metadata"].get("order_id") in holds]
+    assert len(made) == 40
+
+
+async def test_worker_task_starts_and_stops(env) -> None:
+    db, redis = env["db"], env["redis"]
+    drop_id, product_id = await make_drop(db)
+    await save_card(db, "buyer-12")
+    worker = env["worker"]
+    worker.start()
+    hold = await add_reserve(redis, drop_id, product_id, "buyer-12", flow="off_session")
+    deadline = time.monotonic() + 10
+    while (await order_row(db, hold) or {}).get("state") != "paid":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    await worker.stop()
+
+
+def test_publish_user_reaches_the_user_channel(clean_backends) -> None:
+    """The default notifier is realtime's publish_user (contract 1)."""
+    import redis as sync_redis
+
+    from checkout.orders import publish_user
+    from realtime import channels
+    from tests.conftest import run_sync
+
+    client = sync_redis.Redis.from_url(clean_backends.redis_url)
+    sub = client.pubsub()
+    sub.subscribe(channels.user_channel("buyer-x"))
+    sub.get_message(timeout=1)
+
+    async def send() -> None:
+        r = aioredis.Redis.from_url(clean_backends.redis_url)
+        await publish_user(r, "buyer-x", "order.paid", {"order_id": "h"})
+        await r.aclose()
+
+    run_sync(send())
+    msg = sub.get_message(timeout=2)
+    assert msg is not None and b"order.paid" in msg["data"]
+    sub.close()
+    client.close()
+
+
+# -- with the reservations engineer's real scripts (reserve.lua, release.lua) ---------
+async def _real_hold(redis, drop_id: int, product_id: int, user: str, flow: str,
+                     units: int = 5):
+    from checkout import inventory
+    from checkout.defense import BuyLimits
+    from checkout.reserve import BuyRequest, reserve
+
+    await inventory.prewarm(redis, {"id": drop_id, "currency": "usd"},
+                            [{"product_id": product_id, "price": 2500, "units": units}])
+    await inventory.open_sales(redis, drop_id, product_id)
+    return await reserve(redis, BuyRequest(drop_id, product_id, user, f"k-{user}",
+                                           flow=flow), hold_ttl_ms=60_000,
+                         limits=BuyLimits())
+
+
+async def test_real_reserve_paid_marks_the_hold_paid(env) -> None:
+    from checkout import holds, inventory
+
+    db, redis, rec = env["db"], env["redis"], env["rec"]
+    drop_id, product_id = await make_drop(db)
+    await save_card(db, "rb-1")
+    hold = await _real_hold(redis, drop_id, product_id, "rb-1", "off_session")
+    await drain(env["worker"])
+    row = await order_row(db, hold.hold_id)
+    assert row["state"] == "paid" and row["buyer_number"] == hold.buyer_number
+    assert (await holds.get_hold(redis, hold.hold_id))["state"] == "paid"
+    assert (await inventory.remaining(redis, drop_id))[product_id] == 4
+    assert rec.of("order.paid")[0]["order_id"] == hold.hold_id
+
+
+async def test_real_reserve_decline_returns_the_units(env) -> None:
+    from checkout import holds, inventory
+
+    db, redis = env["db"], env["redis"]
+    drop_id, product_id = await make_drop(db)
+    await save_card(db, "rb-2", "pm_card_chargeDeclined")
+    hold = await _real_hold(redis, drop_id, product_id, "rb-2", "off_session")
+    assert (await inventory.remaining(redis, drop_id))[product_id] == 4
+    await drain(env["worker"])
+    assert (await order_row(db, hold.hold_id))["state"] == "failed"
+    assert (await holds.get_hold(redis, hold.hold_id))["state"] == "failed"
+    assert (await inventory.remaining(redis, drop_id))[product_id] == 5
+
+
+async def test_real_cancel_then_late_payment_is_undone(env) -> None:
+    """The buyer cancels (release.lua); the order and intent are cancelled. A payment
+    confirmed afterwards is refunded, never kept for released units."""
+    from checkout import holds
+
+    db, redis, stub, proc = env["db"], env["redis"], env["stub"], env["proc"]
+    drop_id, product_id = await make_drop(db)
+    hold = await _real_hold(redis, drop_id, product_id, "rb-3", "client_confirm")
+    await drain(env["worker"])
+    row = await order_row(db, hold.hold_id)
+    assert row["state"] == "payment_pending"
+    # the buyer pays in Stripe.js at the very moment the hold is cancelled
+    stub.confirm_as_buyer(row["intent_id"])
+    await holds.release(redis, hold.hold_id, "cancelled", owner="rb-3")
+    await drain(env["worker"])
+    row = await order_row(db, hold.hold_id)
+    assert row["state"] == "cancelled"
+    intent = await env["gw"].retrieve_intent(row["intent_id"])
+    await proc.apply_intent(row, intent)  # the late succeeded webhook
+    charge = stub.charges[stub.intents[row["intent_id"]]["latest_charge"]]
+    assert charge["amount_refunded"] == 2500
+    assert (await order_row(db, hold.hold_id))["state"] == "cancelled"
+
+
+async def test_payment_for_a_hold_released_in_redis_is_refunded(env) -> None:
+    """The succeeded webhook arrives before the worker saw the release entry: Redis
+    says the hold is cancelled (mark_paid refuses), so the payment is refunded."""
+    from checkout import holds
+
+    db, redis, stub, proc = env["db"], env["redis"], env["stub"], env["proc"]
+    drop_id, product_id = await make_drop(db)
+    hold = await _real_hold(redis, drop_id, product_id, "rb-4", "client_confirm")
+    await drain(env["worker"])
+    row = await order_row(db, hold.hold_id)
+    stub.confirm_as_buyer(row["intent_id"])
+    await holds.release(redis, hold.hold_id, "cancelled", owner="rb-4")
+    intent = await env["gw"].retrieve_intent(row["intent_id"])
+    assert await proc.apply_intent(row, intent) is OrderState.CANCELLED
+    charge = stub.charges[stub.intents[row["intent_id"]]["latest_charge"]]
+    assert charge["amount_refunded"] == 2500
+    await drain(env["worker"])  # the release entry now finds nothing open
+    assert (await order_row(db, hold.hold_id))["state"] == "cancelled"

@@ -1,0 +1,199 @@
+"""checkout/payments.py: the Stripe gateway through the real SDK against the loopback
+stub, and the fake gateway, held to the same behaviour."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from checkout.payments import (
+    FakeGateway,
+    Flow,
+    GatewayError,
+    IntentStatus,
+    StripeGateway,
+    create_gateway,
+)
+from dropserver.settings import load_settings
+from tests.stripe_stub import StripeStub
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[StripeStub]:
+    with StripeStub() as s:
+        yield s
+
+
+@pytest.fixture(params=["stripe", "fake"])
+async def gateway(request, stub: StripeStub) -> AsyncIterator:
+    if request.param == "stripe":
+        gw = StripeGateway("sk_test_x", api_base=stub.url, max_network_retries=0)
+    else:
+        gw = FakeGateway(slow_seconds=0.05)
+    try:
+        yield gw
+    finally:
+        await gw.close()
+
+
+async def test_off_session_charge_succeeds_with_fee(gateway) -> None:
+    pi = await gateway.create_intent(amount=2500, currency="usd", idempotency_key="pi:h-ok",
+                                     flow=Flow.OFF_SESSION, payment_method="pm_card_visa",
+                                     transfer_group="drop_1", metadata={"order_id": "h-ok"})
+    assert pi.status is IntentStatus.SUCCEEDED
+    assert pi.amount_received == 2500
+    assert pi.fee == (2500 * 29 + 500) // 1000 + 30 == 103
+    assert pi.transfer_group == "drop_1"
+    assert pi.metadata == {"order_id": "h-ok"}
+    again = await gateway.retrieve_intent(pi.id)
+    assert again.status is IntentStatus.SUCCEEDED and again.fee == 103
+
+
+async def test_decline_returns_intent_with_error(gateway) -> None:
+    pi = await gateway.create_intent(amount=900, currency="usd", idempotency_key="pi:h-dec",
+                                     flow=Flow.OFF_SESSION,
+                                     payment_method="pm_card_chargeDeclined")
+    assert pi.status is IntentStatus.REQUIRES_PAYMENT_METHOD
+    assert pi.declined and pi.error_code == "card_declined"
+
+
+async def test_same_key_same_params_is_the_same_intent(gateway, stub: StripeStub) -> None:
+    before = stub.count("POST /v1/payment_intents")
+    kw = dict(amount=700, currency="usd", idempotency_key="pi:h-idem",
+              flow=Flow.OFF_SESSION, payment_method="pm_card_visa")
+    first = await gateway.create_intent(**kw)
+    second = await gateway.create_intent(**kw)
+    assert first.id == second.id
+    if isinstance(gateway, StripeGateway):
+        # both requests reached the server; the server made one PaymentIntent
+        assert stub.count("POST /v1/payment_intents") - before == 2
+        made = [p for p in stub.intents.values() if p["amount"] == 700]
+        assert len(made) == 1
+    with pytest.raises(GatewayError) as info:
+        await gateway.create_intent(**{**kw, "amount": 701})
+    assert info.value.code == "idempotency_error"
+
+
+async def test_client_confirm_returns_client_secret(gateway) -> None:
+    pi = await gateway.create_intent(amount=1500, currency="eur", idempotency_key="pi:h-cc",
+                                     flow=Flow.CLIENT_CONFIRM)
+    assert pi.status is IntentStatus.REQUIRES_PAYMENT_METHOD
+    assert not pi.declined
+    assert pi.client_secret and pi.client_secret.startswith(pi.id + "_secret_")
+
+
+async def test_manual_capture_then_capture_and_cancel_rules(gateway) -> None:
+    pi = await gateway.create_intent(amount=4000, currency="usd", idempotency_key="pi:h-man",
+                                     flow=Flow.MANUAL_CAPTURE, capture_manual=True,
+                                     payment_method="pm_card_visa")
+    assert pi.status is IntentStatus.REQUIRES_CAPTURE
+    assert pi.capture_method == "manual"
+    captured = await gateway.capture_intent(pi.id, idempotency_key="capture:h-man")
+    assert captured.status is IntentStatus.SUCCEEDED and captured.amount_received == 4000
+    # capturing again with the same key replays; cancelling a succeeded one is an error
+    again = await gateway.capture_intent(pi.id, idempotency_key="capture:h-man")
+    assert again.status is IntentStatus.SUCCEEDED
+    with pytest.raises(GatewayError) as info:
+        await gateway.cancel_intent(pi.id, idempotency_key="cancel:h-man")
+    assert info.value.code == "payment_intent_unexpected_state"
+
+    other = await gateway.create_intent(amount=4000, currency="usd",
+                                        idempotency_key="pi:h-man2", flow=Flow.MANUAL_CAPTURE,
+                                        capture_manual=True, payment_method="pm_card_visa")
+    cancelled = await gateway.cancel_intent(other.id, idempotency_key="cancel:h-man2")
+    assert cancelled.status is IntentStatus.CANCELED
+    with pytest.raises(GatewayError):
+        await gateway.cancel_intent(other.id, idempotency_key="cancel:h-man2-again")
+
+
+async def test_refund_and_transfer(gateway) -> None:
+    pi = await gateway.create_intent(amount=3000, currency="usd", idempotency_key="pi:h-ref",
+                                     flow=Flow.OFF_SESSION, payment_method="pm_card_visa")
+    ref = await gateway.refund(pi.id, idempotency_key="refund:h-ref", amount=1000)
+    assert ref.amount == 1000
+    assert (await gateway.refund(pi.id, idempotency_key="refund:h-ref", amount=1000)).id \
+        == ref.id
+    charge = await gateway.retrieve_charge(pi.latest_charge)
+    assert charge.amount_refunded == 1000 and not charge.refunded
+    with pytest.raises(GatewayError):
+        await gateway.refund(pi.id, idempotency_key="refund:h-ref-2", amount=5000)
+    tr = await gateway.transfer(amount=1234, currency="usd", destination="acct_creator",
+                                transfer_group="drop_9", idempotency_key="tr:9:creator")
+    assert tr.amount == 1234 and tr.transfer_group == "drop_9"
+    same = await gateway.transfer(amount=1234, currency="usd", destination="acct_creator",
+                                  transfer_group="drop_9", idempotency_key="tr:9:creator")
+    assert same.id == tr.id
+
+
+async def test_slow_card_on_the_fake() -> None:
+    import time
+
+    gw = FakeGateway(slow_seconds=0.2)
+    t0 = time.monotonic()
+    pi = await gw.create_intent(amount=100, currency="usd", idempotency_key="pi:slow",
+                                flow=Flow.OFF_SESSION, payment_method="pm_card_slow")
+    assert time.monotonic() - t0 >= 0.2
+    assert pi.status is IntentStatus.SUCCEEDED
+
+
+async def test_server_errors_are_retryable(stub: StripeStub) -> None:
+    gw = StripeGateway("sk_test_x", api_base=stub.url, max_network_retries=0)
+    try:
+        stub.fail_next.append(503)
+        with pytest.raises(GatewayError) as info:
+            await gw.retrieve_intent("pi_missing")
+        assert info.value.retryable
+        with pytest.raises(GatewayError) as info:
+            await gw.retrieve_intent("pi_missing")
+        assert not info.value.retryable and info.value.code == "resource_missing"
+    finally:
+        await gw.close()
+
+
+def test_create_gateway_follows_settings() -> None:
+    assert create_gateway(load_settings({}, dev=True)).name == "fake"
+    gw = create_gateway(load_settings({}, dev=True, payment_gateway="stripe",
+                                      stripe_api_key="sk_test_x"))
+    assert gw.name == "stripe"
+
+
+# -- the fake gateway inside the app (dropserver dev) ------------------------------
+async def test_dev_confirm_with_the_fake_gateway(server, http, make_token) -> None:
+    import asyncpg
+
+    from checkout import holds, inventory
+    from checkout.defense import BuyLimits
+    from checkout.reserve import BuyRequest, reserve
+    from tests.payments_fixtures import make_drop, wait_state
+
+    app = server.app
+    assert app.state.payments_gateway.name == "fake"
+    db = await asyncpg.connect(app.state.settings.database_url)
+    try:
+        drop_id, product_id = await make_drop(db)
+        redis = app.state.redis
+        await inventory.prewarm(redis, {"id": drop_id, "currency": "usd"},
+                                [{"product_id": product_id, "price": 2500, "units": 3}])
+        await inventory.open_sales(redis, drop_id, product_id)
+        hold = await reserve(redis, BuyRequest(drop_id, product_id, "dev-buyer", "k1",
+                                               flow="client_confirm"),
+                             hold_ttl_ms=60_000, limits=BuyLimits())
+        await wait_state(db, hold.hold_id, "payment_pending")
+        url = f"/v1/dev/orders/{hold.hold_id}/confirm"
+        buyer = {"Authorization": f"Bearer {make_token('dev-buyer')}"}
+        r = await http.post(url, json={}, headers={
+            "Authorization": f"Bearer {make_token('someone-else')}"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "order_not_found"
+        r = await http.post(url, json={"payment_method": "pm_card_chargeDeclined"},
+                            headers=buyer)
+        assert r.status_code == 200
+        assert r.json()["state"] == "payment_pending" and r.json()["error"] == "card_declined"
+        r = await http.post(url, json={}, headers=buyer)
+        assert r.status_code == 200 and r.json()["state"] == "paid"
+        assert (await holds.get_hold(redis, hold.hold_id))["state"] == "paid"
+        r = await http.post(url, json={}, headers=buyer)
+        assert r.status_code == 409
+        assert r.json()["error"]["code"] == "payment_intent_unexpected_state"
+    finally:
+        await db.close()

@@ -1,0 +1,211 @@
+"""The buy path through the real app: POST /v1/drops/{id}/buy, holds, the WS command
+handlers, sold-out and stock notifications, the verifier hook."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+
+import pytest
+
+from checkout import inventory
+from checkout.defense import RejectAll
+from dropserver.auth import Principal, Role
+from dropserver.errors import ApiError
+from realtime import channels
+
+CREATOR = "creator-1"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def creator(make_token):
+    return bearer(make_token(CREATOR, Role.CREATOR))
+
+
+@pytest.fixture
+def buyer(make_token):
+    def make(sub: str = "buyer-1") -> dict[str, str]:
+        return bearer(make_token(sub, Role.VIEWER))
+
+    return make
+
+
+async def selling_drop(http, creator, units=2, limit=1, **extra):
+    body = {"title": "Friday drop", "products": [
+        {"title": "Hoodie", "price": 4500, "units": units, "per_buyer_limit": limit}],
+        **extra}
+    resp = await http.post("/v1/drops", json=body, headers=creator)
+    assert resp.status_code == 201, resp.text
+    drop = resp.json()
+    starts = (datetime.now(UTC) + timedelta(minutes=5)).isoformat().replace("+00:00", "Z")
+    for action, payload in (("schedule", {"starts_at": starts}), ("live", {}),
+                            ("buy-now", {"product_id": drop["products"][0]["product_id"]})):
+        resp = await http.post(f"/v1/drops/{drop['id']}/{action}", json=payload,
+                               headers=creator)
+        assert resp.status_code == 200, resp.text
+    return drop["id"], drop["products"][0]["product_id"]
+
+
+async def post_buy(http, drop_id, headers, product_id, key="k1", **body):
+    return await http.post(f"/v1/drops/{drop_id}/buy", headers={**headers,
+                           "Idempotency-Key": key}, json={"product_id": product_id, **body})
+
+
+async def test_http_buy_holds_and_retry_returns_the_first_result(server, http, creator, buyer):
+    drop_id, pid = await selling_drop(http, creator)
+    resp = await post_buy(http, drop_id, buyer(), pid)
+    assert resp.status_code == 201, resp.text
+    hold = resp.json()
+    assert hold["buyer_number"] == 1 and hold["remaining"] == 1
+    assert hold["amount"] == 4500 and hold["currency"] == "usd" and hold["state"] == "held"
+    assert resp.headers["location"] == f"/v1/holds/{hold['hold_id']}"
+    again = await post_buy(http, drop_id, buyer(), pid)
+    assert again.status_code == 200
+    assert again.json()["hold_id"] == hold["hold_id"] and again.json()["replay"] is True
+    assert await inventory.remaining(server.app.state.redis, drop_id) == {pid: 1}
+    # The key may also come in the body.
+    resp = await http.post(f"/v1/drops/{drop_id}/buy", headers=buyer("buyer-2"),
+                           json={"product_id": pid, "idempotency_key": "body-key"})
+    assert resp.status_code == 201 and resp.json()["buyer_number"] == 2
+
+
+async def test_http_buy_errors(server, http, creator, buyer):
+    drop_id, pid = await selling_drop(http, creator, units=2, limit=2)
+    resp = await http.post(f"/v1/drops/{drop_id}/buy", json={"product_id": pid,
+                                                             "idempotency_key": "k"})
+    assert resp.status_code == 401 and resp.json()["error"]["code"] == "token_missing"
+    resp = await http.post(f"/v1/drops/{drop_id}/buy", headers=buyer(), json={"product_id": pid})
+    assert resp.status_code == 422 and resp.json()["error"]["details"]["field"] == \
+        "idempotency_key"
+    resp = await post_buy(http, drop_id, buyer(), "seven")
+    assert resp.status_code == 422
+    resp = await post_buy(http, drop_id, buyer(), pid, quantity=0)
+    assert resp.status_code == 422
+    assert (await post_buy(http, drop_id, buyer(), pid)).status_code == 201
+    resp = await post_buy(http, drop_id, buyer(), pid, key="k2")
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "hold_exists"
+    assert (await post_buy(http, drop_id, buyer("buyer-2"), pid)).status_code == 201
+    resp = await post_buy(http, drop_id, buyer("buyer-3"), pid)
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "sold_out"
+    resp = await post_buy(http, drop_id, buyer(), 999_999)
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "not_selling"
+    # A drop that does not exist (or is not live) is not selling.
+    resp = await post_buy(http, 4242, buyer(), pid)
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "not_selling"
+
+
+async def test_sell_out_marks_the_drop_sold_out_and_publishes_stock(server, http, creator,
+                                                                    buyer):
+    redis = server.app.state.redis
+    drop_id, pid = await selling_drop(http, creator, units=1)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(channels.drop_channel(drop_id), channels.user_channel("buyer-1"))
+    try:
+        assert (await post_buy(http, drop_id, buyer(), pid)).status_code == 201
+        state = None
+        for _ in range(100):
+            state = (await http.get(f"/v1/drops/{drop_id}", headers=creator)).json()["state"]
+            if state == "sold_out":
+                break
+            await asyncio.sleep(0.05)
+        assert state == "sold_out"
+        seen = []
+        for _ in range(50):
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+            if msg:
+                seen.append(msg["data"])
+            if any(b"order.held" in m for m in seen) and any(b"stock" in m for m in seen):
+                break
+        assert any(m.startswith(b"U") and b"order.held" in m for m in seen)
+        assert any(m.startswith(b"V") and b"stock" in m for m in seen)
+    finally:
+        await pubsub.aclose()
+
+
+async def test_get_and_cancel_own_hold(server, http, creator, buyer):
+    drop_id, pid = await selling_drop(http, creator, units=1)
+    hold = (await post_buy(http, drop_id, buyer(), pid)).json()
+    url = f"/v1/holds/{hold['hold_id']}"
+    got = await http.get(url, headers=buyer())
+    assert got.status_code == 200 and got.json()["state"] == "held"
+    assert got.json()["buyer_number"] == 1
+    assert (await http.get(url, headers=buyer("someone-else"))).status_code == 404
+    assert (await http.get("/v1/holds/nope", headers=buyer())).status_code == 404
+    assert (await http.delete(url, headers=buyer("someone-else"))).status_code == 404
+    resp = await http.delete(url, headers=buyer())
+    assert resp.status_code == 200 and resp.json() == {
+        "hold_id": hold["hold_id"], "state": "cancelled", "remaining": 1}
+    resp = await http.delete(url, headers=buyer())
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "hold_not_active"
+    assert (await http.get(url, headers=buyer())).json()["state"] == "cancelled"
+    # Back in stock: the drops package moves sold_out -> selling; someone else buys.
+    resp = await post_buy(http, drop_id, buyer("buyer-2"), pid)
+    assert resp.status_code == 201 and resp.json()["buyer_number"] == 2
+
+
+async def test_ws_command_handlers(server, http, creator):
+    app = server.app
+    drop_id, pid = await selling_drop(http, creator, units=3, limit=2)
+    assert set(app.state.commands) >= {"buy", "cancel_hold"}
+    ctx = SimpleNamespace(principal=Principal("ws-buyer", Role.VIEWER), drop_id=drop_id,
+                          ip="127.0.0.9", conn_id="c1")
+    reply = await app.state.commands["buy"](app, ctx, {"product_id": pid,
+                                                       "idempotency_key": "w1"})
+    assert reply["buyer_number"] == 1 and reply["remaining"] == 2
+    assert {"hold_id", "buyer_number", "expires_at", "amount", "currency",
+            "remaining"} <= set(reply)
+    guest = SimpleNamespace(principal=Principal(None, None), drop_id=drop_id, ip="",
+                            conn_id="c2")
+    with pytest.raises(ApiError) as err:
+        await app.state.commands["buy"](app, guest, {"product_id": pid,
+                                                     "idempotency_key": "g"})
+    assert err.value.code == "token_missing"
+    with pytest.raises(ApiError) as err:
+        await app.state.commands["buy"](app, ctx, {"product_id": pid, "idempotency_key": "w2"})
+    assert err.value.code == "hold_exists"
+    out = await app.state.commands["cancel_hold"](app, ctx, {"hold_id": reply["hold_id"]})
+    assert out["state"] == "cancelled" and out["remaining"] == 3
+
+
+async def test_verifier_hook_refuses_with_captcha_required(server, http, creator, buyer):
+    drop_id, pid = await selling_drop(http, creator)
+    server.app.state.reservations.verifier = RejectAll()
+    resp = await post_buy(http, drop_id, buyer(), pid)
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "captcha_required"
+    assert await inventory.remaining(server.app.state.redis, drop_id) == {pid: 2}
+
+
+async def test_buy_and_cancel_over_the_real_socket(server, http, creator, make_token):
+    from checkout.bench_reserve import buy as ws_buy
+    from checkout.bench_reserve import open_buyers
+
+    drop_id, pid = await selling_drop(http, creator, units=2)
+    [b] = await open_buyers(f"{server.ws_url}/ws", drop_id,
+                            [make_token("sock-buyer", Role.VIEWER)])
+    try:
+        bad = await b.command("buy", {"product_id": "x", "idempotency_key": "k"})
+        assert bad["t"] == "error" and bad["code"] == "validation_failed"
+        frame = await ws_buy(b, pid, "k1")
+        assert frame["t"] == "reply" and frame["data"]["buyer_number"] == 1
+        hold_id = frame["data"]["hold_id"]
+        again = await ws_buy(b, pid, "k1")
+        assert again["data"]["hold_id"] == hold_id and again["data"]["replay"]
+        refused = await ws_buy(b, pid, "k2")
+        assert refused["t"] == "error" and refused["code"] == "limit_reached"
+        for _ in range(50):  # the private order.held arrives on the same socket
+            if any(f.get("event") == "order.held" for f in b.private):
+                break
+            await asyncio.sleep(0.02)
+        held = [f for f in b.private if f.get("event") == "order.held"]
+        assert held and held[0]["data"]["order_id"] == hold_id
+        out = await b.command("cancel_hold", {"hold_id": hold_id})
+        assert out["t"] == "reply" and out["data"]["state"] == "cancelled"
+        gone = await b.command("cancel_hold", {"hold_id": hold_id})
+        assert gone["t"] == "error" and gone["code"] == "hold_not_active"
+    finally:
+        b.close()
