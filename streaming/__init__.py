@@ -1,0 +1,1 @@
+"""Streaming: WHIP ingest, HLS packaging, replays."""

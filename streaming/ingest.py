@@ -1,0 +1,313 @@
+"""aiortc as a WHIP receiver: H.264 and Opus passed through to the packager, undecoded.
+
+aiortc has no public way to receive encoded frames (aiortc issues #55, #449): each
+``RTCRtpReceiver`` runs a decoder thread that calls ``aiortc.rtcrtpreceiver.get_decoder``.
+:func:`install` swaps that function for one that returns a pass-through "decoder" for
+H.264 and Opus, so the track yields :class:`EncodedFrame` (the reassembled Annex B
+access unit or Opus packet) instead of pictures. That touches aiortc internals, hence
+the exact pin (``aiortc==1.16.0`` in pyproject) checked here and by
+``tests/test_streaming_ingest.py``.
+
+Other video codecs (VP8 from a browser), or every codec when
+``DROPSERVER_HLS_TRANSCODE=always``, are decoded by aiortc and re-encoded to H.264 by
+:mod:`streaming.transcode`.
+
+aiortc registers only constrained baseline/baseline H.264 (42e01f, 42001f); Main,
+High and Constrained High entries are added so OBS and FFmpeg offers with those
+profiles match (aiortc compares profiles, not levels: RFC 6184 8.2.2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiortc
+from aiortc import (
+    RTCPeerConnection,
+    RTCRtpCodecParameters,
+    RTCSessionDescription,
+    rtcrtpreceiver,
+    sdp,
+)
+from aiortc.codecs import CODECS, get_capabilities
+from aiortc.codecs.base import Decoder
+from aiortc.mediastreams import MediaStreamError
+from aiortc.rtcrtpparameters import RTCRtcpFeedback
+
+from streaming.fmp4 import AUDIO_TIMESCALE, VIDEO_TIMESCALE
+
+__all__ = ["AIORTC_VERSION", "BadOffer", "EncodedFrame", "Publisher", "install"]
+
+log = logging.getLogger("dropserver.streaming")
+
+AIORTC_VERSION = "1.16.0"
+EXTRA_H264_PROFILES = ("4d001f", "64001f", "640c1f")  # Main, High, Constrained High
+# Chrome starts WebRTC video at ~300 kbps and climbs slowly against aiortc's REMB;
+# these fmtp hints give 720p from the first frame (measured, notes/streaming.md).
+BITRATE_HINT = "x-google-start-bitrate=2500;x-google-min-bitrate=1500"
+
+_installed = {"done": False, "transcode_all": False}
+_original_get_decoder = rtcrtpreceiver.get_decoder
+
+
+class BadOffer(ValueError):
+    """The SDP offer cannot be answered; ``code`` is the API error code."""
+
+    def __init__(self, message: str, code: str = "bad_offer") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedFrame:
+    """What the pass-through decoder hands to the track instead of a picture."""
+
+    data: bytes  # H.264 access unit (Annex B) or one Opus packet
+    timestamp: int  # RTP timestamp, unwrapped, 0 at the track's first frame
+    arrival: float  # time.monotonic() when the frame was complete
+
+
+class _Passthrough(Decoder):
+    def decode(self, encoded_frame: Any) -> list:  # aiortc JitterFrame
+        return [EncodedFrame(bytes(encoded_frame.data), encoded_frame.timestamp,
+                             time.monotonic())]
+
+
+def _get_decoder(codec: RTCRtpCodecParameters) -> Decoder:
+    mime = codec.mimeType.lower()
+    if mime == "audio/opus" or (mime == "video/h264" and not _installed["transcode_all"]):
+        return _Passthrough()
+    return _original_get_decoder(codec)
+
+
+def install(*, transcode_all: bool = False) -> None:
+    """Patch aiortc once per process (see module docstring). Idempotent."""
+    if aiortc.__version__ != AIORTC_VERSION:
+        raise RuntimeError(f"streaming.ingest relies on aiortc=={AIORTC_VERSION} internals, "
+                           f"found {aiortc.__version__}")
+    _installed["transcode_all"] = transcode_all
+    if _installed["done"]:
+        return
+    rtcrtpreceiver.get_decoder = _get_decoder
+    known = {c.parameters.get("profile-level-id") for c in CODECS["video"]}
+    pt = max(c.payloadType for c in CODECS["video"]) + 1
+    for profile in EXTRA_H264_PROFILES:
+        if profile in known:
+            continue
+        CODECS["video"] += [
+            RTCRtpCodecParameters(
+                mimeType="video/H264", clockRate=VIDEO_TIMESCALE, payloadType=pt,
+                rtcpFeedback=[RTCRtcpFeedback(type="nack"),
+                              RTCRtcpFeedback(type="nack", parameter="pli"),
+                              RTCRtcpFeedback(type="goog-remb")],
+                parameters={"level-asymmetry-allowed": "1", "packetization-mode": "1",
+                            "profile-level-id": profile}),
+            RTCRtpCodecParameters(mimeType="video/rtx", clockRate=VIDEO_TIMESCALE,
+                                  payloadType=pt + 1, parameters={"apt": pt}),
+        ]
+        pt += 2
+    _installed["done"] = True
+
+
+def _offer_codecs(offer: str) -> tuple[set[str], set[str]]:
+    """Video and audio codec names in an offer, or :class:`BadOffer`."""
+    if not offer.lstrip().startswith("v=0"):
+        raise BadOffer("the body must be an SDP offer (it starts with v=0)")
+    try:
+        desc = sdp.SessionDescription.parse(offer)
+    except Exception as exc:  # aiortc raises assorted errors on garbage
+        raise BadOffer(f"malformed SDP: {type(exc).__name__}: {exc}") from None
+    video: set[str] = set()
+    audio: set[str] = set()
+    for media in desc.media:
+        if media.direction not in (None, "sendonly", "sendrecv"):
+            raise BadOffer(f"the {media.kind} section must be sendonly (RFC 9725 4.2)")
+        names = {c.mimeType.split("/")[-1].lower() for c in media.rtp.codecs}
+        (video if media.kind == "video" else audio if media.kind == "audio" else set()).update(
+            names)
+        if media.kind in ("video", "audio") and (not media.ice.usernameFragment
+                                                  or not media.dtls):
+            raise BadOffer("the offer lacks ICE credentials or a DTLS fingerprint")
+    if not video:
+        raise BadOffer("the offer has no video", code="offer_no_video")
+    return video, audio
+
+
+def _add_bitrate_hints(answer: str) -> str:
+    """Append the start-bitrate hints to every video fmtp line of H.264/VP8."""
+    out, in_video, pts = [], False, set()
+    for line in answer.split("\r\n"):
+        if line.startswith("m="):
+            in_video = line.startswith("m=video")
+        if in_video:
+            m = re.match(r"a=rtpmap:(\d+) (H264|VP8)/", line)
+            if m:
+                pts.add(m.group(1))
+            m = re.match(r"a=fmtp:(\d+) (.*)", line)
+            if m and m.group(1) in pts:
+                line = f"{line};{BITRATE_HINT}"
+        out.append(line)
+    return "\r\n".join(out)
+
+
+VideoSink = Callable[[bytes, int], None]
+AudioSink = Callable[[bytes, int], None]
+
+
+class Publisher:
+    """One WHIP session: the peer connection and the tasks that read its tracks.
+
+    ``sink`` receives media on a shared clock that starts with the session's first
+    frame (not with the offer: ICE and DTLS take a while): each track's first frame
+    is placed at its arrival time on that clock, later ones by RTP timestamp
+    (audio and video in sync within the arrival jitter, a few ms on loopback).
+    """
+
+    def __init__(self, session_id: str, *, sink: Any,
+                 on_closed: Callable[[Publisher, bool], Awaitable[None]]) -> None:
+        self.id = session_id
+        self.sink = sink  # has add_video(annexb, pts90k), add_audio(packet, pts48k),
+        # keyframe_due, keyframe_requested(), transcoder(): see streaming.live
+        self.on_closed = on_closed
+        self.pc = RTCPeerConnection()
+        self.video_codec: str | None = None
+        self.audio_codec: str | None = None
+        self.started = time.monotonic()
+        self._clock_start: float | None = None  # arrival of the first frame
+        self._offsets: dict[str, int] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._closed = False
+        self.frames = 0
+
+    async def accept(self, offer: str) -> str:
+        """The SDP answer for ``offer`` (ICE candidates included, no trickle)."""
+        video, audio = _offer_codecs(offer)
+        if "h264" in video:
+            want = [c for c in get_capabilities("video").codecs
+                    if c.mimeType.lower() in ("video/h264", "video/rtx")]
+            # constrained baseline first: every browser decodes it
+            want.sort(key=lambda c: (c.mimeType.lower() == "video/rtx",
+                                     c.parameters.get("profile-level-id") != "42e01f"))
+        elif "vp8" in video:
+            want = [c for c in get_capabilities("video").codecs
+                    if c.mimeType.lower() in ("video/vp8", "video/rtx")]
+        else:
+            raise BadOffer("no supported video codec: offer H.264 or VP8",
+                           code="offer_unsupported_codec")
+        vt = self.pc.addTransceiver("video", direction="recvonly")
+        vt.setCodecPreferences(want)
+        if audio:
+            if "opus" not in audio:
+                raise BadOffer("no supported audio codec: offer Opus",
+                               code="offer_unsupported_codec")
+            at = self.pc.addTransceiver("audio", direction="recvonly")
+            at.setCodecPreferences([c for c in get_capabilities("audio").codecs
+                                    if c.mimeType.lower() == "audio/opus"])
+
+        @self.pc.on("track")
+        def on_track(track: Any) -> None:
+            loop = self._video_loop if track.kind == "video" else self._audio_loop
+            self._tasks.append(asyncio.ensure_future(loop(track)))
+
+        @self.pc.on("connectionstatechange")
+        async def on_state() -> None:
+            state = self.pc.connectionState
+            log.info("whip connection", extra={"session": self.id, "state": state})
+            if state in ("failed", "closed"):
+                await self.close(lost=state == "failed")
+
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+            await self.pc.setLocalDescription(await self.pc.createAnswer())
+        except BadOffer:
+            raise
+        except Exception as exc:  # aiortc: ValueError, OperationError, InvalidState...
+            await self.pc.close()
+            raise BadOffer(f"cannot answer the offer: {exc}") from None
+        for t in self.pc.getTransceivers():
+            if t.kind == "video" and t._codecs:
+                self.video_codec = t._codecs[0].name
+            if t.kind == "audio" and t._codecs:
+                self.audio_codec = t._codecs[0].name
+        return _add_bitrate_hints(self.pc.localDescription.sdp)
+
+    def _pts(self, kind: str, timestamp: int, arrival: float, clock: int) -> int:
+        if kind not in self._offsets:
+            if self._clock_start is None:
+                self._clock_start = arrival
+            since = arrival - self._clock_start
+            self._offsets[kind] = max(0, round(since * clock)) - timestamp
+        return timestamp + self._offsets[kind]
+
+    async def _video_loop(self, track: Any) -> None:
+        transcoder = None
+        try:
+            while True:
+                frame = await track.recv()
+                if isinstance(frame, EncodedFrame):
+                    pts = self._pts("video", frame.timestamp, frame.arrival, VIDEO_TIMESCALE)
+                    self.sink.add_video(frame.data, pts)
+                else:  # a decoded picture: re-encode (streaming.transcode)
+                    if transcoder is None:
+                        transcoder = self.sink.transcoder()
+                    arrival = time.monotonic()
+                    force = self.sink.keyframe_due
+                    if force:
+                        self.sink.keyframe_requested()
+                    for data, ts in await asyncio.to_thread(transcoder.encode, frame, force):
+                        self.sink.add_video(data, self._pts("video", ts, arrival,
+                                                            VIDEO_TIMESCALE))
+                self.frames += 1
+                if transcoder is None and self.sink.keyframe_due:
+                    self.sink.keyframe_requested()
+                    await self.request_keyframe()
+        except MediaStreamError:
+            pass
+        except Exception:
+            log.exception("video ingest failed", extra={"session": self.id})
+            await self.close(lost=True)
+
+    async def _audio_loop(self, track: Any) -> None:
+        try:
+            while True:
+                frame = await track.recv()
+                if isinstance(frame, EncodedFrame):
+                    pts = self._pts("audio", frame.timestamp, frame.arrival, AUDIO_TIMESCALE)
+                    self.sink.add_audio(frame.data, pts)
+        except MediaStreamError:
+            pass
+        except Exception:
+            log.exception("audio ingest failed", extra={"session": self.id})
+
+    async def request_keyframe(self) -> None:
+        """RTCP PLI (RFC 4585 6.3.1) to every video source of the session."""
+        for t in self.pc.getTransceivers():
+            if t.kind != "video":
+                continue
+            receiver = t.receiver
+            for source in receiver.getSynchronizationSources():
+                with contextlib.suppress(Exception):  # transport closing
+                    await receiver._send_rtcp_pli(source.source)
+
+    async def close(self, *, lost: bool = False) -> None:
+        """Tear down; ``lost`` when the connection failed rather than ended."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            await self.pc.close()
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                with contextlib.suppress(BaseException):
+                    await task
+        await self.on_closed(self, lost)

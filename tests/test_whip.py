@@ -1,0 +1,228 @@
+"""WHIP ingest end to end: FFmpeg's own `whip` muxer (through PyAV) publishes to the
+real server; the HLS it serves must decode. Also the RFC 9725 error cases."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from pathlib import Path
+
+import asyncpg
+import av
+import httpx
+import pytest
+
+from dropserver.auth import Role
+from realtime import channels
+from tests.conftest import start_server
+from tests.whip_publisher import FPS, WhipPublisher
+
+CREATOR = "creator-1"
+
+
+async def make_drop(database_url: str, state: str = "live", creator: str = CREATOR) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("INSERT INTO users (id, role) VALUES ($1, 'creator') "
+                           "ON CONFLICT DO NOTHING", creator)
+        return await conn.fetchval(
+            "INSERT INTO drops (creator_id, title, state) VALUES ($1, 'Drop', $2) "
+            "RETURNING id", creator, state)
+    finally:
+        await conn.close()
+
+
+def decode(init: bytes, *media: bytes) -> dict:
+    container = av.open(io.BytesIO(init + b"".join(media)), format="mp4")
+    info: dict = {s.type: {"codec": s.codec_context.name, "frames": 0,
+                           "profile": s.codec_context.profile}
+                  for s in container.streams}
+    for frame in container.decode(*container.streams):
+        kind = "video" if isinstance(frame, av.VideoFrame) else "audio"
+        info[kind]["frames"] += 1
+        if kind == "video":
+            info[kind]["size"] = (frame.width, frame.height)
+    info["duration"] = (container.duration or 0) / 1e6
+    container.close()
+    return info
+
+
+async def wait_for(predicate, limit: float = 10.0, step: float = 0.05):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def media_settings(settings, tmp_path: Path):
+    return settings.replace(media_dir=str(tmp_path), stream_reconnect_grace=0.5)
+
+
+@pytest.fixture
+async def whip_server(media_settings):
+    running, stop = await start_server(media_settings)
+    try:
+        yield running
+    finally:
+        await stop()
+
+
+@pytest.mark.parametrize("profile", ["baseline", "high"])
+async def test_publish_with_ffmpeg_whip_muxer(whip_server, media_settings, make_token,
+                                              tmp_path: Path, profile: str) -> None:
+    drop_id = await make_drop(media_settings.database_url)
+    token = make_token(CREATOR, Role.CREATOR)
+    base = whip_server.base_url
+    pub = WhipPublisher(f"{base}/v1/drops/{drop_id}/whip", token, seconds=3.5,
+                        profile=profile)
+    pub.start()
+    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+        async def has_segment():
+            r = await http.get(f"/v1/drops/{drop_id}/hls/live.m3u8")
+            return r if r.status_code == 200 and "s1.m4s" in r.text else None
+
+        live = await wait_for(has_segment)
+        assert live.headers["content-type"] == "application/vnd.apple.mpegurl"
+        assert live.headers["cache-control"] == "no-cache"
+        assert live.headers["access-control-allow-origin"] == "*"
+        assert "#EXT-X-PART:" in live.text and "#EXT-X-PRELOAD-HINT" in live.text
+        status = (await http.get(f"/v1/drops/{drop_id}/stream")).json()
+        assert status["status"] == "live"
+
+        await pub.wait(20)
+        assert pub.error is None, pub.error
+
+        async def ended():
+            r = await http.get(f"/v1/drops/{drop_id}/hls/live.m3u8")
+            return r if "#EXT-X-ENDLIST" in r.text else None
+
+        final = await wait_for(ended)
+        replay = await http.get(f"/v1/drops/{drop_id}/hls/replay.m3u8")
+        assert replay.status_code == 200 and "#EXT-X-PLAYLIST-TYPE:VOD" in replay.text
+        segs = [ln for ln in replay.text.splitlines() if ln.endswith(".m4s")]
+        assert len(segs) >= 3
+        init = await http.get(f"/v1/drops/{drop_id}/hls/init1.mp4")
+        assert init.headers["content-type"] == "video/mp4"
+        media = []
+        for name in segs:
+            r = await http.get(f"/v1/drops/{drop_id}/hls/{name}")
+            assert r.status_code == 200
+            assert r.headers["content-type"] == "video/iso.segment"
+            assert "immutable" in r.headers["cache-control"]
+            media.append(r.content)
+        info = decode(init.content, *media)
+        assert info["video"]["codec"] == "h264"
+        assert info["video"]["size"] == (320, 240)
+        expected = "Constrained Baseline" if profile == "baseline" else "High"
+        assert info["video"]["profile"] == expected
+        assert info["audio"]["codec"] == "opus" and info["audio"]["frames"] > 50
+        # ~3.5 s were sent; the first keyframe may come a little late.
+        assert 80 <= info["video"]["frames"] <= 3.5 * FPS + 1
+        assert 2.5 <= info["duration"] <= 4.0
+        for seg in final.text.splitlines():
+            if seg.startswith("#EXTINF:"):
+                assert float(seg[8:].rstrip(",")) <= 1.6
+        timeline = (await http.get(f"/v1/drops/{drop_id}/replay")).json()
+        assert 2500 <= timeline["duration_ms"] <= 4000
+        status = (await http.get(f"/v1/drops/{drop_id}/stream")).json()
+        assert status["status"] == "offline" and status["replay"].endswith("replay.m3u8")
+
+
+async def test_status_broadcast_and_moments(whip_server, media_settings, make_token) -> None:
+    from realtime.publish import publish
+
+    drop_id = await make_drop(media_settings.database_url)
+    token = make_token(CREATOR, Role.CREATOR)
+    redis = whip_server.app.state.redis
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(channels.drop_channel(drop_id))
+    pub = WhipPublisher(f"{whip_server.base_url}/v1/drops/{drop_id}/whip", token,
+                        seconds=3.0, audio=False)
+    pub.start()
+    stream_dir = Path(media_settings.media_dir) / "drops" / str(drop_id)
+
+    async def live_for_a_second():
+        return (stream_dir / "s1.m4s").exists()
+
+    await wait_for(live_for_a_second)
+    await publish(redis, drop_id, "drop.buy_now", {"product_id": 7, "price": 100,
+                                                   "currency": "usd", "remaining": 5})
+    await publish(redis, drop_id, "chat.message", {"text": "hi"})
+    await pub.wait(20)
+    assert pub.error is None, pub.error
+    statuses = []
+    deadline = time.monotonic() + 10
+    while "offline" not in statuses and time.monotonic() < deadline:
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+        if msg:
+            p = channels.parse_message(msg["data"])
+            if p.event == "stream.status":
+                statuses.append(p.data["status"])
+                assert p.data["hls"].endswith(f"/v1/drops/{drop_id}/hls/live.m3u8")
+    await pubsub.aclose()
+    assert statuses == ["live", "offline"]
+    async with httpx.AsyncClient(base_url=whip_server.base_url) as http:
+        timeline = (await http.get(f"/v1/drops/{drop_id}/replay")).json()
+        assert [(m["kind"], m["product_id"]) for m in timeline["moments"]] == [("buy_now", 7)]
+        assert 900 <= timeline["moments"][0]["media_ms"] <= 2500
+        replay = (await http.get(f"/v1/drops/{drop_id}/hls/replay.m3u8")).text
+        assert 'X-KIND="buy_now"' in replay and 'X-PRODUCT-ID="7"' in replay
+
+
+OFFER_NO_VIDEO = (
+    "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
+    "a=fingerprint:sha-256 00:11\r\na=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuv\r\n"
+    "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=sendonly\r\n"
+    "a=rtcp-mux\r\na=rtpmap:111 opus/48000/2\r\na=setup:actpass\r\n")
+
+
+async def test_whip_errors(server, settings, http, make_token) -> None:
+    drop_id = await make_drop(settings.database_url)
+    ended = await make_drop(settings.database_url, state="ended")
+    creator = make_token(CREATOR, Role.CREATOR)
+    other = make_token("creator-2", Role.CREATOR)
+    viewer = make_token("viewer-1", Role.VIEWER)
+    sdp = {"content-type": "application/sdp"}
+
+    def auth(token: str) -> dict:
+        return {**sdp, "authorization": f"Bearer {token}"}
+
+    url = f"/v1/drops/{drop_id}/whip"
+    r = await http.post(url, content="v=0", headers=sdp)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "token_missing"
+    r = await http.post(url, content="v=0", headers=auth(viewer))
+    assert r.status_code == 403
+    r = await http.post(url, content="v=0", headers=auth(other))
+    assert r.status_code == 403 and r.json()["error"]["code"] == "not_drop_owner"
+    r = await http.post("/v1/drops/999999/whip", content="v=0", headers=auth(creator))
+    assert r.status_code == 404 and r.json()["error"]["code"] == "drop_not_found"
+    r = await http.post(f"/v1/drops/{ended}/whip", content="v=0", headers=auth(creator))
+    assert r.status_code == 409 and r.json()["error"]["code"] == "drop_not_streamable"
+    r = await http.post(url, content="{}", headers={
+        "authorization": f"Bearer {creator}", "content-type": "application/json"})
+    assert r.status_code == 415
+    r = await http.post(url, content="", headers=auth(creator))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_offer"
+    r = await http.post(url, content="hello\r\nworld", headers=auth(creator))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_offer"
+    r = await http.post(url, content=OFFER_NO_VIDEO, headers=auth(creator))
+    assert r.status_code == 422 and r.json()["error"]["code"] == "offer_no_video"
+    r = await http.delete(f"{url}/nope", headers=auth(creator))
+    assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found"
+    r = await http.patch(f"{url}/nope", headers=auth(creator))
+    assert r.status_code == 405
+    r = await http.options(url)
+    assert r.status_code == 204 and r.headers["accept-post"] == "application/sdp"
+    r = await http.get(f"/v1/drops/{drop_id}/hls/live.m3u8")
+    assert r.status_code == 404
+    r = await http.get(f"/v1/drops/{drop_id}/hls/..%2Fsecret")
+    assert r.status_code == 404
+    r = await http.get(f"/v1/drops/{drop_id}/hls/live.m3u8?_HLS_part=1")
+    assert r.status_code == 400
+    r = await http.get(f"/v1/drops/{drop_id}/replay")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "replay_not_found"
