@@ -1,0 +1,1 @@
+"""Load-test kit: Locust users and the high-density viewer swarm."""

@@ -1,0 +1,27 @@
+"""``python -m loadtest``: ``rehearse`` a whole drop, or run one ``swarm`` process."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    from loadtest import rehearse
+
+    r = sub.add_parser("rehearse", help="run one drop against N viewers and judge it")
+    rehearse.add_arguments(r)
+    sub.add_parser("swarm", help="one viewer swarm process (config as a JSON line on stdin; "
+                   "started by `rehearse`)")
+    args = parser.parse_args(argv)
+    if args.command == "swarm":
+        from loadtest.swarm import main as swarm_main
+
+        return swarm_main()
+    return rehearse.main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

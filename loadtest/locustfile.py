@@ -1,0 +1,369 @@
+"""Locust users for dropserver: viewers on the WebSocket, one creator on the HTTP API.
+
+    locust -f loadtest/locustfile.py --host http://127.0.0.1:8000 \\
+        --users 2000 --spawn-rate 200 -t 5m --headless --csv out/drop
+
+Distributed (beyond one machine): ``--master`` on one host and ``--worker
+--master-host <it>`` on each load machine, same file. The creator is a single user
+(``fixed_count = 1``) on one worker; it tells every worker which drop is on and when
+it pressed BUY NOW through Locust's runner messages, so viewers anywhere can measure.
+
+Viewers (``ViewerUser``) connect, keep the socket, receive the snapshot and every
+event (the frame logic is :class:`loadtest.viewer.Viewer`, shared with the swarm),
+chat sometimes, and buy on BUY NOW with ``--lt-buy-probability``. The creator
+(``CreatorUser``) runs drops in a loop: create -> schedule -> live -> BUY NOW -> [sold
+out] -> end.
+
+Custom entries in Locust's statistics (web UI and ``--csv``):
+
+| type | name | what |
+| --- | --- | --- |
+| ``BUYNOW`` | ``fanout`` | creator's BUY NOW call -> this viewer's receipt (wall clocks) |
+| ``WS`` | ``buy`` / ``buy sold_out`` | buy command -> its reply; other codes are failures |
+| ``WS`` | ``join`` | WebSocket open -> ``joined`` |
+| ``WSERR`` | ``<code>`` | protocol error frames, undecodable frames and lost events (failures) |
+
+Viewers' sockets are gevent sockets (Locust monkey-patches the standard library)
+around websockets' sans-I/O client protocol, so a worker process holds thousands.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import Any
+
+import gevent
+from gevent.lock import Semaphore
+from locust import HttpUser, User, between, events, task
+from locust.runners import MasterRunner, WorkerRunner
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
+from websockets.uri import parse_uri
+
+from loadtest.viewer import BuyOutcome, Viewer, ViewerConfig
+
+# -- shared state of this Locust process ---------------------------------------------------
+_drop: dict[str, Any] = {"id": None, "buy_now_wall": {}}  # drop id -> wall time of BUY NOW
+_pending: list[tuple[int, float, Any]] = []  # (drop id, receipt wall time, user) before the
+# creator's BUY NOW time arrived on this worker
+
+
+@events.init_command_line_parser.add_listener
+def _arguments(parser: Any) -> None:
+    group = parser.add_argument_group("dropserver")
+    group.add_argument("--lt-stock", type=int, default=100, help="units per drop")
+    group.add_argument("--lt-buy-probability", type=float, default=0.5)
+    group.add_argument("--lt-chat-probability", type=float, default=0.05,
+                       help="chance a viewer chats on each of its task ticks (5-15 s)")
+    group.add_argument("--lt-join-wait", type=float, default=10.0,
+                       help="seconds the creator waits for viewers before going live")
+    group.add_argument("--lt-countdown", type=float, default=3.0)
+    group.add_argument("--lt-selling", type=float, default=20.0,
+                       help="seconds BUY NOW stays open before the drop ends")
+    group.add_argument("--lt-drop-id", type=int, default=0,
+                       help="watch this existing drop instead of running drops")
+    group.add_argument("--lt-encoding", choices=["msgpack", "json"], default="msgpack")
+    group.add_argument("--lt-jwt-secret", default=os.environ.get("DROPSERVER_JWT_SECRET", ""),
+                       help="HS256 secret for tokens (default: the dev secret)")
+
+
+def _settings(environment: Any):
+    from dropserver.settings import load_settings
+
+    secret = getattr(environment.parsed_options, "lt_jwt_secret", "") if \
+        environment.parsed_options else ""
+    return load_settings({}, dev=not secret, jwt_secret=secret)
+
+
+def _token(environment: Any, sub: str, role: str) -> str:
+    from dropserver.auth import Role, issue_token
+
+    return issue_token(_settings(environment), sub, Role(role), ttl=6 * 3600, name=sub)
+
+
+def _fire(environment: Any, kind: str, name: str, ms: float,
+          exc: Exception | None = None) -> None:
+    environment.events.request.fire(request_type=kind, name=name, response_time=ms,
+                                    response_length=0, exception=exc, context={})
+
+
+# -- runner messages: the creator's drop id and BUY NOW time reach every worker ----------
+def _on_drop(environment: Any, data: dict[str, Any]) -> None:
+    _drop["id"] = data["drop_id"]
+
+
+def _on_buy_now(environment: Any, data: dict[str, Any]) -> None:
+    drop_id, wall = data["drop_id"], data["wall"]
+    _drop["buy_now_wall"][drop_id] = wall
+    keep = []
+    for pending_drop, received, _user in _pending:
+        if pending_drop == drop_id:
+            _fire(environment, "BUYNOW", "fanout", max(0.0, (received - wall) * 1000))
+        else:
+            keep.append((pending_drop, received, _user))
+    _pending[:] = keep
+
+
+def _relay(name: str, handler):
+    """On the master, forward a worker's message to every worker; elsewhere handle it."""
+
+    def listener(environment: Any, msg: Any, **_kw: Any) -> None:
+        runner = environment.runner
+        if isinstance(runner, MasterRunner):
+            runner.send_message(name, msg.data)
+        else:
+            handler(environment, msg.data)
+
+    return listener
+
+
+@events.init.add_listener
+def _init(environment: Any, **_kw: Any) -> None:
+    runner = environment.runner
+    if runner is None:
+        return
+    runner.register_message("lt_drop", _relay("lt_drop", _on_drop))
+    runner.register_message("lt_buy_now", _relay("lt_buy_now", _on_buy_now))
+    opts = environment.parsed_options
+    if opts is not None and getattr(opts, "lt_drop_id", 0):
+        _drop["id"] = opts.lt_drop_id
+
+
+def _announce(environment: Any, name: str, data: dict[str, Any]) -> None:
+    runner = environment.runner
+    if isinstance(runner, WorkerRunner):
+        runner.send_message(name, data)  # the master relays it to every worker
+    else:
+        (_on_drop if name == "lt_drop" else _on_buy_now)(environment, data)
+
+
+# -- viewers ------------------------------------------------------------------------------
+class ViewerUser(User):
+    """One viewer: a WebSocket kept open, a reader greenlet, chat now and then."""
+
+    weight = 100
+
+    def wait_time(self) -> float:
+        # Quick while not on the current drop (it may not exist yet); then 5-15 s.
+        if self._sock is None or _drop["id"] != self._drop_id:
+            return 0.5
+        return random.uniform(5, 15)
+
+    def on_start(self) -> None:
+        self._index = random.randrange(10**9)
+        self._sock = None
+        self._reader = None
+        self._lock = Semaphore()
+        self._drop_id = None
+        self.viewer: Viewer | None = None
+        self._connect()
+
+    def on_stop(self) -> None:
+        self._disconnect()
+
+    # The current drop changes when the creator starts the next one: follow it.
+    @task
+    def tick(self) -> None:
+        if _drop["id"] != self._drop_id or self._sock is None:
+            self._disconnect()
+            self._connect()
+            return
+        opts = self.environment.parsed_options
+        chance = getattr(opts, "lt_chat_probability", 0.05) if opts else 0.05
+        if self.viewer is not None and self.viewer.is_joined and random.random() < chance:
+            self._send(self.viewer.chat_message(f"locust says hi {self._index % 1000}"))
+
+    # -- socket plumbing --------------------------------------------------------------
+    def _connect(self) -> None:
+        drop_id = _drop["id"]
+        if drop_id is None:
+            return
+        opts = self.environment.parsed_options
+        cfg = ViewerConfig(drop_id=drop_id,
+                           encoding=getattr(opts, "lt_encoding", "msgpack") if opts else
+                           "msgpack",
+                           buy_probability=getattr(opts, "lt_buy_probability", 0.5)
+                           if opts else 0.5, buy_delay_ms=(0.0, 300.0))
+        user_id = f"locust-{self._index}"
+        self.viewer = Viewer(self._index, user_id, cfg, random.random())
+        self._drop_id = drop_id
+        base = self.environment.host or "http://127.0.0.1:8000"
+        url = base.replace("https://", "wss://").replace("http://", "ws://").rstrip("/") + "/ws"
+        uri = parse_uri(url)
+        self._proto = ClientProtocol(uri, subprotocols=self.viewer.subprotocols())
+        started = time.monotonic()
+        try:
+            import socket
+
+            sock = socket.create_connection((uri.host, uri.port), timeout=10)
+            if uri.secure:
+                import ssl
+
+                sock = ssl.create_default_context().wrap_socket(sock,
+                                                                server_hostname=uri.host)
+            sock.settimeout(None)
+        except OSError as exc:
+            _fire(self.environment, "WS", "join", (time.monotonic() - started) * 1000, exc)
+            return
+        self._sock = sock
+        request = self._proto.connect()
+        request.headers["Authorization"] = "Bearer " + _token(self.environment, user_id,
+                                                              "viewer")
+        self._proto.send_request(request)
+        self._flush()
+        self.viewer.connecting(started)
+        self._reader = gevent.spawn(self._read_loop, sock, started)
+
+    def _disconnect(self) -> None:
+        sock, self._sock = self._sock, None
+        if self._reader is not None:
+            self._reader.kill(block=False)
+            self._reader = None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _flush(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        data = b"".join(self._proto.data_to_send())
+        if data:
+            with self._lock:
+                try:
+                    sock.sendall(data)
+                except OSError:
+                    self._sock = None
+
+    def _send(self, message: dict[str, Any]) -> None:
+        if self.viewer is None or self._sock is None:
+            return
+        payload = self.viewer.encode(message)
+        if isinstance(payload, str):
+            self._proto.send_text(payload.encode())
+        else:
+            self._proto.send_binary(payload)
+        self._flush()
+
+    def _read_loop(self, sock: Any, started: float) -> None:
+        viewer = self.viewer
+        assert viewer is not None
+        env = self.environment
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                self._proto.receive_eof()
+                viewer.closed(None, "eof", time.monotonic())
+                if self._sock is sock:
+                    self._sock = None
+                return
+            self._proto.receive_data(data)
+            for event in self._proto.events_received():
+                if isinstance(event, Response):
+                    if self._proto.handshake_exc is not None:
+                        _fire(env, "WS", "join", (time.monotonic() - started) * 1000,
+                              self._proto.handshake_exc)
+                        return
+                    for message in viewer.opened(time.monotonic()):
+                        self._send(message)
+                elif isinstance(event, Frame) and event.opcode in (Opcode.TEXT, Opcode.BINARY):
+                    self._frame(event, started)
+            self._flush()
+
+    def _frame(self, frame: Frame, started: float) -> None:
+        viewer = self.viewer
+        assert viewer is not None
+        env = self.environment
+        now = time.monotonic()
+        before = (viewer.joined_at, viewer.buy_now_at, viewer.buy_outcome,
+                  dict(viewer.errors or {}), viewer.gaps + viewer.out_of_order)
+        data = frame.data.decode() if frame.opcode is Opcode.TEXT else bytes(frame.data)
+        for delay, message in viewer.received(data, now):
+            if delay > 0:
+                gevent.spawn_later(delay, self._send_buy, message)
+            else:
+                self._send(message)
+        if before[0] is None and viewer.joined_at is not None:
+            _fire(env, "WS", "join", (viewer.joined_at - started) * 1000)
+        if before[1] is None and viewer.buy_now_at is not None and not viewer.buy_now_late:
+            wall = _drop["buy_now_wall"].get(self._drop_id)
+            received = time.time()
+            if wall is None:
+                _pending.append((self._drop_id, received, self))
+            else:
+                _fire(env, "BUYNOW", "fanout", max(0.0, (received - wall) * 1000))
+        if before[2] is None and viewer.buy_outcome is not None and \
+                viewer.buy_sent_at is not None and viewer.buy_reply_at is not None:
+            ms = (viewer.buy_reply_at - viewer.buy_sent_at) * 1000
+            if viewer.buy_outcome is BuyOutcome.HELD:
+                _fire(env, "WS", "buy", ms)
+            elif viewer.buy_outcome is BuyOutcome.SOLD_OUT:
+                _fire(env, "WS", "buy sold_out", ms)
+            else:
+                _fire(env, "WS", "buy", ms, RuntimeError(viewer.buy_code or "rejected"))
+        for code, count in (viewer.errors or {}).items():
+            for _ in range(count - before[3].get(code, 0)):
+                _fire(env, "WSERR", code, 0, RuntimeError(code))
+        lost = viewer.gaps + viewer.out_of_order - before[4]
+        if lost > 0:
+            _fire(env, "WSERR", "position_gap", 0, RuntimeError(f"{lost} events lost"))
+
+    def _send_buy(self, message: dict[str, Any]) -> None:
+        if self.viewer is not None and self._sock is not None:
+            self.viewer.sent_delayed(time.monotonic())
+            self._send(message)
+
+
+# -- the creator ---------------------------------------------------------------------------
+class CreatorUser(HttpUser):
+    """Runs drops one after another through the HTTP API (one per test, on one worker)."""
+
+    fixed_count = 1
+    wait_time = between(1, 2)
+
+    def on_start(self) -> None:
+        token = _token(self.environment, "locust-creator", "creator")
+        self.client.headers["Authorization"] = f"Bearer {token}"
+
+    @task
+    def run_drop(self) -> None:
+        opts = self.environment.parsed_options
+        if opts is not None and getattr(opts, "lt_drop_id", 0):
+            self.wait_time = lambda: 3600  # watching someone else's drop: nothing to do
+            return
+
+        def opt(name: str, default: Any) -> Any:
+            return getattr(opts, name, default) if opts is not None else default
+
+        with self.client.post("/v1/drops", name="drop create", catch_response=True, json={
+            "title": "Locust drop",
+            "products": [{"title": "Locust item", "price": 2500,
+                          "units": opt("lt_stock", 100)}]}) as resp:
+            if resp.status_code != 201:
+                resp.failure(f"create: {resp.status_code} {resp.text[:200]}")
+                return
+            drop = resp.json()
+        drop_id, product_id = drop["id"], drop["products"][0]["product_id"]
+        path = f"/v1/drops/{drop_id}"
+        starts = time.time() + opt("lt_join_wait", 10.0) + opt("lt_countdown", 3.0)
+        self.client.post(f"{path}/schedule", name="drop schedule", json={
+            "starts_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(starts + 1))})
+        _announce(self.environment, "lt_drop", {"drop_id": drop_id})
+        gevent.sleep(opt("lt_join_wait", 10.0))
+        self.client.post(f"{path}/live", name="drop live", json={})
+        gevent.sleep(opt("lt_countdown", 3.0))
+        wall = time.time()
+        resp = self.client.post(f"{path}/buy-now", name="drop buy-now",
+                                json={"product_id": product_id})
+        if resp.status_code == 200:
+            _announce(self.environment, "lt_buy_now", {"drop_id": drop_id, "wall": wall})
+        gevent.sleep(opt("lt_selling", 20.0))
+        self.client.post(f"{path}/end", name="drop end", json={})

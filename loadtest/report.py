@@ -1,0 +1,173 @@
+"""Writing a rehearsal's result: JSON, a PNG of the two charts, and an HTML page.
+
+The JSON is the record (every figure the console shows, plus the timeline and the
+latency histogram). The PNG holds the BUY NOW latency histogram and connected viewers
+over time; the HTML page embeds the PNG (base64) and the figures, so it is one
+self-contained file to attach to a ticket. Everything goes under ``loadtest-reports/``
+(git-ignored) unless ``--out`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["format_console", "write_reports"]
+
+
+def _plot(result: dict[str, Any], path: Path) -> bool:
+    """Draw the PNG; False when matplotlib is not installed (the loadtest extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5), dpi=100)
+    hist = result.get("buy_now", {}).get("histogram_ms", [])
+    bucket = result.get("buy_now", {}).get("histogram_bucket_ms", 10)
+    if hist:
+        starts = [b for b, _ in hist]
+        counts = [c for _, c in hist]
+        ax1.bar(starts, counts, width=bucket, align="edge", color="#3b6ea8")
+    lat = result.get("buy_now", {}).get("latency", {})
+    for key, colour in (("p50_ms", "#2a9d8f"), ("p99_ms", "#e76f51")):
+        if lat.get(key) is not None:
+            ax1.axvline(lat[key], color=colour, linestyle="--", label=f"{key[:-3]} {lat[key]} ms")
+    ax1.set_title("BUY NOW fan-out latency (creator call -> viewer receipt)")
+    ax1.set_xlabel("ms")
+    ax1.set_ylabel("viewers")
+    if lat.get("count"):
+        ax1.legend()
+    timeline = result.get("timeline", [])
+    if timeline:
+        ts = [row["t"] for row in timeline]
+        ax2.plot(ts, [row["joined"] for row in timeline], label="joined", color="#3b6ea8")
+        ax2.plot(ts, [row["buy_now"] for row in timeline], label="saw BUY NOW",
+                 color="#e76f51")
+        if any(row.get("cpu_percent") is not None for row in timeline):
+            ax3 = ax2.twinx()
+            ax3.plot(ts, [row.get("cpu_percent") or 0 for row in timeline],
+                     color="#999999", linewidth=0.8, label="server CPU %")
+            ax3.set_ylabel("server CPU % (100 = one core)")
+        for mark in result.get("phases", []):
+            ax2.axvline(mark["t"], color="#cccccc", linewidth=0.8)
+            ax2.text(mark["t"], 0, mark["name"], rotation=90, fontsize=7, va="bottom")
+    ax2.set_title("viewers over time")
+    ax2.set_xlabel("seconds since start")
+    ax2.set_ylabel("viewers")
+    ax2.legend(loc="upper left")
+    fig.suptitle(_headline(result), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _headline(result: dict[str, Any]) -> str:
+    verdict = "PASS" if result.get("passed") else "FAIL"
+    cfg = result.get("config", {})
+    return (f"{verdict}: {cfg.get('viewers')} viewers, stock {cfg.get('stock')}, "
+            f"{cfg.get('server_workers')} server workers, {cfg.get('swarm_processes')} "
+            f"swarm processes, {result.get('started_at', '')}")
+
+
+def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    conn = result.get("connections", {})
+    lat = result.get("buy_now", {}).get("latency", {})
+    pos = result.get("positions", {})
+    res = result.get("reservations", {})
+    audit = result.get("audit", {})
+    server = result.get("server", {})
+    rlat = res.get("latency", {})
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "n/a"
+        if isinstance(v, float):
+            return f"{v:,.1f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return str(v)
+
+    return [
+        ("viewers joined", f"{fmt(conn.get('joined'))} / {fmt(conn.get('target'))}"),
+        ("connect rate", f"{fmt(conn.get('rate_per_s'))} /s "
+                         f"(ramp {fmt(conn.get('ramp_seconds'))} s)"),
+        ("connect failures", fmt(conn.get("failed"))),
+        ("BUY NOW seen", f"{fmt(result.get('buy_now', {}).get('seen'))} / "
+                         f"{fmt(conn.get('joined'))}"),
+        ("BUY NOW latency p50 / p95 / p99 / max",
+         " / ".join(fmt(lat.get(k)) for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")) + " ms"),
+        ("events lost (position gaps + missing tail)", fmt(pos.get("lost"))),
+        ("events out of order", fmt(pos.get("out_of_order"))),
+        ("buy attempts / holds / sold out / rejected",
+         f"{fmt(res.get('sent'))} / {fmt(res.get('held'))} / {fmt(res.get('sold_out'))} / "
+         f"{fmt(res.get('rejected'))}"),
+        ("reservation latency p50 / p99",
+         f"{fmt(rlat.get('p50_ms'))} / {fmt(rlat.get('p99_ms'))} ms"),
+        ("stock / active orders in PostgreSQL / oversold",
+         f"{fmt(audit.get('units'))} / {fmt(audit.get('active_orders'))} / "
+         f"{fmt(audit.get('oversold'))}"),
+        ("server RSS per connection", f"{fmt(server.get('rss_per_connection_kib'))} KiB"),
+        ("server CPU (avg / peak, 100 = one core)",
+         f"{fmt(server.get('cpu_avg_percent'))} / {fmt(server.get('cpu_peak_percent'))} %"),
+    ]
+
+
+def format_console(result: dict[str, Any]) -> str:
+    """The summary printed at the end of a run."""
+    rows = _rows(result)
+    width = max(len(k) for k, _ in rows)
+    lines = ["", _headline(result), ""]
+    lines += [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    failures = result.get("failures", [])
+    if failures:
+        lines += ["", "  failed checks:"] + [f"    - {f}" for f in failures]
+    return "\n".join(lines) + "\n"
+
+
+def _html(result: dict[str, Any], png: Path | None) -> str:
+    img = ""
+    if png is not None and png.exists():
+        data = base64.b64encode(png.read_bytes()).decode()
+        img = f'<img alt="charts" src="data:image/png;base64,{data}" style="max-width:100%">'
+    rows = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+                     for k, v in _rows(result))
+    failures = "".join(f"<li>{html.escape(f)}</li>" for f in result.get("failures", []))
+    verdict = "PASS" if result.get("passed") else "FAIL"
+    colour = "#2a9d8f" if result.get("passed") else "#e76f51"
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>dropserver rehearsal {verdict}</title>
+<style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:1400px}}
+th{{text-align:left;padding:2px 1em 2px 0;font-weight:normal;color:#555}}
+td{{font-variant-numeric:tabular-nums}}h1 span{{color:{colour}}}</style></head>
+<body><h1><span>{verdict}</span> {html.escape(_headline(result))}</h1>
+<table>{rows}</table>
+{"<h2>Failed checks</h2><ul>" + failures + "</ul>" if failures else ""}
+{img}
+<h2>Command</h2><pre>{html.escape(result.get("command", ""))}</pre>
+<h2>Raw result</h2><pre>{html.escape(json.dumps(result, indent=2)[:200000])}</pre>
+</body></html>
+"""
+
+
+def write_reports(result: dict[str, Any], out_dir: Path, stem: str) -> dict[str, str]:
+    """Write ``<stem>.json``, ``<stem>.png`` (when matplotlib is there), ``<stem>.html``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, str] = {}
+    png = out_dir / f"{stem}.png"
+    if _plot(result, png):
+        paths["png"] = str(png)
+    html_path = out_dir / f"{stem}.html"
+    json_path = out_dir / f"{stem}.json"
+    paths["html"] = str(html_path)
+    paths["json"] = str(json_path)
+    result = {**result, "reports": paths}
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    html_path.write_text(_html(result, png if "png" in paths else None))
+    return paths

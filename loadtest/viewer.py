@@ -1,0 +1,422 @@
+"""One rehearsal viewer as a pure state machine: frames in, frames to send out.
+
+No I/O and no clock: the swarm passes ``now`` (``time.monotonic()``) with every
+call. A viewer joins its drop (``subscribe``, with the last position it saw when it
+comes back), checks that durable events arrive in position order with no offset
+skipped, notes when BUY NOW reached it, buys with its pre-drawn probability and
+times the reply. Frames are built and encoded with :mod:`realtime.protocol`
+(docs/protocol.md); server frames are read by :func:`decode_server`, which, unlike the
+server's validating ``protocol.decode`` for client frames, accepts integer map keys
+(``stock`` carries product ids as keys).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import random
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from realtime.protocol import ErrorCode, Format, ServerType, encode
+
+__all__ = ["BuyOutcome", "Phase", "Viewer", "ViewerConfig", "decode_server",
+           "summarize_viewers"]
+
+
+class UndecodableFrame(ValueError):
+    """A server frame that is not one msgpack/JSON map (or a list of them)."""
+
+
+def decode_server(data: bytes | bytearray | str) -> list[dict[str, Any]]:
+    """One server frame as a list of messages (a list frame carries a batch)."""
+    try:
+        obj = json.loads(data) if isinstance(data, str) else \
+            msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise UndecodableFrame(str(exc)[:100]) from None
+    items = obj if isinstance(obj, list) else [obj]
+    if not all(isinstance(item, dict) for item in items):
+        raise UndecodableFrame("not a map")
+    return items
+
+
+def position_of(pos: Any) -> tuple[str, int]:
+    """``{epoch, offset}`` -> ``(epoch, offset)``."""
+    return str(pos["epoch"]), int(pos["offset"])
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"  # not connected yet
+    CONNECTING = "connecting"  # TCP + WebSocket handshake under way
+    JOINING = "joining"  # subscribe sent, no reply yet
+    JOINED = "joined"
+    CLOSED = "closed"
+
+
+class BuyOutcome(enum.StrEnum):
+    HELD = "held"  # a unit is reserved for this viewer
+    SOLD_OUT = "sold_out"
+    REJECTED = "rejected"  # any other error code (rate limited, not selling, ...)
+    NO_REPLY = "no_reply"
+
+
+@dataclass(frozen=True)
+class ViewerConfig:
+    drop_id: int
+    encoding: str = "msgpack"  # "msgpack" (binary, default) or "json" (text subprotocol)
+    buy_probability: float = 0.5
+    buy_delay_ms: tuple[float, float] = (0.0, 200.0)
+
+
+# Event names of contract 1 (COMMON.md) this viewer watches for.
+BUY_NOW = "drop.buy_now"
+SOLD_OUT = "drop.sold_out"
+ENDED = "drop.ended"
+
+
+class Viewer:
+    """The state of one rehearsal viewer (kept small: a swarm holds ~15,000)."""
+
+    __slots__ = (
+        "_buy_delay",
+        "_join_id",
+        "_next_id",
+        "buy_code",
+        "buy_id",
+        "buy_now_at",
+        "buy_now_late",
+        "buy_outcome",
+        "buy_reply_at",
+        "buy_sent_at",
+        "config",
+        "connect_started",
+        "connected_at",
+        "durable",
+        "ended_at",
+        "epoch",
+        "epoch_changes",
+        "errors",
+        "gaps",
+        "index",
+        "joined_at",
+        "joins",
+        "last_event_at",
+        "offset",
+        "out_of_order",
+        "phase",
+        "reconnect_hint_ms",
+        "reconnects",
+        "recovery_failed",
+        "sold_out_at",
+        "user_id",
+        "wants_to_buy",
+    )
+
+    def __init__(self, index: int, user_id: str, config: ViewerConfig, draw: float) -> None:
+        self.index = index
+        self.user_id = user_id
+        self.config = config
+        # Drawn once by the swarm's seeded RNG: the same seed buys with the same viewers.
+        self.wants_to_buy = draw < config.buy_probability
+        lo, hi = config.buy_delay_ms
+        self._buy_delay = (lo + (hi - lo) * (draw / config.buy_probability)) / 1000.0 \
+            if self.wants_to_buy and config.buy_probability > 0 else 0.0
+        self.phase = Phase.IDLE
+        self._next_id = 1
+        self._join_id: int | None = None
+        self.epoch: str | None = None  # last durable position seen
+        self.offset = 0
+        self.gaps = 0  # durable events skipped (sum of offset jumps)
+        self.out_of_order = 0  # durable events at or before the last offset
+        self.epoch_changes = 0  # the stream restarted under us (history lost)
+        self.recovery_failed = 0  # a resume the server could not serve in full
+        self.durable = 0
+        self.errors: Counter[str] | None = None
+        self.joins = 0
+        self.reconnects = 0
+        self.reconnect_hint_ms: int | None = None
+        self.connect_started: float | None = None
+        self.connected_at: float | None = None
+        self.joined_at: float | None = None
+        self.buy_now_at: float | None = None
+        self.buy_now_late = False  # learnt from a snapshot after a reconnect, not live
+        self.sold_out_at: float | None = None
+        self.ended_at: float | None = None
+        self.last_event_at: float | None = None
+        self.buy_id: int | None = None
+        self.buy_sent_at: float | None = None
+        self.buy_reply_at: float | None = None
+        self.buy_outcome: BuyOutcome | None = None
+        self.buy_code: str | None = None
+
+    # -- state read by the swarm -----------------------------------------------------------
+    @property
+    def is_open(self) -> bool:
+        return self.phase in (Phase.JOINING, Phase.JOINED)
+
+    @property
+    def is_joined(self) -> bool:
+        return self.phase is Phase.JOINED
+
+    @property
+    def format(self) -> Format:
+        return Format.JSON if self.config.encoding == "json" else Format.MSGPACK
+
+    def subprotocols(self) -> list[str]:
+        return [self.format.value]
+
+    def encode(self, message: dict[str, Any]) -> bytes | str:
+        return encode(message, self.format)
+
+    # -- transitions ------------------------------------------------------------------------
+    def connecting(self, now: float) -> None:
+        self.phase = Phase.CONNECTING
+        self.connect_started = now
+
+    def opened(self, now: float) -> list[dict[str, Any]]:
+        """The WebSocket is up: subscribe, resuming from the last position if any."""
+        self.phase = Phase.JOINING
+        self.connected_at = now
+        self._join_id = self._new_id()
+        frame: dict[str, Any] = {"t": "join", "id": self._join_id,
+                                 "drop_id": self.config.drop_id}
+        if self.epoch is not None:
+            frame["since"] = {"epoch": self.epoch, "offset": self.offset}
+        return [frame]
+
+    def closed(self, code: int | None, reason: str, now: float) -> None:
+        self.phase = Phase.CLOSED
+        if self.buy_sent_at is not None and self.buy_outcome is None:
+            self.buy_outcome = BuyOutcome.NO_REPLY
+
+    def received(self, data: bytes | str, now: float) -> list[tuple[float, dict[str, Any]]]:
+        """A frame from the server: ``[(delay_s, message to send), ...]``."""
+        out: list[tuple[float, dict[str, Any]]] = []
+        try:
+            messages = decode_server(data)
+        except UndecodableFrame:
+            self._error("undecodable_frame")
+            return out
+        for message in messages:
+            self._one(message, now, out)
+        return out
+
+    def sent_delayed(self, now: float) -> None:
+        """A delayed message (the buy) actually left now."""
+        if self.buy_id is not None and self.buy_reply_at is None:
+            self.buy_sent_at = now
+
+    def chat_message(self, text: str) -> dict[str, Any]:
+        return {"t": "chat.send", "id": self._new_id(), "text": text}
+
+    def reconnect_delay(self, reason: str, rng: random.Random) -> float:
+        """Seconds to wait before rejoining: the server's hint, else 0.5-5 s jittered."""
+        if self.reconnect_hint_ms is not None:
+            delay = self.reconnect_hint_ms / 1000.0
+            self.reconnect_hint_ms = None
+            return delay
+        return rng.uniform(0.5, min(5.0, 0.5 * 2 ** self.reconnects))
+
+    # -- internals ----------------------------------------------------------------------------
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
+
+    def _error(self, code: str) -> None:
+        if self.errors is None:
+            self.errors = Counter()
+        self.errors[code] += 1
+
+    def _position(self, pos: Any) -> None:
+        """Check one durable event's position against the last one seen."""
+        epoch, offset = position_of(pos)
+        self.durable += 1
+        if self.epoch is None:
+            self.epoch, self.offset = epoch, offset
+            return
+        if epoch != self.epoch:
+            self.epoch_changes += 1
+            self.epoch, self.offset = epoch, offset
+            return
+        if offset <= self.offset:
+            self.out_of_order += 1
+            return
+        self.gaps += offset - self.offset - 1
+        self.offset = offset
+
+    def _one(self, message: dict[str, Any], now: float,
+             out: list[tuple[float, dict[str, Any]]]) -> None:
+        kind = message.get("t")
+        if kind == ServerType.EVENT:
+            self._event(message, now, out)
+        elif kind == ServerType.JOINED:
+            self._joined(message, now, out)
+        elif kind == ServerType.REPLY:
+            if self.buy_id is not None and message.get("id") == str(self.buy_id) \
+                    and self.buy_reply_at is None:
+                self.buy_reply_at = now
+                self.buy_outcome = BuyOutcome.HELD
+        elif kind == ServerType.ERROR:
+            self._command_error(message, now)
+        elif kind == ServerType.PING:
+            out.append((0.0, {"t": "pong"}))
+        elif kind == ServerType.GOING_AWAY:
+            delay = message.get("reconnect_after_ms")
+            self.reconnect_hint_ms = int(delay) if isinstance(delay, int | float) else None
+        # volatile (stock, viewers), private (order.*) and pong need nothing here.
+
+    def _event(self, message: dict[str, Any], now: float,
+               out: list[tuple[float, dict[str, Any]]]) -> None:
+        self.last_event_at = now
+        if message.get("pos") is not None:
+            self._position(message["pos"])
+        event = message.get("event")
+        if event == BUY_NOW:
+            if self.buy_now_at is None:
+                self.buy_now_at = now
+                if self.wants_to_buy and self.buy_id is None:
+                    self._buy(message.get("data") or {}, now, out)
+        elif event == SOLD_OUT:
+            if self.sold_out_at is None:
+                self.sold_out_at = now
+        elif event == ENDED and self.ended_at is None:
+            self.ended_at = now
+
+    def _joined(self, message: dict[str, Any], now: float,
+                out: list[tuple[float, dict[str, Any]]]) -> None:
+        """``joined``: the answer to our join, or an unasked resync (no ``id``)."""
+        answer = self._join_id is not None and message.get("id") == str(self._join_id)
+        recovered = message.get("recovered") is True
+        first = self.joins == 0 and answer
+        if answer:
+            self.joins += 1
+            self.phase = Phase.JOINED
+            if first:
+                self.joined_at = now
+        if not first and not recovered:
+            # A snapshot instead of the missed events: whatever was missed is gone.
+            self.recovery_failed += 1
+        if not recovered:
+            self.epoch = None  # the snapshot is the new baseline
+        events = message.get("events") or ()
+        pos = message.get("pos")
+        if not recovered and pos is not None and events:
+            # Baseline just before the first event so the events are checked too.
+            epoch, _ = position_of(pos)
+            self.epoch, self.offset = epoch, int(events[0]["pos"]["offset"]) - 1
+        for event in events:
+            self._event(event, now, out)
+        if pos is not None:
+            epoch, offset = position_of(pos)
+            if self.epoch is None or (not recovered and epoch == self.epoch
+                                      and offset > self.offset):
+                self.epoch, self.offset = epoch, offset
+            elif recovered and epoch == self.epoch and offset > self.offset:
+                self.gaps += offset - self.offset  # promised events that never came
+                self.offset = offset
+        # A BUY NOW that happened while we were away shows in the snapshot.
+        snapshot = message.get("snapshot")
+        if self.buy_now_at is None and isinstance(snapshot, dict) and _selling(snapshot):
+            self.buy_now_at = now
+            self.buy_now_late = True
+
+    def _buy(self, data: dict[str, Any], now: float,
+             out: list[tuple[float, dict[str, Any]]]) -> None:
+        self.buy_id = self._new_id()
+        frame: dict[str, Any] = {"t": "buy", "id": self.buy_id, "quantity": 1,
+                                 "idempotency_key": f"lt-{self.user_id}-1"}
+        if data.get("product_id") is not None:
+            frame["product_id"] = data["product_id"]
+        self.buy_sent_at = now  # corrected by sent_delayed() when it leaves later
+        out.append((self._buy_delay, frame))
+
+    def _command_error(self, message: dict[str, Any], now: float) -> None:
+        code = str(message.get("code") or "error")
+        mid = message.get("id")
+        if self.buy_id is not None and mid == str(self.buy_id) and self.buy_reply_at is None:
+            self.buy_reply_at = now
+            self.buy_code = code
+            self.buy_outcome = BuyOutcome.SOLD_OUT if code == "sold_out" else \
+                BuyOutcome.REJECTED
+            return
+        if self._join_id is not None and mid == str(self._join_id):
+            self._error("join:" + code)
+            return
+        self._error(code if code in ErrorCode.__members__.values() else "other:" + code)
+
+    def count_into(self, counts: Counter[str]) -> None:
+        """Add this viewer to the swarm's progress counters."""
+        counts[self.phase.value] += 1
+        if self.joined_at is not None:
+            counts["ever_joined"] += 1
+        if self.buy_now_at is not None:
+            counts["buy_now"] += 1
+        if self.sold_out_at is not None:
+            counts["sold_out_seen"] += 1
+        if self.ended_at is not None:
+            counts["ended_seen"] += 1
+        if self.buy_sent_at is not None:
+            counts["buys_sent"] += 1
+        if self.buy_outcome is not None:
+            counts["buy_" + self.buy_outcome.value] += 1
+
+
+def _selling(snapshot: dict[str, Any]) -> bool:
+    return snapshot.get("state") == "selling" or snapshot.get("selling_product_id") is not None
+
+
+def summarize_viewers(viewers: Iterable[Viewer]) -> dict[str, Any]:
+    """What a swarm sends back: raw times (rounded to 0.1 ms) and totals."""
+    joined: list[float] = []
+    connect: list[float] = []
+    buy_now: list[float] = []
+    reservations: list[float] = []
+    held_users: list[str] = []
+    outcomes: Counter[str] = Counter()
+    codes: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    last_offsets: Counter[str] = Counter()
+    totals: Counter[str] = Counter()
+    for v in viewers:
+        if v.joined_at is not None:
+            joined.append(round(v.joined_at, 4))
+            if v.connect_started is not None and v.connected_at is not None:
+                connect.append(round(v.joined_at - v.connect_started, 4))
+        if v.buy_now_at is not None and not v.buy_now_late:
+            buy_now.append(round(v.buy_now_at, 4))
+        totals["buy_now_late"] += 1 if v.buy_now_late else 0
+        if v.buy_outcome is not None:
+            outcomes[v.buy_outcome.value] += 1
+            if v.buy_outcome is BuyOutcome.HELD:
+                held_users.append(v.user_id)
+        if v.buy_code:
+            codes[v.buy_code] += 1
+        if v.buy_reply_at is not None and v.buy_sent_at is not None:
+            reservations.append(round(v.buy_reply_at - v.buy_sent_at, 4))
+        if v.errors:
+            errors.update(v.errors)
+        if v.epoch is not None:
+            last_offsets[f"{v.epoch}:{v.offset}"] += 1
+        totals["gaps"] += v.gaps
+        totals["viewers_with_gaps"] += 1 if v.gaps else 0
+        totals["out_of_order"] += v.out_of_order
+        totals["epoch_changes"] += v.epoch_changes
+        totals["recovery_failed"] += v.recovery_failed
+        totals["durable_events"] += v.durable
+        totals["reconnects"] += v.reconnects
+        totals["joined"] += 1 if v.joined_at is not None else 0
+        totals["open_at_report"] += 1 if v.is_open else 0
+        totals["sold_out_seen"] += 1 if v.sold_out_at is not None else 0
+        totals["ended_seen"] += 1 if v.ended_at is not None else 0
+        totals["wants_to_buy"] += 1 if v.wants_to_buy else 0
+    return {
+        "joined_at": joined, "connect_s": connect, "buy_now_at": buy_now,
+        "reservation_s": reservations, "held_users": held_users,
+        "buy_outcomes": dict(outcomes), "buy_codes": dict(codes), "errors": dict(errors),
+        "last_positions": dict(last_offsets), "totals": dict(totals),
+    }

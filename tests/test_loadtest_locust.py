@@ -1,0 +1,93 @@
+"""loadtest/locustfile.py under real Locust (headless subprocesses) against a live server.
+
+Locust monkey-patches the standard library with gevent, so it never runs inside the
+pytest process: each test starts ``locust`` itself and reads the ``--csv`` statistics.
+"""
+
+from __future__ import annotations
+
+import csv
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loadtest.target import LocalTarget
+
+LOCUSTFILE = Path(__file__).resolve().parent.parent / "loadtest" / "locustfile.py"
+DROP_ARGS = ["--lt-join-wait", "2", "--lt-countdown", "1", "--lt-selling", "3",
+             "--lt-stock", "5", "--lt-buy-probability", "1", "--only-summary"]
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[LocalTarget]:
+    with LocalTarget(workers=1, env={"DROPSERVER_BUY_RATE_IP": "0"}) as running:
+        yield running
+
+
+def _locust(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), *args],
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _stats(prefix: Path) -> dict[tuple[str, str], dict[str, str]]:
+    with open(f"{prefix}_stats.csv", newline="") as fh:
+        return {(row["Type"], row["Name"]): row for row in csv.DictReader(fh)}
+
+
+def _check(stats: dict[tuple[str, str], dict[str, str]]) -> None:
+    # The creator ran at least one whole drop through the HTTP API ...
+    for name in ("drop create", "drop schedule", "drop live", "drop buy-now"):
+        assert int(stats[("POST", name)]["Request Count"]) >= 1, name
+        assert int(stats[("POST", name)]["Failure Count"]) == 0, name
+    # ... and the custom events are in Locust's statistics.
+    fanout = stats[("BUYNOW", "fanout")]
+    assert int(fanout["Request Count"]) >= 10 and int(fanout["Failure Count"]) == 0
+    assert float(fanout["Max Response Time"]) < 5000
+    joins = stats[("WS", "join")]
+    assert int(joins["Request Count"]) >= 10 and int(joins["Failure Count"]) == 0
+    held = int(stats[("WS", "buy")]["Request Count"])
+    drops_sold = int(stats[("POST", "drop buy-now")]["Request Count"])
+    assert 5 <= held <= 5 * drops_sold  # never more holds than stock (5 per drop)
+    assert int(stats[("WS", "buy")]["Failure Count"]) == 0
+    assert int(stats[("WS", "buy sold_out")]["Request Count"]) >= 1
+    assert not [key for key in stats if key[0] == "WSERR"], "protocol errors or lost events"
+
+
+@pytest.mark.timeout(60)
+def test_headless_locust_reports_custom_events(target: LocalTarget, tmp_path: Path) -> None:
+    proc = _locust("--headless", "-u", "25", "-r", "25", "-t", "9s", "--host",
+                   target.base_url, "--csv", str(tmp_path / "drop"), *DROP_ARGS, cwd=tmp_path)
+    out, _ = proc.communicate(timeout=50)
+    assert proc.returncode == 0, out.decode()[-2000:]
+    _check(_stats(tmp_path / "drop"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(60)
+def test_distributed_master_and_two_workers(target: LocalTarget, tmp_path: Path) -> None:
+    port = str(_free_port())
+    workers = [_locust("--worker", "--master-port", port, cwd=tmp_path) for _ in range(2)]
+    try:
+        master = _locust("--master", "--master-bind-port", port, "--expect-workers", "2",
+                         "--headless", "-u", "25", "-r", "25", "-t", "9s", "--host",
+                         target.base_url, "--csv", str(tmp_path / "dist"), *DROP_ARGS,
+                         cwd=tmp_path)
+        out, _ = master.communicate(timeout=50)
+        assert master.returncode == 0, out.decode()[-2000:]
+    finally:
+        for proc in workers:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    _check(_stats(tmp_path / "dist"))

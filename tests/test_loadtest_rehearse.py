@@ -1,0 +1,50 @@
+"""A whole rehearsal, small: local server (1 worker), 2 swarm processes, 200 viewers.
+
+This is the same code path as the 50,000-viewer rehearsal in docs/benchmarks.md, with
+real Redis, PostgreSQL and uvicorn; it checks correctness (everyone saw BUY NOW, no
+event lost, exactly ``stock`` holds, no oversell), not speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from loadtest.rehearse import RehearsalConfig, rehearse
+
+
+@pytest.mark.timeout(90)
+def test_small_rehearsal_holds_and_never_oversells(tmp_path: Path) -> None:
+    cfg = RehearsalConfig(
+        viewers=200, stock=20, server_workers=1, swarm_processes=2, connect_rate=1000,
+        buy_probability=0.6, buy_delay_ms=(0, 50), chat_messages=6, countdown_s=0.5,
+        rush_timeout_s=15, max_duration_s=45, out_dir=str(tmp_path), quiet=True,
+        p99_budget_ms=5000, command="test",
+    )
+    result = asyncio.run(rehearse(cfg))
+    assert result["failures"] == [] and result["passed"] is True
+    assert result["connections"]["joined"] == 200
+    assert result["buy_now"]["seen"] == 200
+    assert result["buy_now"]["latency"]["count"] == 200
+    assert result["positions"]["lost"] == 0
+    assert result["positions"]["out_of_order"] == 0
+    # every viewer got every durable event: state changes, chat, BUY NOW, sold out, end
+    assert result["positions"]["durable_events_received"] >= 200 * 5
+    res = result["reservations"]
+    assert res["sent"] > 20  # more buyers than stock: a real rush
+    assert res["held"] == 20
+    assert res["held"] + res["sold_out"] + res["rejected"] == res["sent"]
+    audit = result["audit"]
+    assert audit["checked"] and audit["oversold"] == 0
+    assert audit["active_orders"] == 20 and audit["units"] == 20
+    assert audit["duplicate_buyer_numbers"] == 0 and audit["mismatched_users"] == 0
+    assert audit["redis_remaining"] == {str(result["drop"]["product_ids"][0]): 0}
+    assert result["server"]["rss_per_connection_kib"] is not None
+    paths = result["reports"]
+    written = json.loads(Path(paths["json"]).read_text())
+    assert written["passed"] is True and written["buy_now"]["histogram_ms"]
+    assert Path(paths["png"]).stat().st_size > 10_000
+    assert "PASS" in Path(paths["html"]).read_text()

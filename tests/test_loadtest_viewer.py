@@ -1,0 +1,119 @@
+"""loadtest.viewer: the pure viewer core (frames in, frames out; no I/O)."""
+
+from __future__ import annotations
+
+import json
+
+import msgpack
+
+from loadtest.viewer import BuyOutcome, Phase, Viewer, ViewerConfig, decode_server
+from realtime.protocol import Format, encode, event_frame
+
+
+def _viewer(buy: bool = True, encoding: str = "msgpack") -> Viewer:
+    cfg = ViewerConfig(drop_id=42, encoding=encoding, buy_probability=1.0 if buy else 0.0,
+                       buy_delay_ms=(0, 0))
+    return Viewer(7, "lt-7", cfg, draw=0.5)
+
+
+def _wire(frame: dict) -> bytes:
+    return encode(frame, Format.MSGPACK)  # what the server sends
+
+
+def _join(v: Viewer, offset: int = 3, **extra) -> None:
+    [join] = v.opened(1.0)
+    frame = {"t": "joined", "id": str(join["id"]), "drop_id": 42, "recovered": False,
+             "pos": {"epoch": "e1", "offset": offset}, "events": [],
+             "snapshot": {"state": "live"}, **extra}
+    assert v.received(_wire(frame), 1.1) == []
+
+
+def test_join_frame_and_subprotocol() -> None:
+    v = _viewer(encoding="json")
+    assert v.subprotocols() == ["dropserver.json.v1"]
+    [join] = v.opened(1.0)
+    assert join == {"t": "join", "id": 1, "drop_id": 42}
+    assert json.loads(v.encode(join)) == join
+    assert v.phase is Phase.JOINING
+
+
+def test_events_in_order_count_no_gap() -> None:
+    v = _viewer(buy=False)
+    _join(v)
+    for off in (4, 5, 6):
+        v.received(_wire(event_frame("chat.message", {}, "e1", off)), 2.0)
+    assert (v.gaps, v.out_of_order, v.durable, v.offset) == (0, 0, 3, 6)
+
+
+def test_skipped_offsets_are_gaps_and_repeats_out_of_order() -> None:
+    v = _viewer(buy=False)
+    _join(v)
+    v.received(_wire(event_frame("chat.message", {}, "e1", 6)), 2.0)  # 4, 5 missing
+    v.received(_wire(event_frame("chat.message", {}, "e1", 5)), 2.1)  # late
+    assert (v.gaps, v.out_of_order, v.offset) == (2, 1, 6)
+
+
+def test_buy_now_triggers_buy_and_reply_times_it() -> None:
+    v = _viewer()
+    _join(v)
+    out = v.received(_wire(event_frame("drop.buy_now", {"product_id": 9}, "e1", 4)), 5.0)
+    assert v.buy_now_at == 5.0
+    [(delay, buy)] = out
+    assert delay == 0 and buy["t"] == "buy" and buy["product_id"] == 9
+    assert buy["idempotency_key"] == "lt-lt-7-1"
+    v.received(_wire({"t": "reply", "id": str(buy["id"]), "data": {"hold_id": "h"}}), 5.02)
+    assert v.buy_outcome is BuyOutcome.HELD
+    assert round(v.buy_reply_at - v.buy_sent_at, 3) == 0.02
+
+
+def test_sold_out_error_is_an_outcome_not_a_protocol_error() -> None:
+    v = _viewer()
+    _join(v)
+    [(_, buy)] = v.received(_wire(event_frame("drop.buy_now", {"product_id": 9}, "e1", 4)),
+                            5.0)
+    v.received(_wire({"t": "error", "id": str(buy["id"]), "code": "sold_out",
+                      "message": "gone"}), 5.1)
+    assert v.buy_outcome is BuyOutcome.SOLD_OUT and v.errors is None
+    v.received(_wire({"t": "error", "code": "rate_limited", "message": "slow down"}), 5.2)
+    assert v.errors == {"rate_limited": 1}
+
+
+def test_resume_sends_since_and_recovered_events_are_checked() -> None:
+    v = _viewer(buy=False)
+    _join(v, offset=10)
+    v.closed(1012, "restart", 3.0)
+    [join] = v.opened(4.0)
+    assert join["since"] == {"epoch": "e1", "offset": 10}
+    events = [event_frame("chat.message", {}, "e1", 11), event_frame("chat.message", {}, "e1", 12)]
+    v.received(_wire({"t": "joined", "id": str(join["id"]), "recovered": True,
+                      "pos": {"epoch": "e1", "offset": 12}, "events": events}), 4.1)
+    assert (v.gaps, v.recovery_failed, v.offset, v.joins) == (0, 0, 12, 2)
+
+
+def test_unrecoverable_resume_is_counted() -> None:
+    v = _viewer(buy=False)
+    _join(v, offset=10)
+    [join] = v.opened(4.0)
+    v.received(_wire({"t": "joined", "id": str(join["id"]), "recovered": False,
+                      "pos": {"epoch": "e2", "offset": 3}, "snapshot": {"state": "live"}}),
+               4.1)
+    assert v.recovery_failed == 1 and (v.epoch, v.offset) == ("e2", 3)
+
+
+def test_ping_is_answered_and_going_away_sets_the_delay() -> None:
+    import random
+
+    v = _viewer(buy=False)
+    _join(v)
+    assert v.received(_wire({"t": "ping"}), 2.0) == [(0.0, {"t": "pong"})]
+    v.received(_wire({"t": "going_away", "reason": "draining", "reconnect_after_ms": 1500}),
+               2.1)
+    assert v.reconnect_delay("", random.Random(1)) == 1.5
+
+
+def test_decode_accepts_integer_keys_json_text_and_batches() -> None:
+    raw = msgpack.packb({"t": "volatile", "event": "stock", "data": {"products": {7: 3}}})
+    assert decode_server(raw)[0]["data"]["products"] == {7: 3}
+    assert decode_server('[{"t":"ping"},{"t":"pong"}]') == [{"t": "ping"}, {"t": "pong"}]
+    v = _viewer()
+    assert v.received(b"\xc1", 1.0) == [] and v.errors == {"undecodable_frame": 1}
