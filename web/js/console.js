@@ -1,0 +1,307 @@
+// The creator's console: token, drop, camera preview + WHIP publishing, drop
+// controls and live stats. Text from the server is rendered with textContent.
+
+import { fetchJson, loadConfig, tokenFromFragment } from "./api.js";
+import { DropClient } from "./client.js";
+import * as creator from "./creator-api.js";
+import { formatMoney } from "./viewer-state.js";
+import { WhipPublisher } from "./whip.js";
+
+const $ = (id) => document.getElementById(id);
+const TOKEN_KEY = "dropserver.creator_token";
+const PINNABLE = new Set(["scheduled", "live", "selling", "sold_out", "closed"]);
+
+const ui = {
+  config: null,
+  token: null,
+  drop: null, // the drop resource from the HTTP API
+  stats: { viewers: 0, sold: 0, revenue: 0, currency: "usd", open_holds: 0, remaining: null },
+  client: null,
+  stream: null,
+  publisher: null,
+  statsTimer: null,
+};
+window.__console = ui; // for tests and debugging
+
+function log(text) {
+  const li = document.createElement("li");
+  li.textContent = `${new Date().toLocaleTimeString()} ${text}`;
+  $("log").prepend(li);
+  while ($("log").children.length > 200) $("log").lastElementChild.remove();
+}
+
+function showError(id, err) {
+  const el = $(id);
+  el.hidden = !err;
+  el.textContent = err ? (err.message || String(err)) : "";
+  if (err) log(`error: ${err.code ? `${err.code}: ` : ""}${err.message || err}`);
+}
+
+// --- rendering ----------------------------------------------------------------
+
+function renderDrop() {
+  const d = ui.drop;
+  $("drop-label").textContent = d ? `· #${d.id} ${d.title}` : "";
+  $("drop-state").textContent = d ? d.state : "-";
+  $("drop-state").dataset.state = d ? d.state : "";
+  const link = $("viewer-link");
+  link.hidden = !d;
+  if (d) link.href = `/d/${d.id}`;
+  const sel = $("product-select");
+  const current = sel.value;
+  sel.replaceChildren(...(d?.products || []).map((p) => {
+    const opt = document.createElement("option");
+    opt.value = String(p.product_id ?? p.id);
+    opt.textContent = `${p.title} · ${formatMoney(p.price, d.currency)} · ${p.units} units`;
+    return opt;
+  }));
+  if (current && [...sel.options].some((o) => o.value === current)) sel.value = current;
+  // the server says which creator actions are legal next (drop.allowed_actions)
+  const allowed = new Set(d?.allowed_actions || []);
+  if (allowed.has("schedule")) allowed.add("go_live"); // a draft: countdown, then live
+  if (d && PINNABLE.has(d.state)) allowed.add("pin");
+  for (const btn of document.querySelectorAll("[data-action]")) {
+    btn.disabled = !d || (d.allowed_actions !== undefined && !allowed.has(btn.dataset.action));
+  }
+  $("publish-btn").disabled = !d || !ui.stream;
+}
+
+function renderStats() {
+  const s = ui.stats;
+  $("stat-viewers").textContent = String(s.viewers ?? 0);
+  $("stat-sold").textContent = String(s.sold ?? 0);
+  $("stat-revenue").textContent = formatMoney(s.revenue ?? 0, s.currency || "usd");
+  $("stat-holds").textContent = String(s.open_holds ?? 0);
+  $("stat-remaining").textContent = s.remaining === null || s.remaining === undefined ? "-"
+    : String(s.remaining);
+}
+
+function setConn(state) {
+  $("conn").dataset.state = state;
+  $("conn").textContent = state === "open" ? "connected" : state;
+}
+
+// --- token and drop ------------------------------------------------------------
+
+async function useToken(token) {
+  ui.token = token;
+  showError("auth-error", null);
+  try {
+    const me = await fetchJson("/v1/me", { token });
+    if (me.guest || (me.role !== "creator" && me.role !== "admin")) {
+      throw new Error(`this token is for a ${me.role || "guest"}; a creator token is needed`);
+    }
+    localStorage.setItem(TOKEN_KEY, token);
+    $("whoami").textContent = `signed in as ${me.name || me.user_id} (${me.role})`;
+    log(`signed in as ${me.user_id}`);
+    return true;
+  } catch (err) {
+    localStorage.removeItem(TOKEN_KEY);
+    ui.token = null;
+    $("whoami").textContent = "";
+    showError("auth-error", err);
+    return false;
+  }
+}
+
+async function openDrop(id) {
+  showError("drop-error", null);
+  try {
+    ui.drop = await creator.getDrop(id, ui.token);
+    history.replaceState(null, "", `/console?drop=${id}`);
+    renderDrop();
+    connectSocket();
+    refreshStats();
+    clearInterval(ui.statsTimer);
+    ui.statsTimer = setInterval(refreshStats, 2000);
+    log(`opened drop #${id} (${ui.drop.state})`);
+  } catch (err) {
+    showError("drop-error", err);
+  }
+}
+
+async function createDrop(ev) {
+  ev.preventDefault();
+  showError("drop-error", null);
+  try {
+    const price = Math.round(Number($("new-price").value) * 100);
+    const drop = await creator.createDrop({
+      title: $("new-title").value.trim(),
+      products: [{ title: $("new-product").value.trim(), price,
+        units: Number($("new-units").value) }],
+    }, ui.token);
+    log(`created drop #${drop.id}`);
+    $("create-details").open = false;
+    await openDrop(drop.id);
+  } catch (err) {
+    showError("drop-error", err);
+  }
+}
+
+async function refreshStats() {
+  if (!ui.drop) return;
+  try {
+    const { remaining, ...s } = await creator.getStats(ui.drop.id, ui.token);
+    const sel = ui.drop.selling_product_id ?? ui.drop.pinned_product_id;
+    ui.stats = { ...ui.stats, ...s,
+      remaining: sel != null && remaining && remaining[sel] !== undefined ? remaining[sel]
+        : ui.stats.remaining };
+    renderStats();
+  } catch (err) {
+    if (err.status !== 404) log(`stats: ${err.message}`);
+  }
+}
+
+function connectSocket() {
+  if (ui.client) ui.client.stop();
+  ui.client = new DropClient({ url: ui.config.ws_path, dropId: ui.drop.id, token: ui.token,
+    minDelayMs: ui.config.reconnect_min_ms, maxDelayMs: ui.config.reconnect_max_ms });
+  ui.client.addEventListener("state", (e) => setConn(e.detail.state));
+  ui.client.addEventListener("event", (e) => {
+    const { event, data } = e.detail;
+    if (event === "viewers") {
+      ui.stats.viewers = data.count;
+      renderStats();
+      return;
+    }
+    if (event === "stock") {
+      const sel = ui.drop?.selling_product_id;
+      if (sel != null && data.products && data.products[sel] !== undefined) {
+        ui.stats.remaining = data.products[sel];
+        renderStats();
+      }
+      return;
+    }
+    if (event.startsWith("drop.")) {
+      log(`${event} ${JSON.stringify(data)}`);
+      if (event === "drop.state" && ui.drop) {
+        ui.drop = { ...ui.drop, state: data.state };
+        renderDrop();
+        // the full resource carries allowed_actions for the new state
+        creator.getDrop(ui.drop.id, ui.token).then((d) => { ui.drop = d; renderDrop(); })
+          .catch(() => {});
+      }
+      refreshStats();
+    }
+  });
+  ui.client.start();
+}
+
+// --- drop controls -------------------------------------------------------------
+
+async function control(action) {
+  if (!ui.drop) return;
+  showError("control-error", null);
+  const productId = Number($("product-select").value) || null;
+  try {
+    let drop;
+    if (action === "go_live" && ui.drop.state === "draft") {
+      // "Go live" from a draft: a countdown of a few seconds, then on air.
+      await creator.action(ui.drop.id, "schedule", ui.token,
+        { starts_at: new Date(Date.now() + 5000).toISOString() });
+    }
+    const body = ["pin", "buy_now"].includes(action) ? { product_id: productId } : {};
+    drop = await creator.action(ui.drop.id, action, ui.token, body);
+    if (drop && drop.id) ui.drop = drop;
+    else ui.drop = await creator.getDrop(ui.drop.id, ui.token);
+    log(`${action} -> ${ui.drop.state}`);
+    renderDrop();
+    refreshStats();
+  } catch (err) {
+    showError("control-error", err);
+  }
+}
+
+// --- camera and WHIP -----------------------------------------------------------
+
+async function startCamera() {
+  showError("camera-error", null);
+  try {
+    if (ui.stream) {
+      for (const t of ui.stream.getTracks()) t.stop();
+      ui.stream = null;
+      $("preview").srcObject = null;
+      $("camera-btn").textContent = "Start camera";
+      renderDrop();
+      return;
+    }
+    ui.stream = await navigator.mediaDevices.getUserMedia({
+      video: { width: { ideal: 1280 }, height: { ideal: 720 }, frameRate: { ideal: 30 } },
+      audio: true,
+    });
+    $("preview").srcObject = ui.stream;
+    $("camera-btn").textContent = "Stop camera";
+    log("camera on");
+  } catch (err) {
+    showError("camera-error", err);
+  }
+  renderDrop();
+}
+
+async function togglePublish() {
+  showError("camera-error", null);
+  if (ui.publisher) {
+    await ui.publisher.stop();
+    ui.publisher = null;
+    $("publish-btn").textContent = "Publish";
+    $("publish-state").textContent = "not publishing";
+    log("publishing stopped");
+    return;
+  }
+  if (!ui.stream || !ui.drop) return;
+  const url = ui.config.whip_url_template.replace("{drop_id}", String(ui.drop.id));
+  const pub = new WhipPublisher(url, ui.token);
+  pub.addEventListener("state", (e) => {
+    $("publish-state").textContent = e.detail.state === "connected" ? "publishing"
+      : e.detail.state;
+    $("publish-state").dataset.state = e.detail.state;
+    console.info(`whip: ${e.detail.state}`);
+    if (e.detail.state === "connected") log("publishing over WHIP");
+  });
+  $("publish-btn").disabled = true;
+  try {
+    await pub.start(ui.stream);
+    ui.publisher = pub;
+    $("publish-btn").textContent = "Stop publishing";
+  } catch (err) {
+    console.error(`whip: ${err.message}`);
+    showError("camera-error", err);
+    $("publish-state").textContent = "not publishing";
+  } finally {
+    $("publish-btn").disabled = false;
+  }
+}
+
+// --- wiring ----------------------------------------------------------------------
+
+async function main() {
+  ui.config = await loadConfig();
+  renderDrop();
+  renderStats();
+  $("token-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const t = $("token-input").value.trim();
+    if (t && await useToken(t)) $("token-input").value = "";
+  });
+  $("open-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const id = $("open-drop-id").value.trim();
+    if (/^\d+$/.test(id)) openDrop(Number(id));
+  });
+  $("create-form").addEventListener("submit", createDrop);
+  $("camera-btn").addEventListener("click", startCamera);
+  $("publish-btn").addEventListener("click", togglePublish);
+  for (const btn of document.querySelectorAll("[data-action]")) {
+    btn.addEventListener("click", () => control(btn.dataset.action));
+  }
+  window.addEventListener("pagehide", () => { ui.publisher?.stop(); });
+
+  const token = tokenFromFragment(TOKEN_KEY);
+  if (token && await useToken(token)) {
+    const q = new URLSearchParams(location.search).get("drop");
+    if (q && /^\d+$/.test(q)) await openDrop(Number(q));
+  }
+  document.body.dataset.ready = "1";
+}
+
+main().catch((err) => log(`error: ${err.message}`));

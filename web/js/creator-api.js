@@ -1,0 +1,31 @@
+// The creator HTTP API as the console uses it (docs/http-api.md, "Drops").
+
+import { fetchJson } from "./api.js";
+
+// console action -> path segment under /v1/drops/{id}/
+const ACTIONS = Object.freeze({
+  schedule: "schedule",
+  go_live: "go-live",
+  pin: "pin",
+  buy_now: "buy-now",
+  close: "close",
+  end: "end",
+});
+
+export function createDrop(body, token) {
+  return fetchJson("/v1/drops", { method: "POST", token, body });
+}
+
+export function getDrop(id, token) {
+  return fetchJson(`/v1/drops/${id}`, { token });
+}
+
+export function getStats(id, token) {
+  return fetchJson(`/v1/drops/${id}/stats`, { token });
+}
+
+export function action(id, name, token, body = {}) {
+  const seg = ACTIONS[name];
+  if (!seg) throw new Error(`unknown action ${name}`);
+  return fetchJson(`/v1/drops/${id}/${seg}`, { method: "POST", token, body });
+}

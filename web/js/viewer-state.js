@@ -1,0 +1,334 @@
+// The viewer page's state machine, with no I/O: events in, a new state out.
+//
+// `reduce(state, event, data)` takes the server's event names (docs/protocol.md:
+// "drop.state", "drop.buy_now", "stock", "order.held", ...) plus a few local ones
+// ("conn", "snapshot", "buy.requested", "buy.rejected") and returns a new object;
+// the page renders whatever comes out. Tested with `node --test` (web/tests/).
+
+export const Conn = Object.freeze({
+  CONNECTING: "connecting",
+  OPEN: "open",
+  RECONNECTING: "reconnecting",
+  OFFLINE: "offline",
+  CLOSED: "closed",
+});
+
+// schema.sql drops.state
+export const DropState = Object.freeze({
+  DRAFT: "draft",
+  SCHEDULED: "scheduled",
+  LIVE: "live",
+  SELLING: "selling",
+  SOLD_OUT: "sold_out",
+  CLOSED: "closed",
+  ENDED: "ended",
+  SETTLED: "settled",
+});
+
+// What the buy panel shows; follows the private "order.*" events.
+export const OrderPhase = Object.freeze({
+  IDLE: "idle",
+  REQUESTING: "requesting", // buy command sent, no answer yet
+  HELD: "held", // a hold exists: countdown to hold expiry, pay button
+  PAYING: "paying", // payment started (client secret or fake gateway)
+  PAID: "paid",
+  AUTHORIZED: "authorized", // campaign: card authorized, charged if the goal is reached
+  FAILED: "failed",
+  EXPIRED: "expired",
+  CANCELLED: "cancelled",
+  REFUNDED: "refunded",
+  REJECTED: "rejected", // the buy command was refused (sold out, limit, rate)
+});
+
+const CHAT_KEEP = 100;
+const ENDED_STATES = new Set([DropState.ENDED, DropState.SETTLED]);
+
+export function initialState(dropId = null) {
+  return {
+    dropId,
+    conn: { state: Conn.CONNECTING, attempt: 0, retryInMs: 0, recovered: null },
+    drop: {
+      title: "",
+      state: null,
+      startsAt: null,
+      pinnedProductId: null,
+      sellingProductId: null,
+      currency: "usd",
+    },
+    products: {}, // product_id -> {id, title, price, currency, remaining}
+    viewers: null,
+    chat: [],
+    campaign: null,
+    stream: { status: "offline" },
+    order: { phase: OrderPhase.IDLE },
+  };
+}
+
+function withProduct(state, id, fields) {
+  if (id === undefined || id === null) return state.products;
+  const key = String(id);
+  const prev = state.products[key] || { id: key, title: "", price: null, currency: null,
+    remaining: null };
+  return { ...state.products, [key]: { ...prev, ...fields } };
+}
+
+function idOrNull(value, fallback) {
+  if (value === undefined) return fallback;
+  return value === null ? null : String(value);
+}
+
+function applyOrder(state, phase, data, extra = {}) {
+  const cur = state.order;
+  // Events for another order (a stale hold) never overwrite the current one.
+  if (data && data.order_id !== undefined && cur.orderId !== undefined &&
+      cur.orderId !== null && String(data.order_id) !== String(cur.orderId) &&
+      phase !== OrderPhase.HELD) {
+    return state;
+  }
+  return { ...state, order: { ...cur, phase, ...extra } };
+}
+
+export function reduce(state, event, data = {}) {
+  data = data || {};
+  switch (event) {
+    case "conn":
+      return {
+        ...state,
+        conn: {
+          state: data.state,
+          attempt: data.attempt ?? 0,
+          retryInMs: data.retryInMs ?? 0,
+          recovered: data.recovered ?? state.conn.recovered,
+        },
+      };
+
+    case "snapshot": {
+      // The gateway's join snapshot (realtime/snapshot.py: {drop: {...}, state,
+      // countdown, pinned_product_id, selling_product_id, products, chat, viewers}) or
+      // the HTTP drop resource (the same fields at the top level).
+      const d = data.drop || {};
+      const pick = (name) => d[name] ?? data[name];
+      let next = { ...state };
+      const startsAt = data.countdown ? data.countdown.starts_at : pick("starts_at");
+      next.drop = {
+        ...state.drop,
+        title: pick("title") ?? state.drop.title,
+        state: data.state ?? d.state ?? state.drop.state,
+        startsAt: startsAt === undefined ? state.drop.startsAt : startsAt,
+        pinnedProductId: idOrNull(pick("pinned_product_id"), state.drop.pinnedProductId),
+        sellingProductId: idOrNull(pick("selling_product_id"), state.drop.sellingProductId),
+        currency: pick("currency") ?? state.drop.currency,
+      };
+      for (const p of pick("products") || []) {
+        const id = p.product_id ?? p.id;
+        next = { ...next, products: withProduct(next, id, {
+          title: p.title ?? "",
+          price: p.price ?? null,
+          currency: p.currency ?? next.drop.currency,
+          remaining: p.remaining ?? p.units ?? null,
+          imageUrl: p.image_url ?? "",
+        }) };
+      }
+      const stock = data.stock || d.stock;
+      if (stock) next = reduce(next, "stock", stock.products ? stock : { products: stock });
+      if (typeof data.viewers === "number") next.viewers = data.viewers;
+      if (Array.isArray(data.chat)) {
+        next.chat = [];
+        for (const m of data.chat) next = reduce(next, "chat.message", m);
+      }
+      if (data.campaign && data.campaign.goal) {
+        next.campaign = { ...(next.campaign || { backers: 0, percent: 0 }),
+          goal: data.campaign.goal };
+      }
+      if (data.stream && data.stream.status) next.stream = { status: data.stream.status };
+      return next;
+    }
+
+    case "drop.state": {
+      const drop = { ...state.drop, state: data.state };
+      if (data.product_id !== undefined && data.state === DropState.SELLING) {
+        drop.sellingProductId = String(data.product_id);
+      }
+      if (data.state !== DropState.SELLING && data.state !== DropState.SOLD_OUT) {
+        drop.sellingProductId = null;
+      }
+      return { ...state, drop };
+    }
+
+    case "drop.countdown":
+      return { ...state, drop: { ...state.drop, startsAt: data.starts_at ?? null } };
+
+    case "drop.pinned":
+      return {
+        ...state,
+        drop: { ...state.drop, pinnedProductId: data.product_id == null ? null
+          : String(data.product_id) },
+      };
+
+    case "drop.buy_now":
+      return {
+        ...state,
+        drop: { ...state.drop, state: DropState.SELLING,
+          sellingProductId: String(data.product_id) },
+        products: withProduct(state, data.product_id, {
+          price: data.price ?? null,
+          currency: data.currency ?? state.drop.currency,
+          remaining: data.remaining ?? null,
+          ...(data.title ? { title: data.title } : {}),
+        }),
+      };
+
+    case "drop.sold_out":
+      return {
+        ...state,
+        drop: { ...state.drop, state: DropState.SOLD_OUT },
+        products: withProduct(state, data.product_id, { remaining: 0 }),
+      };
+
+    case "drop.closed":
+      return {
+        ...state,
+        drop: { ...state.drop, state: DropState.CLOSED, sellingProductId: null },
+      };
+
+    case "drop.ended":
+      return {
+        ...state,
+        drop: { ...state.drop, state: DropState.ENDED, sellingProductId: null },
+      };
+
+    case "stock": {
+      let products = state.products;
+      for (const [id, remaining] of Object.entries(data.products || {})) {
+        products = withProduct({ products }, id, { remaining: Number(remaining) });
+      }
+      return { ...state, products };
+    }
+
+    case "viewers":
+      return { ...state, viewers: Number(data.count) };
+
+    case "chat.message": {
+      const msg = { id: data.id ?? null, name: String(data.name ?? data.user_name ??
+        data.user_id ?? "viewer"), text: String(data.text ?? ""), at: data.at ?? null };
+      if (msg.id !== null && state.chat.some((m) => m.id === msg.id)) return state;
+      return { ...state, chat: [...state.chat, msg].slice(-CHAT_KEEP) };
+    }
+
+    case "chat.deleted":
+      return { ...state, chat: state.chat.filter((m) => m.id !== data.id) };
+
+    case "campaign.progress":
+      return { ...state, campaign: { backers: data.backers, goal: data.goal,
+        percent: data.percent } };
+
+    case "stream.status":
+      return { ...state, stream: { status: data.status } };
+
+    // --- the buy flow ---------------------------------------------------------
+    case "buy.requested":
+      return { ...state, order: { phase: OrderPhase.REQUESTING,
+        productId: String(data.product_id) } };
+
+    case "buy.rejected":
+      return { ...state, order: { ...state.order, phase: OrderPhase.REJECTED,
+        code: data.code ?? "error", reason: data.message ?? "" } };
+
+    case "order.held":
+      return {
+        ...state,
+        order: {
+          phase: OrderPhase.HELD,
+          orderId: data.order_id,
+          productId: data.product_id == null ? state.order.productId
+            : String(data.product_id),
+          buyerNumber: data.buyer_number,
+          expiresAt: data.expires_at,
+          amount: data.amount,
+          currency: data.currency,
+        },
+      };
+
+    case "pay.started":
+      return applyOrder(state, OrderPhase.PAYING, data);
+
+    case "order.payment": {
+      // The payment is ready for the buyer (client secret) or, for a campaign
+      // backer, authorized (charged only if the goal is reached). It does not move a
+      // held order on: the buyer still has to press Pay.
+      const extra = { paymentStatus: data.status ?? null };
+      if (data.client_secret) extra.clientSecret = data.client_secret;
+      let phase = state.order.phase;
+      if (data.status === "authorized") phase = OrderPhase.AUTHORIZED;
+      return applyOrder(state, phase, data, extra);
+    }
+    case "order.paid":
+      return applyOrder(state, OrderPhase.PAID, data);
+    case "order.failed":
+      return applyOrder(state, OrderPhase.FAILED, data, { reason: data.reason ?? "" });
+    case "order.expired":
+      return applyOrder(state, OrderPhase.EXPIRED, data);
+    case "order.cancelled":
+      return applyOrder(state, OrderPhase.CANCELLED, data);
+    case "order.refunded":
+      return applyOrder(state, OrderPhase.REFUNDED, data);
+    case "order.reset":
+      return { ...state, order: { phase: OrderPhase.IDLE } };
+
+    default:
+      return state;
+  }
+}
+
+// --- derived values the page shows ---------------------------------------------
+
+export function sellingProduct(state) {
+  const id = state.drop.sellingProductId;
+  return id == null ? null : state.products[String(id)] || null;
+}
+
+/** BUY NOW overlay: "hidden", "open" (can buy) or "sold_out". */
+export function overlay(state) {
+  const product = sellingProduct(state);
+  if (state.drop.state === DropState.SOLD_OUT) return product ? "sold_out" : "hidden";
+  if (state.drop.state !== DropState.SELLING || !product) return "hidden";
+  if (product.remaining !== null && product.remaining <= 0) return "sold_out";
+  return "open";
+}
+
+export function isOver(state) {
+  return ENDED_STATES.has(state.drop.state);
+}
+
+/** Whole seconds from `now` (ms) to an ISO time or epoch seconds/ms; never negative. */
+export function secondsUntil(when, now = Date.now()) {
+  if (when === null || when === undefined || when === "") return null;
+  let ms;
+  if (typeof when === "number") ms = when < 1e12 ? when * 1000 : when;
+  else ms = Date.parse(when);
+  if (Number.isNaN(ms)) return null;
+  return Math.max(0, Math.ceil((ms - now) / 1000));
+}
+
+export function formatClock(seconds) {
+  if (seconds === null) return "";
+  const h = Math.floor(seconds / 3600);
+  const m = Math.floor((seconds % 3600) / 60);
+  const s = seconds % 60;
+  const mm = String(m).padStart(h ? 2 : 1, "0");
+  const ss = String(s).padStart(2, "0");
+  return h ? `${h}:${mm}:${ss}` : `${mm}:${ss}`;
+}
+
+/** Minor units -> "$12.50" with Intl (falls back to "12.50 USD"). */
+export function formatMoney(amount, currency = "usd") {
+  if (amount === null || amount === undefined) return "";
+  const cur = String(currency || "usd").toUpperCase();
+  try {
+    const fmt = new Intl.NumberFormat(undefined, { style: "currency", currency: cur });
+    const digits = fmt.resolvedOptions().maximumFractionDigits;
+    return fmt.format(Number(amount) / 10 ** digits);
+  } catch {
+    return `${(Number(amount) / 100).toFixed(2)} ${cur}`;
+  }
+}

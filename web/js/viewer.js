@@ -1,0 +1,393 @@
+// The viewer's live page: player, drop state, BUY NOW, buy flow, chat, viewers.
+// State lives in viewer-state.js (pure); this file does I/O and rendering only.
+// All user-supplied text is rendered with textContent, never innerHTML.
+
+import { fetchJson, loadConfig, viewerToken } from "./api.js";
+import { DropClient } from "./client.js";
+import { startPlayer } from "./player.js";
+import {
+  formatClock, formatMoney, initialState, isOver, OrderPhase, overlay, reduce, secondsUntil,
+  sellingProduct,
+} from "./viewer-state.js";
+
+const $ = (id) => document.getElementById(id);
+
+function dropIdFromLocation() {
+  const m = location.pathname.match(/^\/d\/(\d+)\/?$/);
+  if (m) return Number(m[1]);
+  const q = new URLSearchParams(location.search).get("drop");
+  return q && /^\d+$/.test(q) ? Number(q) : null;
+}
+
+let state = initialState(dropIdFromLocation());
+let client = null;
+let config = null;
+let player = null;
+let stripe = null;
+let stripeCard = null;
+let viewerTokenValue = null;
+const seenBuyNow = { productId: null };
+
+function dispatch(event, data) {
+  state = reduce(state, event, data);
+  render();
+  // expose for tests and debugging
+  window.__dropState = state;
+}
+
+// --- rendering ------------------------------------------------------------------
+
+const CONN_TEXT = {
+  connecting: "connecting…",
+  open: "live",
+  reconnecting: "reconnecting…",
+  offline: "offline",
+  closed: "disconnected",
+};
+
+function render() {
+  const s = state;
+  document.title = s.drop.title ? `${s.drop.title} · live drop` : "Live drop";
+  $("drop-title").textContent = s.drop.title || (s.dropId ? `Drop #${s.dropId}` : "Live drop");
+
+  const conn = $("conn");
+  conn.dataset.state = s.conn.state;
+  let connText = CONN_TEXT[s.conn.state] || s.conn.state;
+  if (s.conn.state === "reconnecting" && s.conn.retryInMs) {
+    connText = `reconnecting in ${Math.ceil(s.conn.retryInMs / 1000)}s`;
+  }
+  conn.textContent = connText;
+
+  $("viewers").hidden = s.viewers === null;
+  $("viewer-count").textContent = s.viewers === null ? "" : s.viewers.toLocaleString();
+
+  const badge = $("drop-state");
+  badge.dataset.state = s.drop.state || "";
+  badge.textContent = (s.drop.state || "-").replace("_", " ");
+
+  renderCountdown();
+
+  const streamLive = s.stream.status === "live";
+  $("stream-status").hidden = streamLive && !isOver(s);
+  $("stream-status").textContent = isOver(s) ? "This drop has ended."
+    : streamLive ? "" : "Waiting for the stream…";
+
+  // pinned product
+  const pinned = s.drop.pinnedProductId ? s.products[s.drop.pinnedProductId] : null;
+  $("pinned").hidden = !pinned;
+  if (pinned) {
+    $("pinned-title").textContent = pinned.title || `Product ${pinned.id}`;
+    $("pinned-price").textContent = formatMoney(pinned.price, pinned.currency);
+  }
+
+  // BUY NOW overlay
+  const mode = overlay(s);
+  const ov = $("buy-overlay");
+  ov.hidden = mode === "hidden";
+  ov.dataset.mode = mode;
+  const product = sellingProduct(s);
+  if (product) {
+    $("buy-title").textContent = product.title || `Product ${product.id}`;
+    $("buy-price").textContent = formatMoney(product.price, product.currency);
+    $("buy-remaining").textContent = mode === "sold_out" ? "sold out"
+      : product.remaining === null ? "" : `${product.remaining} left`;
+    if (seenBuyNow.productId !== product.id && mode === "open") {
+      seenBuyNow.productId = product.id;
+      navigator.vibrate?.(80);
+    }
+  }
+  const busy = [OrderPhase.REQUESTING, OrderPhase.HELD, OrderPhase.PAYING]
+    .includes(s.order.phase);
+  const btn = $("buy-btn");
+  btn.textContent = mode === "sold_out" ? "SOLD OUT" : busy ? "HELD" : "BUY NOW";
+  btn.disabled = mode !== "open" || busy || s.conn.state !== "open";
+
+  renderOrder();
+  renderCampaign();
+  renderChat();
+}
+
+function renderCountdown() {
+  const s = state;
+  const el = $("countdown");
+  const secs = secondsUntil(s.drop.startsAt);
+  const show = secs !== null && secs > 0 && ["draft", "scheduled", "live", null]
+    .includes(s.drop.state);
+  el.hidden = !show;
+  if (show) el.textContent = `starts in ${formatClock(secs)}`;
+  const hold = s.order.phase === OrderPhase.HELD || s.order.phase === OrderPhase.PAYING;
+  $("hold").hidden = !hold;
+  if (hold) $("hold-countdown").textContent = formatClock(secondsUntil(s.order.expiresAt) ?? 0);
+}
+
+const ORDER_TEXT = {
+  requesting: ["Reserving…", ""],
+  held: ["", "Pay before the timer runs out to keep it."],
+  paying: ["Paying…", ""],
+  paid: ["Paid! It's yours.", "A receipt is on its way."],
+  authorized: ["You're in!", "Your card is charged only if the goal is reached."],
+  failed: ["Payment failed", ""],
+  expired: ["Your hold expired", "The unit went back on sale."],
+  cancelled: ["Order cancelled", ""],
+  refunded: ["Refunded", ""],
+  rejected: ["Could not reserve", ""],
+};
+
+function renderOrder() {
+  const o = state.order;
+  const panel = $("order");
+  panel.hidden = o.phase === OrderPhase.IDLE;
+  panel.dataset.phase = o.phase;
+  if (o.phase === OrderPhase.IDLE) return;
+  const [head, detail] = ORDER_TEXT[o.phase] || [o.phase, ""];
+  let headline = head;
+  if (o.buyerNumber && [OrderPhase.HELD, OrderPhase.PAYING, OrderPhase.PAID]
+    .includes(o.phase)) {
+    headline = o.phase === OrderPhase.PAID ? `Paid! You're buyer #${o.buyerNumber}`
+      : `You're buyer #${o.buyerNumber}`;
+  }
+  $("order-headline").textContent = headline;
+  let det = detail;
+  if (o.phase === OrderPhase.FAILED || o.phase === OrderPhase.REJECTED) det = o.reason || "";
+  if (o.amount && o.phase === OrderPhase.HELD) {
+    det = `${formatMoney(o.amount, o.currency)}. ${detail}`;
+  }
+  $("order-detail").textContent = det;
+  const pay = $("pay-btn");
+  pay.hidden = !(o.phase === OrderPhase.HELD || o.phase === OrderPhase.PAYING);
+  pay.disabled = o.phase === OrderPhase.PAYING || !o.clientSecret;
+  pay.textContent = !o.clientSecret ? "Preparing payment…"
+    : o.phase === OrderPhase.PAYING ? "Paying…"
+      : o.amount ? `Pay ${formatMoney(o.amount, o.currency)}` : "Pay";
+  $("cancel-btn").hidden = o.phase !== OrderPhase.HELD;
+  $("card-element").hidden = !stripeCard || !(o.phase === OrderPhase.HELD ||
+    o.phase === OrderPhase.PAYING);
+  $("order-dismiss").hidden = ![OrderPhase.PAID, OrderPhase.AUTHORIZED, OrderPhase.FAILED,
+    OrderPhase.EXPIRED, OrderPhase.CANCELLED, OrderPhase.REFUNDED, OrderPhase.REJECTED]
+    .includes(o.phase);
+}
+
+function renderCampaign() {
+  const c = state.campaign;
+  $("campaign").hidden = !c;
+  if (!c) return;
+  $("campaign-bar").style.width = `${Math.min(100, Number(c.percent) || 0)}%`;
+  $("campaign-text").textContent = `${c.backers} of ${c.goal} backers`;
+}
+
+let renderedChat = [];
+function renderChat() {
+  if (renderedChat === state.chat) return;
+  const list = $("chat-list");
+  const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+  list.replaceChildren(...state.chat.map((m) => {
+    const li = document.createElement("li");
+    const who = document.createElement("span");
+    who.className = "who";
+    who.textContent = m.name;
+    const text = document.createElement("span");
+    text.className = "text";
+    text.textContent = m.text; // never innerHTML
+    li.append(who, text);
+    return li;
+  }));
+  renderedChat = state.chat;
+  if (atBottom) list.scrollTop = list.scrollHeight;
+}
+
+// --- actions --------------------------------------------------------------------
+
+async function buy() {
+  const product = sellingProduct(state);
+  if (!product || !client) return;
+  dispatch("buy.requested", { product_id: product.id });
+  try {
+    const reply = await client.command("buy", {
+      product_id: Number(product.id),
+      quantity: 1,
+      idempotency_key: crypto.randomUUID(),
+    });
+    // The reply is the hold (checkout/reserve.py Hold.reply); "order.held" may also
+    // arrive as a private event: both lead to the same state.
+    if (reply && (reply.order_id || reply.hold_id)) {
+      dispatch("order.held", { ...reply, order_id: reply.order_id ?? reply.hold_id,
+        product_id: reply.product_id ?? product.id });
+    }
+  } catch (err) {
+    dispatch("buy.rejected", { code: err.code, message: err.message });
+  }
+}
+
+async function pay() {
+  const o = state.order;
+  if (!client || !o.orderId || !o.clientSecret) return;
+  dispatch("pay.started", { order_id: o.orderId });
+  try {
+    if (stripe && stripeCard) {
+      // Stripe.js confirms the PaymentIntent; "order.paid" follows from the webhook.
+      const result = await stripe.confirmCardPayment(o.clientSecret, {
+        payment_method: { card: stripeCard },
+      });
+      if (result.error) {
+        dispatch("order.failed", { order_id: o.orderId, reason: result.error.message });
+      }
+      return;
+    }
+    if (config.payment_gateway === "fake") {
+      // Development: the fake gateway's stand-in for Stripe.js (docs/http-api.md).
+      const res = await fetchJson(`/v1/dev/orders/${encodeURIComponent(o.orderId)}/confirm`,
+        { method: "POST", token: viewerTokenValue, body: { payment_method: "pm_card_visa" } });
+      if (res.state === "paid") dispatch("order.paid", { order_id: o.orderId });
+      else if (res.error) dispatch("order.failed", { order_id: o.orderId, reason: res.error });
+      return;
+    }
+    dispatch("order.failed", { order_id: o.orderId, reason: "payments are not available" });
+  } catch (err) {
+    dispatch("order.failed", { order_id: o.orderId, reason: err.message });
+  }
+}
+
+async function cancelHold() {
+  const o = state.order;
+  if (!client || !o.orderId) return;
+  try {
+    await client.command("cancel_hold", { hold_id: o.orderId });
+    dispatch("order.cancelled", { order_id: o.orderId });
+  } catch (err) {
+    dispatch("order.failed", { order_id: o.orderId, reason: err.message });
+  }
+}
+
+async function sendChat(ev) {
+  ev.preventDefault();
+  const input = $("chat-input");
+  const text = input.value.trim();
+  if (!text || !client) return;
+  $("chat-error").hidden = true;
+  try {
+    await client.command("chat.send", { text });
+    input.value = "";
+  } catch (err) {
+    $("chat-error").textContent = err.message;
+    $("chat-error").hidden = false;
+  }
+}
+
+async function setupStripe() {
+  if (config.payment_gateway !== "stripe" || !config.stripe_publishable_key) return;
+  // Stripe.js must be loaded from Stripe's own host (never bundled or copied).
+  await new Promise((resolve, reject) => {
+    const s = document.createElement("script");
+    s.src = "https://js.stripe.com/v3/";
+    s.onload = resolve;
+    s.onerror = () => reject(new Error("Stripe.js could not be loaded"));
+    document.head.append(s);
+  });
+  stripe = window.Stripe(config.stripe_publishable_key);
+  stripeCard = stripe.elements().create("card");
+  stripeCard.mount("#card-element");
+}
+
+// --- wiring ---------------------------------------------------------------------
+
+async function main() {
+  if (state.dropId === null) {
+    document.body.classList.add("no-drop");
+    $("pick-drop").hidden = false;
+    $("pick-drop").addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      location.href = `/d/${$("pick-drop-id").value}`;
+    });
+    dispatch("conn", { state: "closed" });
+    listLiveDrops().catch(() => {});
+    return;
+  }
+  config = await loadConfig();
+  const token = await viewerToken(config);
+  viewerTokenValue = token;
+  $("buy-btn").addEventListener("click", buy);
+  $("pay-btn").addEventListener("click", pay);
+  $("cancel-btn").addEventListener("click", cancelHold);
+  $("order-dismiss").addEventListener("click", () => dispatch("order.reset"));
+  $("chat-form").addEventListener("submit", sendChat);
+  $("chat-form").hidden = !token;
+  $("unmute").addEventListener("click", () => {
+    $("video").muted = false;
+    $("unmute").hidden = true;
+  });
+  setupStripe().catch((err) => console.warn(err));
+
+  // A first picture of the drop over HTTP, so the page is not empty while the
+  // socket connects (and for guests when the socket is refused).
+  fetchJson(`/v1/drops/${state.dropId}`).then((d) => d && dispatch("snapshot", d))
+    .catch(() => {});
+  fetchJson(`/v1/drops/${state.dropId}/stream`).then((st) => {
+    if (st && st.status && state.stream.status !== "live") {
+      dispatch("stream.status", { status: st.status });
+    }
+  }).catch(() => {});
+
+  client = new DropClient({
+    url: config.ws_path, dropId: state.dropId, token,
+    minDelayMs: config.reconnect_min_ms, maxDelayMs: config.reconnect_max_ms,
+  });
+  window.__dropClient = client; // tests and debugging
+  client.addEventListener("state", (e) => dispatch("conn", {
+    state: e.detail.state, attempt: e.detail.attempt, retryInMs: e.detail.retryInMs,
+    recovered: e.detail.recovered,
+  }));
+  client.addEventListener("joined", (e) => {
+    // realtime/hub.py joined_frame: {recovered, pos, events, viewers, snapshot?, stock?}
+    const d = e.detail.data || {};
+    if (d.snapshot) dispatch("snapshot", d.snapshot);
+    if (typeof d.viewers === "number") dispatch("viewers", { count: d.viewers });
+    if (d.stock) dispatch("stock", d.stock.data || d.stock);
+  });
+  client.addEventListener("join-error", async (e) => {
+    if (e.detail.code === "token_expired" || e.detail.code === "token_invalid") {
+      // a stale stored token: get a fresh one (dev) or watch as a guest
+      localStorage.removeItem("dropserver.viewer_token");
+      client.token = await viewerToken(config);
+      client.stop();
+      client.start();
+    }
+  });
+  client.addEventListener("event", (e) => {
+    dispatch(e.detail.event, e.detail.data);
+    if (e.detail.event === "stream.status") ensurePlayer();
+  });
+  client.start();
+  ensurePlayer();
+  setInterval(renderCountdown, 250);
+}
+
+async function listLiveDrops() {
+  const body = await fetchJson("/v1/drops?state=live,selling,sold_out,closed&limit=20");
+  const drops = body?.drops || [];
+  $("live-drops").hidden = drops.length === 0;
+  $("live-drops-list").replaceChildren(...drops.map((d) => {
+    const li = document.createElement("li");
+    const a = document.createElement("a");
+    a.href = `/d/${Number(d.id)}`;
+    a.textContent = d.title;
+    li.append(a);
+    return li;
+  }));
+}
+
+function ensurePlayer() {
+  if (player || state.dropId === null || !config) return;
+  const url = config.hls_url_template.replace("{drop_id}", String(state.dropId));
+  player = startPlayer($("video"), url, {
+    onPlaying: () => {
+      if (state.stream.status !== "live") dispatch("stream.status", { status: "live" });
+      $("unmute").hidden = !$("video").muted;
+    },
+    onStalled: () => {},
+  });
+}
+
+main().catch((err) => {
+  console.error(err);
+  dispatch("conn", { state: "closed" });
+});
