@@ -86,6 +86,11 @@ class Settings:
                                   "Minimum interval between stock updates per drop.")
     viewers_coalesce_ms: int = _env("DROPSERVER_VIEWERS_COALESCE_MS", 1000,
                                     "Minimum interval between viewer-count updates.")
+    coalesce_budget: int = _env("DROPSERVER_COALESCE_BUDGET", 10000,
+                                "Frames per second one process spends on each coalesced "
+                                "event (stock, viewers) of a drop: with more local "
+                                "viewers than this times the interval, the interval "
+                                "grows (viewers / budget seconds). 0: fixed intervals.")
     presence_ttl: int = _env("DROPSERVER_PRESENCE_TTL", 10,
                              "Seconds before a silent node's viewers leave the count.")
     reconnect_min_ms: int = _env("DROPSERVER_RECONNECT_MIN_MS", 500,

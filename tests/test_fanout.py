@@ -175,6 +175,31 @@ async def test_stock_updates_are_coalesced_durable_events_never(settings, r):
         await c.close()
 
 
+async def test_big_rooms_get_coalesced_events_less_often(settings, r):
+    """Two local viewers and a budget of 10 frames/s per event: one flush per 0.2 s."""
+    drop_id, (pid,) = await create_drop(settings.database_url)
+    async with running(settings, stock_coalesce_ms=50, coalesce_budget=10) as srv:
+        viewers = [await Client.connect(srv.ws_url) for _ in range(2)]
+        for c in viewers:
+            await c.join(drop_id)
+        started = time.monotonic()
+        for remaining in range(199, -1, -1):
+            await publish_volatile(r, drop_id, "stock", {"products": {pid: remaining}})
+            await asyncio.sleep(0.005)
+        elapsed = time.monotonic() - started
+        for c in viewers:
+            stock = []
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    frame = await c.recv(0.6)
+                    if frame.get("event") == "stock":
+                        stock.append(frame["data"]["products"][pid])
+            assert stock[-1] == 0  # the latest value always arrives
+            # 50 ms alone would allow elapsed / 0.05 flushes; the room's size allows 1 / 0.2 s
+            assert len(stock) <= elapsed / 0.2 + 2, (len(stock), elapsed)
+            await c.close()
+
+
 async def test_drain_tells_each_client_when_to_come_back(settings, server):
     drop_id, _ = await create_drop(settings.database_url)
     clients = [await Client.connect(server.ws_url) for _ in range(5)]
