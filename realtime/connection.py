@@ -61,6 +61,7 @@ class Connection:
         "drop_id",
         "fmt",
         "grace",
+        "handling",
         "ip",
         "joined",
         "last_seen",
@@ -95,6 +96,9 @@ class Connection:
         self.closed = False
         self.close_code: int | None = None
         self.last_seen = time.monotonic()
+        # A command (join, buy, chat) is being answered: the server is not reading
+        # this socket meanwhile, so its silence is ours, not the peer's.
+        self.handling = False
         self._queue: collections.deque | None = None
         self._queued_bytes = 0
         self._writer: asyncio.Task | None = None

@@ -153,6 +153,7 @@ async def _serve(app: Any, hub: Hub, conn: Connection, token: str | None, receiv
             continue
         bad = 0
         metrics.FRAMES_IN.labels(frame.command or frame.type.value).inc()
+        conn.handling = True
         try:
             reply = await _handle(app, hub, conn, token, frame)
         except ProtocolError as exc:
@@ -170,6 +171,9 @@ async def _serve(app: Any, hub: Hub, conn: Connection, token: str | None, receiv
             _send_error(conn, ProtocolError(ErrorCode.INTERNAL_ERROR, "internal error",
                                             frame.id))
             continue
+        finally:
+            conn.handling = False
+            conn.last_seen = time.monotonic()
         if reply is not None:
             _send_frame(conn, reply)
 
@@ -285,7 +289,10 @@ async def _answer_join(app: Any, hub: Hub, room: Any, conn: Connection, frame: C
 # -- heartbeats, drain ---------------------------------------------------------------
 
 async def heartbeat_loop(hub: Hub) -> None:
-    """Ping every socket each interval; close those silent for interval + timeout."""
+    """Ping every socket each interval; close those silent for interval + timeout.
+
+    Silence while the server itself is answering a frame (a join queued behind a
+    connect storm) does not count: the server is not reading that socket then."""
     settings = hub.settings
     interval = settings.ws_ping_interval
     if interval <= 0:
@@ -297,7 +304,7 @@ async def heartbeat_loop(hub: Hub) -> None:
         for conn in list(hub.connections):
             if conn.closed:
                 continue
-            if conn.last_seen < deadline:
+            if conn.last_seen < deadline and not conn.handling:
                 conn.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
             else:
                 ping.deliver(conn)

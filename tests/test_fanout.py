@@ -266,6 +266,26 @@ async def test_heartbeat_closes_silent_clients_only(settings):
         await alive.close()
 
 
+async def test_a_join_queued_longer_than_the_heartbeat_is_not_a_timeout(settings):
+    """A connect storm can queue joins for longer than interval + pong timeout; the
+    server is not reading those sockets meanwhile, so it must not call them silent."""
+    drop_id, _ = await create_drop(settings.database_url)
+    async with running(settings, ws_ping_interval=0.2, ws_pong_timeout=0.2) as srv:
+        slots = srv.app.state.realtime.join_slots
+        held = 0
+        while not slots.locked():  # every join slot taken: joins wait
+            await slots.acquire()
+            held += 1
+        c = await Client.connect(srv.ws_url)
+        await c.send({"t": "join", "drop_id": drop_id, "id": "j"})
+        await asyncio.sleep(1.0)  # > 2 x (interval + timeout)
+        for _ in range(held):
+            slots.release()
+        joined = await c.recv_until(lambda f: f["t"] == "joined", 5)
+        assert joined["drop_id"] == drop_id
+        await c.close()
+
+
 @pytest.mark.timeout(120)
 async def test_two_worker_processes_both_deliver_one_publication(clean_backends, r, tmp_path):
     from tests.conftest import free_port
