@@ -215,9 +215,13 @@ class Packager:
         self._part.video.append(Sample(fmp4.annexb_to_avcc(prev.nals), duration, prev.keyframe))
         self._end = pts
         if keyframe and pts - self._segment_start >= self.segment_ticks - self.part_ticks // 2:
-            self._close_part(pts)
+            # One playlist write for the last part, the closed segment and the new hint:
+            # in between, a blocking reload for the next part of the old segment would
+            # be answered (6.2.5.2: a later segment exists) with a stale playlist.
+            self._close_part(pts, publish=False)
             self._close_segment()
             self._open_segment(pts)
+            self._publish()
         elif pts - self._part_start >= self.part_ticks:
             self._close_part(pts)
             self._open_part(pts)
@@ -264,10 +268,12 @@ class Packager:
             self._part.video.append(Sample(fmp4.annexb_to_avcc(prev.nals),
                                            VIDEO_TIMESCALE // 30, prev.keyframe))
             self._end = prev.pts + VIDEO_TIMESCALE // 30
-        self._close_part(self._end)
+        self._close_part(self._end, publish=False)
         self._close_segment()
         self._part = None
         self._pending = None
+        self.playlist.preload_uri = None  # the next part needs the new init: no hint yet
+        self._publish()
 
     @property
     def _map_uri(self) -> str:
@@ -289,7 +295,7 @@ class Packager:
     def _part_uri(self, index: int) -> str:
         return f"s{self.playlist.next_msn}.{index}.m4s"
 
-    def _close_part(self, end: int) -> None:
+    def _close_part(self, end: int, *, publish: bool = True) -> None:
         part = self._part
         if part is None or not part.video:
             return
@@ -316,7 +322,8 @@ class Packager:
                                         uri=uri, independent=part.video[0].sync))
         self._part = None
         self.playlist.preload_uri = self._part_uri(index + 1)
-        self._publish()
+        if publish:
+            self._publish()
 
     def _close_segment(self) -> None:
         pl = self.playlist
@@ -379,12 +386,15 @@ class Packager:
             self._part.video.append(Sample(fmp4.annexb_to_avcc(prev.nals), duration,
                                            prev.keyframe))
             self._end = prev.pts + duration
-            self._close_part(self._end)
+            self._close_part(self._end, publish=False)
         self._close_segment()
         self._pending = None
         self._part = None
         self.playlist.parts = []
         self.playlist.preload_uri = None
+        # Written now, not at the next part: until then blocking reloads would be
+        # answered at once (the segment is closed) with the old playlist, in a loop.
+        self._publish()
 
     def finish(self, dateranges: list[DateRange] | None = None) -> None:
         """End of the stream: ENDLIST on the live playlists and a VOD ``replay.m3u8``."""
