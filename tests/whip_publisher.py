@@ -6,6 +6,10 @@ It runs in a child process, never in a thread of the test: PyAV keeps the GIL wh
 the very event loop that has to answer it.
 
     python -m tests.whip_publisher URL TOKEN [--seconds S] [--profile P] [--no-audio]
+        [--size WxH] [--timestamps FILE]
+
+``--timestamps`` writes one line per video frame, ``<index> <time.monotonic()>`` taken
+when the frame was handed to the muxer's socket (streaming.bench_ingest reads it).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def dtls_identity() -> tuple[str, str]:
 
 
 def publish(url: str, token: str, *, seconds: float, profile: str, width: int,
-            height: int, audio: bool) -> None:
+            height: int, audio: bool, timestamps: str | None = None) -> None:
     import av
     import numpy as np
 
@@ -75,12 +79,14 @@ def publish(url: str, token: str, *, seconds: float, profile: str, width: int,
         a.format = "s16"
     start = time.monotonic()
     sent_audio = 0  # samples
+    sent_at: list[float] = []  # per video frame, after its packets went out
     for i in range(int(seconds * FPS)):
         img = np.full((height, width, 3), (i * 5) % 255, np.uint8)
         img[:, (i * 4) % width] = 255
         frame = av.VideoFrame.from_ndarray(img, format="rgb24")
         frame.pts = i
         out.mux(v.encode(frame))
+        sent_at.append(time.monotonic())
         if i == 0:  # the first mux did the WHIP handshake: the real-time clock starts now
             start = time.monotonic()
         if a is not None:
@@ -95,6 +101,9 @@ def publish(url: str, token: str, *, seconds: float, profile: str, width: int,
             time.sleep(delay)
     out.mux(v.encode(None))
     out.close()  # sends DELETE to the Location
+    if timestamps:
+        with open(timestamps, "w") as f:
+            f.writelines(f"{i} {t:.6f}\n" for i, t in enumerate(sent_at))
 
 
 class WhipPublisher:
@@ -102,10 +111,12 @@ class WhipPublisher:
 
     def __init__(self, url: str, token: str, *, seconds: float = 3.0,
                  profile: str = "baseline", width: int = 320, height: int = 240,
-                 audio: bool = True) -> None:
+                 audio: bool = True, timestamps: str | None = None) -> None:
         self.argv = [sys.executable, "-m", "tests.whip_publisher", url, token,
                      "--seconds", str(seconds), "--profile", profile,
                      "--size", f"{width}x{height}"] + ([] if audio else ["--no-audio"])
+        if timestamps:
+            self.argv += ["--timestamps", timestamps]
         self.proc: subprocess.Popen | None = None
         self.error: str | None = None
 
@@ -142,10 +153,11 @@ def main() -> None:
     p.add_argument("--profile", default="baseline")
     p.add_argument("--size", default="320x240")
     p.add_argument("--no-audio", action="store_true")
+    p.add_argument("--timestamps", default=None)
     args = p.parse_args()
     width, height = (int(x) for x in args.size.split("x"))
     publish(args.url, args.token, seconds=args.seconds, profile=args.profile,
-            width=width, height=height, audio=not args.no_audio)
+            width=width, height=height, audio=not args.no_audio, timestamps=args.timestamps)
 
 
 if __name__ == "__main__":

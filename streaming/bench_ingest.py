@@ -1,0 +1,617 @@
+"""Benchmark: what one 720p30 stream costs the server, and how late viewers see it.
+
+    python -m streaming.bench_ingest [--window 20] [--warmup 5] [--only cpu|glass]
+
+Run from the repository root (the publisher is ``tests/whip_publisher.py``). One
+Valkey and PostgreSQL (:class:`dropserver.services.LocalServices`) for the whole run;
+for each case a fresh single-process ``dropserver dev --port 0`` pointed at them (so
+its PID is the server, and ``DROPSERVER_HLS_TRANSCODE`` applies from start-up), a
+fresh drop and one publisher:
+
+* ``passthrough`` / ``re-encode``: FFmpeg's WHIP muxer (``tests.whip_publisher``, a
+  child process: libx264 baseline, GOP 30, Opus) at ``--size`` 30 fps, with
+  ``DROPSERVER_HLS_TRANSCODE=auto`` then ``always``.
+
+  - **server CPU**: user+sys time of the server PID (all its threads, from
+    ``/proc/<pid>/stat``) over ``--window`` seconds that start ``--warmup`` seconds
+    after the first part appeared, as % of one core. Redis, PostgreSQL and the
+    publisher are other processes; the publisher's CPU is shown for scale.
+  - **publish-to-playlist**: a client long-polls ``live.m3u8`` with blocking reload
+    (``_HLS_msn``/``_HLS_part`` of the next part), fetches every new part and reads
+    its video samples' decode times (``tfdt`` + ``trun``). Each sample is matched to
+    the publisher's frame index, whose send time (``time.monotonic()`` after the
+    muxer wrote it to the socket) the publisher records. Per part: the moment the
+    playlist response listing it arrived minus the send time of its **newest** frame
+    (what a viewer at the live edge waits beyond the part's own length) and of its
+    **oldest** frame (plus the part duration).
+
+* ``glass``: headless Chromium (``/usr/bin/chromium``, one browser, two pages, so one
+  clock). Page 1 draws ``performance.timeOrigin + performance.now()`` as a barcode
+  (42-bit milliseconds + 6-bit check, each bit a white/black block over its
+  complement) on a ``--size`` canvas at every animation frame, and publishes
+  ``canvas.captureStream(30)`` with ``web/js/whip.js``. Page 2 plays ``live.m3u8``
+  with ``web/js/player.js`` (hls.js, the viewer page's own config); at every
+  animation frame it draws the video's barcode strip to a small canvas, decodes it
+  and records now - encoded time: the age of the picture on screen. Also: the age
+  when each picture is first seen, and how much media hls.js holds ahead of the
+  playhead (``buffered.end - currentTime``). Server CPU for this browser stream too.
+
+Prints a table per case (p50/p95/max in ms). Bounded: every case stops by itself;
+the publisher, browser and servers are ended on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from dropserver.services import LocalServices
+
+CHROMIUM = os.environ.get("DROPSERVER_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync",
+                 "--autoplay-policy=no-user-gesture-required",
+                 "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
+                 "--disable-backgrounding-occluded-windows"]
+FPS = 30
+FRAME_TICKS = 90_000 // FPS
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+# ----------------------------------------------------------------------- helpers
+def cpu_seconds(pid: int) -> float:
+    """user + sys CPU seconds of a process, all threads (proc(5): fields 14, 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def pcts(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0, "p50": float("nan"), "p95": float("nan"), "max": float("nan")}
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return {"n": len(ordered), "p50": statistics.median(ordered), "p95": p95,
+            "max": ordered[-1]}
+
+
+def video_samples(part: bytes) -> list[tuple[int, int]]:
+    """(decode time, duration) of track 1's samples in one ``moof``+``mdat``."""
+    out: list[tuple[int, int]] = []
+
+    def boxes(data: bytes, start: int, end: int):
+        pos = start
+        while pos + 8 <= end:
+            size, kind = struct.unpack_from(">I4s", data, pos)
+            if size < 8:
+                return
+            yield kind, pos + 8, pos + size
+            pos += size
+
+    for kind, s, e in boxes(part, 0, len(part)):
+        if kind != b"moof":
+            continue
+        for tkind, ts, te in boxes(part, s, e):
+            if tkind != b"traf":
+                continue
+            track, base, entries = 0, 0, []
+            for bkind, bs, _be in boxes(part, ts, te):
+                if bkind == b"tfhd":
+                    track = struct.unpack_from(">I", part, bs + 4)[0]
+                elif bkind == b"tfdt":
+                    version = part[bs]
+                    base = struct.unpack_from(">Q" if version else ">I", part, bs + 4)[0]
+                elif bkind == b"trun":
+                    flags = int.from_bytes(part[bs + 1:bs + 4], "big")
+                    count = struct.unpack_from(">I", part, bs + 4)[0]
+                    pos = bs + 8 + (4 if flags & 0x1 else 0) + (4 if flags & 0x4 else 0)
+                    width = 4 * bin(flags & 0xF00).count("1")
+                    for _ in range(count):
+                        entries.append(struct.unpack_from(">I", part, pos)[0]
+                                       if flags & 0x100 else 0)
+                        pos += width
+            if track == 1:
+                t = base
+                for duration in entries:
+                    out.append((t, duration))
+                    t += duration
+    return out
+
+
+def avc1_size(init: bytes) -> tuple[int, int]:
+    pos = init.find(b"avc1")
+    if pos < 0:
+        return 0, 0
+    return struct.unpack_from(">HH", init, pos + 4 + 24)
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    base: str
+    token: str
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_server(services: LocalServices, media: Path, transcode: str) -> Server:
+    """``dropserver dev --port 0`` on the given Redis/PostgreSQL: one process."""
+    env = dict(os.environ, REDIS_URL=services.redis_url, DATABASE_URL=services.database_url,
+               DROPSERVER_MEDIA_DIR=str(media), DROPSERVER_HLS_TRANSCODE=transcode,
+               DROPSERVER_LOG_LEVEL="warning", DROPSERVER_WORKERS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "dropserver.cli", "dev", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=env)
+    assert proc.stdout is not None
+    base = token = ""
+    deadline = time.monotonic() + 60
+    while not token:
+        line = proc.stdout.readline()
+        if not line or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("dropserver dev did not start")
+        if line.strip().startswith("HTTP"):
+            base = line.split()[-1]
+        elif line.strip().startswith("Creator token"):
+            token = proc.stdout.readline().strip()
+    # keep draining stdout so the server never blocks on a full pipe
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
+    return Server(proc, base, token)
+
+
+async def create_drop(http: httpx.AsyncClient, token: str) -> int:
+    body = {"title": "bench stream", "products": [{"title": "A", "price": 1000, "units": 5}]}
+    resp = await http.post("/v1/drops", json=body, headers={"Authorization": f"Bearer {token}"})
+    return resp.raise_for_status().json()["id"]
+
+
+# ------------------------------------------------------- playlist watcher (client)
+_PART_URI = re.compile(r'#EXT-X-PART:.*URI="s(\d+)\.(\d+)\.m4s"')
+
+
+@dataclass
+class PartSeen:
+    msn: int
+    index: int
+    seen: float  # time.monotonic() when a playlist listing it arrived
+    samples: list[tuple[int, int]]  # (decode time, duration), video
+
+
+@dataclass
+class Watcher:
+    http: httpx.AsyncClient
+    drop_id: int
+    parts: list[PartSeen] = field(default_factory=list)
+    size: tuple[int, int] = (0, 0)
+    stop: bool = False
+    requests: list[float] = field(default_factory=list)  # when each playlist GET returned
+
+    async def run(self) -> None:
+        url = f"/v1/drops/{self.drop_id}/hls/live.m3u8"
+        seen: set[tuple[int, int]] = set()
+        newest: tuple[int, int] | None = None
+        while not self.stop:
+            params = {} if newest is None else {
+                "_HLS_msn": str(newest[0]), "_HLS_part": str(newest[1] + 1)}
+            try:
+                resp = await self.http.get(url, params=params, timeout=10)
+            except httpx.TimeoutException:
+                continue
+            at = time.monotonic()
+            self.requests.append(at)
+            if resp.status_code == 404:
+                await asyncio.sleep(0.05)
+                continue
+            if resp.status_code == 503:
+                continue
+            resp.raise_for_status()
+            text = resp.text
+            if "#EXT-X-ENDLIST" in text:
+                return
+            listed = [(int(m), int(i)) for m, i in _PART_URI.findall(text)]
+            if self.size == (0, 0):
+                init = re.search(r'#EXT-X-MAP:URI="([^"]+)"', text)
+                if init:
+                    data = (await self.http.get(f"/v1/drops/{self.drop_id}/hls/"
+                                                f"{init.group(1)}")).content
+                    self.size = avc1_size(data)
+            for key in listed:
+                if key in seen:
+                    continue
+                seen.add(key)
+                data = (await self.http.get(
+                    f"/v1/drops/{self.drop_id}/hls/s{key[0]}.{key[1]}.m4s")).content
+                self.parts.append(PartSeen(key[0], key[1], at, video_samples(data)))
+            if listed:
+                newest = max(listed)
+                if f"\ns{newest[0]}.m4s\n" in text:
+                    newest = (newest[0] + 1, -1)  # its segment closed: next is s<msn+1>.0
+
+
+async def stream_size(http: httpx.AsyncClient, drop_id: int) -> tuple[int, int]:
+    text = (await http.get(f"/v1/drops/{drop_id}/hls/live.m3u8")).text
+    init = re.findall(r'#EXT-X-MAP:URI="([^"]+)"', text)
+    if not init:
+        return 0, 0
+    return avc1_size((await http.get(f"/v1/drops/{drop_id}/hls/{init[-1]}")).content)
+
+
+def frame_latencies(parts: list[PartSeen], sent: list[float]) -> tuple[
+        list[tuple[float, float, float]], int]:
+    """(seen, newest-frame latency, oldest-frame latency) per part, and frames placed.
+
+    The first packaged frame is the first keyframe the server received, so its frame
+    index is a multiple of the GOP (30); the largest multiple that keeps every
+    latency positive is the right one (one GOP less would add a whole second).
+    """
+    parts = sorted((p for p in parts if p.samples), key=lambda p: (p.msn, p.index))
+    if not parts:
+        return [], 0
+    origin = parts[0].samples[0][0]
+
+    def index(t: int, k: int) -> int:
+        return k * FPS + round((t - origin) / FRAME_TICKS)
+
+    best: list[tuple[float, float, float]] = []
+    for k in range(0, 10):
+        rows = []
+        ok = True
+        for p in parts:
+            first, last = index(p.samples[0][0], k), index(p.samples[-1][0], k)
+            if last >= len(sent):
+                ok = False
+                break
+            rows.append((p.seen, p.seen - sent[last], p.seen - sent[first]))
+        if not ok or min(r[1] for r in rows) < 0:
+            break
+        best = rows
+    return best, sum(len(p.samples) for p in parts)
+
+
+# ------------------------------------------------------------------ FFmpeg cases
+@dataclass
+class CpuResult:
+    case: str
+    size: tuple[int, int]
+    server_cpu: float  # % of one core
+    publisher_cpu: float
+    fps: float
+    reloads: float  # playlist responses per second to the blocking-reload client
+    newest: dict[str, float]
+    oldest: dict[str, float]
+    load: float
+
+
+async def ffmpeg_case(services: LocalServices, media: Path, case: str, width: int,
+                      height: int, warmup: float, window: float) -> CpuResult:
+    from tests.whip_publisher import WhipPublisher
+
+    transcode = "always" if case == "re-encode" else "auto"
+    server = start_server(services, media, transcode)
+    stamps = Path(tempfile.mkdtemp(prefix="bench-ingest-")) / "sent.txt"
+    publisher = None
+    try:
+        async with httpx.AsyncClient(base_url=server.base, timeout=10) as http:
+            drop_id = await create_drop(http, server.token)
+            watcher = Watcher(http, drop_id)
+            watch = asyncio.create_task(watcher.run())
+            publisher = WhipPublisher(f"{server.base}/v1/drops/{drop_id}/whip", server.token,
+                                      seconds=warmup + window + 4, profile="baseline",
+                                      width=width, height=height, timestamps=str(stamps))
+            publisher.start()
+            assert publisher.proc is not None
+            deadline = time.monotonic() + 30
+            while not watcher.parts:
+                if time.monotonic() > deadline or publisher.proc.poll() is not None:
+                    raise RuntimeError(f"{case}: no part in 30 s")
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(warmup)
+            t0, s0, p0 = time.monotonic(), cpu_seconds(server.pid), cpu_seconds(
+                publisher.proc.pid)
+            await asyncio.sleep(window)
+            t1, s1, p1 = time.monotonic(), cpu_seconds(server.pid), cpu_seconds(
+                publisher.proc.pid)
+            load = os.getloadavg()[0]
+            await publisher.wait(warmup + window + 30)
+            if publisher.error:
+                raise RuntimeError(publisher.error)
+            watcher.stop = True
+            watch.cancel()
+            sent = [float(line.split()[1]) for line in stamps.read_text().splitlines()]
+            rows, _ = frame_latencies(watcher.parts, sent)
+            in_window = [r for r in rows if t0 <= r[0] < t1]
+            frames = sum(len(p.samples) for p in watcher.parts if t0 <= p.seen < t1)
+            return CpuResult(case, watcher.size, 100 * (s1 - s0) / (t1 - t0),
+                             100 * (p1 - p0) / (t1 - t0), frames / (t1 - t0),
+                             sum(1 for t in watcher.requests if t0 <= t < t1) / (t1 - t0),
+                             pcts([1000 * r[1] for r in in_window]),
+                             pcts([1000 * r[2] for r in in_window]), load)
+    finally:
+        if publisher is not None:
+            publisher.kill()
+        server.stop()
+
+
+# ---------------------------------------------------------------- glass to viewer
+_BARCODE = """
+const COLS = 24, DATA_BITS = 42, CHECK_BITS = 6, CHECK_MOD = 61;
+// rows: data 0..23, complement, data 24..47, complement; in the top 4/9 of the picture
+function bitsOf(v) {
+  const bits = [];
+  for (let i = 0; i < DATA_BITS; i++) bits.push(Math.floor(v / 2 ** i) % 2);
+  const check = v % CHECK_MOD;
+  for (let i = 0; i < CHECK_BITS; i++) bits.push((check >> i) & 1);
+  return bits;
+}
+"""
+
+PUBLISH_PAGE = """<!doctype html><meta charset="utf-8"><body style="margin:0">
+<script type="module">
+import { WhipPublisher } from "/static/js/whip.js";
+%(barcode)s
+const W = %(width)d, H = %(height)d;
+const canvas = document.createElement("canvas");
+canvas.width = W; canvas.height = H;
+document.body.append(canvas);
+const g = canvas.getContext("2d");
+const bw = W / COLS, bh = H / 9;
+window.__draws = 0;
+function draw() {
+  const v = Math.floor(performance.timeOrigin + performance.now());
+  g.fillStyle = "#404040"; g.fillRect(0, 0, W, H);
+  const x = (v / 4) %% W;  // something moving under the code, like a real picture
+  g.fillStyle = "#c08040"; g.fillRect(x, H * 0.55, W / 8, H / 3);
+  const bits = bitsOf(v);
+  for (let k = 0; k < bits.length; k++) {
+    const row = Math.floor(k / COLS) * 2, col = k %% COLS;
+    g.fillStyle = bits[k] ? "#fff" : "#000";
+    g.fillRect(col * bw, row * bh, bw, bh);
+    g.fillStyle = bits[k] ? "#000" : "#fff";
+    g.fillRect(col * bw, (row + 1) * bh, bw, bh);
+  }
+  window.__draws++;
+  requestAnimationFrame(draw);
+}
+draw();
+const stream = canvas.captureStream(%(fps)d);
+// a quiet tone as the microphone: a creator's stream has audio (and the viewer's
+// MediaSource waits for the audio track the init segment declares)
+const ac = new AudioContext();
+const osc = ac.createOscillator(), gain = ac.createGain();
+gain.gain.value = 0.05;
+const dest = ac.createMediaStreamDestination();
+osc.connect(gain).connect(dest);
+osc.start();
+stream.addTrack(dest.stream.getAudioTracks()[0]);
+const pub = new WhipPublisher("%(whip)s", "%(token)s");
+pub.addEventListener("state", (e) => { window.__state = e.detail.state; });
+pub.start(stream).then(() => { window.__started = true; },
+                       (e) => { window.__error = String(e); });
+window.__pub = pub;
+</script>"""
+
+VIEW_PAGE = """<!doctype html><meta charset="utf-8"><body style="margin:0">
+<script type="module">
+import { startPlayer } from "/static/js/player.js";
+%(barcode)s
+const video = document.createElement("video");
+video.muted = true; video.playsInline = true; video.autoplay = true;
+document.body.append(video);
+window.__player = startPlayer(video, "%(hls)s", {
+  onStalled: (d) => console.warn(`player: ${d?.type} ${d?.details} ${d?.reason || ""}`) });
+const SW = COLS * 8, SH = 4 * 8;  // the barcode strip scaled to 8x8 px per block
+const c = document.createElement("canvas"); c.width = SW; c.height = SH;
+const g = c.getContext("2d", { willReadFrequently: true });
+window.__samples = [];  // [now, encoded ms, buffered ahead s]
+window.__bad = 0;
+function lum(d, x, y) { const i = (y * SW + x) * 4; return d[i] + d[i + 1] + d[i + 2]; }
+function decode() {
+  const h = video.videoHeight, w = video.videoWidth;
+  g.drawImage(video, 0, 0, w, h * 4 / 9, 0, 0, SW, SH);
+  const d = g.getImageData(0, 0, SW, SH).data;
+  let v = 0, check = 0;
+  for (let k = 0; k < DATA_BITS + CHECK_BITS; k++) {
+    const row = Math.floor(k / COLS) * 2, col = k %% COLS;
+    const a = lum(d, col * 8 + 4, row * 8 + 4), b = lum(d, col * 8 + 4, (row + 1) * 8 + 4);
+    if (Math.abs(a - b) < 150) return null;
+    const bit = a > b ? 1 : 0;
+    if (k < DATA_BITS) v += bit * 2 ** k; else check |= bit << (k - DATA_BITS);
+  }
+  return check === v %% CHECK_MOD ? v : null;
+}
+function tick() {
+  if (video.readyState >= 2 && video.videoWidth > 0) {
+    const v = decode();
+    const now = performance.timeOrigin + performance.now();
+    const b = video.buffered;
+    const ahead = b.length ? b.end(b.length - 1) - video.currentTime : 0;
+    if (v !== null && now - v >= 0 && now - v < 60000) window.__samples.push([now, v, ahead]);
+    else window.__bad++;
+  }
+  requestAnimationFrame(tick);
+}
+requestAnimationFrame(tick);
+</script>"""
+
+
+def _serve(html: str):
+    async def handler(route, _request) -> None:
+        await route.fulfill(body=html, content_type="text/html")
+    return handler
+
+
+@dataclass
+class GlassResult:
+    size: tuple[int, int]
+    age: dict[str, float]  # every rAF sample: age of the picture on screen
+    first_seen: dict[str, float]  # each picture the first time it is on screen
+    ahead: float  # median seconds buffered ahead of the playhead
+    server_cpu: float
+    bad: int
+    draws_per_s: float
+    pictures_per_s: float
+    load: float
+
+
+async def glass_case(services: LocalServices, media: Path, width: int, height: int,
+                     warmup: float, window: float) -> GlassResult:
+    from playwright.async_api import async_playwright
+
+    server = start_server(services, media, "auto")
+    try:
+        async with httpx.AsyncClient(base_url=server.base, timeout=10) as http, \
+                async_playwright() as pw:
+            drop_id = await create_drop(http, server.token)
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                               args=CHROMIUM_ARGS)
+            try:
+                logs: list[str] = []
+                pages = {}
+                for name, html in (
+                        ("publish", PUBLISH_PAGE % {
+                            "barcode": _BARCODE, "width": width, "height": height,
+                            "fps": FPS, "token": server.token,
+                            "whip": f"{server.base}/v1/drops/{drop_id}/whip"}),
+                        ("view", VIEW_PAGE % {
+                            "barcode": _BARCODE,
+                            "hls": f"{server.base}/v1/drops/{drop_id}/hls/live.m3u8"})):
+                    # a context (window) each: a background tab would not play
+                    ctx = await browser.new_context(viewport={"width": 1280, "height": 800})
+                    page = await ctx.new_page()
+                    page.on("console", lambda m, n=name: logs.append(f"{n}: {m.text}"))
+                    page.on("pageerror", lambda e, n=name: logs.append(f"{n} error: {e}"))
+                    url = f"{server.base}/__bench/{name}.html"
+                    await page.route(url, _serve(html))
+                    pages[name] = page
+                await pages["publish"].goto(f"{server.base}/__bench/publish.html")
+                await pages["publish"].wait_for_function(
+                    "() => window.__started || window.__error", timeout=30_000)
+                error = await pages["publish"].evaluate("window.__error")
+                if error:
+                    raise RuntimeError(f"WHIP publish failed: {error}")
+                deadline = time.monotonic() + 30
+                while (await http.get(f"/v1/drops/{drop_id}/hls/live.m3u8")).status_code != 200:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("no playlist 30 s after the WHIP publish")
+                    await asyncio.sleep(0.1)
+                await pages["view"].goto(f"{server.base}/__bench/view.html")
+                try:
+                    await pages["view"].wait_for_function(
+                        "() => window.__samples.length > 0", timeout=30_000)
+                except Exception as exc:
+                    state = await pages["view"].evaluate(
+                        "(() => { const v = document.querySelector('video'); return "
+                        "{ready: v.readyState, w: v.videoWidth, t: v.currentTime, "
+                        "bad: window.__bad, buf: Array.from({length: v.buffered.length}, (_, i) => "
+                        "[v.buffered.start(i), v.buffered.end(i)]), paused: v.paused}; })()")
+                    pl = (await http.get(f"/v1/drops/{drop_id}/hls/live.m3u8")).text
+                    logs.append(pl[-600:])
+                    raise RuntimeError(f"the viewer decoded no barcode ({state}):\n"
+                                       + "\n".join(logs[-20:])) from exc
+                await asyncio.sleep(warmup)
+                await pages["view"].evaluate("window.__samples = []; window.__bad = 0")
+                d0 = await pages["publish"].evaluate("window.__draws")
+                t0, s0 = time.monotonic(), cpu_seconds(server.pid)
+                await asyncio.sleep(window)
+                t1, s1 = time.monotonic(), cpu_seconds(server.pid)
+                load = os.getloadavg()[0]
+                d1 = await pages["publish"].evaluate("window.__draws")
+                samples = await pages["view"].evaluate("window.__samples")
+                bad = await pages["view"].evaluate("window.__bad")
+                size = await stream_size(http, drop_id)
+                await pages["publish"].evaluate("window.__pub.stop()")
+            finally:
+                await browser.close()
+    finally:
+        server.stop()
+    ages = [now - v for now, v, _ in samples]
+    first: dict[int, float] = {}
+    for now, v, _ in samples:
+        first.setdefault(v, now - v)
+    return GlassResult(size, pcts(ages), pcts(list(first.values())),
+                       statistics.median([a for _, _, a in samples]) if samples else 0.0,
+                       100 * (s1 - s0) / (t1 - t0), bad, (d1 - d0) / (t1 - t0),
+                       len(first) / (t1 - t0), load)
+
+
+# -------------------------------------------------------------------------- main
+def _fmt(stats: dict[str, float]) -> str:
+    return " | ".join(f"{stats[k]:.0f}" for k in ("p50", "p95", "max"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="1280x720")
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--window", type=float, default=20.0)
+    parser.add_argument("--only", choices=("cpu", "glass"), default=None)
+    args = parser.parse_args()
+    width, height = (int(x) for x in args.size.split("x"))
+    if not Path("tests/whip_publisher.py").exists():
+        sys.exit("run from the repository root (the publisher is tests/whip_publisher.py)")
+    cpu: list[CpuResult] = []
+    glass: GlassResult | None = None
+    with LocalServices() as services, tempfile.TemporaryDirectory(
+            prefix="bench-ingest-media-") as media:
+        if args.only in (None, "cpu"):
+            for case in ("passthrough", "re-encode"):
+                cpu.append(asyncio.run(ffmpeg_case(services, Path(media) / case, case,
+                                                   width, height, args.warmup, args.window)))
+        if args.only in (None, "glass"):
+            glass = asyncio.run(glass_case(services, Path(media) / "glass", width, height,
+                                           args.warmup, args.window))
+    if cpu:
+        print(f"\nFFmpeg WHIP publisher, {args.size} {FPS} fps, window {args.window:.0f} s "
+              f"after {args.warmup:.0f} s warm-up")
+        print("| case | stream | server CPU (% of one core) | publisher CPU | fps in "
+              "playlist | playlist reloads/s | newest frame -> listed p50 / p95 / max (ms) "
+              "| oldest frame -> listed p50 / p95 / max (ms) | load avg |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in cpu:
+            print(f"| {r.case} | {r.size[0]}x{r.size[1]} | {r.server_cpu:.1f}% | "
+                  f"{r.publisher_cpu:.0f}% | {r.fps:.1f} | {r.reloads:.1f} | {_fmt(r.newest)} | "
+                  f"{_fmt(r.oldest)} | {r.load:.2f} |")
+    if glass is not None:
+        print(f"\nChromium canvas -> WHIP -> passthrough -> LL-HLS -> hls.js, {args.size}, "
+              f"window {args.window:.0f} s after {args.warmup:.0f} s warm-up")
+        print("| measure | p50 (ms) | p95 (ms) | max (ms) | samples |")
+        print("| --- | --- | --- | --- | --- |")
+        print(f"| glass-to-viewer, picture on screen at each rAF | {_fmt(glass.age)} | "
+              f"{glass.age['n']} |")
+        print(f"| glass-to-viewer, picture first on screen | {_fmt(glass.first_seen)} | "
+              f"{glass.first_seen['n']} |")
+        print(f"\nstream {glass.size[0]}x{glass.size[1]}; server CPU "
+              f"{glass.server_cpu:.1f}% of one core; hls.js buffered ahead of the playhead "
+              f"(median) {1000 * glass.ahead:.0f} ms; canvas draws {glass.draws_per_s:.1f}/s; "
+              f"distinct pictures shown {glass.pictures_per_s:.1f}/s; undecodable rAF "
+              f"samples {glass.bad}; load avg {glass.load:.2f}")
+
+
+if __name__ == "__main__":
+    main()
