@@ -33,9 +33,13 @@ export function startPlayer(video, url, { onPlaying = () => {}, onStalled = () =
     const Hls = await loadHls();
     if (Hls && Hls.isSupported()) {
       if (hls) hls.destroy();
-      // liveSyncDuration 1.5 s: 2.8 s glass-to-viewer measured here (notes/streaming.md)
-      hls = new Hls({ lowLatencyMode: true, liveSyncDuration: 1.5,
-        liveMaxLatencyDuration: 6, manifestLoadingMaxRetry: 0, backBufferLength: 10 });
+      // No liveSyncDuration: with LL-HLS parts hls.js then plays PART-HOLD-BACK (3 parts,
+      // 0.6 s) behind the live edge; a fixed 1.5 s put glass-to-viewer at ~1.7 s
+      // (python -m streaming.bench_ingest, docs/benchmarks.md).
+      // hls.js refuses a max latency without a sync duration, so a player that fell
+      // behind catches up by playing up to 1.5x instead of jumping.
+      hls = new Hls({ lowLatencyMode: true, maxLiveSyncPlaybackRate: 1.5,
+        manifestLoadingMaxRetry: 0, backBufferLength: 10 });
       hls.on(Hls.Events.MANIFEST_PARSED, tryPlay);
       hls.on(Hls.Events.ERROR, (_e, data) => {
         if (!data.fatal) return;
