@@ -2,9 +2,10 @@
 
 Used for VP8 from a browser, or for every stream with ``DROPSERVER_HLS_TRANSCODE=always``.
 libx264 (bundled in PyAV's FFmpeg) with ``ultrafast``/``zerolatency`` and no B-frames:
-~21% of a core per 720p30 stream on the dev VM against ~3% for pass-through
-(docs/benchmarks.md). Keyframes come where the packager asks for them (segment
-boundaries), never on a fixed GOP, so segments stay ~1 s.
+~22-23% of a core per 720p30 stream on the dev VM against ~7% for pass-through,
+one LL-HLS viewer served in both (docs/benchmarks.md). Keyframes come where the
+packager asks for them (segment boundaries), never on a fixed GOP, so segments stay
+~1 s.
 """
 
 from __future__ import annotations
