@@ -101,7 +101,7 @@ class DropStream:
         if old is not None:
             await old.close()  # on_closed sees it is no longer current
             self.packager.end_session()
-        self.packager.start_session()
+        self.packager.start_session(audio=publisher.audio_codec is not None)
         if self._owner is None:
             self._owner = asyncio.create_task(self._hold_owner())
         await self.recorder.start()

@@ -112,7 +112,7 @@ class Packager:
         self._end = 0  # end of the newest video sample written, 90 kHz (global)
         self._fragment_seq = 0
         self._video_track: fmp4.VideoTrack | None = None
-        self._audio_track = fmp4.AudioTrack(track_id=2)
+        self._audio_track: fmp4.AudioTrack | None = fmp4.AudioTrack(track_id=2)
         self._pending: _Frame | None = None
         self._part: _OpenPart | None = None
         self._part_start = 0
@@ -151,9 +151,13 @@ class Packager:
     def has_media(self) -> bool:
         return bool(self.playlist.segments) or self._part is not None
 
-    def start_session(self) -> None:
-        """A publisher (re)connected: new init segment, discontinuity if not first."""
+    def start_session(self, *, audio: bool = True) -> None:
+        """A publisher (re)connected: new init segment, discontinuity if not first.
+
+        ``audio=False`` (an offer without audio) leaves the audio track out of the
+        init segment: players wait for every declared track before they start."""
         self.session += 1
+        self._audio_track = fmp4.AudioTrack(track_id=2) if audio else None
         self._base = self._end + (VIDEO_TIMESCALE // 30 if self.playlist.segments else 0)
         self._video_track = None
         self._pending = None
@@ -228,7 +232,7 @@ class Packager:
 
     def add_audio(self, packet: bytes, pts: int) -> None:
         """One Opus packet at ``pts`` (48 kHz, session clock)."""
-        if not packet:
+        if not packet or self._audio_track is None:
             return
         pts = max(0, pts) + self._base * AUDIO_TIMESCALE // VIDEO_TIMESCALE
         if self._audio_next is not None and pts < self._audio_next:

@@ -126,6 +126,28 @@ def test_segments_and_parts_decode(tmp_path: Path, profile: str) -> None:
     assert "#EXT-X-PLAYLIST-TYPE:VOD" in replay and replay.count("#EXTINF") == 3
 
 
+def test_a_session_without_audio_declares_no_audio_track(tmp_path: Path) -> None:
+    """Players wait for every track the init segment declares: a video-only publisher
+    must not announce an audio track it will never fill."""
+    pk = Packager(tmp_path, segment_seconds=1.0, part_seconds=0.2)
+    pk.start_session(audio=False)
+    for data, pts, _ in h264_frames(2.0):
+        pk.add_video(data, pts)
+    pk.add_audio(opus_packets(0.1)[0][0], 0)  # stray audio is ignored, not declared
+    pk.finish()
+    init = (tmp_path / "init1.mp4").read_bytes()
+    container = av.open(io.BytesIO(init + (tmp_path / "s0.m4s").read_bytes()))
+    assert [s.type for s in container.streams] == ["video"]
+    container.close()
+    pk.start_session()  # the publisher reconnects with a microphone
+    feed(pk, 1.0)
+    pk.finish()
+    init2 = (tmp_path / "init2.mp4").read_bytes()
+    container = av.open(io.BytesIO(init2))
+    assert sorted(s.type for s in container.streams) == ["audio", "video"]
+    container.close()
+
+
 def test_parts_are_about_200ms_and_decode_alone(tmp_path: Path) -> None:
     pk = Packager(tmp_path, segment_seconds=1.0, part_seconds=0.2)
     pk.start_session()
