@@ -69,7 +69,11 @@ class Buyer:
                                  "token": self.token}))
 
     def on_message(self, conn: Any, data: bytes | str) -> None:
-        frame = json.loads(data) if isinstance(data, str) else msgpack.unpackb(data)
+        message = json.loads(data) if isinstance(data, str) else msgpack.unpackb(data)
+        for frame in message if isinstance(message, list) else [message]:  # a batch
+            self._frame(frame)
+
+    def _frame(self, frame: dict[str, Any]) -> None:
         kind, rid = frame.get("t"), frame.get("id")
         if kind == "joined" or (kind == "error" and rid == "join"):
             if not self.joined.done():

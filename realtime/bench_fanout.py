@@ -105,17 +105,15 @@ class Viewer:
     def on_message(self, conn: Any, data: bytes | str) -> None:
         now = time.perf_counter()
         if self.join:
-            frame = msgpack.unpackb(data, strict_map_key=False)
-            t = frame.get("t")
-            if t == "joined":
-                self.bench.joined += 1
-                return
-            if t != "event":
-                return
-            k = frame["data"]["k"]
-        else:
-            k = channels.parse_message(data).data["k"]
-        self.bench.arrivals[k].append(now)
+            message = msgpack.unpackb(data, strict_map_key=False)
+            for frame in message if isinstance(message, list) else [message]:  # a batch
+                t = frame.get("t")
+                if t == "joined":
+                    self.bench.joined += 1
+                elif t == "event":
+                    self.bench.arrivals[frame["data"]["k"]].append(now)
+            return
+        self.bench.arrivals[channels.parse_message(data).data["k"]].append(now)
 
     def on_close(self, conn: Any, code: int | None, reason: str) -> None:
         self.bench.closed += 1

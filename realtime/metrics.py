@@ -31,3 +31,5 @@ GAPS = Counter("dropserver_history_gaps_total",
 RECOVERIES = Counter("dropserver_recoveries_total", "Client resumes, by outcome.",
                      ["outcome"])
 CHAT_MESSAGES = Counter("dropserver_chat_messages_total", "Chat messages accepted.")
+BATCHED = Counter("dropserver_fanout_batched_events_total",
+                  "Durable events that left in a batch with others (one write per socket).")

@@ -40,18 +40,20 @@ async def watch(url: str, drop_id: int, token: str | None = None, *, once: bool 
                     join["since"] = since
                 await ws.send(json.dumps(join))
                 async for raw in ws:
-                    frame = json.loads(raw)
-                    print(json.dumps(frame, ensure_ascii=False), file=out, flush=True)
-                    kind = frame.get("t")
-                    if kind == "ping":
-                        await ws.send('{"t": "pong"}')
-                    elif kind == "going_away":
-                        delay = frame.get("reconnect_after_ms", 1000) / 1000
-                    elif kind == "joined":
-                        backoff = 0.5
-                    pos = frame.get("pos") if kind in ("event", "joined") else None
-                    if pos:
-                        since = pos
+                    message = json.loads(raw)
+                    # a batch is a list of frames, in order (docs/protocol.md)
+                    for frame in message if isinstance(message, list) else [message]:
+                        print(json.dumps(frame, ensure_ascii=False), file=out, flush=True)
+                        kind = frame.get("t")
+                        if kind == "ping":
+                            await ws.send('{"t": "pong"}')
+                        elif kind == "going_away":
+                            delay = frame.get("reconnect_after_ms", 1000) / 1000
+                        elif kind == "joined":
+                            backoff = 0.5
+                        pos = frame.get("pos") if kind in ("event", "joined") else None
+                        if pos:
+                            since = pos
         except (OSError, websockets.WebSocketException) as exc:
             print(json.dumps({"watch": "disconnected", "error": str(exc)}), file=out,
                   flush=True)

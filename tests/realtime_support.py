@@ -47,6 +47,8 @@ class Client:
         self.ws = ws
         self.fmt = fmt
         self._next = 0
+        self.batched: list[dict[str, Any]] = []  # the rest of a batch being read
+        self.batches = 0
 
     @classmethod
     async def connect(cls, ws_url: str, *, fmt: str = MSGPACK, token: str | None = None,
@@ -71,6 +73,18 @@ class Client:
         return await self.recv_until(lambda f: f.get("id") == rid, wait)
 
     async def recv(self, wait: float = 5.0) -> dict[str, Any]:
+        """The next frame; a batch (a list of frames in one message) is unpacked."""
+        if self.batched:
+            return self.batched.pop(0)
+        message = await self.recv_message(wait)
+        if isinstance(message, list):
+            self.batches += 1
+            self.batched = message[1:]
+            return message[0]
+        return message
+
+    async def recv_message(self, wait: float = 5.0) -> Any:
+        """The next WebSocket message as sent: one frame, or a batch (list)."""
         raw = await asyncio.wait_for(self.ws.recv(), wait)
         if isinstance(raw, str):
             return json.loads(raw)

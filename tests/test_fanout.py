@@ -175,6 +175,35 @@ async def test_stock_updates_are_coalesced_durable_events_never(settings, r):
         await c.close()
 
 
+async def test_a_burst_leaves_in_one_batch_in_order(settings, server, r):
+    """Publications the gateway reads in one go reach each socket as one message (a
+    list of frames), in order; a lone publication still leaves alone at once."""
+    from tests.conftest import run_sync
+
+    drop_id, _ = await create_drop(settings.database_url)
+    c = await Client.connect(server.ws_url)
+    await c.join(drop_id)
+    await publish(r, drop_id, "chat.message", {"i": 0})
+    first = await c.recv_message()
+    assert isinstance(first, dict) and first["data"] == {"i": 0}  # alone: not a batch
+
+    async def burst() -> None:
+        client = aioredis.from_url(settings.redis_url)
+        try:
+            for i in range(1, 21):
+                await publish(client, drop_id, "chat.message", {"i": i})
+        finally:
+            await client.aclose()
+
+    run_sync(burst())  # the server's loop (this one) is blocked meanwhile: a backlog
+    events = await c.events(20)
+    assert [e["data"]["i"] for e in events] == list(range(1, 21))
+    offsets = [e["pos"]["offset"] for e in events]
+    assert offsets == list(range(offsets[0], offsets[0] + 20))
+    assert c.batches >= 1
+    await c.close()
+
+
 async def test_big_rooms_get_coalesced_events_less_often(settings, r):
     """Two local viewers and a budget of 10 frames/s per event: one flush per 0.2 s."""
     drop_id, (pid,) = await create_drop(settings.database_url)
