@@ -86,7 +86,7 @@ class Settings:
                                   "Minimum interval between stock updates per drop.")
     viewers_coalesce_ms: int = _env("DROPSERVER_VIEWERS_COALESCE_MS", 1000,
                                     "Minimum interval between viewer-count updates.")
-    coalesce_budget: int = _env("DROPSERVER_COALESCE_BUDGET", 10000,
+    coalesce_budget: int = _env("DROPSERVER_COALESCE_BUDGET", 5000,
                                 "Frames per second one process spends on each coalesced "
                                 "event (stock, viewers) of a drop: with more local "
                                 "viewers than this times the interval, the interval "

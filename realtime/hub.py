@@ -23,8 +23,9 @@ socket at most once per ``DROPSERVER_STOCK_COALESCE_MS`` / ``..._VIEWERS_COALESC
 per drop, latest wins ("stock" merges per product). The interval also grows with the
 room: one flush costs a socket write per local viewer (~30 us on loopback), so a room
 of N local viewers flushes at most every N / ``DROPSERVER_COALESCE_BUDGET`` seconds
-(10,000 frames/s per event by default: 12,500 viewers in one process get stock every
-1.25 s instead of 125,000 frames/s that would starve BUY NOW and the buy replies).
+(5,000 frames/s per event by default, ~15% of a core: 12,500 viewers in one process
+get stock every 2.5 s instead of 125,000 frames/s that would starve BUY NOW and the
+buy replies).
 Durable events and private events are never coalesced or dropped.
 """
 
