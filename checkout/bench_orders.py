@@ -8,7 +8,7 @@ until every order is ``paid`` in PostgreSQL. Per order: the ``orders`` INSERT, t
 PaymentIntent, the ``payments`` INSERT, the state UPDATE, ``mark_paid`` in Redis, the
 buyer's ``order.paid`` publish, XACK.
 
-Gateways: ``fake`` (in memory, what load tests use) or ``stub`` (the real stripe SDK
+Gateways: ``fake`` (in memory here; the server keeps it in Redis) or ``stub`` (the real stripe SDK
 over HTTP to tests/stripe_stub.py on loopback; run from the repository root), which
 shows what the SDK's request path costs.
 

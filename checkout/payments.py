@@ -7,7 +7,8 @@ Everything that moves money goes through :class:`Gateway`. Two implementations:
   the caller derives from the order (``pi:<hold id>``): stripe-python makes up a random
   key per call and only reuses it for its own network retries, so a re-run job would
   otherwise charge twice (https://docs.stripe.com/api/idempotent_requests).
-* :class:`FakeGateway` keeps intents in memory and answers by test payment method, like
+* :class:`FakeGateway` keeps intents in Redis (shared by the workers) or in memory and
+  answers by test payment method, like
   Stripe's test cards: ``pm_card_visa`` succeeds, ``pm_card_chargeDeclined`` declines,
   ``pm_card_slow`` succeeds after :attr:`FakeGateway.slow_seconds`. It serves
   ``dropserver dev`` and the load tests (``DROPSERVER_PAYMENT_GATEWAY=fake``).
@@ -18,6 +19,7 @@ Both return plain :class:`Intent` values; callers never see SDK objects.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import hashlib
 import json
@@ -40,6 +42,8 @@ __all__ = [
     "GatewayError",
     "Intent",
     "IntentStatus",
+    "MemoryStore",
+    "RedisStore",
     "Refund",
     "StripeGateway",
     "Transfer",
@@ -343,31 +347,69 @@ def fake_fee(amount: int) -> int:
     return (amount * FAKE_FEE_BPS + 5000) // 10000 + FAKE_FEE_FIXED
 
 
+class MemoryStore:
+    """The fake gateway's objects in this process (unit tests, benchmarks)."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, dict[str, Any]] = {}
+
+    async def get(self, kind: str, key: str) -> Any:
+        return self._data.get(kind, {}).get(key)
+
+    async def put(self, kind: str, key: str, value: Any) -> None:
+        self._data.setdefault(kind, {})[key] = value
+
+    async def values(self, kind: str) -> list[Any]:
+        return list(self._data.get(kind, {}).values())
+
+
+class RedisStore:
+    """The fake gateway's objects in Redis, shared by every worker process as Stripe's
+    are: an order retried by another worker (a re-claimed stream entry) finds the
+    PaymentIntent the first one made."""
+
+    def __init__(self, redis: Any, prefix: str = "fakepay") -> None:
+        self.redis = redis
+        self.prefix = prefix
+
+    async def get(self, kind: str, key: str) -> Any:
+        raw = await self.redis.hget(f"{self.prefix}:{kind}", key)
+        return None if raw is None else json.loads(raw)
+
+    async def put(self, kind: str, key: str, value: Any) -> None:
+        await self.redis.hset(f"{self.prefix}:{kind}", key, json.dumps(value))
+
+    async def values(self, kind: str) -> list[Any]:
+        return [json.loads(v) for v in await self.redis.hvals(f"{self.prefix}:{kind}")]
+
+
 class FakeGateway:
-    """In-memory, deterministic gateway with the same interface and idempotency rules."""
+    """Deterministic gateway with the same interface and idempotency rules as Stripe.
+
+    Objects live in a :class:`MemoryStore` by default, or in Redis
+    (:class:`RedisStore`, what the server uses) so every worker sees the same ones.
+    Test cards: ``pm_card_chargeDeclined`` declines, ``pm_card_slow`` takes
+    ``slow_seconds``; any other payment method succeeds."""
 
     name = "fake"
 
-    def __init__(self, *, slow_seconds: float = 2.0) -> None:
+    def __init__(self, *, slow_seconds: float = 2.0, store: Any = None) -> None:
         self.slow_seconds = slow_seconds
-        self.intents: dict[str, dict[str, Any]] = {}
-        self.refunds: dict[str, Refund] = {}
-        self.transfers: dict[str, Transfer] = {}
-        self._idem: dict[str, tuple[str, Any]] = {}
+        self.store = store if store is not None else MemoryStore()
         self.calls: dict[str, int] = {}
 
-    def _replay(self, key: str, params: dict[str, Any]) -> tuple[bool, Any]:
-        fp = json.dumps(params, sort_keys=True, default=str)
-        seen = self._idem.get(key)
+    async def _replay(self, key: str, params: dict[str, Any]) -> tuple[bool, Any]:
+        seen = await self.store.get("idem", key)
         if seen is None:
             return False, None
-        if seen[0] != fp:
+        if seen[0] != json.dumps(params, sort_keys=True, default=str):
             raise GatewayError("idempotency key reused with different parameters",
                                code="idempotency_error")
         return True, seen[1]
 
-    def _remember(self, key: str, params: dict[str, Any], result: Any) -> None:
-        self._idem[key] = (json.dumps(params, sort_keys=True, default=str), result)
+    async def _remember(self, key: str, params: dict[str, Any], result: Any) -> None:
+        await self.store.put("idem", key, [json.dumps(params, sort_keys=True, default=str),
+                                           result])
 
     def _count(self, name: str) -> None:
         self.calls[name] = self.calls.get(name, 0) + 1
@@ -393,14 +435,15 @@ class FakeGateway:
         if pm == "pm_card_chargeDeclined":
             pi.update(status=IntentStatus.REQUIRES_PAYMENT_METHOD.value,
                       error_code="card_declined", error_message="Your card was declined.")
-            return
-        pi["charge"] = "ch_fake_" + pi["id"][8:]
-        if pi["capture_method"] == "manual":
-            pi.update(status=IntentStatus.REQUIRES_CAPTURE.value,
-                      capture_before=int(time.time()) + AUTHORIZATION_WINDOW_SECONDS)
         else:
-            pi.update(status=IntentStatus.SUCCEEDED.value, amount_received=pi["amount"],
-                      fee=fake_fee(pi["amount"]))
+            pi["charge"] = "ch_fake_" + pi["id"][8:]
+            if pi["capture_method"] == "manual":
+                pi.update(status=IntentStatus.REQUIRES_CAPTURE.value,
+                          capture_before=int(time.time()) + AUTHORIZATION_WINDOW_SECONDS)
+            else:
+                pi.update(status=IntentStatus.SUCCEEDED.value, amount_received=pi["amount"],
+                          fee=fake_fee(pi["amount"]))
+        await self.store.put("intent", pi["id"], pi)
 
     async def create_intent(self, *, amount: int, currency: str, idempotency_key: str,
                             flow: Flow, capture_manual: bool = False,
@@ -411,9 +454,9 @@ class FakeGateway:
                   "capture_manual": capture_manual, "payment_method": payment_method,
                   "customer": customer, "transfer_group": transfer_group,
                   "metadata": metadata or {}}
-        seen, result = self._replay(idempotency_key, params)
+        seen, result = await self._replay(idempotency_key, params)
         if seen:
-            return self._intent(self.intents[result])
+            return self._intent(await self._get(result))
         self._count("create_intent")
         # Deterministic id from the key: a second process asked again finds the same id.
         pid = "pi_fake_" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:24]
@@ -426,31 +469,31 @@ class FakeGateway:
             "transfer_group": transfer_group, "metadata": dict(metadata or {}),
             "refunded": 0,
         }
-        self.intents[pid] = pi
-        self._remember(idempotency_key, params, pid)
+        await self.store.put("intent", pid, pi)
+        await self._remember(idempotency_key, params, pid)
         confirm = flow is Flow.OFF_SESSION or (flow is Flow.MANUAL_CAPTURE and payment_method)
         if confirm:
             await self._confirm(pi, payment_method or "")
         return self._intent(pi)
 
-    def _get(self, intent_id: str) -> dict[str, Any]:
-        pi = self.intents.get(intent_id)
+    async def _get(self, intent_id: str) -> dict[str, Any]:
+        pi = await self.store.get("intent", intent_id)
         if pi is None:
             raise GatewayError(f"no such payment intent {intent_id}", code="resource_missing")
         return pi
 
     async def confirm_as_buyer(self, intent_id: str, payment_method: str) -> Intent:
         """What Stripe.js would do with the client secret (dev and tests)."""
-        pi = self._get(intent_id)
+        pi = await self._get(intent_id)
         await self._confirm(pi, payment_method)
         return self._intent(pi)
 
     async def retrieve_intent(self, intent_id: str) -> Intent:
-        return self._intent(self._get(intent_id))
+        return self._intent(await self._get(intent_id))
 
     async def capture_intent(self, intent_id: str, *, idempotency_key: str) -> Intent:
-        seen, _ = self._replay(idempotency_key, {"capture": intent_id})
-        pi = self._get(intent_id)
+        seen, _ = await self._replay(idempotency_key, {"capture": intent_id})
+        pi = await self._get(intent_id)
         if seen:
             return self._intent(pi)
         if pi["status"] != IntentStatus.REQUIRES_CAPTURE:
@@ -459,12 +502,13 @@ class FakeGateway:
         self._count("capture_intent")
         pi.update(status=IntentStatus.SUCCEEDED.value, amount_received=pi["amount"],
                   fee=fake_fee(pi["amount"]))
-        self._remember(idempotency_key, {"capture": intent_id}, intent_id)
+        await self.store.put("intent", intent_id, pi)
+        await self._remember(idempotency_key, {"capture": intent_id}, intent_id)
         return self._intent(pi)
 
     async def cancel_intent(self, intent_id: str, *, idempotency_key: str) -> Intent:
-        seen, _ = self._replay(idempotency_key, {"cancel": intent_id})
-        pi = self._get(intent_id)
+        seen, _ = await self._replay(idempotency_key, {"cancel": intent_id})
+        pi = await self._get(intent_id)
         if seen:
             return self._intent(pi)
         if pi["status"] in (IntentStatus.SUCCEEDED, IntentStatus.CANCELED,
@@ -473,36 +517,39 @@ class FakeGateway:
                                code="payment_intent_unexpected_state")
         self._count("cancel_intent")
         pi["status"] = IntentStatus.CANCELED.value
-        self._remember(idempotency_key, {"cancel": intent_id}, intent_id)
+        await self.store.put("intent", intent_id, pi)
+        await self._remember(idempotency_key, {"cancel": intent_id}, intent_id)
         return self._intent(pi)
 
     async def refund(self, intent_id: str, *, idempotency_key: str,
                      amount: int | None = None) -> Refund:
         params = {"refund": intent_id, "amount": amount}
-        seen, result = self._replay(idempotency_key, params)
+        seen, result = await self._replay(idempotency_key, params)
         if seen:
-            return self.refunds[result]
-        pi = self._get(intent_id)
+            return Refund(**await self.store.get("refund", result))
+        pi = await self._get(intent_id)
         left = pi["amount_received"] - pi["refunded"]
         amt = left if amount is None else amount
         if pi["status"] != IntentStatus.SUCCEEDED or amt < 1 or amt > left:
             raise GatewayError("nothing to refund", code="charge_not_refundable")
         self._count("refund")
         pi["refunded"] += amt
+        await self.store.put("intent", intent_id, pi)
         ref = Refund(id="re_fake_" + secrets.token_hex(8), amount=amt, payment_intent=pi["id"])
-        self.refunds[ref.id] = ref
-        self._remember(idempotency_key, params, ref.id)
+        await self.store.put("refund", ref.id, dataclasses.asdict(ref))
+        await self._remember(idempotency_key, params, ref.id)
         return ref
 
     async def retrieve_charge(self, charge_id: str) -> Charge:
-        for pi in self.intents.values():
-            if pi["charge"] == charge_id:
-                return Charge(id=charge_id, payment_intent=pi["id"],
-                              amount_captured=pi["amount_received"],
-                              amount_refunded=pi["refunded"],
-                              refunded=pi["refunded"] >= pi["amount_received"] > 0,
-                              disputed=False)
-        raise GatewayError(f"no such charge {charge_id}", code="resource_missing")
+        pi = await self.store.get("intent", "pi_fake_" + charge_id[8:]) \
+            if charge_id.startswith("ch_fake_") else None
+        if pi is None or pi["charge"] != charge_id:
+            raise GatewayError(f"no such charge {charge_id}", code="resource_missing")
+        return Charge(id=charge_id, payment_intent=pi["id"],
+                      amount_captured=pi["amount_received"],
+                      amount_refunded=pi["refunded"],
+                      refunded=pi["refunded"] >= pi["amount_received"] > 0,
+                      disputed=False)
 
     async def retrieve_dispute(self, dispute_id: str) -> Dispute:
         raise GatewayError("the fake gateway has no disputes", code="resource_missing")
@@ -512,22 +559,23 @@ class FakeGateway:
                        metadata: dict[str, str] | None = None) -> Transfer:
         params = {"amount": amount, "currency": currency, "destination": destination,
                   "transfer_group": transfer_group, "metadata": metadata or {}}
-        seen, result = self._replay(idempotency_key, params)
+        seen, result = await self._replay(idempotency_key, params)
         if seen:
-            return self.transfers[result]
+            return Transfer(**await self.store.get("transfer", result))
         self._count("transfer")
         tr = Transfer(id="tr_fake_" + secrets.token_hex(8), amount=amount,
                       destination=destination, transfer_group=transfer_group)
-        self.transfers[tr.id] = tr
-        self._remember(idempotency_key, params, tr.id)
+        await self.store.put("transfer", tr.id, dataclasses.asdict(tr))
+        await self._remember(idempotency_key, params, tr.id)
         return tr
 
     async def close(self) -> None:
         return None
 
 
-def create_gateway(settings: Settings) -> Gateway:
-    """The gateway ``DROPSERVER_PAYMENT_GATEWAY`` names."""
+def create_gateway(settings: Settings, redis: Any = None) -> Gateway:
+    """The gateway ``DROPSERVER_PAYMENT_GATEWAY`` names; the fake one keeps its objects
+    in ``redis`` when given (shared by the worker processes)."""
     if settings.payment_gateway == "stripe":
         return StripeGateway(settings.stripe_api_key, api_base=settings.stripe_api_base)
-    return FakeGateway()
+    return FakeGateway(store=RedisStore(redis) if redis is not None else None)

@@ -83,7 +83,7 @@ async def fake_confirm(request: Request) -> JSONResponse:
 async def startup(app: Starlette) -> None:
     state = app.state
     settings = state.settings
-    gateway = create_gateway(settings)
+    gateway = create_gateway(settings, state.redis)
     state.payments_gateway = gateway
 
     async def on_authorized(drop_id: int) -> None:
