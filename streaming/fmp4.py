@@ -78,16 +78,16 @@ class Sample:
 
 def split_annexb(data: bytes) -> list[bytes]:
     """NAL units of an Annex B byte stream (ITU-T H.264 B.1), start codes removed."""
+    # bytes.find, not a loop over bytes: a 720p30 stream is ~300 KB/s of Annex B, and
+    # a Python loop over it cost ~5% of a core on its own.
     units: list[bytes] = []
-    i, n, start = 0, len(data), -1
-    while i + 2 < n:
-        if data[i] == 0 and data[i + 1] == 0 and data[i + 2] == 1:
-            if start >= 0:
-                units.append(data[start:i].rstrip(b"\x00"))
-            i += 3
-            start = i
-        else:
-            i += 1
+    start = -1
+    i = data.find(b"\x00\x00\x01")
+    while i >= 0:
+        if start >= 0:
+            units.append(data[start:i].rstrip(b"\x00"))
+        start = i + 3
+        i = data.find(b"\x00\x00\x01", start)
     if start >= 0:
         units.append(data[start:])
     elif data:
