@@ -2,7 +2,7 @@
 
 Used for VP8 from a browser, or for every stream with ``DROPSERVER_HLS_TRANSCODE=always``.
 libx264 (bundled in PyAV's FFmpeg) with ``ultrafast``/``zerolatency`` and no B-frames:
-~22-23% of a core per 720p30 stream on the dev VM against ~7% for pass-through,
+~17-23% of a core per 720p30 stream on the dev VM against ~5-6% for pass-through,
 one LL-HLS viewer served in both (docs/benchmarks.md). Keyframes come where the
 packager asks for them (segment boundaries), never on a fixed GOP, so segments stay
 ~1 s.
