@@ -47,6 +47,8 @@ from loadtest import wsclient
 from realtime import channels
 from realtime.publish import publish
 
+_PONG = msgpack.packb({"t": "pong"})
+
 _BASELINE = r"""
 import asyncio, sys
 import redis.asyncio as aioredis
@@ -110,6 +112,8 @@ class Viewer:
                 t = frame.get("t")
                 if t == "joined":
                     self.bench.joined += 1
+                elif t == "ping":  # a 50,000-viewer run outlasts the heartbeat
+                    conn.send(_PONG)
                 elif t == "event":
                     self.bench.arrivals[frame["data"]["k"]].append(now)
             return
