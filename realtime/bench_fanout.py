@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -121,10 +122,12 @@ class Viewer:
 
     def on_close(self, conn: Any, code: int | None, reason: str) -> None:
         self.bench.closed += 1
+        self.bench.close_codes[f"{code} {reason}"] += 1
 
 
 class Bench:
     def __init__(self, events: int) -> None:
+        self.close_codes: collections.Counter[str] = collections.Counter()
         self.joined = 0
         self.closed = 0
         self.arrivals: list[list[float]] = [[] for _ in range(events)]
@@ -158,7 +161,7 @@ async def _client_main_async(pipe: Any, url: str, first: int, count: int, drop_i
     while any(len(a) < bench.joined for a in bench.arrivals) and \
             time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
-    pipe.send(("done", bench.joined, bench.closed, bench.arrivals))
+    pipe.send(("done", bench.joined, (bench.closed, dict(bench.close_codes)), bench.arrivals))
     for c in conns:
         with contextlib.suppress(Exception):
             c.abort()
@@ -211,11 +214,13 @@ async def _run_viewers(url: str, n: int, drop_id: int, join: bool, events: int,
         await asyncio.sleep(interval)
     arrivals: list[list[float]] = [[] for _ in range(events)]
     closed = 0
+    close_codes: collections.Counter[str] = collections.Counter()
     for pipe in pipes:
         pipe.send(10.0)
     for pipe in pipes:
-        _, _, c_closed, c_arrivals = await loop.run_in_executor(None, pipe.recv)
+        _, _, (c_closed, c_codes), c_arrivals = await loop.run_in_executor(None, pipe.recv)
         closed += c_closed
+        close_codes.update(c_codes)
         for k in range(events):
             arrivals[k].extend(c_arrivals[k])
     for proc in procs:
@@ -241,6 +246,7 @@ async def _run_viewers(url: str, n: int, drop_id: int, join: bool, events: int,
         "server_rss_before_kib": rss_before, "server_rss_after_kib": rss_after,
         "kib_per_idle_connection": round((rss_after - rss_before) / max(1, joined), 2),
         "closed_during_run": closed,
+        "close_codes": dict(close_codes),
     }
 
 
