@@ -209,3 +209,24 @@ def test_keyframe_due_before_segment_boundary(tmp_path: Path) -> None:
             due_at.append(pts / 90000)
             pk.keyframe_requested()
     assert due_at and 0.7 <= due_at[0] <= 0.8
+
+
+def test_the_playlist_on_disk_never_lags_a_closed_segment(tmp_path: Path) -> None:
+    """After every frame the live playlist on disk is current: a segment boundary is
+    written at once, so a blocking reload for the next part is never answered with a
+    playlist that still hints at a part of the segment just closed (it would reload
+    in a loop until the next part)."""
+    pk = Packager(tmp_path, segment_seconds=1.0, part_seconds=0.2)
+    pk.start_session()
+    boundaries = 0
+    for data, pts, _ in h264_frames(3.0):
+        before = pk.playlist.next_msn
+        pk.add_video(data, pts)
+        boundaries += pk.playlist.next_msn != before
+        text = (tmp_path / "live.m3u8").read_text() if (tmp_path / "live.m3u8").exists() \
+            else ""
+        hint = [ln for ln in text.splitlines() if ln.startswith("#EXT-X-PRELOAD-HINT")]
+        if hint:
+            uri = hint[0].split('URI="')[1].split('"')[0]
+            assert int(uri[1:].split(".")[0]) == pk.playlist.next_msn, (uri, before)
+    assert boundaries >= 2
