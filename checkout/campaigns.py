@@ -21,7 +21,6 @@ authorize an order whose capture would fall outside the window.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -31,6 +30,7 @@ from prometheus_client import Counter
 
 from checkout.orders import _ORDER_COLUMNS, OrderProcessor
 from checkout.payments import Gateway, GatewayError
+from dropserver.background import Periodic
 
 __all__ = ["MAX_CAMPAIGN_SECONDS", "DeadlineLoop", "broadcast_progress", "check_deadline",
            "finish_campaign", "progress", "run_due"]
@@ -150,25 +150,9 @@ class DeadlineLoop:
     def __init__(self, db: asyncpg.Pool, redis: Any, gateway: Gateway,
                  processor: OrderProcessor, interval: float) -> None:
         self.args = (db, redis, gateway, processor)
-        self.interval = interval
-        self._task: asyncio.Task | None = None
+        self._loop = Periodic("campaign-deadlines", interval, self.run_due, log,
+                              "campaign deadline check", level=logging.ERROR)
+        self.start, self.stop = self._loop.start, self._loop.stop
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="campaign-deadlines")
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await run_due(*self.args)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("campaign deadline check failed")
-            await asyncio.sleep(self.interval)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+    async def run_due(self) -> list[int]:
+        return await run_due(*self.args)

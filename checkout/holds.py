@@ -13,8 +13,6 @@ a node with a fast clock cannot release early.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import enum
 import logging
 import time
@@ -26,6 +24,7 @@ from redis.asyncio import Redis
 
 from checkout import keys
 from checkout.scripts import script
+from dropserver.background import Periodic
 
 __all__ = [
     "Reason",
@@ -155,9 +154,9 @@ class Sweeper:
 
     def __init__(self, redis: Redis, interval: float, on_release: OnRelease | None = None):
         self.redis = redis
-        self.interval = interval
         self.on_release = on_release
-        self._task: asyncio.Task | None = None
+        self._loop = Periodic("checkout-hold-sweeper", interval, self.sweep, log, "hold sweep")
+        self.start, self.stop = self._loop.start, self._loop.stop
 
     async def sweep(self) -> list[ReleaseResult]:
         released: list[ReleaseResult] = []
@@ -191,23 +190,3 @@ class Sweeper:
                     log.exception("on_release failed", extra={"hold_id": result.hold_id})
         return released
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.sweep()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # Redis down for a moment: try again next round
-                log.warning("hold sweep failed", exc_info=True)
-            await asyncio.sleep(self.interval)
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="checkout-hold-sweeper")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None

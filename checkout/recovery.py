@@ -36,7 +36,6 @@ the lost hold's unit is simply on sale again. Its buyer number may be given agai
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -49,6 +48,7 @@ from redis.asyncio import Redis
 
 from checkout import keys
 from checkout.holds import KEEP_RELEASED_MS
+from dropserver.background import Periodic
 
 __all__ = [
     "LIVE_DROP_STATES",
@@ -294,8 +294,9 @@ class RecoveryLoop:
 
     def __init__(self, db: asyncpg.Pool, redis: Redis, interval: float, grace_ms: int):
         self.db, self.redis = db, redis
-        self.interval, self.grace_ms = interval, grace_ms
-        self._task: asyncio.Task | None = None
+        self.grace_ms = grace_ms
+        self._loop = Periodic("checkout-recovery", interval, self.check, log, "recovery check")
+        self.start, self.stop = self._loop.start, self._loop.stop
 
     async def check(self) -> list[int]:
         rebuilt = []
@@ -309,23 +310,3 @@ class RecoveryLoop:
                 rebuilt.append(drop_id)
         return rebuilt
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.check()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("recovery check failed", exc_info=True)
-            await asyncio.sleep(self.interval)
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="checkout-recovery")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None

@@ -11,12 +11,12 @@ within the TTL.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 from typing import Any
 
+from dropserver.background import Periodic
 from realtime._lua import load
 
 __all__ = ["Presence", "presence_key"]
@@ -41,33 +41,19 @@ async def report(redis: Any, drop_id: int, node_id: str, count: int, ttl_s: floa
 class Presence:
     def __init__(self, hub: Any) -> None:
         self.hub = hub
-        self._task: asyncio.Task | None = None
         self._reported: dict[int, int] = {}
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="presence")
+        interval = max(0.05, hub.settings.viewers_coalesce_ms / 1000)
+        self._loop = Periodic("presence", interval, self.tick, log, "presence update",
+                              level=logging.ERROR)
+        self.start = self._loop.start
 
     async def stop(self, *, withdraw: bool = True) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._loop.stop()
         if withdraw:  # a clean stop leaves the count at once
             hub = self.hub
             for drop_id in list(self._reported):
                 with contextlib.suppress(Exception):
                     await report(hub.redis, drop_id, hub.node_id, 0, hub.settings.presence_ttl)
-
-    async def _run(self) -> None:
-        interval = max(0.05, self.hub.settings.viewers_coalesce_ms / 1000)
-        while True:
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("presence update failed")
-            await asyncio.sleep(interval)
 
     async def tick(self) -> None:
         hub = self.hub
