@@ -9,9 +9,21 @@ from starlette.requests import Request
 
 from dropserver.errors import ApiError, ValidationFailed
 
-__all__ = ["MAX_JSON_BODY", "field", "read_json"]
+__all__ = ["MAX_JSON_BODY", "field", "read_body", "read_json"]
 
 MAX_JSON_BODY = 256 * 1024
+
+
+async def read_body(request: Request, max_bytes: int, what: str = "body") -> bytes:
+    """The request body, or ``413 payload_too_large`` as soon as it passes ``max_bytes``
+    (read as it streams in: an oversized body is never held whole)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise ApiError(f"{what} larger than {max_bytes} bytes",
+                           code="payload_too_large", status=413)
+    return bytes(body)
 
 
 async def read_json(request: Request, *, max_bytes: int = MAX_JSON_BODY) -> dict[str, Any]:
@@ -20,12 +32,7 @@ async def read_json(request: Request, *, max_bytes: int = MAX_JSON_BODY) -> dict
     if ctype and "json" not in ctype:
         raise ApiError("expected Content-Type: application/json",
                        code="unsupported_media_type", status=415)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise ApiError(f"body larger than {max_bytes} bytes",
-                           code="payload_too_large", status=413)
+    body = await read_body(request, max_bytes)
     if not body:
         return {}
     try:

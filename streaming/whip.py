@@ -23,6 +23,7 @@ from starlette.responses import Response
 
 from dropserver.auth import Role, require, require_drop_owner
 from dropserver.errors import ApiError, Conflict, NotFound, ValidationFailed
+from dropserver.http import read_body
 from dropserver.observability import bind
 from streaming.ingest import BadOffer, Publisher
 from streaming.live import DropStream, Streaming, owner_key
@@ -60,12 +61,7 @@ async def _read_offer(request: Request) -> str:
         # RFC 9725 4.2: a POST that is not application/sdp gets a 4xx.
         raise ApiError("WHIP expects Content-Type: application/sdp",
                        code="unsupported_media_type", status=415)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_OFFER_BYTES:
-            raise ApiError(f"offer larger than {MAX_OFFER_BYTES} bytes",
-                           code="payload_too_large", status=413)
+    body = await read_body(request, MAX_OFFER_BYTES, "offer")
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError:
