@@ -15,6 +15,7 @@ from starlette.routing import WebSocketRoute
 
 from dropserver.component import Component
 from realtime import gateway, publish
+from realtime.heartbeat import Heartbeat, heartbeat_loop
 from realtime.hub import Hub
 from realtime.presence import Presence
 from realtime.snapshot import SnapshotCache
@@ -29,8 +30,10 @@ async def startup(app: Starlette) -> None:
     state.realtime = hub
     state.realtime_presence = Presence(hub)
     state.realtime_presence.start()
-    state.realtime_heartbeat = asyncio.get_running_loop().create_task(
-        gateway.heartbeat_loop(hub), name="heartbeats")
+    if settings.ws_ping_interval > 0:
+        hub.heartbeat = Heartbeat(settings.ws_ping_interval, settings.ws_pong_timeout)
+        state.realtime_heartbeat = asyncio.get_running_loop().create_task(
+            heartbeat_loop(hub), name="heartbeats")
 
 
 async def shutdown(app: Starlette) -> None:

@@ -62,6 +62,7 @@ class Connection:
         "fmt",
         "grace",
         "handling",
+        "hb_slot",
         "ip",
         "joined",
         "last_seen",
@@ -99,6 +100,7 @@ class Connection:
         # A command (join, buy, chat) is being answered: the server is not reading
         # this socket meanwhile, so its silence is ours, not the peer's.
         self.handling = False
+        self.hb_slot = 0  # which heartbeat slice pings this socket (realtime.heartbeat)
         self._queue: collections.deque | None = None
         self._queued_bytes = 0
         self._writer: asyncio.Task | None = None

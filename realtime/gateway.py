@@ -29,7 +29,7 @@ from realtime.connection import Connection
 from realtime.hub import Broadcast, Hub, asgi_message
 from realtime.protocol import ClientFrame, ClientType, CloseCode, ErrorCode, ProtocolError
 
-__all__ = ["CommandContext", "drain", "endpoint", "heartbeat_loop"]
+__all__ = ["CommandContext", "drain", "endpoint"]
 
 log = logging.getLogger("dropserver.realtime")
 
@@ -104,6 +104,8 @@ async def endpoint(scope: dict[str, Any], receive: Any, send: Any) -> None:
     # The headers are not needed any more; drop them from the long-lived scope.
     scope["headers"] = []
     conn.task = asyncio.current_task()
+    if hub.heartbeat is not None:
+        hub.heartbeat.assign(conn)
     hub.connections.add(conn)
     metrics.CONNECTIONS.inc()
     try:
@@ -286,29 +288,7 @@ async def _answer_join(app: Any, hub: Hub, room: Any, conn: Connection, frame: C
     hub.activate(conn, room, offset, epoch)
 
 
-# -- heartbeats, drain ---------------------------------------------------------------
-
-async def heartbeat_loop(hub: Hub) -> None:
-    """Ping every socket each interval; close those silent for interval + timeout.
-
-    Silence while the server itself is answering a frame (a join queued behind a
-    connect storm) does not count: the server is not reading that socket then."""
-    settings = hub.settings
-    interval = settings.ws_ping_interval
-    if interval <= 0:
-        return
-    ping = Broadcast({"t": protocol.ServerType.PING.value})
-    while True:
-        await asyncio.sleep(interval)
-        deadline = time.monotonic() - interval - settings.ws_pong_timeout
-        for conn in list(hub.connections):
-            if conn.closed:
-                continue
-            if conn.last_seen < deadline and not conn.handling:
-                conn.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
-            else:
-                ping.deliver(conn)
-
+# -- drain ---------------------------------------------------------------------
 
 async def drain(app: Any) -> None:
     """Tell every socket to come back after a jittered delay, then close it (1012)."""

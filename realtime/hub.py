@@ -34,13 +34,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from realtime import channels, history, metrics, protocol
 from realtime.channels import Kind, MalformedMessage, Publication
 from realtime.connection import Connection, spawn
 from realtime.protocol import Format, ServerType
 from realtime.subscriber import Subscriber
+
+if TYPE_CHECKING:
+    from realtime.heartbeat import Heartbeat
 
 __all__ = ["Hub", "Room"]
 
@@ -292,6 +295,7 @@ class Hub:
         self.rooms: dict[int, Room] = {}
         self.users: dict[str, set[Connection]] = {}
         self.connections: set[Connection] = set()
+        self.heartbeat: Heartbeat | None = None  # set when heartbeats run (component)
         self.join_slots = asyncio.Semaphore(JOIN_CONCURRENCY)
         s = self.settings
         self.intervals = {"stock": s.stock_coalesce_ms / 1000,

@@ -295,6 +295,22 @@ async def test_heartbeat_closes_silent_clients_only(settings):
         await alive.close()
 
 
+async def test_pings_are_spread_over_the_interval_not_one_burst(settings):
+    """A ping burst to every socket at once delays whatever is fanned out behind it;
+    the server pings its sockets in slices spread over the ping interval."""
+    async with running(settings, ws_ping_interval=1.0, ws_pong_timeout=5.0) as srv:
+        clients = [await Client.connect(srv.ws_url) for _ in range(40)]
+
+        async def first_ping(c: Client) -> float:
+            await c.recv_until(lambda f: f["t"] == "ping", 3)
+            return time.monotonic()
+
+        arrivals = await asyncio.gather(*(first_ping(c) for c in clients))
+        assert max(arrivals) - min(arrivals) >= 0.5, max(arrivals) - min(arrivals)
+        for c in clients:
+            await c.close()
+
+
 async def test_a_join_queued_longer_than_the_heartbeat_is_not_a_timeout(settings):
     """A connect storm can queue joins for longer than interval + pong timeout; the
     server is not reading those sockets meanwhile, so it must not call them silent."""
