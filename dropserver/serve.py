@@ -120,15 +120,11 @@ def run_single(settings: Settings, sock: socket.socket | None = None) -> None:
     if sock is None:
         sock = bind_socket(settings.host, settings.port, reuse_port=False)
     server = _DrainingServer(config, drain_timeout=settings.shutdown_grace)
-    _use_uvloop()
-    server.run(sockets=[sock])
-
-
-def _use_uvloop() -> None:
-    with contextlib.suppress(ImportError):
+    if settings.event_loop == "uvloop":
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    server.run(sockets=[sock])
 
 
 def _worker_main() -> None:

@@ -34,6 +34,8 @@ __all__ = ["Handler", "WsConnection", "connect", "open_socket"]
 # Linux <netinet/in.h>; Python's socket module does not name it.
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
+_resolved: dict[tuple[str, int], tuple] = {}  # (host, port) -> getaddrinfo's first answer
+
 
 class Handler(Protocol):
     """What a connection reports to (a viewer, in the swarm)."""
@@ -47,8 +49,11 @@ async def open_socket(host: str, port: int, source: str | None = None,
                       connect_timeout: float = 10.0) -> socket.socket:
     """A connected non-blocking TCP socket, bound to ``source`` first when given."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    family, _, proto, _, addr = infos[0]
+    info = _resolved.get((host, port))
+    if info is None:  # once per target (the stdlib loop asks its thread pool each time)
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        info = _resolved[host, port] = infos[0]
+    family, _, proto, _, addr = info
     sock = socket.socket(family, socket.SOCK_STREAM, proto)
     try:
         sock.setblocking(False)
