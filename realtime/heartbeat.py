@@ -10,10 +10,10 @@ into the burst waited for it (docs/benchmarks.md).
 Silence is measured from the ping the server sent, never from the loop's own
 schedule: on an overloaded process the ticks run late, and a round of 25 late ticks
 lasts longer than interval + timeout, so "silent since now - interval - timeout"
-would close sockets whose pongs came back at once (two 50,000-viewer runs lost 21k
-and 32k sockets that way). A socket whose command the server is still answering
-(``conn.handling``: a join queued behind a connect storm) is not read meanwhile, so
-its silence is not counted either.
+would close sockets whose pongs came back at once (the likely reason two
+50,000-viewer runs of an earlier version lost 21k and 32k sockets). A socket whose
+command the server is still answering (``conn.handling``: a join queued behind a
+connect storm) is not read meanwhile, so its silence is not counted either.
 """
 
 from __future__ import annotations
@@ -52,24 +52,21 @@ class Heartbeat:
     def assign(self, conn: Connection) -> None:
         conn.hb_slot = next(self._next_slot)
 
-    def tick(self, conns: Iterable[Connection], now: float) -> int:
-        """Ping one slice and check another; returns how many sockets were closed."""
+    def tick(self, conns: Iterable[Connection], now: float) -> None:
+        """Ping one slice and check another."""
         ping_slot = self._tick % self.slices
         check_slot = (self._tick - self.lag) % self.slices
         self._tick += 1
         sent = self._pinged_at[check_slot]
         check = sent is not None and now - sent >= self.timeout
-        closed = 0
         for conn in conns:
             slot = conn.hb_slot
             if check and slot == check_slot and conn.last_seen < sent and \
                     not conn.handling and not conn.closed:
                 conn.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
-                closed += 1
             elif slot == ping_slot:
                 self._ping.deliver(conn)  # a closed socket takes nothing
         self._pinged_at[ping_slot] = now
-        return closed
 
 
 async def heartbeat_loop(hub: Hub) -> None:
