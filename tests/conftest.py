@@ -19,6 +19,7 @@ import asyncpg
 import httpx
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from dropserver.auth import Role, issue_token
 from dropserver.db import migrate
@@ -163,6 +164,26 @@ async def server(settings: Settings) -> AsyncIterator[RunningServer]:
         yield running
     finally:
         await stop()
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, **changes: object) -> AsyncIterator[RunningServer]:
+    """The app, with ``changes`` applied to ``settings``, for the length of the block."""
+    srv, stop = await start_server(settings.replace(**changes))
+    try:
+        yield srv
+    finally:
+        await stop()
+
+
+@pytest.fixture
+async def r(clean_backends: Backends) -> AsyncIterator[aioredis.Redis]:
+    """An asyncio client of the test Redis (pool big enough for the buy-rush tests)."""
+    client = aioredis.Redis.from_url(clean_backends.redis_url, max_connections=512)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture

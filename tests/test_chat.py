@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import asyncpg
 import pytest
 
 from realtime import chat
 from realtime.protocol import ProtocolError
-from tests.conftest import start_server
+from tests.conftest import running
 from tests.realtime_support import Client, create_drop
-
-
-@contextlib.asynccontextmanager
-async def running(settings, **changes):
-    srv, stop = await start_server(settings.replace(**changes))
-    try:
-        yield srv
-    finally:
-        await stop()
 
 
 async def _viewer(srv, drop_id, token=None):

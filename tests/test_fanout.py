@@ -20,26 +20,8 @@ from websockets.exceptions import ConnectionClosed
 
 from realtime import metrics
 from realtime.publish import publish, publish_volatile
-from tests.conftest import start_server
+from tests.conftest import running
 from tests.realtime_support import MSGPACK, Client, create_drop
-
-
-@pytest.fixture
-async def r(clean_backends):
-    client = aioredis.Redis.from_url(clean_backends.redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@contextlib.asynccontextmanager
-async def running(settings, **changes):
-    srv, stop = await start_server(settings.replace(**changes))
-    try:
-        yield srv
-    finally:
-        await stop()
 
 
 async def _wait_for(pred, within=5.0):

@@ -3,20 +3,8 @@ every viewer a fresh snapshot when the history no longer has it."""
 
 from __future__ import annotations
 
-import pytest
-import redis.asyncio as aioredis
-
 from realtime import channels, metrics, publish
 from tests.realtime_support import Client, create_drop
-
-
-@pytest.fixture
-async def r(clean_backends):
-    client = aioredis.Redis.from_url(clean_backends.redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def _lost(r, drop_id: int, n: int, history_size: int = 1000) -> None:

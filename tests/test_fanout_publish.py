@@ -6,19 +6,9 @@ import asyncio
 
 import msgpack
 import pytest
-import redis.asyncio as aioredis
 
 from realtime import channels, history, publish
 from realtime.channels import Kind, MalformedMessage, parse_message
-
-
-@pytest.fixture
-async def r(clean_backends):
-    client = aioredis.Redis.from_url(clean_backends.redis_url, max_connections=512)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def _listen(client, channel):

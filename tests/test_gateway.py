@@ -8,21 +8,11 @@ import contextlib
 
 import msgpack
 import pytest
-import redis.asyncio as aioredis
 import websockets
 from websockets.exceptions import ConnectionClosed
 
 from realtime.publish import publish, publish_user, publish_volatile
 from tests.realtime_support import JSON, MSGPACK, Client, create_drop
-
-
-@pytest.fixture
-async def r(clean_backends):
-    client = aioredis.Redis.from_url(clean_backends.redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def test_join_returns_snapshot(server, settings, r):

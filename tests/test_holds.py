@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import redis.asyncio as aioredis
 
 from checkout import holds, inventory, keys
 from checkout.defense import BuyLimits
@@ -13,13 +12,6 @@ from checkout.holds import Reason, Sweeper
 from checkout.reserve import BuyRefused, BuyRequest, reserve
 
 OFF = BuyLimits(per_user=0, per_ip=0, velocity_window_ms=0)
-
-
-@pytest.fixture
-async def r(clean_backends):
-    client = aioredis.Redis.from_url(clean_backends.redis_url, max_connections=100)
-    yield client
-    await client.aclose()
 
 
 async def selling(r, units=3):

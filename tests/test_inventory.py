@@ -3,18 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import redis.asyncio as aioredis
 
 from checkout import inventory, keys
 from checkout.inventory import InventoryError
-
-
-@pytest.fixture
-async def r(clean_backends):
-    client = aioredis.Redis.from_url(clean_backends.redis_url)
-    yield client
-    await client.aclose()
-
 
 DROP = {"id": 7, "currency": "USD", "max_holds_per_user": 1}
 PRODUCTS = [

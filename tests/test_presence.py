@@ -3,23 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-
-import pytest
-import redis.asyncio as aioredis
 
 from realtime import presence
-from tests.conftest import start_server
+from tests.conftest import running
 from tests.realtime_support import Client, create_drop
-
-
-@pytest.fixture
-async def r(clean_backends):
-    client = aioredis.Redis.from_url(clean_backends.redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def test_counts_sum_over_nodes_and_dead_nodes_expire(r):
@@ -33,15 +20,6 @@ async def test_counts_sum_over_nodes_and_dead_nodes_expire(r):
     assert await presence.report(r, 1, "node-b", 0, ttl_s=10) == 0
     # Counts, not rosters: one small field per node.
     assert await r.hlen(presence.presence_key(1)) == 0
-
-
-@contextlib.asynccontextmanager
-async def running(settings, **changes):
-    srv, stop = await start_server(settings.replace(**changes))
-    try:
-        yield srv
-    finally:
-        await stop()
 
 
 async def test_viewers_event_counts_every_process(settings, r):

@@ -7,7 +7,6 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
-import redis.asyncio as aioredis
 
 from checkout import holds, inventory, keys, recovery
 from checkout.defense import BuyLimits
@@ -16,13 +15,6 @@ from dropserver.auth import Role
 
 OFF = BuyLimits(per_user=0, per_ip=0, velocity_window_ms=0)
 TTL = 600_000
-
-
-@pytest.fixture
-async def r(clean_backends):
-    client = aioredis.Redis.from_url(clean_backends.redis_url, max_connections=300)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

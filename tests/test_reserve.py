@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import redis.asyncio as aioredis
 
 from checkout import inventory, keys
 from checkout.defense import BuyLimits
@@ -13,13 +12,6 @@ from checkout.reserve import BuyRefused, BuyRequest, Refusal, reserve
 
 OFF = BuyLimits(per_user=0, per_ip=0, velocity_window_ms=0)
 TTL = 600_000
-
-
-@pytest.fixture
-async def r(clean_backends):
-    client = aioredis.Redis.from_url(clean_backends.redis_url, max_connections=500)
-    yield client
-    await client.aclose()
 
 
 async def selling(r, units=10, limit=1, max_holds=1, kind="standard"):
