@@ -28,6 +28,22 @@ async def _text(page, selector: str) -> str:
     return (await page.text_content(selector) or "").strip()
 
 
+async def _click_action(console, action: str) -> None:
+    """Click a drop control once the console enables it; if it never does, say why:
+    the drop the console holds (state, version, allowed actions) and its log."""
+    selector = f"[data-action='{action}']"
+    try:
+        await console.wait_for_function(
+            f"() => !document.querySelector(\"{selector}\").disabled", timeout=15_000)
+    except Exception as exc:
+        held = await console.evaluate(
+            "(() => { const d = window.__console.drop;"
+            " return d && {state: d.state, version: d.version, allowed: d.allowed_actions}; })()")
+        log = await console.evaluate("document.getElementById('log').innerText")
+        raise AssertionError(f"{action} stayed disabled; console holds {held}\n{log}") from exc
+    await console.click(selector, timeout=15_000)  # its error names what blocked it
+
+
 async def test_publish_watch_buy_now_buy_and_stats(
         server: RunningServer, browsers: Browsers, make_token) -> None:
     base = server.base_url
@@ -64,7 +80,7 @@ async def test_publish_watch_buy_now_buy_and_stats(
         log = "\n".join(browsers.logs["console"][-30:])
         raise AssertionError(f"WHIP publish stuck in {state!r}:\n{log}") from exc
 
-    await console.click("[data-action='go_live']")
+    await _click_action(console, "go_live")
     await console.wait_for_function(
         "() => document.getElementById('drop-state').textContent === 'live'",
         timeout=10_000)
@@ -86,12 +102,10 @@ async def test_publish_watch_buy_now_buy_and_stats(
 
     # --- 3. pin + BUY NOW reaches the viewer ---------------------------------------
     await console.select_option("#product-select", str(product_id))
-    await console.click("[data-action='pin']")
+    await _click_action(console, "pin")
     await viewer.locator("#pinned").wait_for(state="visible", timeout=10_000)
     assert await _text(viewer, "#pinned-title") == "Signed vinyl"
-    await console.wait_for_function(
-        "() => !document.querySelector(\"[data-action='buy_now']\").disabled")
-    await console.click("[data-action='buy_now']")
+    await _click_action(console, "buy_now")
     overlay = viewer.locator("#buy-overlay")
     await overlay.wait_for(state="visible", timeout=10_000)
     assert await _text(viewer, "#buy-title") == "Signed vinyl"
@@ -145,7 +159,7 @@ async def test_publish_watch_buy_now_buy_and_stats(
         "() => document.getElementById('conn').dataset.state === 'reconnecting'",
         timeout=5_000)
     await browsers.shot(viewer, "7-viewer-reconnecting")
-    await console.click("[data-action='close']")  # happens while the viewer is away
+    await _click_action(console, "close")  # happens while the viewer is away
     await viewer.wait_for_function(
         "() => document.getElementById('conn').dataset.state === 'open'", timeout=15_000)
     await overlay.wait_for(state="hidden", timeout=10_000)

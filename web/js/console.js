@@ -174,11 +174,12 @@ function connectSocket() {
     }
     if (event.startsWith("drop.")) {
       log(`${event} ${JSON.stringify(data)}`);
-      if (event === "drop.state" && ui.drop) {
-        ui.drop = { ...ui.drop, state: data.state };
+      if (event === "drop.state" && ui.drop && (data.version ?? 0) > (ui.drop.version ?? 0)) {
+        ui.drop = { ...ui.drop, state: data.state, version: data.version };
         renderDrop();
         // the full resource carries allowed_actions for the new state
-        creator.getDrop(ui.drop.id, ui.token).then((d) => { ui.drop = d; renderDrop(); })
+        creator.getDrop(ui.drop.id, ui.token)
+          .then((d) => { ui.drop = creator.fresher(ui.drop, d); renderDrop(); })
           .catch(() => {});
       }
       refreshStats();
@@ -202,8 +203,8 @@ async function control(action) {
     }
     const body = ["pin", "buy_now"].includes(action) ? { product_id: productId } : {};
     drop = await creator.action(ui.drop.id, action, ui.token, body);
-    if (drop && drop.id) ui.drop = drop;
-    else ui.drop = await creator.getDrop(ui.drop.id, ui.token);
+    if (!(drop && drop.id)) drop = await creator.getDrop(ui.drop.id, ui.token);
+    ui.drop = creator.fresher(ui.drop, drop);
     log(`${action} -> ${ui.drop.state}`);
     renderDrop();
     refreshStats();

@@ -20,6 +20,20 @@ export function getDrop(id, token) {
   return fetchJson(`/v1/drops/${id}`, { token });
 }
 
+/**
+ * The drop resource to keep: `incoming` unless `current` is the same drop at a
+ * later version. Answers to requests sent at different moments can arrive out of
+ * order (a GET sent on an old `drop.state` event, after a newer POST's answer);
+ * every change bumps `version`, so the older one is dropped.
+ */
+export function fresher(current, incoming) {
+  if (!incoming) return current;
+  if (current && current.id === incoming.id && (current.version ?? 0) > (incoming.version ?? 0)) {
+    return current;
+  }
+  return incoming;
+}
+
 export function getStats(id, token) {
   return fetchJson(`/v1/drops/${id}/stats`, { token });
 }
