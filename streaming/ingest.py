@@ -4,8 +4,13 @@ aiortc has no public way to receive encoded frames (aiortc issues #55, #449): ea
 ``RTCRtpReceiver`` runs a decoder thread that calls ``aiortc.rtcrtpreceiver.get_decoder``.
 :func:`install` swaps that function for one that returns a pass-through "decoder" for
 H.264 and Opus, so the track yields :class:`EncodedFrame` (the reassembled Annex B
-access unit or Opus packet) instead of pictures. That touches aiortc internals, hence
-the exact pin (``aiortc==1.16.0`` in pyproject) checked here and by
+access unit or Opus packet) instead of pictures. Copying bytes needs no thread, and
+the hop to the decoder thread and back (a ``queue.Queue`` put, a thread wake-up, a
+``run_coroutine_threadsafe`` per frame, 80 a second with audio) cost more than the
+copy, so :func:`install` also wraps ``RTCRtpReceiver.receive`` to hand pass-through
+frames to the track on the event loop (:class:`_InlineDecoderQueue`); anything else,
+and the end of the track, still goes through aiortc's thread. That touches aiortc
+internals, hence the exact pin (``aiortc==1.16.0`` in pyproject) checked here and by
 ``tests/test_streaming_ingest.py``.
 
 Other video codecs (VP8 from a browser), or every codec when
@@ -87,6 +92,44 @@ def _get_decoder(codec: RTCRtpCodecParameters) -> Decoder:
     return _original_get_decoder(codec)
 
 
+class _InlineDecoderQueue:
+    """Stands in for a receiver's decoder queue: pass-through frames go straight to
+    the track's queue (the caller is the event loop); other codecs, and ``None`` (the
+    end of the track, queued behind them), go on to aiortc's decoder thread."""
+
+    __slots__ = ("_passthrough", "_thread_queue", "_track_queue")
+
+    def __init__(self, thread_queue: Any, track_queue: asyncio.Queue) -> None:
+        self._thread_queue = thread_queue
+        self._track_queue = track_queue
+        self._passthrough: dict[str, bool] = {}
+
+    def put(self, task: tuple[RTCRtpCodecParameters, Any] | None) -> None:
+        if task is not None:
+            codec, encoded_frame = task
+            inline = self._passthrough.get(codec.mimeType)
+            if inline is None:
+                inline = self._passthrough[codec.mimeType] = isinstance(
+                    _get_decoder(codec), _Passthrough)
+            if inline:
+                for frame in _PASSTHROUGH.decode(encoded_frame):
+                    self._track_queue.put_nowait(frame)
+                return
+        self._thread_queue.put(task)
+
+
+_PASSTHROUGH = _Passthrough()
+_original_receive = rtcrtpreceiver.RTCRtpReceiver.receive
+
+
+async def _receive(self: rtcrtpreceiver.RTCRtpReceiver, parameters: Any) -> None:
+    await _original_receive(self, parameters)
+    queue = self._RTCRtpReceiver__decoder_queue  # type: ignore[attr-defined]
+    if not isinstance(queue, _InlineDecoderQueue):
+        self._RTCRtpReceiver__decoder_queue = _InlineDecoderQueue(  # type: ignore[attr-defined]
+            queue, self._track._queue)
+
+
 def install(*, transcode_all: bool = False) -> None:
     """Patch aiortc once per process (see module docstring). Idempotent."""
     if aiortc.__version__ != AIORTC_VERSION:
@@ -96,6 +139,7 @@ def install(*, transcode_all: bool = False) -> None:
     if _installed["done"]:
         return
     rtcrtpreceiver.get_decoder = _get_decoder
+    rtcrtpreceiver.RTCRtpReceiver.receive = _receive
     known = {c.parameters.get("profile-level-id") for c in CODECS["video"]}
     pt = max(c.payloadType for c in CODECS["video"]) + 1
     for profile in EXTRA_H264_PROFILES:
