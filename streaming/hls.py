@@ -56,6 +56,15 @@ def _live_state(directory: Path) -> tuple[int, int, bool] | None:
     return state["msn"], state["part"], state["ended"]
 
 
+def _state(stream: DropStream | None, directory: Path) -> tuple[int, int, bool] | None:
+    """The playlist's newest segment and part: from memory in the worker that holds
+    the publisher, else from ``live.json``."""
+    if stream is not None:
+        pl = stream.packager.playlist
+        return pl.next_msn, pl.last_part_index, pl.ended
+    return _live_state(directory)
+
+
 def _has(state: tuple[int, int, bool] | None, msn: int, part: int | None) -> bool:
     if state is None:
         return False
@@ -105,7 +114,7 @@ async def hls_file(request: Request) -> Response:
         except ValueError as exc:
             raise ApiError(str(exc), code="bad_blocking_request") from None
         if blocking is not None:
-            state = _live_state(directory)
+            state = _state(stream, directory)
             if state is not None and blocking.msn > state[0] + 2:
                 # 6.2.5.2: more than two segments ahead of the last one
                 raise ApiError("_HLS_msn is too far in the future",

@@ -111,6 +111,7 @@ class Packager:
         self._base = 0  # global timeline offset of this session, 90 kHz
         self._end = 0  # end of the newest video sample written, 90 kHz (global)
         self._fragment_seq = 0
+        self._plain_written = ""  # index.m3u8 as last written
         self._video_track: fmp4.VideoTrack | None = None
         self._audio_track: fmp4.AudioTrack | None = fmp4.AudioTrack(track_id=2)
         self._pending: _Frame | None = None
@@ -372,7 +373,10 @@ class Packager:
     def _publish(self) -> None:
         pl = self.playlist
         self._write("live.m3u8", pl.render(PlaylistKind.LOW_LATENCY, window=LIVE_WINDOW))
-        self._write("index.m3u8", pl.render(PlaylistKind.PLAIN, window=LIVE_WINDOW))
+        plain = pl.render(PlaylistKind.PLAIN, window=LIVE_WINDOW)
+        if plain != self._plain_written:  # it lists no parts: it changes once a segment
+            self._write("index.m3u8", plain)
+            self._plain_written = plain
         self._write("live.json", json.dumps({
             "msn": pl.next_msn, "part": pl.last_part_index, "ended": pl.ended,
             "fragments": self._fragment_seq}))

@@ -230,3 +230,37 @@ def test_the_playlist_on_disk_never_lags_a_closed_segment(tmp_path: Path) -> Non
             uri = hint[0].split('URI="')[1].split('"')[0]
             assert int(uri[1:].split(".")[0]) == pk.playlist.next_msn, (uri, before)
     assert boundaries >= 2
+
+
+
+def test_plain_playlist_is_written_when_it_changes_not_every_part(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """The plain playlist lists segments, not parts: rewriting it five times a
+    second is wasted file creation. It is written when a segment lands, and what is
+    on disk is always the current plain rendering."""
+    from streaming.packager import LIVE_WINDOW
+    from streaming.playlist import PlaylistKind
+
+    pk = Packager(tmp_path, segment_seconds=1.0, part_seconds=0.2)
+    writes: list[str] = []
+    real_write = Packager._write
+
+    def checked(self, name, data):
+        writes.append(name)
+        real_write(self, name, data)
+
+    def publish_and_check(self):
+        real_publish(self)
+        on_disk = (tmp_path / "index.m3u8").read_text()
+        assert on_disk == self.playlist.render(PlaylistKind.PLAIN, window=LIVE_WINDOW)
+
+    real_publish = Packager._publish
+    monkeypatch.setattr(Packager, "_write", checked)
+    monkeypatch.setattr(Packager, "_publish", publish_and_check)
+    pk.start_session()
+    feed(pk, 3.0)
+    assert len(pk.playlist.segments) == 2  # the third closes at finish()
+    assert writes.count("live.m3u8") >= 10  # every part
+    assert 2 <= writes.count("index.m3u8") <= 3  # start, then once per segment
+    pk.finish()
+    assert (tmp_path / "index.m3u8").read_text().count("#EXTINF") == 3
