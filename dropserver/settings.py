@@ -165,6 +165,9 @@ class Settings:
     hls_transcode: str = _env("DROPSERVER_HLS_TRANSCODE", "auto", "auto: pass H.264 "
                               "through, re-encode other codecs; always: re-encode every "
                               "stream to H.264.", choices=("auto", "always"))
+    whip_read_timeout: float = _env("DROPSERVER_WHIP_READ_TIMEOUT", 10.0,
+                                    "Seconds without media after which a WHIP publisher "
+                                    "is lost (then the reconnect grace applies).")
     stream_reconnect_grace: float = _env("DROPSERVER_STREAM_RECONNECT_GRACE", 15.0,
                                          "Seconds a lost publisher may reconnect into the "
                                          "same stream before it is finalized as a replay.")

@@ -13,6 +13,13 @@ and the end of the track, still goes through aiortc's thread. That touches aiort
 internals, hence the exact pin (``aiortc==1.16.0`` in pyproject) checked here and by
 ``tests/test_streaming_ingest.py``.
 
+A publisher is alive while its media arrives (:attr:`Publisher.read_timeout`, as
+MediaMTX's ``readTimeout``), not while it answers ICE consent checks: aioice closes
+the connection after 6 unanswered checks (RFC 7675, ~30 s), and FFmpeg's WHIP muxer
+answers none, so every FFmpeg publish was cut after ~30 s. :func:`install` makes
+consent failures never close the connection (``aioice.ice.CONSENT_FAILURES``); the
+server sends nothing but RTCP, which is what consent protects.
+
 Other video codecs (VP8 from a browser), or every codec when
 ``DROPSERVER_HLS_TRANSCODE=always``, are decoded by aiortc and re-encoded to H.264 by
 :mod:`streaming.transcode`.
@@ -34,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiortc
+from aioice import ice as aioice_ice
 from aiortc import (
     RTCPeerConnection,
     RTCRtpCodecParameters,
@@ -57,6 +65,9 @@ EXTRA_H264_PROFILES = ("4d001f", "64001f", "640c1f")  # Main, High, Constrained 
 # Chrome starts WebRTC video at ~300 kbps and climbs slowly against aiortc's REMB;
 # these fmtp hints give 720p from the first frame (measured, notes/streaming.md).
 BITRATE_HINT = "x-google-start-bitrate=2500;x-google-min-bitrate=1500"
+
+FIRST_MEDIA_TIMEOUT = 10.0  # seconds from the answer to the first frame, at least
+CONSENT_NEVER_EXPIRES = 2**62  # unanswered consent checks before aioice gives up
 
 _installed = {"done": False, "transcode_all": False}
 _original_get_decoder = rtcrtpreceiver.get_decoder
@@ -135,9 +146,12 @@ def install(*, transcode_all: bool = False) -> None:
     if aiortc.__version__ != AIORTC_VERSION:
         raise RuntimeError(f"streaming.ingest relies on aiortc=={AIORTC_VERSION} internals, "
                            f"found {aiortc.__version__}")
+    if not isinstance(getattr(aioice_ice, "CONSENT_FAILURES", None), int):
+        raise RuntimeError("streaming.ingest expects aioice.ice.CONSENT_FAILURES")
     _installed["transcode_all"] = transcode_all
     if _installed["done"]:
         return
+    aioice_ice.CONSENT_FAILURES = CONSENT_NEVER_EXPIRES
     rtcrtpreceiver.get_decoder = _get_decoder
     rtcrtpreceiver.RTCRtpReceiver.receive = _receive
     known = {c.parameters.get("profile-level-id") for c in CODECS["video"]}
@@ -215,8 +229,10 @@ class Publisher:
     """
 
     def __init__(self, session_id: str, *, sink: Any,
-                 on_closed: Callable[[Publisher, bool], Awaitable[None]]) -> None:
+                 on_closed: Callable[[Publisher, bool], Awaitable[None]],
+                 read_timeout: float = 10.0) -> None:
         self.id = session_id
+        self.read_timeout = read_timeout  # seconds without media: lost
         self.sink = sink  # has add_video(annexb, pts90k), add_audio(packet, pts48k),
         # keyframe_due, keyframe_requested(), transcoder(): see streaming.live
         self.on_closed = on_closed
@@ -229,6 +245,7 @@ class Publisher:
         self._tasks: list[asyncio.Task] = []
         self._closed = False
         self.frames = 0
+        self.last_media: float | None = None  # time.monotonic() of the newest frame
 
     async def accept(self, offer: str) -> str:
         """The SDP answer for ``offer`` (ICE candidates included, no trickle)."""
@@ -275,6 +292,7 @@ class Publisher:
         except Exception as exc:  # aiortc: ValueError, OperationError, InvalidState...
             await self.pc.close()
             raise BadOffer(f"cannot answer the offer: {exc}") from None
+        self._tasks.append(asyncio.ensure_future(self._watch_media()))
         for t in self.pc.getTransceivers():
             if t.kind == "video" and t._codecs:
                 self.video_codec = t._codecs[0].name
@@ -295,6 +313,7 @@ class Publisher:
         try:
             while True:
                 frame = await track.recv()
+                self.last_media = time.monotonic()
                 if isinstance(frame, EncodedFrame):
                     pts = self._pts("video", frame.timestamp, frame.arrival, VIDEO_TIMESCALE)
                     self.sink.add_video(frame.data, pts)
@@ -322,6 +341,7 @@ class Publisher:
         try:
             while True:
                 frame = await track.recv()
+                self.last_media = time.monotonic()
                 if isinstance(frame, EncodedFrame):
                     pts = self._pts("audio", frame.timestamp, frame.arrival, AUDIO_TIMESCALE)
                     self.sink.add_audio(frame.data, pts)
@@ -329,6 +349,24 @@ class Publisher:
             pass
         except Exception:
             log.exception("audio ingest failed", extra={"session": self.id})
+
+    async def _watch_media(self) -> None:
+        """Close as lost once no frame (audio or video) came for ``read_timeout``:
+        a publisher that vanished without a DELETE. The first frame may take up to
+        :data:`FIRST_MEDIA_TIMEOUT` (ICE, DTLS and the first keyframe come first)."""
+        accepted = time.monotonic()
+        while not self._closed:
+            if self.last_media is None:
+                silent, limit = time.monotonic() - accepted, max(self.read_timeout,
+                                                                 FIRST_MEDIA_TIMEOUT)
+            else:
+                silent, limit = time.monotonic() - self.last_media, self.read_timeout
+            if silent >= limit:
+                log.warning("whip publisher silent", extra={
+                    "session": self.id, "seconds": round(silent, 1)})
+                await self.close(lost=True)
+                return
+            await asyncio.sleep(min(1.0, limit - silent))
 
     async def request_keyframe(self) -> None:
         """RTCP PLI (RFC 4585 6.3.1) to every video source of the session."""

@@ -95,7 +95,8 @@ async def whip_post(request: Request) -> Response:
             pub.id, "failed" if lost else "ended")
         await stream.detach(pub, lost)
 
-    publisher = Publisher(session_id, sink=stream, on_closed=on_closed)
+    publisher = Publisher(session_id, sink=stream, on_closed=on_closed,
+                          read_timeout=streaming.settings.whip_read_timeout)
     try:
         answer = await publisher.accept(offer)
     except BadOffer as exc:

@@ -174,6 +174,78 @@ async def test_status_broadcast_and_moments(whip_server, media_settings, make_to
         assert 'X-KIND="buy_now"' in replay and 'X-PRODUCT-ID="7"' in replay
 
 
+async def test_publisher_that_answers_no_consent_checks_stays_on_air(
+        whip_server, media_settings, make_token, monkeypatch) -> None:
+    """FFmpeg's WHIP muxer answers no ICE consent check (RFC 7675); aioice gives up
+    after 6 of them (~30 s at the real 5 s interval, ~1.5 s here) and closed the
+    session mid-stream. Media still arriving keeps a publisher alive."""
+    from aioice import ice
+
+    monkeypatch.setattr(ice, "CONSENT_INTERVAL", 0.25)
+    drop_id = await make_drop(media_settings.database_url)
+    token = make_token(CREATOR, Role.CREATOR)
+    pub = WhipPublisher(f"{whip_server.base_url}/v1/drops/{drop_id}/whip", token,
+                        seconds=4.0, audio=False)
+    pub.start()
+    await pub.wait(30)
+    assert pub.error is None, pub.error  # not "Connection refused" mid-stream
+    async with httpx.AsyncClient(base_url=whip_server.base_url) as http:
+        async def replay():
+            r = await http.get(f"/v1/drops/{drop_id}/replay")
+            return r.json() if r.status_code == 200 and r.json().get("duration_ms") else None
+
+        timeline = await wait_for(replay)
+        assert timeline["duration_ms"] >= 3000
+
+
+async def test_a_publisher_that_vanishes_is_lost_after_the_read_timeout(
+        settings, tmp_path: Path, make_token) -> None:
+    """No DELETE, no more media (the process was killed): the session is lost after
+    ``whip_read_timeout``, viewers see "reconnecting", then the replay is kept."""
+    timeout = 1.0
+    running, stop = await start_server(settings.replace(
+        media_dir=str(tmp_path), stream_reconnect_grace=1.0, whip_read_timeout=timeout))
+    try:
+        drop_id = await make_drop(settings.database_url)
+        token = make_token(CREATOR, Role.CREATOR)
+        redis = running.app.state.redis
+        pubsub = redis.pubsub()
+        await pubsub.subscribe(channels.drop_channel(drop_id))
+        pub = WhipPublisher(f"{running.base_url}/v1/drops/{drop_id}/whip", token,
+                            seconds=30.0, audio=False)
+        pub.start()
+        stream_dir = tmp_path / "drops" / str(drop_id)
+
+        async def on_air():
+            return (stream_dir / "s1.m4s").exists()
+
+        await wait_for(on_air, limit=20)
+        pub.kill()
+        killed = time.monotonic()
+        statuses: list[tuple[str, float]] = []
+        deadline = killed + 15
+        while not any(s == "offline" for s, _ in statuses) and time.monotonic() < deadline:
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+            if msg:
+                p = channels.parse_message(msg["data"])
+                if p.event == "stream.status":
+                    statuses.append((p.data["status"], time.monotonic() - killed))
+        await pubsub.aclose()
+        assert [s for s, _ in statuses] == ["live", "reconnecting", "offline"] or \
+            [s for s, _ in statuses] == ["reconnecting", "offline"], statuses
+        lost_after = dict(statuses)["reconnecting"]
+        assert timeout <= lost_after + 0.1 < timeout + 2.5, statuses
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            state = await conn.fetchval(
+                "SELECT state FROM stream_sessions WHERE drop_id = $1", drop_id)
+        finally:
+            await conn.close()
+        assert state == "failed"
+    finally:
+        await stop()
+
+
 OFFER_NO_VIDEO = (
     "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
     "a=fingerprint:sha-256 00:11\r\na=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuv\r\n"
