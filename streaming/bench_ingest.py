@@ -1,6 +1,7 @@
 """Benchmark: what one 720p30 stream costs the server, and how late viewers see it.
 
     python -m streaming.bench_ingest [--window 20] [--warmup 5] [--only cpu|glass]
+                                     [--bitrate 2500]
 
 Run from the repository root (the publisher is ``tests/whip_publisher.py``). One
 Valkey and PostgreSQL (:class:`dropserver.services.LocalServices`) for the whole run;
@@ -14,8 +15,13 @@ fresh drop and one publisher:
 
   - **server CPU**: user+sys time of the server PID (all its threads, from
     ``/proc/<pid>/stat``) over ``--window`` seconds that start ``--warmup`` seconds
-    after the first part appeared, as % of one core. Redis, PostgreSQL and the
-    publisher are other processes; the publisher's CPU is shown for scale.
+    after the first part appeared, as % of one core, while the client below watches;
+    then over a second window of the same stream with nobody watching (**ingest
+    only**: WebRTC receive and packaging). Redis, PostgreSQL and the publisher are
+    other processes; the publisher's CPU is shown for scale. The publisher sends
+    ``--bitrate`` kbit/s CBR (x264 ``nal-hrd=cbr``, as OBS' CBR; 2,500 by default,
+    what the server asks browsers to start at); **media kbit/s** is what the
+    packager wrote (video + audio) in the window.
   - **publish-to-playlist**: a client long-polls ``live.m3u8`` with blocking reload
     (``_HLS_msn``/``_HLS_part`` of the next part), fetches every new part and reads
     its video samples' decode times (``tfdt`` + ``trun``). Each sample is matched to
@@ -79,6 +85,16 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+_SEGMENT_FILE = re.compile(r"^s\d+\.m4s(\.tmp)?$")
+
+
+def media_bytes(media: Path, drop_id: int) -> int:
+    """Bytes of fMP4 media (video + audio) the packager has written for the drop:
+    closed segments plus the open one (appended to at every part)."""
+    directory = media / "drops" / str(drop_id)
+    return sum(p.stat().st_size for p in directory.iterdir() if _SEGMENT_FILE.match(p.name))
 
 
 def pcts(values: list[float]) -> dict[str, float]:
@@ -299,7 +315,9 @@ def frame_latencies(parts: list[PartSeen], sent: list[float]) -> tuple[
 class CpuResult:
     case: str
     size: tuple[int, int]
-    server_cpu: float  # % of one core
+    kbps: float  # media written (video + audio) over the window
+    server_cpu: float  # % of one core, one LL-HLS client watching
+    ingest_cpu: float  # % of one core, the same stream with nobody watching
     publisher_cpu: float
     fps: float
     reloads: float  # playlist responses per second to the blocking-reload client
@@ -309,7 +327,7 @@ class CpuResult:
 
 
 async def ffmpeg_case(services: LocalServices, media: Path, case: str, width: int,
-                      height: int, warmup: float, window: float) -> CpuResult:
+                      height: int, warmup: float, window: float, bitrate: int) -> CpuResult:
     from tests.whip_publisher import WhipPublisher
 
     transcode = "always" if case == "re-encode" else "auto"
@@ -322,8 +340,9 @@ async def ffmpeg_case(services: LocalServices, media: Path, case: str, width: in
             watcher = Watcher(http, drop_id)
             watch = asyncio.create_task(watcher.run())
             publisher = WhipPublisher(f"{server.base}/v1/drops/{drop_id}/whip", server.token,
-                                      seconds=warmup + window + 4, profile="baseline",
-                                      width=width, height=height, timestamps=str(stamps))
+                                      seconds=warmup + 2 * window + 6, profile="baseline",
+                                      width=width, height=height, timestamps=str(stamps),
+                                      bitrate=bitrate)
             publisher.start()
             assert publisher.proc is not None
             deadline = time.monotonic() + 30
@@ -334,20 +353,28 @@ async def ffmpeg_case(services: LocalServices, media: Path, case: str, width: in
             await asyncio.sleep(warmup)
             t0, s0, p0 = time.monotonic(), cpu_seconds(server.pid), cpu_seconds(
                 publisher.proc.pid)
+            b0 = media_bytes(media, drop_id)
             await asyncio.sleep(window)
             t1, s1, p1 = time.monotonic(), cpu_seconds(server.pid), cpu_seconds(
                 publisher.proc.pid)
+            b1 = media_bytes(media, drop_id)
             load = os.getloadavg()[0]
-            await publisher.wait(warmup + window + 30)
-            if publisher.error:
-                raise RuntimeError(publisher.error)
+            # the same stream, nobody watching: what ingest and packaging alone cost
             watcher.stop = True
             watch.cancel()
+            await asyncio.sleep(1)
+            t2, s2 = time.monotonic(), cpu_seconds(server.pid)
+            await asyncio.sleep(window)
+            t3, s3 = time.monotonic(), cpu_seconds(server.pid)
+            await publisher.wait(warmup + 2 * window + 30)
+            if publisher.error:
+                raise RuntimeError(publisher.error)
             sent = [float(line.split()[1]) for line in stamps.read_text().splitlines()]
             rows, _ = frame_latencies(watcher.parts, sent)
             in_window = [r for r in rows if t0 <= r[0] < t1]
             frames = sum(len(p.samples) for p in watcher.parts if t0 <= p.seen < t1)
-            return CpuResult(case, watcher.size, 100 * (s1 - s0) / (t1 - t0),
+            return CpuResult(case, watcher.size, 8 * (b1 - b0) / (t1 - t0) / 1000,
+                             100 * (s1 - s0) / (t1 - t0), 100 * (s3 - s2) / (t3 - t2),
                              100 * (p1 - p0) / (t1 - t0), frames / (t1 - t0),
                              sum(1 for t in watcher.requests if t0 <= t < t1) / (t1 - t0),
                              pcts([1000 * r[1] for r in in_window]),
@@ -469,6 +496,7 @@ def _serve(html: str):
 @dataclass
 class GlassResult:
     size: tuple[int, int]
+    kbps: float  # media written (video + audio) over the window
     age: dict[str, float]  # every rAF sample: age of the picture on screen
     first_seen: dict[str, float]  # each picture the first time it is on screen
     ahead: float  # median seconds buffered ahead of the playhead
@@ -538,8 +566,10 @@ async def glass_case(services: LocalServices, media: Path, width: int, height: i
                 await pages["view"].evaluate("window.__samples = []; window.__bad = 0")
                 d0 = await pages["publish"].evaluate("window.__draws")
                 t0, s0 = time.monotonic(), cpu_seconds(server.pid)
+                b0 = media_bytes(media, drop_id)
                 await asyncio.sleep(window)
                 t1, s1 = time.monotonic(), cpu_seconds(server.pid)
+                b1 = media_bytes(media, drop_id)
                 load = os.getloadavg()[0]
                 d1 = await pages["publish"].evaluate("window.__draws")
                 samples = await pages["view"].evaluate("window.__samples")
@@ -554,7 +584,8 @@ async def glass_case(services: LocalServices, media: Path, width: int, height: i
     first: dict[int, float] = {}
     for now, v, _ in samples:
         first.setdefault(v, now - v)
-    return GlassResult(size, pcts(ages), pcts(list(first.values())),
+    return GlassResult(size, 8 * (b1 - b0) / (t1 - t0) / 1000, pcts(ages),
+                       pcts(list(first.values())),
                        statistics.median([a for _, _, a in samples]) if samples else 0.0,
                        100 * (s1 - s0) / (t1 - t0), bad, (d1 - d0) / (t1 - t0),
                        len(first) / (t1 - t0), load)
@@ -571,6 +602,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--window", type=float, default=20.0)
     parser.add_argument("--only", choices=("cpu", "glass"), default=None)
+    parser.add_argument("--bitrate", type=int, default=2500,
+                        help="FFmpeg publisher's video bitrate, kbit/s CBR (0: x264 decides)")
     args = parser.parse_args()
     width, height = (int(x) for x in args.size.split("x"))
     if not Path("tests/whip_publisher.py").exists():
@@ -582,19 +615,23 @@ def main() -> None:
         if args.only in (None, "cpu"):
             for case in ("passthrough", "re-encode"):
                 cpu.append(asyncio.run(ffmpeg_case(services, Path(media) / case, case,
-                                                   width, height, args.warmup, args.window)))
+                                                   width, height, args.warmup, args.window,
+                                                   args.bitrate)))
         if args.only in (None, "glass"):
             glass = asyncio.run(glass_case(services, Path(media) / "glass", width, height,
                                            args.warmup, args.window))
     if cpu:
         print(f"\nFFmpeg WHIP publisher, {args.size} {FPS} fps, window {args.window:.0f} s "
               f"after {args.warmup:.0f} s warm-up")
-        print("| case | stream | server CPU (% of one core) | publisher CPU | fps in "
-              "playlist | playlist reloads/s | newest frame -> listed p50 / p95 / max (ms) "
+        print("| case | stream | media kbit/s | server CPU, ingest only | server CPU, + 1 "
+              "LL-HLS viewer | publisher CPU "
+              "| fps in playlist | playlist reloads/s "
+              "| newest frame -> listed p50 / p95 / max (ms) "
               "| oldest frame -> listed p50 / p95 / max (ms) | load avg |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in cpu:
-            print(f"| {r.case} | {r.size[0]}x{r.size[1]} | {r.server_cpu:.1f}% | "
+            print(f"| {r.case} | {r.size[0]}x{r.size[1]} | {r.kbps:,.0f} | {r.ingest_cpu:.1f}% | "
+                  f"{r.server_cpu:.1f}% | "
                   f"{r.publisher_cpu:.0f}% | {r.fps:.1f} | {r.reloads:.1f} | {_fmt(r.newest)} | "
                   f"{_fmt(r.oldest)} | {r.load:.2f} |")
     if glass is not None:
@@ -606,7 +643,7 @@ def main() -> None:
               f"{glass.age['n']} |")
         print(f"| glass-to-viewer, picture first on screen | {_fmt(glass.first_seen)} | "
               f"{glass.first_seen['n']} |")
-        print(f"\nstream {glass.size[0]}x{glass.size[1]}; server CPU "
+        print(f"\nstream {glass.size[0]}x{glass.size[1]}, {glass.kbps:,.0f} kbit/s; server CPU "
               f"{glass.server_cpu:.1f}% of one core; hls.js buffered ahead of the playhead "
               f"(median) {1000 * glass.ahead:.0f} ms; canvas draws {glass.draws_per_s:.1f}/s; "
               f"distinct pictures shown {glass.pictures_per_s:.1f}/s; undecodable rAF "

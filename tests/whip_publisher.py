@@ -58,7 +58,10 @@ def dtls_identity() -> tuple[str, str]:
 
 
 def publish(url: str, token: str, *, seconds: float, profile: str, width: int,
-            height: int, audio: bool, timestamps: str | None = None) -> None:
+            height: int, audio: bool, timestamps: str | None = None,
+            bitrate: int = 0) -> None:
+    """``bitrate`` (kbit/s): constant bitrate with filler, as OBS' CBR sends; 0 lets
+    x264 pick (the flat test picture then needs only ~1 Mbit/s at 720p)."""
     import av
     import numpy as np
 
@@ -68,10 +71,14 @@ def publish(url: str, token: str, *, seconds: float, profile: str, width: int,
                            "cert_file": cert, "key_file": key})
     v = out.add_stream("libx264", rate=FPS)
     v.width, v.height, v.pix_fmt = width, height, "yuv420p"
-    v.codec_context.options = {
+    options = {
         "profile": profile, "tune": "zerolatency", "bf": "0", "g": str(FPS),
         "keyint_min": str(FPS), "sc_threshold": "0",
         "preset": "ultrafast" if profile == "baseline" else "veryfast"}
+    if bitrate:
+        options["x264-params"] = (f"nal-hrd=cbr:bitrate={bitrate}:vbv-maxrate={bitrate}"
+                                  f":vbv-bufsize={bitrate}")
+    v.codec_context.options = options
     a = None
     if audio:
         a = out.add_stream("libopus", rate=48000)
@@ -111,10 +118,12 @@ class WhipPublisher:
 
     def __init__(self, url: str, token: str, *, seconds: float = 3.0,
                  profile: str = "baseline", width: int = 320, height: int = 240,
-                 audio: bool = True, timestamps: str | None = None) -> None:
+                 audio: bool = True, timestamps: str | None = None,
+                 bitrate: int = 0) -> None:
         self.argv = [sys.executable, "-m", "tests.whip_publisher", url, token,
                      "--seconds", str(seconds), "--profile", profile,
-                     "--size", f"{width}x{height}"] + ([] if audio else ["--no-audio"])
+                     "--size", f"{width}x{height}", "--bitrate", str(bitrate)] + (
+                         [] if audio else ["--no-audio"])
         if timestamps:
             self.argv += ["--timestamps", timestamps]
         self.proc: subprocess.Popen | None = None
@@ -154,10 +163,12 @@ def main() -> None:
     p.add_argument("--size", default="320x240")
     p.add_argument("--no-audio", action="store_true")
     p.add_argument("--timestamps", default=None)
+    p.add_argument("--bitrate", type=int, default=0, help="kbit/s, CBR; 0: x264 decides")
     args = p.parse_args()
     width, height = (int(x) for x in args.size.split("x"))
     publish(args.url, args.token, seconds=args.seconds, profile=args.profile,
-            width=width, height=height, audio=not args.no_audio, timestamps=args.timestamps)
+            width=width, height=height, audio=not args.no_audio, timestamps=args.timestamps,
+            bitrate=args.bitrate)
 
 
 if __name__ == "__main__":
