@@ -100,6 +100,7 @@ def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
         lifespan="on",
         log_config=None,
         access_log=False,
+        http="httptools",  # llhttp in C; h11 parses in Python (HLS: ~10 requests/s a viewer)
         ws=LeanWebSocketProtocol,  # websockets-sansio, leaner
         ws_max_size=settings.ws_max_message_bytes,
         ws_per_message_deflate=False,  # ~50 KiB per socket with deflate; see memory docs
