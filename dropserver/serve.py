@@ -97,6 +97,11 @@ def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
 
     return uvicorn.Config(
         FastPath(app),
+        # Named, never "auto": uvicorn's auto takes uvloop whenever it is importable,
+        # and it is installed (the bench clients use it). Auto made every worker run on
+        # uvloop whatever DROPSERVER_EVENT_LOOP said; at 50,000 viewers that halved
+        # the connect rate (docs/benchmarks.md, rehearsal).
+        loop=settings.event_loop,
         lifespan="on",
         log_config=None,
         access_log=False,
@@ -121,10 +126,6 @@ def run_single(settings: Settings, sock: socket.socket | None = None) -> None:
     if sock is None:
         sock = bind_socket(settings.host, settings.port, reuse_port=False)
     server = _DrainingServer(config, drain_timeout=settings.shutdown_grace)
-    if settings.event_loop == "uvloop":
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     server.run(sockets=[sock])
 
 

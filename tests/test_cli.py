@@ -142,3 +142,24 @@ def test_invalid_setting_stops_startup_naming_the_variable():
                          capture_output=True, text=True, env=env, timeout=30)
     assert out.returncode == 2
     assert "DROPSERVER_PORT" in out.stderr
+
+
+@pytest.mark.parametrize("name", ["asyncio", "uvloop"])
+def test_workers_run_on_the_configured_event_loop(name: str) -> None:
+    """uvicorn's default ("auto") takes uvloop whenever it is importable, and it is
+    installed: the setting must reach uvicorn, or every worker runs on uvloop."""
+    import asyncio
+
+    import uvloop
+    from starlette.applications import Starlette
+
+    from dropserver.serve import uvicorn_config
+    from dropserver.settings import load_settings
+
+    config = uvicorn_config(Starlette(), load_settings({}, dev=True, event_loop=name))
+    loop = config.get_loop_factory()()
+    try:
+        assert isinstance(loop, uvloop.Loop) == (name == "uvloop")
+        assert isinstance(loop, asyncio.AbstractEventLoop)
+    finally:
+        loop.close()
