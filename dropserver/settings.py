@@ -41,8 +41,8 @@ class Settings:
     port: int = _env("DROPSERVER_PORT", 8000, "TCP port (0 picks a free one).")
     workers: int = _env("DROPSERVER_WORKERS", 1, "Worker processes sharing the port.")
     event_loop: str = _env("DROPSERVER_EVENT_LOOP", "asyncio", "Event loop of the server "
-                           "workers. `uvloop` measured slower in the 20,000-viewer "
-                           "rehearsal here (docs/benchmarks.md).",
+                           "workers. `uvloop` connected a 50,000-viewer rehearsal ~3x "
+                           "slower here (docs/benchmarks.md).",
                            choices=("asyncio", "uvloop"))
     node_id: str = _env("DROPSERVER_NODE_ID", "", "Name of this process in presence "
                         "and logs; empty derives hostname:pid.")

@@ -308,6 +308,7 @@ async def _main_async() -> None:
 
 def main() -> int:
     # The stdlib loop, not uvloop: with uvloop the 20,000-viewer rehearsal ramped at
-    # ~760 joins/s against ~950-1,000 (docs/benchmarks.md, rehearsal section).
+    # 604-803 joins/s against 657-1,008 (the server on uvloop in all six; the
+    # difference is within noise, the stdlib loop needs nothing; docs/benchmarks.md).
     asyncio.run(_main_async())
     return 0
