@@ -58,6 +58,38 @@ async def wait_for(predicate, limit: float = 10.0, step: float = 0.05):
     raise AssertionError("condition not met in time")
 
 
+async def publish_watched(server, database_url: str, token: str, seconds: float):
+    """A drop, a subscription to its channel and an FFmpeg publisher (video only) that
+    has written its second segment: (drop_id, pubsub, publisher, stream dir)."""
+    drop_id = await make_drop(database_url)
+    pubsub = server.app.state.redis.pubsub()
+    await pubsub.subscribe(channels.drop_channel(drop_id))
+    pub = WhipPublisher(f"{server.base_url}/v1/drops/{drop_id}/whip", token,
+                        seconds=seconds, audio=False)
+    pub.start()
+    stream_dir = Path(server.app.state.settings.media_dir) / "drops" / str(drop_id)
+
+    async def on_air():
+        return (stream_dir / "s1.m4s").exists()
+
+    await wait_for(on_air, limit=20)
+    return drop_id, pubsub, pub
+
+
+async def stream_statuses(pubsub, since: float, limit: float) -> list[tuple[str, float, dict]]:
+    """``stream.status`` events until "offline": (status, seconds after ``since``, data)."""
+    out: list[tuple[str, float, dict]] = []
+    deadline = time.monotonic() + limit
+    while not any(s == "offline" for s, _, _ in out) and time.monotonic() < deadline:
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+        if msg:
+            p = channels.parse_message(msg["data"])
+            if p.event == "stream.status":
+                out.append((p.data["status"], time.monotonic() - since, p.data))
+    await pubsub.aclose()
+    return out
+
+
 @pytest.fixture
 def media_settings(settings, tmp_path: Path):
     return settings.replace(media_dir=str(tmp_path), stream_reconnect_grace=0.5)
@@ -136,35 +168,19 @@ async def test_publish_with_ffmpeg_whip_muxer(whip_server, media_settings, make_
 async def test_status_broadcast_and_moments(whip_server, media_settings, make_token) -> None:
     from realtime.publish import publish
 
-    drop_id = await make_drop(media_settings.database_url)
     token = make_token(CREATOR, Role.CREATOR)
     redis = whip_server.app.state.redis
-    pubsub = redis.pubsub()
-    await pubsub.subscribe(channels.drop_channel(drop_id))
-    pub = WhipPublisher(f"{whip_server.base_url}/v1/drops/{drop_id}/whip", token,
-                        seconds=3.0, audio=False)
-    pub.start()
-    stream_dir = Path(media_settings.media_dir) / "drops" / str(drop_id)
-
-    async def live_for_a_second():
-        return (stream_dir / "s1.m4s").exists()
-
-    await wait_for(live_for_a_second)
+    drop_id, pubsub, pub = await publish_watched(whip_server, media_settings.database_url,
+                                                 token, seconds=3.0)
     await publish(redis, drop_id, "drop.buy_now", {"product_id": 7, "price": 100,
                                                    "currency": "usd", "remaining": 5})
     await publish(redis, drop_id, "chat.message", {"text": "hi"})
     await pub.wait(20)
     assert pub.error is None, pub.error
-    statuses = []
-    deadline = time.monotonic() + 10
-    while "offline" not in statuses and time.monotonic() < deadline:
-        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
-        if msg:
-            p = channels.parse_message(msg["data"])
-            if p.event == "stream.status":
-                statuses.append(p.data["status"])
-                assert p.data["hls"].endswith(f"/v1/drops/{drop_id}/hls/live.m3u8")
-    await pubsub.aclose()
+    seen = await stream_statuses(pubsub, time.monotonic(), limit=10)
+    statuses = [status for status, _, _ in seen]
+    for _, _, data in seen:
+        assert data["hls"].endswith(f"/v1/drops/{drop_id}/hls/live.m3u8")
     assert statuses == ["live", "offline"]
     async with httpx.AsyncClient(base_url=whip_server.base_url) as http:
         timeline = (await http.get(f"/v1/drops/{drop_id}/replay")).json()
@@ -206,33 +222,14 @@ async def test_a_publisher_that_vanishes_is_lost_after_the_read_timeout(
     running, stop = await start_server(settings.replace(
         media_dir=str(tmp_path), stream_reconnect_grace=1.0, whip_read_timeout=timeout))
     try:
-        drop_id = await make_drop(settings.database_url)
         token = make_token(CREATOR, Role.CREATOR)
-        redis = running.app.state.redis
-        pubsub = redis.pubsub()
-        await pubsub.subscribe(channels.drop_channel(drop_id))
-        pub = WhipPublisher(f"{running.base_url}/v1/drops/{drop_id}/whip", token,
-                            seconds=30.0, audio=False)
-        pub.start()
-        stream_dir = tmp_path / "drops" / str(drop_id)
-
-        async def on_air():
-            return (stream_dir / "s1.m4s").exists()
-
-        await wait_for(on_air, limit=20)
+        drop_id, pubsub, pub = await publish_watched(running, settings.database_url, token,
+                                                     seconds=30.0)
         pub.kill()
-        killed = time.monotonic()
-        statuses: list[tuple[str, float]] = []
-        deadline = killed + 15
-        while not any(s == "offline" for s, _ in statuses) and time.monotonic() < deadline:
-            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
-            if msg:
-                p = channels.parse_message(msg["data"])
-                if p.event == "stream.status":
-                    statuses.append((p.data["status"], time.monotonic() - killed))
-        await pubsub.aclose()
-        assert [s for s, _ in statuses] == ["live", "reconnecting", "offline"] or \
-            [s for s, _ in statuses] == ["reconnecting", "offline"], statuses
+        seen = await stream_statuses(pubsub, time.monotonic(), limit=15)
+        statuses = [(status, after) for status, after, _ in seen]
+        assert [s for s, _ in statuses] in (["live", "reconnecting", "offline"],
+                                            ["reconnecting", "offline"]), statuses
         lost_after = dict(statuses)["reconnecting"]
         assert timeout <= lost_after + 0.1 < timeout + 2.5, statuses
         conn = await asyncpg.connect(settings.database_url)
