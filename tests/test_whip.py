@@ -60,7 +60,7 @@ async def wait_for(predicate, limit: float = 10.0, step: float = 0.05):
 
 async def publish_watched(server, database_url: str, token: str, seconds: float):
     """A drop, a subscription to its channel and an FFmpeg publisher (video only) that
-    has written its second segment: (drop_id, pubsub, publisher, stream dir)."""
+    has written its second segment: (drop_id, pubsub, publisher)."""
     drop_id = await make_drop(database_url)
     pubsub = server.app.state.redis.pubsub()
     await pubsub.subscribe(channels.drop_channel(drop_id))
