@@ -182,7 +182,10 @@ class Rehearsal:
         row = self.timeline[-1] if self.timeline else {}
         cpu = row.get("cpu_percent")
         rss = row.get("server_rss_mib")
-        return (f"joined {p.total('ever_joined'):>7,}/{self.cfg.viewers:,}  "
+        # sockets: TCP connections the swarms hold (handshaking, or open and waiting
+        # for their join answer, or joined); far above "joined" means joins queue.
+        return (f"sockets {p.total('sockets'):>7,}  "
+                f"joined {p.total('ever_joined'):>7,}/{self.cfg.viewers:,}  "
                 f"open {p.total('joined'):>7,}  closed {p.total('closed'):>5,}  "
                 f"BUY NOW {p.total('buy_now'):>7,}  buys {p.total('buys_sent'):>6,}  "
                 f"held {p.total('buy_held'):>5,}  sold out {p.total('buy_sold_out'):>6,}  "

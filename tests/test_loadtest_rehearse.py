@@ -48,3 +48,15 @@ def test_small_rehearsal_holds_and_never_oversells(tmp_path: Path) -> None:
     assert written["passed"] is True and written["buy_now"]["histogram_ms"]
     assert Path(paths["png"]).stat().st_size > 10_000
     assert "PASS" in Path(paths["html"]).read_text()
+
+
+def test_status_line_shows_sockets_apart_from_joins() -> None:
+    """A connect storm whose joins queue shows as many sockets and few joins."""
+    from loadtest.rehearse import Rehearsal
+
+    r = Rehearsal(RehearsalConfig(viewers=50_000))
+    r.progress.latest = {1: {"sockets": 12_000, "ever_joined": 300, "joined": 290},
+                         2: {"sockets": 12_500, "ever_joined": 400, "joined": 400}}
+    line = r.status_line()
+    assert "sockets  24,500" in line
+    assert "joined     700/50,000" in line and "open     690" in line
