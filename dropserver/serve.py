@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -126,7 +127,15 @@ def run_single(settings: Settings, sock: socket.socket | None = None) -> None:
     if sock is None:
         sock = bind_socket(settings.host, settings.port, reuse_port=False)
     server = _DrainingServer(config, drain_timeout=settings.shutdown_grace)
+    apply_gc_threshold(settings)
     server.run(sockets=[sock])
+
+
+def apply_gc_threshold(settings: Settings) -> None:
+    """A worker holds tens of thousands of long-lived objects per thousand sockets;
+    with Python's default the young generation is collected every few handshakes
+    of a connect storm (docs/benchmarks.md, rehearsal)."""
+    gc.set_threshold(*(int(x) for x in settings.gc_threshold))
 
 
 def _worker_main() -> None:

@@ -163,3 +163,22 @@ def test_workers_run_on_the_configured_event_loop(name: str) -> None:
         assert isinstance(loop, asyncio.AbstractEventLoop)
     finally:
         loop.close()
+
+
+def test_workers_collect_garbage_on_the_configured_thresholds() -> None:
+    import gc
+
+    from dropserver.serve import apply_gc_threshold
+    from dropserver.settings import SettingsError, load_settings
+
+    before = gc.get_threshold()
+    try:
+        apply_gc_threshold(load_settings({}, dev=True))
+        assert gc.get_threshold() == (100_000, 50, 1000)
+        apply_gc_threshold(load_settings({"DROPSERVER_GC_THRESHOLD": "700,10,10"}, dev=True))
+        assert gc.get_threshold() == (700, 10, 10)
+    finally:
+        gc.set_threshold(*before)
+    for bad in ("700,10", "0,10,10", "a,b,c"):
+        with pytest.raises(SettingsError, match="DROPSERVER_GC_THRESHOLD"):
+            load_settings({"DROPSERVER_GC_THRESHOLD": bad}, dev=True).validate()
