@@ -100,8 +100,8 @@ def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
         FastPath(app),
         # Named, never "auto": uvicorn's auto takes uvloop whenever it is importable,
         # and it is installed (the bench clients use it). Auto made every worker run on
-        # uvloop whatever DROPSERVER_EVENT_LOOP said; at 50,000 viewers that halved
-        # the connect rate (docs/benchmarks.md, rehearsal).
+        # uvloop whatever DROPSERVER_EVENT_LOOP said; at 50,000 viewers that cut the
+        # rehearsal's connect rate to a third (docs/benchmarks.md, rehearsal).
         loop=settings.event_loop,
         lifespan="on",
         log_config=None,
