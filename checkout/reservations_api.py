@@ -7,9 +7,10 @@
   ``DELETE /v1/holds/{hold_id}`` (docs/http-api.md, section Checkout).
 * Background, in every process: the hold sweeper and the recovery check.
 
-After a buy the answer goes straight back on the socket (one Redis round trip); what
-others see is sent off the hot path by :class:`Notifier`: the buyer's private
-``order.held`` (pipelined), the drop's ``stock`` (volatile, at most one per
+After a buy the answer goes straight back on the socket (one Redis round trip), with
+the buyer's private ``order.held`` in the same message; what others see is sent off
+the hot path by :class:`Notifier`: ``order.held`` for the buyer's other sockets
+(pipelined; the socket that bought is skipped), the drop's ``stock`` (volatile, at most one per
 ``DROPSERVER_STOCK_COALESCE_MS`` per process and drop), and the drops package's
 sold-out / back-in-stock transitions.
 """
@@ -47,6 +48,7 @@ from dropserver.component import Component
 from dropserver.errors import ApiError, NotFound, Unauthorized, ValidationFailed
 from dropserver.http import field, read_json
 from dropserver.observability import bind
+from realtime.protocol import private_frame
 
 __all__ = ["Notifier", "Reservations", "buy", "cancel", "part"]
 
@@ -72,15 +74,16 @@ class Notifier:
         self.app = app
         self.redis = redis
         self.coalesce = max(coalesce_ms, 1) / 1000
-        self._user_events: list[tuple[str, str, dict]] = []
+        self._user_events: list[tuple[str, str, dict, str]] = []
         self._dirty: set[int] = set()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.Task | None = None
 
     # -- called on the hot path (no awaits) ---------------------------------
-    def user_event(self, user_id: str, event: str, data: dict) -> None:
-        self._user_events.append((user_id, event, data))
+    def user_event(self, user_id: str, event: str, data: dict, origin: str = "") -> None:
+        """``origin``: the connection that already has the event (see publish_user)."""
+        self._user_events.append((user_id, event, data, origin))
         self._wake.set()
 
     def stock_changed(self, drop_id: int) -> None:
@@ -100,8 +103,8 @@ class Notifier:
         dirty, self._dirty = self._dirty, set()
         if events:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for user_id, event, data in events:
-                    await publish_user(pipe, user_id, event, data)
+                for user_id, event, data, origin in events:
+                    await publish_user(pipe, user_id, event, data, origin=origin)
                 await pipe.execute()
         for drop_id in dirty:
             left = await inventory.remaining(self.redis, drop_id)
@@ -235,8 +238,13 @@ def _state(app: Any) -> Reservations:
 
 
 async def buy(app: Any, who: Principal, drop_id: int, data: dict[str, Any], *, ip: str,
-              idempotency_key: str | None = None) -> tuple[Hold, dict[str, Any]]:
-    """The buy path shared by the ``buy`` command and ``POST /v1/drops/{id}/buy``."""
+              idempotency_key: str | None = None, origin: str = "",
+              ) -> tuple[Hold, dict[str, Any], dict[str, Any] | None]:
+    """The buy path shared by the ``buy`` command and ``POST /v1/drops/{id}/buy``.
+
+    Returns the hold, the reply and, for a new hold, the buyer's ``order.held``
+    data; ``origin`` (a connection id) is the socket that sends that event itself.
+    """
     started = time.perf_counter()
     if who.is_guest:
         raise Unauthorized("sign in to buy", code="token_missing")
@@ -260,16 +268,16 @@ async def buy(app: Any, who: Principal, drop_id: int, data: dict[str, Any], *, i
         RESERVE_SECONDS.observe(time.perf_counter() - started)
     if hold.replay:
         _REPLAYED.inc()
-    else:
-        _HELD.inc()
-        res.notifier.user_event(req.user_id, "order.held", {
-            "order_id": hold.hold_id, "product_id": product_id,
+        return hold, hold.reply(), None
+    _HELD.inc()
+    held = {"order_id": hold.hold_id, "product_id": product_id,
             "buyer_number": hold.buyer_number, "expires_at": hold.expires_at,
-            "amount": hold.amount, "currency": hold.currency})
-        res.notifier.stock_changed(drop_id)
-        if hold.remaining == 0:
-            res.notifier.sold_out(drop_id, product_id)
-    return hold, hold.reply()
+            "amount": hold.amount, "currency": hold.currency}
+    res.notifier.user_event(req.user_id, "order.held", held, origin)
+    res.notifier.stock_changed(drop_id)
+    if hold.remaining == 0:
+        res.notifier.sold_out(drop_id, product_id)
+    return hold, hold.reply(), held
 
 
 async def cancel(app: Any, who: Principal, hold_id: str) -> dict[str, Any]:
@@ -296,8 +304,14 @@ async def ws_buy(app: Any, ctx: Any, data: dict) -> dict:
     drop_id = getattr(ctx, "drop_id", None)
     if drop_id is None:
         drop_id = field(data, "drop_id", int, min_value=1)
-    _hold, reply = await buy(app, ctx.principal, int(drop_id), data,
-                             ip=getattr(ctx, "ip", "") or "")
+    conn_id = getattr(ctx, "conn_id", "")
+    after = getattr(ctx, "after", None)
+    _hold, reply, held = await buy(app, ctx.principal, int(drop_id), data,
+                                   ip=getattr(ctx, "ip", "") or "",
+                                   origin=conn_id if after is not None else "")
+    if held is not None and after is not None:
+        # In the same message as the reply: one write, and the buyer sees both at once.
+        after.append(private_frame("order.held", held))
     return reply
 
 
@@ -317,8 +331,8 @@ async def http_buy(request: Request) -> JSONResponse:
     bind(drop_id=drop_id, user_id=who.user_id)
     data = await read_json(request)
     header = request.headers.get("idempotency-key")
-    hold, reply = await buy(request.app, who, drop_id, data, ip=_ip(request),
-                            idempotency_key=header)
+    hold, reply, _held = await buy(request.app, who, drop_id, data, ip=_ip(request),
+                                   idempotency_key=header)
     return JSONResponse(reply, status_code=200 if hold.replay else 201,
                         headers={"Location": f"/v1/holds/{hold.hold_id}"})
 

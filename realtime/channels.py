@@ -8,6 +8,8 @@ A message on a drop or user channel is one of::
     b"D" + epoch + b":" + offset + b":" + body   durable event (history_add.lua)
     b"V" + body                                   volatile event (coalescable)
     b"U" + body                                   private event for one user
+    b"P" + conn_id + b":" + body                  the same, already delivered to the
+                                                  user's connection ``conn_id``
 
 where ``body`` is ``msgpack([event, data])``. The gateway decodes each message once
 per process and encodes it once per wire protocol (see realtime.hub).
@@ -78,6 +80,7 @@ class Publication:
     data: dict[str, Any]
     epoch: str = ""
     offset: int = 0
+    origin: str = ""  # a private event's connection that already has it
 
 
 class MalformedMessage(ValueError):
@@ -111,6 +114,12 @@ def parse_message(raw: bytes) -> Publication:
         return Publication(Kind.VOLATILE, *_unpack_body(raw[1:]))
     if head == b"U":
         return Publication(Kind.USER, *_unpack_body(raw[1:]))
+    if head == b"P":
+        origin, sep, body = raw[1:].partition(b":")
+        if not sep or not origin:
+            raise MalformedMessage("bad private header")
+        event, data = _unpack_body(body)
+        return Publication(Kind.USER, event, data, origin=origin.decode(errors="replace"))
     raise MalformedMessage(f"unknown message kind {head!r}")
 
 

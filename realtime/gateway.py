@@ -16,7 +16,7 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import HTTPConnection
@@ -39,20 +39,25 @@ FRAMES_PER_SECOND = 50  # per connection; more are answered with rate_limited
 
 @dataclass(frozen=True, slots=True)
 class CommandContext:
-    """What a delegated command handler (``app.state.commands``) gets as ``ctx``."""
+    """What a delegated command handler (``app.state.commands``) gets as ``ctx``.
+
+    Frames a handler appends to ``after`` leave with its reply, in the same message
+    (a batch), e.g. the buyer's own ``order.held``.
+    """
 
     principal: Principal
     drop_id: int
     ip: str
     conn_id: str
     node_id: str
+    after: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _reconnect_after_ms(settings: Any) -> int:
     return random.randint(settings.reconnect_min_ms, settings.reconnect_max_ms)
 
 
-def _send_frame(conn: Connection, frame: dict[str, Any]) -> None:
+def _send_frame(conn: Connection, frame: dict[str, Any] | list[dict[str, Any]]) -> None:
     Broadcast(frame).deliver(conn)
 
 
@@ -181,7 +186,7 @@ async def _serve(app: Any, hub: Hub, conn: Connection, token: str | None, receiv
 
 
 async def _handle(app: Any, hub: Hub, conn: Connection, token: str | None,
-                  frame: ClientFrame) -> dict[str, Any] | None:
+                  frame: ClientFrame) -> dict[str, Any] | list[dict[str, Any]] | None:
     t = frame.type
     if t is ClientType.PING:
         out: dict[str, Any] = {"t": protocol.ServerType.PONG.value}
@@ -215,6 +220,9 @@ async def _handle(app: Any, hub: Hub, conn: Connection, token: str | None,
         ctx = CommandContext(conn.principal, conn.drop_id, conn.ip, conn.conn_id,
                              hub.node_id)
         result = await handler(app, ctx, data)
+        if ctx.after:
+            return [protocol.reply_frame(frame.id, result if isinstance(result, dict) else {}),
+                    *ctx.after]
     return protocol.reply_frame(frame.id, result if isinstance(result, dict) else {})
 
 

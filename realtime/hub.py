@@ -324,7 +324,8 @@ class Hub:
             if conns:
                 b = Broadcast(protocol.private_frame(pub.event, pub.data))
                 for conn in conns:
-                    b.deliver(conn)
+                    if conn.conn_id != pub.origin:  # the origin had it with its reply
+                        b.deliver(conn)
             return
         drop_id = int(channel.decode().split(":", 2)[1].rstrip("}"))
         room = self.rooms.get(drop_id)

@@ -56,7 +56,13 @@ async def publish_volatile(redis: Any, drop_id: int, event: str, data: dict) -> 
                         b"V" + channels.pack_body(event, data))
 
 
-async def publish_user(redis: Any, user_id: str, event: str, data: dict) -> None:
-    """Private event for every socket of ``user_id`` on every node; never coalesced."""
-    await redis.publish(channels.user_channel(user_id),
-                        b"U" + channels.pack_body(event, data))
+async def publish_user(redis: Any, user_id: str, event: str, data: dict, *,
+                       origin: str = "") -> None:
+    """Private event for every socket of ``user_id`` on every node; never coalesced.
+
+    ``origin``: the id of a connection that already has the event (it went out with
+    the reply to that connection's command); every other socket still gets it.
+    """
+    body = channels.pack_body(event, data)
+    head = b"P" + origin.encode() + b":" if origin else b"U"
+    await redis.publish(channels.user_channel(user_id), head + body)

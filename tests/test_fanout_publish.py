@@ -72,14 +72,16 @@ async def test_volatile_and_user_messages(r):
     await pubsub.get_message(timeout=1)
     await publish.publish_volatile(r, 5, "stock", {"products": {"1": 4}})
     await publish.publish_user(r, "u-1", "order.paid", {"order_id": "o1"})
+    await publish.publish_user(r, "u-1", "order.held", {"order_id": "o2"}, origin="c-ab12")
     kinds = []
-    while len(kinds) < 2:
+    while len(kinds) < 3:
         msg = await pubsub.get_message(timeout=2, ignore_subscribe_messages=True)
         assert msg is not None
         p = parse_message(msg["data"])
-        kinds.append((p.kind, p.event, p.data))
-    assert kinds == [(Kind.VOLATILE, "stock", {"products": {"1": 4}}),
-                     (Kind.USER, "order.paid", {"order_id": "o1"})]
+        kinds.append((p.kind, p.event, p.data, p.origin))
+    assert kinds == [(Kind.VOLATILE, "stock", {"products": {"1": 4}}, ""),
+                     (Kind.USER, "order.paid", {"order_id": "o1"}, ""),
+                     (Kind.USER, "order.held", {"order_id": "o2"}, "c-ab12")]
     await pubsub.aclose()
     assert await r.exists(channels.history_key(5)) == 0  # volatile is not history
 
@@ -121,6 +123,7 @@ async def test_recover_refuses_partial(r):
 
 def test_parse_message_rejects_garbage():
     for raw in (b"", b"X123", b"Dnoheader", b"Dep:x:" + msgpack.packb(["a", {}]),
-                b"V" + b"\xc1", b"V" + msgpack.packb({"a": 1})):
+                b"V" + b"\xc1", b"V" + msgpack.packb({"a": 1}),
+                b"P" + msgpack.packb(["a", {}]), b"P:" + msgpack.packb(["a", {}])):
         with pytest.raises(MalformedMessage):
             parse_message(raw)

@@ -7,6 +7,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
+import msgpack
 import pytest
 
 from checkout import inventory
@@ -172,6 +173,51 @@ async def test_ws_command_handlers(server, http, creator):
     assert out["state"] == "cancelled" and out["remaining"] == 3
 
 
+async def test_order_held_leaves_with_the_reply_and_reaches_the_other_sockets(
+        server, http, creator, make_token):
+    from checkout.bench_reserve import buy as ws_buy
+    from checkout.bench_reserve import open_buyers
+
+    drop_id, pid = await selling_drop(http, creator, units=2)
+    token = make_token("two-tabs", Role.VIEWER)
+    tab1, tab2 = await open_buyers(f"{server.ws_url}/ws", drop_id, [token, token])
+    messages: list = []
+    on_message = tab1.on_message
+
+    def record(conn, data):
+        messages.append(msgpack.unpackb(data))
+        on_message(conn, data)
+
+    tab1.on_message = record
+    try:
+        frame = await ws_buy(tab1, pid, "k1")
+        hold_id = frame["data"]["hold_id"]
+        # One message: the reply, then the buyer's order.held (one write, one read).
+        [batch] = [m for m in messages if isinstance(m, list)
+                   and any(f.get("t") == "reply" for f in m)]
+        assert [f["t"] for f in batch] == ["reply", "private"]
+        assert batch[1]["event"] == "order.held"
+        assert batch[1]["data"]["order_id"] == hold_id
+        assert batch[1]["data"]["buyer_number"] == frame["data"]["buyer_number"] == 1
+        # The other tab hears it through the user's channel...
+        for _ in range(100):
+            if tab2.private:
+                break
+            await asyncio.sleep(0.02)
+        assert [(f["event"], f["data"]["order_id"]) for f in tab2.private] == [
+            ("order.held", hold_id)]
+        # ...and the buying tab does not get it a second time from there.
+        await tab2.command("ping", {})  # the publication has been fanned out by now
+        await asyncio.sleep(0.1)
+        assert [f["data"]["order_id"] for f in tab1.private] == [hold_id]
+        # A replay is answered without a second order.held.
+        again = await ws_buy(tab1, pid, "k1")
+        assert again["data"]["replay"] and len(tab1.private) == 1
+    finally:
+        tab1.close()
+        tab2.close()
+
+
 async def test_verifier_hook_refuses_with_captcha_required(server, http, creator, buyer):
     drop_id, pid = await selling_drop(http, creator)
     server.app.state.reservations.verifier = RejectAll()
@@ -197,10 +243,8 @@ async def test_buy_and_cancel_over_the_real_socket(server, http, creator, make_t
         assert again["data"]["hold_id"] == hold_id and again["data"]["replay"]
         refused = await ws_buy(b, pid, "k2")
         assert refused["t"] == "error" and refused["code"] == "limit_reached"
-        for _ in range(50):  # the private order.held arrives on the same socket
-            if any(f.get("event") == "order.held" for f in b.private):
-                break
-            await asyncio.sleep(0.02)
+        # The private order.held came with the reply (Buyer.command returns once the
+        # message holding the reply has been read whole).
         held = [f for f in b.private if f.get("event") == "order.held"]
         assert held and held[0]["data"]["order_id"] == hold_id
         out = await b.command("cancel_hold", {"hold_id": hold_id})
