@@ -91,6 +91,13 @@ def _rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Viewer:
     """Records arrival times of event ``k``; joins first when ``join`` is set."""
 
@@ -206,12 +213,16 @@ async def _run_viewers(url: str, n: int, drop_id: int, join: bool, events: int,
     await asyncio.sleep(3.0)  # settle: presence ticks, allocator
     rss_after = sum(_rss_kib(pid) for pid in server_pids)
     sent: list[float] = []
+    cpu_before = sum(_cpu_s(pid) for pid in server_pids)
     for k in range(events):
         sent.append(time.perf_counter())  # CLOCK_MONOTONIC: same clock in every process
         await publish(redis, drop_id, "drop.buy_now",
                       {"product_id": 1, "price": 2500, "currency": "usd", "remaining": 300,
                        "k": k})
         await asyncio.sleep(interval)
+    # Everything the server processes did meanwhile: the fan-outs, and idle work
+    # (pings, presence) that is the same from run to run of one server.
+    cpu_events = sum(_cpu_s(pid) for pid in server_pids) - cpu_before
     arrivals: list[list[float]] = [[] for _ in range(events)]
     closed = 0
     close_codes: collections.Counter[str] = collections.Counter()
@@ -247,6 +258,8 @@ async def _run_viewers(url: str, n: int, drop_id: int, join: bool, events: int,
         "kib_per_idle_connection": round((rss_after - rss_before) / max(1, joined), 2),
         "closed_during_run": closed,
         "close_codes": dict(close_codes),
+        "server_cpu_s_events": round(cpu_events, 2),
+        "server_cpu_us_per_delivery": round(cpu_events / max(1, len(lat_ms)) * 1e6, 2),
     }
 
 
