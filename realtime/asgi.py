@@ -11,6 +11,13 @@ down without giving up uvicorn (workers, lifespan, HTTP on the same port):
   once the handshake is done, drops the parsed request and response (headers and
   all) it otherwise keeps for the life of the connection.
 
+Fan-out writes skip uvicorn's ASGI ``send`` too: a publication for thousands of
+sockets is framed once (websockets' ``Frame.serialize``; server frames are unmasked,
+so the bytes are the same for every socket) and :meth:`LeanWebSocketProtocol.write_frame`
+puts those bytes on each transport, where uvicorn would build a coroutine, wait on
+its ``writable`` event and frame the payload again per socket. Anything it cannot
+write at once (writing paused, closing, an extension negotiated) goes the ASGI way.
+
 It also stops uvicorn pausing the socket after every message: uvicorn calls
 ``pause_reading()`` when a message is queued for the app and ``resume_reading()``
 when the app takes it, two epoll updates (and, on the stdlib loop, selector
@@ -24,8 +31,10 @@ from __future__ import annotations
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
 
-__all__ = ["FastPath", "LeanWebSocketProtocol"]
+__all__ = ["FastPath", "LeanWebSocketProtocol", "server_frame"]
 
 WS_PATH = "/ws"
 QUEUE_FRAMES = 8  # small frames queued for the app before reading pauses
@@ -58,6 +67,15 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             self.request = None  # type: ignore[assignment]
             self.response = None  # type: ignore[assignment]
 
+    def write_frame(self, wire: bytes) -> bool:
+        """Write a data frame serialized by :func:`server_frame`; False when the
+        ASGI ``send`` must take the message instead (it queues, closes or raises)."""
+        if (self.close_sent or self.disconnected or not self.writable.is_set()
+                or self.conn.state is not State.OPEN or self.conn.extensions):
+            return False
+        self.transport.write(wire)
+        return True
+
     def send_receive_event_to_app(self) -> None:
         frames = self.frames
         small = sum(len(f) for f in frames) <= SMALL_FRAME
@@ -71,3 +89,10 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             super().send_receive_event_to_app()
         finally:
             self.read_paused = False
+
+
+def server_frame(payload: bytes | str) -> bytes:
+    """One unfragmented, unmasked server data frame (binary for bytes, text for str)."""
+    if isinstance(payload, str):
+        return Frame(Opcode.TEXT, payload.encode()).serialize(mask=False, extensions=[])
+    return Frame(Opcode.BINARY, payload).serialize(mask=False, extensions=[])

@@ -71,6 +71,7 @@ class Connection:
         "node",
         "pending",
         "principal",
+        "proto",
         "room",
         "send",
         "sent_offset",
@@ -80,6 +81,10 @@ class Connection:
     def __init__(self, send: Send, fmt: Format, limit: int, conn_id: str, ip: str,
                  grace: float = 10.0) -> None:
         self.send = send
+        # uvicorn's protocol behind ``send`` when it can take pre-framed bytes
+        # (realtime.asgi.LeanWebSocketProtocol.write_frame); None elsewhere (tests).
+        proto = getattr(send, "__self__", None)
+        self.proto = proto if hasattr(proto, "write_frame") else None
         self.grace = grace  # seconds a closing socket gets to take its last frames
         self.fmt = fmt
         self.limit = limit
@@ -112,11 +117,16 @@ class Connection:
         return self._queued_bytes
 
     # -- fan-out side (never awaits) -------------------------------------------
-    def deliver(self, message: dict[str, Any], size: int, key: str | None = None) -> None:
-        """Write ``message`` now or queue it; ``key`` marks a coalescable event."""
+    def deliver(self, message: dict[str, Any], size: int, key: str | None = None,
+                wire: bytes | None = None) -> None:
+        """Write ``message`` now or queue it; ``key`` marks a coalescable event;
+        ``wire``: the same message as a WebSocket frame, ready to write."""
         if self.closed:
             return
         if self._writer is None and not self._queue:
+            proto = self.proto
+            if wire is not None and proto is not None and proto.write_frame(wire):
+                return
             if self._write_now(message):
                 return
         self._enqueue(message, size, key)

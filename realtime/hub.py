@@ -37,6 +37,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from realtime import channels, history, metrics, protocol
+from realtime.asgi import server_frame
 from realtime.channels import Kind, MalformedMessage, Publication
 from realtime.connection import Connection, spawn
 from realtime.protocol import Format, ServerType
@@ -61,27 +62,33 @@ def asgi_message(payload: bytes | str) -> tuple[dict[str, Any], int]:
 
 class Broadcast:
     """One frame (or a batch: a list of frames), encoded at most once per format, for
-    many connections."""
+    many connections: the ASGI message, and the WebSocket frame's bytes that
+    :meth:`realtime.asgi.LeanWebSocketProtocol.write_frame` puts on every socket."""
 
     __slots__ = ("_frame", "_json", "_msgpack")
 
     def __init__(self, frame: dict[str, Any] | list[dict[str, Any]]) -> None:
         self._frame = frame
-        self._msgpack: tuple[dict[str, Any], int] | None = None
-        self._json: tuple[dict[str, Any], int] | None = None
+        self._msgpack: tuple[dict[str, Any], int, bytes] | None = None
+        self._json: tuple[dict[str, Any], int, bytes] | None = None
 
-    def message(self, fmt: Format) -> tuple[dict[str, Any], int]:
+    def message(self, fmt: Format) -> tuple[dict[str, Any], int, bytes]:
         if fmt is Format.MSGPACK:
             if self._msgpack is None:
-                self._msgpack = asgi_message(protocol.encode(self._frame, fmt))
+                self._msgpack = _encoded(protocol.encode(self._frame, fmt))
             return self._msgpack
         if self._json is None:
-            self._json = asgi_message(protocol.encode(self._frame, fmt))
+            self._json = _encoded(protocol.encode(self._frame, fmt))
         return self._json
 
     def deliver(self, conn: Connection, key: str | None = None) -> None:
-        message, size = self.message(conn.fmt)
-        conn.deliver(message, size, key)
+        message, size, wire = self.message(conn.fmt)
+        conn.deliver(message, size, key, wire)
+
+
+def _encoded(payload: bytes | str) -> tuple[dict[str, Any], int, bytes]:
+    message, size = asgi_message(payload)
+    return message, size, server_frame(payload)
 
 
 def _merge(event: str, old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import contextlib
 import uvicorn
 import websockets
 
-from realtime.asgi import QUEUE_FRAMES, LeanWebSocketProtocol
+from realtime.asgi import QUEUE_FRAMES, LeanWebSocketProtocol, server_frame
 from tests.conftest import free_port
 
 
@@ -41,10 +41,11 @@ class App:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: App):
+async def serving(app: App, *, deflate: bool = True):
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, ws=LeanWebSocketProtocol,
-                            log_level="warning", ws_ping_interval=None)
+                            log_level="warning", ws_ping_interval=None,
+                            ws_per_message_deflate=deflate)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:  # noqa: ASYNC110
@@ -112,3 +113,34 @@ async def test_a_large_frame_pauses_reading_at_once():
         app.read.set()
         await ws.send("last")
         assert await asyncio.wait_for(ws.recv(), 5) == "2"
+
+
+async def test_write_frame_writes_a_frame_serialized_once_and_refuses_when_it_must_not():
+    app = App()
+    async with serving(app) as (server, ws):
+        # permessage-deflate negotiated: these bytes would be wrong; the ASGI way.
+        assert protocol(server).conn.extensions
+        assert not protocol(server).write_frame(server_frame(b"x"))
+    app = App()
+    async with serving(app, deflate=False) as (server, ws):  # as dropserver.serve runs
+        proto = protocol(server)
+        assert proto.write_frame(server_frame(b"\x01\x02"))
+        assert proto.write_frame(server_frame("h\u00e9llo"))
+        big = bytes(range(256)) * 300  # a 16-bit length, then a 64-bit one
+        assert proto.write_frame(server_frame(big))
+        assert proto.write_frame(server_frame(big * 2))
+        assert await ws.recv() == b"\x01\x02"
+        assert await ws.recv() == "h\u00e9llo"
+        assert await ws.recv() == big
+        assert await ws.recv() == big * 2
+        # Writing paused (the peer's buffer is full): the ASGI send must wait instead.
+        proto.writable.clear()
+        assert not proto.write_frame(server_frame(b"x"))
+        proto.writable.set()
+        # Once the close frame is out, nothing more.
+        proto.close_sent = True
+        assert not proto.write_frame(server_frame(b"x"))
+        proto.close_sent = False
+        await ws.close()
+        await wait_for(lambda: proto.disconnected)
+        assert not proto.write_frame(server_frame(b"x"))

@@ -39,6 +39,9 @@ async def test_events_arrive_in_order_with_positions(server, settings, r):
     drop_id, _ = await create_drop(settings.database_url)
     c = await Client.connect(server.ws_url)
     await c.join(drop_id)
+    # Fan-out writes pre-framed bytes straight to uvicorn's protocol (realtime.asgi).
+    [conn] = server.app.state.realtime.connections
+    assert conn.proto is not None and hasattr(conn.proto, "write_frame")
     for i in range(50):
         await publish(r, drop_id, "chat.message", {"i": i})
     events = await c.events(50)
