@@ -132,9 +132,9 @@ def run_single(settings: Settings, sock: socket.socket | None = None) -> None:
 
 
 def apply_gc_threshold(settings: Settings) -> None:
-    """A worker holds tens of thousands of long-lived objects per thousand sockets;
-    with Python's default the young generation is collected every few handshakes
-    of a connect storm (docs/benchmarks.md, rehearsal)."""
+    """``DROPSERVER_GC_THRESHOLD``. Raising the thresholds speeds a connect storm up,
+    but a high third one leaves closed connections' cycles uncollected for hours
+    (``python -m realtime.bench_churn``, docs/benchmarks.md)."""
     gc.set_threshold(*(int(x) for x in settings.gc_threshold))
 
 

@@ -44,12 +44,13 @@ class Settings:
                            "workers. `uvloop` connected a 50,000-viewer rehearsal ~3x "
                            "slower here (docs/benchmarks.md).",
                            choices=("asyncio", "uvloop"))
-    gc_threshold: tuple[str, ...] = _env("DROPSERVER_GC_THRESHOLD", ("100000", "50", "1000"),
+    gc_threshold: tuple[str, ...] = _env("DROPSERVER_GC_THRESHOLD", ("700", "10", "10"),
                                          "The server workers' gc.set_threshold (three "
-                                         "integers). Python's 700,10,10 collects every few "
-                                         "connections during a connect storm; 100000,50,1000 "
-                                         "ramped 20,000 viewers ~27% faster "
-                                         "(docs/benchmarks.md).")
+                                         "integers; Python's default). 100000,50,1000 "
+                                         "ramped 20,000 viewers ~27% faster but almost "
+                                         "never ran a full collection: closed sockets' "
+                                         "memory stayed, +13 MB per 5,000 viewers that "
+                                         "came and went (docs/benchmarks.md).")
     node_id: str = _env("DROPSERVER_NODE_ID", "", "Name of this process in presence "
                         "and logs; empty derives hostname:pid.")
     log_level: str = _env("DROPSERVER_LOG_LEVEL", "info", "Log level.",
@@ -215,7 +216,7 @@ class Settings:
         if len(self.gc_threshold) != 3 or not all(x.isdigit() and int(x) > 0
                                                   for x in self.gc_threshold):
             raise SettingsError("DROPSERVER_GC_THRESHOLD",
-                                "expected three positive integers, like 100000,50,1000")
+                                "expected three positive integers, like 700,10,10")
         if self.db_pool_min > self.db_pool_max:
             raise SettingsError("DROPSERVER_DB_POOL_MIN", "must not exceed "
                                 "DROPSERVER_DB_POOL_MAX")

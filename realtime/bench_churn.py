@@ -1,0 +1,97 @@
+"""Benchmark: does a worker give the memory of closed connections back?
+
+``dropserver serve --workers 1`` against a fresh local Valkey and PostgreSQL; each
+round ``--viewers`` signed-in viewers connect and join one live drop, then all close.
+Printed per round: the worker's RSS with everyone connected and 3 s after they left.
+A worker that reclaims closed sockets stays flat from the second round on; one that
+does not grows by the same amount every round (``--gc-threshold 100000,50,1000``
+did: its full collections almost never run, and the cycles a closed connection
+leaves wait for one).
+
+Run: ``python -m realtime.bench_churn`` (``--help`` for sizes). Figures go to
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+
+__all__ = ["main"]
+
+
+def _worker_pid(supervisor: int) -> int:
+    with open(f"/proc/{supervisor}/task/{supervisor}/children") as f:
+        children = f.read().split()
+    if len(children) != 1:
+        raise RuntimeError(f"expected one worker under {supervisor}, found {children}")
+    return int(children[0])
+
+
+async def _rounds(server: object, viewers: int, rounds: int) -> list[dict[str, int]]:
+    from checkout.bench_reserve import open_buyers, source_addresses
+    from dropserver.auth import Role, issue_token
+    from dropserver.settings import load_settings
+    from realtime.bench_fanout import _create_drop, _rss_kib
+
+    drop_id = await _create_drop(server.database_url)  # type: ignore[attr-defined]
+    settings = load_settings({}, dev=True)
+    worker = _worker_pid(server.proc.pid)  # type: ignore[attr-defined]
+    out = [{"round": -1, "connected_kib": _rss_kib(worker), "after_close_kib": _rss_kib(worker)}]
+    for r in range(rounds):
+        tokens = [issue_token(settings, f"churn-{r}-{i}", Role.VIEWER) for i in range(viewers)]
+        buyers = await open_buyers(server.ws_url, drop_id, tokens,  # type: ignore[attr-defined]
+                                   sources=source_addresses(2))
+        await asyncio.sleep(1.0)
+        connected = _rss_kib(worker)
+        for b in buyers:
+            b.close()
+        await asyncio.gather(*(b.closed for b in buyers), return_exceptions=True)
+        await asyncio.sleep(3.0)
+        row = {"round": r, "connected_kib": connected, "after_close_kib": _rss_kib(worker)}
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        out.append(row)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from checkout.bench_reserve import _migrate, start_server
+    from dropserver.services import LocalServices
+
+    parser = argparse.ArgumentParser(prog="python -m realtime.bench_churn",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--viewers", type=int, default=5000, help="viewers per round")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--gc-threshold", default="",
+                        help="DROPSERVER_GC_THRESHOLD for the worker (default: the setting's)")
+    ns = parser.parse_args(argv)
+    env = {"DROPSERVER_GC_THRESHOLD": ns.gc_threshold} if ns.gc_threshold else {}
+    with LocalServices() as services:
+        asyncio.run(_migrate(services.database_url))
+        server = start_server(services.redis_url, services.database_url, workers=1, env=env)
+        try:
+            rows = asyncio.run(_rounds(server, ns.viewers, ns.rounds))
+        finally:
+            server.stop()
+    steady = rows[2:]  # from the second round on: caches and pools are warm
+    growth = steady[-1]["after_close_kib"] - steady[0]["after_close_kib"]
+    result = {
+        "command": "python -m realtime.bench_churn " + " ".join(argv or sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{os.cpu_count()} CPUs, {platform.python_version()}",
+        "gc_threshold": ns.gc_threshold or "default",
+        "viewers_per_round": ns.viewers, "rounds": rows,
+        "growth_kib_from_round_1": growth,
+        "growth_kib_per_churned_viewer": round(growth / max(1, ns.viewers * (len(steady) - 1)), 2),
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
