@@ -94,7 +94,7 @@ def _find_drain(app: object):
 def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
     # /ws bypasses Starlette's stack and uvicorn keeps no handshake per socket:
     # ~27 -> ~20 KiB per idle viewer (realtime/asgi.py, docs/topics/realtime.md).
-    from realtime.asgi import FastPath, LeanWebSocketProtocol
+    from realtime.asgi import FastPath, LeanHttpToolsProtocol, LeanWebSocketProtocol
 
     return uvicorn.Config(
         FastPath(app),
@@ -106,7 +106,8 @@ def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
         lifespan="on",
         log_config=None,
         access_log=False,
-        http="httptools",  # llhttp in C; h11 parses in Python (HLS: ~10 requests/s a viewer)
+        # httptools: llhttp in C; h11 parses in Python (HLS: ~10 requests/s a viewer).
+        http=LeanHttpToolsProtocol,
         ws=LeanWebSocketProtocol,  # websockets-sansio, leaner
         ws_max_size=settings.ws_max_message_bytes,
         ws_per_message_deflate=False,  # ~50 KiB per socket with deflate; see memory docs
@@ -132,8 +133,9 @@ def run_single(settings: Settings, sock: socket.socket | None = None) -> None:
 
 
 def apply_gc_threshold(settings: Settings) -> None:
-    """``DROPSERVER_GC_THRESHOLD``. Raising the thresholds speeds a connect storm up,
-    but a high third one leaves closed connections' cycles uncollected for hours
+    """``DROPSERVER_GC_THRESHOLD``. A full collection stops a worker's loop for ~80 us
+    per socket it holds; the default runs them 10x less often than Python's. Much
+    rarer ones keep closed connections' cycles (asyncio transports) for hours
     (``python -m realtime.bench_churn``, docs/benchmarks.md)."""
     gc.set_threshold(*(int(x) for x in settings.gc_threshold))
 

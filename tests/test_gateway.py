@@ -294,3 +294,27 @@ async def test_metrics_name_the_gateway(server, http, settings):
                  "dropserver_history_gaps_total", "dropserver_recoveries_total"):
         assert name in text, name
     await c.close()
+
+
+async def test_an_upgraded_socket_leaves_no_http_protocol_for_the_cycle_collector(
+        server, settings):
+    # uvicorn's httptools protocol and its parser reference each other; after the
+    # upgrade realtime.asgi.LeanHttpToolsProtocol breaks that, so reference counting
+    # frees them at once instead of every socket waiting for a full collection.
+    import gc
+
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    drop_id, _ = await create_drop(settings.database_url)
+    gc.collect()
+    gc.disable()
+    try:
+        clients = [await Client.connect(server.ws_url) for _ in range(5)]
+        for c in clients:
+            await c.join(drop_id)
+        left = [o for o in gc.get_objects() if isinstance(o, HttpToolsProtocol)]
+        assert left == []
+        for c in clients:
+            await c.close()
+    finally:
+        gc.enable()
