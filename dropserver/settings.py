@@ -44,13 +44,13 @@ class Settings:
                            "workers. `uvloop` connected a 50,000-viewer rehearsal ~3x "
                            "slower here (docs/benchmarks.md).",
                            choices=("asyncio", "uvloop"))
-    gc_threshold: tuple[str, ...] = _env("DROPSERVER_GC_THRESHOLD", ("700", "10", "10"),
+    gc_threshold: tuple[str, ...] = _env("DROPSERVER_GC_THRESHOLD", ("700", "10", "100"),
                                          "The server workers' gc.set_threshold (three "
-                                         "integers; Python's default). 100000,50,1000 "
-                                         "ramped 20,000 viewers ~27% faster but almost "
-                                         "never ran a full collection: closed sockets' "
-                                         "memory stayed, +13 MB per 5,000 viewers that "
-                                         "came and went (docs/benchmarks.md).")
+                                         "integers). A full collection of a worker with "
+                                         "12,500 sockets takes ~1 s; 700,10,100 ran 3 in a "
+                                         "50,000-viewer ramp where Python's 700,10,10 ran 16 "
+                                         "(docs/benchmarks.md). A much higher third number "
+                                         "keeps closed sockets' memory.")
     node_id: str = _env("DROPSERVER_NODE_ID", "", "Name of this process in presence "
                         "and logs; empty derives hostname:pid.")
     log_level: str = _env("DROPSERVER_LOG_LEVEL", "info", "Log level.",
