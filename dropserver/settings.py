@@ -216,7 +216,7 @@ class Settings:
         if len(self.gc_threshold) != 3 or not all(x.isdigit() and int(x) > 0
                                                   for x in self.gc_threshold):
             raise SettingsError("DROPSERVER_GC_THRESHOLD",
-                                "expected three positive integers, like 700,10,10")
+                                "expected three positive integers, like 700,10,100")
         if self.db_pool_min > self.db_pool_max:
             raise SettingsError("DROPSERVER_DB_POOL_MIN", "must not exceed "
                                 "DROPSERVER_DB_POOL_MAX")

@@ -201,6 +201,7 @@ async def _handle(app: Any, hub: Hub, conn: Connection, token: str | None,
     if conn.room is None:
         raise ProtocolError(ErrorCode.NOT_JOINED, "join a drop first")
     data = frame.data
+    after: list[dict[str, Any]] = []  # frames that leave with the reply
     if t is ClientType.CHAT_SEND:
         result = await chat.post(app, conn, data["text"])
     elif t is ClientType.CHAT_DELETE:
@@ -220,10 +221,9 @@ async def _handle(app: Any, hub: Hub, conn: Connection, token: str | None,
         ctx = CommandContext(conn.principal, conn.drop_id, conn.ip, conn.conn_id,
                              hub.node_id)
         result = await handler(app, ctx, data)
-        if ctx.after:
-            return [protocol.reply_frame(frame.id, result if isinstance(result, dict) else {}),
-                    *ctx.after]
-    return protocol.reply_frame(frame.id, result if isinstance(result, dict) else {})
+        after = ctx.after
+    reply = protocol.reply_frame(frame.id, result if isinstance(result, dict) else {})
+    return [reply, *after] if after else reply
 
 
 async def _join(app: Any, hub: Hub, conn: Connection, token: str | None,
