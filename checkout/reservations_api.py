@@ -10,9 +10,9 @@
 After a buy the answer goes straight back on the socket (one Redis round trip), with
 the buyer's private ``order.held`` in the same message; what others see is sent off
 the hot path by :class:`Notifier`: ``order.held`` for the buyer's other sockets
-(pipelined; the socket that bought is skipped), the drop's ``stock`` (volatile, at most one per
-``DROPSERVER_STOCK_COALESCE_MS`` per process and drop), and the drops package's
-sold-out / back-in-stock transitions.
+(auto-pipelined with the buys; the socket that bought is skipped), the drop's
+``stock`` (volatile, at most one per ``DROPSERVER_STOCK_COALESCE_MS`` per process and
+drop), and the drops package's sold-out / back-in-stock transitions.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from starlette.routing import Route
 from checkout import defense, holds, inventory, recovery
 from checkout.defense import BuyAttempt, BuyLimits
 from checkout.holds import Reason, ReleaseResult, Sweeper
+from checkout.redis_pipe import AutoPipeline
 from checkout.reserve import (
     BuyRefused,
     BuyRequest,
@@ -70,9 +71,11 @@ _NOT_LIVE_CACHE_S = 1.0
 class Notifier:
     """Sends what a buy or a release tells others, batched, off the hot path."""
 
-    def __init__(self, app: Starlette, redis: Any, coalesce_ms: int) -> None:
+    def __init__(self, app: Starlette, redis: Any, coalesce_ms: int,
+                 pipe: AutoPipeline) -> None:
         self.app = app
         self.redis = redis
+        self.pipe = pipe  # the buys' auto-pipelined connection (owned by Reservations)
         self.coalesce = max(coalesce_ms, 1) / 1000
         self._user_events: list[tuple[str, str, dict, str]] = []
         self._dirty: set[int] = set()
@@ -97,15 +100,15 @@ class Notifier:
 
     # -- the flusher ----------------------------------------------------------
     async def flush(self) -> None:
-        from realtime.publish import publish_user, publish_volatile
+        from realtime.publish import publish_volatile, user_message
 
         events, self._user_events = self._user_events, []
         dirty, self._dirty = self._dirty, set()
         if events:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for user_id, event, data, origin in events:
-                    await publish_user(pipe, user_id, event, data, origin=origin)
-                await pipe.execute()
+            pipe = self.pipe
+            await asyncio.gather(*[
+                pipe.execute("PUBLISH", *user_message(user_id, event, data, origin=origin))
+                for user_id, event, data, origin in events])
         for drop_id in dirty:
             left = await inventory.remaining(self.redis, drop_id)
             await publish_volatile(self.redis, drop_id, "stock",
@@ -166,7 +169,8 @@ class Reservations:
         self.app = app
         self.redis = app.state.redis
         self.db = app.state.db
-        # The buy path's own client: pipelined EVALSHA with C packing (reserve.py).
+        # The buy path's own client: C packing (reserve.py); its auto-pipelined
+        # connection carries the reserve calls and the buyers' order.held publishes.
         self.hot_redis = hot_path_client(s.redis_url)
         self.batcher = ReserveBatcher(self.hot_redis)
         self.hold_ttl_ms = s.hold_ttl * 1000
@@ -175,7 +179,8 @@ class Reservations:
         existing = getattr(app.state, "buy_verifier", None)
         self.verifier = existing if existing is not None else defense.load_verifier(
             s.buy_verifier)
-        self.notifier = Notifier(app, self.hot_redis, s.stock_coalesce_ms)
+        self.notifier = Notifier(app, self.hot_redis, s.stock_coalesce_ms,
+                                 pipe=self.batcher.pipe)
         self.sweeper = Sweeper(self.redis, s.hold_sweep_interval, self.on_release)
         self.recovery = recovery.RecoveryLoop(self.db, self.redis, s.recovery_interval,
                                               s.recovery_grace_ms)
@@ -371,6 +376,7 @@ async def shutdown(app: Starlette) -> None:
     await res.recovery.stop()
     await res.sweeper.stop()
     await res.notifier.stop()
+    await res.batcher.aclose()
     await res.hot_redis.aclose()
 
 

@@ -21,6 +21,7 @@ from redis.exceptions import NoScriptError
 
 from checkout import keys
 from checkout.defense import BuyLimits
+from checkout.redis_pipe import AutoPipeline
 from checkout.scripts import script
 from dropserver.errors import ApiError
 
@@ -211,69 +212,37 @@ async def reserve(redis: Redis, req: BuyRequest, *, hold_ttl_ms: int,
 
 
 class ReserveBatcher:
-    """Sends the reserve calls that arrive together as one pipeline.
+    """Sends the reserve calls that arrive together in one write.
 
-    Under a rush thousands of buys wait on Redis at once; one EVALSHA each costs a
-    connection checkout, a write and a read per buy in redis-py. The batcher queues
-    the calls made in one event-loop turn and sends them as a single non-transactional
-    pipeline (at most ``max_batch`` per round trip); each caller still gets its own
-    reply. Redis runs each script atomically and in order, so nothing about the
-    decision changes. On NOSCRIPT (a restarted Redis) the script is loaded and the
-    failed calls are sent again.
+    Under a rush thousands of buys wait on Redis at once. The calls go through an
+    :class:`~checkout.redis_pipe.AutoPipeline`: those made in one event-loop turn
+    leave in one write on one connection (at most ``max_batch`` per write), and each
+    caller gets its own reply. Redis runs each script atomically and in order, so
+    nothing about the decision changes. On NOSCRIPT (a restarted Redis) the script is
+    loaded, once however many calls hit it, and the call is sent again.
     """
 
     def __init__(self, redis: Redis, *, max_batch: int = 256) -> None:
         self.redis = redis
-        self.max_batch = max_batch
-        self._queue: list[tuple[list[str], list[Any], asyncio.Future]] = []
-        self._scheduled = False
-        self._tasks: set[asyncio.Task] = set()
+        self.pipe = AutoPipeline(redis, max_batch=max_batch)
+        self._loading: asyncio.Future | None = None
 
     async def call(self, key_list: list[str], args: list[Any]) -> Any:
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._queue.append((key_list, args, fut))
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._start)
-        return await fut
-
-    def _start(self) -> None:
-        self._scheduled = False
-        queue, self._queue = self._queue, []
-        for i in range(0, len(queue), self.max_batch):
-            task = asyncio.ensure_future(self._send(queue[i:i + self.max_batch]))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _send(self, batch: list[tuple[list[str], list[Any], asyncio.Future]]) -> None:
         lua = script("reserve")
         try:
-            for attempt in range(2):
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for key_list, args, _fut in batch:
-                        pipe.evalsha(lua.sha, len(key_list), *key_list, *args)
-                    replies = await pipe.execute(raise_on_error=False)
-                retry = []
-                for item, reply in zip(batch, replies, strict=True):
-                    fut = item[2]
-                    if isinstance(reply, NoScriptError) and attempt == 0:
-                        retry.append(item)
-                    elif fut.done():
-                        continue
-                    elif isinstance(reply, Exception):
-                        fut.set_exception(reply)
-                    else:
-                        fut.set_result(reply)
-                if not retry:
-                    return
-                await self.redis.script_load(lua.script)
-                batch = retry
-        except BaseException as exc:
-            for _k, _a, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
+            return await self.pipe.execute("EVALSHA", lua.sha, len(key_list), *key_list,
+                                           *args)
+        except NoScriptError:
+            await self._load(lua.script)
+        return await self.pipe.execute("EVALSHA", lua.sha, len(key_list), *key_list, *args)
+
+    async def _load(self, source: str) -> None:
+        if self._loading is None or self._loading.done():
+            self._loading = self.pipe.execute("SCRIPT", "LOAD", source)
+        await asyncio.shield(self._loading)
+
+    async def aclose(self) -> None:
+        await self.pipe.aclose()
 
 
 async def reserve_batched(batcher: ReserveBatcher, req: BuyRequest, *, hold_ttl_ms: int,

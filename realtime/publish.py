@@ -18,7 +18,7 @@ from typing import Any
 from realtime import channels
 from realtime._lua import load
 
-__all__ = ["configure", "publish", "publish_user", "publish_volatile"]
+__all__ = ["configure", "publish", "publish_user", "publish_volatile", "user_message"]
 
 _history_add = load("history_add")
 _limits = {"history_size": 1000, "history_ttl": 86400}
@@ -56,6 +56,15 @@ async def publish_volatile(redis: Any, drop_id: int, event: str, data: dict) -> 
                         b"V" + channels.pack_body(event, data))
 
 
+def user_message(user_id: str, event: str, data: dict, *, origin: str = "",
+                 ) -> tuple[str, bytes]:
+    """The channel and payload :func:`publish_user` publishes (for callers that send
+    the PUBLISH themselves, e.g. through a pipeline)."""
+    body = channels.pack_body(event, data)
+    head = b"P" + origin.encode() + b":" if origin else b"U"
+    return channels.user_channel(user_id), head + body
+
+
 async def publish_user(redis: Any, user_id: str, event: str, data: dict, *,
                        origin: str = "") -> None:
     """Private event for every socket of ``user_id`` on every node; never coalesced.
@@ -63,6 +72,4 @@ async def publish_user(redis: Any, user_id: str, event: str, data: dict, *,
     ``origin``: the id of a connection that already has the event (it went out with
     the reply to that connection's command); every other socket still gets it.
     """
-    body = channels.pack_body(event, data)
-    head = b"P" + origin.encode() + b":" if origin else b"U"
-    await redis.publish(channels.user_channel(user_id), head + body)
+    await redis.publish(*user_message(user_id, event, data, origin=origin))

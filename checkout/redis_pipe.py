@@ -1,0 +1,187 @@
+"""Auto-pipelining on one Redis connection: the buy path's Redis adapter.
+
+Under a rush thousands of buys wait on Redis at once. redis-py sends a pipeline as
+one write, but each one also checks a connection out of the pool and back, wraps the
+send in ``wait_for`` (a task) and every reply in a timeout (a timer), and walks its
+per-command bookkeeping: in the buy benchmark's profile that was most of the cost of
+the script call on the worker's side. :class:`AutoPipeline` does what ioredis calls
+auto-pipelining instead: every command issued in one event-loop turn goes out in a
+single write on one dedicated connection, and the replies, which Redis sends in order,
+are matched to their callers first in, first out. A batch waits for no earlier one.
+
+It is built on redis-py's own :class:`~redis.asyncio.connection.Connection` (the
+client's URL, so AUTH, SELECT, TLS and the hiredis parser are redis-py's), used for
+bytes in and replies out only. Error replies are raised to their own caller
+(redis-py's exception classes, e.g. ``NoScriptError``); they do not disturb the
+others. A lost connection fails every command in flight with ``ConnectionError``
+and the next command connects again: a command that was in flight may or may not
+have run, which is why every buy carries an idempotency key. A reply slower than
+``timeout`` seconds closes the connection the same way, checked by one timer per
+connection rather than one per command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import math
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+__all__ = ["AutoPipeline"]
+
+log = logging.getLogger("dropserver.checkout")
+
+
+class AutoPipeline:
+    """Commands issued in one loop turn go to Redis in one write on one connection.
+
+    ``max_batch`` bounds one write; more commands go out in several writes in the
+    same turn, in order.
+    """
+
+    def __init__(self, redis: Redis, *, timeout: float = 5.0, max_batch: int = 512) -> None:
+        self.redis = redis
+        self.timeout = timeout
+        self.max_batch = max_batch
+        self._packer = redis.connection_pool.make_connection()  # never connected
+        self._conn: Any = None  # the live connection, None until (re)connected
+        self._reader: asyncio.Task | None = None
+        self._flusher: asyncio.Task | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._queue: list[tuple[bytes, asyncio.Future]] = []
+        # Sent, reply not read yet, in order: (future, monotonic time sent).
+        self._inflight: collections.deque[tuple[asyncio.Future, float]] = collections.deque()
+        self._closed = False
+
+    # -- issuing commands -------------------------------------------------------
+    def execute(self, *args: Any) -> asyncio.Future:
+        """Queue one command; the future gets its reply (or the error it raised)."""
+        if self._closed:
+            raise RedisConnectionError("the pipeline is closed")
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((b"".join(self._packer.pack_command(*args)), fut))
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush())
+        return fut
+
+    async def _flush(self) -> None:
+        """Runs once per loop turn with commands: everything queued goes out."""
+        try:
+            conn = self._conn
+            if conn is None:
+                conn = await self._connect()
+            queue, self._queue = self._queue, []
+            now = time.monotonic()
+            chunks = []
+            for i in range(0, len(queue), self.max_batch):
+                chunk = queue[i:i + self.max_batch]
+                chunks.append(b"".join(packed for packed, _ in chunk))
+                self._inflight.extend((fut, now) for _, fut in chunk)
+            if self._watchdog is None:
+                self._watchdog = asyncio.get_running_loop().call_later(
+                    min(self.timeout, 1.0), self._check)
+            self._flusher = None  # commands issued from here on need another flush
+            # A failed write closes the connection: the reader fails what is in flight.
+            await conn.send_packed_command(chunks, check_health=False)
+        except asyncio.CancelledError:
+            self._flusher = None
+            self._fail_queue(RedisConnectionError("the pipeline is closed"))
+            raise
+        except Exception as exc:
+            self._flusher = None
+            self._fail_queue(exc if isinstance(exc, RedisConnectionError | RedisTimeoutError)
+                             else RedisConnectionError(f"cannot reach Redis: {exc}"))
+
+    async def _connect(self) -> Any:
+        conn = self.redis.connection_pool.make_connection()
+        # Replies are bounded by the watchdog (_check), not by a timer per read, and
+        # writes are plain transport writes, not a wait_for task each.
+        conn.socket_timeout = None
+        await conn.connect()
+        self._conn = conn
+        self._reader = asyncio.ensure_future(self._read(conn))
+        return conn
+
+    def _fail_queue(self, exc: Exception) -> None:
+        queue, self._queue = self._queue, []
+        for _, fut in queue:
+            if not fut.done():
+                fut.set_exception(exc)
+
+    # -- replies ------------------------------------------------------------------
+    async def _read(self, conn: Any) -> None:
+        inflight = self._inflight
+        try:
+            while True:
+                try:
+                    reply = await conn.read_response(timeout=math.inf,
+                                                     disconnect_on_error=False)
+                except ResponseError as exc:
+                    reply = exc
+                if not inflight:
+                    raise RedisConnectionError("a reply that nobody asked for")
+                fut, _ = inflight.popleft()
+                if fut.done():
+                    continue  # its caller was cancelled
+                if isinstance(reply, Exception):
+                    fut.set_exception(reply)
+                else:
+                    fut.set_result(reply)
+        except asyncio.CancelledError:
+            self._lost(conn, RedisConnectionError("the pipeline is closed"))
+            raise
+        except Exception as exc:
+            if not self._closed:
+                log.warning("auto-pipeline connection lost",
+                            extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
+            self._lost(conn, exc if isinstance(exc, RedisConnectionError | RedisTimeoutError)
+                       else RedisConnectionError(str(exc)))
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+
+    def _lost(self, conn: Any, exc: Exception) -> None:
+        """``conn`` is dead: every command in flight on it fails, the next connects."""
+        if self._conn is not conn:
+            return
+        self._conn = None
+        inflight, self._inflight = self._inflight, collections.deque()
+        for fut, _ in inflight:
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def _check(self) -> None:
+        self._watchdog = None
+        if not self._inflight:
+            return
+        if time.monotonic() - self._inflight[0][1] > self.timeout:
+            log.warning("redis did not answer in time; reconnecting",
+                        extra={"timeout_s": self.timeout, "in_flight": len(self._inflight)})
+            self._lost(self._conn, RedisTimeoutError(f"no reply from Redis in {self.timeout} s"))
+            if self._reader is not None:
+                self._reader.cancel()
+            return
+        self._watchdog = asyncio.get_running_loop().call_later(min(self.timeout, 1.0),
+                                                               self._check)
+
+    # -- lifecycle ----------------------------------------------------------------
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for task in (self._flusher, self._reader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._fail_queue(RedisConnectionError("the pipeline is closed"))
+        if self._conn is not None:
+            self._lost(self._conn, RedisConnectionError("the pipeline is closed"))

@@ -1,0 +1,126 @@
+"""checkout.redis_pipe.AutoPipeline against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from checkout.redis_pipe import AutoPipeline
+from checkout.reserve import hot_path_client
+
+
+@pytest.fixture
+async def pipe(r):
+    client = hot_path_client(_url(r))
+    p = AutoPipeline(client)
+    yield p
+    await p.aclose()
+    await client.aclose()
+
+
+def _url(r) -> str:
+    kw = r.connection_pool.connection_kwargs
+    return f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
+
+
+async def _clients(r) -> int:
+    return len(await r.client_list(_type="normal"))
+
+
+async def test_replies_reach_their_callers_in_order_in_one_write(r, pipe):
+    assert await pipe.execute("PING") == b"PONG"  # connected
+    conn, writes = pipe._conn, []
+    send = conn.send_packed_command
+
+    async def counting(command, check_health=True):
+        writes.append(len(command))
+        await send(command, check_health)
+
+    conn.send_packed_command = counting
+    futs = [pipe.execute("INCR", "n") for _ in range(1200)]  # one turn
+    assert await asyncio.gather(*futs) == list(range(1, 1201))
+    assert writes == [3]  # one send: 512 + 512 + 176 commands
+    # Later turns, interleaved with other commands, still match.
+    a = pipe.execute("SET", "k", "v")
+    b = pipe.execute("GET", "k")
+    c = pipe.execute("INCR", "n")
+    assert await asyncio.gather(a, b, c) == [b"OK", b"v", 1201]
+    assert writes == [3, 1]
+
+
+async def test_one_connection_for_all_callers(r, pipe):
+    before = await _clients(r)
+    await asyncio.gather(*[pipe.execute("PING") for _ in range(300)])
+    await asyncio.gather(*[pipe.execute("PING") for _ in range(300)])
+    assert await _clients(r) == before + 1
+
+
+async def test_an_error_reply_goes_to_its_own_caller_only(r, pipe):
+    await r.set("text", "abc")
+    futs = [pipe.execute("INCR", "n"), pipe.execute("INCR", "text"),
+            pipe.execute("INCR", "n")]
+    results = await asyncio.gather(*futs, return_exceptions=True)
+    assert results[0] == 1 and results[2] == 2
+    assert isinstance(results[1], ResponseError)
+    assert "not an integer" in str(results[1])
+
+
+async def test_a_cancelled_caller_does_not_shift_the_replies(r, pipe):
+    await r.rpush("q", "x")
+    slow = asyncio.ensure_future(pipe.execute("BLPOP", "never", 1))
+    nxt = pipe.execute("LPOP", "q")
+    await asyncio.sleep(0.05)
+    slow.cancel()
+    assert await nxt == b"x"
+    assert await pipe.execute("ECHO", "after") == b"after"
+
+
+async def test_a_killed_connection_fails_what_is_in_flight_and_reconnects(r, pipe):
+    assert await pipe.execute("PING") == b"PONG"
+    blocked = pipe.execute("BLPOP", "never", 0)  # in flight until the connection dies
+    await asyncio.sleep(0.1)
+    killed = await r.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    assert killed >= 1
+    with pytest.raises(RedisConnectionError):
+        await asyncio.wait_for(blocked, 5)
+    assert await pipe.execute("INCR", "after-kill") == 1
+
+
+async def test_a_silent_redis_times_out_and_the_next_command_reconnects(r):
+    client = hot_path_client(_url(r))
+    p = AutoPipeline(client, timeout=0.3)
+    try:
+        started = time.monotonic()
+        with pytest.raises(RedisTimeoutError):
+            await p.execute("BLPOP", "never", 0)
+        assert 0.3 <= time.monotonic() - started < 2.0
+        assert await p.execute("ECHO", "again") == b"again"
+    finally:
+        await p.aclose()
+        await client.aclose()
+
+
+async def test_redis_down_fails_fast_with_a_connection_error():
+    from dropserver.services import free_port
+
+    client = hot_path_client(f"redis://127.0.0.1:{free_port()}/0")
+    p = AutoPipeline(client)
+    try:
+        futs = [p.execute("PING") for _ in range(3)]
+        results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 10)
+        assert all(isinstance(x, RedisConnectionError) for x in results), results
+    finally:
+        await p.aclose()
+        await client.aclose()
+
+
+async def test_closed_pipeline_refuses_commands(r, pipe):
+    assert await pipe.execute("PING") == b"PONG"
+    await pipe.aclose()
+    with pytest.raises(RedisConnectionError):
+        pipe.execute("PING")
