@@ -152,14 +152,14 @@ async def _serve(app: Any, hub: Hub, conn: Connection, token: str | None, receiv
         try:
             frame = protocol.decode(raw, conn.fmt, commands)
         except ProtocolError as exc:
-            metrics.FRAMES_IN.labels("invalid").inc()
+            metrics.frame_in("invalid")
             bad += 1
             _send_error(conn, exc)
             if bad >= BAD_FRAME_LIMIT:
                 conn.close(CloseCode.BAD_FRAMES, "too many bad frames")
             continue
         bad = 0
-        metrics.FRAMES_IN.labels(frame.command or frame.type.value).inc()
+        metrics.frame_in(frame.command or frame.type.value)
         conn.handling = True
         try:
             reply = await _handle(app, hub, conn, token, frame)

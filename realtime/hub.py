@@ -327,12 +327,12 @@ class Hub:
             return
         if pub.kind is Kind.USER:
             user_id = channel.decode()[len("{user:"):-len("}:events")]
-            conns = self.users.get(user_id)
+            # The origin had it with its reply (often the user's only socket).
+            conns = [c for c in self.users.get(user_id, ()) if c.conn_id != pub.origin]
             if conns:
                 b = Broadcast(protocol.private_frame(pub.event, pub.data))
                 for conn in conns:
-                    if conn.conn_id != pub.origin:  # the origin had it with its reply
-                        b.deliver(conn)
+                    b.deliver(conn)
             return
         drop_id = int(channel.decode().split(":", 2)[1].rstrip("}"))
         room = self.rooms.get(drop_id)

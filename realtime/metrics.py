@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 CONNECTIONS = Gauge("dropserver_ws_connections", "Open WebSocket connections.",
@@ -15,6 +17,7 @@ SLOW_CLOSES = Counter("dropserver_ws_slow_closes_total",
 REFUSED = Counter("dropserver_ws_refused_total", "Sockets told to retry later (overload).")
 FRAMES_IN = Counter("dropserver_ws_frames_received_total", "Client frames, by type.",
                     ["type"])
+_frames_in: dict[str, Any] = {}  # type -> child; types are the protocol's, a few
 ERRORS = Counter("dropserver_ws_errors_total", "Error frames sent, by code.", ["code"])
 FANOUT_SECONDS = Histogram(
     "dropserver_fanout_seconds", "Time to hand one publication to every local socket.",
@@ -33,3 +36,12 @@ RECOVERIES = Counter("dropserver_recoveries_total", "Client resumes, by outcome.
 CHAT_MESSAGES = Counter("dropserver_chat_messages_total", "Chat messages accepted.")
 BATCHED = Counter("dropserver_fanout_batched_events_total",
                   "Durable events that left in a batch with others (one write per socket).")
+
+
+def frame_in(kind: str) -> None:
+    """Count one client frame of ``kind`` (a known frame type or command, or
+    "invalid"): the labelled child is looked up once, not per frame."""
+    child = _frames_in.get(kind)
+    if child is None:
+        child = _frames_in[kind] = FRAMES_IN.labels(kind)
+    child.inc()

@@ -296,6 +296,34 @@ async def test_metrics_name_the_gateway(server, http, settings):
     await c.close()
 
 
+def _sample(text: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v
+                                           for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+async def test_client_frames_are_counted_by_type(server, http, settings):
+    drop_id, _ = await create_drop(settings.database_url)
+    name = "dropserver_ws_frames_received_total"
+    before = (await http.get("/metrics")).text
+    c = await Client.connect(server.ws_url)
+    await c.join(drop_id)
+    for _ in range(3):
+        assert (await c.request({"t": "ping"}))["t"] == "pong"
+    await c.ws.send(b"\xc1\xc1")  # not msgpack
+    assert (await c.recv_until(lambda f: f["t"] == "error"))["code"] == "bad_frame"
+    after = (await http.get("/metrics")).text
+    assert _sample(after, name, type="ping") - _sample(before, name, type="ping") == 3
+    assert _sample(after, name, type="join") - _sample(before, name, type="join") == 1
+    assert _sample(after, name, type="invalid") - _sample(before, name, type="invalid") == 1
+    await c.close()
+
+
 async def test_an_upgraded_socket_leaves_no_http_protocol_for_the_cycle_collector(
         server, settings):
     # uvicorn's httptools protocol and its parser reference each other; after the
