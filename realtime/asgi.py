@@ -12,7 +12,7 @@ down without giving up uvicorn (workers, lifespan, HTTP on the same port):
   all) it otherwise keeps for the life of the connection.
 
 Fan-out writes skip uvicorn's ASGI ``send`` too: a publication for thousands of
-sockets is framed once (websockets' ``Frame.serialize``; server frames are unmasked,
+sockets is framed once (:func:`server_frame`, RFC 6455 5.2; server frames are unmasked,
 so the bytes are the same for every socket) and :meth:`LeanWebSocketProtocol.write_frame`
 puts those bytes on each transport, where uvicorn would build a coroutine, wait on
 its ``writable`` event and frame the payload again per socket. Anything it cannot
@@ -35,11 +35,11 @@ one, wait for the app, so a flooding client still cannot queue more than that.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 __all__ = ["FastPath", "LeanHttpToolsProtocol", "LeanWebSocketProtocol", "server_frame"]
@@ -111,7 +111,23 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
 
 
 def server_frame(payload: bytes | str) -> bytes:
-    """One unfragmented, unmasked server data frame (binary for bytes, text for str)."""
+    """One unfragmented, unmasked server data frame (binary for bytes, text for str).
+
+    RFC 6455, 5.2: FIN set, no RSV bits, the opcode; a server's frames are not masked;
+    the length in 7 bits, or 126 and 16 bits, or 127 and 64 bits. The same bytes as
+    websockets' ``Frame(...).serialize(mask=False)`` (tests/test_asgi_reading.py)
+    without building a frame object per reply."""
     if isinstance(payload, str):
-        return Frame(Opcode.TEXT, payload.encode()).serialize(mask=False, extensions=[])
-    return Frame(Opcode.BINARY, payload).serialize(mask=False, extensions=[])
+        payload, first = payload.encode(), 0x81  # FIN + text
+    else:
+        first = 0x82  # FIN + binary
+    n = len(payload)
+    if n < 126:
+        return bytes((first, n)) + payload
+    if n < 1 << 16:
+        return _HEAD16.pack(first, 126, n) + payload
+    return _HEAD64.pack(first, 127, n) + payload
+
+
+_HEAD16 = struct.Struct("!BBH")
+_HEAD64 = struct.Struct("!BBQ")

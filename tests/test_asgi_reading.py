@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import pytest
 import uvicorn
 import websockets
 
@@ -144,3 +145,15 @@ async def test_write_frame_writes_a_frame_serialized_once_and_refuses_when_it_mu
         await ws.close()
         await wait_for(lambda: proto.disconnected)
         assert not proto.write_frame(server_frame(b"x"))
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 1000, 65535, 65536, 100_000])
+def test_server_frame_is_the_frame_websockets_serializes(size):
+    from websockets.frames import Frame, Opcode
+
+    data = bytes(i % 251 for i in range(size))
+    text = "\u00e9" * (size // 2)
+    assert server_frame(data) == Frame(Opcode.BINARY, data).serialize(
+        mask=False, extensions=[])
+    assert server_frame(text) == Frame(Opcode.TEXT, text.encode()).serialize(
+        mask=False, extensions=[])
