@@ -264,6 +264,13 @@ async def end_to_end(server: Server, *, sockets: int, units: int, sources: int,
     tokens = [issue_token(settings, f"bench-{i}", Role.VIEWER) for i in range(sockets)]
     buyers = await open_buyers(server.ws_url, drop_id, tokens,
                                sources=source_addresses(sources))
+    result = await rush(buyers, product_id, units=units, per_user=per_user)
+    return {**result, "drop_id": drop_id}
+
+
+async def rush(buyers: list[Buyer], product_id: int, *, units: int, per_user: int,
+               ) -> dict[str, Any]:
+    """Every buyer buys back to back until sold out; checks zero oversell."""
     holds: list[dict] = []
     refused: dict[str, int] = {}
     first_sent = time.perf_counter()
@@ -289,20 +296,60 @@ async def end_to_end(server: Server, *, sockets: int, units: int, sources: int,
     numbers = sorted(h["buyer_number"] for h in holds)
     return {"holds": len(holds), "units": units, "seconds": elapsed,
             "per_second": len(holds) / elapsed if elapsed else 0.0,
-            "numbers_ok": numbers == list(range(1, units + 1)), "refused": refused,
-            "drop_id": drop_id}
+            "numbers_ok": numbers == list(range(1, units + 1)), "refused": refused}
 
 
-async def _prewarm_raw(redis_url: str, units: int) -> tuple[int, int]:
+def bare(redis_url: str, *, processes: int, sockets: int, units: int, sources: int,
+         limits: list[int]) -> dict[str, Any]:
+    """The same rush against :mod:`checkout.bench_bare` (the machine's ceiling)."""
+    import socket
+
+    from dropserver.services import free_port
+
+    drop_id, product_id = asyncio.run(_prewarm(redis_url, units, drop_id=900_000_002))
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "checkout.bench_bare", "--port", str(port),
+         "--redis-url", redis_url, "--limits", ",".join(map(str, limits))])
+        for _ in range(processes)]
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+        async def run() -> dict[str, Any]:
+            buyers = await open_buyers(f"ws://127.0.0.1:{port}/", drop_id,
+                                       [f"bare-{i}" for i in range(sockets)],
+                                       sources=source_addresses(sources))
+            return await rush(buyers, product_id, units=units, per_user=10)  # closes them
+
+        return asyncio.run(run())
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(10)
+
+
+async def _prewarm(redis_url: str, units: int, *, drop_id: int) -> tuple[int, int]:
+    """A selling product straight in Redis (no PostgreSQL row: nobody sweeps it)."""
     import redis.asyncio as aioredis
 
     from checkout import inventory
 
     r = aioredis.Redis.from_url(redis_url)
     try:
-        drop_id, product_id = 900_000_001, 1
+        product_id = 1
         await r.delete(*[keys.product(drop_id, product_id), keys.orders(drop_id),
-                         keys.idem(drop_id), keys.expiry(drop_id), keys.meta(drop_id)])
+                         keys.idem(drop_id), keys.expiry(drop_id), keys.meta(drop_id),
+                         keys.units(drop_id, product_id),
+                         keys.open_holds(drop_id, product_id)])
         await inventory.prewarm(r, {"id": drop_id, "max_holds_per_user": 10},
                                 [{"product_id": product_id, "price": 2500, "units": units,
                                   "per_buyer_limit": 10}])
@@ -341,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw-clients", type=int, default=50)
     parser.add_argument("--raw-pipeline", type=int, default=16)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--bare", action="store_true",
+                        help="also the same rush against a bare websockets server with "
+                             "the same script (checkout/bench_bare.py): the ceiling")
     ns = parser.parse_args(argv)
 
     from dropserver.services import LocalServices
@@ -359,8 +409,18 @@ def main(argv: list[str] | None = None) -> int:
             for run in range(ns.runs):
                 e2e = asyncio.run(end_to_end(server, sockets=ns.sockets, units=ns.units,
                                              sources=ns.sources))
-                drop_id, product_id = asyncio.run(_prewarm_raw(
-                    services.redis_url, ns.raw_requests * 2))
+                ceiling: dict[str, Any] = {}
+                if ns.bare:
+                    b = bare(services.redis_url, processes=ns.workers,
+                             sockets=ns.sockets, units=ns.units, sources=ns.sources,
+                             limits=limits)
+                    ceiling = {"bare_per_s": round(b["per_second"]),
+                               "bare_holds": b["holds"],
+                               "bare_buyer_numbers_1_to_units": b["numbers_ok"],
+                               "end_to_end_over_bare": round(
+                                   e2e["per_second"] / b["per_second"], 2)}
+                drop_id, product_id = asyncio.run(_prewarm(
+                    services.redis_url, ns.raw_requests * 2, drop_id=900_000_001))
                 raw = raw_evalsha(services.redis_url, drop_id=drop_id, product_id=product_id,
                                   requests=ns.raw_requests, clients=ns.raw_clients,
                                   pipeline=ns.raw_pipeline, limits=limits)
@@ -371,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "buyer_numbers_1_to_units": e2e["numbers_ok"],
                                   "refused": e2e["refused"],
                                   "raw_evalsha_per_s": round(raw),
-                                  "raw_over_end_to_end": round(ratio, 2)}), flush=True)
+                                  "raw_over_end_to_end": round(ratio, 2),
+                                  **ceiling}), flush=True)
         finally:
             server.stop()
     return 0
