@@ -48,7 +48,7 @@ from dropserver.auth import Principal, Role, principal
 from dropserver.component import Component
 from dropserver.errors import ApiError, NotFound, Unauthorized, ValidationFailed
 from dropserver.http import field, read_json
-from dropserver.observability import bind
+from dropserver.observability import bind, tally
 from realtime.protocol import private_frame
 
 __all__ = ["Notifier", "Reservations", "buy", "cancel", "part"]
@@ -272,9 +272,9 @@ async def buy(app: Any, who: Principal, drop_id: int, data: dict[str, Any], *, i
     finally:
         RESERVE_SECONDS.observe(time.perf_counter() - started)
     if hold.replay:
-        _REPLAYED.inc()
+        tally(_REPLAYED)
         return hold, hold.reply(), None
-    _HELD.inc()
+    tally(_HELD)
     held = {"order_id": hold.hold_id, "product_id": product_id,
             "buyer_number": hold.buyer_number, "expires_at": hold.expires_at,
             "amount": hold.amount, "currency": hold.currency}

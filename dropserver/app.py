@@ -27,10 +27,16 @@ import realtime.component
 import streaming.component
 from dropserver import __version__, web
 from dropserver.auth import TokenVerifier, principal
+from dropserver.background import Periodic
 from dropserver.component import Component
 from dropserver.db import create_pool
 from dropserver.errors import exception_handlers
-from dropserver.observability import RequestContextMiddleware, bind, metrics_endpoint
+from dropserver.observability import (
+    RequestContextMiddleware,
+    bind,
+    flush_tallies,
+    metrics_endpoint,
+)
 from dropserver.settings import Settings
 
 __all__ = ["COMPONENTS", "create_app"]
@@ -44,6 +50,10 @@ COMPONENTS: tuple[Component, ...] = (
     streaming.component.component,
     web.component,  # pages and static files: last, so API routes win
 )
+
+
+async def _flush_tallies() -> None:
+    flush_tallies()
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -109,6 +119,8 @@ def create_app(settings: Settings, components: tuple[Component, ...] = COMPONENT
         state.db = await create_pool(settings.database_url, min_size=settings.db_pool_min,
                                      max_size=settings.db_pool_max)
         started: list[Component] = []
+        tallies = Periodic("metrics-tallies", 1.0, _flush_tallies, log, "metrics flush")
+        tallies.start()
         try:
             for comp in components:
                 if comp.startup is not None:
@@ -125,6 +137,8 @@ def create_app(settings: Settings, components: tuple[Component, ...] = COMPONENT
                         log.exception("shutdown hook failed", extra={"component": comp.name})
             await state.db.close()
             await state.redis.aclose()
+            await tallies.stop()
+            flush_tallies()
 
     async def drain() -> None:
         """Stop taking new work; each component tells its clients when to retry."""

@@ -9,6 +9,7 @@ worker reports the sum of all of them.
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import json
 import logging
@@ -32,8 +33,10 @@ __all__ = [
     "RequestContextMiddleware",
     "bind",
     "configure_logging",
+    "flush_tallies",
     "metrics_endpoint",
     "new_id",
+    "tally",
 ]
 
 _CONTEXT_KEYS = ("request_id", "conn_id", "drop_id", "user_id", "node_id")
@@ -141,8 +144,29 @@ class RequestContextMiddleware:
             )
 
 
+# Hot-path counts not yet added to their Prometheus counters. In multi-process mode
+# every ``inc()`` is a locked write to a memory-mapped file after a getpid() check:
+# several per buy were ~4% of a worker's time in the buy benchmark. The counts are
+# added once a second (the app's lifespan), at shutdown, and before /metrics answers.
+_tallies: collections.Counter[Any] = collections.Counter()
+
+
+def tally(counter: Any, amount: int = 1) -> None:
+    """``counter.inc(amount)``, batched: for counters on the hot path."""
+    _tallies[counter] += amount
+
+
+def flush_tallies() -> None:
+    """Add every pending :func:`tally` to its counter."""
+    pending = dict(_tallies)
+    _tallies.clear()
+    for counter, amount in pending.items():
+        counter.inc(amount)
+
+
 async def metrics_endpoint(request: Request) -> Response:
     """Prometheus text exposition; sums all workers in multi-process mode."""
+    flush_tallies()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)

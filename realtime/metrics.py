@@ -6,6 +6,8 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from dropserver.observability import tally
+
 CONNECTIONS = Gauge("dropserver_ws_connections", "Open WebSocket connections.",
                     multiprocess_mode="livesum")
 ROOMS = Gauge("dropserver_ws_drops_subscribed", "Drops this process is subscribed to.",
@@ -40,8 +42,9 @@ BATCHED = Counter("dropserver_fanout_batched_events_total",
 
 def frame_in(kind: str) -> None:
     """Count one client frame of ``kind`` (a known frame type or command, or
-    "invalid"): the labelled child is looked up once, not per frame."""
+    "invalid"): the labelled child is looked up once, and the count is batched
+    (:func:`dropserver.observability.tally`)."""
     child = _frames_in.get(kind)
     if child is None:
         child = _frames_in[kind] = FRAMES_IN.labels(kind)
-    child.inc()
+    tally(child)

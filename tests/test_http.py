@@ -38,6 +38,43 @@ async def test_metrics_are_prometheus_text(http):
     assert "# TYPE" in resp.text
 
 
+def test_tallied_counts_reach_the_counter_on_flush():
+    from prometheus_client import CollectorRegistry, Counter
+
+    from dropserver.observability import flush_tallies, tally
+
+    registry = CollectorRegistry()
+    counter = Counter("tally_probe", "probe", registry=registry)
+
+    def value() -> float | None:
+        return registry.get_sample_value("tally_probe_total")
+
+    tally(counter)
+    tally(counter, 4)
+    assert value() == 0  # batched: nothing written yet
+    flush_tallies()
+    assert value() == 5
+    flush_tallies()  # nothing pending: nothing added twice
+    assert value() == 5
+
+
+async def test_tallies_are_flushed_every_second_without_a_scrape(server):
+    import asyncio
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from dropserver.observability import tally
+
+    registry = CollectorRegistry()
+    counter = Counter("tally_timer_probe", "probe", registry=registry)
+    tally(counter, 2)
+    for _ in range(30):
+        if registry.get_sample_value("tally_timer_probe_total") == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert registry.get_sample_value("tally_timer_probe_total") == 2
+
+
 async def test_unknown_path_has_json_error_body(http):
     resp = await http.get("/no/such/thing")
     assert resp.status_code == 404
