@@ -1,6 +1,7 @@
 """Benchmark: reservations per second through the real buy path vs raw EVALSHA.
 
-Two figures from the same run, same machine, same script and arguments:
+Two figures from the same run, same machine, same script and arguments (a third with
+``--bare``, below):
 
 * **end to end**: ``dropserver serve --workers N`` (real Redis, real PostgreSQL);
   ``--sockets`` buyers connect over WebSockets, join the drop, and at BUY NOW each
@@ -11,6 +12,10 @@ Two figures from the same run, same machine, same script and arguments:
 * **raw EVALSHA**: ``redis-benchmark`` (Debian ``redis-tools``; Valkey's wheel ships
   no benchmark binary) calling ``reserve.lua`` by SHA with the same argument shape on
   a second, freshly prewarmed product with enough stock not to sell out.
+
+With ``--bare``, a third figure from the same run: the same rush against a bare
+``websockets`` server that does only the socket and the same script
+(:mod:`checkout.bench_bare`), the ceiling this machine and client allow.
 
 Run: ``python -m checkout.bench_reserve`` (``--help`` for sizes). Figures go to
 docs/benchmarks.md.
