@@ -66,9 +66,13 @@ async def serve(sock: socket.socket, redis_url: str, limits: BuyLimits,
                 out = {"t": "reply", "id": rid, "data": hold.reply()}
             await ws.send(msgpack.packb(out))
 
-    async with ws_serve(handler, sock=sock, compression=None, ping_interval=None,
-                        max_size=1 << 16):
-        await asyncio.Future()
+    try:
+        async with ws_serve(handler, sock=sock, compression=None, ping_interval=None,
+                            max_size=1 << 16):
+            await asyncio.Future()
+    finally:
+        await batcher.aclose()
+        await redis.aclose()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,42 @@
+"""The buy benchmark's bare server (checkout/bench_bare.py) answers like dropserver."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+from checkout import inventory
+from checkout.bench_bare import serve
+from checkout.bench_reserve import buy, open_buyers
+from checkout.defense import BuyLimits
+
+
+async def test_bare_server_joins_and_sells_exactly_the_stock(r, clean_backends):
+    drop_id, product_id = 77, 1
+    await inventory.prewarm(r, {"id": drop_id, "max_holds_per_user": 10},
+                            [{"product_id": product_id, "price": 2500, "units": 3,
+                              "per_buyer_limit": 10}])
+    await inventory.open_sales(r, drop_id, product_id)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    port = sock.getsockname()[1]
+    limits = BuyLimits(per_user=0, per_ip=0, velocity_window_ms=0)
+    server = asyncio.ensure_future(serve(sock, clean_backends.redis_url, limits))
+    try:
+        buyers = await open_buyers(f"ws://127.0.0.1:{port}/", drop_id, ["a", "b"])
+        replies = [await buy(buyers[i % 2], product_id, f"k{i}") for i in range(4)]
+        assert [f["t"] for f in replies] == ["reply", "reply", "reply", "error"]
+        assert [f["data"]["buyer_number"] for f in replies[:3]] == [1, 2, 3]
+        assert replies[3]["code"] == "sold_out"
+        # An idempotent retry gets the first hold back, as from dropserver.
+        again = await buy(buyers[0], product_id, "k0")
+        assert again["data"]["hold_id"] == replies[0]["data"]["hold_id"]
+        assert again["data"]["replay"] is True
+        for b in buyers:
+            b.close()
+    finally:
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
