@@ -25,6 +25,13 @@ WebSocket left a dead protocol, parser, flow control and their buffers (~22 obje
 in a reference cycle that only the cycle collector frees: work for every full
 collection, and memory held until one runs.
 
+Heartbeat pongs stop here too: a message that is exactly a client's ``pong`` frame
+(``PONG_BINARY``, ``PONG_TEXT``) calls the gateway's ``on_pong`` hook instead of going
+through the app's queue, decoding and dispatch. Every socket sends one per ping
+interval, and at 50,000 sockets that path cost the workers as much CPU as the
+fan-out itself (docs/benchmarks.md). Any other message, a pong with an ``id``
+included, takes the ASGI way.
+
 It also stops uvicorn pausing the socket after every message: uvicorn calls
 ``pause_reading()`` when a message is queued for the app and ``resume_reading()``
 when the app takes it, two epoll updates (and, on the stdlib loop, selector
@@ -36,13 +43,21 @@ one, wait for the app, so a flooding client still cannot queue more than that.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
-__all__ = ["FastPath", "LeanHttpToolsProtocol", "LeanWebSocketProtocol", "server_frame"]
+__all__ = [
+    "PONG_BINARY",
+    "PONG_TEXT",
+    "FastPath",
+    "LeanHttpToolsProtocol",
+    "LeanWebSocketProtocol",
+    "server_frame",
+]
 
 WS_PATH = "/ws"
 QUEUE_FRAMES = 8  # small frames queued for the app before reading pauses
@@ -76,8 +91,18 @@ class LeanHttpToolsProtocol(HttpToolsProtocol):
         self.parser = None  # type: ignore[assignment]
 
 
+# A client's answer to the server's heartbeat ping, as the clients encode it
+# (docs/protocol.md): msgpack in a binary frame, JSON in a text frame.
+PONG_BINARY = frozenset({b"\x81\xa1t\xa4pong"})  # msgpack {"t": "pong"}
+PONG_TEXT = frozenset({b'{"t":"pong"}', b'{"t": "pong"}'})
+
+
 class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol without the handshake kept in memory."""
+
+    # Set by the gateway while it serves the socket: called for a heartbeat pong
+    # instead of queueing it for the app (see send_receive_event_to_app).
+    on_pong: Callable[[], None] | None = None
 
     async def send(self, message: Any) -> None:
         await super().send(message)
@@ -97,6 +122,15 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def send_receive_event_to_app(self) -> None:
         frames = self.frames
+        if self.on_pong is not None and len(frames) == 1 and not self.close_sent and (
+                frames[0] in (PONG_TEXT if self.curr_msg_data_type == "text"
+                              else PONG_BINARY)):
+            # Every socket answers a ping each interval: at 50,000 sockets the pongs
+            # through ASGI, decode and dispatch cost the workers as much as the
+            # fan-out (docs/benchmarks.md). A pong only says the peer is alive.
+            self.frames = []
+            self.on_pong()
+            return
         small = sum(len(f) for f in frames) <= SMALL_FRAME
         if self.read_paused or not small or self.queue.qsize() + 1 >= QUEUE_FRAMES:
             super().send_receive_event_to_app()  # queues it and pauses reading

@@ -112,6 +112,12 @@ class Connection:
         self.node = None
         self.task: asyncio.Task | None = None  # the ASGI handler serving this socket
 
+    def heard(self) -> None:
+        """The peer answered a heartbeat ping (the pong did not reach the app:
+        :class:`realtime.asgi.LeanWebSocketProtocol`); it is alive."""
+        self.last_seen = time.monotonic()
+        metrics.frame_in("pong")
+
     @property
     def queued_bytes(self) -> int:
         return self._queued_bytes

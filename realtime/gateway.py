@@ -111,6 +111,8 @@ async def endpoint(scope: dict[str, Any], receive: Any, send: Any) -> None:
     conn.task = asyncio.current_task()
     if hub.heartbeat is not None:
         hub.heartbeat.assign(conn)
+    if conn.proto is not None:  # pongs answered below the app (realtime.asgi)
+        conn.proto.on_pong = conn.heard
     hub.connections.add(conn)
     metrics.CONNECTIONS.inc()
     try:
@@ -119,6 +121,8 @@ async def endpoint(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if not conn.closed:  # not ours (server shutdown): let it propagate
             raise
     finally:
+        if conn.proto is not None:
+            conn.proto.on_pong = None  # conn <-> protocol: no cycle left behind
         hub.connections.discard(conn)
         hub.leave(conn)
         metrics.CONNECTIONS.dec()

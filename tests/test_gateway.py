@@ -324,6 +324,55 @@ async def test_client_frames_are_counted_by_type(server, http, settings):
     await c.close()
 
 
+async def test_heartbeat_pongs_are_taken_below_the_app(server, http, settings):
+    # realtime.asgi answers a pong without queueing it for the app: it keeps the
+    # socket alive and is counted, but no longer spends the app's frame budget
+    # (FRAMES_PER_SECOND), which a flood of any other frame does.
+    from realtime.gateway import FRAMES_PER_SECOND
+
+    drop_id, _ = await create_drop(settings.database_url)
+    name = "dropserver_ws_frames_received_total"
+    for fmt, pong in ((MSGPACK, msgpack.packb({"t": "pong"})), (JSON, '{"t":"pong"}'),
+                      (JSON, '{"t": "pong"}')):
+        before = _sample((await http.get("/metrics")).text, name, type="pong")
+        c = await Client.connect(server.ws_url, fmt=fmt)
+        await c.join(drop_id)
+        for _ in range(FRAMES_PER_SECOND * 2):
+            await c.ws.send(pong)
+        reply = await c.request({"t": "ping"})
+        assert reply["t"] == "pong", reply  # no rate_limited error came first
+        after = _sample((await http.get("/metrics")).text, name, type="pong")
+        assert after - before == FRAMES_PER_SECOND * 2
+        await c.close()
+
+
+async def test_closed_sockets_leave_no_connection_for_the_cycle_collector(server, settings):
+    # The pong hook ties the protocol and the gateway's Connection together while
+    # the socket is served; the gateway unties them when it ends.
+    import gc
+
+    from realtime.connection import Connection
+
+    drop_id, _ = await create_drop(settings.database_url)
+    gc.collect()
+    gc.disable()
+    try:
+        clients = [await Client.connect(server.ws_url) for _ in range(5)]
+        for c in clients:
+            await c.join(drop_id)
+        assert len([o for o in gc.get_objects() if isinstance(o, Connection)]) >= 5
+        for c in clients:
+            await c.close()
+        for _ in range(50):
+            left = [o for o in gc.get_objects() if isinstance(o, Connection)]
+            if not left:
+                break
+            await asyncio.sleep(0.05)
+        assert left == []
+    finally:
+        gc.enable()
+
+
 async def test_an_upgraded_socket_leaves_no_http_protocol_for_the_cycle_collector(
         server, settings):
     # uvicorn's httptools protocol and its parser reference each other; after the
