@@ -78,19 +78,6 @@ class AutoPipeline:
             conn = self._conn
             if conn is None:
                 conn = await self._connect()
-            queue, self._queue = self._queue, []
-            now = time.monotonic()
-            chunks = []
-            for i in range(0, len(queue), self.max_batch):
-                chunk = queue[i:i + self.max_batch]
-                chunks.append(b"".join(packed for packed, _ in chunk))
-                self._inflight.extend((fut, now) for _, fut in chunk)
-            if self._watchdog is None:
-                self._watchdog = asyncio.get_running_loop().call_later(
-                    min(self.timeout, 1.0), self._check)
-            self._flusher = None  # commands issued from here on need another flush
-            # A failed write closes the connection: the reader fails what is in flight.
-            await conn.send_packed_command(chunks, check_health=False)
         except asyncio.CancelledError:
             self._flusher = None
             self._fail_queue(RedisConnectionError("the pipeline is closed"))
@@ -99,6 +86,22 @@ class AutoPipeline:
             self._flusher = None
             self._fail_queue(exc if isinstance(exc, RedisConnectionError | RedisTimeoutError)
                              else RedisConnectionError(f"cannot reach Redis: {exc}"))
+            return
+        queue, self._queue = self._queue, []
+        now = time.monotonic()
+        chunks = []
+        for i in range(0, len(queue), self.max_batch):
+            chunk = queue[i:i + self.max_batch]
+            chunks.append(b"".join(packed for packed, _ in chunk))
+            self._inflight.extend((fut, now) for _, fut in chunk)
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().call_later(
+                min(self.timeout, 1.0), self._check)
+        self._flusher = None  # commands issued from here on need another flush
+        # These commands are in flight now: a failed write closes the connection and
+        # the reader fails them; commands queued meanwhile belong to the next flush.
+        with contextlib.suppress(Exception):
+            await conn.send_packed_command(chunks, check_health=False)
 
     async def _connect(self) -> Any:
         conn = self.redis.connection_pool.make_connection()
