@@ -307,9 +307,7 @@ async def rush(buyers: list[Buyer], product_id: int, *, units: int, per_user: in
 def bare(redis_url: str, *, processes: int, sockets: int, units: int, sources: int,
          limits: list[int]) -> dict[str, Any]:
     """The same rush against :mod:`checkout.bench_bare` (the machine's ceiling)."""
-    import socket
-
-    from dropserver.services import free_port
+    from dropserver.services import free_port, wait_port
 
     drop_id, product_id = asyncio.run(_prewarm(redis_url, units, drop_id=900_000_002))
     port = free_port()
@@ -318,15 +316,7 @@ def bare(redis_url: str, *, processes: int, sockets: int, units: int, sources: i
          "--redis-url", redis_url, "--limits", ",".join(map(str, limits))])
         for _ in range(processes)]
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        wait_port(port, procs, deadline_s=30)
 
         async def run() -> dict[str, Any]:
             buyers = await open_buyers(f"ws://127.0.0.1:{port}/", drop_id,

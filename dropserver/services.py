@@ -41,7 +41,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["LocalServices", "ServiceError", "find_postgres_bindir", "find_redis_server"]
+__all__ = [
+    "LocalServices",
+    "ServiceError",
+    "find_postgres_bindir",
+    "find_redis_server",
+    "free_port",
+    "wait_port",
+]
 
 log = logging.getLogger("dropserver.services")
 
@@ -56,6 +63,21 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def wait_port(port: int, procs: list[subprocess.Popen] | tuple = (), *,
+              deadline_s: float = 60, host: str = "127.0.0.1") -> None:
+    """Until ``host:port`` accepts connections; raises if one of ``procs`` (the
+    servers that should listen there) exits first or ``deadline_s`` passes."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.5):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {host}:{port} after {deadline_s:.0f} s")
 
 
 def find_redis_server() -> str:

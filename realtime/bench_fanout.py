@@ -43,7 +43,7 @@ from typing import Any
 
 import msgpack
 
-from dropserver.services import LocalServices, free_port
+from dropserver.services import LocalServices, free_port, wait_port
 from loadtest import wsclient
 from realtime import channels
 from realtime.publish import publish
@@ -285,19 +285,6 @@ async def _create_drop(database_url: str) -> int:
         await conn.close()
 
 
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.1)
-    raise RuntimeError("server did not start")
-
-
 def _start_gateway(port: int, redis_url: str, database_url: str, n: int,
                    workers: int) -> list[subprocess.Popen]:
     """One process running the app (``run_single``), or ``dropserver serve --workers``."""
@@ -360,7 +347,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                                             channels.drop_channel(drop_id), args.workers)
                 try:
                     for proc in procs:
-                        _wait_port(port, proc)
+                        wait_port(port, [proc])
                     await asyncio.sleep(1.0 + args.workers)  # every worker listening
                     results[name] = await _run_viewers(
                         f"ws://127.0.0.1:{port}/ws", args.viewers, drop_id,

@@ -186,3 +186,20 @@ def test_workers_collect_garbage_on_the_configured_thresholds() -> None:
     for bad in ("700,10", "0,10,10", "a,b,c"):
         with pytest.raises(SettingsError, match="DROPSERVER_GC_THRESHOLD"):
             load_settings({"DROPSERVER_GC_THRESHOLD": bad}, dev=True).validate()
+
+
+def test_wait_port_returns_once_listening_and_fails_when_the_server_exits():
+    import socket
+
+    from dropserver.services import free_port, wait_port
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        wait_port(listener.getsockname()[1], deadline_s=5)  # returns
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    dead.wait()
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        wait_port(free_port(), [dead], deadline_s=5)
+    with pytest.raises(RuntimeError, match="nothing listens"):
+        wait_port(free_port(), deadline_s=0.3)
