@@ -401,10 +401,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw-clients", type=int, default=50)
     parser.add_argument("--raw-pipeline", type=int, default=16)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for the dropserver under test, e.g. "
+                             "DROPSERVER_EVENT_LOOP=uvloop (repeatable)")
     parser.add_argument("--bare", action="store_true",
                         help="also the same rush against a bare websockets server with "
                              "the same script (checkout/bench_bare.py): the ceiling")
     ns = parser.parse_args(argv)
+    server_env = dict(BENCH_LIMITS)
+    for item in ns.server_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--server-env wants NAME=VALUE, got {item!r}")
+        server_env[name] = value
 
     from dropserver.services import LocalServices
 
@@ -417,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     with LocalServices() as services:
         asyncio.run(_migrate(services.database_url))
         server = start_server(services.redis_url, services.database_url,
-                              workers=ns.workers, env=BENCH_LIMITS)
+                              workers=ns.workers, env=server_env)
         try:
             for run in range(ns.runs):
                 e2e = asyncio.run(end_to_end(server, sockets=ns.sockets, units=ns.units,
