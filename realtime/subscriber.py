@@ -10,6 +10,12 @@ is logged and counted (``dropserver_pubsub_resubscribes_total``), and
 
 :meth:`subscribe` returns once Redis confirmed the subscription, so a history read
 made afterwards cannot miss a publication that the channel did not deliver.
+
+The connection is redis-py's own :class:`~redis.asyncio.connection.Connection`
+(the URL's AUTH, SELECT, TLS; the hiredis parser), read directly: ``PubSub.get_message``
+wraps every message in a retry helper and a timeout, ~20 us a message, and under a
+rush every hold brings one (its ``order.held``). Silence is caught by one timer per
+connection instead.
 """
 
 from __future__ import annotations
@@ -17,15 +23,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from realtime import metrics
+from realtime.connection import spawn
 
 __all__ = ["Subscriber"]
 
@@ -37,24 +43,30 @@ SILENT_LIMIT = 15.0
 
 class Subscriber:
     def __init__(self, redis_url: str, on_message: Callable[[bytes, bytes], None],
-                 on_reconnect: Callable[[], None]) -> None:
+                 on_reconnect: Callable[[], None], *, ping_every: float = PING_EVERY,
+                 silent_limit: float = SILENT_LIMIT) -> None:
         self._url = redis_url
         self._on_message = on_message
         self._on_reconnect = on_reconnect
+        self._ping_every = ping_every
+        self._silent_limit = silent_limit
         self._client: Any = None
-        self._pubsub: Any = None
+        self._conn: Any = None  # the live connection, None while (re)connecting
         self._wanted: set[bytes] = set()
         self._waiters: dict[bytes, list[asyncio.Future]] = {}
         self._task: asyncio.Task | None = None
-        self._connected = asyncio.Event()
         self._stopping = False
+        self._heard = 0  # replies read on the live connection (the watchdog compares)
+        self._silent: str | None = None  # why the watchdog dropped the connection
+        self._watchdog: asyncio.TimerHandle | None = None
         self.reconnects = 0
 
     async def start(self) -> None:
-        # No retries inside redis-py: a failure must reach the loop below.
+        # RESP2: in RESP3 publications arrive as pushes, which the reader below
+        # would hand to redis-py's push handler instead of returning them.
         self._client = aioredis.Redis.from_url(
-            self._url, decode_responses=False, retry=Retry(NoBackoff(), 0),
-            socket_keepalive=True, socket_connect_timeout=5)
+            self._url, decode_responses=False, protocol=2, socket_keepalive=True,
+            socket_connect_timeout=5)
         await self._connect(first=True)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="pubsub")
 
@@ -78,9 +90,9 @@ class Subscriber:
         self._wanted.add(name)
         fut = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(name, []).append(fut)
-        if self._connected.is_set():
+        if self._conn is not None:
             with contextlib.suppress(Exception):  # the reader notices a dead connection
-                await self._pubsub.subscribe(name)
+                await self._send(self._conn, "SUBSCRIBE", name)
         # While disconnected, the reconnect subscribes to every wanted channel.
         async with asyncio.timeout(wait):
             await fut
@@ -88,21 +100,35 @@ class Subscriber:
     async def unsubscribe(self, channel: str) -> None:
         name = channel.encode()
         self._wanted.discard(name)
-        if self._connected.is_set():
+        if self._conn is not None:
             with contextlib.suppress(Exception):
-                await self._pubsub.unsubscribe(name)
+                await self._send(self._conn, "UNSUBSCRIBE", name)
 
     async def kill_connection_for_tests(self) -> None:  # pragma: no cover - debugging aid
         await self._drop_connection()
 
     # -- internals ------------------------------------------------------------------
+    @staticmethod
+    async def _send(conn: Any, *args: Any) -> None:
+        await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+
     async def _connect(self, first: bool = False) -> None:
-        pubsub = self._client.pubsub()
-        await pubsub.ping()  # opens the connection
-        if self._wanted:
-            await pubsub.subscribe(*self._wanted)
-        self._pubsub = pubsub
-        self._connected.set()
+        conn = self._client.connection_pool.make_connection()
+        conn.socket_timeout = None  # reads wait for publications; the watchdog bounds silence
+        try:
+            async with asyncio.timeout(self._silent_limit):
+                await conn.connect()
+                await self._send(conn, "PING")
+                pong = await conn.read_response(timeout=math.inf)
+                if pong not in (b"PONG", "PONG", True):
+                    raise ConnectionError(f"unexpected answer to PING: {pong!r}")
+            if self._wanted:  # confirmations are read (and waiters woken) by the reader
+                await self._send(conn, "SUBSCRIBE", *self._wanted)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+            raise
+        self._conn = conn
         if not first:
             self.reconnects += 1
             metrics.RESUBSCRIBES.inc()
@@ -111,50 +137,69 @@ class Subscriber:
             self._on_reconnect()
 
     async def _drop_connection(self) -> None:
-        self._connected.clear()
-        pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()
+                await conn.disconnect(nowait=True)
 
     async def _run(self) -> None:
         backoff = 0.05
         while not self._stopping:
             try:
-                if self._pubsub is None:
+                if self._conn is None:
                     await self._connect()
                     backoff = 0.05
-                await self._read_until_error()
+                await self._read_until_error(self._conn)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("pubsub connection lost", extra={
-                    "error": f"{type(exc).__name__}: {exc}"[:200]})
+                error, self._silent = self._silent or f"{type(exc).__name__}: {exc}", None
+                log.warning("pubsub connection lost", extra={"error": error[:200]})
                 await self._drop_connection()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
-    async def _read_until_error(self) -> None:
-        pubsub = self._pubsub
-        last_heard = last_ping = time.monotonic()
-        while True:
-            msg = await pubsub.get_message(timeout=PING_EVERY)
-            now = time.monotonic()
-            if msg is None:
-                if now - last_heard > SILENT_LIMIT:
-                    raise ConnectionError(f"no reply from Redis for {SILENT_LIMIT:.0f} s")
-                if now - last_ping >= PING_EVERY:
-                    await pubsub.ping()
-                    last_ping = now
-                continue
-            last_heard = now
-            kind = msg["type"]
-            if kind == "message":
-                try:
-                    self._on_message(msg["channel"], msg["data"])
-                except Exception:
-                    log.exception("publication handler failed")
-            elif kind == "subscribe":
-                for fut in self._waiters.pop(msg["channel"], ()):
-                    if not fut.done():
-                        fut.set_result(None)
+    async def _read_until_error(self, conn: Any) -> None:
+        self._silent = None
+        self._watchdog = asyncio.get_running_loop().call_later(
+            self._ping_every, self._check, conn, self._heard, time.monotonic())
+        on_message, waiters = self._on_message, self._waiters
+        try:
+            while True:
+                reply = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
+                self._heard += 1
+                kind = reply[0]
+                if kind == b"message":
+                    try:
+                        on_message(reply[1], reply[2])
+                    except Exception:
+                        log.exception("publication handler failed")
+                elif kind == b"subscribe":
+                    for fut in waiters.pop(reply[1], ()):
+                        if not fut.done():
+                            fut.set_result(None)
+                # "pong" (the watchdog's PING) and "unsubscribe": heard, nothing to do
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
+
+    def _check(self, conn: Any, heard: int, last_heard: float) -> None:
+        """Every ``ping_every`` s: PING, and drop ``conn`` after ``silent_limit`` of silence."""
+        self._watchdog = None
+        if conn is not self._conn:
+            return
+        now = time.monotonic()
+        if self._heard != heard:
+            heard, last_heard = self._heard, now
+        elif now - last_heard > self._silent_limit:
+            self._silent = f"no reply from Redis for {self._silent_limit:g} s"
+            spawn(self._drop_connection())  # ends the read; _run logs it and reconnects
+            return
+        spawn(self._ping(conn))
+        self._watchdog = asyncio.get_running_loop().call_later(
+            self._ping_every, self._check, conn, heard, last_heard)
+
+    async def _ping(self, conn: Any) -> None:
+        with contextlib.suppress(Exception):  # a dead connection: the reader sees it
+            await self._send(conn, "PING")

@@ -131,6 +131,31 @@ async def test_subscriber_loss_is_noticed_and_history_fills_the_gap(settings, r,
     await c.close()
 
 
+async def test_a_silent_redis_is_noticed_and_the_subscriber_comes_back(settings, r, caplog):
+    from realtime.subscriber import Subscriber
+
+    caplog.set_level(logging.INFO, logger="dropserver.realtime")
+    got: list[tuple[bytes, bytes]] = []
+    reconnected = asyncio.Event()
+    sub = Subscriber(settings.redis_url, lambda ch, data: got.append((ch, data)),
+                     reconnected.set, ping_every=0.2, silent_limit=0.6)
+    await sub.start()
+    try:
+        await sub.subscribe("t:silence")
+        await r.publish("t:silence", b"1")
+        await _wait_for(lambda: got == [(b"t:silence", b"1")])
+        # Redis stops answering anyone (the socket stays open): only the PINGs tell.
+        await r.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+        await asyncio.wait_for(reconnected.wait(), 10)
+        assert sub.reconnects == 1
+        await r.publish("t:silence", b"2")
+        await _wait_for(lambda: got[-1:] == [(b"t:silence", b"2")])
+    finally:
+        await sub.stop()
+    lost = [rec for rec in caplog.records if rec.getMessage() == "pubsub connection lost"]
+    assert lost and lost[0].error == "no reply from Redis for 0.6 s"
+
+
 async def test_stock_updates_are_coalesced_durable_events_never(settings, r):
     drop_id, (pid,) = await create_drop(settings.database_url)
     async with running(settings, stock_coalesce_ms=100) as srv:
