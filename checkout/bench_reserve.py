@@ -66,6 +66,7 @@ class Buyer:
         self._pending: dict[str, asyncio.Future] = {}
         self._ids = itertools.count(1)
         self.private: list[dict] = []
+        self.rush: _Rush | None = None  # buying back to back (rush()), if so
 
     # loadtest.wsclient.Handler
     def on_open(self, conn: Any) -> None:
@@ -90,11 +91,17 @@ class Buyer:
         if kind == "private":
             self.private.append(frame)
             return
+        rush = self.rush
+        if rush is not None and rid == rush.rid:
+            rush.answered(self, frame)
+            return
         fut = self._pending.pop(str(rid), None) if rid is not None else None
         if fut is not None and not fut.done():
             fut.set_result(frame)
 
     def on_close(self, conn: Any, code: int | None, reason: str) -> None:
+        if self.rush is not None:
+            self.rush.lost(self, f"closed {code} {reason}")
         exc = ConnectionError(f"closed {code} {reason}")
         for fut in (self.joined, *self._pending.values()):
             if not fut.done():
@@ -275,33 +282,86 @@ async def end_to_end(server: Server, *, sockets: int, units: int, sources: int,
 
 async def rush(buyers: list[Buyer], product_id: int, *, units: int, per_user: int,
                ) -> dict[str, Any]:
-    """Every buyer buys back to back until sold out; checks zero oversell."""
-    holds: list[dict] = []
-    refused: dict[str, int] = {}
-    first_sent = time.perf_counter()
-    last_hold = first_sent
+    """Every buyer buys back to back until sold out; checks zero oversell.
 
-    async def run(b: Buyer, n: int) -> None:
-        nonlocal last_hold
-        for k in range(per_user):
-            frame = await buy(b, product_id, f"b{n}-{k}")
-            if frame["t"] == "reply":
-                holds.append(frame["data"])
-                last_hold = time.perf_counter()
-            else:
-                code = frame.get("code", "?")
-                refused[code] = refused.get(code, 0) + 1
-                if code in ("sold_out", "not_enough_stock"):
-                    return
+    Each buyer sends its next ``buy`` from the callback that read the previous answer
+    (:class:`_Rush`): no task, future or coroutine per buy, so the client, which
+    shares the machine with the server it measures, takes as little of it as it can.
+    """
+    state = _RushState(product_id, per_user, len(buyers))
+    state.first_sent = state.last_hold = time.perf_counter()
+    for n, b in enumerate(buyers):
+        _Rush(state, b, n).next()
+    try:
+        await state.done
+    finally:
+        for b in buyers:
+            b.rush = None
+            b.close()
+    elapsed = state.last_hold - state.first_sent
+    numbers = sorted(h["buyer_number"] for h in state.holds)
+    return {"holds": len(state.holds), "units": units, "seconds": elapsed,
+            "per_second": len(state.holds) / elapsed if elapsed else 0.0,
+            "numbers_ok": numbers == list(range(1, units + 1)), "refused": state.refused}
 
-    await asyncio.gather(*(run(b, n) for n, b in enumerate(buyers)))
-    elapsed = last_hold - first_sent
-    for b in buyers:
-        b.close()
-    numbers = sorted(h["buyer_number"] for h in holds)
-    return {"holds": len(holds), "units": units, "seconds": elapsed,
-            "per_second": len(holds) / elapsed if elapsed else 0.0,
-            "numbers_ok": numbers == list(range(1, units + 1)), "refused": refused}
+
+class _RushState:
+    __slots__ = ("done", "first_sent", "holds", "last_hold", "left", "per_user",
+                 "product_id", "refused")
+
+    def __init__(self, product_id: int, per_user: int, buyers: int) -> None:
+        self.product_id, self.per_user, self.left = product_id, per_user, buyers
+        self.holds: list[dict] = []
+        self.refused: dict[str, int] = {}
+        self.first_sent = self.last_hold = 0.0
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        if buyers == 0:
+            self.done.set_result(None)
+
+
+class _Rush:
+    """One buyer's ``per_user`` buys, one after another, driven by its answers."""
+
+    __slots__ = ("buyer", "k", "n", "rid", "state")
+
+    def __init__(self, state: _RushState, buyer: Buyer, n: int) -> None:
+        self.state, self.buyer, self.n = state, buyer, n
+        self.k = 0  # buys answered
+        self.rid: str | None = None  # the id of the buy waiting for its answer
+        buyer.rush = self
+
+    def next(self) -> None:
+        b = self.buyer
+        rid = self.rid = str(next(b._ids))
+        b.conn.send(msgpack.packb({"t": "buy", "id": rid, "product_id": self.state.product_id,
+                                   "idempotency_key": f"b{self.n}-{self.k}"}))
+
+    def answered(self, b: Buyer, frame: dict[str, Any]) -> None:
+        state = self.state
+        self.k += 1
+        stop = self.k >= state.per_user
+        if frame["t"] == "reply":
+            state.holds.append(frame["data"])
+            state.last_hold = time.perf_counter()
+        else:
+            code = frame.get("code", "?")
+            state.refused[code] = state.refused.get(code, 0) + 1
+            stop = stop or code in ("sold_out", "not_enough_stock")
+        if stop:
+            self._finish(b)
+        else:
+            self.next()
+
+    def lost(self, b: Buyer, why: str) -> None:
+        self.state.refused[why] = self.state.refused.get(why, 0) + 1
+        self._finish(b)
+
+    def _finish(self, b: Buyer) -> None:
+        b.rush = None
+        state = self.state
+        state.left -= 1
+        if state.left == 0 and not state.done.done():
+            state.done.set_result(None)
 
 
 def bare(redis_url: str, *, processes: int, sockets: int, units: int, sources: int,

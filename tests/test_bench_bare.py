@@ -40,3 +40,34 @@ async def test_bare_server_joins_and_sells_exactly_the_stock(r, clean_backends):
         server.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await server
+
+
+async def test_rush_sells_out_exactly_and_every_buyer_stops(r, clean_backends):
+    from checkout.bench_reserve import rush
+
+    drop_id, product_id = 78, 1
+    await inventory.prewarm(r, {"id": drop_id, "max_holds_per_user": 1000},
+                            [{"product_id": product_id, "price": 2500, "units": 137,
+                              "per_buyer_limit": 1000}])
+    await inventory.open_sales(r, drop_id, product_id)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    limits = BuyLimits(per_user=0, per_ip=0, velocity_window_ms=0)
+    server = asyncio.ensure_future(serve(sock, clean_backends.redis_url, limits))
+    try:
+        buyers = await open_buyers(f"ws://127.0.0.1:{port}/", drop_id,
+                                   [f"u{i}" for i in range(40)])
+        async with asyncio.timeout(30):
+            result = await rush(buyers, product_id, units=137, per_user=500)
+    finally:
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
+    # Nobody can reach 500 tries before 137 units are gone: every unit is sold once
+    # (buyer numbers 1..137) and each buyer stops at its first sold_out.
+    assert result["holds"] == 137 and result["numbers_ok"] is True
+    assert result["refused"] == {"sold_out": 40}
+    assert result["per_second"] > 0
+    assert all(b.rush is None for b in buyers)
