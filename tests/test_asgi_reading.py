@@ -157,3 +157,148 @@ def test_server_frame_is_the_frame_websockets_serializes(size):
         mask=False, extensions=[])
     assert server_frame(text) == Frame(Opcode.TEXT, text.encode()).serialize(
         mask=False, extensions=[])
+
+
+# -- client frames read by the protocol itself (the fast path) ---------------------------
+
+class Echo:
+    """Accepts and sends every message back as it came (text or bytes)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        while True:
+            message = await receive()
+            if message["type"] != "websocket.receive":
+                return
+            if message.get("text") is not None:
+                await send({"type": "websocket.send", "text": message["text"]})
+            else:
+                await send({"type": "websocket.send", "bytes": message["bytes"]})
+
+
+@contextlib.asynccontextmanager
+async def raw_socket(max_size: int = 1 << 20):
+    """An Echo server and a bare TCP client past the handshake: bytes as the test says."""
+    import base64
+    import os
+
+    port = free_port()
+    config = uvicorn.Config(Echo(), host="127.0.0.1", port=port, ws=LeanWebSocketProtocol,
+                            log_level="critical", ws_ping_interval=None,
+                            ws_per_message_deflate=False, ws_max_size=max_size)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                 "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    try:
+        yield server, reader, writer
+    finally:
+        writer.close()
+        server.should_exit = True
+        await task
+
+
+def client_frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True,
+                 rsv: int = 0) -> bytes:
+    from websockets.frames import apply_mask
+
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | rsv | opcode])
+    bit = 0x80 if masked else 0
+    if n < 126:
+        head += bytes([bit | n])
+    elif n < 65536:
+        head += bytes([bit | 126]) + n.to_bytes(2)
+    else:
+        head += bytes([bit | 127]) + n.to_bytes(8)
+    if not masked:
+        return head + payload
+    mask = b"\x1f\x2e\x3d\x4c"
+    return head + mask + apply_mask(payload, mask)
+
+
+async def read_server_frame(reader) -> tuple[int, bytes]:
+    async with asyncio.timeout(5):
+        b0, b1 = await reader.readexactly(2)
+        assert not b1 & 0x80, "server frames are not masked"
+        n = b1 & 0x7F
+        if n == 126:
+            n = int.from_bytes(await reader.readexactly(2))
+        elif n == 127:
+            n = int.from_bytes(await reader.readexactly(8))
+        return b0 & 0x0F, await reader.readexactly(n)
+
+
+async def test_frames_split_anywhere_between_control_frames_and_fragments_arrive_in_order():
+    big = bytes(range(256)) * 300  # 76,800 bytes: a 64-bit length, the parser's
+    stream = b"".join([
+        client_frame(0x1, b"a"),
+        client_frame(0x2, b"\x00\x01" * 150),  # a 16-bit length
+        client_frame(0x9, b"ping!"),  # a control frame: websockets answers it
+        client_frame(0x1, b"b"),
+        client_frame(0x1, b"c", fin=False), client_frame(0x0, b"d"),  # one message
+        client_frame(0x2, big),
+        client_frame(0x1, "é".encode() * 10),
+        client_frame(0x2, b""),
+    ])
+    async with raw_socket() as (server, reader, writer):
+        sizes = [1, 2, 3, 5, 7, 11, 13, 4096]
+        pos = i = 0
+        while pos < len(stream):
+            n = sizes[i % len(sizes)]
+            writer.write(stream[pos:pos + n])
+            await writer.drain()
+            if n < 20:
+                await asyncio.sleep(0.001)  # small pieces arrive in separate reads
+            pos, i = pos + n, i + 1
+        got = [await read_server_frame(reader) for _ in range(8)]
+        # The next read after the control frame, the fragments and the big one (all
+        # websockets' parser's) is on the fast path again.
+        writer.write(client_frame(0x1, b"again"))
+        assert await read_server_frame(reader) == (0x1, b"again")
+        proto = protocol(server)
+        assert proto._fast is True
+        assert proto._partial == b""
+    # The pong leaves at once; the echoes go through the app: only theirs is an order.
+    assert [f for f in got if f[0] == 0xA] == [(0xA, b"ping!")]
+    assert [f for f in got if f[0] != 0xA] == [
+        (0x1, b"a"), (0x2, b"\x00\x01" * 150), (0x1, b"b"), (0x1, b"cd"), (0x2, big),
+        (0x1, "é".encode() * 10), (0x2, b"")]
+
+
+async def test_many_frames_in_one_read_all_reach_the_app():
+    async with raw_socket() as (server, reader, writer):
+        writer.write(b"".join(client_frame(0x1, f"m{i}".encode()) for i in range(100)))
+        got = [await read_server_frame(reader) for _ in range(100)]
+        assert protocol(server)._fast is True
+    assert got == [(0x1, f"m{i}".encode()) for i in range(100)]
+
+
+@pytest.mark.parametrize(("data", "code"), [
+    (client_frame(0x2, b"x", masked=False), 1002),  # clients must mask
+    (client_frame(0x1, b"\xff\xfe"), 1007),  # not UTF-8
+    (client_frame(0x2, b"x", rsv=0x40), 1002),  # RSV1 without an extension
+    (client_frame(0x2, b"x" * 1001), 1009),  # over ws_max_size (16-bit length)
+    (client_frame(0x1, b"a", fin=False) + client_frame(0x1, b"b"), 1002),
+])
+async def test_bad_frames_get_websockets_close_codes(data, code):
+    async with raw_socket(max_size=1000) as (server, reader, writer):
+        writer.write(client_frame(0x1, b"fine"))
+        assert await read_server_frame(reader) == (0x1, b"fine")
+        assert protocol(server)._fast is True
+        writer.write(data + client_frame(0x1, b"not after an error"))
+        opcode, payload = await read_server_frame(reader)
+    assert opcode == 0x8 and int.from_bytes(payload[:2]) == code
