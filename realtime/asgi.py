@@ -158,7 +158,7 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
                 self._partial = b""
             return
         rest = buf[pos:] if pos else buf
-        if end - pos < 6 or self._incomplete(rest, limit):
+        if self._incomplete(rest, limit):
             self._partial = rest
             return
         # Not a frame this fast path reads: websockets' parser takes it from here.
@@ -168,9 +168,14 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
 
     @staticmethod
     def _incomplete(rest: bytes, limit: int | None) -> bool:
-        """``rest`` starts a data frame this path reads that has not fully arrived."""
-        b0, b1 = rest[0], rest[1]
-        if (b0 != 0x81 and b0 != 0x82) or not b1 & 0x80:
+        """``rest`` can only be the start of a data frame this path reads (a bad or
+        other frame goes to websockets' parser at once, however short)."""
+        if rest[0] != 0x81 and rest[0] != 0x82:
+            return False
+        if len(rest) < 2:
+            return True
+        b1 = rest[1]
+        if not b1 & 0x80:
             return False
         n = b1 & 0x7F
         if n == 126:

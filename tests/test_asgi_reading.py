@@ -302,3 +302,13 @@ async def test_bad_frames_get_websockets_close_codes(data, code):
         writer.write(data + client_frame(0x1, b"not after an error"))
         opcode, payload = await read_server_frame(reader)
     assert opcode == 0x8 and int.from_bytes(payload[:2]) == code
+
+
+async def test_a_short_bad_frame_is_refused_without_waiting_for_more():
+    async with raw_socket() as (server, reader, writer):
+        writer.write(client_frame(0x1, b"fine"))
+        assert await read_server_frame(reader) == (0x1, b"fine")
+        assert protocol(server)._fast is True
+        writer.write(bytes([0x82, 0x00]))  # an unmasked empty frame: two bytes, no more
+        opcode, payload = await read_server_frame(reader)
+    assert opcode == 0x8 and int.from_bytes(payload[:2]) == 1002
