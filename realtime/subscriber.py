@@ -122,13 +122,19 @@ class Subscriber:
                 pong = await conn.read_response(timeout=math.inf)
                 if pong not in (b"PONG", "PONG", True):
                     raise ConnectionError(f"unexpected answer to PING: {pong!r}")
-            if self._wanted:  # confirmations are read (and waiters woken) by the reader
-                await self._send(conn, "SUBSCRIBE", *self._wanted)
         except BaseException:
             with contextlib.suppress(Exception):
                 await conn.disconnect(nowait=True)
             raise
+        # Live before the SUBSCRIBE below: a subscribe() meanwhile sends its own (a
+        # second confirmation is harmless) instead of waiting for one never asked for.
         self._conn = conn
+        if self._wanted:  # confirmations are read (and waiters woken) by the reader
+            try:
+                await self._send(conn, "SUBSCRIBE", *self._wanted)
+            except BaseException:
+                await self._drop_connection()
+                raise
         if not first:
             self.reconnects += 1
             metrics.RESUBSCRIBES.inc()
