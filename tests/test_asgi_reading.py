@@ -12,6 +12,19 @@ import websockets
 
 from realtime.asgi import QUEUE_FRAMES, LeanWebSocketProtocol, server_frame
 from tests.conftest import free_port
+from tests.ws_frames import ws_frame
+
+
+async def accept(scope, receive, send) -> bool:
+    """Serve the lifespan (False), or accept the WebSocket (True)."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return False
+    await receive()  # websocket.connect
+    await send({"type": "websocket.accept"})
+    return True
 
 
 class App:
@@ -22,13 +35,8 @@ class App:
         self.read = asyncio.Event()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        if not await accept(scope, receive, send):
             return
-        await receive()  # websocket.connect
-        await send({"type": "websocket.accept"})
         self.accepted.set()
         await self.read.wait()
         count = 0
@@ -165,13 +173,8 @@ class Echo:
     """Accepts and sends every message back as it came (text or bytes)."""
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        if not await accept(scope, receive, send):
             return
-        await receive()  # websocket.connect
-        await send({"type": "websocket.accept"})
         while True:
             message = await receive()
             if message["type"] != "websocket.receive":
@@ -213,21 +216,8 @@ async def raw_socket(max_size: int = 1 << 20):
 
 def client_frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True,
                  rsv: int = 0) -> bytes:
-    from websockets.frames import apply_mask
-
-    n = len(payload)
-    head = bytes([(0x80 if fin else 0) | rsv | opcode])
-    bit = 0x80 if masked else 0
-    if n < 126:
-        head += bytes([bit | n])
-    elif n < 65536:
-        head += bytes([bit | 126]) + n.to_bytes(2)
-    else:
-        head += bytes([bit | 127]) + n.to_bytes(8)
-    if not masked:
-        return head + payload
-    mask = b"\x1f\x2e\x3d\x4c"
-    return head + mask + apply_mask(payload, mask)
+    return ws_frame(opcode, payload, fin=fin, rsv=rsv,
+                    mask=b"\x1f\x2e\x3d\x4c" if masked else None)
 
 
 async def read_server_frame(reader) -> tuple[int, bytes]:

@@ -1,4 +1,5 @@
-"""The buy benchmark's bare server (checkout/bench_bare.py) answers like dropserver."""
+"""The buy benchmark's bare server (checkout/bench_bare.py) answers like dropserver,
+and the benchmark's rush sells out exactly against it."""
 
 from __future__ import annotations
 
@@ -8,24 +9,35 @@ import socket
 
 from checkout import inventory
 from checkout.bench_bare import serve
-from checkout.bench_reserve import buy, open_buyers
+from checkout.bench_reserve import buy, open_buyers, rush
 from checkout.defense import BuyLimits
+
+
+@contextlib.asynccontextmanager
+async def bare_server(r, backends, drop_id: int, *, units: int, limit: int):
+    """A selling product (``limit`` per buyer) and a bare server; yields its ws:// URL."""
+    await inventory.prewarm(r, {"id": drop_id, "max_holds_per_user": limit},
+                            [{"product_id": 1, "price": 2500, "units": units,
+                              "per_buyer_limit": limit}])
+    await inventory.open_sales(r, drop_id, 1)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    limits = BuyLimits(per_user=0, per_ip=0, velocity_window_ms=0)
+    server = asyncio.ensure_future(serve(sock, backends.redis_url, limits))
+    try:
+        yield f"ws://127.0.0.1:{port}/"
+    finally:
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
 
 
 async def test_bare_server_joins_and_sells_exactly_the_stock(r, clean_backends):
     drop_id, product_id = 77, 1
-    await inventory.prewarm(r, {"id": drop_id, "max_holds_per_user": 10},
-                            [{"product_id": product_id, "price": 2500, "units": 3,
-                              "per_buyer_limit": 10}])
-    await inventory.open_sales(r, drop_id, product_id)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    port = sock.getsockname()[1]
-    limits = BuyLimits(per_user=0, per_ip=0, velocity_window_ms=0)
-    server = asyncio.ensure_future(serve(sock, clean_backends.redis_url, limits))
-    try:
-        buyers = await open_buyers(f"ws://127.0.0.1:{port}/", drop_id, ["a", "b"])
+    async with bare_server(r, clean_backends, drop_id, units=3, limit=10) as url:
+        buyers = await open_buyers(url, drop_id, ["a", "b"])
         replies = [await buy(buyers[i % 2], product_id, f"k{i}") for i in range(4)]
         assert [f["t"] for f in replies] == ["reply", "reply", "reply", "error"]
         assert [f["data"]["buyer_number"] for f in replies[:3]] == [1, 2, 3]
@@ -36,35 +48,14 @@ async def test_bare_server_joins_and_sells_exactly_the_stock(r, clean_backends):
         assert again["data"]["replay"] is True
         for b in buyers:
             b.close()
-    finally:
-        server.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await server
 
 
 async def test_rush_sells_out_exactly_and_every_buyer_stops(r, clean_backends):
-    from checkout.bench_reserve import rush
-
     drop_id, product_id = 78, 1
-    await inventory.prewarm(r, {"id": drop_id, "max_holds_per_user": 1000},
-                            [{"product_id": product_id, "price": 2500, "units": 137,
-                              "per_buyer_limit": 1000}])
-    await inventory.open_sales(r, drop_id, product_id)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    port = sock.getsockname()[1]
-    limits = BuyLimits(per_user=0, per_ip=0, velocity_window_ms=0)
-    server = asyncio.ensure_future(serve(sock, clean_backends.redis_url, limits))
-    try:
-        buyers = await open_buyers(f"ws://127.0.0.1:{port}/", drop_id,
-                                   [f"u{i}" for i in range(40)])
+    async with bare_server(r, clean_backends, drop_id, units=137, limit=1000) as url:
+        buyers = await open_buyers(url, drop_id, [f"u{i}" for i in range(40)])
         async with asyncio.timeout(30):
             result = await rush(buyers, product_id, units=137, per_user=500)
-    finally:
-        server.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await server
     # Nobody can reach 500 tries before 137 units are gone: every unit is sold once
     # (buyer numbers 1..137) and each buyer stops at its first sold_out.
     assert result["holds"] == 137 and result["numbers_ok"] is True

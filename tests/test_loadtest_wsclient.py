@@ -8,6 +8,7 @@ from http import HTTPStatus
 from websockets.asyncio.server import serve
 
 from loadtest.wsclient import WsConnection, connect
+from tests.ws_frames import ws_frame
 
 
 class Recorder:
@@ -240,16 +241,7 @@ def _client_frames(data: bytes) -> list[tuple[int, bytes]]:
 
 def _server_frame(opcode: int, payload: bytes, fin: bool = True, masked: bool = False,
                   ) -> bytes:
-    n = len(payload)
-    head = bytes([(0x80 if fin else 0) | opcode])
-    mask_bit = 0x80 if masked else 0
-    if n < 126:
-        head += bytes([mask_bit | n])
-    elif n < 65536:
-        head += bytes([mask_bit | 126]) + n.to_bytes(2)
-    else:
-        head += bytes([mask_bit | 127]) + n.to_bytes(8)
-    return head + (b"\0\0\0\0" + payload if masked else payload)
+    return ws_frame(opcode, payload, fin=fin, mask=b"\0\0\0\0" if masked else None)
 
 
 async def test_frames_in_the_101_segment_and_split_byte_by_byte() -> None:
