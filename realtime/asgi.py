@@ -131,60 +131,29 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             limit = conn.max_fragment_size if limit is None else min(
                 limit, conn.max_fragment_size)
         pos, end = 0, len(buf)
-        while end - pos >= 6:
-            b0, b1 = buf[pos], buf[pos + 1]
-            # FIN, no RSV, text or binary; masked (RFC 6455 5.3: every client frame).
-            if (b0 != 0x81 and b0 != 0x82) or not b1 & 0x80:
-                break
-            n, start = b1 & 0x7F, pos + 2
-            if n == 126:  # its 16-bit length is there: 6 bytes are
-                n, start = (buf[start] << 8) | buf[start + 1], start + 2
-            elif n == 127:
-                break  # websockets' parser takes frames of 64 KiB and more
-            if limit is not None and n > limit:
-                break  # and refuses oversized ones (1009)
-            if end - start < 4 + n:
-                break
+        while pos < end:
+            head = _data_frame_head(buf, pos, end, limit)
+            if head is None:
+                # Not a frame this fast path reads: websockets' parser takes it and
+                # everything after it.
+                self._partial = b""
+                self._fast = False
+                super().data_received(bytes(buf[pos:]))
+                return
+            start, n = head
+            if start < 0 or end - start < 4 + n:
+                self._partial = buf[pos:] if pos else buf  # the rest has not arrived
+                return
+            self.curr_msg_data_type = "text" if buf[pos] == 0x81 else "bytes"
             payload = apply_mask(buf[start + 4:start + 4 + n], buf[start:start + 4])
             pos = start + 4 + n
-            self.curr_msg_data_type = "text" if b0 == 0x81 else "bytes"
             self.frames = [payload]
             self.send_receive_event_to_app()
             if self.close_sent or self.transport.is_closing():
                 self._partial = b""
                 return  # closing (an invalid UTF-8 text, or the app): read no more
-        if pos == end:
-            if self._partial:
-                self._partial = b""
-            return
-        rest = buf[pos:] if pos else buf
-        if self._incomplete(rest, limit):
-            self._partial = rest
-            return
-        # Not a frame this fast path reads: websockets' parser takes it from here.
-        self._partial = b""
-        self._fast = False
-        super().data_received(bytes(rest))
-
-    @staticmethod
-    def _incomplete(rest: bytes, limit: int | None) -> bool:
-        """``rest`` can only be the start of a data frame this path reads (a bad or
-        other frame goes to websockets' parser at once, however short)."""
-        if rest[0] != 0x81 and rest[0] != 0x82:
-            return False
-        if len(rest) < 2:
-            return True
-        b1 = rest[1]
-        if not b1 & 0x80:
-            return False
-        n = b1 & 0x7F
-        if n == 126:
-            if len(rest) < 4:
-                return True
-            n = (rest[2] << 8) | rest[3]
-        elif n == 127:
-            return False
-        return limit is None or n <= limit
+        if self._partial:
+            self._partial = b""
 
     def _parser_at_boundary(self) -> bool:
         """websockets' parser is open, between messages, and waits for a new frame.
@@ -243,6 +212,32 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             super().send_receive_event_to_app()
         finally:
             self.read_paused = False
+
+
+def _data_frame_head(buf: bytes, pos: int, end: int, limit: int | None,
+                     ) -> tuple[int, int] | None:
+    """The client frame at ``pos``, if the fast path reads it: (where its mask starts,
+    payload length); (-1, 0) while its header has not fully arrived. None for anything
+    else: not FIN, RSV bits, not text or binary, unmasked (RFC 6455 5.3: every client
+    frame is), a 64-bit length, or over ``limit`` (websockets' parser answers 1009)."""
+    b0 = buf[pos]
+    if b0 != 0x81 and b0 != 0x82:
+        return None
+    if end - pos < 2:
+        return -1, 0
+    b1 = buf[pos + 1]
+    if not b1 & 0x80:
+        return None
+    n, start = b1 & 0x7F, pos + 2
+    if n == 126:
+        if end - start < 2:
+            return -1, 0
+        n, start = (buf[start] << 8) | buf[start + 1], start + 2
+    elif n == 127:
+        return None
+    if limit is not None and n > limit:
+        return None
+    return start, n
 
 
 def server_frame(payload: bytes | str) -> bytes:
