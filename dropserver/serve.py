@@ -136,7 +136,7 @@ def apply_gc_threshold(settings: Settings) -> None:
     """``DROPSERVER_GC_THRESHOLD``. A full collection stops a worker's loop for ~80 us
     per socket it holds; the default runs them 10x less often than Python's. Much
     rarer ones keep closed connections' cycles (asyncio transports) for hours
-    (``python -m realtime.bench_churn``, docs/benchmarks.md)."""
+    (``python -m benchmarks.churn``, docs/benchmarks.md)."""
     gc.set_threshold(*(int(x) for x in settings.gc_threshold))
 
 

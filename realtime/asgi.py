@@ -1,6 +1,6 @@
 """Serving ``/ws`` lean: what each idle socket costs is most of a node's memory.
 
-Measured with ``realtime/bench_fanout.py`` (docs/topics/realtime.md): through the
+Measured with ``benchmarks/fanout.py`` (docs/topics/realtime.md): through the
 full Starlette stack an idle joined socket cost ~27 KiB; these two changes bring it
 down without giving up uvicorn (workers, lifespan, HTTP on the same port):
 

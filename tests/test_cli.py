@@ -175,7 +175,7 @@ def test_workers_collect_garbage_on_the_configured_thresholds() -> None:
     try:
         gc.set_threshold(1, 2, 3)
         # Full collections 10x rarer than Python's, still often enough to give closed
-        # sockets' memory back (realtime/bench_churn.py).
+        # sockets' memory back (benchmarks/churn.py).
         apply_gc_threshold(load_settings({}, dev=True))
         assert gc.get_threshold() == (700, 10, 100)
         apply_gc_threshold(load_settings({"DROPSERVER_GC_THRESHOLD": "100000,50,1000"},

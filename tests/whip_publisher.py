@@ -9,7 +9,7 @@ the very event loop that has to answer it.
         [--size WxH] [--timestamps FILE]
 
 ``--timestamps`` writes one line per video frame, ``<index> <time.monotonic()>`` taken
-when the frame was handed to the muxer's socket (streaming.bench_ingest reads it).
+when the frame was handed to the muxer's socket (benchmarks.ingest reads it).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ export function startPlayer(video, url, { onPlaying = () => {}, onStalled = () =
       if (hls) hls.destroy();
       // No liveSyncDuration: with LL-HLS parts hls.js then plays PART-HOLD-BACK (3 parts,
       // 0.6 s) behind the live edge; a fixed 1.5 s put glass-to-viewer at ~1.7 s
-      // (python -m streaming.bench_ingest, docs/benchmarks.md).
+      // (python -m benchmarks.ingest, docs/benchmarks.md).
       // hls.js refuses a max latency without a sync duration, so a player that fell
       // behind catches up by playing up to 1.5x instead of jumping.
       hls = new Hls({ lowLatencyMode: true, maxLiveSyncPlaybackRate: 1.5,

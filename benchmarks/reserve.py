@@ -15,9 +15,9 @@ Two figures from the same run, same machine, same script and arguments (a third 
 
 With ``--bare``, a third figure from the same run: the same rush against a bare
 ``websockets`` server that does only the socket and the same script
-(:mod:`checkout.bench_bare`), the ceiling this machine and client allow.
+(:mod:`benchmarks._bare`), the ceiling this machine and client allow.
 
-Run: ``python -m checkout.bench_reserve`` (``--help`` for sizes). Figures go to
+Run: ``python -m benchmarks.reserve`` (``--help`` for sizes). Figures go to
 docs/benchmarks.md.
 
 The socket client (:class:`Buyer`, :func:`open_buyers`) is also what
@@ -366,13 +366,13 @@ class _Rush:
 
 def bare(redis_url: str, *, processes: int, sockets: int, units: int, sources: int,
          limits: list[int]) -> dict[str, Any]:
-    """The same rush against :mod:`checkout.bench_bare` (the machine's ceiling)."""
+    """The same rush against :mod:`benchmarks._bare` (the machine's ceiling)."""
     from dropserver.services import free_port, wait_port
 
     drop_id, product_id = asyncio.run(_prewarm(redis_url, units, drop_id=900_000_002))
     port = free_port()
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "checkout.bench_bare", "--port", str(port),
+        [sys.executable, "-m", "benchmarks._bare", "--port", str(port),
          "--redis-url", redis_url, "--limits", ",".join(map(str, limits))])
         for _ in range(processes)]
     try:
@@ -450,7 +450,7 @@ BENCH_LIMITS = {"DROPSERVER_BUY_RATE_USER": "100", "DROPSERVER_BUY_RATE_IP": "0"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m checkout.bench_reserve",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.reserve",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--sockets", type=int, default=2000)
@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                              "DROPSERVER_EVENT_LOOP=uvloop (repeatable)")
     parser.add_argument("--bare", action="store_true",
                         help="also the same rush against a bare websockets server with "
-                             "the same script (checkout/bench_bare.py): the ceiling")
+                             "the same script (benchmarks/_bare.py): the ceiling")
     ns = parser.parse_args(argv)
     server_env = dict(BENCH_LIMITS)
     for item in ns.server_env:

@@ -1,7 +1,7 @@
 """Benchmark: what one 720p30 stream costs the server, and how late viewers see it.
 
-    python -m streaming.bench_ingest [--window 20] [--warmup 5] [--only cpu|glass]
-                                     [--bitrate 2500]
+    python -m benchmarks.ingest [--window 20] [--warmup 5] [--only cpu|glass]
+                               [--bitrate 2500]
 
 Run from the repository root (the publisher is ``tests/whip_publisher.py``). One
 Valkey and PostgreSQL (:class:`dropserver.services.LocalServices`) for the whole run;

@@ -1,6 +1,6 @@
 """Benchmark: how long the creator's BUY NOW takes to reach a subscriber of the drop.
 
-    python -m drops.bench_buy_now --drops 50
+    python -m benchmarks.buy_now --drops 50
 
 Starts ``dropserver dev --port 0`` (its own Redis and PostgreSQL), then for each of
 ``--drops`` drops with two products: create, schedule, go live, subscribe to the

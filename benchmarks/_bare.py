@@ -1,6 +1,6 @@
 """A bare WebSocket buy server: the ceiling the buy benchmark's machine allows.
 
-``python -m checkout.bench_reserve --bare`` runs it beside ``dropserver serve`` on the
+``python -m benchmarks.reserve --bare`` runs it beside ``dropserver serve`` on the
 same machine, with the same client, the same number of processes and the same
 ``reserve.lua`` call on the same limits, so its holds per second are what a server
 does that has nothing but a socket and the script: no authentication, no gateway,
@@ -76,7 +76,7 @@ async def serve(sock: socket.socket, redis_url: str, limits: BuyLimits,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m checkout.bench_bare")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks._bare")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--limits", required=True,

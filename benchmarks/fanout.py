@@ -1,6 +1,6 @@
 """BUY NOW fan-out benchmark: the gateway beside a bare ``websockets.broadcast()`` server.
 
-    python -m realtime.bench_fanout --viewers 10000 --events 20
+    python -m benchmarks.fanout --viewers 10000 --events 20
 
 Starts local Redis and PostgreSQL (``dropserver.services``), creates a drop, then for
 each server in turn:
@@ -327,7 +327,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     results: dict[str, Any] = {
-        "command": " ".join(["python -m realtime.bench_fanout", *sys.argv[1:]]),
+        "command": " ".join(["python -m benchmarks.fanout", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{os.cpu_count()} CPUs, {platform.python_version()}",
         "viewers": args.viewers, "events": args.events, "workers": args.workers,

@@ -1,6 +1,6 @@
 """Benchmark: how long `dropserver dev` takes from launch to /readyz == 200.
 
-    python -m dropserver.bench_startup --runs 5
+    python -m benchmarks.startup --runs 5
 
 Each run starts a fresh `dropserver dev --port 0` (its own Redis and PostgreSQL,
 initdb included), polls /readyz every 10 ms, then stops it with SIGINT and checks

@@ -12,7 +12,7 @@ Gateways: ``fake`` (in memory here; the server keeps it in Redis) or ``stub`` (t
 over HTTP to tests/stripe_stub.py on loopback; run from the repository root), which
 shows what the SDK's request path costs.
 
-Run: ``python -m checkout.bench_orders --orders 2000 --gateway fake``.
+Run: ``python -m benchmarks.orders --orders 2000 --gateway fake``.
 """
 
 from __future__ import annotations

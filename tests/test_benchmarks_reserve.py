@@ -1,4 +1,4 @@
-"""The buy benchmark's bare server (checkout/bench_bare.py) answers like dropserver,
+"""The buy benchmark's bare server (benchmarks/_bare.py) answers like dropserver,
 and the benchmark's rush sells out exactly against it."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import asyncio
 import contextlib
 import socket
 
+from benchmarks._bare import serve
+from benchmarks.reserve import buy, open_buyers, rush
 from checkout import inventory
-from checkout.bench_bare import serve
-from checkout.bench_reserve import buy, open_buyers, rush
 from checkout.defense import BuyLimits
 
 

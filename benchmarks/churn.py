@@ -8,7 +8,7 @@ does not grows by the same amount every round (``--gc-threshold 100000,50,1000``
 did: its full collections almost never run, and the cycles a closed connection
 leaves wait for one).
 
-Run: ``python -m realtime.bench_churn`` (``--help`` for sizes). Figures go to
+Run: ``python -m benchmarks.churn`` (``--help`` for sizes). Figures go to
 docs/benchmarks.md.
 """
 
@@ -34,10 +34,10 @@ def _worker_pid(supervisor: int) -> int:
 
 
 async def _rounds(server: object, viewers: int, rounds: int) -> list[dict[str, int]]:
-    from checkout.bench_reserve import open_buyers, source_addresses
+    from benchmarks.fanout import _create_drop, _rss_kib
+    from benchmarks.reserve import open_buyers, source_addresses
     from dropserver.auth import Role, issue_token
     from dropserver.settings import load_settings
-    from realtime.bench_fanout import _create_drop, _rss_kib
 
     drop_id = await _create_drop(server.database_url)  # type: ignore[attr-defined]
     settings = load_settings({}, dev=True)
@@ -60,10 +60,10 @@ async def _rounds(server: object, viewers: int, rounds: int) -> list[dict[str, i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from checkout.bench_reserve import _migrate, start_server
+    from benchmarks.reserve import _migrate, start_server
     from dropserver.services import LocalServices
 
-    parser = argparse.ArgumentParser(prog="python -m realtime.bench_churn",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.churn",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--viewers", type=int, default=5000, help="viewers per round")
     parser.add_argument("--rounds", type=int, default=6)
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     steady = rows[2:]  # from the second round on: caches and pools are warm
     growth = steady[-1]["after_close_kib"] - steady[0]["after_close_kib"]
     result = {
-        "command": "python -m realtime.bench_churn " + " ".join(argv or sys.argv[1:]),
+        "command": "python -m benchmarks.churn " + " ".join(argv or sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{os.cpu_count()} CPUs, {platform.python_version()}",
         "gc_threshold": ns.gc_threshold or "default",
