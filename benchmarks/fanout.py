@@ -44,6 +44,7 @@ from typing import Any
 import msgpack
 
 from dropserver.services import LocalServices, free_port, wait_port
+from dropserver.settings import unsafe_rig_env
 from loadtest import wsclient
 from realtime import channels
 from realtime.publish import publish
@@ -290,7 +291,7 @@ def _start_gateway(port: int, redis_url: str, database_url: str, n: int,
     """One process running the app (``run_single``), or ``dropserver serve --workers``."""
     env = dict(os.environ)
     per_worker = -(-n // workers) + 1000
-    env.update({"REDIS_URL": redis_url, "DATABASE_URL": database_url, "DROPSERVER_DEV": "1",
+    env.update({"REDIS_URL": redis_url, "DATABASE_URL": database_url, **unsafe_rig_env(),
                 "DROPSERVER_PORT": str(port), "DROPSERVER_LOG_LEVEL": "warning",
                 "DROPSERVER_LOG_FORMAT": "text", "DROPSERVER_NODE_ID": "bench",
                 "DROPSERVER_MAX_CONNECTIONS": str(per_worker)})

@@ -46,6 +46,7 @@ import msgpack
 
 from checkout import keys
 from checkout.scripts import source
+from dropserver.settings import unsafe_rig_env
 
 __all__ = ["Buyer", "Server", "buy", "open_buyers", "start_server"]
 
@@ -178,7 +179,7 @@ def start_server(redis_url: str, database_url: str, *, workers: int = 2,
     full = {k: v for k, v in os.environ.items()
             if not k.startswith(("DROPSERVER_", "PROMETHEUS_"))}
     full.update({"REDIS_URL": redis_url, "DATABASE_URL": database_url,
-                 "DROPSERVER_DEV": "1", "DROPSERVER_LOG_LEVEL": "warning",
+                 **unsafe_rig_env(), "DROPSERVER_LOG_LEVEL": "warning",
                  "DROPSERVER_LOG_FORMAT": "text", "DROPSERVER_SHUTDOWN_GRACE": "1"})
     full.update(env or {})
     proc = subprocess.Popen(

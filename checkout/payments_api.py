@@ -6,7 +6,8 @@ stops them. Objects on ``app.state``: ``payments_gateway``, ``order_processor``,
 ``order_workers``, ``campaign_loop``.
 
 Routes: ``POST /v1/webhooks/stripe`` (signature-verified, see checkout/webhooks.py);
-``POST /v1/dev/orders/{order_id}/confirm`` (fake gateway only: Stripe.js stand-in).
+``POST /v1/dev/orders/{order_id}/confirm`` (fake gateway only: Stripe.js stand-in;
+mounted only under ``dropserver dev`` or with ``DROPSERVER_UNSAFE_FAKE_PAYMENTS=1``).
 """
 
 from __future__ import annotations

@@ -139,6 +139,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_format)
+    if settings.dev:
+        print("dropserver serve: DROPSERVER_DEV is set; it is what `dropserver dev` runs "
+              "with (tokens signed with a published secret, fake payments, /v1/dev/* "
+              "routes), never `serve`. Unset it; a load test or benchmark that moves no "
+              "money may set DROPSERVER_UNSAFE_FAKE_PAYMENTS=1 and DROPSERVER_JWT_SECRET "
+              "instead", file=sys.stderr)
+        return 2
     if not settings.redis_url or not settings.database_url:
         print("dropserver serve: set REDIS_URL and DATABASE_URL "
               "(use `dropserver dev` for local services)", file=sys.stderr)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Settings", "SettingsError", "load_settings"]
+__all__ = ["Settings", "SettingsError", "load_settings", "unsafe_rig_env"]
 
 DEV_JWT_SECRET = "dropserver-dev-secret-not-for-production"
 
@@ -140,8 +140,15 @@ class Settings:
     recovery_grace_ms: int = _env("DROPSERVER_RECOVERY_GRACE_MS", 1000,
                                   "Wait before reading PostgreSQL in a rebuild, so "
                                   "order writes in flight land first.")
-    payment_gateway: str = _env("DROPSERVER_PAYMENT_GATEWAY", "fake", "Payment gateway.",
+    payment_gateway: str = _env("DROPSERVER_PAYMENT_GATEWAY", "", "Payment gateway: "
+                                "`stripe` or `fake`. Empty: `fake` under `dropserver dev` "
+                                "(or with DROPSERVER_UNSAFE_FAKE_PAYMENTS=1), else `stripe`.",
                                 choices=("fake", "stripe"))
+    unsafe_fake_payments: bool = _env("DROPSERVER_UNSAFE_FAKE_PAYMENTS", False, "Outside "
+                                      "`dropserver dev`, run the fake gateway and its "
+                                      "`/v1/dev/orders/{id}/confirm` route: no money moves "
+                                      "and any buyer can mark their own order paid. For "
+                                      "load tests and benchmarks, never production.")
     stripe_api_key: str = _env("STRIPE_API_KEY", "", "Stripe secret key.")
     stripe_api_base: str = _env("STRIPE_API_BASE", "", "Override of Stripe's API address "
                                 "(tests point it at a local server).")
@@ -180,8 +187,20 @@ class Settings:
                                          "same stream before it is finalized as a replay.")
 
     # --- mode ----------------------------------------------------------------
-    dev: bool = _env("DROPSERVER_DEV", False, "Development mode (dev secret, fake "
-                     "payments, verbose errors).")
+    dev: bool = _env("DROPSERVER_DEV", False, "Development mode, set by `dropserver dev` "
+                     "for its workers: the published dev token secret, fake payments, "
+                     "`/v1/dev/*` routes. `dropserver serve` refuses it.")
+
+    def __post_init__(self) -> None:
+        if not self.payment_gateway:  # the safe default: fake only where allowed
+            object.__setattr__(self, "payment_gateway", "fake" if self.fake_payments_allowed
+                               else "stripe")
+
+    @property
+    def fake_payments_allowed(self) -> bool:
+        """The fake gateway and ``/v1/dev/orders/{id}/confirm`` may run: under
+        ``dropserver dev``, or where ``DROPSERVER_UNSAFE_FAKE_PAYMENTS`` says so."""
+        return self.dev or self.unsafe_fake_payments
 
     @property
     def effective_node_id(self) -> str:
@@ -210,9 +229,26 @@ class Settings:
         if self.reconnect_min_ms > self.reconnect_max_ms:
             raise SettingsError("DROPSERVER_RECONNECT_MIN_MS",
                                 "must not exceed DROPSERVER_RECONNECT_MAX_MS")
+        if self.payment_gateway == "fake" and not self.fake_payments_allowed:
+            raise SettingsError(
+                "DROPSERVER_PAYMENT_GATEWAY", "the fake gateway moves no money and lets any "
+                "buyer mark their own order paid. Outside `dropserver dev` use "
+                "DROPSERVER_PAYMENT_GATEWAY=stripe with STRIPE_API_KEY and "
+                "STRIPE_WEBHOOK_SECRET, or, for a load test or benchmark only, set "
+                "DROPSERVER_UNSAFE_FAKE_PAYMENTS=1")
+        if self.unsafe_fake_payments and self.payment_gateway == "stripe":
+            raise SettingsError("DROPSERVER_UNSAFE_FAKE_PAYMENTS", "set together with "
+                                "DROPSERVER_PAYMENT_GATEWAY=stripe: choose one")
         if self.payment_gateway == "stripe" and not self.stripe_api_key:
-            raise SettingsError("STRIPE_API_KEY", "required when "
-                                "DROPSERVER_PAYMENT_GATEWAY=stripe")
+            raise SettingsError(
+                "STRIPE_API_KEY", "required by the Stripe gateway, the default outside "
+                "`dropserver dev` (a load test or benchmark that moves no money may set "
+                "DROPSERVER_UNSAFE_FAKE_PAYMENTS=1 instead)")
+        if (self.payment_gateway == "stripe" and not self.dev
+                and not self.stripe_webhook_secret):
+            raise SettingsError(
+                "STRIPE_WEBHOOK_SECRET", "required by the Stripe gateway outside "
+                "`dropserver dev`: Stripe's webhook is what marks a card payment paid")
         if len(self.gc_threshold) != 3 or not all(x.isdigit() and int(x) > 0
                                                   for x in self.gc_threshold):
             raise SettingsError("DROPSERVER_GC_THRESHOLD",
@@ -274,6 +310,13 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     settings = Settings(**values)
     settings.validate()
     return settings
+
+
+def unsafe_rig_env() -> dict[str, str]:
+    """What ``dropserver serve`` runs with as a load-test or benchmark target: the fake
+    gateway (no money moves) and the published dev secret the load kit signs its tokens
+    with. Never production."""
+    return {"DROPSERVER_UNSAFE_FAKE_PAYMENTS": "1", "DROPSERVER_JWT_SECRET": DEV_JWT_SECRET}
 
 
 def describe() -> list[tuple[str, str, str]]:

@@ -75,7 +75,8 @@ def _settings(environment: Any):
 
     secret = getattr(environment.parsed_options, "lt_jwt_secret", "") if \
         environment.parsed_options else ""
-    return load_settings({}, dev=not secret, jwt_secret=secret)
+    # Signs tokens only (no server): the given secret, else the dev one.
+    return load_settings({}, dev=True, jwt_secret=secret)
 
 
 def _token(environment: Any, sub: str, role: str) -> str:

@@ -572,7 +572,8 @@ async def rehearse(cfg: RehearsalConfig) -> dict[str, Any]:
     if cfg.target:
         from dropserver.settings import load_settings
 
-        settings = load_settings({}, dev=not cfg.jwt_secret, jwt_secret=cfg.jwt_secret)
+        # Signs tokens only (no server): the given secret, else the dev one.
+        settings = load_settings({}, dev=True, jwt_secret=cfg.jwt_secret)
         target: Any = RemoteTarget(cfg.target, settings, database_url=cfg.database_url)
     else:
         target = LocalTarget(

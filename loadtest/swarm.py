@@ -81,7 +81,8 @@ class Swarm:
         self.config = config
         self.started = time.monotonic()
         self._rng = random.Random(config.seed)
-        settings = load_settings({}, dev=not config.jwt_secret, jwt_secret=config.jwt_secret,
+        # Signs tokens only (no server): the given secret, else the dev one.
+        settings = load_settings({}, dev=True, jwt_secret=config.jwt_secret,
                                  jwt_audience=config.jwt_audience, jwt_issuer=config.jwt_issuer)
         self._token = lambda sub: issue_token(settings, sub, Role.VIEWER, ttl=6 * 3600,
                                               name=sub)

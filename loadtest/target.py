@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from dropserver.services import LocalServices, free_port
-from dropserver.settings import Settings, load_settings
+from dropserver.settings import Settings, load_settings, unsafe_rig_env
 
 __all__ = ["LocalTarget", "RemoteTarget", "Target", "die_with_parent"]
 
@@ -130,14 +130,13 @@ class LocalTarget:
         env.update({
             "REDIS_URL": self.redis_url,
             "DATABASE_URL": self.database_url,
-            "DROPSERVER_DEV": "1",
+            **unsafe_rig_env(),  # fake payments; tokens signed with the dev secret
             "DROPSERVER_HOST": self.host,
             "DROPSERVER_PORT": str(port),
             "DROPSERVER_WORKERS": str(self.workers),
             "DROPSERVER_LOG_LEVEL": "warning",
             "DROPSERVER_SHUTDOWN_GRACE": "2",
         })
-        env.pop("DROPSERVER_JWT_SECRET", None)  # the dev secret signs our tokens
         env.pop("DROPSERVER_JWKS_URL", None)
         env.update(self.env)
         out = subprocess.DEVNULL

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from dropserver.settings import unsafe_rig_env
+
 
 def _get(url: str, timeout: float = 2.0):
     with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -96,7 +98,7 @@ def test_dev_kill_9_leaves_nothing_behind():
 def test_serve_runs_workers_on_one_port_and_drains(backends):
     env = _dev_env()
     env.update({"REDIS_URL": backends.redis_url, "DATABASE_URL": backends.database_url,
-                "DROPSERVER_DEV": "1", "DROPSERVER_SHUTDOWN_GRACE": "3"})
+                "DROPSERVER_SHUTDOWN_GRACE": "3", **unsafe_rig_env()})
     from tests.conftest import free_port
 
     port = free_port()

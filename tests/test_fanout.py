@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 import websockets
 from websockets.exceptions import ConnectionClosed
 
+from dropserver.settings import unsafe_rig_env
 from realtime import metrics
 from realtime.publish import publish, publish_volatile
 from tests.conftest import running
@@ -345,7 +346,7 @@ async def test_two_worker_processes_both_deliver_one_publication(clean_backends,
     drop_id, _ = await create_drop(clean_backends.database_url)
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     env.update({"REDIS_URL": clean_backends.redis_url,
-                "DATABASE_URL": clean_backends.database_url, "DROPSERVER_DEV": "1",
+                "DATABASE_URL": clean_backends.database_url, **unsafe_rig_env(),
                 "DROPSERVER_LOG_FORMAT": "text", "DROPSERVER_SHUTDOWN_GRACE": "3"})
     port = free_port()
     argv = [sys.executable, "-m", "dropserver.cli", "serve", "--workers", "2",

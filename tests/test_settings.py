@@ -37,7 +37,9 @@ def test_production_needs_a_key_source():
     with pytest.raises(SettingsError) as info:
         load_settings({})
     assert info.value.variable == "DROPSERVER_JWKS_URL"
-    assert load_settings({"DROPSERVER_JWT_SECRET": "s3cret"}).effective_jwt_secret == "s3cret"
+    prod = load_settings({"DROPSERVER_JWT_SECRET": "s3cret", "STRIPE_API_KEY": "sk_x",
+                          "STRIPE_WEBHOOK_SECRET": "whsec_x"})
+    assert prod.effective_jwt_secret == "s3cret"
 
 
 def test_cross_field_checks():

@@ -114,7 +114,8 @@ async def test_dev_token_refuses_other_roles_and_bad_names(http: httpx.AsyncClie
 
 
 async def test_dev_token_is_404_outside_dev_mode(settings) -> None:
-    prod = settings.replace(dev=False, jwt_secret="s" * 32)
+    # a load-test rig: not dev, fake payments allowed (/v1/dev/* mounted)
+    prod = settings.replace(dev=False, jwt_secret="s" * 32, unsafe_fake_payments=True)
     running, stop = await start_server(prod)
     try:
         async with httpx.AsyncClient(base_url=running.base_url) as client:
