@@ -7,7 +7,9 @@
   (``DROPSERVER_CHAT_RATE`` per 10 s per drop) and slow mode in one step.
 * A message is a durable event ("chat.message"), so it has a position and is
   recovered like any other event; the last ``DROPSERVER_CHAT_HISTORY`` messages are
-  also kept in a capped Redis list for the join snapshot. Clients dedupe by ``id``.
+  also kept in a capped Redis list for the join snapshot, written by the same script
+  that assigns the position (``scripts/history_add.lua``), so the snapshot lists
+  them in offset order. Clients dedupe by ``id``.
 * Mutes (one drop, for a while) and bans (every drop of the creator, until lifted)
   are rows in ``chat_moderation`` and cached in the drop's Redis hash; the rows are
   read into that hash the first time a connection posts, so a ban holds across
@@ -112,13 +114,11 @@ async def post(app: Any, conn: Any, text: str) -> dict[str, Any]:
                             details={"retry_after_ms": int(wait_ms)})
     message = {"id": secrets.token_hex(8), "user_id": user_id,
                "name": conn.principal.name or user_id, "text": clean, "at": _now_ms()}
-    epoch, offset = await publish(redis, drop_id, "chat.message", message)
-    key = channels.chat_key(drop_id, "recent")
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.lpush(key, msgpack.packb(message, use_bin_type=True))
-        pipe.ltrim(key, 0, max(settings.chat_history, 1) - 1)
-        pipe.expire(key, settings.history_ttl)
-        await pipe.execute()
+    # One step: the offset, the history, the recent list and the fan-out, so the join
+    # snapshot lists chat in the order live viewers got it.
+    epoch, offset = await publish(
+        redis, drop_id, "chat.message", message,
+        recent=(channels.chat_key(drop_id, "recent"), settings.chat_history))
     metrics.CHAT_MESSAGES.inc()
     return {"message_id": message["id"], "pos": {"epoch": epoch, "offset": offset}}
 

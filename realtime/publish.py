@@ -15,6 +15,8 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+import msgpack
+
 from realtime import channels
 from realtime._lua import load
 
@@ -36,15 +38,23 @@ def new_epoch() -> str:
     return secrets.token_hex(4)
 
 
-async def publish(redis: Any, drop_id: int, event: str, data: dict) -> tuple[str, int]:
-    """Durable, ordered event for every viewer of ``drop_id``; returns its position."""
+async def publish(redis: Any, drop_id: int, event: str, data: dict, *,
+                  recent: tuple[str, int] | None = None) -> tuple[str, int]:
+    """Durable, ordered event for every viewer of ``drop_id``; returns its position.
+
+    ``recent=(list_key, size)`` also keeps ``data`` (msgpack) in that capped list,
+    newest first, in the same atomic step: the list is in offset order (chat's recent
+    messages, which the join snapshot lists).
+    """
     body = channels.pack_body(event, data)
-    epoch, offset = await _history_add(
-        keys=[channels.meta_key(drop_id), channels.history_key(drop_id)],
-        args=[channels.drop_channel(drop_id), body, new_epoch(),
-              _limits["history_size"], _limits["history_ttl"]],
-        client=redis,
-    )
+    keys = [channels.meta_key(drop_id), channels.history_key(drop_id)]
+    args = [channels.drop_channel(drop_id), body, new_epoch(),
+            _limits["history_size"], _limits["history_ttl"]]
+    if recent is not None:
+        key, size = recent
+        keys.append(key)
+        args += [msgpack.packb(data, use_bin_type=True), max(int(size), 1)]
+    epoch, offset = await _history_add(keys=keys, args=args, client=redis)
     if isinstance(epoch, bytes):
         epoch = epoch.decode()
     return epoch, int(offset)

@@ -42,6 +42,29 @@ async def test_post_reaches_everyone_and_html_stays_text(server, settings, make_
         await c.close()
 
 
+async def test_snapshot_chat_is_in_the_order_live_viewers_got_it(server, settings, make_token):
+    """Twelve viewers chat at the same moment, three times over: a late joiner's
+    ``snapshot.chat`` lists the messages in offset order, as live viewers saw them."""
+    drop_id, _ = await create_drop(settings.database_url)
+    watcher = await _viewer(server, drop_id)
+    senders = [await _viewer(server, drop_id, make_token(f"fan-{i}")) for i in range(12)]
+    live: list[dict] = []
+    for round_ in range(3):
+        replies = await asyncio.gather(*(
+            c.request({"t": "chat.send", "text": f"round {round_} from {i}"})
+            for i, c in enumerate(senders)))
+        assert all(r["t"] == "reply" for r in replies), replies
+        live += [f for f in await watcher.events(12) if f["event"] == "chat.message"]
+    offsets = [f["pos"]["offset"] for f in live]
+    assert offsets == sorted(offsets) and len(set(offsets)) == 36
+    late = await Client.connect(server.ws_url)
+    joined = await late.join(drop_id)
+    assert joined["recovered"] is False
+    assert [m["id"] for m in joined["snapshot"]["chat"]] == [f["data"]["id"] for f in live]
+    for c in (watcher, late, *senders):
+        await c.close()
+
+
 async def test_length_limit_and_empty_text(server, settings, make_token):
     drop_id, _ = await create_drop(settings.database_url)
     c = await _viewer(server, drop_id, make_token("alice"))
