@@ -51,6 +51,20 @@ async def test_history_is_capped(r):
     assert await r.ttl(channels.history_key(1)) <= 60
 
 
+async def test_recent_list_is_kept_in_offset_order_capped_with_the_history_ttl(r):
+    key = channels.chat_key(4, "recent")
+    results = await asyncio.gather(*[
+        publish.publish(r, 4, "chat.message", {"i": i}, recent=(key, 5)) for i in range(40)])
+    by_offset = [i for (_, _o), i in sorted(zip(results, range(40), strict=True),
+                                            key=lambda x: x[0][1])]
+    kept = [msgpack.unpackb(x)["i"] for x in await r.lrange(key, 0, -1)]
+    assert kept == by_offset[::-1][:5]  # newest first, the five newest offsets
+    assert 0 < await r.ttl(key) <= 86400
+    # An event without a list leaves it alone.
+    await publish.publish(r, 4, "chat.slow", {"seconds": 0})
+    assert await r.llen(key) == 5
+
+
 async def test_concurrent_publishers_never_share_an_offset(r):
     results = await asyncio.gather(*[
         publish.publish(r, 2, "chat.message", {"i": i}) for i in range(200)])
