@@ -76,7 +76,8 @@ class Buyer:
                                  "token": self.token}))
 
     def on_message(self, conn: Any, data: bytes | str) -> None:
-        message = json.loads(data) if isinstance(data, str) else msgpack.unpackb(data)
+        message = (json.loads(data) if isinstance(data, str)
+                   else msgpack.unpackb(data, strict_map_key=False))  # stock: int ids
         for frame in message if isinstance(message, list) else [message]:  # a batch
             self._frame(frame)
 

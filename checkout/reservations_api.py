@@ -111,8 +111,9 @@ class Notifier:
                 for user_id, event, data, origin in events])
         for drop_id in dirty:
             left = await inventory.remaining(self.redis, drop_id)
-            await publish_volatile(self.redis, drop_id, "stock",
-                                   {"products": {str(k): v for k, v in left.items()}})
+            # Integer product ids: each wire format encodes them its own way (JSON
+            # turns map keys into strings, msgpack keeps integers; docs/protocol.md).
+            await publish_volatile(self.redis, drop_id, "stock", {"products": left})
 
     async def _run(self) -> None:
         while True:

@@ -185,7 +185,7 @@ async def test_order_held_leaves_with_the_reply_and_reaches_the_other_sockets(
     on_message = tab1.on_message
 
     def record(conn, data):
-        messages.append(msgpack.unpackb(data))
+        messages.append(msgpack.unpackb(data, strict_map_key=False))
         on_message(conn, data)
 
     tab1.on_message = record
@@ -253,3 +253,29 @@ async def test_buy_and_cancel_over_the_real_socket(server, http, creator, make_t
         assert gone["t"] == "error" and gone["code"] == "hold_not_active"
     finally:
         b.close()
+
+
+async def test_stock_ids_are_integers_except_in_json(server, http, creator, make_token):
+    """docs/protocol.md: only JSON turns the product ids of ``stock`` into strings."""
+    from tests.realtime_support import JSON, Client
+
+    drop_id, pid = await selling_drop(http, creator, units=3)
+    as_msgpack = await Client.connect(server.ws_url)
+    as_json = await Client.connect(server.ws_url, fmt=JSON)
+    buyer = await Client.connect(server.ws_url, token=make_token("stock-buyer", Role.VIEWER))
+    try:
+        for c in (as_msgpack, as_json, buyer):
+            assert (await c.join(drop_id))["t"] == "joined"
+        reply = await buyer.request({"t": "buy", "product_id": pid, "idempotency_key": "k"})
+        assert reply["t"] == "reply", reply
+        live = await as_msgpack.recv_until(lambda f: f.get("event") == "stock")
+        assert live["data"] == {"products": {pid: 2}}
+        text = await as_json.recv_until(lambda f: f.get("event") == "stock")
+        assert text["data"] == {"products": {str(pid): 2}}
+        # The latest stock a joiner gets with the snapshot, likewise.
+        late = await Client.connect(server.ws_url)
+        assert (await late.join(drop_id))["stock"] == {"products": {pid: 2}}
+        await late.close()
+    finally:
+        for c in (as_msgpack, as_json, buyer):
+            await c.close()
