@@ -1,6 +1,26 @@
 """Benchmarks: runnable scripts that measure dropserver's speed and memory.
 
-Not part of the product (the wheel leaves this package out). Each module is one
-benchmark, run from the repository root as ``python -m benchmarks.<name>``; the
-figures, exact commands, machine and date are in docs/benchmarks.md.
+Not part of the product: the wheel leaves this package out. Each public module is one
+benchmark, run from the repository root as ``python -m benchmarks.<name>`` (``--help``
+for its options); docs/benchmarks.md has their figures with the exact command, the
+machine and the date. Each measures dropserver against a baseline taken in the same
+run. In the order of the hot paths:
+
+* :mod:`benchmarks.reserve`: the buy path, reservations per second from socket to
+  ``reserve.lua`` and back, against raw EVALSHA and a bare buy server.
+* :mod:`benchmarks.fanout`: BUY NOW to every viewer (latency, server CPU per
+  delivery, memory per idle connection), against a bare ``websockets.broadcast()``.
+* :mod:`benchmarks.churn`: whether a worker gives back the memory of viewers who left.
+* :mod:`benchmarks.buy_now`: the creator's BUY NOW until it is on the drop's channel.
+* :mod:`benchmarks.orders`: the order workers, holds in the stream to paid orders.
+* :mod:`benchmarks.ingest`: one 720p30 stream's server CPU, publish-to-playlist and
+  glass-to-viewer latency.
+* :mod:`benchmarks.startup`: ``dropserver dev`` from launch to ready.
+
+What they share (not benchmarks themselves):
+
+* :mod:`benchmarks._support`: the servers under test (``dropserver serve``,
+  ``dropserver dev``), schema and a live drop, process CPU and memory, percentiles.
+* :mod:`benchmarks._buyers`: the WebSocket buyers and the rush (also used by tests).
+* :mod:`benchmarks._bare`: the bare servers the baselines are measured on.
 """

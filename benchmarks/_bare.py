@@ -1,15 +1,25 @@
-"""A bare WebSocket buy server: the ceiling the buy benchmark's machine allows.
+"""The bare servers: what a server does that has nothing but the socket and the one job.
 
-``python -m benchmarks.reserve --bare`` runs it beside ``dropserver serve`` on the
-same machine, with the same client, the same number of processes and the same
-``reserve.lua`` call on the same limits, so its holds per second are what a server
-does that has nothing but a socket and the script: no authentication, no gateway,
-no metrics, no ``order.held`` for other sockets, no ``stock`` for the viewers. The
-gap between the two figures is what dropserver's buy path costs over that.
+Each benchmark that measures dropserver also measures, in the same run, on the same
+machine and with the same client, a bare server built on the ``websockets`` library's
+own asyncio server (no compression); the gap between the two figures is what
+dropserver's code costs over the job itself.
 
-The server is the ``websockets`` library's own asyncio server; each connection is
-one user; ``join`` is answered at once, ``buy`` with one script call through the
-same :class:`~checkout.reserve.ReserveBatcher` and the same reply as dropserver's.
+* **buy** (:func:`serve_buy`; ``python -m benchmarks.reserve --bare``): the buy path's
+  ceiling. The same number of processes as dropserver's workers and the same
+  ``reserve.lua`` call on the same limits: no authentication, no gateway, no metrics,
+  no ``order.held`` for other sockets, no ``stock`` for the viewers. Each connection
+  is one user; ``join`` is answered at once, ``buy`` with one script call through the
+  same :class:`~checkout.reserve.ReserveBatcher` and the same reply as dropserver's.
+* **broadcast** (:func:`serve_broadcast`; the ``baseline`` of
+  ``python -m benchmarks.fanout``): subscribes to the drop's Redis channel and hands
+  each message to ``websockets.broadcast()`` for every socket.
+
+Run as a process of its own: ``python -m benchmarks._bare buy --port P --redis-url URL
+--limits window_ms,per_user,per_ip,velocity_window_ms,velocity_max`` or
+``python -m benchmarks._bare broadcast --port P --redis-url URL --channel NAME``
+(several on one port share it with SO_REUSEPORT). Only the buy server imports
+dropserver's code.
 """
 
 from __future__ import annotations
@@ -20,25 +30,26 @@ import contextlib
 import os
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import msgpack
+if TYPE_CHECKING:
+    from checkout.defense import BuyLimits
 
-from checkout.defense import BuyLimits
-from checkout.reserve import (
-    BuyRefused,
-    BuyRequest,
-    ReserveBatcher,
-    hot_path_client,
-    reserve_batched,
-)
-
-__all__ = ["serve"]
+__all__ = ["serve_broadcast", "serve_buy"]
 
 
-async def serve(sock: socket.socket, redis_url: str, limits: BuyLimits,
-                hold_ttl_ms: int = 600_000) -> None:
+async def serve_buy(sock: socket.socket, redis_url: str, limits: BuyLimits,
+                    hold_ttl_ms: int = 600_000) -> None:
+    import msgpack
     from websockets.asyncio.server import serve as ws_serve
+
+    from checkout.reserve import (
+        BuyRefused,
+        BuyRequest,
+        ReserveBatcher,
+        hot_path_client,
+        reserve_batched,
+    )
 
     redis = hot_path_client(redis_url)
     batcher = ReserveBatcher(redis)
@@ -75,13 +86,36 @@ async def serve(sock: socket.socket, redis_url: str, limits: BuyLimits,
         await redis.aclose()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks._bare")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--redis-url", required=True)
-    parser.add_argument("--limits", required=True,
-                        help="window_ms,per_user,per_ip,velocity_window_ms,velocity_max")
-    ns = parser.parse_args(argv)
+async def serve_broadcast(port: int, redis_url: str, channel: str) -> None:
+    import redis.asyncio as aioredis
+    from websockets.asyncio.server import broadcast, serve
+
+    conns = set()
+
+    async def handler(ws: Any) -> None:
+        conns.add(ws)
+        try:
+            await ws.wait_closed()
+        finally:
+            conns.discard(ws)
+
+    r = aioredis.Redis.from_url(redis_url)
+    pubsub = r.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(channel)
+
+    async def relay() -> None:
+        async for msg in pubsub.listen():
+            broadcast(conns, msg["data"])
+
+    async with serve(handler, "127.0.0.1", port, compression=None, ping_interval=None,
+                     backlog=4096, reuse_port=True):
+        print("ready", flush=True)
+        await relay()
+
+
+def _buy_main(ns: argparse.Namespace) -> None:
+    from checkout.defense import BuyLimits
+
     window, per_user, per_ip, vwin, vmax = (int(x) for x in ns.limits.split(","))
     limits = BuyLimits(window_ms=window, per_user=per_user, per_ip=per_ip,
                        velocity_window_ms=vwin, velocity_max=vmax)
@@ -90,7 +124,27 @@ def main(argv: list[str] | None = None) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(("127.0.0.1", ns.port))
     sock.listen(4096)
-    asyncio.run(serve(sock, ns.redis_url, limits))
+    asyncio.run(serve_buy(sock, ns.redis_url, limits))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks._bare",
+                                     description=__doc__.split("\n\n")[0])
+    servers = parser.add_subparsers(dest="server", required=True)
+    buy = servers.add_parser("buy", help="join and buy with one reserve.lua call")
+    buy.add_argument("--port", type=int, required=True)
+    buy.add_argument("--redis-url", required=True)
+    buy.add_argument("--limits", required=True,
+                     help="window_ms,per_user,per_ip,velocity_window_ms,velocity_max")
+    cast = servers.add_parser("broadcast", help="a Redis channel to every socket")
+    cast.add_argument("--port", type=int, required=True)
+    cast.add_argument("--redis-url", required=True)
+    cast.add_argument("--channel", required=True)
+    ns = parser.parse_args(argv)
+    if ns.server == "buy":
+        _buy_main(ns)
+    else:
+        asyncio.run(serve_broadcast(ns.port, ns.redis_url, ns.channel))
     return 0
 
 

@@ -19,47 +19,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import statistics
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import redis.asyncio as aioredis
 
+from benchmarks._support import pcts, start_dev
 from realtime import channels
 
 
-def _start_dev() -> tuple[subprocess.Popen, str, str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
-    env["DROPSERVER_LOG_LEVEL"] = "warning"
-    proc = subprocess.Popen([sys.executable, "-m", "dropserver.cli", "dev", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=env)
-    base = redis_url = token = ""
-    assert proc.stdout is not None
-    while not token:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError("dropserver dev exited early")
-        words = line.split()
-        if line.strip().startswith("HTTP"):
-            base = words[-1]
-        elif line.strip().startswith("Redis"):
-            redis_url = words[-1]
-        elif line.strip().startswith("Creator token"):
-            token = proc.stdout.readline().strip()
-    return proc, base, redis_url, token
-
-
-def _pcts(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    return {"p50": round(statistics.median(ordered), 2), "p95": round(p95, 2),
-            "max": round(ordered[-1], 2)}
+def _ms(values: list[float]) -> dict[str, float]:
+    figures = pcts(values)
+    return {k: round(figures[k], 2) for k in ("p50", "p95", "max")}
 
 
 async def _one(http: httpx.AsyncClient, redis: aioredis.Redis,
@@ -109,19 +81,19 @@ async def _run(base: str, redis_url: str, token: str, drops: int) -> dict:
         for _ in range(drops):
             await _one(http, redis, times)
     await redis.aclose()
-    return {"drops": drops, "ms": {k: _pcts(v) for k, v in times.items()}}
+    return {"drops": drops, "ms": {k: _ms(v) for k, v in times.items()}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--drops", type=int, default=50)
     args = parser.parse_args()
-    proc, base, redis_url, token = _start_dev()
+    server = start_dev()
     try:
-        print(json.dumps(asyncio.run(_run(base, redis_url, token, args.drops))))
+        print(json.dumps(asyncio.run(_run(server.base_url, server.redis_url, server.token,
+                                          args.drops))))
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ import platform
 import sys
 import time
 
+from benchmarks._buyers import open_buyers, source_addresses
+from benchmarks._support import Server, create_live_drop, rss_kib, start_server
+
 __all__ = ["main"]
 
 
@@ -33,34 +36,32 @@ def _worker_pid(supervisor: int) -> int:
     return int(children[0])
 
 
-async def _rounds(server: object, viewers: int, rounds: int) -> list[dict[str, int]]:
-    from benchmarks.fanout import _create_drop, _rss_kib
-    from benchmarks.reserve import open_buyers, source_addresses
+async def _rounds(server: Server, viewers: int, rounds: int) -> list[dict[str, int]]:
     from dropserver.auth import Role, issue_token
     from dropserver.settings import load_settings
 
-    drop_id = await _create_drop(server.database_url)  # type: ignore[attr-defined]
+    drop_id = await create_live_drop(server.database_url)
     settings = load_settings({}, dev=True)
-    worker = _worker_pid(server.proc.pid)  # type: ignore[attr-defined]
-    out = [{"round": -1, "connected_kib": _rss_kib(worker), "after_close_kib": _rss_kib(worker)}]
+    worker = _worker_pid(server.proc.pid)
+    out = [{"round": -1, "connected_kib": rss_kib(worker), "after_close_kib": rss_kib(worker)}]
     for r in range(rounds):
         tokens = [issue_token(settings, f"churn-{r}-{i}", Role.VIEWER) for i in range(viewers)]
-        buyers = await open_buyers(server.ws_url, drop_id, tokens,  # type: ignore[attr-defined]
+        buyers = await open_buyers(server.ws_url, drop_id, tokens,
                                    sources=source_addresses(2))
         await asyncio.sleep(1.0)
-        connected = _rss_kib(worker)
+        connected = rss_kib(worker)
         for b in buyers:
             b.close()
         await asyncio.gather(*(b.closed for b in buyers), return_exceptions=True)
         await asyncio.sleep(3.0)
-        row = {"round": r, "connected_kib": connected, "after_close_kib": _rss_kib(worker)}
+        row = {"round": r, "connected_kib": connected, "after_close_kib": rss_kib(worker)}
         print(json.dumps(row), file=sys.stderr, flush=True)
         out.append(row)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.reserve import _migrate, start_server
+    from dropserver.db import migrate_database
     from dropserver.services import LocalServices
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.churn",
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     env = {"DROPSERVER_GC_THRESHOLD": ns.gc_threshold} if ns.gc_threshold else {}
     with LocalServices() as services:
-        asyncio.run(_migrate(services.database_url))
+        asyncio.run(migrate_database(services.database_url))
         server = start_server(services.redis_url, services.database_url, workers=1, env=env)
         try:
             rows = asyncio.run(_rounds(server, ns.viewers, ns.rounds))

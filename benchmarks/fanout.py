@@ -7,9 +7,10 @@ each server in turn:
 
 * ``gateway``: the real app, one process (``run_single``) or ``dropserver serve
   --workers N``; viewers connect and ``join`` the drop.
-* ``baseline``: a bare server (websockets' asyncio server, no compression) whose only
-  job is to subscribe to the drop's Redis channel and ``websockets.broadcast()`` each
-  message to every socket (``--workers N``: N such processes with SO_REUSEPORT).
+* ``baseline``: a bare server (:mod:`benchmarks._bare`: websockets' asyncio server, no
+  compression) whose only job is to subscribe to the drop's Redis channel and
+  ``websockets.broadcast()`` each message to every socket (``--workers N``: N such
+  processes with SO_REUSEPORT).
 
 Viewers are lean sans-I/O clients (``loadtest.wsclient``; no task per socket) split
 over ``--clients`` processes (one process holds at most ``ulimit -n`` sockets; 50,000
@@ -34,7 +35,6 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import signal
 import subprocess
 import sys
@@ -43,6 +43,7 @@ from typing import Any
 
 import msgpack
 
+from benchmarks._support import cpu_seconds, create_live_drop, raise_nofile, rss_kib
 from dropserver.services import LocalServices, free_port, wait_port
 from dropserver.settings import unsafe_rig_env
 from loadtest import wsclient
@@ -50,54 +51,6 @@ from realtime import channels
 from realtime.publish import publish
 
 _PONG = msgpack.packb({"t": "pong"})
-
-_BASELINE = r"""
-import asyncio, sys
-import redis.asyncio as aioredis
-import websockets
-from websockets.asyncio.server import serve, broadcast
-
-async def main(port, redis_url, channel):
-    conns = set()
-
-    async def handler(ws):
-        conns.add(ws)
-        try:
-            await ws.wait_closed()
-        finally:
-            conns.discard(ws)
-
-    r = aioredis.Redis.from_url(redis_url)
-    pubsub = r.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(channel)
-
-    async def relay():
-        async for msg in pubsub.listen():
-            broadcast(conns, msg["data"])
-
-    async with serve(handler, "127.0.0.1", port, compression=None, ping_interval=None,
-                     backlog=4096, reuse_port=True):
-        print("ready", flush=True)
-        await relay()
-
-asyncio.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3]))
-"""
-
-
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
 
 class Viewer:
     """Records arrival times of event ``k``; joins first when ``join`` is set."""
@@ -177,8 +130,7 @@ async def _client_main_async(pipe: Any, url: str, first: int, count: int, drop_i
 
 def _client_main(*args: Any) -> None:
     """One viewer process (the swarm is split over ``--clients`` of them)."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_nofile()
     with contextlib.suppress(ImportError):
         import uvloop
 
@@ -194,7 +146,7 @@ async def _run_viewers(url: str, n: int, drop_id: int, join: bool, events: int,
     loop = asyncio.get_running_loop()
     ctx = multiprocessing.get_context("spawn")
     await asyncio.sleep(1.0)
-    rss_before = sum(_rss_kib(pid) for pid in server_pids)
+    rss_before = sum(rss_kib(pid) for pid in server_pids)
     started = time.perf_counter()
     pipes, procs = [], []
     share = -(-n // clients)
@@ -212,9 +164,9 @@ async def _run_viewers(url: str, n: int, drop_id: int, join: bool, events: int,
         joined += count
     connect_s = time.perf_counter() - started
     await asyncio.sleep(3.0)  # settle: presence ticks, allocator
-    rss_after = sum(_rss_kib(pid) for pid in server_pids)
+    rss_after = sum(rss_kib(pid) for pid in server_pids)
     sent: list[float] = []
-    cpu_before = sum(_cpu_s(pid) for pid in server_pids)
+    cpu_before = sum(cpu_seconds(pid) for pid in server_pids)
     for k in range(events):
         sent.append(time.perf_counter())  # CLOCK_MONOTONIC: same clock in every process
         await publish(redis, drop_id, "drop.buy_now",
@@ -223,7 +175,7 @@ async def _run_viewers(url: str, n: int, drop_id: int, join: bool, events: int,
         await asyncio.sleep(interval)
     # Everything the server processes did meanwhile: the fan-outs, and idle work
     # (pings, presence) that is the same from run to run of one server.
-    cpu_events = sum(_cpu_s(pid) for pid in server_pids) - cpu_before
+    cpu_events = sum(cpu_seconds(pid) for pid in server_pids) - cpu_before
     arrivals: list[list[float]] = [[] for _ in range(events)]
     closed = 0
     close_codes: collections.Counter[str] = collections.Counter()
@@ -264,28 +216,6 @@ async def _run_viewers(url: str, n: int, drop_id: int, join: bool, events: int,
     }
 
 
-async def _create_drop(database_url: str) -> int:
-    import asyncpg
-
-    from dropserver.db import migrate
-
-    conn = await asyncpg.connect(database_url)
-    try:
-        await migrate(conn)
-        await conn.execute("INSERT INTO users (id, role) VALUES ('bench-creator', 'creator') "
-                           "ON CONFLICT DO NOTHING")
-        drop_id = await conn.fetchval(
-            "INSERT INTO drops (creator_id, title, state) VALUES "
-            "('bench-creator', 'bench', 'live') RETURNING id")
-        pid = await conn.fetchval("INSERT INTO products (creator_id, title) VALUES "
-                                  "('bench-creator', 'p') RETURNING id")
-        await conn.execute("INSERT INTO drop_products (drop_id, product_id, price, units) "
-                           "VALUES ($1, $2, 2500, 300)", drop_id, pid)
-        return drop_id
-    finally:
-        await conn.close()
-
-
 def _start_gateway(port: int, redis_url: str, database_url: str, n: int,
                    workers: int) -> list[subprocess.Popen]:
     """One process running the app (``run_single``), or ``dropserver serve --workers``."""
@@ -307,26 +237,24 @@ def _start_gateway(port: int, redis_url: str, database_url: str, n: int,
 
 def _start_baseline(port: int, redis_url: str, channel: str,
                     workers: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", _BASELINE, str(port), redis_url, channel])
+    """``workers`` bare broadcast servers (:mod:`benchmarks._bare`) on one port."""
+    return [subprocess.Popen([sys.executable, "-m", "benchmarks._bare", "broadcast",
+                              "--port", str(port), "--redis-url", redis_url,
+                              "--channel", channel])
             for _ in range(workers)]
 
 
 def _server_pids(procs: list[subprocess.Popen]) -> list[int]:
     """The processes holding sockets: the workers under a supervisor, else the procs."""
-    import psutil
+    from loadtest.procstat import server_processes
 
-    pids = []
-    for proc in procs:
-        children = psutil.Process(proc.pid).children(recursive=True)
-        pids.extend(c.pid for c in children) if children else pids.append(proc.pid)
-    return pids
+    return [p.pid for proc in procs for p in server_processes(proc.pid)]
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     import redis.asyncio as aioredis
 
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_nofile()
     results: dict[str, Any] = {
         "command": " ".join(["python -m benchmarks.fanout", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -335,7 +263,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "client_processes": args.clients,
     }
     with LocalServices() as services:
-        drop_id = await _create_drop(services.database_url)
+        drop_id = await create_live_drop(services.database_url)
         redis = aioredis.Redis.from_url(services.redis_url)
         try:
             for name in args.servers:

@@ -52,19 +52,17 @@ import argparse
 import asyncio
 import os
 import re
-import signal
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from benchmarks._support import DevServer, cpu_seconds, pcts, start_dev
 from dropserver.services import LocalServices
 
 CHROMIUM = os.environ.get("DROPSERVER_CHROMIUM", "/usr/bin/chromium")
@@ -76,17 +74,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-backgrounding-occluded-windows"]
 FPS = 30
 FRAME_TICKS = 90_000 // FPS
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 # ----------------------------------------------------------------------- helpers
-def cpu_seconds(pid: int) -> float:
-    """user + sys CPU seconds of a process, all threads (proc(5): fields 14, 15)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
 _SEGMENT_FILE = re.compile(r"^s\d+\.m4s(\.tmp)?$")
 
 
@@ -95,15 +85,6 @@ def media_bytes(media: Path, drop_id: int) -> int:
     closed segments plus the open one (appended to at every part)."""
     directory = media / "drops" / str(drop_id)
     return sum(p.stat().st_size for p in directory.iterdir() if _SEGMENT_FILE.match(p.name))
-
-
-def pcts(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"n": 0, "p50": float("nan"), "p95": float("nan"), "max": float("nan")}
-    ordered = sorted(values)
-    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    return {"n": len(ordered), "p50": statistics.median(ordered), "p95": p95,
-            "max": ordered[-1]}
 
 
 def video_samples(part: bytes) -> list[tuple[int, int]]:
@@ -156,49 +137,11 @@ def avc1_size(init: bytes) -> tuple[int, int]:
     return struct.unpack_from(">HH", init, pos + 4 + 24)
 
 
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    base: str
-    token: str
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def start_server(services: LocalServices, media: Path, transcode: str) -> Server:
+def start_server(services: LocalServices, media: Path, transcode: str) -> DevServer:
     """``dropserver dev --port 0`` on the given Redis/PostgreSQL: one process."""
-    env = dict(os.environ, REDIS_URL=services.redis_url, DATABASE_URL=services.database_url,
-               DROPSERVER_MEDIA_DIR=str(media), DROPSERVER_HLS_TRANSCODE=transcode,
-               DROPSERVER_LOG_LEVEL="warning", DROPSERVER_WORKERS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "dropserver.cli", "dev", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=env)
-    assert proc.stdout is not None
-    base = token = ""
-    deadline = time.monotonic() + 60
-    while not token:
-        line = proc.stdout.readline()
-        if not line or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("dropserver dev did not start")
-        if line.strip().startswith("HTTP"):
-            base = line.split()[-1]
-        elif line.strip().startswith("Creator token"):
-            token = proc.stdout.readline().strip()
-    # keep draining stdout so the server never blocks on a full pipe
-    threading.Thread(target=proc.stdout.read, daemon=True).start()
-    return Server(proc, base, token)
+    return start_dev({"REDIS_URL": services.redis_url, "DATABASE_URL": services.database_url,
+                      "DROPSERVER_MEDIA_DIR": str(media),
+                      "DROPSERVER_HLS_TRANSCODE": transcode, "DROPSERVER_WORKERS": "1"})
 
 
 async def create_drop(http: httpx.AsyncClient, token: str) -> int:
@@ -335,11 +278,11 @@ async def ffmpeg_case(services: LocalServices, media: Path, case: str, width: in
     stamps = Path(tempfile.mkdtemp(prefix="bench-ingest-")) / "sent.txt"
     publisher = None
     try:
-        async with httpx.AsyncClient(base_url=server.base, timeout=10) as http:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as http:
             drop_id = await create_drop(http, server.token)
             watcher = Watcher(http, drop_id)
             watch = asyncio.create_task(watcher.run())
-            publisher = WhipPublisher(f"{server.base}/v1/drops/{drop_id}/whip", server.token,
+            publisher = WhipPublisher(f"{server.base_url}/v1/drops/{drop_id}/whip", server.token,
                                       seconds=warmup + 2 * window + 6, profile="baseline",
                                       width=width, height=height, timestamps=str(stamps),
                                       bitrate=bitrate)
@@ -513,7 +456,7 @@ async def glass_case(services: LocalServices, media: Path, width: int, height: i
 
     server = start_server(services, media, "auto")
     try:
-        async with httpx.AsyncClient(base_url=server.base, timeout=10) as http, \
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as http, \
                 async_playwright() as pw:
             drop_id = await create_drop(http, server.token)
             browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True,
@@ -525,19 +468,19 @@ async def glass_case(services: LocalServices, media: Path, width: int, height: i
                         ("publish", PUBLISH_PAGE % {
                             "barcode": _BARCODE, "width": width, "height": height,
                             "fps": FPS, "token": server.token,
-                            "whip": f"{server.base}/v1/drops/{drop_id}/whip"}),
+                            "whip": f"{server.base_url}/v1/drops/{drop_id}/whip"}),
                         ("view", VIEW_PAGE % {
                             "barcode": _BARCODE,
-                            "hls": f"{server.base}/v1/drops/{drop_id}/hls/live.m3u8"})):
+                            "hls": f"{server.base_url}/v1/drops/{drop_id}/hls/live.m3u8"})):
                     # a context (window) each: a background tab would not play
                     ctx = await browser.new_context(viewport={"width": 1280, "height": 800})
                     page = await ctx.new_page()
                     page.on("console", lambda m, n=name: logs.append(f"{n}: {m.text}"))
                     page.on("pageerror", lambda e, n=name: logs.append(f"{n} error: {e}"))
-                    url = f"{server.base}/__bench/{name}.html"
+                    url = f"{server.base_url}/__bench/{name}.html"
                     await page.route(url, _serve(html))
                     pages[name] = page
-                await pages["publish"].goto(f"{server.base}/__bench/publish.html")
+                await pages["publish"].goto(f"{server.base_url}/__bench/publish.html")
                 await pages["publish"].wait_for_function(
                     "() => window.__started || window.__error", timeout=30_000)
                 error = await pages["publish"].evaluate("window.__error")
@@ -548,7 +491,7 @@ async def glass_case(services: LocalServices, media: Path, width: int, height: i
                     if time.monotonic() > deadline:
                         raise RuntimeError("no playlist 30 s after the WHIP publish")
                     await asyncio.sleep(0.1)
-                await pages["view"].goto(f"{server.base}/__bench/view.html")
+                await pages["view"].goto(f"{server.base_url}/__bench/view.html")
                 try:
                     await pages["view"].wait_for_function(
                         "() => window.__samples.length > 0", timeout=30_000)

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import time
 
-import asyncpg
 import redis.asyncio as aioredis
 
 from checkout import inventory
@@ -29,14 +28,12 @@ from checkout.defense import BuyLimits
 from checkout.orders import OrderProcessor, OrderWorker
 from checkout.payments import FakeGateway, Gateway, StripeGateway
 from checkout.reserve import BuyRequest, reserve
-from dropserver.db import create_pool, migrate
+from dropserver.db import create_pool, migrate_database
 from dropserver.services import LocalServices
 
 
 async def run(args: argparse.Namespace, redis_url: str, database_url: str) -> dict:
-    conn = await asyncpg.connect(database_url)
-    await migrate(conn)
-    await conn.close()
+    await migrate_database(database_url)
     db = await create_pool(database_url, min_size=2, max_size=20)
     redis = aioredis.Redis.from_url(redis_url, max_connections=200)
     stub = None
@@ -86,7 +83,10 @@ async def run(args: argparse.Namespace, redis_url: str, database_url: str) -> di
     elapsed = time.perf_counter() - t0
     for w in workers:
         await w.stop()
-    intents = len(gateway.intents) if isinstance(gateway, FakeGateway) else len(stub.intents)
+    if isinstance(gateway, FakeGateway):
+        intents = len(await gateway.store.values("intent"))
+    else:
+        intents = len(stub.intents)
     await gateway.close()
     if stub is not None:
         stub.stop()

@@ -30,15 +30,9 @@ def _settings(args: argparse.Namespace, **overrides):
 
 
 async def _migrate(database_url: str) -> list[int]:
-    import asyncpg
+    from dropserver.db import migrate_database
 
-    from dropserver.db import migrate
-
-    conn = await asyncpg.connect(database_url)
-    try:
-        return await migrate(conn)
-    finally:
-        await conn.close()
+    return await migrate_database(database_url)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import asyncpg
 
-__all__ = ["Migration", "create_pool", "migrate", "migrations", "schema_path"]
+__all__ = ["Migration", "create_pool", "migrate", "migrate_database", "migrations",
+           "schema_path"]
 
 log = logging.getLogger("dropserver.db")
 
@@ -84,6 +85,15 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
     return applied_now
+
+
+async def migrate_database(dsn: str) -> list[int]:
+    """:func:`migrate` over a connection of its own, closed afterwards."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

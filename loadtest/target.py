@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from dropserver.db import migrate_database
 from dropserver.services import LocalServices, free_port
 from dropserver.settings import Settings, load_settings, unsafe_rig_env
 
@@ -124,7 +125,7 @@ class LocalTarget:
         self.redis_url = self._services.redis_url
         self.database_url = self._services.database_url
         self.backend_pids = dict(self._services.pids)
-        asyncio.run(_migrate(self.database_url))
+        asyncio.run(migrate_database(self.database_url))
         port = free_port(self.host)
         env = dict(os.environ)
         env.update({
@@ -177,14 +178,3 @@ class LocalTarget:
             self._services.stop()
             self._services = None
 
-
-async def _migrate(database_url: str) -> None:
-    import asyncpg
-
-    from dropserver.db import migrate
-
-    conn = await asyncpg.connect(database_url)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()

@@ -10,7 +10,8 @@ from collections import Counter
 import pytest
 import redis.asyncio as aioredis
 
-from benchmarks.reserve import buy, open_buyers, selling_drop, source_addresses, start_server
+from benchmarks._buyers import buy, open_buyers, selling_drop, source_addresses
+from benchmarks._support import start_server
 from checkout import inventory, keys
 from dropserver.auth import Role, issue_token
 from dropserver.settings import load_settings

@@ -2,7 +2,7 @@
 
 import asyncpg
 
-from dropserver.db import migrate, migrations
+from dropserver.db import migrate, migrate_database, migrations
 
 
 async def test_migrate_twice_applies_nothing_new(clean_backends):
@@ -21,6 +21,19 @@ async def test_migrate_twice_applies_nothing_new(clean_backends):
             assert needed in tables
     finally:
         await conn.close()
+
+
+async def test_migrate_database_on_an_empty_database_then_again(clean_backends):
+    admin = await asyncpg.connect(clean_backends.database_url)
+    try:
+        await admin.execute("DROP DATABASE IF EXISTS migrate_fresh")
+        await admin.execute("CREATE DATABASE migrate_fresh")
+        fresh = clean_backends.database_url.rsplit("/", 1)[0] + "/migrate_fresh"
+        assert await migrate_database(fresh) == [m.version for m in migrations()]
+        assert await migrate_database(fresh) == []
+    finally:
+        await admin.execute("DROP DATABASE IF EXISTS migrate_fresh WITH (FORCE)")
+        await admin.close()
 
 
 async def test_money_and_states_are_constrained(clean_backends):

@@ -175,8 +175,8 @@ async def test_ws_command_handlers(server, http, creator):
 
 async def test_order_held_leaves_with_the_reply_and_reaches_the_other_sockets(
         server, http, creator, make_token):
-    from benchmarks.reserve import buy as ws_buy
-    from benchmarks.reserve import open_buyers
+    from benchmarks._buyers import buy as ws_buy
+    from benchmarks._buyers import open_buyers
 
     drop_id, pid = await selling_drop(http, creator, units=2)
     token = make_token("two-tabs", Role.VIEWER)
@@ -227,8 +227,8 @@ async def test_verifier_hook_refuses_with_captcha_required(server, http, creator
 
 
 async def test_buy_and_cancel_over_the_real_socket(server, http, creator, make_token):
-    from benchmarks.reserve import buy as ws_buy
-    from benchmarks.reserve import open_buyers
+    from benchmarks._buyers import buy as ws_buy
+    from benchmarks._buyers import open_buyers
 
     drop_id, pid = await selling_drop(http, creator, units=2)
     [b] = await open_buyers(f"{server.ws_url}/ws", drop_id,

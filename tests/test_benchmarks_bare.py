@@ -1,5 +1,6 @@
-"""The buy benchmark's bare server (benchmarks/_bare.py) answers like dropserver,
-and the benchmark's rush sells out exactly against it."""
+"""The bare servers (benchmarks/_bare.py): the buy server answers like dropserver and
+the buy benchmark's rush (benchmarks/_buyers.py) sells out exactly against it; the
+broadcast server hands every message of the drop's channel to every socket."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import asyncio
 import contextlib
 import socket
 
-from benchmarks._bare import serve
-from benchmarks.reserve import buy, open_buyers, rush
+from benchmarks._bare import serve_broadcast, serve_buy
+from benchmarks._buyers import buy, open_buyers, rush
 from checkout import inventory
 from checkout.defense import BuyLimits
 
@@ -25,7 +26,7 @@ async def bare_server(r, backends, drop_id: int, *, units: int, limit: int):
     sock.listen(64)
     port = sock.getsockname()[1]
     limits = BuyLimits(per_user=0, per_ip=0, velocity_window_ms=0)
-    server = asyncio.ensure_future(serve(sock, backends.redis_url, limits))
+    server = asyncio.ensure_future(serve_buy(sock, backends.redis_url, limits))
     try:
         yield f"ws://127.0.0.1:{port}/"
     finally:
@@ -62,3 +63,30 @@ async def test_rush_sells_out_exactly_and_every_buyer_stops(r, clean_backends):
     assert result["refused"] == {"sold_out": 40}
     assert result["per_second"] > 0
     assert all(b.rush is None for b in buyers)
+
+
+async def test_broadcast_server_relays_the_channel_to_every_socket(r, clean_backends):
+    from websockets.asyncio.client import connect
+
+    from dropserver.services import free_port, wait_port
+
+    port = free_port()
+    server = asyncio.ensure_future(serve_broadcast(port, clean_backends.redis_url, "bench:c"))
+    try:
+        await asyncio.to_thread(wait_port, port, deadline_s=10)
+        async with connect(f"ws://127.0.0.1:{port}/") as a, \
+                connect(f"ws://127.0.0.1:{port}/") as b, asyncio.timeout(10):
+            # Until each socket has had a message, the server may not hold it yet.
+            both = asyncio.gather(a.recv(), b.recv())
+            while not both.done():
+                await r.publish("bench:c", b"hello")
+                await asyncio.sleep(0.05)
+            await both
+            assert await r.publish("bench:c", b"BUY NOW") == 1  # one subscriber
+            for ws in (a, b):
+                while (message := await ws.recv()) != b"BUY NOW":
+                    assert message == b"hello"
+    finally:
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server

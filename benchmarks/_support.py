@@ -1,0 +1,223 @@
+"""What the benchmarks share: the servers they measure, process figures, percentiles.
+
+Backing services come from the launcher ``dropserver dev`` uses,
+:mod:`dropserver.services` (:class:`~dropserver.services.LocalServices` starts a
+Valkey and a PostgreSQL on free loopback ports; :func:`~dropserver.services.free_port`
+and :func:`~dropserver.services.wait_port`). On top of it, here:
+
+* :func:`start_server`: ``dropserver serve --workers N`` on a free loopback port,
+  waited for until ``/readyz`` answers (:class:`Server`).
+* :func:`start_dev`: ``dropserver dev --port 0``, its banner read for the URLs and the
+  creator token (:class:`DevServer`).
+* :func:`create_live_drop`: a live drop with one product, written straight into
+  PostgreSQL (the schema comes from :func:`dropserver.db.migrate_database`).
+* :func:`rss_kib`, :func:`cpu_seconds`, :func:`raise_nofile`: a process's memory and
+  CPU time from ``/proc``; this process's open-files limit up to the hard limit.
+* :func:`pcts`: p50 / p95 / max of a list of samples.
+
+The bare servers the benchmarks compare dropserver with are in :mod:`benchmarks._bare`;
+the WebSocket buyers in :mod:`benchmarks._buyers`.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = ["DevServer", "Server", "cpu_seconds", "create_live_drop", "pcts",
+           "raise_nofile", "rss_kib", "start_dev", "start_server"]
+
+WS_PATH = "/ws"
+
+
+# -- servers under test -----------------------------------------------------------------
+
+@dataclass
+class Server:
+    """A ``dropserver serve`` supervisor and its URLs."""
+
+    base_url: str
+    ws_url: str
+    redis_url: str
+    database_url: str
+    proc: subprocess.Popen
+    env: dict[str, str] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_server(redis_url: str, database_url: str, *, workers: int = 2,
+                 env: dict[str, str] | None = None, timeout: float = 60) -> Server:
+    """``dropserver serve --workers N`` on a free loopback port; waits for /readyz.
+
+    The server gets none of this process's ``DROPSERVER_*`` settings, only those of a
+    benchmark target (:func:`dropserver.settings.unsafe_rig_env`: the fake gateway,
+    the dev token secret), warning-level text logs, a one-second shutdown grace and
+    ``env``.
+    """
+    from dropserver.services import free_port
+    from dropserver.settings import unsafe_rig_env
+
+    port = free_port()
+    full = {k: v for k, v in os.environ.items()
+            if not k.startswith(("DROPSERVER_", "PROMETHEUS_"))}
+    full.update({"REDIS_URL": redis_url, "DATABASE_URL": database_url,
+                 **unsafe_rig_env(), "DROPSERVER_LOG_LEVEL": "warning",
+                 "DROPSERVER_LOG_FORMAT": "text", "DROPSERVER_SHUTDOWN_GRACE": "1"})
+    full.update(env or {})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dropserver.cli", "serve", "--workers", str(workers),
+         "--port", str(port)], env=full, stdout=subprocess.DEVNULL, stderr=None)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"dropserver serve exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(base + "/readyz", timeout=1) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("dropserver serve did not become ready")
+        time.sleep(0.1)
+    return Server(base, f"ws://127.0.0.1:{port}{WS_PATH}", redis_url, database_url, proc,
+                  full)
+
+
+@dataclass
+class DevServer:
+    """A ``dropserver dev`` process and what its banner said."""
+
+    proc: subprocess.Popen
+    base_url: str
+    redis_url: str
+    token: str  # the creator token
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        """Ctrl-C, as a developer would: its own Redis and PostgreSQL go with it."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_dev(env: Mapping[str, str] | None = None, *, timeout: float = 60) -> DevServer:
+    """``dropserver dev --port 0``; returns once its banner (printed when /readyz
+    answers) has been read.
+
+    Without ``REDIS_URL``/``DATABASE_URL`` in ``env`` it starts a Redis and a
+    PostgreSQL of its own (this process's are not passed on). Its output is drained
+    after the banner, so it never blocks on a full pipe.
+    """
+    full = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    full["DROPSERVER_LOG_LEVEL"] = "warning"
+    full.update(env or {})
+    proc = subprocess.Popen([sys.executable, "-m", "dropserver.cli", "dev", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=full)
+    assert proc.stdout is not None
+    base = redis_url = token = ""
+    deadline = time.monotonic() + timeout
+    while not token:
+        line = proc.stdout.readline()
+        if not line or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError("dropserver dev did not start")
+        words = line.split()
+        if line.strip().startswith("HTTP"):
+            base = words[-1]
+        elif line.strip().startswith("Redis"):
+            redis_url = words[-1]
+        elif line.strip().startswith("Creator token"):
+            token = proc.stdout.readline().strip()
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
+    return DevServer(proc, base, redis_url, token)
+
+
+# -- data -------------------------------------------------------------------------------
+
+async def create_live_drop(database_url: str) -> int:
+    """Migrate, then a live drop with one product of 300 units, straight in PostgreSQL."""
+    import asyncpg
+
+    from dropserver.db import migrate_database
+
+    await migrate_database(database_url)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("INSERT INTO users (id, role) VALUES ('bench-creator', 'creator') "
+                           "ON CONFLICT DO NOTHING")
+        drop_id = await conn.fetchval(
+            "INSERT INTO drops (creator_id, title, state) VALUES "
+            "('bench-creator', 'bench', 'live') RETURNING id")
+        pid = await conn.fetchval("INSERT INTO products (creator_id, title) VALUES "
+                                  "('bench-creator', 'p') RETURNING id")
+        await conn.execute("INSERT INTO drop_products (drop_id, product_id, price, units) "
+                           "VALUES ($1, $2, 2500, 300)", drop_id, pid)
+        return drop_id
+    finally:
+        await conn.close()
+
+
+# -- processes --------------------------------------------------------------------------
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of ``pid`` in KiB (``VmRSS``, proc(5))."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far, all threads (proc(5): fields 14, 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def raise_nofile() -> None:
+    """This process's open-files limit up to its hard limit (one socket per viewer)."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# -- figures ----------------------------------------------------------------------------
+
+def pcts(values: list[float]) -> dict[str, float]:
+    """``n``, ``p50`` (the median), ``p95`` (the sample at 95% of the sorted list) and
+    ``max``; NaN for each with no samples."""
+    if not values:
+        return {"n": 0, "p50": float("nan"), "p95": float("nan"), "max": float("nan")}
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return {"n": len(ordered), "p50": statistics.median(ordered), "p95": p95,
+            "max": ordered[-1]}
