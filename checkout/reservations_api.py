@@ -144,12 +144,12 @@ class Notifier:
 
     # -- drop state transitions (owned by the drops package) -------------------
     def sold_out(self, drop_id: int, product_id: int) -> None:
-        from drops.store import mark_sold_out
+        from drops.actions import mark_sold_out
 
         self.spawn(self._guard(mark_sold_out(self.app, self.redis, drop_id, product_id)))
 
     def back_in_stock(self, drop_id: int, product_id: int) -> None:
-        from drops.store import mark_back_in_stock
+        from drops.actions import mark_back_in_stock
 
         self.spawn(self._guard(mark_back_in_stock(self.app, self.redis, drop_id,
                                                   product_id)))

@@ -7,9 +7,9 @@ Reading is public (drafts only for their creator and admins); every write needs 
 creator or admin token (401 without one, 403 ``forbidden_role`` for viewers and
 investors) and acts only on the caller's own drops (403 ``not_drop_owner``).
 
-For checkout: ``drops.store.mark_sold_out(app_or_pool, redis, drop_id, product_id)``
-(selling -> sold_out, idempotent) and ``drops.store.mark_back_in_stock(...)``
-(sold_out -> selling after released holds), both in drops/actions.py.
+For checkout: ``drops.actions.mark_sold_out(app_or_pool, redis, drop_id, product_id)``
+(selling -> sold_out, idempotent) and ``drops.actions.mark_back_in_stock(...)``
+(sold_out -> selling after released holds).
 """
 
 from __future__ import annotations

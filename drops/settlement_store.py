@@ -191,7 +191,7 @@ async def settle_drop(db: asyncpg.Pool, redis: Any, gateway: Gateway,
         drop_id)}
     await pay_out(db, gateway, drop, s, accounts)
     if drop["state"] == DropState.ENDED:
-        from drops.store import mark_settled
+        from drops.actions import mark_settled
 
         await mark_settled(db, redis, drop_id)
     out = await report(db, drop_id)

@@ -1,10 +1,9 @@
 """PostgreSQL access for drops: rows in, plain dicts out (schema.sql is the model).
 
 Functions take an asyncpg connection the caller owns, so they compose inside one
-transaction; :mod:`drops.actions` wraps them with the row lock, Redis and broadcast.
-``mark_sold_out`` / ``mark_back_in_stock`` are re-exported here for checkout, which
-calls them when a product's stock reaches 0 / comes back, and ``mark_settled`` for
-settlement (all three live in drops.actions).
+transaction; :mod:`drops.actions` wraps them with the row lock, Redis and broadcast,
+and is what other packages call to change a drop's state. This module imports none of
+the layers above it.
 """
 
 from __future__ import annotations
@@ -25,9 +24,6 @@ __all__ = [
     "load_drop",
     "load_products",
     "lock_drop",
-    "mark_back_in_stock",
-    "mark_settled",
-    "mark_sold_out",
     "record_transition",
     "replace_products",
     "set_product_state",
@@ -248,24 +244,3 @@ async def transitions(conn: asyncpg.Connection | asyncpg.Pool,
         "WHERE drop_id = $1 ORDER BY id", drop_id)
     return [dict(r) for r in rows]
 
-
-async def mark_sold_out(app_or_pool: Any, redis: Any, drop_id: int, product_id: int) -> bool:
-    """selling -> sold_out for ``product_id``; idempotent. See drops.actions.mark_sold_out."""
-    from drops import actions
-
-    return await actions.mark_sold_out(app_or_pool, redis, drop_id, product_id)
-
-
-async def mark_back_in_stock(app_or_pool: Any, redis: Any, drop_id: int,
-                             product_id: int) -> bool:
-    """sold_out -> selling when released holds put units back; idempotent."""
-    from drops import actions
-
-    return await actions.mark_back_in_stock(app_or_pool, redis, drop_id, product_id)
-
-
-async def mark_settled(app_or_pool: Any, redis: Any, drop_id: int) -> bool:
-    """ended -> settled; idempotent. See drops.actions.mark_settled."""
-    from drops import actions
-
-    return await actions.mark_settled(app_or_pool, redis, drop_id)

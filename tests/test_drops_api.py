@@ -669,12 +669,12 @@ async def test_mark_sold_out_is_idempotent_under_concurrency(server, http, creat
     hoodie, cap = (p["product_id"] for p in drop["products"])
     await act(http, creator, drop["id"], "buy-now", {"product_id": hoodie})
     # Units left: a stale report changes nothing.
-    assert await store.mark_sold_out(server.app, redis, drop["id"], hoodie) is False
+    assert await actions.mark_sold_out(server.app, redis, drop["id"], hoodie) is False
     # Not the product under BUY NOW: ignored.
-    assert await store.mark_sold_out(server.app.state.db, redis, drop["id"], cap) is False
+    assert await actions.mark_sold_out(server.app.state.db, redis, drop["id"], cap) is False
     await sell_out(redis, drop["id"], hoodie)
     results = await asyncio.gather(*[
-        store.mark_sold_out(server.app, redis, drop["id"], hoodie) for _ in range(10)])
+        actions.mark_sold_out(server.app, redis, drop["id"], hoodie) for _ in range(10)])
     assert results.count(True) == 1
     events = await history(redis, drop["id"])
     assert [e for e, _ in events].count("drop.sold_out") == 1
@@ -686,13 +686,13 @@ async def test_back_in_stock_reopens_the_same_product(server, http, creator):
     drop = await to_live(http, creator)
     hoodie = drop["products"][0]["product_id"]
     await act(http, creator, drop["id"], "buy-now", {"product_id": hoodie})
-    assert await store.mark_back_in_stock(server.app, redis, drop["id"], hoodie) is False
+    assert await actions.mark_back_in_stock(server.app, redis, drop["id"], hoodie) is False
     await sell_out(redis, drop["id"], hoodie)
-    assert await store.mark_sold_out(server.app, redis, drop["id"], hoodie) is True
-    assert await store.mark_back_in_stock(server.app, redis, drop["id"], hoodie) is False
+    assert await actions.mark_sold_out(server.app, redis, drop["id"], hoodie) is True
+    assert await actions.mark_back_in_stock(server.app, redis, drop["id"], hoodie) is False
     await redis.hset(keys.product(drop["id"], hoodie), "remaining", 1)   # a hold expired
     results = await asyncio.gather(*[
-        store.mark_back_in_stock(server.app, redis, drop["id"], hoodie) for _ in range(5)])
+        actions.mark_back_in_stock(server.app, redis, drop["id"], hoodie) for _ in range(5)])
     assert results.count(True) == 1
     body = (await http.get(f"/v1/drops/{drop['id']}")).json()
     assert body["state"] == "selling" and body["products"][0]["state"] == "selling"
@@ -708,10 +708,10 @@ async def test_mark_settled_after_the_end_only(server, http, creator):
     redis = server.app.state.redis
     drop = await to_live(http, creator)
     with pytest.raises(IllegalTransition) as info:
-        await store.mark_settled(server.app, redis, drop["id"])
+        await actions.mark_settled(server.app, redis, drop["id"])
     assert info.value.details["from"] == "live"
     await act(http, creator, drop["id"], "end")
-    results = await asyncio.gather(*[store.mark_settled(server.app, redis, drop["id"])
+    results = await asyncio.gather(*[actions.mark_settled(server.app, redis, drop["id"])
                                      for _ in range(3)])
     assert sorted(results) == [False, False, True]
     assert (await http.get(f"/v1/drops/{drop['id']}")).json()["state"] == "settled"
