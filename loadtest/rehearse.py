@@ -471,7 +471,7 @@ def _bucket(lat: dict[str, Any]) -> float:
 
 
 def _judge(result: dict[str, Any], cfg: RehearsalConfig) -> list[str]:
-    """The checks of issue 6: everyone saw BUY NOW in time, nothing lost, no oversell."""
+    """Pass or fail: everyone saw BUY NOW within the p99 budget, nothing lost, no oversell."""
     fail: list[str] = []
     conn = result["connections"]
     if conn["joined"] < cfg.viewers:

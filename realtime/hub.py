@@ -18,7 +18,7 @@ it (a lost subscriber connection, Redis killing the client over its output-buffe
 limit) makes the room fetch the missing events from history first; if they are no
 longer there, every viewer of the room gets a fresh snapshot (``recovered: false``).
 
-Coalescing (issue 3, item 6): "stock", "campaign.progress" and "viewers" reach a
+Coalescing (not one frame per sale per viewer): "stock", "campaign.progress" and "viewers" reach a
 socket at most once per ``DROPSERVER_STOCK_COALESCE_MS`` / ``..._VIEWERS_COALESCE_MS``
 per drop, latest wins ("stock" merges per product). The interval also grows with the
 room: one flush costs a socket write per local viewer (~30 us on loopback), so a room

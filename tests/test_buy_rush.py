@@ -1,5 +1,5 @@
 """The purchase rush: 5,000 buyers over WebSockets on `dropserver serve --workers 2`,
-100 units, real Redis and PostgreSQL (issue 4, item 10)."""
+100 units, real Redis and PostgreSQL: exactly 100 holds, nobody over the limit."""
 
 from __future__ import annotations
 
