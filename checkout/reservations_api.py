@@ -382,7 +382,7 @@ async def shutdown(app: Starlette) -> None:
 
 
 routes = [
-    Route("/v1/drops/{drop_id:int}/buy", http_buy, methods=["POST"]),
+    Route("/v1/drops/{drop_id:id}/buy", http_buy, methods=["POST"]),
     Route("/v1/holds/{hold_id}", http_get_hold, methods=["GET"]),
     Route("/v1/holds/{hold_id}", http_cancel_hold, methods=["DELETE"]),
 ]

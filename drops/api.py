@@ -28,12 +28,11 @@ from drops.spec import parse_create, parse_patch, parse_product_id, parse_time
 from dropserver.auth import Principal, Role, principal, require, require_drop_owner
 from dropserver.component import Component
 from dropserver.errors import NotFound, ValidationFailed
-from dropserver.http import read_json
+from dropserver.http import MAX_ID, parse_int, read_json
 from dropserver.observability import bind
 
 __all__ = ["drop_json", "part", "snapshot"]
 
-_MAX_ID = 2**63 - 1
 _ON_AIR = {DropState.LIVE, DropState.SELLING, DropState.SOLD_OUT, DropState.CLOSED}
 
 
@@ -42,8 +41,8 @@ def _now() -> datetime:
 
 
 def _drop_id(request: Request) -> int:
-    drop_id = request.path_params["drop_id"]
-    if drop_id < 1 or drop_id > _MAX_ID:
+    drop_id = request.path_params["drop_id"]  # the ``id`` convertor: 0 <= id < 10^18
+    if drop_id < 1:
         raise NotFound(f"drop {drop_id} does not exist", code="drop_not_found")
     bind(drop_id=drop_id)
     return drop_id
@@ -105,10 +104,11 @@ def _if_match(request: Request) -> int | None:
     if raw is None:
         return None
     tag = raw.strip().removeprefix("W/").strip('"')
-    if not tag.isdigit():
+    try:
+        return parse_int(tag, "If-Match")
+    except ValidationFailed:
         raise ValidationFailed('If-Match must be the drop\'s ETag, e.g. "3"',
-                               details={"field": "If-Match"})
-    return int(tag)
+                               details={"field": "If-Match"}) from None
 
 
 # --- reading -------------------------------------------------------------------------
@@ -158,13 +158,10 @@ async def list_drops(request: Request) -> JSONResponse:
         raw = query.get(name)
         if raw is None or raw == "":
             return default
-        if not raw.isdigit() or not low <= int(raw) <= high:
-            raise ValidationFailed(f"{name} must be an integer from {low} to {high}",
-                                   details={"field": name})
-        return int(raw)
+        return parse_int(raw, name, low=low, high=high)
 
     limit = number("limit", 20, 1, 100)
-    before = number("before", None, 1, _MAX_ID)
+    before = number("before", None, 1, MAX_ID)
     drops = await store.list_drops(
         request.app.state.db, creator_id=creator, states=states, before=before,
         limit=limit, drafts_of=who.user_id, all_drafts=who.role is Role.ADMIN)
@@ -273,7 +270,7 @@ async def _no_body(request: Request) -> None:
         raise ValidationFailed(f"{name} is not a known field", details={"field": name})
 
 
-_ID = "/v1/drops/{drop_id:int}"
+_ID = "/v1/drops/{drop_id:id}"
 
 part = Component(
     name="drops.lifecycle",

@@ -28,13 +28,9 @@ _MAX_STAKE = 10**13
 
 
 def _drop_id(request: Request) -> int:
-    raw = request.path_params["drop_id"]
-    try:
-        value = int(raw)
-    except ValueError:
-        raise NotFound(f"drop {raw} does not exist", code="drop_not_found") from None
+    value = request.path_params["drop_id"]  # the ``id`` convertor: 0 <= id < 10^18
     if value < 1:
-        raise NotFound(f"drop {raw} does not exist", code="drop_not_found")
+        raise NotFound(f"drop {value} does not exist", code="drop_not_found")
     return value
 
 
@@ -137,9 +133,9 @@ async def get_settlement(request: Request) -> JSONResponse:
 part = Component(
     name="drops.settlement",
     routes=[
-        Route("/v1/drops/{drop_id}/stakes", put_stake, methods=["POST"]),
-        Route("/v1/drops/{drop_id}/stakes", get_stakes, methods=["GET"]),
-        Route("/v1/drops/{drop_id}/settle", settle, methods=["POST"]),
-        Route("/v1/drops/{drop_id}/settlement", get_settlement, methods=["GET"]),
+        Route("/v1/drops/{drop_id:id}/stakes", put_stake, methods=["POST"]),
+        Route("/v1/drops/{drop_id:id}/stakes", get_stakes, methods=["GET"]),
+        Route("/v1/drops/{drop_id:id}/settle", settle, methods=["POST"]),
+        Route("/v1/drops/{drop_id:id}/settlement", get_settlement, methods=["GET"]),
     ],
 )

@@ -127,7 +127,10 @@ def parse_time(value: Any, path: str, *, now: datetime, future: bool = True) -> 
         raise _fail(path, "must be an ISO 8601 timestamp") from None
     if when.tzinfo is None:
         raise _fail(path, "must carry a UTC offset (e.g. 'Z' or '+00:00')")
-    when = when.astimezone(UTC)
+    try:
+        when = when.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-01:00 is past the year 9999 in UTC
+        raise _fail(path, "must be between the years 1 and 9999 in UTC") from None
     if future and when <= now:
         raise _fail(path, "must be in the future")
     return when

@@ -31,6 +31,7 @@ from dropserver.background import Periodic
 from dropserver.component import Component
 from dropserver.db import create_pool
 from dropserver.errors import exception_handlers
+from dropserver.http import NulGuard
 from dropserver.observability import (
     RequestContextMiddleware,
     bind,
@@ -172,7 +173,7 @@ def create_app(settings: Settings, components: tuple[Component, ...] = COMPONENT
     ]
     for comp in components:
         routes.extend(r for r in comp.routes if _mounted(r, settings))
-    middleware = [Middleware(RequestContextMiddleware)]
+    middleware = [Middleware(RequestContextMiddleware), Middleware(NulGuard)]
     if settings.cors_origins:
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=list(settings.cors_origins),

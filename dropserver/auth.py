@@ -24,6 +24,7 @@ from starlette.requests import HTTPConnection
 
 from dropserver.errors import Forbidden, Unauthorized
 from dropserver.settings import Settings
+from dropserver.text import text_problem
 
 __all__ = [
     "Principal",
@@ -125,7 +126,8 @@ class TokenVerifier:
 
     def _principal(self, claims: dict[str, Any]) -> Principal:
         sub = claims.get("sub")
-        if not isinstance(sub, str) or not sub or len(sub) > _MAX_SUB_LEN:
+        if (not isinstance(sub, str) or not sub or len(sub) > _MAX_SUB_LEN
+                or text_problem(sub) is not None):  # it is stored: users.id
             raise Unauthorized("token subject is invalid", code="token_invalid")
         raw_role = claims.get(self.role_claim, Role.VIEWER.value)
         try:

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
+# Registers the ``id`` path convertor (``{drop_id:id}``) every route module uses.
+import dropserver.http  # noqa: F401
+
 Hook = Callable[[Starlette], Awaitable[None]]
 
 __all__ = ["Component", "Hook", "combine"]

@@ -23,6 +23,7 @@ __all__ = [
     "ValidationFailed",
     "error_body",
     "exception_handlers",
+    "is_outage",
 ]
 
 log = logging.getLogger("dropserver.http")
@@ -115,7 +116,47 @@ async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     return _json_error(exc.status_code, code, str(exc.detail), None, exc.headers)
 
 
+def is_outage(exc: BaseException) -> bool:
+    """``exc`` says PostgreSQL or Redis cannot be reached or is not serving right now
+    (refused, reset, shutting down, starting up, too many connections, a timeout): the
+    request may succeed if retried, it is not a bug."""
+    import asyncpg
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    if type(exc) is OSError:  # asyncpg's "Multiple exceptions: [Errno 111] ..."
+        return True
+    return isinstance(exc, (
+        ConnectionError,  # refused, reset, aborted, broken pipe
+        TimeoutError,  # pool acquire, connect
+        asyncpg.PostgresConnectionError,
+        asyncpg.InterfaceError,  # "connection is closed", pool closing
+        asyncpg.exceptions.OperatorInterventionError,  # admin/crash shutdown, starting up
+        asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+        RedisConnectionError,  # includes BusyLoadingError
+        RedisTimeoutError,
+    ))
+
+
+def _bad_value(exc: BaseException) -> bool:
+    """PostgreSQL refused a value (out of range, not valid text): input a validator
+    should have caught. The client still gets a 422, and the log says which path."""
+    import asyncpg
+
+    return isinstance(exc, (asyncpg.DataError, UnicodeEncodeError))
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    if is_outage(exc):
+        log.warning("backing service unavailable", extra={
+            "path": request.url.path, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        return _json_error(503, "unavailable", "a backing service is unavailable; retry "
+                           "shortly", None, {"Retry-After": "1"})
+    if _bad_value(exc):
+        log.warning("a value the validators let through was refused", extra={
+            "path": request.url.path, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        return _json_error(422, "validation_failed", "a value is out of range or is not "
+                           "valid text")
     log.exception("unhandled error", extra={"path": request.url.path})
     return _json_error(500, "internal_error", "internal server error")
 

@@ -163,7 +163,7 @@ _MEDIA_TYPES = {".js": "text/javascript; charset=utf-8", ".mjs": "text/javascrip
 
 async def static_file(request: Request) -> Response:
     """``/static/{css,js,dist}/...``: a file under one of the public folders."""
-    rel = request.path_params["path"]
+    rel = request.path_params["path"]  # never a NUL: dropserver.http.NulGuard
     top = rel.split("/", 1)[0]
     root = web_dir()
     if top not in _PUBLIC_DIRS:
@@ -181,11 +181,11 @@ component = Component(
     name="web",
     routes=[
         Route("/", viewer_page, methods=["GET", "HEAD"]),
-        Route("/d/{drop_id:int}", viewer_page, methods=["GET", "HEAD"]),
+        Route("/d/{drop_id:id}", viewer_page, methods=["GET", "HEAD"]),
         Route("/console", console_page, methods=["GET", "HEAD"]),
         Route("/v1/web/config", web_config, methods=["GET"]),
         Route("/v1/dev/token", dev_token, methods=["GET"]),
-        Route("/v1/drops/{drop_id:int}/stats", console_stats, methods=["GET"]),
+        Route("/v1/drops/{drop_id:id}/stats", console_stats, methods=["GET"]),
         Route("/static/{path:path}", static_file, methods=["GET", "HEAD"]),
     ],
 )

@@ -20,6 +20,8 @@ from typing import Any
 
 import msgpack
 
+from dropserver.text import text_problem
+
 __all__ = [
     "DEFAULT_FORMAT",
     "ClientFrame",
@@ -290,6 +292,11 @@ def _field(obj: dict[str, Any], name: str, typ: type | tuple[type, ...], request
     if max_len is not None and len(value) > max_len:
         raise ProtocolError(ErrorCode.INVALID_FIELD, f"{name} longer than {max_len}",
                             request_id, {"field": name})
+    if isinstance(value, str):
+        problem = text_problem(value)
+        if problem is not None:  # PostgreSQL and Redis could not store it
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"{name} {problem}", request_id,
+                                {"field": name})
     return value
 
 

@@ -38,14 +38,14 @@ async def shutdown(app: Starlette) -> None:
 
 
 routes = [
-    Route("/v1/drops/{drop_id}/whip", whip_post, methods=["POST"]),
-    Route("/v1/drops/{drop_id}/whip", whip_options, methods=["OPTIONS"]),
-    Route("/v1/drops/{drop_id}/whip/{session_id}", whip_delete, methods=["DELETE"]),
-    Route("/v1/drops/{drop_id}/whip/{session_id}", whip_session_other,
+    Route("/v1/drops/{drop_id:id}/whip", whip_post, methods=["POST"]),
+    Route("/v1/drops/{drop_id:id}/whip", whip_options, methods=["OPTIONS"]),
+    Route("/v1/drops/{drop_id:id}/whip/{session_id}", whip_delete, methods=["DELETE"]),
+    Route("/v1/drops/{drop_id:id}/whip/{session_id}", whip_session_other,
           methods=["PATCH", "OPTIONS"]),
-    Route("/v1/drops/{drop_id}/hls/{name}", hls_file, methods=["GET", "HEAD"]),
-    Route("/v1/drops/{drop_id}/stream", stream_status, methods=["GET"]),
-    Route("/v1/drops/{drop_id}/replay", replay_timeline, methods=["GET"]),
+    Route("/v1/drops/{drop_id:id}/hls/{name}", hls_file, methods=["GET", "HEAD"]),
+    Route("/v1/drops/{drop_id:id}/stream", stream_status, methods=["GET"]),
+    Route("/v1/drops/{drop_id:id}/replay", replay_timeline, methods=["GET"]),
 ]
 
 component = Component(name="streaming", routes=routes, startup=startup, shutdown=shutdown)

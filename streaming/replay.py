@@ -47,7 +47,7 @@ def moment_from_event(event: str, data: dict[str, Any]) -> tuple[str, int | None
     if kind is None:
         return None
     product = data.get("product_id")
-    if isinstance(product, str) and product.isdigit():
+    if isinstance(product, str) and product.isascii() and product.isdigit():
         product = int(product)
     return kind, product if isinstance(product, int) and not isinstance(product, bool) else None
 

@@ -89,7 +89,8 @@ async def test_jwks_tokens(alg):
     jwk.update({"kid": "k1", "use": "sig", "alg": alg})
     idp = _Jwks({"keys": [jwk]})
     try:
-        settings = load_settings({}, jwks_url=idp.url, jwt_issuer="https://idp.example")
+        settings = load_settings({}, jwks_url=idp.url, jwt_issuer="https://idp.example",
+                                 stripe_api_key="sk_test_x", stripe_webhook_secret="whsec_x")
         verifier = TokenVerifier(settings)
         claims = {"sub": "user_2abc", "role": "creator", "aud": "dropserver",
                   "iss": "https://idp.example", "exp": int(time.time()) + 60}
