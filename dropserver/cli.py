@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -29,10 +30,72 @@ def _settings(args: argparse.Namespace, **overrides):
         raise SystemExit(2) from None
 
 
+class StartupError(Exception):
+    """Why a command cannot start, told in one line instead of a traceback."""
+
+
+def _where(url: str) -> str:
+    """host:port of a service URL (never its password)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 'default port'}"
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail now, saying what to do, if ``host:port`` cannot be listened on.
+
+    The probe binds without SO_REUSEPORT, so it also finds another dropserver whose
+    workers share the port that way (this one's would silently join them)."""
+    from dropserver.serve import bind_socket
+
+    if port == 0:
+        return
+    try:
+        bind_socket(host, port, reuse_port=False, listen=False).close()
+    except OSError as exc:
+        raise _listen_problem(host, port, exc) from None
+
+
+def _listen_problem(host: str, port: int, exc: OSError) -> StartupError:
+    if exc.errno == errno.EADDRINUSE:
+        return StartupError(
+            f"port {port} on {host} is already in use (another dropserver or another "
+            f"program; `ss -ltnp 'sport = :{port}'` shows which). Stop it or pick "
+            "another port: --port N or DROPSERVER_PORT=N (--port 0 takes a free one)")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return StartupError(f"cannot listen on {host}: not an address of this machine "
+                            "(--host or DROPSERVER_HOST)")
+    if exc.errno == errno.EACCES:
+        return StartupError(f"not allowed to listen on port {port} (below 1024 needs "
+                            "privileges); pick another: --port N or DROPSERVER_PORT=N")
+    return StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+def _check_redis(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise StartupError(f"cannot reach Redis at {_where(url)} ({exc}); check "
+                           "REDIS_URL") from None
+    finally:
+        client.close()
+
+
 async def _migrate(database_url: str) -> list[int]:
+    from asyncpg import exceptions as pg
+
     from dropserver.db import migrate_database
 
-    return await migrate_database(database_url)
+    try:
+        return await migrate_database(database_url)
+    except (OSError, TimeoutError, pg.InvalidAuthorizationSpecificationError,
+            pg.InvalidCatalogNameError, pg.CannotConnectNowError) as exc:
+        raise StartupError(f"cannot reach PostgreSQL at {_where(database_url)} "
+                           f"({type(exc).__name__}: {exc}); check DATABASE_URL") from None
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -92,16 +155,22 @@ def _announce(settings, port: int, started: float) -> None:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     from dropserver.observability import configure_logging
-    from dropserver.services import LocalServices
+    from dropserver.services import LocalServices, ServiceError
 
     started = time.monotonic()
     settings = _settings(args, dev=True)
     configure_logging(settings.log_level, settings.log_format)
+    _check_port(settings.host, settings.port)  # before starting anything
+    if settings.redis_url:
+        _check_redis(settings.redis_url)
     services = LocalServices(want_redis=not settings.redis_url,
                              want_postgres=not settings.database_url)
     with contextlib.ExitStack() as stack:
         if services.want_redis or services.want_postgres:
-            stack.enter_context(services)
+            try:
+                stack.enter_context(services)
+            except ServiceError as exc:
+                raise StartupError(f"cannot start the local Redis/PostgreSQL: {exc}") from None
             settings = settings.replace(
                 redis_url=settings.redis_url or services.redis_url,
                 database_url=settings.database_url or services.database_url,
@@ -121,7 +190,10 @@ def _run(settings, started: float) -> int:
                              daemon=True).start()
 
         return run_supervisor(settings, on_ready=on_ready)
-    sock = bind_socket(settings.host, settings.port, reuse_port=False)
+    try:
+        sock = bind_socket(settings.host, settings.port, reuse_port=False)
+    except OSError as exc:  # taken since _check_port
+        raise _listen_problem(settings.host, settings.port, exc) from None
     port = sock.getsockname()[1]
     threading.Thread(target=_announce, args=(settings, port, started), daemon=True).start()
     run_single(settings, sock)
@@ -144,6 +216,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("dropserver serve: set REDIS_URL and DATABASE_URL "
               "(use `dropserver dev` for local services)", file=sys.stderr)
         return 2
+    _check_port(settings.host, settings.port)
+    _check_redis(settings.redis_url)
     if args.migrate:
         asyncio.run(_migrate(settings.database_url))
     from dropserver.serve import run_supervisor
@@ -204,7 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except StartupError as exc:
+        print(f"dropserver {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -205,3 +205,52 @@ def test_wait_port_returns_once_listening_and_fails_when_the_server_exits():
         wait_port(free_port(), [dead], deadline_s=5)
     with pytest.raises(RuntimeError, match="nothing listens"):
         wait_port(free_port(), deadline_s=0.3)
+
+
+@pytest.fixture(params=["plain", "reuseport"])
+def busy_port(request):
+    """A port some other program listens on: a plain socket, or one with SO_REUSEPORT
+    (another dropserver's workers), which a SO_REUSEPORT bind would silently share."""
+    import socket
+
+    with socket.socket() as other:
+        if request.param == "reuseport":
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        yield other.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", ["dev", "serve"])
+def test_a_busy_port_is_named_with_how_to_pick_another(busy_port, backends, command):
+    env = _dev_env()
+    if command == "serve":
+        env.update({"REDIS_URL": backends.redis_url, "DATABASE_URL": backends.database_url,
+                    **unsafe_rig_env()})
+    out = subprocess.run([sys.executable, "-m", "dropserver.cli", command, "--port",
+                          str(busy_port)], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 1, out
+    assert "Traceback" not in out.stderr, out.stderr
+    assert f"port {busy_port}" in out.stderr and "already in use" in out.stderr
+    assert "--port" in out.stderr and "DROPSERVER_PORT" in out.stderr
+
+
+@pytest.mark.parametrize("argv, env, says", [
+    (["migrate"], {"DATABASE_URL": "postgresql://u:secret@127.0.0.1:1/x"},
+     "cannot reach PostgreSQL at 127.0.0.1:1"),
+    (["dev", "--port", "0"], {"REDIS_URL": "redis://127.0.0.1:1/0"},
+     "cannot reach Redis at 127.0.0.1:1"),
+    (["serve", "--port", "0"], {"REDIS_URL": "redis://127.0.0.1:1/0",
+                                "DATABASE_URL": "postgresql://127.0.0.1:1/x"},
+     "cannot reach Redis at 127.0.0.1:1"),
+    (["dev", "--host", "192.0.2.1", "--port", "0"], {}, "not an address of this machine"),
+])
+def test_other_startup_errors_are_one_line_not_a_traceback(argv, env, says):
+    full = {**_dev_env(), **env}
+    if argv[0] == "serve":
+        full.update(unsafe_rig_env())
+    out = subprocess.run([sys.executable, "-m", "dropserver.cli", *argv], capture_output=True,
+                         text=True, env=full, timeout=60)
+    assert out.returncode == 1, out
+    assert "Traceback" not in out.stderr, out.stderr
+    assert says in out.stderr and "secret" not in out.stderr
