@@ -1,1 +1,33 @@
-"""Checkout: reservation scripts, order queue, payments, webhooks."""
+"""Checkout: the buy, from BUY NOW to money kept; never oversell, never charge twice.
+
+Owns a drop's stock in Redis and everything a buy sets off: the reservation (one
+atomic Lua script called by SHA, ``scripts/reserve.lua``), holds and their expiry, bot
+defence, rebuilding Redis from PostgreSQL after a loss, the order workers that turn
+holds into orders and payments, the payment gateway (Stripe, or a deterministic fake),
+Stripe webhooks and campaign drops (authorize now, capture at the deadline).
+PostgreSQL is the source of truth and is written off the hot path. The drops package
+calls :mod:`checkout.inventory`; checkout asks :mod:`drops.actions` to mark a product
+sold out or back in stock. Design: docs/topics/checkout.md, docs/topics/payments.md.
+
+Modules, in the order to read them:
+
+* ``keys``: Redis key names (one hash tag per drop) and hold ids.
+* ``scripts``: the Lua scripts (``prewarm``, ``open_sales``, ``close_sales``,
+  ``reserve``, ``release``, ``settle``), loaded once, called by SHA.
+* ``inventory``: stock for the drops package: prewarm, open and close sales, remaining.
+* ``reserve``: the buy decision: request, reply, refusal codes; the EVALSHA call and
+  its batcher.
+* ``redis_pipe``: auto-pipelining on one Redis connection, the buy path's adapter.
+* ``defense``: attempt limits, velocity, the verifier hook.
+* ``holds``: after the buy: expiry, cancel, paid, lookup.
+* ``reservations_api``: the ``buy`` and ``cancel_hold`` commands, HTTP routes,
+  notifications to others, the sweeper and recovery loops.
+* ``recovery``: a drop's Redis state rebuilt from PostgreSQL.
+* ``payments``: the gateway interface, Stripe behind it, and the fake.
+* ``orders``: the order workers: holds in the stream to orders and payments.
+* ``webhooks``: Stripe webhooks: verify, deduplicate, re-read, apply.
+* ``campaigns``: campaign drops: the goal, the deadline, capture or cancel.
+* ``payments_api``: order workers, gateway and webhook route as mounted.
+* ``component``: the package as :mod:`dropserver.app` mounts it (reservations, then
+  payments).
+"""

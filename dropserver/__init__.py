@@ -3,7 +3,27 @@
 It holds what every domain package shares (settings, auth, HTTP errors, logging,
 metrics, database and Redis connections), the launcher for local backing services,
 the CLI, and :func:`dropserver.app.create_app`, which builds the Starlette app from
-the routes of ``realtime``, ``drops``, ``checkout`` and ``streaming``.
+the routes of ``realtime``, ``drops``, ``checkout`` and ``streaming``. A reader
+looking for where something is handled starts at ``app`` and follows its imports.
+
+Modules, in the order to read them:
+
+* ``app``: the application: shared connections plus every domain package's routes.
+* ``component``: what a domain package hands to the app: routes and lifecycle hooks.
+* ``settings``: one typed settings object, read from environment variables
+  (docs/configuration.md).
+* ``auth``: token verification (PyJWT) and role checks.
+* ``errors``: the one error format of every 4xx and 5xx answer.
+* ``text``: what counts as storable text (no NUL, no unpaired surrogate); pure.
+* ``http``: JSON bodies and typed field access for HTTP endpoints.
+* ``observability``: structured logs with context, Prometheus metrics.
+* ``db``: the asyncpg pool and versioned migrations (``migrations/``, ``schema.sql``).
+* ``background``: a step run every few seconds until the process stops.
+* ``web``: the viewer's live page and the creator's console, with their assets.
+* ``serve``: one process, or N workers sharing a port; draining.
+* ``cli``: the ``dropserver`` command: dev, serve, migrate, token, services.
+* ``services``: a local Redis and PostgreSQL for ``dropserver dev`` and the tests.
+* ``_reaper``: cleans up after ``services`` when its parent dies, however it dies.
 """
 
 __version__ = "0.1.0"

@@ -1,1 +1,21 @@
-"""Load-test kit: Locust users and the high-density viewer swarm."""
+"""Load-test kit: rehearse a drop with tens of thousands of viewers before the real one.
+
+Owns ``python -m loadtest rehearse`` (one command: start or point at a server, connect
+N viewers, run a whole drop through the creator's API, judge it and write a report),
+the high-density swarm that holds 50,000 viewers from one machine, and Locust users
+for scenarios of your own. The guide and what each figure means: docs/loadtest.md.
+
+Modules, in the order to read them:
+
+* ``viewer``: one rehearsal viewer as a pure state machine: frames in, frames out.
+* ``wsclient``: a lean asyncio WebSocket client for tens of thousands of sockets.
+* ``swarm``: one swarm process: thousands of viewers of one drop on one loop.
+* ``creator``: the creator's side: one drop driven through the HTTP API.
+* ``target``: where a rehearsal points: a local server it starts, or a deployment.
+* ``procstat``: the server's memory and CPU during a run.
+* ``stats``: percentiles, latency summaries, histograms; pure.
+* ``rehearse``: the whole rehearsal and its pass or fail.
+* ``report``: the result as JSON, charts and an HTML page.
+* ``__main__``: ``python -m loadtest`` (``rehearse``, or one ``swarm`` process).
+* ``locustfile``: Locust users: viewers on the WebSocket, a creator on HTTP.
+"""

@@ -1,1 +1,27 @@
-"""Real-time gateway: sockets, wire protocol, fan-out, presence, chat."""
+"""Real-time gateway: every viewer's WebSocket, and each drop event on all of them.
+
+Owns ``/ws``: the wire protocol, joining a drop, commands from a socket, fan-out of a
+drop's events from its Redis pub/sub channel to the sockets of every process and node,
+resume from history, viewer counts and chat. Other packages reach viewers only through
+:mod:`realtime.publish`. The wire protocol is docs/protocol.md; the design and its
+measurements are docs/topics/realtime.md.
+
+Modules, in the order to read them:
+
+* ``protocol``: frames, codes, encoding and validation; pure, no I/O.
+* ``channels``: Redis key and channel names, the pub/sub message format; pure.
+* ``publish``: ``publish``, ``publish_volatile``, ``publish_user``: what others call.
+* ``history``: a drop's current position; exact recovery or none.
+* ``subscriber``: the process's one pub/sub connection; notices loss, resubscribes.
+* ``hub``: the process's viewers by drop, fan-out, gap filling, coalescing.
+* ``connection``: one socket's bounded send queue; a client that cannot keep up is closed.
+* ``gateway``: the ``/ws`` endpoint: accept or refuse, join, commands, drain.
+* ``asgi``: ``/ws`` served lean under uvicorn (memory per socket, frames below ASGI).
+* ``heartbeat``: pings in slices over the interval; silent sockets closed.
+* ``snapshot``: what a viewer sees on joining, briefly cached per process.
+* ``presence``: viewer counts across processes and nodes.
+* ``chat``: drop chat, its limits and moderation.
+* ``component``: the package as :mod:`dropserver.app` mounts it.
+* ``metrics``, ``_lua`` (``scripts/*.lua``): Prometheus metrics; the Redis scripts.
+* ``watch``: ``python -m realtime.watch URL DROP``: a drop's frames in the terminal.
+"""
