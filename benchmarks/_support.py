@@ -53,13 +53,18 @@ class Server:
     env: dict[str, str] = field(default_factory=dict)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _stop(self.proc, signal.SIGTERM, 20)
+
+
+def _stop(proc: subprocess.Popen, sig: int, timeout: float) -> None:
+    """``sig``, then SIGKILL if it has not exited within ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def start_server(redis_url: str, database_url: str, *, workers: int = 2,
@@ -118,13 +123,7 @@ class DevServer:
 
     def stop(self) -> None:
         """Ctrl-C, as a developer would: its own Redis and PostgreSQL go with it."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _stop(self.proc, signal.SIGINT, 30)
 
 
 def start_dev(env: Mapping[str, str] | None = None, *, timeout: float = 60) -> DevServer:
