@@ -400,7 +400,11 @@ class Rehearsal:
             if newest is not None and (epoch, off) != newest:
                 tail_lost += count * (newest[1] - off if epoch == newest[0] else newest[1])
         lost = totals["gaps"] + tail_lost
-        ramp = (joined_at[-1] - joined_at[0]) if len(joined_at) > 1 else 0.0
+        # From the first socket's turn, not the first join: the seconds the first
+        # sockets waited for their joins belong to the ramp.
+        starts = [r["ramp_started_at"] for r in reports if r.get("ramp_started_at")]
+        first = min(starts) if starts else (joined_at[0] if joined_at else 0.0)
+        ramp = (joined_at[-1] - first) if joined_at else 0.0
         bn = summarize(buy_now_lat)
         server: dict[str, Any] = {"measured": self.watch is not None}
         if baseline is not None and after_connect is not None:
@@ -433,7 +437,11 @@ class Rehearsal:
                 "closes": dict(close_reasons.most_common(10)),
                 "reconnects": totals["reconnects"],
                 "ramp_seconds": round(connect_s, 2),
+                "first_socket_to_last_join_s": round(ramp, 2),
                 "rate_per_s": round(totals["joined"] / ramp, 1) if ramp > 0 else None,
+                "asked_rate_per_s": (int(cfg.connect_rate)
+                                     if float(cfg.connect_rate).is_integer()
+                                     else cfg.connect_rate),
                 "join_latency": summarize(connect_lat),
             },
             "buy_now": {"seen": len(buy_now_lat), "late_via_snapshot": totals["buy_now_late"],

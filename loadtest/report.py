@@ -60,7 +60,8 @@ def _plot(result: dict[str, Any], path: Path) -> bool:
     ax2.set_title("viewers over time")
     ax2.set_xlabel("seconds since start")
     ax2.set_ylabel("viewers")
-    ax2.legend(loc="upper left")
+    if timeline:
+        ax2.legend(loc="upper left")
     fig.suptitle(_headline(result), fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
@@ -68,12 +69,30 @@ def _plot(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def _headline(result: dict[str, Any]) -> str:
-    verdict = "PASS" if result.get("passed") else "FAIL"
+def _verdict(result: dict[str, Any]) -> str:
+    return "PASS" if result.get("passed") else "FAIL"
+
+
+def _count(n: Any, one: str, many: str) -> str:
+    if not isinstance(n, int):
+        return f"{n} {many}"
+    return f"{n:,} {one if n == 1 else many}"
+
+
+def _setup(result: dict[str, Any]) -> str:
+    """What ran: viewers, stock, processes, when."""
     cfg = result.get("config", {})
-    return (f"{verdict}: {cfg.get('viewers')} viewers, stock {cfg.get('stock')}, "
-            f"{cfg.get('server_workers')} server workers, {cfg.get('swarm_processes')} "
-            f"swarm processes, {result.get('started_at', '')}")
+    workers = cfg.get("server_workers")
+    return ", ".join([
+        _count(cfg.get("viewers"), "viewer", "viewers"), f"stock {cfg.get('stock')}",
+        _count(workers, "server worker", "server workers") if workers is not None
+        else "remote server",
+        _count(cfg.get("swarm_processes"), "swarm process", "swarm processes"),
+        str(result.get("started_at", ""))])
+
+
+def _headline(result: dict[str, Any]) -> str:
+    return f"{_verdict(result)}: {_setup(result)}"
 
 
 def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
@@ -96,8 +115,9 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
 
     return [
         ("viewers joined", f"{fmt(conn.get('joined'))} / {fmt(conn.get('target'))}"),
-        ("connect rate", f"{fmt(conn.get('rate_per_s'))} /s "
-                         f"(ramp {fmt(conn.get('ramp_seconds'))} s)"),
+        ("connect rate", f"{fmt(conn.get('rate_per_s'))} /s (asked "
+                         f"{fmt(conn.get('asked_rate_per_s'))} /s; first socket -> last "
+                         f"join {fmt(conn.get('first_socket_to_last_join_s'))} s)"),
         ("connect failures", fmt(conn.get("failed"))),
         ("BUY NOW seen", f"{fmt(result.get('buy_now', {}).get('seen'))} / "
                          f"{fmt(conn.get('joined'))}"),
@@ -139,14 +159,14 @@ def _html(result: dict[str, Any], png: Path | None) -> str:
     rows = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
                      for k, v in _rows(result))
     failures = "".join(f"<li>{html.escape(f)}</li>" for f in result.get("failures", []))
-    verdict = "PASS" if result.get("passed") else "FAIL"
+    verdict = _verdict(result)
     colour = "#2a9d8f" if result.get("passed") else "#e76f51"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>dropserver rehearsal {verdict}</title>
 <style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:1400px}}
 th{{text-align:left;padding:2px 1em 2px 0;font-weight:normal;color:#555}}
 td{{font-variant-numeric:tabular-nums}}h1 span{{color:{colour}}}</style></head>
-<body><h1><span>{verdict}</span> {html.escape(_headline(result))}</h1>
+<body><h1><span>{verdict}</span> {html.escape(_setup(result))}</h1>
 <table>{rows}</table>
 {"<h2>Failed checks</h2><ul>" + failures + "</ul>" if failures else ""}
 {img}

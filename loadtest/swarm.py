@@ -100,6 +100,7 @@ class Swarm:
         self.connect_errors: Counter[str] = Counter()
         self.close_reasons: Counter[str] = Counter()
         self.stopping = False
+        self.ramp_started_at: float | None = None  # the first socket's turn
         self.ramp_done_at: float | None = None
         self._chat_seq = 0
 
@@ -191,6 +192,7 @@ class Swarm:
         """Connect every viewer at ``rate`` per second."""
         loop = asyncio.get_running_loop()
         start = loop.time()
+        self.ramp_started_at = time.monotonic()
         tasks = []
         for i, viewer in enumerate(self.viewers):
             if self.stopping:
@@ -229,7 +231,8 @@ class Swarm:
         from loadtest.viewer import summarize_viewers
 
         return {"type": "report", "pid": os.getpid(), "first": self.config.first,
-                "count": self.config.count, "ramp_done_at": self.ramp_done_at,
+                "count": self.config.count, "ramp_started_at": self.ramp_started_at,
+                "ramp_done_at": self.ramp_done_at,
                 "started": self.started,
                 "connect_errors": dict(self.connect_errors.most_common(20)),
                 "close_reasons": dict(self.close_reasons.most_common(20)),
