@@ -25,12 +25,24 @@ Custom entries in Locust's statistics (web UI and ``--csv``):
 
 Viewers' sockets are gevent sockets (Locust monkey-patches the standard library)
 around websockets' sans-I/O client protocol, so a worker process holds thousands.
+
+Against a server on this machine (a loopback ``--host``) each viewer connects from an
+address of its own in 127.0.0.0/8 (127.1.0.1, 127.1.0.2, ...; Linux routes all of
+them to ``lo``), as a real audience comes from many addresses: otherwise every viewer
+shares 127.0.0.1 and the server's per-IP buy limit (``DROPSERVER_BUY_RATE_IP``,
+bot defence) refuses most of them. ``--lt-one-address`` turns that off. Where the
+system has no such addresses (macOS has only 127.0.0.1) viewers fall back to the
+default one, with a warning.
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+import logging
 import os
 import random
+import socket
 import time
 from typing import Any
 
@@ -68,6 +80,51 @@ def _arguments(parser: Any) -> None:
     group.add_argument("--lt-encoding", choices=["msgpack", "json"], default="msgpack")
     group.add_argument("--lt-jwt-secret", default=os.environ.get("DROPSERVER_JWT_SECRET", ""),
                        help="HS256 secret for tokens (default: the dev secret)")
+    group.add_argument("--lt-one-address", action="store_true",
+                       help="connect every viewer from the default source address, even "
+                            "to a loopback host (they then share the per-IP buy limit)")
+
+
+_ADDRESSES = 254 * 256 * 254
+_spread: dict[str, bool] = {}  # host -> whether viewers get addresses of their own
+
+
+def loopback_source(index: int) -> str:
+    """Viewer ``index``'s own source address: 127.1.0.1 ... 127.254.255.254 (never
+    127.0.0.x, where servers listen, nor a .0 or .255 host part)."""
+    a, rest = divmod(index % _ADDRESSES, 256 * 254)
+    b, c = divmod(rest, 254)
+    return f"127.{a + 1}.{b}.{c + 1}"
+
+
+def _spreads(host: str, environment: Any) -> bool:
+    """Whether viewers of ``host`` connect from addresses of their own (loopback)."""
+    if host not in _spread:
+        opts = environment.parsed_options
+        try:
+            first = socket.getaddrinfo(host, None, socket.AF_INET)[0][4][0]
+            loopback = ipaddress.ip_address(first).is_loopback
+        except (OSError, ValueError, IndexError):
+            loopback = False
+        _spread[host] = loopback and not (opts is not None and
+                                          getattr(opts, "lt_one_address", False))
+    return _spread[host]
+
+
+def _open_socket(uri: Any, index: int, environment: Any) -> socket.socket:
+    address = (uri.host, uri.port)
+    if _spreads(uri.host, environment):
+        try:
+            return socket.create_connection(address, timeout=10,
+                                            source_address=(loopback_source(index), 0))
+        except OSError as exc:
+            if exc.errno not in (errno.EADDRNOTAVAIL, errno.EINVAL):
+                raise
+            _spread[uri.host] = False
+            logging.warning("cannot connect from %s (%s): every viewer now uses the "
+                            "default source address, and shares the server's per-IP buy "
+                            "limit", loopback_source(index), exc.strerror)
+    return socket.create_connection(address, timeout=10)
 
 
 def _settings(environment: Any):
@@ -197,9 +254,7 @@ class ViewerUser(User):
         self._proto = ClientProtocol(uri, subprotocols=self.viewer.subprotocols())
         started = time.monotonic()
         try:
-            import socket
-
-            sock = socket.create_connection((uri.host, uri.port), timeout=10)
+            sock = _open_socket(uri, self._index, self.environment)
             if uri.secure:
                 import ssl
 

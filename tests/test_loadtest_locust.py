@@ -7,9 +7,14 @@ pytest process: each test starts ``locust`` itself and reads the ``--csv`` stati
 from __future__ import annotations
 
 import csv
+import os
+import re
+import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +22,8 @@ import pytest
 
 from loadtest.target import LocalTarget
 
-LOCUSTFILE = Path(__file__).resolve().parent.parent / "loadtest" / "locustfile.py"
+ROOT = Path(__file__).resolve().parent.parent
+LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 DROP_ARGS = ["--lt-join-wait", "2", "--lt-countdown", "1", "--lt-selling", "3",
              "--lt-stock", "5", "--lt-buy-probability", "1", "--only-summary"]
 
@@ -91,3 +97,66 @@ def test_distributed_master_and_two_workers(target: LocalTarget, tmp_path: Path)
                 proc.kill()
                 proc.wait()
     _check(_stats(tmp_path / "dist"))
+
+
+def _documented_headless_command() -> list[str]:
+    """The headless Locust command of docs/loadtest.md, as a reader would paste it."""
+    text = (ROOT / "docs" / "loadtest.md").read_text()
+    block = text.split("## Locust", 1)[1].split("```", 2)[1]
+    commands = [" ".join(c.split("#")[0] for c in cmd.splitlines())
+                for cmd in block.replace("\\\n", " ").splitlines() if "--headless" in cmd]
+    assert len(commands) == 1, block
+    return shlex.split(commands[0])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_the_documented_command_passes_against_dropserver_dev(tmp_path: Path) -> None:
+    """docs/loadtest.md's headless command against a plain `dropserver dev` (default
+    settings, so the per-IP buy limit of 100 per 10 s is on), bounded: 300 users for
+    25 s instead of 2,000 for 5 minutes. ~150 of them buy at BUY NOW, more than one
+    address may try: Locust must spread its viewers over source addresses."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("REDIS_URL", "DATABASE_URL") and not k.startswith("DROPSERVER_")}
+    env["DROPSERVER_LOG_FORMAT"] = "text"
+    dev = subprocess.Popen([sys.executable, "-m", "dropserver.cli", "dev", "--port", "0"],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                           env=env)
+    try:
+        base = ""
+        deadline = time.monotonic() + 60
+        while not base and time.monotonic() < deadline:
+            line = dev.stdout.readline()
+            if not line and dev.poll() is not None:
+                break
+            if re.search(r"^\s*HTTP\s+http://", line):
+                base = line.split()[-1]
+        assert base, "dropserver dev did not start"
+        argv = _documented_headless_command()
+        assert argv[:3] == ["locust", "-f", "loadtest/locustfile.py"]
+        # Bounded and small; everything else exactly as documented.
+        swap = {"--host": base, "-u": "300", "-r": "150", "-t": "25s"}
+        for i, arg in enumerate(argv):
+            if arg in swap:
+                argv[i + 1] = swap[arg]
+        assert {"--host", "-u", "-r", "-t", "--csv"} <= set(argv)
+        argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), *argv[3:]]
+        run = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True,
+                             timeout=100)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        csv_prefix = argv[argv.index("--csv") + 1]
+        stats = _stats(tmp_path / csv_prefix)
+        tried = sum(int(stats[("WS", name)]["Request Count"])
+                    for name in ("buy", "buy sold_out") if ("WS", name) in stats)
+        assert tried > 100, f"only {tried} buys: the per-IP limit was not exercised"
+        assert int(stats[("WS", "buy")]["Failure Count"]) == 0
+        assert int(stats[("WS", "buy")]["Request Count"]) <= 100  # the stock
+        assert int(stats[("BUYNOW", "fanout")]["Request Count"]) >= 250
+        assert not [key for key in stats if key[0] == "WSERR"], "protocol errors"
+    finally:
+        dev.send_signal(signal.SIGINT)
+        try:
+            dev.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            dev.kill()
+            dev.wait()
