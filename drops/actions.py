@@ -9,8 +9,10 @@ Inside the lock, in this order:
 2. the Redis side effect of contract 2 (``checkout.inventory``): prewarm at go-live,
    ``open_sales`` at BUY NOW, ``close_sales`` at close / end;
 3. the new state and a ``drop_transitions`` row are written;
-4. the events are published (``realtime.publish.publish``) -- still under the lock, so
-   viewers see transitions in commit order, and BUY NOW only once sales are open;
+4. the events are published (``realtime.publish.publish_many``) -- still under the
+   lock, so viewers see transitions in commit order, and BUY NOW only once sales are
+   open. All the events of one action (``drop.state`` and ``drop.buy_now``) are one
+   publication with consecutive positions, so each viewer gets them as one message;
 5. commit. If anything fails before the commit the transaction rolls back and the
    Redis side effects that opened sales are undone (sales closed again).
 
@@ -49,7 +51,7 @@ from drops.lifecycle import (
 from drops.spec import DropPatch, DropSpec
 from dropserver.auth import Principal, require_drop_owner
 from dropserver.errors import ApiError, NotFound, ValidationFailed
-from realtime.publish import publish
+from realtime.publish import publish_many
 
 __all__ = [
     "buy_now",
@@ -123,8 +125,7 @@ async def _locked(app_or_pool: Any, redis: Any, drop_id: int,
                 require_drop_owner(actor, drop["creator_id"])
             work = _Work(conn, drop)
             yield work
-            for event, data in work.events:
-                await publish(redis, drop_id, event, data)
+            await publish_many(redis, drop_id, work.events)
             await tx.commit()
             for applied in work.applied:
                 TRANSITIONS_TOTAL.labels(applied["action"]).inc()

@@ -118,6 +118,21 @@ class Settings:
     chat_rate_per_10s: int = _env("DROPSERVER_CHAT_RATE", 5,
                                   "Chat messages a user may send per 10 s.")
     chat_history: int = _env("DROPSERVER_CHAT_HISTORY", 50, "Chat messages sent on join.")
+    chat_batch_viewers: int = _env("DROPSERVER_CHAT_BATCH_VIEWERS", 500,
+                                   "Local viewers of a drop (in one process) from which "
+                                   "its chat goes out in batches instead of one write "
+                                   "per message per socket.")
+    chat_batch_ms: int = _env("DROPSERVER_CHAT_BATCH_MS", 250,
+                              "Shortest interval between two chat batches to a socket.")
+    chat_budget: int = _env("DROPSERVER_CHAT_BUDGET", 10000,
+                            "Socket writes per second one process spends on a big "
+                            "room's chat: the batch interval grows to local viewers / "
+                            "budget seconds. 0: the interval alone.")
+    chat_read_rate: float = _env("DROPSERVER_CHAT_READ_RATE", 20.0,
+                                 "Chat messages per second a viewer can read: a batch "
+                                 "carries at most this times its interval, a fair "
+                                 "sample; the creator's, moderators' and the viewer's "
+                                 "own messages always.")
 
     # --- checkout ------------------------------------------------------------
     hold_ttl: int = _env("DROPSERVER_HOLD_TTL", 600, "Seconds a reservation is held.")

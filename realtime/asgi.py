@@ -12,11 +12,12 @@ down without giving up uvicorn (workers, lifespan, HTTP on the same port):
   all) it otherwise keeps for the life of the connection.
 
 Fan-out writes skip uvicorn's ASGI ``send`` too: a publication for thousands of
-sockets is framed once (:func:`server_frame`, RFC 6455 5.2; server frames are unmasked,
-so the bytes are the same for every socket) and :meth:`LeanWebSocketProtocol.write_frame`
-puts those bytes on each transport, where uvicorn would build a coroutine, wait on
-its ``writable`` event and frame the payload again per socket. Anything it cannot
-write at once (writing paused, closing, an extension negotiated) goes the ASGI way.
+sockets is framed once (:func:`realtime.wire.server_frame`, RFC 6455 5.2; server
+frames are unmasked, so the bytes are the same for every socket) and
+:meth:`LeanWebSocketProtocol.write_frame` puts those bytes on each transport, where
+uvicorn would build a coroutine, wait on its ``writable`` event and frame the payload
+again per socket. Anything it cannot write at once (writing paused, closing, an
+extension negotiated) goes the ASGI way.
 
 :class:`LeanHttpToolsProtocol` is uvicorn's HTTP protocol (httptools) that, once it
 has handed a connection over to the WebSocket protocol, lets go of its parser. The
@@ -51,10 +52,10 @@ one, wait for the app, so a flooding client still cannot queue more than that.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from typing import Any
 
+from starlette.routing import WebSocketRoute
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import apply_mask
@@ -66,7 +67,6 @@ __all__ = [
     "FastPath",
     "LeanHttpToolsProtocol",
     "LeanWebSocketProtocol",
-    "server_frame",
 ]
 
 WS_PATH = "/ws"
@@ -75,19 +75,29 @@ SMALL_FRAME = 4096  # bytes
 
 
 class FastPath:
-    """ASGI wrapper: ``/ws`` WebSockets to the gateway, everything else to ``app``."""
+    """ASGI wrapper: ``/ws`` WebSockets straight to the endpoint ``app`` mounts there
+    (the gateway's), everything else to ``app``. Found among the app's routes, so this
+    module does not import the gateway."""
 
     def __init__(self, app: Any) -> None:
         self.app = app  # dropserver.serve finds the drain hook through .app
+        self._ws = _ws_endpoint(app)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "websocket" and scope["path"] == WS_PATH:
-            from realtime.gateway import endpoint
-
+        if self._ws is not None and scope["type"] == "websocket" and \
+                scope["path"] == WS_PATH:
             scope["app"] = self.app
-            await endpoint(scope, receive, send)
+            await self._ws(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+def _ws_endpoint(app: Any) -> Callable[..., Any] | None:
+    """The raw ASGI endpoint mounted at ``WS_PATH`` (its ``endpoint`` when it has one)."""
+    for route in getattr(app, "routes", ()):
+        if isinstance(route, WebSocketRoute) and route.path == WS_PATH:
+            return getattr(route.app, "endpoint", route.app)
+    return None
 
 
 class LeanHttpToolsProtocol(HttpToolsProtocol):
@@ -182,7 +192,7 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             self.response = None  # type: ignore[assignment]
 
     def write_frame(self, wire: bytes) -> bool:
-        """Write a data frame serialized by :func:`server_frame`; False when the
+        """Write a data frame serialized by :func:`realtime.wire.server_frame`; False when the
         ASGI ``send`` must take the message instead (it queues, closes or raises)."""
         if (self.close_sent or self.disconnected or not self.writable.is_set()
                 or self.conn.state is not State.OPEN or self.conn.extensions):
@@ -238,26 +248,3 @@ def _data_frame_head(buf: bytes, pos: int, end: int, limit: int | None,
     if limit is not None and n > limit:
         return None
     return start, n
-
-
-def server_frame(payload: bytes | str) -> bytes:
-    """One unfragmented, unmasked server data frame (binary for bytes, text for str).
-
-    RFC 6455, 5.2: FIN set, no RSV bits, the opcode; a server's frames are not masked;
-    the length in 7 bits, or 126 and 16 bits, or 127 and 64 bits. The same bytes as
-    websockets' ``Frame(...).serialize(mask=False)`` (tests/test_asgi_reading.py)
-    without building a frame object per reply."""
-    if isinstance(payload, str):
-        payload, first = payload.encode(), 0x81  # FIN + text
-    else:
-        first = 0x82  # FIN + binary
-    n = len(payload)
-    if n < 126:
-        return bytes((first, n)) + payload
-    if n < 1 << 16:
-        return _HEAD16.pack(first, 126, n) + payload
-    return _HEAD64.pack(first, 127, n) + payload
-
-
-_HEAD16 = struct.Struct("!BBH")
-_HEAD64 = struct.Struct("!BBQ")

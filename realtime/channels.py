@@ -6,6 +6,9 @@ history, its position and its channel live on one Redis Cluster slot.
 A message on a drop or user channel is one of::
 
     b"D" + epoch + b":" + offset + b":" + body   durable event (history_add.lua)
+    b"G" + epoch + b":" + offset + b":" + bodies  several durable events of one action,
+                                                  offsets from ``offset`` on; ``bodies``
+                                                  is a msgpack array of bodies
     b"V" + body                                   volatile event (coalescable)
     b"U" + body                                   private event for one user
     b"P" + conn_id + b":" + body                  the same, already delivered to the
@@ -13,6 +16,7 @@ A message on a drop or user channel is one of::
 
 where ``body`` is ``msgpack([event, data])``. The gateway decodes each message once
 per process and encodes it once per wire protocol (see realtime.hub).
+:func:`parse_publications` reads every kind; :func:`parse_message` the one-event ones.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ __all__ = [
     "meta_key",
     "pack_body",
     "parse_message",
+    "parse_publications",
     "user_channel",
 ]
 
@@ -121,6 +126,27 @@ def parse_message(raw: bytes) -> Publication:
         event, data = _unpack_body(body)
         return Publication(Kind.USER, event, data, origin=origin.decode(errors="replace"))
     raise MalformedMessage(f"unknown message kind {head!r}")
+
+
+def parse_publications(raw: bytes) -> list[Publication]:
+    """Decode one pub/sub message into its publications (several for ``G``)."""
+    if raw[:1] != b"G":
+        return [parse_message(raw)]
+    try:
+        epoch, offset, body = raw[1:].split(b":", 2)
+        first = int(offset)
+        items = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except (ValueError, TypeError, msgpack.UnpackException):
+        raise MalformedMessage("bad group message") from None
+    if not isinstance(items, list) or not items:
+        raise MalformedMessage("a group is not a list of [event, data]")
+    out = []
+    for i, item in enumerate(items):
+        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
+                or not isinstance(item[1], dict)):
+            raise MalformedMessage("a group item is not [event, data]")
+        out.append(Publication(Kind.DURABLE, item[0], item[1], epoch.decode(), first + i))
+    return out
 
 
 def parse_history_entry(entry_id: bytes, fields: dict[bytes, bytes], epoch: str) -> Publication:

@@ -114,6 +114,8 @@ async def post(app: Any, conn: Any, text: str) -> dict[str, Any]:
                             details={"retry_after_ms": int(wait_ms)})
     message = {"id": secrets.token_hex(8), "user_id": user_id,
                "name": conn.principal.name or user_id, "text": clean, "at": _now_ms()}
+    if exempt:  # always delivered, even where a big room's chat is sampled
+        message["role"] = "creator" if user_id == conn.creator_id else "moderator"
     # One step: the offset, the history, the recent list and the fan-out, so the join
     # snapshot lists chat in the order live viewers got it.
     epoch, offset = await publish(

@@ -1,23 +1,34 @@
-"""One viewer's socket on the send side: a bounded byte queue in front of ASGI send.
+"""One viewer's socket on the send side: a bounded, two-lane queue in front of ASGI send.
 
 Fan-out calls :meth:`Connection.deliver` for every local socket with the same
-pre-built ASGI message (one encoding per publication and format). ``deliver`` never
-awaits:
+:class:`realtime.wire.Broadcast` (one encoding per publication and format).
+``deliver`` never awaits:
 
-* when nothing is queued, the message is written at once: uvicorn's
-  ``websockets-sansio`` ``send()`` only suspends while its transport is paused
-  (write buffer over the high-water mark) and writes synchronously otherwise, so the
-  coroutine is stepped once; if it would suspend, nothing has been written yet, the
-  coroutine is closed and the message goes to the queue instead;
+* when nothing is queued, the message is written at once: the pre-framed bytes on
+  the transport (:meth:`realtime.asgi.LeanWebSocketProtocol.write_frame`), or
+  uvicorn's ``websockets-sansio`` ``send()``, which only suspends while its transport
+  is paused (write buffer over the high-water mark) and writes synchronously
+  otherwise, so the coroutine is stepped once; if it would suspend, nothing has been
+  written yet, the coroutine is closed and the message is queued instead;
 * otherwise the message joins this connection's queue, drained by a writer task that
   exists only while something is queued (idle sockets have none).
 
+The queue has two lanes (:class:`realtime.wire.Lane`). ``URGENT`` messages (drop
+events, the buyer's private events, replies, pings) are written before any ``BULK``
+one (chat batches, coalesced volatile events), so a socket that fell behind gets BUY
+NOW next, not after the chat it has not read yet. Stream positions stay in order:
+when a positioned urgent message (a drop event) arrives behind queued chat, that chat
+is *shed*: replaced by the messages this viewer must always get (its own, the
+creator's and moderators') and a ``skipped`` frame saying up to which position the
+rest was left out (docs/protocol.md); the chat is still in history.
+
 The queue is bounded in bytes (``DROPSERVER_WS_SEND_QUEUE_BYTES``). Coalescable
 events carry a key ("stock", "viewers"): a newer one replaces the queued one in
-place. Over the bound, queued coalescable events are dropped first; a connection
-that is still over is closed with :data:`CloseCode.SLOW` (4008) and resumes with its
-last position. A stalled reader costs at most the bound plus uvicorn's transport
-buffer, and never delays anyone else (websockets#653, appwrite#13415).
+place. Over the bound, queued coalescable events are dropped first, then queued chat
+is shed as above; a connection that is still over is closed with
+:data:`CloseCode.SLOW` (4008) and resumes with its last position. A stalled reader
+costs at most the bound plus uvicorn's transport buffer, and never delays anyone
+else (websockets#653, appwrite#13415).
 """
 
 from __future__ import annotations
@@ -29,8 +40,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from realtime import metrics
+from realtime import metrics, protocol
 from realtime.protocol import CloseCode, Format
+from realtime.wire import Broadcast, Lane, asgi_message
+
+# Chat messages every socket gets even when the rest of the chat is left out
+# (``data["role"]`` of ``chat.message``, set by realtime.chat).
+STAFF_ROLES = frozenset({"creator", "moderator"})
 
 __all__ = ["Connection"]
 
@@ -51,8 +67,9 @@ def spawn(coro: Any) -> asyncio.Task:
 
 class Connection:
     __slots__ = (
-        "_queue",
+        "_bulk",
         "_queued_bytes",
+        "_urgent",
         "_writer",
         "close_code",
         "closed",
@@ -106,7 +123,9 @@ class Connection:
         # this socket meanwhile, so its silence is ours, not the peer's.
         self.handling = False
         self.hb_slot = 0  # which heartbeat slice pings this socket (realtime.heartbeat)
-        self._queue: collections.deque | None = None
+        # Queued (message, size, key, chat run) items; None while empty.
+        self._urgent: collections.deque | None = None
+        self._bulk: collections.deque | None = None
         self._queued_bytes = 0
         self._writer: asyncio.Task | None = None
         self.node = None
@@ -122,20 +141,24 @@ class Connection:
     def queued_bytes(self) -> int:
         return self._queued_bytes
 
+    @property
+    def user_id(self) -> str | None:
+        principal = self.principal
+        return principal.user_id if principal is not None else None
+
     # -- fan-out side (never awaits) -------------------------------------------
-    def deliver(self, message: dict[str, Any], size: int, key: str | None = None,
-                wire: bytes | None = None) -> None:
-        """Write ``message`` now or queue it; ``key`` marks a coalescable event;
-        ``wire``: the same message as a WebSocket frame, ready to write."""
+    def deliver(self, b: Broadcast) -> None:
+        """Write ``b`` now or queue it in its lane (see the module docstring)."""
         if self.closed:
             return
-        if self._writer is None and not self._queue:
+        message, size, wire = b.message(self.fmt)
+        if self._writer is None and not self._urgent and not self._bulk:
             proto = self.proto
-            if wire is not None and proto is not None and proto.write_frame(wire):
+            if proto is not None and proto.write_frame(wire):
                 return
             if self._write_now(message):
                 return
-        self._enqueue(message, size, key)
+        self._enqueue(b, message, size)
 
     def _write_now(self, message: dict[str, Any]) -> bool:
         coro = self.send(message)
@@ -150,53 +173,112 @@ class Connection:
         coro.close()
         return False
 
-    def _enqueue(self, message: dict[str, Any], size: int, key: str | None) -> None:
-        queue = self._queue
-        if queue is None:
-            queue = self._queue = collections.deque()
-        if key is not None:
-            for i, (_, old_size, old_key) in enumerate(queue):
-                if old_key == key:
-                    queue[i] = (message, size, key)
-                    self._queued_bytes += size - old_size
-                    metrics.COALESCED.labels("queue").inc()
-                    break
-            else:
-                queue.append((message, size, key))
-                self._queued_bytes += size
-        else:
-            queue.append((message, size, key))
+    def _enqueue(self, b: Broadcast, message: dict[str, Any], size: int) -> None:
+        if b.lane is Lane.URGENT:
+            if b.positioned and self._bulk:
+                self._shed_chat()  # a drop event is not queued behind chat
+            if self._urgent is None:
+                self._urgent = collections.deque()
+            self._urgent.append((message, size, None, None))
             self._queued_bytes += size
+        else:
+            bulk = self._bulk
+            if bulk is None:
+                bulk = self._bulk = collections.deque()
+            key = b.key
+            if key is not None:
+                for i, (_, old_size, old_key, _run) in enumerate(bulk):
+                    if old_key == key:
+                        bulk[i] = (message, size, key, None)
+                        self._queued_bytes += size - old_size
+                        metrics.COALESCED.labels("queue").inc()
+                        break
+                else:
+                    bulk.append((message, size, key, None))
+                    self._queued_bytes += size
+            else:
+                bulk.append((message, size, None, b.chat))
+                self._queued_bytes += size
         if self._queued_bytes > self.limit:
-            self._shed()
+            self._shed_coalescable()
+            if self._queued_bytes > self.limit:
+                self._shed_chat()
             if self._queued_bytes > self.limit:
                 self.close_slow()
                 return
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._drain_queue())
 
-    def _shed(self) -> None:
+    def _shed_coalescable(self) -> None:
         """Drop every queued coalescable event: a newer one will come."""
-        assert self._queue is not None
-        kept = collections.deque(item for item in self._queue if item[2] is None)
-        dropped = len(self._queue) - len(kept)
+        bulk = self._bulk
+        if not bulk:
+            return
+        kept = collections.deque(item for item in bulk if item[2] is None)
+        dropped = len(bulk) - len(kept)
         if dropped:
             metrics.COALESCED.labels("shed").inc(dropped)
-        self._queue = kept
-        self._queued_bytes = sum(item[1] for item in kept)
+            self._bulk = kept
+            self._recount()
+
+    def _shed_chat(self) -> None:
+        """Replace the queued chat with what this viewer must always get and a
+        ``skipped`` frame up to the last position it covered (urgent lane, in order
+        after what is already there: those have older positions)."""
+        bulk = self._bulk
+        if not bulk or not any(item[3] is not None for item in bulk):
+            return
+        me = self.user_id
+        frames: list[dict[str, Any]] = []
+        left_out = 0
+        last: tuple[str, int] | None = None
+        rest: collections.deque = collections.deque()
+        for item in bulk:
+            run = item[3]
+            if run is None:
+                rest.append(item)
+                continue
+            last = (run.epoch, run.last)
+            for offset, data in run.messages:
+                if data.get("role") in STAFF_ROLES or (me is not None
+                                                       and data.get("user_id") == me):
+                    frames.append(protocol.event_frame("chat.message", data, run.epoch,
+                                                       offset))
+                else:
+                    left_out += 1
+        assert last is not None
+        frames.append(protocol.skipped_frame(left_out, *last))
+        metrics.CHAT_SHED.inc(left_out)
+        message, size = asgi_message(protocol.encode(frames, self.fmt))
+        self._bulk = rest or None
+        if self._urgent is None:
+            self._urgent = collections.deque()
+        self._urgent.append((message, size, None, None))
+        self._recount()
+
+    def _recount(self) -> None:
+        self._queued_bytes = sum(item[1] for q in (self._urgent, self._bulk) if q
+                                 for item in q)
 
     async def _drain_queue(self) -> None:
         try:
-            while self._queue and not self.closed:
-                message, size, _ = self._queue.popleft()
+            while not self.closed:
+                if self._urgent:
+                    message, size, _, _ = self._urgent.popleft()
+                elif self._bulk:
+                    message, size, _, _ = self._bulk.popleft()
+                else:
+                    break
                 self._queued_bytes -= size
                 await self.send(message)
         except Exception:
             self.closed = True
         finally:
             self._writer = None
-            if not self._queue:
-                self._queue = None  # idle sockets hold no deque
+            if not self._urgent:
+                self._urgent = None  # idle sockets hold no deque
+            if not self._bulk:
+                self._bulk = None
 
     # -- closing ------------------------------------------------------------------
     def close_slow(self) -> None:
@@ -215,7 +297,7 @@ class Connection:
         if self._writer is not None:
             self._writer.cancel()
             self._writer = None
-        self._queue = None
+        self._urgent = self._bulk = None
         self._queued_bytes = 0
         spawn(self._send_close(code, reason, after))
 

@@ -23,11 +23,15 @@ import itertools
 import math
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from realtime import protocol
 from realtime.connection import Connection
-from realtime.hub import Broadcast, Hub
 from realtime.protocol import CloseCode
+from realtime.wire import Broadcast
+
+if TYPE_CHECKING:
+    from realtime.hub import Hub
 
 __all__ = ["SLICES", "Heartbeat", "heartbeat_loop"]
 

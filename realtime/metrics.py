@@ -48,3 +48,11 @@ def frame_in(kind: str) -> None:
     if child is None:
         child = _frames_in[kind] = FRAMES_IN.labels(kind)
     tally(child)
+CHAT_BATCHES = Counter("dropserver_chat_batches_total",
+                       "Chat batches sent to a big room's sockets (one write per socket).")
+CHAT_SAMPLED_OUT = Counter("dropserver_chat_sampled_out_total",
+                           "Chat messages left out of a big room's batches (a fair sample "
+                           "kept; every message stays in history).")
+CHAT_SHED = Counter("dropserver_chat_shed_total",
+                    "Queued chat messages a slow socket did not get (replaced by a "
+                    "`skipped` frame so a drop event goes first, or over its queue bound).")

@@ -90,6 +90,7 @@ class ServerType(enum.StrEnum):
     PING = "ping"
     PONG = "pong"
     GOING_AWAY = "going_away"    # server drain or overload: reconnect after N ms
+    SKIPPED = "skipped"          # chat messages up to pos were left out of this stream
 
 
 class CloseCode(enum.IntEnum):
@@ -179,6 +180,14 @@ def error_frame(code: ErrorCode | str, message: str, request_id: str | None = No
 
 def event_frame(event: str, data: dict[str, Any], epoch: str, offset: int) -> dict[str, Any]:
     return {"t": ServerType.EVENT.value, "event": event, "data": data,
+            "pos": {"epoch": epoch, "offset": offset}}
+
+
+def skipped_frame(count: int, epoch: str, offset: int) -> dict[str, Any]:
+    """``count`` chat messages up to ``(epoch, offset)`` were left out of this socket's
+    stream (a big room's chat is sampled, or the socket could not keep up); they are
+    in history. docs/protocol.md, "Chat in big rooms"."""
+    return {"t": ServerType.SKIPPED.value, "count": int(count),
             "pos": {"epoch": epoch, "offset": offset}}
 
 

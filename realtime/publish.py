@@ -3,6 +3,9 @@
 * :func:`publish` -- durable: gets a position ``(epoch, offset)``, goes into the drop's
   capped history (a Redis Stream) and out on the drop's channel, in one Lua script
   (``scripts/history_add.lua``), so history order is channel order.
+* :func:`publish_many` -- several durable events of one action (``drop.state`` and
+  ``drop.buy_now``): consecutive positions, one publication, so each viewer gets
+  them as one message.
 * :func:`publish_volatile` -- coalescable, latest wins ("stock", "viewers",
   "campaign.progress"); not in history.
 * :func:`publish_user` -- private to every socket of one user on any node ("order.*").
@@ -13,6 +16,7 @@ History size and lifetime come from settings (:func:`configure`, called at start
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
@@ -20,7 +24,8 @@ import msgpack
 from realtime import channels
 from realtime._lua import load
 
-__all__ = ["configure", "publish", "publish_user", "publish_volatile", "user_message"]
+__all__ = ["configure", "publish", "publish_many", "publish_user", "publish_volatile",
+           "user_message"]
 
 _history_add = load("history_add")
 _limits = {"history_size": 1000, "history_ttl": 86400}
@@ -46,18 +51,33 @@ async def publish(redis: Any, drop_id: int, event: str, data: dict, *,
     newest first, in the same atomic step: the list is in offset order (chat's recent
     messages, which the join snapshot lists).
     """
-    body = channels.pack_body(event, data)
+    return (await publish_many(redis, drop_id, [(event, data)], recent=recent))[0]
+
+
+async def publish_many(redis: Any, drop_id: int, events: Sequence[tuple[str, dict]], *,
+                       recent: tuple[str, int] | None = None) -> list[tuple[str, int]]:
+    """Durable events with consecutive positions, published as one message (viewers
+    get them in one WebSocket message); returns their positions. ``recent``: as for
+    :func:`publish`, keeping the last event's data."""
+    if not events:
+        return []
     keys = [channels.meta_key(drop_id), channels.history_key(drop_id)]
-    args = [channels.drop_channel(drop_id), body, new_epoch(),
-            _limits["history_size"], _limits["history_ttl"]]
+    item, size = b"", 0
     if recent is not None:
-        key, size = recent
-        keys.append(key)
-        args += [msgpack.packb(data, use_bin_type=True), max(int(size), 1)]
-    epoch, offset = await _history_add(keys=keys, args=args, client=redis)
+        keys.append(recent[0])
+        item = msgpack.packb(events[-1][1], use_bin_type=True)
+        size = max(int(recent[1]), 1)
+    epoch, last = await _history_add(
+        keys=keys,
+        args=[channels.drop_channel(drop_id), new_epoch(), _limits["history_size"],
+              _limits["history_ttl"], size, item,
+              *(channels.pack_body(e, d) for e, d in events)],
+        client=redis,
+    )
     if isinstance(epoch, bytes):
         epoch = epoch.decode()
-    return epoch, int(offset)
+    first = int(last) - len(events) + 1
+    return [(epoch, first + i) for i in range(len(events))]
 
 
 async def publish_volatile(redis: Any, drop_id: int, event: str, data: dict) -> None:

@@ -131,11 +131,11 @@ class MomentRecorder:
 
     async def _handle(self, raw: bytes) -> None:
         try:
-            pub = channels.parse_message(raw)
+            pubs = channels.parse_publications(raw)  # one creator action: several
         except ValueError:
             return
-        found = moment_from_event(pub.event, pub.data)
-        if found is None:
-            return
-        kind, product = found
-        await record_moment(self.db, self.drop_id, kind, product, self.media_ms())
+        for pub in pubs:
+            found = moment_from_event(pub.event, pub.data)
+            if found is not None:
+                kind, product = found
+                await record_moment(self.db, self.drop_id, kind, product, self.media_ms())

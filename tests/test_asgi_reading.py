@@ -10,7 +10,8 @@ import pytest
 import uvicorn
 import websockets
 
-from realtime.asgi import QUEUE_FRAMES, LeanWebSocketProtocol, server_frame
+from realtime.asgi import QUEUE_FRAMES, LeanWebSocketProtocol
+from realtime.wire import server_frame
 from tests.conftest import free_port
 from tests.ws_frames import ws_frame
 

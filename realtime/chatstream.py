@@ -1,0 +1,138 @@
+"""Chat in a big room: a bounded stream, one batch per socket per interval, sampled.
+
+Below ``DROPSERVER_CHAT_BATCH_VIEWERS`` local viewers a chat message is fanned out
+like any durable event. From there on, one chat message would cost one socket write
+per viewer (~15-30 us each on loopback): at 12,500 viewers per process and 50
+messages a second that is more than a core, in front of BUY NOW. So a big room
+collects its chat here and sends it as one batch per socket at most every
+
+    interval = max(DROPSERVER_CHAT_BATCH_MS, local viewers / DROPSERVER_CHAT_BUDGET)
+
+and each batch carries at most ``DROPSERVER_CHAT_READ_RATE`` x interval messages (what
+a person can read): past that, a fair sample (every message equally likely), the
+same for every socket of the process so it is encoded once. Always in the batch: the
+creator's and moderators' messages (``data["role"]``, set by realtime.chat), and for
+each viewer its own messages (a few per-viewer variants of the batch).
+
+Positions stay exact: every message keeps its offset in history, the frames of a
+batch are in offset order, and a batch that left messages out ends with a
+``skipped`` frame (count, and the position the batch accounts up to) so that a
+client tells chat left out of its stream from a lost event (docs/protocol.md). A
+resume with ``since`` gets every message from history.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from realtime import metrics, protocol
+from realtime.channels import Publication
+from realtime.connection import STAFF_ROLES
+from realtime.wire import Broadcast, ChatRun, Lane
+
+__all__ = ["ChatBatch", "ChatStream", "sample"]
+
+CHAT_EVENT = "chat.message"
+
+
+def sample(pubs: list[Publication], cap: int, rng: random.Random) -> list[Publication]:
+    """At most ``cap`` of ``pubs`` (more only if the staff's alone are more): every
+    staff message, then a uniform random choice of the others; in offset order."""
+    if len(pubs) <= cap:
+        return list(pubs)
+    staff = [p for p in pubs if p.data.get("role") in STAFF_ROLES]
+    others = [p for p in pubs if p.data.get("role") not in STAFF_ROLES]
+    room = max(0, cap - len(staff))
+    chosen = staff + (rng.sample(others, room) if room < len(others) else others)
+    chosen.sort(key=lambda p: p.offset)
+    return chosen
+
+
+@dataclass
+class ChatBatch:
+    """One interval's chat, taken out of the stream: the message for most sockets and
+    the variants for the few that need another (their own message was left out, or
+    they joined in the middle of the batch)."""
+
+    pubs: list[Publication]
+    chosen: list[Publication]
+    default: Broadcast
+    left_out_by: frozenset[str]  # users with a message left out of the default
+    _variants: dict[tuple[str | None, int | None], Broadcast | None] = field(
+        default_factory=dict)
+
+    def for_conn(self, conn: Any, after: int | None = None) -> Broadcast | None:
+        """The batch as ``conn`` gets it: the default, or its variant with its own
+        messages, or without the messages up to ``after`` (its join answer had them).
+        None: nothing left for it."""
+        me = conn.user_id
+        own = me if me is not None and me in self.left_out_by else None
+        if own is None and after is None:
+            return self.default
+        key = (own, after)
+        if key not in self._variants:
+            pubs = self.pubs if after is None else [p for p in self.pubs
+                                                    if p.offset > after]
+            chosen = {p.offset for p in self.chosen}
+            mine = [p for p in pubs
+                    if p.offset in chosen or (own is not None and p.data.get("user_id") == own)]
+            self._variants[key] = _batch(pubs, mine) if pubs else None
+        return self._variants[key]
+
+
+def _batch(pubs: list[Publication], chosen: list[Publication]) -> Broadcast:
+    frames = [protocol.event_frame(p.event, p.data, p.epoch, p.offset) for p in chosen]
+    last = pubs[-1]
+    left_out = len(pubs) - len(chosen)
+    if left_out:
+        frames.append(protocol.skipped_frame(left_out, last.epoch, last.offset))
+    run = ChatRun(last.epoch, last.offset, tuple((p.offset, p.data) for p in pubs),
+                  len(chosen))
+    return Broadcast(frames if len(frames) > 1 else frames[0], lane=Lane.BULK, chat=run)
+
+
+class ChatStream:
+    """The open batch of one room (see the module docstring)."""
+
+    def __init__(self, *, batch_s: float, budget: float, read_rate: float,
+                 rng: random.Random | None = None) -> None:
+        self.batch_s = batch_s
+        self.budget = budget
+        self.read_rate = read_rate
+        self.pubs: list[Publication] = []
+        self.last_flush = 0.0
+        self._rng = rng or random.Random()
+
+    def __bool__(self) -> bool:
+        return bool(self.pubs)
+
+    def interval(self, viewers: int) -> float:
+        """Seconds between two batches to a room of ``viewers`` local sockets."""
+        if self.budget > 0:
+            return max(self.batch_s, viewers / self.budget)
+        return self.batch_s
+
+    def cap(self, viewers: int) -> int:
+        """Messages a batch carries before it is sampled."""
+        return max(1, round(self.read_rate * self.interval(viewers)))
+
+    def add(self, pub: Publication) -> None:
+        self.pubs.append(pub)
+
+    def take(self, viewers: int, now: float) -> ChatBatch | None:
+        """Close the open batch: sample it for ``viewers`` sockets and encode it."""
+        pubs, self.pubs = self.pubs, []
+        self.last_flush = now
+        if not pubs:
+            return None
+        cap = self.cap(viewers)
+        chosen = sample(pubs, cap, self._rng)
+        metrics.CHAT_BATCHES.inc()
+        if len(chosen) < len(pubs):
+            metrics.CHAT_SAMPLED_OUT.inc(len(pubs) - len(chosen))
+        kept = {p.offset for p in chosen}
+        left_out_by = frozenset(str(p.data.get("user_id")) for p in pubs
+                                if p.offset not in kept)
+        return ChatBatch(pubs, chosen, _batch(pubs, chosen), left_out_by)

@@ -1,0 +1,378 @@
+"""One drop's viewers in this process: its stream in order, and what each socket gets.
+
+A :class:`Room` receives the drop's publications from the hub and turns them into
+fan-out jobs (realtime.dispatch):
+
+* **Durable events in order.** The room tracks the drop's last position. A durable
+  publication that does not follow it (a lost subscriber connection, Redis killing
+  the client over its output-buffer limit) makes the room fetch the missing events
+  from history first; if they are no longer there, every viewer of the room gets a
+  fresh snapshot (``recovered: false``).
+* **Drop events first.** Durable events that arrive in one turn of the event loop
+  leave in one message (a batch, docs/protocol.md), in the urgent lane: the events
+  of one creator action (``drop.state`` and ``drop.buy_now``, published together)
+  reach each socket as one message.
+* **Chat as a bounded stream** in a big room (realtime.chatstream): one batch per
+  interval in the bulk lane. A drop event never waits for chat: the open batch, and
+  what a chat job in progress has not delivered yet, go out *in the drop event's own
+  message*, before it (one write per socket, positions in order).
+* **Coalescing.** ``stock``, ``campaign.progress`` and ``viewers`` reach a socket at
+  most once per ``DROPSERVER_STOCK_COALESCE_MS`` / ``..._VIEWERS_COALESCE_MS`` per drop,
+  latest wins (``stock`` merges per product). The interval grows with the room: a
+  flush costs a socket write per local viewer (~30 us on loopback), so a room of N
+  local viewers flushes at most every N / ``DROPSERVER_COALESCE_BUDGET`` seconds.
+  Durable and private events are never coalesced or dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+from realtime import channels, history, metrics, protocol
+from realtime.channels import Kind, Publication
+from realtime.chatstream import CHAT_EVENT, ChatBatch, ChatStream
+from realtime.connection import Connection, spawn
+from realtime.dispatch import Job
+from realtime.wire import Broadcast, Lane
+
+if TYPE_CHECKING:
+    from realtime.hub import Hub
+
+__all__ = ["Room", "merge_volatile"]
+
+log = logging.getLogger("dropserver.realtime")
+
+CHAT_RETRY_S = 0.005  # a chat batch due while a drop event is fanned out waits this long
+
+
+def merge_volatile(event: str, old: dict[str, Any] | None,
+                   new: dict[str, Any]) -> dict[str, Any]:
+    """Latest wins; ``stock`` merges per product."""
+    if event == "stock" and old is not None:
+        products = dict(old.get("products") or {})
+        products.update(new.get("products") or {})
+        return {**old, **new, "products": products}
+    return new
+
+
+class Room:
+    """The local viewers of one drop; see the module docstring."""
+
+    def __init__(self, hub: Hub, drop_id: int) -> None:
+        self.hub = hub
+        self.drop_id = drop_id
+        self.channel = channels.drop_channel(drop_id)
+        self.conns: set[Connection] = set()
+        self.joining: set[Connection] = set()
+        self.position = history.Position("", 0)
+        self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.resyncing = False
+        self.backlog: list[Publication] = []
+        self.latest: dict[str, dict[str, Any]] = {}  # last volatile data sent, by event
+        self.viewers = 0
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._last_sent: dict[str, float] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._unsubscribe: asyncio.TimerHandle | None = None
+        self._outbox: list[dict[str, Any]] = []  # durable frames of this loop turn
+        self._outbox_flush: asyncio.Handle | None = None
+        s = hub.settings
+        self.chat = ChatStream(batch_s=s.chat_batch_ms / 1000, budget=s.chat_budget,
+                               read_rate=s.chat_read_rate, rng=random.Random())
+        self._chat_timer: asyncio.TimerHandle | None = None
+        self._chat_job: Job | None = None  # the chat batch being fanned out
+        # Sockets that joined since the last chat batch, with the offset their join
+        # answer covered: the batch must not repeat what they already have.
+        self._fresh: dict[Connection, tuple[str, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.conns) + len(self.joining)
+
+    @property
+    def big(self) -> bool:
+        """Chat goes out in batches (realtime.chatstream)."""
+        return len(self.conns) >= self.hub.settings.chat_batch_viewers
+
+    # -- delivery -----------------------------------------------------------------
+    def broadcast(self, frame: dict[str, Any], key: str | None = None) -> int:
+        """Send a volatile ``frame`` to every local viewer (bulk lane)."""
+        if not self.conns:
+            return 0
+        self.hub.dispatcher.submit(Job(
+            [(Broadcast(frame, lane=Lane.BULK, key=key), list(self.conns))], Lane.BULK))
+        return len(self.conns)
+
+    def queue_durable(self, frame: dict[str, Any]) -> None:
+        """Send ``frame`` at the end of this loop turn, batched with the others."""
+        self._outbox.append(frame)
+        if self._outbox_flush is None:
+            self._outbox_flush = asyncio.get_running_loop().call_soon(self.flush_outbox)
+
+    def flush_outbox(self) -> None:
+        """Fan out the durable frames queued this turn (urgent lane), with the chat
+        the room still holds before them."""
+        if self._outbox_flush is not None:
+            self._outbox_flush.cancel()
+            self._outbox_flush = None
+        frames, self._outbox = self._outbox, []
+        if not frames:
+            return
+        if len(frames) > 1:
+            metrics.BATCHED.inc(len(frames))
+        self._send_positioned(frames)
+
+    def _send_positioned(self, frames: list[dict[str, Any]]) -> None:
+        """An urgent job for ``frames``; chat not delivered yet rides in front."""
+        if not self.conns:
+            self.chat.take(0, time.monotonic())  # nobody to tell; history has it
+            self._fresh.clear()
+            return
+        prefix: dict[Connection, Broadcast] = {}
+        job = self._chat_job
+        if job is not None and not job.done:
+            for b, conns in job.remaining():
+                for conn in conns:
+                    prefix[conn] = b
+            job.cancel()
+            self._chat_job = None
+        batch = self._take_chat()
+        if not prefix and batch is None:
+            message = frames if len(frames) > 1 else frames[0]
+            segments = [(Broadcast(message, positioned=True), list(self.conns))]
+        else:
+            segments = self._segments(prefix, batch, frames)
+        self.hub.dispatcher.submit(Job(segments, Lane.URGENT))
+
+    def _segments(self, prefix: dict[Connection, Broadcast], batch: ChatBatch | None,
+                  frames: list[dict[str, Any]]) -> list[tuple[Broadcast, list[Connection]]]:
+        """Group sockets by what they get: [their undelivered chat..., frames]."""
+        groups: dict[tuple[int, int], tuple[list[dict[str, Any]], list[Connection]]] = {}
+        fresh = self._fresh
+        for conn in self.conns:
+            before = prefix.get(conn)
+            chat = None
+            if batch is not None:
+                after = fresh.get(conn)
+                chat = batch.for_conn(conn, after[1] if after else None)
+            key = (id(before), id(chat))
+            group = groups.get(key)
+            if group is None:
+                head = (before.frames if before else []) + (chat.frames if chat else [])
+                group = groups[key] = (head + frames, [])
+            group[1].append(conn)
+        if batch is not None:
+            fresh.clear()
+        return [(Broadcast(fs if len(fs) > 1 else fs[0], positioned=True), conns)
+                for fs, conns in groups.values()]
+
+    def _take_chat(self) -> ChatBatch | None:
+        if self._chat_timer is not None:
+            self._chat_timer.cancel()
+            self._chat_timer = None
+        return self.chat.take(len(self.conns), time.monotonic())
+
+    # -- chat batches ---------------------------------------------------------------
+    def _add_chat(self, pub: Publication) -> None:
+        if self._outbox:
+            self.flush_outbox()  # earlier drop events leave before this chat
+        self.chat.add(pub)
+        if self._chat_timer is None:
+            wait = self.chat.last_flush + self.chat.interval(len(self.conns)) - \
+                time.monotonic()
+            self._chat_timer = asyncio.get_running_loop().call_later(
+                max(0.0, wait), self._flush_chat)
+
+    def _flush_chat(self) -> None:
+        self._chat_timer = None
+        if not self.chat:
+            return
+        busy = self._chat_job is not None and not self._chat_job.done
+        if busy or self.hub.dispatcher.urgent_busy:
+            # Drop events first, and one chat batch per room at a time.
+            self._chat_timer = asyncio.get_running_loop().call_later(
+                CHAT_RETRY_S, self._flush_chat)
+            return
+        batch = self._take_chat()
+        if batch is None or not self.conns:
+            self._fresh.clear()
+            return
+        groups: dict[int, tuple[Broadcast, list[Connection]]] = {}
+        fresh = self._fresh
+        for conn in self.conns:
+            after = fresh.get(conn)
+            b = batch.for_conn(conn, after[1] if after else None)
+            if b is None:
+                continue
+            group = groups.get(id(b))
+            if group is None:
+                group = groups[id(b)] = (b, [])
+            group[1].append(conn)
+        fresh.clear()
+        self._chat_job = self.hub.dispatcher.submit(Job(list(groups.values()), Lane.BULK))
+
+    # -- the durable stream ------------------------------------------------------------
+    def on_publication(self, pub: Publication) -> None:
+        for conn in self.joining:
+            if conn.pending is not None:
+                conn.pending.append(pub)
+        if pub.kind is Kind.DURABLE:
+            self.hub.snapshots.invalidate(self.drop_id)
+            self._on_durable(pub)
+        else:
+            self.on_volatile(pub.event, pub.data)
+
+    def _on_durable(self, pub: Publication) -> None:
+        if self.resyncing:
+            self.backlog.append(pub)
+            return
+        pos = self.position
+        if pub.epoch == pos.epoch and pub.offset <= pos.offset:
+            return  # already delivered (filled from history)
+        follows = (pub.epoch == pos.epoch and pub.offset == pos.offset + 1) or (
+            pos.offset == 0 and pub.offset == 1)
+        if not follows:
+            self.backlog.append(pub)
+            self.resyncing = True
+            spawn(self._resync())
+            return
+        self._apply(pub)
+
+    def _apply(self, pub: Publication) -> None:
+        self.position = history.Position(pub.epoch, pub.offset)
+        if pub.event == CHAT_EVENT and (self.chat or self.big):
+            self._add_chat(pub)
+        else:
+            self.queue_durable(protocol.event_frame(pub.event, pub.data, pub.epoch,
+                                                    pub.offset))
+
+    def joined(self, conn: Connection, epoch: str, offset: int) -> None:
+        """``conn`` was answered up to ``(epoch, offset)`` and is live from now on."""
+        self.conns.add(conn)
+        if self.chat or self.big:
+            self._fresh[conn] = (epoch, offset)
+
+    def discard(self, conn: Connection) -> None:
+        self.conns.discard(conn)
+        self.joining.discard(conn)
+        self._fresh.pop(conn, None)
+
+    def check_gap(self) -> None:
+        """After a lost subscription: fetch whatever was published meanwhile."""
+        if not self.resyncing:
+            self.resyncing = True
+            spawn(self._resync())
+
+    async def _resync(self) -> None:
+        try:
+            while True:
+                rec = await history.recover(self.hub.redis, self.drop_id, self.position,
+                                            self.hub.settings.history_size)
+                if rec.recovered:
+                    if rec.publications:
+                        metrics.GAPS.labels("filled").inc()
+                        log.info("gap filled from history", extra={
+                            "drop_id": self.drop_id, "events": len(rec.publications)})
+                    for pub in rec.publications:
+                        self._apply(pub)
+                    self.position = rec.position
+                else:
+                    metrics.GAPS.labels("resync").inc()
+                    log.warning("gap not in history; sending fresh snapshots",
+                                extra={"drop_id": self.drop_id})
+                    snap = await self.hub.snapshots.get(self.drop_id, fresh=True)
+                    if snap is None:
+                        return
+                    p = snap["pos"]
+                    self.position = history.Position(p["epoch"], p["offset"])
+                    self._reset_stream()
+                    frame = self.hub.joined_frame(self, None, snap, recovered=False,
+                                                  events=[])
+                    self.hub.dispatcher.submit(Job(
+                        [(Broadcast(frame, positioned=True), list(self.conns))]))
+                backlog, self.backlog = self.backlog, []
+                pos = self.position
+                rest = [p for p in backlog
+                        if not (p.epoch == pos.epoch and p.offset <= pos.offset)]
+                gap = False
+                for pub in rest:
+                    if pub.epoch == self.position.epoch and \
+                            pub.offset == self.position.offset + 1:
+                        self._apply(pub)
+                    else:
+                        gap = True
+                        break
+                if not gap:
+                    return
+        except Exception:
+            log.exception("resync failed; asking viewers to rejoin",
+                          extra={"drop_id": self.drop_id})
+            for conn in list(self.conns):
+                conn.close(protocol.CloseCode.RESYNC, "resync")
+        finally:
+            self.resyncing = False
+            if self.backlog:  # arrived while the last fetch was in flight
+                backlog, self.backlog = self.backlog, []
+                for pub in backlog:
+                    self._on_durable(pub)
+
+    def _reset_stream(self) -> None:
+        """A fresh snapshot replaces everything before it: drop what is pending."""
+        self.flush_outbox()
+        self._take_chat()
+        if self._chat_job is not None:
+            self._chat_job.cancel()
+            self._chat_job = None
+        self._fresh.clear()
+
+    # -- volatile, coalesced ----------------------------------------------------------
+    def coalesce_interval(self, event: str) -> float | None:
+        """Seconds between flushes of ``event`` for this room, or None: not coalesced."""
+        base = self.hub.intervals.get(event)
+        budget = self.hub.settings.coalesce_budget
+        if base is None or budget <= 0:
+            return base
+        return max(base, len(self.conns) / budget)
+
+    def on_volatile(self, event: str, data: dict[str, Any]) -> None:
+        interval = self.coalesce_interval(event)
+        if interval is None:
+            self.latest[event] = data
+            self.broadcast(protocol.volatile_frame(event, data), key=event)
+            return
+        self._pending[event] = merge_volatile(event, self._pending.get(event), data)
+        if event in self._timers:
+            metrics.COALESCED.labels("room").inc()
+            return
+        wait = self._last_sent.get(event, 0.0) + interval - time.monotonic()
+        if wait <= 0:
+            self._flush(event)
+        else:
+            self._timers[event] = asyncio.get_running_loop().call_later(
+                wait, self._flush, event)
+
+    def _flush(self, event: str) -> None:
+        self._timers.pop(event, None)
+        data = self._pending.pop(event, None)
+        if data is None:
+            return
+        self._last_sent[event] = time.monotonic()
+        self.latest[event] = merge_volatile(event, self.latest.get(event), data)
+        self.broadcast(protocol.volatile_frame(event, data), key=event)
+
+    def close(self) -> None:
+        if self._outbox_flush is not None:
+            self._outbox_flush.cancel()
+            self._outbox_flush = None
+        if self._chat_timer is not None:
+            self._chat_timer.cancel()
+            self._chat_timer = None
+        if self._chat_job is not None:
+            self._chat_job.cancel()
+            self._chat_job = None
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()

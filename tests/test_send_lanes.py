@@ -1,0 +1,174 @@
+"""A socket's two send lanes (realtime.connection) and the process's fan-out queue
+(realtime.dispatch): drop events are never queued behind chat or volatile frames,
+positions stay in order, and a fan-out gives the loop back between slices."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgpack
+
+from dropserver.auth import Principal, Role
+from realtime import protocol
+from realtime.connection import Connection
+from realtime.dispatch import Dispatcher, Job
+from realtime.protocol import Format
+from realtime.wire import Broadcast, ChatRun, Lane
+
+
+class Sock:
+    """A socket whose writes are recorded; ``paused`` makes the transport refuse them
+    (uvicorn's send would suspend) until ``resume()``."""
+
+    def __init__(self, user: str | None = "viewer-1", limit: int = 1 << 20) -> None:
+        self.got: list = []
+        self.paused = False
+        self._resumed = asyncio.Event()
+        self.conn = Connection(self._send, Format.MSGPACK, limit, "c", "127.0.0.1")
+        if user is not None:
+            self.conn.principal = Principal(user, Role.VIEWER)
+
+    async def _send(self, message: dict) -> None:
+        while self.paused:
+            self._resumed.clear()
+            await self._resumed.wait()
+        if message["type"] == "websocket.send":
+            self.got.append(msgpack.unpackb(message["bytes"], strict_map_key=False))
+
+    def resume(self) -> None:
+        self.paused = False
+        self._resumed.set()
+
+    def frames(self) -> list[dict]:
+        out: list[dict] = []
+        for m in self.got:
+            out.extend(m if isinstance(m, list) else [m])
+        return out
+
+
+def event(offset: int, name: str = "drop.buy_now", **data) -> dict:
+    return protocol.event_frame(name, data, "e1", offset)
+
+
+def chat_batch(first: int, last: int, users: dict[int, str] | None = None,
+               roles: dict[int, str] | None = None) -> Broadcast:
+    """A chat batch over offsets first..last that carries them all."""
+    msgs = []
+    for off in range(first, last + 1):
+        data = {"id": f"m{off}", "user_id": (users or {}).get(off, f"u{off}"),
+                "text": f"t{off}"}
+        if roles and off in roles:
+            data["role"] = roles[off]
+        msgs.append((off, data))
+    frames = [protocol.event_frame("chat.message", d, "e1", o) for o, d in msgs]
+    return Broadcast(frames, lane=Lane.BULK,
+                     chat=ChatRun("e1", last, tuple(msgs), len(msgs)))
+
+
+def offsets(frames: list[dict]) -> list[int]:
+    return [f["pos"]["offset"] for f in frames if "pos" in f]
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_drop_event_overtakes_queued_volatile_and_chat_keeping_positions():
+    s = Sock()
+    s.paused = True  # the client stopped reading for a moment: everything queues
+    Broadcast(protocol.volatile_frame("viewers", {"count": 5}), lane=Lane.BULK,
+              key="viewers").deliver(s.conn)
+    chat_batch(1, 3).deliver(s.conn)
+    Broadcast(event(4), positioned=True).deliver(s.conn)
+    Broadcast({"t": "ping"}).deliver(s.conn)
+    s.resume()
+    await settle()
+    frames = s.frames()
+    # The chat that was queued is not written before BUY NOW: it became a skipped
+    # frame (position 3), then BUY NOW, the ping, and only then the volatile count.
+    assert [f["t"] for f in frames] == ["skipped", "event", "ping", "volatile"]
+    assert frames[0] == {"t": "skipped", "count": 3, "pos": {"epoch": "e1", "offset": 3}}
+    assert frames[1]["event"] == "drop.buy_now" and offsets(frames) == [3, 4]
+
+
+async def test_shedding_chat_keeps_own_creator_and_moderator_messages():
+    s = Sock(user="me")
+    s.paused = True
+    chat_batch(10, 15, users={11: "me"}, roles={13: "creator", 14: "moderator"}
+               ).deliver(s.conn)
+    Broadcast(event(16), positioned=True).deliver(s.conn)
+    s.resume()
+    await settle()
+    frames = s.frames()
+    kept = [f["pos"]["offset"] for f in frames if f.get("event") == "chat.message"]
+    assert kept == [11, 13, 14]
+    skipped = [f for f in frames if f["t"] == "skipped"]
+    assert skipped == [{"t": "skipped", "count": 3, "pos": {"epoch": "e1", "offset": 15}}]
+    assert offsets(frames) == sorted(offsets(frames))  # still in order
+    assert frames[-1]["event"] == "drop.buy_now"
+
+
+async def test_chat_is_written_in_order_when_nothing_overtakes_it():
+    s = Sock()
+    s.paused = True
+    chat_batch(1, 2).deliver(s.conn)
+    chat_batch(3, 4).deliver(s.conn)
+    Broadcast({"t": "ping"}).deliver(s.conn)  # unpositioned: overtakes, sheds nothing
+    s.resume()
+    await settle()
+    frames = s.frames()
+    assert frames[0] == {"t": "ping"}
+    assert offsets(frames) == [1, 2, 3, 4]
+
+
+async def test_over_the_bound_chat_is_shed_before_the_socket_is_closed():
+    s = Sock(limit=2000)
+    s.paused = True
+    for first in range(1, 200, 2):  # ~100 batches of 2 messages: far over 2000 bytes
+        chat_batch(first, first + 1).deliver(s.conn)
+        assert s.conn.queued_bytes <= 2000
+    assert not s.conn.closed
+    s.resume()
+    await settle()
+    frames = s.frames()
+    assert any(f["t"] == "skipped" for f in frames)
+    assert offsets(frames) == sorted(offsets(frames))
+
+
+async def test_an_urgent_fan_out_preempts_a_bulk_one_between_slices():
+    d = Dispatcher(slice_s=0.0005)
+    socks = [Sock() for _ in range(3000)]
+    conns = [s.conn for s in socks]
+    chat = Broadcast({"t": "event", "event": "chat.message", "data": {}}, lane=Lane.BULK)
+    bulk = d.submit(Job([(chat, conns)], Lane.BULK))
+    assert not bulk.done  # 3,000 sockets take more than one 0.5 ms slice
+    ran_between: list[bool] = []
+    asyncio.get_running_loop().call_soon(lambda: ran_between.append(bulk.done))
+    await asyncio.sleep(0)
+    assert ran_between == [False]  # the loop ran other work in the middle of it
+    drop = Broadcast(event(1), positioned=True)
+    urgent = d.submit(Job([(drop, conns)], Lane.URGENT))
+    while not urgent.done:
+        assert not bulk.done or urgent.done
+        await asyncio.sleep(0)
+    # Every socket had BUY NOW before the chat job got another slice.
+    assert not bulk.done
+    while not bulk.done:  # noqa: ASYNC110 (steps the loop one turn at a time)
+        await asyncio.sleep(0)
+    for s in socks:
+        assert [m["t"] for m in s.got].count("event") == 2
+
+
+async def test_commands_wait_for_the_urgent_lane_and_only_for_it():
+    d = Dispatcher(slice_s=0.0005)
+    socks = [Sock() for _ in range(3000)]
+    job = d.submit(Job([(Broadcast(event(1), positioned=True), [s.conn for s in socks])]))
+    assert d.urgent_busy and not job.done
+    started = time.perf_counter()
+    await asyncio.wait_for(d.urgent_idle(), 5)
+    assert job.done and not d.urgent_busy
+    assert all(len(s.got) == 1 for s in socks)
+    assert time.perf_counter() - started < 5
+    await asyncio.wait_for(d.urgent_idle(), 0.1)  # idle: returns at once
