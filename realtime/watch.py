@@ -51,7 +51,8 @@ async def watch(url: str, drop_id: int, token: str | None = None, *, once: bool 
                             delay = frame.get("reconnect_after_ms", 1000) / 1000
                         elif kind == "joined":
                             backoff = 0.5
-                        pos = frame.get("pos") if kind in ("event", "joined") else None
+                        pos = frame.get("pos") if kind in ("event", "joined", "skipped") \
+                            else None
                         if pos:
                             since = pos
         except (OSError, websockets.WebSocketException) as exc:

@@ -216,6 +216,10 @@ export class DropClient extends EventTarget {
         if (frame.pos) this.position = frame.pos;
         this.dispatchEvent(new CustomEvent("event", { detail: frame }));
         return;
+      case "skipped":
+        // Chat left out of a big room's stream (it is in history): not a gap.
+        if (frame.pos) this.position = frame.pos;
+        return;
       case "going_away":
         // A draining server says when to come back (already jittered on its side).
         this.serverDelayMs = frame.delayMs ?? null;

@@ -29,6 +29,7 @@ export const PONG = JSON.stringify({ t: "pong" });
  *                                                "volatile"/"private": no pos)
  *  {kind: "reply", id, data} / {kind: "error", id, code, message, details}
  *  {kind: "ping"} / {kind: "going_away", delayMs, reason}
+ *  {kind: "skipped", count, pos}               chat left out of a big room's stream
  */
 export function decodeFrame(text) {
   let msg;
@@ -63,6 +64,8 @@ function decodeOne(msg) {
         details: msg.details };
     case "ping":
       return { kind: "ping" };
+    case "skipped":
+      return { kind: "skipped", count: msg.count ?? 0, pos: msg.pos ?? null };
     case "going_away":
       return { kind: "going_away", delayMs: msg.reconnect_after_ms ?? null,
         reason: msg.reason ?? "" };

@@ -77,6 +77,24 @@ test("joins with the JSON subprotocol, resumes from the last position after a dr
   assert.equal(c.state, "closed");
 });
 
+test("a skipped frame (chat left out in a big room) moves the position past it", async () => {
+  const { c, events } = newClient();
+  c.start();
+  await until(() => sockets[0]?.sent.length === 1);
+  const ws = sockets[0];
+  ws.serverSays({ t: "joined", id: ws.sent[0].id, pos: { epoch: "E", offset: 40 } });
+  ws.serverSays([
+    { t: "event", event: "chat.message", data: { id: "a" }, pos: { epoch: "E", offset: 43 } },
+    { t: "skipped", count: 6, pos: { epoch: "E", offset: 49 } },
+    { t: "event", event: "drop.buy_now", data: { product_id: 1 }, pos: { epoch: "E", offset: 50 } },
+  ]);
+  assert.deepEqual(events.map((e) => e.event), ["chat.message", "drop.buy_now"]);
+  assert.deepEqual(c.position, { epoch: "E", offset: 50 });
+  ws.serverSays({ t: "skipped", count: 2, pos: { epoch: "E", offset: 52 } });
+  assert.deepEqual(c.position, { epoch: "E", offset: 52 }, "resumes after, not from 50");
+  c.stop();
+});
+
 test("answers pings, honours going_away's delay", async () => {
   const { c, states } = newClient();
   c.start();

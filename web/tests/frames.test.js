@@ -51,6 +51,8 @@ test("server frames decode by type", () => {
   const [away] = decodeFrame('{"t":"going_away","reason":"drain","reconnect_after_ms":1200}');
   assert.deepEqual(away, { kind: "going_away", delayMs: 1200, reason: "drain" });
   assert.deepEqual(decodeFrame('{"t":"ping"}'), [{ kind: "ping" }]);
+  const [skipped] = decodeFrame('{"t":"skipped","count":3,"pos":{"epoch":"E","offset":9}}');
+  assert.deepEqual(skipped, { kind: "skipped", count: 3, pos: { epoch: "E", offset: 9 } });
 });
 
 test("garbage frames decode to nothing", () => {
