@@ -10,11 +10,18 @@ Modules, in the order to read them:
 
 * ``protocol``: frames, codes, encoding and validation; pure, no I/O.
 * ``channels``: Redis key and channel names, the pub/sub message format; pure.
-* ``publish``: ``publish``, ``publish_volatile``, ``publish_user``: what others call.
+* ``publish``: ``publish``, ``publish_many``, ``publish_volatile``, ``publish_user``:
+  what others call.
 * ``history``: a drop's current position; exact recovery or none.
 * ``subscriber``: the process's one pub/sub connection; notices loss, resubscribes.
-* ``hub``: the process's viewers by drop, fan-out, gap filling, coalescing.
-* ``connection``: one socket's bounded send queue; a client that cannot keep up is closed.
+* ``hub``: the process's viewers by drop and by user; publications to their rooms.
+* ``room``: one drop's viewers: its stream in order, gap filling, coalescing, chat
+  carried in front of drop events.
+* ``chatstream``: a big room's chat as a bounded stream: batches, a fair sample.
+* ``dispatch``: the process's fan-out queue: drop events first, in short slices.
+* ``wire``: a message encoded and framed once for every socket; its lane.
+* ``connection``: one socket's bounded two-lane send queue; a client that cannot keep
+  up is closed.
 * ``gateway``: the ``/ws`` endpoint: accept or refuse, join, commands, drain.
 * ``asgi``: ``/ws`` served lean under uvicorn (memory per socket, frames below ASGI).
 * ``heartbeat``: pings in slices over the interval; silent sockets closed.

@@ -34,10 +34,6 @@ KNOWN_CYCLES: dict[frozenset[str], str] = {
     frozenset({"checkout.campaigns", "checkout.orders"}):
         "campaigns uses OrderProcessor and _ORDER_COLUMNS, the order worker calls "
         "campaigns.check_deadline; broken by trust-pipeline's rewrite of checkout/orders.py",
-    frozenset({"realtime.asgi", "realtime.gateway", "realtime.hub"}):
-        "the hub imports the protocol-level frame writer (asgi.server_frame), asgi's "
-        "/ws fast path imports the gateway's endpoint, and the gateway imports the hub; "
-        "broken by chatstorm's rework of the hub",
 }
 
 
