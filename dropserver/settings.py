@@ -57,8 +57,11 @@ class Settings:
                           choices=("debug", "info", "warning", "error"))
     log_format: str = _env("DROPSERVER_LOG_FORMAT", "json", "Log line format.",
                            choices=("json", "text"))
-    public_url: str = _env("DROPSERVER_PUBLIC_URL", "", "Base URL viewers use; empty "
-                           "derives it from host and port.")
+    public_url: str = _env("DROPSERVER_PUBLIC_URL", "", "Base of the HLS and replay URLs "
+                           "given out (/stream, /replay, stream.status, the pages' config), "
+                           "e.g. a CDN in front of /v1/drops/*/hls/; empty gives path-only "
+                           "URLs (/v1/drops/7/hls/live.m3u8) that clients resolve against "
+                           "the address they used.")
     cors_origins: tuple[str, ...] = _env("DROPSERVER_CORS_ORIGINS", (), "Comma-separated "
                                          "origins allowed by CORS (HLS and API).")
 

@@ -88,7 +88,8 @@ async def web_config(request: Request) -> JSONResponse:
     return JSONResponse({
         "dev": s.dev,
         "ws_path": "/ws",
-        "hls_url_template": "/v1/drops/{drop_id}/hls/live.m3u8",
+        # where viewers fetch media: DROPSERVER_PUBLIC_URL (a CDN) or this origin
+        "hls_url_template": s.public_url.rstrip("/") + "/v1/drops/{drop_id}/hls/live.m3u8",
         "whip_url_template": "/v1/drops/{drop_id}/whip",
         "payment_gateway": s.payment_gateway,
         "stripe_publishable_key": s.stripe_publishable_key

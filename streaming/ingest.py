@@ -13,6 +13,14 @@ and the end of the track, still goes through aiortc's thread. That touches aiort
 internals, hence the exact pin (``aiortc==1.16.0`` in pyproject) checked here and by
 ``tests/test_streaming_ingest.py``.
 
+aiortc's jitter buffer hands a frame on only when the first packet of the next one
+arrives (audio: four frames later), so a session's last frames never leave it. At
+the end of a session :meth:`Publisher.close` lets the tracks' loops read what is
+queued, then takes the complete frames still in the jitter buffers
+(:func:`_leftover_frames`: a video frame is complete when its last packet carries the
+RTP marker bit, RFC 6184 5.1; each Opus packet is a frame) and hands them to the
+packager: the last frame published reaches the last segment and the replay.
+
 A publisher is alive while its media arrives (:attr:`Publisher.read_timeout`, as
 MediaMTX's ``readTimeout``), not while it answers ICE consent checks: aioice closes
 the connection after 6 unanswered checks (RFC 7675, ~30 s), and FFmpeg's WHIP muxer
@@ -67,6 +75,7 @@ EXTRA_H264_PROFILES = ("4d001f", "64001f", "640c1f")  # Main, High, Constrained 
 BITRATE_HINT = "x-google-start-bitrate=2500;x-google-min-bitrate=1500"
 
 FIRST_MEDIA_TIMEOUT = 10.0  # seconds from the answer to the first frame, at least
+DRAIN_TIMEOUT = 2.0  # seconds a closing session's loops get to read queued frames
 CONSENT_NEVER_EXPIRES = 2**62  # unanswered consent checks before aioice gives up
 
 _installed = {"done": False, "transcode_all": False}
@@ -131,6 +140,37 @@ class _InlineDecoderQueue:
 
 _PASSTHROUGH = _Passthrough()
 _original_receive = rtcrtpreceiver.RTCRtpReceiver.receive
+
+
+def _leftover_frames(receiver: rtcrtpreceiver.RTCRtpReceiver) -> list[EncodedFrame]:
+    """The complete pass-through frames still in ``receiver``'s jitter buffer, oldest
+    first, timestamps mapped as aiortc maps them (see the module docstring)."""
+    jitter = receiver._RTCRtpReceiver__jitter_buffer  # type: ignore[attr-defined]
+    codecs = receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
+    mapper = receiver._RTCRtpReceiver__timestamp_mapper  # type: ignore[attr-defined]
+    if jitter._origin is None:
+        return []
+    groups: list[list[Any]] = []
+    for count in range(jitter.capacity):  # contiguous packets from the oldest
+        packet = jitter._packets[(jitter._origin + count) % jitter.capacity]
+        if packet is None:
+            break
+        if groups and groups[-1][0].timestamp == packet.timestamp:
+            groups[-1].append(packet)
+        else:
+            groups.append([packet])
+    frames = []
+    for packets in groups:
+        codec = codecs.get(packets[0].payload_type)
+        if codec is None or not isinstance(_get_decoder(codec), _Passthrough):
+            break  # a decoded codec (VP8): its decoder thread is gone
+        if codec.mimeType.lower().startswith("video/") and not packets[-1].marker:
+            break  # the frame's last packet never came
+        data = b"".join(getattr(p, "_data", b"") for p in packets)
+        frames.append(EncodedFrame(data, mapper.map(packets[0].timestamp),
+                                   time.monotonic()))
+    jitter.remove(sum(len(g) for g in groups[:len(frames)]))
+    return frames
 
 
 async def _receive(self: rtcrtpreceiver.RTCRtpReceiver, parameters: Any) -> None:
@@ -275,7 +315,8 @@ class Publisher:
         @self.pc.on("track")
         def on_track(track: Any) -> None:
             loop = self._video_loop if track.kind == "video" else self._audio_loop
-            self._tasks.append(asyncio.ensure_future(loop(track)))
+            self._tasks.append(asyncio.get_running_loop().create_task(
+                loop(track), name=f"whip-media-{track.kind}-{self.id}"))
 
         @self.pc.on("connectionstatechange")
         async def on_state() -> None:
@@ -308,6 +349,14 @@ class Publisher:
             self._offsets[kind] = max(0, round(since * clock)) - timestamp
         return timestamp + self._offsets[kind]
 
+    def _add_video(self, frame: EncodedFrame) -> None:
+        self.sink.add_video(frame.data, self._pts("video", frame.timestamp, frame.arrival,
+                                                  VIDEO_TIMESCALE))
+
+    def _add_audio(self, frame: EncodedFrame) -> None:
+        self.sink.add_audio(frame.data, self._pts("audio", frame.timestamp, frame.arrival,
+                                                  AUDIO_TIMESCALE))
+
     async def _video_loop(self, track: Any) -> None:
         transcoder = None
         try:
@@ -315,8 +364,7 @@ class Publisher:
                 frame = await track.recv()
                 self.last_media = time.monotonic()
                 if isinstance(frame, EncodedFrame):
-                    pts = self._pts("video", frame.timestamp, frame.arrival, VIDEO_TIMESCALE)
-                    self.sink.add_video(frame.data, pts)
+                    self._add_video(frame)
                 else:  # a decoded picture: re-encode (streaming.transcode)
                     if transcoder is None:
                         transcoder = self.sink.transcoder()
@@ -343,8 +391,7 @@ class Publisher:
                 frame = await track.recv()
                 self.last_media = time.monotonic()
                 if isinstance(frame, EncodedFrame):
-                    pts = self._pts("audio", frame.timestamp, frame.arrival, AUDIO_TIMESCALE)
-                    self.sink.add_audio(frame.data, pts)
+                    self._add_audio(frame)
         except MediaStreamError:
             pass
         except Exception:
@@ -379,17 +426,35 @@ class Publisher:
                     await receiver._send_rtcp_pli(source.source)
 
     async def close(self, *, lost: bool = False) -> None:
-        """Tear down; ``lost`` when the connection failed rather than ended."""
+        """Tear down; ``lost`` when the connection failed rather than ended.
+
+        Every frame received reaches the sink: closing the peer connection ends the
+        tracks behind the frames they still queue, the loops read those (at most
+        :data:`DRAIN_TIMEOUT`), then the complete frames left in the jitter buffers
+        follow (:func:`_leftover_frames`)."""
         if self._closed:
             return
         self._closed = True
+        receivers = [(t.kind, t.receiver) for t in self.pc.getTransceivers()]
         with contextlib.suppress(Exception):
             await self.pc.close()
-        for task in self._tasks:
-            if task is not asyncio.current_task():
-                task.cancel()
-        for task in self._tasks:
-            if task is not asyncio.current_task():
-                with contextlib.suppress(BaseException):
-                    await task
+        me = asyncio.current_task()
+        others = [t for t in self._tasks if t is not me]
+        loops = [t for t in others if t.get_name().startswith("whip-media")]
+        if loops:
+            await asyncio.wait(loops, timeout=DRAIN_TIMEOUT)
+        for task in others:
+            task.cancel()
+        for task in others:
+            with contextlib.suppress(BaseException):
+                await task
+        for kind, receiver in receivers:
+            try:
+                leftover = _leftover_frames(receiver)
+            except Exception:  # aiortc internals moved: lose the tail, not the session
+                log.exception("whip: cannot read the jitter buffer", extra={"session": self.id})
+                continue
+            add = self._add_video if kind == "video" else self._add_audio
+            for frame in leftover:
+                add(frame)
         await self.on_closed(self, lost)

@@ -2,7 +2,9 @@
 
 Status (broadcast as ``stream.status`` through ``realtime.publish``):
 
-* ``live`` -- a publisher is connected;
+* ``live`` -- a publisher is connected and its media is on the live playlist (said
+  once the session's first part is written, so a player started on it finds the
+  playlist: players must not poll for a playlist that is not there);
 * ``reconnecting`` -- the connection was lost (not ended with DELETE); a new WHIP POST
   within ``DROPSERVER_STREAM_RECONNECT_GRACE`` continues the same stream after an
   ``EXT-X-DISCONTINUITY``;
@@ -30,7 +32,7 @@ from typing import Any
 from realtime.publish import publish
 from streaming import replay
 from streaming.ingest import Publisher
-from streaming.packager import Packager
+from streaming.packager import PART_FILES_KEPT, Packager
 from streaming.transcode import H264Transcoder
 
 __all__ = ["DropStream", "StreamStatus", "Streaming", "owner_key"]
@@ -70,10 +72,21 @@ class DropStream:
             lambda: round(self.packager.replay_seconds * 1000))
         self._grace: asyncio.Task | None = None
         self._owner: asyncio.Task | None = None
+        self._announce = False  # say "live" at the new session's first playlist write
+        self._tasks: set[asyncio.Task] = set()
 
     def _on_update(self) -> None:
         event, self.changed = self.changed, asyncio.Event()
         event.set()
+        if self._announce and self.publisher is not None:
+            self._announce = False
+            task = asyncio.get_running_loop().create_task(self._announce_live())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _announce_live(self) -> None:
+        if self.publisher is not None:  # not lost meanwhile
+            await self._set_status(StreamStatus.LIVE)
 
     # The Publisher's sink: forwards to the packager.
     def add_video(self, annexb: bytes, pts: int) -> None:
@@ -102,15 +115,16 @@ class DropStream:
             await old.close()  # on_closed sees it is no longer current
             self.packager.end_session()
         self.packager.start_session(audio=publisher.audio_codec is not None)
+        self._announce = True
         if self._owner is None:
             self._owner = asyncio.create_task(self._hold_owner())
         await self.recorder.start()
-        await self._set_status(StreamStatus.LIVE)
 
     async def detach(self, publisher: Publisher, lost: bool) -> None:
         if publisher is not self.publisher:
             return  # an old session replaced by a newer one
         self.publisher = None
+        self._announce = False
         self.packager.end_session()
         self._on_update()
         if lost and self.streaming.settings.stream_reconnect_grace > 0:
@@ -130,6 +144,7 @@ class DropStream:
         rows = await replay.moments(self.streaming.db, self.drop_id)
         self.packager.finish(replay.dateranges(rows))
         self._on_update()
+        self.streaming.linger(self.packager)
         if self.packager.playlist.segments:
             await replay.finalize(self.streaming.db, self.drop_id,
                                   str(self.dir / "replay.m3u8"), self.packager.duration_ms)
@@ -169,6 +184,22 @@ class Streaming:
     media_dir: Path
     streams: dict[int, DropStream] = field(default_factory=dict)
     publishers: dict[str, tuple[int, Publisher]] = field(default_factory=dict)
+    # ended streams whose part files are deleted later (Packager.drop_lingering_parts)
+    _lingering: dict[Packager, asyncio.TimerHandle] = field(default_factory=dict)
+
+    def linger(self, packager: Packager) -> None:
+        """Delete an ended stream's part files as many segments later as live parts
+        are kept after leaving the playlist: players holding the last live playlist
+        still get them."""
+        def drop() -> None:
+            self._lingering.pop(packager, None)
+            packager.drop_lingering_parts()
+
+        delay = PART_FILES_KEPT * self.settings.hls_segment_seconds
+        old = self._lingering.pop(packager, None)
+        if old is not None:
+            old.cancel()
+        self._lingering[packager] = asyncio.get_running_loop().call_later(delay, drop)
 
     def drop_dir(self, drop_id: int) -> Path:
         return self.media_dir / "drops" / str(int(drop_id))
@@ -188,3 +219,7 @@ class Streaming:
                 stream._grace.cancel()
                 stream._grace = None
                 await stream.finish()
+        for packager, handle in list(self._lingering.items()):
+            handle.cancel()
+            packager.drop_lingering_parts()
+        self._lingering.clear()

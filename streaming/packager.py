@@ -123,6 +123,7 @@ class Packager:
         self._keyframe_asked_at: int | None = None
         self._audio_queue: list[tuple[int, bytes]] = []
         self._audio_next: int | None = None
+        self._lingering: list[str] = []  # part files of an ended stream, see finish()
         self._load()
 
     # ------------------------------------------------------------------ state
@@ -300,12 +301,14 @@ class Packager:
     def _part_uri(self, index: int) -> str:
         return f"s{self.playlist.next_msn}.{index}.m4s"
 
-    def _close_part(self, end: int, *, publish: bool = True) -> None:
+    def _close_part(self, end: int, *, publish: bool = True, last: bool = False) -> None:
+        """``last``: the session's last part, which takes all the audio queued (no
+        later part would)."""
         part = self._part
         if part is None or not part.video:
             return
         end_audio = end * AUDIO_TIMESCALE // VIDEO_TIMESCALE
-        audio = [a for a in self._audio_queue if a[0] < end_audio]
+        audio = [a for a in self._audio_queue if last or a[0] < end_audio]
         self._audio_queue = self._audio_queue[len(audio):]
         audio_samples = []
         for i, (apts, packet) in enumerate(audio):
@@ -384,8 +387,8 @@ class Packager:
             self.on_update()
 
     # ------------------------------------------------------------------- end
-    def end_session(self) -> None:
-        """The publisher went away: write out the held-back frame and the open segment."""
+    def _close_session(self) -> None:
+        """Write out the held-back frame and the open segment, without publishing."""
         prev = self._pending
         if prev is not None and self._part is not None:
             if not self._part.video:
@@ -394,29 +397,46 @@ class Packager:
             self._part.video.append(Sample(fmp4.annexb_to_avcc(prev.nals), duration,
                                            prev.keyframe))
             self._end = prev.pts + duration
-            self._close_part(self._end, publish=False)
+            self._close_part(self._end, publish=False, last=True)
         self._close_segment()
         self._pending = None
         self._part = None
+        self._audio_queue.clear()
         self.playlist.parts = []
         self.playlist.preload_uri = None
+
+    def end_session(self) -> None:
+        """The publisher went away: write out the held-back frame and the open segment."""
+        self._close_session()
         # Written now, not at the next part: until then blocking reloads would be
         # answered at once (the segment is closed) with the old playlist, in a loop.
         self._publish()
 
     def finish(self, dateranges: list[DateRange] | None = None) -> None:
-        """End of the stream: ENDLIST on the live playlists and a VOD ``replay.m3u8``."""
-        self.end_session()
+        """End of the stream: ENDLIST on the live playlists and a VOD ``replay.m3u8``.
+
+        One playlist write: the ended live playlist lists whole segments only (every
+        one is complete; rfc8216bis 4.4.4.9 lets parts go once their segment is
+        there). The part files stay on disk for players still holding the previous
+        playlist, until :meth:`drop_lingering_parts` (the caller runs it a few
+        segment durations later, as parts are deleted some segments after they leave
+        a live playlist)."""
+        self._close_session()
         pl = self.playlist
         pl.ended = True
+        for seg in pl.segments:
+            self._lingering.extend(part.uri for part in seg.parts)
+            seg.parts = []
         pl.dateranges = list(dateranges or [])
         self._write("replay.m3u8", pl.render(PlaylistKind.VOD))
         pl.dateranges = []
         self._publish()
-        for seg in pl.segments:
-            for part in seg.parts:
-                (self.dir / part.uri).unlink(missing_ok=True)
-            seg.parts = []
+
+    def drop_lingering_parts(self) -> None:
+        """Delete the part files the ended playlist no longer lists (see finish)."""
+        lingering, self._lingering = self._lingering, []
+        for uri in lingering:
+            (self.dir / uri).unlink(missing_ok=True)
 
     @property
     def duration_ms(self) -> int:

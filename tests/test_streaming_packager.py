@@ -264,3 +264,73 @@ def test_plain_playlist_is_written_when_it_changes_not_every_part(tmp_path: Path
     assert 2 <= writes.count("index.m3u8") <= 3  # start, then once per segment
     pk.finish()
     assert (tmp_path / "index.m3u8").read_text().count("#EXTINF") == 3
+
+
+def _uris(playlist: str) -> list[str]:
+    """Every URI a playlist names: segments, parts, maps, the preload hint."""
+    out = []
+    for line in playlist.splitlines():
+        if line and not line.startswith("#"):
+            out.append(line)
+        elif 'URI="' in line and not line.startswith("#EXT-X-PRELOAD-HINT"):
+            out.append(line.split('URI="')[1].split('"')[0])
+    return out
+
+
+def test_every_published_playlist_names_only_files_that_exist(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    """Whenever a playlist is written, every segment, part and init segment it lists
+    is on disk, also at the end of the stream: the final live.m3u8 (cacheable for a
+    minute) and the replay must not name deleted parts."""
+    published: list[str] = []
+    real_publish = Packager._publish
+
+    def publish_and_check(self):
+        real_publish(self)
+        for name in ("live.m3u8", "index.m3u8"):
+            text = (tmp_path / name).read_text()
+            missing = [u for u in _uris(text) if not (tmp_path / u).is_file()]
+            assert missing == [], (name, missing, text)
+        published.append((tmp_path / "live.m3u8").read_text())
+
+    monkeypatch.setattr(Packager, "_publish", publish_and_check)
+    pk = Packager(tmp_path, segment_seconds=1.0, part_seconds=0.2)
+    pk.start_session()
+    feed(pk, 4.0)
+    before_end = published[-1]
+    pk.finish()
+    final = (tmp_path / "live.m3u8").read_text()
+    assert "#EXT-X-ENDLIST" in final
+    replay = (tmp_path / "replay.m3u8").read_text()
+    for text in (final, replay):
+        assert [u for u in _uris(text) if not (tmp_path / u).is_file()] == []
+    # A player that loaded the last live playlist still gets the parts it names
+    # (they are deleted some time after they leave the playlist, not at once).
+    assert [u for u in _uris(before_end) if not (tmp_path / u).is_file()] == []
+    pk.drop_lingering_parts()
+    assert not list(tmp_path.glob("s*.*.m4s"))
+    assert sorted(p.name for p in tmp_path.glob("s*.m4s")) == [
+        f"s{i}.m4s" for i in range(4)]
+
+
+def test_the_last_frames_reach_the_segment_and_the_replay(tmp_path: Path) -> None:
+    """The newest frame is held back until the next one gives its duration; at the
+    end of a session it is written with a frame's duration, and the audio queued
+    after the last video frame goes into the last part (no later part takes it)."""
+    pk = Packager(tmp_path, segment_seconds=1.0, part_seconds=0.2)
+    pk.start_session()
+    frames = h264_frames(2.0)
+    audio = opus_packets(2.0)
+    for _ in range(2):  # 20 and 40 ms past the last video frame's start
+        audio.append((audio[-1][0], audio[-1][1] + 960))
+    events = sorted([(pts / 90000, "v", data, pts) for data, pts, _ in frames]
+                    + [(pts / 48000, "a", data, pts) for data, pts in audio])
+    for _, kind, data, pts in events:
+        (pk.add_video if kind == "v" else pk.add_audio)(data, pts)
+    pk.finish()
+    init = (tmp_path / "init1.mp4").read_bytes()
+    media = [(tmp_path / s.uri).read_bytes() for s in pk.playlist.segments]
+    info = decode(init, *media)
+    assert info["video"]["frames"] == len(frames) == 60
+    assert info["audio"]["frames"] == len(audio)
+    assert abs(pk.duration_ms - 2000) <= 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import re
 import time
 from pathlib import Path
 
@@ -163,6 +165,162 @@ async def test_publish_with_ffmpeg_whip_muxer(whip_server, media_settings, make_
         assert 2500 <= timeline["duration_ms"] <= 4000
         status = (await http.get(f"/v1/drops/{drop_id}/stream")).json()
         assert status["status"] == "offline" and status["replay"].endswith("replay.m3u8")
+
+
+def _playlist_uris(text: str) -> list[str]:
+    """Every URI a playlist names (segments, parts, init segments), not the preload
+    hint: that one names a part still to come."""
+    out = []
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            out.append(line)
+        elif 'URI="' in line and not line.startswith("#EXT-X-PRELOAD-HINT"):
+            out.append(line.split('URI="')[1].split('"')[0])
+    return out
+
+
+async def test_a_finished_stream_serves_everything_it_lists_up_to_the_last_frame(
+        whip_server, media_settings, make_token, tmp_path: Path) -> None:
+    """Publish a few seconds, end with DELETE: every file the final live, plain and
+    replay playlists name is served (the ended live.m3u8 is cacheable for a minute),
+    and every video packet FFmpeg sent is in the replay, the last one included."""
+    drop_id = await make_drop(media_settings.database_url)
+    token = make_token(CREATOR, Role.CREATOR)
+    counts = tmp_path / "counts.json"
+    pub = WhipPublisher(f"{whip_server.base_url}/v1/drops/{drop_id}/whip", token,
+                        seconds=3.0, counts=str(counts))
+    pub.start()
+    await pub.wait(30)
+    assert pub.error is None, pub.error
+    hls = f"/v1/drops/{drop_id}/hls"
+    async with httpx.AsyncClient(base_url=whip_server.base_url, timeout=10) as http:
+        async def ended():
+            r = await http.get(f"{hls}/live.m3u8")
+            return r if "#EXT-X-ENDLIST" in r.text else None
+
+        final = await wait_for(ended)
+        assert final.headers["cache-control"] == "public, max-age=60"
+        playlists = {"live.m3u8": final.text}
+        for name in ("index.m3u8", "replay.m3u8"):
+            r = await http.get(f"{hls}/{name}")
+            assert r.status_code == 200, (name, r.text)
+            playlists[name] = r.text
+        for name, text in playlists.items():
+            answers = {uri: (await http.get(f"{hls}/{uri}")).status_code
+                       for uri in _playlist_uris(text)}
+            assert answers and set(answers.values()) == {200}, (name, answers, text)
+        replay = playlists["replay.m3u8"]
+        media = [(await http.get(f"{hls}/{u}")).content for u in _playlist_uris(replay)]
+    info = decode(media[0], *media[1:])
+    sent = json.loads(counts.read_text())
+    assert (info["video"]["frames"], info["audio"]["frames"]) == (
+        sent["video"], sent["audio"]), (info, sent)
+
+
+async def test_live_is_said_once_the_playlist_is_there(whip_server, media_settings,
+                                                      make_token) -> None:
+    """A player starts on "live" (docs/web.md): the playlist must be there by then,
+    from any worker, or every viewer's first request is a 404."""
+    drop_id = await make_drop(media_settings.database_url)
+    token = make_token(CREATOR, Role.CREATOR)
+    pubsub = whip_server.app.state.redis.pubsub()
+    await pubsub.subscribe(channels.drop_channel(drop_id))
+    pub = WhipPublisher(f"{whip_server.base_url}/v1/drops/{drop_id}/whip", token,
+                        seconds=3.0, audio=False)
+    pub.start()
+    async with httpx.AsyncClient(base_url=whip_server.base_url, timeout=10) as http:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+            if msg and channels.parse_message(msg["data"]).event == "stream.status":
+                break
+        else:
+            raise AssertionError("no stream.status")
+        assert channels.parse_message(msg["data"]).data["status"] == "live"
+        playlist = await http.get(f"/v1/drops/{drop_id}/hls/live.m3u8")
+        assert playlist.status_code == 200, playlist.text
+        status = (await http.get(f"/v1/drops/{drop_id}/stream")).json()
+        assert status["status"] == "live"
+    await pubsub.aclose()
+    await pub.wait(20)
+    assert pub.error is None, pub.error
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _documented_ffmpeg_recipe() -> list[str]:
+    """The shell commands of docs/streaming.md's FFmpeg section, one per entry."""
+    doc = (ROOT / "docs" / "streaming.md").read_text()
+    section = doc[doc.index("### From FFmpeg"):]
+    block = section[section.index("```sh\n") + 6:section.index("```", section.index("```sh") + 5)]
+    return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+
+
+async def _run_documented_ffmpeg(server, drop_id: int, token: str, tmp_path: Path, *,
+                                 own_certificate: bool = True) -> tuple[int, str]:
+    """docs/streaming.md's recipe for 3 s: the openssl line by the shell, the ffmpeg
+    line through the same FFmpeg 8.1 libraries (tests.whip_publisher
+    .run_ffmpeg_command; no ffmpeg 8 program here). (exit status, stderr)"""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    openssl, ffmpeg = _documented_ffmpeg_recipe()
+    assert openssl.startswith("openssl ") and ffmpeg.startswith("ffmpeg ")
+    made = await asyncio.create_subprocess_shell(openssl, cwd=tmp_path,
+                                                 stdout=subprocess.DEVNULL,
+                                                 stderr=subprocess.DEVNULL)
+    assert await made.wait() == 0, openssl
+    args = [token if a == "$CREATOR" else a for a in shlex.split(ffmpeg)[1:]]
+    assert re.fullmatch(r"http://127\.0\.0\.1:8000/v1/drops/1/whip", args[-1])
+    args[-1] = f"{server.base_url}/v1/drops/{drop_id}/whip"
+    if not own_certificate:
+        for option in ("-cert_file", "-key_file"):
+            at = args.index(option)
+            del args[at:at + 2]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.whip_publisher", "ffmpeg", "3", *args, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode, err.decode()[-2000:]
+
+
+@pytest.mark.slow
+async def test_the_documented_ffmpeg_recipe_publishes(whip_server, media_settings,
+                                                       make_token, tmp_path: Path) -> None:
+    drop_id = await make_drop(media_settings.database_url)
+    status, err = await _run_documented_ffmpeg(whip_server, drop_id,
+                                               make_token(CREATOR, Role.CREATOR), tmp_path)
+    assert status == 0, err
+    async with httpx.AsyncClient(base_url=whip_server.base_url, timeout=10) as http:
+        async def replay():
+            r = await http.get(f"/v1/drops/{drop_id}/hls/replay.m3u8")
+            return r.text if r.status_code == 200 else None
+
+        text = await wait_for(replay)
+        media = [(await http.get(f"/v1/drops/{drop_id}/hls/{u}")).content
+                 for u in _playlist_uris(text)]
+    info = decode(media[0], *media[1:])
+    assert info["video"]["size"] == (1280, 720)
+    assert info["video"]["profile"] == "Constrained Baseline"
+    assert info["audio"]["codec"] == "opus"
+    assert 2.5 <= info["duration"] <= 3.5, info
+
+
+@pytest.mark.slow
+async def test_ffmpegs_own_dtls_certificate_fails(whip_server, media_settings, make_token,
+                                                  tmp_path: Path) -> None:
+    """Why the recipe brings a P-256 certificate: without -cert_file/-key_file FFmpeg
+    8.1 offers a P-224 one and the DTLS handshake fails. When a later FFmpeg fixes
+    that, this fails and docs/streaming.md can drop the openssl step."""
+    drop_id = await make_drop(media_settings.database_url)
+    status, err = await _run_documented_ffmpeg(whip_server, drop_id,
+                                               make_token(CREATOR, Role.CREATOR), tmp_path,
+                                               own_certificate=False)
+    assert status != 0 and "Input/output error" in err, err
 
 
 async def test_status_broadcast_and_moments(whip_server, media_settings, make_token) -> None:

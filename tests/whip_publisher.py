@@ -6,16 +6,24 @@ It runs in a child process, never in a thread of the test: PyAV keeps the GIL wh
 the very event loop that has to answer it.
 
     python -m tests.whip_publisher URL TOKEN [--seconds S] [--profile P] [--no-audio]
-        [--size WxH] [--timestamps FILE]
+        [--size WxH] [--timestamps FILE] [--counts FILE]
 
 ``--timestamps`` writes one line per video frame, ``<index> <time.monotonic()>`` taken
 when the frame was handed to the muxer's socket (benchmarks.ingest reads it).
+``--counts`` writes ``{"video": packets, "audio": packets}``: what was sent in all.
+
+    python -m tests.whip_publisher ffmpeg SECONDS ARG...
+
+runs an ``ffmpeg ... -f whip URL`` command line (its arguments after ``ffmpeg``) with
+the same FFmpeg libraries, through PyAV, for SECONDS: the recipe docs/streaming.md
+gives, where no ffmpeg 8 program is installed (:func:`run_ffmpeg_command`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -59,7 +67,7 @@ def dtls_identity() -> tuple[str, str]:
 
 def publish(url: str, token: str, *, seconds: float, profile: str, width: int,
             height: int, audio: bool, timestamps: str | None = None,
-            bitrate: int = 0) -> None:
+            bitrate: int = 0, counts: str | None = None) -> None:
     """``bitrate`` (kbit/s): constant bitrate with filler, as OBS' CBR sends; 0 lets
     x264 pick (the flat test picture then needs only ~1 Mbit/s at 720p)."""
     import av
@@ -87,12 +95,17 @@ def publish(url: str, token: str, *, seconds: float, profile: str, width: int,
     start = time.monotonic()
     sent_audio = 0  # samples
     sent_at: list[float] = []  # per video frame, after its packets went out
+    packets = {"video": 0, "audio": 0}
+
+    def mux(kind: str, out_packets: list) -> None:
+        out.mux(out_packets)
+        packets[kind] += len(out_packets)
     for i in range(int(seconds * FPS)):
         img = np.full((height, width, 3), (i * 5) % 255, np.uint8)
         img[:, (i * 4) % width] = 255
         frame = av.VideoFrame.from_ndarray(img, format="rgb24")
         frame.pts = i
-        out.mux(v.encode(frame))
+        mux("video", v.encode(frame))
         sent_at.append(time.monotonic())
         if i == 0:  # the first mux did the WHIP handshake: the real-time clock starts now
             start = time.monotonic()
@@ -101,16 +114,123 @@ def publish(url: str, token: str, *, seconds: float, profile: str, width: int,
                 pcm = np.zeros((1, 960 * 2), np.int16)
                 af = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
                 af.sample_rate, af.pts = 48000, sent_audio
-                out.mux(a.encode(af))
+                mux("audio", a.encode(af))
                 sent_audio += 960
         delay = start + (i + 1) / FPS - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-    out.mux(v.encode(None))
+    mux("video", v.encode(None))
     out.close()  # sends DELETE to the Location
     if timestamps:
         with open(timestamps, "w") as f:
             f.writelines(f"{i} {t:.6f}\n" for i, t in enumerate(sent_at))
+    if counts:
+        with open(counts, "w") as f:
+            json.dump(packets, f)
+
+
+# ffmpeg options that set a codec option of the video or audio stream
+_VIDEO_OPTIONS = {"-profile:v": "profile", "-tune": "tune", "-tune:v": "tune", "-bf": "bf",
+                  "-bf:v": "bf", "-g": "g", "-g:v": "g", "-keyint_min": "keyint_min",
+                  "-sc_threshold": "sc_threshold", "-preset": "preset",
+                  "-preset:v": "preset", "-b:v": "b", "-x264-params": "x264-params"}
+
+
+def run_ffmpeg_command(args: list[str], seconds: float) -> None:
+    """What ``ffmpeg ARGS`` does for an ``-f lavfi`` input or two and one ``-f whip``
+    output, for ``seconds``: the same libraries (PyAV bundles FFmpeg 8.1 with its
+    ``whip`` muxer), driven as the ffmpeg program drives them. Options it does not
+    know are an error, so a recipe cannot pass by having them ignored."""
+    import av
+
+    last_input = len(args) - 1 - args[::-1].index("-i")
+    inputs: list[dict] = []
+    pending: dict = {}
+    i = 0
+    while i <= last_input:  # per input: its options, then -i URL
+        if args[i] == "-i":
+            inputs.append({**pending, "url": args[i + 1]})
+            pending = {}
+            i += 2
+        elif args[i] == "-re":
+            pending["re"] = True
+            i += 1
+        elif args[i] == "-f":
+            pending["format"] = args[i + 1]
+            i += 2
+        else:
+            raise ValueError(f"input option {args[i]!r} is not supported here")
+    url = args[-1]
+    out_opts = args[i:-1]
+    video_codec = audio_codec = fmt = pix_fmt = None
+    rate = channels = None
+    video_options: dict[str, str] = {}
+    muxer_options: dict[str, str] = {}
+    k = 0
+    while k < len(out_opts):
+        name, value = out_opts[k], out_opts[k + 1]
+        k += 2
+        if name == "-c:v":
+            video_codec = value
+        elif name == "-c:a":
+            audio_codec = value
+        elif name == "-f":
+            fmt = value
+        elif name == "-pix_fmt":
+            pix_fmt = value
+        elif name == "-ar":
+            rate = int(value)
+        elif name == "-ac":
+            channels = int(value)
+        elif name in _VIDEO_OPTIONS:
+            video_options[_VIDEO_OPTIONS[name]] = value
+        elif name in ("-authorization", "-cert_file", "-key_file", "-handshake_timeout",
+                      "-pkt_size", "-whip_flags", "-rtp_history", "-ts_buffer_size"):
+            muxer_options[name[1:]] = value
+        else:
+            raise ValueError(f"output option {name!r} is not supported here")
+    if fmt != "whip" or not video_codec:
+        raise ValueError("expected -c:v ... -f whip URL")
+    sources = [av.open(inp["url"], format=inp.get("format")) for inp in inputs]
+    out = av.open(url, mode="w", format=fmt, options=muxer_options)
+    video_in = next(s.streams.video[0] for s in sources if s.streams.video)
+    v = out.add_stream(video_codec, rate=video_in.average_rate)
+    v.width = video_in.codec_context.width
+    v.height = video_in.codec_context.height
+    v.pix_fmt = pix_fmt or "yuv420p"
+    v.codec_context.options = video_options
+    audio_in = next((s.streams.audio[0] for s in sources if s.streams.audio), None)
+    a = None
+    if audio_in is not None and audio_codec:
+        a = out.add_stream(audio_codec, rate=rate or audio_in.codec_context.sample_rate)
+        a.layout = "stereo" if (channels or 1) == 2 else "mono"
+    video_frames = sources[[bool(s.streams.video) for s in sources].index(True)].decode(
+        video=0)
+    audio_frames = (next(s for s in sources if s.streams.audio).decode(audio=0)
+                    if a is not None else iter(()))
+    realtime = any(inp.get("re") for inp in inputs)
+    start = None
+    audio_time = 0.0
+    for frame in video_frames:
+        t = float(frame.pts * frame.time_base)
+        if t >= seconds:
+            break
+        frame.pict_type = av.video.frame.PictureType.NONE
+        out.mux(v.encode(frame))
+        if start is None:
+            start = time.monotonic() - t  # the first mux did the WHIP handshake
+        while a is not None and audio_time <= t:
+            af = next(audio_frames)
+            audio_time = float(af.pts * af.time_base)
+            out.mux(a.encode(af))
+        if realtime:
+            delay = start + t - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+    out.mux(v.encode(None))
+    out.close()  # the DELETE, as ffmpeg's end (q, Ctrl-C, end of input) sends it
+    for source in sources:
+        source.close()
 
 
 class WhipPublisher:
@@ -119,13 +239,15 @@ class WhipPublisher:
     def __init__(self, url: str, token: str, *, seconds: float = 3.0,
                  profile: str = "baseline", width: int = 320, height: int = 240,
                  audio: bool = True, timestamps: str | None = None,
-                 bitrate: int = 0) -> None:
+                 bitrate: int = 0, counts: str | None = None) -> None:
         self.argv = [sys.executable, "-m", "tests.whip_publisher", url, token,
                      "--seconds", str(seconds), "--profile", profile,
                      "--size", f"{width}x{height}", "--bitrate", str(bitrate)] + (
                          [] if audio else ["--no-audio"])
         if timestamps:
             self.argv += ["--timestamps", timestamps]
+        if counts:
+            self.argv += ["--counts", counts]
         self.proc: subprocess.Popen | None = None
         self.error: str | None = None
 
@@ -155,6 +277,9 @@ class WhipPublisher:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["ffmpeg"]:
+        run_ffmpeg_command(sys.argv[3:], float(sys.argv[2]))
+        return
     p = argparse.ArgumentParser()
     p.add_argument("url")
     p.add_argument("token")
@@ -164,11 +289,12 @@ def main() -> None:
     p.add_argument("--no-audio", action="store_true")
     p.add_argument("--timestamps", default=None)
     p.add_argument("--bitrate", type=int, default=0, help="kbit/s, CBR; 0: x264 decides")
+    p.add_argument("--counts", default=None)
     args = p.parse_args()
     width, height = (int(x) for x in args.size.split("x"))
     publish(args.url, args.token, seconds=args.seconds, profile=args.profile,
             width=width, height=height, audio=not args.no_audio, timestamps=args.timestamps,
-            bitrate=args.bitrate)
+            bitrate=args.bitrate, counts=args.counts)
 
 
 if __name__ == "__main__":
