@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-PUBLIC = ("index.html", "console.html", "css", "js", "dist")
+PUBLIC = ("index.html", "console.html", "css", "js", "img", "dist")
 
 
 class WebBuildHook(BuildHookInterface):

@@ -3,8 +3,9 @@
 Pages and scripts live in ``web/`` (plain ES modules, no build); ``npm ci && npm run
 build`` in ``web/`` copies hls.js from npm into ``web/dist/`` (docs/web.md). Files are
 served from the repository's ``web/`` when it is there, else from the copy the wheel
-packs as ``dropserver/web``. Only ``css/``, ``js/`` and ``dist/`` are public: never
-``package.json``, ``node_modules`` or the JS tests.
+packs as ``dropserver/web``. Only ``css/``, ``js/``, ``img/`` and ``dist/`` are public:
+never ``package.json``, ``node_modules`` or the JS tests. ``/favicon.ico`` is
+``img/favicon.ico`` (browsers, bookmarks and crawlers ask for it by that name).
 
 This component is mounted last so every API route wins over it.
 """
@@ -26,7 +27,7 @@ from dropserver.errors import NotFound, ValidationFailed
 
 __all__ = ["component", "web_dir"]
 
-_PUBLIC_DIRS = ("css", "js", "dist")
+_PUBLIC_DIRS = ("css", "js", "img", "dist")
 _DEV_TOKEN_TTL = 12 * 3600
 _NAME_RE = re.compile(r"^[\w .'-]{1,40}$")
 
@@ -159,11 +160,12 @@ async def console_stats(request: Request) -> JSONResponse:
 
 
 _MEDIA_TYPES = {".js": "text/javascript; charset=utf-8", ".mjs": "text/javascript; charset=utf-8",
-                ".css": "text/css; charset=utf-8", ".txt": "text/plain; charset=utf-8"}
+                ".css": "text/css; charset=utf-8", ".txt": "text/plain; charset=utf-8",
+                ".svg": "image/svg+xml", ".ico": "image/x-icon"}
 
 
 async def static_file(request: Request) -> Response:
-    """``/static/{css,js,dist}/...``: a file under one of the public folders."""
+    """``/static/{css,js,img,dist}/...``: a file under one of the public folders."""
     rel = request.path_params["path"]  # never a NUL: dropserver.http.NulGuard
     top = rel.split("/", 1)[0]
     root = web_dir()
@@ -178,6 +180,15 @@ async def static_file(request: Request) -> Response:
         "cache-control": "no-cache", "x-content-type-options": "nosniff"})
 
 
+async def favicon(request: Request) -> Response:
+    """``/favicon.ico``: asked for by every browser that finds no icon link."""
+    path = web_dir() / "img" / "favicon.ico"
+    if not path.is_file():
+        raise NotFound("no such file", code="not_found")
+    return FileResponse(path, media_type=_MEDIA_TYPES[".ico"], headers={
+        "cache-control": "public, max-age=86400"})
+
+
 component = Component(
     name="web",
     routes=[
@@ -188,5 +199,6 @@ component = Component(
         Route("/v1/dev/token", dev_token, methods=["GET"]),
         Route("/v1/drops/{drop_id:id}/stats", console_stats, methods=["GET"]),
         Route("/static/{path:path}", static_file, methods=["GET", "HEAD"]),
+        Route("/favicon.ico", favicon, methods=["GET", "HEAD"]),
     ],
 )

@@ -46,6 +46,18 @@ async def test_static_scripts_and_styles(http: httpx.AsyncClient) -> None:
     assert css.headers["content-type"].startswith("text/css")
 
 
+async def test_favicon_is_served(http: httpx.AsyncClient) -> None:
+    """Browsers ask for /favicon.ico unless a page names its icon; both answer."""
+    ico = await http.get("/favicon.ico")
+    assert ico.status_code == 200
+    assert ico.headers["content-type"] == "image/x-icon"
+    assert ico.content[:4] == b"\x00\x00\x01\x00"  # ICONDIR, type 1 (icon)
+    for page in ("/", "/console"):
+        assert 'rel="icon" href="/static/img/favicon.svg"' in (await http.get(page)).text
+    svg = await http.get("/static/img/favicon.svg")
+    assert svg.status_code == 200 and svg.headers["content-type"] == "image/svg+xml"
+
+
 @pytest.mark.parametrize("path", [
     "/static/package.json",
     "/static/build.mjs",
