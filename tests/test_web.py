@@ -3,6 +3,8 @@ against the real app on a real server."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import jwt
 import pytest
@@ -142,9 +144,12 @@ async def test_dev_token_is_404_outside_dev_mode(settings) -> None:
 
 
 def test_web_dir_prefers_the_repository_copy() -> None:
+    """The checkout's own web/, not the copy a wheel packs as dropserver/web, whatever
+    the checkout's folder is called (git clone names it "dropserver")."""
     d = web.web_dir()
     assert (d / "index.html").is_file()
-    assert d.name == "web" and d.parent.name != "dropserver"
+    assert d == Path(__file__).resolve().parents[1] / "web"
+    assert d != Path(web.__file__).resolve().parent / "web"
 
 
 def test_web_component_is_mounted_last() -> None:
