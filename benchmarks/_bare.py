@@ -11,9 +11,10 @@ dropserver's code costs over the job itself.
   no ``order.held`` for other sockets, no ``stock`` for the viewers. Each connection
   is one user; ``join`` is answered at once, ``buy`` with one script call through the
   same :class:`~checkout.reserve.ReserveBatcher` and the same reply as dropserver's.
-* **broadcast** (:func:`serve_broadcast`; the ``baseline`` of
-  ``python -m benchmarks.fanout``): subscribes to the drop's Redis channel and hands
-  each message to ``websockets.broadcast()`` for every socket.
+* **broadcast** (:func:`loadtest.floor.serve_broadcast`, which the rehearsal runs as
+  its floor; the ``baseline`` of ``python -m benchmarks.fanout``): subscribes to the
+  drop's Redis channel and hands each message to ``websockets.broadcast()`` for
+  every socket.
 
 Run as a process of its own: ``python -m benchmarks._bare buy --port P --redis-url URL
 --limits window_ms,per_user,per_ip,velocity_window_ms,velocity_max`` or
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from checkout.defense import BuyLimits
 
-__all__ = ["serve_broadcast", "serve_buy"]
+__all__ = ["serve_buy"]
 
 
 async def serve_buy(sock: socket.socket, redis_url: str, limits: BuyLimits,
@@ -86,33 +87,6 @@ async def serve_buy(sock: socket.socket, redis_url: str, limits: BuyLimits,
         await redis.aclose()
 
 
-async def serve_broadcast(port: int, redis_url: str, channel: str) -> None:
-    import redis.asyncio as aioredis
-    from websockets.asyncio.server import broadcast, serve
-
-    conns = set()
-
-    async def handler(ws: Any) -> None:
-        conns.add(ws)
-        try:
-            await ws.wait_closed()
-        finally:
-            conns.discard(ws)
-
-    r = aioredis.Redis.from_url(redis_url)
-    pubsub = r.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(channel)
-
-    async def relay() -> None:
-        async for msg in pubsub.listen():
-            broadcast(conns, msg["data"])
-
-    async with serve(handler, "127.0.0.1", port, compression=None, ping_interval=None,
-                     backlog=4096, reuse_port=True):
-        print("ready", flush=True)
-        await relay()
-
-
 def _buy_main(ns: argparse.Namespace) -> None:
     from checkout.defense import BuyLimits
 
@@ -144,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.server == "buy":
         _buy_main(ns)
     else:
+        from loadtest.floor import serve_broadcast
+
         asyncio.run(serve_broadcast(ns.port, ns.redis_url, ns.channel))
     return 0
 

@@ -6,6 +6,18 @@ viewers (spread over source addresses), then drives the drop:
 
     join -> countdown -> live -> BUY NOW -> rush -> sold out -> end
 
+With ``--chat-rate R``, random viewers chat R messages a second from the countdown
+through the rush (each message carries its send time; a sample of viewers times its
+delivery). Meanwhile the creator drives a second drop that has no viewers through
+BUY NOW and close every ``--probe-interval`` seconds: the control path's latency
+while the workers fan out (a request stuck behind a fan-out shows there).
+
+Then the floor (loadtest.floor): the same swarm connects the same number of viewers
+to a bare ``websockets`` broadcast server with as many processes as the server has
+workers, and ``--floor-events`` messages shaped like BUY NOW are broadcast to them:
+what this machine, with this load generator, needs to reach that many sockets. The
+report puts BUY NOW's latency beside it, and the ratio.
+
 It samples every swarm's progress and the server's RSS/CPU twice a second, prints a
 progress line, and finally collects each swarm's raw times, audits the orders in
 PostgreSQL against the stock, and writes JSON + PNG + HTML under ``loadtest-reports/``.
@@ -48,6 +60,12 @@ class RehearsalConfig:
     buy_probability: float = 0.5
     buy_delay_ms: tuple[float, float] = (0.0, 200.0)
     chat_messages: int = 10  # sent during the countdown by random viewers
+    chat_rate: float = 0.0  # messages/s from random viewers, countdown through rush
+    probe_interval_s: float = 0.5  # creator control-path probes (0: none)
+    floor: bool = True  # measure the bare-broadcast floor after the drop
+    floor_events: int = 5
+    floor_interval_s: float = 2.0
+    server_env: dict[str, str] = field(default_factory=dict)  # extra env, local server
     encoding: str = "msgpack"
     countdown_s: float = 2.0
     rush_timeout_s: float = 30.0
@@ -212,7 +230,8 @@ class Rehearsal:
         self.timeline.append(row)
 
     # -- swarms -------------------------------------------------------------------------------
-    async def start_swarms(self, ws_url: str, drop_id: int, jwt_secret: str) -> None:
+    async def start_swarms(self, ws_url: str, drop_id: int, jwt_secret: str,
+                           mode: str = "drop") -> None:
         cfg = self.cfg
         n = cfg.resolved_swarms()
         base, extra = divmod(cfg.viewers, n)
@@ -225,6 +244,7 @@ class Rehearsal:
                 buy_probability=cfg.buy_probability, buy_delay_ms=cfg.buy_delay_ms,
                 encoding=cfg.encoding, jwt_secret=jwt_secret, seed=1000 + i,
                 deadline_s=self.remaining() + 30, user_prefix="lt",
+                chat_sample=max(1, cfg.viewers // 500), mode=mode,
             )
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "loadtest", "swarm",
@@ -274,7 +294,9 @@ class Rehearsal:
         creator_token = issue_token(settings, "lt-creator", Role.CREATOR, ttl=6 * 3600,
                                     name="Rehearsal Creator")
         creator = CreatorClient(target.base_url, creator_token)
+        probe = _Probe(CreatorClient(target.base_url, creator_token))
         result: dict[str, Any] = {}
+        joined = 0
         try:
             if target.server_pids:
                 self.watch = ProcWatch(target.server_pids)
@@ -303,11 +325,17 @@ class Rehearsal:
             joined = self.progress.total("ever_joined")
             self.say(self.status_line())
 
+            if cfg.probe_interval_s > 0:
+                await probe.prepare()
             self.phase("countdown")
             for sp in self.swarms:
                 share = cfg.chat_messages // n + (1 if sp.index < cfg.chat_messages % n else 0)
                 if share:
                     await sp.send({"cmd": "chat", "count": share, "spread_s": cfg.countdown_s})
+            await self.set_chat_rate(cfg.chat_rate)
+            chat_started = self.progress.total("chat_sent"), time.monotonic()
+            probing = (asyncio.create_task(probe.run(cfg.probe_interval_s))
+                       if cfg.probe_interval_s > 0 else None)
             await creator.go_live()
             await self.wait_for("countdown", lambda: False, limit_s=cfg.countdown_s,
                                 note=False)
@@ -332,6 +360,13 @@ class Rehearsal:
             await self.wait_for("every buy to be answered", rush_over,
                                 limit_s=cfg.rush_timeout_s)
             cpu_after = self.watch.sample() if self.watch else None
+            await self.set_chat_rate(0)
+            chat_window = (self.progress.total("chat_sent") - chat_started[0],
+                           time.monotonic() - chat_started[1])
+            if probing is not None:
+                probing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await probing
             held = self.progress.total("buy_held")
             if held >= cfg.stock:
                 await self.wait_for("sold out to reach every open viewer",
@@ -355,10 +390,84 @@ class Rehearsal:
             result["drop"] = {"id": drop_id, "state_before_end": drop_state,
                               "product_ids": creator.product_ids,
                               "creator_calls_ms": creator.durations_ms}
+            result["creator"] = {
+                "buy_now_ms": creator.durations_ms.get("buy_now"),
+                "go_live_ms": creator.durations_ms.get("live"),
+                "end_ms": creator.durations_ms.get("end"),
+                "probe_interval_s": cfg.probe_interval_s,
+                "probes": summarize(probe.latencies), "probe_errors": probe.errors}
+            result["chat"]["sent_per_s"] = (round(chat_window[0] / chat_window[1], 1)
+                                            if chat_window[1] > 0 else None)
         finally:
             await creator.aclose()
+            await probe.creator.aclose()
             await self.stop_swarms()
+        if cfg.floor:
+            result["floor"] = await self.measure_floor(target, joined)
+            _compare(result)
         return result
+
+    async def set_chat_rate(self, rate: float) -> None:
+        """Every swarm sends its share of ``rate`` chat messages a second (0 stops)."""
+        if rate <= 0 and self.cfg.chat_rate <= 0:
+            return
+        for sp in self.swarms:
+            await sp.send({"cmd": "chat_rate", "rate": rate / len(self.swarms)})
+
+    async def measure_floor(self, target: Any, viewers: int) -> dict[str, Any]:
+        """The same swarm, the same number of viewers, a bare broadcast server."""
+        from dropserver.services import free_port
+        from loadtest.floor import FloorServers, floor_message
+
+        cfg = self.cfg
+        redis_url = getattr(target, "redis_url", "")
+        if not redis_url:
+            return {"measured": False, "why": "no Redis of our own (remote target)"}
+        import redis.asyncio as aioredis
+
+        self.phase("floor")
+        channel = "rehearsal:floor"
+        servers = FloorServers(cfg.resolved_workers(), free_port(), redis_url, channel)
+        await asyncio.to_thread(servers.start)
+        redis = aioredis.Redis.from_url(redis_url)
+        self.progress = _Progress()
+        self.swarms = []
+        sent: list[float] = []
+        try:
+            await self.start_swarms(servers.ws_url, 0, cfg.jwt_secret, mode="floor")
+            n = len(self.swarms)
+            t_connect = time.monotonic()
+            await self.wait_for(
+                "every floor viewer to connect",
+                lambda: (self.progress.total("ever_joined") >= viewers) or (
+                    len(self.progress.latest) == n
+                    and all(p.get("ramp_done") for p in self.progress.latest.values())
+                    and self.progress.total("connecting") == 0),
+                limit_s=viewers / cfg.connect_rate * 3 + 60)
+            connect_s = time.monotonic() - t_connect
+            connected = self.progress.total("ever_joined")
+            await asyncio.sleep(1.0)
+            for k in range(cfg.floor_events):
+                sent.append(time.monotonic())
+                await redis.publish(channel, floor_message(k))
+                await self.wait_for(f"floor message {k} to reach every viewer",
+                                    lambda k=k: self.progress.total("floor_seen")
+                                    >= (k + 1) * connected, limit_s=15)
+                await asyncio.sleep(cfg.floor_interval_s)
+            reports = await self.collect()
+        finally:
+            await self.stop_swarms()
+            await redis.aclose()
+            await asyncio.to_thread(servers.stop)
+        lat: list[float] = []
+        for r in reports:
+            for k, times in r.get("floor_arrivals", {}).items():
+                lat.extend(t - sent[int(k)] for t in times)
+        expected = connected * len(sent)
+        return {"measured": True, "processes": cfg.resolved_workers(),
+                "viewers": connected, "connect_s": round(connect_s, 2),
+                "events": len(sent), "delivered": len(lat), "expected": expected,
+                "latency": summarize(lat)}
 
     # -- the result -------------------------------------------------------------------------------
     def compose(self, reports: list[dict[str, Any]], audit: dict[str, Any], *,
@@ -406,6 +515,8 @@ class Rehearsal:
         first = min(starts) if starts else (joined_at[0] if joined_at else 0.0)
         ramp = (joined_at[-1] - first) if joined_at else 0.0
         bn = summarize(buy_now_lat)
+        chat_lat = [x for r in reports for x in r.get("chat_latency_s", ())]
+        joined_n = max(totals["joined"], 1)
         server: dict[str, Any] = {"measured": self.watch is not None}
         if baseline is not None and after_connect is not None:
             delta = after_connect.rss_bytes - baseline.rss_bytes
@@ -429,7 +540,9 @@ class Rehearsal:
                        or "local", "connect_rate": cfg.connect_rate,
                        "buy_probability": cfg.buy_probability,
                        "buy_delay_ms": list(cfg.buy_delay_ms), "encoding": cfg.encoding,
-                       "p99_budget_ms": cfg.p99_budget_ms},
+                       "p99_budget_ms": cfg.p99_budget_ms, "chat_rate": cfg.chat_rate,
+                       "chat_messages": cfg.chat_messages, "countdown_s": cfg.countdown_s,
+                       "server_env": cfg.server_env},
             "connections": {
                 "target": cfg.viewers, "joined": totals["joined"],
                 "open_at_end": totals["open_at_report"], "failed": sum(connect_errors.values()),
@@ -461,6 +574,11 @@ class Rehearsal:
                              "rejected": outcomes.get("rejected", 0),
                              "no_reply": outcomes.get("no_reply", 0),
                              "codes": dict(codes), "latency": summarize(reservations)},
+            "chat": {"rate_asked_per_s": cfg.chat_rate,
+                     "sent": sum(int(r.get("chat_sent", 0)) for r in reports),
+                     "received_per_viewer": round(totals["chat_seen"] / joined_n, 1),
+                     "left_out_per_viewer": round(totals["chat_skipped"] / joined_n, 1),
+                     "latency": summarize(chat_lat)},
             "protocol_errors": dict(errors),
             "audit": audit,
             "server": server,
@@ -471,6 +589,57 @@ class Rehearsal:
         result["failures"] = _judge(result, cfg)
         result["passed"] = not result["failures"]
         return result
+
+
+class _Probe:
+    """The creator's control path under load: a second drop, with no viewers (so no
+    fan-out of its own), taken through BUY NOW and close over and over; every request
+    is timed. A worker stuck behind a fan-out answers late, whichever drop it is."""
+
+    PRODUCTS = 50  # the most a drop may have: 100 probes
+
+    def __init__(self, creator: Any) -> None:
+        self.creator = creator
+        self.latencies: list[float] = []
+        self.errors = 0
+
+    async def prepare(self) -> None:
+        c = self.creator
+        await c.create(title="Rehearsal control-path probe", units=1000,
+                       products=self.PRODUCTS)
+        await c.schedule(starts_in=3600)
+        await c.go_live()
+
+    async def run(self, interval: float) -> None:
+        c = self.creator
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        for product in c.product_ids:
+            for action in ("buy_now", "close"):
+                due += interval
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                started = time.monotonic()
+                try:
+                    if action == "buy_now":
+                        await c.buy_now(product)
+                    else:
+                        await c.close()
+                except Exception:
+                    self.errors += 1
+                    continue
+                self.latencies.append(time.monotonic() - started)
+
+
+def _compare(result: dict[str, Any]) -> None:
+    """BUY NOW against the floor of the same run: the ratios of their percentiles."""
+    floor = result.get("floor", {})
+    if not floor.get("measured"):
+        return
+    ratio: dict[str, float | None] = {}
+    for key in ("p50_ms", "p99_ms", "max_ms"):
+        ours, bare = result["buy_now"]["latency"].get(key), floor["latency"].get(key)
+        ratio[key.removesuffix("_ms")] = round(ours / bare, 2) if ours and bare else None
+    result["buy_now"]["floor_ratio"] = ratio
 
 
 def _bucket(lat: dict[str, Any]) -> float:
@@ -589,7 +758,8 @@ async def rehearse(cfg: RehearsalConfig) -> dict[str, Any]:
             # Every viewer buys from one of a few loopback addresses: lift the per-IP
             # limit; per-user limits and the velocity check stay on.
             env={"DROPSERVER_BUY_RATE_IP": "0",
-                 "DROPSERVER_MAX_CONNECTIONS": str(max(18000, cfg.viewers))},
+                 "DROPSERVER_MAX_CONNECTIONS": str(max(18000, cfg.viewers)),
+                 **cfg.server_env},
             log_path=out_dir / f"{stem}.server.log",
         )
     rehearsal = Rehearsal(cfg)
@@ -623,7 +793,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--buy-probability", type=float, default=d.buy_probability)
     p.add_argument("--buy-delay-ms", type=float, nargs=2, default=list(d.buy_delay_ms),
                    metavar=("MIN", "MAX"), help="reaction time of a buyer, uniform")
-    p.add_argument("--chat-messages", type=int, default=d.chat_messages)
+    p.add_argument("--chat-messages", type=int, default=d.chat_messages,
+                   help="chat messages sent during the countdown (a burst)")
+    p.add_argument("--chat-rate", type=float, default=d.chat_rate,
+                   help="chat messages per second from random viewers, from the countdown "
+                   "through the rush (a chat storm)")
+    p.add_argument("--probe-interval", type=float, default=d.probe_interval_s,
+                   dest="probe_interval_s", help="seconds between the creator's control-"
+                   "path probes (BUY NOW / close on a drop without viewers); 0: none")
+    p.add_argument("--no-floor", action="store_false", dest="floor",
+                   help="skip the bare-broadcast floor after the drop")
+    p.add_argument("--floor-events", type=int, default=d.floor_events)
+    p.add_argument("--floor-interval", type=float, default=d.floor_interval_s,
+                   dest="floor_interval_s")
+    p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment of the local server (repeat), e.g. to run another "
+                   "checkout: --server-env PYTHONPATH=/path/to/it")
     p.add_argument("--encoding", choices=["msgpack", "json"], default=d.encoding)
     p.add_argument("--countdown", type=float, default=d.countdown_s, dest="countdown_s")
     p.add_argument("--rush-timeout", type=float, default=d.rush_timeout_s,
@@ -646,6 +831,13 @@ def main(args: argparse.Namespace) -> int:
     fields = {f: getattr(args, f) for f in RehearsalConfig.__dataclass_fields__
               if hasattr(args, f)}
     fields["buy_delay_ms"] = tuple(fields["buy_delay_ms"])
+    env = {}
+    for item in getattr(args, "server_env", None) or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--server-env wants NAME=VALUE, got {item!r}")
+        env[name] = value
+    fields["server_env"] = env
     fields["command"] = "python -m loadtest " + shlex.join(sys.argv[1:])
     cfg = RehearsalConfig(**fields)
     result = asyncio.run(asyncio.wait_for(rehearse(cfg), cfg.max_duration_s + 120))

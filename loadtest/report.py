@@ -123,6 +123,7 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
                          f"{fmt(conn.get('joined'))}"),
         ("BUY NOW latency p50 / p95 / p99 / max",
          " / ".join(fmt(lat.get(k)) for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")) + " ms"),
+        *_storm_rows(result, fmt),
         ("events lost (position gaps + missing tail)", fmt(pos.get("lost"))),
         ("events out of order", fmt(pos.get("out_of_order"))),
         ("buy attempts / holds / sold out / rejected",
@@ -137,6 +138,43 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("server CPU (avg / peak, 100 = one core)",
          f"{fmt(server.get('cpu_avg_percent'))} / {fmt(server.get('cpu_peak_percent'))} %"),
     ]
+
+
+def _storm_rows(result: dict[str, Any], fmt: Any) -> list[tuple[str, str]]:
+    """The floor of the same run, the creator's requests and the chat storm."""
+    rows = []
+    floor = result.get("floor") or {}
+    if floor.get("measured"):
+        flat = floor.get("latency", {})
+        ratio = result.get("buy_now", {}).get("floor_ratio", {})
+        rows += [
+            ("floor: bare broadcast p50 / p99 / max",
+             " / ".join(fmt(flat.get(k)) for k in ("p50_ms", "p99_ms", "max_ms"))
+             + f" ms ({fmt(floor.get('delivered'))} / {fmt(floor.get('expected'))} "
+             f"delivered, {fmt(floor.get('processes'))} processes)"),
+            ("BUY NOW / floor, p50 / p99", f"{fmt(ratio.get('p50'))} / {fmt(ratio.get('p99'))}"),
+        ]
+    creator = result.get("creator") or {}
+    if creator:
+        probes = creator.get("probes") or {}
+        rows += [
+            ("creator's BUY NOW request", f"{fmt(creator.get('buy_now_ms'))} ms"),
+            ("creator control path (probe drop) p50 / p99 / max",
+             " / ".join(fmt(probes.get(k)) for k in ("p50_ms", "p99_ms", "max_ms"))
+             + f" ms ({fmt(probes.get('count'))} requests)"),
+        ]
+    chat = result.get("chat") or {}
+    if chat.get("sent"):
+        clat = chat.get("latency", {})
+        rows += [
+            ("chat sent / asked", f"{fmt(chat.get('sent_per_s'))} / "
+                                  f"{fmt(chat.get('rate_asked_per_s'))} per s"),
+            ("chat per viewer: received / left out",
+             f"{fmt(chat.get('received_per_viewer'))} / {fmt(chat.get('left_out_per_viewer'))}"),
+            ("chat delivery p50 / p99", f"{fmt(clat.get('p50_ms'))} / "
+                                        f"{fmt(clat.get('p99_ms'))} ms"),
+        ]
+    return rows
 
 
 def format_console(result: dict[str, Any]) -> str:

@@ -4,6 +4,9 @@ Started by the rehearsal (``python -m loadtest swarm``) with its config as one J
 line on stdin; after that stdin carries commands and stdout carries JSON lines back:
 
     -> {"cmd": "chat", "count": 5, "spread_s": 2.0}   some joined viewers send chat
+    -> {"cmd": "chat_rate", "rate": 25.0}               random joined viewers send chat at
+                                                         this rate until the next chat_rate
+                                                         (0 stops)
     -> {"cmd": "report"}                                 <- {"type": "report", ...}
     -> {"cmd": "stop"}                                   close every socket and exit
     <- {"type": "progress", ...} every ``progress_interval`` seconds
@@ -11,7 +14,9 @@ line on stdin; after that stdin carries commands and stdout carries JSON lines b
 The process stops by itself at its deadline, and when stdin closes (the rehearsal
 died): a swarm never outlives its run. Viewers are :class:`loadtest.viewer.Viewer`
 cores; this module only connects them (rate-limited, spread over source addresses),
-feeds them frames and sends what they answer.
+feeds them frames and sends what they answer. With ``mode: "floor"`` the viewers are
+:class:`loadtest.viewer.FloorViewer` s of a bare broadcast server (loadtest.floor):
+connected, they only time what it broadcasts.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from loadtest.viewer import Viewer, ViewerConfig
+from loadtest.viewer import FloorViewer, Viewer, ViewerConfig, chat_text
 from loadtest.wsclient import WsConnection, connect
 
 __all__ = ["SwarmConfig", "main", "run"]
@@ -54,6 +59,8 @@ class SwarmConfig:
     progress_interval: float = 0.5
     reconnect: bool = True  # rejoin with the last position after an unexpected close
     max_reconnects: int = 5
+    chat_sample: int = 0  # every Nth viewer times the chat it gets (0: none)
+    mode: str = "drop"  # "floor": viewers of the bare broadcast server (loadtest.floor)
 
     @classmethod
     def from_json(cls, raw: str) -> SwarmConfig:
@@ -88,8 +95,11 @@ class Swarm:
                                               name=sub)
         vcfg = ViewerConfig(drop_id=config.drop_id, encoding=config.encoding,
                             buy_probability=config.buy_probability,
-                            buy_delay_ms=config.buy_delay_ms)
-        self.viewers = [
+                            buy_delay_ms=config.buy_delay_ms,
+                            chat_sample=config.chat_sample)
+        self.floor = config.mode == "floor"
+        self.viewers: list[Any] = [
+            FloorViewer(config.first + i) if self.floor else
             Viewer(config.first + i, f"{config.user_prefix}-{config.first + i}", vcfg,
                    self._rng.random())
             for i in range(config.count)
@@ -103,6 +113,8 @@ class Swarm:
         self.ramp_started_at: float | None = None  # the first socket's turn
         self.ramp_done_at: float | None = None
         self._chat_seq = 0
+        self.chat_sent = 0
+        self._chat_task: asyncio.Task | None = None
 
     # -- the Handler interface of loadtest.wsclient ----------------------------------
     def on_open(self, conn: WsConnection) -> None:
@@ -133,7 +145,7 @@ class Swarm:
             self.close_reasons[f"{key} {reason[:60]}".strip()] += 1
         else:
             self.connect_errors[f"{key} {reason[:60]}".strip()] += 1
-        if (was_open and not self.stopping and self.config.reconnect
+        if (was_open and not self.stopping and self.config.reconnect and not self.floor
                 and viewer.reconnects < self.config.max_reconnects):
             delay = viewer.reconnect_delay(reason, self._rng)
             asyncio.get_running_loop().call_later(delay, self._reconnect, viewer)
@@ -163,8 +175,9 @@ class Swarm:
             try:
                 await connect(
                     self.config.ws_url, self, source=self._source(viewer.index),
-                    headers={"Authorization": f"Bearer {self._token(viewer.user_id)}"},
-                    subprotocols=viewer.subprotocols(),
+                    headers=None if self.floor else
+                    {"Authorization": f"Bearer {self._token(viewer.user_id)}"},
+                    subprotocols=None if self.floor else viewer.subprotocols(),
                     factory=lambda *a, **kw: self._bind(WsConnection(*a, **kw), viewer),
                 )
             except (OSError, TimeoutError) as exc:
@@ -218,6 +231,31 @@ class Swarm:
                             viewer.encode(message))
         return len(chosen)
 
+    def chat_rate(self, rate: float) -> None:
+        """Random joined viewers send chat at ``rate`` per second from now on (0 stops);
+        each message carries its send time (:func:`loadtest.viewer.chat_text`)."""
+        if self._chat_task is not None:
+            self._chat_task.cancel()
+            self._chat_task = None
+        if rate > 0:
+            self._chat_task = asyncio.get_running_loop().create_task(self._chat_loop(rate))
+
+    async def _chat_loop(self, rate: float) -> None:
+        loop = asyncio.get_running_loop()
+        start, n = loop.time(), 0
+        while not self.stopping:
+            n += 1
+            for _ in range(20):  # a random viewer that is joined right now
+                viewer = self.viewers[self._rng.randrange(len(self.viewers))]
+                conn = self._conns.get(viewer.index)
+                if viewer.is_joined and conn is not None and conn.open:
+                    self._chat_seq += 1
+                    text = chat_text(time.monotonic(), f"{self.config.first}/{self._chat_seq}")
+                    conn.send(viewer.encode(viewer.chat_message(text)))
+                    self.chat_sent += 1
+                    break
+            await asyncio.sleep(max(0.0, start + n / rate - loop.time()))
+
     def progress(self) -> dict[str, Any]:
         counts: Counter[str] = Counter()
         for viewer in self.viewers:
@@ -225,10 +263,10 @@ class Swarm:
         return {"type": "progress", "t": time.monotonic(), "pid": os.getpid(),
                 "first": self.config.first, "count": self.config.count,
                 "sockets": len(self._conns), "ramp_done": self.ramp_done_at is not None,
-                **counts}
+                "chat_sent": self.chat_sent, **counts}
 
     def report(self) -> dict[str, Any]:
-        from loadtest.viewer import summarize_viewers
+        from loadtest.viewer import summarize_floor, summarize_viewers
 
         return {"type": "report", "pid": os.getpid(), "first": self.config.first,
                 "count": self.config.count, "ramp_started_at": self.ramp_started_at,
@@ -236,10 +274,13 @@ class Swarm:
                 "started": self.started,
                 "connect_errors": dict(self.connect_errors.most_common(20)),
                 "close_reasons": dict(self.close_reasons.most_common(20)),
-                **summarize_viewers(self.viewers)}
+                "chat_sent": self.chat_sent,
+                **(summarize_floor(self.viewers) if self.floor
+                   else summarize_viewers(self.viewers))}
 
     async def stop(self) -> None:
         self.stopping = True
+        self.chat_rate(0)
         for conn in list(self._conns.values()):
             conn.close(1000, "rehearsal over")
         for _ in range(40):
@@ -266,6 +307,8 @@ async def _control(swarm: Swarm, reader: asyncio.StreamReader, done: asyncio.Eve
         elif name == "chat":
             sent = swarm.chat(int(cmd.get("count", 1)), float(cmd.get("spread_s", 1.0)))
             _emit({"type": "chat", "sent": sent})
+        elif name == "chat_rate":
+            swarm.chat_rate(float(cmd.get("rate", 0.0)))
         elif name == "stop":
             done.set()
             return

@@ -8,6 +8,15 @@ times the reply. Frames are built and encoded with :mod:`realtime.protocol`
 (docs/protocol.md); server frames are read by :func:`decode_server`, which, unlike the
 server's validating ``protocol.decode`` for client frames, accepts integer map keys
 (``stock`` carries product ids as keys).
+
+A big room's chat may leave messages out of a viewer's stream: an offset missing
+before the position of a ``skipped`` frame in the same message is chat left out
+(counted in ``chat_skipped``), any other missing offset a lost event (``gaps``;
+docs/protocol.md). Chat sent by the rehearsal carries its send time (``chat_text``),
+so a viewer that records chat (``ViewerConfig.chat_sample``) times its delivery.
+
+:class:`FloorViewer` is the viewer of the bare-broadcast floor (loadtest.floor): no
+join, it only times the numbered messages the floor server broadcasts.
 """
 
 from __future__ import annotations
@@ -24,8 +33,24 @@ import msgpack
 
 from realtime.protocol import ErrorCode, Format, ServerType, encode
 
-__all__ = ["BuyOutcome", "Phase", "Viewer", "ViewerConfig", "decode_server",
-           "summarize_viewers"]
+__all__ = ["BuyOutcome", "FloorViewer", "Phase", "Viewer", "ViewerConfig", "chat_text",
+           "decode_server", "summarize_floor", "summarize_viewers"]
+
+CHAT_PREFIX = "rc "  # rehearsal chat: "rc <monotonic send time> <sender>"
+
+
+def chat_text(sent_at: float, sender: str) -> str:
+    """The text of a rehearsal chat message: it carries its send time."""
+    return f"{CHAT_PREFIX}{sent_at:.6f} {sender}"
+
+
+def _chat_sent_at(text: Any) -> float | None:
+    if not isinstance(text, str) or not text.startswith(CHAT_PREFIX):
+        return None
+    try:
+        return float(text.split(" ", 2)[1])
+    except (IndexError, ValueError):
+        return None
 
 
 class UndecodableFrame(ValueError):
@@ -71,12 +96,14 @@ class ViewerConfig:
     encoding: str = "msgpack"  # "msgpack" (binary, default) or "json" (text subprotocol)
     buy_probability: float = 0.5
     buy_delay_ms: tuple[float, float] = (0.0, 200.0)
+    chat_sample: int = 0  # every Nth viewer (by index) times the chat it gets; 0: none
 
 
 # Event names of contract 1 (COMMON.md) this viewer watches for.
 BUY_NOW = "drop.buy_now"
 SOLD_OUT = "drop.sold_out"
 ENDED = "drop.ended"
+CHAT = "chat.message"
 
 
 class Viewer:
@@ -85,6 +112,8 @@ class Viewer:
     __slots__ = (
         "_buy_delay",
         "_join_id",
+        "_msg_gaps",
+        "_msg_skipped_to",
         "_next_id",
         "buy_code",
         "buy_id",
@@ -93,6 +122,9 @@ class Viewer:
         "buy_outcome",
         "buy_reply_at",
         "buy_sent_at",
+        "chat_lat",
+        "chat_seen",
+        "chat_skipped",
         "config",
         "connect_started",
         "connected_at",
@@ -136,6 +168,13 @@ class Viewer:
         self.epoch_changes = 0  # the stream restarted under us (history lost)
         self.recovery_failed = 0  # a resume the server could not serve in full
         self.durable = 0
+        self.chat_seen = 0  # chat messages received live
+        self.chat_skipped = 0  # chat offsets left out of this stream (skipped frames)
+        # Delivery latencies of rehearsal chat (seconds), on sampled viewers only.
+        self.chat_lat: list[float] | None = \
+            [] if config.chat_sample and index % config.chat_sample == 0 else None
+        self._msg_gaps: list[tuple[int, int]] | None = None  # missing ranges, this message
+        self._msg_skipped_to = 0  # the highest skipped frame position in this message
         self.errors: Counter[str] | None = None
         self.joins = 0
         self.reconnects = 0
@@ -202,8 +241,18 @@ class Viewer:
         except UndecodableFrame:
             self._error("undecodable_frame")
             return out
+        self._msg_gaps = []
+        self._msg_skipped_to = 0
         for message in messages:
             self._one(message, now, out)
+        # Missing offsets up to a skipped frame's position were chat left out of this
+        # stream; any other is a lost event.
+        cut = self._msg_skipped_to
+        for lo, hi in self._msg_gaps:
+            left_out = max(0, min(hi, cut) - lo + 1)
+            self.chat_skipped += left_out
+            self.gaps += (hi - lo + 1) - left_out
+        self._msg_gaps = None
         return out
 
     def sent_delayed(self, now: float) -> None:
@@ -246,7 +295,11 @@ class Viewer:
         if offset <= self.offset:
             self.out_of_order += 1
             return
-        self.gaps += offset - self.offset - 1
+        if offset > self.offset + 1:
+            if self._msg_gaps is not None:
+                self._msg_gaps.append((self.offset + 1, offset - 1))
+            else:
+                self.gaps += offset - self.offset - 1
         self.offset = offset
 
     def _one(self, message: dict[str, Any], now: float,
@@ -265,10 +318,28 @@ class Viewer:
             self._command_error(message, now)
         elif kind == ServerType.PING:
             out.append((0.0, {"t": "pong"}))
+        elif kind == ServerType.SKIPPED:
+            self._skipped(message)
         elif kind == ServerType.GOING_AWAY:
             delay = message.get("reconnect_after_ms")
             self.reconnect_hint_ms = int(delay) if isinstance(delay, int | float) else None
         # volatile (stock, viewers), private (order.*) and pong need nothing here.
+
+    def _skipped(self, message: dict[str, Any]) -> None:
+        """Chat up to ``pos`` left out of this stream: not a gap, and the new position."""
+        try:
+            epoch, offset = position_of(message["pos"])
+        except (KeyError, TypeError, ValueError):
+            self._error("bad_skipped_frame")
+            return
+        if self.epoch is None or epoch != self.epoch:
+            self.epoch, self.offset = epoch, offset
+            return
+        self._msg_skipped_to = max(self._msg_skipped_to, offset)
+        if offset > self.offset:
+            if self._msg_gaps is not None:
+                self._msg_gaps.append((self.offset + 1, offset))
+            self.offset = offset
 
     def _event(self, message: dict[str, Any], now: float,
                out: list[tuple[float, dict[str, Any]]]) -> None:
@@ -276,7 +347,13 @@ class Viewer:
         if message.get("pos") is not None:
             self._position(message["pos"])
         event = message.get("event")
-        if event == BUY_NOW:
+        if event == CHAT:
+            self.chat_seen += 1
+            if self.chat_lat is not None:
+                sent = _chat_sent_at((message.get("data") or {}).get("text"))
+                if sent is not None:
+                    self.chat_lat.append(round(now - sent, 4))
+        elif event == BUY_NOW:
             if self.buy_now_at is None:
                 self.buy_now_at = now
                 if self.wants_to_buy and self.buy_id is None:
@@ -382,7 +459,10 @@ def summarize_viewers(viewers: Iterable[Viewer]) -> dict[str, Any]:
     errors: Counter[str] = Counter()
     last_offsets: Counter[str] = Counter()
     totals: Counter[str] = Counter()
+    chat_lat: list[float] = []
     for v in viewers:
+        if v.chat_lat:
+            chat_lat.extend(v.chat_lat)
         if v.joined_at is not None:
             joined.append(round(v.joined_at, 4))
             if v.connect_started is not None and v.connected_at is not None:
@@ -408,6 +488,8 @@ def summarize_viewers(viewers: Iterable[Viewer]) -> dict[str, Any]:
         totals["epoch_changes"] += v.epoch_changes
         totals["recovery_failed"] += v.recovery_failed
         totals["durable_events"] += v.durable
+        totals["chat_seen"] += v.chat_seen
+        totals["chat_skipped"] += v.chat_skipped
         totals["reconnects"] += v.reconnects
         totals["joined"] += 1 if v.joined_at is not None else 0
         totals["open_at_report"] += 1 if v.is_open else 0
@@ -419,4 +501,61 @@ def summarize_viewers(viewers: Iterable[Viewer]) -> dict[str, Any]:
         "reservation_s": reservations, "held_users": held_users,
         "buy_outcomes": dict(outcomes), "buy_codes": dict(codes), "errors": dict(errors),
         "last_positions": dict(last_offsets), "totals": dict(totals),
+        "chat_latency_s": chat_lat,
     }
+
+
+class FloorViewer:
+    """A viewer of the bare-broadcast floor (loadtest.floor): it joins nothing and
+    times each numbered message the floor server broadcasts (``data.k``)."""
+
+    __slots__ = ("arrivals", "index", "phase")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.phase = Phase.IDLE
+        self.arrivals: list[tuple[int, float]] = []
+
+    @property
+    def is_open(self) -> bool:
+        return self.phase is Phase.JOINED
+
+    is_joined = is_open
+
+    def connecting(self, now: float) -> None:
+        self.phase = Phase.CONNECTING
+
+    def opened(self, now: float) -> list[dict[str, Any]]:
+        self.phase = Phase.JOINED  # connected is all the floor asks
+        return []
+
+    def closed(self, code: int | None, reason: str, now: float) -> None:
+        self.phase = Phase.CLOSED
+
+    def received(self, data: bytes | str, now: float) -> list[tuple[float, dict[str, Any]]]:
+        try:
+            messages = decode_server(data)
+        except UndecodableFrame:
+            return []
+        for message in messages:
+            k = (message.get("data") or {}).get("k")
+            if isinstance(k, int):
+                self.arrivals.append((k, round(now, 4)))
+        return []
+
+    def count_into(self, counts: Counter[str]) -> None:
+        counts[self.phase.value] += 1
+        if self.phase is Phase.JOINED:
+            counts["ever_joined"] += 1
+        counts["floor_seen"] += len(self.arrivals)
+
+
+def summarize_floor(viewers: Iterable[FloorViewer]) -> dict[str, Any]:
+    """Arrival times by message number ``k``."""
+    arrivals: dict[str, list[float]] = {}
+    joined = 0
+    for v in viewers:
+        joined += 1 if v.phase is Phase.JOINED else 0
+        for k, t in v.arrivals:
+            arrivals.setdefault(str(k), []).append(t)
+    return {"floor_arrivals": arrivals, "totals": {"joined": joined}}

@@ -16,13 +16,18 @@ import pytest
 from loadtest.rehearse import RehearsalConfig, rehearse
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(150)
 def test_small_rehearsal_holds_and_never_oversells(tmp_path: Path) -> None:
+    """With a chat storm, in a room the server treats as big (its chat batched and
+    sampled), the creator's control-path probes and the bare-broadcast floor."""
     cfg = RehearsalConfig(
         viewers=200, stock=20, server_workers=1, swarm_processes=2, connect_rate=1000,
-        buy_probability=0.6, buy_delay_ms=(0, 50), chat_messages=6, countdown_s=0.5,
-        rush_timeout_s=15, max_duration_s=45, out_dir=str(tmp_path), quiet=True,
+        buy_probability=0.6, buy_delay_ms=(0, 50), chat_messages=6, countdown_s=1.5,
+        chat_rate=40, probe_interval_s=0.2, floor_events=3, floor_interval_s=0.5,
+        rush_timeout_s=15, max_duration_s=90, out_dir=str(tmp_path), quiet=True,
         p99_budget_ms=5000, command="test",
+        server_env={"DROPSERVER_CHAT_BATCH_VIEWERS": "50", "DROPSERVER_CHAT_BATCH_MS": "250",
+                    "DROPSERVER_CHAT_READ_RATE": "4"},
     )
     result = asyncio.run(rehearse(cfg))
     assert result["failures"] == [] and result["passed"] is True
@@ -43,6 +48,18 @@ def test_small_rehearsal_holds_and_never_oversells(tmp_path: Path) -> None:
     assert audit["duplicate_buyer_numbers"] == 0 and audit["mismatched_users"] == 0
     assert audit["redis_remaining"] == {str(result["drop"]["product_ids"][0]): 0}
     assert result["server"]["rss_per_connection_kib"] is not None
+    # The chat storm: sampled (viewers got fewer than were sent), yet nothing lost.
+    chat = result["chat"]
+    assert chat["sent"] >= 40 and chat["latency"]["count"] > 0
+    assert chat["left_out_per_viewer"] > 0
+    assert chat["received_per_viewer"] + chat["left_out_per_viewer"] >= chat["sent"] - 1
+    creator = result["creator"]
+    assert creator["buy_now_ms"] > 0 and creator["probes"]["count"] >= 5
+    assert creator["probe_errors"] == 0
+    floor = result["floor"]
+    assert floor["measured"] and floor["viewers"] == 200
+    assert floor["delivered"] == floor["expected"] == 600
+    assert result["buy_now"]["floor_ratio"]["p99"] > 0
     paths = result["reports"]
     written = json.loads(Path(paths["json"]).read_text())
     assert written["passed"] is True and written["buy_now"]["histogram_ms"]

@@ -117,3 +117,36 @@ def test_decode_accepts_integer_keys_json_text_and_batches() -> None:
     assert decode_server('[{"t":"ping"},{"t":"pong"}]') == [{"t": "ping"}, {"t": "pong"}]
     v = _viewer()
     assert v.received(b"\xc1", 1.0) == [] and v.errors == {"undecodable_frame": 1}
+
+
+def test_chat_left_out_before_a_skipped_frame_is_not_a_lost_event() -> None:
+    v = _viewer(buy=False)
+    _join(v)  # position 3
+    batch = [event_frame("chat.message", {}, "e1", 5),
+             event_frame("chat.message", {}, "e1", 8),
+             {"t": "skipped", "count": 5, "pos": {"epoch": "e1", "offset": 10}},
+             event_frame("drop.buy_now", {}, "e1", 11)]
+    v.received(encode(batch, Format.MSGPACK), 2.0)
+    assert (v.gaps, v.chat_skipped, v.offset, v.chat_seen) == (0, 5, 11, 2)
+    # A gap beyond the skipped frame's position is a lost event.
+    v.received(encode([{"t": "skipped", "count": 1, "pos": {"epoch": "e1", "offset": 12}},
+                       event_frame("drop.state", {}, "e1", 15)], Format.MSGPACK), 2.1)
+    assert (v.gaps, v.chat_skipped, v.offset) == (2, 6, 15)
+    # Without a skipped frame in the same message, missing chat is lost too.
+    v.received(_wire(event_frame("chat.message", {}, "e1", 17)), 2.2)
+    assert v.gaps == 3
+
+
+def test_sampled_viewers_time_rehearsal_chat() -> None:
+    from loadtest.viewer import chat_text
+
+    cfg = ViewerConfig(drop_id=42, buy_probability=0.0, chat_sample=7)
+    timed, untimed = Viewer(7, "lt-7", cfg, 0.5), Viewer(8, "lt-8", cfg, 0.5)
+    for v in (timed, untimed):
+        _join(v)
+        v.received(_wire(event_frame("chat.message", {"text": chat_text(10.0, "s1")},
+                                     "e1", 4)), 10.25)
+        v.received(_wire(event_frame("chat.message", {"text": "typed by a person"},
+                                     "e1", 5)), 10.5)
+    assert timed.chat_lat == [0.25] and timed.chat_seen == 2
+    assert untimed.chat_lat is None and untimed.chat_seen == 2
