@@ -12,6 +12,7 @@ Modules, in the order to read them:
 * ``swarm``: one swarm process: thousands of viewers of one drop on one loop.
 * ``creator``: the creator's side: one drop driven through the HTTP API.
 * ``target``: where a rehearsal points: a local server it starts, or a deployment.
+* ``floor``: the bare ``websockets`` broadcast server a rehearsal measures beside it.
 * ``procstat``: the server's memory and CPU during a run.
 * ``stats``: percentiles, latency summaries, histograms; pure.
 * ``rehearse``: the whole rehearsal and its pass or fail.

@@ -8,10 +8,11 @@ import asyncio
 import contextlib
 import socket
 
-from benchmarks._bare import serve_broadcast, serve_buy
+from benchmarks._bare import serve_buy
 from benchmarks._buyers import buy, open_buyers, rush
 from checkout import inventory
 from checkout.defense import BuyLimits
+from loadtest.floor import serve_broadcast
 
 
 @contextlib.asynccontextmanager
