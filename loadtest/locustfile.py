@@ -307,7 +307,7 @@ class ViewerUser(User):
         self._flush()
 
     def _read_loop(self, sock: Any, started: float) -> None:
-        viewer = self.viewer
+        viewer, proto = self.viewer, self._proto
         assert viewer is not None
         env = self.environment
         while True:
@@ -315,18 +315,21 @@ class ViewerUser(User):
                 data = sock.recv(65536)
             except OSError:
                 data = b""
-            if not data:
-                self._proto.receive_eof()
-                viewer.closed(None, "eof", time.monotonic())
-                if self._sock is sock:
-                    self._sock = None
+            if self._sock is not sock:
+                # This socket was replaced (the next drop): the user's viewer and
+                # protocol are the new connection's now, not this reader's.
                 return
-            self._proto.receive_data(data)
-            for event in self._proto.events_received():
+            if not data:
+                proto.receive_eof()
+                viewer.closed(None, "eof", time.monotonic())
+                self._sock = None
+                return
+            proto.receive_data(data)
+            for event in proto.events_received():
                 if isinstance(event, Response):
-                    if self._proto.handshake_exc is not None:
+                    if proto.handshake_exc is not None:
                         _fire(env, "WS", "join", (time.monotonic() - started) * 1000,
-                              self._proto.handshake_exc)
+                              proto.handshake_exc)
                         return
                     for message in viewer.opened(time.monotonic()):
                         self._send(message)
@@ -388,6 +391,10 @@ class CreatorUser(HttpUser):
     def on_start(self) -> None:
         token = _token(self.environment, "locust-creator", "creator")
         self.client.headers["Authorization"] = f"Bearer {token}"
+        # A new connection per call: the creator waits longer between calls than the
+        # server keeps an idle connection (uvicorn: 5 s), and a call sent on a
+        # connection the server is just closing fails (RemoteDisconnected).
+        self.client.headers["Connection"] = "close"
 
     @task
     def run_drop(self) -> None:

@@ -69,6 +69,7 @@ def test_headless_locust_reports_custom_events(target: LocalTarget, tmp_path: Pa
                    target.base_url, "--csv", str(tmp_path / "drop"), *DROP_ARGS, cwd=tmp_path)
     out, _ = proc.communicate(timeout=50)
     assert proc.returncode == 0, out.decode()[-2000:]
+    assert b"Traceback" not in out, out.decode()[-4000:]  # e.g. a viewer's reader died
     _check(_stats(tmp_path / "drop"))
 
 
@@ -144,6 +145,7 @@ def test_the_documented_command_passes_against_dropserver_dev(tmp_path: Path) ->
         run = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True,
                              timeout=100)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert "Traceback" not in run.stdout + run.stderr, run.stderr[-4000:]
         csv_prefix = argv[argv.index("--csv") + 1]
         stats = _stats(tmp_path / csv_prefix)
         tried = sum(int(stats[("WS", name)]["Request Count"])
