@@ -57,7 +57,7 @@ async def fake_confirm(request: Request) -> JSONResponse:
     from checkout.payments import FakeGateway, GatewayError
     from dropserver.auth import require
     from dropserver.errors import NotFound
-    from dropserver.http import field, read_json
+    from dropserver.http import field, read_json, reject_unknown
 
     state = request.app.state
     gateway = state.payments_gateway
@@ -65,6 +65,7 @@ async def fake_confirm(request: Request) -> JSONResponse:
         raise NotFound("only with DROPSERVER_PAYMENT_GATEWAY=fake", code="not_available")
     who = await require(request)
     data = await read_json(request)
+    reject_unknown(data, ("payment_method",))
     pm = field(data, "payment_method", str, default="pm_card_visa", max_len=64)
     order = await state.db.fetchrow(
         "SELECT o.id, o.public_id, o.drop_id, o.product_id, o.user_id, o.state, "

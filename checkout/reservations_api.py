@@ -47,7 +47,7 @@ from checkout.reserve import (
 from dropserver.auth import Principal, Role, principal
 from dropserver.component import Component
 from dropserver.errors import ApiError, NotFound, Unauthorized, ValidationFailed
-from dropserver.http import field, read_json
+from dropserver.http import field, read_json, reject_unknown
 from dropserver.observability import bind, tally
 from realtime.protocol import private_frame
 
@@ -66,6 +66,8 @@ _REPLAYED = RESERVATIONS.labels("replay")
 RELEASES = Counter("dropserver_hold_releases_total", "Holds released", ["reason"])
 
 _NOT_LIVE_CACHE_S = 1.0
+# What a buy may carry (HTTP body and WebSocket command alike); anything else is 422.
+BUY_FIELDS = frozenset({"product_id", "quantity", "idempotency_key", "flow", "proof"})
 
 
 class Notifier:
@@ -254,6 +256,7 @@ async def buy(app: Any, who: Principal, drop_id: int, data: dict[str, Any], *, i
     started = time.perf_counter()
     if who.is_guest:
         raise Unauthorized("sign in to buy", code="token_missing")
+    reject_unknown(data, BUY_FIELDS)
     product_id = field(data, "product_id", int, min_value=1, max_value=2**62)
     quantity = field(data, "quantity", int, default=1, min_value=1, max_value=100)
     key = idempotency_key or field(data, "idempotency_key", str, max_len=255)
@@ -308,8 +311,9 @@ async def cancel(app: Any, who: Principal, hold_id: str) -> dict[str, Any]:
 
 async def ws_buy(app: Any, ctx: Any, data: dict) -> dict:
     drop_id = getattr(ctx, "drop_id", None)
-    if drop_id is None:
+    if drop_id is None:  # not from a joined socket: the drop is named in the command
         drop_id = field(data, "drop_id", int, min_value=1)
+        data = {k: v for k, v in data.items() if k != "drop_id"}
     conn_id = getattr(ctx, "conn_id", "")
     after = getattr(ctx, "after", None)
     _hold, reply, held = await buy(app, ctx.principal, int(drop_id), data,
@@ -322,6 +326,7 @@ async def ws_buy(app: Any, ctx: Any, data: dict) -> dict:
 
 
 async def ws_cancel_hold(app: Any, ctx: Any, data: dict) -> dict:
+    reject_unknown(data, ("hold_id",))
     return await cancel(app, ctx.principal, field(data, "hold_id", str, max_len=64))
 
 

@@ -28,7 +28,7 @@ from drops.spec import parse_create, parse_patch, parse_product_id, parse_time
 from dropserver.auth import Principal, Role, principal, require, require_drop_owner
 from dropserver.component import Component
 from dropserver.errors import NotFound, ValidationFailed
-from dropserver.http import MAX_ID, parse_int, read_json
+from dropserver.http import MAX_ID, parse_int, read_json, reject_unknown
 from dropserver.observability import bind
 
 __all__ = ["drop_json", "part", "snapshot"]
@@ -194,9 +194,7 @@ async def schedule(request: Request) -> JSONResponse:
     drop_id = _drop_id(request)
     who = await _creator(request)
     data = await read_json(request)
-    for name in data:
-        if name != "starts_at":
-            raise ValidationFailed(f"{name} is not a known field", details={"field": name})
+    reject_unknown(data, ("starts_at",))
     now = _now()
     starts_at = None
     if data.get("starts_at") is not None:
@@ -265,9 +263,7 @@ async def list_transitions(request: Request) -> JSONResponse:
 
 
 async def _no_body(request: Request) -> None:
-    data = await read_json(request)
-    for name in data:
-        raise ValidationFailed(f"{name} is not a known field", details={"field": name})
+    reject_unknown(await read_json(request), ())
 
 
 _ID = "/v1/drops/{drop_id:id}"

@@ -22,7 +22,7 @@ from drops import settlement_store
 from dropserver.auth import Role, require, require_drop_owner
 from dropserver.component import Component
 from dropserver.errors import Conflict, Forbidden, NotFound, ValidationFailed
-from dropserver.http import field, read_json
+from dropserver.http import field, read_json, reject_unknown
 
 _MAX_STAKE = 10**13
 
@@ -57,6 +57,7 @@ async def put_stake(request: Request) -> JSONResponse:
     drop = await _drop(request, drop_id)
     require_drop_owner(who, drop["creator_id"])
     data = await read_json(request)
+    reject_unknown(data, ("investor_id", "amount", "stripe_account_id"))
     investor = field(data, "investor_id", str, max_len=128)
     if not investor:
         raise ValidationFailed("investor_id must not be empty", details={"field": "investor_id"})
@@ -116,6 +117,7 @@ async def settle(request: Request) -> JSONResponse:
     drop_id = _drop_id(request)
     drop = await _drop(request, drop_id)
     require_drop_owner(who, drop["creator_id"])
+    reject_unknown(await read_json(request), ())  # settle takes no fields
     state = request.app.state
     report = await settlement_store.settle_drop(state.db, state.redis,
                                                 state.payments_gateway, drop_id)

@@ -14,6 +14,7 @@ from typing import Any
 
 from dropserver.errors import ValidationFailed
 from dropserver.http import field as _field
+from dropserver.http import reject_unknown
 
 __all__ = [
     "LIMITS",
@@ -105,12 +106,6 @@ def _at(prefix: str, data: dict[str, Any], name: str, typ: Any, **kw: Any) -> An
                                details={"field": path}) from None
 
 
-def _no_unknown(prefix: str, data: dict[str, Any], known: set[str]) -> None:
-    for key in data:
-        if key not in known:
-            raise _fail(f"{prefix}{key}", "is not a known field")
-
-
 def _object(path: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _fail(path, "must be an object")
@@ -165,7 +160,8 @@ def _image_url(prefix: str, data: dict[str, Any]) -> str:
 def _product(index: int, raw: Any, *, allow_id: bool) -> ProductSpec:
     prefix = f"products[{index}]."
     data = _object(f"products[{index}]", raw)
-    _no_unknown(prefix, data, _PRODUCT_FIELDS if allow_id else _PRODUCT_FIELDS - {"product_id"})
+    reject_unknown(data, _PRODUCT_FIELDS if allow_id else _PRODUCT_FIELDS - {"product_id"},
+                   prefix)
     price = _at(prefix, data, "price", int, min_value=1, max_value=LIMITS.price)
     units = _at(prefix, data, "units", int, min_value=1, max_value=LIMITS.units)
     limit = _at(prefix, data, "per_buyer_limit", int, default=1, min_value=1,
@@ -199,7 +195,7 @@ def _products(raw: Any, *, allow_id: bool) -> list[ProductSpec]:
 
 def _campaign(raw: Any, *, now: datetime) -> CampaignSpec:
     data = _object("campaign", raw)
-    _no_unknown("campaign.", data, _CAMPAIGN_FIELDS)
+    reject_unknown(data, _CAMPAIGN_FIELDS, "campaign.")
     goal = _at("campaign.", data, "goal_orders", int, min_value=1,
                max_value=LIMITS.goal_orders)
     if "deadline" not in data:
@@ -209,7 +205,7 @@ def _campaign(raw: Any, *, now: datetime) -> CampaignSpec:
 
 def parse_create(data: dict[str, Any], *, now: datetime) -> DropSpec:
     """The body of ``POST /v1/drops``."""
-    _no_unknown("", data, _DROP_FIELDS)
+    reject_unknown(data, _DROP_FIELDS)
     kind = _at("", data, "kind", str, default="standard")
     if kind not in KINDS:
         raise _fail("kind", f"must be one of {', '.join(KINDS)}")
@@ -242,7 +238,7 @@ def parse_patch(data: dict[str, Any], *, now: datetime, kind: str) -> DropPatch:
     """The body of ``PATCH /v1/drops/{id}``: any subset of the create fields but kind."""
     if "kind" in data:
         raise _fail("kind", "cannot be changed; create a new drop")
-    _no_unknown("", data, _DROP_FIELDS - {"kind"})
+    reject_unknown(data, _DROP_FIELDS - {"kind"})
     if not data:
         raise ValidationFailed("nothing to update", details={"field": None})
     values: dict[str, Any] = {}
@@ -271,7 +267,7 @@ def parse_patch(data: dict[str, Any], *, now: datetime, kind: str) -> DropPatch:
 
 def parse_product_id(data: dict[str, Any], *, required: bool = True) -> int | None:
     """``{"product_id": 7}`` of pin, buy-now and close."""
-    _no_unknown("", data, {"product_id"})
+    reject_unknown(data, {"product_id"})
     if required:
         return _at("", data, "product_id", int, min_value=1)
     return _at("", data, "product_id", int, default=None, min_value=1)

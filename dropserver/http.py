@@ -4,6 +4,8 @@ Input rules that hold for every endpoint live here, so no handler can miss them:
 
 * ids in paths use the ``id`` convertor (``/v1/drops/{drop_id:id}``): 1-18 ASCII digits,
   so every id fits PostgreSQL's ``bigint``; anything else matches no route (404);
+* a JSON body holds only the fields its endpoint defines: :func:`reject_unknown`
+  answers anything else with 422 naming it (a typo is an error, never a default);
 * integers in query strings and headers go through :func:`parse_int` (ASCII digits
   only: ``str.isdigit()`` also says yes to ``"\u00b2"``, which ``int()`` refuses);
 * every string in a JSON body is text PostgreSQL and Redis can store: no NUL, no
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from typing import Any
 
 from starlette.convertors import Convertor, register_url_convertor
@@ -29,7 +32,7 @@ from dropserver.errors import ApiError, ValidationFailed, error_body
 from dropserver.text import find_bad_text
 
 __all__ = ["MAX_ID", "MAX_JSON_BODY", "NulGuard", "field", "parse_int", "read_body",
-           "read_json"]
+           "read_json", "reject_unknown"]
 
 MAX_JSON_BODY = 256 * 1024
 MAX_ID = 2**63 - 1  # PostgreSQL bigint: every id column, every integer column
@@ -147,3 +150,12 @@ def field(data: dict[str, Any], name: str, typ: type | tuple[type, ...], *,
         raise ValidationFailed(f"{name} must be at most {max_len} long",
                                details={"field": name})
     return value
+
+
+def reject_unknown(data: dict[str, Any], known: Collection[str], prefix: str = "") -> None:
+    """422 naming the first field of ``data`` that is not in ``known`` (``prefix``: the
+    path of a nested object, e.g. ``"products[0]."``)."""
+    for name in data:
+        if name not in known:
+            path = f"{prefix}{name[:64]}"
+            raise ValidationFailed(f"{path} is not a known field", details={"field": path})

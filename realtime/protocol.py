@@ -310,9 +310,21 @@ def _field(obj: dict[str, Any], name: str, typ: type | tuple[type, ...], request
 
 
 _MAX_ID = 2**63 - 1
+_ENVELOPE = ("t", "id")
+
+
+def _only(obj: dict[str, Any], fields: tuple[str, ...], rid: str | None,
+          prefix: str = "") -> None:
+    """Unknown fields are refused, as in every HTTP body (docs/protocol.md)."""
+    for name in obj:
+        if name not in fields and (prefix or name not in _ENVELOPE):
+            path = f"{prefix}{str(name)[:64]}"
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"{path} is not a known field", rid,
+                                {"field": path})
 
 
 def _join(obj: dict[str, Any], rid: str | None) -> dict[str, Any]:
+    _only(obj, ("drop_id", "token", "since"), rid)
     out: dict[str, Any] = {
         "drop_id": _field(obj, "drop_id", int, rid, min_value=1, max_value=_MAX_ID),
         "token": _field(obj, "token", str, rid, default=None, max_len=MAX_TOKEN_LEN),
@@ -322,26 +334,31 @@ def _join(obj: dict[str, Any], rid: str | None) -> dict[str, Any]:
         if not isinstance(since, dict):
             raise ProtocolError(ErrorCode.INVALID_FIELD, "since must be a map", rid,
                                 {"field": "since"})
+        _only(since, ("epoch", "offset"), rid, "since.")
         out["since"] = (_field(since, "epoch", str, rid, max_len=64),
                         _field(since, "offset", int, rid, min_value=0, max_value=_MAX_ID))
     return out
 
 
 def _empty(obj: dict[str, Any], rid: str | None) -> dict[str, Any]:
+    _only(obj, (), rid)
     return {}
 
 
 def _chat_send(obj: dict[str, Any], rid: str | None) -> dict[str, Any]:
     # The length limit is a setting, checked by realtime.chat; this only bounds
     # the frame. Text is never interpreted: clients render it as text.
+    _only(obj, ("text",), rid)
     return {"text": _field(obj, "text", str, rid, max_len=4096)}
 
 
 def _chat_delete(obj: dict[str, Any], rid: str | None) -> dict[str, Any]:
+    _only(obj, ("message_id",), rid)
     return {"message_id": _field(obj, "message_id", str, rid, max_len=64)}
 
 
 def _chat_moderate(obj: dict[str, Any], rid: str | None) -> dict[str, Any]:
+    _only(obj, ("user_id", "seconds", "reason"), rid)
     return {
         "user_id": _field(obj, "user_id", str, rid, max_len=MAX_USER_ID_LEN),
         "seconds": _field(obj, "seconds", int, rid, default=None, min_value=1,
@@ -351,6 +368,7 @@ def _chat_moderate(obj: dict[str, Any], rid: str | None) -> dict[str, Any]:
 
 
 def _chat_slow(obj: dict[str, Any], rid: str | None) -> dict[str, Any]:
+    _only(obj, ("seconds",), rid)
     return {"seconds": _field(obj, "seconds", int, rid, min_value=0, max_value=3600)}
 
 
