@@ -250,7 +250,8 @@ async def schedule(app_or_pool: Any, redis: Any, drop_id: int, actor: Principal,
         transition(work.state, Action.SCHEDULE)          # 409 before 422
         when = starts_at or work.drop["starts_at"]
         if when is None:
-            raise ValidationFailed("starts_at is required to schedule a drop",
+            raise ValidationFailed("starts_at is required: this drop has no start time "
+                                   "(send one, or set it with PATCH first)",
                                    details={"field": "starts_at"})
         if when <= now:
             raise ValidationFailed("starts_at must be in the future",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 
 import msgpack
 import pytest
@@ -91,6 +92,25 @@ async def test_json_subprotocol(server, settings, r):
     raw = await asyncio.wait_for(c.ws.recv(), 5)
     assert isinstance(raw, str) and '"drop.buy_now"' in raw
     await c.close()
+
+
+async def test_either_frame_kind_is_read_on_either_subprotocol(server, settings):
+    """docs/protocol.md: text is JSON everywhere; binary is msgpack on a msgpack
+    connection and UTF-8 JSON on a JSON one; answers come in the connection's kind."""
+    drop_id, _ = await create_drop(settings.database_url)
+    on_json = await Client.connect(server.ws_url, fmt=JSON)
+    await on_json.ws.send(json.dumps({"t": "join", "id": "b", "drop_id": drop_id}).encode())
+    raw = await asyncio.wait_for(on_json.ws.recv(), 5)
+    assert isinstance(raw, str) and json.loads(raw)["t"] == "joined"
+    await on_json.ws.send(msgpack.packb({"t": "ping", "id": "m"}))  # msgpack: not JSON
+    err = json.loads(await asyncio.wait_for(on_json.ws.recv(), 5))
+    assert err["t"] == "error" and err["code"] == "bad_frame"
+    on_msgpack = await Client.connect(server.ws_url)
+    await on_msgpack.ws.send(json.dumps({"t": "ping", "id": "t"}))  # text: JSON
+    raw = await asyncio.wait_for(on_msgpack.ws.recv(), 5)
+    assert isinstance(raw, bytes) and msgpack.unpackb(raw) == {"t": "pong", "id": "t"}
+    await on_json.close()
+    await on_msgpack.close()
 
 
 async def test_msgpack_is_default_and_binary(server, settings, r):

@@ -47,3 +47,21 @@ async def test_viewers_event_counts_every_process(settings, r):
             await c.close()
     # Both processes stopped cleanly: nothing is counted any more.
     assert await r.hlen(presence.presence_key(drop_id)) == 0
+
+
+async def test_viewers_counts_sockets_not_users(settings, make_token):
+    """docs/protocol.md: every socket joined to the drop counts, guests too, and one
+    user with two tabs counts twice."""
+    drop_id, _ = await create_drop(settings.database_url)
+    async with running(settings, viewers_coalesce_ms=100) as srv:
+        token = make_token("two-tabs")
+        clients = [await Client.connect(srv.ws_url, token=token),
+                   await Client.connect(srv.ws_url, token=token),
+                   await Client.connect(srv.ws_url)]  # a guest
+        for c in clients:
+            await c.join(drop_id)
+        frame = await clients[2].recv_until(lambda f: f.get("event") == "viewers"
+                                            and f["data"]["count"] == 3, wait=5)
+        assert frame["data"] == {"count": 3}
+        for c in clients:
+            await c.close()
