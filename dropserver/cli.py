@@ -155,7 +155,7 @@ def _announce(settings, port: int, started: float) -> None:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     from dropserver.observability import configure_logging
-    from dropserver.services import LocalServices, ServiceError
+    from dropserver.services import LocalServices
 
     started = time.monotonic()
     settings = _settings(args, dev=True)
@@ -167,10 +167,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
                              want_postgres=not settings.database_url)
     with contextlib.ExitStack() as stack:
         if services.want_redis or services.want_postgres:
-            try:
-                stack.enter_context(services)
-            except ServiceError as exc:
-                raise StartupError(f"cannot start the local Redis/PostgreSQL: {exc}") from None
+            stack.enter_context(services)
             settings = settings.replace(
                 redis_url=settings.redis_url or services.redis_url,
                 database_url=settings.database_url or services.database_url,
@@ -277,12 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dropserver.services import ServiceError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except StartupError as exc:
         print(f"dropserver {args.command}: {exc}", file=sys.stderr)
-        return 1
+    except ServiceError as exc:  # dev, services: the local Redis or PostgreSQL
+        print(f"dropserver {args.command}: cannot start the local Redis/PostgreSQL: {exc}",
+              file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

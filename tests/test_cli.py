@@ -244,6 +244,8 @@ def test_a_busy_port_is_named_with_how_to_pick_another(busy_port, backends, comm
                                 "DATABASE_URL": "postgresql://127.0.0.1:1/x"},
      "cannot reach Redis at 127.0.0.1:1"),
     (["dev", "--host", "192.0.2.1", "--port", "0"], {}, "not an address of this machine"),
+    (["services"], {"DROPSERVER_POSTGRES_BIN": "/nonexistent"},
+     "cannot start the local Redis/PostgreSQL"),
 ])
 def test_other_startup_errors_are_one_line_not_a_traceback(argv, env, says):
     full = {**_dev_env(), **env}
