@@ -144,15 +144,20 @@ class Reader:
             await self._more()
 
 
-async def test_http_examples_work_as_written(server, http, settings, make_token):
-    api = _doc("http-api.md")
-    creator = {"Authorization": f"Bearer {make_token('creator-1', Role.CREATOR)}"}
-    db = await asyncpg.connect(settings.database_url)
+async def _ids_as_shown(database_url: str) -> None:
+    """The next drop is 42 and its first product 7, the ids the pages use."""
+    db = await asyncpg.connect(database_url)
     try:
         await db.execute("ALTER SEQUENCE drops_id_seq RESTART WITH 42")
         await db.execute("ALTER SEQUENCE products_id_seq RESTART WITH 7")
     finally:
         await db.close()
+
+
+async def test_http_examples_work_as_written(server, http, settings, make_token):
+    api = _doc("http-api.md")
+    creator = {"Authorization": f"Bearer {make_token('creator-1', Role.CREATOR)}"}
+    await _ids_as_shown(settings.database_url)
     # The drop body, as shown.
     resp = await http.post("/v1/drops", headers=creator,
                            json=json.loads(block_after(api, "**Drop body**")))
@@ -218,12 +223,7 @@ async def test_the_documented_token_claims_are_the_ones_checked(server, http, se
 async def test_the_example_session_runs_as_written(server, http, settings, make_token):
     proto = _doc("protocol.md")
     creator = {"Authorization": f"Bearer {make_token('creator-1', Role.CREATOR)}"}
-    db = await asyncpg.connect(settings.database_url)
-    try:
-        await db.execute("ALTER SEQUENCE drops_id_seq RESTART WITH 42")
-        await db.execute("ALTER SEQUENCE products_id_seq RESTART WITH 7")
-    finally:
-        await db.close()
+    await _ids_as_shown(settings.database_url)
     resp = await http.post("/v1/drops", headers=creator, json={
         "title": "Sneaker drop", "starts_at": "2030-11-23T18:00:00Z",
         "products": [{"title": "Red", "price": 2500, "units": 300}]})
