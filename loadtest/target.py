@@ -145,7 +145,9 @@ class LocalTarget:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = out = open(self.log_path, "ab")  # closed in stop()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "dropserver.cli", "serve"],
+            # -P: the working directory is not put first on sys.path, so PYTHONPATH in
+            # `env` (rehearse --server-env) picks which checkout serves (an A/B).
+            [sys.executable, "-P", "-m", "dropserver.cli", "serve"],
             env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
             preexec_fn=die_with_parent(signal.SIGTERM),
         )
