@@ -282,7 +282,8 @@ async def _answer_join(app: Any, hub: Hub, room: Any, conn: Connection, frame: C
     redis = app.state.redis
     limit = app.state.settings.history_size
     if since is not None:
-        rec = await history.recover(redis, room.drop_id, history.Position(*since), limit)
+        rec = _from_room(room, history.Position(*since), limit) or await history.recover(
+            redis, room.drop_id, history.Position(*since), limit)
         metrics.RECOVERIES.labels("recovered" if rec.recovered else "snapshot").inc()
         if rec.recovered:
             _send_frame(conn, hub.joined_frame(room, frame.id, None, recovered=True,
@@ -295,7 +296,8 @@ async def _answer_join(app: Any, hub: Hub, room: Any, conn: Connection, frame: C
         if snap is None:
             raise ProtocolError(ErrorCode.DROP_NOT_FOUND, f"no drop {room.drop_id}")
         pos = history.Position(snap["pos"]["epoch"], snap["pos"]["offset"])
-        rec = await history.recover(redis, room.drop_id, pos, limit)
+        rec = _from_room(room, pos, limit) or await history.recover(redis, room.drop_id,
+                                                                    pos, limit)
         if rec.recovered:
             break
     else:
@@ -307,6 +309,15 @@ async def _answer_join(app: Any, hub: Hub, room: Any, conn: Connection, frame: C
     last = rec.publications[-1] if rec.publications else None
     epoch, offset = (last.epoch, last.offset) if last else (pos.epoch, pos.offset)
     hub.activate(conn, room, offset, epoch)
+
+
+def _from_room(room: Any, pos: history.Position, limit: int) -> history.Recovery | None:
+    """The events after ``pos`` as the room applied them (no Redis round trip per join;
+    what is still on its way reaches the socket through ``conn.pending``), or None."""
+    events = room.events_since(pos)
+    if events is None or len(events) > limit:
+        return None
+    return history.Recovery(True, room.position, events)
 
 
 # -- drain ---------------------------------------------------------------------

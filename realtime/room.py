@@ -27,6 +27,7 @@ fan-out jobs (realtime.dispatch):
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
@@ -47,6 +48,7 @@ __all__ = ["Room", "merge_volatile"]
 log = logging.getLogger("dropserver.realtime")
 
 CHAT_RETRY_S = 0.005  # a chat batch due while a drop event is fanned out waits this long
+RECENT = 256  # durable events a room keeps for joins
 
 
 def merge_volatile(event: str, old: dict[str, Any] | None,
@@ -72,6 +74,9 @@ class Room:
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.resyncing = False
         self.backlog: list[Publication] = []
+        # The last durable events applied, in order: a join answered from here needs
+        # no history read from Redis (realtime.gateway).
+        self.recent: collections.deque[Publication] = collections.deque(maxlen=RECENT)
         self.latest: dict[str, dict[str, Any]] = {}  # last volatile data sent, by event
         self.viewers = 0
         self._pending: dict[str, dict[str, Any]] = {}
@@ -220,7 +225,8 @@ class Room:
             if conn.pending is not None:
                 conn.pending.append(pub)
         if pub.kind is Kind.DURABLE:
-            self.hub.snapshots.invalidate(self.drop_id)
+            self.hub.snapshots.applied(self.drop_id, pub.event, pub.data, pub.epoch,
+                                       pub.offset, self.hub.settings.chat_history)
             self._on_durable(pub)
         else:
             self.on_volatile(pub.event, pub.data)
@@ -243,6 +249,9 @@ class Room:
 
     def _apply(self, pub: Publication) -> None:
         self.position = history.Position(pub.epoch, pub.offset)
+        if self.recent and self.recent[-1].epoch != pub.epoch:
+            self.recent.clear()  # a new epoch: offsets start again
+        self.recent.append(pub)
         if pub.event == CHAT_EVENT and (self.chat or self.big):
             self._add_chat(pub)
         else:
@@ -259,6 +268,19 @@ class Room:
         self.conns.discard(conn)
         self.joining.discard(conn)
         self._fresh.pop(conn, None)
+
+    def events_since(self, pos: history.Position) -> list[Publication] | None:
+        """The events after ``pos`` up to the room's position, from memory; None when
+        the room cannot tell (resyncing, another epoch, older than it keeps)."""
+        mine = self.position
+        if self.resyncing or pos.epoch != mine.epoch or pos.offset > mine.offset:
+            return None
+        if pos.offset == mine.offset:
+            return []
+        recent = self.recent
+        if not recent or recent[0].offset > pos.offset + 1 or recent[-1].offset != mine.offset:
+            return None
+        return [p for p in recent if p.offset > pos.offset]
 
     def check_gap(self) -> None:
         """After a lost subscription: fetch whatever was published meanwhile."""
@@ -288,6 +310,7 @@ class Room:
                         return
                     p = snap["pos"]
                     self.position = history.Position(p["epoch"], p["offset"])
+                    self.recent.clear()
                     self._reset_stream()
                     frame = self.hub.joined_frame(self, None, snap, recovered=False,
                                                   events=[])

@@ -134,6 +134,29 @@ class SnapshotCache:
     def invalidate(self, drop_id: int) -> None:
         self._entries.pop(drop_id, None)
 
+    def applied(self, drop_id: int, event: str, data: dict[str, Any], epoch: str,
+                offset: int, chat_history: int) -> None:
+        """A durable event reached the drop: the cached snapshot is out of date. A chat
+        message that directly follows it is added to its chat (a chat storm would
+        otherwise rebuild the snapshot, three queries, for every message while
+        viewers join); anything else drops it."""
+        entry = self._entries.get(drop_id)
+        if entry is None:
+            return
+        expires, snap = entry
+        if snap is None:
+            return
+        pos = snap["pos"]
+        if pos["epoch"] == epoch and offset <= pos["offset"]:
+            return  # the snapshot was read after this event: it has it
+        if event != "chat.message" or pos["epoch"] != epoch or offset != pos["offset"] + 1:
+            self.invalidate(drop_id)
+            return
+        # A new dict with new values: joined frames already built keep theirs.
+        chat = [*snap["chat"], data][-max(chat_history, 0):] if chat_history > 0 else []
+        self._entries[drop_id] = (expires, {**snap, "chat": chat,
+                                            "pos": {"epoch": epoch, "offset": offset}})
+
     async def get(self, drop_id: int, *, fresh: bool = False) -> dict[str, Any] | None:
         now = time.monotonic()
         if not fresh:

@@ -35,7 +35,7 @@ def make_room(viewers: int, *, slice_s: float = 0.004, **settings) -> tuple[Room
                                        "chat_budget": 0, "chat_read_rate": 1000.0,
                                        **settings})
     hub = SimpleNamespace(settings=s, dispatcher=Dispatcher(slice_s), intervals={},
-                          snapshots=SimpleNamespace(invalidate=lambda drop_id: None))
+                          snapshots=SimpleNamespace(applied=lambda *args: None))
     room = Room(hub, 1)  # type: ignore[arg-type]
     room.ready.set_result(None)
     socks = [Sock(user=f"viewer-{i}") for i in range(viewers)]
