@@ -21,6 +21,8 @@ import msgpack
 
 __all__ = ["Buyer", "buy", "open_buyers", "rush", "selling_drop", "source_addresses"]
 
+_PONG = msgpack.packb({"t": "pong"})
+
 
 class Buyer:
     """One WebSocket buyer: joins a drop, sends commands, matches replies by id."""
@@ -59,6 +61,9 @@ class Buyer:
             return
         if kind == "private":
             self.private.append(frame)
+            return
+        if kind == "ping":  # the heartbeat: a buyer silent past its timeout is closed
+            self.conn.send(_PONG)
             return
         rush = self.rush
         if rush is not None and rid == rush.rid:

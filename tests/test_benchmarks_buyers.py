@@ -1,0 +1,26 @@
+"""The benchmarks' WebSocket buyers (benchmarks/_buyers.py) against the real app."""
+
+from __future__ import annotations
+
+import asyncio
+
+from benchmarks._buyers import buy, open_buyers, selling_drop
+from dropserver.auth import Role
+from tests.conftest import running
+
+
+async def test_an_idle_buyer_answers_the_heartbeat_and_can_still_buy(settings, make_token):
+    # A rush of thousands of buyers can take longer to connect than the server's
+    # ping interval + pong timeout: the first buyers sit silent meanwhile.
+    async with running(settings, ws_ping_interval=0.5, ws_pong_timeout=0.5) as srv:
+        drop_id, product_id = await selling_drop(
+            srv.base_url, make_token("rush-creator", Role.CREATOR), units=1)
+        [buyer] = await open_buyers(f"{srv.ws_url}/ws", drop_id,
+                                    [make_token("idle-buyer", Role.VIEWER)])
+        try:
+            await asyncio.sleep(2.5)  # several rounds of pings, nothing else sent
+            assert not buyer.closed.done(), buyer.closed.result()
+            frame = await buy(buyer, product_id, "k1")
+            assert frame["t"] == "reply" and frame["data"]["buyer_number"] == 1
+        finally:
+            buyer.close()
