@@ -1,5 +1,10 @@
 """Structured JSON logs with request/connection context, and Prometheus metrics.
 
+Secrets never reach a log line: every line (ours, uvicorn's, websockets', tracebacks)
+goes through :func:`redact` as the handler formats it, which replaces the values of
+secret-looking query parameters (``?token=``, ``api_key``, ``client_secret``...) and
+credentials wherever they appear (JWTs, ``Bearer ...``, Stripe keys).
+
 Context travels in :mod:`contextvars`: :func:`bind` sets ``request_id``,
 ``conn_id``, ``drop_id`` or ``user_id`` for the current task and every log line it
 writes carries them. Metrics use prometheus-client; with several worker processes
@@ -14,6 +19,7 @@ import contextvars
 import json
 import logging
 import os
+import re
 import secrets
 import sys
 import time
@@ -36,6 +42,7 @@ __all__ = [
     "flush_tallies",
     "metrics_endpoint",
     "new_id",
+    "redact",
     "tally",
 ]
 
@@ -56,8 +63,44 @@ def bind(**values: Any) -> None:
         _context[key].set(value)
 
 
-class JsonFormatter(logging.Formatter):
+# Query parameters whose values are secrets (``?token=`` is how browsers authenticate
+# a WebSocket and HLS; the rest are the usual suspects of OAuth, Stripe and API keys).
+_SECRET_PARAMS = ("token", "access_token", "id_token", "refresh_token", "jwt", "auth",
+                  "authorization", "api_key", "apikey", "key", "secret", "client_secret",
+                  "password", "passwd", "pwd", "signature", "sig", "code", "session")
+_SECRET_QUERY = re.compile(
+    r"(?i)([?&;](?:[\w.-]*_)?(?:" + "|".join(_SECRET_PARAMS) + r")=)[^&;#\s\"'\\]*")
+# Secrets however they appear: a JWT, a bearer credential, Stripe keys and secrets.
+_SECRET_TEXT = re.compile(
+    r"eyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]*"            # JWT (header.payload.signature)
+    r"|(?i:bearer)\s+[\w.~+/=-]{8,}"                   # Authorization: Bearer ...
+    r"|\b(?:sk|rk)_(?:live|test)_\w+|\bwhsec_\w+"      # Stripe secret keys, webhook secrets
+    r"|\bpi_\w+_secret_\w+")                          # PaymentIntent client secrets
+REDACTED = "[REDACTED]"
+
+
+def redact(text: str) -> str:
+    """``text`` with secret-looking query values and credentials replaced."""
+    if "=" in text:
+        text = _SECRET_QUERY.sub(lambda m: m.group(1) + REDACTED, text)
+    return _SECRET_TEXT.sub(REDACTED, text)
+
+
+class RedactingFormatter(logging.Formatter):
+    """Text lines, redacted (:func:`redact`) after formatting, tracebacks included."""
+
     def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, redacted (:func:`redact`) as a whole: message,
+    extra fields and the traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self._format(record))
+
+    def _format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
@@ -81,7 +124,8 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(RedactingFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
