@@ -41,9 +41,7 @@ def _now() -> datetime:
 
 
 def _drop_id(request: Request) -> int:
-    drop_id = request.path_params["drop_id"]  # the ``id`` convertor: 0 <= id < 10^18
-    if drop_id < 1:
-        raise NotFound(f"drop {drop_id} does not exist", code="drop_not_found")
+    drop_id = request.path_params["drop_id"]  # the ``id`` convertor: 1 <= id < 10^18
     bind(drop_id=drop_id)
     return drop_id
 

@@ -28,10 +28,7 @@ _MAX_STAKE = 10**13
 
 
 def _drop_id(request: Request) -> int:
-    value = request.path_params["drop_id"]  # the ``id`` convertor: 0 <= id < 10^18
-    if value < 1:
-        raise NotFound(f"drop {value} does not exist", code="drop_not_found")
-    return value
+    return request.path_params["drop_id"]  # the ``id`` convertor: 1 <= id < 10^18
 
 
 async def _drop(request: Request, drop_id: int) -> dict[str, Any]:

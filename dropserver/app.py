@@ -25,7 +25,7 @@ import checkout.component
 import drops.component
 import realtime.component
 import streaming.component
-from dropserver import __version__, web
+from dropserver import __version__, openapi, web
 from dropserver.auth import TokenVerifier, principal
 from dropserver.background import Periodic
 from dropserver.component import Component
@@ -109,6 +109,15 @@ def _mounted(route: object, settings: Settings) -> bool:
     return settings.fake_payments_allowed or not path.startswith(DEV_PREFIX)
 
 
+async def openapi_json(request: Request) -> JSONResponse:
+    """``GET /openapi.json``: the OpenAPI 3.1 document of the routes this app mounts."""
+    state = request.app.state
+    doc = getattr(state, "openapi", None)
+    if doc is None:
+        doc = state.openapi = openapi.document(request.app.routes)
+    return JSONResponse(doc)
+
+
 def create_app(settings: Settings, components: tuple[Component, ...] = COMPONENTS) -> Starlette:
     if not settings.redis_url or not settings.database_url:
         raise ValueError("create_app needs settings.redis_url and settings.database_url")
@@ -170,6 +179,7 @@ def create_app(settings: Settings, components: tuple[Component, ...] = COMPONENT
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/v1/me", me, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
     ]
     for comp in components:
         routes.extend(r for r in comp.routes if _mounted(r, settings))

@@ -113,7 +113,23 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     code = _STATUS_CODES.get(exc.status_code, "error")
-    return _json_error(exc.status_code, code, str(exc.detail), None, exc.headers)
+    headers = exc.headers
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": _allowed(request)}
+    return _json_error(exc.status_code, code, str(exc.detail), None, headers)
+
+
+def _allowed(request: Request) -> str:
+    """Every method the path supports (RFC 9110 15.5.6), across all the routes that
+    share it: Starlette's own 405 names only the route that matched first."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
 
 
 def is_outage(exc: BaseException) -> bool:

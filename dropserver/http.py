@@ -3,7 +3,8 @@
 Input rules that hold for every endpoint live here, so no handler can miss them:
 
 * ids in paths use the ``id`` convertor (``/v1/drops/{drop_id:id}``): 1-18 ASCII digits,
-  so every id fits PostgreSQL's ``bigint``; anything else matches no route (404);
+  no leading zero, so every id fits PostgreSQL's ``bigint``; anything else matches no
+  route (404);
 * a JSON body holds only the fields its endpoint defines: :func:`reject_unknown`
   answers anything else with 422 naming it (a typo is an error, never a default);
 * integers in query strings and headers go through :func:`parse_int` (ASCII digits
@@ -39,10 +40,11 @@ MAX_ID = 2**63 - 1  # PostgreSQL bigint: every id column, every integer column
 
 
 class IdConvertor(Convertor[int]):
-    """``{name:id}``: a positive database id; 18 digits at most, so it is always below
-    2^63 (a longer or non-ASCII one matches no route: 404, never a database error)."""
+    """``{name:id}``: a positive database id written canonically, 18 digits at most, so
+    it is always below 2^63 (0, ``007``, a longer or a non-ASCII one matches no route:
+    404, never a database error)."""
 
-    regex = "[0-9]{1,18}"
+    regex = "[1-9][0-9]{0,17}"
 
     def convert(self, value: str) -> int:
         return int(value)

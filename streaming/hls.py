@@ -42,7 +42,7 @@ POLL = 0.02
 
 
 def _drop_id(request: Request) -> int:
-    return request.path_params["drop_id"]  # the ``id`` convertor: 18 ASCII digits at most
+    return request.path_params["drop_id"]  # the ``id`` convertor: 1 <= id < 10^18
 
 
 def _live_state(directory: Path) -> tuple[int, int, bool] | None:

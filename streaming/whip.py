@@ -39,7 +39,7 @@ STREAMABLE_STATES = frozenset({"draft", "scheduled", "live", "selling", "sold_ou
 
 
 def _drop_id(request: Request) -> int:
-    return request.path_params["drop_id"]  # the ``id`` convertor: 18 ASCII digits at most
+    return request.path_params["drop_id"]  # the ``id`` convertor: 1 <= id < 10^18
 
 
 async def _owned_drop(request: Request, drop_id: int):

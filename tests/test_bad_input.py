@@ -189,6 +189,13 @@ async def test_buy_text_with_nul_or_surrogates_is_422(http, viewer, creator, bod
     assert error_of(resp, 422)["details"]["field"] == field
 
 
+async def test_a_stake_with_an_unknown_field_is_422(http, creator):
+    drop_id = await _drop(http, creator)
+    resp = await http.post(f"/v1/drops/{drop_id}/stakes", headers=creator, json={
+        "investor_id": "inv", "amount": 10, "amout": 20})
+    assert error_of(resp, 422)["details"]["field"] == "amout"
+
+
 async def test_dev_confirm_of_an_order_id_with_nul_is_404(http, viewer):
     resp = await http.post("/v1/dev/orders/%00/confirm", json={}, headers=viewer)
     assert resp.status_code in (400, 404)

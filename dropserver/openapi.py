@@ -1,0 +1,475 @@
+"""The HTTP API as an OpenAPI 3.1 document, served at ``GET /openapi.json``.
+
+The paths come from the app's own routes: :func:`document` describes exactly the
+routes an app mounts (``/v1/dev/*`` only where they exist), with what
+:data:`OPERATIONS` says about each one. ``tests/test_openapi.py`` checks that every
+route has an entry and every entry a route, and fuzzes a running server against the
+document with schemathesis (no 500, every response as documented). The prose
+reference is docs/http-api.md; the WebSocket ``/ws`` is docs/protocol.md (OpenAPI
+does not describe socket frames).
+
+Every error is the :data:`ERROR` body; a status range ``4XX`` stands for the
+documented refusals of docs/http-api.md, ``503`` for an outage of PostgreSQL or Redis
+(retry after ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from dropserver import __version__
+
+__all__ = ["OPERATIONS", "REFUSALS", "document", "route_operations"]
+
+# -- schemas ---------------------------------------------------------------------------
+
+MAX_ID = 10**18 - 1  # the ``id`` path convertor: 18 digits at most
+_TEXT = r"^[^\u0000]*$"  # storable text: no NUL (dropserver/text.py)
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    typ = schema["type"]
+    return {**schema, "type": [*([typ] if isinstance(typ, str) else typ), "null"]}
+
+
+def _obj(required: Iterable[str] = (), closed: bool = False, **props: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "object", "properties": props}
+    req = list(required)
+    if req:
+        out["required"] = req
+    if closed:
+        out["additionalProperties"] = False
+    return out
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+STR = {"type": "string"}
+INT = {"type": "integer"}
+BOOL = {"type": "boolean"}
+ID = {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}
+TIME = {"type": "string", "format": "date-time"}
+MONEY = {"type": "integer", "minimum": 0}
+
+
+def _text(max_len: int, *, min_len: int = 0, blank: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "string", "maxLength": max_len, "pattern": _TEXT}
+    if min_len:
+        out["minLength"] = min_len
+    if not blank:  # at least one character that is not white space
+        out["pattern"] = r"^[^\u0000]*[^\s\u0000][^\u0000]*$"
+    return out
+
+
+ERROR = _obj(["error"], error=_obj(
+    ["code", "message", "details"], code=STR, message=STR,
+    details={"type": "object"}))
+
+PRODUCT = _obj(
+    ["product_id", "title", "description", "image_url", "position", "price", "units",
+     "per_buyer_limit", "state", "selling_at"],
+    product_id=ID, title=STR, description=STR, image_url=STR, position=INT,
+    price=MONEY, units=INT, per_buyer_limit=INT, state=STR,
+    selling_at=_nullable(TIME), remaining=INT, cogs=MONEY)
+
+DROP = _obj(
+    ["id", "creator_id", "title", "description", "kind", "state", "currency", "starts_at",
+     "pinned_product_id", "selling_product_id", "max_holds_per_user", "campaign",
+     "version", "created_at", "updated_at", "live_at", "ended_at", "products"],
+    id=ID, creator_id=STR, title=STR, description=STR,
+    kind={"type": "string", "enum": ["standard", "campaign"]},
+    state={"type": "string", "enum": ["draft", "scheduled", "live", "selling", "sold_out",
+                                      "closed", "ended", "settled", "cancelled"]},
+    currency=STR, starts_at=_nullable(TIME), pinned_product_id=_nullable(ID),
+    selling_product_id=_nullable(ID), max_holds_per_user=INT,
+    campaign={"oneOf": [{"type": "null"}, _obj(
+        ["goal_orders", "deadline", "outcome"], goal_orders=INT,
+        deadline=_nullable(TIME), outcome=_nullable(STR))]},
+    version=INT, created_at=_nullable(TIME), updated_at=_nullable(TIME),
+    live_at=_nullable(TIME), ended_at=_nullable(TIME),
+    products={"type": "array", "items": _ref("Product")},
+    allowed_actions={"type": "array", "items": STR})
+
+_PRODUCT_FIELDS = dict(
+    title=_text(200, min_len=1, blank=False), description=_text(5000),
+    image_url={"type": "string", "maxLength": 2000, "pattern": r"^(https?://|/)[^\u0000]*$"},
+    price={"type": "integer", "minimum": 1, "maximum": 10**10},
+    units={"type": "integer", "minimum": 1, "maximum": 1_000_000},
+    per_buyer_limit={"type": "integer", "minimum": 1, "maximum": 100},
+    cogs={"type": "integer", "minimum": 0, "maximum": 10**10})
+PRODUCT_INPUT = _obj(["title", "price", "units"], closed=True, **_PRODUCT_FIELDS)
+PRODUCT_PATCH = _obj(["title", "price", "units"], closed=True, product_id=ID,
+                     **_PRODUCT_FIELDS)
+_CAMPAIGN = _obj(["goal_orders", "deadline"], closed=True,
+                 goal_orders={"type": "integer", "minimum": 1, "maximum": 10_000_000},
+                 deadline=TIME)
+_DROP_FIELDS = dict(
+    title=_text(200, min_len=1, blank=False), description=_text(5000),
+    currency={"type": "string", "pattern": "^[A-Za-z]{3}$"},
+    starts_at=_nullable(TIME),
+    max_holds_per_user={"type": "integer", "minimum": 1, "maximum": 10},
+    campaign=_CAMPAIGN)
+DROP_CREATE = _obj(["title", "products"], closed=True,
+                   kind={"type": "string", "enum": ["standard", "campaign"]},
+                   products={"type": "array", "minItems": 1, "maxItems": 50,
+                             "items": _ref("ProductInput")},
+                   **_DROP_FIELDS)
+DROP_PATCH = {**_obj(closed=True, products={"type": "array", "minItems": 1, "maxItems": 50,
+                                            "items": _ref("ProductPatch")},
+                     **_DROP_FIELDS), "minProperties": 1}
+
+HOLD = _obj(
+    ["hold_id", "drop_id", "product_id", "buyer_number", "expires_at", "amount", "currency",
+     "remaining", "quantity", "unit_price", "state", "flow", "replay"],
+    hold_id=STR, drop_id=ID, product_id=ID, buyer_number=INT, expires_at=INT,
+    amount=MONEY, currency=STR, remaining=INT, quantity=INT, unit_price=MONEY, state=STR,
+    flow=STR, replay=BOOL)
+
+SCHEMAS = {
+    "Error": ERROR, "Product": PRODUCT, "Drop": DROP, "ProductInput": PRODUCT_INPUT,
+    "ProductPatch": PRODUCT_PATCH, "DropCreate": DROP_CREATE, "DropPatch": DROP_PATCH,
+    "Hold": HOLD,
+}
+
+# -- operations --------------------------------------------------------------------------
+
+_ERRORS = {"4XX": {"description": "refused: see the code (docs/http-api.md)",
+                   "content": {"application/json": {"schema": _ref("Error")}}},
+           "503": {"description": "PostgreSQL or Redis unavailable: retry after "
+                                  "Retry-After",
+                   "content": {"application/json": {"schema": _ref("Error")}}}}
+AUTH = [{"bearerAuth": []}]
+OPTIONAL_AUTH = [{}, {"bearerAuth": []}]
+PUBLIC: list[dict[str, list[str]]] = []
+
+
+def _json(schema: dict[str, Any], description: str = "OK",
+          headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description,
+                           "content": {"application/json": {"schema": schema}}}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+def _body(schema: dict[str, Any], required: bool = True) -> dict[str, Any]:
+    return {"required": required, "content": {"application/json": {"schema": schema}}}
+
+
+def _op(summary: str, security: list, responses: dict[str, Any], *, tag: str,
+        body: dict[str, Any] | None = None, params: list[dict[str, Any]] | None = None,
+        errors: bool = True) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "tags": [tag], "security": security,
+                          "responses": {**responses, **(_ERRORS if errors else {})}}
+    if body is not None:
+        op["requestBody"] = body
+    if params:
+        op["parameters"] = params
+    return op
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema,
+            "description": description}
+
+
+_LOCATION = {"Location": {"required": True, "schema": STR}}
+_ETAG = {"ETag": {"required": True, "schema": STR}}
+_EMPTY = _obj(closed=True)
+_PRODUCT_ID_BODY = _obj(["product_id"], closed=True, product_id=ID)
+_NULLABLE_PRODUCT_ID = _obj(["product_id"], closed=True, product_id=_nullable(ID))
+_STAKES = _obj(["drop_id", "stakes"], drop_id=ID, stakes={"type": "array", "items": _obj(
+    ["investor_id", "amount", "currency", "stripe_account_id"], investor_id=STR,
+    amount=MONEY, currency=STR, stripe_account_id=_nullable(STR))})
+_REPORT = _obj(["drop_id", "state", "currency", "orders", "split", "totals", "investors",
+                "ledger", "payouts"],
+               drop_id=ID, state=STR, currency=STR, orders=INT,
+               split={"type": "object"}, totals={"type": "object"},
+               investors={"type": "array", "items": {"type": "object"}},
+               ledger={"type": "array", "items": {"type": "object"}},
+               payouts={"type": "array", "items": {"type": "object"}},
+               open_orders_at_settlement=INT)
+_STREAM = _obj(["drop_id", "status", "hls", "hls_plain", "replay"], drop_id=ID,
+               status={"type": "string", "enum": ["live", "reconnecting", "offline"]},
+               hls=STR, hls_plain=STR, replay=_nullable(STR))
+_REPLAY = _obj(["drop_id", "playlist", "duration_ms", "finalized_at", "moments"],
+               drop_id=ID, playlist=STR, duration_ms=_nullable(INT), finalized_at=STR,
+               moments={"type": "array", "items": _obj(
+                   ["kind", "product_id", "media_ms", "at"], kind=STR,
+                   product_id=_nullable(INT), media_ms=INT, at=STR)})
+_HTML = {"description": "the page", "content": {"text/html": {"schema": STR}}}
+_SDP = "application/sdp"
+
+# (method, path as the route spells it) -> operation. Every route has one entry.
+OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
+    # platform
+    ("GET", "/healthz"): _op("The process is up", PUBLIC, {"200": _json(_obj(
+        ["status", "node", "version"], status={"const": "ok"}, node=STR, version=STR))},
+        tag="platform"),
+    ("GET", "/readyz"): _op("Redis and PostgreSQL answer within 1 s", PUBLIC, {
+        "200": _json(_ref("Ready")), "503": _json(_ref("Ready"), "not ready")},
+        tag="platform", errors=False),
+    ("GET", "/metrics"): _op("Prometheus text", PUBLIC, {"200": {
+        "description": "metrics", "content": {"text/plain": {"schema": STR}}}},
+        tag="platform"),
+    ("GET", "/openapi.json"): _op("This document", PUBLIC, {"200": _json(
+        {"type": "object"})}, tag="platform"),
+    ("GET", "/v1/me"): _op("Who the token says the caller is", OPTIONAL_AUTH, {
+        "200": _json(_obj(["guest", "user_id", "role"], guest=BOOL,
+                          user_id=_nullable(STR), role=_nullable(STR), name=STR))},
+        tag="platform"),
+    # drops
+    ("POST", "/v1/drops"): _op("Create a draft", AUTH, {"201": _json(
+        _ref("Drop"), "created", {**_LOCATION, **_ETAG})}, tag="drops",
+        body=_body(_ref("DropCreate"))),
+    ("GET", "/v1/drops"): _op("List drops, newest first", OPTIONAL_AUTH, {"200": _json(
+        _obj(["drops", "next_before"], drops={"type": "array", "items": _ref("Drop")},
+             next_before=_nullable(ID)))}, tag="drops", params=[
+        _query("creator", {"type": "string", "maxLength": 128}, "a creator's id"),
+        _query("state", STR, "comma-separated states"),
+        _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "page size"),
+        _query("before", ID, "ids below this one (the previous next_before)")]),
+    ("GET", "/v1/drops/{drop_id:id}"): _op("One drop", OPTIONAL_AUTH, {"200": _json(
+        _ref("Drop"), headers=_ETAG)}, tag="drops"),
+    ("PATCH", "/v1/drops/{drop_id:id}"): _op("Edit a draft or scheduled drop", AUTH, {
+        "200": _json(_ref("Drop"), headers=_ETAG)}, tag="drops",
+        body=_body(_ref("DropPatch")), params=[{
+            "name": "If-Match", "in": "header", "required": False,
+            "schema": {"type": "string", "pattern": r'^(W/)?"?[0-9]{1,19}"?$'},
+            "description": "the ETag this edit is based on"}]),
+    ("POST", "/v1/drops/{drop_id:id}/schedule"): _op("draft -> scheduled", AUTH, {
+        "200": _json(_ref("Drop"), headers=_ETAG)}, tag="drops",
+        body=_body(_obj(closed=True, starts_at=_nullable(TIME)), required=False)),
+    ("POST", "/v1/drops/{drop_id:id}/live"): _op("scheduled -> live", AUTH, {
+        "200": _json(_ref("Drop"), headers=_ETAG)}, tag="drops",
+        body=_body(_EMPTY, required=False)),
+    ("POST", "/v1/drops/{drop_id:id}/go-live"): _op("Alias of /live", AUTH, {
+        "200": _json(_ref("Drop"), headers=_ETAG)}, tag="drops",
+        body=_body(_EMPTY, required=False)),
+    ("POST", "/v1/drops/{drop_id:id}/pin"): _op("Pin or unpin a product", AUTH, {
+        "200": _json(_ref("Drop"), headers=_ETAG)}, tag="drops",
+        body=_body(_NULLABLE_PRODUCT_ID)),
+    ("POST", "/v1/drops/{drop_id:id}/buy-now"): _op("BUY NOW: -> selling", AUTH, {
+        "200": _json(_ref("Drop"), headers=_ETAG)}, tag="drops",
+        body=_body(_PRODUCT_ID_BODY)),
+    ("POST", "/v1/drops/{drop_id:id}/close"): _op("selling / sold_out -> closed", AUTH, {
+        "200": _json(_ref("Drop"), headers=_ETAG)}, tag="drops",
+        body=_body(_obj(closed=True, product_id=_nullable(ID)), required=False)),
+    ("POST", "/v1/drops/{drop_id:id}/end"): _op("-> ended", AUTH, {
+        "200": _json(_ref("Drop"), headers=_ETAG)}, tag="drops",
+        body=_body(_EMPTY, required=False)),
+    ("GET", "/v1/drops/{drop_id:id}/transitions"): _op("Audit trail", AUTH, {
+        "200": _json(_obj(["transitions"], transitions={"type": "array", "items": _obj(
+            ["from", "to", "actor_id", "at"], **{"from": _nullable(STR)}, to=STR,
+            actor_id=_nullable(STR), at=_nullable(STR))}))}, tag="drops"),
+    ("GET", "/v1/drops/{drop_id:id}/stats"): _op("The console's live numbers", AUTH, {
+        "200": _json(_obj(["drop_id", "state", "currency", "sold", "orders", "revenue",
+                           "open_holds", "remaining"], drop_id=ID, state=STR,
+                          currency=STR, sold=INT, orders=INT, revenue=MONEY,
+                          open_holds=INT, remaining={
+                              "type": "object", "additionalProperties": INT}))},
+        tag="drops"),
+    # settlement
+    ("POST", "/v1/drops/{drop_id:id}/stakes"): _op("Record an investor's stake", AUTH, {
+        "201": _json(_STAKES, "all stakes")}, tag="settlement", body=_body(_obj(
+            ["investor_id", "amount"], closed=True,
+            investor_id=_text(128, min_len=1),
+            amount={"type": "integer", "minimum": 1, "maximum": 10**13},
+            stripe_account_id=_nullable({"type": "string", "maxLength": 255,
+                                         "pattern": r"^acct_[^\u0000]*$"})))),
+    ("GET", "/v1/drops/{drop_id:id}/stakes"): _op("The drop's stakes", AUTH, {
+        "200": _json(_STAKES)}, tag="settlement"),
+    ("POST", "/v1/drops/{drop_id:id}/settle"): _op("Post the ledger, pay out", AUTH, {
+        "200": _json(_REPORT)}, tag="settlement", body=_body(_EMPTY, required=False)),
+    ("GET", "/v1/drops/{drop_id:id}/settlement"): _op("The settlement report", AUTH, {
+        "200": _json(_REPORT)}, tag="settlement"),
+    # checkout
+    ("POST", "/v1/drops/{drop_id:id}/buy"): _op("Reserve (the HTTP twin of `buy`)", AUTH, {
+        "201": _json(_ref("Hold"), "a new hold", _LOCATION),
+        "200": _json(_ref("Hold"), "an idempotent retry: the first answer", _LOCATION)},
+        tag="checkout", body=_body(_obj(
+            ["product_id"], closed=True,
+            product_id={"type": "integer", "minimum": 1, "maximum": 2**62},
+            quantity={"type": "integer", "minimum": 1, "maximum": 100},
+            idempotency_key={"type": "string", "pattern": r"^[\x21-\x7e]{1,255}$"},
+            flow={"type": "string", "enum": ["client_confirm", "off_session"]},
+            proof={})), params=[{
+                "name": "Idempotency-Key", "in": "header", "required": False,
+                "schema": {"type": "string", "pattern": r"^[\x21-\x7e]{1,255}$"},
+                "description": "or the body's idempotency_key (one of them is needed)"}]),
+    ("GET", "/v1/holds/{hold_id}"): _op("The caller's hold", AUTH, {"200": _json(_obj(
+        ["hold_id", "drop_id", "product_id", "user_id", "quantity", "state"],
+        hold_id=STR, drop_id=ID, product_id=ID, user_id=STR, quantity=INT,
+        buyer_number=INT, unit_price=MONEY, amount=MONEY, currency=STR,
+        idempotency_key=STR, expires_at=INT, created_at=INT, released_at=INT, flow=STR,
+        state=STR))}, tag="checkout"),
+    ("DELETE", "/v1/holds/{hold_id}"): _op("Cancel the caller's hold", AUTH, {
+        "200": _json(_obj(["hold_id", "state", "remaining"], hold_id=STR,
+                          state={"const": "cancelled"}, remaining=INT))},
+        tag="checkout"),
+    # payments
+    ("POST", "/v1/webhooks/stripe"): _op("Stripe's event endpoint", PUBLIC, {
+        "200": _json(_obj(["received", "id", "result"], received={"const": True}, id=STR,
+                          result={"type": "string",
+                                  "enum": ["processed", "duplicate", "ignored"]}))},
+        tag="payments", body=_body({"type": "object"}), params=[{
+            "name": "Stripe-Signature", "in": "header", "required": True,
+            "schema": STR}]),
+    ("POST", "/v1/dev/orders/{order_id}/confirm"): _op(
+        "Fake gateway only (dropserver dev, DROPSERVER_UNSAFE_FAKE_PAYMENTS): confirm as "
+        "Stripe.js would", AUTH, {"200": _json(_obj(
+            ["order_id", "state", "status", "error"], order_id=STR, state=STR,
+            status=STR, error=_nullable(STR)))}, tag="payments",
+        body=_body(_obj(closed=True, payment_method={"type": "string", "maxLength": 64,
+                                                     "pattern": _TEXT}), required=False)),
+    # streaming
+    ("POST", "/v1/drops/{drop_id:id}/whip"): _op("WHIP publish (RFC 9725)", AUTH, {
+        "201": {"description": "the SDP answer", "headers": {**_LOCATION, **_ETAG},
+                "content": {_SDP: {"schema": STR}}}}, tag="streaming",
+        body={"required": True, "content": {_SDP: {"schema": STR}}}),
+    ("OPTIONS", "/v1/drops/{drop_id:id}/whip"): _op("WHIP capabilities", PUBLIC, {
+        "204": {"description": "no content", "headers": {
+            "Accept-Post": {"required": True, "schema": STR}}}}, tag="streaming"),
+    ("DELETE", "/v1/drops/{drop_id:id}/whip/{session_id}"): _op(
+        "End the WHIP session", AUTH, {"200": {"description": "ended"}}, tag="streaming"),
+    ("GET", "/v1/drops/{drop_id:id}/hls/{name}"): _op(
+        "LL-HLS playlists, init segments, segments and parts", PUBLIC, {"200": {
+            "description": "the file", "content": {
+                "application/vnd.apple.mpegurl": {"schema": STR},
+                "video/mp4": {"schema": STR}, "video/iso.segment": {"schema": STR}}}},
+        tag="streaming", params=[
+            _query("_HLS_msn", {"type": "integer", "minimum": 0}, "blocking reload"),
+            _query("_HLS_part", {"type": "integer", "minimum": 0}, "blocking reload")]),
+    ("GET", "/v1/drops/{drop_id:id}/stream"): _op("Stream status and playlists", PUBLIC, {
+        "200": _json(_STREAM)}, tag="streaming"),
+    ("GET", "/v1/drops/{drop_id:id}/replay"): _op("The replay and its moments", PUBLIC, {
+        "200": _json(_REPLAY)}, tag="streaming"),
+    # web
+    ("GET", "/"): _op("The viewer's live page", PUBLIC, {"200": _HTML}, tag="web"),
+    ("GET", "/d/{drop_id:id}"): _op("The live page of a drop", PUBLIC, {"200": _HTML},
+                                     tag="web"),
+    ("GET", "/console"): _op("The creator's console", PUBLIC, {"200": _HTML}, tag="web"),
+    ("GET", "/v1/web/config"): _op("What the pages need (no secrets)", PUBLIC, {
+        "200": _json(_obj(["dev", "ws_path", "hls_url_template", "whip_url_template",
+                           "payment_gateway", "stripe_publishable_key",
+                           "reconnect_min_ms", "reconnect_max_ms", "hold_ttl"],
+                          dev=BOOL, ws_path=STR, hls_url_template=STR,
+                          whip_url_template=STR, payment_gateway=STR,
+                          stripe_publishable_key=STR, reconnect_min_ms=INT,
+                          reconnect_max_ms=INT, hold_ttl=INT))}, tag="web"),
+    ("GET", "/v1/dev/token"): _op("Dev mode only: a viewer token", PUBLIC, {
+        "200": _json(_obj(["token", "user_id", "role", "name", "expires_in"], token=STR,
+                          user_id=STR, role={"const": "viewer"}, name=STR,
+                          expires_in=INT))}, tag="web", params=[
+        _query("role", {"type": "string", "enum": ["viewer"]}, "viewer only"),
+        _query("name", {"type": "string", "pattern": r"^([\w .'-]{1,40})?$"},
+               "shown name (empty: one is made up)")]),
+    ("GET", "/static/{path:path}"): _op("The pages' scripts and styles", PUBLIC, {
+        "200": {"description": "the file", "content": {"*/*": {"schema": STR}}}},
+        tag="web"),
+}
+
+_READY = _obj(["status", "checks", "draining"],
+              status={"type": "string", "enum": ["ready", "unavailable"]},
+              checks=_obj(["redis", "postgres"], redis=STR, postgres=STR), draining=BOOL,
+              error=ERROR["properties"]["error"])
+SCHEMAS["Ready"] = _READY
+
+_CONVERTED = re.compile(r"{(\w+):(\w+)}")
+
+
+# Routes that exist only to refuse (RFC 9725 4.3.1: no trickle ICE, so PATCH on a WHIP
+# session is 405, ``Allow: DELETE``): not operations, so not in the document;
+# docs/http-api.md lists them.
+REFUSALS = frozenset({("PATCH", "/v1/drops/{drop_id:id}/whip/{session_id}"),
+                      ("OPTIONS", "/v1/drops/{drop_id:id}/whip/{session_id}")})
+
+
+def route_operations(routes: Iterable[Any]) -> set[tuple[str, str]]:
+    """(method, path) of every HTTP route but :data:`REFUSALS` (HEAD goes with GET;
+    the WebSocket route is docs/protocol.md's)."""
+    out = set()
+    for route in routes:
+        methods = getattr(route, "methods", None)
+        if not methods:
+            continue  # the WebSocket route: docs/protocol.md
+        for method in methods:
+            if method != "HEAD" and (method, route.path) not in REFUSALS:
+                out.add((method, route.path))
+    return out
+
+
+def _parameters(path: str) -> tuple[str, list[dict[str, Any]]]:
+    params = []
+    for name, kind in _CONVERTED.findall(path):
+        schema = {"type": "integer", "minimum": 1, "maximum": MAX_ID} if kind == "id" \
+            else STR
+        params.append({"name": name, "in": "path", "required": True, "schema": schema,
+                       **({"examples": [1]} if kind == "id" else {})})
+    for name in re.findall(r"{(\w+)}", path):
+        params.append({"name": name, "in": "path", "required": True,
+                       "schema": {"type": "string", "minLength": 1}})
+    return _CONVERTED.sub(r"{\1}", path), params
+
+
+def operation_id(method: str, path: str) -> str:
+    """``post_v1_drops_drop_id_buy``: stable, from the method and the path."""
+    words = re.findall(r"[A-Za-z0-9]+", _CONVERTED.sub(r"\1", path))
+    return "_".join([method.lower(), *words]) if words else f"{method.lower()}_root"
+
+
+# Where an answer names what other operations act on (OpenAPI links): schemathesis'
+# stateful phase follows them, e.g. a drop it created, then BUY NOW on it.
+_LINKS = {
+    ("POST", "/v1/drops"): ("201", "$response.body#/id", "drop_id",
+                            lambda m, p: p.startswith("/v1/drops/{drop_id:id}")),
+    ("POST", "/v1/drops/{drop_id:id}/buy"): ("201", "$response.body#/hold_id", "hold_id",
+                                            lambda m, p: p == "/v1/holds/{hold_id}"),
+}
+
+
+def _links(ops: set[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for source, (status, expression, name, wanted) in _LINKS.items():
+        if source not in ops:
+            continue
+        links = {operation_id(m, p): {"operationId": operation_id(m, p),
+                                      "parameters": {name: expression}}
+                 for m, p in sorted(ops) if wanted(m, p) and m != "OPTIONS"}
+        out[source] = {status: links}
+    return out
+
+
+def document(routes: Iterable[Any]) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the routes an app mounts."""
+    paths: dict[str, dict[str, Any]] = {}
+    ops = {op for op in route_operations(routes) if op in OPERATIONS}
+    links = _links(ops)
+    for method, path in sorted(ops, key=lambda mp: (mp[1], mp[0])):
+        spec_path, params = _parameters(path)
+        entry = paths.setdefault(spec_path, {})
+        if params:
+            entry["parameters"] = params
+        op = copy.deepcopy(OPERATIONS[(method, path)])
+        op["operationId"] = operation_id(method, path)
+        for status, named in links.get((method, path), {}).items():
+            op["responses"][status]["links"] = named
+        entry[method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "dropserver", "version": __version__,
+                 "description": "Live-commerce product drops: the HTTP API "
+                                "(docs/http-api.md). The WebSocket /ws is described in "
+                                "docs/protocol.md."},
+        "paths": paths,
+        "components": {
+            "schemas": copy.deepcopy(SCHEMAS),
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer",
+                                               "bearerFormat": "JWT"}},
+        },
+    }
