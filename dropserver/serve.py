@@ -5,6 +5,8 @@ spreads new connections across them. The supervisor holds a bound (not listening
 socket on the same port so ``--port 0`` resolves once for all, restarts a worker
 that dies, and forwards SIGTERM/SIGINT so every worker drains: it stops accepting,
 tells each viewer "going away, reconnect after N ms" (jittered), then stops.
+Workers die with the supervisor however it dies, SIGKILL included
+(:mod:`dropserver.lifeline`): they drain as on SIGTERM, then exit.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from dropserver.settings import Settings, load_settings
 __all__ = ["bind_socket", "run_single", "run_supervisor"]
 
 log = logging.getLogger("dropserver.serve")
+
+SUPERVISOR_PID = "DROPSERVER_SUPERVISOR_PID"  # set for the workers: whom they die with
 
 
 def bind_socket(host: str, port: int, *, reuse_port: bool, listen: bool = True) -> socket.socket:
@@ -142,10 +146,16 @@ def apply_gc_threshold(settings: Settings) -> None:
 
 def _worker_main() -> None:
     """Entry of a worker started by the supervisor (settings come from the env)."""
+    from dropserver.lifeline import watch_parent
     from dropserver.observability import configure_logging
 
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
+    supervisor = os.environ.get(SUPERVISOR_PID)
+    if supervisor:
+        # However the supervisor dies (SIGKILL too), this worker drains and stops.
+        watch_parent(int(supervisor), sig=signal.SIGTERM,
+                     grace=settings.shutdown_grace + 5)
     sock = bind_socket(settings.host, settings.port, reuse_port=True)
     run_single(settings, sock)
 
@@ -160,6 +170,7 @@ def run_supervisor(settings: Settings, *, extra_env: dict[str, str] | None = Non
     env = dict(os.environ)
     env.update(extra_env or {})
     env.update({
+        SUPERVISOR_PID: str(os.getpid()),
         "DROPSERVER_HOST": settings.host,
         "DROPSERVER_PORT": str(port),
         "DROPSERVER_WORKERS": "1",

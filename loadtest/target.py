@@ -10,8 +10,6 @@ token settings; nothing is started and server-side figures are reported as unkno
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -23,24 +21,11 @@ from pathlib import Path
 from typing import Protocol
 
 from dropserver.db import migrate_database
+from dropserver.lifeline import die_with_parent
 from dropserver.services import LocalServices, free_port
 from dropserver.settings import Settings, load_settings, unsafe_rig_env
 
 __all__ = ["LocalTarget", "RemoteTarget", "Target", "die_with_parent"]
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(sig: int = signal.SIGTERM):
-    """A ``preexec_fn`` that asks Linux to send ``sig`` to the child when we die."""
-
-    def apply() -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-
-    return apply
-
 
 class Target(Protocol):
     base_url: str  # http(s)://host:port
