@@ -354,6 +354,9 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("GET", "/d/{drop_id:id}"): _op("The live page of a drop", PUBLIC, {"200": _HTML},
                                      tag="web"),
     ("GET", "/console"): _op("The creator's console", PUBLIC, {"200": _HTML}, tag="web"),
+    ("GET", "/favicon.ico"): _op("The site's icon", PUBLIC, {"200": {
+        "description": "the icon", "content": {"image/x-icon": {"schema": STR}}}},
+        tag="web"),
     ("GET", "/v1/web/config"): _op("What the pages need (no secrets)", PUBLIC, {
         "200": _json(_obj(["dev", "ws_path", "hls_url_template", "whip_url_template",
                            "payment_gateway", "stripe_publishable_key",
