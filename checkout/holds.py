@@ -108,7 +108,7 @@ async def mark_paid(redis: Redis, hold_id: str, state: str = "paid") -> str:
 
 
 _HOLD_INTS = ("drop_id", "product_id", "quantity", "buyer_number", "unit_price", "amount",
-              "expires_at", "created_at", "released_at")
+              "expires_at", "created_at", "released_at", "remaining_after")
 
 
 async def get_hold(redis: Redis, hold_id: str) -> dict[str, Any] | None:

@@ -307,7 +307,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         hold_id=STR, drop_id=ID, product_id=ID, user_id=STR, quantity=INT,
         buyer_number=INT, unit_price=MONEY, amount=MONEY, currency=STR,
         idempotency_key=STR, expires_at=INT, created_at=INT, released_at=INT, flow=STR,
-        state=STR))}, tag="checkout"),
+        state=STR, remaining_after=INT))}, tag="checkout"),
     ("DELETE", "/v1/holds/{hold_id}"): _op("Cancel the caller's hold", AUTH, {
         "200": _json(_obj(["hold_id", "state", "remaining"], hold_id=STR,
                           state={"const": "cancelled"}, remaining=INT))},

@@ -61,6 +61,24 @@ async def test_reserve_takes_stock_records_hold_and_appends_order(r):
     assert second.buyer_number == 2 and second.remaining == 8
 
 
+async def test_a_replay_is_the_first_answer_but_replay_true(r):
+    """Whatever happened since (others bought, the hold was paid), a retry with the
+    same key answers exactly what the first attempt answered, ``replay`` aside."""
+    import dataclasses
+
+    from checkout import holds
+
+    await selling(r)
+    first = await buy(r, "u1", "k1")
+    await buy(r, "u2", "k2")
+    await buy(r, "u3", "k3")
+    assert await holds.mark_paid(r, first.hold_id) == "ok"
+    again = await buy(r, "u1", "k1")
+    assert again.replay and not first.replay
+    assert dataclasses.replace(again, replay=False) == first  # remaining 9, state held
+    assert again.reply() == {**first.reply(), "replay": True}
+
+
 async def test_idempotent_retry_returns_the_first_result(r):
     await selling(r)
     first = await buy(r)

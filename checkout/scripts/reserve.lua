@@ -38,14 +38,16 @@ if not p[1] then
   return {'err', 'not_selling', 'unknown product'}
 end
 
--- 2. Idempotency: a retry gets the first result and changes nothing.
+-- 2. Idempotency: a retry gets the first answer again (replay 1) and changes nothing:
+-- the units left and the state as they were then ('remaining_after' is stored with
+-- the hold; a hold rebuilt from PostgreSQL after a Redis loss has none: units left now).
 local idem_field = user_id .. '\n' .. idem
 local first = redis.call('HGET', idem_key, idem_field)
 if first then
   -- The first hold's key: KEYS[6] with the first hold id (same hash tag, same slot).
   local first_key = string.gsub(hold_key, '[^:]+$', first)
-  local h = redis.call('HMGET', first_key, 'buyer_number', 'expires_at', 'amount', 'currency', 'state', 'quantity',
-    'unit_price', 'flow', 'product_id')
+  local h = redis.call('HMGET', first_key, 'buyer_number', 'expires_at', 'amount', 'currency',
+    'remaining_after', 'quantity', 'unit_price', 'flow', 'product_id')
   if not h[1] then
     return {'err', 'idempotency_key_expired', first}
   end
@@ -53,7 +55,7 @@ if first then
     return {'err', 'idempotency_mismatch', first}
   end
   return {'ok', first, tonumber(h[1]), tonumber(h[2]), tonumber(h[3]), h[4],
-    tonumber(p[2]), 1, h[5], tonumber(h[6]), tonumber(h[7]), h[8]}
+    tonumber(h[5] or p[2]), 1, 'held', tonumber(h[6]), tonumber(h[7]), h[8]}
 end
 
 -- 3. Bot defence: sliding-window attempt limits per user and per address
@@ -138,7 +140,7 @@ redis.call('HSET', hold_key, 'hold_id', hold_id, 'drop_id', drop_id,
   'product_id', product_id, 'user_id', user_id, 'quantity', quantity,
   'buyer_number', buyer_number, 'unit_price', price, 'amount', amount,
   'currency', p[5], 'idempotency_key', idem, 'expires_at', expires_at,
-  'created_at', now, 'flow', flow, 'state', 'held')
+  'created_at', now, 'flow', flow, 'state', 'held', 'remaining_after', remaining)
 redis.call('HSET', idem_key, idem_field, hold_id)
 redis.call('ZADD', expiry_key, expires_at, hold_id)
 redis.call('XADD', orders_key, '*', 'type', 'reserve', 'hold_id', hold_id,
