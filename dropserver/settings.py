@@ -105,6 +105,11 @@ class Settings:
                                 "event (stock, viewers) of a drop: with more local "
                                 "viewers than this times the interval, the interval "
                                 "grows (viewers / budget seconds). 0: fixed intervals.")
+    viewers_budget: int = _env("DROPSERVER_VIEWERS_BUDGET", 1000,
+                               "Frames per second one process spends on a drop's viewer "
+                               "count: a process with N local viewers sends it at most "
+                               "every N / budget seconds (12,500: 12.5 s). 0: the "
+                               "coalescing budget applies.")
     presence_ttl: int = _env("DROPSERVER_PRESENCE_TTL", 10,
                              "Seconds before a silent node's viewers leave the count.")
     reconnect_min_ms: int = _env("DROPSERVER_RECONNECT_MIN_MS", 500,

@@ -20,7 +20,8 @@ fan-out jobs (realtime.dispatch):
   most once per ``DROPSERVER_STOCK_COALESCE_MS`` / ``..._VIEWERS_COALESCE_MS`` per drop,
   latest wins (``stock`` merges per product). The interval grows with the room: a
   flush costs a socket write per local viewer (~30 us on loopback), so a room of N
-  local viewers flushes at most every N / ``DROPSERVER_COALESCE_BUDGET`` seconds.
+  local viewers flushes at most every N / ``DROPSERVER_COALESCE_BUDGET`` seconds
+  (``viewers``: N / ``DROPSERVER_VIEWERS_BUDGET``).
   Durable and private events are never coalesced or dropped.
 """
 
@@ -355,7 +356,12 @@ class Room:
     def coalesce_interval(self, event: str) -> float | None:
         """Seconds between flushes of ``event`` for this room, or None: not coalesced."""
         base = self.hub.intervals.get(event)
-        budget = self.hub.settings.coalesce_budget
+        settings = self.hub.settings
+        budget = settings.coalesce_budget
+        if event == "viewers" and settings.viewers_budget > 0:
+            # A count is worth less than stock: at 12,500 local viewers, the 5,000
+            # frames/s of stock cost a tenth of a worker's joins during a ramp.
+            budget = settings.viewers_budget
         if base is None or budget <= 0:
             return base
         return max(base, len(self.conns) / budget)

@@ -84,3 +84,17 @@ async def test_a_chat_storm_does_not_rebuild_the_snapshot_per_message(server, se
         [e["data"]["text"] for e in last["events"]]
     assert texts[-1] == "hi 19"  # the late joiner has every message up to its join
     assert last["pos"]["offset"] == 20
+
+
+async def test_viewer_counts_have_a_smaller_budget_than_stock():
+    """Profiled during a 20,000-viewer ramp, counts sent at stock's budget took a quarter
+    of a worker: a room of N local viewers gets one every N / viewers_budget s."""
+    from tests.test_chat_stream import make_room
+
+    room, _ = make_room(4000, coalesce_budget=5000, viewers_budget=1000)
+    room.hub.intervals = {"stock": 0.1, "viewers": 1.0}
+    assert room.coalesce_interval("stock") == 0.8  # 4,000 / 5,000
+    assert room.coalesce_interval("viewers") == 4.0  # 4,000 / 1,000
+    small, _ = make_room(200, viewers_budget=1000)
+    small.hub.intervals = {"viewers": 1.0}
+    assert small.coalesce_interval("viewers") == 1.0
