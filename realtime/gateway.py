@@ -126,6 +126,8 @@ async def endpoint(scope: dict[str, Any], receive: Any, send: Any) -> None:
     finally:
         if conn.proto is not None:
             conn.proto.on_pong = None  # conn <-> protocol: no cycle left behind
+        if hub.heartbeat is not None:
+            hub.heartbeat.forget(conn)
         hub.connections.discard(conn)
         hub.leave(conn)
         metrics.CONNECTIONS.dec()

@@ -1,11 +1,13 @@
 """Heartbeats: every socket is pinged once per interval, a slice at a time.
 
 A socket joins one of ``SLICES`` slices when it connects (round robin, so they are
-even). Every ``interval / SLICES`` seconds one slice is pinged, and the slice pinged
-``pong_timeout`` earlier is checked: a socket that has sent nothing since that ping is
-closed with 4001. Pinging everyone at once cost a 50,000-viewer fan-out its tail: each
-worker wrote 12,500 pings and read 12,500 pongs in one burst, and a BUY NOW published
-into the burst waited for it (docs/benchmarks.md).
+even; each slice is a set, so a tick touches only the sockets of its two slices, not
+every socket of the process). Every ``interval / SLICES`` seconds one slice is pinged,
+and the slice pinged ``pong_timeout`` earlier is checked: a socket that has sent
+nothing since that ping is closed with 4001. Pinging everyone at once cost a
+50,000-viewer fan-out its tail: each worker wrote 12,500 pings and read 12,500 pongs
+in one burst, and a BUY NOW published into the burst waited for it
+(docs/benchmarks.md).
 
 Silence is measured from the ping the server sent, never from the loop's own
 schedule: on an overloaded process the ticks run late, and a round of 25 late ticks
@@ -22,7 +24,6 @@ import asyncio
 import itertools
 import math
 import time
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from realtime import protocol
@@ -51,25 +52,31 @@ class Heartbeat:
         self._pinged_at: list[float | None] = [None] * slices
         self._tick = 0
         self._next_slot = itertools.cycle(range(slices))
+        self._members: list[set[Connection]] = [set() for _ in range(slices)]
         self._ping = Broadcast({"t": protocol.ServerType.PING.value})
 
     def assign(self, conn: Connection) -> None:
         conn.hb_slot = next(self._next_slot)
+        self._members[conn.hb_slot].add(conn)
 
-    def tick(self, conns: Iterable[Connection], now: float) -> None:
+    def forget(self, conn: Connection) -> None:
+        self._members[conn.hb_slot].discard(conn)
+
+    def tick(self, now: float) -> None:
         """Ping one slice and check another."""
         ping_slot = self._tick % self.slices
         check_slot = (self._tick - self.lag) % self.slices
         self._tick += 1
         sent = self._pinged_at[check_slot]
-        check = sent is not None and now - sent >= self.timeout
-        for conn in conns:
-            slot = conn.hb_slot
-            if check and slot == check_slot and conn.last_seen < sent and \
-                    not conn.handling and not conn.closed:
-                conn.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
-            elif slot == ping_slot:
-                self._ping.deliver(conn)  # a closed socket takes nothing
+        if sent is not None and now - sent >= self.timeout:
+            for conn in list(self._members[check_slot]):
+                if conn.closed:
+                    self._members[check_slot].discard(conn)
+                elif conn.last_seen < sent and not conn.handling:
+                    conn.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+        ping = self._ping
+        for conn in self._members[ping_slot]:
+            ping.deliver(conn)  # a closed socket takes nothing
         self._pinged_at[ping_slot] = now
 
 
@@ -86,4 +93,4 @@ async def heartbeat_loop(hub: Hub) -> None:
         if due < now:  # this process fell behind: carry on from now, no catch-up burst
             due = now
         await asyncio.sleep(due - now)
-        beat.tick(list(hub.connections), time.monotonic())
+        beat.tick(time.monotonic())

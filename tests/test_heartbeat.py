@@ -40,7 +40,7 @@ def run(beat: Heartbeat, peers: list[Peer], start: float, ticks: int,
             peer.conn.last_seen = due
             pending.remove((due, peer))
         before = {id(p): p.pings for p in peers}
-        beat.tick([p.conn for p in peers if not p.conn.closed], now)
+        beat.tick(now)
         for p in peers:
             if p.answers and p.pings > before[id(p)]:
                 pending.append((now + pong_delay, p))
