@@ -19,6 +19,7 @@ from realtime.heartbeat import Heartbeat, heartbeat_loop
 from realtime.hub import Hub
 from realtime.presence import Presence
 from realtime.snapshot import SnapshotCache
+from realtime.tokens import TokenClock
 
 
 async def startup(app: Starlette) -> None:
@@ -26,6 +27,7 @@ async def startup(app: Starlette) -> None:
     settings = state.settings
     publish.configure(history_size=settings.history_size, history_ttl=settings.history_ttl)
     hub = Hub(app, SnapshotCache(app))
+    hub.tokens = TokenClock(hub)  # signed-in sockets until their tokens expire
     await hub.start()
     state.realtime = hub
     state.realtime_presence = Presence(hub)
@@ -48,6 +50,8 @@ async def shutdown(app: Starlette) -> None:
         await presence.stop()
     hub = getattr(state, "realtime", None)
     if hub is not None:
+        if hub.tokens is not None:
+            hub.tokens.close()
         await hub.stop()
 
 

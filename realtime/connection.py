@@ -71,6 +71,7 @@ class Connection:
         "_queued_bytes",
         "_urgent",
         "_writer",
+        "auth",
         "close_code",
         "closed",
         "conn_id",
@@ -108,6 +109,7 @@ class Connection:
         self.conn_id = conn_id
         self.ip = ip
         self.principal: Any = None
+        self.auth: Any = None  # realtime.tokens.TokenLife of a signed-in socket
         self.drop_id: int | None = None
         self.creator_id: str | None = None
         self.moderation_checked = False

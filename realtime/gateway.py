@@ -24,7 +24,7 @@ from starlette.requests import HTTPConnection
 from dropserver.auth import GUEST, Principal, bearer_token
 from dropserver.errors import ApiError
 from dropserver.observability import new_id
-from realtime import chat, history, metrics, protocol
+from realtime import chat, history, metrics, protocol, tokens
 from realtime.connection import Connection
 from realtime.hub import Hub
 from realtime.protocol import ClientFrame, ClientType, CloseCode, ErrorCode, ProtocolError
@@ -129,6 +129,7 @@ async def endpoint(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if hub.heartbeat is not None:
             hub.heartbeat.forget(conn)
         hub.connections.discard(conn)
+        tokens.forget(conn)
         hub.leave(conn)
         metrics.CONNECTIONS.dec()
         if conn.close_code is not None:
@@ -215,6 +216,10 @@ async def _handle(app: Any, hub: Hub, conn: Connection, token: str | None,
     if conn.room is None:
         raise ProtocolError(ErrorCode.NOT_JOINED, "join a drop first")
     data = frame.data
+    if t is ClientType.REFRESH:
+        return protocol.reply_frame(frame.id, await tokens.refresh(app, hub, conn,
+                                                                   data["token"]))
+    tokens.check(conn)  # an expired token is token_expired, not a guest's token_missing
     after: list[dict[str, Any]] = []  # frames that leave with the reply
     if t is ClientType.CHAT_SEND:
         result = await chat.post(app, conn, data["text"])
@@ -277,6 +282,7 @@ async def _join_drop(app: Any, hub: Hub, conn: Connection, who: Principal, frame
         hub.leave(conn)
         conn.drop_id = None
         raise
+    tokens.track(hub, conn, who)  # signed-in until the token expires
 
 
 async def _answer_join(app: Any, hub: Hub, room: Any, conn: Connection, frame: ClientFrame,

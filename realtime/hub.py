@@ -57,6 +57,7 @@ class Hub:
         self.users: dict[str, set[Connection]] = {}
         self.connections: set[Connection] = set()
         self.heartbeat: Heartbeat | None = None  # set when heartbeats run (component)
+        self.tokens: Any = None  # realtime.tokens.TokenClock (component)
         self.join_slots = asyncio.Semaphore(JOIN_CONCURRENCY)
         self.dispatcher = Dispatcher()
         s = self.settings
@@ -178,6 +179,14 @@ class Hub:
         room.close()
         metrics.ROOMS.dec()
         spawn(self.subscriber.unsubscribe(room.channel))
+
+    def sign_in(self, conn: Connection) -> None:
+        """``conn`` gets its user's private events (again: realtime/tokens.py)."""
+        self._add_user(conn)
+
+    def sign_out(self, conn: Connection) -> None:
+        """``conn`` stops getting its user's private events (its token expired)."""
+        self._remove_user(conn)
 
     def _add_user(self, conn: Connection) -> None:
         user_id = conn.user_id

@@ -73,6 +73,7 @@ class ClientType(enum.StrEnum):
     CHAT_BAN = "chat.ban"
     CHAT_UNBAN = "chat.unban"
     CHAT_SLOW = "chat.slow"
+    REFRESH = "refresh"          # a new token for the socket's user (realtime/tokens.py)
     # Any other type registered in app.state.commands (e.g. "buy") is a COMMAND.
     COMMAND = "command"
 
@@ -91,6 +92,7 @@ class ServerType(enum.StrEnum):
     PONG = "pong"
     GOING_AWAY = "going_away"    # server drain or overload: reconnect after N ms
     SKIPPED = "skipped"          # chat messages up to pos were left out of this stream
+    TOKEN_EXPIRED = "token_expired"  # the socket's token expired: it is a guest's now
 
 
 class CloseCode(enum.IntEnum):
@@ -118,6 +120,7 @@ class ErrorCode(enum.StrEnum):
     TOKEN_MISSING = "token_missing"      # signing in is required
     TOKEN_INVALID = "token_invalid"
     TOKEN_EXPIRED = "token_expired"
+    TOKEN_USER_MISMATCH = "token_user_mismatch"  # refresh with another user's token
     FORBIDDEN = "forbidden"
     RATE_LIMITED = "rate_limited"
     SLOW_MODE = "slow_mode"
@@ -367,6 +370,11 @@ def _chat_moderate(obj: dict[str, Any], rid: str | None) -> dict[str, Any]:
     }
 
 
+def _refresh(obj: dict[str, Any], rid: str | None) -> dict[str, Any]:
+    _only(obj, ("token",), rid)
+    return {"token": _field(obj, "token", str, rid, max_len=MAX_TOKEN_LEN)}
+
+
 def _chat_slow(obj: dict[str, Any], rid: str | None) -> dict[str, Any]:
     _only(obj, ("seconds",), rid)
     return {"seconds": _field(obj, "seconds", int, rid, min_value=0, max_value=3600)}
@@ -382,4 +390,5 @@ _VALIDATORS = {
     ClientType.CHAT_BAN: _chat_moderate,
     ClientType.CHAT_UNBAN: _chat_moderate,
     ClientType.CHAT_SLOW: _chat_slow,
+    ClientType.REFRESH: _refresh,
 }
