@@ -66,6 +66,7 @@ FRAMES = [
     ({"t": "chat.ban", "user_id": "u"}, "invalid_field"),
     ({"t": "chat.unban", "user_id": "u"}, "invalid_field"),
     ({"t": "chat.slow", "seconds": 0}, "invalid_field"),
+    ({"t": "refresh", "token": "not-checked-first"}, "invalid_field"),
     ({"t": "buy", "product_id": 1, "idempotency_key": "k"}, "validation_failed"),
     ({"t": "cancel_hold", "hold_id": "h"}, "validation_failed"),
 ]
