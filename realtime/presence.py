@@ -7,6 +7,9 @@ back. It hands the total to its own viewers as the volatile "viewers" event when
 changed, so counting costs one Redis call per drop per second per process and no
 pub/sub traffic. A crashed node stops reporting and its viewers leave every total
 within the TTL.
+
+Viewers are the audience: a socket joined with a token that may manage the drop (its
+creator, as the console joins, or an admin) is not counted (``Room.staff``).
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ class Presence:
         drops = set(self._reported) | set(hub.rooms)
         for drop_id in drops:
             room = hub.rooms.get(drop_id)
-            local = len(room.conns) if room is not None else 0
+            local = len(room.conns) - len(room.staff) if room is not None else 0
             if local == 0 and drop_id not in hub.rooms:
                 await report(hub.redis, drop_id, hub.node_id, 0, ttl)
                 self._reported.pop(drop_id, None)

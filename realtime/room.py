@@ -70,6 +70,7 @@ class Room:
         self.drop_id = drop_id
         self.channel = channels.drop_channel(drop_id)
         self.conns: set[Connection] = set()
+        self.staff: set[Connection] = set()  # of conns, the drop's creator and admins
         self.joining: set[Connection] = set()
         self.position = history.Position("", 0)
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -262,11 +263,14 @@ class Room:
     def joined(self, conn: Connection, epoch: str, offset: int) -> None:
         """``conn`` was answered up to ``(epoch, offset)`` and is live from now on."""
         self.conns.add(conn)
+        if conn.principal is not None and conn.principal.can_manage(conn.creator_id or ""):
+            self.staff.add(conn)  # not a viewer (realtime.presence)
         if self.chat or self.big:
             self._fresh[conn] = (epoch, offset)
 
     def discard(self, conn: Connection) -> None:
         self.conns.discard(conn)
+        self.staff.discard(conn)
         self.joining.discard(conn)
         self._fresh.pop(conn, None)
 

@@ -65,3 +65,25 @@ async def test_viewers_counts_sockets_not_users(settings, make_token):
         assert frame["data"] == {"count": 3}
         for c in clients:
             await c.close()
+
+
+async def test_the_drops_creator_and_admins_are_not_viewers(settings, r, make_token):
+    """The creator's console joins the drop with the creator's token; it is not an
+    audience member, nor is an admin watching. A viewer alone sees 1, not 2."""
+    drop_id, _ = await create_drop(settings.database_url, creator="creator-1")
+    async with running(settings, viewers_coalesce_ms=100) as server:
+        console = await Client.connect(server.ws_url)
+        await console.join(drop_id, token=make_token("creator-1", "creator"))
+        admin = await Client.connect(server.ws_url)
+        await admin.join(drop_id, token=make_token("admin-1", "admin"))
+        other_creator = await Client.connect(server.ws_url)  # watching someone's drop
+        await other_creator.join(drop_id, token=make_token("creator-2", "creator"))
+        viewer = await Client.connect(server.ws_url)
+        await viewer.join(drop_id, token=make_token("viewer-1", "viewer"))
+        for c in (console, viewer):
+            await c.recv_until(lambda f: f.get("event") == "viewers"
+                               and f["data"]["count"] == 2, wait=5)
+        await asyncio.sleep(0.3)  # a few more ticks: the count stays
+        assert await presence.report(r, drop_id, "probe", 0, ttl_s=1) == 2
+        for c in (console, admin, other_creator, viewer):
+            await c.close()
