@@ -2,6 +2,12 @@
 Playwright (never ``playwright install``). Each page gets its own browser with a fresh
 ``--user-data-dir``; the console's browser has a fake camera and microphone.
 
+Every page must run clean: a console message of type ``error``, an uncaught page
+error, a failed request or an HTTP answer >= 400 on any page fails the test (checked
+when the ``browsers`` fixture closes, so no test can forget it). The one exception:
+hls.js cancelling an HLS request of its own (``net::ERR_ABORTED``: it replaces a blocking
+playlist reload with a newer one), which is how an LL-HLS client works.
+
 Screenshots and each page's console log are kept under ``artifacts/e2e/<test>/``
 (``DROPSERVER_E2E_ARTIFACTS`` overrides the folder).
 """
@@ -11,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -60,7 +66,8 @@ def artifacts(request: pytest.FixtureRequest) -> Path:
 
 
 class Browsers:
-    """Opens pages, each in its own Chromium with a fresh profile."""
+    """Opens pages, each in its own Chromium with a fresh profile, and records what
+    went wrong on them (:attr:`problems`)."""
 
     def __init__(self, pw, executable: str, tmp: Path, artifacts: Path) -> None:
         self.pw = pw
@@ -69,6 +76,15 @@ class Browsers:
         self.artifacts = artifacts
         self.contexts: list = []
         self.logs: dict[str, list[str]] = {}
+        self.problems: list[str] = []  # "<page> <what>", in the order they happened
+        self.closing = False  # closing a browser aborts its requests: not a problem
+
+    def _problem(self, name: str, text: str) -> None:
+        if self.closing:
+            return
+        line = f"{name} {text}"
+        self.logs.setdefault(name, []).append(f"[problem] {text}")
+        self.problems.append(line)
 
     async def page(self, name: str, *, camera: bool = False, phone: bool = False):
         profile = self.tmp / f"profile-{name}"
@@ -82,10 +98,34 @@ class Browsers:
         self.contexts.append(ctx)
         page = ctx.pages[0] if ctx.pages else await ctx.new_page()
         lines = self.logs.setdefault(name, [])
-        page.on("console", lambda m: lines.append(f"[{m.type}] {m.text}"))
-        page.on("pageerror", lambda e: lines.append(f"[pageerror] {e}"))
-        page.on("requestfailed", lambda r: lines.append(
-            f"[requestfailed] {r.method} {r.url} {r.failure}"))
+
+        def on_console(m) -> None:
+            where = m.location or {}
+            lines.append(f"[{m.type}] {m.text} ({where.get('url', '')})")
+            if m.type == "error":
+                self._problem(name, f"console error: {m.text} at {where.get('url', '?')}")
+
+        def on_response(r) -> None:
+            if r.status >= 400:
+                self._problem(name, f"HTTP {r.status} {r.request.method} {r.url}")
+
+        def on_page_error(e) -> None:
+            lines.append(f"[pageerror] {e}")
+            self._problem(name, f"page error: {e}")
+
+        def on_failed(r) -> None:
+            if r.failure == "net::ERR_ABORTED" and "/hls/" in r.url:
+                # hls.js cancelling its own request (a blocking playlist reload it
+                # replaces with a newer one, a part it no longer needs): normal LL-HLS
+                # client behaviour, not a failed load. Logged, not a problem.
+                lines.append(f"[cancelled] {r.method} {r.url}")
+                return
+            self._problem(name, f"request failed: {r.method} {r.url} {r.failure}")
+
+        page.on("console", on_console)
+        page.on("pageerror", on_page_error)
+        page.on("requestfailed", on_failed)
+        page.on("response", on_response)
         return page
 
     async def shot(self, page, name: str) -> Path:
@@ -94,6 +134,7 @@ class Browsers:
         return path
 
     async def close(self) -> None:
+        self.closing = True
         for name, lines in self.logs.items():
             (self.artifacts / f"{name}.console.log").write_text("\n".join(lines) + "\n")
         for ctx in self.contexts:
@@ -111,8 +152,26 @@ async def browsers(tmp_path: Path, artifacts: Path) -> AsyncIterator[Browsers]:
             yield b
         finally:
             await b.close()
+        if b.problems:
+            pytest.fail("the pages logged errors or failed loads:\n" + "\n".join(b.problems),
+                        pytrace=False)
 
 
-def page_errors(browsers: Browsers) -> Callable[[str], list[str]]:
-    return lambda name: [ln for ln in browsers.logs.get(name, []) if ln.startswith(
-        "[pageerror]")]
+async def api_drop(http, token: str, *, steps: tuple[str, ...] = ("schedule", "live"),
+                   title: str = "E2E drop", units: int = 5) -> dict:
+    """A drop made through the creator API and taken through ``steps`` (paths under
+    /v1/drops/{id}/); the drop resource as created."""
+    from datetime import UTC, datetime, timedelta
+
+    auth = {"authorization": f"Bearer {token}"}
+    resp = await http.post("/v1/drops", headers=auth, json={
+        "title": title, "products": [{"title": "Signed vinyl", "price": 4900, "units": units}],
+        "starts_at": (datetime.now(UTC) + timedelta(minutes=5)).isoformat()})
+    assert resp.status_code == 201, resp.text
+    drop = resp.json()
+    for step in steps:
+        body = ({"product_id": drop["products"][0]["product_id"]} if step == "buy-now"
+                else {})
+        r = await http.post(f"/v1/drops/{drop['id']}/{step}", headers=auth, json=body)
+        assert r.status_code == 200, (step, r.text)
+    return drop

@@ -1,19 +1,20 @@
-"""Both pages in headless Chromium against the real server: they load without script
-errors, fit a phone, the viewer gets a dev token, the console signs in and shows the
-fake camera."""
+"""Both pages in headless Chromium against the real server: they load without an
+error or a failed load (tests/e2e/conftest.py checks every page), fit a phone, the
+viewer gets a dev token, the console signs in and shows the fake camera."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
 from tests.conftest import RunningServer
-from tests.e2e.conftest import Browsers
+from tests.e2e.conftest import Browsers, api_drop
 
 
 async def test_viewer_page_fits_a_phone_and_gets_a_dev_token(
-        server: RunningServer, browsers: Browsers) -> None:
+        server: RunningServer, browsers: Browsers, http, make_token) -> None:
+    drop = await api_drop(http, make_token("creator-1", "creator"))
     page = await browsers.page("viewer", phone=True)
-    await page.goto(f"{server.base_url}/d/1")
+    await page.goto(f"{server.base_url}/d/{drop['id']}")
     await page.wait_for_function("() => window.__dropState !== undefined")
     token = await page.evaluate("localStorage.getItem('dropserver.viewer_token')")
     assert token and token.count(".") == 2, "viewer got a token from /v1/dev/token"
@@ -27,9 +28,8 @@ async def test_viewer_page_fits_a_phone_and_gets_a_dev_token(
         "() => [document.documentElement.scrollWidth, window.innerWidth]")
     assert widths[0] <= widths[1], widths
     assert await page.locator("#video").is_visible()
-    assert await page.locator("#chat-form").is_visible()
+    await page.locator("#chat-form").wait_for(state="visible")
     await browsers.shot(page, "viewer-phone")
-    assert [ln for ln in browsers.logs["viewer"] if ln.startswith("[pageerror]")] == []
 
 
 async def test_viewer_page_without_drop_lists_live_drops_and_asks_for_one(
@@ -49,9 +49,9 @@ async def test_viewer_page_without_drop_lists_live_drops_and_asks_for_one(
     assert await link.get_attribute("href") == f"/d/{drop['id']}"
     await browsers.shot(page, "viewer-home")
     await page.locator("#pick-drop").wait_for(state="visible")
-    await page.fill("#pick-drop-id", "7")
+    await page.fill("#pick-drop-id", str(drop["id"]))
     await page.click("#pick-drop button")
-    await page.wait_for_url("**/d/7")
+    await page.wait_for_url(f"**/d/{drop['id']}")
 
 
 async def test_console_signs_in_from_fragment_and_previews_the_camera(
@@ -66,7 +66,6 @@ async def test_console_signs_in_from_fragment_and_previews_the_camera(
     await page.wait_for_function(
         "() => document.getElementById('preview').videoWidth > 0", timeout=10000)
     await browsers.shot(page, "console-camera")
-    assert [ln for ln in browsers.logs["console"] if ln.startswith("[pageerror]")] == []
 
 
 async def test_console_refuses_a_viewer_token(

@@ -10,16 +10,23 @@ import { WhipPublisher } from "./whip.js";
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "dropserver.creator_token";
 const PINNABLE = new Set(["scheduled", "live", "selling", "sold_out", "closed"]);
+// Go live from a draft: scheduled ui.goLiveSeconds (5) ahead, so viewers get a real
+// countdown, then live when it runs out (docs/topics/lifecycle.md: every drop had a
+// countdown viewers could join).
+const NO_STATS = { viewers: 0, sold: 0, revenue: 0, currency: "usd", open_holds: 0,
+  remaining: null };
 
 const ui = {
   config: null,
   token: null,
   drop: null, // the drop resource from the HTTP API
-  stats: { viewers: 0, sold: 0, revenue: 0, currency: "usd", open_holds: 0, remaining: null },
+  stats: { ...NO_STATS },
   client: null,
   stream: null,
   publisher: null,
   statsTimer: null,
+  goLive: null, // {dropId, at (ms), timer} while a draft counts down to live
+  goLiveSeconds: 5,
 };
 window.__console = ui; // for tests and debugging
 
@@ -60,9 +67,17 @@ function renderDrop() {
   const allowed = new Set(d?.allowed_actions || []);
   if (allowed.has("schedule")) allowed.add("go_live"); // a draft: countdown, then live
   if (d && PINNABLE.has(d.state)) allowed.add("pin");
+  const counting = ui.goLive !== null && ui.goLive.dropId === d?.id;
   for (const btn of document.querySelectorAll("[data-action]")) {
-    btn.disabled = !d || (d.allowed_actions !== undefined && !allowed.has(btn.dataset.action));
+    const action = btn.dataset.action;
+    btn.disabled = !d || (d.allowed_actions !== undefined && !allowed.has(action))
+      || (counting && action !== "go_live");
   }
+  const goLive = document.querySelector("[data-action='go_live']");
+  goLive.textContent = counting
+    ? `Going live in ${Math.max(0, Math.ceil((ui.goLive.at - Date.now()) / 1000))}… (cancel)`
+    : "Go live";
+  goLive.disabled = goLive.disabled && !counting;
   $("publish-btn").disabled = !d || !ui.stream;
 }
 
@@ -107,7 +122,13 @@ async function useToken(token) {
 async function openDrop(id) {
   showError("drop-error", null);
   try {
-    ui.drop = await creator.getDrop(id, ui.token);
+    const drop = await creator.getDrop(id, ui.token);
+    if (ui.drop?.id !== drop.id) {
+      cancelGoLive();
+      ui.stats = { ...NO_STATS }; // nothing of the previous drop's numbers
+      renderStats();
+    }
+    ui.drop = drop;
     history.replaceState(null, "", `/console?drop=${id}`);
     renderDrop();
     connectSocket();
@@ -140,8 +161,10 @@ async function createDrop(ev) {
 
 async function refreshStats() {
   if (!ui.drop) return;
+  const dropId = ui.drop.id;
   try {
-    const { remaining, ...s } = await creator.getStats(ui.drop.id, ui.token);
+    const { remaining, ...s } = await creator.getStats(dropId, ui.token);
+    if (ui.drop?.id !== dropId) return; // another drop was opened meanwhile
     const sel = ui.drop.selling_product_id ?? ui.drop.pinned_product_id;
     ui.stats = { ...ui.stats, ...s,
       remaining: sel != null && remaining && remaining[sel] !== undefined ? remaining[sel]
@@ -157,6 +180,14 @@ function connectSocket() {
   ui.client = new DropClient({ url: ui.config.ws_path, dropId: ui.drop.id, token: ui.token,
     minDelayMs: ui.config.reconnect_min_ms, maxDelayMs: ui.config.reconnect_max_ms });
   ui.client.addEventListener("state", (e) => setConn(e.detail.state));
+  ui.client.addEventListener("joined", (e) => {
+    // the drop's viewer count as of the join (this console is not one of them)
+    const viewers = e.detail.data?.viewers;
+    if (typeof viewers === "number") {
+      ui.stats.viewers = viewers;
+      renderStats();
+    }
+  });
   ui.client.addEventListener("event", (e) => {
     const { event, data } = e.detail;
     if (event === "viewers") {
@@ -190,16 +221,50 @@ function connectSocket() {
 
 // --- drop controls -------------------------------------------------------------
 
+function cancelGoLive() {
+  if (!ui.goLive) return;
+  clearInterval(ui.goLive.timer);
+  ui.goLive = null;
+  log("go live cancelled (the drop stays scheduled)");
+  renderDrop();
+}
+
+/** Go live from a draft: schedule it ui.goLiveSeconds ahead (viewers see the
+ * countdown), then go live when it runs out. Pressing again cancels. */
+async function goLiveFromDraft() {
+  const dropId = ui.drop.id;
+  const at = Date.now() + ui.goLiveSeconds * 1000;
+  const drop = await creator.action(dropId, "schedule", ui.token,
+    { starts_at: new Date(at).toISOString() });
+  ui.drop = creator.fresher(ui.drop, drop);
+  log(`going live in ${ui.goLiveSeconds} s`);
+  const timer = setInterval(() => {
+    if (!ui.goLive || ui.goLive.timer !== timer) return;
+    if (Date.now() < at) {
+      renderDrop();
+      return;
+    }
+    clearInterval(timer);
+    ui.goLive = null;
+    control("go_live");
+  }, 200);
+  ui.goLive = { dropId, at, timer };
+  renderDrop();
+}
+
 async function control(action) {
   if (!ui.drop) return;
   showError("control-error", null);
   const productId = Number($("product-select").value) || null;
   try {
     let drop;
+    if (action === "go_live" && ui.goLive) {
+      cancelGoLive();
+      return;
+    }
     if (action === "go_live" && ui.drop.state === "draft") {
-      // "Go live" from a draft: a countdown of a few seconds, then on air.
-      await creator.action(ui.drop.id, "schedule", ui.token,
-        { starts_at: new Date(Date.now() + 5000).toISOString() });
+      await goLiveFromDraft();
+      return;
     }
     const body = ["pin", "buy_now"].includes(action) ? { product_id: productId } : {};
     drop = await creator.action(ui.drop.id, action, ui.token, body);
@@ -295,7 +360,7 @@ async function main() {
   for (const btn of document.querySelectorAll("[data-action]")) {
     btn.addEventListener("click", () => control(btn.dataset.action));
   }
-  window.addEventListener("pagehide", () => { ui.publisher?.stop(); });
+  window.addEventListener("pagehide", () => { ui.publisher?.stop({ unloading: true }); });
 
   const token = tokenFromFragment(TOKEN_KEY);
   if (token && await useToken(token)) {

@@ -1,6 +1,12 @@
 // The HLS player: hls.js (from npm, built into /static/dist/hls.mjs) where the
 // browser has Media Source Extensions, the browser's own HLS otherwise (Safari, iOS).
-// Until the creator publishes, the playlist is 404: keep trying every few seconds.
+//
+// The page starts it only once the stream is live (viewer-state.js wantsPlayer), so
+// the playlist exists: a page opened before the creator publishes requests nothing.
+// One hls.js instance lives as long as the player: a network error retries the load
+// on it, and a stream that ended and went live again reloads its playlist. Tearing
+// hls.js down and creating another revoked the MediaSource's blob: URL while the
+// video element could still be loading it (a console error in Chromium).
 
 const RETRY_MS = 2000;
 
@@ -15,6 +21,7 @@ async function loadHls() {
 
 export function startPlayer(video, url, { onPlaying = () => {}, onStalled = () => {} } = {}) {
   let hls = null;
+  let native = false;
   let stopped = false;
   let retryTimer = null;
   const playing = () => onPlaying();
@@ -22,34 +29,35 @@ export function startPlayer(video, url, { onPlaying = () => {}, onStalled = () =
 
   const tryPlay = () => video.play().catch(() => {});
 
-  function retry() {
-    if (stopped) return;
+  function later(fn) {
     clearTimeout(retryTimer);
-    retryTimer = setTimeout(start, RETRY_MS);
+    retryTimer = setTimeout(() => { if (!stopped) fn(); }, RETRY_MS);
   }
 
   async function start() {
-    if (stopped) return;
     const Hls = await loadHls();
+    if (stopped) return;
     if (Hls && Hls.isSupported()) {
-      if (hls) hls.destroy();
       // No liveSyncDuration: with LL-HLS parts hls.js then plays PART-HOLD-BACK (3 parts,
       // 0.6 s) behind the live edge; a fixed 1.5 s put glass-to-viewer at ~1.7 s
       // (python -m benchmarks.ingest, docs/benchmarks.md).
       // hls.js refuses a max latency without a sync duration, so a player that fell
       // behind catches up by playing up to 1.5x instead of jumping.
       hls = new Hls({ lowLatencyMode: true, maxLiveSyncPlaybackRate: 1.5,
-        manifestLoadingMaxRetry: 0, backBufferLength: 10 });
+        manifestLoadingMaxRetry: 2, backBufferLength: 10 });
       hls.on(Hls.Events.MANIFEST_PARSED, tryPlay);
       hls.on(Hls.Events.ERROR, (_e, data) => {
         if (!data.fatal) return;
         onStalled(data);
         if (data.type === Hls.ErrorTypes.MEDIA_ERROR) {
           hls.recoverMediaError();
+        } else if (data.type === Hls.ErrorTypes.NETWORK_ERROR) {
+          // The same instance tries again: the playlist when it never loaded, else
+          // the loading where it stopped.
+          const manifest = !hls.levels || hls.levels.length === 0;
+          later(() => (manifest ? hls.loadSource(url) : hls.startLoad()));
         } else {
-          hls.destroy();
-          hls = null;
-          retry();
+          later(reload);
         }
       });
       hls.loadSource(url);
@@ -57,7 +65,8 @@ export function startPlayer(video, url, { onPlaying = () => {}, onStalled = () =
       return;
     }
     if (video.canPlayType("application/vnd.apple.mpegurl")) {
-      video.onerror = () => { onStalled(video.error); retry(); };
+      native = true;
+      video.onerror = () => { onStalled(video.error); later(reload); };
       video.src = url;
       tryPlay();
       return;
@@ -65,14 +74,28 @@ export function startPlayer(video, url, { onPlaying = () => {}, onStalled = () =
     onStalled(new Error("this browser cannot play HLS"));
   }
 
+  /** Load the playlist again (the stream went live again after it had ended). */
+  function reload() {
+    if (stopped) return;
+    if (hls) {
+      hls.loadSource(url);
+      hls.startLoad();
+    } else if (native) {
+      video.src = url;
+      tryPlay();
+    }
+  }
+
   start();
   return {
-    get engine() { return hls ? "hls.js" : "native"; },
+    get engine() { return hls ? "hls.js" : native ? "native" : "none"; },
+    reload,
     stop() {
       stopped = true;
       clearTimeout(retryTimer);
       video.removeEventListener("playing", playing);
       if (hls) hls.destroy();
+      hls = null;
     },
   };
 }

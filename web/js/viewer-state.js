@@ -59,7 +59,8 @@ export function initialState(dropId = null) {
     viewers: null,
     chat: [],
     campaign: null,
-    stream: { status: "offline" },
+    stream: { status: "offline", hls: null },
+    unavailable: false, // the drop cannot be joined (no such drop, or a draft)
     order: { phase: OrderPhase.IDLE },
   };
 }
@@ -140,7 +141,7 @@ export function reduce(state, event, data = {}) {
         next.campaign = { ...(next.campaign || { backers: 0, percent: 0 }),
           goal: data.campaign.goal };
       }
-      if (data.stream && data.stream.status) next.stream = { status: data.stream.status };
+      if (data.stream && data.stream.status) next = reduce(next, "stream.status", data.stream);
       return next;
     }
 
@@ -223,7 +224,10 @@ export function reduce(state, event, data = {}) {
         percent: data.percent } };
 
     case "stream.status":
-      return { ...state, stream: { status: data.status } };
+      return { ...state, stream: { status: data.status, hls: data.hls ?? state.stream.hls } };
+
+    case "unavailable":
+      return { ...state, unavailable: true };
 
     // --- the buy flow ---------------------------------------------------------
     case "buy.requested":
@@ -298,6 +302,23 @@ export function overlay(state) {
 
 export function isOver(state) {
   return ENDED_STATES.has(state.drop.state);
+}
+
+/** Seconds to show in "starts in", or null: only before the drop is on air (a
+ * creator may go live before `starts_at`). */
+export function countdown(state, now = Date.now()) {
+  if (state.unavailable || ![DropState.DRAFT, DropState.SCHEDULED].includes(state.drop.state)) {
+    return null;
+  }
+  const secs = secondsUntil(state.drop.startsAt, now);
+  return secs === null || secs <= 0 ? null : secs;
+}
+
+/** Whether the page should run the player: only while the stream is on air (live,
+ * or its publisher reconnecting), so a page opened early requests no playlist. */
+export function wantsPlayer(state) {
+  return !state.unavailable && (state.stream.status === "live"
+    || state.stream.status === "reconnecting");
 }
 
 /** Whole seconds from `now` (ms) to an ISO time or epoch seconds/ms; never negative. */

@@ -6,8 +6,8 @@ import { fetchJson, loadConfig, viewerToken } from "./api.js";
 import { DropClient } from "./client.js";
 import { startPlayer } from "./player.js";
 import {
-  formatClock, formatMoney, initialState, isOver, OrderPhase, overlay, reduce, secondsUntil,
-  sellingProduct,
+  countdown, formatClock, formatMoney, initialState, isOver, OrderPhase, overlay, reduce,
+  secondsUntil, sellingProduct, wantsPlayer,
 } from "./viewer-state.js";
 
 const $ = (id) => document.getElementById(id);
@@ -37,9 +37,10 @@ function dispatch(event, data) {
 
 // --- rendering ------------------------------------------------------------------
 
+// The socket's state, not the drop's (the badge on the video says that).
 const CONN_TEXT = {
   connecting: "connecting…",
-  open: "live",
+  open: "connected",
   reconnecting: "reconnecting…",
   offline: "offline",
   closed: "disconnected",
@@ -56,6 +57,7 @@ function render() {
   if (s.conn.state === "reconnecting" && s.conn.retryInMs) {
     connText = `reconnecting in ${Math.ceil(s.conn.retryInMs / 1000)}s`;
   }
+  if (s.unavailable) connText = "not available";
   conn.textContent = connText;
 
   $("viewers").hidden = s.viewers === null;
@@ -68,9 +70,12 @@ function render() {
   renderCountdown();
 
   const streamLive = s.stream.status === "live";
-  $("stream-status").hidden = streamLive && !isOver(s);
-  $("stream-status").textContent = isOver(s) ? "This drop has ended."
-    : streamLive ? "" : "Waiting for the stream…";
+  $("stream-status").hidden = streamLive && !isOver(s) && !s.unavailable;
+  $("stream-status").textContent = s.unavailable
+    ? "This drop is not available: the link may be wrong, or the drop is not public yet."
+    : isOver(s) ? "This drop has ended."
+      : streamLive ? "" : "Waiting for the stream…";
+  $("chat-form").hidden = !viewerTokenValue || s.unavailable;
 
   // pinned product
   const pinned = s.drop.pinnedProductId ? s.products[s.drop.pinnedProductId] : null;
@@ -93,7 +98,8 @@ function render() {
       : product.remaining === null ? "" : `${product.remaining} left`;
     if (seenBuyNow.productId !== product.id && mode === "open") {
       seenBuyNow.productId = product.id;
-      navigator.vibrate?.(80);
+      // Browsers refuse (and log an error) until the viewer has tapped the page.
+      if (navigator.userActivation?.hasBeenActive) navigator.vibrate?.(80);
     }
   }
   const busy = [OrderPhase.REQUESTING, OrderPhase.HELD, OrderPhase.PAYING]
@@ -110,11 +116,9 @@ function render() {
 function renderCountdown() {
   const s = state;
   const el = $("countdown");
-  const secs = secondsUntil(s.drop.startsAt);
-  const show = secs !== null && secs > 0 && ["draft", "scheduled", "live", null]
-    .includes(s.drop.state);
-  el.hidden = !show;
-  if (show) el.textContent = `starts in ${formatClock(secs)}`;
+  const secs = countdown(s);
+  el.hidden = secs === null;
+  if (secs !== null) el.textContent = `starts in ${formatClock(secs)}`;
   const hold = s.order.phase === OrderPhase.HELD || s.order.phase === OrderPhase.PAYING;
   $("hold").hidden = !hold;
   if (hold) $("hold-countdown").textContent = formatClock(secondsUntil(s.order.expiresAt) ?? 0);
@@ -310,22 +314,16 @@ async function main() {
   $("cancel-btn").addEventListener("click", cancelHold);
   $("order-dismiss").addEventListener("click", () => dispatch("order.reset"));
   $("chat-form").addEventListener("submit", sendChat);
-  $("chat-form").hidden = !token;
   $("unmute").addEventListener("click", () => {
     $("video").muted = false;
     $("unmute").hidden = true;
   });
   setupStripe().catch((err) => console.warn(err));
 
-  // A first picture of the drop over HTTP, so the page is not empty while the
-  // socket connects (and for guests when the socket is refused).
-  fetchJson(`/v1/drops/${state.dropId}`).then((d) => d && dispatch("snapshot", d))
-    .catch(() => {});
-  fetchJson(`/v1/drops/${state.dropId}/stream`).then((st) => {
-    if (st && st.status && state.stream.status !== "live") {
-      dispatch("stream.status", { status: st.status });
-    }
-  }).catch(() => {});
+  // The drop itself comes with the socket's join answer (a draft or a wrong number
+  // is refused there: "not available"); the stream's status comes from /stream,
+  // then from stream.status events.
+  fetchStreamStatus();
 
   client = new DropClient({
     url: config.ws_path, dropId: state.dropId, token,
@@ -342,8 +340,15 @@ async function main() {
     if (d.snapshot) dispatch("snapshot", d.snapshot);
     if (typeof d.viewers === "number") dispatch("viewers", { count: d.viewers });
     if (d.stock) dispatch("stock", d.stock.data || d.stock);
+    // Back after a gap the server could not replay: a stream.status may be missed.
+    if (e.detail.recovered === false) fetchStreamStatus();
   });
   client.addEventListener("join-error", async (e) => {
+    if (e.detail.code === "drop_not_found") {
+      dispatch("unavailable", { code: e.detail.code });
+      syncPlayer();
+      return;
+    }
     if (e.detail.code === "token_expired" || e.detail.code === "token_invalid") {
       // a stale stored token: get a fresh one (dev) or watch as a guest
       localStorage.removeItem("dropserver.viewer_token");
@@ -354,10 +359,9 @@ async function main() {
   });
   client.addEventListener("event", (e) => {
     dispatch(e.detail.event, e.detail.data);
-    if (e.detail.event === "stream.status") ensurePlayer();
+    if (e.detail.event === "stream.status") syncPlayer();
   });
   client.start();
-  ensurePlayer();
   setInterval(renderCountdown, 250);
 }
 
@@ -375,14 +379,41 @@ async function listLiveDrops() {
   }));
 }
 
-function ensurePlayer() {
-  if (player || state.dropId === null || !config) return;
-  const url = config.hls_url_template.replace("{drop_id}", String(state.dropId));
+function fetchStreamStatus() {
+  fetchJson(`/v1/drops/${state.dropId}/stream`).then((st) => {
+    // An event may have come first: a fresher "live" is not undone by this answer.
+    if (st && st.status && state.stream.status !== "live") {
+      dispatch("stream.status", { status: st.status, hls: st.hls });
+      syncPlayer();
+    }
+  }).catch(() => {});
+}
+
+// The player runs while the stream is on air and is started then, never before:
+// a waiting page polls no playlist. Once the stream ended (offline), the player
+// plays out what it has; if the stream goes live again, it reloads the playlist.
+let playerSawOffline = false;
+function syncPlayer() {
+  if (state.dropId === null || !config) return;
+  if (!wantsPlayer(state)) {
+    if (player && state.stream.status === "offline") playerSawOffline = true;
+    if (player && state.unavailable) {
+      player.stop();
+      player = null;
+    }
+    return;
+  }
+  if (player) {
+    if (playerSawOffline && state.stream.status === "live") {
+      playerSawOffline = false;
+      player.reload();
+    }
+    return;
+  }
+  const url = state.stream.hls
+    || config.hls_url_template.replace("{drop_id}", String(state.dropId));
   player = startPlayer($("video"), url, {
-    onPlaying: () => {
-      if (state.stream.status !== "live") dispatch("stream.status", { status: "live" });
-      $("unmute").hidden = !$("video").muted;
-    },
+    onPlaying: () => { $("unmute").hidden = !$("video").muted; },
     onStalled: () => {},
   });
 }

@@ -80,16 +80,22 @@ export class WhipPublisher extends EventTarget {
     return this;
   }
 
-  async stop() {
+  /** End the session (RFC 9725 4.2): DELETE first, then close the peer connection.
+   * Closed first, the server saw the connection end, closed the session itself and
+   * answered the DELETE 404. `unloading` (the page is going away) sends the DELETE
+   * with `keepalive`, so it outlives the page. */
+  async stop({ unloading = false } = {}) {
     const loc = this.location;
     this.location = null;
-    if (this.pc) this.pc.close();
+    const pc = this.pc;
     this.pc = null;
     if (loc) {
-      await fetch(loc, { method: "DELETE",
+      // The (empty) body is read: a response left unread was reported as cancelled.
+      await fetch(loc, { method: "DELETE", keepalive: unloading,
         headers: this.token ? { authorization: `Bearer ${this.token}` } : {} })
-        .catch(() => {});
+        .then((resp) => resp.arrayBuffer()).catch(() => {});
     }
+    if (pc) pc.close();
     this._state("stopped");
   }
 }

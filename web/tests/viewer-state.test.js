@@ -3,8 +3,8 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import {
-  formatClock, formatMoney, initialState, OrderPhase, overlay, reduce, secondsUntil,
-  sellingProduct,
+  countdown, formatClock, formatMoney, initialState, OrderPhase, overlay, reduce, secondsUntil,
+  sellingProduct, wantsPlayer,
 } from "../js/viewer-state.js";
 
 const play = (events, s = initialState(7)) =>
@@ -147,4 +147,34 @@ test("a campaign backer's authorized payment", () => {
   let s = reduce(initialState(1), "order.held", { order_id: "c1", buyer_number: 3 });
   s = reduce(s, "order.payment", { order_id: "c1", status: "authorized" });
   assert.equal(s.order.phase, OrderPhase.AUTHORIZED);
+});
+
+test("the countdown shows only before the drop is live", () => {
+  const now = Date.parse("2030-01-01T00:00:00Z");
+  const soon = "2030-01-01T00:00:05Z";
+  let s = play([["snapshot", { drop: { state: "scheduled", starts_at: soon } }]]);
+  assert.equal(countdown(s, now), 5);
+  // live before starts_at (the creator went on air early): no "starts in"
+  s = reduce(s, "drop.state", { state: "live" });
+  assert.equal(countdown(s, now), null);
+  assert.equal(countdown(play([["snapshot", { drop: { state: "scheduled",
+    starts_at: "2029-12-31T23:59:00Z" } }]]), now), null, "past: nothing to count");
+});
+
+test("the player is wanted only while the stream is on air", () => {
+  let s = initialState(7);
+  assert.equal(wantsPlayer(s), false, "no stream yet: no playlist to poll");
+  s = reduce(s, "stream.status", { status: "live", hls: "/v1/drops/7/hls/live.m3u8" });
+  assert.equal(wantsPlayer(s), true);
+  assert.equal(s.stream.hls, "/v1/drops/7/hls/live.m3u8");
+  s = reduce(s, "stream.status", { status: "reconnecting" });
+  assert.equal(wantsPlayer(s), true, "the playlist is still there; the player waits");
+  assert.equal(s.stream.hls, "/v1/drops/7/hls/live.m3u8", "kept when not repeated");
+  assert.equal(wantsPlayer(reduce(s, "stream.status", { status: "offline" })), false);
+});
+
+test("a drop that cannot be joined is unavailable, not waiting for its stream", () => {
+  const s = reduce(initialState(7), "unavailable", { code: "drop_not_found" });
+  assert.equal(s.unavailable, true);
+  assert.equal(wantsPlayer(reduce(s, "stream.status", { status: "live" })), false);
 });
