@@ -12,6 +12,7 @@ import pytest
 
 from streaming import fmp4
 from streaming.packager import Packager, opus_packet_samples
+from tests.streaming_support import playlist_uris
 
 FPS = 30
 
@@ -266,17 +267,6 @@ def test_plain_playlist_is_written_when_it_changes_not_every_part(tmp_path: Path
     assert (tmp_path / "index.m3u8").read_text().count("#EXTINF") == 3
 
 
-def _uris(playlist: str) -> list[str]:
-    """Every URI a playlist names: segments, parts, maps, the preload hint."""
-    out = []
-    for line in playlist.splitlines():
-        if line and not line.startswith("#"):
-            out.append(line)
-        elif 'URI="' in line and not line.startswith("#EXT-X-PRELOAD-HINT"):
-            out.append(line.split('URI="')[1].split('"')[0])
-    return out
-
-
 def test_every_published_playlist_names_only_files_that_exist(tmp_path: Path,
                                                                 monkeypatch) -> None:
     """Whenever a playlist is written, every segment, part and init segment it lists
@@ -289,7 +279,7 @@ def test_every_published_playlist_names_only_files_that_exist(tmp_path: Path,
         real_publish(self)
         for name in ("live.m3u8", "index.m3u8"):
             text = (tmp_path / name).read_text()
-            missing = [u for u in _uris(text) if not (tmp_path / u).is_file()]
+            missing = [u for u in playlist_uris(text) if not (tmp_path / u).is_file()]
             assert missing == [], (name, missing, text)
         published.append((tmp_path / "live.m3u8").read_text())
 
@@ -303,10 +293,10 @@ def test_every_published_playlist_names_only_files_that_exist(tmp_path: Path,
     assert "#EXT-X-ENDLIST" in final
     replay = (tmp_path / "replay.m3u8").read_text()
     for text in (final, replay):
-        assert [u for u in _uris(text) if not (tmp_path / u).is_file()] == []
+        assert [u for u in playlist_uris(text) if not (tmp_path / u).is_file()] == []
     # A player that loaded the last live playlist still gets the parts it names
     # (they are deleted some time after they leave the playlist, not at once).
-    assert [u for u in _uris(before_end) if not (tmp_path / u).is_file()] == []
+    assert [u for u in playlist_uris(before_end) if not (tmp_path / u).is_file()] == []
     pk.drop_lingering_parts()
     assert not list(tmp_path.glob("s*.*.m4s"))
     assert sorted(p.name for p in tmp_path.glob("s*.m4s")) == [

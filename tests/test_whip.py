@@ -18,6 +18,7 @@ import pytest
 from dropserver.auth import Role
 from realtime import channels
 from tests.conftest import start_server
+from tests.streaming_support import playlist_uris
 from tests.whip_publisher import FPS, WhipPublisher
 
 CREATOR = "creator-1"
@@ -167,18 +168,6 @@ async def test_publish_with_ffmpeg_whip_muxer(whip_server, media_settings, make_
         assert status["status"] == "offline" and status["replay"].endswith("replay.m3u8")
 
 
-def _playlist_uris(text: str) -> list[str]:
-    """Every URI a playlist names (segments, parts, init segments), not the preload
-    hint: that one names a part still to come."""
-    out = []
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            out.append(line)
-        elif 'URI="' in line and not line.startswith("#EXT-X-PRELOAD-HINT"):
-            out.append(line.split('URI="')[1].split('"')[0])
-    return out
-
-
 async def test_a_finished_stream_serves_everything_it_lists_up_to_the_last_frame(
         whip_server, media_settings, make_token, tmp_path: Path) -> None:
     """Publish a few seconds, end with DELETE: every file the final live, plain and
@@ -207,10 +196,10 @@ async def test_a_finished_stream_serves_everything_it_lists_up_to_the_last_frame
             playlists[name] = r.text
         for name, text in playlists.items():
             answers = {uri: (await http.get(f"{hls}/{uri}")).status_code
-                       for uri in _playlist_uris(text)}
+                       for uri in playlist_uris(text)}
             assert answers and set(answers.values()) == {200}, (name, answers, text)
         replay = playlists["replay.m3u8"]
-        media = [(await http.get(f"{hls}/{u}")).content for u in _playlist_uris(replay)]
+        media = [(await http.get(f"{hls}/{u}")).content for u in playlist_uris(replay)]
     info = decode(media[0], *media[1:])
     sent = json.loads(counts.read_text())
     assert (info["video"]["frames"], info["audio"]["frames"]) == (
@@ -302,7 +291,7 @@ async def test_the_documented_ffmpeg_recipe_publishes(whip_server, media_setting
 
         text = await wait_for(replay)
         media = [(await http.get(f"/v1/drops/{drop_id}/hls/{u}")).content
-                 for u in _playlist_uris(text)]
+                 for u in playlist_uris(text)]
     info = decode(media[0], *media[1:])
     assert info["video"]["size"] == (1280, 720)
     assert info["video"]["profile"] == "Constrained Baseline"
