@@ -162,7 +162,11 @@ async def rush(buyers: list[Buyer], product_id: int, *, units: int, per_user: in
     state = _RushState(product_id, per_user, len(buyers))
     state.first_sent = state.last_hold = time.perf_counter()
     for n, b in enumerate(buyers):
-        _Rush(state, b, n).next()
+        buying = _Rush(state, b, n)
+        if b.closed.done():  # nothing sent on it would ever be answered
+            buying.lost(b, "closed before the rush")
+        else:
+            buying.next()
     try:
         await state.done
     finally:

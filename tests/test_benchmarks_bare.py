@@ -66,6 +66,18 @@ async def test_rush_sells_out_exactly_and_every_buyer_stops(r, clean_backends):
     assert all(b.rush is None for b in buyers)
 
 
+async def test_rush_counts_a_buyer_closed_before_it_and_still_finishes(r, clean_backends):
+    drop_id, product_id = 79, 1
+    async with bare_server(r, clean_backends, drop_id, units=5, limit=10) as url:
+        buyers = await open_buyers(url, drop_id, ["p", "q", "gone"])
+        buyers[2].close()  # as a server closes a socket before BUY NOW
+        await buyers[2].closed
+        async with asyncio.timeout(30):
+            result = await rush(buyers, product_id, units=5, per_user=10)
+    assert result["holds"] == 5 and result["numbers_ok"] is True
+    assert result["refused"] == {"sold_out": 2, "closed before the rush": 1}
+
+
 async def test_broadcast_server_relays_the_channel_to_every_socket(r, clean_backends):
     from websockets.asyncio.client import connect
 
