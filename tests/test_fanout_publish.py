@@ -141,3 +141,41 @@ def test_parse_message_rejects_garbage():
                 b"P" + msgpack.packb(["a", {}]), b"P:" + msgpack.packb(["a", {}])):
         with pytest.raises(MalformedMessage):
             parse_message(raw)
+
+
+async def test_publish_many_is_one_message_with_consecutive_offsets(r):
+    """One creator action (a transition and its payload): one PUBLISH, so every gateway
+    hands the events to its viewers together; the history keeps each at its offset."""
+    pubsub = await _listen(r, channels.drop_channel(9))
+    await publish.publish(r, 9, "drop.pinned", {"product_id": 1})
+    positions = await publish.publish_many(r, 9, [
+        ("drop.state", {"state": "selling", "previous": "live"}),
+        ("drop.buy_now", {"product_id": 1, "remaining": 5})])
+    first = await pubsub.get_message(timeout=2, ignore_subscribe_messages=True)
+    group = await pubsub.get_message(timeout=2, ignore_subscribe_messages=True)
+    assert await pubsub.get_message(timeout=0.3, ignore_subscribe_messages=True) is None
+    await pubsub.aclose()
+    epoch = positions[0][0]
+    assert positions == [(epoch, 2), (epoch, 3)]
+    assert [p.offset for p in channels.parse_publications(first["data"])] == [1]
+    pubs = channels.parse_publications(group["data"])
+    assert [(p.kind, p.event, p.epoch, p.offset) for p in pubs] == [
+        (Kind.DURABLE, "drop.state", epoch, 2), (Kind.DURABLE, "drop.buy_now", epoch, 3)]
+    assert pubs[1].data == {"product_id": 1, "remaining": 5}
+    rec = await history.recover(r, 9, history.Position(epoch, 1), limit=10)
+    assert [(p.event, p.offset) for p in rec.publications] == [("drop.state", 2),
+                                                                ("drop.buy_now", 3)]
+    # A long group (more than 15 events: another msgpack array header) parses too.
+    many = await publish.publish_many(r, 9, [("chat.message", {"i": i}) for i in range(20)])
+    assert [o for _, o in many] == list(range(4, 24))
+    assert await publish.publish_many(r, 9, []) == []
+
+
+def test_parse_publications_rejects_a_bad_group():
+    good = msgpack.packb(["a", {}])
+    for raw in (b"Ge:x:" + b"\x91" + good, b"Ge:1:" + b"\x90", b"Ge:1:" + b"\xc1",
+                b"Ge:1:" + b"\x91" + msgpack.packb("not a pair"),
+                b"Ge:1:" + b"\x91" + msgpack.packb([1, {}]), b"Gnoheader"):
+        with pytest.raises(MalformedMessage):
+            channels.parse_publications(raw)
+    assert [p.offset for p in channels.parse_publications(b"Ge:7:\x92" + good + good)] == [7, 8]
