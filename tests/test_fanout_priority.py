@@ -14,6 +14,7 @@ import msgpack
 
 from dropserver.auth import Role
 from loadtest import wsclient
+from realtime.publish import publish
 from tests.realtime_support import MSGPACK, Client, create_drop
 from tests.test_drops_api import (
     act,
@@ -198,3 +199,46 @@ async def test_the_creator_is_answered_while_a_chat_storm_is_fanned_out(settings
     # Bounded: far fewer messages per viewer than chat messages published.
     per_viewer = (sum(v.messages for v in viewers) - before) / len(viewers)
     assert published > 400 and per_viewer < published / 4, (published, per_viewer)
+
+
+async def test_a_drop_event_behind_a_chat_backlog_in_the_subscriber_leaves_first(settings):
+    """Redis hands the gateway 500 chat messages and then BUY NOW in one burst: the
+    viewer gets BUY NOW in its first or second message after it (a sample of the chat
+    in front), not behind 500 writes of chat."""
+    from tests.conftest import run_sync
+
+    drop_id, _ = await create_drop(settings.database_url)
+    async with running_big(settings, chat_batch_ms=200, chat_read_rate=10.0) as srv:
+        c = await Client.connect(srv.ws_url)
+        start = (await c.join(drop_id))["pos"]["offset"]
+
+        async def burst() -> None:
+            import redis.asyncio as aioredis
+
+            client = aioredis.from_url(settings.redis_url)
+            try:
+                for i in range(500):
+                    await publish(client, drop_id, "chat.message",
+                                  {"id": f"m{i}", "user_id": f"u{i}", "text": "x"})
+                await publish(client, drop_id, "drop.buy_now", {"product_id": 1})
+            finally:
+                await client.aclose()
+
+        run_sync(burst())  # the server's loop (this one) is blocked: all of it queues
+        messages, frames = 0, []
+        while not any(f.get("event") == "drop.buy_now" for f in frames):
+            message = await c.recv_message(5)
+            batch = message if isinstance(message, list) else [message]
+            if batch[0]["t"] in ("ping", "volatile"):
+                continue  # not part of the drop's stream
+            messages += 1
+            frames.extend(batch)
+        # At most the one chat batch that was due, then BUY NOW (with what chat came
+        # after that batch in front of it): not 500 chat writes first.
+        assert messages <= 2, messages
+        assert frames[-1]["event"] == "drop.buy_now"
+        assert frames[-1]["pos"]["offset"] == start + 501
+        chat = [f for f in frames if f.get("event") == "chat.message"]
+        skipped = sum(f["count"] for f in frames if f["t"] == "skipped")
+        assert len(chat) <= 4 and len(chat) + skipped == 500  # samples, accounted for
+        await c.close()
