@@ -23,6 +23,10 @@ The packages' own process management is not used (it leaves orphans). Instead:
   and deletes the temp dir, so no data directory stays behind;
 * PostgreSQL refuses to run as root, so when started as root it runs as ``nobody``
   and only our own temp dir is chowned for it.
+
+Fault tests stop one server and start it again on the same port
+(:meth:`LocalServices.stop_service`, :meth:`LocalServices.start_service`): PostgreSQL
+comes back with its data, Redis (no persistence here) comes back empty.
 """
 
 from __future__ import annotations
@@ -163,6 +167,7 @@ class LocalServices:
     database_url: str = ""
     root: Path | None = None
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _cmds: dict[str, list[str]] = field(default_factory=dict)
     _reaper: subprocess.Popen | None = None
 
     # -- lifecycle ------------------------------------------------------------
@@ -221,6 +226,36 @@ class LocalServices:
     def pids(self) -> dict[str, int]:
         return {name: proc.pid for name, proc in self._procs.items()}
 
+    # -- faults -----------------------------------------------------------------
+    def stop_service(self, name: str, *, kill: bool = False, timeout: float = 30.0) -> None:
+        """Stop ``redis`` or ``postgres`` (their normal fast shutdown: PostgreSQL ends
+        every session with "terminating connection due to administrator command"), or
+        SIGKILL it with ``kill=True``. :meth:`start_service` brings it back."""
+        proc = self._procs[name]
+        if proc.poll() is None:
+            sig = signal.SIGKILL if kill else (
+                signal.SIGINT if name == "postgres" else signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def start_service(self, name: str, timeout: float = 30.0) -> None:
+        """Start a server :meth:`stop_service` stopped, on the same port and (for
+        PostgreSQL) with the same data; returns once it accepts connections."""
+        assert self.root is not None
+        if self._procs[name].poll() is None:
+            raise ServiceError(f"{name} is running")
+        self._spawn(name, self._cmds[name], self.root / f"{name}.log")
+        deadline = time.monotonic() + timeout
+        if name == "redis":
+            self._wait_redis(deadline)
+        else:
+            self._wait_postgres(deadline)
+
     # -- reaper ---------------------------------------------------------------
     def _start_reaper(self) -> None:
         assert self.root is not None
@@ -246,6 +281,7 @@ class LocalServices:
         finally:
             out.close()
         self._procs[name] = proc
+        self._cmds[name] = cmd
         self._tell_reaper(proc.pid)
 
     # -- Redis ----------------------------------------------------------------

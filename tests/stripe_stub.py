@@ -13,6 +13,14 @@ It covers what dropserver calls, following Stripe's API reference:
   (https://docs.stripe.com/api/idempotent_requests).
 * Signed webhook events: :meth:`StripeStub.deliver` POSTs an event with a
   ``Stripe-Signature: t=...,v1=...`` header (HMAC-SHA256 of ``"t.payload"``).
+  Every state change also records the events Stripe would send (:attr:`events`:
+  ``payment_intent.succeeded`` / ``.payment_failed`` / ``.canceled`` /
+  ``.amount_capturable_updated`` / ``.requires_action``, and for a refund
+  ``charge.refunded`` then ``refund.created``, as API versions since 2024-10-28 do:
+  https://docs.stripe.com/changelog/acacia/2024-10-28/refund-webhook-update). With
+  ``webhook_url`` set they are POSTed there, signed, from a thread; a delivery that
+  fails or answers non-2xx is tried again later (Stripe retries for days), so
+  deliveries arrive at least once and not in order.
 
 Test cards (payment method ids), as in Stripe's testing docs:
 ``pm_card_visa`` succeeds, ``pm_card_chargeDeclined`` declines (402 ``card_declined``),
@@ -30,7 +38,9 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import heapq
 import hmac
+import itertools
 import json
 import re
 import secrets
@@ -110,8 +120,17 @@ class StubError(Exception):
 class StripeStub:
     """Start with :meth:`start` (or use as a context manager); ``url`` is the base."""
 
-    def __init__(self, webhook_secret: str = "whsec_test_secret") -> None:
+    def __init__(self, webhook_secret: str = "whsec_test_secret",
+                 webhook_url: str = "") -> None:
         self.webhook_secret = webhook_secret
+        self.webhook_url = webhook_url  # POST every event there (a thread, with retries)
+        self.events: list[dict] = []    # every event Stripe would have sent, in order
+        self.delivered: collections.Counter[str] = collections.Counter()  # by status
+        self._outbox: list[tuple[float, int, int, dict]] = []  # (due, seq, tries, event)
+        self._seq = itertools.count()
+        self._outbox_cv = threading.Condition()
+        self._stopping = False
+        self._sender: threading.Thread | None = None
         self.intents: dict[str, dict] = {}
         self.charges: dict[str, dict] = {}
         self.refunds: dict[str, dict] = {}
@@ -149,9 +168,16 @@ class StripeStub:
             time.sleep(0.01)
         self._sock = sock
         self.url = f"http://127.0.0.1:{port}"
+        self._sender = threading.Thread(target=self._send_events, daemon=True)
+        self._sender.start()
         return self
 
     def stop(self) -> None:
+        with self._outbox_cv:
+            self._stopping = True
+            self._outbox_cv.notify_all()
+        if self._sender is not None:
+            self._sender.join(10)
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:
@@ -164,6 +190,45 @@ class StripeStub:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    # -- webhooks sent by the stub itself -------------------------------------
+    def _emit(self, type_: str, obj: dict) -> None:
+        """Record the event Stripe sends for a change; queue it for ``webhook_url``."""
+        event = self.make_event(type_, json.loads(json.dumps(obj)))
+        self.events.append(event)
+        if self.webhook_url:
+            with self._outbox_cv:
+                heapq.heappush(self._outbox, (time.monotonic(), next(self._seq), 0, event))
+                self._outbox_cv.notify()
+
+    def _send_events(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            while True:
+                with self._outbox_cv:
+                    while not self._stopping and (
+                            not self._outbox or self._outbox[0][0] > time.monotonic()):
+                        wait = self._outbox[0][0] - time.monotonic() if self._outbox else None
+                        self._outbox_cv.wait(wait)
+                    if self._stopping:
+                        return
+                    _, _, tries, event = heapq.heappop(self._outbox)
+                payload = json.dumps(event).encode()
+                try:
+                    status = client.post(self.webhook_url, content=payload, headers={
+                        "Stripe-Signature": sign_payload(payload, self.webhook_secret),
+                        "Content-Type": "application/json"}).status_code
+                except httpx.HTTPError:
+                    status = 0
+                self.delivered[str(status)] += 1
+                if not 200 <= status < 300:
+                    due = time.monotonic() + min(5.0, 0.25 * 2 ** tries)
+                    with self._outbox_cv:
+                        heapq.heappush(self._outbox, (due, next(self._seq), tries + 1, event))
+
+    def undelivered(self) -> int:
+        """Events still waiting for a 2xx from ``webhook_url``."""
+        with self._outbox_cv:
+            return len(self._outbox)
 
     # -- test helpers ------------------------------------------------------
     def count(self, call: str) -> int:
@@ -350,6 +415,7 @@ class StripeStub:
                                         "decline_code": "generic_decline",
                                         "message": "Your card was declined."}
             self._new_charge(pi, "failed")
+            self._emit("payment_intent.payment_failed", pi)
             raise StubError(402, "card_error", "Your card was declined.",
                             code="card_declined", decline_code="generic_decline",
                             payment_intent=json.loads(json.dumps(pi)))
@@ -359,10 +425,12 @@ class StripeStub:
                 pi["last_payment_error"] = {
                     "type": "card_error", "code": "authentication_required",
                     "message": "This payment requires authentication."}
+                self._emit("payment_intent.payment_failed", pi)
                 raise StubError(402, "card_error", "This payment requires authentication.",
                                 code="authentication_required",
                                 payment_intent=json.loads(json.dumps(pi)))
             pi["status"] = "requires_action"
+            self._emit("payment_intent.requires_action", pi)
             return pi
         if not pm or not pm.startswith("pm_"):
             raise StubError(400, "invalid_request_error", f"No such PaymentMethod: '{pm}'",
@@ -372,10 +440,12 @@ class StripeStub:
             pi["status"] = "requires_capture"
             pi["amount_capturable"] = pi["amount"]
             self._new_charge(pi, "succeeded", captured=False)
+            self._emit("payment_intent.amount_capturable_updated", pi)
         else:
             pi["status"] = "succeeded"
             pi["amount_received"] = pi["amount"]
             self._new_charge(pi, "succeeded", captured=True)
+            self._emit("payment_intent.succeeded", pi)
         return pi
 
     def _new_charge(self, pi: dict, status: str, captured: bool = False) -> dict:
@@ -424,6 +494,7 @@ class StripeStub:
         charge["captured"] = True
         charge["amount_captured"] = amount
         self._settle_charge(charge)
+        self._emit("payment_intent.succeeded", pi)
         return pi
 
     def _cancel(self, pi: dict, p: dict) -> dict:
@@ -435,6 +506,7 @@ class StripeStub:
         pi["canceled_at"] = int(time.time())
         pi["cancellation_reason"] = p.get("cancellation_reason")
         pi["amount_capturable"] = 0
+        self._emit("payment_intent.canceled", pi)
         return pi
 
     def _refund(self, p: dict) -> dict:
@@ -456,6 +528,8 @@ class StripeStub:
                   "payment_intent": pi["id"], "currency": pi["currency"],
                   "status": "succeeded", "metadata": p.get("metadata") or {}}
         self.refunds[rid] = refund
+        self._emit("charge.refunded", charge)
+        self._emit("refund.created", refund)
         return refund
 
     def _transfer(self, p: dict) -> dict:
