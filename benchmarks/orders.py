@@ -25,7 +25,8 @@ import redis.asyncio as aioredis
 
 from checkout import inventory
 from checkout.defense import BuyLimits
-from checkout.orders import OrderProcessor, OrderWorker
+from checkout.order_worker import OrderWorker
+from checkout.orders import OrderProcessor
 from checkout.payments import FakeGateway, Gateway, StripeGateway
 from checkout.reserve import BuyRequest, reserve
 from dropserver.db import create_pool, migrate_database

@@ -14,49 +14,36 @@ created, 5 days for some Visa merchant-initiated payments
 away -- the shortest window, so every authorization taken during the campaign can
 still be captured at its deadline -- rather than saving cards and charging later
 (which needs off-session charges that can fail or require authentication long after
-the buyer left). :func:`check_deadline` is the rule; the order worker also refuses to
-authorize an order whose capture would fall outside the window.
+the buyer left). :func:`check_deadline` is the rule (:mod:`checkout.campaign_rules`,
+re-exported here); the order worker also refuses to authorize an order whose capture
+would fall outside the window.
+
+Dependencies point one way: this module drives :class:`checkout.orders.OrderProcessor`;
+the order pipeline never imports it (it reads the rule from ``campaign_rules``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 from prometheus_client import Counter
 
-from checkout.orders import _ORDER_COLUMNS, OrderProcessor
+from checkout.campaign_rules import MAX_CAMPAIGN_SECONDS, CampaignTooLong, check_deadline
+from checkout.orders import OrderProcessor, order_columns
 from checkout.payments import Gateway, GatewayError
 from dropserver.background import Periodic
 
-__all__ = ["MAX_CAMPAIGN_SECONDS", "DeadlineLoop", "broadcast_progress", "check_deadline",
-           "finish_campaign", "progress", "run_due"]
+__all__ = ["MAX_CAMPAIGN_SECONDS", "CampaignTooLong", "DeadlineLoop", "broadcast_progress",
+           "check_deadline", "finish_campaign", "progress", "run_due"]
 
 log = logging.getLogger("dropserver.campaigns")
 
-# Visa merchant-initiated authorizations lapse after 5 days, all others after 7.
-MAX_CAMPAIGN_SECONDS = 5 * 24 * 3600
-
 CAMPAIGNS_FINISHED = Counter("dropserver_campaigns_finished_total",
                              "Campaign drops finished at their deadline", ["outcome"])
-
-
-class CampaignTooLong(ValueError):
-    code = "campaign_too_long"
-
-
-def check_deadline(deadline: datetime, now: datetime) -> None:
-    """Raise :class:`CampaignTooLong` when authorizations taken now could lapse before
-    ``deadline``, and ValueError when the deadline is already past."""
-    if deadline <= now:
-        raise ValueError("the campaign deadline must be in the future")
-    if deadline - now > timedelta(seconds=MAX_CAMPAIGN_SECONDS):
-        raise CampaignTooLong(
-            "a campaign may run at most 5 days: card authorizations lapse after 5 to 7 "
-            "days and could not be captured at the deadline")
 
 
 def progress(backers: int, goal: int) -> dict[str, int]:
@@ -88,9 +75,8 @@ async def finish_campaign(db: asyncpg.Pool, redis: Any, gateway: Gateway,
     Idempotent: capture/cancel use fixed keys and already-finished backers are skipped."""
     backers, goal = await _counts(db, drop_id)
     met = backers >= goal
-    cols = ", ".join(f"o.{c.strip()}" for c in _ORDER_COLUMNS.split(","))
     rows = await db.fetch(
-        f"""SELECT {cols}, p.intent_id FROM campaign_backers b
+        f"""SELECT {order_columns("o")}, p.intent_id FROM campaign_backers b
             JOIN orders o ON o.id = b.order_id JOIN payments p ON p.order_id = o.id
             WHERE b.drop_id = $1 AND b.state = 'authorized' ORDER BY o.id""", drop_id)
     sem = asyncio.Semaphore(16)

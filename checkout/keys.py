@@ -20,6 +20,8 @@ Layout (D = drop id, P = product id, H = hold id)::
     {drop:D}:rl:u:<user>     HASH  sliding-window buy attempts of one user
     {drop:D}:rl:ip:<ip>      HASH  sliding-window buy attempts of one address
     {drop:D}:rebuild         STRING lock held while recovery rebuilds the drop
+    {drop:D}:reconcile       STRING lock held while the reconciler checks the drop
+    {drop:D}:told:H:<state>  STRING the buyer was told the order reached <state>
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ __all__ = [
     "rate_ip",
     "rate_user",
     "rebuild_lock",
+    "reconcile_lock",
     "tag",
+    "told",
     "units",
 ]
 
@@ -103,6 +107,14 @@ def rate_ip(drop_id: int, ip: str) -> str:
 
 def rebuild_lock(drop_id: int) -> str:
     return f"{tag(drop_id)}:rebuild"
+
+
+def reconcile_lock(drop_id: int) -> str:
+    return f"{tag(drop_id)}:reconcile"
+
+
+def told(drop_id: int, hold_id: str, state: str) -> str:
+    return f"{tag(drop_id)}:told:{hold_id}:{state}"
 
 
 # A hold id names its drop and product so any node can find the hold's keys from the

@@ -1,240 +1,92 @@
-"""Order workers: the consumer group that turns holds into payments.
+"""The order processor: turns holds into orders and payments, and keeps the buyer told.
 
-The reservation script appends ``type=reserve`` and ``type=release`` entries to each
-drop's stream ``{drop:<id>}:orders`` (format: docs/topics/checkout.md). Every process
-runs :class:`OrderWorker` consumers in the consumer group ``orders`` of every active
-drop's stream (the drops in the set ``checkout:drops`` that prewarm/open_sales fill).
+:class:`OrderProcessor` applies what happens to an order -- a stream entry
+(``type=reserve`` / ``type=release``, :mod:`checkout.order_entries`), a PaymentIntent's
+new state (the order worker, a webhook, the dev confirm route, a campaign's capture), a
+refund -- to PostgreSQL, the gateway, Redis' hold and the buyer. Every step is
+idempotent and a re-run after a crash or an outage repeats nothing that was done:
 
-For a reserve entry, in this order, each step idempotent so a re-run after a crash at
-any point repeats nothing that was done:
+reserve
+  1. INSERT the ``orders`` row (state ``held``): PostgreSQL is the source of truth;
+  2. create the PaymentIntent with the idempotency key ``pi:<hold id>`` (a re-run gets
+     the same intent back from the gateway, never a second charge);
+  3. INSERT the ``payments`` row, move the order to the intent's state (a hold that
+     lapsed before any intent existed is recorded ``expired`` and never charged);
+release (the hold expired, was cancelled, or its payment failed)
+  the order moves to that state and ``orders.released`` says its units went back; the
+  intent is cancelled, or refunded when it already succeeded;
+an intent that succeeded for a released hold (a late payment)
+  is refunded and the refund recorded (:meth:`OrderProcessor.record_refund`:
+  ``payments.amount_refunded``, the order ``refunded``, the ledger reversed if the drop
+  was settled), whichever path saw it;
+and after each of them
+  the buyer hears the order's state once (:meth:`OrderProcessor.tell`: ``order.payment``,
+  ``order.paid``, ``order.failed``, ``order.expired``, ``order.cancelled``,
+  ``order.refunded``; ``orders.told`` remembers what was said).
 
-1. INSERT the ``orders`` row (state ``held``) -- PostgreSQL is the source of truth;
-2. create the PaymentIntent with the idempotency key ``pi:<hold id>`` (a re-run gets
-   the same intent back from the gateway, never a second charge);
-3. INSERT the ``payments`` row and move the order to the intent's state;
-4. tell the buyer (``order.payment`` with the client secret, ``order.paid``,
-   ``order.failed``) through :func:`realtime.publish.publish_user`;
-5. XACK.
-
-A consumer that dies leaves its entries pending; every consumer periodically
-XAUTOCLAIMs entries idle longer than ``DROPSERVER_ORDER_CLAIM_IDLE_MS``. Transient
-failures (gateway 5xx, network, database) are retried with exponential backoff; an
-entry that still fails, is malformed, or was delivered too often goes to the
-dead-letter stream ``orders:dead`` (metric ``dropserver_order_dead_letters_total``) and
-its order is failed and its hold released.
+Errors are raised, never swallowed: an outage (:func:`checkout.retry.is_outage`) makes
+the caller try again -- the order worker retries the entry, a webhook answers 500 and
+Stripe delivers again. States and transitions are :mod:`checkout.order_states`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import enum
-import json
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from prometheus_client import Counter, Histogram
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
 
 from checkout import keys
-from checkout.payments import Flow, Gateway, GatewayError, Intent, IntentStatus
+from checkout.campaign_rules import check_deadline
+from checkout.order_entries import (
+    BadEntry,
+    ReleaseEntry,
+    ReserveEntry,
+    intent_key,
+    transfer_group,
+)
+from checkout.order_states import (
+    OPEN_STATES,
+    OUTCOMES,
+    RELEASED_STATES,
+    OrderState,
+    event_for,
+    sources_of,
+    state_for_intent,
+)
+from checkout.payment_types import Flow, Gateway, GatewayError, Intent, IntentStatus
+from checkout.retry import NotYet
 from dropserver.observability import bind
 
-__all__ = [
-    "DEAD_LETTER_STREAM",
-    "GROUP",
-    "BadEntry",
-    "OrderProcessor",
-    "OrderState",
-    "OrderWorker",
-    "ReleaseEntry",
-    "ReserveEntry",
-    "backoff",
-    "can_transition",
-    "parse_entry",
-    "state_for_intent",
-]
+__all__ = ["ORDER_COLUMNS", "OrderProcessor", "hold_paid", "order_columns", "publish_user",
+           "publish_user_once", "release_hold"]
 
 log = logging.getLogger("dropserver.orders")
 
-GROUP = "orders"
-DEAD_LETTER_STREAM = "orders:dead"
-DEAD_LETTER_MAXLEN = 100_000
-
-ORDERS_PROCESSED = Counter("dropserver_orders_processed_total",
-                           "Order stream entries processed", ["type", "result"])
-ORDER_SECONDS = Histogram("dropserver_order_processing_seconds",
-                          "Time from reading an order entry to its XACK")
-DEAD_LETTERS = Counter("dropserver_order_dead_letters_total",
-                       "Order stream entries moved to the dead-letter stream", ["reason"])
-ORDER_RETRIES = Counter("dropserver_order_retries_total",
-                        "Order entries retried after a transient failure")
-
+S = OrderState
 Notify = Callable[[Any, str, str, dict], Awaitable[None]]
 
-
-# ---------------------------------------------------------------------------
-# pure core: entries, states, backoff
-# ---------------------------------------------------------------------------
-class OrderState(enum.StrEnum):
-    """``orders.state`` (schema.sql)."""
-
-    HELD = "held"
-    PAYMENT_PENDING = "payment_pending"
-    AUTHORIZED = "authorized"
-    PAID = "paid"
-    FAILED = "failed"
-    EXPIRED = "expired"
-    CANCELLED = "cancelled"
-    REFUNDED = "refunded"
-    DISPUTED = "disputed"
+ORDER_COLUMNS = ("id", "public_id", "drop_id", "product_id", "user_id", "quantity",
+                 "buyer_number", "unit_price", "amount", "currency", "state",
+                 "payment_flow", "hold_expires_at", "released", "told")
 
 
-S = OrderState
-_NEXT: dict[OrderState, frozenset[OrderState]] = {
-    S.HELD: frozenset({S.PAYMENT_PENDING, S.AUTHORIZED, S.PAID, S.FAILED, S.EXPIRED,
-                       S.CANCELLED}),
-    S.PAYMENT_PENDING: frozenset({S.AUTHORIZED, S.PAID, S.FAILED, S.EXPIRED, S.CANCELLED}),
-    S.AUTHORIZED: frozenset({S.PAID, S.FAILED, S.EXPIRED, S.CANCELLED}),
-    S.PAID: frozenset({S.REFUNDED, S.DISPUTED}),
-    S.DISPUTED: frozenset({S.PAID, S.REFUNDED}),
-    S.FAILED: frozenset(),
-    S.EXPIRED: frozenset(),
-    S.CANCELLED: frozenset(),
-    S.REFUNDED: frozenset(),
-}
-OPEN_STATES = frozenset({S.HELD, S.PAYMENT_PENDING, S.AUTHORIZED})
+def order_columns(alias: str = "") -> str:
+    """The ``orders`` columns every processor method reads, for a SELECT list."""
+    prefix = f"{alias}." if alias else ""
+    return ", ".join(prefix + c for c in ORDER_COLUMNS)
 
 
-def can_transition(current: OrderState, target: OrderState) -> bool:
-    return target in _NEXT[current]
-
-
-def sources_of(target: OrderState) -> list[str]:
-    """The states an order may move to ``target`` from."""
-    return [s.value for s, nxt in _NEXT.items() if target in nxt]
-
-
-def state_for_intent(intent: Intent, flow: Flow) -> OrderState:
-    """The order state a PaymentIntent's status means.
-
-    A client-confirmed payment whose card was declined stays ``payment_pending``: the
-    buyer may try another card with the same client secret until the hold lapses.
-    A saved-card (off-session) decline fails the order."""
-    status = intent.status
-    if status is IntentStatus.SUCCEEDED:
-        return S.PAID
-    if status is IntentStatus.REQUIRES_CAPTURE:
-        return S.AUTHORIZED
-    if status is IntentStatus.CANCELED:
-        return S.CANCELLED
-    if intent.declined and flow is not Flow.CLIENT_CONFIRM:
-        return S.FAILED
-    return S.PAYMENT_PENDING
-
-
-def backoff(attempt: int, *, base: float = 0.2, cap: float = 5.0) -> float:
-    """Seconds before retry ``attempt`` (0-based): exponential with full jitter."""
-    return random.uniform(0, min(cap, base * (2 ** attempt)))
-
-
-class BadEntry(ValueError):
-    """An order stream entry that can never be processed."""
-
-
-@dataclass(frozen=True, slots=True)
-class ReserveEntry:
-    hold_id: str
-    drop_id: int
-    product_id: int
-    user_id: str
-    quantity: int
-    buyer_number: int
-    unit_price: int
-    amount: int
-    currency: str
-    idempotency_key: str
-    expires_at_ms: int
-    flow: Flow
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseEntry:
-    hold_id: str
-    drop_id: int
-    reason: str
-
-
-def _text(fields: Mapping[Any, Any]) -> dict[str, str]:
-    out = {}
-    for k, v in fields.items():
-        out[k.decode() if isinstance(k, bytes) else str(k)] = (
-            v.decode() if isinstance(v, bytes) else str(v))
-    return out
-
-
-def parse_entry(fields: Mapping[Any, Any]) -> ReserveEntry | ReleaseEntry:
-    """One stream entry's fields (bytes or str) as a typed entry, or :class:`BadEntry`."""
-    f = _text(fields)
-
-    def integer(name: str, minimum: int = 0) -> int:
-        try:
-            value = int(f[name])
-        except (KeyError, ValueError):
-            raise BadEntry(f"{name} missing or not an integer") from None
-        if value < minimum:
-            raise BadEntry(f"{name} must be >= {minimum}")
-        return value
-
-    def text(name: str) -> str:
-        value = f.get(name, "")
-        if not value:
-            raise BadEntry(f"{name} missing")
-        return value
-
-    kind = f.get("type")
-    if kind == "release":
-        return ReleaseEntry(hold_id=text("hold_id"), drop_id=integer("drop_id", 1),
-                            reason=f.get("reason") or "expired")
-    if kind != "reserve":
-        raise BadEntry(f"unknown entry type {kind!r}")
-    try:
-        flow = Flow(f.get("flow") or Flow.CLIENT_CONFIRM.value)
-    except ValueError:
-        raise BadEntry(f"unknown flow {f.get('flow')!r}") from None
-    entry = ReserveEntry(
-        hold_id=text("hold_id"), drop_id=integer("drop_id", 1),
-        product_id=integer("product_id", 1), user_id=text("user_id"),
-        quantity=integer("quantity", 1), buyer_number=integer("buyer_number", 1),
-        unit_price=integer("unit_price", 1), amount=integer("amount", 1),
-        currency=text("currency").lower(), idempotency_key=text("idempotency_key"),
-        expires_at_ms=integer("expires_at", 0), flow=flow,
-    )
-    if entry.amount != entry.unit_price * entry.quantity:
-        raise BadEntry("amount is not unit_price * quantity")
-    if len(entry.currency) != 3:
-        raise BadEntry("currency must be a 3-letter code")
-    return entry
-
-
-def intent_key(hold_id: str) -> str:
-    """The idempotency key of an order's PaymentIntent: fixed by the order."""
-    return f"pi:{hold_id}"
-
-
-def transfer_group(drop_id: int) -> str:
-    """One Connect transfer group per drop (payouts join it at settlement)."""
-    return f"drop_{int(drop_id)}"
+_COLS = order_columns()
+_CANCELLABLE = (IntentStatus.REQUIRES_PAYMENT_METHOD, IntentStatus.REQUIRES_CONFIRMATION,
+                IntentStatus.REQUIRES_ACTION, IntentStatus.REQUIRES_CAPTURE)
 
 
 # ---------------------------------------------------------------------------
-# adapters: notify the buyer, tell reservations about the hold
+# adapters: the buyer's sockets, reservations' hold
 # ---------------------------------------------------------------------------
 async def publish_user(redis: Any, user_id: str, event: str, data: dict) -> None:
     """Contract 1: a private event to all of the buyer's sockets."""
@@ -243,7 +95,19 @@ async def publish_user(redis: Any, user_id: str, event: str, data: dict) -> None
     await _publish_user(redis, user_id, event, data)
 
 
-_RELEASED = {"expired": "expired", "cancelled": "cancelled", "failed": "failed"}
+TOLD_TTL_S = 7 * 24 * 3600  # how long Redis remembers that a buyer was told
+
+
+async def publish_user_once(redis: Any, marker: str, user_id: str, event: str,
+                            data: dict) -> bool:
+    """``publish_user``, unless ``marker`` says it was sent already (``tell.lua``: the
+    marker and the publish in one atomic step). True when published now."""
+    from checkout.scripts import script
+    from realtime.publish import user_message
+
+    channel, message = user_message(user_id, event, data)
+    return bool(await script("tell")(keys=[marker], args=[channel, message, TOLD_TTL_S],
+                                     client=redis))
 
 
 async def hold_paid(redis: Any, hold_id: str) -> OrderState | None:
@@ -251,59 +115,47 @@ async def hold_paid(redis: Any, hold_id: str) -> OrderState | None:
 
     Returns the state the hold was *released* to (expired, cancelled, failed) when it
     is too late -- its units went back to stock and the payment must be undone -- and
-    None otherwise. A hold Redis does not know (lost with Redis, or never there) is
-    left to PostgreSQL, the source of truth."""
+    None otherwise. A hold Redis does not know (lost with Redis) is left to
+    PostgreSQL, the source of truth: recovery and the reconciler restore it as paid.
+    Redis errors are raised (the caller retries an outage)."""
     from checkout import holds
 
     try:
         await holds.mark_paid(redis, hold_id)
     except LookupError as exc:
-        state = _RELEASED.get(str(exc).strip("'\""))
-        if state is not None:
+        state = str(exc).strip("'\"")
+        if state in {s.value for s in RELEASED_STATES}:
             return OrderState(state)
         log.warning("hold unknown to Redis while paying", extra={"hold_id": hold_id})
-    except Exception:  # Redis down: the order is recorded; recovery rebuilds holds
-        log.warning("could not mark hold paid", extra={"hold_id": hold_id}, exc_info=True)
     return None
 
 
-async def hold_failed(redis: Any, hold_id: str) -> None:
-    """The payment failed: give the units back (checkout.holds.release)."""
+async def release_hold(redis: Any, hold_id: str, reason: OrderState | str = "failed") -> None:
+    """The order failed or its intent was cancelled: give the units back
+    (``release.lua``, a no-op unless the hold is still held)."""
     from checkout import holds
 
-    try:
-        await holds.release(redis, hold_id, "failed")
-    except Exception:  # the hold's expiry returns the units anyway
-        log.warning("could not release hold", extra={"hold_id": hold_id}, exc_info=True)
-
-
-def event_for(state: OrderState) -> str | None:
-    return {
-        S.PAYMENT_PENDING: "order.payment", S.AUTHORIZED: "order.payment",
-        S.PAID: "order.paid", S.FAILED: "order.failed", S.EXPIRED: "order.expired",
-        S.CANCELLED: "order.cancelled", S.REFUNDED: "order.refunded",
-    }.get(state)
+    await holds.release(redis, hold_id, OrderState(reason).value)
 
 
 # ---------------------------------------------------------------------------
-# the processor: one entry, idempotent
+# the processor
 # ---------------------------------------------------------------------------
-_ORDER_COLUMNS = ("id, public_id, drop_id, product_id, user_id, quantity, buyer_number, "
-                  "unit_price, amount, currency, state, payment_flow, hold_expires_at")
-
-
 class OrderProcessor:
-    """Applies order stream entries to PostgreSQL and the gateway."""
+    """Applies order stream entries, intents and refunds (see the module docstring)."""
 
     def __init__(self, db: asyncpg.Pool, redis: Redis, gateway: Gateway, *,
                  notify: Notify = publish_user,
-                 on_authorized: Callable[[int], Awaitable[None]] | None = None) -> None:
+                 on_authorized: Callable[[int], Awaitable[None]] | None = None,
+                 on_refunded: Callable[[int], Awaitable[Any]] | None = None) -> None:
         self.db = db
         self.redis = redis
         self.gateway = gateway
-        self.notify = notify
+        self.notify = notify  # a test may record instead of publishing
         # campaigns: called with the drop id after a backer's card is authorized
         self.on_authorized = on_authorized
+        # settlement: called with the drop id after a refund is recorded (the ledger)
+        self.on_refunded = on_refunded
         # test hook: awaited after the PaymentIntent exists, before PostgreSQL knows
         self.after_intent: Callable[[Intent], Awaitable[None]] | None = None
 
@@ -314,20 +166,38 @@ class OrderProcessor:
         else:
             await self.release(entry)
 
+    async def order(self, hold_id: str) -> asyncpg.Record | None:
+        return await self.db.fetchrow(f"SELECT {_COLS} FROM orders WHERE public_id = $1",
+                                      hold_id)
+
+    async def state_of(self, order_id: int) -> tuple[OrderState, str | None]:
+        row = await self.db.fetchrow("SELECT state, released FROM orders WHERE id = $1",
+                                     order_id)
+        return OrderState(row["state"]), row["released"]
+
     # -- reserve -----------------------------------------------------------
     async def reserve(self, e: ReserveEntry) -> None:
-        order = await self._upsert_order(e)
+        order = await self.record_order(e)
         state = OrderState(order["state"])
         payment = await self.db.fetchrow(
-            "SELECT intent_id, status FROM payments WHERE order_id = $1", order["id"])
-        if payment is None and state is not S.HELD:
-            # expired or cancelled before an intent existed: nothing to charge
-            return
+            "SELECT intent_id FROM payments WHERE order_id = $1", order["id"])
         if payment is None:
+            if state is not S.HELD:
+                # released before an intent existed: nothing to charge
+                await self.tell(order)
+                return
             if e.expires_at_ms and e.expires_at_ms < time.time() * 1000:
-                # the hold lapsed before we got to it: charge nothing (the sweeper
-                # releases the units)
+                # The hold lapsed before we got to it (an outage): charge nothing; the
+                # sweeper has released (or will release) its units.
                 await self.move(order, S.EXPIRED)
+                await self.tell(order)
+                return
+            released = await self._released_in_redis(e.hold_id)
+            if released is not None:
+                # Cancelled (or expired) while we could not get to it: charging now
+                # would only put a charge and its refund on the buyer's statement.
+                await self.move(order, released)
+                await self.tell(order)
                 return
             intent = await self._create_intent(order, e)
             if self.after_intent is not None:
@@ -347,24 +217,41 @@ class OrderProcessor:
             intent = await self.gateway.retrieve_intent(payment["intent_id"])
         await self.apply_intent(order, intent)
 
-    async def _upsert_order(self, e: ReserveEntry) -> asyncpg.Record:
+    async def _released_in_redis(self, hold_id: str) -> OrderState | None:
+        from checkout import holds
+
+        record = await holds.get_hold(self.redis, hold_id)
+        state = (record or {}).get("state")
+        return OrderState(state) if state in {s.value for s in RELEASED_STATES} else None
+
+    async def record_order(self, e: ReserveEntry | Mapping[str, Any], *,
+                           state: OrderState = S.HELD) -> asyncpg.Record:
+        """The hold's ``orders`` row, inserted once (``ON CONFLICT DO NOTHING``) from a
+        reserve entry or a Redis hold record (:func:`checkout.holds.get_hold`)."""
+        if isinstance(e, ReserveEntry):
+            v = (e.hold_id, e.drop_id, e.product_id, e.user_id, e.quantity, e.buyer_number,
+                 e.unit_price, e.amount, e.currency, e.idempotency_key, e.expires_at_ms,
+                 e.flow.value)
+        else:
+            v = (e["hold_id"], int(e["drop_id"]), int(e["product_id"]), e["user_id"],
+                 int(e["quantity"]), int(e["buyer_number"]), int(e["unit_price"]),
+                 int(e["amount"]), str(e["currency"]).lower(), e["idempotency_key"],
+                 int(e["expires_at"]), e.get("flow") or Flow.CLIENT_CONFIRM.value)
+        released = state.value if state in RELEASED_STATES else None
         async with self.db.acquire() as conn, conn.transaction():
             await conn.execute("INSERT INTO users (id) VALUES ($1) ON CONFLICT DO NOTHING",
-                               e.user_id)
+                               v[3])
             row = await conn.fetchrow(
                 f"""INSERT INTO orders (public_id, drop_id, product_id, user_id, quantity,
-                        buyer_number, unit_price, amount, currency, idempotency_key, state,
-                        hold_expires_at, payment_flow)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'held',
-                            to_timestamp($11::double precision / 1000), $12)
+                        buyer_number, unit_price, amount, currency, idempotency_key,
+                        hold_expires_at, payment_flow, state, released)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+                            to_timestamp($11::double precision / 1000), $12, $13, $14)
                     ON CONFLICT (public_id) DO NOTHING
-                    RETURNING {_ORDER_COLUMNS}""",
-                e.hold_id, e.drop_id, e.product_id, e.user_id, e.quantity, e.buyer_number,
-                e.unit_price, e.amount, e.currency, e.idempotency_key, e.expires_at_ms,
-                e.flow.value)
+                    RETURNING {_COLS}""", *v, state.value, released)
             if row is None:
                 row = await conn.fetchrow(
-                    f"SELECT {_ORDER_COLUMNS} FROM orders WHERE public_id = $1", e.hold_id)
+                    f"SELECT {_COLS} FROM orders WHERE public_id = $1", v[0])
             return row
 
     async def _create_intent(self, order: asyncpg.Record, e: ReserveEntry) -> Intent:
@@ -373,8 +260,6 @@ class OrderProcessor:
             e.drop_id)
         campaign = drop is not None and drop["kind"] == "campaign"
         if campaign and drop["campaign_deadline"] is not None:
-            from checkout.campaigns import check_deadline
-
             try:
                 check_deadline(drop["campaign_deadline"], drop["now"])
             except ValueError as exc:  # the authorization could not be captured
@@ -400,32 +285,74 @@ class OrderProcessor:
         )
 
     # -- state changes -----------------------------------------------------
-    async def move(self, order: Mapping[str, Any], target: OrderState,
-                   data: dict | None = None) -> bool:
-        """Move the order to ``target`` if its state allows it; tell the buyer."""
+    async def move(self, order: Mapping[str, Any], target: OrderState, *,
+                   released: str | None = None) -> bool:
+        """Move the order to ``target`` if its state allows it (a released state also
+        sets ``orders.released``). The buyer is told by :meth:`tell`, not here."""
+        if target in RELEASED_STATES:
+            released = target.value
         row = await self.db.fetchrow(
-            """UPDATE orders SET state = $2, updated_at = now()
+            """UPDATE orders SET state = $2, released = COALESCE(released, $4),
+                   updated_at = now()
                WHERE id = $1 AND state = ANY($3::text[]) RETURNING state""",
-            order["id"], target.value, sources_of(target))
-        if row is None:
+            order["id"], target.value, sources_of(target), released)
+        return row is not None
+
+    async def _publish_once(self, marker: str, user_id: str, event: str,
+                            data: dict) -> bool:
+        if self.notify is publish_user:
+            return await publish_user_once(self.redis, marker, user_id, event, data)
+        if not await self.redis.set(marker, 1, nx=True, ex=TOLD_TTL_S):
             return False
-        await self._tell(order, target, data or {})
+        try:
+            await self.notify(self.redis, user_id, event, data)
+        except BaseException:
+            await self.redis.delete(marker)
+            raise
         return True
 
-    async def _tell(self, order: Mapping[str, Any], state: OrderState, data: dict) -> None:
-        event = event_for(state)
-        if event is None:
-            return
-        body = {"order_id": order["public_id"], "drop_id": order["drop_id"],
-                "product_id": order["product_id"], **data}
-        try:
-            await self.notify(self.redis, order["user_id"], event, body)
-        except Exception:  # the order is recorded; the buyer can re-read it
-            log.warning("could not notify buyer", extra={"order_id": order["public_id"]},
-                        exc_info=True)
+    async def tell(self, order: Mapping[str, Any], intent: Intent | None = None) -> bool:
+        """Tell the buyer the order's current state unless they were told already.
 
-    async def apply_intent(self, order: Mapping[str, Any], intent: Intent) -> OrderState:
-        """Record the intent's current state on ``payments`` and the order."""
+        Tellers of one order take turns on its row (``FOR UPDATE``), so a stale state
+        is never sent after a newer one. The publish carries a Redis marker
+        (``{drop:D}:told:<hold>:<state>``, ``tell.lua``) set in the same atomic step, and
+        ``orders.told`` records it in PostgreSQL: a crash or an outage between the
+        publish and the commit re-runs the tell, which finds the marker and sends
+        nothing twice. A Redis error is raised: the caller retries."""
+        state, _ = await self.state_of(order["id"])
+        if state not in OUTCOMES:
+            return False
+        if state in (S.PAYMENT_PENDING, S.AUTHORIZED) and intent is None:
+            told = await self.db.fetchval("SELECT told FROM orders WHERE id = $1",
+                                          order["id"])
+            if told == state.value:
+                return False
+            intent_id = await self.db.fetchval(
+                "SELECT intent_id FROM payments WHERE order_id = $1", order["id"])
+            if intent_id is None:
+                return False
+            intent = await self.gateway.retrieve_intent(intent_id)  # the client secret
+        async with self.db.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """SELECT o.state, o.told, p.amount_received, p.amount_refunded, p.currency,
+                          p.last_error
+                   FROM orders o LEFT JOIN payments p ON p.order_id = o.id
+                   WHERE o.id = $1 FOR UPDATE OF o""", order["id"])
+            if row["state"] != state.value or row["told"] == state.value:
+                return False  # moved on meanwhile (its own tell follows), or told
+            event = event_for(state)
+            assert event is not None
+            body = {"order_id": order["public_id"], "drop_id": order["drop_id"],
+                    "product_id": order["product_id"], **_event_data(state, row, intent)}
+            marker = keys.told(order["drop_id"], order["public_id"], state.value)
+            sent = await self._publish_once(marker, order["user_id"], event, body)
+            await conn.execute("UPDATE orders SET told = $2 WHERE id = $1",
+                               order["id"], state.value)
+        return sent
+
+    async def record_intent(self, intent: Intent) -> None:
+        """The intent's current status and amounts on its ``payments`` row."""
         await self.db.execute(
             """UPDATE payments SET status = $2, amount_received = $3,
                    fee = GREATEST(fee, $4), last_error = $5,
@@ -434,48 +361,162 @@ class OrderProcessor:
                WHERE intent_id = $1""",
             intent.id, intent.status.value, intent.amount_received, intent.fee,
             intent.error_code, intent.capture_before)
+
+    async def apply_intent(self, order: Mapping[str, Any], intent: Intent) -> OrderState:
+        """Record the intent's current state on ``payments`` and the order."""
+        await self.record_intent(intent)
         flow = Flow(order["payment_flow"])
         target = state_for_intent(intent, flow)
-        current = OrderState(await self.db.fetchval(
-            "SELECT state FROM orders WHERE id = $1", order["id"]))
-        if current in (S.EXPIRED, S.CANCELLED, S.FAILED) and target in (S.PAID, S.AUTHORIZED,
-                                                                       S.PAYMENT_PENDING):
-            # The hold was released while the payment went on: never keep the money for
+        current, _ = await self.state_of(order["id"])
+        if current in RELEASED_STATES:
+            # The hold was released while the payment went on: never keep money for
             # units that may be sold again.
-            await self._undo(order, intent)
-            return current
-        if target is current:
-            if target in (S.PAYMENT_PENDING, S.AUTHORIZED):
-                await self._tell(order, target, self._payment_data(intent))  # re-send
-            return current
-        data = self._payment_data(intent) if target in (S.PAYMENT_PENDING,
-                                                       S.AUTHORIZED) else {}
-        if target is S.PAID:
-            data = {"amount": intent.amount_received, "currency": intent.currency}
-        if target is S.FAILED:
-            data = {"reason": intent.error_code or "declined",
-                    "message": intent.error_message or "the payment failed"}
-        if target in (S.PAID, S.AUTHORIZED):
+            await self.undo(order, intent)
+        elif target in (S.PAID, S.AUTHORIZED) and current in OPEN_STATES:
             released = await hold_paid(self.redis, order["public_id"])
             if released is not None:
                 # the hold lapsed while the buyer paid: its units may be sold again
                 await self.move(order, released)
-                await self._undo(order, intent)
-                return released
-        moved = await self.move(order, target, data)
-        if moved and target is S.FAILED:
-            await hold_failed(self.redis, order["public_id"])
-        if moved and target is S.AUTHORIZED:
+                await self.undo(order, intent)
+            else:
+                await self._moved(order, target, await self.move(order, target))
+        elif target is not current and current in OPEN_STATES:
+            await self._moved(order, target, await self.move(order, target))
+        elif target is current:
+            await self._moved(order, target, False)
+        await self.tell(order, intent)
+        return (await self.state_of(order["id"]))[0]
+
+    async def _moved(self, order: Mapping[str, Any], target: OrderState,
+                     moved: bool) -> None:
+        """What follows a state (again after a crash: each step is idempotent)."""
+        if target in RELEASED_STATES:
+            await release_hold(self.redis, order["public_id"], target)
+        if target is S.AUTHORIZED:
             await self.db.execute(
                 """INSERT INTO campaign_backers (drop_id, order_id, user_id)
                    VALUES ($1, $2, $3) ON CONFLICT DO NOTHING""",
                 order["drop_id"], order["id"], order["user_id"])
-            if self.on_authorized is not None:
+            if moved and self.on_authorized is not None:
                 await self.on_authorized(order["drop_id"])
-        return target if moved else current
 
-    @staticmethod
-    def _payment_data(intent: Intent) -> dict:
+    async def undo(self, order: Mapping[str, Any], intent: Intent) -> None:
+        """The order's hold is released: cancel its intent, or refund it (and record
+        the refund) when it already succeeded. Idempotent (keys ``cancel:<hold>`` and
+        ``refund:<hold>``)."""
+        hold_id = order["public_id"]
+        for _ in range(3):
+            try:
+                if intent.status is IntentStatus.SUCCEEDED:
+                    await self._refund_all(order, intent, reason="hold released")
+                    return
+                if intent.status is IntentStatus.PROCESSING:
+                    raise NotYet(f"payment of {hold_id} is processing")
+                if intent.status in _CANCELLABLE:
+                    intent = await self.gateway.cancel_intent(
+                        intent.id, idempotency_key=f"cancel:{hold_id}")
+                await self.record_intent(intent)
+                return
+            except GatewayError as exc:
+                if exc.code != "payment_intent_unexpected_state":
+                    raise
+                # it moved meanwhile (a confirm landed first): look again
+                intent = await self.gateway.retrieve_intent(intent.id)
+        raise NotYet(f"payment of {hold_id} keeps changing")
+
+    async def _refund_all(self, order: Mapping[str, Any], intent: Intent, *,
+                          reason: str) -> None:
+        try:
+            await self.gateway.refund(intent.id,
+                                      idempotency_key=f"refund:{order['public_id']}")
+        except GatewayError as exc:
+            if exc.code != "charge_already_refunded":
+                raise
+        charge = await self.gateway.retrieve_charge(intent.latest_charge or "")
+        log.warning("refunded a payment", extra={"order_id": order["public_id"],
+                                                 "reason": reason,
+                                                 "amount": charge.amount_refunded})
+        await self.record_refund(order, charge.amount_refunded, full=charge.refunded)
+
+    async def refund(self, order: Mapping[str, Any]) -> OrderState:
+        """Refund the order's whole payment (an admin's decision) and record it."""
+        intent_id = await self.db.fetchval(
+            "SELECT intent_id FROM payments WHERE order_id = $1", order["id"])
+        if intent_id is None:
+            raise GatewayError("the order has no payment", code="charge_not_refundable")
+        intent = await self.gateway.retrieve_intent(intent_id)
+        await self.record_intent(intent)
+        if intent.status is not IntentStatus.SUCCEEDED:
+            raise GatewayError(f"the payment is {intent.status.value}",
+                               code="charge_not_refundable")
+        await self._refund_all(order, intent, reason="admin")
+        return (await self.state_of(order["id"]))[0]
+
+    async def record_refund(self, order: Mapping[str, Any], amount_refunded: int, *,
+                            full: bool) -> None:
+        """Store the refunded amount, move a fully refunded order to ``refunded`` (a
+        released one keeps ``orders.released``: its units are back in stock), reverse
+        the ledger if the drop was settled, tell the buyer. Idempotent: every path that
+        sees a refund (the worker's undo, a webhook, an admin) calls it."""
+        await self.db.execute(
+            "UPDATE payments SET amount_refunded = GREATEST(amount_refunded, $2), "
+            "updated_at = now() WHERE order_id = $1", order["id"], amount_refunded)
+        if full:
+            await self.move(order, S.REFUNDED)
+        if self.on_refunded is not None:
+            await self.on_refunded(order["drop_id"])
+        await self.tell(order)
+
+    # -- release -----------------------------------------------------------
+    async def release(self, e: ReleaseEntry) -> None:
+        order = await self.order(e.hold_id)
+        target = {"expired": S.EXPIRED, "cancelled": S.CANCELLED}.get(e.reason, S.FAILED)
+        if order is None:
+            # The reserve entry has not been recorded (it is pending elsewhere, or it
+            # was lost): record the order from Redis' hold, already released.
+            order = await self._order_from_hold(e.hold_id, target)
+            if order is None:
+                log.warning("release of a hold known nowhere", extra={"hold_id": e.hold_id})
+                return
+        state = OrderState(order["state"])
+        if state in OPEN_STATES:
+            await self.move(order, target)
+        elif state in (S.PAID, S.DISPUTED) and not order["released"]:
+            # Redis released a hold PostgreSQL has as paid (Redis lost the "paid" mark):
+            # its units went back on sale, so the money goes back too.
+            log.warning("a paid order's hold was released in Redis: refunding",
+                        extra={"order_id": e.hold_id, "reason": e.reason})
+            await self.db.execute("UPDATE orders SET released = $2 WHERE id = $1",
+                                  order["id"], target.value)
+        await self.undo_payment(order)
+        await self.tell(order)
+
+    async def undo_payment(self, order: Mapping[str, Any]) -> None:
+        """Cancel or refund the order's payment if its hold is released."""
+        state, released = await self.state_of(order["id"])
+        if state not in RELEASED_STATES and not released:
+            return
+        intent_id = await self.db.fetchval(
+            "SELECT intent_id FROM payments WHERE order_id = $1", order["id"])
+        if intent_id is None or state is S.REFUNDED:
+            return
+        intent = await self.gateway.retrieve_intent(intent_id)
+        await self.record_intent(intent)
+        await self.undo(order, intent)
+
+    async def _order_from_hold(self, hold_id: str,
+                               state: OrderState) -> asyncpg.Record | None:
+        from checkout import holds
+
+        record = await holds.get_hold(self.redis, hold_id)
+        if record is None:
+            return None
+        return await self.record_order(record, state=state)
+
+
+def _event_data(state: OrderState, row: Mapping[str, Any],
+                intent: Intent | None) -> dict[str, Any]:
+    if state in (S.PAYMENT_PENDING, S.AUTHORIZED) and intent is not None:
         data: dict[str, Any] = {"status": intent.status.value, "intent_id": intent.id,
                                 "amount": intent.amount, "currency": intent.currency}
         if intent.status in (IntentStatus.REQUIRES_PAYMENT_METHOD,
@@ -485,261 +526,14 @@ class OrderProcessor:
         if intent.status is IntentStatus.REQUIRES_CAPTURE:
             data["status"] = "authorized"
         return data
-
-    async def _undo(self, order: Mapping[str, Any], intent: Intent) -> None:
-        hold_id = order["public_id"]
-        try:
-            if intent.status is IntentStatus.SUCCEEDED:
-                await self.gateway.refund(intent.id, idempotency_key=f"refund:{hold_id}")
-                log.warning("refunded a payment for a released hold",
-                            extra={"order_id": hold_id})
-            elif intent.status is not IntentStatus.CANCELED:
-                intent = await self.gateway.cancel_intent(
-                    intent.id, idempotency_key=f"cancel:{hold_id}")
-        except GatewayError as exc:
-            if exc.code != "payment_intent_unexpected_state":
-                raise
-            intent = await self.gateway.retrieve_intent(intent.id)
-        await self.db.execute("UPDATE payments SET status = $2, updated_at = now() "
-                              "WHERE intent_id = $1", intent.id, intent.status.value)
-
-    # -- release -----------------------------------------------------------
-    async def release(self, e: ReleaseEntry) -> None:
-        order = await self.db.fetchrow(
-            f"SELECT {_ORDER_COLUMNS} FROM orders WHERE public_id = $1", e.hold_id)
-        if order is None:
-            # The reserve entry is still pending elsewhere: retry until it has landed.
-            raise _NotYet(f"order {e.hold_id} not recorded yet")
-        target = {"expired": S.EXPIRED, "cancelled": S.CANCELLED}.get(e.reason, S.FAILED)
-        if OrderState(order["state"]) not in OPEN_STATES:
-            return  # paid, or already released
-        if not await self.move(order, target):
-            return
-        payment = await self.db.fetchrow(
-            "SELECT intent_id FROM payments WHERE order_id = $1", order["id"])
-        if payment is not None:
-            intent = await self.gateway.retrieve_intent(payment["intent_id"])
-            await self._undo(order, intent)
-
-
-class _NotYet(Exception):
-    """Retry later: something this entry depends on has not happened yet."""
-
-
-# ---------------------------------------------------------------------------
-# the consumer loop
-# ---------------------------------------------------------------------------
-_TRANSIENT = (RedisError, OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
-              asyncpg.InterfaceError, asyncpg.DeadlockDetectedError,
-              asyncpg.SerializationError, _NotYet)
-
-
-def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, GatewayError):
-        return exc.retryable
-    return isinstance(exc, _TRANSIENT)
-
-
-class OrderWorker:
-    """One consumer of the ``orders`` group on every active drop's stream."""
-
-    def __init__(self, redis: Redis, processor: OrderProcessor, *, consumer: str,
-                 claim_idle_ms: int = 15000, max_attempts: int = 5,
-                 max_deliveries: int = 10, batch: int = 32, block_ms: int = 1000,
-                 concurrency: int = 32) -> None:
-        self.redis = redis
-        self.processor = processor
-        self.consumer = consumer
-        self.claim_idle_ms = claim_idle_ms
-        self.max_attempts = max_attempts
-        self.max_deliveries = max_deliveries
-        self.batch = batch
-        self.block_ms = block_ms
-        self._sem = asyncio.Semaphore(concurrency)
-        self._streams: set[str] = set()
-        self._last_refresh = 0.0
-        self._last_claim = 0.0
-        self._task: asyncio.Task | None = None
-        self._stopping = False
-
-    # -- lifecycle ---------------------------------------------------------
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"order-worker:{self.consumer}")
-
-    async def stop(self) -> None:
-        self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while not self._stopping:
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("order worker loop failed; retrying")
-                await asyncio.sleep(1.0)
-
-    # -- one round ---------------------------------------------------------
-    async def refresh_streams(self, force: bool = False) -> set[str]:
-        now = time.monotonic()
-        if not force and now - self._last_refresh < 1.0:
-            return self._streams
-        self._last_refresh = now
-        drop_ids = await self.redis.smembers(keys.ACTIVE_DROPS)
-        for raw in drop_ids:
-            stream = keys.orders(int(raw))
-            if stream not in self._streams:
-                try:
-                    await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
-                except ResponseError as exc:
-                    if "BUSYGROUP" not in str(exc):
-                        raise
-                self._streams.add(stream)
-        return self._streams
-
-    async def run_once(self) -> int:
-        """Claim stale entries, then read new ones; returns how many were handled."""
-        streams = await self.refresh_streams()
-        if not streams:
-            await asyncio.sleep(min(self.block_ms / 1000, 0.5))
-            return 0
-        handled = 0
-        if time.monotonic() - self._last_claim >= self.claim_idle_ms / 2000:
-            self._last_claim = time.monotonic()
-            handled += await self.claim_stale()
-        try:
-            reply = await self.redis.xreadgroup(
-                GROUP, self.consumer, dict.fromkeys(sorted(streams), ">"),
-                count=self.batch, block=self.block_ms)
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            # a stream was deleted (Redis restarted, recovery rebuilt the drop): forget
-            # what we know and create the groups again on the next round
-            self._streams.clear()
-            self._last_refresh = 0.0
-            return handled
-        for stream, entries in reply or []:
-            name = stream.decode() if isinstance(stream, bytes) else stream
-            await self._handle_batch(name, entries, delivered=1)
-            handled += len(entries)
-        return handled
-
-    async def claim_stale(self) -> int:
-        """XAUTOCLAIM entries another consumer read and never acknowledged."""
-        handled = 0
-        for stream in sorted(set(self._streams)):
-            start = "0-0"
-            while True:
-                try:
-                    reply = await self.redis.xautoclaim(
-                        stream, GROUP, self.consumer, min_idle_time=self.claim_idle_ms,
-                        start_id=start, count=self.batch)
-                except ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    self._streams.discard(stream)
-                    break
-                start, entries = reply[0], [x for x in reply[1] if x and x[1] is not None]
-                if entries:
-                    log.info("claimed stale order entries",
-                             extra={"stream": stream, "count": len(entries)})
-                    await self._handle_batch(stream, entries, delivered=None)
-                    handled += len(entries)
-                if start in (b"0-0", "0-0"):
-                    break
-        return handled
-
-    async def _handle_batch(self, stream: str, entries: list, delivered: int | None) -> None:
-        # Entries of one hold run in stream order; different holds run concurrently.
-        by_hold: dict[str, list] = {}
-        for entry_id, fields in entries:
-            hold = _text(fields).get("hold_id", "")
-            by_hold.setdefault(hold, []).append((entry_id, fields))
-
-        async def run_group(group: list) -> None:
-            for entry_id, fields in group:
-                async with self._sem:
-                    await self._handle_one(stream, entry_id, fields, delivered)
-
-        await asyncio.gather(*(run_group(g) for g in by_hold.values()))
-
-    async def _deliveries(self, stream: str, entry_id: Any) -> int:
-        rows = await self.redis.xpending_range(stream, GROUP, min=entry_id, max=entry_id,
-                                               count=1)
-        return int(rows[0]["times_delivered"]) if rows else 1
-
-    async def _handle_one(self, stream: str, entry_id: Any, fields: Mapping,
-                          delivered: int | None) -> None:
-        t0 = time.perf_counter()
-        kind = _text(fields).get("type", "?")
-        if delivered is None:
-            delivered = await self._deliveries(stream, entry_id)
-        if delivered > self.max_deliveries:
-            await self.dead_letter(stream, entry_id, fields, "too_many_deliveries",
-                                   f"delivered {delivered} times")
-            return
-        try:
-            entry = parse_entry(fields)
-        except BadEntry as exc:
-            await self.dead_letter(stream, entry_id, fields, "malformed", str(exc))
-            return
-        for attempt in range(self.max_attempts):
-            try:
-                await self.processor.handle(entry)
-            except asyncio.CancelledError:
-                raise
-            except BadEntry as exc:
-                await self.dead_letter(stream, entry_id, fields, "rejected", str(exc))
-                return
-            except Exception as exc:
-                if _retryable(exc) and attempt + 1 < self.max_attempts:
-                    ORDER_RETRIES.inc()
-                    log.warning("order entry failed, retrying",
-                                extra={"stream": stream, "attempt": attempt + 1,
-                                       "error": f"{type(exc).__name__}: {exc}"})
-                    await asyncio.sleep(backoff(attempt))
-                    continue
-                reason = "retries_exhausted" if _retryable(exc) else "permanent_error"
-                await self.dead_letter(stream, entry_id, fields, reason,
-                                       f"{type(exc).__name__}: {exc}")
-                return
-            await self.redis.xack(stream, GROUP, entry_id)
-            ORDERS_PROCESSED.labels(kind, "ok").inc()
-            ORDER_SECONDS.observe(time.perf_counter() - t0)
-            return
-
-    async def dead_letter(self, stream: str, entry_id: Any, fields: Mapping, reason: str,
-                          error: str) -> None:
-        """Park the entry in ``orders:dead``, fail its order, release its hold, XACK."""
-        f = _text(fields)
-        eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-        log.error("order entry dead-lettered",
-                  extra={"stream": stream, "entry_id": eid, "reason": reason,
-                         "error": error[:500], "hold_id": f.get("hold_id")})
-        await self.redis.xadd(DEAD_LETTER_STREAM, {
-            "stream": stream, "entry_id": eid, "reason": reason, "error": error[:2000],
-            "fields": json.dumps(f), "at": str(int(time.time() * 1000))},
-            maxlen=DEAD_LETTER_MAXLEN, approximate=True)
-        DEAD_LETTERS.labels(reason).inc()
-        ORDERS_PROCESSED.labels(f.get("type", "?"), "dead").inc()
-        if f.get("type") == "reserve" and f.get("hold_id"):
-            with contextlib.suppress(Exception):
-                order = await self.processor.db.fetchrow(
-                    f"SELECT {_ORDER_COLUMNS} FROM orders WHERE public_id = $1",
-                    f["hold_id"])
-                if order is not None:
-                    await self.processor.move(order, S.FAILED,
-                                              {"reason": "processing_error",
-                                               "message": "the order could not be processed"})
-                elif f.get("user_id"):
-                    await self.processor.notify(self.redis, f["user_id"], "order.failed", {
-                        "order_id": f["hold_id"], "reason": "processing_error",
-                        "message": "the order could not be processed"})
-                await hold_failed(self.redis, f["hold_id"])
-        await self.redis.xack(stream, GROUP, entry_id)
+    if state is S.PAID:
+        return {"amount": row["amount_received"], "currency": (row["currency"] or "").strip()}
+    if state is S.FAILED:
+        if row["last_error"]:
+            message = (intent.error_message if intent is not None and intent.error_message
+                       else "the payment failed")
+            return {"reason": row["last_error"], "message": message}
+        return {"reason": "processing_error", "message": "the order could not be processed"}
+    if state is S.REFUNDED:
+        return {"amount": row["amount_refunded"]}
+    return {}

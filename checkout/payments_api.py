@@ -6,8 +6,14 @@ stops them. Objects on ``app.state``: ``payments_gateway``, ``order_processor``,
 ``order_workers``, ``campaign_loop``.
 
 Routes: ``POST /v1/webhooks/stripe`` (signature-verified, see checkout/webhooks.py);
-``POST /v1/dev/orders/{order_id}/confirm`` (fake gateway only: Stripe.js stand-in;
-mounted only under ``dropserver dev`` or with ``DROPSERVER_UNSAFE_FAKE_PAYMENTS=1``).
+``POST /v1/orders/{order_id}/refund`` (an admin or the drop's creator refunds a paid
+order in full); ``POST /v1/dev/orders/{order_id}/confirm`` (fake gateway only:
+Stripe.js stand-in; mounted only under ``dropserver dev`` or with
+``DROPSERVER_UNSAFE_FAKE_PAYMENTS=1``).
+
+With the fake gateway, its events go to the same handler as Stripe's webhooks
+(:func:`checkout.webhooks.handle_event`), so a refund is recorded the same way
+whichever gateway made it.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from checkout import campaigns, webhooks
-from checkout.orders import OrderProcessor, OrderWorker
+from checkout.fake_gateway import FakeGateway
+from checkout.order_worker import OrderWorker
+from checkout.orders import OrderProcessor
 from checkout.payments import create_gateway
 from dropserver.component import Component
 from dropserver.errors import ApiError
@@ -82,6 +90,40 @@ async def fake_confirm(request: Request) -> JSONResponse:
                          "status": intent.status.value, "error": intent.error_code})
 
 
+async def refund_order(request: Request) -> JSONResponse:
+    """An admin (or the drop's creator) refunds a paid order in full. Idempotent: a
+    refunded order answers its refund again; the refund is recorded as every other
+    (``amount_refunded``, ``refunded``, ``order.refunded``, the ledger if settled)."""
+    from checkout.orders import order_columns
+    from checkout.payments import GatewayError
+    from dropserver.auth import Role, require, require_drop_owner
+    from dropserver.errors import NotFound
+
+    state = request.app.state
+    who = await require(request, Role.CREATOR, Role.ADMIN)
+    order = await state.db.fetchrow(
+        f"SELECT {order_columns('o')}, d.creator_id FROM orders o "
+        "JOIN drops d ON d.id = o.drop_id WHERE o.public_id = $1",
+        request.path_params["order_id"])
+    if order is None:
+        raise NotFound("no such order", code="order_not_found")
+    require_drop_owner(who, order["creator_id"])
+    if order["state"] != "refunded":
+        try:
+            await state.order_processor.refund(order)
+        except GatewayError as exc:
+            if exc.retryable:
+                raise
+            raise ApiError(str(exc), code=exc.code, status=409,
+                           details={"state": order["state"]}) from None
+    row = await state.db.fetchrow(
+        "SELECT o.state, p.amount_refunded, p.currency FROM orders o "
+        "JOIN payments p ON p.order_id = o.id WHERE o.id = $1", order["id"])
+    return JSONResponse({"order_id": order["public_id"], "state": row["state"],
+                         "amount_refunded": row["amount_refunded"],
+                         "currency": row["currency"].strip()})
+
+
 async def startup(app: Starlette) -> None:
     state = app.state
     settings = state.settings
@@ -91,8 +133,20 @@ async def startup(app: Starlette) -> None:
     async def on_authorized(drop_id: int) -> None:
         await campaigns.broadcast_progress(state.db, state.redis, drop_id)
 
-    processor = OrderProcessor(state.db, state.redis, gateway, on_authorized=on_authorized)
+    async def on_refunded(drop_id: int) -> None:
+        from drops import settlement_store
+
+        await settlement_store.reverse_if_settled(state.db, drop_id)
+
+    processor = OrderProcessor(state.db, state.redis, gateway, on_authorized=on_authorized,
+                               on_refunded=on_refunded)
     state.order_processor = processor
+    if isinstance(gateway, FakeGateway):
+        async def on_event(event: dict) -> None:
+            await webhooks.handle_event(event, db=state.db, gateway=gateway,
+                                        processor=processor)
+
+        gateway.listeners.append(on_event)
     state.order_workers = []
     for i in range(settings.order_workers):
         worker = OrderWorker(
@@ -123,6 +177,7 @@ async def shutdown(app: Starlette) -> None:
 part = Component(
     name="checkout.payments",
     routes=[Route("/v1/webhooks/stripe", stripe_webhook, methods=["POST"]),
+            Route("/v1/orders/{order_id}/refund", refund_order, methods=["POST"]),
             Route("/v1/dev/orders/{order_id}/confirm", fake_confirm, methods=["POST"])],
     startup=startup,
     shutdown=shutdown,

@@ -23,7 +23,9 @@ lost writes) the per-drop marker ``{drop:D}:sale`` ``loaded`` is gone, and:
 What counts (mirrors what Redis did before the loss: stock only returns through
 ``release.lua``): orders ``held`` and ``payment_pending`` are open holds and expire at
 ``hold_expires_at``; ``authorized``, ``paid``, ``disputed`` and ``refunded`` keep their
-units; ``expired``, ``cancelled`` and ``failed`` gave them back.
+units; ``expired``, ``cancelled`` and ``failed`` gave them back, and so did a
+``refunded`` order whose hold had been released first (``orders.released``: a late
+payment, refunded).
 
 The window (see docs/topics/checkout.md): a hold Redis granted but the payments worker
 had not yet written to ``orders`` vanishes with the stream that carried it. Nothing
@@ -56,6 +58,7 @@ __all__ = [
     "ensure_loaded",
     "find_behind",
     "find_unloaded",
+    "hold_state",
     "is_loaded",
     "rebuild",
 ]
@@ -134,9 +137,20 @@ async def _read(db: asyncpg.Pool, drop_id: int) -> tuple[Any, list, list] | None
             "FROM drop_products WHERE drop_id = $1 ORDER BY position, product_id", drop_id)
         orders = await conn.fetch(
             "SELECT public_id, product_id, user_id, quantity, buyer_number, unit_price, "
-            "amount, currency, idempotency_key, state, hold_expires_at, payment_flow, "
-            "created_at FROM orders WHERE drop_id = $1", drop_id)
+            "amount, currency, idempotency_key, state, released, hold_expires_at, "
+            "payment_flow, created_at FROM orders WHERE drop_id = $1", drop_id)
     return drop, list(products), list(orders)
+
+
+def hold_state(state: str, released: str | None) -> str:
+    """The Redis hold state (``held``, ``paid`` or why it was released) of an order."""
+    if released:
+        return released
+    if state in OPEN_ORDER_STATES:
+        return "held"
+    if state in KEPT_ORDER_STATES:
+        return "paid"
+    return state  # expired, cancelled, failed (rows written before ``released`` existed)
 
 
 def plan(drop_id: int, drop: Any, products: list, orders: list) -> dict[str, Any]:
@@ -153,16 +167,11 @@ def plan(drop_id: int, drop: Any, products: list, orders: list) -> dict[str, Any
     for o in orders:
         pid, user = o["product_id"], o["user_id"]
         buyers[pid] = max(buyers[pid], o["buyer_number"])
-        state = o["state"]
+        redis_state = hold_state(o["state"], o["released"])
         expires_at = _ms(o["hold_expires_at"])
-        if state in OPEN_ORDER_STATES:
-            redis_state = "held"
+        if redis_state == "held":
             expiry[o["public_id"]] = expires_at
             open_holds[pid][user] += 1
-        elif state in KEPT_ORDER_STATES:
-            redis_state = "paid"
-        else:
-            redis_state = state  # expired, cancelled, failed
         if redis_state in ("held", "paid"):
             sold[pid] += o["quantity"]
             units[pid][user] += o["quantity"]

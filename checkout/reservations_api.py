@@ -191,9 +191,10 @@ class Reservations:
         self._loading: dict[int, asyncio.Task] = {}
 
     async def on_release(self, result: ReleaseResult) -> None:
+        # The buyer hears order.expired / order.cancelled from the order worker once it
+        # has recorded the release (checkout/orders.py, OrderProcessor.tell): one voice
+        # per outcome, so never twice.
         RELEASES.labels(result.state).inc()
-        self.notifier.user_event(result.user_id, f"order.{result.state}", {
-            "order_id": result.hold_id, "product_id": result.product_id})
         self.notifier.stock_changed(result.drop_id)
         if result.remaining == result.quantity:  # it was sold out a moment ago
             self.notifier.back_in_stock(result.drop_id, result.product_id)

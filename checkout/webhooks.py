@@ -27,9 +27,9 @@ import asyncpg
 import stripe
 from prometheus_client import Counter
 
-from checkout.orders import _ORDER_COLUMNS, OrderProcessor, OrderState
+from checkout.order_states import OrderState
+from checkout.orders import OrderProcessor, order_columns
 from checkout.payments import Gateway
-from drops import settlement_store
 
 __all__ = ["WebhookError", "WebhookResult", "handle_event", "verify"]
 
@@ -75,9 +75,8 @@ def _object_id(event: dict[str, Any]) -> str | None:
 
 
 async def _order_for_intent(db: asyncpg.Pool, intent_id: str) -> asyncpg.Record | None:
-    cols = ", ".join(f"o.{c.strip()}" for c in _ORDER_COLUMNS.split(","))
     return await db.fetchrow(
-        f"SELECT {cols} FROM orders o JOIN payments p ON p.order_id = o.id "
+        f"SELECT {order_columns('o')} FROM orders o JOIN payments p ON p.order_id = o.id "
         "WHERE p.intent_id = $1", intent_id)
 
 
@@ -126,8 +125,7 @@ async def _apply(event: dict[str, Any], *, db: asyncpg.Pool, gateway: Gateway,
         order = await _order_for_intent(db, charge.payment_intent)
         if order is None:
             return WebhookResult.IGNORED
-        await record_refund(db, processor, order, charge.amount_refunded,
-                            full=charge.refunded)
+        await processor.record_refund(order, charge.amount_refunded, full=charge.refunded)
         return WebhookResult.PROCESSED
     if etype.startswith("charge.dispute."):
         dispute = await gateway.retrieve_dispute(oid)
@@ -139,22 +137,12 @@ async def _apply(event: dict[str, Any], *, db: asyncpg.Pool, gateway: Gateway,
             return WebhookResult.IGNORED
         if dispute.status == "lost":
             # the money went back to the cardholder: like a full refund
-            await record_refund(db, processor, order, dispute.amount, full=True)
+            await processor.record_refund(order, dispute.amount, full=True)
         elif dispute.status == "won":
             await processor.move(order, OrderState.PAID)
+            await processor.tell(order)
         else:
-            await processor.move(order, OrderState.DISPUTED,
-                                 {"reason": "dispute", "status": dispute.status})
+            await processor.move(order, OrderState.DISPUTED)
         return WebhookResult.PROCESSED
     return WebhookResult.IGNORED
 
-
-async def record_refund(db: asyncpg.Pool, processor: OrderProcessor,
-                        order: asyncpg.Record, amount_refunded: int, *, full: bool) -> None:
-    """Store the refunded amount, move a fully refunded order, reverse the ledger."""
-    await db.execute(
-        "UPDATE payments SET amount_refunded = GREATEST(amount_refunded, $2), "
-        "updated_at = now() WHERE order_id = $1", order["id"], amount_refunded)
-    if full:
-        await processor.move(order, OrderState.REFUNDED, {"amount": amount_refunded})
-    await settlement_store.reverse_if_settled(db, order["drop_id"])

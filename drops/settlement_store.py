@@ -28,7 +28,7 @@ from typing import Any
 
 import asyncpg
 
-from checkout.orders import transfer_group
+from checkout.order_entries import transfer_group
 from checkout.payments import Gateway, GatewayError
 from drops.settlement import Sale, Settlement, Split, settle
 

@@ -69,7 +69,7 @@ def _s(value: Any) -> str:
 
 
 async def fake_gateway_payments(redis: Any, prefix: str = "fakepay") -> list[GatewayPayment]:
-    """The fake gateway's intents (``checkout.payments.RedisStore``, what a server
+    """The fake gateway's intents (``checkout.fake_gateway.RedisStore``, what a server
     with ``DROPSERVER_PAYMENT_GATEWAY=fake`` uses)."""
     out = []
     for raw in await redis.hvals(f"{prefix}:intent"):

@@ -14,7 +14,8 @@ import sys
 
 import redis.asyncio as aioredis
 
-from checkout.orders import OrderProcessor, OrderWorker
+from checkout.order_worker import OrderWorker
+from checkout.orders import OrderProcessor
 from checkout.payments import Intent, StripeGateway
 from dropserver.db import create_pool
 

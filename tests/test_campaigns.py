@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from checkout.campaigns import CampaignTooLong, check_deadline, progress
-from checkout.orders import DEAD_LETTER_STREAM
+from checkout.dead_letters import DEAD_LETTER_STREAM
 from realtime import channels
 from tests import payments_fixtures as pf
 from tests.payments_fixtures import add_reserve, make_drop, order_row, save_card, wait_for

@@ -13,7 +13,8 @@ import redis.asyncio as aioredis
 
 from checkout import holds, inventory, keys
 from checkout.defense import BuyLimits
-from checkout.orders import OrderProcessor, OrderWorker
+from checkout.order_worker import OrderWorker
+from checkout.orders import OrderProcessor
 from checkout.payments import FakeGateway, RedisStore
 from checkout.reserve import BuyRequest, reserve
 from dropserver.db import create_pool

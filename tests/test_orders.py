@@ -15,21 +15,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from checkout import keys
-from checkout.orders import (
-    DEAD_LETTER_STREAM,
-    GROUP,
-    BadEntry,
-    OrderProcessor,
-    OrderState,
-    OrderWorker,
-    ReleaseEntry,
-    ReserveEntry,
-    backoff,
-    can_transition,
-    parse_entry,
-    state_for_intent,
-)
+from checkout.dead_letters import DEAD_LETTER_STREAM
+from checkout.order_entries import BadEntry, ReleaseEntry, ReserveEntry, parse_entry
+from checkout.order_states import OrderState, can_transition, state_for_intent
+from checkout.order_worker import GROUP, OrderWorker
+from checkout.orders import OrderProcessor
 from checkout.payments import Flow, Intent, IntentStatus, StripeGateway
+from checkout.retry import backoff
 from dropserver.db import create_pool
 from tests.payments_fixtures import (
     Recorder,
@@ -226,23 +218,43 @@ async def test_transient_gateway_errors_are_retried(env) -> None:
     assert await redis.xlen(DEAD_LETTER_STREAM) == 0
 
 
-async def test_retries_exhausted_dead_letters_with_metric(env) -> None:
-    from prometheus_client import REGISTRY
-
+async def test_an_outage_is_waited_out_never_dead_lettered(env) -> None:
+    """The gateway answers 5xx twelve times in a row: the entry waits (more tries than
+    DROPSERVER_ORDER_MAX_ATTEMPTS) and the order is paid; nothing is dead-lettered."""
     db, redis, stub = env["db"], env["redis"], env["stub"]
     drop_id, product_id = await make_drop(db)
     await save_card(db, "buyer-9")
     worker = OrderWorker(redis, env["proc"], consumer="test-r", max_attempts=2,
                          block_ms=100)
-    before = REGISTRY.get_sample_value("dropserver_order_dead_letters_total",
-                                       {"reason": "retries_exhausted"}) or 0
-    stub.fail_next.extend([500, 500])
+    stub.fail_next.extend([500, 503] * 6)
     hold = await add_reserve(redis, drop_id, product_id, "buyer-9", flow="off_session")
     await drain(worker)
+    assert not stub.fail_next
+    assert (await order_row(db, hold))["state"] == "paid"
+    assert await redis.xlen(DEAD_LETTER_STREAM) == 0
+
+
+async def test_a_refused_request_is_dead_lettered_after_max_attempts(env) -> None:
+    """A 400 from the gateway is not an outage: after DROPSERVER_ORDER_MAX_ATTEMPTS
+    tries the entry is parked (metric), the order failed, the buyer told once."""
+    from prometheus_client import REGISTRY
+
+    db, redis, stub, rec = env["db"], env["redis"], env["stub"], env["rec"]
+    drop_id, product_id = await make_drop(db)
+    await save_card(db, "buyer-9b")
+    worker = OrderWorker(redis, env["proc"], consumer="test-p", max_attempts=2,
+                         block_ms=100)
+    before = REGISTRY.get_sample_value("dropserver_order_dead_letters_total",
+                                       {"reason": "permanent_error"}) or 0
+    stub.fail_next.extend([400, 400])
+    hold = await add_reserve(redis, drop_id, product_id, "buyer-9b", flow="off_session")
+    await drain(worker)
     after = REGISTRY.get_sample_value("dropserver_order_dead_letters_total",
-                                      {"reason": "retries_exhausted"})
+                                      {"reason": "permanent_error"})
     assert after == before + 1
     assert (await order_row(db, hold))["state"] == "failed"
+    assert [d["order_id"] for d in rec.of("order.failed")] == [hold]
+    assert rec.of("order.failed")[0]["reason"] == "processing_error"
 
 
 async def test_replayed_entry_does_not_charge_twice(env) -> None:
@@ -403,8 +415,11 @@ async def test_real_reserve_decline_returns_the_units(env) -> None:
 
 
 async def test_real_cancel_then_late_payment_is_undone(env) -> None:
-    """The buyer cancels (release.lua); the order and intent are cancelled. A payment
-    confirmed afterwards is refunded, never kept for released units."""
+    """The buyer cancels (release.lua) while their payment goes through. The payment is
+    refunded, never kept for released units, and the refund is recorded: the order is
+    ``refunded`` (its hold stays ``released``: the unit is back on sale),
+    ``amount_refunded`` is the charge, the buyer hears ``order.refunded`` once. The late
+    succeeded webhook changes nothing and refunds nothing twice."""
     from checkout import holds
 
     db, redis, stub, proc = env["db"], env["redis"], env["stub"], env["proc"]
@@ -418,12 +433,17 @@ async def test_real_cancel_then_late_payment_is_undone(env) -> None:
     await holds.release(redis, hold.hold_id, "cancelled", owner="rb-3")
     await drain(env["worker"])
     row = await order_row(db, hold.hold_id)
-    assert row["state"] == "cancelled"
+    assert (row["state"], row["released"]) == ("refunded", "cancelled")
+    assert row["amount_received"] == 2500
+    assert await db.fetchval("SELECT amount_refunded FROM payments WHERE order_id = $1",
+                             row["id"]) == 2500
     intent = await env["gw"].retrieve_intent(row["intent_id"])
     await proc.apply_intent(row, intent)  # the late succeeded webhook
     charge = stub.charges[stub.intents[row["intent_id"]]["latest_charge"]]
     assert charge["amount_refunded"] == 2500
-    assert (await order_row(db, hold.hold_id))["state"] == "cancelled"
+    assert (await order_row(db, hold.hold_id))["state"] == "refunded"
+    assert [d["amount"] for d in env["rec"].of("order.refunded")] == [2500]
+    assert env["rec"].of("order.cancelled") == []  # it ended refunded: one outcome
 
 
 async def test_payment_for_a_hold_released_in_redis_is_refunded(env) -> None:
@@ -439,8 +459,10 @@ async def test_payment_for_a_hold_released_in_redis_is_refunded(env) -> None:
     stub.confirm_as_buyer(row["intent_id"])
     await holds.release(redis, hold.hold_id, "cancelled", owner="rb-4")
     intent = await env["gw"].retrieve_intent(row["intent_id"])
-    assert await proc.apply_intent(row, intent) is OrderState.CANCELLED
+    assert await proc.apply_intent(row, intent) is OrderState.REFUNDED
     charge = stub.charges[stub.intents[row["intent_id"]]["latest_charge"]]
     assert charge["amount_refunded"] == 2500
     await drain(env["worker"])  # the release entry now finds nothing open
-    assert (await order_row(db, hold.hold_id))["state"] == "cancelled"
+    row = await order_row(db, hold.hold_id)
+    assert (row["state"], row["released"]) == ("refunded", "cancelled")
+    assert [d["order_id"] for d in env["rec"].of("order.refunded")] == [hold.hold_id]

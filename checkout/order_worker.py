@@ -1,0 +1,313 @@
+"""Order workers: the consumer group that feeds order stream entries to the processor.
+
+The reservation script appends ``type=reserve`` and ``type=release`` entries to each
+drop's stream ``{drop:<id>}:orders`` (format: docs/topics/checkout.md). Every process
+runs ``DROPSERVER_ORDER_WORKERS`` :class:`OrderWorker` consumers in the consumer group
+``orders`` of every active drop's stream (the drops in the set ``checkout:drops`` that
+prewarm/open_sales fill) and hands each entry to :class:`checkout.orders.OrderProcessor`;
+entries of one hold run in stream order, different holds concurrently.
+
+**Outages are waited out, never dead-lettered.** An entry failing because PostgreSQL,
+Redis or the gateway is away (:func:`checkout.retry.is_outage`: refused, reset,
+shutting down, starting up, too many connections, timeouts, 5xx) is retried with
+backoff (0.1 s doubling, capped at 1 s, full jitter) for as long as the outage lasts,
+while its hold is alive and after: once the outage ends, a hold that lapsed meanwhile
+is recorded ``expired`` and never charged, and its buyer hears ``order.expired``. The
+worker keeps the entries it is working on claimed (``XCLAIM ... JUSTID`` every third of
+``DROPSERVER_ORDER_CLAIM_IDLE_MS``), so a long outage does not make other consumers
+re-claim them and count deliveries.
+
+**Crashes.** A consumer that dies leaves its entries pending; every consumer
+periodically XAUTOCLAIMs entries idle longer than ``DROPSERVER_ORDER_CLAIM_IDLE_MS``
+and runs them again (every step is idempotent).
+
+**Dead letters** (:mod:`checkout.dead_letters`): a malformed entry, one the rules
+refuse, one that fails ``DROPSERVER_ORDER_MAX_ATTEMPTS`` times with an error that is
+not an outage, or a reserve entry delivered more than ``max_deliveries`` times whose
+hold has lapsed (it keeps killing the processes that take it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from checkout import keys
+from checkout.dead_letters import dead_letter
+from checkout.order_entries import BadEntry, ReserveEntry, fields_text, parse_entry
+from checkout.orders import OrderProcessor
+from checkout.retry import backoff, is_outage, until_done
+
+__all__ = ["GROUP", "OrderWorker"]
+
+log = logging.getLogger("dropserver.orders")
+
+GROUP = "orders"
+
+ORDERS_PROCESSED = Counter("dropserver_orders_processed_total",
+                           "Order stream entries processed", ["type", "result"])
+ORDER_SECONDS = Histogram("dropserver_order_processing_seconds",
+                          "Time from reading an order entry to its XACK")
+ORDER_RETRIES = Counter("dropserver_order_retries_total",
+                        "Order entries retried after a failure (outages included)")
+
+
+def _id(entry_id: Any) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+class OrderWorker:
+    """One consumer of the ``orders`` group on every active drop's stream."""
+
+    def __init__(self, redis: Redis, processor: OrderProcessor, *, consumer: str,
+                 claim_idle_ms: int = 15000, max_attempts: int = 5,
+                 max_deliveries: int = 10, batch: int = 32, block_ms: int = 1000,
+                 concurrency: int = 32) -> None:
+        self.redis = redis
+        self.processor = processor
+        self.consumer = consumer
+        self.claim_idle_ms = claim_idle_ms
+        self.max_attempts = max_attempts
+        self.max_deliveries = max_deliveries
+        self.batch = batch
+        self.block_ms = block_ms
+        self._sem = asyncio.Semaphore(concurrency)
+        self._streams: set[str] = set()
+        self._last_refresh = 0.0
+        self._last_claim = 0.0
+        self._in_flight: dict[tuple[str, str], float] = {}  # (stream, id) -> started
+        self._task: asyncio.Task | None = None
+        self._keeper: asyncio.Task | None = None
+        self._stopping = False
+        self._loop_errors = 0
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"order-worker:{self.consumer}")
+        self._keeper = asyncio.create_task(self._keep_claimed(),
+                                           name=f"order-worker-claims:{self.consumer}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in (self._task, self._keeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._task = self._keeper = None
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                await self.run_once()
+                self._loop_errors = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Redis away: the entries wait in the stream. Log the first failure
+                # and then every 60th, retry about once a second.
+                if self._loop_errors % 60 == 0:
+                    log.warning("order worker loop failed; retrying", exc_info=not
+                                is_outage(exc), extra={"error": f"{type(exc).__name__}: "
+                                                                f"{exc}"[:300]})
+                self._loop_errors += 1
+                await asyncio.sleep(backoff(self._loop_errors, cap=1.0))
+
+    async def _keep_claimed(self) -> None:
+        """Reset the idle time of the entries this consumer is working on (a long
+        outage must not look like a dead consumer), without counting a delivery."""
+        interval = max(self.claim_idle_ms / 3000, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            by_stream: dict[str, list[str]] = {}
+            for stream, eid in list(self._in_flight):
+                by_stream.setdefault(stream, []).append(eid)
+            for stream, ids in by_stream.items():
+                try:
+                    await self.redis.xclaim(stream, GROUP, self.consumer, 0, ids,
+                                            justid=True)
+                except Exception:  # Redis away, or the stream gone with a rebuild
+                    pass
+
+    # -- one round ---------------------------------------------------------
+    async def refresh_streams(self, force: bool = False) -> set[str]:
+        now = time.monotonic()
+        if not force and now - self._last_refresh < 1.0:
+            return self._streams
+        self._last_refresh = now
+        drop_ids = await self.redis.smembers(keys.ACTIVE_DROPS)
+        for raw in drop_ids:
+            stream = keys.orders(int(raw))
+            if stream not in self._streams:
+                try:
+                    await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+                except ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+                self._streams.add(stream)
+        return self._streams
+
+    async def run_once(self) -> int:
+        """Claim stale entries, then read new ones; returns how many were handled."""
+        streams = await self.refresh_streams()
+        if not streams:
+            await asyncio.sleep(min(self.block_ms / 1000, 0.5))
+            return 0
+        handled = 0
+        if time.monotonic() - self._last_claim >= self.claim_idle_ms / 2000:
+            self._last_claim = time.monotonic()
+            handled += await self.claim_stale()
+        try:
+            reply = await self.redis.xreadgroup(
+                GROUP, self.consumer, dict.fromkeys(sorted(streams), ">"),
+                count=self.batch, block=self.block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # a stream was deleted (Redis restarted, recovery rebuilt the drop): forget
+            # what we know and create the groups again on the next round
+            self._streams.clear()
+            self._last_refresh = 0.0
+            return handled
+        for stream, entries in reply or []:
+            name = stream.decode() if isinstance(stream, bytes) else stream
+            await self._handle_batch(name, entries, delivered=1)
+            handled += len(entries)
+        return handled
+
+    async def claim_stale(self) -> int:
+        """XAUTOCLAIM entries another consumer read and never acknowledged."""
+        handled = 0
+        for stream in sorted(set(self._streams)):
+            start = "0-0"
+            while True:
+                try:
+                    reply = await self.redis.xautoclaim(
+                        stream, GROUP, self.consumer, min_idle_time=self.claim_idle_ms,
+                        start_id=start, count=self.batch)
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    self._streams.discard(stream)
+                    break
+                start = reply[0]
+                entries = [x for x in reply[1] if x and x[1] is not None
+                           and (stream, _id(x[0])) not in self._in_flight]
+                if entries:
+                    log.info("claimed stale order entries",
+                             extra={"stream": stream, "count": len(entries)})
+                    await self._handle_batch(stream, entries, delivered=None)
+                    handled += len(entries)
+                if start in (b"0-0", "0-0"):
+                    break
+        return handled
+
+    async def _handle_batch(self, stream: str, entries: list, delivered: int | None) -> None:
+        # Entries of one hold run in stream order; different holds run concurrently.
+        by_hold: dict[str, list] = {}
+        for entry_id, fields in entries:
+            hold = fields_text(fields).get("hold_id", "")
+            by_hold.setdefault(hold, []).append((entry_id, fields))
+
+        async def run_group(group: list) -> None:
+            for entry_id, fields in group:
+                async with self._sem:
+                    await self._handle_one(stream, entry_id, fields, delivered)
+
+        await asyncio.gather(*(run_group(g) for g in by_hold.values()))
+
+    async def _deliveries(self, stream: str, entry_id: Any) -> int:
+        rows = await self.redis.xpending_range(stream, GROUP, min=entry_id, max=entry_id,
+                                               count=1)
+        return int(rows[0]["times_delivered"]) if rows else 1
+
+    async def _handle_one(self, stream: str, entry_id: Any, fields: Mapping,
+                          delivered: int | None) -> None:
+        key = (stream, _id(entry_id))
+        self._in_flight[key] = time.monotonic()
+        try:
+            await self._process(stream, entry_id, fields, delivered)
+        finally:
+            self._in_flight.pop(key, None)
+
+    async def _process(self, stream: str, entry_id: Any, fields: Mapping,
+                       delivered: int | None) -> None:
+        t0 = time.perf_counter()
+        kind = fields_text(fields).get("type", "?")
+        extra = {"stream": stream, "entry_id": _id(entry_id),
+                 "hold_id": fields_text(fields).get("hold_id")}
+        try:
+            entry = parse_entry(fields)
+        except BadEntry as exc:
+            await self._give_up(stream, entry_id, fields, "malformed", str(exc))
+            return
+        if delivered is None:
+            delivered = await until_done(lambda: self._deliveries(stream, entry_id),
+                                         what="read deliveries", log=log, extra=extra)
+        lapsed = isinstance(entry, ReserveEntry) and entry.expires_at_ms < time.time() * 1000
+        if delivered > self.max_deliveries and lapsed:
+            await self._give_up(stream, entry_id, fields, "too_many_deliveries",
+                                f"delivered {delivered} times")
+            return
+        attempt = failures = 0
+        first_outage = 0.0
+        while True:
+            try:
+                await self.processor.handle(entry)
+                break
+            except asyncio.CancelledError:
+                raise
+            except BadEntry as exc:
+                await self._give_up(stream, entry_id, fields, "rejected", str(exc))
+                return
+            except Exception as exc:
+                ORDER_RETRIES.inc()
+                error = f"{type(exc).__name__}: {exc}"[:300]
+                if is_outage(exc):
+                    now = time.monotonic()
+                    if attempt == 0 or now - first_outage >= 60:
+                        first_outage = now
+                        log.warning("order entry waits for an outage to end",
+                                    extra={**extra, "attempt": attempt + 1, "error": error})
+                else:
+                    failures += 1
+                    if failures >= self.max_attempts:
+                        await self._give_up(stream, entry_id, fields, "permanent_error",
+                                            error)
+                        return
+                    log.warning("order entry failed, retrying", exc_info=True,
+                                extra={**extra, "attempt": failures})
+                await asyncio.sleep(backoff(attempt))
+                attempt += 1
+        await self._ack(stream, entry_id)
+        ORDERS_PROCESSED.labels(kind, "ok").inc()
+        ORDER_SECONDS.observe(time.perf_counter() - t0)
+
+    async def _ack(self, stream: str, entry_id: Any) -> None:
+        async def ack() -> None:
+            try:
+                await self.redis.xack(stream, GROUP, entry_id)
+            except ResponseError as exc:  # the stream went with a rebuild: nothing to ack
+                if "NOGROUP" not in str(exc):
+                    raise
+        await until_done(ack, what="acknowledge the entry", log=log,
+                         extra={"stream": stream, "entry_id": _id(entry_id)})
+
+    async def _give_up(self, stream: str, entry_id: Any, fields: Mapping, reason: str,
+                       error: str) -> None:
+        await dead_letter(self.processor, stream, entry_id, fields, reason, error)
+        ORDERS_PROCESSED.labels(fields_text(fields).get("type", "?"), "dead").inc()
+        await self._ack(stream, entry_id)
+
+    async def dead_letter(self, stream: str, entry_id: Any, fields: Mapping, reason: str,
+                          error: str) -> None:
+        """Park the entry in ``orders:dead``, compensate, XACK (see dead_letters)."""
+        await self._give_up(stream, entry_id, fields, reason, error)

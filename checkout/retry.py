@@ -1,0 +1,102 @@
+"""Which failures are outages, and how the order pipeline waits them out.
+
+An *outage* is an error that says nothing about the work itself: PostgreSQL or Redis
+refused, reset or dropped the connection, is shutting down or starting up
+(``AdminShutdownError``, ``CannotConnectNowError``), has too many connections, timed
+out, is loading or read-only after a failover; the gateway answered 429, 5xx or not at
+all. The same request succeeds once the outage ends, so the pipeline retries it with
+exponential backoff and full jitter, capped low enough that the first write after the
+outage happens within about a second. Anything else (a refused request, a bug) is not
+retried forever.
+
+:func:`is_outage` classifies, :func:`backoff` spaces the tries, :func:`until_done` runs
+one idempotent step until it is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import asyncpg
+from redis import exceptions as redis_errors
+
+from checkout.payment_types import GatewayError
+
+__all__ = ["NotYet", "backoff", "is_outage", "until_done"]
+
+T = TypeVar("T")
+
+# PostgreSQL SQLSTATE classes of an outage: 08 connection exception, 53 insufficient
+# resources (too many connections, disk full, out of memory), 57 operator intervention
+# (admin shutdown, crash shutdown, cannot connect now, query cancelled by a timeout),
+# 58 system error (I/O), 40 transaction rollback (serialization failure, deadlock).
+_PG_OUTAGE_CLASSES = ("08", "53", "57", "58", "40")
+
+_REDIS_OUTAGE = (redis_errors.ConnectionError, redis_errors.TimeoutError,
+                 redis_errors.BusyLoadingError, redis_errors.ReadOnlyError,
+                 redis_errors.TryAgainError, redis_errors.ClusterDownError,
+                 redis_errors.OutOfMemoryError)
+
+
+class NotYet(Exception):
+    """Something this step depends on has not happened yet: try again later."""
+
+
+_OUTAGE = (NotYet, *_REDIS_OUTAGE, OSError, TimeoutError)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True when ``exc`` says the infrastructure is away, not that the work is wrong."""
+    if isinstance(exc, GatewayError):
+        return exc.retryable
+    if isinstance(exc, _OUTAGE):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", None) or ""
+        return state[:2] in _PG_OUTAGE_CLASSES
+    # Client side: "connection is closed", "pool is closing", a connection lost mid-query.
+    return isinstance(exc, (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError))
+
+
+def backoff(attempt: int, *, base: float = 0.1, cap: float = 1.0) -> float:
+    """Seconds before retry ``attempt`` (0-based): exponential with full jitter.
+
+    The cap is low on purpose: a few hundred waiting entries retrying once a second
+    cost nothing, and the first one through after an outage is never more than about
+    a second late."""
+    return random.uniform(0, min(cap, base * (2 ** min(attempt, 16))))
+
+
+async def until_done(step: Callable[[], Awaitable[T]], *, what: str,
+                     log: logging.Logger, extra: dict | None = None,
+                     on_retry: Callable[[], None] | None = None) -> T:
+    """Run the idempotent ``step`` until it returns, retrying outages for as long as
+    they last (logged on the first retry and then once a minute). Any other error is
+    raised at once."""
+    attempt = 0
+    first = last_log = 0.0
+    while True:
+        try:
+            return await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            now = time.monotonic()
+            if attempt == 0 or now - last_log >= 60:
+                first = first or now
+                last_log = now
+                log.warning("%s: outage, retrying", what, extra={
+                    **(extra or {}), "attempt": attempt + 1,
+                    "seconds": round(now - first, 1),
+                    "error": f"{type(exc).__name__}: {exc}"[:300]})
+            if on_retry is not None:
+                on_retry()
+            await asyncio.sleep(backoff(attempt))
+            attempt += 1

@@ -1,0 +1,578 @@
+"""A drop selling while faults are injected for real, and what its buyers saw.
+
+:class:`Rig` runs ``dropserver dev --workers N`` as a child process against a Redis and
+a PostgreSQL of its own (:class:`dropserver.services.LocalServices`, so stopping them
+disturbs nothing else), with Stripe played by ``tests.stripe_stub`` on loopback: the
+real SDK creates and refunds PaymentIntents, and the stub POSTs signed webhooks to the
+server, retrying until they are accepted, as Stripe does.
+
+:class:`Rush` is the crowd: buyers arrive over a few seconds, each on its own
+WebSocket, buy one unit (the same idempotency key until an answer comes, through
+503s and reconnects), then pay: saved-card buyers are charged off-session by the
+order worker, the others confirm "in Stripe.js" (the stub) once ``order.payment``
+brings the client secret; a few cancel their hold instead. Everything a buyer heard
+is kept: the holds acknowledged to them and every private event.
+
+:func:`run_fault` puts them together: a fresh drop, a rush, a fault in the middle of it
+(stop PostgreSQL for N seconds, restart Redis empty, SIGKILL a server worker, SIGKILL
+an order worker between the charge and the commit), then waits for the pipeline to go
+quiet and returns a :class:`FaultReport` with the broken invariants
+(``tests/invariants.py``), what buyers failed to hear, and the timings. The fault tests
+(tests/test_faults.py) assert on it; ``python -m benchmarks.faults`` repeats it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+import websockets
+
+from dropserver.auth import Role, issue_token
+from dropserver.services import LocalServices, free_port
+from dropserver.settings import load_settings
+from tests import invariants
+from tests.stripe_stub import StripeStub
+
+__all__ = ["FaultReport", "Rig", "Rush", "run_fault"]
+
+ROOT = Path(__file__).resolve().parent.parent
+JSON_PROTOCOL = "dropserver.json.v1"
+# Answers after which a buyer tries the same buy again (same idempotency key).
+RETRY_CODES = {"unavailable", "not_ready", "internal", "internal_error", "rate_limited"}
+OUTCOME_EVENTS = {"order.paid", "order.failed", "order.expired", "order.cancelled",
+                  "order.refunded"}
+EVENT_FOR_STATE = {"payment_pending": "order.payment", "authorized": "order.payment",
+                   "paid": "order.paid", "failed": "order.failed",
+                   "expired": "order.expired", "cancelled": "order.cancelled",
+                   "refunded": "order.refunded"}
+
+
+class Rig:
+    """Redis, PostgreSQL, the Stripe stub and ``dropserver dev --workers N``."""
+
+    def __init__(self, *, workers: int = 2, hold_ttl: int = 120,
+                 env: dict[str, str] | None = None) -> None:
+        self.workers = workers
+        self.hold_ttl = hold_ttl
+        self.extra_env = env or {}
+        self.services = LocalServices()
+        self.stub = StripeStub()
+        self.server: subprocess.Popen | None = None
+        self.port = 0
+        self.settings = load_settings({}, dev=True)  # the dev secret signs the tokens
+        self._log: Any = None
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> Rig:
+        self.services.start()
+        self.stub.start()
+        self.port = free_port()
+        self.stub.webhook_url = f"{self.base_url}/v1/webhooks/stripe"
+        self.start_server()
+        return self
+
+    def stop(self) -> None:
+        self.stop_server()
+        self.stub.stop()
+        self.services.stop()
+
+    def __enter__(self) -> Rig:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def log_path(self) -> Path:
+        assert self.services.root is not None
+        return self.services.root / "server.log"
+
+    def server_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("DROPSERVER_", "PROMETHEUS_", "STRIPE_"))}
+        env.update({
+            "REDIS_URL": self.services.redis_url,
+            "DATABASE_URL": self.services.database_url,
+            "DROPSERVER_PAYMENT_GATEWAY": "stripe",
+            "STRIPE_API_KEY": "sk_test_rig",
+            "STRIPE_API_BASE": self.stub.url,
+            "STRIPE_WEBHOOK_SECRET": self.stub.webhook_secret,
+            "DROPSERVER_HOLD_TTL": str(self.hold_ttl),
+            "DROPSERVER_BUY_RATE_IP": "0",          # every buyer is on loopback
+            "DROPSERVER_BUY_VELOCITY_WINDOW_MS": "0",
+            "DROPSERVER_ORDER_CLAIM_IDLE_MS": "2000",
+            "DROPSERVER_SHUTDOWN_GRACE": "1",
+            "DROPSERVER_LOG_FORMAT": "json",
+            "DROPSERVER_LOG_LEVEL": "info",
+        })
+        env.update(self.extra_env)
+        return env
+
+    def start_server(self, timeout: float = 60.0) -> None:
+        self._log = open(self.log_path, "ab")
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "dropserver.cli", "dev", "--workers", str(self.workers),
+             "--port", str(self.port)],
+            env=self.server_env(), cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.server.poll() is not None:
+                raise RuntimeError(f"dropserver dev exited with {self.server.returncode}; "
+                                   f"log: {self.log_path}")
+            try:
+                with urllib.request.urlopen(self.base_url + "/readyz", timeout=1) as resp:
+                    if resp.status == 200 and len(self.worker_pids()) == self.workers:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"dropserver dev not ready; log: {self.log_path}")
+            time.sleep(0.1)
+
+    def stop_server(self) -> None:
+        if self.server is not None and self.server.poll() is None:
+            self.server.send_signal(signal.SIGTERM)
+            try:
+                self.server.wait(20)
+            except subprocess.TimeoutExpired:
+                for pid in self.worker_pids():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                self.server.kill()
+                self.server.wait()
+        self.server = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def worker_pids(self) -> list[int]:
+        """The supervisor's worker processes (its children)."""
+        if self.server is None:
+            return []
+        path = Path(f"/proc/{self.server.pid}/task/{self.server.pid}/children")
+        try:
+            return [int(p) for p in path.read_text().split()]
+        except OSError:
+            return []
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    # -- clients ------------------------------------------------------------------
+    def token(self, user: str, role: Role = Role.VIEWER) -> str:
+        return issue_token(self.settings, user, role)
+
+    async def db(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.services.database_url)
+
+    def redis(self) -> aioredis.Redis:
+        return aioredis.Redis.from_url(self.services.redis_url)
+
+    async def selling_drop(self, *, units: int, per_buyer_limit: int = 1,
+                           price: int = 2500) -> tuple[int, int]:
+        """A drop through the creator API: created, scheduled, live, BUY NOW."""
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.token('rig-creator', Role.CREATOR)}"}
+        async with httpx.AsyncClient(base_url=self.base_url, headers=headers,
+                                     timeout=30) as http:
+            resp = await http.post("/v1/drops", json={
+                "title": "fault rush", "products": [
+                    {"title": "item", "price": price, "units": units,
+                     "per_buyer_limit": per_buyer_limit}]})
+            resp.raise_for_status()
+            drop = resp.json()
+            drop_id, product_id = drop["id"], drop["products"][0]["product_id"]
+            starts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 300))
+            for action, body in (("schedule", {"starts_at": starts}), ("live", {}),
+                                 ("buy-now", {"product_id": product_id})):
+                resp = await http.post(f"/v1/drops/{drop_id}/{action}", json=body)
+                resp.raise_for_status()
+        return drop_id, product_id
+
+
+# -- the buyers -------------------------------------------------------------------------
+
+class _Socket:
+    """One buyer's WebSocket: replies matched by id, private events kept."""
+
+    def __init__(self, ws: Any, on_event: Any) -> None:
+        self.ws = ws
+        self.on_event = on_event
+        self.pending: dict[str, asyncio.Future] = {}
+        self.ids = 0
+        self.reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def open(cls, url: str, token: str, drop_id: int, on_event: Any) -> _Socket:
+        ws = await websockets.connect(url, subprotocols=[JSON_PROTOCOL],  # type: ignore[list-item]
+                                      additional_headers={"Authorization": f"Bearer {token}"},
+                                      compression=None, ping_interval=None, open_timeout=5)
+        sock = cls(ws, on_event)
+        joined = await sock.request({"t": "join", "drop_id": drop_id})
+        if joined.get("t") != "joined":
+            await sock.close()
+            raise ConnectionError(f"join refused: {joined}")
+        return sock
+
+    async def _read(self) -> None:
+        try:
+            async for raw in self.ws:
+                message = json.loads(raw)
+                for frame in message if isinstance(message, list) else [message]:
+                    if frame.get("t") == "private":
+                        self.on_event(frame.get("event"), frame.get("data") or {})
+                    fut = self.pending.pop(str(frame.get("id")), None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(frame)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            for fut in self.pending.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionError("socket closed"))
+
+    async def request(self, frame: dict[str, Any], wait: float = 10.0) -> dict[str, Any]:
+        self.ids += 1
+        rid = f"q{self.ids}"
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[rid] = fut
+        await self.ws.send(json.dumps({**frame, "id": rid}))
+        return await asyncio.wait_for(fut, wait)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.close()
+        self.reader.cancel()
+        with contextlib.suppress(BaseException):
+            await self.reader
+
+
+@dataclass
+class Buyer:
+    user: str
+    flow: str                   # off_session (saved card) or client_confirm
+    cancels: bool               # cancels the hold instead of paying
+    start_at: float
+    hold: dict[str, Any] | None = None
+    refused: str = ""
+    events: list[tuple[str, dict]] = field(default_factory=list)
+    reconnects: int = 0         # events sent while disconnected are not heard
+    paid_via_stub: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+class Rush:
+    """``buyers`` buyers arrive over ``spread`` seconds and each buys one unit."""
+
+    def __init__(self, rig: Rig, drop_id: int, product_id: int, *, buyers: int = 60,
+                 spread: float = 4.0, cancel_share: float = 0.1,
+                 saved_card_share: float = 0.5, seed: int | None = None,
+                 pay_within: float = 150.0) -> None:
+        self.rig, self.drop_id, self.product_id = rig, drop_id, product_id
+        rng = random.Random(seed)
+        self.buyers = [Buyer(user=f"d{drop_id}-b{i}",
+                             flow="off_session" if rng.random() < saved_card_share
+                             else "client_confirm",
+                             cancels=rng.random() < cancel_share,
+                             start_at=rng.uniform(0, spread))
+                       for i in range(buyers)]
+        self.pay_within = pay_within
+        self.started = 0.0
+        self.codes: Counter[str] = Counter()   # every non-reply answer a buyer got
+
+    async def save_cards(self) -> None:
+        db = await self.rig.db()
+        try:
+            for b in self.buyers:
+                if b.flow == "off_session":
+                    await db.execute(
+                        "INSERT INTO users (id, default_payment_method, stripe_customer_id)"
+                        " VALUES ($1, 'pm_card_visa', $2) ON CONFLICT (id) DO UPDATE SET "
+                        "default_payment_method = 'pm_card_visa', stripe_customer_id = $2",
+                        b.user, f"cus_{b.user}")
+        finally:
+            await db.close()
+
+    @property
+    def acknowledged(self) -> dict[str, dict[str, Any]]:
+        return {b.hold["hold_id"]: {"user_id": b.user, "buyer_number": b.hold["buyer_number"]}
+                for b in self.buyers if b.hold}
+
+    async def run(self) -> None:
+        self.started = time.monotonic() + 1.0  # the sockets connect in the first second
+        await asyncio.gather(*(self._buyer(b) for b in self.buyers))
+
+    async def _connect(self, b: Buyer) -> _Socket:
+        delay = 0.1
+        while True:
+            try:
+                return await _Socket.open(self.rig.ws_url, self.rig.token(b.user),
+                                          self.drop_id,
+                                          lambda e, d, b=b: b.events.append((e, d)))
+            except (TimeoutError, OSError, ConnectionError, websockets.WebSocketException) as exc:
+                b.notes.append(f"connect: {type(exc).__name__}")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _command(self, b: Buyer, sock_box: list, frame: dict[str, Any],
+                       retry_within: float = 120.0) -> dict[str, Any]:
+        """Send until an answer that is not 'try again' (reconnecting as needed)."""
+        deadline = time.monotonic() + retry_within
+        while True:
+            sock = sock_box[0]
+            try:
+                answer = await sock.request(frame)
+            except (TimeoutError, ConnectionError, websockets.WebSocketException):
+                await sock.close()
+                b.reconnects += 1
+                sock_box[0] = await self._connect(b)
+                continue
+            if answer.get("t") == "error":
+                code = answer.get("code", "?")
+                self.codes[code] += 1
+                if code in RETRY_CODES and time.monotonic() < deadline:
+                    await asyncio.sleep(0.3)
+                    continue
+            return answer
+
+    async def _buyer(self, b: Buyer) -> None:
+        # Everyone is watching before the fault (joining reads the drop from
+        # PostgreSQL); the buys come over ``spread`` seconds.
+        box = [await self._connect(b)]
+        await asyncio.sleep(max(0.0, self.started + b.start_at - time.monotonic()))
+        try:
+            answer = await self._command(b, box, {
+                "t": "buy", "product_id": self.product_id, "idempotency_key": "k1",
+                "flow": b.flow})
+            if answer.get("t") != "reply":
+                b.refused = answer.get("code", "?")
+                return
+            b.hold = answer["data"]
+            hold_id = b.hold["hold_id"]
+            if b.cancels:
+                await self._command(b, box, {"t": "cancel_hold", "hold_id": hold_id})
+            elif b.flow == "client_confirm":
+                await self._pay_in_stripe_js(b, hold_id)
+            # stay connected to hear the outcome; the rush's owner closes the sockets
+            self._sockets.append(box[0])
+        except BaseException:
+            await box[0].close()
+            raise
+
+    async def _pay_in_stripe_js(self, b: Buyer, hold_id: str) -> None:
+        """Wait for order.payment, then confirm the intent with the stub (Stripe.js)."""
+        deadline = time.monotonic() + self.pay_within
+        while time.monotonic() < deadline:
+            for event, data in list(b.events):
+                if event == "order.payment" and data.get("order_id") == hold_id:
+                    with contextlib.suppress(Exception):
+                        self.rig.stub.confirm_as_buyer(data["intent_id"], "pm_card_visa")
+                        b.paid_via_stub = True
+                    return
+            await asyncio.sleep(0.05)
+        b.notes.append("no order.payment within the payment window")
+
+    _sockets: list[_Socket]
+
+    async def __aenter__(self) -> Rush:
+        self._sockets = []
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.gather(*(s.close() for s in self._sockets), return_exceptions=True)
+
+
+# -- a fault during a rush ----------------------------------------------------------------
+
+@dataclass
+class FaultReport:
+    fault: str
+    holds: int = 0
+    violations: list[str] = field(default_factory=list)
+    unheard: list[str] = field(default_factory=list)     # outcomes buyers did not hear
+    duplicates: list[str] = field(default_factory=list)  # outcomes heard twice
+    timings: dict[str, float] = field(default_factory=dict)
+    buyers_saw: dict[str, int] = field(default_factory=dict)
+    rush: Any = None  # the Rush itself, for a closer look
+    states: dict[str, int] = field(default_factory=dict)
+    dead_letters: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.violations or self.unheard or self.duplicates)
+
+    def summary(self) -> str:
+        return json.dumps({k: v for k, v in self.__dict__.items() if k != "rush"}, indent=1,
+                          default=str)
+
+
+async def _order_rows(rig: Rig, drop_id: int) -> int:
+    db = await rig.db()
+    try:
+        return await db.fetchval("SELECT count(*) FROM orders WHERE drop_id = $1", drop_id)
+    finally:
+        await db.close()
+
+
+async def _wait(check: Any, within: float, interval: float = 0.02) -> float:
+    """Seconds until ``await check()`` is truthy (inf when it never was)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < within:
+        with contextlib.suppress(Exception):
+            if await check():
+                return time.monotonic() - t0
+        await asyncio.sleep(interval)
+    return float("inf")
+
+
+async def run_fault(rig: Rig, fault: str, *, buyers: int = 60, units: int = 40,
+                    spread: float = 4.0, fault_at: float = 1.0, outage: float = 5.0,
+                    seed: int | None = None, quiet_within: float = 120.0) -> FaultReport:
+    """A fresh drop, a rush, ``fault`` during it; the invariants afterwards.
+
+    ``fault``: ``postgres_down`` (stopped for ``outage`` s), ``redis_restart``
+    (restarted empty), ``worker_kill`` (SIGKILL of one server worker; the supervisor
+    starts another), ``order_worker_kill`` (an extra order worker process SIGKILLs
+    itself right after a PaymentIntent exists and before PostgreSQL records it),
+    or ``none``."""
+    report = FaultReport(fault=fault)
+    drop_id, pid = await rig.selling_drop(units=units)
+    async with Rush(rig, drop_id, pid, buyers=buyers, spread=spread, seed=seed) as rush:
+        await rush.save_cards()
+        rush_task = asyncio.create_task(rush.run())
+        await asyncio.sleep(1.0 + fault_at)
+        t_fault = time.monotonic()
+        if fault == "postgres_down":
+            await asyncio.to_thread(rig.services.stop_service, "postgres")
+            before = None
+            await asyncio.sleep(outage)
+            await asyncio.to_thread(rig.services.start_service, "postgres")
+            t_back = time.monotonic()
+            report.timings["outage_s"] = round(t_back - t_fault, 2)
+            before = await _order_rows(rig, drop_id)
+
+            async def new_row() -> bool:
+                return await _order_rows(rig, drop_id) > before
+            report.timings["first_order_row_after_return_s"] = round(
+                await _wait(new_row, 30), 3)
+        elif fault == "redis_restart":
+            await asyncio.to_thread(rig.services.stop_service, "redis")
+            await asyncio.to_thread(rig.services.start_service, "redis")
+            t_back = time.monotonic()
+            r = rig.redis()
+            try:
+                async def loaded() -> bool:
+                    return bool(await r.hexists(f"{{drop:{drop_id}}}:sale", "loaded"))
+                report.timings["sales_resumed_after_restart_s"] = round(
+                    await _wait(loaded, 60), 3)
+            finally:
+                await r.aclose()
+        elif fault == "worker_kill":
+            victim = random.Random(seed).choice(rig.worker_pids())
+            os.kill(victim, signal.SIGKILL)
+            t_back = time.monotonic()
+
+            async def replaced() -> bool:
+                pids = rig.worker_pids()
+                return victim not in pids and len(pids) == rig.workers
+            report.timings["worker_replaced_s"] = round(await _wait(replaced, 30), 3)
+        elif fault == "order_worker_kill":
+            out = await _doomed_order_worker(rig, drop_id)
+            t_back = time.monotonic()
+            report.timings["doomed_worker"] = out  # type: ignore[assignment]
+        elif fault == "none":
+            t_back = time.monotonic()
+        else:
+            raise ValueError(f"unknown fault {fault!r}")
+        await rush_task
+        r = rig.redis()
+        db = await rig.db()
+        try:
+            await invariants.quiesce(r, drop_id, within=quiet_within)
+            report.timings["quiet_after_fault_end_s"] = round(time.monotonic() - t_back, 2)
+            await _settle_webhooks(rig)
+            await invariants.quiesce(r, drop_id, within=quiet_within)
+            await asyncio.sleep(1.0)  # the last private events reach the sockets
+            report.holds = len(rush.acknowledged)
+            report.violations = await invariants.violations(
+                db, r, drop_id, acknowledged=rush.acknowledged,
+                payments=invariants.stub_payments(rig.stub))
+            report.states = dict(Counter(
+                x["state"] for x in await db.fetch(
+                    "SELECT state FROM orders WHERE drop_id = $1", drop_id)))
+            report.dead_letters = await r.xlen("orders:dead")
+            await _buyer_outcomes(db, rush, report)
+        finally:
+            await r.aclose()
+            await db.close()
+        report.buyers_saw = dict(rush.codes)
+        report.rush = rush
+    return report
+
+
+async def _settle_webhooks(rig: Rig, within: float = 60.0) -> None:
+    async def none_left() -> bool:
+        return rig.stub.undelivered() == 0
+    await _wait(none_left, within, 0.05)
+
+
+async def _buyer_outcomes(db: Any, rush: Rush, report: FaultReport) -> None:
+    """Each buyer heard their order's current state once (if their socket stayed up)."""
+    states = {r["public_id"]: r["state"] for r in await db.fetch(
+        "SELECT public_id, state FROM orders WHERE drop_id = $1", rush.drop_id)}
+    for b in rush.buyers:
+        if not b.hold:
+            continue
+        hold_id = b.hold["hold_id"]
+        heard = Counter(e for e, d in b.events if d.get("order_id") == hold_id)
+        for event, n in heard.items():
+            if event in OUTCOME_EVENTS and n > 1:
+                report.duplicates.append(f"{b.user} heard {event} {n} times for {hold_id}")
+        state = states.get(hold_id)
+        want = EVENT_FOR_STATE.get(state or "")
+        if want and not heard.get(want) and not b.reconnects:
+            report.unheard.append(f"{b.user}: order {hold_id} is {state}, the buyer heard "
+                                  f"{dict(heard)}")
+
+
+async def _doomed_order_worker(rig: Rig, drop_id: int) -> str:
+    """An order worker process in the server's consumer group that SIGKILLs itself
+    between the charge and the commit (tests/order_worker_proc.py)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.order_worker_proc", rig.services.redis_url,
+        rig.services.database_url, rig.stub.url, "crash-after-intent",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    return f"rc={proc.returncode} {out.decode(errors='replace').strip()[-200:]}"
+
