@@ -91,6 +91,7 @@ class OrderWorker:
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name=f"order-worker:{self.consumer}")
         self._keeper = asyncio.create_task(self._keep_claimed(),
                                            name=f"order-worker-claims:{self.consumer}")

@@ -516,6 +516,10 @@ class StripeStub:
                             "to refund", code="charge_not_refundable")
         charge = self.charges[pi["latest_charge"]]
         left = charge["amount_captured"] - charge["amount_refunded"]
+        if left <= 0:
+            raise StubError(400, "invalid_request_error",
+                            f"Charge {charge['id']} has already been refunded.",
+                            code="charge_already_refunded")
         amount = int(p.get("amount") or left)
         if amount < 1 or amount > left:
             raise StubError(400, "invalid_request_error",

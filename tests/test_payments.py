@@ -3,6 +3,7 @@ stub, and the fake gateway, held to the same behaviour."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -157,6 +158,119 @@ async def test_refund_and_transfer(gateway) -> None:
     same = await gateway.transfer(amount=1234, currency="usd", destination="acct_creator",
                                   transfer_group="drop_9", idempotency_key="tr:9:creator")
     assert same.id == tr.id
+
+
+async def _confirm_as_buyer(gateway, stub: StripeStub, intent_id: str, pm: str) -> str:
+    """Confirm as Stripe.js would; returns the error code, or "" when it went through."""
+    from tests.stripe_stub import StubError
+
+    try:
+        if isinstance(gateway, StripeGateway):
+            stub.confirm_as_buyer(intent_id, pm)
+        else:
+            await gateway.confirm_as_buyer(intent_id, pm)
+    except StubError as exc:
+        return exc.body["error"]["code"]
+    except GatewayError as exc:
+        return exc.code
+    return ""
+
+
+async def test_no_confirm_of_a_cancelled_intent(gateway, stub: StripeStub) -> None:
+    """Stripe refuses to confirm a cancelled PaymentIntent; so does the fake."""
+    pi = await gateway.create_intent(amount=900, currency="usd", idempotency_key="pi:h-cx",
+                                     flow=Flow.CLIENT_CONFIRM)
+    await gateway.cancel_intent(pi.id, idempotency_key="cancel:h-cx")
+    code = await _confirm_as_buyer(gateway, stub, pi.id, "pm_card_visa")
+    assert code == "payment_intent_unexpected_state"
+    assert (await gateway.retrieve_intent(pi.id)).status is IntentStatus.CANCELED
+
+
+async def test_a_second_full_refund_is_refused(gateway) -> None:
+    pi = await gateway.create_intent(amount=800, currency="usd", idempotency_key="pi:h-rr",
+                                     flow=Flow.OFF_SESSION, payment_method="pm_card_visa")
+    first = await gateway.refund(pi.id, idempotency_key="refund:h-rr")
+    assert first.amount == 800
+    with pytest.raises(GatewayError) as info:
+        await gateway.refund(pi.id, idempotency_key="refund:h-rr:admin")
+    assert info.value.code == "charge_already_refunded"
+    charge = await gateway.retrieve_charge(pi.latest_charge)
+    assert charge.refunded and charge.amount_refunded == 800
+
+
+async def test_refund_events_as_stripe_sends_them(gateway, stub: StripeStub) -> None:
+    """A refund sends charge.refunded, then refund.created
+    (https://docs.stripe.com/changelog/acacia/2024-10-28/refund-webhook-update)."""
+    seen: list[dict] = []
+    if isinstance(gateway, FakeGateway):
+        async def listen(event: dict) -> None:
+            seen.append(event)
+        gateway.listeners.append(listen)
+    start = len(stub.events)
+    pi = await gateway.create_intent(amount=700, currency="usd", idempotency_key="pi:h-ev",
+                                     flow=Flow.OFF_SESSION, payment_method="pm_card_visa")
+    ref = await gateway.refund(pi.id, idempotency_key="refund:h-ev")
+    await asyncio.sleep(0.05)  # the fake delivers from a task
+    events = seen if isinstance(gateway, FakeGateway) else stub.events[start:]
+    types = [e["type"] for e in events]
+    assert types == ["payment_intent.succeeded", "charge.refunded", "refund.created"]
+    charge, refund = events[1]["data"]["object"], events[2]["data"]["object"]
+    assert charge["id"] == pi.latest_charge and charge["refunded"] is True
+    assert charge["amount_refunded"] == 700
+    assert refund["id"] == ref.id and refund["charge"] == pi.latest_charge
+    assert refund["payment_intent"] == pi.id
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_fake_confirm_and_cancel_race_one_wins(store, request) -> None:
+    """The slow card spends its time before the confirm takes effect: a cancel landing
+    meanwhile wins and the confirm is refused; a cancel after the confirm is refused.
+    Both on the in-process store and on Redis (the server's), where the two requests
+    may come from two worker processes."""
+    redis = None
+    kw = {}
+    if store == "redis":
+        redis = aioredis.from_url(request.getfixturevalue("clean_backends").redis_url)
+        kw["store"] = RedisStore(redis)
+    try:
+        gw = FakeGateway(slow_seconds=0.3, **kw)
+        pi = await gw.create_intent(amount=500, currency="usd", idempotency_key="pi:race",
+                                    flow=Flow.CLIENT_CONFIRM)
+        confirm = asyncio.create_task(gw.confirm_as_buyer(pi.id, "pm_card_slow"))
+        await asyncio.sleep(0.05)
+        cancelled = await gw.cancel_intent(pi.id, idempotency_key="cancel:race")
+        assert cancelled.status is IntentStatus.CANCELED
+        with pytest.raises(GatewayError) as info:
+            await confirm
+        assert info.value.code == "payment_intent_unexpected_state"
+        assert (await gw.retrieve_intent(pi.id)).status is IntentStatus.CANCELED
+
+        pi2 = await gw.create_intent(amount=500, currency="usd", idempotency_key="pi:race2",
+                                     flow=Flow.CLIENT_CONFIRM)
+        assert (await gw.confirm_as_buyer(pi2.id, "pm_card_visa")).status \
+            is IntentStatus.SUCCEEDED
+        with pytest.raises(GatewayError) as info:
+            await gw.cancel_intent(pi2.id, idempotency_key="cancel:race2")
+        assert info.value.code == "payment_intent_unexpected_state"
+    finally:
+        if redis is not None:
+            await redis.aclose()
+
+
+async def test_fake_same_key_at_the_same_time_runs_once(clean_backends) -> None:
+    """Two processes asking with one idempotency key at once (a re-claimed entry):
+    one PaymentIntent, one charge, both get it."""
+    redis = aioredis.from_url(clean_backends.redis_url)
+    try:
+        first = FakeGateway(slow_seconds=0.2, store=RedisStore(redis))
+        second = FakeGateway(slow_seconds=0.2, store=RedisStore(redis))
+        kw = dict(amount=600, currency="usd", idempotency_key="pi:twice",
+                  flow=Flow.OFF_SESSION, payment_method="pm_card_slow")
+        a, b = await asyncio.gather(first.create_intent(**kw), second.create_intent(**kw))
+        assert a.id == b.id and a.status is b.status is IntentStatus.SUCCEEDED
+        assert first.calls.get("create_intent", 0) + second.calls.get("create_intent", 0) == 1
+    finally:
+        await redis.aclose()
 
 
 async def test_slow_card_on_the_fake() -> None:
