@@ -34,6 +34,7 @@ class ReserveEntry:
     idempotency_key: str
     expires_at_ms: int
     flow: Flow
+    created_at_ms: int = 0  # Redis' clock when the hold was made (0: not said)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,7 @@ def parse_entry(fields: Mapping[Any, Any]) -> ReserveEntry | ReleaseEntry:
         unit_price=integer("unit_price", 1), amount=integer("amount", 1),
         currency=text("currency").lower(), idempotency_key=text("idempotency_key"),
         expires_at_ms=integer("expires_at", 0), flow=flow,
+        created_at_ms=integer("created_at", 0) if f.get("created_at") else 0,
     )
     if entry.amount != entry.unit_price * entry.quantity:
         raise BadEntry("amount is not unit_price * quantity")

@@ -61,8 +61,9 @@ from checkout.payment_types import Flow, Gateway, GatewayError, Intent, IntentSt
 from checkout.retry import NotYet
 from dropserver.observability import bind
 
-__all__ = ["ORDER_COLUMNS", "OrderProcessor", "hold_paid", "order_columns", "publish_user",
-           "publish_user_once", "release_hold"]
+__all__ = ["ORDER_COLUMNS", "REBUILD_LOCK_NS", "OrderProcessor", "hold_paid", "insert_orders",
+           "lock_key", "order_columns", "publish_user", "publish_user_once",
+           "release_hold"]
 
 log = logging.getLogger("dropserver.orders")
 
@@ -136,6 +137,63 @@ async def release_hold(redis: Any, hold_id: str, reason: OrderState | str = "fai
     from checkout import holds
 
     await holds.release(redis, hold_id, OrderState(reason).value)
+
+
+# ---------------------------------------------------------------------------
+# recording holds: the order worker and the hold journal, against a rebuild
+# ---------------------------------------------------------------------------
+# Order inserts take this lock shared per drop; recovery takes it exclusively while it
+# records the time of its read and reads the drop's orders (checkout/recovery.py).
+REBUILD_LOCK_NS = 0x686F6C64  # "hold"
+
+
+def lock_key(drop_id: int) -> int:
+    """The second key of a drop's advisory lock (PostgreSQL's two-int form)."""
+    return int(drop_id) % 2_147_483_647
+
+
+async def insert_orders(conn: asyncpg.Connection, rows: list[tuple]) -> None:
+    """Insert holds as ``orders`` rows, once each (``ON CONFLICT DO NOTHING``); call in
+    a transaction. A row is ``(public_id, drop_id, product_id, user_id, quantity,
+    buyer_number, unit_price, amount, currency, idempotency_key, expires_at_ms, flow,
+    created_at_ms, state, released)``.
+
+    A hold made before recovery last read its drop's orders (``drop_rebuilds``) and
+    arriving only now is one the rebuilt Redis does not count and may have sold
+    again: it is recorded ``failed`` with ``released = 'lost'`` (never counted, its
+    buyer told). The shared lock makes every insert land either before the read or
+    after its record."""
+    if not rows:
+        return
+    cols = list(zip(*rows, strict=True))
+    drops = sorted({lock_key(d) for d in cols[1]})
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock_shared($1, d) FROM unnest($2::int[]) AS d",
+        REBUILD_LOCK_NS, drops)
+    await conn.execute(
+        "INSERT INTO users (id) SELECT DISTINCT unnest($1::text[]) ON CONFLICT DO NOTHING",
+        list(cols[3]))
+    await conn.execute(
+        """INSERT INTO orders (public_id, drop_id, product_id, user_id, quantity,
+               buyer_number, unit_price, amount, currency, idempotency_key,
+               hold_expires_at, payment_flow, state, released)
+           SELECT t.public_id, t.drop_id, t.product_id, t.user_id, t.quantity,
+                  t.buyer_number, t.unit_price, t.amount, t.currency, t.idempotency_key,
+                  to_timestamp(t.expires_ms::double precision / 1000), t.flow,
+                  CASE WHEN g.lost THEN 'failed' ELSE t.state END,
+                  CASE WHEN g.lost THEN 'lost' ELSE t.released END
+           FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::int[],
+                       $6::int[], $7::bigint[], $8::bigint[], $9::text[], $10::text[],
+                       $11::bigint[], $12::text[], $13::bigint[], $14::text[],
+                       $15::text[])
+                AS t(public_id, drop_id, product_id, user_id, quantity, buyer_number,
+                     unit_price, amount, currency, idempotency_key, expires_ms, flow,
+                     created_ms, state, released)
+           CROSS JOIN LATERAL (
+               SELECT t.created_ms > 0 AND EXISTS (
+                   SELECT 1 FROM drop_rebuilds r
+                   WHERE r.drop_id = t.drop_id AND r.read_at_ms > t.created_ms) AS lost) g
+           ON CONFLICT DO NOTHING""", *[list(c) for c in cols])
 
 
 # ---------------------------------------------------------------------------
@@ -237,22 +295,13 @@ class OrderProcessor:
                  int(e["quantity"]), int(e["buyer_number"]), int(e["unit_price"]),
                  int(e["amount"]), str(e["currency"]).lower(), e["idempotency_key"],
                  int(e["expires_at"]), e.get("flow") or Flow.CLIENT_CONFIRM.value)
+        created = (e.created_at_ms if isinstance(e, ReserveEntry)
+                   else int(e.get("created_at") or 0))
         released = state.value if state in RELEASED_STATES else None
         async with self.db.acquire() as conn, conn.transaction():
-            await conn.execute("INSERT INTO users (id) VALUES ($1) ON CONFLICT DO NOTHING",
-                               v[3])
-            row = await conn.fetchrow(
-                f"""INSERT INTO orders (public_id, drop_id, product_id, user_id, quantity,
-                        buyer_number, unit_price, amount, currency, idempotency_key,
-                        hold_expires_at, payment_flow, state, released)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
-                            to_timestamp($11::double precision / 1000), $12, $13, $14)
-                    ON CONFLICT (public_id) DO NOTHING
-                    RETURNING {_COLS}""", *v, state.value, released)
-            if row is None:
-                row = await conn.fetchrow(
-                    f"SELECT {_COLS} FROM orders WHERE public_id = $1", v[0])
-            return row
+            await insert_orders(conn, [(*v, created, state.value, released)])
+            return await conn.fetchrow(
+                f"SELECT {_COLS} FROM orders WHERE public_id = $1", v[0])
 
     async def _create_intent(self, order: asyncpg.Record, e: ReserveEntry) -> Intent:
         drop = await self.db.fetchrow(
@@ -335,8 +384,8 @@ class OrderProcessor:
             intent = await self.gateway.retrieve_intent(intent_id)  # the client secret
         async with self.db.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                """SELECT o.state, o.told, p.amount_received, p.amount_refunded, p.currency,
-                          p.last_error
+                """SELECT o.state, o.told, o.released, p.amount_received, p.amount_refunded,
+                          p.currency, p.last_error
                    FROM orders o LEFT JOIN payments p ON p.order_id = o.id
                    WHERE o.id = $1 FOR UPDATE OF o""", order["id"])
             if row["state"] != state.value or row["told"] == state.value:
@@ -529,6 +578,9 @@ def _event_data(state: OrderState, row: Mapping[str, Any],
     if state is S.PAID:
         return {"amount": row["amount_received"], "currency": (row["currency"] or "").strip()}
     if state is S.FAILED:
+        if row["released"] == "lost":
+            return {"reason": "hold_lost", "message": "the hold was lost in a server "
+                    "failure and its unit sold again; nothing was charged"}
         if row["last_error"]:
             message = (intent.error_message if intent is not None and intent.error_message
                        else "the payment failed")

@@ -6,6 +6,7 @@ stops them. Objects on ``app.state``: ``payments_gateway``, ``order_processor``,
 ``order_workers``, ``campaign_loop``.
 
 Routes: ``POST /v1/webhooks/stripe`` (signature-verified, see checkout/webhooks.py);
+``GET /v1/orders/{order_id}`` (the order as PostgreSQL has it);
 ``POST /v1/orders/{order_id}/refund`` (an admin or the drop's creator refunds a paid
 order in full); ``POST /v1/dev/orders/{order_id}/confirm`` (fake gateway only:
 Stripe.js stand-in; mounted only under ``dropserver dev`` or with
@@ -88,6 +89,42 @@ async def fake_confirm(request: Request) -> JSONResponse:
     result = await state.order_processor.apply_intent(order, intent)
     return JSONResponse({"order_id": order["public_id"], "state": result.value,
                          "status": intent.status.value, "error": intent.error_code})
+
+
+async def get_order(request: Request) -> JSONResponse:
+    """An order as PostgreSQL has it: what a buyer reads after a reconnect (private
+    events are best effort). The buyer, the drop's creator or an admin; anyone else
+    gets the same 404 as for an unknown order. The client secret goes to the buyer
+    only, while the payment is pending."""
+    from checkout.orders import order_columns
+    from dropserver.auth import require
+    from dropserver.errors import NotFound
+
+    state = request.app.state
+    who = await require(request)
+    row = await state.db.fetchrow(
+        f"SELECT {order_columns('o')}, d.creator_id, p.intent_id, p.status AS pay_status, "
+        "p.amount_received, p.amount_refunded FROM orders o "
+        "JOIN drops d ON d.id = o.drop_id LEFT JOIN payments p ON p.order_id = o.id "
+        "WHERE o.public_id = $1", request.path_params["order_id"])
+    if row is None or not (row["user_id"] == who.user_id or who.can_manage(row["creator_id"])):
+        raise NotFound("no such order", code="order_not_found")
+    payment = None
+    if row["intent_id"] is not None:
+        payment = {"status": row["pay_status"], "intent_id": row["intent_id"],
+                   "amount_received": row["amount_received"],
+                   "amount_refunded": row["amount_refunded"]}
+        if row["state"] == "payment_pending" and row["user_id"] == who.user_id:
+            intent = await state.payments_gateway.retrieve_intent(row["intent_id"])
+            payment["client_secret"] = intent.client_secret
+    return JSONResponse({
+        "order_id": row["public_id"], "drop_id": row["drop_id"],
+        "product_id": row["product_id"], "state": row["state"],
+        "released": row["released"], "quantity": row["quantity"],
+        "buyer_number": row["buyer_number"], "amount": row["amount"],
+        "currency": row["currency"].strip(), "flow": row["payment_flow"],
+        "hold_expires_at": int(row["hold_expires_at"].timestamp() * 1000),
+        "payment": payment})
 
 
 async def refund_order(request: Request) -> JSONResponse:
@@ -177,6 +214,7 @@ async def shutdown(app: Starlette) -> None:
 part = Component(
     name="checkout.payments",
     routes=[Route("/v1/webhooks/stripe", stripe_webhook, methods=["POST"]),
+            Route("/v1/orders/{order_id}", get_order, methods=["GET"]),
             Route("/v1/orders/{order_id}/refund", refund_order, methods=["POST"]),
             Route("/v1/dev/orders/{order_id}/confirm", fake_confirm, methods=["POST"])],
     startup=startup,

@@ -124,9 +124,35 @@ def _ms(ts: Any) -> int:
     return int(ts.timestamp() * 1000)
 
 
-async def _read(db: asyncpg.Pool, drop_id: int) -> tuple[Any, list, list] | None:
-    async with db.acquire() as conn, conn.transaction(isolation="repeatable_read",
-                                                      readonly=True):
+async def _read(db: asyncpg.Pool, drop_id: int, *,
+                mark: bool = False) -> tuple[Any, list, list] | None:
+    """The drop, its products and its orders in one snapshot. ``mark`` (a rebuild):
+    first wait for order inserts of the drop in flight (the advisory lock they take
+    shared) and record the read in ``drop_rebuilds``, so an order for a hold made
+    before this read that lands after it is recorded lost, never counted
+    (checkout.orders.insert_orders)."""
+    from checkout.orders import REBUILD_LOCK_NS, lock_key
+
+    async with db.acquire() as conn:
+        if not mark:
+            return await _read_on(conn, drop_id)
+        await conn.execute("SELECT pg_advisory_lock($1, $2)", REBUILD_LOCK_NS,
+                           lock_key(drop_id))
+        try:
+            if await conn.fetchval("SELECT state FROM drops WHERE id = $1",
+                                   drop_id) not in LIVE_DROP_STATES:
+                return None
+            await conn.execute(
+                "INSERT INTO drop_rebuilds (drop_id, read_at_ms) VALUES ($1, $2) "
+                "ON CONFLICT DO NOTHING", drop_id, int(time.time() * 1000))
+            return await _read_on(conn, drop_id)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1, $2)", REBUILD_LOCK_NS,
+                               lock_key(drop_id))
+
+
+async def _read_on(conn: asyncpg.Connection, drop_id: int) -> tuple[Any, list, list] | None:
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
         drop = await conn.fetchrow(
             "SELECT id, state, currency, kind, max_holds_per_user FROM drops WHERE id = $1",
             drop_id)
@@ -264,7 +290,7 @@ async def rebuild(db: asyncpg.Pool, redis: Redis, drop_id: int, *,
             return False
         # Order rows the payments worker is writing right now land before we read.
         await asyncio.sleep(grace_ms / 1000)
-        found = await _read(db, drop_id)
+        found = await _read(db, drop_id, mark=True)
         if found is None:
             return False
         drop, products, orders = found

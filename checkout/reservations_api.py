@@ -5,11 +5,13 @@
   ...}; ``cancel_hold`` {hold_id} -> {hold_id, state, remaining}.
 * HTTP: ``POST /v1/drops/{id}/buy``, ``GET /v1/holds/{hold_id}``,
   ``DELETE /v1/holds/{hold_id}`` (docs/http-api.md, section Checkout).
-* Background, in every process: the hold sweeper and the recovery check.
+* Background, in every process: the hold sweeper, the recovery check and the
+  reconciler (checkout/reconcile.py).
 
 After a buy the answer goes straight back on the socket (one Redis round trip), with
-the buyer's private ``order.held`` in the same message; what others see is sent off
-the hot path by :class:`Notifier`: ``order.held`` for the buyer's other sockets
+the buyer's private ``order.held`` in the same message; the new hold is also queued
+for PostgreSQL (:mod:`checkout.journal`, so a Redis loss cannot take it); what others
+see is sent off the hot path by :class:`Notifier`: ``order.held`` for the buyer's other sockets
 (auto-pipelined with the buys; the socket that bought is skipped), the drop's
 ``stock`` (volatile, at most one per ``DROPSERVER_STOCK_COALESCE_MS`` per process and
 drop), and the drops package's sold-out / back-in-stock transitions.
@@ -31,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from checkout import defense, holds, inventory, recovery
+from checkout import defense, holds, inventory, journal, reconcile, recovery
 from checkout.defense import BuyAttempt, BuyLimits
 from checkout.holds import Reason, ReleaseResult, Sweeper
 from checkout.redis_pipe import AutoPipeline
@@ -187,6 +189,9 @@ class Reservations:
         self.sweeper = Sweeper(self.redis, s.hold_sweep_interval, self.on_release)
         self.recovery = recovery.RecoveryLoop(self.db, self.redis, s.recovery_interval,
                                               s.recovery_grace_ms)
+        self.reconciler = (reconcile.Reconciler(self.db, self.redis, s.reconcile_interval)
+                           if s.reconcile_interval > 0 else None)
+        self.journal = journal.HoldJournal(self.db)
         self._not_live: dict[int, float] = {}
         self._loading: dict[int, asyncio.Task] = {}
 
@@ -280,6 +285,7 @@ async def buy(app: Any, who: Principal, drop_id: int, data: dict[str, Any], *, i
         tally(_REPLAYED)
         return hold, hold.reply(), None
     tally(_HELD)
+    res.journal.add(journal.row_for(hold, req, res.hold_ttl_ms))
     held = {"order_id": hold.hold_id, "product_id": product_id,
             "buyer_number": hold.buyer_number, "expires_at": hold.expires_at,
             "amount": hold.amount, "currency": hold.currency}
@@ -372,8 +378,11 @@ async def startup(app: Starlette) -> None:
     app.state.commands["buy"] = ws_buy
     app.state.commands["cancel_hold"] = ws_cancel_hold
     res.notifier.start()
+    res.journal.start()
     res.sweeper.start()
     res.recovery.start()
+    if res.reconciler is not None:
+        res.reconciler.start()
 
 
 async def shutdown(app: Starlette) -> None:
@@ -381,8 +390,11 @@ async def shutdown(app: Starlette) -> None:
     if res is None:
         return
     await res.recovery.stop()
+    if res.reconciler is not None:
+        await res.reconciler.stop()
     await res.sweeper.stop()
     await res.notifier.stop()
+    await res.journal.stop()
     await res.batcher.aclose()
     await res.hot_redis.aclose()
 

@@ -245,7 +245,10 @@ class LocalServices:
 
     def start_service(self, name: str, timeout: float = 30.0) -> None:
         """Start a server :meth:`stop_service` stopped, on the same port and (for
-        PostgreSQL) with the same data; returns once it accepts connections."""
+        PostgreSQL) with the same data; returns once it accepts connections. The
+        server dies with the *thread* that starts it (``--pdeathsig`` follows the
+        parent thread): call this from one that outlives it, not a short-lived pool
+        thread (``asyncio.to_thread``)."""
         assert self.root is not None
         if self._procs[name].poll() is None:
             raise ServiceError(f"{name} is running")

@@ -163,6 +163,10 @@ class Settings:
     recovery_grace_ms: int = _env("DROPSERVER_RECOVERY_GRACE_MS", 1000,
                                   "Wait before reading PostgreSQL in a rebuild, so "
                                   "order writes in flight land first.")
+    reconcile_interval: float = _env("DROPSERVER_RECONCILE_INTERVAL", 10.0,
+                                     "Seconds between comparisons of Redis' holds and "
+                                     "counters with PostgreSQL, repairing what differs "
+                                     "(0 disables).")
     payment_gateway: str = _env("DROPSERVER_PAYMENT_GATEWAY", "", "Payment gateway: "
                                 "`stripe` or `fake`. Empty: `fake` under `dropserver dev` "
                                 "(or with DROPSERVER_UNSAFE_FAKE_PAYMENTS=1), else `stripe`.",
@@ -185,8 +189,9 @@ class Settings:
                                     "Pending order entries idle this long are re-claimed "
                                     "from a consumer that died.")
     order_max_attempts: int = _env("DROPSERVER_ORDER_MAX_ATTEMPTS", 5,
-                                   "Tries of a failing order entry before it goes to the "
-                                   "dead-letter stream orders:dead.")
+                                   "Tries of an order entry failing with an error that is "
+                                   "not an outage before it goes to the dead-letter "
+                                   "stream orders:dead (outages are waited out).")
     campaign_check_interval: float = _env("DROPSERVER_CAMPAIGN_CHECK_INTERVAL", 5.0,
                                           "Seconds between checks for campaign deadlines.")
 

@@ -24,6 +24,7 @@ quiet and returns a :class:`FaultReport` with the broken invariants
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -71,6 +72,9 @@ class Rig:
         self.hold_ttl = hold_ttl
         self.extra_env = env or {}
         self.services = LocalServices()
+        # A restarted server dies with the thread that started it (setpriv
+        # --pdeathsig): one thread for the rig's life, not the event loop's pool.
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, "rig-services")
         self.stub = StripeStub()
         self.server: subprocess.Popen | None = None
         self.port = 0
@@ -90,6 +94,12 @@ class Rig:
         self.stop_server()
         self.stub.stop()
         self.services.stop()
+        self.executor.shutdown()
+
+    async def fault(self, action: str, name: str) -> None:
+        """``stop`` or ``start`` one of the rig's servers (``redis``, ``postgres``)."""
+        fn = self.services.stop_service if action == "stop" else self.services.start_service
+        await asyncio.get_running_loop().run_in_executor(self.executor, fn, name)
 
     def __enter__(self) -> Rig:
         return self.start()
@@ -185,6 +195,18 @@ class Rig:
             return ""
 
     # -- clients ------------------------------------------------------------------
+    async def read_order(self, user: str, order_id: str) -> dict | None:
+        """``GET /v1/orders/{id}`` as its buyer (None while the server cannot say)."""
+        import httpx
+
+        try:
+            async with httpx.AsyncClient(base_url=self.base_url, timeout=10) as http:
+                r = await http.get(f"/v1/orders/{order_id}",
+                                   headers={"Authorization": f"Bearer {self.token(user)}"})
+        except httpx.HTTPError:
+            return None
+        return r.json() if r.status_code == 200 else None
+
     def token(self, user: str, role: Role = Role.VIEWER) -> str:
         return issue_token(self.settings, user, role)
 
@@ -206,7 +228,9 @@ class Rig:
                 "title": "fault rush", "products": [
                     {"title": "item", "price": price, "units": units,
                      "per_buyer_limit": per_buyer_limit}]})
-            resp.raise_for_status()
+            if resp.status_code != 201:
+                raise RuntimeError(f"POST /v1/drops: {resp.status_code} {resp.text}\n"
+                                   f"{self.log_tail()}")
             drop = resp.json()
             drop_id, product_id = drop["id"], drop["products"][0]["product_id"]
             starts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 300))
@@ -227,6 +251,7 @@ class _Socket:
         self.on_event = on_event
         self.pending: dict[str, asyncio.Future] = {}
         self.ids = 0
+        self.closed = False  # the server closed it (a killed worker, a resync)
         self.reader = asyncio.create_task(self._read())
 
     @classmethod
@@ -246,6 +271,9 @@ class _Socket:
             async for raw in self.ws:
                 message = json.loads(raw)
                 for frame in message if isinstance(message, list) else [message]:
+                    if frame.get("t") == "ping":  # the gateway's heartbeat
+                        await self.ws.send('{"t": "pong"}')
+                        continue
                     if frame.get("t") == "private":
                         self.on_event(frame.get("event"), frame.get("data") or {})
                     fut = self.pending.pop(str(frame.get("id")), None)
@@ -254,6 +282,7 @@ class _Socket:
         except websockets.ConnectionClosed:
             pass
         finally:
+            self.closed = True
             for fut in self.pending.values():
                 if not fut.done():
                     fut.set_exception(ConnectionError("socket closed"))
@@ -379,30 +408,52 @@ class Rush:
             if b.cancels:
                 await self._command(b, box, {"t": "cancel_hold", "hold_id": hold_id})
             elif b.flow == "client_confirm":
-                await self._pay_in_stripe_js(b, hold_id)
+                await self._pay_in_stripe_js(b, hold_id, box)
             # stay connected to hear the outcome; the rush's owner closes the sockets
             self._sockets.append(box[0])
+            self._owner[id(box[0])] = b.user
         except BaseException:
             await box[0].close()
             raise
 
-    async def _pay_in_stripe_js(self, b: Buyer, hold_id: str) -> None:
-        """Wait for order.payment, then confirm the intent with the stub (Stripe.js)."""
+    async def _pay_in_stripe_js(self, b: Buyer, hold_id: str, box: list) -> None:
+        """Wait for order.payment, then confirm the intent with the stub (Stripe.js).
+        A socket the server closed is opened again, and the order read over HTTP (as
+        the viewer page does): events sent meanwhile were not heard."""
         deadline = time.monotonic() + self.pay_within
+        next_read = 0.0
         while time.monotonic() < deadline:
-            for event, data in list(b.events):
-                if event == "order.payment" and data.get("order_id") == hold_id:
-                    with contextlib.suppress(Exception):
-                        self.rig.stub.confirm_as_buyer(data["intent_id"], "pm_card_visa")
-                        b.paid_via_stub = True
-                    return
+            intent_id = next((d["intent_id"] for e, d in list(b.events)
+                              if e == "order.payment" and d.get("order_id") == hold_id),
+                             None)
+            if box[0].closed:
+                await box[0].close()
+                b.reconnects += 1
+                box[0] = await self._connect(b)
+                next_read = 0.0
+            if intent_id is None and b.reconnects and time.monotonic() >= next_read:
+                next_read = time.monotonic() + 2.0
+                order = await self.rig.read_order(b.user, hold_id)
+                if order and order["state"] == "payment_pending" and order["payment"]:
+                    intent_id = order["payment"]["intent_id"]
+                elif order and order["state"] != "held":
+                    return  # it ended without us (expired, failed...)
+            if intent_id is not None:
+                with contextlib.suppress(Exception):
+                    self.rig.stub.confirm_as_buyer(intent_id, "pm_card_visa")
+                    b.paid_via_stub = True
+                return
             await asyncio.sleep(0.05)
         b.notes.append("no order.payment within the payment window")
 
     _sockets: list[_Socket]
 
+    def sockets_of(self, b: Buyer) -> list[_Socket]:
+        return [s for s in self._sockets if self._owner.get(id(s)) == b.user]
+
     async def __aenter__(self) -> Rush:
         self._sockets = []
+        self._owner: dict[int, str] = {}
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -423,6 +474,7 @@ class FaultReport:
     rush: Any = None  # the Rush itself, for a closer look
     states: dict[str, int] = field(default_factory=dict)
     dead_letters: int = 0
+    read_over_http: int = 0  # outcomes learnt over HTTP after a closed socket
 
     @property
     def ok(self) -> bool:
@@ -464,16 +516,19 @@ async def run_fault(rig: Rig, fault: str, *, buyers: int = 60, units: int = 40,
     or ``none``."""
     report = FaultReport(fault=fault)
     drop_id, pid = await rig.selling_drop(units=units)
+    doomed = None
+    if fault == "order_worker_kill":
+        doomed = await _doomed_order_worker(rig)
     async with Rush(rig, drop_id, pid, buyers=buyers, spread=spread, seed=seed) as rush:
         await rush.save_cards()
         rush_task = asyncio.create_task(rush.run())
         await asyncio.sleep(1.0 + fault_at)
         t_fault = time.monotonic()
         if fault == "postgres_down":
-            await asyncio.to_thread(rig.services.stop_service, "postgres")
+            await rig.fault("stop", "postgres")
             before = None
             await asyncio.sleep(outage)
-            await asyncio.to_thread(rig.services.start_service, "postgres")
+            await rig.fault("start", "postgres")
             t_back = time.monotonic()
             report.timings["outage_s"] = round(t_back - t_fault, 2)
             before = await _order_rows(rig, drop_id)
@@ -483,8 +538,8 @@ async def run_fault(rig: Rig, fault: str, *, buyers: int = 60, units: int = 40,
             report.timings["first_order_row_after_return_s"] = round(
                 await _wait(new_row, 30), 3)
         elif fault == "redis_restart":
-            await asyncio.to_thread(rig.services.stop_service, "redis")
-            await asyncio.to_thread(rig.services.start_service, "redis")
+            await rig.fault("stop", "redis")
+            await rig.fault("start", "redis")
             t_back = time.monotonic()
             r = rig.redis()
             try:
@@ -504,9 +559,17 @@ async def run_fault(rig: Rig, fault: str, *, buyers: int = 60, units: int = 40,
                 return victim not in pids and len(pids) == rig.workers
             report.timings["worker_replaced_s"] = round(await _wait(replaced, 30), 3)
         elif fault == "order_worker_kill":
-            out = await _doomed_order_worker(rig, drop_id)
+            assert doomed is not None
+            try:
+                out, _ = await asyncio.wait_for(doomed.communicate(), 60)
+            finally:
+                if doomed.returncode is None:
+                    doomed.kill()
             t_back = time.monotonic()
-            report.timings["doomed_worker"] = out  # type: ignore[assignment]
+            said = out.decode(errors="replace")
+            if doomed.returncode != -signal.SIGKILL:
+                raise AssertionError(f"the order worker was not killed mid-charge: {said}")
+            report.timings["order_worker_killed_after_s"] = round(t_back - t_fault, 2)
         elif fault == "none":
             t_back = time.monotonic()
         else:
@@ -544,7 +607,10 @@ async def _settle_webhooks(rig: Rig, within: float = 60.0) -> None:
 
 
 async def _buyer_outcomes(db: Any, rush: Rush, report: FaultReport) -> None:
-    """Each buyer heard their order's current state once (if their socket stayed up)."""
+    """Each buyer learnt their order's current state: heard it once on a socket that
+    stayed open, or -- when the server closed their socket meanwhile (a killed worker,
+    a resync after Redis restarted) -- read it over HTTP after reconnecting, as the
+    viewer page does. Never heard an outcome twice."""
     states = {r["public_id"]: r["state"] for r in await db.fetch(
         "SELECT public_id, state FROM orders WHERE drop_id = $1", rush.drop_id)}
     for b in rush.buyers:
@@ -557,22 +623,30 @@ async def _buyer_outcomes(db: Any, rush: Rush, report: FaultReport) -> None:
                 report.duplicates.append(f"{b.user} heard {event} {n} times for {hold_id}")
         state = states.get(hold_id)
         want = EVENT_FOR_STATE.get(state or "")
-        if want and not heard.get(want) and not b.reconnects:
-            report.unheard.append(f"{b.user}: order {hold_id} is {state}, the buyer heard "
-                                  f"{dict(heard)}")
+        if not want or heard.get(want):
+            continue
+        closed = b.reconnects or any(s.closed for s in rush.sockets_of(b))
+        if closed:
+            order = await rush.rig.read_order(b.user, hold_id)
+            if order is not None and order["state"] == state:
+                report.read_over_http += 1
+                continue
+        report.unheard.append(f"{b.user}: order {hold_id} is {state}, the buyer heard "
+                              f"{dict(heard)}" + (" and could not read it" if closed
+                                                  else ""))
 
 
-async def _doomed_order_worker(rig: Rig, drop_id: int) -> str:
+async def _doomed_order_worker(rig: Rig) -> asyncio.subprocess.Process:
     """An order worker process in the server's consumer group that SIGKILLs itself
-    between the charge and the commit (tests/order_worker_proc.py)."""
+    between the charge and the commit (tests/order_worker_proc.py); started before the
+    rush and blocked first in line, so it takes the first entry."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.order_worker_proc", rig.services.redis_url,
-        rig.services.database_url, rig.stub.url, "crash-after-intent",
+        rig.services.database_url, rig.stub.url, "crash-after-intent", "20000",
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-    return f"rc={proc.returncode} {out.decode(errors='replace').strip()[-200:]}"
-
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 60)
+    if not line.startswith(b"ready"):
+        proc.kill()
+        raise RuntimeError(f"order worker did not start: {line!r}")
+    return proc

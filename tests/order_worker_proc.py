@@ -1,8 +1,11 @@
 """A one-shot order worker process for the crash test (tests/test_orders.py).
 
-``python -m tests.order_worker_proc REDIS_URL DATABASE_URL STRIPE_URL crash-after-intent``
-consumes as consumer ``doomed`` and SIGKILLs itself right after the first PaymentIntent
-exists and before PostgreSQL records it: the worst moment for a crash.
+``python -m tests.order_worker_proc REDIS_URL DATABASE_URL STRIPE_URL crash-after-intent
+[BLOCK_MS]`` consumes as consumer ``doomed`` and SIGKILLs itself right after the first
+PaymentIntent exists and before PostgreSQL records it: the worst moment for a crash.
+It prints ``ready`` once it waits for entries: started before a rush, with a long
+BLOCK_MS, it is first in line for the first entry (Redis serves blocked readers in
+order) even beside a server's own workers (tests/fault_rig.py).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from checkout.payments import Intent, StripeGateway
 from dropserver.db import create_pool
 
 
-async def main(redis_url: str, database_url: str, stripe_url: str, mode: str) -> None:
+async def main(redis_url: str, database_url: str, stripe_url: str, mode: str,
+               block_ms: str = "200") -> None:
     db = await create_pool(database_url, min_size=1, max_size=2)
     redis = aioredis.Redis.from_url(redis_url)
     gateway = StripeGateway("sk_test_x", api_base=stripe_url, max_network_retries=0)
@@ -34,11 +38,13 @@ async def main(redis_url: str, database_url: str, stripe_url: str, mode: str) ->
             print("intent", intent.id, "created; dying", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         proc.after_intent = crash
-    worker = OrderWorker(redis, proc, consumer="doomed", block_ms=200)
+    worker = OrderWorker(redis, proc, consumer="doomed", block_ms=int(block_ms))
+    await worker.refresh_streams(force=True)
+    print("ready", flush=True)
     for _ in range(50):
         await worker.run_once()
     print("no entry arrived", flush=True)
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:5]))
+    asyncio.run(main(*sys.argv[1:6]))

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 import asyncpg
+import httpx
 import pytest
 
 from dropserver.auth import Role
@@ -106,9 +107,11 @@ async def test_payment_as_the_hold_expires_is_refunded_and_recorded_or_refused(
         hold_id = hold["hold_id"]
         await _payment_pending(db, hold_id)
         await asyncio.sleep(max(0.0, hold["expires_at"] / 1000 - time.time() - 1.0))
-        resp = await http.post(f"/v1/dev/orders/{hold_id}/confirm",
-                               headers=bearer(make_token("buyer-a", Role.VIEWER)),
-                               json={"payment_method": "pm_card_slow"})
+        # a fresh connection: the pooled one may hit the server's keep-alive timeout
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=15) as fresh:
+            resp = await fresh.post(f"/v1/dev/orders/{hold_id}/confirm",
+                                    headers=bearer(make_token("buyer-a", Role.VIEWER)),
+                                    json={"payment_method": "pm_card_slow"})
         row = await wait_for(lambda: db.fetchrow(
             "SELECT o.state, o.released, p.status, p.amount_received, p.amount_refunded "
             "FROM orders o JOIN payments p ON p.order_id = o.id WHERE o.public_id = $1 "
@@ -281,3 +284,32 @@ async def test_refunding_an_unpaid_order_is_409(server, http, db, make_token) ->
     r = await http.post(f"/v1/orders/{hold['hold_id']}/refund",
                         headers=bearer(make_token("ops", Role.ADMIN)))
     assert r.status_code == 409 and r.json()["error"]["code"] == "charge_not_refundable"
+
+
+async def test_an_order_can_be_read_over_http(server, http, db, make_token) -> None:
+    """What a buyer reads after a reconnect (private events are best effort): the
+    order as PostgreSQL has it, the client secret while the payment is pending; the
+    drop's creator sees it without the secret; anyone else gets 404."""
+    drop_id, pid, hold = await _hold(server, http, make_token)
+    hold_id = hold["hold_id"]
+    pending = await _payment_pending(db, hold_id)
+    buyer = bearer(make_token("buyer-a", Role.VIEWER))
+    r = await http.get(f"/v1/orders/{hold_id}", headers=buyer)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["state"], body["drop_id"], body["product_id"], body["buyer_number"]) == (
+        "payment_pending", drop_id, pid, hold["buyer_number"])
+    assert body["hold_expires_at"] == hold["expires_at"]
+    assert body["payment"]["intent_id"] == pending["intent_id"]
+    assert body["payment"]["client_secret"].startswith(pending["intent_id"])
+    creator = await http.get(f"/v1/orders/{hold_id}",
+                             headers=bearer(make_token("creator-1", Role.CREATOR)))
+    assert creator.status_code == 200 and "client_secret" not in creator.json()["payment"]
+    other = await http.get(f"/v1/orders/{hold_id}",
+                           headers=bearer(make_token("buyer-z", Role.VIEWER)))
+    assert other.status_code == 404 and other.json()["error"]["code"] == "order_not_found"
+    r = await http.post(f"/v1/dev/orders/{hold_id}/confirm", headers=buyer, json={})
+    assert r.status_code == 200
+    body = (await http.get(f"/v1/orders/{hold_id}", headers=buyer)).json()
+    assert body["state"] == "paid" and body["payment"]["amount_received"] == 4500
+    assert "client_secret" not in body["payment"]

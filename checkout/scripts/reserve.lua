@@ -147,6 +147,6 @@ redis.call('XADD', orders_key, '*', 'type', 'reserve', 'hold_id', hold_id,
   'drop_id', drop_id, 'product_id', product_id, 'user_id', user_id,
   'quantity', quantity, 'buyer_number', buyer_number, 'unit_price', price,
   'amount', amount, 'currency', p[5], 'idempotency_key', idem,
-  'expires_at', expires_at, 'flow', flow)
+  'expires_at', expires_at, 'flow', flow, 'created_at', now)
 return {'ok', hold_id, buyer_number, expires_at, amount, p[5], remaining, 0, 'held',
   quantity, price, flow}
