@@ -2,9 +2,10 @@
 
 Owns a drop's stock in Redis and everything a buy sets off: the reservation (one
 atomic Lua script called by SHA, ``scripts/reserve.lua``), holds and their expiry, bot
-defence, rebuilding Redis from PostgreSQL after a loss, the order workers that turn
-holds into orders and payments, the payment gateway (Stripe, or a deterministic fake),
-Stripe webhooks and campaign drops (authorize now, capture at the deadline).
+defence, rebuilding Redis from PostgreSQL after a loss and reconciling the two after
+any fault, the order workers that turn holds into orders and payments, the payment
+gateway (Stripe, or a deterministic fake), Stripe webhooks and campaign drops
+(authorize now, capture at the deadline).
 PostgreSQL is the source of truth and is written off the hot path. The drops package
 calls :mod:`checkout.inventory`; checkout asks :mod:`drops.actions` to mark a product
 sold out or back in stock. Design: docs/topics/checkout.md, docs/topics/payments.md.
@@ -23,11 +24,23 @@ Modules, in the order to read them:
 * ``reservations_api``: the ``buy`` and ``cancel_hold`` commands, HTTP routes,
   notifications to others, the sweeper and recovery loops.
 * ``recovery``: a drop's Redis state rebuilt from PostgreSQL.
-* ``payments``: the gateway interface, Stripe behind it, and the fake.
-* ``orders``: the order workers: holds in the stream to orders and payments.
+* ``journal``: each acknowledged hold written to PostgreSQL by the process that made it.
+* ``reconcile``: Redis' holds and counters compared with PostgreSQL, repaired.
+* ``payment_types``: intents, charges, refunds, the ``Gateway`` protocol (pure).
+* ``stripe_gateway``: Stripe behind that protocol.
+* ``fake_gateway``: a deterministic gateway held to Stripe's rules.
+* ``payments``: picks the gateway; the names callers import.
+* ``order_entries``: the order stream's entries as typed values (pure).
+* ``order_states``: order states, transitions, what an intent status means (pure).
+* ``retry``: which failures are outages, backoff, one step until done.
+* ``orders``: the order processor: entries, intents, refunds applied; the buyer told.
+* ``campaign_rules``: how long a campaign may run (pure).
+* ``compensations``: undoing an order that cannot go through, step by step.
+* ``dead_letters``: entries given up on, parked, compensated.
+* ``order_worker``: the consumer group loop; outages waited out.
 * ``webhooks``: Stripe webhooks: verify, deduplicate, re-read, apply.
 * ``campaigns``: campaign drops: the goal, the deadline, capture or cancel.
-* ``payments_api``: order workers, gateway and webhook route as mounted.
+* ``payments_api``: order workers, gateway, webhook and order routes as mounted.
 * ``component``: the package as :mod:`dropserver.app` mounts it (reservations, then
   payments).
 """

@@ -96,12 +96,15 @@ async def get_order(request: Request) -> JSONResponse:
     events are best effort). The buyer, the drop's creator or an admin; anyone else
     gets the same 404 as for an unknown order. The client secret goes to the buyer
     only, while the payment is pending."""
+    from checkout.keys import parse_hold_id
     from checkout.orders import order_columns
     from dropserver.auth import require
     from dropserver.errors import NotFound
 
     state = request.app.state
     who = await require(request)
+    if parse_hold_id(request.path_params["order_id"]) is None:
+        raise NotFound("no such order", code="order_not_found")
     row = await state.db.fetchrow(
         f"SELECT {order_columns('o')}, d.creator_id, p.intent_id, p.status AS pay_status, "
         "p.amount_received, p.amount_refunded FROM orders o "
@@ -131,6 +134,7 @@ async def refund_order(request: Request) -> JSONResponse:
     """An admin (or the drop's creator) refunds a paid order in full. Idempotent: a
     refunded order answers its refund again; the refund is recorded as every other
     (``amount_refunded``, ``refunded``, ``order.refunded``, the ledger if settled)."""
+    from checkout.keys import parse_hold_id
     from checkout.orders import order_columns
     from checkout.payments import GatewayError
     from dropserver.auth import Role, require, require_drop_owner
@@ -138,6 +142,8 @@ async def refund_order(request: Request) -> JSONResponse:
 
     state = request.app.state
     who = await require(request, Role.CREATOR, Role.ADMIN)
+    if parse_hold_id(request.path_params["order_id"]) is None:
+        raise NotFound("no such order", code="order_not_found")
     order = await state.db.fetchrow(
         f"SELECT {order_columns('o')}, d.creator_id FROM orders o "
         "JOIN drops d ON d.id = o.drop_id WHERE o.public_id = $1",

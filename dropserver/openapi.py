@@ -320,6 +320,21 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         tag="payments", body=_body({"type": "object"}), params=[{
             "name": "Stripe-Signature", "in": "header", "required": True,
             "schema": STR}]),
+    ("GET", "/v1/orders/{order_id}"): _op(
+        "An order as PostgreSQL has it (the buyer, the drop's creator, an admin)", AUTH,
+        {"200": _json(_obj(
+            ["order_id", "drop_id", "product_id", "state", "released", "quantity",
+             "buyer_number", "amount", "currency", "flow", "hold_expires_at", "payment"],
+            order_id=STR, drop_id=ID, product_id=ID, state=STR, released=_nullable(STR),
+            quantity=INT, buyer_number=INT, amount=MONEY, currency=STR, flow=STR,
+            hold_expires_at=INT, payment={"type": ["object", "null"], "properties": {
+                "status": STR, "intent_id": STR, "amount_received": MONEY,
+                "amount_refunded": MONEY, "client_secret": STR}}))}, tag="payments"),
+    ("POST", "/v1/orders/{order_id}/refund"): _op(
+        "Refund a paid order in full (an admin or the drop's creator)", AUTH,
+        {"200": _json(_obj(["order_id", "state", "amount_refunded", "currency"],
+                           order_id=STR, state={"const": "refunded"},
+                           amount_refunded=MONEY, currency=STR))}, tag="payments"),
     ("POST", "/v1/dev/orders/{order_id}/confirm"): _op(
         "Fake gateway only (dropserver dev, DROPSERVER_UNSAFE_FAKE_PAYMENTS): confirm as "
         "Stripe.js would", AUTH, {"200": _json(_obj(
