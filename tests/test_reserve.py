@@ -56,7 +56,8 @@ async def test_reserve_takes_stock_records_hold_and_appends_order(r):
         "type": "reserve", "hold_id": hold.hold_id, "drop_id": "1", "product_id": "5",
         "user_id": "u1", "quantity": "1", "buyer_number": "1", "unit_price": "1999",
         "amount": "1999", "currency": "eur", "idempotency_key": "k1",
-        "expires_at": str(hold.expires_at), "flow": "client_confirm"}
+        "expires_at": str(hold.expires_at), "flow": "client_confirm",
+        "created_at": str(hold.expires_at - TTL)}
     second = await buy(r, "u2", "k1")
     assert second.buyer_number == 2 and second.remaining == 8
 
