@@ -265,7 +265,9 @@ class Room:
         self.conns.add(conn)
         if conn.principal is not None and conn.principal.can_manage(conn.creator_id or ""):
             self.staff.add(conn)  # not a viewer (realtime.presence)
-        if self.chat or self.big:
+        # The next chat batch must skip what the answer had: the open batch's chat, or
+        # events the answer read from Redis before they reached this room.
+        if self.chat or (epoch == self.position.epoch and offset > self.position.offset):
             self._fresh[conn] = (epoch, offset)
 
     def discard(self, conn: Connection) -> None:

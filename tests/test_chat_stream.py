@@ -175,3 +175,21 @@ async def test_small_rooms_get_each_message_at_once():
         await settle()
     for s in socks:
         assert len(s.got) == 3 and offsets(s.frames()) == [1, 2, 3]
+
+
+async def test_a_join_answered_ahead_of_the_room_does_not_get_those_events_twice():
+    """A join answered from Redis can include events still on their way to the room
+    (on another connection): the chat batch that carries them skips them for it."""
+    room, socks = make_room(2, chat_batch_ms=200)
+    room.on_publication(chat(1))
+    await asyncio.sleep(0.25)
+    ahead = Sock(user="ahead")
+    room.joined(ahead.conn, "e1", 3)  # its answer had offsets 2 and 3 already
+    for offset in (2, 3, 4):
+        room.on_publication(chat(offset))
+    await asyncio.sleep(0.3)
+    assert offsets(ahead.frames()) == [4]
+    assert offsets(socks[0].frames()) == [1, 2, 3, 4]
+    plain = Sock(user="plain")
+    room.joined(plain.conn, "e1", 4)  # up to date: nothing to remember
+    assert plain.conn not in room._fresh
