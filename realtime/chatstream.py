@@ -1,8 +1,9 @@
 """Chat in a big room: a bounded stream, one batch per socket per interval, sampled.
 
-Below ``DROPSERVER_CHAT_BATCH_VIEWERS`` local viewers a chat message is fanned out
-like any durable event. From there on, one chat message would cost one socket write
-per viewer (~15-30 us each on loopback): at 12,500 viewers per process and 50
+Chat always goes out in the bulk lane, after drop events (realtime.room keeps the
+positions in order). Below ``DROPSERVER_CHAT_BATCH_VIEWERS`` local viewers each
+message leaves at once, whole. From there on, one chat message would cost one socket
+write per viewer (~15-30 us each on loopback): at 12,500 viewers per process and 50
 messages a second that is more than a core, in front of BUY NOW. So a big room
 collects its chat here and sends it as one batch per socket at most every
 
@@ -97,7 +98,8 @@ class ChatStream:
     """The open batch of one room (see the module docstring)."""
 
     def __init__(self, *, batch_s: float, budget: float, read_rate: float,
-                 rng: random.Random | None = None) -> None:
+                 min_viewers: int = 0, rng: random.Random | None = None) -> None:
+        self.min_viewers = min_viewers  # below: no interval, no sample
         self.batch_s = batch_s
         self.budget = budget
         self.read_rate = read_rate
@@ -108,14 +110,23 @@ class ChatStream:
     def __bool__(self) -> bool:
         return bool(self.pubs)
 
+    def big(self, viewers: int) -> bool:
+        return viewers >= self.min_viewers
+
     def interval(self, viewers: int) -> float:
-        """Seconds between two batches to a room of ``viewers`` local sockets."""
+        """Seconds between two batches to a room of ``viewers`` local sockets (0 in a
+        small room: each message leaves at once, batched only with the others of its
+        turn of the event loop)."""
+        if not self.big(viewers):
+            return 0.0
         if self.budget > 0:
             return max(self.batch_s, viewers / self.budget)
         return self.batch_s
 
-    def cap(self, viewers: int) -> int:
-        """Messages a batch carries before it is sampled."""
+    def cap(self, viewers: int) -> int | None:
+        """Messages a batch carries before it is sampled (None: all of them)."""
+        if not self.big(viewers):
+            return None
         return max(1, round(self.read_rate * self.interval(viewers)))
 
     def add(self, pub: Publication) -> None:
@@ -128,7 +139,7 @@ class ChatStream:
         if not pubs:
             return None
         cap = self.cap(viewers)
-        chosen = sample(pubs, cap, self._rng)
+        chosen = list(pubs) if cap is None else sample(pubs, cap, self._rng)
         metrics.CHAT_BATCHES.inc()
         if len(chosen) < len(pubs):
             metrics.CHAT_SAMPLED_OUT.inc(len(pubs) - len(chosen))

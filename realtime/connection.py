@@ -22,13 +22,12 @@ is *shed*: replaced by the messages this viewer must always get (its own, the
 creator's and moderators') and a ``skipped`` frame saying up to which position the
 rest was left out (docs/protocol.md); the chat is still in history.
 
-The queue is bounded in bytes (``DROPSERVER_WS_SEND_QUEUE_BYTES``). Coalescable
-events carry a key ("stock", "viewers"): a newer one replaces the queued one in
-place. Over the bound, queued coalescable events are dropped first, then queued chat
-is shed as above; a connection that is still over is closed with
-:data:`CloseCode.SLOW` (4008) and resumes with its last position. A stalled reader
-costs at most the bound plus uvicorn's transport buffer, and never delays anyone
-else (websockets#653, appwrite#13415).
+The queue is bounded in bytes (``DROPSERVER_WS_SEND_QUEUE_BYTES``). Coalescable events
+carry a key ("stock", "viewers"): a newer one replaces the queued one in place. Over
+the bound, queued coalescable events are dropped first; a connection that is still
+over is closed with :data:`CloseCode.SLOW` (4008) and resumes with its last position.
+A stalled reader costs at most the bound plus uvicorn's transport buffer, and never
+delays anyone else (websockets#653, appwrite#13415).
 """
 
 from __future__ import annotations
@@ -203,8 +202,6 @@ class Connection:
                 self._queued_bytes += size
         if self._queued_bytes > self.limit:
             self._shed_coalescable()
-            if self._queued_bytes > self.limit:
-                self._shed_chat()
             if self._queued_bytes > self.limit:
                 self.close_slow()
                 return

@@ -55,4 +55,4 @@ CHAT_SAMPLED_OUT = Counter("dropserver_chat_sampled_out_total",
                            "kept; every message stays in history).")
 CHAT_SHED = Counter("dropserver_chat_shed_total",
                     "Queued chat messages a slow socket did not get (replaced by a "
-                    "`skipped` frame so a drop event goes first, or over its queue bound).")
+                    "`skipped` frame so that a drop event goes first).")

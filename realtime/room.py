@@ -12,10 +12,11 @@ fan-out jobs (realtime.dispatch):
   leave in one message (a batch, docs/protocol.md), in the urgent lane: the events
   of one creator action (``drop.state`` and ``drop.buy_now``, published together)
   reach each socket as one message.
-* **Chat as a bounded stream** in a big room (realtime.chatstream): one batch per
-  interval in the bulk lane. A drop event never waits for chat: the open batch, and
-  what a chat job in progress has not delivered yet, go out *in the drop event's own
-  message*, before it (one write per socket, positions in order).
+* **Chat in the bulk lane**, always (realtime.chatstream): in a small room each
+  message at once, in a big room one sampled batch per interval. A drop event never
+  waits for chat: the chat the room still holds, and what a chat job in progress has
+  not delivered yet, go out *in the drop event's own message*, before it (one write
+  per socket, positions in order).
 * **Coalescing.** ``stock``, ``campaign.progress`` and ``viewers`` reach a socket at
   most once per ``DROPSERVER_STOCK_COALESCE_MS`` / ``..._VIEWERS_COALESCE_MS`` per drop,
   latest wins (``stock`` merges per product). The interval grows with the room: a
@@ -89,7 +90,8 @@ class Room:
         self._outbox_flush: asyncio.Handle | None = None
         s = hub.settings
         self.chat = ChatStream(batch_s=s.chat_batch_ms / 1000, budget=s.chat_budget,
-                               read_rate=s.chat_read_rate, rng=random.Random())
+                               read_rate=s.chat_read_rate,
+                               min_viewers=s.chat_batch_viewers, rng=random.Random())
         self._chat_timer: asyncio.TimerHandle | None = None
         self._chat_job: Job | None = None  # the chat batch being fanned out
         # Sockets that joined since the last chat batch, with the offset their join
@@ -101,8 +103,8 @@ class Room:
 
     @property
     def big(self) -> bool:
-        """Chat goes out in batches (realtime.chatstream)."""
-        return len(self.conns) >= self.hub.settings.chat_batch_viewers
+        """Chat goes out in sampled batches per interval (realtime.chatstream)."""
+        return self.chat.big(len(self.conns))
 
     # -- delivery -----------------------------------------------------------------
     def broadcast(self, frame: dict[str, Any], key: str | None = None) -> int:
@@ -254,7 +256,7 @@ class Room:
         if self.recent and self.recent[-1].epoch != pub.epoch:
             self.recent.clear()  # a new epoch: offsets start again
         self.recent.append(pub)
-        if pub.event == CHAT_EVENT and (self.chat or self.big):
+        if pub.event == CHAT_EVENT:
             self._add_chat(pub)
         else:
             self.queue_durable(protocol.event_frame(pub.event, pub.data, pub.epoch,
