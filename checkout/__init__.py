@@ -33,6 +33,9 @@ Modules, in the order to read them:
 * ``order_entries``: the order stream's entries as typed values (pure).
 * ``order_states``: order states, transitions, what an intent status means (pure).
 * ``retry``: which failures are outages, backoff, one step until done.
+* ``order_rows``: a hold's ``orders`` row, the one insert the worker and the journal
+  share, against a rebuild's read.
+* ``order_events``: what the buyer hears about an order, published once.
 * ``orders``: the order processor: entries, intents, refunds applied; the buyer told.
 * ``campaign_rules``: how long a campaign may run (pure).
 * ``compensations``: undoing an order that cannot go through, step by step.

@@ -33,7 +33,8 @@ import asyncpg
 from prometheus_client import Counter
 
 from checkout.campaign_rules import MAX_CAMPAIGN_SECONDS, CampaignTooLong, check_deadline
-from checkout.orders import OrderProcessor, order_columns
+from checkout.order_rows import order_columns
+from checkout.orders import OrderProcessor
 from checkout.payments import Gateway, GatewayError
 from dropserver.background import Periodic
 

@@ -28,7 +28,7 @@ from typing import Any
 import asyncpg
 from prometheus_client import Counter
 
-from checkout.orders import insert_orders
+from checkout.order_rows import insert_orders
 from checkout.retry import backoff, is_outage
 
 __all__ = ["MAX_PENDING", "HoldJournal", "row_for"]

@@ -48,6 +48,8 @@ from checkout.order_entries import (
     intent_key,
     transfer_group,
 )
+from checkout.order_events import TOLD_TTL_S, event_data, publish_user, publish_user_once
+from checkout.order_rows import insert_orders, order_columns
 from checkout.order_states import (
     OPEN_STATES,
     OUTCOMES,
@@ -61,25 +63,12 @@ from checkout.payment_types import Flow, Gateway, GatewayError, Intent, IntentSt
 from checkout.retry import NotYet
 from dropserver.observability import bind
 
-__all__ = ["ORDER_COLUMNS", "REBUILD_LOCK_NS", "OrderProcessor", "hold_paid", "insert_orders",
-           "lock_key", "order_columns", "publish_user", "publish_user_once",
-           "release_hold"]
+__all__ = ["OrderProcessor", "hold_paid", "publish_user", "release_hold"]
 
 log = logging.getLogger("dropserver.orders")
 
 S = OrderState
 Notify = Callable[[Any, str, str, dict], Awaitable[None]]
-
-ORDER_COLUMNS = ("id", "public_id", "drop_id", "product_id", "user_id", "quantity",
-                 "buyer_number", "unit_price", "amount", "currency", "state",
-                 "payment_flow", "hold_expires_at", "released", "told")
-
-
-def order_columns(alias: str = "") -> str:
-    """The ``orders`` columns every processor method reads, for a SELECT list."""
-    prefix = f"{alias}." if alias else ""
-    return ", ".join(prefix + c for c in ORDER_COLUMNS)
-
 
 _COLS = order_columns()
 _CANCELLABLE = (IntentStatus.REQUIRES_PAYMENT_METHOD, IntentStatus.REQUIRES_CONFIRMATION,
@@ -87,30 +76,8 @@ _CANCELLABLE = (IntentStatus.REQUIRES_PAYMENT_METHOD, IntentStatus.REQUIRES_CONF
 
 
 # ---------------------------------------------------------------------------
-# adapters: the buyer's sockets, reservations' hold
+# adapters: reservations' hold
 # ---------------------------------------------------------------------------
-async def publish_user(redis: Any, user_id: str, event: str, data: dict) -> None:
-    """Contract 1: a private event to all of the buyer's sockets."""
-    from realtime.publish import publish_user as _publish_user
-
-    await _publish_user(redis, user_id, event, data)
-
-
-TOLD_TTL_S = 7 * 24 * 3600  # how long Redis remembers that a buyer was told
-
-
-async def publish_user_once(redis: Any, marker: str, user_id: str, event: str,
-                            data: dict) -> bool:
-    """``publish_user``, unless ``marker`` says it was sent already (``tell.lua``: the
-    marker and the publish in one atomic step). True when published now."""
-    from checkout.scripts import script
-    from realtime.publish import user_message
-
-    channel, message = user_message(user_id, event, data)
-    return bool(await script("tell")(keys=[marker], args=[channel, message, TOLD_TTL_S],
-                                     client=redis))
-
-
 async def hold_paid(redis: Any, hold_id: str) -> OrderState | None:
     """Tell reservations the hold is paid (or authorized) so it stops expiring.
 
@@ -137,63 +104,6 @@ async def release_hold(redis: Any, hold_id: str, reason: OrderState | str = "fai
     from checkout import holds
 
     await holds.release(redis, hold_id, OrderState(reason).value)
-
-
-# ---------------------------------------------------------------------------
-# recording holds: the order worker and the hold journal, against a rebuild
-# ---------------------------------------------------------------------------
-# Order inserts take this lock shared per drop; recovery takes it exclusively while it
-# records the time of its read and reads the drop's orders (checkout/recovery.py).
-REBUILD_LOCK_NS = 0x686F6C64  # "hold"
-
-
-def lock_key(drop_id: int) -> int:
-    """The second key of a drop's advisory lock (PostgreSQL's two-int form)."""
-    return int(drop_id) % 2_147_483_647
-
-
-async def insert_orders(conn: asyncpg.Connection, rows: list[tuple]) -> None:
-    """Insert holds as ``orders`` rows, once each (``ON CONFLICT DO NOTHING``); call in
-    a transaction. A row is ``(public_id, drop_id, product_id, user_id, quantity,
-    buyer_number, unit_price, amount, currency, idempotency_key, expires_at_ms, flow,
-    created_at_ms, state, released)``.
-
-    A hold made before recovery last read its drop's orders (``drop_rebuilds``) and
-    arriving only now is one the rebuilt Redis does not count and may have sold
-    again: it is recorded ``failed`` with ``released = 'lost'`` (never counted, its
-    buyer told). The shared lock makes every insert land either before the read or
-    after its record."""
-    if not rows:
-        return
-    cols = list(zip(*rows, strict=True))
-    drops = sorted({lock_key(d) for d in cols[1]})
-    await conn.execute(
-        "SELECT pg_advisory_xact_lock_shared($1, d) FROM unnest($2::int[]) AS d",
-        REBUILD_LOCK_NS, drops)
-    await conn.execute(
-        "INSERT INTO users (id) SELECT DISTINCT unnest($1::text[]) ON CONFLICT DO NOTHING",
-        list(cols[3]))
-    await conn.execute(
-        """INSERT INTO orders (public_id, drop_id, product_id, user_id, quantity,
-               buyer_number, unit_price, amount, currency, idempotency_key,
-               hold_expires_at, payment_flow, state, released)
-           SELECT t.public_id, t.drop_id, t.product_id, t.user_id, t.quantity,
-                  t.buyer_number, t.unit_price, t.amount, t.currency, t.idempotency_key,
-                  to_timestamp(t.expires_ms::double precision / 1000), t.flow,
-                  CASE WHEN g.lost THEN 'failed' ELSE t.state END,
-                  CASE WHEN g.lost THEN 'lost' ELSE t.released END
-           FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::int[],
-                       $6::int[], $7::bigint[], $8::bigint[], $9::text[], $10::text[],
-                       $11::bigint[], $12::text[], $13::bigint[], $14::text[],
-                       $15::text[])
-                AS t(public_id, drop_id, product_id, user_id, quantity, buyer_number,
-                     unit_price, amount, currency, idempotency_key, expires_ms, flow,
-                     created_ms, state, released)
-           CROSS JOIN LATERAL (
-               SELECT t.created_ms > 0 AND EXISTS (
-                   SELECT 1 FROM drop_rebuilds r
-                   WHERE r.drop_id = t.drop_id AND r.read_at_ms > t.created_ms) AS lost) g
-           ON CONFLICT DO NOTHING""", *[list(c) for c in cols])
 
 
 # ---------------------------------------------------------------------------
@@ -393,7 +303,7 @@ class OrderProcessor:
             event = event_for(state)
             assert event is not None
             body = {"order_id": order["public_id"], "drop_id": order["drop_id"],
-                    "product_id": order["product_id"], **_event_data(state, row, intent)}
+                    "product_id": order["product_id"], **event_data(state, row, intent)}
             marker = keys.told(order["drop_id"], order["public_id"], state.value)
             sent = await self._publish_once(marker, order["user_id"], event, body)
             await conn.execute("UPDATE orders SET told = $2 WHERE id = $1",
@@ -561,31 +471,3 @@ class OrderProcessor:
         if record is None:
             return None
         return await self.record_order(record, state=state)
-
-
-def _event_data(state: OrderState, row: Mapping[str, Any],
-                intent: Intent | None) -> dict[str, Any]:
-    if state in (S.PAYMENT_PENDING, S.AUTHORIZED) and intent is not None:
-        data: dict[str, Any] = {"status": intent.status.value, "intent_id": intent.id,
-                                "amount": intent.amount, "currency": intent.currency}
-        if intent.status in (IntentStatus.REQUIRES_PAYMENT_METHOD,
-                             IntentStatus.REQUIRES_CONFIRMATION,
-                             IntentStatus.REQUIRES_ACTION):
-            data["client_secret"] = intent.client_secret
-        if intent.status is IntentStatus.REQUIRES_CAPTURE:
-            data["status"] = "authorized"
-        return data
-    if state is S.PAID:
-        return {"amount": row["amount_received"], "currency": (row["currency"] or "").strip()}
-    if state is S.FAILED:
-        if row["released"] == "lost":
-            return {"reason": "hold_lost", "message": "the hold was lost in a server "
-                    "failure and its unit sold again; nothing was charged"}
-        if row["last_error"]:
-            message = (intent.error_message if intent is not None and intent.error_message
-                       else "the payment failed")
-            return {"reason": row["last_error"], "message": message}
-        return {"reason": "processing_error", "message": "the order could not be processed"}
-    if state is S.REFUNDED:
-        return {"amount": row["amount_refunded"]}
-    return {}

@@ -97,7 +97,7 @@ async def get_order(request: Request) -> JSONResponse:
     gets the same 404 as for an unknown order. The client secret goes to the buyer
     only, while the payment is pending."""
     from checkout.keys import parse_hold_id
-    from checkout.orders import order_columns
+    from checkout.order_rows import order_columns
     from dropserver.auth import require
     from dropserver.errors import NotFound
 
@@ -135,7 +135,7 @@ async def refund_order(request: Request) -> JSONResponse:
     refunded order answers its refund again; the refund is recorded as every other
     (``amount_refunded``, ``refunded``, ``order.refunded``, the ledger if settled)."""
     from checkout.keys import parse_hold_id
-    from checkout.orders import order_columns
+    from checkout.order_rows import order_columns
     from checkout.payments import GatewayError
     from dropserver.auth import Role, require, require_drop_owner
     from dropserver.errors import NotFound

@@ -131,7 +131,7 @@ async def _read(db: asyncpg.Pool, drop_id: int, *,
     shared) and record the read in ``drop_rebuilds``, so an order for a hold made
     before this read that lands after it is recorded lost, never counted
     (checkout.orders.insert_orders)."""
-    from checkout.orders import REBUILD_LOCK_NS, lock_key
+    from checkout.order_rows import REBUILD_LOCK_NS, lock_key
 
     async with db.acquire() as conn:
         if not mark:

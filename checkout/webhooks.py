@@ -27,8 +27,9 @@ import asyncpg
 import stripe
 from prometheus_client import Counter
 
+from checkout.order_rows import order_columns
 from checkout.order_states import OrderState
-from checkout.orders import OrderProcessor, order_columns
+from checkout.orders import OrderProcessor
 from checkout.payments import Gateway
 
 __all__ = ["WebhookError", "WebhookResult", "handle_event", "verify"]

@@ -74,7 +74,7 @@ async def test_a_hold_arriving_after_a_rebuild_read_is_recorded_lost(
     """PostgreSQL was away when Redis was rebuilt without a hold, which arrives only
     afterwards: its unit may have been sold again, so it is recorded failed (released
     'lost'), not counted, and its buyer told hold_lost."""
-    from checkout.orders import insert_orders
+    from checkout.order_rows import insert_orders
 
     app = server.app
     creator = bearer(make_token("creator-1", Role.CREATOR))
