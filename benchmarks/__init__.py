@@ -16,6 +16,9 @@ run. In the order of the hot paths:
 * :mod:`benchmarks.ingest`: one 720p30 stream's server CPU, publish-to-playlist and
   glass-to-viewer latency.
 * :mod:`benchmarks.startup`: ``dropserver dev`` from launch to ready.
+* :mod:`benchmarks.faults`: every fault of the fault tests in a loop during a rush
+  (PostgreSQL down, Redis restarted empty, workers killed): holds lost, refunds
+  unrecorded, double charges, recovery times.
 
 What they share (not benchmarks themselves):
 

@@ -314,6 +314,8 @@ class Buyer:
     events: list[tuple[str, dict]] = field(default_factory=list)
     reconnects: int = 0         # events sent while disconnected are not heard
     paid_via_stub: bool = False
+    user_no: int = 0
+    confirms_won: int = 0       # confirms that succeeded (never more than one)
     notes: list[str] = field(default_factory=list)
 
 
@@ -326,7 +328,7 @@ class Rush:
                  pay_within: float = 150.0) -> None:
         self.rig, self.drop_id, self.product_id = rig, drop_id, product_id
         rng = random.Random(seed)
-        self.buyers = [Buyer(user=f"d{drop_id}-b{i}",
+        self.buyers = [Buyer(user=f"d{drop_id}-b{i}", user_no=i,
                              flow="off_session" if rng.random() < saved_card_share
                              else "client_confirm",
                              cancels=rng.random() < cancel_share,
@@ -416,6 +418,13 @@ class Rush:
             await box[0].close()
             raise
 
+    def _confirm(self, intent_id: str, card: str) -> bool:
+        try:
+            self.rig.stub.confirm_as_buyer(intent_id, card)
+        except Exception:  # the stub refuses a second confirm (unexpected state)
+            return False
+        return True
+
     async def _pay_in_stripe_js(self, b: Buyer, hold_id: str, box: list) -> None:
         """Wait for order.payment, then confirm the intent with the stub (Stripe.js).
         A socket the server closed is opened again, and the order read over HTTP (as
@@ -439,9 +448,13 @@ class Rush:
                 elif order and order["state"] != "held":
                     return  # it ended without us (expired, failed...)
             if intent_id is not None:
-                with contextlib.suppress(Exception):
-                    self.rig.stub.confirm_as_buyer(intent_id, "pm_card_visa")
-                    b.paid_via_stub = True
+                # a fifth of the buyers tap "pay" twice at once (two cards)
+                cards = ["pm_card_visa", "pm_card_mastercard"][:2 if b.user_no % 5 == 0
+                                                                else 1]
+                wins = await asyncio.gather(*(asyncio.to_thread(self._confirm, intent_id,
+                                                                card) for card in cards))
+                b.confirms_won = sum(wins)
+                b.paid_via_stub = b.confirms_won > 0
                 return
             await asyncio.sleep(0.05)
         b.notes.append("no order.payment within the payment window")
@@ -475,10 +488,13 @@ class FaultReport:
     states: dict[str, int] = field(default_factory=dict)
     dead_letters: int = 0
     read_over_http: int = 0  # outcomes learnt over HTTP after a closed socket
+    double_confirms: int = 0  # orders where two confirms both succeeded (must be 0)
+    confirmed_twice: int = 0  # orders whose buyer tried two confirms at once
 
     @property
     def ok(self) -> bool:
-        return not (self.violations or self.unheard or self.duplicates)
+        return not (self.violations or self.unheard or self.duplicates
+                    or self.double_confirms)
 
     def summary(self) -> str:
         return json.dumps({k: v for k, v in self.__dict__.items() if k != "rush"}, indent=1,
@@ -592,6 +608,9 @@ async def run_fault(rig: Rig, fault: str, *, buyers: int = 60, units: int = 40,
                     "SELECT state FROM orders WHERE drop_id = $1", drop_id)))
             report.dead_letters = await r.xlen("orders:dead")
             await _buyer_outcomes(db, rush, report)
+            report.double_confirms = sum(b.confirms_won > 1 for b in rush.buyers)
+            report.confirmed_twice = sum(b.user_no % 5 == 0 and b.paid_via_stub
+                                         for b in rush.buyers)
         finally:
             await r.aclose()
             await db.close()
