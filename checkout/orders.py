@@ -210,8 +210,13 @@ class OrderProcessor:
         released = state.value if state in RELEASED_STATES else None
         async with self.db.acquire() as conn, conn.transaction():
             await insert_orders(conn, [(*v, created, state.value, released)])
-            return await conn.fetchrow(
+            row = await conn.fetchrow(
                 f"SELECT {_COLS} FROM orders WHERE public_id = $1", v[0])
+        if row is None:
+            # Another order holds this buyer number: a hold Redis issued again after
+            # it lost this one (two faults at once). It cannot be recorded.
+            raise BadEntry(f"buyer number {v[5]} of product {v[2]} is another order's")
+        return row
 
     async def _create_intent(self, order: asyncpg.Record, e: ReserveEntry) -> Intent:
         drop = await self.db.fetchrow(
