@@ -40,9 +40,12 @@ Redis, the drop's lock ``{drop:D}:reconcile`` (one process per drop and round), 
 
 4. when the drop was quiet while it read (no entry in flight, the stream's length and
    every buyer counter unchanged from before the PostgreSQL read to after it) and no
-   hold needed a repair, compares each product's ``remaining``, units per buyer and open
-   holds per buyer with the plan and sets them (``counters``), in a script that checks
-   again that nothing moved.
+   hold needed a repair, recomputes each product's ``remaining``, units per buyer and
+   open holds per buyer from its holds (which now agree with PostgreSQL) and sets
+   them if they differ (``counters``), in one script that reads every hold and
+   writes nothing if a hold was made meanwhile. (Not from PostgreSQL directly: a
+   payment marked paid in Redis a moment before PostgreSQL records it moves the open
+   holds without moving the stream.)
 
 Every repair is one atomic script or one stream entry, counted by
 ``dropserver_reconcile_repairs_total{kind}`` and logged ("reconciler repaired"
@@ -273,28 +276,19 @@ async def _reconcile(db: asyncpg.Pool, redis: Redis, drop_id: int,
             await repair("hold_lost", hold_id, redis=None, postgres=want)
     if report.repairs or flying or before != after:
         return
-    for p in plan["products"]:
-        pid = p["product_id"]
-        if pid not in pids:
-            continue
-        units = {u: n for u, n in plan["units"].get(pid, {}).items() if n}
-        opened = {u: n for u, n in plan["open"].get(pid, {}).items() if n}
-        raw = await redis.hgetall(keys.product(drop_id, pid))
-        have_units = {_s(k): int(v) for k, v in
-                      (await redis.hgetall(keys.units(drop_id, pid))).items()}
-        have_open = {_s(k): int(v) for k, v in
-                     (await redis.hgetall(keys.open_holds(drop_id, pid))).items()}
-        remaining = int(raw.get(b"remaining", -1))
-        if (remaining, have_units, have_open) == (p["remaining"], units, opened):
-            continue
+    # Counters follow the holds (each of which now agrees with PostgreSQL): set in one
+    # script that reads every hold of the product and writes nothing if a hold was
+    # made since they were listed.
+    for pid in pids:
+        prefix = f"{drop_id}-{pid}-"
+        names = [keys.hold(drop_id, h) for h in held if h.startswith(prefix)]
         result = await script("reconcile_counters")(
             keys=[keys.product(drop_id, pid), keys.units(drop_id, pid),
-                  keys.open_holds(drop_id, pid), keys.orders(drop_id)],
-            args=[int(before[0]), before[1 + pids.index(pid)], p["remaining"],
-                  json.dumps(units or {}), json.dumps(opened or {})], client=redis)
-        if _s(result[0]) == "ok":
-            await repair("counters", f"product {pid}", remaining=remaining,
-                         expected=p["remaining"])
+                  keys.open_holds(drop_id, pid), *names],
+            args=[before[1 + pids.index(pid)]], client=redis)
+        if _s(result[0]) == "fixed":
+            await repair("counters", f"product {pid}", remaining=int(result[1]),
+                         expected=int(result[2]))
 
 
 async def _set_hold(redis: Redis, drop_id: int, record: dict[str, Any], seen: str,

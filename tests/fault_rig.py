@@ -143,9 +143,11 @@ class Rig:
 
     def start_server(self, timeout: float = 60.0) -> None:
         self._log = open(self.log_path, "ab")
-        self.server = subprocess.Popen(
-            [sys.executable, "-m", "dropserver.cli", "dev", "--workers", str(self.workers),
-             "--port", str(self.port)],
+        from dropserver.services import _setpriv
+
+        self.server = subprocess.Popen(  # dies with this thread, however it dies
+            [*_setpriv(as_nobody=False), sys.executable, "-m", "dropserver.cli", "dev",
+             "--workers", str(self.workers), "--port", str(self.port)],
             env=self.server_env(), cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while True:

@@ -239,3 +239,19 @@ async def test_counters_are_set_when_the_drop_is_quiet_only(env) -> None:
     assert await inventory.remaining(r, d) == {p: 1}
     assert await r.hget(keys.units(d, p), "ghost") is None
     await healthy(env)
+
+
+async def test_counters_follow_the_holds(env) -> None:
+    """The state a fault run left (a paid hold still counted as open: its buyer could
+    never hold again): the counters are recomputed from the holds, which agree with
+    PostgreSQL."""
+    hold = await buy(env, "u1", "off_session")
+    await settle(env)
+    d, p, r = env["drop_id"], env["pid"], env["redis"]
+    assert (await holds.get_hold(r, hold))["state"] == "paid"
+    await r.hset(keys.open_holds(d, p), "u1", 1)
+    assert any("open holds per buyer differ" in f for f in await found(env))
+    report = await reconcile_drop(env["db"], r, d)
+    assert repaired(report) == ["counters"]
+    assert await r.hgetall(keys.open_holds(d, p)) == {}
+    await healthy(env)
