@@ -16,11 +16,13 @@ Modules, in the order to read them:
 * ``errors``: the one error format of every 4xx and 5xx answer.
 * ``text``: what counts as storable text (no NUL, no unpaired surrogate); pure.
 * ``http``: JSON bodies and typed field access for HTTP endpoints.
+* ``openapi``: the HTTP API as an OpenAPI 3.1 document, built from the app's routes.
 * ``observability``: structured logs with context, Prometheus metrics.
 * ``db``: the asyncpg pool and versioned migrations (``migrations/``, ``schema.sql``).
 * ``background``: a step run every few seconds until the process stops.
 * ``web``: the viewer's live page and the creator's console, with their assets.
 * ``serve``: one process, or N workers sharing a port; draining.
+* ``lifeline``: a child process dies with its parent, however the parent dies.
 * ``cli``: the ``dropserver`` command: dev, serve, migrate, token, services.
 * ``services``: a local Redis and PostgreSQL for ``dropserver dev`` and the tests.
 * ``_reaper``: cleans up after ``services`` when its parent dies, however it dies.
