@@ -46,6 +46,7 @@ def _broken_handshake(port: int, token: str) -> None:
             pass
 
 
+@pytest.mark.slow  # a real server per format, ~25 s each; test_redact below is quick
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("fmt", ["json", "text"])
 def test_tokens_and_secrets_in_urls_never_reach_the_logs(backends, tmp_path: Path, fmt):
