@@ -15,9 +15,11 @@ Modules, in the order to read them:
 * ``auth``: token verification (PyJWT) and role checks.
 * ``errors``: the one error format of every 4xx and 5xx answer.
 * ``text``: what counts as storable text (no NUL, no unpaired surrogate); pure.
-* ``http``: JSON bodies and typed field access for HTTP endpoints.
-* ``openapi``: the HTTP API as an OpenAPI 3.1 document, built from the app's routes.
-* ``observability``: structured logs with context, Prometheus metrics.
+* ``http``: JSON bodies, typed field access and the input rules every endpoint keeps
+  (ids in paths, text, integers, NUL in URLs).
+* ``openapi``: the HTTP API as an OpenAPI 3.1 document (``GET /openapi.json``).
+* ``observability``: structured logs with context (secrets redacted), Prometheus
+  metrics.
 * ``db``: the asyncpg pool and versioned migrations (``migrations/``, ``schema.sql``).
 * ``background``: a step run every few seconds until the process stops.
 * ``web``: the viewer's live page and the creator's console, with their assets.

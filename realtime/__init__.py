@@ -23,7 +23,8 @@ Modules, in the order to read them:
 * ``connection``: one socket's bounded two-lane send queue; a client that cannot keep
   up is closed.
 * ``gateway``: the ``/ws`` endpoint: accept or refuse, join, commands, drain.
-* ``tokens``: a socket's token over its life: expiry, then ``refresh``.
+* ``tokens``: a socket's token over its life: expiry (the socket becomes a guest's)
+  and ``refresh``.
 * ``asgi``: ``/ws`` served lean under uvicorn (memory per socket, frames below ASGI).
 * ``heartbeat``: pings in slices over the interval; silent sockets closed.
 * ``snapshot``: what a viewer sees on joining, briefly cached per process.
