@@ -284,6 +284,7 @@ class Publisher:
         self._offsets: dict[str, int] = {}
         self._tasks: list[asyncio.Task] = []
         self._closed = False
+        self._closing: asyncio.Task | None = None  # the one close, every caller awaits it
         self.frames = 0
         self.last_media: float | None = None  # time.monotonic() of the newest frame
 
@@ -383,7 +384,7 @@ class Publisher:
             pass
         except Exception:
             log.exception("video ingest failed", extra={"session": self.id})
-            await self.close(lost=True)
+            self.start_close(lost=True)  # not awaited: the close waits for this loop
 
     async def _audio_loop(self, track: Any) -> None:
         try:
@@ -411,7 +412,7 @@ class Publisher:
             if silent >= limit:
                 log.warning("whip publisher silent", extra={
                     "session": self.id, "seconds": round(silent, 1)})
-                await self.close(lost=True)
+                self.start_close(lost=True)  # not awaited: the close cancels this task
                 return
             await asyncio.sleep(min(1.0, limit - silent))
 
@@ -425,36 +426,47 @@ class Publisher:
                 with contextlib.suppress(Exception):  # transport closing
                     await receiver._send_rtcp_pli(source.source)
 
-    async def close(self, *, lost: bool = False) -> None:
-        """Tear down; ``lost`` when the connection failed rather than ended.
+    def start_close(self, *, lost: bool = False) -> asyncio.Task:
+        """Begin closing (once; a later call gets the same close) and return it."""
+        if self._closing is None:
+            self._closed = True
+            self._closing = asyncio.get_running_loop().create_task(
+                self._close(lost), name=f"whip-close-{self.id}")
+        return self._closing
 
-        Every frame received reaches the sink: closing the peer connection ends the
+    async def close(self, *, lost: bool = False) -> None:
+        """Tear down; ``lost`` when the connection failed rather than ended. Returns
+        when the session is closed, also when another caller started the close (a
+        server shutting down waits for a close the connection itself began)."""
+        await asyncio.shield(self.start_close(lost=lost))
+
+    async def _close(self, lost: bool) -> None:
+        """Every frame received reaches the sink: closing the peer connection ends the
         tracks behind the frames they still queue, the loops read those (at most
         :data:`DRAIN_TIMEOUT`), then the complete frames left in the jitter buffers
-        follow (:func:`_leftover_frames`)."""
-        if self._closed:
-            return
-        self._closed = True
+        follow (:func:`_leftover_frames`). A session that never got media has
+        nothing to drain: its loops are cancelled at once."""
         receivers = [(t.kind, t.receiver) for t in self.pc.getTransceivers()]
         with contextlib.suppress(Exception):
             await self.pc.close()
-        me = asyncio.current_task()
-        others = [t for t in self._tasks if t is not me]
+        others = list(self._tasks)
         loops = [t for t in others if t.get_name().startswith("whip-media")]
-        if loops:
+        if loops and self.last_media is not None:
             await asyncio.wait(loops, timeout=DRAIN_TIMEOUT)
         for task in others:
             task.cancel()
-        for task in others:
-            with contextlib.suppress(BaseException):
-                await task
-        for kind, receiver in receivers:
-            try:
-                leftover = _leftover_frames(receiver)
-            except Exception:  # aiortc internals moved: lose the tail, not the session
-                log.exception("whip: cannot read the jitter buffer", extra={"session": self.id})
-                continue
-            add = self._add_video if kind == "video" else self._add_audio
-            for frame in leftover:
-                add(frame)
+        # gather, not a suppressed await per task: a cancellation of this close
+        # itself must not be swallowed.
+        await asyncio.gather(*others, return_exceptions=True)
+        if self.last_media is not None:
+            for kind, receiver in receivers:
+                try:
+                    leftover = _leftover_frames(receiver)
+                except Exception:  # aiortc internals moved: lose the tail, not the session
+                    log.exception("whip: cannot read the jitter buffer",
+                                  extra={"session": self.id})
+                    continue
+                add = self._add_video if kind == "video" else self._add_audio
+                for frame in leftover:
+                    add(frame)
         await self.on_closed(self, lost)

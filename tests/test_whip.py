@@ -300,16 +300,31 @@ async def test_the_documented_ffmpeg_recipe_publishes(whip_server, media_setting
 
 
 @pytest.mark.slow
-async def test_ffmpegs_own_dtls_certificate_fails(whip_server, media_settings, make_token,
+async def test_ffmpegs_own_dtls_certificate_fails(media_settings, make_token,
                                                   tmp_path: Path) -> None:
     """Why the recipe brings a P-256 certificate: without -cert_file/-key_file FFmpeg
     8.1 offers a P-224 one and the DTLS handshake fails. When a later FFmpeg fixes
-    that, this fails and docs/streaming.md can drop the openssl step."""
-    drop_id = await make_drop(media_settings.database_url)
-    status, err = await _run_documented_ffmpeg(whip_server, drop_id,
-                                               make_token(CREATOR, Role.CREATOR), tmp_path,
-                                               own_certificate=False)
-    assert status != 0 and "Input/output error" in err, err
+    that, this fails and docs/streaming.md can drop the openssl step.
+
+    The failed session is still open on the server (FFmpeg sends no DELETE) when it
+    stops: the stop waits for that session's close, already begun by the failed
+    connection, and leaves nothing running (it returned at once and the close went on
+    past the server's end, hanging the test's event loop)."""
+    server, stop = await start_server(media_settings)
+    try:
+        drop_id = await make_drop(media_settings.database_url)
+        status, err = await _run_documented_ffmpeg(
+            server, drop_id, make_token(CREATOR, Role.CREATOR), tmp_path,
+            own_certificate=False)
+        assert status != 0 and "Input/output error" in err, err
+    finally:
+        started = time.monotonic()
+        await stop()
+    assert time.monotonic() - started < 10
+    left = [t.get_name() for t in asyncio.all_tasks()
+            if t is not asyncio.current_task() and not t.done()]
+    assert not [n for n in left if n.startswith("whip-")], left
+    assert server.app.state.streaming.publishers == {}
 
 
 async def test_status_broadcast_and_moments(whip_server, media_settings, make_token) -> None:
