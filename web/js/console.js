@@ -73,12 +73,18 @@ function renderDrop() {
     btn.disabled = !d || (d.allowed_actions !== undefined && !allowed.has(action))
       || (counting && action !== "go_live");
   }
+  renderGoLive();
+  $("publish-btn").disabled = !d || !ui.stream;
+}
+
+/** The Go live button: the countdown (and a way to cancel it) while there is one. */
+function renderGoLive() {
+  const counting = ui.goLive !== null && ui.goLive.dropId === ui.drop?.id;
   const goLive = document.querySelector("[data-action='go_live']");
   goLive.textContent = counting
     ? `Going live in ${Math.max(0, Math.ceil((ui.goLive.at - Date.now()) / 1000))}… (cancel)`
     : "Go live";
-  goLive.disabled = goLive.disabled && !counting;
-  $("publish-btn").disabled = !d || !ui.stream;
+  if (counting) goLive.disabled = false;
 }
 
 function renderStats() {
@@ -241,7 +247,7 @@ async function goLiveFromDraft() {
   const timer = setInterval(() => {
     if (!ui.goLive || ui.goLive.timer !== timer) return;
     if (Date.now() < at) {
-      renderDrop();
+      renderGoLive();
       return;
     }
     clearInterval(timer);
