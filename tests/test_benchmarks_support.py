@@ -22,7 +22,7 @@ BENCHMARKS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py")
 
 
 def test_every_benchmark_is_found():
-    assert BENCHMARKS == ["buy_now", "churn", "fanout", "ingest", "orders", "reserve",
+    assert BENCHMARKS == ["buy_now", "churn", "fanout", "faults", "ingest", "orders", "reserve",
                           "startup"]
 
 
