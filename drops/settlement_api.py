@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from drops import settlement_store
+from drops.actions import mark_settled
 from dropserver.auth import Role, require, require_drop_owner
 from dropserver.component import Component
 from dropserver.errors import Conflict, Forbidden, NotFound, ValidationFailed
@@ -116,8 +117,11 @@ async def settle(request: Request) -> JSONResponse:
     require_drop_owner(who, drop["creator_id"])
     reject_unknown(await read_json(request), ())  # settle takes no fields
     state = request.app.state
-    report = await settlement_store.settle_drop(state.db, state.redis,
-                                                state.payments_gateway, drop_id)
+    open_orders = await settlement_store.settle_drop(state.db, state.payments_gateway,
+                                                     drop_id)
+    await mark_settled(state.db, state.redis, drop_id)  # False when already settled
+    report = await settlement_store.report(state.db, drop_id)
+    report["open_orders_at_settlement"] = open_orders
     return _json(report)
 
 

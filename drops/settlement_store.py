@@ -30,6 +30,7 @@ import asyncpg
 
 from checkout.order_entries import transfer_group
 from checkout.payments import Gateway, GatewayError
+from drops.lifecycle import Action, DropState, IllegalTransition
 from drops.settlement import Sale, Settlement, Split, settle
 
 __all__ = ["compute", "ledger_targets", "pay_out", "post_ledger", "report",
@@ -169,16 +170,14 @@ async def pay_out(db: asyncpg.Pool, gateway: Gateway, drop: dict[str, Any],
                          row["id"], tr.id)
 
 
-async def settle_drop(db: asyncpg.Pool, redis: Any, gateway: Gateway,
-                      drop_id: int) -> dict[str, Any]:
-    """Post the ledger, pay out, and move the drop ended -> settled. Idempotent: a
-    second call re-sends only payouts that did not go out."""
-    from drops.lifecycle import DropState, IllegalTransition
-
+async def settle_drop(db: asyncpg.Pool, gateway: Gateway, drop_id: int) -> int:
+    """Post the ledger and pay out an ended drop; returns how many of its orders were
+    still open (held, pending or authorized) at settlement. Idempotent: a second call
+    re-sends only payouts that did not go out. Moving the drop ``ended -> settled`` is
+    the caller's (:func:`drops.actions.mark_settled`, once this returns): this module
+    does not call the layer above it."""
     drop, s, _ = await compute(db, drop_id)
     if drop["state"] not in (DropState.ENDED, DropState.SETTLED):
-        from drops.lifecycle import Action
-
         raise IllegalTransition(DropState(drop["state"]), Action.SETTLE)
     open_orders = await db.fetchval(
         "SELECT count(*) FROM orders WHERE drop_id = $1 AND state = ANY($2::text[])",
@@ -190,13 +189,7 @@ async def settle_drop(db: asyncpg.Pool, redis: Any, gateway: Gateway,
         "SELECT investor_id, stripe_account_id FROM investor_stakes WHERE drop_id = $1",
         drop_id)}
     await pay_out(db, gateway, drop, s, accounts)
-    if drop["state"] == DropState.ENDED:
-        from drops.actions import mark_settled
-
-        await mark_settled(db, redis, drop_id)
-    out = await report(db, drop_id)
-    out["open_orders_at_settlement"] = open_orders
-    return out
+    return open_orders
 
 
 async def reverse_if_settled(db: asyncpg.Pool, drop_id: int) -> int:

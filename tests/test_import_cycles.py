@@ -15,6 +15,10 @@ A cycle is a strongly connected component of that graph with more than one modul
 ``KNOWN_CYCLES`` lists the ones still being broken, each with the reason and who is
 breaking it; any other cycle fails the test, and so does an entry that no longer
 matches a cycle (its owner removes it when the cycle is gone).
+
+``LAYERS`` names the direction the layers promise (a store does not reach the actions
+and routes above it; the frame writer does not reach the hub or the gateway), checked
+on the same graph, through any chain of imports.
 """
 
 from __future__ import annotations
@@ -181,6 +185,52 @@ def test_no_import_cycles_but_the_known_ones():
     gone = set(KNOWN_CYCLES) - set(found)
     assert not gone, ("KNOWN_CYCLES lists cycles that are no longer there; remove them: "
                       + "; ".join(", ".join(sorted(c)) for c in gone))
+
+
+# Module -> modules it must never reach, directly or through others: the direction the
+# layers promise. A store is called by the actions and routes above it, never the other
+# way; the frame writer and the protocol sit below the hub, the gateway and the ASGI
+# entry that use them.
+LAYERS: dict[str, tuple[str, ...]] = {
+    "drops.store": ("drops.actions", "drops.api", "drops.settlement_api"),
+    "drops.settlement_store": ("drops.actions", "drops.api", "drops.settlement_api"),
+    "realtime.protocol": ("realtime.connection", "realtime.hub", "realtime.gateway",
+                          "realtime.asgi"),
+    "realtime.wire": ("realtime.connection", "realtime.hub", "realtime.gateway",
+                      "realtime.asgi"),
+    "realtime.connection": ("realtime.hub", "realtime.gateway", "realtime.asgi"),
+    "realtime.heartbeat": ("realtime.hub", "realtime.gateway", "realtime.asgi"),
+    "realtime.hub": ("realtime.gateway", "realtime.asgi"),
+}
+
+
+def reaches(graph: Mapping[str, set[str]], module: str) -> set[str]:
+    """Every module ``module`` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        for child in graph[todo.pop()]:
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+    return seen
+
+
+def test_dependencies_point_down():
+    graph = import_graph(ROOT, PACKAGES)
+    wrong = {module: sorted(reaches(graph, module) & set(above))
+             for module, above in LAYERS.items()}
+    wrong = {module: above for module, above in wrong.items() if above}
+    assert not wrong, f"modules that reach a layer above them: {wrong}"
+
+
+def test_a_call_up_is_seen(tmp_path):
+    root = _tree(tmp_path, {"d/__init__.py": "", "d/actions.py": "from d import store\n",
+                            "d/store.py": "def f():\n    from d.helper import g\n",
+                            "d/helper.py": "import d.actions\n"})
+    graph = import_graph(root, ["d"])
+    assert "d.actions" in reaches(graph, "d.store")  # through a function-level import
+    assert reaches(graph, "d.actions") >= {"d.store", "d.helper"}
 
 
 def test_every_product_package_is_read():
