@@ -220,27 +220,19 @@ class Rig:
 
     async def selling_drop(self, *, units: int, per_buyer_limit: int = 1,
                            price: int = 2500) -> tuple[int, int]:
-        """A drop through the creator API: created, scheduled, live, BUY NOW."""
+        """A drop through the creator API: created, scheduled, live, BUY NOW
+        (:func:`benchmarks._buyers.selling_drop`); a refusal says what the server
+        logged."""
         import httpx
 
-        headers = {"Authorization": f"Bearer {self.token('rig-creator', Role.CREATOR)}"}
-        async with httpx.AsyncClient(base_url=self.base_url, headers=headers,
-                                     timeout=30) as http:
-            resp = await http.post("/v1/drops", json={
-                "title": "fault rush", "products": [
-                    {"title": "item", "price": price, "units": units,
-                     "per_buyer_limit": per_buyer_limit}]})
-            if resp.status_code != 201:
-                raise RuntimeError(f"POST /v1/drops: {resp.status_code} {resp.text}\n"
-                                   f"{self.log_tail()}")
-            drop = resp.json()
-            drop_id, product_id = drop["id"], drop["products"][0]["product_id"]
-            starts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 300))
-            for action, body in (("schedule", {"starts_at": starts}), ("live", {}),
-                                 ("buy-now", {"product_id": product_id})):
-                resp = await http.post(f"/v1/drops/{drop_id}/{action}", json=body)
-                resp.raise_for_status()
-        return drop_id, product_id
+        from benchmarks._buyers import selling_drop
+
+        try:
+            return await selling_drop(self.base_url, self.token("rig-creator", Role.CREATOR),
+                                      units=units, per_buyer_limit=per_buyer_limit,
+                                      price=price)
+        except httpx.HTTPStatusError as exc:
+            raise RuntimeError(f"{exc}: {exc.response.text}\n{self.log_tail()}") from exc
 
 
 # -- the buyers -------------------------------------------------------------------------

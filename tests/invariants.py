@@ -362,3 +362,17 @@ async def check(db: Any, redis: Any, drop_id: int, **kwargs: Any) -> None:
     if found:
         raise AssertionError(f"{len(found)} invariant(s) broken for drop {drop_id}:\n  "
                              + "\n  ".join(found))
+
+
+async def fake_drop_violations(env: Mapping[str, Any]) -> list[str]:
+    """:func:`violations` of a test's drop on the fake gateway: ``env`` holds its
+    ``db``, ``redis``, ``drop_id`` and ``told`` (the holds its buyers were told of)."""
+    return await violations(env["db"], env["redis"], env["drop_id"], acknowledged=env["told"],
+                            payments=await fake_gateway_payments(env["redis"]))
+
+
+async def check_fake_drop(env: Mapping[str, Any]) -> None:
+    """:func:`check` of a test's drop on the fake gateway (see
+    :func:`fake_drop_violations`)."""
+    await check(env["db"], env["redis"], env["drop_id"], acknowledged=env["told"],
+                payments=await fake_gateway_payments(env["redis"]))

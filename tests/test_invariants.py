@@ -18,7 +18,7 @@ from checkout.orders import OrderProcessor
 from checkout.payments import FakeGateway, RedisStore
 from checkout.reserve import BuyRequest, reserve
 from dropserver.db import create_pool
-from tests.invariants import check, fake_gateway_payments, quiesce, violations
+from tests.invariants import check_fake_drop, fake_drop_violations, quiesce, violations
 from tests.payments_fixtures import Recorder, make_drop, save_card
 
 OFF = BuyLimits(per_user=0, per_ip=0, velocity_window_ms=0)
@@ -59,15 +59,8 @@ async def sold(clean_backends) -> AsyncIterator[dict]:
         await db.close()
 
 
-async def _found(env) -> list[str]:
-    return await violations(env["db"], env["redis"], env["drop_id"],
-                            acknowledged=env["told"],
-                            payments=await fake_gateway_payments(env["redis"]))
-
-
 async def test_a_clean_drop_keeps_every_invariant(sold) -> None:
-    await check(sold["db"], sold["redis"], sold["drop_id"], acknowledged=sold["told"],
-                payments=await fake_gateway_payments(sold["redis"]))
+    await check_fake_drop(sold)
     states = sorted(r["state"] for r in await sold["db"].fetch("SELECT state FROM orders"))
     assert states == ["cancelled", "paid", "paid", "payment_pending"]
 
@@ -88,7 +81,7 @@ async def test_a_wrong_buyer_number_is_reported(sold) -> None:
 
 async def test_redis_stock_off_by_one_is_reported(sold) -> None:
     await sold["redis"].hincrby(keys.product(sold["drop_id"], sold["pid"]), "remaining", -1)
-    found = await _found(sold)
+    found = await fake_drop_violations(sold)
     assert len(found) == 1 and "Redis has 1 remaining, PostgreSQL 2" in found[0], found
 
 
@@ -108,7 +101,7 @@ async def test_an_unrecorded_refund_is_reported(sold) -> None:
         "SELECT p.intent_id FROM payments p JOIN orders o ON o.id = p.order_id "
         "WHERE o.user_id = 'u0'")
     await sold["gateway"].refund(intent, idempotency_key="r:test")
-    found = await _found(sold)
+    found = await fake_drop_violations(sold)
     assert any("is paid: the gateway keeps [], expected [2500]" in f for f in found), found
     assert any("the gateway refunded 2500, PostgreSQL records 0" in f for f in found)
     assert any("the gateway keeps 2500 for this drop, paid orders are 5000" in f

@@ -18,7 +18,7 @@ from checkout.payments import FakeGateway, RedisStore
 from checkout.reconcile import reconcile_drop
 from checkout.reserve import BuyRequest, reserve
 from dropserver.db import create_pool
-from tests.invariants import check, fake_gateway_payments, quiesce, violations
+from tests.invariants import check_fake_drop, fake_drop_violations, quiesce
 from tests.payments_fixtures import Recorder, make_drop, save_card
 
 OFF = BuyLimits(per_user=0, per_ip=0, velocity_window_ms=0)
@@ -61,17 +61,6 @@ async def settle(env) -> None:
     await env["worker"].stop()
 
 
-async def found(env) -> list[str]:
-    return await violations(env["db"], env["redis"], env["drop_id"],
-                            acknowledged=env["told"],
-                            payments=await fake_gateway_payments(env["redis"]))
-
-
-async def healthy(env) -> None:
-    await check(env["db"], env["redis"], env["drop_id"], acknowledged=env["told"],
-                payments=await fake_gateway_payments(env["redis"]))
-
-
 def repaired(report) -> list[str]:
     return [kind for kind, _what in report.repairs]
 
@@ -87,7 +76,7 @@ async def test_an_agreeing_drop_is_left_alone(env) -> None:
     await settle(env)
     report = await reconcile_drop(env["db"], env["redis"], env["drop_id"])
     assert report.checked and report.repairs == [] and report.in_flight == 0
-    await healthy(env)
+    await check_fake_drop(env)
 
 
 async def test_holds_in_flight_are_not_repaired(env) -> None:
@@ -114,7 +103,8 @@ async def test_an_acknowledged_hold_without_an_order_is_requeued(env) -> None:
     await env["redis"].xgroup_create(stream, GROUP, id="0")
     (_, [(eid, _f)]), = await env["redis"].xreadgroup(GROUP, "lost", {stream: ">"})
     await env["redis"].xack(stream, GROUP, eid)
-    assert any(f"acknowledged hold {hold} has 0 order rows" in f for f in await found(env))
+    found = await fake_drop_violations(env)
+    assert any(f"acknowledged hold {hold} has 0 order rows" in f for f in found), found
     before = metric("order_requeued")
     report = await reconcile_drop(env["db"], env["redis"], env["drop_id"])
     assert repaired(report) == ["order_requeued"]
@@ -122,7 +112,7 @@ async def test_an_acknowledged_hold_without_an_order_is_requeued(env) -> None:
     await settle(env)
     assert (await env["db"].fetchval("SELECT state FROM orders WHERE public_id = $1",
                                      hold)) == "payment_pending"
-    await healthy(env)
+    await check_fake_drop(env)
 
 
 async def test_a_hold_postgres_released_is_released_in_redis(env) -> None:
@@ -132,12 +122,13 @@ async def test_a_hold_postgres_released_is_released_in_redis(env) -> None:
     await settle(env)
     await env["db"].execute("UPDATE orders SET state = 'failed', released = 'failed' "
                             "WHERE public_id = $1", hold)
-    assert any("Redis has 2 remaining, PostgreSQL 3" in f for f in await found(env))
+    found = await fake_drop_violations(env)
+    assert any("Redis has 2 remaining, PostgreSQL 3" in f for f in found), found
     report = await reconcile_drop(env["db"], env["redis"], env["drop_id"])
     assert repaired(report) == ["hold_released"]
     assert await inventory.remaining(env["redis"], env["drop_id"]) == {env["pid"]: 3}
     assert (await holds.get_hold(env["redis"], hold))["state"] == "failed"
-    await healthy(env)
+    await check_fake_drop(env)
 
 
 async def test_a_lost_paid_mark_is_set_again(env) -> None:
@@ -152,7 +143,7 @@ async def test_a_lost_paid_mark_is_set_again(env) -> None:
     assert repaired(report) == ["hold_paid"]
     assert (await holds.get_hold(r, hold))["state"] == "paid"
     assert await r.zcard(keys.expiry(d)) == 0
-    await healthy(env)
+    await check_fake_drop(env)
 
 
 async def _forget_hold(env, hold: str, user: str) -> None:
@@ -178,7 +169,7 @@ async def test_a_hold_redis_lost_is_restored(env) -> None:
     assert (await holds.get_hold(env["redis"], hold))["state"] == "held"
     assert (await holds.get_hold(env["redis"], paid))["state"] == "paid"
     assert await env["redis"].zscore(keys.expiry(env["drop_id"]), hold) is not None
-    await healthy(env)
+    await check_fake_drop(env)
 
 
 async def test_a_lost_hold_whose_unit_sold_again_fails_its_order(env) -> None:
@@ -199,7 +190,7 @@ async def test_a_lost_hold_whose_unit_sold_again_fails_its_order(env) -> None:
     assert (row["state"], row["released"]) == ("failed", "failed")
     assert [e["order_id"] for e in env["rec"].of("order.failed")] == [first]
     # the lost hold has no Redis record to compare; everything else agrees
-    assert await found(env) == []
+    assert await fake_drop_violations(env) == []
 
 
 async def test_a_released_hold_postgres_still_counts_is_requeued(env) -> None:
@@ -220,7 +211,7 @@ async def test_a_released_hold_postgres_still_counts_is_requeued(env) -> None:
         "JOIN payments p ON p.order_id = o.id WHERE o.public_id = $1", hold)
     assert (row["state"], row["released"], row["amount_refunded"]) == (
         "refunded", "expired", 2500)
-    await healthy(env)
+    await check_fake_drop(env)
 
 
 async def test_counters_are_set_when_the_drop_is_quiet_only(env) -> None:
@@ -238,7 +229,7 @@ async def test_counters_are_set_when_the_drop_is_quiet_only(env) -> None:
     assert repaired(report) == ["counters"]
     assert await inventory.remaining(r, d) == {p: 1}
     assert await r.hget(keys.units(d, p), "ghost") is None
-    await healthy(env)
+    await check_fake_drop(env)
 
 
 async def test_counters_follow_the_holds(env) -> None:
@@ -250,8 +241,9 @@ async def test_counters_follow_the_holds(env) -> None:
     d, p, r = env["drop_id"], env["pid"], env["redis"]
     assert (await holds.get_hold(r, hold))["state"] == "paid"
     await r.hset(keys.open_holds(d, p), "u1", 1)
-    assert any("open holds per buyer differ" in f for f in await found(env))
+    found = await fake_drop_violations(env)
+    assert any("open holds per buyer differ" in f for f in found), found
     report = await reconcile_drop(env["db"], r, d)
     assert repaired(report) == ["counters"]
     assert await r.hgetall(keys.open_holds(d, p)) == {}
-    await healthy(env)
+    await check_fake_drop(env)
