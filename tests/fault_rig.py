@@ -15,7 +15,8 @@ is kept: the holds acknowledged to them and every private event.
 
 :func:`run_fault` puts them together: a fresh drop, a rush, a fault in the middle of it
 (stop PostgreSQL for N seconds, restart Redis empty, SIGKILL a server worker, SIGKILL
-an order worker between the charge and the commit), then waits for the pipeline to go
+an order worker between the charge and the commit, SIGKILL the supervisor and start the
+server again), then waits for the pipeline to go
 quiet and returns a :class:`FaultReport` with the broken invariants
 (``tests/invariants.py``), what buyers failed to hear, and the timings. The fault tests
 (tests/test_faults.py) assert on it; ``python -m benchmarks.faults`` repeats it.
@@ -30,6 +31,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,7 +51,8 @@ from dropserver.settings import load_settings
 from tests import invariants
 from tests.stripe_stub import StripeStub
 
-__all__ = ["FaultReport", "Rig", "Rush", "run_fault"]
+__all__ = ["FaultReport", "Rig", "Rush", "alive", "child_map", "port_free", "process_tree",
+           "run_fault"]
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON_PROTOCOL = "dropserver.json.v1"
@@ -484,11 +487,12 @@ class FaultReport:
     read_over_http: int = 0  # outcomes learnt over HTTP after a closed socket
     double_confirms: int = 0  # orders where two confirms both succeeded (must be 0)
     confirmed_twice: int = 0  # orders whose buyer tried two confirms at once
+    orphans: list[str] = field(default_factory=list)  # processes that outlived their tree
 
     @property
     def ok(self) -> bool:
         return not (self.violations or self.unheard or self.duplicates
-                    or self.double_confirms)
+                    or self.double_confirms or self.orphans)
 
     def summary(self) -> str:
         return json.dumps({k: v for k, v in self.__dict__.items() if k != "rush"}, indent=1,
@@ -523,12 +527,17 @@ async def run_fault(rig: Rig, fault: str, *, buyers: int = 60, units: int = 40,
     (restarted empty), ``worker_kill`` (SIGKILL of one server worker; the supervisor
     starts another), ``order_worker_kill`` (an extra order worker process SIGKILLs
     itself right after a PaymentIntent exists and before PostgreSQL records it),
-    or ``none``."""
+    ``supervisor_kill`` (SIGKILL of ``dropserver dev`` itself: its tree must die by
+    itself, then it is started again on the same port), or ``none``. Any process of
+    the server's tree (or the killed order worker) still running at the end is an
+    orphan, reported like a broken invariant."""
     report = FaultReport(fault=fault)
     drop_id, pid = await rig.selling_drop(units=units)
     doomed = None
     if fault == "order_worker_kill":
         doomed = await _doomed_order_worker(rig)
+    assert rig.server is not None
+    seen = process_tree(rig.server.pid)  # every process of the server's tree
     async with Rush(rig, drop_id, pid, buyers=buyers, spread=spread, seed=seed) as rush:
         await rush.save_cards()
         rush_task = asyncio.create_task(rush.run())
@@ -580,10 +589,15 @@ async def run_fault(rig: Rig, fault: str, *, buyers: int = 60, units: int = 40,
             if doomed.returncode != -signal.SIGKILL:
                 raise AssertionError(f"the order worker was not killed mid-charge: {said}")
             report.timings["order_worker_killed_after_s"] = round(t_back - t_fault, 2)
+        elif fault == "supervisor_kill":
+            t_back = await _kill_supervisor(rig, report)
         elif fault == "none":
             t_back = time.monotonic()
         else:
             raise ValueError(f"unknown fault {fault!r}")
+        seen |= process_tree(rig.server.pid) if fault != "supervisor_kill" else set()
+        if doomed is not None:
+            seen.add(doomed.pid)
         await rush_task
         r = rig.redis()
         db = await rig.db()
@@ -605,12 +619,93 @@ async def run_fault(rig: Rig, fault: str, *, buyers: int = 60, units: int = 40,
             report.double_confirms = sum(b.confirms_won > 1 for b in rush.buyers)
             report.confirmed_twice = sum(b.user_no % 5 == 0 and b.paid_via_stub
                                          for b in rush.buyers)
+            current = process_tree(rig.server.pid) if rig.server else set()
+            report.orphans += [_describe(p) for p in sorted(seen - current) if alive(p)]
         finally:
             await r.aclose()
             await db.close()
         report.buyers_saw = dict(rush.codes)
         report.rush = rush
     return report
+
+
+async def _kill_supervisor(rig: Rig, report: FaultReport) -> float:
+    """SIGKILL the supervisor of ``dropserver dev --workers N``: its whole tree must die
+    and free the port by itself (no process of it outlives it: an orphan serving the port
+    or consuming the order stream is a fault of its own); then the server is started
+    again as systemd's ``Restart=always`` would, on the same port, and the buyers
+    reconnect. Returns the moment it serves again."""
+    assert rig.server is not None
+    t0 = time.monotonic()
+    tree = process_tree(rig.server.pid)
+    rig.server.kill()
+    await asyncio.to_thread(rig.server.wait)
+
+    async def gone() -> bool:
+        return not any(alive(p) for p in tree) and port_free(rig.port)
+    report.timings["tree_gone_s"] = round(await _wait(gone, 20, 0.05), 3)
+    left = sorted(p for p in tree if alive(p))
+    report.orphans += [_describe(p) for p in left]
+    for p in left:  # never leave them to the next run
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    rig.stop_server()  # closes the log; the process is gone
+    await asyncio.get_running_loop().run_in_executor(rig.executor, rig.start_server)
+    t_back = time.monotonic()
+    report.timings["server_back_s"] = round(t_back - t0, 2)
+    return t_back
+
+
+def _describe(pid: int) -> str:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        cmd = "?"
+    return f"pid {pid} still alive: {cmd.strip()[:200]}"
+
+
+def child_map() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z":
+            tree.setdefault(int(fields[1]), []).append(int(entry.name))
+    return tree
+
+
+def process_tree(root: int) -> set[int]:
+    """``root`` and every living descendant."""
+    tree = child_map()
+    out, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        out.add(pid)
+        todo.extend(tree.get(pid, []))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """A process that runs (a zombie waits for its parent and no longer does)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.connect(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 async def _settle_webhooks(rig: Rig, within: float = 60.0) -> None:

@@ -1,11 +1,12 @@
 """Faults injected for real while a drop sells (tests/fault_rig.py): PostgreSQL
 stopped 5 s and 60 s, Redis restarted empty, a server worker SIGKILLed, an order worker
-SIGKILLed between the charge and the commit. A rush of 60 buyers (40 units, half with
+SIGKILLed between the charge and the commit, the supervisor SIGKILLed (and started
+again, as systemd would). A rush of 60 buyers (40 units, half with
 saved cards, a tenth cancelling) on ``dropserver dev --workers 2`` is under way each
 time. After each, every invariant of tests/invariants.py holds (every acknowledged
 hold has one order row, no product or buyer over its units, one payment per paid order,
 money kept = paid orders, Redis agrees with PostgreSQL), nothing is dead-lettered, and
-every buyer learnt their order's outcome, once. ``python -m benchmarks.faults`` runs
+every buyer learnt their order's outcome, once, and no process outlived its tree. ``python -m benchmarks.faults`` runs
 the same scenarios in a loop."""
 
 from __future__ import annotations
@@ -58,3 +59,9 @@ async def test_a_killed_server_worker_loses_no_hold(rig) -> None:
 async def test_an_order_worker_killed_between_charge_and_commit_charges_once(rig) -> None:
     report = await run_fault(rig, "order_worker_kill", seed=5)
     _assert_ok(report)
+
+
+async def test_a_killed_supervisor_leaves_no_orphan_and_loses_no_hold(rig) -> None:
+    report = await run_fault(rig, "supervisor_kill", seed=6)
+    _assert_ok(report)  # no orphan: report.ok counts them
+    assert report.timings["tree_gone_s"] < 20.0, report.summary()

@@ -7,62 +7,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from dropserver.settings import unsafe_rig_env
 from tests.conftest import free_port
+from tests.fault_rig import alive, child_map, port_free, process_tree
 
 BOUND_S = 20.0  # DROPSERVER_SHUTDOWN_GRACE (2 s here) to drain, then a hard stop
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z":
-            tree.setdefault(int(fields[1]), []).append(int(entry.name))
-    return tree
-
-
-def process_tree(root: int) -> set[int]:
-    """``root`` and every living descendant."""
-    tree = _children()
-    out, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        out.add(pid)
-        todo.extend(tree.get(pid, []))
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.connect(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
 
 
 def _workers_up(port: int, want: int, proc: subprocess.Popen, deadline: float) -> None:
@@ -168,7 +124,7 @@ def test_the_watchdog_stops_a_child_whose_parent_was_killed(kind):
         deadline = time.monotonic() + 20
         child = None
         while child is None and time.monotonic() < deadline:
-            kids = _children().get(parent.pid, [])
+            kids = child_map().get(parent.pid, [])
             child = kids[0] if kids else None
             time.sleep(0.05)
         assert child is not None
