@@ -13,9 +13,11 @@ Modules, in the order to read them:
 * ``creator``: the creator's side: one drop driven through the HTTP API.
 * ``target``: where a rehearsal points: a local server it starts, or a deployment.
 * ``floor``: the bare ``websockets`` broadcast server a rehearsal measures beside it.
+* ``floor_viewer``: the floor's viewer: it times each numbered broadcast.
 * ``procstat``: the server's memory and CPU during a run.
 * ``stats``: percentiles, latency summaries, histograms; pure.
 * ``rehearse``: the whole rehearsal and its pass or fail.
+* ``verdict``: BUY NOW beside the floor, and the failures against the targets.
 * ``report``: the result as JSON, charts and an HTML page.
 * ``__main__``: ``python -m loadtest`` (``rehearse``, or one ``swarm`` process).
 * ``locustfile``: Locust users: viewers on the WebSocket, a creator on HTTP.

@@ -4,17 +4,21 @@ create (draft) -> schedule (countdown) -> live (stock pre-warmed) -> buy-now (BU
 to every viewer) -> [sold out happens by itself] -> end. Every call is timed with
 ``time.monotonic()`` right before the request leaves, which is the reference point of
 the BUY NOW fan-out latency (all processes of a local rehearsal share the clock).
+
+:class:`ControlPathProbe` drives a second drop the same way, over and over, to time
+the creator's requests while the workers fan out the first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 
-__all__ = ["CreatorClient", "CreatorError"]
+__all__ = ["ControlPathProbe", "CreatorClient", "CreatorError"]
 
 
 class CreatorError(RuntimeError):
@@ -97,3 +101,42 @@ class CreatorClient:
         if resp.status_code != 200:
             raise CreatorError("get", resp)
         return resp.json()
+
+
+class ControlPathProbe:
+    """The creator's control path under load: a second drop, with no viewers (so no
+    fan-out of its own), taken through BUY NOW and close over and over; every request
+    is timed. A worker stuck behind a fan-out answers late, whichever drop it is."""
+
+    PRODUCTS = 50  # the most a drop may have: 100 probes
+
+    def __init__(self, creator: Any) -> None:
+        self.creator = creator
+        self.latencies: list[float] = []
+        self.errors = 0
+
+    async def prepare(self) -> None:
+        c = self.creator
+        await c.create(title="Rehearsal control-path probe", units=1000,
+                       products=self.PRODUCTS)
+        await c.schedule(starts_in=3600)
+        await c.go_live()
+
+    async def run(self, interval: float) -> None:
+        c = self.creator
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        for product in c.product_ids:
+            for action in ("buy_now", "close"):
+                due += interval
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                started = time.monotonic()
+                try:
+                    if action == "buy_now":
+                        await c.buy_now(product)
+                    else:
+                        await c.close()
+                except Exception:
+                    self.errors += 1
+                    continue
+                self.latencies.append(time.monotonic() - started)

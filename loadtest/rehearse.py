@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from loadtest import verdict
 from loadtest.stats import histogram, summarize
 from loadtest.swarm import SwarmConfig
 
@@ -288,7 +289,7 @@ class Rehearsal:
         import httpx
 
         from dropserver.auth import Role, issue_token
-        from loadtest.creator import CreatorClient, CreatorError
+        from loadtest.creator import ControlPathProbe, CreatorClient, CreatorError
         from loadtest.procstat import ProcWatch
 
         cfg = self.cfg
@@ -296,7 +297,7 @@ class Rehearsal:
         creator_token = issue_token(settings, "lt-creator", Role.CREATOR, ttl=6 * 3600,
                                     name="Rehearsal Creator")
         creator = CreatorClient(target.base_url, creator_token)
-        probe = _Probe(CreatorClient(target.base_url, creator_token))
+        probe = ControlPathProbe(CreatorClient(target.base_url, creator_token))
         result: dict[str, Any] = {}
         joined = 0
         try:
@@ -415,7 +416,7 @@ class Rehearsal:
             await self.stop_swarms()
         if cfg.floor:
             result["floor"] = await self.measure_floor(target, joined)
-            _compare(result)
+            verdict.compare_floor(result)
         return result
 
     async def set_chat_rate(self, rate: float) -> None:
@@ -569,8 +570,8 @@ class Rehearsal:
                 "join_latency": summarize(connect_lat),
             },
             "buy_now": {"seen": len(buy_now_lat), "late_via_snapshot": totals["buy_now_late"],
-                        "latency": bn, "histogram_bucket_ms": _bucket(bn),
-                        "histogram_ms": histogram(buy_now_lat, _bucket(bn))},
+                        "latency": bn, "histogram_bucket_ms": verdict.bucket_ms(bn),
+                        "histogram_ms": histogram(buy_now_lat, verdict.bucket_ms(bn))},
             "positions": {"lost": lost, "gaps": totals["gaps"], "tail_lost": tail_lost,
                           "viewers_with_gaps": totals["viewers_with_gaps"],
                           "out_of_order": totals["out_of_order"],
@@ -597,98 +598,9 @@ class Rehearsal:
             "phases": self.phases,
             "notes": self.notes,
         }
-        result["failures"] = _judge(result, cfg)
+        result["failures"] = verdict.judge(result, cfg)
         result["passed"] = not result["failures"]
         return result
-
-
-class _Probe:
-    """The creator's control path under load: a second drop, with no viewers (so no
-    fan-out of its own), taken through BUY NOW and close over and over; every request
-    is timed. A worker stuck behind a fan-out answers late, whichever drop it is."""
-
-    PRODUCTS = 50  # the most a drop may have: 100 probes
-
-    def __init__(self, creator: Any) -> None:
-        self.creator = creator
-        self.latencies: list[float] = []
-        self.errors = 0
-
-    async def prepare(self) -> None:
-        c = self.creator
-        await c.create(title="Rehearsal control-path probe", units=1000,
-                       products=self.PRODUCTS)
-        await c.schedule(starts_in=3600)
-        await c.go_live()
-
-    async def run(self, interval: float) -> None:
-        c = self.creator
-        loop = asyncio.get_running_loop()
-        due = loop.time()
-        for product in c.product_ids:
-            for action in ("buy_now", "close"):
-                due += interval
-                await asyncio.sleep(max(0.0, due - loop.time()))
-                started = time.monotonic()
-                try:
-                    if action == "buy_now":
-                        await c.buy_now(product)
-                    else:
-                        await c.close()
-                except Exception:
-                    self.errors += 1
-                    continue
-                self.latencies.append(time.monotonic() - started)
-
-
-def _compare(result: dict[str, Any]) -> None:
-    """BUY NOW against the floor of the same run: the ratios of their percentiles."""
-    floor = result.get("floor", {})
-    if not floor.get("measured"):
-        return
-    ratio: dict[str, float | None] = {}
-    for key in ("p50_ms", "p99_ms", "max_ms"):
-        ours, bare = result["buy_now"]["latency"].get(key), floor["latency"].get(key)
-        ratio[key.removesuffix("_ms")] = round(ours / bare, 2) if ours and bare else None
-    result["buy_now"]["floor_ratio"] = ratio
-
-
-def _bucket(lat: dict[str, Any]) -> float:
-    top = lat.get("max_ms") or 100.0
-    return max(1.0, round(top / 60.0))
-
-
-def _judge(result: dict[str, Any], cfg: RehearsalConfig) -> list[str]:
-    """Pass or fail: everyone saw BUY NOW within the p99 budget, nothing lost, no oversell."""
-    fail: list[str] = []
-    conn = result["connections"]
-    if conn["joined"] < cfg.viewers:
-        fail.append(f"only {conn['joined']} of {cfg.viewers} viewers joined")
-    seen = result["buy_now"]["seen"] + result["buy_now"]["late_via_snapshot"]
-    if seen < conn["joined"]:
-        fail.append(f"BUY NOW reached {seen} of {conn['joined']} joined viewers")
-    p99 = result["buy_now"]["latency"].get("p99_ms")
-    if p99 is None or p99 > cfg.p99_budget_ms:
-        fail.append(f"BUY NOW p99 {p99} ms over the {cfg.p99_budget_ms:.0f} ms budget")
-    pos = result["positions"]
-    if pos["lost"] or pos["out_of_order"] or pos["recovery_failed"] or pos["epoch_changes"]:
-        fail.append(f"events lost {pos['lost']}, out of order {pos['out_of_order']}, "
-                    f"unrecoverable resumes {pos['recovery_failed']}, "
-                    f"epoch changes {pos['epoch_changes']}")
-    audit = result["audit"]
-    if audit.get("oversold"):
-        fail.append(f"OVERSOLD by {audit['oversold']}")
-    res = result["reservations"]
-    expected = min(cfg.stock, res["sent"])
-    if res["held"] != expected:
-        fail.append(f"{res['held']} holds told to buyers, expected min(stock, buyers) = "
-                    f"{expected}")
-    if audit.get("checked") and audit.get("active_orders") != res["held"]:
-        fail.append(f"PostgreSQL has {audit.get('active_orders')} active orders, buyers were "
-                    f"told {res['held']}")
-    if audit.get("checked") and audit.get("mismatched_users"):
-        fail.append(f"{audit['mismatched_users']} holds differ between PostgreSQL and replies")
-    return fail
 
 
 async def _audit(database_url: str, drop_id: int, product_ids: list[int],

@@ -15,7 +15,7 @@ The process stops by itself at its deadline, and when stdin closes (the rehearsa
 died): a swarm never outlives its run. Viewers are :class:`loadtest.viewer.Viewer`
 cores; this module only connects them (rate-limited, spread over source addresses),
 feeds them frames and sends what they answer. With ``mode: "floor"`` the viewers are
-:class:`loadtest.viewer.FloorViewer` s of a bare broadcast server (loadtest.floor):
+:class:`loadtest.floor_viewer.FloorViewer` s of a bare broadcast server (loadtest.floor):
 connected, they only time what it broadcasts.
 """
 
@@ -32,7 +32,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from loadtest.viewer import FloorViewer, Viewer, ViewerConfig, chat_text
+from loadtest.floor_viewer import FloorViewer, summarize_floor
+from loadtest.viewer import Viewer, ViewerConfig, chat_text, summarize_viewers
 from loadtest.wsclient import WsConnection, connect
 
 __all__ = ["SwarmConfig", "main", "run"]
@@ -266,8 +267,6 @@ class Swarm:
                 "chat_sent": self.chat_sent, **counts}
 
     def report(self) -> dict[str, Any]:
-        from loadtest.viewer import summarize_floor, summarize_viewers
-
         return {"type": "report", "pid": os.getpid(), "first": self.config.first,
                 "count": self.config.count, "ramp_started_at": self.ramp_started_at,
                 "ramp_done_at": self.ramp_done_at,

@@ -15,8 +15,7 @@ before the position of a ``skipped`` frame in the same message is chat left out
 docs/protocol.md). Chat sent by the rehearsal carries its send time (``chat_text``),
 so a viewer that records chat (``ViewerConfig.chat_sample``) times its delivery.
 
-:class:`FloorViewer` is the viewer of the bare-broadcast floor (loadtest.floor): no
-join, it only times the numbered messages the floor server broadcasts.
+The viewer of the bare-broadcast floor is :mod:`loadtest.floor_viewer`.
 """
 
 from __future__ import annotations
@@ -33,8 +32,8 @@ import msgpack
 
 from realtime.protocol import ErrorCode, Format, ServerType, encode
 
-__all__ = ["BuyOutcome", "FloorViewer", "Phase", "Viewer", "ViewerConfig", "chat_text",
-           "decode_server", "summarize_floor", "summarize_viewers"]
+__all__ = ["BuyOutcome", "Phase", "UndecodableFrame", "Viewer", "ViewerConfig", "chat_text",
+           "decode_server", "summarize_viewers"]
 
 CHAT_PREFIX = "rc "  # rehearsal chat: "rc <monotonic send time> <sender>"
 
@@ -503,59 +502,3 @@ def summarize_viewers(viewers: Iterable[Viewer]) -> dict[str, Any]:
         "last_positions": dict(last_offsets), "totals": dict(totals),
         "chat_latency_s": chat_lat,
     }
-
-
-class FloorViewer:
-    """A viewer of the bare-broadcast floor (loadtest.floor): it joins nothing and
-    times each numbered message the floor server broadcasts (``data.k``)."""
-
-    __slots__ = ("arrivals", "index", "phase")
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.phase = Phase.IDLE
-        self.arrivals: list[tuple[int, float]] = []
-
-    @property
-    def is_open(self) -> bool:
-        return self.phase is Phase.JOINED
-
-    is_joined = is_open
-
-    def connecting(self, now: float) -> None:
-        self.phase = Phase.CONNECTING
-
-    def opened(self, now: float) -> list[dict[str, Any]]:
-        self.phase = Phase.JOINED  # connected is all the floor asks
-        return []
-
-    def closed(self, code: int | None, reason: str, now: float) -> None:
-        self.phase = Phase.CLOSED
-
-    def received(self, data: bytes | str, now: float) -> list[tuple[float, dict[str, Any]]]:
-        try:
-            messages = decode_server(data)
-        except UndecodableFrame:
-            return []
-        for message in messages:
-            k = (message.get("data") or {}).get("k")
-            if isinstance(k, int):
-                self.arrivals.append((k, round(now, 4)))
-        return []
-
-    def count_into(self, counts: Counter[str]) -> None:
-        counts[self.phase.value] += 1
-        if self.phase is Phase.JOINED:
-            counts["ever_joined"] += 1
-        counts["floor_seen"] += len(self.arrivals)
-
-
-def summarize_floor(viewers: Iterable[FloorViewer]) -> dict[str, Any]:
-    """Arrival times by message number ``k``."""
-    arrivals: dict[str, list[float]] = {}
-    joined = 0
-    for v in viewers:
-        joined += 1 if v.phase is Phase.JOINED else 0
-        for k, t in v.arrivals:
-            arrivals.setdefault(str(k), []).append(t)
-    return {"floor_arrivals": arrivals, "totals": {"joined": joined}}
