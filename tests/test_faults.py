@@ -5,9 +5,9 @@ again, as systemd would). A rush of 60 buyers (40 units, half with
 saved cards, a tenth cancelling) on ``dropserver dev --workers 2`` is under way each
 time. After each, every invariant of tests/invariants.py holds (every acknowledged
 hold has one order row, no product or buyer over its units, one payment per paid order,
-money kept = paid orders, Redis agrees with PostgreSQL), nothing is dead-lettered, and
-every buyer learnt their order's outcome, once, and no process outlived its tree. ``python -m benchmarks.faults`` runs
-the same scenarios in a loop."""
+money kept = paid orders, Redis agrees with PostgreSQL), nothing is dead-lettered,
+every buyer learnt their order's outcome, once, and no process outlived its tree.
+``python -m benchmarks.faults`` runs the same scenarios in a loop."""
 
 from __future__ import annotations
 
