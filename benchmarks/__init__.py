@@ -26,4 +26,6 @@ What they share (not benchmarks themselves):
   ``dropserver dev``), schema and a live drop, process CPU and memory, percentiles.
 * :mod:`benchmarks._buyers`: the WebSocket buyers and the rush (also used by tests).
 * :mod:`benchmarks._bare`: the bare servers the baselines are measured on.
+* :mod:`benchmarks._stream`: the streaming benchmark's server per case and its
+  playlist watcher.
 """
