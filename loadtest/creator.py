@@ -5,13 +5,15 @@ to every viewer) -> [sold out happens by itself] -> end. Every call is timed wit
 ``time.monotonic()`` right before the request leaves, which is the reference point of
 the BUY NOW fan-out latency (all processes of a local rehearsal share the clock).
 
-:class:`ControlPathProbe` drives a second drop the same way, over and over, to time
-the creator's requests while the workers fan out the first.
+:class:`ControlPathProbe` drives five more drops the same way, over and over, on an
+open schedule, to time the creator's requests while the workers fan out the first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -104,32 +106,73 @@ class CreatorClient:
 
 
 class ControlPathProbe:
-    """The creator's control path under load: a second drop, with no viewers (so no
-    fan-out of its own), taken through BUY NOW and close over and over; every request
-    is timed. A worker stuck behind a fan-out answers late, whichever drop it is."""
+    """The creator's control path under load: ``DROPS`` drops with no viewers (so no
+    fan-out of their own), each taken through BUY NOW and close over and over; every
+    request is timed. A worker stuck behind a fan-out answers late, whichever drop it
+    is.
 
-    PRODUCTS = 50  # the most a drop may have: 100 probes
+    The schedule is open: a request is due every ``interval`` seconds, the drops take
+    turns, and a slow answer holds up only its own drop. With one drop, one request
+    after another, a server answering in 5 s would have been probed once in a 7 s
+    window, and the probe cancelled at the end of the window (the slowest) was never
+    counted: few samples, and the slow ones missing. Here every request started is
+    awaited at the end (up to the client's timeout) and counted, as an answer or as
+    an error; ``due`` counts the requests the schedule asked for, so that fewer
+    started (drops still waiting for answers) shows."""
 
-    def __init__(self, creator: Any) -> None:
-        self.creator = creator
+    DROPS = 5
+    PRODUCTS = 50  # the most a drop may have: 100 probes per drop
+
+    def __init__(self, base_url: str, token: str) -> None:
+        self.clients = [CreatorClient(base_url, token) for _ in range(self.DROPS)]
         self.latencies: list[float] = []
         self.errors = 0
+        self.started = 0
+        self.due = 0
+        self._interval = 0.0
+        self._first = 0.0
+        self._tasks: list[asyncio.Task] = []
+        self._stop = asyncio.Event()
 
     async def prepare(self) -> None:
-        c = self.creator
-        await c.create(title="Rehearsal control-path probe", units=1000,
-                       products=self.PRODUCTS)
-        await c.schedule(starts_in=3600)
-        await c.go_live()
+        for c in self.clients:
+            await c.create(title="Rehearsal control-path probe", units=1000,
+                           products=self.PRODUCTS)
+            await c.schedule(starts_in=3600)
+            await c.go_live()
 
-    async def run(self, interval: float) -> None:
-        c = self.creator
+    def start(self, interval: float) -> None:
+        """Probe every ``interval`` seconds (all drops together) until :meth:`stop`."""
         loop = asyncio.get_running_loop()
-        due = loop.time()
+        first, n = loop.time() + interval, len(self.clients)
+        self._first, self._interval = first, interval
+        self._tasks = [loop.create_task(self._drop(c, first + k * interval, n * interval))
+                       for k, c in enumerate(self.clients)]
+
+    async def stop(self, wait_s: float = 35.0) -> None:
+        """No new requests; wait for those in flight (they are counted)."""
+        self._stop.set()
+        if not self._tasks:
+            return
+        now = asyncio.get_running_loop().time()
+        self.due = max(0, math.floor((now - self._first) / self._interval) + 1)
+        _, pending = await asyncio.wait(self._tasks, timeout=wait_s)
+        for task in pending:  # past the client's own timeout: count it as failed
+            task.cancel()
+            self.errors += 1
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _drop(self, c: Any, due: float, every: float) -> None:
+        loop = asyncio.get_running_loop()
         for product in c.product_ids:
             for action in ("buy_now", "close"):
-                due += interval
-                await asyncio.sleep(max(0.0, due - loop.time()))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, due - loop.time())):
+                        await self._stop.wait()
+                if self._stop.is_set():
+                    return
+                due = max(due + every, loop.time())
+                self.started += 1
                 started = time.monotonic()
                 try:
                     if action == "buy_now":
@@ -140,3 +183,10 @@ class ControlPathProbe:
                     self.errors += 1
                     continue
                 self.latencies.append(time.monotonic() - started)
+
+    async def aclose(self) -> None:
+        for task in self._tasks:  # the run ended early (an error): nothing to count
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for c in self.clients:
+            await c.aclose()

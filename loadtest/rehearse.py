@@ -8,9 +8,10 @@ viewers (spread over source addresses), then drives the drop:
 
 With ``--chat-rate R``, random viewers chat R messages a second from the countdown
 through the rush (each message carries its send time; a sample of viewers times its
-delivery). Meanwhile the creator drives a second drop that has no viewers through
-BUY NOW and close every ``--probe-interval`` seconds: the control path's latency
-while the workers fan out (a request stuck behind a fan-out shows there).
+delivery). Meanwhile the creator drives five more drops that have no viewers through
+BUY NOW and close, one request every ``--probe-interval`` seconds on an open schedule
+(loadtest.creator.ControlPathProbe): the control path's latency while the workers
+fan out (a request stuck behind a fan-out shows there).
 
 Then the floor (loadtest.floor): the same swarm connects the same number of viewers
 to a bare ``websockets`` broadcast server with as many processes as the server has
@@ -297,7 +298,7 @@ class Rehearsal:
         creator_token = issue_token(settings, "lt-creator", Role.CREATOR, ttl=6 * 3600,
                                     name="Rehearsal Creator")
         creator = CreatorClient(target.base_url, creator_token)
-        probe = ControlPathProbe(CreatorClient(target.base_url, creator_token))
+        probe = ControlPathProbe(target.base_url, creator_token)
         result: dict[str, Any] = {}
         joined = 0
         try:
@@ -337,8 +338,8 @@ class Rehearsal:
                     await sp.send({"cmd": "chat", "count": share, "spread_s": cfg.countdown_s})
             await self.set_chat_rate(cfg.chat_rate)
             chat_started = self.progress.total("chat_sent"), time.monotonic()
-            probing = (asyncio.create_task(probe.run(cfg.probe_interval_s))
-                       if cfg.probe_interval_s > 0 else None)
+            if cfg.probe_interval_s > 0:
+                probe.start(cfg.probe_interval_s)
             await creator.go_live()
             await self.wait_for("countdown", lambda: False, limit_s=cfg.countdown_s,
                                 note=False)
@@ -374,10 +375,7 @@ class Rehearsal:
             await self.set_chat_rate(0)
             chat_window = (self.progress.total("chat_sent") - chat_started[0],
                            time.monotonic() - chat_started[1])
-            if probing is not None:
-                probing.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await probing
+            await probe.stop()
             held = self.progress.total("buy_held")
             if held >= cfg.stock:
                 await self.wait_for("sold out to reach every open viewer",
@@ -407,12 +405,13 @@ class Rehearsal:
                 "go_live_ms": creator.durations_ms.get("live"),
                 "end_ms": creator.durations_ms.get("end"),
                 "probe_interval_s": cfg.probe_interval_s,
-                "probes": summarize(probe.latencies), "probe_errors": probe.errors}
+                "probes": summarize(probe.latencies), "probe_errors": probe.errors,
+                "probes_due": probe.due, "probes_started": probe.started}
             result["chat"]["sent_per_s"] = (round(chat_window[0] / chat_window[1], 1)
                                             if chat_window[1] > 0 else None)
         finally:
             await creator.aclose()
-            await probe.creator.aclose()
+            await probe.aclose()
             await self.stop_swarms()
         if cfg.floor:
             result["floor"] = await self.measure_floor(target, joined)
