@@ -14,7 +14,9 @@ import msgpack
 
 from dropserver.auth import Role
 from loadtest import wsclient
+from realtime.dispatch import Job
 from realtime.publish import publish
+from realtime.wire import Broadcast, Lane
 from tests.realtime_support import MSGPACK, Client, create_drop
 from tests.test_drops_api import (
     act,
@@ -46,6 +48,46 @@ async def test_one_creator_action_is_one_message_per_viewer(server, http,
             extra = await viewer.recv_message(0.3)
             assert isinstance(extra, dict) and extra["t"] in ("ping", "volatile"), extra
     await viewer.close()
+
+
+class _SlowSocket:
+    """A socket whose every write costs 50 us of this process's CPU."""
+
+    def deliver(self, b: Broadcast) -> None:
+        until = time.perf_counter() + 50e-6
+        while time.perf_counter() < until:
+            pass
+
+
+async def test_the_creator_is_answered_and_buy_now_leaves_in_the_middle_of_a_long_fan_out(
+        server, http, creator):  # noqa: F811
+    """A chat fan-out that costs the worker 8 s of CPU is running: the creator's POST
+    /buy-now on that worker answers between its slices, and a real viewer has BUY
+    NOW while the chat fan-out is still far from done. (The request takes one slice
+    per turn of the loop it needs, ~0.2-0.6 s here; without slices it would wait the
+    whole 8 s.)"""
+    drop = await to_live(http, creator)
+    viewer = await Client.connect(server.ws_url)
+    await viewer.join(drop["id"])
+    hub = server.app.state.realtime
+    chat = Broadcast({"t": "event", "event": "chat.message", "data": {}}, lane=Lane.BULK)
+    storm = hub.dispatcher.submit(Job([(chat, [_SlowSocket()] * 160_000)], Lane.BULK))
+    try:
+        sent_at = time.monotonic()
+        await act(http, creator, drop["id"], "buy-now",
+                  {"product_id": drop["products"][0]["product_id"]})
+        answered = time.monotonic() - sent_at
+        frames: list[dict] = []
+        while not any(f.get("event") == "drop.buy_now" for f in frames):
+            message = await viewer.recv_message(10)
+            frames.extend(message if isinstance(message, list) else [message])
+        seen = time.monotonic() - sent_at
+        assert not storm.done, "BUY NOW waited for the whole chat fan-out"
+    finally:
+        storm.cancel()
+        await viewer.close()
+    assert answered < 2.5, f"POST /buy-now took {answered:.3f} s behind an 8 s fan-out"
+    assert seen < 3.0, seen
 
 
 async def test_big_room_chat_is_sampled_yet_exact_with_own_and_creator_messages(
@@ -116,7 +158,9 @@ def running_big(settings, **changes):
 _STORM = r"""
 import asyncio, sys, time
 import redis.asyncio as aioredis
+from realtime.dispatch import Job
 from realtime.publish import publish
+from realtime.wire import Broadcast, Lane
 
 async def main(url, drop_id, rate, seconds):
     r = aioredis.Redis.from_url(url)
