@@ -33,6 +33,8 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from dropserver.services import stop_process
+
 __all__ = ["DevServer", "Server", "cpu_seconds", "create_live_drop", "pcts",
            "raise_nofile", "rss_kib", "start_dev", "start_server"]
 
@@ -53,18 +55,7 @@ class Server:
     env: dict[str, str] = field(default_factory=dict)
 
     def stop(self) -> None:
-        _stop(self.proc, signal.SIGTERM, 20)
-
-
-def _stop(proc: subprocess.Popen, sig: int, timeout: float) -> None:
-    """``sig``, then SIGKILL if it has not exited within ``timeout`` seconds."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(self.proc, signal.SIGTERM, 20)
 
 
 def start_server(redis_url: str, database_url: str, *, workers: int = 2,
@@ -123,7 +114,7 @@ class DevServer:
 
     def stop(self) -> None:
         """Ctrl-C, as a developer would: its own Redis and PostgreSQL go with it."""
-        _stop(self.proc, signal.SIGINT, 30)
+        stop_process(self.proc, signal.SIGINT, 30)
 
 
 def start_dev(env: Mapping[str, str] | None = None, *, timeout: float = 60) -> DevServer:

@@ -84,6 +84,20 @@ def wait_port(port: int, procs: list[subprocess.Popen] | tuple = (), *,
     raise RuntimeError(f"nothing listens on {host}:{port} after {deadline_s:.0f} s")
 
 
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM,
+                 timeout: float = 30.0) -> None:
+    """Send ``sig`` (if it still runs) and wait ``timeout`` seconds for it to exit,
+    then SIGKILL it and reap it."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def find_redis_server() -> str:
     env = os.environ.get("DROPSERVER_REDIS_SERVER")
     if env:
@@ -231,17 +245,9 @@ class LocalServices:
         """Stop ``redis`` or ``postgres`` (their normal fast shutdown: PostgreSQL ends
         every session with "terminating connection due to administrator command"), or
         SIGKILL it with ``kill=True``. :meth:`start_service` brings it back."""
-        proc = self._procs[name]
-        if proc.poll() is None:
-            sig = signal.SIGKILL if kill else (
-                signal.SIGINT if name == "postgres" else signal.SIGTERM)
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        sig = signal.SIGKILL if kill else (
+            signal.SIGINT if name == "postgres" else signal.SIGTERM)
+        stop_process(self._procs[name], sig, timeout)
 
     def start_service(self, name: str, timeout: float = 30.0) -> None:
         """Start a server :meth:`stop_service` stopped, on the same port and (for

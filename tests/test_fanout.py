@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 import websockets
 from websockets.exceptions import ConnectionClosed
 
+from dropserver.services import stop_process
 from dropserver.settings import unsafe_rig_env
 from realtime import metrics
 from realtime.publish import publish, publish_volatile
@@ -379,8 +380,4 @@ async def test_two_worker_processes_both_deliver_one_publication(clean_backends,
         for c in [*clients.values(), *extra]:
             await c.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, signal.SIGTERM, 30)

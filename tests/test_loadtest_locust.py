@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from dropserver.services import stop_process
 from loadtest.target import LocalTarget
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,9 +157,4 @@ def test_the_documented_command_passes_against_dropserver_dev(tmp_path: Path) ->
         assert int(stats[("BUYNOW", "fanout")]["Request Count"]) >= 250
         assert not [key for key in stats if key[0] == "WSERR"], "protocol errors"
     finally:
-        dev.send_signal(signal.SIGINT)
-        try:
-            dev.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            dev.kill()
-            dev.wait()
+        stop_process(dev, signal.SIGINT, 20)

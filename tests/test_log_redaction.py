@@ -19,6 +19,7 @@ import pytest
 import websockets.sync.client
 
 from dropserver.auth import Role, issue_token
+from dropserver.services import stop_process
 from dropserver.settings import load_settings, unsafe_rig_env
 from tests.conftest import free_port
 
@@ -81,12 +82,7 @@ def test_tokens_and_secrets_in_urls_never_reach_the_logs(backends, tmp_path: Pat
         _broken_handshake(port, token)
         time.sleep(0.5)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, signal.SIGTERM, 30)
     logs = log_path.read_text(errors="replace")
     assert "[accepted]" in logs, "the socket's handshake line is logged (redacted)"
     assert "token=" in logs  # ... with its parameter name, and no value
