@@ -99,6 +99,29 @@ async def test_go_live_from_a_draft_counts_down_then_goes_live(
     assert [s for s, _ in await _transitions(server, second)] == ["scheduled"]
 
 
+async def _fresh_stats(console, drop_id: int, reads: int = 2) -> None:
+    """Wait until the console has shown ``reads`` more answers of GET /stats for
+    ``drop_id`` (one every 2 s, each the presence total as of then): a condition the
+    count has been re-read through, instead of a sleep that a busy machine outruns."""
+    shown = await console.evaluate("window.__console.statsShown")
+    await console.wait_for_function(
+        "([id, n]) => window.__console.drop?.id === id && window.__console.statsShown >= n",
+        arg=[drop_id, shown + reads], timeout=30_000)
+
+
+_RECORD_SHOWN = """([selector, dropId]) => {
+    // every value the element shows from now on (while the console holds dropId)
+    const el = document.querySelector(selector);
+    const shown = [];
+    new MutationObserver(() => {
+        if (dropId === null || window.__console?.drop?.id === dropId) {
+            shown.push(el.textContent);
+        }
+    }).observe(el, {childList: true, characterData: true, subtree: true});
+    window.__shown = shown;
+}"""
+
+
 async def test_the_console_is_not_a_viewer_and_shows_each_drops_own_count(
         server: RunningServer, browsers: Browsers, http, make_token) -> None:
     token = make_token("creator-1", "creator")
@@ -109,22 +132,23 @@ async def test_the_console_is_not_a_viewer_and_shows_each_drops_own_count(
     await viewer.goto(f"{server.base_url}/d/{first['id']}")
     await _wait_text(viewer, "#viewer-count", "1")
     await _wait_text(console, "#stat-viewers", "1")
-    await console.wait_for_timeout(2_500)  # a few presence ticks: still one
-    assert await viewer.text_content("#viewer-count") == "1"
-    assert await console.text_content("#stat-viewers") == "1"
+    # Still one, and never anything else, through presence updates and two fresh
+    # reads of the count by the console (it once counted itself: "2 watching").
+    await viewer.evaluate(_RECORD_SHOWN, ["#viewer-count", None])
+    await console.evaluate(_RECORD_SHOWN, ["#stat-viewers", first["id"]])
+    await _fresh_stats(console, first["id"])
+    for page, selector in ((viewer, "#viewer-count"), (console, "#stat-viewers")):
+        assert set(await page.evaluate("window.__shown")) <= {"1"}, selector
+        assert await page.text_content(selector) == "1", selector
 
     # Every value the count shows once the console holds the second drop (no
     # viewers); the first drop's own renders before the switch are not counted.
-    await console.evaluate("""(second) => {
-        const el = document.getElementById('stat-viewers');
-        window.__shown = [];
-        new MutationObserver(() => {
-            if (window.__console.drop?.id === second) window.__shown.push(el.textContent);
-        }).observe(el, {childList: true, characterData: true, subtree: true});
-    }""", second["id"])
+    await console.evaluate(_RECORD_SHOWN, ["#stat-viewers", second["id"]])
     await console.fill("#open-drop-id", str(second["id"]))
     await console.click("#open-form button")
-    await console.wait_for_function(f"() => window.__console.drop?.id === {second['id']}")
-    await console.wait_for_timeout(2_500)
+    await console.wait_for_function(
+        "(id) => window.__console.drop?.id === id && window.__console.client?.dropId === id"
+        " && window.__console.client.state === 'open'", arg=second["id"], timeout=30_000)
+    await _fresh_stats(console, second["id"])
     shown = await console.evaluate("window.__shown")
     assert shown and set(shown) == {"0"}, shown

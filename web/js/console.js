@@ -25,6 +25,7 @@ const ui = {
   stream: null,
   publisher: null,
   statsTimer: null,
+  statsShown: 0, // stats answers shown (tests wait for fresh ones instead of sleeping)
   goLive: null, // {dropId, at (ms), timer} while a draft counts down to live
   goLiveSeconds: 5,
 };
@@ -176,6 +177,7 @@ async function refreshStats() {
       remaining: sel != null && remaining && remaining[sel] !== undefined ? remaining[sel]
         : ui.stats.remaining };
     renderStats();
+    ui.statsShown += 1;
   } catch (err) {
     if (err.status !== 404) log(`stats: ${err.message}`);
   }
