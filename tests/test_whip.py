@@ -273,11 +273,17 @@ async def _run_documented_ffmpeg(server, drop_id: int, token: str, tmp_path: Pat
         sys.executable, "-m", "tests.whip_publisher", "ffmpeg", "3", *args, cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stderr=asyncio.subprocess.PIPE)
-    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    except TimeoutError:  # bounded: a hung FFmpeg is killed and reported, never left
+        proc.kill()
+        _, err = await proc.communicate()
+        raise AssertionError(f"ffmpeg still running after 60 s: {err.decode()[-2000:]}") from None
     return proc.returncode, err.decode()[-2000:]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(240)  # a server, openssl and FFmpeg start on a busy CI machine
 async def test_the_documented_ffmpeg_recipe_publishes(whip_server, media_settings,
                                                        make_token, tmp_path: Path) -> None:
     drop_id = await make_drop(media_settings.database_url)
@@ -300,6 +306,7 @@ async def test_the_documented_ffmpeg_recipe_publishes(whip_server, media_setting
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(240)  # a server, openssl and FFmpeg start on a busy CI machine
 async def test_ffmpegs_own_dtls_certificate_fails(media_settings, make_token,
                                                   tmp_path: Path) -> None:
     """Why the recipe brings a P-256 certificate: without -cert_file/-key_file FFmpeg
