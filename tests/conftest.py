@@ -130,6 +130,31 @@ class RunningServer:
     port: int
 
 
+def _task_stacks() -> str:
+    """Every other unfinished task of this loop and the awaits it is suspended in,
+    innermost last (``Task.get_stack`` shows only the outermost coroutine)."""
+    lines = []
+    for t in asyncio.all_tasks():
+        if t is asyncio.current_task() or t.done():
+            continue
+        where, coro = [], t.get_coro()
+        while coro is not None:
+            frame = next((getattr(coro, a) for a in ("cr_frame", "gi_frame", "ag_frame")
+                          if getattr(coro, a, None) is not None), None)
+            if frame is None:
+                break
+            where.append(f"{frame.f_code.co_name} ({os.path.relpath(frame.f_code.co_filename)}"
+                         f":{frame.f_lineno})")
+            coro = next((getattr(coro, a) for a in ("cr_await", "gi_yieldfrom", "ag_await")
+                         if getattr(coro, a, None) is not None), None)
+            if coro is not None and not hasattr(coro, "cr_frame"):
+                # anext() of an async generator (a lifespan): follow the generator
+                gen = getattr(frame.f_locals.get("self"), "gen", None)
+                coro = gen if hasattr(gen, "ag_frame") else coro
+        lines.append(f"{t.get_name()}: " + " > ".join(where[-5:]))
+    return "\n".join(lines)[:8000]
+
+
 async def start_server(settings: Settings) -> tuple[RunningServer, Callable]:
     """Start the real app under uvicorn on a free loopback port in this loop."""
     import uvicorn
@@ -149,9 +174,17 @@ async def start_server(settings: Settings) -> tuple[RunningServer, Callable]:
 
     async def stop() -> None:
         server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(task, 15)
+        done, _ = await asyncio.wait([task], timeout=15)
+        if not done:  # say what the shutdown still waits for, then give up on it
+            waiting = _task_stacks()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            sock.close()
+            raise AssertionError(f"the server did not stop within 15 s:\n{waiting}")
         sock.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            task.result()
 
     running = RunningServer(app, f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", port)
     return running, stop
