@@ -20,6 +20,8 @@ Modules, in the order to read them:
 * ``openapi``: the HTTP API as an OpenAPI 3.1 document (``GET /openapi.json``).
 * ``observability``: structured logs with context (secrets redacted), Prometheus
   metrics.
+* ``redis_client``: one Redis or a Redis Cluster, chosen by ``REDIS_URL``
+  (``redis+cluster://``); what differs on a cluster (sharded publish, scripts).
 * ``db``: the asyncpg pool and versioned migrations (``migrations/``, ``schema.sql``).
 * ``background``: a step run every few seconds until the process stops.
 * ``web``: the viewer's live page and the creator's console, with their assets.
@@ -27,6 +29,8 @@ Modules, in the order to read them:
 * ``lifeline``: a child process dies with its parent, however the parent dies.
 * ``cli``: the ``dropserver`` command: dev, serve, migrate, token, services.
 * ``services``: a local Redis and PostgreSQL for ``dropserver dev`` and the tests.
+* ``local_cluster``: the local Redis Cluster (3 primaries, 3 replicas) that
+  ``services`` starts for ``dropserver dev --redis-cluster`` and the tests.
 * ``_reaper``: cleans up after ``services`` when its parent dies, however it dies.
 """
 

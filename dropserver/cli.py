@@ -75,7 +75,9 @@ def _listen_problem(host: str, port: int, exc: OSError) -> StartupError:
 def _check_redis(url: str) -> None:
     import redis
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+    from dropserver.redis_client import connect_sync
+
+    client = connect_sync(url, socket_connect_timeout=3, socket_timeout=3)
     try:
         client.ping()
     except redis.RedisError as exc:
@@ -164,7 +166,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
     if settings.redis_url:
         _check_redis(settings.redis_url)
     services = LocalServices(want_redis=not settings.redis_url,
-                             want_postgres=not settings.database_url)
+                             want_postgres=not settings.database_url,
+                             redis_cluster=args.redis_cluster)
     with contextlib.ExitStack() as stack:
         if services.want_redis or services.want_postgres:
             stack.enter_context(services)
@@ -228,7 +231,7 @@ def cmd_services(args: argparse.Namespace) -> int:
 
     from dropserver.services import LocalServices
 
-    with LocalServices() as services:
+    with LocalServices(redis_cluster=args.redis_cluster) as services:
         asyncio.run(_migrate(services.database_url))
         print(json.dumps({"REDIS_URL": services.redis_url,
                           "DATABASE_URL": services.database_url}), flush=True)
@@ -251,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("dev", help="run with local Redis and PostgreSQL of its own")
     net(dev, None)
     dev.set_defaults(func=cmd_dev)
+    cluster_help = ("a local Redis Cluster (3 primaries, 3 replicas) instead of one Redis; "
+                    "ignored when REDIS_URL is set")
+    dev.add_argument("--redis-cluster", action="store_true", help=cluster_help)
 
     serve = sub.add_parser("serve", help="production: REDIS_URL and DATABASE_URL required")
     net(serve, None)
@@ -269,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.set_defaults(func=cmd_token)
 
     services = sub.add_parser("services", help="start only local Redis and PostgreSQL")
+    services.add_argument("--redis-cluster", action="store_true", help=cluster_help)
     services.set_defaults(func=cmd_services)
     return parser
 

@@ -27,6 +27,11 @@ The packages' own process management is not used (it leaves orphans). Instead:
 Fault tests stop one server and start it again on the same port
 (:meth:`LocalServices.stop_service`, :meth:`LocalServices.start_service`): PostgreSQL
 comes back with its data, Redis (no persistence here) comes back empty.
+
+``LocalServices(redis_cluster=True)`` starts a Redis Cluster of 3 primaries and 3
+replicas instead of one Redis (:mod:`dropserver.local_cluster`), named ``redis-0`` to
+``redis-5`` for :meth:`~LocalServices.stop_service`; ``redis_url`` is then a
+``redis+cluster://`` URL.
 """
 
 from __future__ import annotations
@@ -180,6 +185,8 @@ class LocalServices:
     redis_url: str = ""
     database_url: str = ""
     root: Path | None = None
+    redis_cluster: bool = False  # 3 primaries + 3 replicas instead of one Redis
+    redis_nodes: list = field(default_factory=list)  # local_cluster.ClusterNode each
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     _cmds: dict[str, list[str]] = field(default_factory=dict)
     _reaper: subprocess.Popen | None = None
@@ -192,10 +199,14 @@ class LocalServices:
         try:
             if self.want_postgres:
                 self._start_postgres()
-            if self.want_redis:
+            if self.want_redis and self.redis_cluster:
+                self._start_cluster()
+            elif self.want_redis:
                 self._start_redis()
             deadline = started + timeout
-            if self.want_redis:
+            if self.want_redis and self.redis_cluster:
+                self._build_cluster(deadline + 20)
+            elif self.want_redis:
                 self._wait_redis(deadline)
             if self.want_postgres:
                 self._wait_postgres(deadline)
@@ -209,7 +220,7 @@ class LocalServices:
 
     def stop(self) -> None:
         # PostgreSQL: SIGINT is "fast shutdown"; Redis: SIGTERM without persistence.
-        sigs = {"postgres": signal.SIGINT, "redis": signal.SIGTERM}
+        sigs = {"postgres": signal.SIGINT}  # Redis: SIGTERM, the default
         for name, proc in self._procs.items():
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -240,11 +251,16 @@ class LocalServices:
     def pids(self) -> dict[str, int]:
         return {name: proc.pid for name, proc in self._procs.items()}
 
+    def is_running(self, name: str) -> bool:
+        proc = self._procs.get(name)
+        return proc is not None and proc.poll() is None
+
     # -- faults -----------------------------------------------------------------
     def stop_service(self, name: str, *, kill: bool = False, timeout: float = 30.0) -> None:
-        """Stop ``redis`` or ``postgres`` (their normal fast shutdown: PostgreSQL ends
-        every session with "terminating connection due to administrator command"), or
-        SIGKILL it with ``kill=True``. :meth:`start_service` brings it back."""
+        """Stop ``redis`` (``redis-N``: one node of a cluster) or ``postgres`` (their
+        normal fast shutdown: PostgreSQL ends every session with "terminating
+        connection due to administrator command"), or SIGKILL it with ``kill=True``.
+        :meth:`start_service` brings it back."""
         sig = signal.SIGKILL if kill else (
             signal.SIGINT if name == "postgres" else signal.SIGTERM)
         stop_process(self._procs[name], sig, timeout)
@@ -262,6 +278,9 @@ class LocalServices:
         deadline = time.monotonic() + timeout
         if name == "redis":
             self._wait_redis(deadline)
+        elif name.startswith("redis-"):
+            port = next(n.port for n in self.redis_nodes if n.name == name)
+            self._wait_ping(name, port, deadline)
         else:
             self._wait_postgres(deadline)
 
@@ -312,18 +331,48 @@ class LocalServices:
         self.redis_url = f"redis://{self.host}:{port}/0"
 
     def _wait_redis(self, deadline: float) -> None:
+        self._wait_ping("redis", self._redis_port, deadline)
+
+    def _wait_ping(self, name: str, port: int, deadline: float) -> None:
         while True:
-            self._check_alive("redis")
+            self._check_alive(name)
             try:
-                with socket.create_connection((self.host, self._redis_port), 0.5) as s:
+                with socket.create_connection((self.host, port), 0.5) as s:
                     s.sendall(b"PING\r\n")
                     if s.recv(16).startswith(b"+PONG"):
                         return
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise ServiceError("Redis did not start in time:\n" + self._log_tail("redis"))
+                raise ServiceError(f"{name} did not start in time:\n" + self._log_tail(name))
             time.sleep(0.02)
+
+    def _start_cluster(self) -> None:
+        from dropserver import local_cluster
+
+        assert self.root is not None
+        exe = find_redis_server()
+        count = local_cluster.PRIMARIES * (1 + local_cluster.REPLICAS_PER_PRIMARY)
+        for i in range(count):
+            node = local_cluster.ClusterNode(f"redis-{i}", self.host, free_port(self.host),
+                                             free_port(self.host))
+            node_dir = self.root / node.name
+            node_dir.mkdir()
+            cmd = [*_setpriv(as_nobody=False),
+                   *local_cluster.node_command(exe, node, str(node_dir))]
+            self._spawn(node.name, cmd, self.root / f"{node.name}.log")
+            self.redis_nodes.append(node)
+        self.redis_url = local_cluster.cluster_url(self.redis_nodes)
+
+    def _build_cluster(self, deadline: float) -> None:
+        from dropserver import local_cluster
+
+        for node in self.redis_nodes:
+            self._wait_ping(node.name, node.port, deadline)
+        try:
+            local_cluster.build_cluster(self.redis_nodes, deadline=deadline)
+        except TimeoutError as exc:
+            raise ServiceError(f"{exc}:\n" + self._log_tail("redis-0")) from None
 
     # -- PostgreSQL -----------------------------------------------------------
     def _start_postgres(self) -> None:

@@ -3,6 +3,10 @@ same launcher as `dropserver dev`, and emptied between tests.
 
 Set TEST_REDIS_URL / TEST_DATABASE_URL to run against servers of your own (they are
 flushed and truncated between tests: never point them at data you want to keep).
+``TEST_REDIS_CLUSTER=1`` runs the tests against a local Redis Cluster (3 primaries, 3
+replicas) instead of one Redis; ``TEST_REDIS_URL`` may also be a ``redis+cluster://``
+URL. The ``cluster`` fixture starts a cluster of its own for the tests that need one
+whatever the switch says (failover, slot moves).
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ from dataclasses import dataclass
 import asyncpg
 import httpx
 import pytest
-import redis
 import redis.asyncio as aioredis
 
 from dropserver.auth import Role, issue_token
 from dropserver.db import migrate
+from dropserver.redis_client import connect, connect_sync, ready
 from dropserver.serve import bind_socket, uvicorn_config
 from dropserver.services import LocalServices
 from dropserver.settings import Settings, load_settings
@@ -68,7 +72,8 @@ def backends() -> Iterator[Backends]:
     with contextlib.ExitStack() as stack:
         if not (redis_url and database_url):
             services = stack.enter_context(LocalServices(
-                want_redis=not redis_url, want_postgres=not database_url))
+                want_redis=not redis_url, want_postgres=not database_url,
+                redis_cluster=os.environ.get("TEST_REDIS_CLUSTER", "") not in ("", "0")))
             redis_url = redis_url or services.redis_url
             database_url = database_url or services.database_url
         run_sync(_prepare_db(database_url))
@@ -91,9 +96,9 @@ async def _truncate(url: str) -> None:
 @pytest.fixture
 def clean_backends(backends: Backends) -> Backends:
     """Empty Redis and PostgreSQL before the test."""
-    client = redis.Redis.from_url(backends.redis_url)
+    client = connect_sync(backends.redis_url)
     try:
-        client.flushall()
+        client.flushall()  # every primary of a cluster
         client.script_flush()
     finally:
         client.close()
@@ -212,7 +217,8 @@ async def running(settings: Settings, **changes: object) -> AsyncIterator[Runnin
 @pytest.fixture
 async def r(clean_backends: Backends) -> AsyncIterator[aioredis.Redis]:
     """An asyncio client of the test Redis (pool big enough for the buy-rush tests)."""
-    client = aioredis.Redis.from_url(clean_backends.redis_url, max_connections=512)
+    client = connect(clean_backends.redis_url, max_connections=512)
+    await ready(client)
     try:
         yield client
     finally:
@@ -229,3 +235,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalServices]:
+    """A Redis Cluster of its own (3 primaries, 3 replicas; no PostgreSQL) for the
+    tests that kill or move its nodes: ``cluster.redis_url``, ``cluster.redis_nodes``,
+    ``cluster.stop_service("redis-N", kill=True)``."""
+    with LocalServices(want_postgres=False, redis_cluster=True) as services:
+        yield services
+
+
+@pytest.fixture(scope="module")
+def cluster_backends(cluster: LocalServices, backends: Backends) -> Backends:
+    """The test PostgreSQL with the module's own cluster (see :func:`cluster`)."""
+    return Backends(cluster.redis_url, backends.database_url)
