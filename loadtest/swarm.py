@@ -146,7 +146,13 @@ class Swarm:
             self.close_reasons[f"{key} {reason[:60]}".strip()] += 1
         else:
             self.connect_errors[f"{key} {reason[:60]}".strip()] += 1
-        if (was_open and not self.stopping and self.config.reconnect and not self.floor
+        if not self.floor and (was_open or viewer.joins):
+            self._retry(viewer, reason)
+
+    def _retry(self, viewer: Viewer, reason: str) -> None:
+        """Come back after a lost socket, or after a failed attempt to come back (a
+        balancer with no node up yet), with the viewer's jittered backoff."""
+        if (not self.stopping and self.config.reconnect and not self.floor
                 and viewer.reconnects < self.config.max_reconnects):
             delay = viewer.reconnect_delay(reason, self._rng)
             asyncio.get_running_loop().call_later(delay, self._reconnect, viewer)
@@ -186,6 +192,8 @@ class Swarm:
                 self._conns.pop(viewer.index, None)
                 viewer.closed(None, type(exc).__name__, time.monotonic())
                 self.connect_errors[f"{type(exc).__name__}: {exc}"[:80]] += 1
+                if not self.floor and viewer.joins:
+                    self._retry(viewer, type(exc).__name__)
                 return
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(30):

@@ -110,6 +110,7 @@ class Viewer:
 
     __slots__ = (
         "_buy_delay",
+        "_buy_product",
         "_join_id",
         "_msg_gaps",
         "_msg_skipped_to",
@@ -120,25 +121,30 @@ class Viewer:
         "buy_now_late",
         "buy_outcome",
         "buy_reply_at",
+        "buy_retries",
         "buy_sent_at",
+        "buyer_number",
         "chat_lat",
         "chat_seen",
         "chat_skipped",
         "config",
         "connect_started",
         "connected_at",
+        "down",
         "durable",
         "ended_at",
         "epoch",
         "epoch_changes",
         "errors",
         "gaps",
+        "hold_id",
         "index",
         "joined_at",
         "joins",
         "last_event_at",
         "offset",
         "out_of_order",
+        "outages",
         "phase",
         "reconnect_hint_ms",
         "reconnects",
@@ -182,7 +188,7 @@ class Viewer:
         self.connected_at: float | None = None
         self.joined_at: float | None = None
         self.buy_now_at: float | None = None
-        self.buy_now_late = False  # learnt from a snapshot after a reconnect, not live
+        self.buy_now_late = False  # learnt after a reconnect (history or snapshot), not live
         self.sold_out_at: float | None = None
         self.ended_at: float | None = None
         self.last_event_at: float | None = None
@@ -191,6 +197,14 @@ class Viewer:
         self.buy_reply_at: float | None = None
         self.buy_outcome: BuyOutcome | None = None
         self.buy_code: str | None = None
+        self.buy_retries = 0  # the same buy sent again after a reconnect (same key)
+        self._buy_product: Any = None
+        self.hold_id: str | None = None  # what a held reply said
+        self.buyer_number: int | None = None
+        # Since when the socket is lost (and whether going_away announced it), until
+        # the rejoin; then (lost at, back at, recovered, announced) goes to outages.
+        self.down: tuple[float, bool] | None = None
+        self.outages: list[tuple[float, float, bool, bool]] | None = None
 
     # -- state read by the swarm -----------------------------------------------------------
     @property
@@ -214,7 +228,8 @@ class Viewer:
     # -- transitions ------------------------------------------------------------------------
     def connecting(self, now: float) -> None:
         self.phase = Phase.CONNECTING
-        self.connect_started = now
+        if self.joined_at is None:  # join latency is the first join's (not a rejoin's)
+            self.connect_started = now
 
     def opened(self, now: float) -> list[dict[str, Any]]:
         """The WebSocket is up: subscribe, resuming from the last position if any."""
@@ -228,6 +243,8 @@ class Viewer:
         return [frame]
 
     def closed(self, code: int | None, reason: str, now: float) -> None:
+        if self.joins and self.down is None and self.phase in (Phase.JOINING, Phase.JOINED):
+            self.down = (now, self.reconnect_hint_ms is not None)
         self.phase = Phase.CLOSED
         if self.buy_sent_at is not None and self.buy_outcome is None:
             self.buy_outcome = BuyOutcome.NO_REPLY
@@ -263,12 +280,15 @@ class Viewer:
         return {"t": "chat.send", "id": self._new_id(), "text": text}
 
     def reconnect_delay(self, reason: str, rng: random.Random) -> float:
-        """Seconds to wait before rejoining: the server's hint, else 0.5-5 s jittered."""
+        """Seconds to wait before rejoining: the server's hint (``going_away``, already
+        jittered by the server), else full jitter as centrifuge-js does it: 0.5 s plus
+        a uniform draw over a window that doubles with each attempt (0.5 s, 1 s, ...,
+        at most 4.5 s), so the viewers of a crashed node do not all come back at once."""
         if self.reconnect_hint_ms is not None:
             delay = self.reconnect_hint_ms / 1000.0
             self.reconnect_hint_ms = None
             return delay
-        return rng.uniform(0.5, min(5.0, 0.5 * 2 ** self.reconnects))
+        return 0.5 + rng.uniform(0.0, min(4.5, 0.5 * 2 ** self.reconnects))
 
     # -- internals ----------------------------------------------------------------------------
     def _new_id(self) -> int:
@@ -313,6 +333,10 @@ class Viewer:
                     and self.buy_reply_at is None:
                 self.buy_reply_at = now
                 self.buy_outcome = BuyOutcome.HELD
+                data = message.get("data")
+                if isinstance(data, dict):
+                    self.hold_id = data.get("hold_id")
+                    self.buyer_number = data.get("buyer_number")
         elif kind == ServerType.ERROR:
             self._command_error(message, now)
         elif kind == ServerType.PING:
@@ -374,6 +398,13 @@ class Viewer:
             self.phase = Phase.JOINED
             if first:
                 self.joined_at = now
+            elif self.down is not None:
+                if self.outages is None:
+                    self.outages = []
+                self.outages.append((self.down[0], now, recovered, self.down[1]))
+                self.down = None
+            if not first and self.buy_id is not None and self.buy_reply_at is None:
+                self._buy_again(out)
         if not first and not recovered:
             # A snapshot instead of the missed events: whatever was missed is gone.
             self.recovery_failed += 1
@@ -385,8 +416,11 @@ class Viewer:
             # Baseline just before the first event so the events are checked too.
             epoch, _ = position_of(pos)
             self.epoch, self.offset = epoch, int(events[0]["pos"]["offset"]) - 1
+        seen_before = self.buy_now_at
         for event in events:
             self._event(event, now, out)
+        if seen_before is None and self.buy_now_at is not None and not first:
+            self.buy_now_late = True  # missed live, recovered from history on return
         if pos is not None:
             epoch, offset = position_of(pos)
             if self.epoch is None or (not recovered and epoch == self.epoch
@@ -408,8 +442,24 @@ class Viewer:
                                  "idempotency_key": f"lt-{self.user_id}-1"}
         if data.get("product_id") is not None:
             frame["product_id"] = data["product_id"]
+        self._buy_product = data.get("product_id")
         self.buy_sent_at = now  # corrected by sent_delayed() when it leaves later
         out.append((self._buy_delay, frame))
+
+    def _buy_again(self, out: list[tuple[float, dict[str, Any]]]) -> None:
+        """The socket closed before the buy's answer came (or before the buy left):
+        send it again with the same idempotency key, as a client must. The server
+        answers what the first one did (``replay: true``) or, if it never got it,
+        tries now: a hold is never taken twice, and never left unknown to its buyer.
+        The reservation time still counts from the first send."""
+        self.buy_id = self._new_id()
+        self.buy_outcome = None
+        self.buy_retries += 1
+        frame: dict[str, Any] = {"t": "buy", "id": self.buy_id, "quantity": 1,
+                                 "idempotency_key": f"lt-{self.user_id}-1"}
+        if self._buy_product is not None:
+            frame["product_id"] = self._buy_product
+        out.append((0.0, frame))
 
     def _command_error(self, message: dict[str, Any], now: float) -> None:
         code = str(message.get("code") or "error")
@@ -440,6 +490,8 @@ class Viewer:
             counts["buys_sent"] += 1
         if self.buy_outcome is not None:
             counts["buy_" + self.buy_outcome.value] += 1
+        if self.down is not None:
+            counts["down"] += 1
 
 
 def _selling(snapshot: dict[str, Any]) -> bool:
@@ -459,6 +511,8 @@ def summarize_viewers(viewers: Iterable[Viewer]) -> dict[str, Any]:
     last_offsets: Counter[str] = Counter()
     totals: Counter[str] = Counter()
     chat_lat: list[float] = []
+    holds: list[list[Any]] = []
+    outages: list[list[Any]] = []
     for v in viewers:
         if v.chat_lat:
             chat_lat.extend(v.chat_lat)
@@ -473,6 +527,12 @@ def summarize_viewers(viewers: Iterable[Viewer]) -> dict[str, Any]:
             outcomes[v.buy_outcome.value] += 1
             if v.buy_outcome is BuyOutcome.HELD:
                 held_users.append(v.user_id)
+                holds.append([v.user_id, v.hold_id, v.buyer_number])
+        if v.outages:
+            outages.extend([round(a, 4), round(b, 4), rec, told]
+                           for a, b, rec, told in v.outages)
+        totals["down_at_report"] += 1 if v.down is not None else 0
+        totals["buy_retries"] += v.buy_retries
         if v.buy_code:
             codes[v.buy_code] += 1
         if v.buy_reply_at is not None and v.buy_sent_at is not None:
@@ -497,7 +557,8 @@ def summarize_viewers(viewers: Iterable[Viewer]) -> dict[str, Any]:
         totals["wants_to_buy"] += 1 if v.wants_to_buy else 0
     return {
         "joined_at": joined, "connect_s": connect, "buy_now_at": buy_now,
-        "reservation_s": reservations, "held_users": held_users,
+        "reservation_s": reservations, "held_users": held_users, "holds": holds,
+        "outages": outages,
         "buy_outcomes": dict(outcomes), "buy_codes": dict(codes), "errors": dict(errors),
         "last_positions": dict(last_offsets), "totals": dict(totals),
         "chat_latency_s": chat_lat,

@@ -150,3 +150,65 @@ def test_sampled_viewers_time_rehearsal_chat() -> None:
                                      "e1", 5)), 10.5)
     assert timed.chat_lat == [0.25] and timed.chat_seen == 2
     assert untimed.chat_lat is None and untimed.chat_seen == 2
+
+
+def test_reconnect_delay_is_jittered_from_the_first_attempt() -> None:
+    import random
+
+    rng = random.Random(3)
+    v = _viewer(buy=False)
+    first = {round(v.reconnect_delay("", rng), 3) for _ in range(50)}
+    assert len(first) > 40 and min(first) >= 0.5 and max(first) <= 1.0
+    v.reconnects = 10
+    later = [v.reconnect_delay("", rng) for _ in range(200)]
+    assert min(later) >= 0.5 and max(later) <= 5.0 and max(later) > 3.0
+
+
+def test_an_outage_is_timed_from_the_lost_socket_to_the_rejoin() -> None:
+    v = _viewer(buy=False)
+    _join(v, offset=10)
+    v.closed(None, "reset", 3.0)  # a crash: no going_away
+    assert v.down == (3.0, False)
+    v.closed(502, "bad gateway", 3.5)  # a failed attempt to come back changes nothing
+    assert v.down == (3.0, False)
+    [join] = v.opened(4.0)
+    v.received(_wire({"t": "joined", "id": str(join["id"]), "recovered": True,
+                      "pos": {"epoch": "e1", "offset": 10}, "events": []}), 4.25)
+    assert v.down is None and v.outages == [(3.0, 4.25, True, False)]
+    # A drain announces itself with going_away.
+    v.received(_wire({"t": "going_away", "reason": "restart", "reconnect_after_ms": 900}),
+               5.0)
+    v.closed(1012, "service restart", 5.01)
+    assert v.down == (5.01, True)
+
+
+def test_an_unanswered_buy_is_sent_again_with_its_key_after_the_rejoin() -> None:
+    v = _viewer()
+    _join(v)
+    [(_, buy)] = v.received(_wire(event_frame("drop.buy_now", {"product_id": 9}, "e1", 4)),
+                            5.0)
+    v.closed(None, "reset", 5.05)  # the node died with the buy in flight
+    assert v.buy_outcome is BuyOutcome.NO_REPLY
+    [join] = v.opened(6.0)
+    out = v.received(_wire({"t": "joined", "id": str(join["id"]), "recovered": True,
+                            "pos": {"epoch": "e1", "offset": 4}, "events": []}), 6.1)
+    [(delay, again)] = out
+    assert delay == 0 and again["t"] == "buy" and again["id"] != buy["id"]
+    assert (again["idempotency_key"], again["product_id"]) == (buy["idempotency_key"], 9)
+    assert v.buy_outcome is None and v.buy_retries == 1
+    v.received(_wire({"t": "reply", "id": str(again["id"]),
+                      "data": {"hold_id": "h1", "buyer_number": 3, "replay": True}}), 6.2)
+    assert (v.buy_outcome, v.hold_id, v.buyer_number) == (BuyOutcome.HELD, "h1", 3)
+    assert round(v.buy_reply_at - v.buy_sent_at, 3) == 1.2  # from the first send
+
+
+def test_buy_now_recovered_after_a_reconnect_is_late_not_live() -> None:
+    v = _viewer(buy=False)
+    _join(v, offset=3)
+    v.closed(None, "reset", 4.0)
+    [join] = v.opened(5.0)
+    events = [event_frame("drop.state", {"state": "selling"}, "e1", 4),
+              event_frame("drop.buy_now", {"product_id": 9}, "e1", 5)]
+    v.received(_wire({"t": "joined", "id": str(join["id"]), "recovered": True,
+                      "pos": {"epoch": "e1", "offset": 5}, "events": events}), 5.1)
+    assert v.buy_now_at == 5.1 and v.buy_now_late and v.gaps == 0
