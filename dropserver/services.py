@@ -181,6 +181,10 @@ class LocalServices:
     want_redis: bool = True
     want_postgres: bool = True
     host: str = "127.0.0.1"
+    # Networks (CIDR) whose clients PostgreSQL lets in besides this host: initdb trusts
+    # loopback only. The cluster harness (loadtest.cluster) binds both servers to its
+    # bridge and lets the nodes' network namespaces in.
+    client_networks: tuple[str, ...] = ()
     quiet: bool = True
     redis_url: str = ""
     database_url: str = ""
@@ -398,6 +402,10 @@ class LocalServices:
         )
         if init.returncode != 0:
             raise ServiceError(f"initdb failed:\n{init.stdout}\n{init.stderr}")
+        if self.client_networks:
+            with open(datadir / "pg_hba.conf", "a") as hba:
+                for net in self.client_networks:
+                    hba.write(f"host all all {net} trust\n")
         port = free_port(self.host)
         cmd = [
             *prefix, str(bindir / "postgres"), "-D", str(datadir),

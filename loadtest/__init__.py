@@ -11,14 +11,24 @@ Modules, in the order to read them:
 * ``wsclient``: a lean asyncio WebSocket client for tens of thousands of sockets.
 * ``swarm``: one swarm process: thousands of viewers of one drop on one loop.
 * ``creator``: the creator's side: one drop driven through the HTTP API.
-* ``target``: where a rehearsal points: a local server it starts, or a deployment.
+* ``target``: where a rehearsal points: a local server it starts, a deployment, or
+  the cluster harness's balancer.
 * ``floor``: the bare ``websockets`` broadcast server a rehearsal measures beside it.
 * ``floor_viewer``: the floor's viewer: it times each numbered broadcast.
 * ``procstat``: the server's memory and CPU during a run.
 * ``stats``: percentiles, latency summaries, histograms; pure.
+* ``fault``: a fault injected in a rehearsal's rush, and how the viewers came back.
 * ``rehearse``: the whole rehearsal and its pass or fail.
 * ``verdict``: BUY NOW beside the floor, and the failures against the targets.
 * ``report``: the result as JSON, charts and an HTML page.
-* ``__main__``: ``python -m loadtest`` (``rehearse``, or one ``swarm`` process).
+* ``netns``: the multi-node harness's network: a bridge, a namespace per node.
+* ``_netreaper``: deletes those namespaces and devices when the harness ends, however.
+* ``balancer``: HAProxy in front of the nodes: its configuration (``haproxy.cfg``),
+  processes and view of the nodes.
+* ``cluster``: several ``dropserver serve`` nodes behind HAProxy on this machine,
+  over one Redis and one PostgreSQL; nodes killed, drained and started again.
+* ``cluster_cli``: ``python -m loadtest cluster up|status|kill|drain|start|down``.
+* ``__main__``: ``python -m loadtest`` (``rehearse``, ``cluster``, or one ``swarm``
+  process).
 * ``locustfile``: Locust users: viewers on the WebSocket, a creator on HTTP.
 """

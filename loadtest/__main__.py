@@ -1,4 +1,5 @@
-"""``python -m loadtest``: ``rehearse`` a whole drop, or run one ``swarm`` process."""
+"""``python -m loadtest``: ``rehearse`` a whole drop, run the multi-node ``cluster``
+harness, or run one ``swarm`` process."""
 
 from __future__ import annotations
 
@@ -13,9 +14,16 @@ def main(argv: list[str] | None = None) -> int:
 
     r = sub.add_parser("rehearse", help="run one drop against N viewers and judge it")
     rehearse.add_arguments(r)
+    from loadtest import cluster_cli
+
+    c = sub.add_parser("cluster", help="several nodes behind HAProxy on this machine "
+                       "(up, status, kill, drain, start, down; root)")
+    cluster_cli.add_arguments(c)
     sub.add_parser("swarm", help="one viewer swarm process (config as a JSON line on stdin; "
                    "started by `rehearse`)")
     args = parser.parse_args(argv)
+    if args.command == "cluster":
+        return cluster_cli.main(args)
     if args.command == "swarm":
         from loadtest.swarm import main as swarm_main
 

@@ -41,6 +41,9 @@ class ProcWatch:
 
     def __init__(self, pids: list[int]) -> None:
         self._procs = {pid: psutil.Process(pid) for pid in pids}
+        # A process that exits keeps its last CPU reading in the sum (a killed node in
+        # a fault rehearsal), so CPU per wall second never goes negative.
+        self._last_cpu: dict[int, float] = {}
 
     @property
     def pids(self) -> list[int]:
@@ -56,9 +59,11 @@ class ProcWatch:
                     mem = proc.memory_info().rss
                     times = proc.cpu_times()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
+                cpu += self._last_cpu.get(pid, 0.0)
                 continue
             per[pid] = mem
             rss += mem
+            self._last_cpu[pid] = times.user + times.system
             cpu += times.user + times.system
         return ProcSample(time.monotonic(), rss, cpu, per)
 

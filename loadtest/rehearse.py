@@ -80,6 +80,7 @@ class RehearsalConfig:
     out_dir: str = "loadtest-reports"
     quiet: bool = False
     command: str = ""
+    fault: Any = None  # a loadtest.fault.Fault injected in the rush (--fault)
 
     def resolved_workers(self) -> int:
         return self.server_workers or max(1, math.ceil(self.viewers / 14000))
@@ -347,6 +348,8 @@ class Rehearsal:
             self.phase("buy_now")
             cpu_before = self.watch.sample() if self.watch else None
             buy_now_error = None
+            fault_task = (asyncio.create_task(cfg.fault.run(time.monotonic()))
+                          if cfg.fault is not None else None)
             try:
                 await creator.buy_now()
             except (CreatorError, httpx.HTTPError) as exc:
@@ -371,6 +374,7 @@ class Rehearsal:
             await asyncio.sleep(cfg.buy_delay_ms[1] / 1000.0 + 0.3)
             await self.wait_for("every buy to be answered", rush_over,
                                 limit_s=cfg.rush_timeout_s)
+            fault_record = await self.after_fault(fault_task) if fault_task else None
             cpu_after = self.watch.sample() if self.watch else None
             await self.set_chat_rate(0)
             chat_window = (self.progress.total("chat_sent") - chat_started[0],
@@ -409,6 +413,12 @@ class Rehearsal:
                 "probes_due": probe.due, "probes_started": probe.started}
             result["chat"]["sent_per_s"] = (round(chat_window[0] / chat_window[1], 1)
                                             if chat_window[1] > 0 else None)
+            if fault_record is not None:
+                from loadtest.fault import judge, recovery
+
+                result["fault"] = recovery(reports, fault_record, cfg.fault.budget_s, self.t0)
+                result["failures"] += judge(result["fault"])
+                result["passed"] = not result["failures"]
         finally:
             await creator.aclose()
             await probe.aclose()
@@ -417,6 +427,24 @@ class Rehearsal:
             result["floor"] = await self.measure_floor(target, joined)
             verdict.compare_floor(result)
         return result
+
+    async def after_fault(self, task: asyncio.Task) -> dict[str, Any]:
+        """The fault has run (or runs now); wait until every viewer it cost a socket
+        is joined again, judged on swarm progress sent after the fault."""
+        record = await task
+        self.say(f"fault `{record['what']}` at {record['at'] - self.t0:.1f}s: exit "
+                 f"{record['exit']} {record['output'].strip()[-200:]}")
+        # Judged on progress lines sent after the fault was over (a drain is over when
+        # its node has exited: every socket it closes is closed), with time to see it.
+        after = max(record["at"], record.get("done", record["at"])) + 0.6
+
+        def everyone_back() -> bool:
+            latest = self.progress.latest.values()
+            return (len(latest) == len(self.swarms) and all(p["t"] > after for p in latest)
+                    and self.progress.total("down") == 0)
+        await self.wait_for("every viewer lost to the fault to be back", everyone_back,
+                            limit_s=self.cfg.fault.budget_s * 3 + 30)
+        return record
 
     async def set_chat_rate(self, rate: float) -> None:
         """Every swarm sends its share of ``rate`` chat messages a second (0 stops)."""
@@ -553,7 +581,9 @@ class Rehearsal:
                        "buy_delay_ms": list(cfg.buy_delay_ms), "encoding": cfg.encoding,
                        "p99_budget_ms": cfg.p99_budget_ms, "chat_rate": cfg.chat_rate,
                        "chat_messages": cfg.chat_messages, "countdown_s": cfg.countdown_s,
-                       "server_env": cfg.server_env},
+                       "server_env": cfg.server_env,
+                       "fault": ({"what": cfg.fault.describe(), "after_s": cfg.fault.after_s,
+                                  "budget_s": cfg.fault.budget_s} if cfg.fault else None)},
             "connections": {
                 "target": cfg.viewers, "joined": totals["joined"],
                 "open_at_end": totals["open_at_report"], "failed": sum(connect_errors.values()),
@@ -568,6 +598,7 @@ class Rehearsal:
                                      else cfg.connect_rate),
                 "join_latency": summarize(connect_lat),
             },
+            # late: learnt after a reconnect (history or snapshot), not live
             "buy_now": {"seen": len(buy_now_lat), "late_via_snapshot": totals["buy_now_late"],
                         "latency": bn, "histogram_bucket_ms": verdict.bucket_ms(bn),
                         "histogram_ms": histogram(buy_now_lat, verdict.bucket_ms(bn))},
@@ -591,6 +622,8 @@ class Rehearsal:
                      "left_out_per_viewer": round(totals["chat_skipped"] / joined_n, 1),
                      "latency": summarize(chat_lat)},
             "protocol_errors": dict(errors),
+            # [user, hold id, buyer number] of every hold a buyer was told of
+            "holds": [h for r in reports for h in r.get("holds", ())],
             "audit": audit,
             "server": server,
             "timeline": self.timeline,
@@ -661,20 +694,21 @@ async def _audit(database_url: str, drop_id: int, product_ids: list[int],
     }
 
 
-async def rehearse(cfg: RehearsalConfig) -> dict[str, Any]:
-    """Run the rehearsal and write the reports; returns the result."""
+async def rehearse(cfg: RehearsalConfig, target: Any = None) -> dict[str, Any]:
+    """Run the rehearsal and write the reports; returns the result. ``target``: one
+    already made (e.g. :class:`loadtest.target.ClusterTarget`), else from ``cfg``."""
     from loadtest.report import format_console, write_reports
     from loadtest.target import LocalTarget, RemoteTarget
 
     stem = datetime.now(UTC).strftime("rehearsal-%Y%m%dT%H%M%SZ") + f"-{cfg.viewers}v"
     out_dir = Path(cfg.out_dir)
-    if cfg.target:
+    if target is None and cfg.target:
         from dropserver.settings import load_settings
 
         # Signs tokens only (no server): the given secret, else the dev one.
         settings = load_settings({}, dev=True, jwt_secret=cfg.jwt_secret)
-        target: Any = RemoteTarget(cfg.target, settings, database_url=cfg.database_url)
-    else:
+        target = RemoteTarget(cfg.target, settings, database_url=cfg.database_url)
+    elif target is None:
         target = LocalTarget(
             workers=cfg.resolved_workers(),
             # Every viewer buys from one of a few loopback addresses: lift the per-IP
@@ -685,7 +719,8 @@ async def rehearse(cfg: RehearsalConfig) -> dict[str, Any]:
             log_path=out_dir / f"{stem}.server.log",
         )
     rehearsal = Rehearsal(cfg)
-    rehearsal.say(f"starting {'local server' if not cfg.target else cfg.target}")
+    rehearsal.say("starting " + (cfg.target or ("local server" if isinstance(target, LocalTarget)
+                                                else type(target).__name__)))
     started = await asyncio.to_thread(target.__enter__)
     try:
         rehearsal.say(f"target ready: {started.base_url} "
@@ -745,6 +780,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="remote targets: the HS256 secret viewer tokens are signed with")
     p.add_argument("--database-url", default="", help="remote targets: PostgreSQL URL "
                    "for the oversell audit (read only)")
+    p.add_argument("--fault", default="", dest="fault_command", metavar="COMMAND",
+                   help="shell command run in the rush, --fault-after seconds after BUY NOW "
+                   "(e.g. 'python -m loadtest cluster kill node2'); the run then waits for "
+                   "every viewer it cost a socket to rejoin, and reports how long they took")
+    p.add_argument("--fault-after", type=float, default=0.5, dest="fault_after_s",
+                   help="seconds after the creator sends BUY NOW")
+    p.add_argument("--recovery-budget", type=float, default=10.0, dest="recovery_budget_s",
+                   help="every viewer lost to the fault back within this many seconds")
     p.add_argument("--out", default=d.out_dir, dest="out_dir")
     p.add_argument("--quiet", action="store_true")
 
@@ -761,6 +804,11 @@ def main(args: argparse.Namespace) -> int:
         env[name] = value
     fields["server_env"] = env
     fields["command"] = "python -m loadtest " + shlex.join(sys.argv[1:])
+    if getattr(args, "fault_command", ""):
+        from loadtest.fault import Fault
+
+        fields["fault"] = Fault(after_s=args.fault_after_s, command=args.fault_command,
+                                budget_s=args.recovery_budget_s)
     cfg = RehearsalConfig(**fields)
     result = asyncio.run(asyncio.wait_for(rehearse(cfg), cfg.max_duration_s + 120))
     return 0 if result.get("passed") else 1

@@ -25,7 +25,7 @@ from dropserver.lifeline import die_with_parent
 from dropserver.services import LocalServices, free_port
 from dropserver.settings import Settings, load_settings, unsafe_rig_env
 
-__all__ = ["LocalTarget", "RemoteTarget", "Target", "die_with_parent"]
+__all__ = ["ClusterTarget", "LocalTarget", "RemoteTarget", "Target", "die_with_parent"]
 
 class Target(Protocol):
     base_url: str  # http(s)://host:port
@@ -165,3 +165,45 @@ class LocalTarget:
             self._services.stop()
             self._services = None
 
+
+
+@dataclass
+class ClusterTarget:
+    """The balancer of a :class:`loadtest.cluster.Cluster` run in this process: like a
+    remote deployment, plus its database and Redis (the audit reads both) and its
+    nodes' worker processes (memory and CPU), since they run on this machine. The
+    cluster is started and stopped by its owner, not by the rehearsal."""
+
+    cluster: object  # loadtest.cluster.Cluster (not imported: it needs root)
+    settings: Settings = field(default_factory=lambda: load_settings({}, dev=True))
+
+    @property
+    def base_url(self) -> str:
+        return self.cluster.base_url  # type: ignore[attr-defined]
+
+    @property
+    def ws_url(self) -> str:
+        return self.cluster.ws_url  # type: ignore[attr-defined]
+
+    @property
+    def database_url(self) -> str:
+        return self.cluster.database_url  # type: ignore[attr-defined]
+
+    @property
+    def redis_url(self) -> str:
+        return self.cluster.redis_url  # type: ignore[attr-defined]
+
+    @property
+    def server_pids(self) -> list[int]:
+        """Every node's workers (their ``serve`` supervisors only wait)."""
+        from loadtest.procstat import server_processes
+
+        return [p.pid for node in self.cluster.nodes  # type: ignore[attr-defined]
+                if node.running() for p in server_processes(node.proc.pid)]
+
+    def __enter__(self) -> ClusterTarget:
+        _wait_ready(self.base_url, time.monotonic() + 10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
