@@ -110,14 +110,16 @@ async def _fresh_stats(console, drop_id: int, reads: int = 2) -> None:
 
 
 _RECORD_SHOWN = """([selector, dropId]) => {
-    // every value the element shows from now on (while the console holds dropId)
+    // what the element shows at every change of the page from now on (while the
+    // console holds dropId): also when the page switches drops around a stale count
     const el = document.querySelector(selector);
     const shown = [];
     new MutationObserver(() => {
         if (dropId === null || window.__console?.drop?.id === dropId) {
             shown.push(el.textContent);
         }
-    }).observe(el, {childList: true, characterData: true, subtree: true});
+    }).observe(document.body, {childList: true, characterData: true, subtree: true,
+                               attributes: true});
     window.__shown = shown;
 }"""
 
