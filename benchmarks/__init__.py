@@ -16,6 +16,9 @@ run. In the order of the hot paths:
 * :mod:`benchmarks.ingest`: one 720p30 stream's server CPU, publish-to-playlist and
   glass-to-viewer latency.
 * :mod:`benchmarks.startup`: ``dropserver dev`` from launch to ready.
+* :mod:`benchmarks.balancer`: a rehearsal through HAProxy across 3 nodes against one
+  node with as many workers, and a node killed or drained mid-drop: how long until
+  every viewer is back and caught up, events and holds lost (root: namespaces).
 * :mod:`benchmarks.faults`: every fault of the fault tests in a loop during a rush
   (PostgreSQL down, Redis restarted empty, workers killed): holds lost, refunds
   unrecorded, double charges, recovery times.
