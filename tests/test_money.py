@@ -160,6 +160,12 @@ async def test_a_payment_for_a_released_hold_is_refunded_and_recorded(
         drop_id, _pid, hold = await _hold(server, http, make_token, units=2)
         hold_id = hold["hold_id"]
         pending = await _payment_pending(db, hold_id)
+        # a buyer pays once told how (order.payment carries the client secret); a
+        # worker stopped between the row and that event would leave nothing to pay with
+        async def told_how_to_pay() -> bool:
+            return heard.count(hold_id)["order.payment"] == 1
+
+        await wait_for(told_how_to_pay, 10)
         gateway = server.app.state.payments_gateway
         for worker in server.app.state.order_workers:
             await worker.stop()
