@@ -84,6 +84,15 @@ def pool_of(app_or_pool: Any) -> asyncpg.Pool:
     return app_or_pool
 
 
+def control_pool_of(app_or_pool: Any) -> asyncpg.Pool:
+    """The pool of the creator's lifecycle actions: an app's ``state.db_control``
+    (connections no order worker takes), else :func:`pool_of`."""
+    state = getattr(app_or_pool, "state", None)
+    if state is not None and hasattr(state, "db_control"):
+        return state.db_control
+    return pool_of(app_or_pool)
+
+
 def iso(value: datetime | None) -> str | None:
     """RFC 3339 UTC with a ``Z``, as every timestamp in the API and events."""
     if value is None:
@@ -112,7 +121,7 @@ class _Work:
 async def _locked(app_or_pool: Any, redis: Any, drop_id: int,
                   actor: Principal | None) -> AsyncIterator[_Work]:
     """Lock the drop, let the caller act, publish its events, commit (see module doc)."""
-    pool = pool_of(app_or_pool)
+    pool = control_pool_of(app_or_pool)
     async with pool.acquire() as conn:
         tx = conn.transaction()
         await tx.start()

@@ -142,6 +142,10 @@ def create_app(settings: Settings, components: tuple[Component, ...] = COMPONENT
         )
         state.db = await create_pool(settings.database_url, min_size=settings.db_pool_min,
                                      max_size=settings.db_pool_max)
+        # The creator's lifecycle actions never queue behind the order workers, which
+        # can hold every connection of ``db`` while a sell-out drains (drops.actions).
+        state.db_control = await create_pool(settings.database_url, min_size=1,
+                                             max_size=settings.db_control_pool)
         started: list[Component] = []
         tallies = Periodic("metrics-tallies", 1.0, _flush_tallies, log, "metrics flush")
         tallies.start()
@@ -160,6 +164,7 @@ def create_app(settings: Settings, components: tuple[Component, ...] = COMPONENT
                     except Exception:
                         log.exception("shutdown hook failed", extra={"component": comp.name})
             await state.db.close()
+            await state.db_control.close()
             await state.redis.aclose()
             await tallies.stop()
             flush_tallies()

@@ -72,6 +72,11 @@ class Settings:
                              "`dropserver dev` starts a local one.")
     db_pool_min: int = _env("DROPSERVER_DB_POOL_MIN", 1, "asyncpg pool minimum size.")
     db_pool_max: int = _env("DROPSERVER_DB_POOL_MAX", 10, "asyncpg pool maximum size.")
+    db_control_pool: int = _env("DROPSERVER_DB_CONTROL_POOL", 2, "PostgreSQL connections "
+                                "per worker kept for drop lifecycle actions (the "
+                                "creator's BUY NOW, close, end, ...; sold out), apart "
+                                "from the shared pool that order workers can fill "
+                                "during a sell-out.")
 
     # --- auth ----------------------------------------------------------------
     jwt_secret: str = _env("DROPSERVER_JWT_SECRET", "", "HS256 secret. `dropserver dev` "
@@ -281,6 +286,8 @@ class Settings:
                                                   for x in self.gc_threshold):
             raise SettingsError("DROPSERVER_GC_THRESHOLD",
                                 "expected three positive integers, like 700,10,100")
+        if self.db_control_pool < 1:
+            raise SettingsError("DROPSERVER_DB_CONTROL_POOL", "must be at least 1")
         if self.db_pool_min > self.db_pool_max:
             raise SettingsError("DROPSERVER_DB_POOL_MIN", "must not exceed "
                                 "DROPSERVER_DB_POOL_MAX")
