@@ -106,7 +106,10 @@ async def fuzz(base_url: str, token: str, tmp_path: Path, *, max_examples: int,
             # is refused (404/409): positive data cannot be "accepted" without state.
             "--exclude-checks", "positive_data_acceptance",
             "--max-examples", str(max_examples), "--phases", phases,
-            "--seed", "7", "--workers", "2",
+            # One worker: with two threads, CPython 3.11's ast constructor (hypothesis
+            # parses the source of its filters' lambdas) can raise "AST constructor
+            # recursion depth mismatch" (python/cpython#106905), failing the run.
+            "--seed", "7", "--workers", "1",
             "--request-timeout", "10", "--suppress-health-check", "all",
             "-H", f"Authorization: Bearer {token}",
             "--report", "junit", "--report-dir", str(tmp_path / "st"),
