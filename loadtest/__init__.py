@@ -18,8 +18,11 @@ Modules, in the order to read them:
 * ``procstat``: the server's memory and CPU during a run.
 * ``stats``: percentiles, latency summaries, histograms; pure.
 * ``fault``: a fault injected in a rehearsal's rush, and how the viewers came back.
-* ``rehearse``: the whole rehearsal and its pass or fail.
-* ``verdict``: BUY NOW beside the floor, and the failures against the targets.
+* ``rehearse``: the whole rehearsal, phase by phase.
+* ``swarm_pipes``: the rehearsal's end of its swarm processes: pipes, progress, reports.
+* ``figures``: the swarms' reports merged into the rehearsal's result.
+* ``verdict``: the orders audited, BUY NOW beside the floor, and pass or fail.
+* ``rehearse_cli``: ``python -m loadtest rehearse``'s options.
 * ``report``: the result as JSON, charts and an HTML page.
 * ``netns``: the multi-node harness's network: a bridge, a namespace per node.
 * ``_netreaper``: deletes those namespaces and devices when the harness ends, however.

@@ -10,10 +10,10 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from loadtest import rehearse
+    from loadtest import rehearse_cli
 
     r = sub.add_parser("rehearse", help="run one drop against N viewers and judge it")
-    rehearse.add_arguments(r)
+    rehearse_cli.add_arguments(r)
     from loadtest import cluster_cli
 
     c = sub.add_parser("cluster", help="several nodes behind HAProxy on this machine "
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.swarm import main as swarm_main
 
         return swarm_main()
-    return rehearse.main(args)
+    return rehearse_cli.main(args)
 
 
 if __name__ == "__main__":

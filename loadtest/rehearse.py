@@ -19,36 +19,34 @@ workers, and ``--floor-events`` messages shaped like BUY NOW are broadcast to th
 what this machine, with this load generator, needs to reach that many sockets. The
 report puts BUY NOW's latency beside it, and the ratio.
 
-It samples every swarm's progress and the server's RSS/CPU twice a second, prints a
-progress line, and finally collects each swarm's raw times, audits the orders in
-PostgreSQL against the stock, and writes JSON + PNG + HTML under ``loadtest-reports/``.
+It samples every swarm's progress and the server's RSS/CPU twice a second
+(loadtest.swarm_pipes), prints a progress line, and finally collects each swarm's raw
+times into the result (loadtest.figures), audits the orders in PostgreSQL against the
+stock and judges the run (loadtest.verdict), and writes JSON + PNG + HTML under
+``loadtest-reports/`` (loadtest.report). Its command-line options are
+loadtest.rehearse_cli's.
 Every phase has a time limit and the whole run has ``--max-duration``: it always
 stops by itself, and the swarms stop when the coordinator goes away.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
 import math
-import os
-import shlex
-import signal
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loadtest import verdict
-from loadtest.stats import histogram, summarize
+from loadtest import figures, verdict
+from loadtest.stats import summarize
 from loadtest.swarm import SwarmConfig
+from loadtest.swarm_pipes import Progress, SwarmProc, die_with_parent, read_swarm, sources
 
-__all__ = ["RehearsalConfig", "main", "rehearse"]
+__all__ = ["Rehearsal", "RehearsalConfig", "rehearse"]
 
 
 @dataclass
@@ -89,77 +87,15 @@ class RehearsalConfig:
         return self.swarm_processes or max(2, math.ceil(self.viewers / 14000))
 
 
-def _sources(cfg: RehearsalConfig, index: int, swarms: int, count: int) -> list[str]:
-    """Source addresses for swarm ``index``: explicit ones round-robin, or 127.0.0.x."""
-    if cfg.source_addresses:
-        return cfg.source_addresses[index::swarms] or cfg.source_addresses
-    if cfg.target and not cfg.target.startswith(("http://127.", "http://localhost")):
-        return []
-    need = max(1, math.ceil(count / cfg.per_address))
-    # 127.0.0.2, 127.0.0.3, ...: never 127.0.0.1, where the server listens.
-    return [f"127.0.{k // 250}.{k % 250 + 2}"
-            for k in range(index * need, (index + 1) * need)]
-
-
-class _Progress:
-    """Latest progress line of every swarm, and the timeline of their sum."""
-
-    def __init__(self) -> None:
-        self.latest: dict[int, dict[str, Any]] = {}
-        self.reports: dict[int, dict[str, Any]] = {}
-        self.events: dict[int, asyncio.Event] = {}
-
-    def total(self, key: str) -> int:
-        return sum(int(p.get(key, 0)) for p in self.latest.values())
-
-
-@dataclass
-class _SwarmProc:
-    index: int
-    proc: asyncio.subprocess.Process
-    config: SwarmConfig
-    reader: asyncio.Task | None = None
-
-    async def send(self, message: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self.proc.stdin.write((json.dumps(message) + "\n").encode())
-            await self.proc.stdin.drain()
-
-
-async def _read_swarm(sp: _SwarmProc, progress: _Progress) -> None:
-    assert sp.proc.stdout is not None
-    while True:
-        line = await sp.proc.stdout.readline()
-        if not line:
-            return
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            continue
-        kind = msg.get("type")
-        if kind == "progress":
-            progress.latest[sp.index] = msg
-        elif kind == "report":
-            progress.reports[sp.index] = msg
-            progress.events[sp.index].set()
-
-
-def _die_with_parent() -> None:
-    from loadtest.target import die_with_parent
-
-    die_with_parent(signal.SIGKILL)()
-
-
 class Rehearsal:
     def __init__(self, cfg: RehearsalConfig) -> None:
         self.cfg = cfg
         self.t0 = time.monotonic()
         self.deadline = self.t0 + cfg.max_duration_s
-        self.progress = _Progress()
+        self.progress = Progress()
         self.timeline: list[dict[str, Any]] = []
         self.phases: list[dict[str, Any]] = []
-        self.swarms: list[_SwarmProc] = []
+        self.swarms: list[SwarmProc] = []
         self.watch = None
         self._last_sample = None
         self._cpu_samples: list[float] = []
@@ -243,7 +179,7 @@ class Rehearsal:
             count = base + (1 if i < extra else 0)
             scfg = SwarmConfig(
                 ws_url=ws_url, drop_id=drop_id, first=first, count=count,
-                sources=_sources(cfg, i, n, count), rate=cfg.connect_rate / n,
+                sources=sources(cfg, i, n, count), rate=cfg.connect_rate / n,
                 buy_probability=cfg.buy_probability, buy_delay_ms=cfg.buy_delay_ms,
                 encoding=cfg.encoding, jwt_secret=jwt_secret, seed=1000 + i,
                 deadline_s=self.remaining() + 30, user_prefix="lt",
@@ -252,11 +188,11 @@ class Rehearsal:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "loadtest", "swarm",
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                preexec_fn=_die_with_parent, limit=64 << 20,
+                preexec_fn=die_with_parent, limit=64 << 20,
             )
-            sp = _SwarmProc(i, proc, scfg)
+            sp = SwarmProc(i, proc, scfg)
             self.progress.events[i] = asyncio.Event()
-            sp.reader = asyncio.create_task(_read_swarm(sp, self.progress))
+            sp.reader = asyncio.create_task(read_swarm(sp, self.progress))
             assert proc.stdin is not None
             proc.stdin.write((scfg.to_json() + "\n").encode())
             await proc.stdin.drain()
@@ -394,8 +330,8 @@ class Rehearsal:
                                 >= self.progress.total("joined"), limit_s=15)
             self.phase("collect")
             reports = await self.collect()
-            audit = await _audit(target.database_url, drop_id, creator.product_ids, reports,
-                                 target)
+            audit = await verdict.audit(target.database_url, drop_id, creator.product_ids,
+                                        reports, target)
             result = self.compose(reports, audit, t_buy_now=t_buy_now, joined=joined,
                                   connect_s=connect_s, baseline=baseline,
                                   after_connect=after_connect, cpu_window=(cpu_before,
@@ -469,7 +405,7 @@ class Rehearsal:
         servers = FloorServers(cfg.resolved_workers(), free_port(), redis_url, channel)
         await asyncio.to_thread(servers.start)
         redis = aioredis.Redis.from_url(redis_url)
-        self.progress = _Progress()
+        self.progress = Progress()
         self.swarms = []
         sent: list[float] = []
         try:
@@ -509,189 +445,13 @@ class Rehearsal:
                 "latency": summarize(lat)}
 
     # -- the result -------------------------------------------------------------------------------
-    def compose(self, reports: list[dict[str, Any]], audit: dict[str, Any], *,
-                t_buy_now: float, joined: int, connect_s: float, baseline, after_connect,
-                cpu_window) -> dict[str, Any]:
-        from loadtest.procstat import cpu_percent
-
-        cfg = self.cfg
-        buy_now_lat = [t - t_buy_now for r in reports for t in r["buy_now_at"]]
-        reservations = [x for r in reports for x in r["reservation_s"]]
-        connect_lat = [x for r in reports for x in r["connect_s"]]
-        joined_at = sorted(t for r in reports for t in r["joined_at"])
-        totals: Counter[str] = Counter()
-        outcomes: Counter[str] = Counter()
-        codes: Counter[str] = Counter()
-        errors: Counter[str] = Counter()
-        connect_errors: Counter[str] = Counter()
-        close_reasons: Counter[str] = Counter()
-        last_positions: Counter[str] = Counter()
-        for r in reports:
-            totals.update(r["totals"])
-            outcomes.update(r["buy_outcomes"])
-            codes.update(r["buy_codes"])
-            errors.update(r["errors"])
-            connect_errors.update(r["connect_errors"])
-            close_reasons.update(r["close_reasons"])
-            last_positions.update(r["last_positions"])
-        # The missing tail: a viewer whose last position is behind the newest one seen
-        # by anyone missed the events in between (same epoch), or the whole epoch.
-        tail_lost = 0
-        newest: tuple[str, int] | None = None
-        parsed = []
-        for key, count in last_positions.items():
-            epoch, _, off = key.rpartition(":")
-            parsed.append((epoch, int(off), count))
-            if newest is None or int(off) > newest[1]:
-                newest = (epoch, int(off))
-        for epoch, off, count in parsed:
-            if newest is not None and (epoch, off) != newest:
-                tail_lost += count * (newest[1] - off if epoch == newest[0] else newest[1])
-        lost = totals["gaps"] + tail_lost
-        # From the first socket's turn, not the first join: the seconds the first
-        # sockets waited for their joins belong to the ramp.
-        starts = [r["ramp_started_at"] for r in reports if r.get("ramp_started_at")]
-        first = min(starts) if starts else (joined_at[0] if joined_at else 0.0)
-        ramp = (joined_at[-1] - first) if joined_at else 0.0
-        bn = summarize(buy_now_lat)
-        chat_lat = [x for r in reports for x in r.get("chat_latency_s", ())]
-        joined_n = max(totals["joined"], 1)
-        server: dict[str, Any] = {"measured": self.watch is not None}
-        if baseline is not None and after_connect is not None:
-            delta = after_connect.rss_bytes - baseline.rss_bytes
-            server.update({
-                "workers": len(self.watch.pids),
-                "rss_before_mib": round(baseline.rss_bytes / 2**20, 1),
-                "rss_connected_mib": round(after_connect.rss_bytes / 2**20, 1),
-                "rss_per_connection_kib": round(delta / max(joined, 1) / 1024, 1),
-                "cpu_avg_percent": round(sum(self._cpu_samples) / len(self._cpu_samples), 1)
-                if self._cpu_samples else None,
-                "cpu_peak_percent": max(self._cpu_samples) if self._cpu_samples else None,
-                "cpu_rush_percent": cpu_percent(*cpu_window) if all(cpu_window) else None,
-            })
-        result: dict[str, Any] = {
-            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "command": cfg.command,
-            "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()},
-            "config": {"viewers": cfg.viewers, "stock": cfg.stock,
-                       "server_workers": cfg.resolved_workers() if not cfg.target else None,
-                       "swarm_processes": cfg.resolved_swarms(), "target": cfg.target
-                       or "local", "connect_rate": cfg.connect_rate,
-                       "buy_probability": cfg.buy_probability,
-                       "buy_delay_ms": list(cfg.buy_delay_ms), "encoding": cfg.encoding,
-                       "p99_budget_ms": cfg.p99_budget_ms, "chat_rate": cfg.chat_rate,
-                       "chat_messages": cfg.chat_messages, "countdown_s": cfg.countdown_s,
-                       "server_env": cfg.server_env,
-                       "fault": ({"what": cfg.fault.describe(), "after_s": cfg.fault.after_s,
-                                  "budget_s": cfg.fault.budget_s} if cfg.fault else None)},
-            "connections": {
-                "target": cfg.viewers, "joined": totals["joined"],
-                "open_at_end": totals["open_at_report"], "failed": sum(connect_errors.values()),
-                "connect_errors": dict(connect_errors.most_common(10)),
-                "closes": dict(close_reasons.most_common(10)),
-                "reconnects": totals["reconnects"],
-                "ramp_seconds": round(connect_s, 2),
-                "first_socket_to_last_join_s": round(ramp, 2),
-                "rate_per_s": round(totals["joined"] / ramp, 1) if ramp > 0 else None,
-                "asked_rate_per_s": (int(cfg.connect_rate)
-                                     if float(cfg.connect_rate).is_integer()
-                                     else cfg.connect_rate),
-                "join_latency": summarize(connect_lat),
-            },
-            # late: learnt after a reconnect (history or snapshot), not live
-            "buy_now": {"seen": len(buy_now_lat), "late_via_snapshot": totals["buy_now_late"],
-                        "latency": bn, "histogram_bucket_ms": verdict.bucket_ms(bn),
-                        "histogram_ms": histogram(buy_now_lat, verdict.bucket_ms(bn))},
-            "positions": {"lost": lost, "gaps": totals["gaps"], "tail_lost": tail_lost,
-                          "viewers_with_gaps": totals["viewers_with_gaps"],
-                          "out_of_order": totals["out_of_order"],
-                          "epoch_changes": totals["epoch_changes"],
-                          "recovery_failed": totals["recovery_failed"],
-                          "durable_events_received": totals["durable_events"],
-                          "newest": list(newest) if newest else None},
-            "reservations": {"wanted": totals["wants_to_buy"],
-                             "sent": sum(outcomes.values()),
-                             "held": outcomes.get("held", 0),
-                             "sold_out": outcomes.get("sold_out", 0),
-                             "rejected": outcomes.get("rejected", 0),
-                             "no_reply": outcomes.get("no_reply", 0),
-                             "codes": dict(codes), "latency": summarize(reservations)},
-            "chat": {"rate_asked_per_s": cfg.chat_rate,
-                     "sent": sum(int(r.get("chat_sent", 0)) for r in reports),
-                     "received_per_viewer": round(totals["chat_seen"] / joined_n, 1),
-                     "left_out_per_viewer": round(totals["chat_skipped"] / joined_n, 1),
-                     "latency": summarize(chat_lat)},
-            "protocol_errors": dict(errors),
-            # [user, hold id, buyer number] of every hold a buyer was told of
-            "holds": [h for r in reports for h in r.get("holds", ())],
-            "audit": audit,
-            "server": server,
-            "timeline": self.timeline,
-            "phases": self.phases,
-            "notes": self.notes,
-        }
-        result["failures"] = verdict.judge(result, cfg)
-        result["passed"] = not result["failures"]
-        return result
-
-
-async def _audit(database_url: str, drop_id: int, product_ids: list[int],
-                 reports: list[dict[str, Any]], target) -> dict[str, Any]:
-    """Orders in PostgreSQL against stock: units sold never above units offered."""
-    if not database_url:
-        return {"checked": False, "why": "no database URL for a remote target"}
-    import asyncpg
-
-    held_users = {u for r in reports for u in r["held_users"]}
-    conn = await asyncpg.connect(database_url)
-    try:
-        # Holds reach PostgreSQL through the order queue: wait until it has caught up.
-        deadline = time.monotonic() + 20
-        while True:
-            rows = await conn.fetch(
-                "SELECT product_id, user_id, state, quantity, buyer_number FROM orders "
-                "WHERE drop_id = $1", drop_id)
-            if len(rows) >= len(held_users) or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.25)
-        units = await conn.fetch(
-            "SELECT product_id, units FROM drop_products WHERE drop_id = $1", drop_id)
-    finally:
-        await conn.close()
-    active = {"held", "payment_pending", "authorized", "paid"}
-    unit_map = {r["product_id"]: r["units"] for r in units}
-    sold: Counter[int] = Counter()
-    states: Counter[str] = Counter()
-    numbers: Counter[tuple[int, int]] = Counter()
-    db_users: set[str] = set()
-    for r in rows:
-        states[r["state"]] += 1
-        numbers[(r["product_id"], r["buyer_number"])] += 1
-        if r["state"] in active:
-            sold[r["product_id"]] += r["quantity"]
-            db_users.add(r["user_id"])
-    oversold = sum(max(0, sold[p] - unit_map.get(p, 0)) for p in unit_map)
-    remaining: dict[str, int] = {}
-    redis_url = getattr(target, "redis_url", "")
-    if redis_url:
-        import redis.asyncio as aioredis
-
-        from checkout.inventory import remaining as redis_remaining
-
-        client = aioredis.Redis.from_url(redis_url)
-        try:
-            remaining = {str(k): v for k, v in (await redis_remaining(client, drop_id)).items()}
-        finally:
-            await client.aclose()
-    return {
-        "checked": True, "units": sum(unit_map.values()),
-        "active_orders": sum(sold.values()), "orders_by_state": dict(states),
-        "oversold": oversold,
-        "duplicate_buyer_numbers": sum(1 for c in numbers.values() if c > 1),
-        "buyer_number_above_units": sum(1 for (p, n) in numbers if n > unit_map.get(p, 0)),
-        "mismatched_users": len(held_users ^ db_users),
-        "redis_remaining": remaining,
-    }
+    def compose(self, reports: list[dict[str, Any]], audit: dict[str, Any],
+                **figures_of_run: Any) -> dict[str, Any]:
+        """The run's result (:func:`loadtest.figures.compose`) with its timeline, phases,
+        notes and server samples."""
+        return figures.compose(self.cfg, reports, audit, watch=self.watch,
+                               cpu_samples=self._cpu_samples, timeline=self.timeline,
+                               phases=self.phases, notes=self.notes, **figures_of_run)
 
 
 async def rehearse(cfg: RehearsalConfig, target: Any = None) -> dict[str, Any]:
@@ -733,82 +493,3 @@ async def rehearse(cfg: RehearsalConfig, target: Any = None) -> dict[str, Any]:
         print(format_console(result))
         print("reports: " + ", ".join(result["reports"].values()))
     return result
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = RehearsalConfig()
-    p.add_argument("--viewers", type=int, default=d.viewers)
-    p.add_argument("--stock", type=int, default=d.stock, help="units of the one product")
-    p.add_argument("--target", default="", help="base URL of a running deployment; "
-                   "default: start a local server on 127.0.0.1")
-    p.add_argument("--server-workers", type=int, default=0,
-                   help="local server worker processes (default: 1 per 14,000 viewers)")
-    p.add_argument("--swarm-processes", type=int, default=0,
-                   help="viewer processes (default: 1 per 14,000 viewers, at least 2)")
-    p.add_argument("--connect-rate", type=float, default=d.connect_rate,
-                   help="new connections per second, all swarm processes together")
-    p.add_argument("--buy-probability", type=float, default=d.buy_probability)
-    p.add_argument("--buy-delay-ms", type=float, nargs=2, default=list(d.buy_delay_ms),
-                   metavar=("MIN", "MAX"), help="reaction time of a buyer, uniform")
-    p.add_argument("--chat-messages", type=int, default=d.chat_messages,
-                   help="chat messages sent during the countdown (a burst)")
-    p.add_argument("--chat-rate", type=float, default=d.chat_rate,
-                   help="chat messages per second from random viewers, from the countdown "
-                   "through the rush (a chat storm)")
-    p.add_argument("--probe-interval", type=float, default=d.probe_interval_s,
-                   dest="probe_interval_s", help="seconds between the creator's control-"
-                   "path probes (BUY NOW / close on a drop without viewers); 0: none")
-    p.add_argument("--no-floor", action="store_false", dest="floor",
-                   help="skip the bare-broadcast floor after the drop")
-    p.add_argument("--floor-events", type=int, default=d.floor_events)
-    p.add_argument("--floor-interval", type=float, default=d.floor_interval_s,
-                   dest="floor_interval_s")
-    p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
-                   help="environment of the local server (repeat), e.g. to run another "
-                   "checkout: --server-env PYTHONPATH=/path/to/it")
-    p.add_argument("--encoding", choices=["msgpack", "json"], default=d.encoding)
-    p.add_argument("--countdown", type=float, default=d.countdown_s, dest="countdown_s")
-    p.add_argument("--rush-timeout", type=float, default=d.rush_timeout_s,
-                   dest="rush_timeout_s")
-    p.add_argument("--max-duration", type=float, default=d.max_duration_s,
-                   dest="max_duration_s", help="hard limit of the whole run, seconds")
-    p.add_argument("--p99-budget-ms", type=float, default=d.p99_budget_ms)
-    p.add_argument("--source-address", action="append", default=[], dest="source_addresses",
-                   help="local address to connect from (repeat); default on loopback: "
-                   "127.0.0.2, 127.0.0.3, ...")
-    p.add_argument("--jwt-secret", default=os.environ.get("DROPSERVER_JWT_SECRET", ""),
-                   help="remote targets: the HS256 secret viewer tokens are signed with")
-    p.add_argument("--database-url", default="", help="remote targets: PostgreSQL URL "
-                   "for the oversell audit (read only)")
-    p.add_argument("--fault", default="", dest="fault_command", metavar="COMMAND",
-                   help="shell command run in the rush, --fault-after seconds after BUY NOW "
-                   "(e.g. 'python -m loadtest cluster kill node2'); the run then waits for "
-                   "every viewer it cost a socket to rejoin, and reports how long they took")
-    p.add_argument("--fault-after", type=float, default=0.5, dest="fault_after_s",
-                   help="seconds after the creator sends BUY NOW")
-    p.add_argument("--recovery-budget", type=float, default=10.0, dest="recovery_budget_s",
-                   help="every viewer lost to the fault back within this many seconds")
-    p.add_argument("--out", default=d.out_dir, dest="out_dir")
-    p.add_argument("--quiet", action="store_true")
-
-
-def main(args: argparse.Namespace) -> int:
-    fields = {f: getattr(args, f) for f in RehearsalConfig.__dataclass_fields__
-              if hasattr(args, f)}
-    fields["buy_delay_ms"] = tuple(fields["buy_delay_ms"])
-    env = {}
-    for item in getattr(args, "server_env", None) or []:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise SystemExit(f"--server-env wants NAME=VALUE, got {item!r}")
-        env[name] = value
-    fields["server_env"] = env
-    fields["command"] = "python -m loadtest " + shlex.join(sys.argv[1:])
-    if getattr(args, "fault_command", ""):
-        from loadtest.fault import Fault
-
-        fields["fault"] = Fault(after_s=args.fault_after_s, command=args.fault_command,
-                                budget_s=args.recovery_budget_s)
-    cfg = RehearsalConfig(**fields)
-    result = asyncio.run(asyncio.wait_for(rehearse(cfg), cfg.max_duration_s + 120))
-    return 0 if result.get("passed") else 1

@@ -1,20 +1,27 @@
-"""A rehearsal's verdict: BUY NOW beside the floor, and pass or fail.
+"""A rehearsal's verdict: the orders audited, BUY NOW beside the floor, pass or fail.
 
-:func:`compare_floor` puts BUY NOW's percentiles beside the bare-broadcast floor of the
-same run (their ratios). :func:`judge` lists the failures against the targets
-(docs/loadtest.md): every viewer joined and saw BUY NOW within the p99 budget, no
-event lost or out of order, no oversell, as many holds as the stock allows, and
-PostgreSQL's orders (the rehearsal's audit) agreeing with what buyers were told.
+:func:`audit` reads the drop's orders from PostgreSQL (once the order queue has caught
+up) and the remaining stock from Redis, and counts what must never happen: units sold
+above units offered, a buyer number given twice or above the stock, holds that differ
+between PostgreSQL and what buyers were told. :func:`compare_floor` puts BUY NOW's
+percentiles beside the bare-broadcast floor of the same run (their ratios).
+:func:`judge` lists the failures against the targets (docs/loadtest.md): every viewer
+joined and saw BUY NOW within the p99 budget, no event lost or out of order, no
+oversell, as many holds as the stock allows, and PostgreSQL's orders (the audit)
+agreeing with what buyers were told.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from loadtest.rehearse import RehearsalConfig
 
-__all__ = ["bucket_ms", "compare_floor", "judge"]
+__all__ = ["audit", "bucket_ms", "compare_floor", "judge"]
 
 
 def compare_floor(result: dict[str, Any]) -> None:
@@ -66,3 +73,62 @@ def judge(result: dict[str, Any], cfg: RehearsalConfig) -> list[str]:
     if audit.get("checked") and audit.get("mismatched_users"):
         fail.append(f"{audit['mismatched_users']} holds differ between PostgreSQL and replies")
     return fail
+
+
+async def audit(database_url: str, drop_id: int, product_ids: list[int],
+                 reports: list[dict[str, Any]], target: Any) -> dict[str, Any]:
+    """Orders in PostgreSQL against stock: units sold never above units offered."""
+    if not database_url:
+        return {"checked": False, "why": "no database URL for a remote target"}
+    import asyncpg
+
+    held_users = {u for r in reports for u in r["held_users"]}
+    conn = await asyncpg.connect(database_url)
+    try:
+        # Holds reach PostgreSQL through the order queue: wait until it has caught up.
+        deadline = time.monotonic() + 20
+        while True:
+            rows = await conn.fetch(
+                "SELECT product_id, user_id, state, quantity, buyer_number FROM orders "
+                "WHERE drop_id = $1", drop_id)
+            if len(rows) >= len(held_users) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.25)
+        units = await conn.fetch(
+            "SELECT product_id, units FROM drop_products WHERE drop_id = $1", drop_id)
+    finally:
+        await conn.close()
+    active = {"held", "payment_pending", "authorized", "paid"}
+    unit_map = {r["product_id"]: r["units"] for r in units}
+    sold: Counter[int] = Counter()
+    states: Counter[str] = Counter()
+    numbers: Counter[tuple[int, int]] = Counter()
+    db_users: set[str] = set()
+    for r in rows:
+        states[r["state"]] += 1
+        numbers[(r["product_id"], r["buyer_number"])] += 1
+        if r["state"] in active:
+            sold[r["product_id"]] += r["quantity"]
+            db_users.add(r["user_id"])
+    oversold = sum(max(0, sold[p] - unit_map.get(p, 0)) for p in unit_map)
+    remaining: dict[str, int] = {}
+    redis_url = getattr(target, "redis_url", "")
+    if redis_url:
+        import redis.asyncio as aioredis
+
+        from checkout.inventory import remaining as redis_remaining
+
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            remaining = {str(k): v for k, v in (await redis_remaining(client, drop_id)).items()}
+        finally:
+            await client.aclose()
+    return {
+        "checked": True, "units": sum(unit_map.values()),
+        "active_orders": sum(sold.values()), "orders_by_state": dict(states),
+        "oversold": oversold,
+        "duplicate_buyer_numbers": sum(1 for c in numbers.values() if c > 1),
+        "buyer_number_above_units": sum(1 for (p, n) in numbers if n > unit_map.get(p, 0)),
+        "mismatched_users": len(held_users ^ db_users),
+        "redis_remaining": remaining,
+    }
