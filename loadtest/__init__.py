@@ -8,6 +8,7 @@ for scenarios of your own. The guide and what each figure means: docs/loadtest.m
 Modules, in the order to read them:
 
 * ``viewer``: one rehearsal viewer as a pure state machine: frames in, frames out.
+* ``viewer_summary``: what a swarm reports of its viewers: raw times and totals.
 * ``wsclient``: a lean asyncio WebSocket client for tens of thousands of sockets.
 * ``swarm``: one swarm process: thousands of viewers of one drop on one loop.
 * ``creator``: the creator's side: one drop driven through the HTTP API.

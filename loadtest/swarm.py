@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from loadtest.floor_viewer import FloorViewer, summarize_floor
-from loadtest.viewer import Viewer, ViewerConfig, chat_text, summarize_viewers
+from loadtest.viewer import Viewer, ViewerConfig, chat_text
+from loadtest.viewer_summary import summarize_viewers
 from loadtest.wsclient import WsConnection, connect
 
 __all__ = ["SwarmConfig", "main", "run"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from loadtest.rehearse import Rehearsal, RehearsalConfig
 from loadtest.report import format_console, write_reports
-from loadtest.viewer import summarize_viewers
+from loadtest.viewer_summary import summarize_viewers
 
 
 def _report(ramp_started_at: float, joined_at: list[float]) -> dict:
