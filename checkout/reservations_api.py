@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from checkout import defense, holds, inventory, journal, reconcile, recovery
+from checkout import defense, holds, inventory, journal, keys, reconcile, recovery
 from checkout.defense import BuyAttempt, BuyLimits
 from checkout.holds import Reason, ReleaseResult, Sweeper
 from checkout.redis_pipe import AutoPipeline
@@ -210,9 +210,42 @@ class Reservations:
         except (RedisConnectionError, RedisTimeoutError, OSError):
             # Redis is restarting or failing over: say so, the client retries.
             log.warning("redis unavailable for a buy", exc_info=True)
-            raise ApiError("sales are paused for a moment, retry shortly",
-                           code="unavailable", status=503,
-                           headers={"Retry-After": "1"}) from None
+            raise _redis_away() from None
+
+    async def cancel(self, hold_id: str, owner: str) -> ReleaseResult:
+        """The buyer's cancel (``release.lua``, reason ``cancelled``)."""
+        try:
+            result = await holds.release(self.redis, hold_id, Reason.CANCELLED, owner=owner)
+            if result.error == "not_found" and await self.load_for(hold_id):
+                result = await holds.release(self.redis, hold_id, Reason.CANCELLED,
+                                             owner=owner)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            log.warning("redis unavailable for a cancel", exc_info=True)
+            raise _redis_away() from None
+        return result
+
+    async def get_hold(self, hold_id: str) -> dict[str, Any] | None:
+        try:
+            record = await holds.get_hold(self.redis, hold_id)
+            if record is None and await self.load_for(hold_id):
+                record = await holds.get_hold(self.redis, hold_id)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            raise _redis_away() from None
+        return record
+
+    async def load_for(self, hold_id: str) -> bool:
+        """Redis does not know ``hold_id``: if its drop is not loaded (Redis came back
+        empty and nothing has rebuilt it yet) the hold may well exist in PostgreSQL, so
+        load the drop first, as a buy does. True when the caller should look again;
+        503 ``not_ready`` while another process is still rebuilding."""
+        ref = keys.parse_hold_id(hold_id)
+        if ref is None or await recovery.is_loaded(self.redis, ref.drop_id):
+            return False
+        outcome = await self._ensure_loaded(ref.drop_id)
+        if outcome == "busy":
+            raise ApiError("sales are resuming after a Redis loss, retry shortly",
+                           code="not_ready", status=503, headers={"Retry-After": "1"})
+        return outcome == "loaded"
 
     async def _reserve(self, req: BuyRequest) -> Hold:
         try:
@@ -245,6 +278,11 @@ class Reservations:
             self._loading[drop_id] = task
             task.add_done_callback(lambda _t: self._loading.pop(drop_id, None))
         return await asyncio.shield(task)
+
+
+def _redis_away() -> ApiError:
+    return ApiError("sales are paused for a moment, retry shortly", code="unavailable",
+                    status=503, headers={"Retry-After": "1"})
 
 
 def _state(app: Any) -> Reservations:
@@ -302,15 +340,13 @@ async def cancel(app: Any, who: Principal, hold_id: str) -> dict[str, Any]:
         raise Unauthorized("sign in to cancel a hold", code="token_missing")
     if not isinstance(hold_id, str) or not hold_id:
         raise ValidationFailed("hold_id is required", details={"field": "hold_id"})
-    res = _state(app)
-    result = await holds.release(res.redis, hold_id, Reason.CANCELLED,
-                                 owner=who.user_id or "")
+    result = await _state(app).cancel(hold_id, who.user_id or "")
     if result.error:  # not_found, not_owner: the same answer, leak nothing
         raise NotFound("no such hold", code="hold_not_found")
     if not result.released:
         raise ApiError(f"the hold is {result.state}", code="hold_not_active", status=409,
                        details={"state": result.state})
-    await res.on_release(result)
+    await _state(app).on_release(result)
     return {"hold_id": hold_id, "state": "cancelled", "remaining": result.remaining}
 
 
@@ -359,7 +395,7 @@ async def http_get_hold(request: Request) -> JSONResponse:
     who = await principal(request)
     if who.is_guest:
         raise Unauthorized("sign in to see your holds", code="token_missing")
-    record = await holds.get_hold(request.app.state.redis, request.path_params["hold_id"])
+    record = await _state(request.app).get_hold(request.path_params["hold_id"])
     if record is None or (record["user_id"] != who.user_id and who.role is not Role.ADMIN):
         raise NotFound("no such hold", code="hold_not_found")
     return JSONResponse(record)

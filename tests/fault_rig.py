@@ -289,8 +289,13 @@ class _Socket:
         rid = f"q{self.ids}"
         fut = asyncio.get_running_loop().create_future()
         self.pending[rid] = fut
-        await self.ws.send(json.dumps({**frame, "id": rid}))
-        return await asyncio.wait_for(fut, wait)
+        try:
+            await self.ws.send(json.dumps({**frame, "id": rid}))
+            return await asyncio.wait_for(fut, wait)
+        finally:  # a send that failed leaves no future failed and never read
+            self.pending.pop(rid, None)
+            if fut.done() and not fut.cancelled():
+                fut.exception()
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -405,7 +410,9 @@ class Rush:
             b.hold = answer["data"]
             hold_id = b.hold["hold_id"]
             if b.cancels:
-                await self._command(b, box, {"t": "cancel_hold", "hold_id": hold_id})
+                said = await self._command(b, box, {"t": "cancel_hold", "hold_id": hold_id})
+                if said.get("code") == "hold_not_found":  # its own, acknowledged hold
+                    b.notes.append(f"cancel of {hold_id} answered hold_not_found")
             elif b.flow == "client_confirm":
                 await self._pay_in_stripe_js(b, hold_id, box)
             # stay connected to hear the outcome; the rush's owner closes the sockets
@@ -617,6 +624,8 @@ async def run_fault(rig: Rig, fault: str, *, buyers: int = 60, units: int = 40,
             report.dead_letters = await r.xlen("orders:dead")
             await _buyer_outcomes(db, rush, report)
             report.double_confirms = sum(b.confirms_won > 1 for b in rush.buyers)
+            report.violations += [f"{b.user}: {n}" for b in rush.buyers for n in b.notes
+                                  if "answered hold_not_found" in n]
             report.confirmed_twice = sum(b.user_no % 5 == 0 and b.paid_via_stub
                                          for b in rush.buyers)
             current = process_tree(rig.server.pid) if rig.server else set()

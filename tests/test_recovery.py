@@ -259,6 +259,46 @@ async def test_redis_loss_in_a_live_drop_through_the_app(server, http, make_toke
     assert sorted(r["buyer_number"] for r in rows) == sorted(numbers)
 
 
+async def test_a_hold_is_never_unknown_while_redis_rebuilds(server, http, make_token):
+    """Redis lost a live drop (FLUSHALL) and nothing has rebuilt it yet: the buyer's
+    persisted hold is not 'no such hold'. Reading or cancelling it loads the drop first
+    (as a buy does): the answer is the hold, or 503 not_ready while another process is
+    still rebuilding; never 404, so a buyer who cancelled is never charged after all."""
+    from tests.test_reserve_api import bearer, post_buy, selling_drop
+
+    redis, pool = server.app.state.redis, server.app.state.db
+    creator = bearer(make_token("c1", Role.CREATOR))
+    drop_id, pid = await selling_drop(http, creator, units=3)
+    hold_ids = []
+    for user in ("u1", "u2"):
+        resp = await post_buy(http, drop_id, bearer(make_token(user, Role.VIEWER)), pid)
+        assert resp.status_code == 201, resp.text
+        hold_ids.append(resp.json()["hold_id"])
+    await wait_persisted(redis, pool, drop_id, 2)
+
+    await redis.flushall()
+    got = await http.get(f"/v1/holds/{hold_ids[0]}",
+                         headers=bearer(make_token("u1", Role.VIEWER)))
+    assert got.status_code in (200, 503), got.text
+    await redis.flushall()
+    gone = await http.delete(f"/v1/holds/{hold_ids[1]}",
+                             headers=bearer(make_token("u2", Role.VIEWER)))
+    assert gone.status_code in (200, 503), gone.text
+    while gone.status_code == 503:  # the client retries, as Retry-After says
+        assert gone.json()["error"]["code"] == "not_ready", gone.text
+        await asyncio.sleep(float(gone.headers["Retry-After"]))
+        gone = await http.delete(f"/v1/holds/{hold_ids[1]}",
+                                 headers=bearer(make_token("u2", Role.VIEWER)))
+    assert gone.status_code == 200 and gone.json()["state"] == "cancelled", gone.text
+    for _ in range(200):
+        state = await pool.fetchval("SELECT state FROM orders WHERE public_id = $1",
+                                    hold_ids[1])
+        if state == "cancelled":
+            break
+        await asyncio.sleep(0.05)
+    assert state == "cancelled"
+
+
 async def wait_persisted(redis, pool, drop_id: int, count: int) -> None:
     """Wait for the payments worker to write the orders rows. While its consumer is not
     mounted in the app, write them from the stream exactly as it would (INSERT ...
