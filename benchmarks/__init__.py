@@ -22,6 +22,11 @@ run. In the order of the hot paths:
 * :mod:`benchmarks.faults`: every fault of the fault tests in a loop during a rush
   (PostgreSQL down, Redis restarted empty, workers killed): holds lost, refunds
   unrecorded, double charges, recovery times.
+* :mod:`benchmarks.failover`: Redis Cluster primaries killed mid-rush in a loop:
+  units oversold, acknowledged holds lost, time until sales resume.
+* :mod:`benchmarks.cluster_clients`: the buy path's Redis call on a cluster through
+  each candidate client (redis-py, its auto-pipeline with and without WAIT,
+  valkey-glide, coredis).
 
 What they share (not benchmarks themselves):
 

@@ -7,6 +7,9 @@ each server in turn:
 
 * ``gateway``: the real app, one process (``run_single``) or ``dropserver serve
   --workers N``; viewers connect and ``join`` the drop.
+* ``gateway-cluster``: the same gateway on a local Redis Cluster (3 primaries, 3
+  replicas; ``dropserver.local_cluster``) instead of one Redis, in the same run:
+  publications go out with SPUBLISH and reach the gateway on the drop's shard.
 * ``baseline``: a bare server (:mod:`benchmarks._bare`: websockets' asyncio server, no
   compression) whose only job is to subscribe to the drop's Redis channel and
   ``websockets.broadcast()`` each message to every socket (``--workers N``: N such
@@ -262,14 +265,27 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "viewers": args.viewers, "events": args.events, "workers": args.workers,
         "client_processes": args.clients,
     }
-    with LocalServices() as services:
+    with contextlib.ExitStack() as stack:
+        services = stack.enter_context(LocalServices())
+        cluster = (stack.enter_context(LocalServices(want_postgres=False, redis_cluster=True))
+                   if "gateway-cluster" in args.servers else None)
         drop_id = await create_live_drop(services.database_url)
         redis = aioredis.Redis.from_url(services.redis_url)
+        cluster_redis = None
+        if cluster is not None:
+            from dropserver.redis_client import connect, ready
+
+            cluster_redis = connect(cluster.redis_url)
+            await ready(cluster_redis)
         try:
             for name in args.servers:
                 port = free_port()
                 if name == "gateway":
                     procs = _start_gateway(port, services.redis_url, services.database_url,
+                                           args.viewers, args.workers)
+                elif name == "gateway-cluster":
+                    assert cluster is not None
+                    procs = _start_gateway(port, cluster.redis_url, services.database_url,
                                            args.viewers, args.workers)
                 else:
                     procs = _start_baseline(port, services.redis_url,
@@ -280,10 +296,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     await asyncio.sleep(1.0 + args.workers)  # every worker listening
                     results[name] = await _run_viewers(
                         f"ws://127.0.0.1:{port}/ws", args.viewers, drop_id,
-                        join=(name == "gateway"), events=args.events,
-                        interval=args.interval, redis=redis,
+                        join=name.startswith("gateway"), events=args.events,
+                        interval=args.interval,
+                        redis=cluster_redis if name == "gateway-cluster" else redis,
                         server_pids=_server_pids(procs), clients=args.clients,
-                        subprotocols=["dropserver.msgpack.v1"] if name == "gateway" else None)
+                        subprotocols=(["dropserver.msgpack.v1"] if name.startswith("gateway")
+                                      else None))
                 finally:
                     for proc in procs:
                         proc.send_signal(signal.SIGTERM)
@@ -296,6 +314,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)
         finally:
             await redis.aclose()
+            if cluster_redis is not None:
+                await cluster_redis.aclose()
+    if "gateway" in results and "gateway-cluster" in results:
+        g, c = results["gateway"], results["gateway-cluster"]
+        if g["p99_ms"] and c["p99_ms"]:
+            results["cluster_p99_ratio"] = round(c["p99_ms"] / g["p99_ms"], 2)
     if "gateway" in results and "baseline" in results:
         g, b = results["gateway"], results["baseline"]
         if g["p99_ms"] and b["p99_ms"]:
@@ -312,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="server processes on the port (both servers)")
     parser.add_argument("--clients", type=int, default=1, help="viewer processes")
     parser.add_argument("--servers", nargs="+", default=["gateway", "baseline"],
-                        choices=["gateway", "baseline"])
+                        choices=["gateway", "gateway-cluster", "baseline"])
     args = parser.parse_args(argv)
     results = asyncio.run(main_async(args))
     print(json.dumps(results, indent=2))

@@ -13,6 +13,12 @@ Two figures from the same run, same machine, same script and arguments (a third 
   no benchmark binary) calling ``reserve.lua`` by SHA with the same argument shape on
   a second, freshly prewarmed product with enough stock not to sell out.
 
+With ``--redis both``, the end-to-end rush also runs, in the same run and against
+the same PostgreSQL, on a server over a local Redis Cluster (3 primaries, 3
+replicas: ``dropserver.local_cluster``; holds acknowledged after WAIT 1, the cluster
+default), each round the cluster first, then one Redis: ``cluster_per_s`` and
+``single_over_cluster``. (``--redis cluster`` runs only that.)
+
 With ``--bare``, a third figure from the same run: the same rush against a bare
 ``websockets`` server that does only the socket and the same script
 (:mod:`benchmarks._bare`), the ceiling this machine and client allow.
@@ -181,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting for the dropserver under test, e.g. "
                              "DROPSERVER_EVENT_LOOP=uvloop (repeatable)")
+    parser.add_argument("--redis", choices=["single", "cluster", "both"], default="single",
+                        help="the end-to-end rush on one Redis, a local cluster, or both "
+                             "in the same run")
     parser.add_argument("--bare", action="store_true",
                         help="also the same rush against a bare websockets server with "
                              "the same script (benchmarks/_bare.py): the ceiling")
@@ -201,42 +210,63 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     # Same limits in both: per user 100/10 s, per IP off, velocity 20 in 2 s.
     limits = [10_000, 100, 0, 2000, 20]
-    with LocalServices() as services:
+    with contextlib.ExitStack() as stack:
+        services = stack.enter_context(LocalServices())
         asyncio.run(migrate_database(services.database_url))
         server = start_server(services.redis_url, services.database_url,
                               workers=ns.workers, env=server_env)
-        try:
-            for run in range(ns.runs):
-                e2e = asyncio.run(end_to_end(server, sockets=ns.sockets, units=ns.units,
-                                             sources=ns.sources))
-                ceiling: dict[str, Any] = {}
-                if ns.bare:
-                    b = bare(services.redis_url, processes=ns.workers,
-                             sockets=ns.sockets, units=ns.units, sources=ns.sources,
-                             limits=limits)
-                    ceiling = {"bare_per_s": round(b["per_second"]),
-                               "bare_holds": b["holds"],
-                               "bare_buyer_numbers_1_to_units": b["numbers_ok"],
-                               "end_to_end_over_bare": round(
-                                   e2e["per_second"] / b["per_second"], 2)}
-                drop_id, product_id = asyncio.run(_prewarm(
-                    services.redis_url, ns.raw_requests * 2, drop_id=900_000_001))
-                raw = raw_evalsha(services.redis_url, drop_id=drop_id, product_id=product_id,
-                                  requests=ns.raw_requests, clients=ns.raw_clients,
-                                  pipeline=ns.raw_pipeline, limits=limits)
-                # The raw phase left ~2 keys per call; the next run starts without them.
-                asyncio.run(_forget_drop(services.redis_url, drop_id))
-                ratio = raw / e2e["per_second"] if e2e["per_second"] else float("inf")
-                print(json.dumps({"run": run + 1, "end_to_end_per_s": round(e2e["per_second"]),
-                                  "holds": e2e["holds"], "units": e2e["units"],
-                                  "seconds": round(e2e["seconds"], 3),
-                                  "buyer_numbers_1_to_units": e2e["numbers_ok"],
-                                  "refused": e2e["refused"],
-                                  "raw_evalsha_per_s": round(raw),
-                                  "raw_over_end_to_end": round(ratio, 2),
-                                  **ceiling}), flush=True)
-        finally:
-            server.stop()
+        stack.callback(server.stop)
+        on_cluster = None
+        if ns.redis != "single":
+            cluster = stack.enter_context(LocalServices(want_postgres=False,
+                                                        redis_cluster=True))
+            on_cluster = start_server(cluster.redis_url, services.database_url,
+                                      workers=ns.workers, env=server_env)
+            stack.callback(on_cluster.stop)
+        for run in range(ns.runs):
+            cluster_figures: dict[str, Any] = {}
+            if on_cluster is not None:
+                c = asyncio.run(end_to_end(on_cluster, sockets=ns.sockets, units=ns.units,
+                                           sources=ns.sources))
+                cluster_figures = {"cluster_per_s": round(c["per_second"]),
+                                   "cluster_holds": c["holds"],
+                                   "cluster_buyer_numbers_1_to_units": c["numbers_ok"],
+                                   "cluster_refused": c["refused"]}
+            if ns.redis == "cluster":
+                print(json.dumps({"run": run + 1, **cluster_figures}), flush=True)
+                continue
+            # One Redis: the end-to-end rush, the ceiling, raw EVALSHA.
+            e2e = asyncio.run(end_to_end(server, sockets=ns.sockets, units=ns.units,
+                                         sources=ns.sources))
+            if cluster_figures:
+                cluster_figures["single_over_cluster"] = round(
+                    e2e["per_second"] / max(c["per_second"], 1e-9), 2)
+            ceiling: dict[str, Any] = {}
+            if ns.bare:
+                b = bare(services.redis_url, processes=ns.workers,
+                         sockets=ns.sockets, units=ns.units, sources=ns.sources,
+                         limits=limits)
+                ceiling = {"bare_per_s": round(b["per_second"]),
+                           "bare_holds": b["holds"],
+                           "bare_buyer_numbers_1_to_units": b["numbers_ok"],
+                           "end_to_end_over_bare": round(
+                               e2e["per_second"] / b["per_second"], 2)}
+            drop_id, product_id = asyncio.run(_prewarm(
+                services.redis_url, ns.raw_requests * 2, drop_id=900_000_001))
+            raw = raw_evalsha(services.redis_url, drop_id=drop_id, product_id=product_id,
+                              requests=ns.raw_requests, clients=ns.raw_clients,
+                              pipeline=ns.raw_pipeline, limits=limits)
+            # The raw phase left ~2 keys per call; the next run starts without them.
+            asyncio.run(_forget_drop(services.redis_url, drop_id))
+            ratio = raw / e2e["per_second"] if e2e["per_second"] else float("inf")
+            print(json.dumps({"run": run + 1, "end_to_end_per_s": round(e2e["per_second"]),
+                              "holds": e2e["holds"], "units": e2e["units"],
+                              "seconds": round(e2e["seconds"], 3),
+                              "buyer_numbers_1_to_units": e2e["numbers_ok"],
+                              "refused": e2e["refused"],
+                              "raw_evalsha_per_s": round(raw),
+                              "raw_over_end_to_end": round(ratio, 2),
+                              **ceiling, **cluster_figures}), flush=True)
     return 0
 
 

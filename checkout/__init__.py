@@ -19,6 +19,8 @@ Modules, in the order to read them:
 * ``reserve``: the buy decision: request, reply, refusal codes; the EVALSHA call and
   its batcher.
 * ``redis_pipe``: auto-pipelining on one Redis connection, the buy path's adapter.
+* ``cluster_pipe``: the same on a Redis Cluster: one auto-pipeline per primary,
+  commands routed by slot, MOVED/ASK followed.
 * ``defense``: attempt limits, velocity, the verifier hook.
 * ``holds``: after the buy: expiry, cancel, paid, lookup.
 * ``reservations_api``: the ``buy`` and ``cancel_hold`` commands, HTTP routes,

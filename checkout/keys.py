@@ -2,8 +2,12 @@
 
 Every key of one drop carries the hash tag ``{drop:<id>}`` so that all of them land in
 one Redis Cluster slot and a single Lua script may touch them all (Redis Cluster spec,
-"Hash tags"). The one exception is :data:`ACTIVE_DROPS`, a global set the hold sweeper
-reads with plain commands, never from a script.
+"Hash tags"). The exceptions are two global keys, each on a slot of its own on a
+cluster and so never in a script or a transaction with a drop's keys:
+:data:`ACTIVE_DROPS`, the set of drops the hold sweepers and order workers read with
+plain commands, and the dead-letter stream ``orders:dead`` (checkout.dead_letters).
+Both are small and written rarely; while the shard holding one fails over, sweeps and
+new order-worker rounds wait a few seconds, sales do not.
 
 Layout (D = drop id, P = product id, H = hold id)::
 

@@ -32,11 +32,23 @@ TOLD_TTL_S = 7 * 24 * 3600  # how long Redis remembers that a buyer was told
 async def publish_user_once(redis: Any, marker: str, user_id: str, event: str,
                             data: dict) -> bool:
     """``publish_user``, unless ``marker`` says it was sent already (``tell.lua``: the
-    marker and the publish in one atomic step). True when published now."""
+    marker and the publish in one atomic step). True when published now.
+
+    On a cluster the marker lives on the drop's shard and the user's channel on the
+    user's, and a script may publish only to its own slot's shard channels: the
+    marker is set (SET NX) and then the event published with SPUBLISH. A crash
+    between the two leaves the buyer untold by this event (they still read the
+    order's state from ``GET /v1/orders/{id}``), never told twice."""
     from checkout.scripts import script
+    from dropserver.redis_client import is_cluster
     from realtime.publish import user_message
 
     channel, message = user_message(user_id, event, data)
+    if is_cluster(redis):
+        if not await redis.set(marker, b"1", ex=TOLD_TTL_S, nx=True):
+            return False
+        await redis.spublish(channel, message)
+        return True
     return bool(await script("tell")(keys=[marker], args=[channel, message, TOLD_TTL_S],
                                      client=redis))
 

@@ -234,6 +234,10 @@ async def _write(redis: Redis, drop_id: int, contents: dict[str, Any]) -> int:
     # some keys): they go with the stream entries that carried them.
     orphans = [k async for k in redis.scan_iter(match=f"{keys.tag(d)}:hold:*", count=1000)
                if k.decode().rsplit(":", 1)[1] not in contents["holds"]]
+    # The set of drops the sweepers and order workers look at is one global key: on a
+    # Redis Cluster it lives on another slot than the drop's, so it cannot be in the
+    # transaction below. Added first: a drop listed but not loaded yet is skipped.
+    await redis.sadd(keys.ACTIVE_DROPS, d)
     async with redis.pipeline(transaction=True) as tx:
         # Whatever partial state is there goes first. The order stream too: entries
         # the payments worker has not persisted describe holds PostgreSQL does not
@@ -262,7 +266,6 @@ async def _write(redis: Redis, drop_id: int, contents: dict[str, Any]) -> int:
         # Last: the marker that lets reserve.lua sell again.
         tx.hset(keys.meta(d), mapping={**contents["meta"], "loaded": 1,
                                        "generation": generation, "rebuilt": 1})
-        tx.sadd(keys.ACTIVE_DROPS, d)
         await tx.execute()
     return generation
 

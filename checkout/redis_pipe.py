@@ -18,6 +18,23 @@ and the next command connects again: a command that was in flight may or may not
 have run, which is why every buy carries an idempotency key. A reply slower than
 ``timeout`` seconds closes the connection the same way, checked by one timer per
 connection rather than one per command.
+
+With ``wait_replicas=N`` every write ends with ``WAIT N timeout`` and no reply of that
+write reaches its caller before Redis says N replicas have everything the connection
+wrote so far: one replication round trip per batch, not per command. A batch that
+fewer replicas confirmed in time fails to its callers with :class:`NotReplicated`
+(a timeout: the commands did run on the primary, a failover may lose them), except
+for commands that failed anyway, which get their own error. This is how a buy is
+acknowledged only once a failover cannot take its hold away (docs/operations.md).
+
+A primary with fewer replicas connected than wanted (its replica died, or was just
+promoted away from it) has nobody a failover could promote, so waiting protects
+nothing there: when a WAIT falls short, ``ROLE`` is asked, and if every connected
+replica confirmed, the batch is answered and the next second's batches go without
+WAIT (``dropserver_redis_unreplicated_seconds_total`` counts that time, and it is
+logged). A hold acknowledged then can still be lost if this primary dies before a
+replica is back: that is the case of a single Redis lost, which the hold journal
+and the rebuild from PostgreSQL repair (checkout.journal, checkout.recovery).
 """
 
 from __future__ import annotations
@@ -30,27 +47,40 @@ import math
 import time
 from typing import Any
 
+from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["AutoPipeline"]
+__all__ = ["AutoPipeline", "NotReplicated"]
+
+UNREPLICATED = Counter("dropserver_redis_unreplicated_seconds_total",
+                       "Seconds the buy path answered without waiting for a replica "
+                       "because its Redis primary had none connected")
 
 log = logging.getLogger("dropserver.checkout")
+
+
+class NotReplicated(RedisTimeoutError):
+    """Fewer replicas than wanted confirmed a batch in time (``WAIT``)."""
 
 
 class AutoPipeline:
     """Commands issued in one loop turn go to Redis in one write on one connection.
 
     ``max_batch`` bounds one write; more commands go out in several writes in the
-    same turn, in order.
+    same turn, in order. ``wait_replicas``/``wait_timeout_ms``: see the module.
     """
 
-    def __init__(self, redis: Redis, *, timeout: float = 5.0, max_batch: int = 512) -> None:
+    def __init__(self, redis: Redis, *, timeout: float = 5.0, max_batch: int = 512,
+                 wait_replicas: int = 0, wait_timeout_ms: int = 200) -> None:
         self.redis = redis
         self.timeout = timeout
         self.max_batch = max_batch
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self._unreplicated_until = 0.0  # no replica to wait for: no WAIT until then
         self._packer = redis.connection_pool.make_connection()  # never connected
         self._conn: Any = None  # the live connection, None until (re)connected
         self._reader: asyncio.Task | None = None
@@ -88,6 +118,8 @@ class AutoPipeline:
                              else RedisConnectionError(f"cannot reach Redis: {exc}"))
             return
         queue, self._queue = self._queue, []
+        if self.wait_replicas > 0 and time.monotonic() >= self._unreplicated_until:
+            queue = self._replicated(queue)
         now = time.monotonic()
         chunks = []
         for i in range(0, len(queue), self.max_batch):
@@ -102,6 +134,60 @@ class AutoPipeline:
         # the reader fails them; commands queued meanwhile belong to the next flush.
         with contextlib.suppress(Exception):
             await conn.send_packed_command(chunks, check_health=False)
+
+    def _replicated(self, queue: list[tuple[bytes, asyncio.Future]],
+                    ) -> list[tuple[bytes, asyncio.Future]]:
+        """``queue`` followed by a WAIT; its callers hear back after the WAIT."""
+        loop = asyncio.get_running_loop()
+        pairs = [(loop.create_future(), fut) for _, fut in queue]
+        wait = loop.create_future()
+        wanted = self.wait_replicas
+
+        def settle(done: asyncio.Future, ok: bool | None = None) -> None:
+            if ok is None:
+                failed = done.cancelled() or done.exception() is not None
+                if not failed and int(done.result()) < wanted:
+                    # Short: lagging replicas, or none to wait for? ROLE says.
+                    task = asyncio.ensure_future(self._replicas_connected())
+                    task.add_done_callback(
+                        lambda t: settle(done, ok=not t.cancelled() and t.exception() is None
+                                         and t.result() <= int(done.result())))
+                    return
+                ok = not failed
+            for inner, outer in pairs:
+                if outer.done():
+                    continue
+                if not inner.done() or inner.cancelled():
+                    outer.set_exception(RedisConnectionError("connection lost"))
+                elif inner.exception() is not None:
+                    outer.set_exception(inner.exception())  # type: ignore[arg-type]
+                elif ok:
+                    outer.set_result(inner.result())
+                else:
+                    outer.set_exception(NotReplicated(
+                        f"fewer than {wanted} replica(s) confirmed the write in "
+                        f"{self.wait_timeout_ms} ms"))
+
+        wait.add_done_callback(settle)
+        packed_wait = b"".join(self._packer.pack_command("WAIT", wanted,
+                                                         self.wait_timeout_ms))
+        return [*((packed, inner) for (packed, _), (inner, _) in zip(queue, pairs,
+                                                                      strict=True)),
+                (packed_wait, wait)]
+
+    async def _replicas_connected(self) -> int:
+        """Replicas connected to this primary now; below ``wait_replicas``, the next
+        second's batches go without WAIT (see the module)."""
+        role = await self.redis.execute_command("ROLE")
+        connected = len(role[2]) if len(role) > 2 else 0
+        if connected < self.wait_replicas:
+            if time.monotonic() >= self._unreplicated_until + 1.0:
+                log.warning("redis primary has no replica to confirm holds; answering "
+                            "without WAIT", extra={"replicas": connected,
+                                                   "wanted": self.wait_replicas})
+            self._unreplicated_until = time.monotonic() + 1.0
+            UNREPLICATED.inc(1.0)
+        return connected
 
     async def _connect(self) -> Any:
         conn = self.redis.connection_pool.make_connection()

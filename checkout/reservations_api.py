@@ -104,14 +104,15 @@ class Notifier:
 
     # -- the flusher ----------------------------------------------------------
     async def flush(self) -> None:
+        from dropserver.redis_client import publish_command
         from realtime.publish import publish_volatile, user_message
 
         events, self._user_events = self._user_events, []
         dirty, self._dirty = self._dirty, set()
         if events:
-            pipe = self.pipe
+            pipe, command = self.pipe, publish_command(self.redis)
             await asyncio.gather(*[
-                pipe.execute("PUBLISH", *user_message(user_id, event, data, origin=origin))
+                pipe.execute(command, *user_message(user_id, event, data, origin=origin))
                 for user_id, event, data, origin in events])
         for drop_id in dirty:
             left = await inventory.remaining(self.redis, drop_id)
@@ -177,7 +178,9 @@ class Reservations:
         # The buy path's own client: C packing (reserve.py); its auto-pipelined
         # connection carries the reserve calls and the buyers' order.held publishes.
         self.hot_redis = hot_path_client(s.redis_url)
-        self.batcher = ReserveBatcher(self.hot_redis)
+        self.batcher = ReserveBatcher(self.hot_redis,
+                                      wait_replicas=s.effective_hold_replicas,
+                                      wait_timeout_ms=s.hold_replica_timeout_ms)
         self.hold_ttl_ms = s.hold_ttl * 1000
         self.limits = BuyLimits.from_settings(s)
         self.grace_ms = s.recovery_grace_ms
@@ -409,7 +412,10 @@ async def http_cancel_hold(request: Request) -> JSONResponse:
 # -- lifecycle ----------------------------------------------------------------------
 
 async def startup(app: Starlette) -> None:
+    from dropserver.redis_client import ready
+
     res = Reservations(app)
+    await ready(res.hot_redis)
     app.state.reservations = res
     app.state.commands["buy"] = ws_buy
     app.state.commands["cancel_hold"] = ws_cancel_hold

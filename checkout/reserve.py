@@ -15,15 +15,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import hiredis
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import Connection
 from redis.exceptions import NoScriptError
 
 from checkout import keys
+from checkout.cluster_pipe import ClusterAutoPipeline
 from checkout.defense import BuyLimits
 from checkout.redis_pipe import AutoPipeline
 from checkout.scripts import script
 from dropserver.errors import ApiError
+from dropserver.redis_client import connect, is_cluster
 
 __all__ = [
     "BuyRefused",
@@ -222,9 +224,16 @@ class ReserveBatcher:
     loaded, once however many calls hit it, and the call is sent again.
     """
 
-    def __init__(self, redis: Redis, *, max_batch: int = 256) -> None:
+    def __init__(self, redis: Redis, *, max_batch: int = 256, wait_replicas: int = 0,
+                 wait_timeout_ms: int = 200) -> None:
         self.redis = redis
-        self.pipe = AutoPipeline(redis, max_batch=max_batch)
+        # On a cluster, one auto-pipeline per primary (checkout.cluster_pipe). With
+        # wait_replicas, a batch's replies wait for that many replicas (WAIT).
+        opts = {"max_batch": max_batch, "wait_replicas": wait_replicas,
+                "wait_timeout_ms": wait_timeout_ms}
+        self.pipe: AutoPipeline | ClusterAutoPipeline = (
+            ClusterAutoPipeline(redis, node_client=_node_client, **opts)
+            if is_cluster(redis) else AutoPipeline(redis, **opts))
         self._loading: asyncio.Future | None = None
 
     async def call(self, key_list: list[str], args: list[Any]) -> Any:
@@ -265,8 +274,16 @@ class PackedConnection(Connection):
         return [hiredis.pack_command(args)]
 
 
-def hot_path_client(url: str, *, max_connections: int = 64) -> Redis:
-    """The Redis client of the buy path (bytes replies, C packing and parsing)."""
-    return Redis.from_url(url, decode_responses=False, connection_class=PackedConnection,
-                          max_connections=max_connections, socket_keepalive=True,
-                          health_check_interval=15)
+def hot_path_client(url: str, *, max_connections: int = 64) -> Any:
+    """The Redis client of the buy path (bytes replies, C packing and parsing); a
+    RedisCluster for a ``redis+cluster://`` URL."""
+    return connect(url, decode_responses=False, connection_class=PackedConnection,
+                   max_connections=max_connections, socket_keepalive=True,
+                   health_check_interval=15)
+
+
+def _node_client(**kwargs: Any) -> Redis:
+    """The client of one cluster primary on the buy path (as :func:`hot_path_client`)."""
+    return Redis(connection_pool=ConnectionPool(
+        connection_class=PackedConnection, decode_responses=False, socket_keepalive=True,
+        **kwargs))

@@ -13,7 +13,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import redis.asyncio as aioredis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -38,6 +37,8 @@ from dropserver.observability import (
     flush_tallies,
     metrics_endpoint,
 )
+from dropserver.redis_client import connect as connect_redis
+from dropserver.redis_client import ready as redis_ready
 from dropserver.settings import Settings
 
 __all__ = ["COMPONENTS", "create_app"]
@@ -136,10 +137,11 @@ def create_app(settings: Settings, components: tuple[Component, ...] = COMPONENT
         # name -> async handler(app, conn: realtime.CommandContext, data: dict) -> dict
         state.commands = {}
         bind(node_id=state.node_id)
-        state.redis = aioredis.Redis.from_url(
+        state.redis = connect_redis(
             settings.redis_url, decode_responses=False, health_check_interval=15,
             socket_keepalive=True, max_connections=512,
         )
+        await redis_ready(state.redis)
         state.db = await create_pool(settings.database_url, min_size=settings.db_pool_min,
                                      max_size=settings.db_pool_max)
         # The creator's lifecycle actions never queue behind the order workers, which

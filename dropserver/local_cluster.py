@@ -24,6 +24,7 @@ is down does not stop the other shards (``cluster-require-full-coverage no``).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ __all__ = [
     "cluster_url",
     "node_command",
     "primary_for",
+    "replica_of",
     "slot_of",
     "wait_cluster_ok",
 ]
@@ -197,3 +199,15 @@ def primary_for(services: LocalServices, key: str | bytes) -> ClusterNode:
         except redis.RedisError:
             continue
     raise LookupError(f"no live node knows who serves slot {slot}")
+
+
+def replica_of(services: LocalServices, primary: ClusterNode) -> ClusterNode:
+    """A live replica of ``primary`` (asked of the replicas themselves)."""
+    for node in services.redis_nodes:
+        if node == primary or not services.is_running(node.name):
+            continue
+        with contextlib.suppress(redis.RedisError), _client(node) as c:
+            info = c.info("replication")
+            if info.get("role") == "slave" and int(info.get("master_port", 0)) == primary.port:
+                return node
+    raise LookupError(f"{primary.name} has no live replica")

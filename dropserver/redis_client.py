@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.cluster import RedisCluster as SyncRedisCluster
 from redis.commands.core import AsyncScript
 
 __all__ = [
@@ -58,7 +59,7 @@ def is_cluster_url(url: str) -> bool:
 
 def is_cluster(client: Any) -> bool:
     """Whether ``client`` talks to a cluster (a RedisCluster or one of its pipelines)."""
-    return isinstance(client, RedisCluster) or isinstance(
+    return isinstance(client, RedisCluster | SyncRedisCluster) or isinstance(
         getattr(client, "cluster_client", None), RedisCluster)
 
 
@@ -129,7 +130,6 @@ def connect_sync(url: str, **kwargs: Any) -> Any:
     """:func:`connect` for blocking code (the CLI's checks, test fixtures)."""
     import redis
     from redis.cluster import ClusterNode as SyncClusterNode
-    from redis.cluster import RedisCluster as SyncRedisCluster
 
     if not is_cluster_url(url):
         return redis.Redis.from_url(url, **kwargs)

@@ -67,7 +67,8 @@ class Settings:
 
     # --- backing services ----------------------------------------------------
     redis_url: str = _env("REDIS_URL", "", "Redis URL. Empty under `dropserver dev` "
-                          "starts a local one.")
+                          "starts a local one. `redis+cluster://host:port[,host:port...]` "
+                          "(`rediss+cluster://` with TLS) is a Redis/Valkey Cluster.")
     database_url: str = _env("DATABASE_URL", "", "PostgreSQL URL. Empty under "
                              "`dropserver dev` starts a local one.")
     db_pool_min: int = _env("DROPSERVER_DB_POOL_MIN", 1, "asyncpg pool minimum size.")
@@ -168,6 +169,16 @@ class Settings:
     recovery_grace_ms: int = _env("DROPSERVER_RECOVERY_GRACE_MS", 1000,
                                   "Wait before reading PostgreSQL in a rebuild, so "
                                   "order writes in flight land first.")
+    hold_replicas: int = _env("DROPSERVER_HOLD_REPLICAS", -1,
+                              "Replicas that must have a new hold before its buyer is "
+                              "told (Redis WAIT after each batch of buys), so a "
+                              "failover cannot lose it; -1: 1 on a Redis Cluster "
+                              "(redis+cluster://), 0 on one Redis. A batch no replica "
+                              "confirmed in time is answered 503 `unavailable` (the "
+                              "retry, same idempotency key, gets the hold).")
+    hold_replica_timeout_ms: int = _env("DROPSERVER_HOLD_REPLICA_TIMEOUT_MS", 200,
+                                        "How long a batch of buys waits for those "
+                                        "replicas.")
     reconcile_interval: float = _env("DROPSERVER_RECONCILE_INTERVAL", 10.0,
                                      "Seconds between comparisons of Redis' holds and "
                                      "counters with PostgreSQL, repairing what differs "
@@ -251,6 +262,13 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def effective_hold_replicas(self) -> int:
+        """:attr:`hold_replicas`, with -1 resolved by the kind of ``REDIS_URL``."""
+        if self.hold_replicas >= 0:
+            return self.hold_replicas
+        return 1 if self.redis_url.split("://", 1)[0].endswith("+cluster") else 0
 
     def validate(self) -> None:
         """Cross-field checks; single-field checks happen while parsing."""

@@ -14,6 +14,8 @@ Modules, in the order to read them:
   what others call.
 * ``history``: a drop's current position; exact recovery or none.
 * ``subscriber``: the process's one pub/sub connection; notices loss, resubscribes.
+* ``sharded_subscriber``: on a Redis Cluster, one such connection per shard
+  (SSUBSCRIBE), channels following slot moves and failovers.
 * ``hub``: the process's viewers by drop and by user; publications to their rooms.
 * ``room``: one drop's viewers: its stream in order, gap filling, coalescing, chat
   carried in front of drop events.

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from redis.commands.core import AsyncScript
+from dropserver.redis_client import ClusterAwareScript
 
 _DIR = Path(__file__).parent / "scripts"
 
 
-def load(name: str) -> AsyncScript:
-    """A script called by SHA (loaded on first NOSCRIPT); pass ``client=`` per call."""
-    return AsyncScript(None, (_DIR / f"{name}.lua").read_bytes())  # type: ignore[arg-type]
+def load(name: str) -> ClusterAwareScript:
+    """A script called by SHA (loaded on first NOSCRIPT); pass ``client=`` per call.
+    On a cluster its publications are sharded (SPUBLISH)."""
+    return ClusterAwareScript((_DIR / f"{name}.lua").read_bytes())

@@ -30,7 +30,7 @@ from realtime.connection import Connection, spawn
 from realtime.dispatch import Dispatcher
 from realtime.protocol import ServerType
 from realtime.room import Room, merge_volatile
-from realtime.subscriber import Subscriber
+from realtime.sharded_subscriber import subscriber_for
 from realtime.wire import Broadcast, Lane
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class Hub:
         self.intervals = {"stock": s.stock_coalesce_ms / 1000,
                           "campaign.progress": s.stock_coalesce_ms / 1000,
                           "viewers": s.viewers_coalesce_ms / 1000}
-        self.subscriber = Subscriber(s.redis_url, self._on_message, self._on_reconnect)
+        self.subscriber = subscriber_for(s.redis_url, self._on_message, self._on_reconnect)
 
     async def start(self) -> None:
         await self.subscriber.start()

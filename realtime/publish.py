@@ -21,6 +21,7 @@ from typing import Any
 
 import msgpack
 
+from dropserver.redis_client import is_cluster
 from realtime import channels
 from realtime._lua import load
 
@@ -82,8 +83,16 @@ async def publish_many(redis: Any, drop_id: int, events: Sequence[tuple[str, dic
 
 async def publish_volatile(redis: Any, drop_id: int, event: str, data: dict) -> None:
     """Latest-wins event for every viewer of ``drop_id``; may be coalesced."""
-    await redis.publish(channels.drop_channel(drop_id),
-                        b"V" + channels.pack_body(event, data))
+    await _publish(redis, channels.drop_channel(drop_id),
+                   b"V" + channels.pack_body(event, data))
+
+
+async def _publish(redis: Any, channel: str, message: bytes) -> None:
+    # SPUBLISH on a cluster: the message stays on the channel's shard.
+    if is_cluster(redis):
+        await redis.spublish(channel, message)
+    else:
+        await redis.publish(channel, message)
 
 
 def user_message(user_id: str, event: str, data: dict, *, origin: str = "",
@@ -102,4 +111,4 @@ async def publish_user(redis: Any, user_id: str, event: str, data: dict, *,
     ``origin``: the id of a connection that already has the event (it went out with
     the reply to that connection's command); every other socket still gets it.
     """
-    await redis.publish(*user_message(user_id, event, data, origin=origin))
+    await _publish(redis, *user_message(user_id, event, data, origin=origin))

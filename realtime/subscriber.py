@@ -42,6 +42,13 @@ SILENT_LIMIT = 15.0
 
 
 class Subscriber:
+    # The pub/sub dialect: classic here; sharded (SSUBSCRIBE) for one shard of a
+    # cluster in realtime.sharded_subscriber.
+    SUBSCRIBE = "SUBSCRIBE"
+    UNSUBSCRIBE = "UNSUBSCRIBE"
+    MESSAGE = b"message"
+    CONFIRMED = b"subscribe"
+
     def __init__(self, redis_url: str, on_message: Callable[[bytes, bytes], None],
                  on_reconnect: Callable[[], None], *, ping_every: float = PING_EVERY,
                  silent_limit: float = SILENT_LIMIT) -> None:
@@ -64,11 +71,14 @@ class Subscriber:
     async def start(self) -> None:
         # RESP2: in RESP3 publications arrive as pushes, which the reader below
         # would hand to redis-py's push handler instead of returning them.
-        self._client = aioredis.Redis.from_url(
-            self._url, decode_responses=False, protocol=2, socket_keepalive=True,
-            socket_connect_timeout=5)
+        self._client = self._make_client()
         await self._connect(first=True)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="pubsub")
+
+    def _make_client(self) -> Any:
+        return aioredis.Redis.from_url(
+            self._url, decode_responses=False, protocol=2, socket_keepalive=True,
+            socket_connect_timeout=5)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -92,7 +102,7 @@ class Subscriber:
         self._waiters.setdefault(name, []).append(fut)
         if self._conn is not None:
             with contextlib.suppress(Exception):  # the reader notices a dead connection
-                await self._send(self._conn, "SUBSCRIBE", name)
+                await self._send(self._conn, self.SUBSCRIBE, name)
         # While disconnected, the reconnect subscribes to every wanted channel.
         async with asyncio.timeout(wait):
             await fut
@@ -102,7 +112,7 @@ class Subscriber:
         self._wanted.discard(name)
         if self._conn is not None:
             with contextlib.suppress(Exception):
-                await self._send(self._conn, "UNSUBSCRIBE", name)
+                await self._send(self._conn, self.UNSUBSCRIBE, name)
 
     async def kill_connection_for_tests(self) -> None:  # pragma: no cover - debugging aid
         await self._drop_connection()
@@ -131,7 +141,7 @@ class Subscriber:
         self._conn = conn
         if self._wanted:  # confirmations are read (and waiters woken) by the reader
             try:
-                await self._send(conn, "SUBSCRIBE", *self._wanted)
+                await self._subscribe_all(conn)
             except BaseException:
                 await self._drop_connection()
                 raise
@@ -141,6 +151,16 @@ class Subscriber:
             log.warning("pubsub reconnected; filling gaps from history",
                         extra={"channels": len(self._wanted), "reconnects": self.reconnects})
             self._on_reconnect()
+
+    async def _subscribe_all(self, conn: Any) -> None:
+        await self._send(conn, self.SUBSCRIBE, *self._wanted)
+
+    def _lost(self) -> None:
+        """The connection failed (a hook: a cluster's shard link reports it)."""
+
+    def _unsubscribed(self, channel: bytes) -> None:
+        """Redis ended a subscription nobody asked to end (a hook: a cluster does
+        that to a shard channel whose slot moved to another node)."""
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
@@ -162,6 +182,7 @@ class Subscriber:
                 error, self._silent = self._silent or f"{type(exc).__name__}: {exc}", None
                 log.warning("pubsub connection lost", extra={"error": error[:200]})
                 await self._drop_connection()
+                self._lost()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
@@ -170,20 +191,23 @@ class Subscriber:
         self._watchdog = asyncio.get_running_loop().call_later(
             self._ping_every, self._check, conn, self._heard, time.monotonic())
         on_message, waiters = self._on_message, self._waiters
+        message, confirmed = self.MESSAGE, self.CONFIRMED
         try:
             while True:
                 reply = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
                 self._heard += 1
                 kind = reply[0]
-                if kind == b"message":
+                if kind == message:
                     try:
                         on_message(reply[1], reply[2])
                     except Exception:
                         log.exception("publication handler failed")
-                elif kind == b"subscribe":
+                elif kind == confirmed:
                     for fut in waiters.pop(reply[1], ()):
                         if not fut.done():
                             fut.set_result(None)
+                elif kind == b"sunsubscribe" and reply[1] in self._wanted:
+                    self._unsubscribed(reply[1])
                 # "pong" (the watchdog's PING) and "unsubscribe": heard, nothing to do
         finally:
             if self._watchdog is not None:

@@ -31,6 +31,12 @@ from dropserver.serve import bind_socket, uvicorn_config
 from dropserver.services import LocalServices
 from dropserver.settings import Settings, load_settings
 
+ON_CLUSTER = (os.environ.get("TEST_REDIS_CLUSTER", "") not in ("", "0")
+              or os.environ.get("TEST_REDIS_URL", "").split("://", 1)[0].endswith("+cluster"))
+# For a test of one Redis's own machinery (its single subscriber connection, CLIENT
+# KILL of it): tests/test_sharded_subscriber.py covers the cluster's counterpart.
+only_single_redis = pytest.mark.skipif(ON_CLUSTER, reason="one Redis's own machinery")
+
 
 def run_sync(coro):
     """Run a coroutine to completion from sync code, even inside a running loop."""
@@ -73,7 +79,7 @@ def backends() -> Iterator[Backends]:
         if not (redis_url and database_url):
             services = stack.enter_context(LocalServices(
                 want_redis=not redis_url, want_postgres=not database_url,
-                redis_cluster=os.environ.get("TEST_REDIS_CLUSTER", "") not in ("", "0")))
+                redis_cluster=ON_CLUSTER))
             redis_url = redis_url or services.redis_url
             database_url = database_url or services.database_url
         run_sync(_prepare_db(database_url))

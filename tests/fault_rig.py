@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import json
 import os
 import random
@@ -46,6 +47,7 @@ import redis.asyncio as aioredis
 import websockets
 
 from dropserver.auth import Role, issue_token
+from dropserver.redis_client import connect as connect_redis
 from dropserver.services import LocalServices, free_port
 from dropserver.settings import load_settings
 from tests import invariants
@@ -70,11 +72,12 @@ class Rig:
     """Redis, PostgreSQL, the Stripe stub and ``dropserver dev --workers N``."""
 
     def __init__(self, *, workers: int = 2, hold_ttl: int = 120,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, redis_cluster: bool = False) -> None:
         self.workers = workers
         self.hold_ttl = hold_ttl
         self.extra_env = env or {}
-        self.services = LocalServices()
+        # redis_cluster: 3 primaries and 3 replicas (the primary_kill fault needs it)
+        self.services = LocalServices(redis_cluster=redis_cluster)
         # A restarted server dies with the thread that started it (setpriv
         # --pdeathsig): one thread for the rig's life, not the event loop's pool.
         self.executor = concurrent.futures.ThreadPoolExecutor(1, "rig-services")
@@ -100,8 +103,13 @@ class Rig:
         self.executor.shutdown()
 
     async def fault(self, action: str, name: str) -> None:
-        """``stop`` or ``start`` one of the rig's servers (``redis``, ``postgres``)."""
-        fn = self.services.stop_service if action == "stop" else self.services.start_service
+        """``stop``, ``kill`` (SIGKILL) or ``start`` one of the rig's servers
+        (``redis``, ``redis-N`` of a cluster, ``postgres``)."""
+        if action == "kill":
+            fn = functools.partial(self.services.stop_service, kill=True)
+        else:
+            fn = (self.services.stop_service if action == "stop"
+                  else self.services.start_service)
         await asyncio.get_running_loop().run_in_executor(self.executor, fn, name)
 
     def __enter__(self) -> Rig:
@@ -219,7 +227,7 @@ class Rig:
         return await asyncpg.connect(self.services.database_url)
 
     def redis(self) -> aioredis.Redis:
-        return aioredis.Redis.from_url(self.services.redis_url)
+        return connect_redis(self.services.redis_url)
 
     async def selling_drop(self, *, units: int, per_buyer_limit: int = 1,
                            price: int = 2500) -> tuple[int, int]:
@@ -535,7 +543,12 @@ async def run_fault(rig: Rig, fault: str, *, buyers: int = 60, units: int = 40,
     starts another), ``order_worker_kill`` (an extra order worker process SIGKILLs
     itself right after a PaymentIntent exists and before PostgreSQL records it),
     ``supervisor_kill`` (SIGKILL of ``dropserver dev`` itself: its tree must die by
-    itself, then it is started again on the same port), or ``none``. Any process of
+    itself, then it is started again on the same port), ``primary_kill`` (a rig with
+    ``redis_cluster=True``: SIGKILL of the cluster primary that holds the drop; its
+    replica takes over, then the killed node is started again and rejoins as a
+    replica, as a supervisor would restart it), ``primary_kill_lagging`` (the same
+    after its replica was frozen with SIGSTOP for ``outage`` s while buyers bought:
+    replication lags, and only what the replica has survives), or ``none``. Any process of
     the server's tree (or the killed order worker) still running at the end is an
     orphan, reported like a broken invariant."""
     report = FaultReport(fault=fault)
@@ -598,6 +611,9 @@ async def run_fault(rig: Rig, fault: str, *, buyers: int = 60, units: int = 40,
             report.timings["order_worker_killed_after_s"] = round(t_back - t_fault, 2)
         elif fault == "supervisor_kill":
             t_back = await _kill_supervisor(rig, report)
+        elif fault in ("primary_kill", "primary_kill_lagging"):
+            t_back = await _kill_primary(rig, drop_id, report, rush,
+                                         lag=outage if fault == "primary_kill_lagging" else 0)
         elif fault == "none":
             t_back = time.monotonic()
         else:
@@ -636,6 +652,50 @@ async def run_fault(rig: Rig, fault: str, *, buyers: int = 60, units: int = 40,
         report.buyers_saw = dict(rush.codes)
         report.rush = rush
     return report
+
+
+async def _kill_primary(rig: Rig, drop_id: int, report: FaultReport, rush: Rush, *,
+                        lag: float = 0.0) -> float:
+    """SIGKILL the cluster primary serving the drop's slot mid-rush; returns once its
+    replica serves the slot and a buyer got a hold again. The killed node is started
+    again (a supervisor's restart) and waited for as a replica, so the next round
+    has a replica to fail over to. ``lag``: first freeze the replica (SIGSTOP) that
+    long while the primary keeps selling, then kill the primary and thaw it."""
+    from dropserver import local_cluster
+
+    loop = asyncio.get_running_loop()
+    key = f"{{drop:{drop_id}}}:sale"
+    victim = local_cluster.primary_for(rig.services, key)
+    frozen = None
+    if lag > 0:
+        frozen = local_cluster.replica_of(rig.services, victim)
+        holds_at_freeze = len(rush.acknowledged)
+        os.kill(rig.services.pids[frozen.name], signal.SIGSTOP)
+        await asyncio.sleep(lag)
+        report.timings["holds_acknowledged_while_replica_frozen"] = (
+            len(rush.acknowledged) - holds_at_freeze)
+    holds_before = len(rush.acknowledged)
+    t0 = time.monotonic()
+    await rig.fault("kill", victim.name)
+    if frozen is not None:
+        os.kill(rig.services.pids[frozen.name], signal.SIGCONT)
+
+    async def promoted() -> bool:
+        node = await loop.run_in_executor(None, local_cluster.primary_for, rig.services, key)
+        return node != victim
+    report.timings["replica_promoted_s"] = round(await _wait(promoted, 60, 0.1), 3)
+
+    async def selling() -> bool:
+        return len(rush.acknowledged) > holds_before
+    await _wait(selling, 30, 0.05)
+    t_back = time.monotonic()
+    report.timings["sales_resumed_s"] = round(t_back - t0, 3)
+    await rig.fault("start", victim.name)
+    await loop.run_in_executor(None, functools.partial(
+        local_cluster.wait_cluster_ok, rig.services.redis_nodes,
+        deadline=time.monotonic() + 60))
+    report.timings["old_primary_back_as_replica_s"] = round(time.monotonic() - t0, 2)
+    return t_back
 
 
 async def _kill_supervisor(rig: Rig, report: FaultReport) -> float:

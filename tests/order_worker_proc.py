@@ -15,18 +15,17 @@ import os
 import signal
 import sys
 
-import redis.asyncio as aioredis
-
 from checkout.order_worker import OrderWorker
 from checkout.orders import OrderProcessor
 from checkout.payments import Intent, StripeGateway
 from dropserver.db import create_pool
+from dropserver.redis_client import connect as connect_redis
 
 
 async def main(redis_url: str, database_url: str, stripe_url: str, mode: str,
                block_ms: str = "200") -> None:
     db = await create_pool(database_url, min_size=1, max_size=2)
-    redis = aioredis.Redis.from_url(redis_url)
+    redis = connect_redis(redis_url)
     gateway = StripeGateway("sk_test_x", api_base=stripe_url, max_network_retries=0)
 
     # the real notifier: beside a server's workers it tells buyers like them (a no-op

@@ -8,12 +8,12 @@ import resource
 from collections import Counter
 
 import pytest
-import redis.asyncio as aioredis
 
 from benchmarks._buyers import buy, open_buyers, selling_drop, source_addresses
 from benchmarks._support import start_server
 from checkout import inventory, keys
 from dropserver.auth import Role, issue_token
+from dropserver.redis_client import connect as connect_redis
 from dropserver.settings import load_settings
 from realtime.presence import presence_key
 
@@ -38,7 +38,7 @@ async def test_5000_buyers_two_workers_100_units(clean_backends, raised_nofile):
     # Every socket comes from loopback: the per-IP limit would refuse most of them.
     server = start_server(clean_backends.redis_url, clean_backends.database_url, workers=2,
                           env={"DROPSERVER_BUY_RATE_IP": "0"})
-    r = aioredis.Redis.from_url(clean_backends.redis_url)
+    r = connect_redis(clean_backends.redis_url)
     buyers = []
     try:
         settings = load_settings({}, dev=True)

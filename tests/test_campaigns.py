@@ -7,13 +7,14 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
-import redis.asyncio as aioredis
 
 from checkout.campaigns import CampaignTooLong, check_deadline, progress
 from checkout.dead_letters import DEAD_LETTER_STREAM
+from dropserver.redis_client import connect as connect_redis
 from realtime import channels
 from tests import payments_fixtures as pf
 from tests.payments_fixtures import add_reserve, make_drop, order_row, save_card, wait_for
+from tests.pubsub_support import listen
 
 stub = pf.stub
 stripe_server = pf.stripe_server
@@ -42,11 +43,11 @@ async def _backers(db, drop_id: int) -> list[str]:
 
 async def test_goal_met_captures_everyone(settings, stripe_server, stub, client) -> None:
     db = await asyncpg.connect(settings.database_url)
-    redis = aioredis.Redis.from_url(settings.redis_url)
-    pubsub = redis.pubsub()
+    redis = connect_redis(settings.redis_url)
+    pubsub = None
     try:
         drop_id, product_id = await make_drop(db, kind="campaign", goal=2, deadline_s=2.5)
-        await pubsub.subscribe(channels.drop_channel(drop_id))
+        pubsub = await listen(redis, channels.drop_channel(drop_id))
         holds = []
         for buyer in ("cb-1", "cb-2"):
             await save_card(db, buyer)
@@ -74,14 +75,15 @@ async def test_goal_met_captures_everyone(settings, stripe_server, stub, client)
         assert await _backers(db, drop_id) == ["captured", "captured"]
         assert stub.idempotency_keys.count(f"capture:{holds[0]}") == 1
     finally:
-        await pubsub.aclose()
+        if pubsub is not None:
+            await pubsub.aclose()
         await redis.aclose()
         await db.close()
 
 
 async def test_goal_missed_cancels_everyone(settings, stripe_server, stub, client) -> None:
     db = await asyncpg.connect(settings.database_url)
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = connect_redis(settings.redis_url)
     try:
         drop_id, product_id = await make_drop(db, kind="campaign", goal=3, deadline_s=2.0)
         await save_card(db, "cm-1")
@@ -104,7 +106,7 @@ async def test_goal_missed_cancels_everyone(settings, stripe_server, stub, clien
 async def test_campaign_longer_than_the_authorization_window_is_refused(
         settings, stripe_server, stub, client) -> None:
     db = await asyncpg.connect(settings.database_url)
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = connect_redis(settings.redis_url)
     try:
         drop_id, product_id = await make_drop(db, kind="campaign", goal=1,
                                               deadline_s=6 * 24 * 3600)

@@ -7,6 +7,7 @@ import asyncio
 import asyncpg
 import pytest
 
+from dropserver.redis_client import connect as connect_redis
 from realtime import chat
 from realtime.protocol import ProtocolError
 from tests.conftest import running
@@ -167,12 +168,11 @@ async def test_mute_then_ban_holds_across_reconnects_and_drops(server, settings,
 
 
 async def test_ban_survives_a_lost_redis_cache(server, settings, make_token, clean_backends):
-    import redis.asyncio as aioredis
 
     drop_id, _ = await create_drop(settings.database_url)
     admin = await _viewer(server, drop_id, make_token("root", "admin"))
     assert (await admin.request({"t": "chat.ban", "user_id": "troll"}))["t"] == "reply"
-    r = aioredis.Redis.from_url(clean_backends.redis_url)
+    r = connect_redis(clean_backends.redis_url)
     await r.delete(f"{{drop:{drop_id}}}:chat:blocked")  # e.g. Redis restarted
     await r.aclose()
     viewer = await _viewer(server, drop_id, make_token("troll"))

@@ -14,6 +14,7 @@ from drops import actions, store
 from drops.lifecycle import IllegalTransition
 from dropserver.auth import Principal, Role
 from realtime import channels
+from tests.pubsub_support import listen
 
 CREATOR = "creator-1"
 PRODUCTS = [
@@ -272,8 +273,7 @@ async def test_buy_now_reaches_a_subscriber(server, http, creator):
     redis = server.app.state.redis
     drop = await to_live(http, creator)
     hoodie = drop["products"][0]["product_id"]
-    pubsub = redis.pubsub()
-    await pubsub.subscribe(channels.drop_channel(drop["id"]))
+    pubsub = await listen(redis, channels.drop_channel(drop["id"]))
     try:
         await act(http, creator, drop["id"], "buy-now", {"product_id": hoodie})
         async with asyncio.timeout(5):

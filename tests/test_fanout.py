@@ -14,15 +14,15 @@ import sys
 import time
 
 import pytest
-import redis.asyncio as aioredis
 import websockets
 from websockets.exceptions import ConnectionClosed
 
+from dropserver.redis_client import connect as connect_redis
 from dropserver.services import stop_process
 from dropserver.settings import unsafe_rig_env
 from realtime import metrics
 from realtime.publish import publish, publish_volatile
-from tests.conftest import running
+from tests.conftest import only_single_redis, running
 from tests.realtime_support import MSGPACK, Client, create_drop
 
 
@@ -107,6 +107,7 @@ async def test_a_peer_that_reads_nothing_is_let_go_after_the_grace(settings, r):
         ws.transport.abort()
 
 
+@only_single_redis
 async def test_subscriber_loss_is_noticed_and_history_fills_the_gap(settings, r, server,
                                                                      caplog):
     caplog.set_level(logging.INFO, logger="dropserver.realtime")
@@ -133,6 +134,7 @@ async def test_subscriber_loss_is_noticed_and_history_fills_the_gap(settings, r,
     await c.close()
 
 
+@only_single_redis
 async def test_a_silent_redis_is_noticed_and_the_subscriber_comes_back(settings, r, caplog):
     from realtime.subscriber import Subscriber
 
@@ -197,7 +199,7 @@ async def test_a_burst_leaves_in_one_batch_in_order(settings, server, r):
     assert isinstance(first, dict) and first["data"] == {"i": 0}  # alone: not a batch
 
     async def burst() -> None:
-        client = aioredis.from_url(settings.redis_url)
+        client = connect_redis(settings.redis_url)
         try:
             for i in range(1, 21):
                 await publish(client, drop_id, "chat.message", {"i": i})

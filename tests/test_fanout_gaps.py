@@ -12,7 +12,8 @@ async def _lost(r, drop_id: int, n: int, history_size: int = 1000) -> None:
     for i in range(n):
         await publish._history_add(
             keys=[channels.meta_key(drop_id), channels.history_key(drop_id)],
-            args=["nobody-listens", publish.new_epoch(), history_size, 60, 0, b"",
+            args=[f"{{drop:{drop_id}}}:nobody-listens", publish.new_epoch(), history_size,
+                  60, 0, b"",
                   channels.pack_body("chat.message", {"lost": i})],
             client=r)
 

@@ -13,6 +13,7 @@ import httpx
 import msgpack
 
 from dropserver.auth import Role
+from dropserver.redis_client import connect as connect_redis
 from loadtest import wsclient
 from realtime.dispatch import Job
 from realtime.publish import publish
@@ -181,7 +182,7 @@ from realtime.publish import publish
 from realtime.wire import Broadcast, Lane
 
 async def main(url, drop_id, rate, seconds):
-    r = aioredis.Redis.from_url(url)
+    r = connect_redis(url)
     started, n = time.monotonic(), 0
     while time.monotonic() - started < seconds:
         n += 1
@@ -277,9 +278,8 @@ async def test_a_drop_event_behind_a_chat_backlog_in_the_subscriber_leaves_first
         start = (await c.join(drop_id))["pos"]["offset"]
 
         async def burst() -> None:
-            import redis.asyncio as aioredis
 
-            client = aioredis.from_url(settings.redis_url)
+            client = connect_redis(settings.redis_url)
             try:
                 for i in range(500):
                     await publish(client, drop_id, "chat.message",

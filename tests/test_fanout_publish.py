@@ -9,13 +9,11 @@ import pytest
 
 from realtime import channels, history, publish
 from realtime.channels import Kind, MalformedMessage, parse_message
+from tests.pubsub_support import listen
 
 
 async def _listen(client, channel):
-    pubsub = client.pubsub()
-    await pubsub.subscribe(channel)
-    await pubsub.get_message(timeout=1)  # subscribe confirmation
-    return pubsub
+    return await listen(client, channel)  # SSUBSCRIBE on the channel's shard on a cluster
 
 
 async def test_publish_assigns_consecutive_offsets_in_one_epoch_and_publishes(r):
@@ -81,22 +79,23 @@ async def test_new_epoch_after_history_expired(r):
 
 
 async def test_volatile_and_user_messages(r):
-    pubsub = await _listen(r, channels.drop_channel(5))
-    await pubsub.subscribe(channels.user_channel("u-1"))
-    await pubsub.get_message(timeout=1)
+    drop_sub = await _listen(r, channels.drop_channel(5))
+    # On a cluster the user's channel lives on the user's shard: a listener each.
+    user_sub = await _listen(r, channels.user_channel("u-1"))
     await publish.publish_volatile(r, 5, "stock", {"products": {"1": 4}})
     await publish.publish_user(r, "u-1", "order.paid", {"order_id": "o1"})
     await publish.publish_user(r, "u-1", "order.held", {"order_id": "o2"}, origin="c-ab12")
     kinds = []
-    while len(kinds) < 3:
-        msg = await pubsub.get_message(timeout=2, ignore_subscribe_messages=True)
-        assert msg is not None
-        p = parse_message(msg["data"])
-        kinds.append((p.kind, p.event, p.data, p.origin))
+    for pubsub, count in ((drop_sub, 1), (user_sub, 2)):
+        for _ in range(count):
+            msg = await pubsub.get_message(timeout=2, ignore_subscribe_messages=True)
+            assert msg is not None
+            p = parse_message(msg["data"])
+            kinds.append((p.kind, p.event, p.data, p.origin))
+        await pubsub.aclose()
     assert kinds == [(Kind.VOLATILE, "stock", {"products": {"1": 4}}, ""),
                      (Kind.USER, "order.paid", {"order_id": "o1"}, ""),
                      (Kind.USER, "order.held", {"order_id": "o2"}, "c-ab12")]
-    await pubsub.aclose()
     assert await r.exists(channels.history_key(5)) == 0  # volatile is not history
 
 

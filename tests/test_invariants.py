@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-import redis.asyncio as aioredis
 
 from checkout import holds, inventory, keys
 from checkout.defense import BuyLimits
@@ -18,6 +17,7 @@ from checkout.orders import OrderProcessor
 from checkout.payments import FakeGateway, RedisStore
 from checkout.reserve import BuyRequest, reserve
 from dropserver.db import create_pool
+from dropserver.redis_client import connect as connect_redis
 from tests.invariants import check_fake_drop, fake_drop_violations, quiesce, violations
 from tests.payments_fixtures import Recorder, make_drop, save_card
 
@@ -28,7 +28,7 @@ OFF = BuyLimits(per_user=0, per_ip=0, velocity_window_ms=0)
 async def sold(clean_backends) -> AsyncIterator[dict]:
     """Drop with 5 units: u0 and u1 paid (saved cards), u2 holds, u3 cancelled."""
     db = await create_pool(clean_backends.database_url, min_size=1, max_size=4)
-    redis = aioredis.Redis.from_url(clean_backends.redis_url)
+    redis = connect_redis(clean_backends.redis_url)
     gateway = FakeGateway(store=RedisStore(redis))
     proc = OrderProcessor(db, redis, gateway, notify=Recorder())
     worker = OrderWorker(redis, proc, consumer="inv", block_ms=50)

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 
 from checkout import keys
 from checkout.dead_letters import DEAD_LETTER_STREAM
@@ -23,6 +22,8 @@ from checkout.orders import OrderProcessor
 from checkout.payments import Flow, Intent, IntentStatus, StripeGateway
 from checkout.retry import backoff
 from dropserver.db import create_pool
+from dropserver.redis_client import connect as connect_redis
+from dropserver.redis_client import connect_sync as connect_redis_sync
 from tests.payments_fixtures import (
     Recorder,
     add_release,
@@ -31,6 +32,7 @@ from tests.payments_fixtures import (
     order_row,
     save_card,
 )
+from tests.pubsub_support import listen_sync
 from tests.stripe_stub import StripeStub
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +100,7 @@ def stub() -> Iterator[StripeStub]:
 @pytest.fixture
 async def env(clean_backends, stub) -> AsyncIterator[dict]:
     db = await create_pool(clean_backends.database_url, min_size=1, max_size=5)
-    redis = aioredis.Redis.from_url(clean_backends.redis_url)
+    redis = connect_redis(clean_backends.redis_url)
     gateway = StripeGateway("sk_test_x", api_base=stub.url, max_network_retries=0)
     rec = Recorder()
     proc = OrderProcessor(db, redis, gateway, notify=rec)
@@ -347,19 +349,16 @@ async def test_worker_task_starts_and_stops(env) -> None:
 
 def test_publish_user_reaches_the_user_channel(clean_backends) -> None:
     """The default notifier is realtime's publish_user (contract 1)."""
-    import redis as sync_redis
 
     from checkout.orders import publish_user
     from realtime import channels
     from tests.conftest import run_sync
 
-    client = sync_redis.Redis.from_url(clean_backends.redis_url)
-    sub = client.pubsub()
-    sub.subscribe(channels.user_channel("buyer-x"))
-    sub.get_message(timeout=1)
+    client = connect_redis_sync(clean_backends.redis_url)
+    sub = listen_sync(client, channels.user_channel("buyer-x"))
 
     async def send() -> None:
-        r = aioredis.Redis.from_url(clean_backends.redis_url)
+        r = connect_redis(clean_backends.redis_url)
         await publish_user(r, "buyer-x", "order.paid", {"order_id": "h"})
         await r.aclose()
 

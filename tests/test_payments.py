@@ -7,7 +7,6 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-import redis.asyncio as aioredis
 
 from checkout.payments import (
     FakeGateway,
@@ -18,6 +17,7 @@ from checkout.payments import (
     StripeGateway,
     create_gateway,
 )
+from dropserver.redis_client import connect as connect_redis
 from dropserver.settings import load_settings
 from tests.stripe_stub import StripeStub
 
@@ -36,7 +36,7 @@ async def gateway(request, stub: StripeStub) -> AsyncIterator:
     elif request.param == "fake":
         gw = FakeGateway(slow_seconds=0.05)
     else:  # what the server runs: objects in Redis, shared by its workers
-        redis = aioredis.from_url(request.getfixturevalue("clean_backends").redis_url)
+        redis = connect_redis(request.getfixturevalue("clean_backends").redis_url)
         gw = FakeGateway(slow_seconds=0.05, store=RedisStore(redis))
     try:
         yield gw
@@ -50,7 +50,7 @@ async def test_fake_gateway_workers_share_intents_through_redis(clean_backends) 
     """An order re-claimed by another worker finds the PaymentIntent the first made
     (the 50,000-viewer rehearsal dead-lettered 11 paid orders when each worker had
     its own in-memory fake)."""
-    redis = aioredis.from_url(clean_backends.redis_url)
+    redis = connect_redis(clean_backends.redis_url)
     try:
         first = FakeGateway(store=RedisStore(redis))
         second = FakeGateway(store=RedisStore(redis))
@@ -230,7 +230,7 @@ async def test_fake_confirm_and_cancel_race_one_wins(store, request) -> None:
     redis = None
     kw = {}
     if store == "redis":
-        redis = aioredis.from_url(request.getfixturevalue("clean_backends").redis_url)
+        redis = connect_redis(request.getfixturevalue("clean_backends").redis_url)
         kw["store"] = RedisStore(redis)
     try:
         gw = FakeGateway(slow_seconds=0.3, **kw)
@@ -260,7 +260,7 @@ async def test_fake_confirm_and_cancel_race_one_wins(store, request) -> None:
 async def test_fake_same_key_at_the_same_time_runs_once(clean_backends) -> None:
     """Two processes asking with one idempotency key at once (a re-claimed entry):
     one PaymentIntent, one charge, both get it."""
-    redis = aioredis.from_url(clean_backends.redis_url)
+    redis = connect_redis(clean_backends.redis_url)
     try:
         first = FakeGateway(slow_seconds=0.2, store=RedisStore(redis))
         second = FakeGateway(slow_seconds=0.2, store=RedisStore(redis))

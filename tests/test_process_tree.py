@@ -14,6 +14,7 @@ import urllib.request
 
 import pytest
 
+from dropserver.redis_client import connect as connect_redis
 from dropserver.settings import unsafe_rig_env
 from tests.conftest import free_port
 from tests.fault_rig import alive, child_map, port_free, process_tree
@@ -153,7 +154,6 @@ async def test_supervisor_killed_mid_rush_loses_no_acknowledged_hold(clean_backe
     import asyncio
 
     import asyncpg
-    import redis.asyncio as aioredis
 
     from benchmarks._buyers import buy, open_buyers, selling_drop
     from benchmarks._support import start_server
@@ -212,7 +212,7 @@ async def test_supervisor_killed_mid_rush_loses_no_acknowledged_hold(clean_backe
         # A new server on the same Redis and PostgreSQL takes the order stream over.
         second = await asyncio.to_thread(start_server, backends.redis_url,
                                          backends.database_url, workers=2, env=env)
-        r = aioredis.Redis.from_url(backends.redis_url)
+        r = connect_redis(backends.redis_url)
         db = await asyncpg.connect(backends.database_url)
         try:
             await quiesce(r, drop_id, within=90)

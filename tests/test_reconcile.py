@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from checkout import holds, inventory, keys
@@ -18,6 +17,7 @@ from checkout.payments import FakeGateway, RedisStore
 from checkout.reconcile import reconcile_drop
 from checkout.reserve import BuyRequest, reserve
 from dropserver.db import create_pool
+from dropserver.redis_client import connect as connect_redis
 from tests.invariants import check_fake_drop, fake_drop_violations, quiesce
 from tests.payments_fixtures import Recorder, make_drop, save_card
 
@@ -27,7 +27,7 @@ OFF = BuyLimits(per_user=0, per_ip=0, velocity_window_ms=0)
 @pytest.fixture
 async def env(clean_backends) -> AsyncIterator[dict]:
     db = await create_pool(clean_backends.database_url, min_size=1, max_size=5)
-    redis = aioredis.Redis.from_url(clean_backends.redis_url)
+    redis = connect_redis(clean_backends.redis_url)
     rec = Recorder()
     proc = OrderProcessor(db, redis, FakeGateway(store=RedisStore(redis)), notify=rec)
     worker = OrderWorker(redis, proc, consumer="rc", block_ms=50, claim_idle_ms=500)

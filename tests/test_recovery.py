@@ -123,7 +123,7 @@ async def test_failover_that_lost_writes_is_detected_and_rebuilt(r, db):
     sold = [await buy(r, drop_id, pid, f"u{i}") for i in range(2)]
     # Snapshot of what the replica has...
     tag = keys.tag(drop_id)
-    snapshot = {k: await r.dump(k) for k in await r.keys(f"{tag}*")}
+    snapshot = {k: await r.dump(k) async for k in r.scan_iter(match=f"{tag}*")}
     # ...while the master takes 3 more buys, which the payments worker persists.
     sold += [await buy(r, drop_id, pid, f"u{i}") for i in range(2, 5)]
     for i, h in enumerate(sold):

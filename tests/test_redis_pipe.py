@@ -10,8 +10,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from checkout.redis_pipe import AutoPipeline
+from checkout.redis_pipe import UNREPLICATED, AutoPipeline
 from checkout.reserve import hot_path_client
+from tests.conftest import only_single_redis
+
+# One Redis's AutoPipeline (a cluster runs one per primary: tests/test_cluster_moves.py).
+pytestmark = only_single_redis
 
 
 @pytest.fixture
@@ -124,3 +128,21 @@ async def test_closed_pipeline_refuses_commands(r, pipe):
     await pipe.aclose()
     with pytest.raises(RedisConnectionError):
         pipe.execute("PING")
+
+
+async def test_waiting_for_a_replica_on_a_primary_without_one_answers_and_counts_it(r):
+    """WAIT 1 on a Redis with no replica can never be met: nobody a failover could
+    promote, so the batch is answered (ROLE says there is no replica), counted, and
+    the next second's batches go without WAIT."""
+    client = hot_path_client(_url(r))
+    p = AutoPipeline(client, wait_replicas=1, wait_timeout_ms=50)
+    try:
+        before = UNREPLICATED._value.get()
+        assert await p.execute("SET", "wait-k", "v") in (True, b"OK")
+        assert UNREPLICATED._value.get() > before
+        t0 = time.monotonic()
+        assert await p.execute("GET", "wait-k") == b"v"
+        assert time.monotonic() - t0 < 0.04  # no 50 ms WAIT this time
+    finally:
+        await p.aclose()
+        await client.aclose()

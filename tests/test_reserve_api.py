@@ -15,6 +15,7 @@ from checkout.defense import RejectAll
 from dropserver.auth import Principal, Role
 from dropserver.errors import ApiError
 from realtime import channels
+from tests.pubsub_support import listen
 
 CREATOR = "creator-1"
 
@@ -104,8 +105,8 @@ async def test_sell_out_marks_the_drop_sold_out_and_publishes_stock(server, http
                                                                     buyer):
     redis = server.app.state.redis
     drop_id, pid = await selling_drop(http, creator, units=1)
-    pubsub = redis.pubsub()
-    await pubsub.subscribe(channels.drop_channel(drop_id), channels.user_channel("buyer-1"))
+    pubsub = await listen(redis, channels.drop_channel(drop_id),
+                          channels.user_channel("buyer-1"))
     try:
         assert (await post_buy(http, drop_id, buyer(), pid)).status_code == 201
         state = None

@@ -1,0 +1,230 @@
+"""Sharded pub/sub on a Redis Cluster: one subscriber connection per shard.
+
+On a cluster a drop's publications go out with SPUBLISH on the drop's channel
+(``{drop:D}:events``), so they reach only the shard that owns the channel's slot, and
+a node must SSUBSCRIBE on *that* shard's primary. :class:`ShardedSubscriber` has the
+interface of :class:`~realtime.subscriber.Subscriber` and keeps one such subscriber
+(a :class:`_ShardLink`, the same never-deaf connection with its watchdog) per primary
+that owns a wanted channel, routing each channel by its slot.
+
+A channel moves when its shard changes hands:
+
+* a failover: the link to the dead primary fails (or falls silent); the slot map is
+  read again until a live primary owns the slot (the promoted replica, 2-15 s later
+  depending on ``cluster-node-timeout``), and the channel is subscribed there;
+* a slot migration (CLUSTER SETSLOT ... NODE): the old owner ends the subscription
+  with an unsolicited ``sunsubscribe``; the channel is subscribed on the new owner.
+
+Either way ``on_reconnect`` then runs once, so the hub fills the gap from each drop's
+history (publications made while nobody listened are in the history; the stock and
+viewer counts, volatile, come with the next update). Each move is logged and counted
+in ``dropserver_pubsub_resubscribes_total`` like a reconnect.
+
+Centrifuge's Redis broker (broker_redis.go) does the same with a sharded PUBSUB per
+cluster slot range and resubscribes on MOVED; redis-py's ClusterPubSub follows moves
+too, but hides the gap, which this gateway must fill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.crc import key_slot
+
+from dropserver.redis_client import cluster_nodes, connect, is_cluster_url
+from realtime import metrics
+from realtime.subscriber import PING_EVERY, SILENT_LIMIT, Subscriber
+
+__all__ = ["ShardedSubscriber", "subscriber_for"]
+
+log = logging.getLogger("dropserver.realtime")
+
+Addr = tuple[str, int]
+
+
+def subscriber_for(redis_url: str, on_message: Callable[[bytes, bytes], None],
+                   on_reconnect: Callable[[], None], **kwargs: Any) -> Any:
+    """A :class:`Subscriber` for one Redis, a :class:`ShardedSubscriber` for a cluster."""
+    cls = ShardedSubscriber if is_cluster_url(redis_url) else Subscriber
+    return cls(redis_url, on_message, on_reconnect, **kwargs)
+
+
+class _ShardLink(Subscriber):
+    """The subscriber connection to one primary, in the sharded dialect."""
+
+    SUBSCRIBE = "SSUBSCRIBE"
+    UNSUBSCRIBE = "SUNSUBSCRIBE"
+    MESSAGE = b"smessage"
+    CONFIRMED = b"ssubscribe"
+
+    def __init__(self, owner: ShardedSubscriber, addr: Addr, **kwargs: Any) -> None:
+        super().__init__(f"{addr[0]}:{addr[1]}", owner._on_message, owner._on_reconnect,
+                         **kwargs)
+        self.addr = addr
+        self._owner = owner
+
+    def _make_client(self) -> Any:
+        return aioredis.Redis(host=self.addr[0], port=self.addr[1], decode_responses=False,
+                              protocol=2, socket_keepalive=True, socket_connect_timeout=5,
+                              **self._owner._auth)
+
+    async def _subscribe_all(self, conn: Any) -> None:
+        # On a cluster one SSUBSCRIBE names channels of one slot only: one each.
+        wanted = list(self._wanted)
+        if wanted:
+            await conn.send_packed_command(
+                conn.pack_commands([(self.SUBSCRIBE, name) for name in wanted]),
+                check_health=False)
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def _lost(self) -> None:
+        self._owner._check_homes(f"connection to {self.addr[0]}:{self.addr[1]} lost")
+
+    def _unsubscribed(self, channel: bytes) -> None:
+        self._owner._unheard.add(channel)
+        self._owner._check_homes(f"{channel.decode(errors='replace')} left "
+                                 f"{self.addr[0]}:{self.addr[1]} (slot moved)")
+
+
+class ShardedSubscriber:
+    """The process's pub/sub on a cluster: :class:`Subscriber`'s interface."""
+
+    def __init__(self, redis_url: str, on_message: Callable[[bytes, bytes], None],
+                 on_reconnect: Callable[[], None], *, ping_every: float = PING_EVERY,
+                 silent_limit: float = SILENT_LIMIT) -> None:
+        self._url = redis_url
+        self._on_message = on_message
+        self._on_reconnect = on_reconnect
+        self._link_args = {"ping_every": ping_every, "silent_limit": silent_limit}
+        _, opts = cluster_nodes(redis_url)
+        self._auth = {k: v for k, v in opts.items() if v}
+        self._cluster: Any = None
+        self._links: dict[Addr, _ShardLink] = {}
+        self._home: dict[bytes, _ShardLink] = {}  # wanted channel -> its link
+        self._unheard: set[bytes] = set()  # ended by Redis (sunsubscribe): subscribe again
+        self._lock = asyncio.Lock()  # links are made and channels moved one at a time
+        self._mover: asyncio.Task | None = None
+        self._again = False
+        self._stopping = False
+        self.moves = 0
+
+    async def start(self) -> None:
+        self._cluster = connect(self._url, decode_responses=False)
+        await self._cluster.initialize()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._mover is not None:
+            self._mover.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._mover
+        for link in list(self._links.values()):
+            await link.stop()
+        self._links.clear()
+        if self._cluster is not None:
+            await self._cluster.aclose()
+
+    @property
+    def channels(self) -> set[bytes]:
+        return set(self._home)
+
+    @property
+    def reconnects(self) -> int:
+        return self.moves + sum(link.reconnects for link in self._links.values())
+
+    @property
+    def links(self) -> dict[Addr, Any]:
+        """The live shard links by primary address (tests look at them)."""
+        return dict(self._links)
+
+    async def subscribe(self, channel: str, wait: float = 5.0) -> None:
+        """Subscribe on the shard that owns the channel; returns once confirmed."""
+        name = channel.encode()
+        async with asyncio.timeout(wait):
+            async with self._lock:
+                link = await self._link(self._owner(name))
+                self._home[name] = link
+            await link.subscribe(channel, wait)
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._unheard.discard(channel.encode())
+        link = self._home.pop(channel.encode(), None)
+        if link is not None:
+            await link.unsubscribe(channel)
+
+    # -- routing ------------------------------------------------------------------
+    def _owner(self, name: bytes) -> Addr:
+        node = self._cluster.nodes_manager.get_node_from_slot(key_slot(name))
+        return node.host, int(node.port)
+
+    async def _link(self, addr: Addr) -> _ShardLink:
+        """The running link to ``addr`` (started here when there is none)."""
+        link = self._links.get(addr)
+        if link is None:
+            link = _ShardLink(self, addr, **self._link_args)
+            await link.start()
+            self._links[addr] = link
+        return link
+
+    def _check_homes(self, why: str) -> None:
+        """A link failed or lost a channel: find each channel's owner again."""
+        if self._stopping:
+            return
+        log.warning("sharded pubsub: checking where channels live", extra={"why": why})
+        self._again = True
+        if self._mover is None or self._mover.done():
+            self._mover = asyncio.get_running_loop().create_task(self._move(),
+                                                                 name="pubsub-move")
+
+    async def _move(self) -> None:
+        """Until every wanted channel is subscribed on its slot's live primary."""
+        delay = 0.1
+        while not self._stopping:
+            self._again = False
+            try:
+                moved = await self._move_once()
+            except Exception as exc:
+                log.warning("sharded pubsub: cannot move channels yet",
+                            extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
+                moved, settled = 0, False
+            else:
+                settled = (not self._unheard
+                           and all(link.connected for link in set(self._home.values())))
+            if moved:
+                self.moves += 1
+                metrics.RESUBSCRIBES.inc()
+                log.warning("sharded pubsub: channels moved; filling gaps from history",
+                            extra={"channels": moved, "moves": self.moves})
+                self._on_reconnect()
+            if settled and not self._again:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _move_once(self) -> int:
+        async with self._lock:
+            # Read the slot map again (it is fine to ask even when nothing moved).
+            await self._cluster.nodes_manager.initialize()
+            moving: list[tuple[bytes, _ShardLink, Addr]] = []
+            for name, link in self._home.items():
+                owner = self._owner(name)
+                if owner != link.addr or name in self._unheard:
+                    moving.append((name, link, owner))
+            for name, old, owner in moving:
+                old._wanted.discard(name)
+                new = await self._link(owner)
+                self._home[name] = new
+                await new.subscribe(name.decode(), 5.0)
+                self._unheard.discard(name)
+            wanted_on = {link.addr for link in self._home.values()}
+            for addr in [a for a in self._links if a not in wanted_on]:
+                await self._links.pop(addr).stop()
+            return len(moving)
