@@ -22,7 +22,7 @@ from typing import Any
 from starlette.requests import HTTPConnection
 
 from dropserver.auth import GUEST, Principal, bearer_token
-from dropserver.errors import ApiError
+from dropserver.errors import ApiError, is_outage
 from dropserver.observability import new_id
 from realtime import chat, history, metrics, protocol, tokens
 from realtime.connection import Connection
@@ -186,7 +186,15 @@ async def _serve(app: Any, hub: Hub, conn: Connection, token: str | None, receiv
             _send_error(conn, ProtocolError(exc.code, exc.message, frame.id,
                                             exc.details or None))
             continue
-        except Exception:
+        except Exception as exc:
+            if is_outage(exc):  # Redis or PostgreSQL away: retry, as over HTTP (503)
+                log.warning("backing service unavailable for a frame", extra={
+                    "type": frame.type.value, "command": frame.command,
+                    "error": f"{type(exc).__name__}: {exc}"[:300]})
+                _send_error(conn, ProtocolError(
+                    "unavailable", "a backing service is unavailable; retry shortly",
+                    frame.id, {"retry_after_ms": 1000}))
+                continue
             log.exception("frame handler failed", extra={
                 "type": frame.type.value, "command": frame.command, "conn_id": conn.conn_id,
                 "drop_id": conn.drop_id})

@@ -419,9 +419,20 @@ async def test_redis_restart_mid_drop_without_oversell(settings, own_redis, make
 
             await quiesce(redis, drop_id, within=20)
 
+            from benchmarks._buyers import open_buyers
+
+            [sock] = await open_buyers(f"{running.ws_url}/ws", drop_id,
+                                       [make_token("a1", Role.VIEWER)])
             own_redis.stop()       # Redis dies...
             down = await post("x0")
             assert down[0] == 503 and down[1]["error"]["code"] == "unavailable"
+            # ...and a socket's frames say so too: retry, not internal_error
+            cancel = await asyncio.wait_for(sock.command(
+                "cancel_hold", {"hold_id": before[1][1]["hold_id"]}), 30)
+            chat = await asyncio.wait_for(sock.command("chat.send", {"text": "hi"}), 30)
+            sock.close()
+            assert (cancel["t"], cancel["code"]) == ("error", "unavailable"), cancel
+            assert (chat["t"], chat["code"]) == ("error", "unavailable"), chat
             own_redis.start()      # ...and comes back empty (no persistence, no scripts)
 
             results = []
