@@ -465,3 +465,33 @@ async def test_payment_for_a_hold_released_in_redis_is_refunded(env) -> None:
     row = await order_row(db, hold.hold_id)
     assert (row["state"], row["released"]) == ("refunded", "cancelled")
     assert [d["order_id"] for d in env["rec"].of("order.refunded")] == [hold.hold_id]
+
+
+async def test_a_failing_compensation_step_skips_none_of_the_others(env) -> None:
+    """Dead-lettering an order runs each compensating step on its own: the gateway
+    refusing the cancel (not an outage: it is counted and logged) still leaves the
+    order failed, its hold released with the units back, and the buyer told once."""
+    from prometheus_client import REGISTRY
+
+    from checkout import holds, inventory
+    from checkout.compensations import fail_order
+
+    db, redis, rec, stub = env["db"], env["redis"], env["rec"], env["stub"]
+    drop_id, product_id = await make_drop(db)
+    hold = await _real_hold(redis, drop_id, product_id, "cb-1", "client_confirm")
+    await drain(env["worker"])  # the order row and its PaymentIntent, payment_pending
+    assert (await order_row(db, hold.hold_id))["state"] == "payment_pending"
+    assert (await inventory.remaining(redis, drop_id))[product_id] == 4
+    fields = {k.decode(): v.decode() for _id, f in await redis.xrange(keys.orders(drop_id))
+              for k, v in f.items()}
+    before = REGISTRY.get_sample_value("dropserver_order_compensation_failures_total",
+                                       {"step": "cancel or refund the payment"}) or 0
+    stub.fail_next.extend([400] * 5)  # every cancel (and its re-read) refused
+    await fail_order(env["proc"], fields)
+    stub.fail_next.clear()
+    assert REGISTRY.get_sample_value("dropserver_order_compensation_failures_total",
+                                     {"step": "cancel or refund the payment"}) == before + 1
+    assert (await order_row(db, hold.hold_id))["state"] == "failed"
+    assert (await holds.get_hold(redis, hold.hold_id))["state"] == "failed"
+    assert (await inventory.remaining(redis, drop_id))[product_id] == 5
+    assert [d["order_id"] for d in rec.of("order.failed")] == [hold.hold_id]
