@@ -115,17 +115,22 @@ async def test_an_acknowledged_hold_without_an_order_is_requeued(env) -> None:
     await check_fake_drop(env)
 
 
-async def test_a_hold_postgres_released_is_released_in_redis(env) -> None:
+async def test_a_hold_postgres_released_is_released_in_redis(env, caplog) -> None:
     """PostgreSQL failed the order but Redis still holds its unit (a lost release):
-    the product looked sold out while PostgreSQL had units."""
+    the product looked sold out while PostgreSQL had units. The repair is logged, with
+    the drop, the hold and its kind."""
     hold = await buy(env, "u1")
     await settle(env)
     await env["db"].execute("UPDATE orders SET state = 'failed', released = 'failed' "
                             "WHERE public_id = $1", hold)
     found = await fake_drop_violations(env)
     assert any("Redis has 2 remaining, PostgreSQL 3" in f for f in found), found
-    report = await reconcile_drop(env["db"], env["redis"], env["drop_id"])
+    with caplog.at_level("WARNING", logger="dropserver.checkout"):
+        report = await reconcile_drop(env["db"], env["redis"], env["drop_id"])
     assert repaired(report) == ["hold_released"]
+    lines = [r for r in caplog.records if r.getMessage() == "reconciler repaired"]
+    assert [(r.drop_id, r.hold_id, r.kind) for r in lines] == [
+        (env["drop_id"], hold, "hold_released")]
     assert await inventory.remaining(env["redis"], env["drop_id"]) == {env["pid"]: 3}
     assert (await holds.get_hold(env["redis"], hold))["state"] == "failed"
     await check_fake_drop(env)
