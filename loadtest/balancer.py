@@ -122,34 +122,58 @@ class Balancer:
         return paths
 
     def start(self, timeout: float = 20.0) -> None:
+        paths = self.write_configs()
+        for k in range(1, len(paths) + 1):
+            self.procs.append(self._spawn(k))
+        for k in range(1, len(paths) + 1):
+            self._wait_up(k, time.monotonic() + timeout)
+
+    def _spawn(self, k: int) -> subprocess.Popen:
         from dropserver.services import _setpriv
 
-        exe = find_haproxy()
-        for k, path in enumerate(self.write_configs(), 1):
-            log = open(self.run_dir / f"haproxy-{k}.log", "ab")
+        log = open(self.run_dir / f"haproxy-{k}.log", "ab")
+        try:
+            # -db: stay in the foreground, so it dies with us (pdeathsig).
+            return subprocess.Popen(
+                [*_setpriv(as_nobody=False), find_haproxy(), "-db", "-f",
+                 str(self.config_paths()[k - 1])],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        finally:
+            log.close()
+
+    def _wait_up(self, k: int, deadline: float) -> None:
+        """Until process ``k`` (1-based) answers on its stats socket."""
+        proc, sock = self.procs[k - 1], self.sockets()[k - 1]
+        while True:
+            if proc.poll() is not None:
+                raise BalancerError(f"haproxy exited with {proc.returncode}: "
+                                    + self.log_tail(k))
             try:
-                # -db: stay in the foreground, so it dies with us (pdeathsig).
-                self.procs.append(subprocess.Popen(
-                    [*_setpriv(as_nobody=False), exe, "-db", "-f", str(path)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True))
-            finally:
-                log.close()
-        deadline = time.monotonic() + timeout
-        for k, sock in enumerate(self.sockets()):
-            while True:
-                proc = self.procs[k]
-                if proc.poll() is not None:
-                    raise BalancerError(f"haproxy exited with {proc.returncode}: "
-                                        + self.log_tail(k + 1))
-                try:
-                    server_states(sock)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise BalancerError("haproxy did not come up: "
-                                            + self.log_tail(k + 1)) from None
-                    time.sleep(0.05)
+                server_states(sock)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise BalancerError("haproxy did not come up: "
+                                        + self.log_tail(k)) from None
+                time.sleep(0.05)
+
+    def kill_process(self, k: int) -> float:
+        """SIGKILL HAProxy process ``k`` (1-based): every socket through it closes, as
+        when a balancer machine is lost; the others keep the port. Returns the
+        monotonic time of the kill."""
+        proc = self.procs[k - 1]
+        at = time.monotonic()
+        proc.kill()
+        proc.wait(timeout=10)
+        return at
+
+    def start_process(self, k: int, timeout: float = 20.0) -> None:
+        """Start process ``k`` again (after :meth:`kill_process`), same configuration."""
+        if self.procs[k - 1].poll() is None:
+            raise BalancerError(f"haproxy process {k} is running")
+        self.procs[k - 1] = self._spawn(k)
+        self._wait_up(k, time.monotonic() + timeout)
 
     def states(self) -> list[dict[str, dict[str, str]]]:
         """:func:`server_states` of every process ({} for one that does not answer)."""

@@ -16,12 +16,13 @@
 Faults are real: :meth:`Cluster.kill_node` freezes and SIGKILLs every process of a
 node at once (its viewers' sockets close as after a crash), :meth:`Cluster.drain_node`
 sends its ``serve`` SIGTERM (viewers get ``going_away``), :meth:`Cluster.start_node`
-starts it again. Everything started dies with the harness however it ends: nodes and
-HAProxy by ``PR_SET_PDEATHSIG``, and a reaper process deletes the namespaces and the
-bridge (``loadtest._netreaper``). Processes are started from one thread the cluster
-keeps for that (the parent-death signal follows the thread that forks), whichever
-thread calls. ``python -m loadtest cluster up`` (``loadtest.cluster_cli``) is this
-class as a command.
+starts it again; :meth:`Cluster.kill_balancer` SIGKILLs one HAProxy process (its
+viewers come back through the others). Everything started dies with the harness
+however it ends: nodes and HAProxy by ``PR_SET_PDEATHSIG``, and a reaper process
+deletes the namespaces and the bridge (``loadtest._netreaper``). Processes are
+started from one thread the cluster keeps for that (the parent-death signal follows
+the thread that forks), whichever thread calls. ``python -m loadtest cluster up``
+(``loadtest.cluster_cli``) is this class as a command.
 """
 
 from __future__ import annotations
@@ -329,6 +330,18 @@ class Cluster:
             raise ClusterError(f"{node.name} is running")
         self._spawner.submit(self._spawn_node, node).result()
         self._wait_node(node, time.monotonic() + timeout)
+
+    def kill_balancer(self, k: int = 1) -> float:
+        """SIGKILL HAProxy process ``k`` (of ``balancer_processes``): its viewers'
+        sockets close and they come back through the others (on real machines: the
+        other balancer behind the virtual IP or DNS name). Monotonic time of the kill."""
+        assert self.balancer is not None
+        return self.balancer.kill_process(k)
+
+    def start_balancer(self, k: int = 1) -> None:
+        """HAProxy process ``k`` again, started from the cluster's spawner thread."""
+        assert self.balancer is not None
+        self._spawner.submit(self.balancer.start_process, k).result()
 
     # -- where to connect -----------------------------------------------------------------
     @property

@@ -207,6 +207,32 @@ def test_a_node_drained_mid_drop_tells_its_viewers_going_away(cluster: Any,
     assert all(s["node2"]["status"] == "UP" for s in cluster.balancer.states())
 
 
+@needs_namespaces
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_a_balancer_process_killed_mid_drop_its_viewers_come_back_through_the_other(
+        cluster: Any, tmp_path: Path) -> None:
+    """Two HAProxy processes share the port, as two balancers share a virtual IP: one
+    SIGKILLed, its viewers' sockets close and they rejoin through the other."""
+    for which in (1, 2, 3):
+        if not cluster.node(which).running():
+            _node_back(cluster, which)
+
+    def kill_balancer1() -> float:
+        return cluster.kill_balancer(1)
+
+    result = _rehearse_with(cluster, Fault(after_s=0.3, action=kill_balancer1,
+                                           budget_s=10.0), tmp_path)
+    fault = _assert_everyone_back(result)
+    # The kernel spread the viewers over both processes; every node kept running.
+    assert fault["announced"] == 0 and 40 <= fault["outages"] <= 260
+    assert all(cluster.node(which).running() for which in (1, 2, 3))
+    _check_invariants(cluster, result)
+    cluster.start_balancer(1)
+    for name in ("node1", "node2", "node3"):
+        cluster.balancer.wait_status(name, up=True, timeout=30)
+
+
 # -- the command, and nothing left behind --------------------------------------------------
 
 def _leftovers(netns: list[str], bridge: str, pids: list[int]) -> list[str]:
