@@ -22,16 +22,14 @@ import sys
 import time
 from collections.abc import Iterable
 
+from dropserver._reaper import _alive
+
 __all__ = ["alive", "netns_pids", "remove"]
 
 
 def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+    """The process exists and is not a zombie (the launcher's reaper's own test)."""
+    return _alive(pid)
 
 
 def netns_pids(name: str) -> list[int]:

@@ -262,7 +262,9 @@ def _cli(*args: str, timeout: float = 200) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def _up(tmp_path: Path) -> tuple[list[str], dict[str, Any], list[int]]:
+def _up(tmp_path: Path) -> tuple[list[str], dict[str, Any], list[int], list[str], str]:
+    """``cluster up`` with one node: its options, state, every process, namespaces and
+    bridge."""
     name = f"t{uuid.uuid4().hex[:6]}"
     named = ["--name", name, "--run-dir", str(tmp_path)]
     up = _cli("up", *named, "--nodes", "1", "--balancer-processes", "1", "--lifetime", "300")
@@ -272,16 +274,15 @@ def _up(tmp_path: Path) -> tuple[list[str], dict[str, Any], list[int]]:
     supervisor = psutil.Process(state["pid"])
     pids = [supervisor.pid, *(p.pid for p in supervisor.children(recursive=True))]
     pids += [pid for node in state["nodes"] for pid in node["pids"]]
-    return named, state, pids
+    netns = [node["netns"] for node in state["nodes"]]
+    return named, state, pids, netns, netns[0].removesuffix("n1") + "br"
 
 
 @needs_namespaces
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_cluster_up_status_down_through_the_command(tmp_path: Path) -> None:
-    named, state, pids = _up(tmp_path)
-    netns = [node["netns"] for node in state["nodes"]]
-    bridge = netns[0].removesuffix("n1") + "br"
+    named, _state, pids, netns, bridge = _up(tmp_path)
     status = _cli("status", *named, "--json")
     assert status.returncode == 0, status.stderr
     seen = json.loads(status.stdout)
@@ -305,9 +306,7 @@ def test_cluster_up_status_down_through_the_command(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_killed_harness_leaves_no_namespace_device_or_process(tmp_path: Path) -> None:
-    _named, state, pids = _up(tmp_path)
-    netns = [node["netns"] for node in state["nodes"]]
-    bridge = netns[0].removesuffix("n1") + "br"
+    _named, state, pids, netns, bridge = _up(tmp_path)
     assert len(pids) >= 6  # supervisor, reaper(s), HAProxy, Redis, PostgreSQL, node
     os.kill(state["pid"], signal.SIGKILL)
     _wait_clean(netns, bridge, pids, within=30)
