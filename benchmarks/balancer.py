@@ -11,8 +11,8 @@ drop, a rush for ``--stock`` units) four times:
    worker each, each in its own network namespace, behind HAProxy with the
    configuration of docs/operations.md), viewers, buyers and the creator through the
    balancer;
-3. **kill**: the same, and ``--fault-after`` seconds after BUY NOW every process of
-   node 2 is SIGKILLed (no ``going_away``);
+3. **kill**: the same, and ``--fault-after`` seconds after the creator's BUY NOW was
+   answered every process of node 2 is SIGKILLed (no ``going_away``);
 4. **drain**: node 2 started again, then SIGTERMed at the same moment (a drain).
 
 For each it records BUY NOW's fan-out latency, the reservations, events lost, the
@@ -112,7 +112,8 @@ def main() -> int:
     parser.add_argument("--stock", type=int, default=500)
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--fault-after", type=float, default=0.3, dest="fault_after_s",
-                        help="seconds after BUY NOW the node is killed or drained")
+                        help="seconds after the creator's BUY NOW was answered: the node "
+                        "is killed or drained")
     parser.add_argument("--budget", type=float, default=10.0,
                         help="every viewer of the lost node back within this, seconds")
     parser.add_argument("--runs", default="baseline,cluster,kill,drain",

@@ -1,7 +1,7 @@
 """A fault in the middle of a rehearsal, and how its viewers came back from it.
 
 ``rehearse --fault CMD --fault-after S`` runs the shell command ``CMD`` ``S`` seconds
-after the creator sends BUY NOW, in the rush: for example
+after the creator's BUY NOW request was answered, in the rush: for example
 ``python -m loadtest cluster kill node2`` (SIGKILL one node of the cluster harness) or
 ``python -m loadtest cluster drain node2`` (SIGTERM: its viewers get ``going_away``);
 the fault's time is when the command started, or the ``monotonic=<seconds>`` it prints
@@ -40,7 +40,7 @@ _MONOTONIC = re.compile(r"monotonic=(\d+(?:\.\d+)?)")
 
 @dataclass
 class Fault:
-    after_s: float = 0.5  # seconds after the creator sends BUY NOW
+    after_s: float = 0.5  # seconds after the creator's BUY NOW was answered
     command: str = ""  # a shell command, or:
     # or a callable, run in a thread; a float it returns is the monotonic time the fault
     # struck (Cluster.kill_node's), else the time it was called counts

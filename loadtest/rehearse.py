@@ -284,8 +284,6 @@ class Rehearsal:
             self.phase("buy_now")
             cpu_before = self.watch.sample() if self.watch else None
             buy_now_error = None
-            fault_task = (asyncio.create_task(cfg.fault.run(time.monotonic()))
-                          if cfg.fault is not None else None)
             try:
                 await creator.buy_now()
             except (CreatorError, httpx.HTTPError) as exc:
@@ -294,6 +292,10 @@ class Rehearsal:
                 buy_now_error = f"{type(exc).__name__}: {exc}"[:300]
                 self.notes.append(f"the creator's BUY NOW request failed: {buy_now_error}")
                 self.say(self.notes[-1])
+            # Timed from the creator's answer: the viewers' rush is on by then, and the
+            # creator's own request is not what the fault cuts.
+            fault_task = (asyncio.create_task(cfg.fault.run(time.monotonic()))
+                          if cfg.fault is not None else None)
             t_buy_now = creator.calls["buy_now"]
             open_now = self.progress.total("joined")
             await self.wait_for("BUY NOW to reach every open viewer",

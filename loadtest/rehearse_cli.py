@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(e.g. 'python -m loadtest cluster kill node2'); the run then waits for "
                    "every viewer it cost a socket to rejoin, and reports how long they took")
     p.add_argument("--fault-after", type=float, default=0.5, dest="fault_after_s",
-                   help="seconds after the creator sends BUY NOW")
+                   help="seconds after the creator's BUY NOW request was answered")
     p.add_argument("--recovery-budget", type=float, default=10.0, dest="recovery_budget_s",
                    help="every viewer lost to the fault back within this many seconds")
     p.add_argument("--out", default=d.out_dir, dest="out_dir")
