@@ -78,9 +78,9 @@ async def _wait_for(cond, within: float = 20.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_a_slot_moved_mid_sale_buys_and_fan_out_follow(cluster):
-    drop_id = 7001
-    slot = _drop_slot(drop_id)
+async def _client_and_subscriber(cluster) -> tuple:
+    """A cluster client and a started sharded subscriber that keeps what it hears
+    (``got``) and counts its gap fills (``reconnects``)."""
     r = connect(cluster.redis_url)
     await ready(r)
     got: list[bytes] = []
@@ -88,6 +88,13 @@ async def test_a_slot_moved_mid_sale_buys_and_fan_out_follow(cluster):
     sub = ShardedSubscriber(cluster.redis_url, lambda ch, data: got.append(data),
                             lambda: reconnects.append(1))
     await sub.start()
+    return r, sub, got, reconnects
+
+
+async def test_a_slot_moved_mid_sale_buys_and_fan_out_follow(cluster):
+    drop_id = 7001
+    slot = _drop_slot(drop_id)
+    r, sub, got, reconnects = await _client_and_subscriber(cluster)
     batcher = ReserveBatcher(r)
     try:
         await _selling(r, drop_id, units=10)
@@ -132,13 +139,7 @@ def _role(node) -> str:
 async def test_a_killed_primary_the_subscriber_and_the_buys_move_to_its_replica(cluster):
     drop_id = 7002
     _drop_slot(drop_id)
-    r = connect(cluster.redis_url)
-    await ready(r)
-    got: list[bytes] = []
-    reconnects: list[int] = []
-    sub = ShardedSubscriber(cluster.redis_url, lambda ch, data: got.append(data),
-                            lambda: reconnects.append(1))
-    await sub.start()
+    r, sub, got, reconnects = await _client_and_subscriber(cluster)
     batcher = ReserveBatcher(r, wait_replicas=1)
     victim = None
     try:
