@@ -34,8 +34,9 @@ __all__ = ["FloorServers", "floor_message", "serve_broadcast"]
 
 async def serve_broadcast(port: int, redis_url: str, channel: str) -> None:
     """Relay every message of ``channel`` to every socket, nothing else."""
-    import redis.asyncio as aioredis
     from websockets.asyncio.server import broadcast, serve
+
+    from dropserver.redis_client import connect as connect_redis
 
     conns: set[Any] = set()
 
@@ -46,7 +47,7 @@ async def serve_broadcast(port: int, redis_url: str, channel: str) -> None:
         finally:
             conns.discard(ws)
 
-    r = aioredis.Redis.from_url(redis_url)
+    r = connect_redis(redis_url)  # one Redis or a cluster (classic pub/sub works on both)
     pubsub = r.pubsub(ignore_subscribe_messages=True)
     await pubsub.subscribe(channel)
 

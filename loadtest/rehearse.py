@@ -400,13 +400,13 @@ class Rehearsal:
         redis_url = getattr(target, "redis_url", "")
         if not redis_url:
             return {"measured": False, "why": "no Redis of our own (remote target)"}
-        import redis.asyncio as aioredis
+        from dropserver.redis_client import connect as connect_redis
 
         self.phase("floor")
         channel = "rehearsal:floor"
         servers = FloorServers(cfg.resolved_workers(), free_port(), redis_url, channel)
         await asyncio.to_thread(servers.start)
-        redis = aioredis.Redis.from_url(redis_url)
+        redis = connect_redis(redis_url)  # one Redis or a cluster (redis+cluster://)
         self.progress = Progress()
         self.swarms = []
         sent: list[float] = []

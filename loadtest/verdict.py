@@ -114,11 +114,10 @@ async def audit(database_url: str, drop_id: int, product_ids: list[int],
     remaining: dict[str, int] = {}
     redis_url = getattr(target, "redis_url", "")
     if redis_url:
-        import redis.asyncio as aioredis
-
         from checkout.inventory import remaining as redis_remaining
+        from dropserver.redis_client import connect as connect_redis
 
-        client = aioredis.Redis.from_url(redis_url)
+        client = connect_redis(redis_url)  # one Redis or a cluster (redis+cluster://)
         try:
             remaining = {str(k): v for k, v in (await redis_remaining(client, drop_id)).items()}
         finally:
