@@ -200,3 +200,35 @@ async def test_a_batch_no_replica_confirmed_in_time_is_not_acknowledged(cluster)
     finally:
         await pipe.aclose()
         await client.aclose()
+
+
+async def test_a_viewer_gets_every_event_in_order_across_a_slot_move(cluster, settings):
+    """The whole gateway on a cluster: a viewer joined to a drop, the drop's slot moved
+    to another primary between two events; the viewer gets all of them, in order
+    (what the old owner published before the move, the new owner after)."""
+    from realtime.publish import publish
+    from tests.conftest import running
+    from tests.realtime_support import Client, create_drop
+
+    drop_id, _ = await create_drop(settings.database_url)
+    r = connect(cluster.redis_url)
+    await ready(r)
+    try:
+        async with running(settings, redis_url=cluster.redis_url) as srv:
+            viewer = await Client.connect(srv.ws_url)
+            await viewer.join(drop_id)
+            for n in range(1, 4):
+                await publish(r, drop_id, "chat.message", {"n": n})
+            before = local_cluster.primary_for(cluster, channels.meta_key(drop_id))
+            target = next(n for n in cluster.redis_nodes
+                          if n != before and cluster.is_running(n.name) and _role(n) == "master")
+            slot = local_cluster.slot_of(channels.meta_key(drop_id))
+            _SLOT_KEYS[slot] = channels.meta_key(drop_id)
+            await asyncio.to_thread(move_slot, cluster, slot, target)
+            for n in range(4, 7):
+                await publish(r, drop_id, "chat.message", {"n": n})
+            events = await viewer.events(6, wait=15)
+            assert [e["data"]["n"] for e in events] == [1, 2, 3, 4, 5, 6]
+            assert [e["pos"]["offset"] for e in events] == [1, 2, 3, 4, 5, 6]
+    finally:
+        await r.aclose()
