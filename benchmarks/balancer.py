@@ -50,12 +50,13 @@ async def drop_violations(database_url: str, redis_url: str,
     """The invariants of a rehearsal's drop once its order stream is quiet, with every
     hold the rehearsal's buyers were told of (``result["holds"]``) acknowledged."""
     import asyncpg
-    import redis.asyncio as aioredis
 
+    from dropserver.redis_client import connect, ready
     from tests import invariants
 
     db = await asyncpg.connect(database_url)
-    redis = aioredis.from_url(redis_url)
+    redis = connect(redis_url)  # one Redis, or a Redis Cluster (redis+cluster://)
+    await ready(redis)
     try:
         drop_id = result["drop"]["id"]
         # A killed node's unconfirmed order entries are claimed by the other nodes.

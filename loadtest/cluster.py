@@ -3,8 +3,9 @@
 :class:`Cluster` starts, in this order:
 
 1. a private network (:mod:`loadtest.netns`): a bridge, one network namespace per node;
-2. Redis and PostgreSQL on the bridge's address (:class:`dropserver.services.LocalServices`,
-   the launcher of ``dropserver dev``), unless ``redis_url`` / ``database_url`` name
+2. Redis (or a Redis Cluster of 3 primaries and 3 replicas: ``redis_cluster``) and
+   PostgreSQL on the bridge's address (:class:`dropserver.services.LocalServices`, the
+   launcher of ``dropserver dev``), unless ``redis_url`` / ``database_url`` name
    servers the namespaces can reach; the schema;
 3. ``nodes`` nodes, each ``dropserver serve --workers N`` inside its own namespace, on
    its own address, port 8000, with the rig's settings (fake payments, the dev token
@@ -77,6 +78,7 @@ class ClusterConfig:
     balancer_processes: int = 2  # HAProxy processes sharing the port (fd limit)
     port: int = 0  # the balancer's port on 127.0.0.1; 0: a free one
     redis_url: str = ""  # empty: a local Redis on the bridge
+    redis_cluster: bool = False  # the local Redis: a Redis Cluster (3 primaries, 3 replicas)
     database_url: str = ""  # empty: a local PostgreSQL on the bridge
     node_env: dict[str, str] = field(default_factory=dict)  # on top of RIG_ENV
     run_dir: str = ""  # logs, configs, state; empty: <tmp>/dropserver-cluster/<name>
@@ -170,7 +172,8 @@ class Cluster:
         if not (self.redis_url and self.database_url):
             self.services = LocalServices(
                 want_redis=not self.redis_url, want_postgres=not self.database_url,
-                host=net.hub_ip, client_networks=(str(net.subnet),)).start()
+                redis_cluster=cfg.redis_cluster, host=net.hub_ip,
+                client_networks=(str(net.subnet),)).start()
             self.redis_url = self.redis_url or self.services.redis_url
             self.database_url = self.database_url or self.services.database_url
         from dropserver.db import migrate_database

@@ -140,7 +140,8 @@ def _foreground(args: argparse.Namespace) -> int:
     cluster = Cluster(ClusterConfig(
         name=args.name, nodes=args.nodes, workers=args.workers,
         balancer_processes=args.balancer_processes, port=args.port,
-        redis_url=args.redis_url, database_url=args.database_url,
+        redis_url=args.redis_url, redis_cluster=args.redis_cluster,
+        database_url=args.database_url,
         node_env=_env_pairs(args.node_env), run_dir=str(run_dir)))
     started = time.monotonic()
     try:
@@ -226,6 +227,8 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
                         args.database_url), ("--run-dir", args.run_dir)):
         if value:
             argv += [flag, value]
+    if args.redis_cluster:
+        argv.append("--redis-cluster")
     for item in args.node_env or []:
         argv += ["--node-env", item]
     return argv
@@ -339,6 +342,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     "127.0.0.1 (default: a free one)")
     up.add_argument("--redis-url", default="", help="a Redis the nodes' namespaces reach "
                     "(default: start one on the harness's bridge)")
+    up.add_argument("--redis-cluster", action="store_true", help="start a Redis Cluster "
+                    "(3 primaries, 3 replicas) on the bridge instead of one Redis")
     up.add_argument("--database-url", default="", help="likewise PostgreSQL")
     up.add_argument("--node-env", action="append", default=[], metavar="NAME=VALUE",
                     help="environment of every node (repeat), e.g. DROPSERVER_HOLD_TTL=60")
