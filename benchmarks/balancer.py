@@ -16,7 +16,7 @@ drop, a rush for ``--stock`` units) four times:
 4. **drain**: node 2 started again, then SIGTERMed at the same moment (a drain).
 
 For each it records BUY NOW's fan-out latency, the reservations, events lost, the
-oversell audit and the nodes' memory and CPU; for the faults, when every viewer of
+oversell audit, the nodes' memory and CPU and HAProxy's; for the faults, when every viewer of
 the lost node was back and caught up (its ``joined`` answer: the missed events, or
 a snapshot), how many came back through history or a snapshot, and the drop's
 invariants afterwards (tests/invariants.py: no acknowledged hold lost, PostgreSQL
@@ -106,6 +106,25 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _balancer_usage(target: Any) -> tuple[float, int] | None:
+    """CPU seconds and RSS of the cluster's HAProxy processes (None: no cluster)."""
+    import psutil
+
+    cluster = getattr(target, "cluster", None)
+    if cluster is None or cluster.balancer is None:
+        return None
+    cpu, rss = 0.0, 0
+    for proc in cluster.balancer.procs:
+        try:
+            p = psutil.Process(proc.pid)
+            times = p.cpu_times()
+            cpu += times.user + times.system
+            rss += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return cpu, rss
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,9 +156,17 @@ def main() -> int:
 
     def run(name: str, cfg: RehearsalConfig, target: Any = None) -> dict[str, Any]:
         started = time.monotonic()
+        before = _balancer_usage(target)
         result = asyncio.run(rehearse(cfg, target=target))
+        wall = time.monotonic() - started
         summary[name] = _summary(result)
-        summary[name]["wall_s"] = round(time.monotonic() - started, 1)
+        summary[name]["wall_s"] = round(wall, 1)
+        after = _balancer_usage(target)
+        if before is not None and after is not None:  # HAProxy's own cost
+            cpu = after[0] - before[0]
+            summary[name]["balancer"] = {"cpu_s": round(cpu, 2),
+                                         "cpu_percent": round(100 * cpu / wall, 1),
+                                         "rss_mib": round(after[1] / 2**20, 1)}
         print(f"{name}: {json.dumps(summary[name])}", file=sys.stderr, flush=True)
         return result
 
