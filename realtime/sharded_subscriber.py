@@ -2,15 +2,26 @@
 
 On a cluster a drop's publications go out with SPUBLISH on the drop's channel
 (``{drop:D}:events``), so they reach only the shard that owns the channel's slot, and
-a node must SSUBSCRIBE on *that* shard's primary. :class:`ShardedSubscriber` has the
+a node must SSUBSCRIBE on a node of *that* shard. :class:`ShardedSubscriber` has the
 interface of :class:`~realtime.subscriber.Subscriber` and keeps one such subscriber
-(a :class:`_ShardLink`, the same never-deaf connection with its watchdog) per primary
-that owns a wanted channel, routing each channel by its slot.
+(a :class:`_ShardLink`, the same never-deaf connection with its watchdog) per node
+that serves a wanted channel, routing each channel by its slot.
 
-A channel moves when its shard changes hands:
+It subscribes on the shard's **replica** when it has one (a primary propagates its
+SPUBLISH messages to its replicas, which deliver them to their own subscribers), the
+primary otherwise. When the primary dies, that replica is the one promoted, and the
+subscription is already there: publications made on the new primary from its first
+moment reach this node, where a subscription on the old primary would have had to
+move after the promotion and missed what was published meanwhile -- and private
+events (``{user:U}:events``, an order's outcome) have no history to fill that gap.
+(Valkey ends a replica's shard-channel subscriptions as it takes over, with a
+``sunsubscribe``; they are renewed on the same node within milliseconds, before the
+publishers have learnt where the new primary is.)
 
-* a failover: the link to the dead primary fails (or falls silent); the slot map is
-  read again until a live primary owns the slot (the promoted replica, 2-15 s later
+A channel moves when its node stops serving it:
+
+* a failover or a lost node: the link fails (or falls silent); the slot map is read
+  again until a live node serves the slot (a promoted replica, 2-15 s later
   depending on ``cluster-node-timeout``), and the channel is subscribed there;
 * a slot migration (CLUSTER SETSLOT ... NODE): the old owner ends the subscription
   with an unsolicited ``sunsubscribe``; the channel is subscribed on the new owner.
@@ -150,7 +161,7 @@ class ShardedSubscriber:
         name = channel.encode()
         async with asyncio.timeout(wait):
             async with self._lock:
-                link = await self._link(self._owner(name))
+                link = await self._link(self._home_for(name))
                 self._home[name] = link
             await link.subscribe(channel, wait)
 
@@ -161,9 +172,23 @@ class ShardedSubscriber:
             await link.unsubscribe(channel)
 
     # -- routing ------------------------------------------------------------------
-    def _owner(self, name: bytes) -> Addr:
-        node = self._cluster.nodes_manager.get_node_from_slot(key_slot(name))
-        return node.host, int(node.port)
+    def _serving(self, name: bytes) -> list[Addr]:
+        """The nodes of the shard that serves ``name``'s slot: primary first."""
+        nodes = self._cluster.nodes_manager.slots_cache.get(key_slot(name)) or []
+        return [(n.host, int(n.port)) for n in nodes]
+
+    def _home_for(self, name: bytes) -> Addr:
+        """Where to subscribe to ``name``: its shard's replica, else its primary."""
+        serving = self._serving(name)
+        if not serving:
+            node = self._cluster.nodes_manager.get_node_from_slot(key_slot(name))
+            return node.host, int(node.port)
+        # A node whose link is down (dead, or not told yet that it is) comes last.
+        for addr in [*serving[1:], serving[0]]:
+            link = self._links.get(addr)
+            if link is None or link.connected:
+                return addr
+        return serving[0]
 
     async def _link(self, addr: Addr) -> _ShardLink:
         """The running link to ``addr`` (started here when there is none)."""
@@ -215,9 +240,9 @@ class ShardedSubscriber:
             await self._cluster.nodes_manager.initialize()
             moving: list[tuple[bytes, _ShardLink, Addr]] = []
             for name, link in self._home.items():
-                owner = self._owner(name)
-                if owner != link.addr or name in self._unheard:
-                    moving.append((name, link, owner))
+                if (link.addr not in self._serving(name) or not link.connected
+                        or name in self._unheard):
+                    moving.append((name, link, self._home_for(name)))
             for name, old, owner in moving:
                 old._wanted.discard(name)
                 new = await self._link(owner)
