@@ -176,7 +176,7 @@ def running_big(settings, **changes):
 
 _STORM = r"""
 import asyncio, sys, time
-import redis.asyncio as aioredis
+from dropserver.redis_client import connect as connect_redis
 from realtime.dispatch import Job
 from realtime.publish import publish
 from realtime.wire import Broadcast, Lane
