@@ -48,6 +48,8 @@ from loadtest.swarm_pipes import Progress, SwarmProc, die_with_parent, read_swar
 
 __all__ = ["Rehearsal", "RehearsalConfig", "rehearse"]
 
+CHAT_SETTLE_S = 2.0  # chat sent as the storm stopped lands after drop.ended (<= 1.25 s)
+
 
 @dataclass
 class RehearsalConfig:
@@ -330,6 +332,8 @@ class Rehearsal:
             await self.wait_for("the end to reach every open viewer",
                                 lambda: self.progress.total("ended_seen")
                                 >= self.progress.total("joined"), limit_s=15)
+            if cfg.chat_rate > 0 or cfg.chat_messages > 0:  # see CHAT_SETTLE_S
+                await asyncio.sleep(CHAT_SETTLE_S)
             self.phase("collect")
             reports = await self.collect()
             audit = await verdict.audit(target.database_url, drop_id, creator.product_ids,
