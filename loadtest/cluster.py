@@ -48,7 +48,7 @@ from dropserver.services import LocalServices, free_port
 from dropserver.settings import unsafe_rig_env
 from loadtest._netreaper import netns_pids, remove
 from loadtest.balancer import Balancer
-from loadtest.netns import Network, allocate
+from loadtest.netns import Network, NetworkError, allocate
 
 __all__ = ["NODE_PORT", "Cluster", "ClusterConfig", "ClusterError", "Node"]
 
@@ -160,6 +160,8 @@ class Cluster:
     def _start(self, timeout: float) -> None:
         cfg = self.config
         deadline = time.monotonic() + timeout
+        if os.geteuid() != 0:  # before anything is started
+            raise NetworkError("the cluster harness makes network namespaces: run it as root")
         if self.redis_url:
             _reachable_from_namespaces(self.redis_url, "REDIS_URL")
         if self.database_url:

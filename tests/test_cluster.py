@@ -102,6 +102,19 @@ def test_judge_fails_a_fault_that_did_nothing_or_left_viewers_down() -> None:
     assert "failed (exit 1)" in judge(failed)[0]
 
 
+def test_the_harness_says_it_needs_root_before_starting_anything(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from loadtest.cluster import Cluster, ClusterConfig
+    from loadtest.netns import NetworkError
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    cluster = Cluster(ClusterConfig(name="t-noroot", run_dir=str(tmp_path)))
+    with pytest.raises(NetworkError, match="run it as root"):
+        cluster.start()
+    assert cluster.network is None and cluster.services is None
+    assert list(tmp_path.iterdir()) == []  # nothing started, nothing written
+
+
 # -- three nodes behind HAProxy ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
