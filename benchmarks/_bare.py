@@ -93,7 +93,8 @@ def _buy_main(ns: argparse.Namespace) -> None:
     window, per_user, per_ip, vwin, vmax = (int(x) for x in ns.limits.split(","))
     limits = BuyLimits(window_ms=window, per_user=per_user, per_ip=per_ip,
                        velocity_window_ms=vwin, velocity_max=vmax)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP: asyncio then turns Nagle off, as for dropserver.serve.bind_socket
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(("127.0.0.1", ns.port))
