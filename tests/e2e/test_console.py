@@ -59,7 +59,11 @@ async def test_go_live_from_a_draft_counts_down_then_goes_live(
     go_live = console.locator("[data-action='go_live']")
     await console.wait_for_function(
         "() => document.getElementById('drop-state').textContent === 'scheduled'")
-    assert (await go_live.text_content()).startswith("Going live in ")
+    # the drop's drop.state may reach the page before the schedule request's answer,
+    # which starts the countdown: the button says so by then
+    await console.wait_for_function(
+        "() => document.querySelector(\"[data-action='go_live']\")"
+        ".textContent.startsWith('Going live in ')", timeout=5_000)
     assert await console.locator("[data-action='buy_now']").is_disabled()
 
     viewer = await browsers.page("viewer", phone=True)
