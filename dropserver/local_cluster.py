@@ -155,12 +155,21 @@ def _replicate(node: ClusterNode, primary_id: str) -> bool:
 def wait_cluster_ok(nodes: Iterable[ClusterNode], *, deadline: float,
                     skip: Iterable[str] = ()) -> None:
     """Until every node (but those in ``skip``) says ``cluster_state:ok``, every
-    replica's link to its primary is up and each of the 16384 slots has a primary
-    (and, with every node up, a replica)."""
+    replica's link to its primary is up, each of the 16384 slots has a primary (and,
+    with every node up, a replica), every live node names the same primaries, and
+    none of them a node in ``skip``.
+
+    The last two matter right after a node is killed: until the others notice
+    (``cluster-node-timeout``) they still say ``cluster_state:ok`` with the dead node
+    as its slots' primary, and after the promotion the news reaches the nodes one
+    gossip message at a time; "ok" alone is true before the failover has begun."""
+    nodes = list(nodes)
     skipped = set(skip)
     live = [n for n in nodes if n.name not in skipped]
+    gone = {n.port for n in nodes if n.name in skipped}
 
     def healthy() -> bool:
+        views = set()
         for node in live:
             with _client(node) as c:
                 if "cluster_state:ok" not in c.execute_command("CLUSTER", "INFO"):
@@ -175,7 +184,11 @@ def wait_cluster_ok(nodes: Iterable[ClusterNode], *, deadline: float,
                 # node is down: its shard has one node then).
                 if not skipped and any(len(s) < 3 + REPLICAS_PER_PRIMARY for s in shards):
                     return False
-        return True
+                primaries = frozenset((int(s[0]), int(s[1]), int(s[2][1])) for s in shards)
+                if any(port in gone for *_, port in primaries):
+                    return False
+                views.add(primaries)
+        return len(views) == 1
 
     _wait(healthy, deadline, "cluster_state:ok on every node")
 
