@@ -21,6 +21,11 @@ re-claim them and count deliveries.
 periodically XAUTOCLAIMs entries idle longer than ``DROPSERVER_ORDER_CLAIM_IDLE_MS``
 and runs them again (every step is idempotent).
 
+**On a Redis Cluster** each drop's stream is on its drop's slot, and a cluster refuses
+a command whose keys are on different slots: a round reads the streams with one
+blocking XREADGROUP per slot, side by side (one for all of them on one Redis);
+claims and acknowledgements are per stream anyway.
+
 **Dead letters** (:mod:`checkout.dead_letters`): a malformed entry, one the rules
 refuse, one that fails ``DROPSERVER_ORDER_MAX_ATTEMPTS`` times with an error that is
 not an outage, or a reserve entry delivered more than ``max_deliveries`` times whose
@@ -38,6 +43,7 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 from redis.asyncio import Redis
+from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 from checkout import keys
@@ -45,6 +51,7 @@ from checkout.dead_letters import dead_letter
 from checkout.order_entries import BadEntry, ReserveEntry, fields_text, parse_entry
 from checkout.orders import OrderProcessor
 from checkout.retry import backoff, is_outage, until_done
+from dropserver.redis_client import is_cluster
 
 __all__ = ["GROUP", "OrderWorker"]
 
@@ -166,23 +173,41 @@ class OrderWorker:
         if time.monotonic() - self._last_claim >= self.claim_idle_ms / 2000:
             self._last_claim = time.monotonic()
             handled += await self.claim_stale()
-        try:
-            reply = await self.redis.xreadgroup(
-                GROUP, self.consumer, dict.fromkeys(sorted(streams), ">"),
-                count=self.batch, block=self.block_ms)
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            # a stream was deleted (Redis restarted, recovery rebuilt the drop): forget
-            # what we know and create the groups again on the next round
-            self._streams.clear()
-            self._last_refresh = 0.0
-            return handled
-        for stream, entries in reply or []:
-            name = stream.decode() if isinstance(stream, bytes) else stream
-            await self._handle_batch(name, entries, delivered=1)
-            handled += len(entries)
+        # One XREADGROUP per hash slot, side by side: a cluster refuses a command whose
+        # keys are in different slots (drops' streams are, each on its drop's slot).
+        replies = await asyncio.gather(
+            *(self.redis.xreadgroup(GROUP, self.consumer, dict.fromkeys(group, ">"),
+                                    count=self.batch, block=self.block_ms)
+              for group in self._read_groups(streams)),
+            return_exceptions=True)
+        failure: BaseException | None = None
+        for reply in replies:
+            if isinstance(reply, ResponseError) and "NOGROUP" in str(reply):
+                # a stream was deleted (Redis restarted, recovery rebuilt the drop):
+                # forget what we know and create the groups again on the next round
+                self._streams.clear()
+                self._last_refresh = 0.0
+                continue
+            if isinstance(reply, BaseException):
+                failure = failure or reply
+                continue
+            for stream, entries in reply or []:
+                name = stream.decode() if isinstance(stream, bytes) else stream
+                await self._handle_batch(name, entries, delivered=1)
+                handled += len(entries)
+        if failure is not None:
+            raise failure
         return handled
+
+    def _read_groups(self, streams: set[str]) -> list[list[str]]:
+        """The streams to read in one XREADGROUP each: all of them on one Redis, one
+        list per hash slot on a cluster."""
+        if not is_cluster(self.redis):
+            return [sorted(streams)]
+        by_slot: dict[int, list[str]] = {}
+        for stream in sorted(streams):
+            by_slot.setdefault(key_slot(stream.encode()), []).append(stream)
+        return list(by_slot.values())
 
     async def claim_stale(self) -> int:
         """XAUTOCLAIM entries another consumer read and never acknowledged."""

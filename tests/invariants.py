@@ -109,8 +109,25 @@ async def quiesce(redis: Any, drop_id: int, *, within: float = 60.0,
         else:
             quiet_since = None
         if time.monotonic() > deadline:
-            raise AssertionError(f"order stream {stream} not quiet after {within} s: {last}")
+            raise AssertionError(f"order stream {stream} not quiet after {within} s: {last}"
+                                 f" ({await _stream_detail(redis, stream)})")
         await asyncio.sleep(0.05)
+
+
+async def _stream_detail(redis: Any, stream: str) -> str:
+    """What the stream and the group say about themselves, for a failure message."""
+    try:
+        info = await redis.xinfo_stream(stream)
+        groups = await redis.xinfo_groups(stream)
+        consumers = await redis.xinfo_consumers(stream, "orders")
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    keep = ("length", "last-generated-id", "entries-added", "max-deleted-entry-id",
+            "recorded-first-entry-id")
+    stream_info = {k: _s(info.get(k)) for k in keep if k in info}
+    group = [{_s(k): _s(v) for k, v in g.items()} for g in groups]
+    who = [{_s(k): _s(v) for k, v in c.items()} for c in consumers]
+    return f"stream {stream_info}, groups {group}, consumers {who}"
 
 
 async def _stream_state(redis: Any, stream: str) -> Any:
