@@ -157,8 +157,13 @@ class FakeGateway:
 
     name = "fake"
 
-    def __init__(self, *, slow_seconds: float = 2.0, store: Any = None) -> None:
+    def __init__(self, *, slow_seconds: float = 2.0, store: Any = None,
+                 in_flight_lease_s: float | None = None) -> None:
         self.slow_seconds = slow_seconds
+        # How long a request may hold its idempotency key unanswered before another
+        # request with the key takes it over (its process died mid-request).
+        self.in_flight_lease_s = (max(10.0, 3 * slow_seconds) if in_flight_lease_s is None
+                                  else in_flight_lease_s)
         self.store = store if store is not None else MemoryStore()
         self.calls: dict[str, int] = {}
         self.listeners: list[Listener] = []  # get every event, as webhooks would
@@ -169,10 +174,17 @@ class FakeGateway:
                           run: Callable[[], Awaitable[Any]]) -> tuple[bool, Any]:
         """``(replayed, result)``: run once per key; the same key with other
         parameters is ``idempotency_error``; a request while another with the same
-        key is running waits for its answer."""
+        key is running waits for its answer.
+
+        The gateway runs inside its caller's process, so a caller SIGKILLed
+        mid-request leaves its key in flight with nobody to answer it (Stripe's own
+        servers finish a request whatever happens to the client). A key in flight
+        longer than :attr:`in_flight_lease_s` is taken over and the request run again:
+        ``run`` is written to be repeated (the intent's id comes from the key)."""
         fingerprint = _dump(params)
-        deadline = time.monotonic() + max(10.0, 3 * self.slow_seconds)
-        while not await self.store.add("idem", key, [fingerprint, None]):
+        deadline = time.monotonic() + self.in_flight_lease_s + 1.0
+        mine = [fingerprint, None, time.time()]
+        while not await self.store.add("idem", key, mine):
             seen = await self.store.get("idem", key)
             if seen is None:
                 continue  # the other request failed and let go of the key
@@ -181,6 +193,14 @@ class FakeGateway:
                                    code="idempotency_error")
             if seen[1] is not None:
                 return True, seen[1]
+            started = seen[2] if len(seen) > 2 else None
+            if started is not None and time.time() - started > self.in_flight_lease_s:
+                mine = [fingerprint, None, time.time()]
+                if await self.store.swap("idem", key, seen, mine):
+                    log.warning("fake gateway: took over an idempotency key left in flight",
+                                extra={"idempotency_key": key})
+                    break
+                continue
             if time.monotonic() > deadline:
                 raise GatewayError("another request with this idempotency key is running",
                                    code="idempotency_key_in_use", retryable=True)

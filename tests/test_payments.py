@@ -4,6 +4,7 @@ stub, and the fake gateway, held to the same behaviour."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -344,3 +345,41 @@ async def test_dev_confirm_with_the_fake_gateway(server, http, make_token) -> No
         assert r.json()["error"]["code"] == "payment_intent_unexpected_state"
     finally:
         await db.close()
+
+
+class _DiesMidRequest(RedisStore):
+    """A store whose process is SIGKILLed: nothing it started is cleaned up."""
+
+    async def delete(self, kind: str, key: str) -> None:
+        pass
+
+
+async def test_fake_key_of_a_request_that_died_is_taken_over(clean_backends) -> None:
+    """A process killed mid-request (an order worker SIGKILLed while creating the
+    PaymentIntent) leaves its idempotency key in flight with no one to answer it: the
+    next request with that key waits out the lease, then runs it (one intent, one
+    charge), instead of answering ``idempotency_key_in_use`` forever."""
+    redis = connect_redis(clean_backends.redis_url)
+    try:
+        doomed = FakeGateway(slow_seconds=30, store=_DiesMidRequest(redis))
+        kw = dict(amount=700, currency="usd", idempotency_key="pi:orphaned",
+                  flow=Flow.OFF_SESSION, payment_method="pm_card_slow")
+        dying = asyncio.create_task(doomed.create_intent(**kw))
+        pid = "pi_fake_" + hashlib.sha256(b"pi:orphaned").hexdigest()[:24]
+        for _ in range(500):  # until it sleeps in the slow card's confirm
+            if await redis.hexists("fakepay:intent", pid):
+                break
+            await asyncio.sleep(0.01)
+        dying.cancel()  # killed: its key stays in flight
+        with pytest.raises(asyncio.CancelledError):
+            await dying
+        heir = FakeGateway(slow_seconds=0.1, in_flight_lease_s=0.5, store=RedisStore(redis))
+        t0 = asyncio.get_running_loop().time()
+        pi = await asyncio.wait_for(heir.create_intent(**kw), 5)
+        assert pi.status is IntentStatus.SUCCEEDED and pi.amount_received == 700
+        assert asyncio.get_running_loop().time() - t0 >= 0.3  # waited for the lease
+        again = await FakeGateway(store=RedisStore(redis)).create_intent(**kw)
+        assert again.id == pi.id and again.status is IntentStatus.SUCCEEDED
+        assert heir.calls.get("create_intent") == 1
+    finally:
+        await redis.aclose()
