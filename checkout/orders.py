@@ -311,8 +311,10 @@ class OrderProcessor:
                     "product_id": order["product_id"], **event_data(state, row, intent)}
             marker = keys.told(order["drop_id"], order["public_id"], state.value)
             sent = await self._publish_once(marker, order["user_id"], event, body)
-            await conn.execute("UPDATE orders SET told = $2 WHERE id = $1",
-                               order["id"], state.value)
+            # updated_at: when it was told, which a socket's recovery compares with
+            # when it opened (checkout.order_events.RecentOrders)
+            await conn.execute("UPDATE orders SET told = $2, updated_at = clock_timestamp() "
+                               "WHERE id = $1", order["id"], state.value)
         return sent
 
     async def record_intent(self, intent: Intent) -> None:

@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from checkout import campaigns, webhooks
 from checkout.fake_gateway import FakeGateway
+from checkout.order_events import RecentOrders
 from checkout.order_worker import OrderWorker
 from checkout.orders import OrderProcessor
 from checkout.payments import create_gateway
@@ -184,6 +185,9 @@ async def startup(app: Starlette) -> None:
     processor = OrderProcessor(state.db, state.redis, gateway, on_authorized=on_authorized,
                                on_refunded=on_refunded)
     state.order_processor = processor
+    hub = getattr(state, "realtime", None)
+    if hub is not None:  # private events a socket missed come from the orders
+        hub.private.source = RecentOrders(state.db, gateway)
     if isinstance(gateway, FakeGateway):
         async def on_event(event: dict) -> None:
             await webhooks.handle_event(event, db=state.db, gateway=gateway,

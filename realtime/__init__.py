@@ -17,6 +17,8 @@ Modules, in the order to read them:
 * ``sharded_subscriber``: on a Redis Cluster, one such connection per shard
   (SSUBSCRIBE), channels following slot moves and failovers.
 * ``hub``: the process's viewers by drop and by user; publications to their rooms.
+* ``private``: private events a socket missed (no user-channel history): recovered
+  from the owner's current state, each heard once.
 * ``room``: one drop's viewers: its stream in order, gap filling, coalescing, chat
   carried in front of drop events.
 * ``chatstream``: a big room's chat as a bounded stream: batches, a fair sample.

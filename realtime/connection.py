@@ -80,12 +80,14 @@ class Connection:
         "grace",
         "handling",
         "hb_slot",
+        "heard_private",
         "ip",
         "joined",
         "last_seen",
         "limit",
         "moderation_checked",
         "node",
+        "opened_at",
         "pending",
         "principal",
         "proto",
@@ -120,6 +122,8 @@ class Connection:
         self.closed = False
         self.close_code: int | None = None
         self.last_seen = time.monotonic()
+        self.opened_at = time.time()  # wall clock: private events since (realtime.private)
+        self.heard_private: Any = None  # realtime.private.Heard, on the first private event
         # A command (join, buy, chat) is being answered: the server is not reading
         # this socket meanwhile, so its silence is ours, not the peer's.
         self.handling = False

@@ -28,6 +28,7 @@ from realtime import channels, history, metrics, protocol
 from realtime.channels import Kind, MalformedMessage, Publication
 from realtime.connection import Connection, spawn
 from realtime.dispatch import Dispatcher
+from realtime.private import Recovery
 from realtime.protocol import ServerType
 from realtime.room import Room, merge_volatile
 from realtime.sharded_subscriber import subscriber_for
@@ -65,11 +66,16 @@ class Hub:
                           "campaign.progress": s.stock_coalesce_ms / 1000,
                           "viewers": s.viewers_coalesce_ms / 1000}
         self.subscriber = subscriber_for(s.redis_url, self._on_message, self._on_reconnect)
+        # Private events a socket missed (no user-channel history): the package that
+        # owns them sets ``private.source`` (checkout: the buyer's orders).
+        self.private = Recovery(lambda user_id: self.users.get(user_id, ()),
+                                self._send_private)
 
     async def start(self) -> None:
         await self.subscriber.start()
 
     async def stop(self) -> None:
+        self.private.close()
         for room in self.rooms.values():
             room.close()
         self.dispatcher.close()
@@ -86,7 +92,9 @@ class Hub:
             pub = pubs[0]
             user_id = channel.decode()[len("{user:"):-len("}:events")]
             # The origin had it with its reply (often the user's only socket).
-            conns = [c for c in self.users.get(user_id, ()) if c.conn_id != pub.origin]
+            fresh = self.private.fresh
+            conns = [c for c in self.users.get(user_id, ()) if c.conn_id != pub.origin
+                     and fresh(c, pub.event, pub.data)]
             if conns:
                 b = Broadcast(protocol.private_frame(pub.event, pub.data))
                 for conn in conns:
@@ -102,6 +110,12 @@ class Hub:
         for room in self.rooms.values():
             if room.ready.done():
                 room.check_gap()
+        # User channels have no history: each socket gets its orders' current state
+        # that it has not heard (realtime.private).
+        self.private.request(list(self.users))
+
+    def _send_private(self, conn: Connection, event: str, data: dict[str, Any]) -> None:
+        Broadcast(protocol.private_frame(event, data)).deliver(conn)
 
     # -- rooms ------------------------------------------------------------------------
     async def enter(self, conn: Connection, drop_id: int) -> Room:
@@ -195,12 +209,15 @@ class Hub:
         conns = self.users.get(user_id)
         if conns is None:
             conns = self.users[user_id] = set()
-            # Private events are best effort until subscribed; order state is also
-            # available over HTTP.
-            task = spawn(
-                self.subscriber.subscribe(channels.user_channel(user_id)))
+            # What was published to the user before the subscription was confirmed
+            # is recovered once it is (realtime.private).
+            task = spawn(self._subscribe_user(user_id))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
         conns.add(conn)
+
+    async def _subscribe_user(self, user_id: str) -> None:
+        await self.subscriber.subscribe(channels.user_channel(user_id))
+        self.private.request((user_id,))
 
     def _remove_user(self, conn: Connection) -> None:
         user_id = conn.user_id

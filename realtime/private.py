@@ -1,0 +1,159 @@
+"""Private events that a socket missed: recovered from the current state, heard once.
+
+A user's channel (``order.*``) keeps no history, so a publication made while this
+process's pub/sub connection was lost, or before a socket's user channel was
+subscribed, reaches none of the user's sockets here. Instead of a per-user history,
+the hub asks a :class:`PrivateSource` -- wired by the package that owns the events
+(checkout: the buyer's orders in PostgreSQL; realtime never imports it) -- for the
+*current* event of each thing the user's sockets may have missed, and sends each
+socket the ones it has not heard:
+
+* after the subscriber reconnects (every signed-in user of the process), and
+* after a user's channel is subscribed for their first socket here (that user).
+
+Each event is about a *topic* (an order) at a *rank* (how far along it is: ``held`` <
+``payment`` < ``paid``/``failed``/... < ``refunded``, :meth:`PrivateSource.key`). A
+socket remembers the highest rank it heard per topic (:class:`Heard`) and is sent an
+event only above it, live or recovered, so nothing is heard twice and a recovered
+state is never followed by an older live one. A socket is offered what changed since
+it opened (a little before, for clocks): what happened before that, a client reads
+over HTTP after it connects (docs/protocol.md).
+
+Recovery is batched (one query for many users) and retried while the source fails
+(PostgreSQL down): users whose sockets are gone are dropped from the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = ["CLOCK_SLACK_S", "Current", "Heard", "PrivateSource", "Recovery"]
+
+log = logging.getLogger("dropserver.realtime")
+
+CLOCK_SLACK_S = 1.0  # a socket is offered what changed from this long before it opened
+HEARD_TOPICS = 256   # topics a socket remembers (its user's recent orders)
+BATCH = 500          # users per source query
+BATCH_DELAY_S = 0.05  # users gathered before a query
+
+
+@dataclass(frozen=True, slots=True)
+class Current:
+    """The current event of one topic of a user, and when it changed (Unix seconds)."""
+
+    user_id: str
+    event: str
+    data: dict[str, Any]
+    changed_at: float
+
+
+class PrivateSource(Protocol):
+    def key(self, event: str, data: dict[str, Any]) -> tuple[str, int] | None:
+        """``(topic, rank)`` of a private event, or None for one that is not recoverable
+        (it is then always delivered)."""
+
+    async def current(self, user_ids: Sequence[str], since: float) -> list[Current]:
+        """The current event of each topic of these users that changed since ``since``."""
+
+
+class Heard:
+    """What one socket heard: the highest rank per topic (bounded; oldest forgotten)."""
+
+    __slots__ = ("ranks",)
+
+    def __init__(self) -> None:
+        self.ranks: dict[str, int] = {}
+
+    def fresh(self, topic: str, rank: int) -> bool:
+        """Whether an event at ``rank`` is news to this socket; remembers it if so."""
+        ranks = self.ranks
+        if ranks.get(topic, -1) >= rank:
+            return False
+        ranks.pop(topic, None)
+        ranks[topic] = rank
+        if len(ranks) > HEARD_TOPICS:
+            del ranks[next(iter(ranks))]
+        return True
+
+
+class Recovery:
+    """Batched recovery for a hub: ``request(users)``; see the module docstring."""
+
+    def __init__(self, sockets_of: Callable[[str], Iterable[Any]],
+                 deliver: Callable[[Any, str, dict[str, Any]], None]) -> None:
+        self.source: PrivateSource | None = None
+        self._sockets_of = sockets_of
+        self._deliver = deliver
+        self._wanted: set[str] = set()
+        self._task: asyncio.Task | None = None
+        self.recovered = 0  # events sent by recovery (tests, logs)
+
+    def fresh(self, conn: Any, event: str, data: dict[str, Any]) -> bool:
+        """Whether a live private event is news to ``conn`` (and remember it)."""
+        source = self.source
+        key = source.key(event, data) if source is not None else None
+        if key is None:
+            return True
+        heard = conn.heard_private
+        if heard is None:
+            heard = conn.heard_private = Heard()
+        return heard.fresh(*key)
+
+    def request(self, user_ids: Iterable[str]) -> None:
+        if self.source is None:
+            return
+        self._wanted.update(user_ids)
+        if self._wanted and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._run(),
+                                                                name="private-recovery")
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        await asyncio.sleep(BATCH_DELAY_S)
+        while self._wanted:
+            users = [u for u in self._wanted if any(True for _ in self._sockets_of(u))]
+            batch = users[:BATCH]
+            self._wanted.difference_update(batch)
+            self._wanted.intersection_update(users)  # users with no socket left: dropped
+            if not batch:
+                continue
+            try:
+                await self._recover(batch)
+                backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("private event recovery failed; retrying",
+                            extra={"users": len(batch), "error": str(exc)[:200]})
+                self._wanted.update(batch)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _recover(self, users: list[str]) -> None:
+        source = self.source
+        assert source is not None
+        opened = [c.opened_at for u in users for c in self._sockets_of(u)]
+        if not opened:
+            return
+        found = await source.current(users, min(opened) - CLOCK_SLACK_S)
+        for cur in found:
+            key = source.key(cur.event, cur.data)
+            if key is None:
+                continue
+            for conn in list(self._sockets_of(cur.user_id)):
+                if cur.changed_at < conn.opened_at - CLOCK_SLACK_S or conn.closed:
+                    continue
+                heard = conn.heard_private
+                if heard is None:
+                    heard = conn.heard_private = Heard()
+                if heard.fresh(*key):
+                    self.recovered += 1
+                    self._deliver(conn, cur.event, cur.data)

@@ -1,0 +1,151 @@
+"""A buyer's open socket hears each order outcome once, even when the process's pub/sub
+subscription was lost (or not yet made) while the outcome was published on the user's
+channel, which keeps no history: the hub asks checkout for the current state of the
+user's orders and sends each socket what it has not heard (realtime/private.py). On the
+real app with the fake gateway; every test ends with the invariants of
+tests/invariants.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from dropserver.auth import Role
+from realtime import channels
+from tests.conftest import only_single_redis
+from tests.invariants import check, fake_gateway_payments, quiesce
+from tests.payments_fixtures import wait_for
+from tests.realtime_support import Client
+from tests.test_reserve_api import bearer, post_buy, selling_drop
+
+
+@pytest.fixture
+async def db(clean_backends) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(clean_backends.database_url, min_size=1, max_size=4)
+    yield pool
+    await pool.close()
+
+
+class Gate:
+    """Holds the hub's subscriber back from (re)connecting or subscribing until opened."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+
+    def hold(self, target, name: str, only=lambda *args: True) -> None:
+        original = getattr(target, name)
+
+        async def gated(*args, **kwargs):
+            if only(*args):
+                await self.open.wait()
+            return await original(*args, **kwargs)
+
+        setattr(target, name, gated)
+
+
+async def _private(c: Client, hold_id: str, seconds: float) -> Counter[str]:
+    """The private events about ``hold_id`` that reach ``c`` within ``seconds``."""
+    heard: Counter[str] = Counter()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while (left := deadline - loop.time()) > 0:
+        try:
+            frame = await c.recv(left)
+        except TimeoutError:
+            break
+        if frame.get("t") == "private" and frame["data"].get("order_id") == hold_id:
+            heard[frame["event"]] += 1
+    return heard
+
+
+async def _told(db, hold_id: str, state: str) -> None:
+    await wait_for(lambda: db.fetchval(
+        "SELECT 1 FROM orders WHERE public_id = $1 AND state = $2 AND told = $2",
+        hold_id, state), 15)
+
+
+async def _invariants(server, db, drop_id: int, hold_id: str, user: str) -> None:
+    redis = server.app.state.redis
+    await quiesce(redis, drop_id, within=20)
+    await check(db, redis, drop_id, acknowledged={hold_id: {"user_id": user}},
+                payments=await fake_gateway_payments(redis))
+
+
+@only_single_redis
+async def test_an_outcome_told_while_the_subscription_was_lost_is_heard_once(
+        server, http, db, make_token) -> None:
+    """The buyer's socket stays open; the process's pub/sub connection is killed and kept
+    from reconnecting while the order is paid and order.paid is published (to nobody).
+    After it reconnects the socket hears order.paid, once, and order.payment (heard
+    before the loss) is not sent again."""
+    hub = server.app.state.realtime
+    creator = bearer(make_token("creator-1", Role.CREATOR))
+    drop_id, pid = await selling_drop(http, creator, units=2)
+    c = await Client.connect(server.ws_url, token=make_token("buyer-a"))
+    try:
+        await c.join(drop_id)
+        user_channel = channels.user_channel("buyer-a").encode()
+        await wait_for(lambda: _async(user_channel in hub.subscriber.channels), 5)
+        await asyncio.sleep(0.2)  # the subscription is confirmed
+        buyer = bearer(make_token("buyer-a", Role.VIEWER))
+        resp = await post_buy(http, drop_id, buyer, pid)
+        assert resp.status_code == 201, resp.text
+        hold_id = resp.json()["hold_id"]
+        await _told(db, hold_id, "payment_pending")
+        before = await _private(c, hold_id, 1.0)
+        assert before == Counter({"order.held": 1, "order.payment": 1}), before
+
+        gate = Gate()
+        gate.hold(hub.subscriber, "_connect")
+        redis = server.app.state.redis
+        assert await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub") >= 1
+        await wait_for(lambda: _async(hub.subscriber._conn is None), 5)
+        resp = await http.post(f"/v1/dev/orders/{hold_id}/confirm", headers=buyer, json={})
+        assert resp.status_code == 200, resp.text
+        await _told(db, hold_id, "paid")  # published while nobody listened
+        gate.open.set()
+        after = await _private(c, hold_id, 3.0)
+        assert after == Counter({"order.paid": 1}), after
+        assert not c.ws.close_code  # the socket stayed open
+        await _invariants(server, db, drop_id, hold_id, "buyer-a")
+    finally:
+        await c.close()
+
+
+@only_single_redis
+async def test_an_outcome_told_before_a_new_socket_is_subscribed_is_heard_once(
+        server, http, db, make_token) -> None:
+    """The sibling: the buyer's first socket on this process connects while the outcome
+    is being published, before its user channel's subscription is confirmed. It hears
+    the outcome once, when the subscription is made."""
+    hub = server.app.state.realtime
+    creator = bearer(make_token("creator-1", Role.CREATOR))
+    drop_id, pid = await selling_drop(http, creator, units=2)
+    buyer = bearer(make_token("buyer-b", Role.VIEWER))
+    resp = await post_buy(http, drop_id, buyer, pid)
+    assert resp.status_code == 201, resp.text
+    hold_id = resp.json()["hold_id"]
+    await _told(db, hold_id, "payment_pending")
+    gate = Gate()
+    gate.hold(hub.subscriber, "subscribe",
+              only=lambda channel, *_: channel == channels.user_channel("buyer-b"))
+    c = await Client.connect(server.ws_url, token=make_token("buyer-b"))
+    try:
+        await c.join(drop_id)
+        resp = await http.post(f"/v1/dev/orders/{hold_id}/confirm", headers=buyer, json={})
+        assert resp.status_code == 200, resp.text
+        await _told(db, hold_id, "paid")  # published before the subscription
+        gate.open.set()
+        heard = await _private(c, hold_id, 3.0)
+        assert heard == Counter({"order.paid": 1}), heard
+        await _invariants(server, db, drop_id, hold_id, "buyer-b")
+    finally:
+        await c.close()
+
+
+async def _async(value):
+    return value
