@@ -9,7 +9,9 @@ exponential backoff and full jitter, capped low enough that the first write afte
 outage happens within about a second. Anything else (a refused request, a bug) is not
 retried forever.
 
-:func:`is_outage` classifies, :func:`backoff` spaces the tries, :func:`until_done` runs
+:func:`is_outage` classifies (the one classifier, :func:`dropserver.errors.is_outage`,
+which HTTP's 503 uses too; a :class:`~checkout.payment_types.GatewayError` says itself
+whether it is retryable), :func:`backoff` spaces the tries, :func:`until_done` runs
 one idempotent step until it is done.
 """
 
@@ -22,45 +24,17 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import asyncpg
-from redis import exceptions as redis_errors
-
-from checkout.payment_types import GatewayError
+from dropserver.errors import is_outage
 
 __all__ = ["NotYet", "backoff", "is_outage", "until_done"]
 
 T = TypeVar("T")
 
-# PostgreSQL SQLSTATE classes of an outage: 08 connection exception, 53 insufficient
-# resources (too many connections, disk full, out of memory), 57 operator intervention
-# (admin shutdown, crash shutdown, cannot connect now, query cancelled by a timeout),
-# 58 system error (I/O), 40 transaction rollback (serialization failure, deadlock).
-_PG_OUTAGE_CLASSES = ("08", "53", "57", "58", "40")
-
-_REDIS_OUTAGE = (redis_errors.ConnectionError, redis_errors.TimeoutError,
-                 redis_errors.BusyLoadingError, redis_errors.ReadOnlyError,
-                 redis_errors.TryAgainError, redis_errors.ClusterDownError,
-                 redis_errors.OutOfMemoryError)
-
 
 class NotYet(Exception):
     """Something this step depends on has not happened yet: try again later."""
 
-
-_OUTAGE = (NotYet, *_REDIS_OUTAGE, OSError, TimeoutError)
-
-
-def is_outage(exc: BaseException) -> bool:
-    """True when ``exc`` says the infrastructure is away, not that the work is wrong."""
-    if isinstance(exc, GatewayError):
-        return exc.retryable
-    if isinstance(exc, _OUTAGE):
-        return True
-    if isinstance(exc, asyncpg.PostgresError):
-        state = getattr(exc, "sqlstate", None) or ""
-        return state[:2] in _PG_OUTAGE_CLASSES
-    # Client side: "connection is closed", "pool is closing", a connection lost mid-query.
-    return isinstance(exc, (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError))
+    retryable = True  # an outage to dropserver.errors.is_outage
 
 
 def backoff(attempt: int, *, base: float = 0.1, cap: float = 1.0) -> float:

@@ -132,25 +132,44 @@ def _allowed(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
-def is_outage(exc: BaseException) -> bool:
-    """``exc`` says PostgreSQL or Redis cannot be reached or is not serving right now
-    (refused, reset, shutting down, starting up, too many connections, a timeout): the
-    request may succeed if retried, it is not a bug."""
-    import asyncpg
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
+# PostgreSQL SQLSTATE classes of an outage: 08 connection exception, 53 insufficient
+# resources (too many connections, disk full, out of memory), 57 operator intervention
+# (admin shutdown, crash shutdown, cannot connect now, query cancelled by a timeout),
+# 58 system error (I/O), 40 transaction rollback (serialization failure, deadlock).
+_PG_OUTAGE_CLASSES = ("08", "53", "57", "58", "40")
 
-    if type(exc) is OSError:  # asyncpg's "Multiple exceptions: [Errno 111] ..."
+
+def is_outage(exc: BaseException) -> bool:
+    """``exc`` says the infrastructure is away, not that the work is wrong: PostgreSQL
+    or Redis refused, reset or dropped the connection, is shutting down or starting up,
+    has too many connections, timed out, is loading or read-only after a failover. The
+    same request may succeed if retried: HTTP answers 503, the order pipeline
+    (:mod:`checkout.retry`) waits it out. An exception with a ``retryable`` attribute
+    (a payment gateway's error; ``checkout.retry.NotYet``) says so itself."""
+    import socket
+
+    import asyncpg
+    from redis import exceptions as redis_errors
+
+    retryable = getattr(exc, "retryable", None)
+    if retryable is not None:
+        return bool(retryable)
+    if type(exc) is OSError:  # asyncpg's "Multiple exceptions: [Errno 111] ...", unreachable
         return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return (getattr(exc, "sqlstate", None) or "")[:2] in _PG_OUTAGE_CLASSES
     return isinstance(exc, (
         ConnectionError,  # refused, reset, aborted, broken pipe
         TimeoutError,  # pool acquire, connect
-        asyncpg.PostgresConnectionError,
+        socket.gaierror,  # a name that does not resolve right now
         asyncpg.InterfaceError,  # "connection is closed", pool closing
-        asyncpg.exceptions.OperatorInterventionError,  # admin/crash shutdown, starting up
-        asyncpg.exceptions.InsufficientResourcesError,  # too many connections
-        RedisConnectionError,  # includes BusyLoadingError
-        RedisTimeoutError,
+        asyncpg.exceptions.InternalClientError,  # a connection lost mid-query
+        redis_errors.ConnectionError,  # includes BusyLoadingError
+        redis_errors.TimeoutError,
+        redis_errors.ReadOnlyError,  # a replica promoted late after a failover
+        redis_errors.TryAgainError,
+        redis_errors.ClusterDownError,
+        redis_errors.OutOfMemoryError,
     ))
 
 

@@ -66,3 +66,13 @@ async def test_until_done_waits_out_an_outage_and_raises_anything_else() -> None
 
     with pytest.raises(ValueError):
         await until_done(broken, what="broken", log=log)
+
+
+def test_one_classifier_for_http_and_the_order_pipeline() -> None:
+    """HTTP's 503 and the pipeline's retries ask the same question the same way."""
+    from dropserver import errors
+
+    assert is_outage is errors.is_outage
+    assert errors.is_outage(asyncpg.SerializationError("could not serialize"))
+    assert errors.is_outage(redis_errors.ReadOnlyError("READONLY"))
+    assert not errors.is_outage(FileNotFoundError(2, "no such file"))
