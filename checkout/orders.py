@@ -11,7 +11,10 @@ reserve
   2. create the PaymentIntent with the idempotency key ``pi:<hold id>`` (a re-run gets
      the same intent back from the gateway, never a second charge);
   3. INSERT the ``payments`` row, move the order to the intent's state (a hold that
-     lapsed before any intent existed is recorded ``expired`` and never charged);
+     lapsed or was released before any intent was asked for is recorded ``expired``
+     or released and never charged; ``orders.payment_requested``, set before the
+     gateway is asked, tells a retry that a charge may exist without its row, and
+     the retry asks again with the same key and undoes it);
 release (the hold expired, was cancelled, or its payment failed)
   the order moves to that state and ``orders.released`` says its units went back; the
   intent is cancelled, or refunded when it already succeeded;
@@ -148,8 +151,19 @@ class OrderProcessor:
         order = await self.record_order(e)
         state = OrderState(order["state"])
         payment = await self.db.fetchrow(
-            "SELECT intent_id FROM payments WHERE order_id = $1", order["id"])
-        if payment is None:
+            """SELECT o.payment_requested, p.intent_id
+               FROM orders o LEFT JOIN payments p ON p.order_id = o.id
+               WHERE o.id = $1""", order["id"])
+        if payment["intent_id"] is None and payment["payment_requested"]:
+            # The gateway was asked before (an outage or a crash came between the
+            # charge and its row): the same idempotency key gets that intent back, and
+            # apply_intent undoes it if the hold was released meanwhile. Never taken
+            # for an order that was not charged.
+            intent = await self._create_intent(order, e)
+            await self._record_payment(order, e, intent)
+            # a replayed create answers the intent as it was then
+            intent = await self.gateway.retrieve_intent(intent.id)
+        elif payment["intent_id"] is None:
             if state is not S.HELD:
                 # released before an intent existed: nothing to charge
                 await self.tell(order)
@@ -168,22 +182,26 @@ class OrderProcessor:
                 await self.tell(order)
                 return
             intent = await self._create_intent(order, e)
-            if self.after_intent is not None:
-                await self.after_intent(intent)
-            await self.db.execute(
-                """INSERT INTO payments (order_id, gateway, intent_id, idempotency_key,
-                       status, amount, amount_received, fee, currency, capture_method,
-                       capture_before, transfer_group, last_error)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
-                           to_timestamp($11::bigint), $12, $13)
-                   ON CONFLICT (order_id) DO NOTHING""",
-                order["id"], self.gateway.name, intent.id, intent_key(e.hold_id),
-                intent.status.value, intent.amount, intent.amount_received, intent.fee,
-                intent.currency, intent.capture_method, intent.capture_before,
-                intent.transfer_group, intent.error_code)
+            await self._record_payment(order, e, intent)
         else:
             intent = await self.gateway.retrieve_intent(payment["intent_id"])
         await self.apply_intent(order, intent)
+
+    async def _record_payment(self, order: asyncpg.Record, e: ReserveEntry,
+                              intent: Intent) -> None:
+        if self.after_intent is not None:
+            await self.after_intent(intent)
+        await self.db.execute(
+            """INSERT INTO payments (order_id, gateway, intent_id, idempotency_key,
+                   status, amount, amount_received, fee, currency, capture_method,
+                   capture_before, transfer_group, last_error)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+                       to_timestamp($11::bigint), $12, $13)
+               ON CONFLICT (order_id) DO NOTHING""",
+            order["id"], self.gateway.name, intent.id, intent_key(e.hold_id),
+            intent.status.value, intent.amount, intent.amount_received, intent.fee,
+            intent.currency, intent.capture_method, intent.capture_before,
+            intent.transfer_group, intent.error_code)
 
     async def _released_in_redis(self, hold_id: str) -> OrderState | None:
         from checkout import holds
@@ -239,6 +257,10 @@ class OrderProcessor:
             raise BadEntry("off_session order but the buyer has no saved payment method")
         if e.flow is Flow.CLIENT_CONFIRM:
             payment_method = None  # the buyer picks the card in Stripe.js
+        # Before the gateway is asked: from now on a retry cannot take this order for
+        # one that was never charged (reserve).
+        await self.db.execute("UPDATE orders SET payment_requested = true "
+                              "WHERE id = $1 AND NOT payment_requested", order["id"])
         return await self.gateway.create_intent(
             amount=e.amount, currency=e.currency, idempotency_key=intent_key(e.hold_id),
             flow=e.flow, capture_manual=campaign or e.flow is Flow.MANUAL_CAPTURE,
@@ -464,11 +486,37 @@ class OrderProcessor:
             return
         intent_id = await self.db.fetchval(
             "SELECT intent_id FROM payments WHERE order_id = $1", order["id"])
-        if intent_id is None or state is S.REFUNDED:
+        if state is S.REFUNDED:
             return
+        if intent_id is None:
+            asked = await self._intent_asked_for(order)
+            if asked is None:
+                return  # never charged
+            intent_id = asked.id
         intent = await self.gateway.retrieve_intent(intent_id)
         await self.record_intent(intent)
         await self.undo(order, intent)
+
+    async def _intent_asked_for(self, order: Mapping[str, Any]) -> Intent | None:
+        """The intent the gateway was asked for before its payments row was written (a
+        crash or an outage between), recorded now; None if it was never asked for.
+        Asking again with the same idempotency key returns it, never a second one."""
+        row = await self.db.fetchrow(
+            f"SELECT {_COLS}, idempotency_key, payment_requested FROM orders WHERE id = $1",
+            order["id"])
+        if row is None or not row["payment_requested"]:
+            return None
+        e = ReserveEntry(
+            hold_id=row["public_id"], drop_id=row["drop_id"], product_id=row["product_id"],
+            user_id=row["user_id"], quantity=row["quantity"],
+            buyer_number=row["buyer_number"], unit_price=row["unit_price"],
+            amount=row["amount"], currency=row["currency"].strip().lower(),
+            idempotency_key=row["idempotency_key"],
+            expires_at_ms=int(row["hold_expires_at"].timestamp() * 1000),
+            flow=Flow(row["payment_flow"]))
+        intent = await self._create_intent(row, e)
+        await self._record_payment(row, e, intent)
+        return intent
 
     async def _order_from_hold(self, hold_id: str,
                                state: OrderState) -> asyncpg.Record | None:

@@ -6,6 +6,7 @@ tests/invariants.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ import pytest
 
 from dropserver.auth import Role
 from realtime import channels
+from tests.conftest import running
 from tests.invariants import check, fake_gateway_payments, quiesce
 from tests.payments_fixtures import wait_for
 from tests.test_reserve_api import bearer, post_buy, selling_drop
@@ -323,3 +325,94 @@ async def test_an_order_can_be_read_over_http(server, http, db, make_token) -> N
     body = (await http.get(f"/v1/orders/{hold_id}", headers=buyer)).json()
     assert body["state"] == "paid" and body["payment"]["amount_received"] == 4500
     assert "client_secret" not in body["payment"]
+
+
+@pytest.fixture(scope="module")
+def own_postgres():
+    """A PostgreSQL of this module's own, to stop and start for real (the session's is
+    shared). Started from a thread that lives as long as it (``start_service``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dropserver.services import LocalServices
+    from tests.conftest import _prepare_db, run_sync
+
+    executor = ThreadPoolExecutor(1, "own-postgres")
+    services = executor.submit(
+        lambda: LocalServices(want_redis=False, want_postgres=True).start()).result()
+    try:
+        run_sync(_prepare_db(services.database_url))
+        yield services, executor
+    finally:
+        executor.submit(services.stop).result()
+        executor.shutdown()
+
+
+async def test_a_charge_made_before_an_outage_for_a_hold_cancelled_during_it_is_refunded(
+        own_postgres, settings, make_token) -> None:
+    """The fault loop's unrecorded money, deterministic: the order worker charges a saved
+    card (off_session: the intent succeeds as it is created), and before the payments
+    row is written the buyer cancels the hold and PostgreSQL stops for 2 s (for real).
+    The worker's retry must not take the order for one that was never charged: the
+    payment is refunded and recorded (order refunded, released cancelled,
+    amount_refunded 4500), and money kept = paid orders."""
+    from checkout.payment_types import IntentStatus
+    from tests.payments_fixtures import save_card
+
+    services, executor = own_postgres
+    loop = asyncio.get_running_loop()
+    restarted: list[asyncio.Future] = []
+    async with running(settings.replace(database_url=services.database_url)) as srv, \
+            httpx.AsyncClient(base_url=srv.base_url, timeout=10) as http:
+        db = await asyncpg.create_pool(services.database_url, min_size=1, max_size=4)
+        try:
+            creator = bearer(make_token("creator-1", Role.CREATOR))
+            drop_id, pid = await selling_drop(http, creator, units=2)
+            await save_card(db, "buyer-c")
+            buyer = bearer(make_token("buyer-c", Role.VIEWER))
+            cancelled: list[int] = []
+
+            async def between_charge_and_row(intent) -> None:
+                if cancelled:
+                    return
+                assert intent.status is IntentStatus.SUCCEEDED  # the card was charged
+                resp = await http.delete(f"/v1/holds/{intent.metadata['order_id']}",
+                                         headers=buyer)
+                cancelled.append(resp.status_code)
+                await loop.run_in_executor(executor, services.stop_service, "postgres")
+                loop.call_later(2.0, lambda: restarted.append(loop.run_in_executor(
+                    executor, services.start_service, "postgres")))
+
+            srv.app.state.order_processor.after_intent = between_charge_and_row
+            resp = await post_buy(http, drop_id, buyer, pid, flow="off_session")
+            assert resp.status_code == 201, resp.text
+            hold_id = resp.json()["hold_id"]
+            await _until(lambda: bool(restarted), 20)
+            await restarted[0]
+            assert cancelled == [200]
+
+            async def settled():
+                row = await db.fetchrow(
+                    "SELECT o.state, o.released, p.amount_received, p.amount_refunded "
+                    "FROM orders o LEFT JOIN payments p ON p.order_id = o.id "
+                    "WHERE o.public_id = $1", hold_id)
+                return row if row is not None and row["state"] == "refunded" else None
+            with contextlib.suppress(AssertionError):
+                await wait_for(settled, 20)
+            row = await db.fetchrow(
+                "SELECT o.state, o.released, p.amount_received, p.amount_refunded "
+                "FROM orders o LEFT JOIN payments p ON p.order_id = o.id "
+                "WHERE o.public_id = $1", hold_id)
+            kept = [p for p in await fake_gateway_payments(srv.app.state.redis)
+                    if p.order_id == hold_id]
+            assert dict(row) == {"state": "refunded", "released": "cancelled",
+                                 "amount_received": 4500, "amount_refunded": 4500}, (
+                dict(row), kept)
+            assert srv.app.state.payments_gateway.calls.get("refund") == 1
+            redis = srv.app.state.redis
+            await quiesce(redis, drop_id, within=20)
+            await check(db, redis, drop_id, acknowledged={hold_id: {"user_id": "buyer-c"}},
+                        payments=await fake_gateway_payments(redis))
+        finally:
+            if restarted:
+                await restarted[0]
+            await db.close()

@@ -495,3 +495,42 @@ async def test_a_failing_compensation_step_skips_none_of_the_others(env) -> None
     assert (await holds.get_hold(redis, hold.hold_id))["state"] == "failed"
     assert (await inventory.remaining(redis, drop_id))[product_id] == 5
     assert [d["order_id"] for d in rec.of("order.failed")] == [hold.hold_id]
+
+
+async def test_a_release_undoes_a_charge_whose_row_was_never_written(env) -> None:
+    """The worker charged a saved card (the intent succeeds as it is created) and lost
+    PostgreSQL before the payments row; its reserve entry is not retried here (as
+    after a Redis loss). The buyer's cancel alone -- a release entry -- finds the charge
+    (``orders.payment_requested``, the same idempotency key) and refunds and records
+    it; no second charge is made."""
+    from checkout import holds
+
+    db, redis, stub, proc = env["db"], env["redis"], env["stub"], env["proc"]
+    drop_id, product_id = await make_drop(db)
+    await save_card(db, "rb-9")
+    hold = await _real_hold(redis, drop_id, product_id, "rb-9", "off_session")
+    charged: list[Intent] = []
+
+    async def outage(intent: Intent) -> None:
+        charged.append(intent)
+        raise ConnectionResetError(104, "PostgreSQL went away before the payments row")
+
+    proc.after_intent = outage
+    (_, fields), = await redis.xrange(keys.orders(drop_id))
+    with pytest.raises(ConnectionResetError):
+        await proc.handle(parse_entry(fields))
+    proc.after_intent = None
+    assert charged[0].status is IntentStatus.SUCCEEDED
+    await holds.release(redis, hold.hold_id, "cancelled", owner="rb-9")
+    await proc.handle(ReleaseEntry(hold.hold_id, drop_id, "cancelled"))
+    row = await order_row(db, hold.hold_id)
+    assert (row["state"], row["released"], row["intent_id"]) == (
+        "refunded", "cancelled", charged[0].id)
+    assert await db.fetchval("SELECT amount_refunded FROM payments WHERE order_id = $1",
+                             row["id"]) == 2500
+    charge = stub.charges[stub.intents[charged[0].id]["latest_charge"]]
+    assert charge["amount_refunded"] == 2500
+    mine = [pi for pi in stub.intents.values()
+            if (pi.get("metadata") or {}).get("order_id") == hold.hold_id]
+    assert len(mine) == 1  # asked again with the same key: no second charge
+    assert [d["amount"] for d in env["rec"].of("order.refunded")] == [2500]
