@@ -68,6 +68,18 @@ async def _told(db, hold_id: str, state: str) -> None:
         hold_id, state), 15)
 
 
+async def _paid_while_nobody_listens(http, db, c: Client, gate: Gate, hold_id: str,
+                                     buyer: dict) -> None:
+    """Pay the order while ``gate`` keeps the user channel unsubscribed; then open it:
+    the socket hears ``order.paid``, once."""
+    resp = await http.post(f"/v1/dev/orders/{hold_id}/confirm", headers=buyer, json={})
+    assert resp.status_code == 200, resp.text
+    await _told(db, hold_id, "paid")  # published while nobody listened
+    gate.open.set()
+    heard = await _private(c, hold_id, 3.0)
+    assert heard == Counter({"order.paid": 1}), heard
+
+
 async def _invariants(server, db, drop_id: int, hold_id: str, user: str) -> None:
     redis = server.app.state.redis
     await quiesce(redis, drop_id, within=20)
@@ -104,12 +116,7 @@ async def test_an_outcome_told_while_the_subscription_was_lost_is_heard_once(
         redis = server.app.state.redis
         assert await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub") >= 1
         await wait_for(lambda: _async(hub.subscriber._conn is None), 5)
-        resp = await http.post(f"/v1/dev/orders/{hold_id}/confirm", headers=buyer, json={})
-        assert resp.status_code == 200, resp.text
-        await _told(db, hold_id, "paid")  # published while nobody listened
-        gate.open.set()
-        after = await _private(c, hold_id, 3.0)
-        assert after == Counter({"order.paid": 1}), after
+        await _paid_while_nobody_listens(http, db, c, gate, hold_id, buyer)
         assert not c.ws.close_code  # the socket stayed open
         await _invariants(server, db, drop_id, hold_id, "buyer-a")
     finally:
@@ -136,12 +143,7 @@ async def test_an_outcome_told_before_a_new_socket_is_subscribed_is_heard_once(
     c = await Client.connect(server.ws_url, token=make_token("buyer-b"))
     try:
         await c.join(drop_id)
-        resp = await http.post(f"/v1/dev/orders/{hold_id}/confirm", headers=buyer, json={})
-        assert resp.status_code == 200, resp.text
-        await _told(db, hold_id, "paid")  # published before the subscription
-        gate.open.set()
-        heard = await _private(c, hold_id, 3.0)
-        assert heard == Counter({"order.paid": 1}), heard
+        await _paid_while_nobody_listens(http, db, c, gate, hold_id, buyer)
         await _invariants(server, db, drop_id, hold_id, "buyer-b")
     finally:
         await c.close()
