@@ -261,14 +261,22 @@ class OrderProcessor:
         # one that was never charged (reserve).
         await self.db.execute("UPDATE orders SET payment_requested = true "
                               "WHERE id = $1 AND NOT payment_requested", order["id"])
-        return await self.gateway.create_intent(
-            amount=e.amount, currency=e.currency, idempotency_key=intent_key(e.hold_id),
-            flow=e.flow, capture_manual=campaign or e.flow is Flow.MANUAL_CAPTURE,
-            payment_method=payment_method, customer=customer,
-            transfer_group=transfer_group(e.drop_id),
-            metadata={"order_id": e.hold_id, "drop_id": str(e.drop_id),
-                      "product_id": str(e.product_id), "buyer_number": str(e.buyer_number)},
-        )
+        try:
+            return await self.gateway.create_intent(
+                amount=e.amount, currency=e.currency, idempotency_key=intent_key(e.hold_id),
+                flow=e.flow, capture_manual=campaign or e.flow is Flow.MANUAL_CAPTURE,
+                payment_method=payment_method, customer=customer,
+                transfer_group=transfer_group(e.drop_id),
+                metadata={"order_id": e.hold_id, "drop_id": str(e.drop_id),
+                          "product_id": str(e.product_id),
+                          "buyer_number": str(e.buyer_number)})
+        except GatewayError as exc:
+            if not exc.retryable and exc.code != "idempotency_error":
+                # Refused: no intent was made, so none may exist to find later (asking
+                # again could make one only to refund it).
+                await self.db.execute(
+                    "UPDATE orders SET payment_requested = false WHERE id = $1", order["id"])
+            raise
 
     # -- state changes -----------------------------------------------------
     async def move(self, order: Mapping[str, Any], target: OrderState, *,
