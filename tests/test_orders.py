@@ -534,3 +534,41 @@ async def test_a_release_undoes_a_charge_whose_row_was_never_written(env) -> Non
             if (pi.get("metadata") or {}).get("order_id") == hold.hold_id]
     assert len(mine) == 1  # asked again with the same key: no second charge
     assert [d["amount"] for d in env["rec"].of("order.refunded")] == [2500]
+
+
+async def test_worker_killed_inside_the_fake_gateways_request_is_taken_over(env) -> None:
+    """The fake gateway runs in the worker's process: a worker SIGKILLed inside its
+    PaymentIntent request leaves the idempotency key in flight, unanswered. The entry
+    is re-claimed by another consumer, which takes the key over after the lease: the
+    order is recorded with its one intent and nothing stays pending."""
+    from checkout.fake_gateway import FakeGateway, RedisStore
+
+    db, redis, rec = env["db"], env["redis"], env["rec"]
+    drop_id, product_id = await make_drop(db)
+    hold = await add_reserve(redis, drop_id, product_id, "buyer-12")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.order_worker_proc", env["backends"].redis_url,
+        env["backends"].database_url, "-", "crash-in-fake-gateway",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, out.decode()
+    assert await redis.hexists("fakepay:idem", f"pi:{hold}")  # in flight, unanswered
+    pending = await redis.xpending(keys.orders(drop_id), GROUP)
+    assert pending["pending"] == 1 and pending["consumers"][0]["name"] == b"doomed"
+
+    heir_gateway = FakeGateway(store=RedisStore(redis), in_flight_lease_s=1.0)
+    heir = OrderWorker(redis, OrderProcessor(db, redis, heir_gateway, notify=rec),
+                       consumer="heir", claim_idle_ms=200, block_ms=100)
+    await asyncio.sleep(0.3)  # idle longer than claim_idle_ms
+    deadline = time.monotonic() + 15
+    while (await redis.xpending(keys.orders(drop_id), GROUP))["pending"]:
+        assert time.monotonic() < deadline, "the entry stayed pending"
+        await heir.run_once()
+    row = await order_row(db, hold)
+    assert row["state"] == "payment_pending" and row["intent_id"] is not None
+    assert await heir_gateway.retrieve_intent(row["intent_id"])
+    assert await db.fetchval("SELECT count(*) FROM payments") == 1
