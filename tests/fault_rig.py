@@ -535,7 +535,8 @@ async def _wait(check: Any, within: float, interval: float = 0.02) -> float:
 
 async def run_fault(rig: Rig, fault: str, *, buyers: int = 60, units: int = 40,
                     spread: float = 4.0, fault_at: float = 1.0, outage: float = 5.0,
-                    seed: int | None = None, quiet_within: float = 120.0) -> FaultReport:
+                    seed: int | None = None, quiet_within: float = 120.0,
+                    pay_within: float = 150.0) -> FaultReport:
     """A fresh drop, a rush, ``fault`` during it; the invariants afterwards.
 
     ``fault``: ``postgres_down`` (stopped for ``outage`` s), ``redis_restart``
@@ -550,7 +551,10 @@ async def run_fault(rig: Rig, fault: str, *, buyers: int = 60, units: int = 40,
     after its replica was frozen with SIGSTOP for ``outage`` s while buyers bought:
     replication lags, and only what the replica has survives), or ``none``. Any process of
     the server's tree (or the killed order worker) still running at the end is an
-    orphan, reported like a broken invariant."""
+    orphan, reported like a broken invariant. ``quiet_within``: how long the order
+    stream may take to be read to its end; ``pay_within``: how long a buyer waits to
+    hear ``order.payment`` before giving up on paying (a lost event otherwise holds
+    the rush that long)."""
     report = FaultReport(fault=fault)
     drop_id, pid = await rig.selling_drop(units=units)
     doomed = None
@@ -558,7 +562,8 @@ async def run_fault(rig: Rig, fault: str, *, buyers: int = 60, units: int = 40,
         doomed = await _doomed_order_worker(rig)
     assert rig.server is not None
     seen = process_tree(rig.server.pid)  # every process of the server's tree
-    async with Rush(rig, drop_id, pid, buyers=buyers, spread=spread, seed=seed) as rush:
+    async with Rush(rig, drop_id, pid, buyers=buyers, spread=spread, seed=seed,
+                    pay_within=pay_within) as rush:
         await rush.save_cards()
         rush_task = asyncio.create_task(rush.run())
         await asyncio.sleep(1.0 + fault_at)
