@@ -277,6 +277,20 @@ async def test_replayed_entry_does_not_charge_twice(env) -> None:
                              "ON o.id = p.order_id WHERE o.public_id = $1", hold) == 1
 
 
+async def _doomed_worker(backends, stripe_url: str, mode: str) -> None:
+    """Run tests/order_worker_proc.py in ``mode`` until it SIGKILLs itself."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.order_worker_proc", backends.redis_url,
+        backends.database_url, stripe_url, mode,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, out.decode()
+
+
 async def test_worker_killed_after_intent_before_db_charges_once(env) -> None:
     """A worker process is SIGKILLed between creating the PaymentIntent and recording
     it. Another consumer XAUTOCLAIMs the entry: exactly one charge, one order row, one
@@ -286,16 +300,7 @@ async def test_worker_killed_after_intent_before_db_charges_once(env) -> None:
     drop_id, product_id = await make_drop(db)
     await save_card(db, "buyer-11")
     hold = await add_reserve(redis, drop_id, product_id, "buyer-11", flow="off_session")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.order_worker_proc", backends.redis_url,
-        backends.database_url, stub.url, "crash-after-intent",
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, out.decode()
+    await _doomed_worker(backends, stub.url, "crash-after-intent")
     made = [p for p in stub.intents.values() if p["metadata"].get("order_id") == hold]
     assert len(made) == 1 and made[0]["status"] == "succeeded"  # charged, not recorded
     row = await order_row(db, hold)
@@ -546,16 +551,7 @@ async def test_worker_killed_inside_the_fake_gateways_request_is_taken_over(env)
     db, redis, rec = env["db"], env["redis"], env["rec"]
     drop_id, product_id = await make_drop(db)
     hold = await add_reserve(redis, drop_id, product_id, "buyer-12")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.order_worker_proc", env["backends"].redis_url,
-        env["backends"].database_url, "-", "crash-in-fake-gateway",
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, out.decode()
+    await _doomed_worker(env["backends"], "-", "crash-in-fake-gateway")
     assert await redis.hexists("fakepay:idem", f"pi:{hold}")  # in flight, unanswered
     pending = await redis.xpending(keys.orders(drop_id), GROUP)
     assert pending["pending"] == 1 and pending["consumers"][0]["name"] == b"doomed"
