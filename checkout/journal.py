@@ -30,6 +30,7 @@ from prometheus_client import Counter
 
 from checkout.order_rows import insert_orders
 from checkout.retry import backoff, is_outage
+from dropserver.background import stop_task
 
 __all__ = ["MAX_PENDING", "HoldJournal", "row_for"]
 
@@ -69,9 +70,7 @@ class HoldJournal:
 
     async def stop(self, flush_within: float = 5.0) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task, log)
             self._task = None
         if self._rows:  # a clean shutdown writes what it has
             with contextlib.suppress(Exception):

@@ -35,7 +35,6 @@ hold has lapsed (it keeps killing the processes that take it).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -51,6 +50,7 @@ from checkout.dead_letters import dead_letter
 from checkout.order_entries import BadEntry, ReserveEntry, fields_text, parse_entry
 from checkout.orders import OrderProcessor
 from checkout.retry import backoff, is_outage, until_done
+from dropserver.background import stop_task
 from dropserver.redis_client import is_cluster
 
 __all__ = ["GROUP", "OrderWorker"]
@@ -107,9 +107,7 @@ class OrderWorker:
         self._stopping = True
         for task in (self._task, self._keeper):
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                await stop_task(task, log)
         self._task = self._keeper = None
 
     async def _run(self) -> None:

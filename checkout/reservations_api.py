@@ -47,6 +47,7 @@ from checkout.reserve import (
     reserve_batched,
 )
 from dropserver.auth import Principal, Role, principal
+from dropserver.background import stop_task
 from dropserver.component import Component
 from dropserver.errors import ApiError, NotFound, Unauthorized, ValidationFailed
 from dropserver.http import field, read_json, reject_unknown
@@ -138,9 +139,7 @@ class Notifier:
 
     async def stop(self) -> None:
         if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+            await stop_task(self._loop, log)
         with contextlib.suppress(Exception):
             await self.flush()
         for task in list(self._tasks):

@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import asyncpg
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -119,6 +120,17 @@ async def openapi_json(request: Request) -> JSONResponse:
     return JSONResponse(doc)
 
 
+async def _close_pool(pool: asyncpg.Pool, within: float = 5.0) -> None:
+    """Close ``pool`` gracefully (each connection released first), or, when a
+    connection is still held ``within`` seconds later (a task that did not stop),
+    terminate it: shutdown never waits on one query."""
+    try:
+        await asyncio.wait_for(pool.close(), within)
+    except TimeoutError:
+        log.warning("database pool did not close; terminated", extra={"within_s": within})
+        pool.terminate()
+
+
 def create_app(settings: Settings, components: tuple[Component, ...] = COMPONENTS) -> Starlette:
     if not settings.redis_url or not settings.database_url:
         raise ValueError("create_app needs settings.redis_url and settings.database_url")
@@ -165,8 +177,8 @@ def create_app(settings: Settings, components: tuple[Component, ...] = COMPONENT
                         await comp.shutdown(app)
                     except Exception:
                         log.exception("shutdown hook failed", extra={"component": comp.name})
-            await state.db.close()
-            await state.db_control.close()
+            for pool in (state.db, state.db_control):
+                await _close_pool(pool)
             await state.redis.aclose()
             await tallies.stop()
             flush_tallies()

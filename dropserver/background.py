@@ -1,4 +1,11 @@
-"""Background loops: a step run every few seconds until the process stops."""
+"""Background loops: a step run every few seconds until the process stops.
+
+:func:`stop_task` is how every background task of the process is stopped at shutdown:
+cancelled, and cancelled again while it runs on, for at most a few seconds. A task that
+swallowed its cancellation (a library catching ``CancelledError`` in a ``finally`` that
+awaits again) must not hold the server's shutdown forever: past the bound it is left
+behind with a warning naming the await it is suspended in.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,45 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["Periodic"]
+__all__ = ["Periodic", "stop_task"]
+
+STOP_WITHIN = 5.0  # seconds a task gets to end once cancelled at shutdown
+
+
+def _suspended_in(task: asyncio.Task) -> str:
+    """The awaits ``task`` is suspended in, innermost last."""
+    where, coro = [], task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        where.append(f"{frame.f_code.co_name} ({frame.f_code.co_filename}:{frame.f_lineno})")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return " > ".join(where[-6:]) or repr(task)
+
+
+async def stop_task(task: asyncio.Task, log: logging.Logger, *,
+                    within: float = STOP_WITHIN) -> bool:
+    """Cancel ``task`` and wait for it to end, cancelling it again every 0.5 s, for at
+    most ``within`` seconds. Returns whether it ended; one that did not is logged
+    (``"task did not stop"``, with where it waits) and left behind.
+
+    Cancelling the caller still cancels the caller (unlike awaiting the task inside
+    ``suppress(CancelledError)``, which would swallow the caller's own cancellation)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not task.done():
+        task.cancel()
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            log.warning("task did not stop", extra={
+                "task": task.get_name(), "within_s": within,
+                "suspended_in": _suspended_in(task)})
+            return False
+        await asyncio.wait([task], timeout=min(0.5, left))
+    if not task.cancelled():
+        with contextlib.suppress(Exception):
+            task.result()  # retrieved: no "exception was never retrieved" at exit
+    return True
 
 
 class Periodic:
@@ -42,7 +87,5 @@ class Periodic:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task, self.log)
             self._task = None

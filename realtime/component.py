@@ -8,11 +8,12 @@ and heartbeats. Drain tells every socket when to reconnect (realtime.gateway.dra
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 
+from dropserver.background import stop_task
 from dropserver.component import Component
 from realtime import gateway, publish
 from realtime.heartbeat import Heartbeat, heartbeat_loop
@@ -20,6 +21,8 @@ from realtime.hub import Hub
 from realtime.presence import Presence
 from realtime.snapshot import SnapshotCache
 from realtime.tokens import TokenClock
+
+log = logging.getLogger("dropserver.realtime")
 
 
 async def startup(app: Starlette) -> None:
@@ -42,9 +45,7 @@ async def shutdown(app: Starlette) -> None:
     state = app.state
     task = getattr(state, "realtime_heartbeat", None)
     if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_task(task, log)
     presence = getattr(state, "realtime_presence", None)
     if presence is not None:
         await presence.stop()
