@@ -14,7 +14,7 @@ Modules, in the order to read them:
 
 * ``keys``: Redis key names (one hash tag per drop) and hold ids.
 * ``scripts``: the Lua scripts (``prewarm``, ``open_sales``, ``close_sales``,
-  ``reserve``, ``release``, ``settle``), loaded once, called by SHA.
+  ``reserve``, ``release``, ``settle``; the auction scripts), loaded once, called by SHA.
 * ``inventory``: stock for the drops package: prewarm, open and close sales, remaining.
 * ``reserve``: the buy decision: request, reply, refusal codes; the EVALSHA call and
   its batcher.
@@ -25,6 +25,13 @@ Modules, in the order to read them:
 * ``holds``: after the buy: expiry, cancel, paid, lookup.
 * ``reservations_api``: the ``buy`` and ``cancel_hold`` commands, HTTP routes,
   notifications to others, the sweeper and recovery loops.
+* ``auction_rules``: auctions' rules (pure): the creator's spec, increments, bid
+  refusals, the audit's replay of accepted bids.
+* ``auction``: auctions in Redis: start, bid (``bid.lua``, one atomic step that also
+  publishes ``auction.bid``), close once by Redis' clock, second-chance offer.
+* ``auction_store``: auctions and every accepted bid in PostgreSQL.
+* ``auctions_api``: the ``bid`` command and route; the keeper that closes auctions,
+  hands the winner's hold to the order pipeline and records bids.
 * ``recovery``: a drop's Redis state rebuilt from PostgreSQL.
 * ``journal``: each acknowledged hold written to PostgreSQL by the process that made it.
 * ``reconcile``: Redis' holds and counters compared with PostgreSQL, repaired.

@@ -1,7 +1,9 @@
-"""The checkout package as mounted by dropserver.app: reservations, then payments."""
+"""The checkout package as mounted by dropserver.app: reservations, auctions (which use
+the reservations' pipeline, notifier and journal), then payments."""
 
+from checkout.auctions_api import part as auctions
 from checkout.payments_api import part as payments
 from checkout.reservations_api import part as reservations
 from dropserver.component import combine
 
-component = combine("checkout", reservations, payments)
+component = combine("checkout", reservations, auctions, payments)

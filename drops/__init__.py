@@ -15,6 +15,7 @@ Modules, in the order to read them:
 * ``store``: PostgreSQL rows in, plain dicts out; imports nothing above it.
 * ``actions``: each action under the drop's row lock: legality, Redis, broadcast.
 * ``api``: the creator's HTTP routes for the lifecycle.
+* ``auctions``: the creator's auctions (start, second chance) and reading them.
 * ``settlement``: settlement arithmetic in integer minor units; pure.
 * ``settlement_store``: a drop's sales read, its ledger written, payouts sent.
 * ``settlement_api``: stakes, settle and the settlement report over HTTP.

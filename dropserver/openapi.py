@@ -202,6 +202,31 @@ _REPLAY = _obj(["drop_id", "playlist", "duration_ms", "finalized_at", "moments"]
                moments={"type": "array", "items": _obj(
                    ["kind", "product_id", "media_ms", "at"], kind=STR,
                    product_id=_nullable(INT), media_ms=INT, at=STR)})
+_PRICE = {"type": "integer", "minimum": 1, "maximum": 10**12}
+_AUCTION = _obj(
+    ["id", "drop_id", "product_id", "state", "currency", "start_price", "increments",
+     "has_reserve", "duration_ms", "snipe_window_ms", "started_at", "ends_at", "bids",
+     "leading", "next_min", "outcome", "closed_at", "server_time"],
+    id=ID, drop_id=ID, product_id=ID, state={"type": "string", "enum": ["running", "closed"]},
+    currency=STR, start_price=MONEY, increments={"type": "array", "items": _obj(
+        ["from", "step"], **{"from": MONEY}, step=MONEY)},
+    has_reserve=BOOL, duration_ms=INT, snipe_window_ms=INT, started_at=INT, ends_at=INT,
+    bids=INT, leading=_nullable(_obj(["amount", "bidder_id", "seq"], amount=MONEY,
+                                     bidder=_nullable(STR), bidder_id=STR, seq=INT)),
+    next_min=MONEY, outcome=_nullable(STR), closed_at=_nullable(INT), server_time=INT,
+    reserve_price=_nullable(MONEY), hold_id=_nullable(STR),
+    offer=_nullable(_obj(["user_id", "amount", "hold_id"], user_id=STR, amount=MONEY,
+                         hold_id=STR)))
+_BID = _obj(["auction_id", "seq", "amount", "ends_at", "server_time", "extended",
+             "next_min", "leading", "replay"], auction_id=ID, seq=INT, amount=MONEY,
+            ends_at=INT, server_time=INT, extended=BOOL, next_min=MONEY, leading=BOOL,
+            replay=BOOL)
+_OFFER = _obj(["auction_id", "user_id", "bidder", "amount", "hold_id", "expires_at", "flow",
+               "replay"], auction_id=ID, user_id=STR, bidder=STR, amount=MONEY,
+              hold_id=STR, expires_at=INT, flow=STR, replay=BOOL)
+_IDEM_HEADER = {"name": "Idempotency-Key", "in": "header", "required": False,
+                "schema": {"type": "string", "pattern": r"^[\x21-\x7e]{1,255}$"},
+                "description": "or the body's idempotency_key (one of them is needed)"}
 _HTML = {"description": "the page", "content": {"text/html": {"schema": STR}}}
 _SDP = "application/sdp"
 
@@ -312,6 +337,43 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "200": _json(_obj(["hold_id", "state", "remaining"], hold_id=STR,
                           state={"const": "cancelled"}, remaining=INT))},
         tag="checkout"),
+    # auctions
+    ("POST", "/v1/drops/{drop_id:id}/auctions"): _op("Start an auction of one unit", AUTH, {
+        "201": _json(_AUCTION, "started", _LOCATION)}, tag="auctions", body=_body(_obj(
+            ["product_id", "start_price", "duration_s"], closed=True,
+            product_id={"type": "integer", "minimum": 1, "maximum": 2**62},
+            start_price=_PRICE, increment=_PRICE,
+            increments={"type": "array", "minItems": 1, "maxItems": 20, "items": _obj(
+                ["from", "step"], closed=True, **{"from": {
+                    "type": "integer", "minimum": 0, "maximum": 10**12}}, step=_PRICE)},
+            duration_s={"type": "integer", "minimum": 5, "maximum": 3600},
+            snipe_window_s={"type": "integer", "minimum": 0, "maximum": 300},
+            reserve_price=_nullable(_PRICE)))),
+    ("GET", "/v1/drops/{drop_id:id}/auctions"): _op("The drop's auctions", OPTIONAL_AUTH, {
+        "200": _json(_obj(["auctions", "server_time"], auctions={
+            "type": "array", "items": _AUCTION}, server_time=INT))}, tag="auctions"),
+    ("GET", "/v1/drops/{drop_id:id}/auctions/{auction_id:id}"): _op(
+        "One auction, live while it runs", OPTIONAL_AUTH, {"200": _json(_AUCTION)},
+        tag="auctions"),
+    ("GET", "/v1/drops/{drop_id:id}/auctions/{auction_id:id}/bids"): _op(
+        "Every accepted bid, as PostgreSQL recorded it", PUBLIC, {"200": _json(_obj(
+            ["auction_id", "bids"], auction_id=ID, bids={"type": "array", "items": _obj(
+                ["seq", "amount", "bidder", "bidder_id", "at", "ends_at", "extended"],
+                seq=INT, amount=MONEY, bidder=STR, bidder_id=STR, at=INT, ends_at=INT,
+                extended=BOOL)}))}, tag="auctions"),
+    ("POST", "/v1/drops/{drop_id:id}/auctions/{auction_id:id}/bids"): _op(
+        "Bid (the HTTP twin of `bid`)", AUTH, {
+            "201": _json(_BID, "an accepted bid"),
+            "200": _json(_BID, "an idempotent retry: the first answer")}, tag="auctions",
+        body=_body(_obj(["amount"], closed=True, amount=_PRICE,
+                        idempotency_key={"type": "string",
+                                         "pattern": r"^[\x21-\x7e]{1,255}$"})),
+        params=[_IDEM_HEADER]),
+    ("POST", "/v1/drops/{drop_id:id}/auctions/{auction_id:id}/second-chance"): _op(
+        "Offer the unit to the runner-up", AUTH, {
+            "201": _json(_OFFER, "the offer's hold"),
+            "200": _json(_OFFER, "made before: the same offer")}, tag="auctions",
+        body=_body(_EMPTY, required=False)),
     # payments
     ("POST", "/v1/webhooks/stripe"): _op("Stripe's event endpoint", PUBLIC, {
         "200": _json(_obj(["received", "id", "result"], received={"const": True}, id=STR,

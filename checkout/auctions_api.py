@@ -1,0 +1,271 @@
+"""Bidding and closing: the ``bid`` command, its HTTP route, the auction keeper.
+
+* WebSocket command ``bid`` {auction_id, amount, idempotency_key} -> {auction_id, seq,
+  amount, ends_at, server_time, extended, next_min, leading, replay}.
+* HTTP: ``POST /v1/drops/{id}/auctions/{auction_id}/bids`` (docs/http-api.md,
+  "Auctions").
+* Background, in every process: :class:`AuctionKeeper` closes what is due (the close
+  script decides once, by Redis' clock), gives the winner's hold to the order
+  pipeline, and copies accepted bids and the outcome to PostgreSQL.
+
+A bid is one Redis round trip (``bid.lua`` through the buy path's auto-pipeline),
+which also publishes ``auction.bid`` to every viewer; the outbid bidder's private
+``auction.outbid`` goes off the hot path through checkout's :class:`Notifier`. No
+PostgreSQL on the hot path: the keeper copies bids from the auction's bid stream.
+The creator's routes (start, second chance, reading) are :mod:`drops.auctions`.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from checkout import auction, auction_store
+from checkout.auction import Bid, BidLimits, BidRequest, BidScript, Closed, History, Offer
+from checkout.auction_rules import MAX_PRICE, check_idempotency_key
+from dropserver.auth import Principal, principal
+from dropserver.background import Periodic
+from dropserver.component import Component
+from dropserver.errors import ApiError, Unauthorized
+from dropserver.http import field, read_json, reject_unknown
+from dropserver.observability import bind
+from dropserver.redis_client import is_cluster
+
+__all__ = ["AuctionKeeper", "Auctions", "bid", "part"]
+
+log = logging.getLogger("dropserver.auctions")
+
+BIDS = Counter("dropserver_bids_total", "Bids by outcome (accepted, replay or the refusal "
+               "code)", ["result"])
+BID_SECONDS = Histogram("dropserver_bid_seconds", "Time to answer a bid (script round trip "
+                        "included)", buckets=(.0005, .001, .002, .005, .01, .025, .05, .1,
+                                              .25, 1))
+CLOSES = Counter("dropserver_auction_closes_total", "Auctions closed by outcome", ["outcome"])
+
+KEEPER_INTERVAL = 0.1    # seconds between the keeper's rounds: how late a close may be
+RECORD_LOCK_MS = 5000
+BID_FIELDS = frozenset({"auction_id", "amount", "idempotency_key"})
+
+
+class Auctions:
+    """This process's auction machinery, kept on ``app.state.auctions``."""
+
+    def __init__(self, app: Starlette) -> None:
+        s = app.state.settings
+        res = app.state.reservations   # the buy path's client, pipe, notifier, journal
+        self.app = app
+        self.redis = app.state.redis
+        self.db = app.state.db
+        self.history = History.from_settings(s)
+        self.limits = BidLimits.from_settings(s)
+        self.hold_ttl_ms = s.hold_ttl * 1000
+        self.script = BidScript(res.batcher.pipe, is_cluster(res.hot_redis))
+        self.notifier = res.notifier
+        self.journal = res.journal
+        self.keeper = AuctionKeeper(self)
+
+    async def flow_for(self, user_id: str) -> str:
+        return await auction_store.flow_for(self.db, user_id)
+
+    def won(self, closed: Closed) -> None:
+        """After this process closed an auction with a sale: the winner's hold goes to
+        the hold journal (PostgreSQL, as a buy's), and the winner hears it."""
+        if not closed.hold_id:
+            return
+        self.journal.add((closed.hold_id, closed.drop_id, closed.product_id, closed.winner,
+                          1, closed.buyer_number, closed.amount, closed.amount,
+                          closed.currency, f"auction:{closed.auction_id}", closed.expires_at,
+                          closed.flow, closed.closed_at, "held", None))
+        held = {"order_id": closed.hold_id, "product_id": closed.product_id,
+                "buyer_number": closed.buyer_number, "expires_at": closed.expires_at,
+                "amount": closed.amount, "currency": closed.currency}
+        self.notifier.user_event(closed.winner, "auction.won", {
+            "auction_id": closed.auction_id, "hold_id": closed.hold_id, **held,
+            "flow": closed.flow})
+        self.notifier.user_event(closed.winner, "order.held", held)
+        self.notifier.stock_changed(closed.drop_id)
+
+    def offered(self, row: dict[str, Any], offer: Offer) -> None:
+        """After a second-chance offer: its hold to the journal, the bidder told."""
+        d, p = row["drop_id"], row["product_id"]
+        self.journal.add((offer.hold_id, d, p, offer.user_id, 1, offer.buyer_number,
+                          offer.amount, offer.amount, row["currency"],
+                          f"auction-offer:{offer.auction_id}", offer.expires_at, offer.flow,
+                          offer.expires_at - self.hold_ttl_ms, "held", None))
+        held = {"order_id": offer.hold_id, "product_id": p,
+                "buyer_number": offer.buyer_number, "expires_at": offer.expires_at,
+                "amount": offer.amount, "currency": row["currency"]}
+        self.notifier.user_event(offer.user_id, "auction.offer", {
+            "auction_id": offer.auction_id, "hold_id": offer.hold_id, **held,
+            "flow": offer.flow})
+        self.notifier.user_event(offer.user_id, "order.held", held)
+        self.notifier.stock_changed(d)
+
+
+class AuctionKeeper:
+    """Every process runs one: closes due auctions, records bids and outcomes."""
+
+    def __init__(self, auctions: Auctions, interval: float = KEEPER_INTERVAL) -> None:
+        self.auctions = auctions
+        self.redis = auctions.redis
+        self.db = auctions.db
+        self.token = secrets.token_hex(8)
+        self._loop = Periodic("auction-keeper", interval, self.tick, log, "auction keeper")
+        self.start, self.stop = self._loop.start, self._loop.stop
+
+    async def tick(self) -> list[Closed]:
+        closed = []
+        members = await self.redis.smembers(auction.ACTIVE_AUCTIONS)
+        for raw in members:
+            text = raw.decode() if isinstance(raw, bytes) else raw
+            drop_id, auction_id = (int(x) for x in text.split(":"))
+            result = await self.keep(drop_id, auction_id)
+            if result is not None:
+                closed.append(result)
+        return closed
+
+    async def keep(self, drop_id: int, auction_id: int) -> Closed | None:
+        """One auction's round: close it if due, copy its new bids, record its end."""
+        a = await auction.read(self.redis, drop_id, auction_id)
+        if a is None:
+            log.warning("an active auction is gone from Redis",
+                        extra={"drop_id": drop_id, "auction_id": auction_id})
+            await self.redis.srem(auction.ACTIVE_AUCTIONS, auction.member(drop_id, auction_id))
+            return None
+        result = None
+        if a["state"] == "running" and time.time() * 1000 >= a["ends_at"] - 50:
+            result = await auction.close(
+                self.redis, drop_id, auction_id, hold_ttl_ms=self.auctions.hold_ttl_ms,
+                history=self.auctions.history, flow_for=self.auctions.flow_for)
+            if result is not None:
+                CLOSES.labels(result.outcome.value).inc()
+                log.info("auction closed", extra={
+                    "drop_id": drop_id, "auction_id": auction_id,
+                    "outcome": result.outcome.value, "bids": result.seq,
+                    "amount": result.amount, "hold_id": result.hold_id})
+                self.auctions.won(result)
+                a = await auction.read(self.redis, drop_id, auction_id) or a
+        await self.record(drop_id, auction_id, a)
+        return result
+
+    async def record(self, drop_id: int, auction_id: int, a: dict[str, Any]) -> None:
+        """Copy new bids to PostgreSQL; once closed and every bid is there, write the
+        outcome and stop watching the auction. One process at a time per auction."""
+        lock = f"{auction.auction_key(drop_id, auction_id)}:recorder"
+        if not await self.redis.set(lock, self.token, nx=True, px=RECORD_LOCK_MS):
+            return
+        try:
+            recorded = await auction_store.max_seq(self.db, auction_id)
+            while recorded < int(a.get("seq") or 0):
+                bids = await auction.read_bids(self.redis, drop_id, auction_id, recorded)
+                if not bids:
+                    break
+                await auction_store.record_bids(self.db, auction_id, bids)
+                recorded = bids[-1]["seq"]
+            if a["state"] == "closed" and recorded >= int(a.get("seq") or 0):
+                await auction_store.record_close(self.db, auction_id, a)
+                await self.redis.srem(auction.ACTIVE_AUCTIONS,
+                                      auction.member(drop_id, auction_id))
+        finally:
+            if await self.redis.get(lock) in (self.token, self.token.encode()):
+                await self.redis.delete(lock)
+
+
+def _state(app: Any) -> Auctions:
+    return app.state.auctions
+
+
+def _redis_away() -> ApiError:
+    return ApiError("bidding is paused for a moment, retry shortly", code="unavailable",
+                    status=503, headers={"Retry-After": "1"})
+
+
+async def bid(app: Any, who: Principal, drop_id: int, auction_id: int, data: dict[str, Any],
+              *, ip: str, idempotency_key: str | None = None) -> Bid:
+    """The bid path shared by the ``bid`` command and the HTTP route."""
+    started = time.perf_counter()
+    if who.is_guest:
+        raise Unauthorized("sign in to bid", code="token_missing")
+    amount = field(data, "amount", int, min_value=1, max_value=MAX_PRICE)
+    key = check_idempotency_key(idempotency_key or field(data, "idempotency_key", str,
+                                                         max_len=255))
+    user_id = who.user_id or ""
+    if "\n" in user_id:
+        raise Unauthorized("bad user id", code="token_invalid")
+    req = BidRequest(drop_id=drop_id, auction_id=auction_id, user_id=user_id, amount=amount,
+                     idempotency_key=key, name=who.name or user_id, ip=ip)
+    auctions = _state(app)
+    try:
+        result = await auctions.script(req, auctions.limits, auctions.history)
+    except ApiError as exc:
+        BIDS.labels(exc.code).inc()
+        raise
+    except (RedisConnectionError, RedisTimeoutError, OSError):
+        log.warning("redis unavailable for a bid", exc_info=True)
+        raise _redis_away() from None
+    finally:
+        BID_SECONDS.observe(time.perf_counter() - started)
+    BIDS.labels("replay" if result.replay else "accepted").inc()
+    if not result.replay and result.outbid and result.outbid != user_id:
+        auctions.notifier.user_event(result.outbid, "auction.outbid", {
+            "auction_id": auction_id, "amount": result.amount,
+            "your_amount": result.outbid_amount, "next_min": result.next_min,
+            "ends_at": result.ends_at, "server_time": result.at})
+    return result
+
+
+async def ws_bid(app: Any, ctx: Any, data: dict) -> dict:
+    reject_unknown(data, BID_FIELDS | {"drop_id"})
+    drop_id = getattr(ctx, "drop_id", None)
+    if drop_id is None:  # not from a joined socket: the drop is named in the command
+        drop_id = field(data, "drop_id", int, min_value=1)
+    auction_id = field(data, "auction_id", int, min_value=1, max_value=2**62)
+    result = await bid(app, ctx.principal, int(drop_id), auction_id, data,
+                       ip=getattr(ctx, "ip", "") or "")
+    return result.reply()
+
+
+async def http_bid(request: Request) -> JSONResponse:
+    who = await principal(request)
+    drop_id = request.path_params["drop_id"]
+    auction_id = request.path_params["auction_id"]
+    bind(drop_id=drop_id, user_id=who.user_id)
+    data = await read_json(request)
+    reject_unknown(data, BID_FIELDS - {"auction_id"})
+    client = request.client.host if request.client else ""
+    result = await bid(request.app, who, drop_id, auction_id, data, ip=client,
+                       idempotency_key=request.headers.get("idempotency-key"))
+    return JSONResponse(result.reply(), status_code=200 if result.replay else 201)
+
+
+async def startup(app: Starlette) -> None:
+    auctions = Auctions(app)
+    app.state.auctions = auctions
+    app.state.commands["bid"] = ws_bid
+    auctions.keeper.start()
+
+
+async def shutdown(app: Starlette) -> None:
+    auctions: Auctions | None = getattr(app.state, "auctions", None)
+    if auctions is not None:
+        await auctions.keeper.stop()
+
+
+routes = [
+    Route("/v1/drops/{drop_id:id}/auctions/{auction_id:id}/bids", http_bid,
+          methods=["POST"]),
+]
+
+part = Component(name="checkout.auctions", routes=routes, startup=startup,
+                 shutdown=shutdown)
+

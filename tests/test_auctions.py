@@ -1,0 +1,498 @@
+"""Auctions through the real app: start, bids over the socket and HTTP, events with
+positions, the anti-snipe clock, the close (once, by Redis' clock), the winner's hold
+in the order pipeline, PostgreSQL's record, second chance; and the invariants after a
+bidding race (one winner at the highest valid bid, no bid after the close, the clock
+extended exactly when the rules say, PostgreSQL matching what viewers saw)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from checkout import auction
+from checkout.auction import BidRequest
+from checkout.auction_rules import (
+    BidRefused,
+    Outcome,
+    decode_increments,
+    min_next,
+    parse_spec,
+    replay,
+    step_at,
+)
+from dropserver.auth import Role
+from dropserver.errors import ValidationFailed
+from tests.realtime_support import JSON, Client
+
+CREATOR = "creator-1"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def live_drop(http, creator, products=((4500, 1),)):
+    body = {"title": "Auction night", "products": [
+        {"title": f"Lot {i + 1}", "price": price, "units": units}
+        for i, (price, units) in enumerate(products)]}
+    resp = await http.post("/v1/drops", json=body, headers=creator)
+    assert resp.status_code == 201, resp.text
+    drop = resp.json()
+    starts = (datetime.now(UTC) + timedelta(minutes=5)).isoformat().replace("+00:00", "Z")
+    for action, payload in (("schedule", {"starts_at": starts}), ("live", {})):
+        resp = await http.post(f"/v1/drops/{drop['id']}/{action}", json=payload,
+                               headers=creator)
+        assert resp.status_code == 200, resp.text
+    return drop["id"], [p["product_id"] for p in drop["products"]]
+
+
+async def start_auction(http, creator, drop_id, **spec):
+    resp = await http.post(f"/v1/drops/{drop_id}/auctions", json=spec, headers=creator)
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+async def pg(server):
+    return server.app.state.db
+
+
+async def wait_for(predicate, within=10.0, every=0.05):
+    deadline = time.monotonic() + within
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(every)
+
+
+async def audit(db, auction_id, first_ends_at=None):
+    """The auction recomputed from PostgreSQL's bids: (row, replay result)."""
+    row = await db.fetchrow("SELECT * FROM auctions WHERE id = $1", auction_id)
+    bids = [dict(r) for r in await db.fetch(
+        "SELECT * FROM auction_bids WHERE auction_id = $1 ORDER BY seq", auction_id)]
+    result = replay(start_price=row["start_price"],
+                    bands=tuple(tuple(b) for b in __import__("json").loads(row["increments"])),
+                    snipe_window_ms=row["snipe_window_ms"],
+                    first_ends_at=first_ends_at or row["ends_at_ms"],
+                    reserve_price=row["reserve_price"], bids=bids)
+    return row, bids, result
+
+
+# -- pure rules ---------------------------------------------------------------------------
+
+def test_spec_and_increments():
+    spec = parse_spec({"product_id": 3, "start_price": 1000, "duration_s": 30,
+                       "increments": [{"from": 0, "step": 100}, {"from": 5000, "step": 500}],
+                       "reserve_price": 4000})
+    assert spec.duration_ms == 30_000 and spec.snipe_window_ms == 10_000
+    assert step_at(spec.increments, 4999) == 100 and step_at(spec.increments, 5000) == 500
+    assert min_next(spec.increments, 1000, None) == 1000
+    assert min_next(spec.increments, 1000, 5200) == 5700
+    assert decode_increments("0:100,5000:500") == spec.increments
+    # A fixed increment by default: 5% of the start price.
+    assert parse_spec({"product_id": 1, "start_price": 2000,
+                       "duration_s": 15}).increments == ((0, 100),)
+    for bad in ({"product_id": 1, "start_price": 0, "duration_s": 15},
+                {"product_id": 1, "start_price": 100, "duration_s": 2},
+                {"product_id": 1, "start_price": 100, "duration_s": 15, "reserve_price": 50},
+                {"product_id": 1, "start_price": 100, "duration_s": 15,
+                 "increments": [{"from": 10, "step": 5}]},
+                {"product_id": 1, "start_price": 100, "duration_s": 15, "increment": 5,
+                 "increments": [{"from": 0, "step": 5}]},
+                {"product_id": 1, "start_price": 100, "duration_s": 15, "colour": "red"}):
+        with pytest.raises(ValidationFailed):
+            parse_spec(bad)
+
+
+def test_replay_finds_every_broken_rule():
+    bands = ((0, 100),)
+    good = [
+        {"seq": 1, "user_id": "a", "amount": 1000, "at_ms": 1000, "ends_at_ms": 10_000,
+         "extended": False},
+        {"seq": 2, "user_id": "b", "amount": 1100, "at_ms": 8000, "ends_at_ms": 11_000,
+         "extended": True},
+    ]
+    ok = replay(start_price=1000, bands=bands, snipe_window_ms=3000, first_ends_at=10_000,
+                reserve_price=None, bids=good)
+    assert ok.problems == [] and ok.leader == "b" and ok.amount == 1100
+    assert ok.outcome is Outcome.SOLD and ok.ends_at == 11_000
+    bad = [dict(good[0]), dict(good[1], amount=1050, at_ms=12_000, extended=False)]
+    result = replay(start_price=1000, bands=bands, snipe_window_ms=3000,
+                    first_ends_at=10_000, reserve_price=2000, bids=bad)
+    text = " ".join(result.problems)
+    assert "under the minimum" in text and "after the end" in text
+    assert result.outcome is Outcome.RESERVE_NOT_MET
+
+
+# -- through the app ----------------------------------------------------------------------
+
+@pytest.fixture
+def creator(make_token):
+    return bearer(make_token(CREATOR, Role.CREATOR))
+
+
+async def test_auction_from_start_to_the_winners_order(server, http, creator, make_token):
+    drop_id, (pid,) = await live_drop(http, creator)
+    watcher = await Client.connect(server.ws_url, fmt=JSON)
+    alice_token = make_token("alice", Role.VIEWER, name="Alice")
+    alice = await Client.connect(server.ws_url, fmt=JSON, token=alice_token)
+    bob = bearer(make_token("bob", Role.VIEWER, name="Bob"))
+    try:
+        await watcher.join(drop_id)
+        await alice.join(drop_id)
+        a = await start_auction(http, creator, drop_id, product_id=pid, start_price=1000,
+                                increment=100, duration_s=5, snipe_window_s=2)
+        aid = a["id"]
+        assert a["state"] == "running" and a["next_min"] == 1000 and a["bids"] == 0
+        assert a["ends_at"] - a["started_at"] == 5000 and "reserve_price" in a
+        started = await watcher.recv_until(lambda f: f.get("event") == "auction.started")
+        assert started["data"]["auction_id"] == aid and started["pos"]["offset"] >= 1
+        assert started["data"]["ends_at"] == a["ends_at"] and started["data"]["server_time"]
+
+        # Alice over the socket, Bob over HTTP.
+        reply = await alice.request({"t": "bid", "auction_id": aid, "amount": 1000,
+                                     "idempotency_key": "a1"})
+        assert reply["t"] == "reply", reply
+        assert reply["data"]["seq"] == 1 and reply["data"]["next_min"] == 1100
+        url = f"/v1/drops/{drop_id}/auctions/{aid}/bids"
+        low = await http.post(url, json={"amount": 1050}, headers={**bob,
+                              "Idempotency-Key": "b1"})
+        assert low.status_code == 409 and low.json()["error"]["code"] == "bid_too_low"
+        assert low.json()["error"]["details"]["min_amount"] == 1100
+        ok = await http.post(url, json={"amount": 1100}, headers={**bob,
+                             "Idempotency-Key": "b2"})
+        assert ok.status_code == 201 and ok.json()["seq"] == 2
+        again = await http.post(url, json={"amount": 1100}, headers={**bob,
+                                "Idempotency-Key": "b2"})
+        assert again.status_code == 200 and again.json()["replay"] is True
+        assert again.json()["seq"] == 2
+        other = await http.post(url, json={"amount": 1300}, headers={**bob,
+                                "Idempotency-Key": "b2"})
+        assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_mismatch"
+        outbid = await alice.recv_until(lambda f: f.get("event") == "auction.outbid")
+        assert outbid["t"] == "private" and outbid["data"]["amount"] == 1100
+        assert outbid["data"]["your_amount"] == 1000 and outbid["data"]["next_min"] == 1200
+
+        # An equal bid loses to the first (it is under the next minimum).
+        equal = await alice.request({"t": "bid", "auction_id": aid, "amount": 1100,
+                                     "idempotency_key": "a2"})
+        assert equal["t"] == "error" and equal["code"] == "bid_too_low"
+        reply = await alice.request({"t": "bid", "auction_id": aid, "amount": 1200,
+                                     "idempotency_key": "a3"})
+        assert reply["data"]["seq"] == 3
+        lead = await alice.request({"t": "bid", "auction_id": aid, "amount": 1500,
+                                    "idempotency_key": "a4"})
+        assert lead["t"] == "error" and lead["code"] == "already_leading"
+        guest = await http.post(url, json={"amount": 5000, "idempotency_key": "g"})
+        assert guest.status_code == 401
+
+        bids = [f for f in [await watcher.recv_until(
+            lambda f: f.get("event") == "auction.bid") for _ in range(3)]]
+        assert [b["data"]["seq"] for b in bids] == [1, 2, 3]
+        assert [b["data"]["bidder"] for b in bids] == ["Alice", "Bob", "Alice"]
+        offsets = [b["pos"]["offset"] for b in bids]
+        assert offsets == sorted(offsets) and offsets[0] > started["pos"]["offset"]
+
+        closed = await watcher.recv_until(lambda f: f.get("event") == "auction.closed",
+                                          wait=10)
+        data = closed["data"]
+        assert data["outcome"] == "sold" and data["amount"] == 1200
+        assert data["leader"] == "Alice" and data["bids"] == 3
+        assert data["closed_at"] >= data["ends_at"]
+        # The close is final: a bid after it is refused.
+        late = await http.post(url, json={"amount": 5000}, headers={**bob,
+                               "Idempotency-Key": "b9"})
+        assert late.status_code == 409 and late.json()["error"]["code"] == "auction_closed"
+
+        won = await alice.recv_until(lambda f: f.get("event") == "auction.won")
+        hold_id = won["data"]["hold_id"]
+        assert won["data"]["amount"] == 1200
+        db = await pg(server)
+        order = await wait_for(lambda: db.fetchrow(
+            "SELECT * FROM orders WHERE public_id = $1", hold_id))
+        assert order["user_id"] == "alice" and order["unit_price"] == 1200
+        assert order["idempotency_key"] == f"auction:{aid}"
+        row = await wait_for(lambda: db.fetchrow(
+            "SELECT * FROM auctions WHERE id = $1 AND state = 'closed'", aid))
+        assert row["winner_id"] == "alice" and row["winning_amount"] == 1200
+        assert row["hold_id"] == hold_id and row["outcome"] == "sold"
+        row, pg_bids, result = await audit(db, aid)
+        assert result.problems == [] and [b["seq"] for b in pg_bids] == [1, 2, 3]
+        assert (result.leader, result.amount) == ("alice", 1200)
+        assert result.ends_at == row["final_ends_at_ms"] == data["ends_at"]
+        listing = await http.get(f"/v1/drops/{drop_id}/auctions/{aid}/bids")
+        assert [b["amount"] for b in listing.json()["bids"]] == [1000, 1100, 1200]
+        # The product's one unit is held: none is left.
+        assert (await http.get(f"/v1/drops/{drop_id}/auctions/{aid}")).json()["state"] \
+            == "closed"
+    finally:
+        await watcher.close()
+        await alice.close()
+
+
+async def test_start_refusals(server, http, creator, make_token):
+    drop_id, (pid, pid2) = await live_drop(http, creator, ((4500, 1), (900, 5)))
+    viewer = bearer(make_token("v", Role.VIEWER))
+    resp = await http.post(f"/v1/drops/{drop_id}/auctions", headers=viewer,
+                           json={"product_id": pid, "start_price": 100, "duration_s": 15})
+    assert resp.status_code == 403
+    # A product on sale at its fixed price is not auctioned at the same time.
+    resp = await http.post(f"/v1/drops/{drop_id}/buy-now", json={"product_id": pid2},
+                           headers=creator)
+    assert resp.status_code == 200
+    resp = await http.post(f"/v1/drops/{drop_id}/auctions", headers=creator,
+                           json={"product_id": pid2, "start_price": 100, "duration_s": 15})
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "product_selling"
+    await start_auction(http, creator, drop_id, product_id=pid, start_price=100,
+                        duration_s=15)
+    resp = await http.post(f"/v1/drops/{drop_id}/auctions", headers=creator,
+                           json={"product_id": pid, "start_price": 100, "duration_s": 15})
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "auction_running"
+    # Nothing half-made: one auctions row.
+    db = await pg(server)
+    assert await db.fetchval("SELECT count(*) FROM auctions") == 1
+    resp = await http.post(f"/v1/drops/{drop_id}/auctions", headers=creator,
+                           json={"product_id": pid, "start_price": "100", "duration_s": 15})
+    assert resp.status_code == 422
+
+
+async def test_reserve_not_met_and_no_bids(server, http, creator, make_token):
+    drop_id, (p1, p2) = await live_drop(http, creator, ((4500, 1), (4500, 1)))
+    watcher = await Client.connect(server.ws_url, fmt=JSON)
+    try:
+        await watcher.join(drop_id)
+        a1 = await start_auction(http, creator, drop_id, product_id=p1, start_price=1000,
+                                 duration_s=5, snipe_window_s=0, reserve_price=5000)
+        a2 = await start_auction(http, creator, drop_id, product_id=p2, start_price=1000,
+                                 duration_s=5)
+        public = (await http.get(f"/v1/drops/{drop_id}/auctions/{a1['id']}")).json()
+        assert public["has_reserve"] is True and "reserve_price" not in public
+        bob = bearer(make_token("bob", Role.VIEWER))
+        resp = await http.post(f"/v1/drops/{drop_id}/auctions/{a1['id']}/bids",
+                               json={"amount": 1000, "idempotency_key": "x"}, headers=bob)
+        assert resp.status_code == 201
+        outcomes = {}
+        while len(outcomes) < 2:
+            f = await watcher.recv_until(lambda f: f.get("event") == "auction.closed", wait=10)
+            outcomes[f["data"]["auction_id"]] = f["data"]
+        assert outcomes[a1["id"]]["outcome"] == "reserve_not_met"
+        assert outcomes[a1["id"]]["amount"] == 1000
+        assert outcomes[a2["id"]]["outcome"] == "no_bids" and "amount" not in outcomes[a2["id"]]
+        db = await pg(server)
+        await wait_for(lambda: db.fetchval(
+            "SELECT count(*) = 2 FROM auctions WHERE state = 'closed'"))
+        assert await db.fetchval("SELECT count(*) FROM orders") == 0
+        rows = {r["id"]: r for r in await db.fetch("SELECT * FROM auctions")}
+        assert rows[a1["id"]]["outcome"] == "reserve_not_met"
+        assert rows[a1["id"]]["winner_id"] == "bob" and rows[a1["id"]]["hold_id"] is None
+        assert rows[a2["id"]]["outcome"] == "no_bids" and rows[a2["id"]]["winner_id"] is None
+    finally:
+        await watcher.close()
+
+
+async def test_second_chance_after_the_winner_lets_the_hold_go(server, http, creator,
+                                                                make_token):
+    drop_id, (pid,) = await live_drop(http, creator)
+    alice, bob = (bearer(make_token(u, Role.VIEWER)) for u in ("alice", "bob"))
+    a = await start_auction(http, creator, drop_id, product_id=pid, start_price=1000,
+                            increment=100, duration_s=5, snipe_window_s=0)
+    url = f"/v1/drops/{drop_id}/auctions/{a['id']}"
+    for who, amount, key in ((bob, 1000, "b1"), (alice, 1100, "a1"), (bob, 1200, "b2"),
+                             (alice, 1500, "a2")):
+        resp = await http.post(url + "/bids", json={"amount": amount, "idempotency_key": key},
+                               headers=who)
+        assert resp.status_code == 201, resp.text
+    db = await pg(server)
+    row = await wait_for(lambda: db.fetchrow(
+        "SELECT * FROM auctions WHERE id = $1 AND state = 'closed'", a["id"]))
+    early = await http.post(url + "/second-chance", headers=creator)
+    assert early.status_code == 409 and early.json()["error"]["code"] == "winner_holds"
+    # The winner cancels (as an unpaid hold lapsing would): the runner-up gets the offer
+    # at their own highest bid.
+    resp = await http.delete(f"/v1/holds/{row['hold_id']}", headers=alice)
+    assert resp.status_code == 200, resp.text
+    offer = await http.post(url + "/second-chance", headers=creator)
+    assert offer.status_code == 201, offer.text
+    assert offer.json()["user_id"] == "bob" and offer.json()["amount"] == 1200
+    again = await http.post(url + "/second-chance", headers=creator)
+    assert again.status_code == 200 and again.json()["hold_id"] == offer.json()["hold_id"]
+    order = await wait_for(lambda: db.fetchrow(
+        "SELECT * FROM orders WHERE public_id = $1", offer.json()["hold_id"]))
+    assert order["user_id"] == "bob" and order["unit_price"] == 1200
+    # One unit: the winner's released hold and the offer's, never two held at once.
+    held = await db.fetchval("SELECT count(*) FROM orders WHERE drop_id = $1 AND state NOT IN "
+                             "('expired', 'cancelled', 'failed')", drop_id)
+    assert held == 1
+
+
+async def test_exactly_one_closer(server, http, creator, make_token):
+    drop_id, (pid,) = await live_drop(http, creator)
+    keeper = server.app.state.auctions.keeper
+    await keeper.stop()  # the closers below race each other, not the process's own
+    a = await start_auction(http, creator, drop_id, product_id=pid, start_price=1000,
+                            duration_s=5, snipe_window_s=0)
+    redis = server.app.state.redis
+    await http.post(f"/v1/drops/{drop_id}/auctions/{a['id']}/bids",
+                    json={"amount": 1000, "idempotency_key": "k"},
+                    headers=bearer(make_token("carol", Role.VIEWER)))
+    auctions = server.app.state.auctions
+    assert await auction.close(redis, drop_id, a["id"], hold_ttl_ms=60_000,
+                               history=auctions.history, flow_for=auctions.flow_for) is None
+    await asyncio.sleep(max(a["ends_at"] - time.time() * 1000, 0) / 1000 + 0.05)
+    results = await asyncio.gather(*[
+        auction.close(redis, drop_id, a["id"], hold_ttl_ms=60_000, history=auctions.history,
+                      flow_for=auctions.flow_for) for _ in range(20)])
+    done = [r for r in results if r is not None]
+    assert len(done) == 1 and done[0].outcome is Outcome.SOLD and done[0].winner == "carol"
+    assert await redis.zcard(f"{{drop:{drop_id}}}:expiry") == 1
+
+
+@pytest.mark.slow
+async def test_bidding_war_keeps_every_invariant(server, http, creator):
+    """60 bidders race through bid.lua (the socket path's script and pipeline) until the
+    close refuses them; then the invariants, from what viewers saw and from PostgreSQL."""
+    drop_id, (pid,) = await live_drop(http, creator)
+    watcher = await Client.connect(server.ws_url, fmt=JSON)
+    await watcher.join(drop_id)
+    a = await start_auction(http, creator, drop_id, product_id=pid, start_price=100,
+                            increments=[{"from": 0, "step": 10}, {"from": 2000, "step": 50}],
+                            duration_s=5, snipe_window_s=1)
+    aid = a["id"]
+    auctions = server.app.state.auctions
+    limits = auction.BidLimits(per_user=0, per_ip=0)
+    accepted: list[auction.Bid] = []
+    refusals: dict[str, int] = {}
+    war_until = time.monotonic() + 6   # raising for 6 s, then at the close
+    end_by = time.monotonic() + 30      # bids stop by themselves after 30 s
+
+    async def bidder(n: int) -> None:
+        user, guess, k, late_wins = f"user-{n}", a["start_price"], 0, 0
+        while time.monotonic() < end_by:
+            k += 1
+            # After the war each bidder raises twice more at most, then only probes the
+            # close with bids too low to extend it, until the close refuses them.
+            amount = guess if late_wins < 2 else 1
+            req = BidRequest(drop_id, aid, user, amount, f"k{k}", name=f"User {n}")
+            try:
+                accepted.append(await auctions.script(req, limits, auctions.history))
+                guess += random.choice((10, 50, 100))
+                if time.monotonic() > war_until:
+                    late_wins += 1
+            except BidRefused as exc:
+                refusals[exc.code] = refusals.get(exc.code, 0) + 1
+                if exc.code == "auction_closed":
+                    return
+                guess = max(guess, exc.details.get("min_amount", guess))
+            await asyncio.sleep(random.uniform(0.0, 0.05 if time.monotonic() < war_until
+                                               else 0.01))
+
+    seen: list[dict] = []
+
+    async def watch() -> dict:
+        while True:  # every auction.bid, in the order the socket got them, until the close
+            f = await watcher.recv(wait=30)
+            if f.get("event") == "auction.bid" and f["data"]["auction_id"] == aid:
+                seen.append(f["data"])
+            elif f.get("event") == "auction.closed":
+                return f
+
+    watching = asyncio.create_task(watch())
+    await asyncio.gather(*[bidder(n) for n in range(60)])
+    closed = await asyncio.wait_for(watching, 15)
+    await watcher.close()
+    # Viewers: every accepted bid once, in seq order; the close names the last.
+    assert [b["seq"] for b in seen] == list(range(1, len(accepted) + 1))
+    assert sorted(b.seq for b in accepted) == [b["seq"] for b in seen]
+    top = max(accepted, key=lambda b: b.amount)
+    data = closed["data"]
+    assert data["amount"] == top.amount == seen[-1]["amount"] and data["bids"] == top.seq
+    assert data["outcome"] == "sold"
+    # No bid accepted at or after the end it met, and the close came after that end.
+    assert all(b.at < data["ends_at"] for b in accepted)
+    assert data["closed_at"] >= data["ends_at"]
+    assert refusals.get("auction_closed", 0) >= 60 and refusals.get("bid_too_low", 0) > 0
+    # Extended exactly when the rules say.
+    extended = [b for b in seen if b["extended"]]
+    assert extended, "a bidding war this close to the end extends the clock"
+    # PostgreSQL: the same bids, and the replay of the rules finds nothing wrong.
+    db = await pg(server)
+    await wait_for(lambda: db.fetchval(
+        "SELECT state = 'closed' FROM auctions WHERE id = $1", aid), within=15)
+    row, pg_bids, result = await audit(db, aid)
+    assert result.problems == []
+    assert [(b["seq"], b["amount"], b["ends_at_ms"], b["extended"]) for b in pg_bids] == \
+        [(b["seq"], b["amount"], b["ends_at"], b["extended"]) for b in seen]
+    assert (result.leader, result.amount) == (row["winner_id"], row["winning_amount"])
+    assert row["winning_amount"] == data["amount"] and result.ends_at == data["ends_at"]
+    orders = await db.fetch("SELECT * FROM orders WHERE drop_id = $1", drop_id)
+    await wait_for(lambda: db.fetchval(
+        "SELECT count(*) = 1 FROM orders WHERE drop_id = $1", drop_id))
+    orders = await db.fetch("SELECT * FROM orders WHERE drop_id = $1", drop_id)
+    assert len(orders) == 1 and orders[0]["user_id"] == row["winner_id"]
+    assert orders[0]["amount"] == data["amount"]
+
+
+async def test_bid_refusals_without_a_running_auction(server, http, creator, make_token):
+    drop_id, _pids = await live_drop(http, creator)
+    bob = bearer(make_token("bob", Role.VIEWER))
+    resp = await http.post(f"/v1/drops/{drop_id}/auctions/999/bids",
+                           json={"amount": 1000, "idempotency_key": "x"}, headers=bob)
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "auction_not_found"
+    resp = await http.post(f"/v1/drops/{drop_id}/auctions/999/bids",
+                           json={"amount": 1000}, headers=bob)
+    assert resp.status_code == 422
+    resp = await http.post(f"/v1/drops/{drop_id}/auctions/999/bids",
+                           json={"amount": -5, "idempotency_key": "x"}, headers=bob)
+    assert resp.status_code == 422
+
+
+async def test_banned_viewer_cannot_bid(server, http, creator, make_token):
+    drop_id, (pid,) = await live_drop(http, creator)
+    a = await start_auction(http, creator, drop_id, product_id=pid, start_price=1000,
+                            duration_s=15)
+    redis = server.app.state.redis
+    await redis.hset(f"{{drop:{drop_id}}}:chat:blocked", "mallory", "ban:0")
+    await redis.hset(f"{{drop:{drop_id}}}:chat:blocked", "muted", "mute:0")
+    url = f"/v1/drops/{drop_id}/auctions/{a['id']}/bids"
+    resp = await http.post(url, json={"amount": 1000, "idempotency_key": "x"},
+                           headers=bearer(make_token("mallory", Role.VIEWER)))
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "banned"
+    # A chat mute does not stop bidding.
+    resp = await http.post(url, json={"amount": 1000, "idempotency_key": "x"},
+                           headers=bearer(make_token("muted", Role.VIEWER)))
+    assert resp.status_code == 201
+
+
+async def test_bid_rate_limit(server, http, creator, make_token):
+    drop_id, (pid,) = await live_drop(http, creator)
+    a = await start_auction(http, creator, drop_id, product_id=pid, start_price=1000,
+                            duration_s=15)
+    url = f"/v1/drops/{drop_id}/auctions/{a['id']}/bids"
+    headers = bearer(make_token("eager", Role.VIEWER))
+    codes = []
+    for i in range(12):  # the buy path's default: 10 attempts per 10 s per user
+        resp = await http.post(url, json={"amount": 1, "idempotency_key": f"k{i}"},
+                               headers=headers)
+        codes.append(resp.json()["error"]["code"])
+    assert codes[:10] == ["bid_too_low"] * 10 and codes[10:] == ["rate_limited"] * 2
+
+
+async def test_auction_rows_survive_a_migration_rerun(backends):
+    conn = await asyncpg.connect(backends.database_url)
+    try:
+        from dropserver.db import migrate
+
+        assert await migrate(conn) == []
+        kinds = await conn.fetchval(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+            "WHERE conname = 'replay_moments_kind_check'")
+        assert "auction_bid" in kinds
+    finally:
+        await conn.close()
