@@ -2,10 +2,11 @@
 
 While a drop is live, :class:`MomentRecorder` listens to the drop's channel (the
 same messages viewers get, ``realtime.channels``) and stores each BUY NOW, sold out,
-pin and close in ``replay_moments`` with ``media_ms``: where the newest frame sat in
-the replay when the event was published. The replay exposes them twice:
-``EXT-X-DATERANGE`` tags in ``replay.m3u8`` (rfc8216bis 4.4.5.1, CLASS
-``com.dropserver.moment``) and the JSON timeline of ``GET /v1/drops/{id}/replay``.
+pin and close, and each auction's start, bids and close, in ``replay_moments`` with
+``media_ms``: where the newest frame sat in the replay when the event was published.
+The replay exposes them twice: ``EXT-X-DATERANGE`` tags in ``replay.m3u8``
+(rfc8216bis 4.4.5.1, CLASS ``com.dropserver.moment``) and the JSON timeline of
+``GET /v1/drops/{id}/replay``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ MOMENT_EVENTS = {
     "drop.sold_out": "sold_out",
     "drop.pinned": "pinned",
     "drop.closed": "closed",
+    "auction.started": "auction_started",
+    "auction.bid": "auction_bid",
+    "auction.closed": "auction_closed",
 }
 
 

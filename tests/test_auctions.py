@@ -27,6 +27,8 @@ from checkout.auction_rules import (
 )
 from dropserver.auth import Role
 from dropserver.errors import ValidationFailed
+from streaming.replay import moment_from_event
+from tests.invariants import check, fake_gateway_payments, quiesce
 from tests.realtime_support import JSON, Client
 
 CREATOR = "creator-1"
@@ -330,6 +332,18 @@ async def test_second_chance_after_the_winner_lets_the_hold_go(server, http, cre
     held = await db.fetchval("SELECT count(*) FROM orders WHERE drop_id = $1 AND state NOT IN "
                              "('expired', 'cancelled', 'failed')", drop_id)
     assert held == 1
+    redis = server.app.state.redis
+    await quiesce(redis, drop_id)
+    await check(db, redis, drop_id, acknowledged=[row["hold_id"], offer.json()["hold_id"]],
+                payments=await fake_gateway_payments(redis))
+
+
+def test_auction_events_are_replay_moments():
+    assert moment_from_event("auction.started", {"auction_id": 1, "product_id": 7}) == \
+        ("auction_started", 7)
+    assert moment_from_event("auction.bid", {"product_id": 7, "amount": 5}) == \
+        ("auction_bid", 7)
+    assert moment_from_event("auction.closed", {"product_id": 7}) == ("auction_closed", 7)
 
 
 async def test_exactly_one_closer(server, http, creator, make_token):
@@ -437,6 +451,11 @@ async def test_bidding_war_keeps_every_invariant(server, http, creator):
     orders = await db.fetch("SELECT * FROM orders WHERE drop_id = $1", drop_id)
     assert len(orders) == 1 and orders[0]["user_id"] == row["winner_id"]
     assert orders[0]["amount"] == data["amount"]
+    # The order pipeline's invariants hold for the winner's hold as for a buy's.
+    redis = server.app.state.redis
+    await quiesce(redis, drop_id)
+    await check(db, redis, drop_id, acknowledged={row["hold_id"]: {
+        "user_id": row["winner_id"]}}, payments=await fake_gateway_payments(redis))
 
 
 async def test_bid_refusals_without_a_running_auction(server, http, creator, make_token):
