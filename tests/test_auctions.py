@@ -515,3 +515,39 @@ async def test_auction_rows_survive_a_migration_rerun(backends):
         assert "auction_bid" in kinds
     finally:
         await conn.close()
+
+
+async def test_the_documented_examples_work_as_written(server, http, settings, creator,
+                                                       make_token):
+    import json
+    import re
+
+    from tests.test_docs_examples import (
+        HTTP_VALUES,
+        _doc,
+        _ids_as_shown,
+        block_after,
+        mismatches,
+        same_fields,
+    )
+
+    api = _doc("http-api.md")
+    await _ids_as_shown(settings.database_url)
+    drop_id, (pid,) = await live_drop(http, creator)
+    assert (drop_id, pid) == (42, 7)
+    start = api[api.index("**POST `/v1/drops/{id}/auctions`.**"):]
+    resp = await http.post("/v1/drops/42/auctions", headers=creator,
+                           json=json.loads(block_after(start, "Body:")))
+    assert resp.status_code == 201, resp.text
+    shown = json.loads(block_after(start, "Answer `201`"))
+    same_fields(resp.json(), shown, "start answer")
+    assert mismatches(resp.json(), shown, values=HTTP_VALUES) == []
+    section = api[api.index("**POST `/v1/drops/{id}/auctions/{auction_id}/bids`.**"):]
+    body = json.loads(re.search(r"Body `(\{.*?\})`", section, re.S).group(1))
+    resp = await http.post(f"/v1/drops/42/auctions/{resp.json()['id']}/bids", json=body,
+                           headers={**bearer(make_token("viewer-9", Role.VIEWER)),
+                                    "Idempotency-Key": "docs-1"})
+    assert resp.status_code == 201, resp.text
+    shown = json.loads(block_after(section, "Answer ("))
+    same_fields(resp.json(), shown, "bid answer")
+    assert mismatches(resp.json(), shown, values=HTTP_VALUES) == []

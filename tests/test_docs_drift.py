@@ -56,6 +56,6 @@ def test_every_server_frame_type_the_pages_name_exists():
     named = _mentioned(r'"t":\s*"([a-z_.]+)"')
     for name, pages in _mentioned(r"`([a-z_]+)` frames?\b").items():
         named.setdefault(name, []).extend(pages)
-    commands = {"buy", "cancel_hold"}  # registered by checkout (app.state.commands)
+    commands = {"buy", "cancel_hold", "bid"}  # registered by checkout (app.state.commands)
     missing = {t: pages for t, pages in named.items() if t not in known | commands}
     assert missing == {}
