@@ -1,7 +1,9 @@
 // The creator's console: token, drop, camera preview + WHIP publishing, drop
-// controls and live stats. Text from the server is rendered with textContent.
+// controls, auctions and live stats. Text from the server is rendered with
+// textContent.
 
 import { fetchJson, loadConfig, tokenFromFragment } from "./api.js";
+import { initialAuctions, reduceAuctions, secondsLeft } from "./auction-state.js";
 import { DropClient } from "./client.js";
 import * as creator from "./creator-api.js";
 import { formatMoney } from "./viewer-state.js";
@@ -28,6 +30,7 @@ const ui = {
   statsShown: 0, // stats answers shown (tests wait for fresh ones instead of sleeping)
   goLive: null, // {dropId, at (ms), timer} while a draft counts down to live
   goLiveSeconds: 5,
+  auctions: initialAuctions(),
 };
 window.__console = ui; // for tests and debugging
 
@@ -134,12 +137,14 @@ async function openDrop(id) {
       cancelGoLive();
       ui.stats = { ...NO_STATS }; // nothing of the previous drop's numbers
       renderStats();
+      ui.auctions = initialAuctions();
     }
     ui.drop = drop;
     history.replaceState(null, "", `/console?drop=${id}`);
     renderDrop();
     connectSocket();
     refreshStats();
+    refreshAuctions();
     clearInterval(ui.statsTimer);
     ui.statsTimer = setInterval(refreshStats, 2000);
     log(`opened drop #${id} (${ui.drop.state})`);
@@ -198,6 +203,12 @@ function connectSocket() {
   });
   ui.client.addEventListener("event", (e) => {
     const { event, data } = e.detail;
+    if (event.startsWith("auction.")) {
+      auctionDispatch(event, data);
+      if (event !== "auction.bid") log(`${event} ${JSON.stringify(data)}`);
+      if (event === "auction.closed") refreshStats();
+      return;
+    }
     if (event === "viewers") {
       ui.stats.viewers = data.count;
       renderStats();
@@ -225,6 +236,84 @@ function connectSocket() {
     }
   });
   ui.client.start();
+}
+
+// --- auctions ------------------------------------------------------------------
+
+function auctionDispatch(event, data) {
+  ui.auctions = reduceAuctions(ui.auctions, event, data, Date.now());
+  renderAuctions();
+}
+
+const OUTCOMES = { sold: "sold", reserve_not_met: "reserve not met", no_bids: "no bids",
+  no_stock: "no unit left" };
+
+function renderAuctions() {
+  const list = Object.values(ui.auctions.byId).sort((a, b) => b.id - a.id);
+  const currency = ui.drop?.currency || "usd";
+  $("auction-list").replaceChildren(...list.map((a) => {
+    const li = document.createElement("li");
+    li.dataset.auction = String(a.id);
+    li.dataset.state = a.state;
+    const product = ui.drop?.products?.find((p) => p.product_id === a.productId);
+    const lead = a.leading ? `${formatMoney(a.leading.amount, a.currency || currency)} by `
+      + `${a.leading.bidder || a.leading.bidderId}` : "no bids";
+    const when = a.state === "running"
+      ? `${Math.ceil(secondsLeft(ui.auctions, a, Date.now()) ?? 0)} s left`
+      : OUTCOMES[a.outcome] || "ended";
+    li.textContent = `#${a.id} ${product?.title || `product ${a.productId}`}: ${lead}, `
+      + `${a.bids} bid${a.bids === 1 ? "" : "s"}, ${when}`;
+    if (a.state === "closed" && a.outcome === "sold") {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.textContent = "Offer to runner-up";
+      b.title = "when the winner did not pay within the hold";
+      b.addEventListener("click", () => offerSecondChance(a.id));
+      li.append(" ", b);
+    }
+    return li;
+  }));
+}
+
+async function startAuction(ev) {
+  ev.preventDefault();
+  showError("auction-error", null);
+  if (!ui.drop) return;
+  const cents = (id) => Math.round(Number($(id).value) * 100);
+  const body = {
+    product_id: Number($("product-select").value),
+    start_price: cents("auction-start"),
+    increment: cents("auction-increment"),
+    duration_s: Number($("auction-duration").value),
+    snipe_window_s: Number($("auction-snipe").value),
+  };
+  if ($("auction-reserve").value) body.reserve_price = cents("auction-reserve");
+  try {
+    const a = await creator.startAuction(ui.drop.id, body, ui.token);
+    log(`auction #${a.id} started, ends in ${Math.round(a.duration_ms / 1000)} s`);
+    auctionDispatch("auctions.list", { auctions: [a], server_time: a.server_time });
+  } catch (err) {
+    showError("auction-error", err);
+  }
+}
+
+async function offerSecondChance(auctionId) {
+  showError("auction-error", null);
+  try {
+    const offer = await creator.secondChance(ui.drop.id, auctionId, ui.token);
+    log(`auction #${auctionId}: offered to ${offer.bidder || offer.user_id} at `
+      + `${formatMoney(offer.amount, ui.drop.currency)}`);
+  } catch (err) {
+    showError("auction-error", err);
+  }
+}
+
+function refreshAuctions() {
+  if (!ui.drop) return;
+  const dropId = ui.drop.id;
+  creator.listAuctions(dropId, ui.token).then((body) => {
+    if (ui.drop?.id === dropId) auctionDispatch("auctions.list", body);
+  }).catch((err) => log(`auctions: ${err.message}`));
 }
 
 // --- drop controls -------------------------------------------------------------
@@ -363,6 +452,8 @@ async function main() {
     if (/^\d+$/.test(id)) openDrop(Number(id));
   });
   $("create-form").addEventListener("submit", createDrop);
+  $("auction-form").addEventListener("submit", startAuction);
+  setInterval(renderAuctions, 500);
   $("camera-btn").addEventListener("click", startCamera);
   $("publish-btn").addEventListener("click", togglePublish);
   for (const btn of document.querySelectorAll("[data-action]")) {

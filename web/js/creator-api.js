@@ -1,4 +1,4 @@
-// The creator HTTP API as the console uses it (docs/http-api.md, "Drops").
+// The creator HTTP API as the console uses it (docs/http-api.md, "Drops", "Auctions").
 
 import { fetchJson } from "./api.js";
 
@@ -42,4 +42,17 @@ export function action(id, name, token, body = {}) {
   const seg = ACTIONS[name];
   if (!seg) throw new Error(`unknown action ${name}`);
   return fetchJson(`/v1/drops/${id}/${seg}`, { method: "POST", token, body });
+}
+
+export function startAuction(id, body, token) {
+  return fetchJson(`/v1/drops/${id}/auctions`, { method: "POST", token, body });
+}
+
+export function listAuctions(id, token) {
+  return fetchJson(`/v1/drops/${id}/auctions`, { token });
+}
+
+export function secondChance(id, auctionId, token) {
+  return fetchJson(`/v1/drops/${id}/auctions/${auctionId}/second-chance`,
+    { method: "POST", token, body: {} });
 }

@@ -1,8 +1,12 @@
-// The viewer's live page: player, drop state, BUY NOW, buy flow, chat, viewers.
-// State lives in viewer-state.js (pure); this file does I/O and rendering only.
+// The viewer's live page: player, drop state, BUY NOW, buy flow, auctions, chat,
+// viewers. State lives in viewer-state.js and auction-state.js (pure); this file does
+// I/O and rendering only.
 // All user-supplied text is rendered with textContent, never innerHTML.
 
 import { fetchJson, loadConfig, viewerToken } from "./api.js";
+import {
+  currentAuction, initialAuctions, nextAmounts, reduceAuctions, secondsLeft, statusText,
+} from "./auction-state.js";
 import { DropClient } from "./client.js";
 import { startPlayer } from "./player.js";
 import {
@@ -27,6 +31,13 @@ let stripe = null;
 let stripeCard = null;
 let viewerTokenValue = null;
 const seenBuyNow = { productId: null };
+let auctions = initialAuctions();
+
+function auctionDispatch(event, data) {
+  auctions = reduceAuctions(auctions, event, data, Date.now());
+  renderAuction();
+  window.__auctions = auctions; // tests and debugging
+}
 
 function dispatch(event, data) {
   state = reduce(state, event, data);
@@ -111,6 +122,50 @@ function render() {
   renderOrder();
   renderCampaign();
   renderChat();
+  renderAuction();
+}
+
+// The auction panel: the leading bid, the server's countdown, bid buttons for the
+// next amounts, what happened to the viewer's own bid.
+let renderedBids = "";
+function renderAuction() {
+  const a = currentAuction(auctions);
+  $("auction").hidden = !a;
+  if (!a) return;
+  $("auction").dataset.state = a.state;
+  const product = a.productId == null ? null : state.products[String(a.productId)];
+  $("auction-title").textContent = product?.title || `Product ${a.productId ?? ""}`;
+  $("auction-amount").textContent = formatMoney(a.leading ? a.leading.amount : a.startPrice,
+    a.currency);
+  $("auction-status").textContent = statusText(a);
+  renderAuctionTimer();
+  const err = a.error && !["bid_too_low"].includes(a.error) ? a.error : "";
+  $("auction-error").hidden = !err;
+  $("auction-error").textContent = err ? `Bid refused: ${err.replaceAll("_", " ")}` : "";
+  const open = a.state === "running" && !!viewerTokenValue && state.conn.state === "open";
+  const amounts = open ? nextAmounts(a) : [];
+  const key = `${a.id}:${amounts.join(",")}:${a.pending ?? ""}:${a.mine ?? ""}`;
+  if (key === renderedBids) return;
+  renderedBids = key;
+  $("bid-buttons").replaceChildren(...amounts.map((amount) => {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "bid-btn";
+    b.dataset.amount = String(amount);
+    b.textContent = `Bid ${formatMoney(amount, a.currency)}`;
+    b.disabled = a.pending != null || a.mine === "leading";
+    b.addEventListener("click", () => placeBid(a.id, amount));
+    return b;
+  }));
+}
+
+function renderAuctionTimer() {
+  const a = currentAuction(auctions);
+  if (!a) return;
+  const secs = a.state === "running" ? secondsLeft(auctions, a, Date.now()) : null;
+  const el = $("auction-timer");
+  el.hidden = secs === null;
+  if (secs !== null) el.textContent = formatClock(Math.ceil(secs));
 }
 
 function renderCountdown() {
@@ -222,6 +277,26 @@ async function buy() {
   }
 }
 
+async function placeBid(auctionId, amount) {
+  if (!client) return;
+  auctionDispatch("bid.sent", { auction_id: auctionId, amount });
+  try {
+    const reply = await client.command("bid", {
+      auction_id: auctionId, amount, idempotency_key: crypto.randomUUID(),
+    });
+    auctionDispatch("bid.accepted", reply);
+  } catch (err) {
+    auctionDispatch("bid.rejected", { auction_id: auctionId, code: err.code,
+      details: err.details || {} });
+  }
+}
+
+function fetchAuctions() {
+  fetchJson(`/v1/drops/${state.dropId}/auctions`)
+    .then((body) => auctionDispatch("auctions.list", body))
+    .catch(() => {});
+}
+
 async function pay() {
   const o = state.order;
   if (!client || !o.orderId || !o.clientSecret) return;
@@ -309,6 +384,9 @@ async function main() {
   config = await loadConfig();
   const token = await viewerToken(config);
   viewerTokenValue = token;
+  if (token) {
+    fetchJson("/v1/me", { token }).then((me) => auctionDispatch("me", me)).catch(() => {});
+  }
   $("buy-btn").addEventListener("click", buy);
   $("pay-btn").addEventListener("click", pay);
   $("cancel-btn").addEventListener("click", cancelHold);
@@ -342,6 +420,9 @@ async function main() {
     if (d.stock) dispatch("stock", d.stock.data || d.stock);
     // Back after a gap the server could not replay: a stream.status may be missed.
     if (e.detail.recovered === false) fetchStreamStatus();
+    // Auctions are not in the join snapshot: read them, then events keep them current
+    // (the higher seq wins either way round).
+    if (e.detail.recovered !== true) fetchAuctions();
   });
   client.addEventListener("join-error", async (e) => {
     if (e.detail.code === "drop_not_found") {
@@ -358,11 +439,15 @@ async function main() {
     }
   });
   client.addEventListener("event", (e) => {
+    if (e.detail.event.startsWith("auction.")) {
+      auctionDispatch(e.detail.event, e.detail.data);
+      return;
+    }
     dispatch(e.detail.event, e.detail.data);
     if (e.detail.event === "stream.status") syncPlayer();
   });
   client.start();
-  setInterval(renderCountdown, 250);
+  setInterval(() => { renderCountdown(); renderAuctionTimer(); }, 250);
 }
 
 async function listLiveDrops() {
