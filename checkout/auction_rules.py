@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ __all__ = [
     "BidRefused",
     "Outcome",
     "ReplayResult",
+    "bands_of",
     "decode_increments",
     "encode_increments",
     "min_next",
@@ -124,6 +126,14 @@ def encode_increments(bands: Bands) -> str:
 def decode_increments(text: str) -> Bands:
     return tuple((int(lo), int(step)) for lo, step in
                  (part.split(":") for part in text.split(",") if part))
+
+
+def bands_of(value: Any) -> Bands:
+    """``auctions.increments`` as read: a list (the app's pool decodes JSON) or its
+    JSON text (a plain asyncpg connection)."""
+    if isinstance(value, str):
+        value = json.loads(value)
+    return tuple((int(lo), int(step)) for lo, step in value)
 
 
 def step_at(bands: Bands, price: int) -> int:

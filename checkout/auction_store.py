@@ -9,12 +9,11 @@ changes nothing.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import asyncpg
 
-from checkout.auction_rules import AuctionSpec
+from checkout.auction_rules import AuctionSpec, bands_of
 
 __all__ = ["flow_for", "insert_auction", "load_auction", "load_auctions", "load_bids",
            "max_seq", "record_bids", "record_close", "record_offer", "set_clock"]
@@ -30,7 +29,7 @@ def _row(record: asyncpg.Record | None) -> dict[str, Any] | None:
         return None
     row = dict(record)
     row["currency"] = row["currency"].strip()
-    row["increments"] = json.loads(row["increments"])
+    row["increments"] = [list(b) for b in bands_of(row["increments"])]
     return row
 
 
@@ -46,7 +45,7 @@ async def insert_auction(conn: asyncpg.Connection, drop_id: int, creator_id: str
            VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10::bigint, $10::bigint + $8::int)
            RETURNING id""",
         drop_id, spec.product_id, creator_id, currency, spec.start_price,
-        json.dumps([list(b) for b in spec.increments]), spec.reserve_price,
+        [list(b) for b in spec.increments], spec.reserve_price,
         spec.duration_ms, spec.snipe_window_ms, now_ms)
 
 

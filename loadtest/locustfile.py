@@ -22,6 +22,19 @@ Custom entries in Locust's statistics (web UI and ``--csv``):
 | ``WS`` | ``buy`` / ``buy sold_out`` | buy command -> its reply; other codes are failures |
 | ``WS`` | ``join`` | WebSocket open -> ``joined`` |
 | ``WSERR`` | ``<code>`` | protocol error frames, undecodable frames and lost events (failures) |
+| ``WS`` | ``bid`` / ``bid <code>`` | a bid -> its reply (auctions; below) |
+| ``AUCTION`` | ``bid_to_viewer`` | the server accepted a bid -> this viewer's receipt |
+| ``AUDIT`` | ``auction`` | an auction replayed from its recorded bids; failure: a broken rule |
+
+With ``--lt-scenario auction`` the creator runs auctions instead of drops: a drop with
+one unit, live, an auction of ``--lt-auction-duration`` seconds; viewers drawn with
+``--lt-bid-probability`` bid in its last ``--lt-war-seconds`` (the next amount, about
+once a second each) and then stop (a refusal ``bid_too_low``, ``already_leading`` or
+``auction_closed`` is part of the game, not a failure); after the close the creator
+reads the auction and its recorded bids over HTTP and replays the rules
+(:func:`checkout.auction_rules.replay`): one winner at the highest bid, no bid at or
+after the end, every extension as the anti-snipe rule gives, and the close viewers
+were shown (``GET .../auctions/{id}``).
 
 Viewers' sockets are gevent sockets (Locust monkey-patches the standard library)
 around websockets' sans-I/O client protocol, so a worker process holds thousands.
@@ -55,12 +68,14 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-from loadtest.viewer import BuyOutcome, Viewer, ViewerConfig
+from loadtest.viewer import BuyOutcome, UndecodableFrame, Viewer, ViewerConfig, decode_server
 
 # -- shared state of this Locust process ---------------------------------------------------
 _drop: dict[str, Any] = {"id": None, "buy_now_wall": {}}  # drop id -> wall time of BUY NOW
 _pending: list[tuple[int, float, Any]] = []  # (drop id, receipt wall time, user) before the
 # creator's BUY NOW time arrived on this worker
+_auction: dict[str, Any] = {}  # --lt-scenario auction: {drop_id, auction_id, war_from,
+# war_until} (wall seconds, corrected to the server's clock) of the running auction
 
 
 @events.init_command_line_parser.add_listener
@@ -80,6 +95,15 @@ def _arguments(parser: Any) -> None:
     group.add_argument("--lt-encoding", choices=["msgpack", "json"], default="msgpack")
     group.add_argument("--lt-jwt-secret", default=os.environ.get("DROPSERVER_JWT_SECRET", ""),
                        help="HS256 secret for tokens (default: the dev secret)")
+    group.add_argument("--lt-scenario", choices=["drop", "auction"], default="drop",
+                       help="drop: BUY NOW (default); auction: bidding wars, audited")
+    group.add_argument("--lt-auction-duration", type=int, default=20)
+    group.add_argument("--lt-snipe-window", type=int, default=5,
+                       help="seconds: a bid with less left resets the clock to this")
+    group.add_argument("--lt-war-seconds", type=float, default=5.0,
+                       help="bidders raise from this long before the end, for this long")
+    group.add_argument("--lt-bid-probability", type=float, default=0.3,
+                       help="share of viewers that bid in an auction")
     group.add_argument("--lt-one-address", action="store_true",
                        help="connect every viewer from the default source address, even "
                             "to a loopback host (they then share the per-IP buy limit)")
@@ -165,6 +189,11 @@ def _on_buy_now(environment: Any, data: dict[str, Any]) -> None:
     _pending[:] = keep
 
 
+def _on_auction(environment: Any, data: dict[str, Any]) -> None:
+    _auction.clear()
+    _auction.update(data)
+
+
 def _relay(name: str, handler):
     """On the master, forward a worker's message to every worker; elsewhere handle it."""
 
@@ -185,6 +214,7 @@ def _init(environment: Any, **_kw: Any) -> None:
         return
     runner.register_message("lt_drop", _relay("lt_drop", _on_drop))
     runner.register_message("lt_buy_now", _relay("lt_buy_now", _on_buy_now))
+    runner.register_message("lt_auction", _relay("lt_auction", _on_auction))
     opts = environment.parsed_options
     if opts is not None and getattr(opts, "lt_drop_id", 0):
         _drop["id"] = opts.lt_drop_id
@@ -195,7 +225,8 @@ def _announce(environment: Any, name: str, data: dict[str, Any]) -> None:
     if isinstance(runner, WorkerRunner):
         runner.send_message(name, data)  # the master relays it to every worker
     else:
-        (_on_drop if name == "lt_drop" else _on_buy_now)(environment, data)
+        {"lt_drop": _on_drop, "lt_buy_now": _on_buy_now,
+         "lt_auction": _on_auction}[name](environment, data)
 
 
 # -- viewers ------------------------------------------------------------------------------
@@ -342,6 +373,9 @@ class ViewerUser(User):
         assert viewer is not None
         env = self.environment
         now = time.monotonic()
+        opts = env.parsed_options
+        if opts is not None and getattr(opts, "lt_scenario", "drop") == "auction":
+            self._auction_frame(frame)
         before = (viewer.joined_at, viewer.buy_now_at, viewer.buy_outcome,
                   dict(viewer.errors or {}), viewer.gaps + viewer.out_of_order)
         data = frame.data.decode() if frame.opcode is Opcode.TEXT else bytes(frame.data)
@@ -350,6 +384,11 @@ class ViewerUser(User):
                 gevent.spawn_later(delay, self._send_buy, message)
             else:
                 self._send(message)
+        if viewer.errors and self._bids_sent_any():
+            # A bid's error answer is the viewer's "other:<code>"; it was counted as
+            # the bid's outcome above (WS "bid <code>").
+            for code in [c for c in viewer.errors if c.startswith("other:")]:
+                del viewer.errors[code]
         if before[0] is None and viewer.joined_at is not None:
             _fire(env, "WS", "join", (viewer.joined_at - started) * 1000)
         if before[1] is None and viewer.buy_now_at is not None and not viewer.buy_now_late:
@@ -374,6 +413,68 @@ class ViewerUser(User):
         lost = viewer.gaps + viewer.out_of_order - before[4]
         if lost > 0:
             _fire(env, "WSERR", "position_gap", 0, RuntimeError(f"{lost} events lost"))
+
+    # -- auctions (--lt-scenario auction) ------------------------------------------------
+    def _auction_frame(self, frame: Frame) -> None:
+        raw = frame.data.decode() if frame.opcode is Opcode.TEXT else bytes(frame.data)
+        try:
+            frames = decode_server(raw)
+        except UndecodableFrame:
+            return  # the viewer's own decoding counts it
+        env = self.environment
+        for f in frames:
+            event, data = f.get("event"), f.get("data") or {}
+            if f.get("t") == "event" and event == "auction.bid":
+                self._next_min = max(getattr(self, "_next_min", 0), int(data["next_min"]))
+                _fire(env, "AUCTION", "bid_to_viewer",
+                      max(0.0, time.time() * 1000 - int(data["server_time"])))
+            elif f.get("t") == "event" and event == "auction.started":
+                self._next_min = int(data["next_min"])
+                opts = env.parsed_options
+                chance = getattr(opts, "lt_bid_probability", 0.3) if opts else 0.3
+                if random.random() < chance:
+                    gevent.spawn(self._bid_war, int(data["auction_id"]))
+            elif f.get("t") in ("reply", "error") and str(f.get("id", "")).startswith("bid"):
+                sent = self._bids_sent.pop(f["id"], None) if hasattr(self, "_bids_sent") \
+                    else None
+                if sent is None:
+                    continue
+                ms = (time.monotonic() - sent) * 1000
+                if f["t"] == "reply":
+                    _fire(env, "WS", "bid", ms)
+                else:
+                    code = f.get("code", "error")
+                    min_amount = (f.get("details") or {}).get("min_amount")
+                    if min_amount:
+                        self._next_min = max(getattr(self, "_next_min", 0), int(min_amount))
+                    # Being outbid first or the close are the game, not failures.
+                    expected = code in ("bid_too_low", "auction_closed", "already_leading")
+                    _fire(env, "WS", f"bid {code}", ms,
+                          None if expected else RuntimeError(code))
+
+    def _bids_sent_any(self) -> bool:
+        return hasattr(self, "_bids_sent")
+
+    def _bid_war(self, auction_id: int) -> None:
+        """Bid the next amount about once a second through the auction's last seconds."""
+        if not hasattr(self, "_bids_sent"):
+            self._bids_sent: dict[str, float] = {}
+        waited = 0.0  # the creator's announcement may come after the event
+        while _auction.get("auction_id") != auction_id and waited < 10:
+            gevent.sleep(0.1)
+            waited += 0.1
+        gevent.sleep(max(0.0, _auction.get("war_from", 0) - time.time())
+                     + random.random() * 0.5)
+        n = 0
+        while time.time() < _auction.get("war_until", 0) and self._sock is not None \
+                and _auction.get("auction_id") == auction_id:
+            n += 1
+            rid = f"bid{self._index}-{auction_id}-{n}"
+            self._bids_sent[rid] = time.monotonic()
+            self._send({"t": "bid", "id": rid, "auction_id": auction_id,
+                        "amount": getattr(self, "_next_min", 0) + random.choice((0, 0, 100)),
+                        "idempotency_key": rid})
+            gevent.sleep(random.expovariate(1.0))
 
     def _send_buy(self, message: dict[str, Any]) -> None:
         if self.viewer is not None and self._sock is not None:
@@ -406,6 +507,9 @@ class CreatorUser(HttpUser):
         def opt(name: str, default: Any) -> Any:
             return getattr(opts, name, default) if opts is not None else default
 
+        if opt("lt_scenario", "drop") == "auction":
+            self.run_auction(opt)
+            return
         with self.client.post("/v1/drops", name="drop create", catch_response=True, json={
             "title": "Locust drop",
             "products": [{"title": "Locust item", "price": 2500,
@@ -429,4 +533,66 @@ class CreatorUser(HttpUser):
         if resp.status_code == 200:
             _announce(self.environment, "lt_buy_now", {"drop_id": drop_id, "wall": wall})
         gevent.sleep(opt("lt_selling", 20.0))
+        self.client.post(f"{path}/end", name="drop end", json={})
+
+    def run_auction(self, opt: Any) -> None:
+        """A drop with one unit, an auction of it, then its audit over HTTP."""
+        from checkout.auction_rules import bands_of, replay
+
+        resp = self.client.post("/v1/drops", name="drop create", json={
+            "title": "Locust auction", "products": [{"title": "Locust lot", "price": 1000,
+                                                     "units": 1}]})
+        if resp.status_code != 201:
+            return
+        drop = resp.json()
+        drop_id, product_id = drop["id"], drop["products"][0]["product_id"]
+        path = f"/v1/drops/{drop_id}"
+        self.client.post(f"{path}/schedule", name="drop schedule", json={
+            "starts_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 60))})
+        self.client.post(f"{path}/live", name="drop live", json={})
+        _announce(self.environment, "lt_drop", {"drop_id": drop_id})
+        gevent.sleep(opt("lt_join_wait", 10.0))
+        duration, war = opt("lt_auction_duration", 20), opt("lt_war_seconds", 5.0)
+        resp = self.client.post(f"{path}/auctions", name="auction start", json={
+            "product_id": product_id, "start_price": 1000, "increment": 100,
+            "duration_s": duration, "snipe_window_s": opt("lt_snipe_window", 5)})
+        if resp.status_code != 201:
+            return
+        auction = resp.json()
+        skew = auction["server_time"] / 1000 - time.time()  # server clock - ours
+        war_from = auction["ends_at"] / 1000 - skew - war
+        _announce(self.environment, "lt_auction", {
+            "drop_id": drop_id, "auction_id": auction["id"], "war_from": war_from,
+            "war_until": war_from + war})
+        aid = auction["id"]
+        started = time.time()
+        while time.time() - started < duration * 4 + 30:  # extensions, bounded
+            gevent.sleep(1.0)
+            state = self.client.get(f"{path}/auctions/{aid}", name="auction get").json()
+            if state.get("state") == "closed":
+                break
+        gevent.sleep(1.0)  # bids reach PostgreSQL off the hot path
+        t0 = time.monotonic()
+        state = self.client.get(f"{path}/auctions/{aid}", name="auction get").json()
+        bids = self.client.get(f"{path}/auctions/{aid}/bids", name="auction bids").json()
+        rows = [{"seq": b["seq"], "user_id": b["bidder_id"], "amount": b["amount"],
+                 "at_ms": b["at"], "ends_at_ms": b["ends_at"], "extended": b["extended"]}
+                for b in bids.get("bids", [])]
+        result = replay(start_price=auction["start_price"],
+                        bands=bands_of([[b["from"], b["step"]] for b in auction["increments"]]),
+                        snipe_window_ms=auction["snipe_window_ms"],
+                        first_ends_at=auction["ends_at"], reserve_price=None, bids=rows)
+        problems = list(result.problems)
+        leading = state.get("leading") or {}
+        if state.get("state") != "closed":
+            problems.append("the auction did not close")
+        elif rows and (leading.get("bidder_id"), leading.get("amount")) != (
+                result.leader, result.amount):
+            problems.append(f"shown winner {leading} differs from the replay's "
+                            f"{result.leader} at {result.amount}")
+        if state.get("state") == "closed" and state.get("ends_at") != result.ends_at:
+            problems.append(f"end {state.get('ends_at')}, the rules give {result.ends_at}")
+        _fire(self.environment, "AUDIT", "auction", (time.monotonic() - t0) * 1000,
+              RuntimeError("; ".join(problems)[:500]) if problems else None)
+        _auction.clear()
         self.client.post(f"{path}/end", name="drop end", json={})

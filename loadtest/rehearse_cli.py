@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 
+from loadtest.auction_rehearsal import AuctionConfig, rehearse_auctions
 from loadtest.rehearse import RehearsalConfig, rehearse
 
 __all__ = ["add_arguments", "main"]
@@ -74,9 +75,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="every viewer lost to the fault back within this many seconds")
     p.add_argument("--out", default=d.out_dir, dest="out_dir")
     p.add_argument("--quiet", action="store_true")
+    a = AuctionConfig()
+    g = p.add_argument_group("auctions (--scenario auction)")
+    g.add_argument("--scenario", choices=["drop", "auction"], default="drop",
+                   help="drop: BUY NOW and a rush (default); auction: bidding wars, audited "
+                   "(loadtest.auction_rehearsal)")
+    g.add_argument("--bidders", type=int, default=a.bidders,
+                   help="viewers that bid (the first N, signed in)")
+    g.add_argument("--auctions", type=int, default=a.auctions, help="auctions, one after "
+                   "another, each of a single-unit product")
+    g.add_argument("--auction-duration", type=int, default=a.duration_s, dest="duration_s")
+    g.add_argument("--snipe-window", type=int, default=a.snipe_window_s,
+                   dest="snipe_window_s", help="seconds: a bid with less left resets the "
+                   "clock to this")
+    g.add_argument("--war-seconds", type=float, default=a.war_s, dest="war_s",
+                   help="bidders raise from this long before the end, for this long")
+    g.add_argument("--bid-interval", type=float, default=a.bid_interval_s,
+                   dest="bid_interval_s", help="mean seconds between one bidder's bids")
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "scenario", "drop") == "auction":
+        return auction_main(args)
     fields = {f: getattr(args, f) for f in RehearsalConfig.__dataclass_fields__
               if hasattr(args, f)}
     fields["buy_delay_ms"] = tuple(fields["buy_delay_ms"])
@@ -95,4 +115,21 @@ def main(args: argparse.Namespace) -> int:
                                 budget_s=args.recovery_budget_s)
     cfg = RehearsalConfig(**fields)
     result = asyncio.run(asyncio.wait_for(rehearse(cfg), cfg.max_duration_s + 120))
+    return 0 if result.get("passed") else 1
+
+
+def auction_main(args: argparse.Namespace) -> int:
+    fields = {f: getattr(args, f) for f in AuctionConfig.__dataclass_fields__
+              if hasattr(args, f) and f not in ("server_env", "command")}
+    env = {}
+    for item in getattr(args, "server_env", None) or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--server-env wants NAME=VALUE, got {item!r}")
+        env[name] = value
+    cfg = AuctionConfig(**fields, server_env=env,
+                        command="python -m loadtest " + shlex.join(sys.argv[1:]))
+    if cfg.bidders > cfg.viewers:
+        raise SystemExit("--bidders cannot exceed --viewers")
+    result = asyncio.run(asyncio.wait_for(rehearse_auctions(cfg), cfg.max_duration_s + 120))
     return 0 if result.get("passed") else 1

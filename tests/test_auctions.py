@@ -19,6 +19,7 @@ from checkout.auction import BidRequest
 from checkout.auction_rules import (
     BidRefused,
     Outcome,
+    bands_of,
     decode_increments,
     min_next,
     parse_spec,
@@ -80,7 +81,7 @@ async def audit(db, auction_id, first_ends_at=None):
     bids = [dict(r) for r in await db.fetch(
         "SELECT * FROM auction_bids WHERE auction_id = $1 ORDER BY seq", auction_id)]
     result = replay(start_price=row["start_price"],
-                    bands=tuple(tuple(b) for b in __import__("json").loads(row["increments"])),
+                    bands=bands_of(row["increments"]),
                     snipe_window_ms=row["snipe_window_ms"],
                     first_ends_at=first_ends_at or row["ends_at_ms"],
                     reserve_price=row["reserve_price"], bids=bids)

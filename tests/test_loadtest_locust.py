@@ -158,3 +158,29 @@ def test_the_documented_command_passes_against_dropserver_dev(tmp_path: Path) ->
         assert not [key for key in stats if key[0] == "WSERR"], "protocol errors"
     finally:
         stop_process(dev, signal.SIGINT, 20)
+
+
+@pytest.mark.timeout(90)
+def test_headless_locust_runs_an_audited_auction(target: LocalTarget, tmp_path: Path) -> None:
+    """--lt-scenario auction: viewers bid in the last seconds, every viewer times the
+    bids it sees, and the creator's audit of the auction (its recorded bids replayed
+    by the rules, against what GET .../auctions/{id} shows) passes."""
+    proc = _locust("--headless", "-u", "40", "-r", "40", "-t", "22s", "--host",
+                   target.base_url, "--csv", str(tmp_path / "auc"), "--lt-scenario",
+                   "auction", "--lt-join-wait", "2", "--lt-auction-duration", "6",
+                   "--lt-snipe-window", "2", "--lt-war-seconds", "3",
+                   "--lt-bid-probability", "0.5", "--only-summary", cwd=tmp_path)
+    out, _ = proc.communicate(timeout=80)
+    assert proc.returncode == 0, out.decode()[-2000:]
+    assert b"Traceback" not in out, out.decode()[-4000:]
+    stats = _stats(tmp_path / "auc")
+    counts = {f"{k[0]} {k[1]}": (v["Request Count"], v["Failure Count"])
+              for k, v in stats.items()}
+    failures = (tmp_path / "auc_failures.csv").read_text()
+    audit = stats.get(("AUDIT", "auction"), {})
+    assert int(audit.get("Request Count", 0)) >= 1, counts
+    assert int(audit["Failure Count"]) == 0, failures
+    assert int(stats[("WS", "bid")]["Request Count"]) >= 5, counts
+    assert int(stats[("WS", "bid")]["Failure Count"]) == 0, failures
+    assert int(stats[("AUCTION", "bid_to_viewer")]["Request Count"]) >= 5 * 20, counts
+    assert not [key for key in stats if key[0] == "WSERR"], failures
