@@ -10,6 +10,11 @@ each server in turn:
 * ``gateway-cluster``: the same gateway on a local Redis Cluster (3 primaries, 3
   replicas; ``dropserver.local_cluster``) instead of one Redis, in the same run:
   publications go out with SPUBLISH and reach the gateway on the drop's shard.
+* ``gateway-bids``: the same gateway, each event an accepted **bid**: ``bid.lua``
+  called by the benchmark (a running auction of the drop, bidders taking turns), the
+  script that appends ``auction.bid`` to the drop's history and publishes it in the
+  bid's own atomic step; latency is arrival minus the moment before the bid was sent.
+  ``bid_p99_ratio`` is its p99 over the baseline's (the auctions' goal: 1.5).
 * ``baseline``: a bare server (:mod:`benchmarks._bare`: websockets' asyncio server, no
   compression) whose only job is to subscribe to the drop's Redis channel and
   ``websockets.broadcast()`` each message to every socket (``--workers N``: N such
@@ -80,7 +85,9 @@ class Viewer:
                 elif t == "ping":  # a 50,000-viewer run outlasts the heartbeat
                     conn.send(_PONG)
                 elif t == "event":
-                    self.bench.arrivals[frame["data"]["k"]].append(now)
+                    data = frame["data"]  # drop.buy_now carries k; auction.bid its seq
+                    k = data["k"] if "k" in data else data["seq"] - 1
+                    self.bench.arrivals[k].append(now)
             return
         self.bench.arrivals[channels.parse_message(data).data["k"]].append(now)
 
@@ -143,7 +150,7 @@ def _client_main(*args: Any) -> None:
 
 async def _run_viewers(url: str, n: int, drop_id: int, join: bool, events: int,
                        interval: float, redis: Any, server_pids: list[int], clients: int,
-                       subprotocols: list[str] | None) -> dict[str, Any]:
+                       subprotocols: list[str] | None, emit: Any = None) -> dict[str, Any]:
     import multiprocessing
 
     loop = asyncio.get_running_loop()
@@ -172,9 +179,12 @@ async def _run_viewers(url: str, n: int, drop_id: int, join: bool, events: int,
     cpu_before = sum(cpu_seconds(pid) for pid in server_pids)
     for k in range(events):
         sent.append(time.perf_counter())  # CLOCK_MONOTONIC: same clock in every process
-        await publish(redis, drop_id, "drop.buy_now",
-                      {"product_id": 1, "price": 2500, "currency": "usd", "remaining": 300,
-                       "k": k})
+        if emit is not None:
+            await emit(k)
+        else:
+            await publish(redis, drop_id, "drop.buy_now",
+                          {"product_id": 1, "price": 2500, "currency": "usd",
+                           "remaining": 300, "k": k})
         await asyncio.sleep(interval)
     # Everything the server processes did meanwhile: the fan-outs, and idle work
     # (pings, presence) that is the same from run to run of one server.
@@ -238,6 +248,31 @@ def _start_gateway(port: int, redis_url: str, database_url: str, n: int,
                               str(workers)], env=env)]
 
 
+async def _bidding(redis: Any, drop_id: int) -> Any:
+    """A running auction of the drop straight in Redis, and ``emit(k)``: bid ``k``
+    (accepted: bidders take turns, each bid one increment over the last)."""
+    from checkout import auction, inventory
+    from checkout.auction_rules import AuctionSpec
+
+    auction_id = 1
+    await inventory.prewarm(redis, {"id": drop_id}, [
+        {"product_id": 1, "price": 2500, "units": 1}])
+    spec = AuctionSpec(product_id=1, start_price=100, increments=((0, 10),),
+                       duration_ms=3_600_000, snipe_window_ms=0)
+    await auction.start(redis, drop_id, auction_id, spec, currency="usd",
+                        creator_id="bench-creator", history=auction.History())
+    # No PostgreSQL row: the gateway's auction keeper must leave it alone.
+    await redis.srem(auction.ACTIVE_AUCTIONS, auction.member(drop_id, auction_id))
+    limits = auction.BidLimits(per_user=0, per_ip=0)
+
+    async def emit(k: int) -> None:
+        req = auction.BidRequest(drop_id, auction_id, f"bidder-{k % 2}", 100 + 10 * k,
+                                 f"bench-{k}", name=f"Bidder {k % 2}")
+        await auction.bid(redis, req, limits, auction.History())
+
+    return emit
+
+
 def _start_baseline(port: int, redis_url: str, channel: str,
                     workers: int) -> list[subprocess.Popen]:
     """``workers`` bare broadcast servers (:mod:`benchmarks._bare`) on one port."""
@@ -280,9 +315,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         try:
             for name in args.servers:
                 port = free_port()
-                if name == "gateway":
+                emit = None
+                if name in ("gateway", "gateway-bids"):
                     procs = _start_gateway(port, services.redis_url, services.database_url,
                                            args.viewers, args.workers)
+                    if name == "gateway-bids":
+                        emit = await _bidding(redis, drop_id)
                 elif name == "gateway-cluster":
                     assert cluster is not None
                     procs = _start_gateway(port, cluster.redis_url, services.database_url,
@@ -301,7 +339,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         redis=cluster_redis if name == "gateway-cluster" else redis,
                         server_pids=_server_pids(procs), clients=args.clients,
                         subprotocols=(["dropserver.msgpack.v1"] if name.startswith("gateway")
-                                      else None))
+                                      else None), emit=emit)
                 finally:
                     for proc in procs:
                         proc.send_signal(signal.SIGTERM)
@@ -324,6 +362,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         g, b = results["gateway"], results["baseline"]
         if g["p99_ms"] and b["p99_ms"]:
             results["p99_ratio"] = round(g["p99_ms"] / b["p99_ms"], 2)
+    if "gateway-bids" in results and "baseline" in results:
+        g, b = results["gateway-bids"], results["baseline"]
+        if g["p99_ms"] and b["p99_ms"]:
+            results["bid_p99_ratio"] = round(g["p99_ms"] / b["p99_ms"], 2)
     return results
 
 
@@ -336,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="server processes on the port (both servers)")
     parser.add_argument("--clients", type=int, default=1, help="viewer processes")
     parser.add_argument("--servers", nargs="+", default=["gateway", "baseline"],
-                        choices=["gateway", "gateway-cluster", "baseline"])
+                        choices=["gateway", "gateway-cluster", "gateway-bids", "baseline"])
     args = parser.parse_args(argv)
     results = asyncio.run(main_async(args))
     print(json.dumps(results, indent=2))
