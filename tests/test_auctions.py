@@ -329,12 +329,13 @@ async def test_second_chance_after_the_winner_lets_the_hold_go(server, http, cre
     order = await wait_for(lambda: db.fetchrow(
         "SELECT * FROM orders WHERE public_id = $1", offer.json()["hold_id"]))
     assert order["user_id"] == "bob" and order["unit_price"] == 1200
-    # One unit: the winner's released hold and the offer's, never two held at once.
+    # One unit: the winner's released hold and the offer's, never two held at once
+    # (once the order workers recorded the winner's cancel).
+    redis = server.app.state.redis
+    await quiesce(redis, drop_id)
     held = await db.fetchval("SELECT count(*) FROM orders WHERE drop_id = $1 AND state NOT IN "
                              "('expired', 'cancelled', 'failed')", drop_id)
     assert held == 1
-    redis = server.app.state.redis
-    await quiesce(redis, drop_id)
     await check(db, redis, drop_id, acknowledged=[row["hold_id"], offer.json()["hold_id"]],
                 payments=await fake_gateway_payments(redis))
 
