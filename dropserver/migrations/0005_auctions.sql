@@ -8,7 +8,9 @@
 --   winner from.
 -- auction_bids: every accepted bid, in the order bid.lua accepted them (seq), with the
 --   end time it left and whether it extended the clock. Refused bids are not kept.
--- replay_moments.kind gains the auction moments (start, each bid, the close).
+-- replay_moments.kind gains the auction moments (start, each bid, the close); the
+--   giveaway kinds are listed too, so that this file and the giveaways migration
+--   (0004 on its branch) agree whichever lands first.
 CREATE TABLE IF NOT EXISTS auctions (
     id              BIGSERIAL PRIMARY KEY,
     drop_id         BIGINT NOT NULL REFERENCES drops(id),
@@ -60,4 +62,5 @@ CREATE TABLE IF NOT EXISTS auction_bids (
 ALTER TABLE replay_moments DROP CONSTRAINT IF EXISTS replay_moments_kind_check;
 ALTER TABLE replay_moments ADD CONSTRAINT replay_moments_kind_check
     CHECK (kind IN ('buy_now', 'sold_out', 'pinned', 'closed', 'live', 'ended',
-                    'auction_started', 'auction_bid', 'auction_closed'));
+                    'auction_started', 'auction_bid', 'auction_closed',
+                    'giveaway_opened', 'giveaway_drawn'));
