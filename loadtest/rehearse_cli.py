@@ -94,19 +94,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    dest="bid_interval_s", help="mean seconds between one bidder's bids")
 
 
-def main(args: argparse.Namespace) -> int:
-    if getattr(args, "scenario", "drop") == "auction":
-        return auction_main(args)
-    fields = {f: getattr(args, f) for f in RehearsalConfig.__dataclass_fields__
-              if hasattr(args, f)}
-    fields["buy_delay_ms"] = tuple(fields["buy_delay_ms"])
+def _server_env(args: argparse.Namespace) -> dict[str, str]:
     env = {}
     for item in getattr(args, "server_env", None) or []:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise SystemExit(f"--server-env wants NAME=VALUE, got {item!r}")
         env[name] = value
-    fields["server_env"] = env
+    return env
+
+
+def main(args: argparse.Namespace) -> int:
+    if getattr(args, "scenario", "drop") == "auction":
+        return auction_main(args)
+    fields = {f: getattr(args, f) for f in RehearsalConfig.__dataclass_fields__
+              if hasattr(args, f)}
+    fields["buy_delay_ms"] = tuple(fields["buy_delay_ms"])
+    fields["server_env"] = _server_env(args)
     fields["command"] = "python -m loadtest " + shlex.join(sys.argv[1:])
     if getattr(args, "fault_command", ""):
         from loadtest.fault import Fault
@@ -121,13 +125,7 @@ def main(args: argparse.Namespace) -> int:
 def auction_main(args: argparse.Namespace) -> int:
     fields = {f: getattr(args, f) for f in AuctionConfig.__dataclass_fields__
               if hasattr(args, f) and f not in ("server_env", "command")}
-    env = {}
-    for item in getattr(args, "server_env", None) or []:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise SystemExit(f"--server-env wants NAME=VALUE, got {item!r}")
-        env[name] = value
-    cfg = AuctionConfig(**fields, server_env=env,
+    cfg = AuctionConfig(**fields, server_env=_server_env(args),
                         command="python -m loadtest " + shlex.join(sys.argv[1:]))
     if cfg.bidders > cfg.viewers:
         raise SystemExit("--bidders cannot exceed --viewers")
