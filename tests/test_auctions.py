@@ -553,3 +553,41 @@ async def test_the_documented_examples_work_as_written(server, http, settings, c
     shown = json.loads(block_after(section, "Answer ("))
     same_fields(resp.json(), shown, "bid answer")
     assert mismatches(resp.json(), shown, values=HTTP_VALUES) == []
+
+
+async def test_the_end_is_final_at_the_boundary_before_any_closer_runs(
+        server, http, creator, make_token):
+    """With no keeper running, a bid 150 ms before the end (by Redis' clock) is
+    accepted; a bid at or after it is refused auction_closed while the auction is still
+    running in Redis (nobody closed it yet); the close then names the last accepted bid."""
+    drop_id, (pid,) = await live_drop(http, creator)
+    auctions = server.app.state.auctions
+    await auctions.keeper.stop()
+    a = await start_auction(http, creator, drop_id, product_id=pid, start_price=1000,
+                            increment=100, duration_s=5, snipe_window_s=0)
+    redis = server.app.state.redis
+    url = f"/v1/drops/{drop_id}/auctions/{a['id']}/bids"
+
+    async def redis_now_ms() -> float:
+        sec, usec = await redis.time()
+        return sec * 1000 + usec / 1000
+
+    async def bid(user: str, amount: int):
+        return await http.post(url, json={"amount": amount, "idempotency_key": f"{user}"},
+                               headers=bearer(make_token(user, Role.VIEWER)))
+
+    await asyncio.sleep(max(0.0, a["ends_at"] - 150 - await redis_now_ms()) / 1000)
+    early = await bid("ann", 1000)
+    assert early.status_code == 201, early.text
+    assert early.json()["server_time"] < a["ends_at"] and not early.json()["extended"]
+    assert early.json()["ends_at"] == a["ends_at"]
+    await asyncio.sleep(max(0.0, a["ends_at"] - await redis_now_ms()) / 1000)
+    late = await bid("bob", 5000)
+    assert late.status_code == 409 and late.json()["error"]["code"] == "auction_closed"
+    assert late.json()["error"]["details"]["server_time"] >= a["ends_at"]
+    state = await auction.read(redis, drop_id, a["id"])
+    assert state["state"] == "running" and state["seq"] == 1  # not closed by anyone yet
+    closed = await auctions.keeper.keep(drop_id, a["id"])
+    assert closed is not None and (closed.winner, closed.amount) == ("ann", 1000)
+    again = await bid("carl", 9000)
+    assert again.status_code == 409 and again.json()["error"]["code"] == "auction_closed"
