@@ -16,6 +16,7 @@ not at all. Bidding and the close are checkout's (:mod:`checkout.auctions_api`).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -171,21 +172,58 @@ async def http_start(request: Request) -> JSONResponse:
     bind(drop_id=drop_id, user_id=who.user_id)
     data = await read_json(request)
     body = await start(request.app, who, drop_id, data)
+    _forget_listing(request.app, drop_id)
     return JSONResponse(body, status_code=201,
                         headers={"Location": f"/v1/drops/{drop_id}/auctions/{body['id']}"})
 
 
+# Every viewer page reads the list after joining; after a node restart tens of
+# thousands join within seconds. Their PostgreSQL part (the drop's owner and state,
+# the auctions' rows: they change only at a start or a close) is kept this long per
+# process; what changes with every bid is read from Redis per request.
+LIST_CACHE_S = 1.0
+
+
+async def _listing(app: Any, drop_id: int) -> tuple[dict[str, Any] | None, list[dict]]:
+    """The drop and its auctions' rows, one read per drop and second in this process
+    however many ask at once (they wait on the one read under way)."""
+    cache: dict[int, tuple[float, asyncio.Task]] | None = getattr(
+        app.state, "auction_listings", None)
+    if cache is None:
+        cache = app.state.auction_listings = {}
+    hit = cache.get(drop_id)
+    if hit is None or time.monotonic() - hit[0] >= LIST_CACHE_S or (
+            hit[1].done() and hit[1].exception() is not None):
+        if len(cache) > 10_000:
+            cache.clear()
+
+        async def read() -> tuple[dict[str, Any] | None, list[dict]]:
+            drop = await store.load_drop(app.state.db, drop_id)
+            rows = await auction_store.load_auctions(app.state.db, drop_id) if drop else []
+            return drop, rows
+
+        hit = (time.monotonic(), asyncio.ensure_future(read()))
+        cache[drop_id] = hit
+    return await asyncio.shield(hit[1])
+
+
+def _forget_listing(app: Any, drop_id: int) -> None:
+    cache = getattr(app.state, "auction_listings", None)
+    if cache is not None:
+        cache.pop(drop_id, None)
+
+
 async def http_list(request: Request) -> JSONResponse:
     drop_id = request.path_params["drop_id"]
-    drop = await store.load_drop(request.app.state.db, drop_id)
+    drop, rows = await _listing(request.app, drop_id)
     if drop is None:
         raise NotFound(f"drop {drop_id} does not exist", code="drop_not_found")
     private = await _may_see_private(request, drop["creator_id"])
     if drop["state"] == DropState.DRAFT and not private:
         raise NotFound(f"drop {drop_id} does not exist", code="drop_not_found")
-    rows = await auction_store.load_auctions(request.app.state.db, drop_id)
     out = []
     for row in rows:
+        # Running when last read from PostgreSQL: Redis says what it is now.
         live = (await auction.read(request.app.state.redis, drop_id, row["id"])
                 if row["state"] == "running" else None)
         out.append(auction_json(row, live, private=private))

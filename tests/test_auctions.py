@@ -591,3 +591,35 @@ async def test_the_end_is_final_at_the_boundary_before_any_closer_runs(
     assert closed is not None and (closed.winner, closed.amount) == ("ann", 1000)
     again = await bid("carl", 9000)
     assert again.status_code == 409 and again.json()["error"]["code"] == "auction_closed"
+
+
+async def test_the_list_reads_postgresql_once_a_second_and_bids_live(
+        server, http, creator, make_token, monkeypatch):
+    """A join storm's list reads: PostgreSQL's part is kept a second per process (a
+    start forgets it at once), each auction's bids are read live from Redis."""
+    from drops import auctions as drop_auctions
+
+    drop_id, (p1, p2) = await live_drop(http, creator, ((4500, 1), (4500, 1)))
+    calls = []
+    real = drop_auctions.auction_store.load_auctions
+
+    async def counted(db, d):
+        calls.append(d)
+        return await real(db, d)
+
+    monkeypatch.setattr(drop_auctions.auction_store, "load_auctions", counted)
+    a = await start_auction(http, creator, drop_id, product_id=p1, start_price=1000,
+                            duration_s=30)
+    lists = await asyncio.gather(*[http.get(f"/v1/drops/{drop_id}/auctions")
+                                   for _ in range(20)])
+    assert all(r.status_code == 200 for r in lists) and len(calls) == 1
+    await http.post(f"/v1/drops/{drop_id}/auctions/{a['id']}/bids",
+                    json={"amount": 1000, "idempotency_key": "k"},
+                    headers=bearer(make_token("ann", Role.VIEWER)))
+    body = (await http.get(f"/v1/drops/{drop_id}/auctions")).json()
+    assert len(calls) == 1 and body["auctions"][0]["bids"] == 1
+    assert body["auctions"][0]["leading"]["amount"] == 1000
+    b = await start_auction(http, creator, drop_id, product_id=p2, start_price=500,
+                            duration_s=30)
+    body = (await http.get(f"/v1/drops/{drop_id}/auctions")).json()
+    assert {x["id"] for x in body["auctions"]} == {a["id"], b["id"]} and len(calls) == 2
