@@ -557,7 +557,7 @@ async def test_the_documented_examples_work_as_written(server, http, settings, c
 
 async def test_the_end_is_final_at_the_boundary_before_any_closer_runs(
         server, http, creator, make_token):
-    """With no keeper running, a bid 150 ms before the end (by Redis' clock) is
+    """With no keeper running, a bid in the last second (by Redis' clock) is
     accepted; a bid at or after it is refused auction_closed while the auction is still
     running in Redis (nobody closed it yet); the close then names the last accepted bid."""
     drop_id, (pid,) = await live_drop(http, creator)
@@ -576,7 +576,8 @@ async def test_the_end_is_final_at_the_boundary_before_any_closer_runs(
         return await http.post(url, json={"amount": amount, "idempotency_key": f"{user}"},
                                headers=bearer(make_token(user, Role.VIEWER)))
 
-    await asyncio.sleep(max(0.0, a["ends_at"] - 150 - await redis_now_ms()) / 1000)
+    # A second before the end: room for a loaded machine's HTTP round trip.
+    await asyncio.sleep(max(0.0, a["ends_at"] - 1000 - await redis_now_ms()) / 1000)
     early = await bid("ann", 1000)
     assert early.status_code == 201, early.text
     assert early.json()["server_time"] < a["ends_at"] and not early.json()["extended"]
