@@ -420,9 +420,12 @@ async def test_bidding_war_keeps_every_invariant(server, http, creator):
                 return f
 
     watching = asyncio.create_task(watch())
-    await asyncio.gather(*[bidder(n) for n in range(60)])
-    closed = await asyncio.wait_for(watching, 15)
-    await watcher.close()
+    try:
+        await asyncio.gather(*[bidder(n) for n in range(60)])
+        closed = await asyncio.wait_for(watching, 15)
+    finally:
+        watching.cancel()
+        await watcher.close()
     # Viewers: every accepted bid once, in seq order; the close names the last.
     assert [b["seq"] for b in seen] == list(range(1, len(accepted) + 1))
     assert sorted(b.seq for b in accepted) == [b["seq"] for b in seen]
