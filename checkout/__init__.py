@@ -29,9 +29,10 @@ Modules, in the order to read them:
   refusals, the audit's replay of accepted bids.
 * ``auction``: auctions in Redis: start, bid (``bid.lua``, one atomic step that also
   publishes ``auction.bid``), close once by Redis' clock, second-chance offer.
-* ``auction_store``: auctions and every accepted bid in PostgreSQL.
+* ``auction_store``: auctions and every accepted bid in PostgreSQL; the bid journal.
 * ``auctions_api``: the ``bid`` command and route; the keeper that closes auctions,
-  hands the winner's hold to the order pipeline and records bids.
+  hands the winner's hold to the order pipeline, records bids and puts back auctions a
+  Redis loss took.
 * ``recovery``: a drop's Redis state rebuilt from PostgreSQL.
 * ``journal``: each acknowledged hold written to PostgreSQL by the process that made it.
 * ``reconcile``: Redis' holds and counters compared with PostgreSQL, repaired.

@@ -23,6 +23,7 @@ Layout (D = drop id, A = auction id)::
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -59,6 +60,7 @@ __all__ = [
     "offer",
     "read",
     "read_bids",
+    "restore",
     "start",
 ]
 
@@ -204,7 +206,7 @@ def bid_call(req: BidRequest, limits: BidLimits, history: History,
                 channels.chat_key(d, "blocked"), channels.meta_key(d),
                 channels.history_key(d)]
     args = [req.user_id, req.amount, req.idempotency_key, req.name or req.user_id,
-            limits.window_ms, limits.per_user, limits.per_ip, *history.args(d)]
+            limits.window_ms, limits.per_user, limits.per_ip, *history.args(d), KEEP_MS]
     return key_list, args
 
 
@@ -285,6 +287,42 @@ async def read_bids(redis: Any, drop_id: int, auction_id: int, after_seq: int = 
                     "at_ms": int(f["at"]), "ends_at_ms": int(f["ends_at"]),
                     "extended": f["extended"] == "1", "idempotency_key": f["idem"]})
     return out
+
+
+# -- after a Redis loss ----------------------------------------------------------------
+
+async def restore(redis: Any, row: dict[str, Any], bids: list[dict[str, Any]]) -> bool:
+    """Put back a running auction Redis lost, from its ``auctions`` row and its
+    recorded bids (:mod:`checkout.auction_store`); True when this call did. The clock
+    is the one the last recorded bid left (or the first end), so an auction whose end
+    passed meanwhile closes at once."""
+    from checkout.auction_rules import bands_of
+
+    d, a = int(row["drop_id"]), int(row["id"])
+    last = bids[-1] if bids else None
+    fields = {
+        "auction_id": a, "drop_id": d, "product_id": row["product_id"],
+        "currency": str(row["currency"]).strip(), "start": row["start_price"],
+        "increments": encode_increments(bands_of(row["increments"])),
+        "reserve": row["reserve_price"] or 0, "duration_ms": row["duration_ms"],
+        "snipe_ms": row["snipe_window_ms"], "creator_id": row["creator_id"],
+        "state": "running", "started_at": row["started_at_ms"],
+        "first_ends_at": row["ends_at_ms"],
+        "ends_at": last["ends_at_ms"] if last else row["ends_at_ms"],
+        "seq": last["seq"] if last else 0, "amount": last["amount"] if last else 0,
+        "leader": last["user_id"] if last else "",
+        "leader_name": last["display_name"] if last else "", "restored": 1}
+    # Text, not numbers: Lua's numbers are doubles, and tostring() of a unix ms time
+    # would write it in exponent form.
+    packed = [[str(v) for v in (b["seq"], b["user_id"], b["display_name"], b["amount"],
+                                b["at_ms"], b["ends_at_ms"], 1 if b["extended"] else 0,
+                                b["idempotency_key"])] for b in bids]
+    reply = await _script("auction_restore")(
+        keys=[auction_key(d, a), bids_key(d, a)],
+        args=[json.dumps({k: str(v) for k, v in fields.items()}), json.dumps(packed),
+              KEEP_MS], client=redis)
+    await redis.sadd(ACTIVE_AUCTIONS, member(d, a))
+    return _s(reply[0]) == "ok"
 
 
 # -- close -----------------------------------------------------------------------------

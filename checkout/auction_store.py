@@ -9,14 +9,21 @@ changes nothing.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from typing import Any
 
 import asyncpg
 
 from checkout.auction_rules import AuctionSpec, bands_of
+from checkout.retry import backoff, is_outage
 
-__all__ = ["flow_for", "insert_auction", "load_auction", "load_auctions", "load_bids",
-           "max_seq", "record_bids", "record_close", "record_offer", "set_clock"]
+log = logging.getLogger("dropserver.auctions")
+
+__all__ = ["BidJournal", "close_from_order", "flow_for", "insert_auction", "load_auction",
+           "load_auctions", "load_bids", "max_seq", "record_bids", "record_close",
+           "record_offer", "running_auctions", "set_clock"]
 
 _COLS = """id, drop_id, product_id, creator_id, state, currency, start_price, increments,
            reserve_price, duration_ms, snipe_window_ms, started_at_ms, ends_at_ms,
@@ -122,3 +129,106 @@ async def flow_for(db: Any, user_id: str) -> str:
     card = await db.fetchval("SELECT default_payment_method FROM users WHERE id = $1",
                              user_id)
     return "off_session" if card else "client_confirm"
+
+
+async def running_auctions(db: Any) -> list[dict[str, Any]]:
+    rows = await db.fetch(f"SELECT {_COLS} FROM auctions WHERE state = 'running'")
+    return [r for r in map(_row, rows) if r is not None]
+
+
+async def close_from_order(db: Any, auction_id: int) -> bool:
+    """Redis closed the auction and lost it before its close was recorded: the
+    winner's order (idempotency key ``auction:<id>``, written by the hold journal)
+    says who won at what; record that close. False when there is no such order."""
+    order = await db.fetchrow(
+        """SELECT o.user_id, o.amount, o.public_id, o.hold_expires_at FROM orders o
+           JOIN auctions a ON a.id = $1 AND o.drop_id = a.drop_id
+           WHERE o.idempotency_key = 'auction:' || $1::text""", auction_id)
+    if order is None:
+        return False
+    seq = await db.fetchval("SELECT seq FROM auction_bids WHERE auction_id = $1 AND "
+                            "user_id = $2 AND amount = $3", auction_id, order["user_id"],
+                            order["amount"])
+    await db.execute(
+        """UPDATE auctions SET state = 'closed', outcome = 'sold', winner_id = $2,
+               winning_amount = $3, winning_seq = $4, hold_id = $5,
+               bids = (SELECT count(*) FROM auction_bids WHERE auction_id = $1),
+               closed_at_ms = COALESCE(closed_at_ms, ends_at_ms),
+               final_ends_at_ms = COALESCE(final_ends_at_ms,
+                   (SELECT max(ends_at_ms) FROM auction_bids WHERE auction_id = $1),
+                   ends_at_ms)
+           WHERE id = $1 AND state = 'running'""",
+        auction_id, order["user_id"], order["amount"], seq, order["public_id"])
+    return True
+
+
+class BidJournal:
+    """Every accepted bid, also written to PostgreSQL by the process that accepted it.
+
+    The keeper copies bids from the auction's bid stream, but the stream lives in
+    Redis, and a Redis that restarts empty before the copy would take bids whose
+    bidders were told "you lead". So the process that answered keeps each accepted bid
+    here and a task writes them (``ON CONFLICT DO NOTHING``: the keeper's copy is the
+    same row) a few milliseconds later, as :class:`checkout.journal.HoldJournal` does
+    for holds. The bid path pays one list append; outages are waited out.
+    """
+
+    MAX_PENDING = 100_000
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        self._rows: list[tuple[int, dict[str, Any]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def add(self, auction_id: int, bid: dict[str, Any]) -> None:
+        """One accepted bid (``record_bids``' row). No await: the bid path."""
+        self._rows.append((auction_id, bid))
+        if len(self._rows) > self.MAX_PENDING:
+            del self._rows[:len(self._rows) - self.MAX_PENDING]
+        self._wake.set()
+
+    async def flush(self) -> int:
+        written = 0
+        while self._rows:
+            batch = self._rows[:500]
+            by_auction: dict[int, list[dict[str, Any]]] = {}
+            for auction_id, bid in batch:
+                by_auction.setdefault(auction_id, []).append(bid)
+            for auction_id, bids in by_auction.items():
+                await record_bids(self.db, auction_id, bids)
+            del self._rows[:len(batch)]
+            written += len(batch)
+        return written
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="bid-journal")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                await self.flush()
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.flush()
+                attempt = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if attempt % 60 == 0:
+                    log.warning("bid journal could not write; retrying",
+                                exc_info=not is_outage(exc),
+                                extra={"pending": len(self._rows)})
+                await asyncio.sleep(backoff(attempt, base=0.05, cap=0.5))
+                attempt += 1
+                self._wake.set()

@@ -53,6 +53,7 @@ BID_SECONDS = Histogram("dropserver_bid_seconds", "Time to answer a bid (script 
 CLOSES = Counter("dropserver_auction_closes_total", "Auctions closed by outcome", ["outcome"])
 
 KEEPER_INTERVAL = 0.1    # seconds between the keeper's rounds: how late a close may be
+RESTORE_EVERY = 20       # rounds between looks for running auctions Redis lost (~2 s)
 RECORD_LOCK_MS = 5000
 BID_FIELDS = frozenset({"auction_id", "amount", "idempotency_key"})
 
@@ -72,6 +73,8 @@ class Auctions:
         self.script = BidScript(res.batcher.pipe, is_cluster(res.hot_redis))
         self.notifier = res.notifier
         self.journal = res.journal
+        self.bid_journal = auction_store.BidJournal(self.db)
+        self.grace_ms = s.recovery_grace_ms
         self.keeper = AuctionKeeper(self)
 
     async def flow_for(self, user_id: str) -> str:
@@ -120,11 +123,15 @@ class AuctionKeeper:
         self.redis = auctions.redis
         self.db = auctions.db
         self.token = secrets.token_hex(8)
+        self.rounds = 0
         self._loop = Periodic("auction-keeper", interval, self.tick, log, "auction keeper")
         self.start, self.stop = self._loop.start, self._loop.stop
 
     async def tick(self) -> list[Closed]:
         closed = []
+        self.rounds += 1
+        if self.rounds % RESTORE_EVERY == 1:
+            await self.restore_lost()
         members = await self.redis.smembers(auction.ACTIVE_AUCTIONS)
         for raw in members:
             text = raw.decode() if isinstance(raw, bytes) else raw
@@ -134,10 +141,39 @@ class AuctionKeeper:
                 closed.append(result)
         return closed
 
+    async def restore_lost(self) -> list[int]:
+        """Running auctions (PostgreSQL) that Redis lost, put back once their drop is
+        loaded again (recovery rebuilds it); returns their ids. One Redis closed and
+        lost before its close was recorded is recorded closed from the winner's order
+        instead (its hold came back with the drop)."""
+        from checkout import recovery
+
+        restored = []
+        for row in await auction_store.running_auctions(self.db):
+            d, a = row["drop_id"], row["id"]
+            if await self.redis.exists(auction.auction_key(d, a)):
+                await self.redis.sadd(auction.ACTIVE_AUCTIONS, auction.member(d, a))
+                continue
+            if await auction_store.close_from_order(self.db, a):
+                log.warning("auction closed in a lost Redis recorded from its order",
+                            extra={"drop_id": d, "auction_id": a})
+                continue
+            if await recovery.ensure_loaded(self.db, self.redis, d,
+                                            grace_ms=self.auctions.grace_ms,
+                                            wait=0.5) != "loaded":
+                continue
+            await self.auctions.bid_journal.flush()  # what this process still holds
+            bids = await auction_store.load_bids(self.db, a)
+            if await auction.restore(self.redis, row, bids):
+                restored.append(a)
+                log.warning("auction restored from PostgreSQL after a Redis loss",
+                            extra={"drop_id": d, "auction_id": a, "bids": len(bids)})
+        return restored
+
     async def keep(self, drop_id: int, auction_id: int) -> Closed | None:
         """One auction's round: close it if due, copy its new bids, record its end."""
         a = await auction.read(self.redis, drop_id, auction_id)
-        if a is None:
+        if a is None:  # Redis lost it: restore_lost() puts it back from PostgreSQL
             log.warning("an active auction is gone from Redis",
                         extra={"drop_id": drop_id, "auction_id": auction_id})
             await self.redis.srem(auction.ACTIVE_AUCTIONS, auction.member(drop_id, auction_id))
@@ -216,6 +252,11 @@ async def bid(app: Any, who: Principal, drop_id: int, auction_id: int, data: dic
     finally:
         BID_SECONDS.observe(time.perf_counter() - started)
     BIDS.labels("replay" if result.replay else "accepted").inc()
+    if not result.replay:
+        auctions.bid_journal.add(auction_id, {
+            "seq": result.seq, "user_id": user_id, "display_name": req.name,
+            "amount": result.amount, "at_ms": result.at, "ends_at_ms": result.ends_at,
+            "extended": result.extended, "idempotency_key": key})
     if not result.replay and result.outbid and result.outbid != user_id:
         auctions.notifier.user_event(result.outbid, "auction.outbid", {
             "auction_id": auction_id, "amount": result.amount,
@@ -252,6 +293,7 @@ async def startup(app: Starlette) -> None:
     auctions = Auctions(app)
     app.state.auctions = auctions
     app.state.commands["bid"] = ws_bid
+    auctions.bid_journal.start()
     auctions.keeper.start()
 
 
@@ -259,6 +301,7 @@ async def shutdown(app: Starlette) -> None:
     auctions: Auctions | None = getattr(app.state, "auctions", None)
     if auctions is not None:
         await auctions.keeper.stop()
+        await auctions.bid_journal.stop()
 
 
 routes = [

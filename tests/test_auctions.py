@@ -627,3 +627,38 @@ async def test_the_list_reads_postgresql_once_a_second_and_bids_live(
                             duration_s=30)
     body = (await http.get(f"/v1/drops/{drop_id}/auctions")).json()
     assert {x["id"] for x in body["auctions"]} == {a["id"], b["id"]} and len(calls) == 2
+
+
+async def test_an_auction_redis_lost_is_restored_from_postgresql(
+        server, http, creator, make_token):
+    """Redis comes back empty mid-auction: every bid a bidder was told about is in
+    PostgreSQL (the bid journal), the keeper puts the auction back once recovery has
+    rebuilt the drop (same leader, amount and clock), bidding goes on, and the close
+    and the audit come out right."""
+    drop_id, (pid,) = await live_drop(http, creator)
+    a = await start_auction(http, creator, drop_id, product_id=pid, start_price=1000,
+                            increment=100, duration_s=8, snipe_window_s=0)
+    url = f"/v1/drops/{drop_id}/auctions/{a['id']}/bids"
+
+    async def bid(user: str, amount: int):
+        return await http.post(url, json={"amount": amount, "idempotency_key": f"{amount}"},
+                               headers=bearer(make_token(user, Role.VIEWER, name=user)))
+
+    for user, amount in (("ann", 1000), ("bob", 1100), ("ann", 1200)):
+        assert (await bid(user, amount)).status_code == 201
+    redis = server.app.state.redis
+    await redis.flushall()  # immediately: the journal, not the keeper's copy, has them
+    assert (await bid("bob", 1300)).status_code == 404  # auction_not_found meanwhile
+    state = await wait_for(lambda: auction.read(redis, drop_id, a["id"]), within=15)
+    assert (state["state"], state["seq"], state["leader"], state["amount"]) == \
+        ("running", 3, "ann", 1200)
+    assert state["ends_at"] == a["ends_at"]
+    ok = await bid("bob", 1300)
+    assert ok.status_code == 201 and ok.json()["seq"] == 4
+    db = await pg(server)
+    row = await wait_for(lambda: db.fetchrow(
+        "SELECT * FROM auctions WHERE id = $1 AND state = 'closed'", a["id"]), within=20)
+    assert (row["winner_id"], row["winning_amount"], row["bids"]) == ("bob", 1300, 4)
+    _row, pg_bids, result = await audit(db, a["id"])
+    assert result.problems == [] and [b["amount"] for b in pg_bids] == [1000, 1100, 1200,
+                                                                         1300]

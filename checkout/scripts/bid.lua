@@ -10,7 +10,7 @@
 -- ARGV[5] rate window (ms)  ARGV[6] attempts per user per window (0 = off)
 -- ARGV[7] attempts per ip per window (0 = off)
 -- ARGV[8] the drop's channel  ARGV[9] a new epoch  ARGV[10] history size
--- ARGV[11] history ttl (s)
+-- ARGV[11] history ttl (s)  ARGV[12] keep the bid stream and answers (ms)
 -- Returns {'ok', seq, amount, ends_at, at, extended (0|1), outbid user ('' = none),
 --          replay (0|1), next_min, outbid amount}
 --      or {'err', code, detail, next_min, ends_at, now}.
@@ -99,6 +99,8 @@ redis.call('XADD', bids_key, seq .. '-1', 'user_id', user_id, 'name', name,
   'amount', amount, 'at', now, 'ends_at', ends_at, 'extended', extended, 'idem', idem)
 redis.call('HSET', idem_key, idem_field, seq .. ':' .. amount .. ':' .. ends_at .. ':' .. now
   .. ':' .. extended .. ':' .. leader .. '\n' .. prev_amount)
+redis.call('PEXPIRE', bids_key, ARGV[12])
+redis.call('PEXPIRE', idem_key, ARGV[12])
 a.seq, a.amount = seq, amount
 local next_min = min_next(a)
 local body = cmsgpack.pack({'auction.bid', {
