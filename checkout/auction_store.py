@@ -9,17 +9,12 @@ changes nothing.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 from typing import Any
 
 import asyncpg
 
 from checkout.auction_rules import AuctionSpec, bands_of
-from checkout.retry import backoff, is_outage
-
-log = logging.getLogger("dropserver.auctions")
+from checkout.journal import HoldJournal
 
 __all__ = ["BidJournal", "close_from_order", "flow_for", "insert_auction", "load_auction",
            "load_auctions", "load_bids", "max_seq", "record_bids", "record_close",
@@ -162,31 +157,19 @@ async def close_from_order(db: Any, auction_id: int) -> bool:
     return True
 
 
-class BidJournal:
+class BidJournal(HoldJournal):
     """Every accepted bid, also written to PostgreSQL by the process that accepted it.
 
     The keeper copies bids from the auction's bid stream, but the stream lives in
     Redis, and a Redis that restarts empty before the copy would take bids whose
     bidders were told "you lead". So the process that answered keeps each accepted bid
-    here and a task writes them (``ON CONFLICT DO NOTHING``: the keeper's copy is the
-    same row) a few milliseconds later, as :class:`checkout.journal.HoldJournal` does
-    for holds. The bid path pays one list append; outages are waited out.
+    here (``add((auction_id, row))``: one list append on the bid path) and a task
+    writes them a few milliseconds later, ``ON CONFLICT DO NOTHING`` (the keeper's
+    copy is the same row), waiting outages out: the hold journal's machinery
+    (:class:`checkout.journal.HoldJournal`) with its own write.
     """
 
-    MAX_PENDING = 100_000
-
-    def __init__(self, db: Any) -> None:
-        self.db = db
-        self._rows: list[tuple[int, dict[str, Any]]] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
-
-    def add(self, auction_id: int, bid: dict[str, Any]) -> None:
-        """One accepted bid (``record_bids``' row). No await: the bid path."""
-        self._rows.append((auction_id, bid))
-        if len(self._rows) > self.MAX_PENDING:
-            del self._rows[:len(self._rows) - self.MAX_PENDING]
-        self._wake.set()
+    WHAT = "bid journal"
 
     async def flush(self) -> int:
         written = 0
@@ -200,35 +183,3 @@ class BidJournal:
             del self._rows[:len(batch)]
             written += len(batch)
         return written
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="bid-journal")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(5):
-                await self.flush()
-
-    async def _run(self) -> None:
-        attempt = 0
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self.flush()
-                attempt = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if attempt % 60 == 0:
-                    log.warning("bid journal could not write; retrying",
-                                exc_info=not is_outage(exc),
-                                extra={"pending": len(self._rows)})
-                await asyncio.sleep(backoff(attempt, base=0.05, cap=0.5))
-                attempt += 1
-                self._wake.set()

@@ -253,10 +253,10 @@ async def bid(app: Any, who: Principal, drop_id: int, auction_id: int, data: dic
         BID_SECONDS.observe(time.perf_counter() - started)
     BIDS.labels("replay" if result.replay else "accepted").inc()
     if not result.replay:
-        auctions.bid_journal.add(auction_id, {
+        auctions.bid_journal.add((auction_id, {
             "seq": result.seq, "user_id": user_id, "display_name": req.name,
             "amount": result.amount, "at_ms": result.at, "ends_at_ms": result.ends_at,
-            "extended": result.extended, "idempotency_key": key})
+            "extended": result.extended, "idempotency_key": key}))
     if not result.replay and result.outbid and result.outbid != user_id:
         auctions.notifier.user_event(result.outbid, "auction.outbid", {
             "auction_id": auction_id, "amount": result.amount,

@@ -45,7 +45,11 @@ JOURNALED = Counter("dropserver_hold_journal_rows_total",
 
 
 class HoldJournal:
-    """Queue acknowledged holds; a task writes them to ``orders``."""
+    """Queue acknowledged holds; a task writes them to ``orders``. (A subclass that
+    overrides :meth:`flush` journals other rows the same way:
+    :class:`checkout.auction_store.BidJournal`.)"""
+
+    WHAT = "hold journal"  # for the logs and the task's name
 
     def __init__(self, db: asyncpg.Pool) -> None:
         self.db = db
@@ -66,7 +70,7 @@ class HoldJournal:
         return len(self._rows)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="hold-journal")
+        self._task = asyncio.create_task(self._run(), name=self.WHAT.replace(" ", "-"))
 
     async def stop(self, flush_within: float = 5.0) -> None:
         if self._task is not None:
@@ -102,7 +106,7 @@ class HoldJournal:
                 raise
             except Exception as exc:
                 if attempt == 0 or attempt % 60 == 0:
-                    log.warning("hold journal could not write; retrying",
+                    log.warning("%s could not write; retrying", self.WHAT,
                                 exc_info=not is_outage(exc),
                                 extra={"pending": len(self._rows),
                                        "error": f"{type(exc).__name__}: {exc}"[:300]})
