@@ -662,3 +662,29 @@ async def test_an_auction_redis_lost_is_restored_from_postgresql(
     _row, pg_bids, result = await audit(db, a["id"])
     assert result.problems == [] and [b["amount"] for b in pg_bids] == [1000, 1100, 1200,
                                                                          1300]
+
+
+async def test_a_winner_with_a_saved_card_pays_in_one_tap(server, http, creator, make_token):
+    """The winner's order goes off-session when they have a saved card: the order
+    workers charge it without the winner doing anything, once."""
+    from tests.invariants import check, fake_gateway_payments, quiesce
+    from tests.payments_fixtures import save_card
+
+    drop_id, (pid,) = await live_drop(http, creator)
+    db = await pg(server)
+    await save_card(db, "dana")
+    a = await start_auction(http, creator, drop_id, product_id=pid, start_price=1000,
+                            duration_s=5, snipe_window_s=0)
+    resp = await http.post(f"/v1/drops/{drop_id}/auctions/{a['id']}/bids",
+                           json={"amount": 1000, "idempotency_key": "k"},
+                           headers=bearer(make_token("dana", Role.VIEWER)))
+    assert resp.status_code == 201
+    order = await wait_for(lambda: db.fetchrow(
+        "SELECT * FROM orders WHERE idempotency_key = $1 AND state = 'paid'",
+        f"auction:{a['id']}"), within=20)
+    assert order["user_id"] == "dana" and order["payment_flow"] == "off_session"
+    assert order["amount"] == 1000
+    redis = server.app.state.redis
+    await quiesce(redis, drop_id)
+    await check(db, redis, drop_id, acknowledged=[order["public_id"]],
+                payments=await fake_gateway_payments(redis))
