@@ -33,7 +33,7 @@ from collections import Counter
 from typing import Any
 
 from benchmarks._buyers import Buyer, open_buyers, source_addresses
-from benchmarks._support import Server, start_server
+from benchmarks._support import Server, cpu_seconds, start_server
 
 __all__ = ["main"]
 
@@ -118,11 +118,19 @@ async def run_once(server: Server, *, sockets: int, seconds: float, sources: int
     tokens = [issue_token(settings, f"bidder-{i}", Role.VIEWER) for i in range(sockets)]
     bidders = await open_buyers(server.ws_url, drop_id, tokens,
                                 sources=source_addresses(sources))
+    from loadtest.procstat import server_processes
+
+    workers = [p.pid for p in server_processes(server.proc.pid)]
+    server_cpu, client_cpu = sum(cpu_seconds(w) for w in workers), time.process_time()
     try:
         result = await war(bidders, auction_id, seconds)
     finally:
         for b in bidders:
             b.close()
+    # Where the machine's time went: the server's workers, and this load generator
+    # (which also decodes every accepted bid's event on every bidder's socket).
+    result["server_cpu_s"] = round(sum(cpu_seconds(w) for w in workers) - server_cpu, 2)
+    result["client_cpu_s"] = round(time.process_time() - client_cpu, 2)
     async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
         shown = (await http.get(f"/v1/drops/{drop_id}/auctions/{auction_id}")).json()
     leading = (shown.get("leading") or {}).get("amount")
@@ -169,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"run": run + 1, "bids_per_s": round(r["per_second"]),
                               "answers": r["answers"], "accepted": r["accepted"],
                               "refused": r["refused"], "seconds": r["seconds"],
+                              "server_cpu_s": r["server_cpu_s"],
+                              "client_cpu_s": r["client_cpu_s"],
                               "sockets": ns.sockets, "workers": ns.workers,
                               "seqs_1_to_n": r["seqs_1_to_n"],
                               "amounts_rise": r["amounts_rise"],
