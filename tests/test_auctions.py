@@ -132,6 +132,13 @@ def test_replay_finds_every_broken_rule():
     text = " ".join(result.problems)
     assert "under the minimum" in text and "after the end" in text
     assert result.outcome is Outcome.RESERVE_NOT_MET
+    # A bid with 2 s left of a 3 s window that did not reset the clock; one with 5 s
+    # left that did.
+    for at, extended, ends in ((8000, False, 10_000), (5000, True, 8000)):
+        wrong = replay(start_price=1000, bands=bands, snipe_window_ms=3000,
+                       first_ends_at=10_000, reserve_price=None,
+                       bids=[dict(good[0], at_ms=at, extended=extended, ends_at_ms=ends)])
+        assert any("the rule gives" in p for p in wrong.problems), wrong.problems
 
 
 # -- through the app ----------------------------------------------------------------------
