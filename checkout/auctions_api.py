@@ -33,6 +33,7 @@ from starlette.routing import Route
 from checkout import auction, auction_store
 from checkout.auction import Bid, BidLimits, BidRequest, BidScript, Closed, History, Offer
 from checkout.auction_rules import MAX_PRICE, check_idempotency_key
+from checkout.retry import is_outage
 from dropserver.auth import Principal, principal
 from dropserver.background import Periodic
 from dropserver.component import Component
@@ -136,10 +137,25 @@ class AuctionKeeper:
         self.db = auctions.db
         self.token = secrets.token_hex(8)
         self.rounds = 0
+        self._outage_logged = -10.0
         self._loop = Periodic("auction-keeper", interval, self.tick, log, "auction keeper")
         self.start, self.stop = self._loop.start, self._loop.stop
 
     async def tick(self) -> list[Closed]:
+        """One round; an outage of Redis or PostgreSQL is logged once per 10 s (the
+        round runs ten times a second), anything else as the loop logs failures."""
+        try:
+            return await self._round()
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            if time.monotonic() - self._outage_logged >= 10:
+                self._outage_logged = time.monotonic()
+                log.warning("auction keeper waits for Redis or PostgreSQL",
+                            extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+            return []
+
+    async def _round(self) -> list[Closed]:
         closed = []
         self.rounds += 1
         if self.rounds % RESTORE_EVERY == 1:

@@ -695,3 +695,31 @@ async def test_a_winner_with_a_saved_card_pays_in_one_tap(server, http, creator,
     await quiesce(redis, drop_id)
     await check(db, redis, drop_id, acknowledged=[order["public_id"]],
                 payments=await fake_gateway_payments(redis))
+
+
+async def test_the_keeper_waits_out_a_redis_outage_quietly(caplog):
+    """Ten rounds a second against a Redis that refuses connections: each round gives
+    up quietly, and the outage is logged once, not ten times a second."""
+    import logging
+    from types import SimpleNamespace
+
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    from checkout.auctions_api import AuctionKeeper
+    from dropserver.services import free_port
+
+    # Refused at once (no retries): ten rounds well within the 10 s of one log line.
+    dead = aioredis.Redis(port=free_port(), socket_connect_timeout=0.2,
+                          retry=Retry(NoBackoff(), 0))
+    keeper = AuctionKeeper(SimpleNamespace(redis=dead, db=None))
+    keeper.rounds = 1  # past the round that also looks in PostgreSQL
+    try:
+        with caplog.at_level(logging.WARNING, logger="dropserver.auctions"):
+            for _ in range(10):
+                assert await keeper.tick() == []
+    finally:
+        await dead.aclose()
+    said = [r for r in caplog.records if "waits for Redis" in r.getMessage()]
+    assert len(said) == 1
