@@ -41,6 +41,7 @@ from dropserver.errors import ApiError, Unauthorized
 from dropserver.http import field, read_json, reject_unknown
 from dropserver.observability import bind, tally
 from dropserver.redis_client import is_cluster
+from realtime import channels
 
 __all__ = ["AuctionKeeper", "Auctions", "bid", "part"]
 
@@ -192,6 +193,9 @@ class AuctionKeeper:
                 continue
             await self.auctions.bid_journal.flush()  # what this process still holds
             bids = await auction_store.load_bids(self.db, a)
+            bans = await auction_store.active_bans(self.db, d, row["creator_id"])
+            if bans:  # the chat's moderation hash went with Redis too
+                await self.redis.hset(channels.chat_key(d, "blocked"), mapping=bans)
             if await auction.restore(self.redis, row, bids):
                 restored.append(a)
                 log.warning("auction restored from PostgreSQL after a Redis loss",

@@ -653,6 +653,9 @@ async def test_an_auction_redis_lost_is_restored_from_postgresql(
 
     for user, amount in (("ann", 1000), ("bob", 1100), ("ann", 1200)):
         assert (await bid(user, amount)).status_code == 201
+    db = await pg(server)
+    await db.execute("INSERT INTO chat_moderation (creator_id, user_id, action, "
+                     "moderator_id) VALUES ($1, 'mallory', 'ban', $1)", CREATOR)
     redis = server.app.state.redis
     await redis.flushall()  # immediately: the journal, not the keeper's copy, has them
     assert (await bid("bob", 1300)).status_code == 404  # auction_not_found meanwhile
@@ -660,9 +663,10 @@ async def test_an_auction_redis_lost_is_restored_from_postgresql(
     assert (state["state"], state["seq"], state["leader"], state["amount"]) == \
         ("running", 3, "ann", 1200)
     assert state["ends_at"] == a["ends_at"]
+    banned = await bid("mallory", 5000)  # a ban survives the loss too
+    assert banned.status_code == 403 and banned.json()["error"]["code"] == "banned"
     ok = await bid("bob", 1300)
     assert ok.status_code == 201 and ok.json()["seq"] == 4
-    db = await pg(server)
     row = await wait_for(lambda: db.fetchrow(
         "SELECT * FROM auctions WHERE id = $1 AND state = 'closed'", a["id"]), within=20)
     assert (row["winner_id"], row["winning_amount"], row["bids"]) == ("bob", 1300, 4)
