@@ -37,6 +37,7 @@ from dropserver.component import Component
 from dropserver.errors import ApiError, Conflict, NotFound
 from dropserver.http import read_json
 from dropserver.observability import bind
+from realtime import channels
 
 __all__ = ["auction_json", "part", "start"]
 
@@ -145,6 +146,12 @@ async def start(app: Any, who: Principal, drop_id: int, data: dict[str, Any],
         except (RedisConnectionError, RedisTimeoutError):
             raise _unavailable() from None
         await auction_store.set_clock(conn, auction_id, started_at, ends_at)
+        # Bans are in the drop's moderation hash once the chat needed them, or when
+        # a ban was made while this drop was open; a creator-wide ban from before
+        # the drop was made is not: put the drop's active bans there for bid.lua.
+        bans = await auction_store.active_bans(conn, drop_id, drop["creator_id"])
+        if bans:
+            await redis.hset(channels.chat_key(drop_id, "blocked"), mapping=bans)
         row = await auction_store.load_auction(conn, auction_id)
     assert row is not None
     return auction_json(row, await auction.read(redis, drop_id, auction_id), private=True)

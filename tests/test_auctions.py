@@ -485,6 +485,12 @@ async def test_bid_refusals_without_a_running_auction(server, http, creator, mak
 
 
 async def test_banned_viewer_cannot_bid(server, http, creator, make_token):
+    # Banned by this creator in an earlier show, before this drop existed.
+    db = await pg(server)
+    await db.execute("INSERT INTO users (id, role) VALUES ($1, 'creator') "
+                     "ON CONFLICT DO NOTHING", CREATOR)
+    await db.execute("INSERT INTO chat_moderation (creator_id, user_id, action, "
+                     "moderator_id) VALUES ($1, 'old-foe', 'ban', $1)", CREATOR)
     drop_id, (pid,) = await live_drop(http, creator)
     a = await start_auction(http, creator, drop_id, product_id=pid, start_price=1000,
                             duration_s=15)
@@ -494,6 +500,9 @@ async def test_banned_viewer_cannot_bid(server, http, creator, make_token):
     url = f"/v1/drops/{drop_id}/auctions/{a['id']}/bids"
     resp = await http.post(url, json={"amount": 1000, "idempotency_key": "x"},
                            headers=bearer(make_token("mallory", Role.VIEWER)))
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "banned"
+    resp = await http.post(url, json={"amount": 1000, "idempotency_key": "x"},
+                           headers=bearer(make_token("old-foe", Role.VIEWER)))
     assert resp.status_code == 403 and resp.json()["error"]["code"] == "banned"
     # A chat mute does not stop bidding.
     resp = await http.post(url, json={"amount": 1000, "idempotency_key": "x"},
