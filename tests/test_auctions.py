@@ -29,6 +29,7 @@ from checkout.auction_rules import (
 from dropserver.auth import Role
 from dropserver.errors import ValidationFailed
 from streaming.replay import moment_from_event
+from tests.conftest import only_single_redis
 from tests.invariants import check, fake_gateway_payments, quiesce
 from tests.realtime_support import JSON, Client
 
@@ -345,6 +346,38 @@ async def test_second_chance_after_the_winner_lets_the_hold_go(server, http, cre
     assert held == 1
     await check(db, redis, drop_id, acknowledged=[row["hold_id"], offer.json()["hold_id"]],
                 payments=await fake_gateway_payments(redis))
+
+
+@only_single_redis  # the moment recorder listens with SUBSCRIBE: one Redis's publications
+async def test_an_auction_leaves_its_moments_on_the_replay(server, http, creator, make_token):
+    """The replay's moment recorder, listening to the drop's channel as while a stream
+    is live, stores the auction's start, each bid and the close."""
+    from streaming.replay import MomentRecorder
+
+    drop_id, (pid,) = await live_drop(http, creator)
+    db = await pg(server)
+    recorder = MomentRecorder(server.app.state.redis, db, drop_id, media_ms=lambda: 1234)
+    await recorder.start()
+    try:
+        a = await start_auction(http, creator, drop_id, product_id=pid, start_price=1000,
+                                duration_s=5, snipe_window_s=0)
+        for user, amount in (("ann", 1000), ("bob", 1100)):
+            resp = await http.post(f"/v1/drops/{drop_id}/auctions/{a['id']}/bids",
+                                   json={"amount": amount, "idempotency_key": "k"},
+                                   headers=bearer(make_token(user, Role.VIEWER)))
+            assert resp.status_code == 201
+        kinds = await wait_for(lambda: db.fetchval(
+            "SELECT array_agg(kind ORDER BY id) FROM replay_moments WHERE drop_id = $1 "
+            "AND kind = 'auction_closed' AND product_id = $2 HAVING count(*) > 0",
+            drop_id, pid), within=15)
+        assert kinds == ["auction_closed"]
+        rows = await db.fetch("SELECT kind, product_id, media_ms FROM replay_moments "
+                              "WHERE drop_id = $1 ORDER BY id", drop_id)
+        assert [r["kind"] for r in rows] == ["auction_started", "auction_bid", "auction_bid",
+                                             "auction_closed"]
+        assert {r["product_id"] for r in rows} == {pid} and rows[0]["media_ms"] == 1234
+    finally:
+        await recorder.stop()
 
 
 def test_auction_events_are_replay_moments():
