@@ -1,7 +1,8 @@
-"""The drops package as mounted by dropserver.app: lifecycle API, then settlement."""
+"""The drops package as mounted by dropserver.app: lifecycle API, settlement, giveaways."""
 
 from drops.api import part as lifecycle
+from drops.giveaway_api import part as giveaways
 from drops.settlement_api import part as settlement
 from dropserver.component import combine
 
-component = combine("drops", lifecycle, settlement)
+component = combine("drops", lifecycle, settlement, giveaways)

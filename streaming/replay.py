@@ -38,6 +38,8 @@ MOMENT_EVENTS = {
     "drop.sold_out": "sold_out",
     "drop.pinned": "pinned",
     "drop.closed": "closed",
+    "giveaway.opened": "giveaway_opened",
+    "giveaway.drawn": "giveaway_drawn",
 }
 
 

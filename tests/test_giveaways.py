@@ -1,0 +1,308 @@
+"""Giveaways through the real app: open, enter (socket and HTTP), eligibility, the
+window, the draw once under concurrent closers, the prize order, the audit."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from drops import giveaway, giveaway_store
+from dropserver.auth import Role
+from tests import invariants
+from tests.realtime_support import Client
+
+CREATOR = "creator-1"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def creator(make_token):
+    return bearer(make_token(CREATOR, Role.CREATOR))
+
+
+async def live_drop(http, creator, *, units=10, limit=1, buy_now=False):
+    body = {"title": "Giveaway night", "products": [
+        {"title": "Cap", "price": 2500, "units": units, "per_buyer_limit": limit}]}
+    resp = await http.post("/v1/drops", json=body, headers=creator)
+    assert resp.status_code == 201, resp.text
+    drop = resp.json()
+    pid = drop["products"][0]["product_id"]
+    starts = (datetime.now(UTC) + timedelta(minutes=5)).isoformat().replace("+00:00", "Z")
+    steps = [("schedule", {"starts_at": starts}), ("live", {})]
+    if buy_now:
+        steps.append(("buy-now", {"product_id": pid}))
+    for action, payload in steps:
+        resp = await http.post(f"/v1/drops/{drop['id']}/{action}", json=payload,
+                               headers=creator)
+        assert resp.status_code == 200, resp.text
+    return drop["id"], pid
+
+
+async def open_gw(http, creator, drop_id, **body):
+    resp = await http.post(f"/v1/drops/{drop_id}/giveaways", headers=creator,
+                           json={"winners": 1, "duration_s": 60, **body})
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+async def viewer(server, make_token, drop_id, sub, name=""):
+    c = await Client.connect(server.ws_url, token=make_token(sub, Role.VIEWER, name=name))
+    joined = await c.join(drop_id)
+    assert joined["t"] == "joined", joined
+    return c
+
+
+async def enter_ws(c, giveaway_id):
+    return await c.request({"t": "giveaway.enter", "giveaway_id": giveaway_id})
+
+
+async def past_window(r, gw) -> None:
+    """Until Redis' clock is past the giveaway's window."""
+    left = gw["closes_at_ms"] - await giveaway_store.redis_now_ms(r)
+    await asyncio.sleep(max(0, left) / 1000 + 0.01)
+    assert await giveaway_store.redis_now_ms(r) >= gw["closes_at_ms"]
+
+
+async def wait_drawn(http, drop_id, giveaway_id, within=15.0):
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        body = (await http.get(f"/v1/drops/{drop_id}/giveaways/{giveaway_id}")).json()
+        if body["state"] == "drawn":
+            return body
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"giveaway {giveaway_id} not drawn within {within} s: {body}")
+
+
+async def test_open_publishes_the_commitment_and_entry_is_one_frame(server, http, creator,
+                                                                     make_token):
+    drop_id, pid = await live_drop(http, creator)
+    watcher = await viewer(server, make_token, drop_id, "v-watch")
+    body = await open_gw(http, creator, drop_id, product_id=pid, winners=2)
+    assert body["state"] == "open" and body["prize"] == "Cap" and body["seed"] is None
+    assert len(body["commitment"]) == 64 and body["entries"] == 0
+    assert body["closes_at_ms"] - body["opened_at_ms"] == 60_000
+    opened = await watcher.recv_until(lambda f: f.get("event") == "giveaway.opened")
+    assert opened["t"] == "event" and "pos" in opened
+    assert opened["data"]["commitment"] == body["commitment"]
+    assert opened["data"]["giveaway_id"] == body["id"]
+    assert opened["data"]["closes_at_ms"] == body["closes_at_ms"]
+    # The seed stays secret until the draw, in the API and in the events.
+    assert "seed" not in opened["data"]
+
+    reply = await enter_ws(watcher, body["id"])
+    assert reply["t"] == "reply", reply
+    assert reply["data"] == {"giveaway_id": body["id"], "entered": True, "new": True,
+                             "entries": 1}
+    count = await watcher.recv_until(lambda f: f.get("event") == "giveaway.entries")
+    assert count["t"] == "volatile"
+    assert count["data"] == {"giveaway_id": body["id"], "entries": 1}
+    again = await enter_ws(watcher, body["id"])
+    assert again["data"]["new"] is False and again["data"]["entries"] == 1
+    listed = (await http.get(f"/v1/drops/{drop_id}/giveaways")).json()["giveaways"]
+    assert [g["id"] for g in listed] == [body["id"]] and listed[0]["entries"] == 1
+    # One open giveaway per drop.
+    resp = await http.post(f"/v1/drops/{drop_id}/giveaways", headers=creator,
+                           json={"prize": "A signed poster"})
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "giveaway_open"
+    await watcher.close()
+
+
+async def test_open_input_and_authority(server, http, creator, make_token):
+    drop_id, pid = await live_drop(http, creator)
+    url = f"/v1/drops/{drop_id}/giveaways"
+    cases = [
+        ({}, 422, "validation_failed"),
+        ({"prize": "   "}, 422, "validation_failed"),
+        ({"prize": "x", "winners": 0}, 422, "validation_failed"),
+        ({"prize": "x", "duration_s": 1}, 422, "validation_failed"),
+        ({"prize": "x", "surprise": 1}, 422, "validation_failed"),
+        ({"product_id": pid + 1000}, 422, "validation_failed"),
+    ]
+    for payload, status, code in cases:
+        resp = await http.post(url, headers=creator, json=payload)
+        assert resp.status_code == status, (payload, resp.text)
+        assert resp.json()["error"]["code"] == code
+    other = bearer(make_token("creator-2", Role.CREATOR))
+    resp = await http.post(url, headers=other, json={"prize": "x"})
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "not_drop_owner"
+    resp = await http.post(url, headers=bearer(make_token("v1")), json={"prize": "x"})
+    assert resp.status_code == 403
+    resp = await http.post(url, json={"prize": "x"})
+    assert resp.status_code == 401
+    resp = await http.get(f"{url}/999")
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "giveaway_not_found"
+
+
+async def test_ineligible_entries_are_refused_with_their_codes(server, http, creator,
+                                                               make_token):
+    drop_id, _ = await live_drop(http, creator, buy_now=True)
+    gw = await open_gw(http, creator, drop_id, prize="Backstage pass")
+    url = f"/v1/drops/{drop_id}/giveaways/{gw['id']}/entries"
+    # Not present: no socket joined to the drop.
+    resp = await http.post(url, headers=bearer(make_token("v-away")), json={})
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "not_present"
+    # Present over HTTP: this process holds the viewer's socket in the drop.
+    c = await viewer(server, make_token, drop_id, "v-here")
+    resp = await http.post(url, headers=bearer(make_token("v-here")), json={})
+    assert resp.status_code == 201 and resp.json()["entries"] == 1, resp.text
+    # A guest, the creator (socket and HTTP), an admin.
+    resp = await http.post(url, json={})
+    assert resp.status_code == 401
+    staff = await Client.connect(server.ws_url, token=make_token(CREATOR, Role.CREATOR))
+    await staff.join(drop_id)
+    reply = await enter_ws(staff, gw["id"])
+    assert reply["t"] == "error" and reply["code"] == "not_eligible", reply
+    admin = await Client.connect(server.ws_url, token=make_token("root", Role.ADMIN))
+    await admin.join(drop_id)
+    reply = await enter_ws(admin, gw["id"])
+    assert reply["t"] == "error" and reply["code"] == "not_eligible", reply
+    # A giveaway of another drop, a bad id, unknown fields.
+    reply = await enter_ws(c, gw["id"] + 1)
+    assert reply["t"] == "error" and reply["code"] == "giveaway_not_found"
+    reply = await c.request({"t": "giveaway.enter", "giveaway_id": "x"})
+    assert reply["t"] == "error" and reply["code"] == "validation_failed"
+    reply = await c.request({"t": "giveaway.enter", "giveaway_id": gw["id"], "x": 1})
+    assert reply["t"] == "error" and reply["code"] == "validation_failed"
+    # The socket still works.
+    assert (await enter_ws(c, gw["id"]))["data"]["new"] is False
+    for client in (c, staff, admin):
+        await client.close()
+
+
+async def test_buyers_only_and_not_present_required(server, http, creator, make_token):
+    drop_id, pid = await live_drop(http, creator, buy_now=True)
+    gw = await open_gw(http, creator, drop_id, prize="Sticker pack",
+                       must_have_bought=True, must_be_present=False)
+    url = f"/v1/drops/{drop_id}/giveaways/{gw['id']}/entries"
+    buyer = bearer(make_token("v-buyer"))
+    resp = await http.post(url, headers=buyer, json={})
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "not_a_buyer"
+    resp = await http.post(f"/v1/drops/{drop_id}/buy", json={"product_id": pid},
+                           headers={**buyer, "Idempotency-Key": "b1"})
+    assert resp.status_code == 201, resp.text
+    resp = await http.post(url, headers=buyer, json={})  # no socket: presence not asked
+    assert resp.status_code == 201, resp.text
+
+
+async def test_no_entry_after_the_window_and_the_draw_is_reproducible(
+        server, http, creator, make_token):
+    drop_id, pid = await live_drop(http, creator, units=5)
+    gw = await open_gw(http, creator, drop_id, product_id=pid, winners=2, duration_s=2)
+    clients = [await viewer(server, make_token, drop_id, f"v{i}", name=f"Viewer {i}")
+               for i in range(6)]
+    for c in clients:
+        assert (await enter_ws(c, gw["id"]))["data"]["new"] is True
+    r = server.app.state.redis
+    # Past closes_at by Redis' clock, before or after any closer ran: refused.
+    await past_window(r, gw)
+    late = await Client.connect(server.ws_url, token=make_token("v-late", Role.VIEWER))
+    await late.join(drop_id)
+    reply = await enter_ws(late, gw["id"])
+    assert reply["t"] == "error" and reply["code"] == "giveaway_closed", reply
+    assert reply["details"]["closes_at_ms"] == gw["closes_at_ms"]
+
+    drawn_frame = await clients[0].recv_until(
+        lambda f: f.get("event") == "giveaway.drawn", wait=15)
+    body = await wait_drawn(http, drop_id, gw["id"])
+    data = drawn_frame["data"]
+    assert data["seed"] == body["seed"] and data["entrants"] == 6 == body["entries"]
+    assert hashlib.sha256(bytes.fromhex(data["seed"])).hexdigest() == gw["commitment"]
+    listed = (await http.get(f"/v1/drops/{drop_id}/giveaways/{gw['id']}/entrants")).json()
+    assert listed["tickets"] == sorted(listed["tickets"]) and len(listed["tickets"]) == 6
+    seed = bytes.fromhex(data["seed"])
+    mine = {giveaway.ticket(seed, f"v{i}"): f"v{i}" for i in range(6)}
+    assert set(listed["tickets"]) == set(mine)
+    expected = giveaway.draw(seed, listed["tickets"], 2)
+    assert [w["ticket"] for w in data["winners"]] == expected
+    assert [w["ticket"] for w in body["results"]] == expected
+    assert [w["name"] for w in data["winners"]] == [
+        f"Viewer {mine[t][1:]}" for t in expected]
+
+    # Each winner hears giveaway.won with a zero-price order, then order.paid.
+    db = server.app.state.db
+    for rank, t in enumerate(expected, 1):
+        c = clients[int(mine[t][1:])]
+        won = await c.recv_until(lambda f: f.get("event") == "giveaway.won", wait=10)
+        assert won["t"] == "private" and won["data"]["rank"] == rank
+        assert won["data"]["order_id"] and won["data"]["prize_error"] is None
+        paid = await c.recv_until(lambda f: f.get("event") == "order.paid", wait=15)
+        assert paid["data"]["order_id"] == won["data"]["order_id"]
+        assert paid["data"]["amount"] == 0
+        row = await db.fetchrow("SELECT state, amount, user_id FROM orders "
+                                "WHERE public_id = $1", won["data"]["order_id"])
+        assert dict(row) == {"state": "paid", "amount": 0, "user_id": mine[t]}
+    assert await db.fetchval("SELECT count(*) FROM payments") == 0
+    await invariants.quiesce(r, drop_id)
+    assert await invariants.violations(db, r, drop_id) == []
+    remaining = (await http.get(f"/v1/drops/{drop_id}")).json()["products"][0]["remaining"]
+    assert remaining == 3
+    for c in [*clients, late]:
+        await c.close()
+
+
+async def test_the_draw_happens_once_under_concurrent_closers(server, http, creator,
+                                                              make_token, clean_backends):
+    drop_id, _ = await live_drop(http, creator)
+    # The server's own closer is stopped: only the contenders below may draw.
+    gw_state = server.app.state.giveaways
+    await gw_state.closer.stop()
+    gw = await open_gw(http, creator, drop_id, prize="Poster", winners=3, duration_s=2)
+    clients = [await viewer(server, make_token, drop_id, f"v{i}") for i in range(8)]
+    for c in clients:
+        await enter_ws(c, gw["id"])
+    r = server.app.state.redis
+    await past_window(r, gw)
+    pools = [await asyncpg.create_pool(clean_backends.database_url, min_size=1, max_size=2)
+             for _ in range(6)]
+    try:
+        draws = await asyncio.gather(*[giveaway_store.close_and_draw(p, r, gw["id"])
+                                       for p in pools])
+        assert sum(d is not None for d in draws) == 1, draws
+        published: list[tuple] = []
+
+        async def publish(drop, event, data):
+            published.append((drop, event, data))
+
+        async def tell(user, event, data):
+            published.append((user, event, data))
+
+        announced = await asyncio.gather(*[giveaway_store.announce(
+            p, r, gw["id"], publish=publish, tell=tell) for p in pools])
+        assert sum(announced) == 1
+        events = [e for _, e, _ in published]
+        assert events.count("giveaway.drawn") == 1 and events.count("giveaway.won") == 3
+        # Later rounds of the server's closer change nothing.
+        await gw_state.close_due()
+        drawn = await wait_drawn(http, drop_id, gw["id"])
+        winner_rows = await server.app.state.db.fetch(
+            "SELECT ticket FROM giveaway_winners WHERE giveaway_id = $1 ORDER BY rank",
+            gw["id"])
+        assert [w["ticket"] for w in drawn["results"]] == [w["ticket"] for w in winner_rows]
+        assert len(winner_rows) == 3
+    finally:
+        for p in pools:
+            await p.close()
+        for c in clients:
+            await c.close()
+
+
+async def test_audit_recomputes_winners_from_postgresql(server, http, creator, make_token):
+    drop_id, _ = await live_drop(http, creator)
+    gw = await open_gw(http, creator, drop_id, prize="Tote", winners=2, duration_s=2)
+    clients = [await viewer(server, make_token, drop_id, f"v{i}") for i in range(5)]
+    for c in clients:
+        await enter_ws(c, gw["id"])
+    body = await wait_drawn(http, drop_id, gw["id"])
+    report = await giveaway_store.audit(server.app.state.db, gw["id"])
+    assert report.ok, report
+    assert report.winners == [w["ticket"] for w in body["results"]]
+    for c in clients:
+        await c.close()
