@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sys
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -304,5 +306,45 @@ async def test_audit_recomputes_winners_from_postgresql(server, http, creator, m
     report = await giveaway_store.audit(server.app.state.db, gw["id"])
     assert report.ok, report
     assert report.winners == [w["ticket"] for w in body["results"]]
+    for c in clients:
+        await c.close()
+
+
+def _docs_script() -> str:
+    """The verification script of docs/topics/giveaways.md, exactly as published."""
+    page = (Path(__file__).parents[1] / "docs" / "topics" / "giveaways.md").read_text()
+    section = page.split("## Verify a draw yourself", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+async def test_the_documented_script_verifies_a_real_draw(server, http, creator,
+                                                          make_token, tmp_path):
+    drop_id, pid = await live_drop(http, creator)
+    gw = await open_gw(http, creator, drop_id, product_id=pid, winners=3, duration_s=2)
+    clients = [await viewer(server, make_token, drop_id, f"fan-{i}") for i in range(7)]
+    for c in clients:
+        await enter_ws(c, gw["id"])
+    body = await wait_drawn(http, drop_id, gw["id"])
+    script = tmp_path / "verify_giveaway.py"
+    script.write_text(_docs_script())
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), server.base_url, str(drop_id), str(gw["id"]), "fan-3",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out = (await asyncio.wait_for(proc.communicate(), 30))[0].decode()
+    assert proc.returncode == 0, out
+    winners = [w["ticket"] for w in body["results"]]
+    assert f"OK: 7 entrants, winners {winners}" in out
+    assert "is in the draw" in out
+    # A result that does not follow from the seed is caught, by the script and the audit.
+    db = server.app.state.db
+    await db.execute("UPDATE giveaway_winners SET ticket = CASE rank WHEN 1 THEN $2 "
+                     "WHEN 2 THEN $3 ELSE ticket END WHERE giveaway_id = $1",
+                     gw["id"], winners[1], winners[0])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), server.base_url, str(drop_id), str(gw["id"]),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out = (await asyncio.wait_for(proc.communicate(), 30))[0].decode()
+    assert proc.returncode != 0 and "FAIL: the draw gives" in out, out
+    assert not (await giveaway_store.audit(db, gw["id"])).ok
     for c in clients:
         await c.close()
