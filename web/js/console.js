@@ -4,6 +4,7 @@
 import { fetchJson, loadConfig, tokenFromFragment } from "./api.js";
 import { DropClient } from "./client.js";
 import * as creator from "./creator-api.js";
+import { mountGiveawayConsole } from "./giveaway-console.js";
 import { formatMoney } from "./viewer-state.js";
 import { WhipPublisher } from "./whip.js";
 
@@ -28,6 +29,7 @@ const ui = {
   statsShown: 0, // stats answers shown (tests wait for fresh ones instead of sleeping)
   goLive: null, // {dropId, at (ms), timer} while a draft counts down to live
   goLiveSeconds: 5,
+  giveaways: null, // the giveaway panel's hooks (giveaway-console.js)
 };
 window.__console = ui; // for tests and debugging
 
@@ -138,6 +140,7 @@ async function openDrop(id) {
     ui.drop = drop;
     history.replaceState(null, "", `/console?drop=${id}`);
     renderDrop();
+    ui.giveaways.onDropOpened();
     connectSocket();
     refreshStats();
     clearInterval(ui.statsTimer);
@@ -198,6 +201,7 @@ function connectSocket() {
   });
   ui.client.addEventListener("event", (e) => {
     const { event, data } = e.detail;
+    ui.giveaways.onEvent(event, data);
     if (event === "viewers") {
       ui.stats.viewers = data.count;
       renderStats();
@@ -350,6 +354,7 @@ async function togglePublish() {
 
 async function main() {
   ui.config = await loadConfig();
+  ui.giveaways = mountGiveawayConsole({ drop: () => ui.drop, token: () => ui.token, log });
   renderDrop();
   renderStats();
   $("token-form").addEventListener("submit", async (ev) => {

@@ -4,6 +4,7 @@
 
 import { fetchJson, loadConfig, viewerToken } from "./api.js";
 import { DropClient } from "./client.js";
+import { mountGiveaways } from "./giveaway-panel.js";
 import { startPlayer } from "./player.js";
 import {
   countdown, formatClock, formatMoney, initialState, isOver, OrderPhase, overlay, reduce,
@@ -150,8 +151,12 @@ function renderOrder() {
     headline = o.phase === OrderPhase.PAID ? `Paid! You're buyer #${o.buyerNumber}`
       : `You're buyer #${o.buyerNumber}`;
   }
-  $("order-headline").textContent = headline;
   let det = detail;
+  if (o.phase === OrderPhase.PAID && o.prize) {
+    headline = "The prize is yours!";
+    det = "A giveaway prize: nothing to pay.";
+  }
+  $("order-headline").textContent = headline;
   if (o.phase === OrderPhase.FAILED || o.phase === OrderPhase.REJECTED) det = o.reason || "";
   if (o.amount && o.phase === OrderPhase.HELD) {
     det = `${formatMoney(o.amount, o.currency)}. ${detail}`;
@@ -330,6 +335,8 @@ async function main() {
     minDelayMs: config.reconnect_min_ms, maxDelayMs: config.reconnect_max_ms,
   });
   window.__dropClient = client; // tests and debugging
+  const giveaways = mountGiveaways({ dropId: state.dropId,
+    command: (type, data) => client.command(type, data) });
   client.addEventListener("state", (e) => dispatch("conn", {
     state: e.detail.state, attempt: e.detail.attempt, retryInMs: e.detail.retryInMs,
     recovered: e.detail.recovered,
@@ -342,6 +349,7 @@ async function main() {
     if (d.stock) dispatch("stock", d.stock.data || d.stock);
     // Back after a gap the server could not replay: a stream.status may be missed.
     if (e.detail.recovered === false) fetchStreamStatus();
+    giveaways.onJoined();
   });
   client.addEventListener("join-error", async (e) => {
     if (e.detail.code === "drop_not_found") {
@@ -359,6 +367,7 @@ async function main() {
   });
   client.addEventListener("event", (e) => {
     dispatch(e.detail.event, e.detail.data);
+    giveaways.onEvent(e.detail.event, e.detail.data);
     if (e.detail.event === "stream.status") syncPlayer();
   });
   client.start();
