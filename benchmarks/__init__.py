@@ -10,6 +10,9 @@ run. In the order of the hot paths:
   ``reserve.lua`` and back, against raw EVALSHA and a bare buy server.
 * :mod:`benchmarks.fanout`: BUY NOW to every viewer (latency, server CPU per
   delivery, memory per idle connection), against a bare ``websockets.broadcast()``.
+* :mod:`benchmarks.giveaway`: giveaway entries per second from socket to
+  ``giveaway_enter.lua`` and back (50,000 by default), the draw audited, against raw
+  EVALSHA of the same script.
 * :mod:`benchmarks.churn`: whether a worker gives back the memory of viewers who left.
 * :mod:`benchmarks.buy_now`: the creator's BUY NOW until it is on the drop's channel.
 * :mod:`benchmarks.orders`: the order workers, holds in the stream to paid orders.
