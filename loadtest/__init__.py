@@ -23,6 +23,8 @@ Modules, in the order to read them:
 * ``swarm_pipes``: the rehearsal's end of its swarm processes: pipes, progress, reports.
 * ``figures``: the swarms' reports merged into the rehearsal's result.
 * ``verdict``: the orders audited, BUY NOW beside the floor, and pass or fail.
+* ``giveaway``: the rehearsal's giveaway scenario: the phase, its figures, the draw
+  audited from PostgreSQL against what viewers were shown.
 * ``rehearse_cli``: ``python -m loadtest rehearse``'s options.
 * ``report``: the result as JSON, charts and an HTML page.
 * ``netns``: the multi-node harness's network: a bridge, a namespace per node.
