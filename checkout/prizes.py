@@ -28,7 +28,8 @@ class Award:
     hold_id: str | None
     remaining: int = 0
     replay: bool = False
-    error: str = ""       # not_ready (the drop is not loaded), out_of_stock
+    error: str = ""  # not_ready (the drop is not loaded), out_of_stock; not_on_sale
+    # is the caller's (drops.giveaway_store.announce: the drop is off air)
 
 
 def prize_hold_id(drop_id: int, product_id: int, giveaway_id: int, rank: int) -> str:

@@ -197,12 +197,12 @@ class Giveaways:
         if award.remaining == 0:
             res.notifier.sold_out(drop_id, product_id)
 
-    async def _load_drop(self, drop_id: int) -> None:
+    async def _load_drop(self, drop_id: int) -> str:
         from checkout import recovery
 
         s = self.app.state.settings
-        await recovery.ensure_loaded(self.db, self.redis, drop_id,
-                                     grace_ms=s.recovery_grace_ms, wait=3.0)
+        return await recovery.ensure_loaded(self.db, self.redis, drop_id,
+                                            grace_ms=s.recovery_grace_ms, wait=3.0)
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:

@@ -247,8 +247,11 @@ async def announce(db: asyncpg.Pool, redis: Any, giveaway_id: int, *,
     ``announced_at`` is set. True when this call announced.
 
     ``on_award(drop_id, product_id, award)`` follows each new prize (stock, sold out);
-    ``load_drop(drop_id)`` is awaited once when the drop is not loaded in Redis (a
-    Redis loss) before trying again."""
+    ``load_drop(drop_id)`` is awaited when the drop is not loaded in Redis (a Redis
+    loss) before trying again: it answers ``checkout.recovery.ensure_loaded``'s
+    ``"loaded"``, ``"not_live"`` (the drop is off air in PostgreSQL: the winner wins
+    without a unit, ``prize_error`` ``not_on_sale``) or ``"busy"`` (503: the next
+    round tries again)."""
     async with db.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
             f"SELECT {COLUMNS} FROM giveaways WHERE id = $1 AND state = 'drawn' "
@@ -262,10 +265,13 @@ async def announce(db: asyncpg.Pool, redis: Any, giveaway_id: int, *,
                 continue
             result = await prizes.award(redis, drop_id, product_id, w["user_id"],
                                         giveaway_id, w["rank"])
-            if result.error == "not_ready" and load_drop is not None:
-                await load_drop(drop_id)
-                result = await prizes.award(redis, drop_id, product_id, w["user_id"],
-                                            giveaway_id, w["rank"])
+            if result.error == "not_ready":
+                outcome = await load_drop(drop_id) if load_drop is not None else "busy"
+                if outcome == "loaded":
+                    result = await prizes.award(redis, drop_id, product_id, w["user_id"],
+                                                giveaway_id, w["rank"])
+                elif outcome == "not_live":
+                    result = prizes.Award(None, error="not_on_sale")
             if result.hold_id is None and result.error == "not_ready":
                 raise ApiError("the drop is not loaded in Redis", code="not_ready",
                                status=503)
@@ -315,7 +321,8 @@ async def audit(db: Any, giveaway_id: int) -> Audit:
     """Recompute a drawn giveaway from its rows: the seed matches the commitment, every
     entrant's ticket is ``HMAC(seed, user id)``, the recorded winners are what the draw
     gives over those tickets (with the right user ids), and each product prize is a
-    paid zero-price order of its winner."""
+    paid zero-price order of its winner (the order worker records it shortly after
+    the announcement: audit once the drop's order stream is quiet)."""
     row = await db.fetchrow(f"SELECT {COLUMNS} FROM giveaways WHERE id = $1", giveaway_id)
     if row is None or row["state"] != GiveawayState.DRAWN:
         return Audit(False, [f"giveaway {giveaway_id} is not drawn"], [])

@@ -348,3 +348,46 @@ async def test_the_documented_script_verifies_a_real_draw(server, http, creator,
     assert not (await giveaway_store.audit(db, gw["id"])).ok
     for c in clients:
         await c.close()
+
+
+async def wait_announced(db, giveaway_id, within=15.0):
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if await db.fetchval("SELECT announced_at IS NOT NULL FROM giveaways WHERE id = $1",
+                             giveaway_id):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"giveaway {giveaway_id} not announced within {within} s")
+
+
+async def test_prizes_out_of_stock_and_off_air_still_announce(server, http, creator,
+                                                              make_token):
+    """Two winners, one unit left: rank 1 gets it, rank 2 wins without a unit. A drop
+    whose stock Redis lost after it went off air: the winner wins, not_on_sale."""
+    drop_id, pid = await live_drop(http, creator, units=1)
+    gw = await open_gw(http, creator, drop_id, product_id=pid, winners=2, duration_s=2)
+    clients = [await viewer(server, make_token, drop_id, f"v{i}") for i in range(3)]
+    for c in clients:
+        await enter_ws(c, gw["id"])
+    body = await wait_drawn(http, drop_id, gw["id"])
+    await wait_announced(server.app.state.db, gw["id"])
+    won = await giveaway_store.winners(server.app.state.db, gw["id"])
+    assert [(w["order_id"] is not None, w["prize_error"]) for w in won] == [
+        (True, None), (False, "out_of_stock")]
+    assert [w["ticket"] for w in won] == [w["ticket"] for w in body["results"]]
+    await invariants.quiesce(server.app.state.redis, drop_id)  # the prize order row
+    assert (await giveaway_store.audit(server.app.state.db, gw["id"])).ok
+
+    # Off air, then Redis loses the drop's stock before the draw.
+    gw2 = await open_gw(http, creator, drop_id, product_id=pid, winners=1, duration_s=2)
+    assert (await enter_ws(clients[0], gw2["id"]))["data"]["new"] is True
+    resp = await http.post(f"/v1/drops/{drop_id}/end", headers=creator, json={})
+    assert resp.status_code == 200, resp.text
+    r = server.app.state.redis
+    await r.delete(f"{{drop:{drop_id}}}:sale")
+    await wait_drawn(http, drop_id, gw2["id"])
+    await wait_announced(server.app.state.db, gw2["id"])
+    won = await giveaway_store.winners(server.app.state.db, gw2["id"])
+    assert [(w["order_id"], w["prize_error"]) for w in won] == [(None, "not_on_sale")]
+    for c in clients:
+        await c.close()
