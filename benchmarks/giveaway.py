@@ -25,8 +25,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import shutil
-import subprocess
 import sys
 import time
 from typing import Any
@@ -34,7 +32,7 @@ from typing import Any
 import msgpack
 
 from benchmarks._buyers import Buyer, open_buyers, selling_drop, source_addresses
-from benchmarks._support import Server, start_server
+from benchmarks._support import Server, redis_benchmark_evalsha, start_server
 
 __all__ = ["main"]
 
@@ -149,31 +147,23 @@ def raw_evalsha(redis_url: str, *, requests: int, clients: int, pipeline: int) -
     from drops.giveaway_store import KEEP_MS, entrants_key, gw_key
     from drops.scripts import load
 
-    exe = shutil.which("redis-benchmark") or shutil.which("valkey-benchmark")
-    if exe is None:
-        raise RuntimeError("redis-benchmark not found (apt-get install redis-tools)")
     d, g = 900_000_003, 1
     client = sync_redis.Redis.from_url(redis_url)
     try:
-        sha = client.script_load(load("giveaway_enter").single.script)
         now_ms = int(time.time() * 1000)
         client.delete(gw_key(d, g), entrants_key(d, g))
         client.hset(gw_key(d, g), mapping={"state": "open", "opened_at": now_ms,
                                            "closes_at": now_ms + 3_600_000,
                                            "creator": "nobody", "entries": 0})
         client.pexpire(gw_key(d, g), KEEP_MS)
-        host = client.connection_pool.connection_kwargs["host"]
-        port = client.connection_pool.connection_kwargs["port"]
-        out = subprocess.run(
-            [exe, "-h", host, "-p", str(port), "-n", str(requests), "-c", str(clients),
-             "-P", str(pipeline), "-r", "1000000000", "-q", "--csv",
-             "EVALSHA", sha, "2", gw_key(d, g), entrants_key(d, g), "u__rand_int__",
-             "Viewer"], capture_output=True, text=True, check=True).stdout
-        client.delete(gw_key(d, g), entrants_key(d, g))
+        # A random user per call (__rand_int__): distinct entrants, mostly new.
+        return redis_benchmark_evalsha(
+            redis_url, load("giveaway_enter").single.script,
+            [gw_key(d, g), entrants_key(d, g)], ["u__rand_int__", "Viewer"],
+            requests=requests, clients=clients, pipeline=pipeline)
     finally:
+        client.delete(gw_key(d, g), entrants_key(d, g))
         client.close()
-    last = [line for line in out.splitlines() if line.strip()][-1]
-    return float(last.split(",")[1].strip('"'))
 
 
 BENCH_ENV = {"DROPSERVER_ORDER_WORKERS": "0", "DROPSERVER_MAX_CONNECTIONS": "60000"}

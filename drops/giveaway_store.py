@@ -193,14 +193,21 @@ async def due(db: Any, now_ms: int) -> list[tuple[int, int, str]]:
     return [(r["id"], r["drop_id"], r["state"]) for r in rows]
 
 
+async def _lock(conn: asyncpg.Connection, giveaway_id: int,
+                condition: str) -> asyncpg.Record | None:
+    """The giveaway's row, locked for this transaction, if ``condition`` holds and no
+    other process holds it (then None: that process is doing the same work)."""
+    return await conn.fetchrow(
+        f"SELECT {COLUMNS} FROM giveaways WHERE id = $1 AND {condition} "
+        "FOR UPDATE SKIP LOCKED", giveaway_id)
+
+
 async def close_and_draw(db: asyncpg.Pool, redis: Any, giveaway_id: int) -> DrawResult | None:
     """Close the window and draw, if this process is the one to (see the module
     docstring). None when another process has it, it was drawn, or its window has
     not ended by Redis' clock."""
     async with db.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(
-            f"SELECT {COLUMNS} FROM giveaways WHERE id = $1 AND state = 'open' "
-            "FOR UPDATE SKIP LOCKED", giveaway_id)
+        row = await _lock(conn, giveaway_id, "state = 'open'")
         if row is None:
             return None
         drop_id = row["drop_id"]
@@ -253,9 +260,7 @@ async def announce(db: asyncpg.Pool, redis: Any, giveaway_id: int, *,
     without a unit, ``prize_error`` ``not_on_sale``) or ``"busy"`` (503: the next
     round tries again)."""
     async with db.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(
-            f"SELECT {COLUMNS} FROM giveaways WHERE id = $1 AND state = 'drawn' "
-            "AND announced_at IS NULL FOR UPDATE SKIP LOCKED", giveaway_id)
+        row = await _lock(conn, giveaway_id, "state = 'drawn' AND announced_at IS NULL")
         if row is None:
             return False
         drop_id, product_id = row["drop_id"], row["product_id"]
