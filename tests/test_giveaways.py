@@ -391,3 +391,19 @@ async def test_prizes_out_of_stock_and_off_air_still_announce(server, http, crea
     assert [(w["order_id"], w["prize_error"]) for w in won] == [(None, "not_on_sale")]
     for c in clients:
         await c.close()
+
+
+async def test_the_replay_keeps_the_giveaway_moments(server, http, creator):
+    """giveaway.opened and giveaway.drawn are replay moments, storable as such."""
+    from streaming import replay
+
+    assert replay.moment_from_event("giveaway.opened", {"product_id": 7}) == (
+        "giveaway_opened", 7)
+    assert replay.moment_from_event("giveaway.drawn", {"product_id": None}) == (
+        "giveaway_drawn", None)
+    drop_id, _ = await live_drop(http, creator)
+    db = server.app.state.db
+    await replay.record_moment(db, drop_id, "giveaway_opened", None, 1200)
+    await replay.record_moment(db, drop_id, "giveaway_drawn", None, 61_200)
+    kinds = [m["kind"] for m in await replay.moments(db, drop_id)]
+    assert kinds == ["giveaway_opened", "giveaway_drawn"]
