@@ -220,6 +220,28 @@ class Giveaways:
             await self.flush_counts()
 
 
+class RecentWins:
+    """The hub's source of ``giveaway.won`` events a socket missed (realtime.private):
+    a user's channel keeps no history, so after a lost subscription the winner's
+    sockets are sent their wins announced since they opened, once each."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+
+    def key(self, event: str, data: dict[str, Any]) -> tuple[str, int] | None:
+        gid = data.get("giveaway_id")
+        if event != "giveaway.won" or not isinstance(gid, int):
+            return None
+        return f"giveaway:{gid}", 0
+
+    async def current(self, user_ids: Any, since: float) -> list[Any]:
+        from realtime.private import Current
+
+        return [Current(user, "giveaway.won", data, at)
+                for user, data, at in await giveaway_store.recent_wins(
+                    self.db, list(user_ids), since)]
+
+
 def _cluster(redis: Any) -> bool:
     from dropserver.redis_client import is_cluster
 
@@ -417,6 +439,9 @@ async def startup(app: Starlette) -> None:
     gw = Giveaways(app)
     app.state.giveaways = gw
     app.state.commands["giveaway.enter"] = ws_enter
+    hub = getattr(app.state, "realtime", None)
+    if hub is not None:  # a winner's socket that missed giveaway.won gets it again
+        hub.private.add_source(RecentWins(app.state.db))
     gw.start()
 
 

@@ -49,9 +49,11 @@ __all__ = [
     "list_giveaways",
     "load_giveaway",
     "open_in_redis",
+    "recent_wins",
     "redis_now_ms",
     "try_enter",
     "winners",
+    "won_event",
 ]
 
 log = logging.getLogger("dropserver.giveaways")
@@ -289,13 +291,32 @@ async def announce(db: asyncpg.Pool, redis: Any, giveaway_id: int, *,
                 await on_award(drop_id, product_id, result)
         await publish(drop_id, "giveaway.drawn", drawn_event(row, won))
         for w in won:
-            await tell(w["user_id"], "giveaway.won", {
-                "giveaway_id": giveaway_id, "drop_id": drop_id, "rank": w["rank"],
-                "prize": row["prize"], "product_id": product_id, "ticket": w["ticket"],
-                "order_id": w["order_id"], "prize_error": w["prize_error"]})
+            await tell(w["user_id"], "giveaway.won", won_event(row, w))
         await conn.execute("UPDATE giveaways SET announced_at = now() WHERE id = $1",
                            giveaway_id)
     return True
+
+
+def won_event(row: dict[str, Any] | asyncpg.Record,
+              w: dict[str, Any] | asyncpg.Record) -> dict[str, Any]:
+    """``giveaway.won``, the winner's private event (docs/protocol.md)."""
+    return {"giveaway_id": row["id"], "drop_id": row["drop_id"], "rank": w["rank"],
+            "prize": row["prize"], "product_id": row["product_id"], "ticket": w["ticket"],
+            "order_id": w["order_id"], "prize_error": w["prize_error"]}
+
+
+async def recent_wins(db: Any, user_ids: list[str], since: float,
+                      ) -> list[tuple[str, dict[str, Any], float]]:
+    """``(user id, giveaway.won data, announced at)`` of these users' wins announced
+    since ``since`` (Unix seconds): what a socket that missed the event is sent."""
+    rows = await db.fetch(
+        """SELECT g.id, g.drop_id, g.prize, g.product_id, w.user_id, w.rank, w.ticket,
+                  w.order_id, w.prize_error,
+                  extract(epoch FROM g.announced_at)::float8 AS announced
+           FROM giveaway_winners w JOIN giveaways g ON g.id = w.giveaway_id
+           WHERE w.user_id = ANY($1::text[]) AND g.announced_at >= to_timestamp($2)
+           ORDER BY g.announced_at LIMIT 1000""", list(user_ids), since)
+    return [(r["user_id"], won_event(r, r), r["announced"]) for r in rows]
 
 
 def drawn_event(row: dict[str, Any] | asyncpg.Record, won: list[dict[str, Any]],

@@ -15,7 +15,9 @@ import pytest
 
 from drops import giveaway, giveaway_store
 from dropserver.auth import Role
+from realtime import channels
 from tests import invariants
+from tests.conftest import only_single_redis
 from tests.realtime_support import Client
 
 CREATOR = "creator-1"
@@ -407,3 +409,48 @@ async def test_the_replay_keeps_the_giveaway_moments(server, http, creator):
     await replay.record_moment(db, drop_id, "giveaway_drawn", None, 61_200)
     kinds = [m["kind"] for m in await replay.moments(db, drop_id)]
     assert kinds == ["giveaway_opened", "giveaway_drawn"]
+
+
+@only_single_redis
+async def test_a_win_announced_while_the_subscription_was_lost_is_heard_once(
+        server, http, creator, make_token):
+    """giveaway.won goes out on the winner's channel, which keeps no history: published
+    while this process's pub/sub connection is down, it reaches the winner's open
+    socket once the subscriber is back (realtime.private, drops' RecentWins), once."""
+    from tests.payments_fixtures import wait_for
+    from tests.test_private_recovery import Gate
+
+    hub = server.app.state.realtime
+    drop_id, _ = await live_drop(http, creator)
+    c = await viewer(server, make_token, drop_id, "v-lucky")
+    user_channel = channels.user_channel("v-lucky").encode()
+    await wait_for(lambda: _value(user_channel in hub.subscriber.channels), 5)
+    await asyncio.sleep(0.2)  # the subscription is confirmed
+    gw = await open_gw(http, creator, drop_id, prize="Poster", duration_s=2)
+    assert (await enter_ws(c, gw["id"]))["data"]["new"] is True
+
+    gate = Gate()
+    gate.hold(hub.subscriber, "_connect")
+    redis = server.app.state.redis
+    assert await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub") >= 1
+    await wait_for(lambda: _value(hub.subscriber._conn is None), 5)
+    await wait_announced(server.app.state.db, gw["id"])  # published to nobody here
+    gate.open.set()
+    won: list[dict] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 4
+    while (left := deadline - loop.time()) > 0:
+        try:
+            frame = await c.recv(left)
+        except TimeoutError:
+            break
+        if frame.get("event") == "giveaway.won":
+            won.append(frame)
+    assert len(won) == 1, won
+    assert won[0]["t"] == "private" and won[0]["data"]["giveaway_id"] == gw["id"]
+    assert won[0]["data"]["rank"] == 1
+    await c.close()
+
+
+async def _value(value):
+    return value
