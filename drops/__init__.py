@@ -25,6 +25,6 @@ Modules, in the order to read them:
 * ``giveaway_api``: giveaways over HTTP and the ``giveaway.enter`` command, the live
   entry count, the closer every process runs.
 * ``scripts``: the giveaway Lua scripts (``giveaway_open``, ``giveaway_enter``,
-  ``giveaway_close``), called by SHA.
+  ``giveaway_close``, ``giveaway_restore``), called by SHA.
 * ``component``: the package as :mod:`dropserver.app` mounts it.
 """

@@ -61,6 +61,8 @@ OPEN_FIELDS = ("product_id", "prize", "winners", "duration_s", "must_be_present"
                "must_have_bought")
 MIN_WINDOW_S, MAX_WINDOW_S = 2, 3600
 CLOSER_INTERVAL_S = 0.2
+JOURNAL_MAX = 200_000  # entrants kept while PostgreSQL is away (then the oldest go)
+JOURNAL_BATCH = 5_000
 
 
 def _iso_ms(ms: int | None) -> str | None:
@@ -104,6 +106,8 @@ class Giveaways:
         self.db: asyncpg.Pool = app.state.db
         self.meta: dict[int, Meta] = {}
         self._dirty: dict[int, int] = {}  # giveaway id -> drop id
+        self._journal: list[tuple[Meta, str, str]] = []  # new entrants to write
+        self._restoring: dict[int, asyncio.Lock] = {}
         self._wake = asyncio.Event()
         self.coalesce = max(s.stock_coalesce_ms, 1) / 1000
         self._counts: asyncio.Task | None = None
@@ -118,7 +122,8 @@ class Giveaways:
             if row is None:
                 raise GiveawayRefused(Refusal.NOT_FOUND, "no such giveaway in this drop")
             m = Meta(row["id"], row["drop_id"], row["creator_id"], row["product_id"],
-                     row["must_be_present"], row["must_have_bought"])
+                     row["must_be_present"], row["must_have_bought"],
+                     bytes.fromhex(row["seed"]))
             self.meta[giveaway_id] = m
         if m.drop_id != drop_id:
             raise GiveawayRefused(Refusal.NOT_FOUND, "no such giveaway in this drop")
@@ -146,9 +151,32 @@ class Giveaways:
                 pipe.hexists(checkout_keys.units(drop_id, int(pid)), user_id)
             return any(await pipe.execute())
 
-    def entered(self, drop_id: int, giveaway_id: int) -> None:
-        self._dirty[giveaway_id] = drop_id
+    def entered(self, m: Meta, user_id: str, name: str) -> None:
+        """A new entrant: counted (coalesced) and journaled. No await: the hot path."""
+        self._dirty[m.giveaway_id] = m.drop_id
+        self._journal.append((m, user_id, name))
+        if len(self._journal) > JOURNAL_MAX:
+            del self._journal[:len(self._journal) - JOURNAL_MAX]
         self._wake.set()
+
+    async def flush_journal(self) -> None:
+        """Write the journaled entrants (tickets computed here, off the hot path); on
+        failure they stay queued."""
+        while self._journal:
+            batch = self._journal[:JOURNAL_BATCH]
+            await giveaway_store.journal_entrants(self.db, [
+                (m.giveaway_id, user, giveaway.ticket(m.seed, user), name)
+                for m, user, name in batch])
+            del self._journal[:len(batch)]
+
+    async def restore(self, m: Meta) -> str | None:
+        """Redis does not know a giveaway PostgreSQL has: put it back if it is open
+        (one per process at a time per giveaway; the others wait for it); returns
+        PostgreSQL's state."""
+        lock = self._restoring.setdefault(m.giveaway_id, asyncio.Lock())
+        async with lock:
+            return await giveaway_store.restore_in_redis(self.db, self.redis, m.drop_id,
+                                                         m.giveaway_id)
 
     async def flush_counts(self) -> None:
         dirty, self._dirty = self._dirty, {}
@@ -161,12 +189,15 @@ class Giveaways:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            try:
-                await self.flush_counts()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("giveaway entry counts failed", exc_info=True)
+            for step, what in ((self.flush_journal, "giveaway entry journal"),
+                               (self.flush_counts, "giveaway entry counts")):
+                try:
+                    await step()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # an outage: retried on the next round
+                    log.warning("%s failed", what, exc_info=True)
+                    self._wake.set()
             await asyncio.sleep(self.coalesce)
 
     # -- the closer -------------------------------------------------------------------
@@ -216,6 +247,8 @@ class Giveaways:
             self._counts.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._counts
+        with contextlib.suppress(Exception):
+            await self.flush_journal()
         with contextlib.suppress(Exception):
             await self.flush_counts()
 
@@ -337,14 +370,27 @@ async def enter(app: Any, who: Principal, drop_id: int, giveaway_id: int, *,
         if m.must_have_bought and not await gw.bought(drop_id, who.user_id or ""):
             raise GiveawayRefused(Refusal.NOT_BOUGHT,
                                   "only buyers of this drop may enter this giveaway")
-        new, count = await giveaway_store.try_enter(
-            gw.call_enter, drop_id, giveaway_id, who.user_id or "", who.name or "")
+        user, name = who.user_id or "", who.name or ""
+        try:
+            new, count = await giveaway_store.try_enter(gw.call_enter, drop_id,
+                                                        giveaway_id, user, name)
+        except GiveawayRefused as exc:
+            # PostgreSQL has it (meta_of) and Redis does not: Redis restarted empty.
+            if exc.refusal is not Refusal.NOT_FOUND:
+                raise
+            state = await gw.restore(m)
+            if state == GiveawayState.DRAWN:
+                raise GiveawayRefused(Refusal.CLOSED, "the giveaway is drawn") from None
+            if state != GiveawayState.OPEN:
+                raise
+            new, count = await giveaway_store.try_enter(gw.call_enter, drop_id,
+                                                        giveaway_id, user, name)
     except ApiError as exc:
         ENTRIES.labels(exc.code).inc()
         raise
     tally(_NEW if new else _REPEAT)
     if new:
-        gw.entered(drop_id, giveaway_id)
+        gw.entered(m, user, name)
     return {"giveaway_id": giveaway_id, "entered": True, "new": new, "entries": count}
 
 

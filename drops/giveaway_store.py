@@ -8,7 +8,11 @@ it is open, entries live in Redis under the drop's hash tag (one Redis Cluster s
                             Redis' clock), creator, entries (distinct entrants)
     {drop:D}:gw:G:in  HASH  user id -> display name, one field per entrant
 
-An entry is one script call (``scripts/giveaway_enter.lua``). The draw happens once:
+An entry is one script call (``scripts/giveaway_enter.lua``); the process that took it
+also journals the entrant to PostgreSQL off the hot path, so a Redis that restarts
+empty loses at most the last fraction of a second of entries: the next entry puts the
+giveaway back from PostgreSQL (``scripts/giveaway_restore.lua``), and the draw takes
+the journal's entrants with Redis'. The draw happens once:
 every process's closer looks for giveaways past their window; the one that takes the
 row lock (``FOR UPDATE SKIP LOCKED``) closes the window in Redis
 (``giveaway_close.lua``: by Redis' clock, the one entries are judged by, so nothing
@@ -46,11 +50,13 @@ __all__ = [
     "entrants_key",
     "entries",
     "gw_key",
+    "journal_entrants",
     "list_giveaways",
     "load_giveaway",
     "open_in_redis",
     "recent_wins",
     "redis_now_ms",
+    "restore_in_redis",
     "try_enter",
     "winners",
     "won_event",
@@ -61,6 +67,7 @@ log = logging.getLogger("dropserver.giveaways")
 _open = load("giveaway_open")
 _enter = load("giveaway_enter")
 _close = load("giveaway_close")
+_restore = load("giveaway_restore")
 
 KEEP_MS = 7 * 24 * 3600 * 1000  # Redis keeps a giveaway's keys this long after its close
 
@@ -143,6 +150,39 @@ async def open_in_redis(redis: Any, row: dict[str, Any]) -> None:
                 client=redis)
 
 
+async def restore_in_redis(db: Any, redis: Any, drop_id: int, giveaway_id: int,
+                           ) -> str | None:
+    """Redis lost an open giveaway (it restarted empty): put back its window and the
+    entrants journaled in PostgreSQL (``giveaway_restore.lua``). Returns the state
+    PostgreSQL has (``open``: restored; ``drawn``: nothing to restore), or None."""
+    row = await load_giveaway(db, drop_id, giveaway_id)
+    if row is None or row["state"] != GiveawayState.OPEN:
+        return row["state"] if row is not None else None
+    people = await db.fetch("SELECT user_id, display_name FROM giveaway_entrants "
+                            "WHERE giveaway_id = $1", giveaway_id)
+    args: list[Any] = [row["opened_at_ms"], row["closes_at_ms"], row["creator_id"], KEEP_MS]
+    for p in people:
+        args += [p["user_id"], p["display_name"]]
+    count = await _restore(keys=[gw_key(drop_id, giveaway_id),
+                                 entrants_key(drop_id, giveaway_id)], args=args, client=redis)
+    log.warning("giveaway restored in Redis from PostgreSQL",
+                extra={"drop_id": drop_id, "giveaway_id": giveaway_id,
+                       "journaled": len(people), "entrants": int(count)})
+    return GiveawayState.OPEN.value
+
+
+async def journal_entrants(db: Any, rows: list[tuple[int, str, str, str]]) -> None:
+    """Entrants as the processes that took them record them: ``(giveaway id, user
+    id, ticket, display name)``, once each (``ON CONFLICT DO NOTHING``)."""
+    if not rows:
+        return
+    cols = list(zip(*rows, strict=True))
+    await db.execute(
+        """INSERT INTO giveaway_entrants (giveaway_id, user_id, ticket, display_name)
+           SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])
+           ON CONFLICT DO NOTHING""", *[list(c) for c in cols])
+
+
 # -- enter ------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +195,7 @@ class Meta:
     product_id: int | None
     must_be_present: bool
     must_have_bought: bool
+    seed: bytes  # for the journal's tickets; never leaves the process before the draw
 
 
 async def try_enter(call: Any, drop_id: int, giveaway_id: int, user_id: str,
@@ -220,20 +261,23 @@ async def close_and_draw(db: asyncpg.Pool, redis: Any, giveaway_id: int) -> Draw
             return None
         names: dict[str, str] = {}
         if outcome == "not_found":
-            # Redis lost the giveaway (restarted empty): its entries went with it.
-            log.error("giveaway missing in Redis at its draw: drawn with no entrants",
+            # Redis lost the giveaway (restarted empty) and no entry came since to
+            # restore it: the entrants are those journaled in PostgreSQL.
+            log.error("giveaway missing in Redis at its draw: drawn from the journal",
                       extra={"drop_id": drop_id, "giveaway_id": giveaway_id})
             closed_at = row["closes_at_ms"]
         else:
             closed_at = int(reply[1])
             items = [_s(x) for x in reply[2:]]
             names = dict(zip(items[0::2], items[1::2], strict=True))
+        for p in await conn.fetch("SELECT user_id, display_name FROM giveaway_entrants "
+                                  "WHERE giveaway_id = $1", giveaway_id):
+            names.setdefault(p["user_id"], p["display_name"])
         seed = bytes.fromhex(row["seed"])
         by_ticket = {giveaway.ticket(seed, user): user for user in names}
         drawn = giveaway.draw(seed, by_ticket, row["winners"])
-        await conn.copy_records_to_table(
-            "giveaway_entrants", columns=["giveaway_id", "user_id", "ticket"],
-            records=[(giveaway_id, user, t) for t, user in by_ticket.items()])
+        await journal_entrants(conn, [(giveaway_id, user, t, names[user])
+                                      for t, user in by_ticket.items()])
         await conn.executemany(
             "INSERT INTO giveaway_winners (giveaway_id, rank, user_id, ticket, display_name)"
             " VALUES ($1, $2, $3, $4, $5)",

@@ -454,3 +454,46 @@ async def test_a_win_announced_while_the_subscription_was_lost_is_heard_once(
 
 async def _value(value):
     return value
+
+
+@only_single_redis
+async def test_entries_survive_redis_restarting_empty(server, http, creator, make_token):
+    """Entrants are journaled to PostgreSQL by the process that took them: after Redis
+    comes back empty the next entry puts the giveaway back (repeats stay repeats) and
+    the draw counts every acknowledged entrant."""
+    from tests.payments_fixtures import wait_for
+
+    drop_id, _ = await live_drop(http, creator)
+    gw = await open_gw(http, creator, drop_id, prize="Poster", winners=2, duration_s=6)
+    clients = [await viewer(server, make_token, drop_id, f"v{i}") for i in range(5)]
+    for c in clients[:4]:
+        assert (await enter_ws(c, gw["id"]))["data"]["new"] is True
+    db = server.app.state.db
+    await wait_for(lambda: db.fetchval(
+        "SELECT count(*) = 4 FROM giveaway_entrants WHERE giveaway_id = $1", gw["id"]), 5)
+    await server.app.state.redis.flushall()  # Redis restarted empty
+    again = await enter_ws(clients[0], gw["id"])
+    assert again["data"] == {"giveaway_id": gw["id"], "entered": True, "new": False,
+                             "entries": 4}, again
+    late = await enter_ws(clients[4], gw["id"])
+    assert late["data"]["new"] is True and late["data"]["entries"] == 5
+    body = await wait_drawn(http, drop_id, gw["id"])
+    assert body["entries"] == 5
+    report = await giveaway_store.audit(db, gw["id"])
+    assert report.ok, report
+    users = {r["user_id"] for r in await db.fetch(
+        "SELECT user_id FROM giveaway_entrants WHERE giveaway_id = $1", gw["id"])}
+    assert users == {f"v{i}" for i in range(5)}
+
+    # Lost again, and no entry comes after: the draw takes the journal's entrants.
+    gw2 = await open_gw(http, creator, drop_id, prize="Mug", winners=1, duration_s=3)
+    for c in clients[:3]:
+        assert (await enter_ws(c, gw2["id"]))["data"]["new"] is True
+    await wait_for(lambda: db.fetchval(
+        "SELECT count(*) = 3 FROM giveaway_entrants WHERE giveaway_id = $1", gw2["id"]), 5)
+    await server.app.state.redis.flushall()
+    body = await wait_drawn(http, drop_id, gw2["id"])
+    assert body["entries"] == 3 and len(body["results"]) == 1
+    assert (await giveaway_store.audit(db, gw2["id"])).ok
+    for c in clients:
+        await c.close()

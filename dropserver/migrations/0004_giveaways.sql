@@ -10,7 +10,9 @@
 --   one, still has to award the prizes and announce).
 -- giveaway_entrants: every distinct entrant, with the ticket the draw sorted
 --   (HMAC-SHA256(seed, user id), hex) -- the published list is the tickets, not the
---   user ids.
+--   user ids. Written while the window is open by the process that took each entry
+--   (a journal, off the hot path, so a Redis that restarts empty loses at most the
+--   last fraction of a second of entries), and completed from Redis at the draw.
 -- giveaway_winners: the winners in draw order (rank 1 first), the name announced
 --   and, for a product prize, the zero-price order each one got (orders.public_id;
 --   NULL with prize_error 'out_of_stock' when the product had no unit left).
@@ -52,6 +54,7 @@ CREATE TABLE IF NOT EXISTS giveaway_entrants (
     giveaway_id     BIGINT NOT NULL REFERENCES giveaways(id) ON DELETE CASCADE,
     user_id         TEXT NOT NULL,
     ticket          TEXT NOT NULL,
+    display_name    TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (giveaway_id, user_id),
     UNIQUE (giveaway_id, ticket)
 );
