@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -65,12 +64,6 @@ JOURNAL_MAX = 200_000  # entrants kept while PostgreSQL is away (then the oldest
 JOURNAL_BATCH = 5_000
 
 
-def _iso_ms(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(
-        timespec="milliseconds").replace("+00:00", "Z")
-
 
 def giveaway_json(row: dict[str, Any], *, entries: int | None = None,
                   won: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -81,11 +74,11 @@ def giveaway_json(row: dict[str, Any], *, entries: int | None = None,
         "prize": row["prize"], "product_id": row["product_id"], "winners": row["winners"],
         "must_be_present": row["must_be_present"],
         "must_have_bought": row["must_have_bought"], "commitment": row["commitment"],
-        "opened_at": _iso_ms(row["opened_at_ms"]), "opened_at_ms": row["opened_at_ms"],
-        "closes_at": _iso_ms(row["closes_at_ms"]), "closes_at_ms": row["closes_at_ms"],
+        # unix ms by Redis' clock, as the events (and a hold's expires_at) say them
+        "opened_at": row["opened_at_ms"], "closes_at": row["closes_at_ms"],
         "entries": row["entrants"] if drawn else entries,
         "seed": row["seed"] if drawn else None,
-        "drawn_at_ms": row["drawn_at_ms"],
+        "drawn_at": row["drawn_at_ms"],
         "results": None,
     }
     if drawn and won is not None:
@@ -342,9 +335,9 @@ async def open_giveaway(app: Any, who: Principal, drop_id: int,
         body = giveaway_json(row, entries=0)
         await publish(redis, drop_id, "giveaway.opened", {
             **{k: body[k] for k in ("prize", "product_id", "winners", "must_be_present",
-                                    "must_have_bought", "commitment", "opened_at_ms",
-                                    "closes_at_ms")},
-            "giveaway_id": row["id"], "server_time_ms": opened})
+                                    "must_have_bought", "commitment", "opened_at",
+                                    "closes_at")},
+            "giveaway_id": row["id"], "server_time": opened})
     log.info("giveaway opened", extra={"drop_id": drop_id, "giveaway_id": row["id"],
                                        "winners": winners, "duration_s": duration})
     return body

@@ -210,7 +210,7 @@ async def try_enter(call: Any, drop_id: int, giveaway_id: int, user_id: str,
     code, detail = _s(reply[1]), _s(reply[2])
     if code == Refusal.CLOSED:
         raise GiveawayRefused(Refusal.CLOSED, "the giveaway's entry window has ended",
-                              {"closes_at_ms": int(detail)} if detail.isdigit() else None)
+                              {"closes_at": int(detail)} if detail.isdigit() else None)
     if code == Refusal.NOT_ELIGIBLE:
         raise GiveawayRefused(Refusal.NOT_ELIGIBLE, "the drop's creator cannot enter")
     raise GiveawayRefused(Refusal.NOT_FOUND, "no such giveaway in this drop")
@@ -369,7 +369,7 @@ def drawn_event(row: dict[str, Any] | asyncpg.Record, won: list[dict[str, Any]],
     return {
         "giveaway_id": row["id"], "drop_id": row["drop_id"], "prize": row["prize"],
         "product_id": row["product_id"], "commitment": row["commitment"],
-        "seed": row["seed"], "entrants": row["entrants"], "drawn_at_ms": row["drawn_at_ms"],
+        "seed": row["seed"], "entrants": row["entrants"], "drawn_at": row["drawn_at_ms"],
         "winners": [{"rank": w["rank"], "ticket": w["ticket"], "name": w["display_name"]}
                     for w in won],
         "entrants_url": f"/v1/drops/{row['drop_id']}/giveaways/{row['id']}/entrants",

@@ -132,12 +132,12 @@ HOLD = _obj(
 
 GIVEAWAY = _obj(
     ["id", "drop_id", "state", "prize", "product_id", "winners", "must_be_present",
-     "must_have_bought", "commitment", "opened_at", "opened_at_ms", "closes_at",
-     "closes_at_ms", "entries", "seed", "drawn_at_ms", "results"],
+     "must_have_bought", "commitment", "opened_at", "closes_at", "entries", "seed",
+     "drawn_at", "results"],
     id=ID, drop_id=ID, state={"type": "string", "enum": ["open", "drawn"]}, prize=STR,
     product_id=_nullable(ID), winners=INT, must_be_present=BOOL, must_have_bought=BOOL,
-    commitment=STR, opened_at=STR, opened_at_ms=INT, closes_at=STR, closes_at_ms=INT,
-    entries=_nullable(INT), seed=_nullable(STR), drawn_at_ms=_nullable(INT),
+    commitment=STR, opened_at=INT, closes_at=INT,
+    entries=_nullable(INT), seed=_nullable(STR), drawn_at=_nullable(INT),
     results={"type": ["array", "null"], "items": _obj(
         ["rank", "ticket", "name"], rank=INT, ticket=STR, name=STR)},
     entrants_url=STR)

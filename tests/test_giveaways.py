@@ -70,9 +70,9 @@ async def enter_ws(c, giveaway_id):
 
 async def past_window(r, gw) -> None:
     """Until Redis' clock is past the giveaway's window."""
-    left = gw["closes_at_ms"] - await giveaway_store.redis_now_ms(r)
+    left = gw["closes_at"] - await giveaway_store.redis_now_ms(r)
     await asyncio.sleep(max(0, left) / 1000 + 0.01)
-    assert await giveaway_store.redis_now_ms(r) >= gw["closes_at_ms"]
+    assert await giveaway_store.redis_now_ms(r) >= gw["closes_at"]
 
 
 async def wait_drawn(http, drop_id, giveaway_id, within=15.0):
@@ -92,12 +92,12 @@ async def test_open_publishes_the_commitment_and_entry_is_one_frame(server, http
     body = await open_gw(http, creator, drop_id, product_id=pid, winners=2)
     assert body["state"] == "open" and body["prize"] == "Cap" and body["seed"] is None
     assert len(body["commitment"]) == 64 and body["entries"] == 0
-    assert body["closes_at_ms"] - body["opened_at_ms"] == 60_000
+    assert body["closes_at"] - body["opened_at"] == 60_000
     opened = await watcher.recv_until(lambda f: f.get("event") == "giveaway.opened")
     assert opened["t"] == "event" and "pos" in opened
     assert opened["data"]["commitment"] == body["commitment"]
     assert opened["data"]["giveaway_id"] == body["id"]
-    assert opened["data"]["closes_at_ms"] == body["closes_at_ms"]
+    assert opened["data"]["closes_at"] == body["closes_at"]
     # The seed stays secret until the draw, in the API and in the events.
     assert "seed" not in opened["data"]
 
@@ -211,7 +211,7 @@ async def test_no_entry_after_the_window_and_the_draw_is_reproducible(
     await late.join(drop_id)
     reply = await enter_ws(late, gw["id"])
     assert reply["t"] == "error" and reply["code"] == "giveaway_closed", reply
-    assert reply["details"]["closes_at_ms"] == gw["closes_at_ms"]
+    assert reply["details"]["closes_at"] == gw["closes_at"]
 
     drawn_frame = await clients[0].recv_until(
         lambda f: f.get("event") == "giveaway.drawn", wait=15)

@@ -13,14 +13,14 @@ export const GiveawayPhase = Object.freeze({
 });
 
 function base(data, now) {
-  const serverNow = data.server_time_ms ?? null;
+  const serverNow = data.server_time ?? null;
   return {
     id: Number(data.giveaway_id ?? data.id),
     prize: String(data.prize ?? ""),
     productId: data.product_id ?? null,
     winners: Number(data.winners ?? 1),
     commitment: String(data.commitment ?? ""),
-    closesAtMs: Number(data.closes_at_ms),
+    closesAtMs: Number(data.closes_at),
     // server clock - page clock, so the countdown follows the server's end time
     offsetMs: serverNow === null ? 0 : serverNow - now,
     entries: Number(data.entries ?? 0),

@@ -4,8 +4,8 @@ import test from "node:test";
 import { enterButton, phase, reduceGiveaway, secondsLeft } from "../js/giveaway-state.js";
 
 const OPENED = { giveaway_id: 3, prize: "Cap", product_id: 7, winners: 2,
-  commitment: "ab".repeat(32), opened_at_ms: 1_000_000, closes_at_ms: 1_060_000,
-  server_time_ms: 1_000_000 };
+  commitment: "ab".repeat(32), opened_at: 1_000_000, closes_at: 1_060_000,
+  server_time: 1_000_000 };
 
 test("the countdown follows the server's clock, not the page's", () => {
   // the page's clock is 5 s behind the server's
@@ -48,7 +48,7 @@ test("a refusal is kept with its code; the API resource of a drawn giveaway", ()
   assert.equal(g.error.code, "not_present");
   assert.equal(enterButton(g, 1_000_000).enabled, true);
   const drawn = reduceGiveaway(null, "giveaway.resource", { id: 9, state: "drawn",
-    prize: "Poster", winners: 1, commitment: "00", closes_at_ms: 5, entries: 4,
+    prize: "Poster", winners: 1, commitment: "00", closes_at: 5, entries: 4,
     seed: "11", results: [{ rank: 1, ticket: "t", name: "" }] });
   assert.equal(drawn.drawn, true);
   assert.equal(drawn.entries, 4);
