@@ -44,6 +44,7 @@ from dropserver.component import Component
 from dropserver.errors import ApiError, Conflict, NotFound, Unauthorized, ValidationFailed
 from dropserver.http import field, read_json, reject_unknown
 from dropserver.observability import bind, tally
+from dropserver.redis_client import is_cluster
 from realtime.publish import publish, publish_user, publish_volatile
 
 __all__ = ["Giveaways", "enter", "giveaway_json", "open_giveaway", "part"]
@@ -101,6 +102,8 @@ class Giveaways:
         self._dirty: dict[int, int] = {}  # giveaway id -> drop id
         self._journal: list[tuple[Meta, str, str]] = []  # new entrants to write
         self._restoring: dict[int, asyncio.Lock] = {}
+        lua = giveaway_store._enter  # the form a cluster or one Redis takes
+        self._enter_script = lua.sharded if is_cluster(self.redis) else lua.single
         self._wake = asyncio.Event()
         self.coalesce = max(s.stock_coalesce_ms, 1) / 1000
         self._counts: asyncio.Task | None = None
@@ -125,10 +128,9 @@ class Giveaways:
     async def call_enter(self, key_list: list[str], args: list[Any]) -> Any:
         """``giveaway_enter.lua`` on the buy path's auto-pipelined connection."""
         res = getattr(self.app.state, "reservations", None)
-        lua = giveaway_store._enter
         if res is None:
-            return await lua(keys=key_list, args=args, client=self.redis)
-        script = lua.sharded if _cluster(self.redis) else lua.single
+            return await giveaway_store._enter(keys=key_list, args=args, client=self.redis)
+        script = self._enter_script
         pipe = res.batcher.pipe
         try:
             return await pipe.execute("EVALSHA", script.sha, len(key_list), *key_list, *args)
@@ -266,12 +268,6 @@ class RecentWins:
         return [Current(user, "giveaway.won", data, at)
                 for user, data, at in await giveaway_store.recent_wins(
                     self.db, list(user_ids), since)]
-
-
-def _cluster(redis: Any) -> bool:
-    from dropserver.redis_client import is_cluster
-
-    return is_cluster(redis)
 
 
 def _state(app: Any) -> Giveaways:
