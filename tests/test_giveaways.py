@@ -157,6 +157,8 @@ async def test_ineligible_entries_are_refused_with_their_codes(server, http, cre
     c = await viewer(server, make_token, drop_id, "v-here")
     resp = await http.post(url, headers=bearer(make_token("v-here")), json={})
     assert resp.status_code == 201 and resp.json()["entries"] == 1, resp.text
+    resp = await http.post(url, headers=bearer(make_token("v-here")))  # no body: fine
+    assert resp.status_code == 200 and resp.json()["new"] is False, resp.text
     # A guest, the creator (socket and HTTP), an admin.
     resp = await http.post(url, json={})
     assert resp.status_code == 401
@@ -496,4 +498,37 @@ async def test_entries_survive_redis_restarting_empty(server, http, creator, mak
     assert body["entries"] == 3 and len(body["results"]) == 1
     assert (await giveaway_store.audit(db, gw2["id"])).ok
     for c in clients:
+        await c.close()
+
+
+async def test_concurrent_duplicates_count_once(server, http, creator, make_token):
+    """One user on three sockets, each entering ten times at once, and ten other
+    viewers: exactly one new entry per user, the count and the draw agree."""
+    drop_id, _ = await live_drop(http, creator)
+    gw = await open_gw(http, creator, drop_id, prize="Cap", winners=3, duration_s=3)
+    twins = [await viewer(server, make_token, drop_id, "v-twin") for _ in range(3)]
+    others = [await viewer(server, make_token, drop_id, f"v{i}") for i in range(10)]
+
+    async def burst(c, n):
+        """``n`` entries sent at once on one socket, then their answers."""
+        ids = [f"e{k}" for k in range(n)]
+        for rid in ids:
+            await c.send({"t": "giveaway.enter", "id": rid, "giveaway_id": gw["id"]})
+        got = {}
+        while len(got) < n:
+            frame = await c.recv_until(lambda f: f.get("id") in ids)
+            got[frame["id"]] = frame
+        return [got[rid] for rid in ids]
+
+    answers = await asyncio.gather(*[burst(c, 10) for c in twins],
+                                   *[burst(c, 1) for c in others])
+    replies = [r for batch in answers for r in batch]
+    assert all(r["t"] == "reply" for r in replies), replies
+    assert sum(r["data"]["new"] for r in replies[:30]) == 1
+    assert all(r["data"]["new"] for r in replies[30:])
+    assert max(r["data"]["entries"] for r in replies) == 11
+    body = await wait_drawn(http, drop_id, gw["id"])
+    assert body["entries"] == 11
+    assert (await giveaway_store.audit(server.app.state.db, gw["id"])).ok
+    for c in [*twins, *others]:
         await c.close()
