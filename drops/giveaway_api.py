@@ -65,7 +65,6 @@ JOURNAL_MAX = 200_000  # entrants kept while PostgreSQL is away (then the oldest
 JOURNAL_BATCH = 5_000
 
 
-
 def giveaway_json(row: dict[str, Any], *, entries: int | None = None,
                   won: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The API's view of a giveaway (the seed only once drawn)."""
@@ -176,11 +175,16 @@ class Giveaways:
     async def flush_counts(self) -> None:
         dirty, self._dirty = self._dirty, {}
         for giveaway_id, drop_id in dirty.items():
-            count = await giveaway_store.entries(self.redis, drop_id, giveaway_id)
-            await publish_volatile(self.redis, drop_id, "giveaway.entries",
-                                   {"giveaway_id": giveaway_id, "entries": count})
+            try:
+                count = await giveaway_store.entries(self.redis, drop_id, giveaway_id)
+                await publish_volatile(self.redis, drop_id, "giveaway.entries",
+                                       {"giveaway_id": giveaway_id, "entries": count})
+            except BaseException:
+                self._dirty.setdefault(giveaway_id, drop_id)  # said on the next round
+                raise
 
     async def _run_counts(self) -> None:
+        failures = 0
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -188,10 +192,13 @@ class Giveaways:
                                (self.flush_counts, "giveaway entry counts")):
                 try:
                     await step()
+                    failures = 0
                 except asyncio.CancelledError:
                     raise
-                except Exception:  # an outage: retried on the next round
-                    log.warning("%s failed", what, exc_info=True)
+                except Exception:  # an outage: retried every round, logged now and then
+                    if failures % 50 == 0:
+                        log.warning("%s failed; retrying", what, exc_info=True)
+                    failures += 1
                     self._wake.set()
             await asyncio.sleep(self.coalesce)
 
