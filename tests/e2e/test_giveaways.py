@@ -64,6 +64,12 @@ async def test_console_opens_a_giveaway_and_a_viewer_enters_and_wins(
     assert seed == body["seed"] and commitment == body["commitment"]
     assert await viewer.get_attribute("#gw-entrants-link", "href") == (
         f"/v1/drops/{drop['id']}/giveaways/{body['id']}/entrants")
+    # The page recomputes the draw itself (Web Crypto) from the published tickets.
+    await viewer.click("#gw-check")
+    await viewer.wait_for_function(
+        "() => document.getElementById('gw-check-result').dataset.ok === '1'",
+        timeout=10_000)
+    assert "Checked in your browser" in await viewer.text_content("#gw-check-result")
     await browsers.shot(viewer, "viewer-won")
     await console.wait_for_function(
         "() => document.getElementById('gw-status').textContent.includes('drawn among 1 entrant')",

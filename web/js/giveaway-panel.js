@@ -5,6 +5,7 @@
 
 import { fetchJson } from "./api.js";
 import { enterButton, phase, reduceGiveaway, secondsLeft } from "./giveaway-state.js";
+import { verifyDraw } from "./giveaway-verify.js";
 import { formatClock } from "./viewer-state.js";
 
 const $ = (id) => document.getElementById(id);
@@ -62,6 +63,32 @@ export function mountGiveaways({ dropId, command }) {
     const base = `/v1/drops/${dropId}/giveaways/${g.id}`;
     $("gw-result-link").href = base;
     $("gw-entrants-link").href = `${base}/entrants`;
+    $("gw-check").hidden = !g.drawn;
+  }
+
+  async function check() {
+    // Recompute the winners in this browser from the seed and the published tickets.
+    if (!g || !g.drawn) return;
+    const out = $("gw-check-result");
+    out.hidden = false;
+    out.dataset.ok = "";
+    out.textContent = "Checking…";
+    try {
+      const listed = await fetchJson(`/v1/drops/${dropId}/giveaways/${g.id}/entrants`);
+      const res = await verifyDraw({ seed: listed.seed, commitment: g.commitment,
+        tickets: listed.tickets, winners: listed.winners,
+        announced: g.results.map((w) => w.ticket) });
+      out.dataset.ok = res.ok ? "1" : "0";
+      out.textContent = res.ok
+        ? `Checked in your browser: the seed matches the commitment and the ${
+          g.results.length === 1 ? "winner follows" : "winners follow"} from it and the ${
+          listed.tickets.length.toLocaleString()} ${
+          listed.tickets.length === 1 ? "ticket" : "tickets"}.`
+        : `The check failed: ${res.problem}.`;
+    } catch (err) {
+      out.dataset.ok = "0";
+      out.textContent = `Could not check: ${err.message}`;
+    }
   }
 
   async function enter() {
@@ -83,6 +110,7 @@ export function mountGiveaways({ dropId, command }) {
   }
 
   $("gw-enter").addEventListener("click", enter);
+  $("gw-check").addEventListener("click", check);
   setInterval(() => { if (g && !g.drawn) render(); }, 250);
 
   return {
