@@ -88,3 +88,18 @@ def test_verify():
     assert giveaway.verify(seed.hex(), commit, tickets, 3, won).ok
     assert not giveaway.verify(seed.hex(), "0" * 64, tickets, 3, won).ok
     assert not giveaway.verify(seed.hex(), commit, tickets, 3, list(reversed(won))).ok
+
+
+def test_the_vector_the_browser_check_is_held_to():
+    """web/tests/giveaway-verify.test.js holds the page's Web Crypto draw to these
+    values: they must stay the server's."""
+    import re
+    from pathlib import Path
+
+    js = (Path(__file__).parents[1] / "web" / "tests" / "giveaway-verify.test.js").read_text()
+    seed = bytes.fromhex("5f" * 32)
+    tickets = re.findall(r'"([0-9a-f]{64})"', js.split("const TICKETS", 1)[1].split("];")[0])
+    assert tickets == sorted(giveaway.ticket(seed, f"viewer-{i}") for i in range(12))
+    assert f'"{giveaway.commitment(seed)}"' in js
+    won = giveaway.draw(seed, tickets, 3)
+    assert won == [tickets[0], tickets[4], tickets[5]]  # WINNERS in the JS test
