@@ -19,12 +19,7 @@ from realtime import channels
 from tests import invariants
 from tests.conftest import only_single_redis
 from tests.realtime_support import Client
-
-CREATOR = "creator-1"
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+from tests.test_reserve_api import CREATOR, bearer
 
 
 @pytest.fixture
