@@ -527,3 +527,20 @@ async def test_concurrent_duplicates_count_once(server, http, creator, make_toke
     assert (await giveaway_store.audit(server.app.state.db, gw["id"])).ok
     for c in [*twins, *others]:
         await c.close()
+
+
+async def test_the_documented_giveaway_examples_work_as_written(server, http, creator):
+    """docs/http-api.md's giveaway body, sent as written, answers what the page shows."""
+    import json
+
+    from tests.test_docs_examples import HTTP_VALUES, block_after, mismatches, same_fields
+
+    api = (Path(__file__).parents[1] / "docs" / "http-api.md").read_text()
+    drop_id, _ = await live_drop(http, creator)
+    resp = await http.post(f"/v1/drops/{drop_id}/giveaways", headers=creator,
+                           json=json.loads(block_after(api, "**Giveaway body**")))
+    assert resp.status_code == 201, resp.text
+    shown = json.loads(block_after(api, "**Giveaway response**"))
+    same_fields(resp.json(), shown, "giveaway")
+    assert mismatches(resp.json(), shown, values=HTTP_VALUES) == []
+    assert resp.json()["prize"] == "A signed poster" and resp.json()["winners"] == 3
