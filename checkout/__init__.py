@@ -14,7 +14,8 @@ Modules, in the order to read them:
 
 * ``keys``: Redis key names (one hash tag per drop) and hold ids.
 * ``scripts``: the Lua scripts (``prewarm``, ``open_sales``, ``close_sales``,
-  ``reserve``, ``release``, ``settle``; the auction scripts), loaded once, called by SHA.
+  ``reserve``, ``release``, ``settle``, ``award``; the auction scripts), loaded once,
+  called by SHA.
 * ``inventory``: stock for the drops package: prewarm, open and close sales, remaining.
 * ``reserve``: the buy decision: request, reply, refusal codes; the EVALSHA call and
   its batcher.
@@ -42,6 +43,8 @@ Modules, in the order to read them:
 * ``payments``: picks the gateway; the names callers import.
 * ``order_entries``: the order stream's entries as typed values (pure).
 * ``order_states``: order states, transitions, what an intent status means (pure).
+* ``prizes``: a giveaway winner's prize unit: a zero-price settled hold (``award.lua``)
+  that the order worker records like a buy.
 * ``retry``: which failures are outages, backoff, one step until done.
 * ``order_rows``: a hold's ``orders`` row, the one insert the worker and the journal
   share, against a rebuild's read.

@@ -85,7 +85,8 @@ def parse_entry(fields: Mapping[Any, Any]) -> ReserveEntry | ReleaseEntry:
         hold_id=text("hold_id"), drop_id=integer("drop_id", 1),
         product_id=integer("product_id", 1), user_id=text("user_id"),
         quantity=integer("quantity", 1), buyer_number=integer("buyer_number", 1),
-        unit_price=integer("unit_price", 1), amount=integer("amount", 1),
+        # 0: a giveaway's prize (checkout/prizes.py), recorded with no PaymentIntent
+        unit_price=integer("unit_price", 0), amount=integer("amount", 0),
         currency=text("currency").lower(), idempotency_key=text("idempotency_key"),
         expires_at_ms=integer("expires_at", 0), flow=flow,
         created_at_ms=integer("created_at", 0) if f.get("created_at") else 0,

@@ -78,7 +78,9 @@ def event_data(state: OrderState, row: Mapping[str, Any],
             data["status"] = "authorized"
         return data
     if state is S.PAID:
-        return {"amount": row["amount_received"], "currency": (row["currency"] or "").strip()}
+        # No payments row: a prize (amount 0, checkout/prizes.py).
+        return {"amount": row["amount_received"] or 0,
+                "currency": (row["currency"] or "").strip()}
     if state is S.FAILED:
         if row["released"] == "lost":
             return {"reason": "hold_lost", "message": "the hold was lost in a server "

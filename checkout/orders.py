@@ -8,6 +8,8 @@ idempotent and a re-run after a crash or an outage repeats nothing that was done
 
 reserve
   1. INSERT the ``orders`` row (state ``held``): PostgreSQL is the source of truth;
+     an order of amount 0 (a giveaway's prize, :mod:`checkout.prizes`) is ``paid``
+     at once, with no PaymentIntent;
   2. create the PaymentIntent with the idempotency key ``pi:<hold id>`` (a re-run gets
      the same intent back from the gateway, never a second charge);
   3. INSERT the ``payments`` row, move the order to the intent's state (a hold that
@@ -166,6 +168,12 @@ class OrderProcessor:
         elif payment["intent_id"] is None:
             if state is not S.HELD:
                 # released before an intent existed: nothing to charge
+                await self.tell(order)
+                return
+            if e.amount == 0:
+                # A giveaway's prize (checkout/prizes.py): nothing to charge, no
+                # PaymentIntent; its hold was made settled, so it is paid at once.
+                await self.move(order, S.PAID)
                 await self.tell(order)
                 return
             if e.expires_at_ms and e.expires_at_ms < time.time() * 1000:
@@ -330,7 +338,7 @@ class OrderProcessor:
         async with self.db.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 """SELECT o.state, o.told, o.released, p.amount_received, p.amount_refunded,
-                          p.currency, p.last_error
+                          COALESCE(p.currency, o.currency) AS currency, p.last_error
                    FROM orders o LEFT JOIN payments p ON p.order_id = o.id
                    WHERE o.id = $1 FOR UPDATE OF o""", order["id"])
             if row["state"] != state.value or row["told"] == state.value:

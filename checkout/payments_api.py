@@ -187,7 +187,7 @@ async def startup(app: Starlette) -> None:
     state.order_processor = processor
     hub = getattr(state, "realtime", None)
     if hub is not None:  # private events a socket missed come from the orders
-        hub.private.source = RecentOrders(state.db, gateway)
+        hub.private.add_source(RecentOrders(state.db, gateway))
     if isinstance(gateway, FakeGateway):
         async def on_event(event: dict) -> None:
             await webhooks.handle_event(event, db=state.db, gateway=gateway,

@@ -1,9 +1,10 @@
-"""The drops package as mounted by dropserver.app: lifecycle API, auctions, then
-settlement."""
+"""The drops package as mounted by dropserver.app: lifecycle API, auctions, settlement,
+giveaways."""
 
 from drops.api import part as lifecycle
 from drops.auctions import part as auctions
+from drops.giveaway_api import part as giveaways
 from drops.settlement_api import part as settlement
 from dropserver.component import combine
 
-component = combine("drops", lifecycle, auctions, settlement)
+component = combine("drops", lifecycle, auctions, settlement, giveaways)

@@ -130,10 +130,29 @@ HOLD = _obj(
     amount=MONEY, currency=STR, remaining=INT, quantity=INT, unit_price=MONEY, state=STR,
     flow=STR, replay=BOOL)
 
+GIVEAWAY = _obj(
+    ["id", "drop_id", "state", "prize", "product_id", "winners", "must_be_present",
+     "must_have_bought", "commitment", "opened_at", "closes_at", "entries", "seed",
+     "drawn_at", "results"],
+    id=ID, drop_id=ID, state={"type": "string", "enum": ["open", "drawn"]}, prize=STR,
+    product_id=_nullable(ID), winners=INT, must_be_present=BOOL, must_have_bought=BOOL,
+    commitment=STR, opened_at=INT, closes_at=INT,
+    entries=_nullable(INT), seed=_nullable(STR), drawn_at=_nullable(INT),
+    results={"type": ["array", "null"], "items": _obj(
+        ["rank", "ticket", "name"], rank=INT, ticket=STR, name=STR)},
+    entrants_url=STR)
+GIVEAWAY_OPEN = _obj(
+    closed=True, product_id=ID, prize=_text(200, min_len=1, blank=False),
+    winners={"type": "integer", "minimum": 1, "maximum": 100},
+    duration_s={"type": "integer", "minimum": 2, "maximum": 3600},
+    must_be_present=BOOL, must_have_bought=BOOL)
+
 SCHEMAS = {
     "Error": ERROR, "Product": PRODUCT, "Drop": DROP, "ProductInput": PRODUCT_INPUT,
     "ProductPatch": PRODUCT_PATCH, "DropCreate": DROP_CREATE, "DropPatch": DROP_PATCH,
-    "Hold": HOLD,
+    "Hold": HOLD, "Giveaway": GIVEAWAY, "GiveawayOpen": GIVEAWAY_OPEN,
+    "GiveawayEntry": _obj(["giveaway_id", "entered", "new", "entries"], giveaway_id=ID,
+                          entered={"const": True}, new=BOOL, entries=INT),
 }
 
 # -- operations --------------------------------------------------------------------------
@@ -313,6 +332,28 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "200": _json(_REPORT)}, tag="settlement", body=_body(_EMPTY, required=False)),
     ("GET", "/v1/drops/{drop_id:id}/settlement"): _op("The settlement report", AUTH, {
         "200": _json(_REPORT)}, tag="settlement"),
+    # giveaways
+    ("POST", "/v1/drops/{drop_id:id}/giveaways"): _op(
+        "Open a giveaway (publishes its commitment)", AUTH, {
+            "201": _json(_ref("Giveaway"), "opened", _LOCATION)},
+        tag="giveaways", body=_body(_ref("GiveawayOpen"))),
+    ("GET", "/v1/drops/{drop_id:id}/giveaways"): _op("The drop's giveaways", PUBLIC, {
+        "200": _json(_obj(["giveaways"], giveaways={
+            "type": "array", "items": _ref("Giveaway")}))}, tag="giveaways"),
+    ("GET", "/v1/drops/{drop_id:id}/giveaways/{giveaway_id:id}"): _op(
+        "One giveaway (the seed and winners once drawn)", PUBLIC, {
+            "200": _json(_ref("Giveaway"))}, tag="giveaways"),
+    ("GET", "/v1/drops/{drop_id:id}/giveaways/{giveaway_id:id}/entrants"): _op(
+        "The drawn giveaway's sorted tickets, to verify the draw", PUBLIC, {
+            "200": _json(_obj(["giveaway_id", "winners", "commitment", "seed", "tickets"],
+                              giveaway_id=ID, winners=INT, commitment=STR, seed=STR,
+                              tickets={"type": "array", "items": STR}))},
+        tag="giveaways"),
+    ("POST", "/v1/drops/{drop_id:id}/giveaways/{giveaway_id:id}/entries"): _op(
+        "Enter (the HTTP twin of `giveaway.enter`)", AUTH, {
+            "201": _json(_ref("GiveawayEntry"), "entered"),
+            "200": _json(_ref("GiveawayEntry"), "already entered: nothing changed")},
+        tag="giveaways", body=_body(_EMPTY, required=False)),
     # checkout
     ("POST", "/v1/drops/{drop_id:id}/buy"): _op("Reserve (the HTTP twin of `buy`)", AUTH, {
         "201": _json(_ref("Hold"), "a new hold", _LOCATION),

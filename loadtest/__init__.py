@@ -25,6 +25,8 @@ Modules, in the order to read them:
 * ``verdict``: the orders audited, BUY NOW beside the floor, and pass or fail.
 * ``auction_rehearsal``: ``rehearse --scenario auction``: bidding wars among
   thousands in auctions' last seconds, each audited against PostgreSQL.
+* ``giveaway``: the rehearsal's giveaway scenario: the phase, its figures, the draw
+  audited from PostgreSQL against what viewers were shown.
 * ``rehearse_cli``: ``python -m loadtest rehearse``'s options.
 * ``report``: the result as JSON, charts and an HTML page.
 * ``netns``: the multi-node harness's network: a bridge, a namespace per node.

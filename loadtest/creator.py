@@ -90,6 +90,12 @@ class CreatorClient:
         pid = product_id if product_id is not None else self.product_ids[0]
         return await self._post("buy_now", self._path("buy-now"), {"product_id": pid})
 
+    async def open_giveaway(self, *, prize: str, winners: int,
+                            duration_s: int) -> dict[str, Any]:
+        """Open a giveaway in the drop (a prize in text: no stock is taken)."""
+        return await self._post("giveaway", self._path("giveaways"), {
+            "prize": prize, "winners": winners, "duration_s": duration_s}, ok=(201,))
+
     async def close(self) -> dict[str, Any]:
         return await self._post("close", self._path("close"), {})
 

@@ -11,8 +11,11 @@ it pressed BUY NOW through Locust's runner messages, so viewers anywhere can mea
 Viewers (``ViewerUser``) connect, keep the socket, receive the snapshot and every
 event (the frame logic is :class:`loadtest.viewer.Viewer`, shared with the swarm),
 chat sometimes, and buy on BUY NOW with ``--lt-buy-probability``. The creator
-(``CreatorUser``) runs drops in a loop: create -> schedule -> live -> BUY NOW -> [sold
-out] -> end.
+(``CreatorUser``) runs drops in a loop: create -> schedule -> live -> [giveaway] -> BUY
+NOW -> [sold out] -> end. With ``--lt-giveaway SECONDS`` the creator opens a giveaway
+after going live; every viewer enters (``--lt-enter-probability``) at a moment spread
+over the first 80 % of the window, and after the draw the creator checks it from the
+public API, as a viewer could.
 
 Custom entries in Locust's statistics (web UI and ``--csv``):
 
@@ -21,6 +24,9 @@ Custom entries in Locust's statistics (web UI and ``--csv``):
 | ``BUYNOW`` | ``fanout`` | creator's BUY NOW call -> this viewer's receipt (wall clocks) |
 | ``WS`` | ``buy`` / ``buy sold_out`` | buy command -> its reply; other codes are failures |
 | ``WS`` | ``join`` | WebSocket open -> ``joined`` |
+| ``WS`` | ``giveaway.enter`` | a giveaway entry -> its reply; refusals are failures |
+| ``GIVEAWAY`` | ``shown`` | a viewer was shown the giveaway's draw |
+| ``GIVEAWAY`` | ``verify`` | the creator's check of the draw from the public API |
 | ``WSERR`` | ``<code>`` | protocol error frames, undecodable frames and lost events (failures) |
 | ``WS`` | ``bid`` / ``bid <code>`` | a bid -> its reply (auctions; below) |
 | ``AUCTION`` | ``bid_to_viewer`` | the server accepted a bid -> this viewer's receipt |
@@ -104,6 +110,13 @@ def _arguments(parser: Any) -> None:
                        help="bidders raise from this long before the end, for this long")
     group.add_argument("--lt-bid-probability", type=float, default=0.3,
                        help="share of viewers that bid in an auction")
+    group.add_argument("--lt-giveaway", type=float, default=0.0, metavar="SECONDS",
+                       help="the giveaway scenario: after going live the creator opens a "
+                            "giveaway with this entry window and every viewer enters "
+                            "(0: off)")
+    group.add_argument("--lt-giveaway-winners", type=int, default=3)
+    group.add_argument("--lt-enter-probability", type=float, default=1.0,
+                       help="the share of viewers who enter a giveaway")
     group.add_argument("--lt-one-address", action="store_true",
                        help="connect every viewer from the default source address, even "
                             "to a loopback host (they then share the per-IP buy limit)")
@@ -275,7 +288,12 @@ class ViewerUser(User):
                            encoding=getattr(opts, "lt_encoding", "msgpack") if opts else
                            "msgpack",
                            buy_probability=getattr(opts, "lt_buy_probability", 0.5)
-                           if opts else 0.5, buy_delay_ms=(0.0, 300.0))
+                           if opts else 0.5, buy_delay_ms=(0.0, 300.0),
+                           enter_probability=(getattr(opts, "lt_enter_probability", 1.0)
+                                              if opts and getattr(opts, "lt_giveaway", 0)
+                                              else 0.0),
+                           enter_delay_ms=(0.0, 800.0 * (getattr(opts, "lt_giveaway", 0)
+                                                         if opts else 0)))
         user_id = f"locust-{self._index}"
         self.viewer = Viewer(self._index, user_id, cfg, random.random())
         self._drop_id = drop_id
@@ -377,12 +395,15 @@ class ViewerUser(User):
         if opts is not None and getattr(opts, "lt_scenario", "drop") == "auction":
             self._auction_frame(frame)
         before = (viewer.joined_at, viewer.buy_now_at, viewer.buy_outcome,
-                  dict(viewer.errors or {}), viewer.gaps + viewer.out_of_order)
+                  dict(viewer.errors or {}), viewer.gaps + viewer.out_of_order,
+                  viewer.gw_reply_at, viewer.gw_drawn)
         data = frame.data.decode() if frame.opcode is Opcode.TEXT else bytes(frame.data)
         for delay, message in viewer.received(data, now):
             if delay > 0:
                 gevent.spawn_later(delay, self._send_buy, message)
             else:
+                if message.get("t") == "giveaway.enter":
+                    viewer.sent_delayed(now, message)
                 self._send(message)
         if viewer.errors and self._bids_sent_any():
             # A bid's error answer is the viewer's "other:<code>"; it was counted as
@@ -407,6 +428,13 @@ class ViewerUser(User):
                 _fire(env, "WS", "buy sold_out", ms)
             else:
                 _fire(env, "WS", "buy", ms, RuntimeError(viewer.buy_code or "rejected"))
+        if before[5] is None and viewer.gw_reply_at is not None and \
+                viewer.gw_sent_at is not None:
+            ms = (viewer.gw_reply_at - viewer.gw_sent_at) * 1000
+            _fire(env, "WS", "giveaway.enter", ms,
+                  RuntimeError(viewer.gw_code) if viewer.gw_code else None)
+        if before[6] is None and viewer.gw_drawn is not None:
+            _fire(env, "GIVEAWAY", "shown", 0)
         for code, count in (viewer.errors or {}).items():
             for _ in range(count - before[3].get(code, 0)):
                 _fire(env, "WSERR", code, 0, RuntimeError(code))
@@ -477,8 +505,9 @@ class ViewerUser(User):
             gevent.sleep(random.expovariate(1.0))
 
     def _send_buy(self, message: dict[str, Any]) -> None:
+        """A delayed message: the buy, or the giveaway entry."""
         if self.viewer is not None and self._sock is not None:
-            self.viewer.sent_delayed(time.monotonic())
+            self.viewer.sent_delayed(time.monotonic(), message)
             self._send(message)
 
 
@@ -527,6 +556,8 @@ class CreatorUser(HttpUser):
         gevent.sleep(opt("lt_join_wait", 10.0))
         self.client.post(f"{path}/live", name="drop live", json={})
         gevent.sleep(opt("lt_countdown", 3.0))
+        if opt("lt_giveaway", 0.0) > 0:
+            self._giveaway(path, opt("lt_giveaway", 0.0), opt("lt_giveaway_winners", 3))
         wall = time.time()
         resp = self.client.post(f"{path}/buy-now", name="drop buy-now",
                                 json={"product_id": product_id})
@@ -596,3 +627,34 @@ class CreatorUser(HttpUser):
               RuntimeError("; ".join(problems)[:500]) if problems else None)
         _auction.clear()
         self.client.post(f"{path}/end", name="drop end", json={})
+
+    def _giveaway(self, path: str, window: float, winners: int) -> None:
+        """Open a giveaway, wait for its draw, and check the draw from the public API
+        alone, as any viewer can (docs/topics/giveaways.md): ``GIVEAWAY verify``."""
+        from drops.giveaway import verify
+
+        with self.client.post(f"{path}/giveaways", name="giveaway open", json={
+                "prize": "Locust prize", "winners": winners,
+                "duration_s": max(2, round(window))}, catch_response=True) as resp:
+            if resp.status_code != 201:
+                resp.failure(f"open: {resp.status_code} {resp.text[:200]}")
+                return
+            gid = resp.json()["id"]
+        started = time.monotonic()
+        gevent.sleep(window)
+        body: dict[str, Any] = {}
+        while time.monotonic() - started < window + 30:
+            body = self.client.get(f"{path}/giveaways/{gid}", name="giveaway get").json()
+            if body.get("state") == "drawn":
+                break
+            gevent.sleep(0.5)
+        if body.get("state") != "drawn":
+            _fire(self.environment, "GIVEAWAY", "verify", 0, RuntimeError("not drawn"))
+            return
+        listed = self.client.get(f"{path}/giveaways/{gid}/entrants",
+                                 name="giveaway entrants").json()
+        check = verify(body["seed"], body["commitment"], listed["tickets"], body["winners"],
+                       [w["ticket"] for w in body["results"]])
+        ok = check.ok and len(listed["tickets"]) == body["entries"]
+        _fire(self.environment, "GIVEAWAY", "verify", (time.monotonic() - started) * 1000,
+              None if ok else RuntimeError(check.problem or "entrant count differs"))

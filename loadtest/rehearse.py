@@ -4,7 +4,10 @@ The coordinator (this module) starts the target (or points at a remote one), cre
 a drop as its creator, starts ``--swarm-processes`` swarm processes that connect the
 viewers (spread over source addresses), then drives the drop:
 
-    join -> countdown -> live -> BUY NOW -> rush -> sold out -> end
+    join -> countdown -> live -> [giveaway] -> BUY NOW -> rush -> sold out -> end
+
+With ``--giveaway`` every viewer enters a giveaway between going live and BUY NOW
+(loadtest.giveaway: entries per second, and the draw audited from PostgreSQL).
 
 With ``--chat-rate R``, random viewers chat R messages a second from the countdown
 through the rush (each message carries its send time; a sample of viewers times its
@@ -81,6 +84,11 @@ class RehearsalConfig:
     quiet: bool = False
     command: str = ""
     fault: Any = None  # a loadtest.fault.Fault injected in the rush (--fault)
+    # The giveaway scenario (loadtest.giveaway), between going live and BUY NOW.
+    giveaway: bool = False
+    giveaway_window_s: float = 10.0
+    giveaway_winners: int = 3
+    enter_probability: float = 1.0
 
     def resolved_workers(self) -> int:
         return self.server_workers or max(1, math.ceil(self.viewers / 14000))
@@ -186,6 +194,8 @@ class Rehearsal:
                 encoding=cfg.encoding, jwt_secret=jwt_secret, seed=1000 + i,
                 deadline_s=self.remaining() + 30, user_prefix="lt",
                 chat_sample=max(1, cfg.viewers // 500), mode=mode,
+                enter_probability=cfg.enter_probability if cfg.giveaway else 0.0,
+                enter_delay_ms=(0.0, cfg.giveaway_window_s * 800.0),
             )
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "loadtest", "swarm",
@@ -282,6 +292,11 @@ class Rehearsal:
             await creator.go_live()
             await self.wait_for("countdown", lambda: False, limit_s=cfg.countdown_s,
                                 note=False)
+            giveaway_phase = None
+            if cfg.giveaway:
+                from loadtest import giveaway
+
+                giveaway_phase = await giveaway.run_phase(self, creator)
 
             self.phase("buy_now")
             cpu_before = self.watch.sample() if self.watch else None
@@ -342,6 +357,14 @@ class Rehearsal:
                                   connect_s=connect_s, baseline=baseline,
                                   after_connect=after_connect, cpu_window=(cpu_before,
                                                                            cpu_after))
+            if giveaway_phase is not None:
+                from loadtest import giveaway
+
+                result["giveaway"] = giveaway.figures(reports, giveaway_phase)
+                result["giveaway"]["audit"] = await giveaway.audit(target.database_url,
+                                                                   result["giveaway"])
+                result["failures"] += giveaway.judge(result)
+                result["passed"] = not result["failures"]
             result["drop"] = {"id": drop_id, "state_before_end": drop_state,
                               "product_ids": creator.product_ids,
                               "creator_calls_ms": creator.durations_ms}

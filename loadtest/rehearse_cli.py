@@ -73,6 +73,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds after the creator's BUY NOW request was answered")
     p.add_argument("--recovery-budget", type=float, default=10.0, dest="recovery_budget_s",
                    help="every viewer lost to the fault back within this many seconds")
+    p.add_argument("--giveaway", action="store_true",
+                   help="the giveaway scenario: between going live and BUY NOW the "
+                   "creator opens a giveaway and the viewers enter (loadtest.giveaway)")
+    p.add_argument("--giveaway-window", type=float, default=d.giveaway_window_s,
+                   dest="giveaway_window_s", help="the entry window, seconds (entries "
+                   "are spread over its first 80 %%)")
+    p.add_argument("--giveaway-winners", type=int, default=d.giveaway_winners)
+    p.add_argument("--enter-probability", type=float, default=d.enter_probability,
+                   help="the share of viewers who enter the giveaway")
     p.add_argument("--out", default=d.out_dir, dest="out_dir")
     p.add_argument("--quiet", action="store_true")
     a = AuctionConfig()

@@ -134,9 +134,34 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("stock / active orders in PostgreSQL / oversold",
          f"{fmt(audit.get('units'))} / {fmt(audit.get('active_orders'))} / "
          f"{fmt(audit.get('oversold'))}"),
+        *_giveaway_rows(result, fmt),
         ("server RSS per connection", f"{fmt(server.get('rss_per_connection_kib'))} KiB"),
         ("server CPU (avg / peak, 100 = one core)",
          f"{fmt(server.get('cpu_avg_percent'))} / {fmt(server.get('cpu_peak_percent'))} %"),
+    ]
+
+
+def _giveaway_rows(result: dict[str, Any], fmt: Any) -> list[tuple[str, str]]:
+    """The giveaway scenario (``--giveaway``), when it ran."""
+    g = result.get("giveaway")
+    if not g:
+        return []
+    a = g.get("audit", {})
+    lat = g.get("latency", {})
+    return [
+        ("giveaway entries sent / new / repeat / refused",
+         f"{fmt(g.get('entries_sent'))} / {fmt(g.get('new'))} / {fmt(g.get('repeat'))} / "
+         f"{fmt(sum((g.get('refused') or {}).values()))}"),
+        ("giveaway entries answered per second",
+         f"{fmt(g.get('answers_per_s'))} /s ({fmt(g.get('answered'))} in "
+         f"{fmt(g.get('answered_within_s'))} s)"),
+        ("giveaway entry latency p50 / p99",
+         f"{fmt(lat.get('p50_ms'))} / {fmt(lat.get('p99_ms'))} ms"),
+        ("giveaway draw from PostgreSQL / shown as recomputed / otherwise",
+         f"{'reproduced' if a.get('recomputed_ok') else 'NOT reproduced'} / "
+         f"{fmt(a.get('shown_as_recomputed'))} / {fmt(a.get('shown_otherwise'))}"),
+        ("giveaway entrants acknowledged / in PostgreSQL",
+         f"{fmt(g.get('entrants_acknowledged'))} / {fmt(a.get('entrants_in_postgresql'))}"),
     ]
 
 

@@ -62,13 +62,16 @@ class SwarmConfig:
     reconnect: bool = True  # rejoin with the last position after an unexpected close
     max_reconnects: int = 5
     chat_sample: int = 0  # every Nth viewer times the chat it gets (0: none)
+    enter_probability: float = 0.0  # the giveaway scenario (loadtest.viewer.ViewerConfig)
+    enter_delay_ms: tuple[float, float] = (0.0, 8000.0)
     mode: str = "drop"  # "floor": viewers of the bare broadcast server (loadtest.floor)
 
     @classmethod
     def from_json(cls, raw: str) -> SwarmConfig:
         data = json.loads(raw)
-        if "buy_delay_ms" in data:
-            data["buy_delay_ms"] = tuple(data["buy_delay_ms"])
+        for name in ("buy_delay_ms", "enter_delay_ms"):
+            if name in data:
+                data[name] = tuple(data[name])
         return cls(**data)
 
     def to_json(self) -> str:
@@ -98,7 +101,9 @@ class Swarm:
         vcfg = ViewerConfig(drop_id=config.drop_id, encoding=config.encoding,
                             buy_probability=config.buy_probability,
                             buy_delay_ms=config.buy_delay_ms,
-                            chat_sample=config.chat_sample)
+                            chat_sample=config.chat_sample,
+                            enter_probability=config.enter_probability,
+                            enter_delay_ms=config.enter_delay_ms)
         self.floor = config.mode == "floor"
         self.viewers: list[Any] = [
             FloorViewer(config.first + i) if self.floor else
@@ -131,10 +136,12 @@ class Swarm:
         for delay, message in viewer.received(data, now):
             payload = viewer.encode(message)
             if delay <= 0:
+                if message.get("t") == "giveaway.enter":
+                    viewer.sent_delayed(now, message)
                 conn.send(payload)
             else:
                 asyncio.get_running_loop().call_later(delay, self._send_later, conn, viewer,
-                                                      payload)
+                                                      payload, message)
 
     def on_close(self, conn: WsConnection, code: int | None, reason: str) -> None:
         viewer: Viewer = conn.user  # type: ignore[assignment]
@@ -159,9 +166,10 @@ class Swarm:
             asyncio.get_running_loop().call_later(delay, self._reconnect, viewer)
 
     # -- connecting ----------------------------------------------------------------------
-    def _send_later(self, conn: WsConnection, viewer: Viewer, payload: bytes | str) -> None:
+    def _send_later(self, conn: WsConnection, viewer: Viewer, payload: bytes | str,
+                    message: dict[str, Any] | None = None) -> None:
         if conn.open:
-            viewer.sent_delayed(time.monotonic())
+            viewer.sent_delayed(time.monotonic(), message)
             conn.send(payload)
 
     def _handshake_done(self, index: int) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import json
 import random
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +97,10 @@ class ViewerConfig:
     buy_probability: float = 0.5
     buy_delay_ms: tuple[float, float] = (0.0, 200.0)
     chat_sample: int = 0  # every Nth viewer (by index) times the chat it gets; 0: none
+    # The giveaway scenario: on giveaway.opened, enter (giveaway.enter) with this
+    # probability, after a delay spread evenly over the viewers within this range.
+    enter_probability: float = 0.0
+    enter_delay_ms: tuple[float, float] = (0.0, 8000.0)
 
 
 # Event names of contract 1 (COMMON.md) this viewer watches for.
@@ -103,6 +108,8 @@ BUY_NOW = "drop.buy_now"
 SOLD_OUT = "drop.sold_out"
 ENDED = "drop.ended"
 CHAT = "chat.message"
+GIVEAWAY_OPENED = "giveaway.opened"
+GIVEAWAY_DRAWN = "giveaway.drawn"
 
 
 class Viewer:
@@ -137,6 +144,12 @@ class Viewer:
         "epoch_changes",
         "errors",
         "gaps",
+        "gw_code",
+        "gw_drawn",
+        "gw_enter_id",
+        "gw_new",
+        "gw_reply_at",
+        "gw_sent_at",
         "hold_id",
         "index",
         "joined_at",
@@ -205,6 +218,14 @@ class Viewer:
         # the rejoin; then (lost at, back at, recovered, announced) goes to outages.
         self.down: tuple[float, bool] | None = None
         self.outages: list[tuple[float, float, bool, bool]] | None = None
+        # The giveaway scenario: the entry sent and its answer (new entrant or a
+        # refusal's code), and the result as this viewer was shown it ("seed:tickets").
+        self.gw_enter_id: int | None = None
+        self.gw_sent_at: float | None = None
+        self.gw_reply_at: float | None = None
+        self.gw_new: bool | None = None
+        self.gw_code: str | None = None
+        self.gw_drawn: str | None = None
 
     # -- state read by the swarm -----------------------------------------------------------
     @property
@@ -271,8 +292,11 @@ class Viewer:
         self._msg_gaps = None
         return out
 
-    def sent_delayed(self, now: float) -> None:
-        """A delayed message (the buy) actually left now."""
+    def sent_delayed(self, now: float, message: dict[str, Any] | None = None) -> None:
+        """A delayed message (the buy, or the giveaway entry) actually left now."""
+        if message is not None and message.get("t") == "giveaway.enter":
+            self.gw_sent_at = now
+            return
         if self.buy_id is not None and self.buy_reply_at is None:
             self.buy_sent_at = now
 
@@ -329,7 +353,11 @@ class Viewer:
         elif kind == ServerType.JOINED:
             self._joined(message, now, out)
         elif kind == ServerType.REPLY:
-            if self.buy_id is not None and message.get("id") == str(self.buy_id) \
+            if self.gw_enter_id is not None and message.get("id") == str(self.gw_enter_id) \
+                    and self.gw_reply_at is None:
+                self.gw_reply_at = now
+                self.gw_new = bool((message.get("data") or {}).get("new"))
+            elif self.buy_id is not None and message.get("id") == str(self.buy_id) \
                     and self.buy_reply_at is None:
                 self.buy_reply_at = now
                 self.buy_outcome = BuyOutcome.HELD
@@ -386,6 +414,28 @@ class Viewer:
                 self.sold_out_at = now
         elif event == ENDED and self.ended_at is None:
             self.ended_at = now
+        elif event == GIVEAWAY_OPENED:
+            if self.gw_enter_id is None and self._wants_to_enter():
+                self._enter(message.get("data") or {}, out)
+        elif event == GIVEAWAY_DRAWN:
+            data = message.get("data") or {}
+            tickets = ",".join(str(w.get("ticket")) for w in data.get("winners") or ())
+            self.gw_drawn = sys.intern(f"{data.get('giveaway_id')}:{data.get('seed')}:"
+                                       f"{tickets}")
+
+    def _spread(self, salt: int) -> float:
+        """A fraction in [0, 1) fixed by the viewer's index: spreads viewers evenly."""
+        return ((self.index * 2654435761 + salt) % 2**32) / 2**32
+
+    def _wants_to_enter(self) -> bool:
+        return self._spread(17) < self.config.enter_probability
+
+    def _enter(self, data: dict[str, Any], out: list[tuple[float, dict[str, Any]]]) -> None:
+        self.gw_enter_id = self._new_id()
+        lo, hi = self.config.enter_delay_ms
+        delay = (lo + (hi - lo) * self._spread(0)) / 1000.0
+        out.append((delay, {"t": "giveaway.enter", "id": self.gw_enter_id,
+                            "giveaway_id": data.get("giveaway_id")}))
 
     def _joined(self, message: dict[str, Any], now: float,
                 out: list[tuple[float, dict[str, Any]]]) -> None:
@@ -464,6 +514,11 @@ class Viewer:
     def _command_error(self, message: dict[str, Any], now: float) -> None:
         code = str(message.get("code") or "error")
         mid = message.get("id")
+        if self.gw_enter_id is not None and mid == str(self.gw_enter_id) \
+                and self.gw_reply_at is None:
+            self.gw_reply_at = now
+            self.gw_code = code
+            return
         if self.buy_id is not None and mid == str(self.buy_id) and self.buy_reply_at is None:
             self.buy_reply_at = now
             self.buy_code = code
@@ -492,6 +547,12 @@ class Viewer:
             counts["buy_" + self.buy_outcome.value] += 1
         if self.down is not None:
             counts["down"] += 1
+        if self.gw_sent_at is not None:
+            counts["entries_sent"] += 1
+        if self.gw_reply_at is not None:
+            counts["entries_answered"] += 1
+        if self.gw_drawn is not None:
+            counts["giveaway_drawn_seen"] += 1
 
 
 def _selling(snapshot: dict[str, Any]) -> bool:

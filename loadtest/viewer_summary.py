@@ -34,7 +34,24 @@ def summarize_viewers(viewers: Iterable[Viewer]) -> dict[str, Any]:
     chat_lat: list[float] = []
     holds: list[list[Any]] = []
     outages: list[list[Any]] = []
+    entrants: list[str] = []  # users whose giveaway entry was answered: entered
+    entry_codes: Counter[str] = Counter()
+    entry_s: list[float] = []  # entry sent -> answer
+    entry_answered_at: list[float] = []
+    drawn_seen: Counter[str] = Counter()  # "giveaway:seed:tickets" -> viewers shown it
     for v in viewers:
+        if v.gw_reply_at is not None:
+            entry_answered_at.append(round(v.gw_reply_at, 4))
+            if v.gw_sent_at is not None:
+                entry_s.append(round(v.gw_reply_at - v.gw_sent_at, 4))
+            if v.gw_code is None:
+                entrants.append(v.user_id)
+                totals["entries_new" if v.gw_new else "entries_repeat"] += 1
+            else:
+                entry_codes[v.gw_code] += 1
+        totals["entries_sent"] += 1 if v.gw_sent_at is not None else 0
+        if v.gw_drawn is not None:
+            drawn_seen[v.gw_drawn] += 1
         if v.chat_lat:
             chat_lat.extend(v.chat_lat)
         if v.joined_at is not None:
@@ -83,4 +100,7 @@ def summarize_viewers(viewers: Iterable[Viewer]) -> dict[str, Any]:
         "buy_outcomes": dict(outcomes), "buy_codes": dict(codes), "errors": dict(errors),
         "last_positions": dict(last_offsets), "totals": dict(totals),
         "chat_latency_s": chat_lat,
+        "giveaway": {"entrants": entrants, "entry_codes": dict(entry_codes),
+                     "entry_s": entry_s, "answered_at": entry_answered_at,
+                     "drawn_seen": dict(drawn_seen)},
     }

@@ -64,10 +64,11 @@ class Hub:
         s = self.settings
         self.intervals = {"stock": s.stock_coalesce_ms / 1000,
                           "campaign.progress": s.stock_coalesce_ms / 1000,
+                          "giveaway.entries": s.stock_coalesce_ms / 1000,
                           "viewers": s.viewers_coalesce_ms / 1000}
         self.subscriber = subscriber_for(s.redis_url, self._on_message, self._on_reconnect)
         # Private events a socket missed (no user-channel history): the package that
-        # owns them sets ``private.source`` (checkout: the buyer's orders).
+        # owns them adds its source (checkout: the buyer's orders; drops: giveaway wins).
         self.private = Recovery(lambda user_id: self.users.get(user_id, ()),
                                 self._send_private)
 

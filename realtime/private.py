@@ -3,8 +3,9 @@
 A user's channel (``order.*``) keeps no history, so a publication made while this
 process's pub/sub connection was lost, or before a socket's user channel was
 subscribed, reaches none of the user's sockets here. Instead of a per-user history,
-the hub asks a :class:`PrivateSource` -- wired by the package that owns the events
-(checkout: the buyer's orders in PostgreSQL; realtime never imports it) -- for the
+the hub asks a :class:`PrivateSource` -- wired by each package that owns such events
+(:meth:`Recovery.add_source`; checkout: the buyer's orders in PostgreSQL; drops: the
+giveaways a user won; realtime never imports them) -- for the
 *current* event of each thing the user's sockets may have missed, and sends each
 socket the ones it has not heard:
 
@@ -31,7 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["CLOCK_SLACK_S", "Current", "Heard", "PrivateSource", "Recovery"]
+__all__ = ["CLOCK_SLACK_S", "Current", "Heard", "PrivateSource", "Recovery", "Sources"]
 
 log = logging.getLogger("dropserver.realtime")
 
@@ -58,6 +59,27 @@ class PrivateSource(Protocol):
 
     async def current(self, user_ids: Sequence[str], since: float) -> list[Current]:
         """The current event of each topic of these users that changed since ``since``."""
+
+
+class Sources:
+    """Several packages' sources as one (checkout's orders, drops' giveaway wins): an
+    event's key is the first source's that knows it; recovery asks each."""
+
+    def __init__(self, *sources: PrivateSource) -> None:
+        self.sources = list(sources)
+
+    def key(self, event: str, data: dict[str, Any]) -> tuple[str, int] | None:
+        for source in self.sources:
+            key = source.key(event, data)
+            if key is not None:
+                return key
+        return None
+
+    async def current(self, user_ids: Sequence[str], since: float) -> list[Current]:
+        found: list[Current] = []
+        for source in self.sources:
+            found += await source.current(user_ids, since)
+        return found
 
 
 class Heard:
@@ -91,6 +113,15 @@ class Recovery:
         self._wanted: set[str] = set()
         self._task: asyncio.Task | None = None
         self.recovered = 0  # events sent by recovery (tests, logs)
+
+    def add_source(self, source: PrivateSource) -> None:
+        """A package's source of the private events it owns (see :class:`Sources`)."""
+        if self.source is None:
+            self.source = source
+        elif isinstance(self.source, Sources):
+            self.source.sources.append(source)
+        else:
+            self.source = Sources(self.source, source)
 
     def fresh(self, conn: Any, event: str, data: dict[str, Any]) -> bool:
         """Whether a live private event is news to ``conn`` (and remember it)."""

@@ -42,6 +42,8 @@ MOMENT_EVENTS = {
     "auction.started": "auction_started",
     "auction.bid": "auction_bid",
     "auction.closed": "auction_closed",
+    "giveaway.opened": "giveaway_opened",
+    "giveaway.drawn": "giveaway_drawn",
 }
 
 

@@ -9,9 +9,10 @@ pipeline is quiet (:func:`quiesce`) and then checks what must always hold
 1. every acknowledged hold has exactly one ``orders`` row (with the buyer and buyer
    number the buyer was told);
 2. no product has more units in live orders than it has, and no buyer more than the
-   per-buyer limit;
+   per-buyer limit (bought units: a prize unit counts as held, not as bought);
 3. one successful payment per paid order: its ``payments`` row succeeded, and the
-   gateway holds exactly one charge with money kept for it;
+   gateway holds exactly one charge with money kept for it (an order of amount 0, a
+   giveaway's prize, has no payment at all);
 4. money kept equals paid orders: per order and in total, in PostgreSQL
    (``amount_received - amount_refunded``) and at the gateway, and an order that is
    not paid keeps no money;
@@ -238,11 +239,14 @@ async def violations(db: Any, redis: Any, drop_id: int, *,
     # 2. units and per-buyer limits
     sold: dict[int, int] = defaultdict(int)
     per_user: dict[tuple[int, str], int] = defaultdict(int)
+    bought: dict[tuple[int, str], int] = defaultdict(int)
     open_per_user: dict[tuple[int, str], int] = defaultdict(int)
     for o in orders:
         if _holds_units(o):
             sold[o["product_id"]] += o["quantity"]
             per_user[(o["product_id"], o["user_id"])] += o["quantity"]
+            if o["amount"] > 0:
+                bought[(o["product_id"], o["user_id"])] += o["quantity"]
         if o["state"] in OPEN_STATES:
             open_per_user[(o["product_id"], o["user_id"])] += 1
     for pid, n in sold.items():
@@ -251,7 +255,7 @@ async def violations(db: Any, redis: Any, drop_id: int, *,
             out.append(f"product {pid}: orders for a product the drop does not have")
         elif n > p["units"]:
             out.append(f"product {pid}: {n} units in live orders, only {p['units']} exist")
-    for (pid, user), n in per_user.items():
+    for (pid, user), n in bought.items():
         p = products.get(pid)
         if p is not None and n > p["per_buyer_limit"]:
             out.append(f"product {pid}: buyer {user} holds {n} units, the limit is "
@@ -260,7 +264,10 @@ async def violations(db: Any, redis: Any, drop_id: int, *,
     # 3. and 4. payments and money, PostgreSQL side
     for o in orders:
         kept = o["received"] - o["refunded"]
-        if o["state"] in MONEY_KEPT_STATES:
+        if o["state"] in MONEY_KEPT_STATES and o["amount"] == 0:
+            if o["intent_id"] is not None:
+                out.append(f"order {o['public_id']} is free but has a payment")
+        elif o["state"] in MONEY_KEPT_STATES:
             if o["pay_status"] != "succeeded":
                 out.append(f"order {o['public_id']} is {o['state']} but its payment is "
                            f"{o['pay_status']}")
@@ -305,7 +312,8 @@ async def violations(db: Any, redis: Any, drop_id: int, *,
                     out.append(f"order {hold_id}: the gateway refunded {p.refunded}, "
                                f"PostgreSQL records {o['refunded']}")
         for o in orders:
-            if o["state"] in MONEY_KEPT_STATES and o["public_id"] not in per_order:
+            if (o["state"] in MONEY_KEPT_STATES and o["amount"] > 0
+                    and o["public_id"] not in per_order):
                 out.append(f"order {o['public_id']} is {o['state']} with no charge at the "
                            f"gateway")
         total_gw = sum(p.kept for p in mine)

@@ -184,3 +184,22 @@ def test_headless_locust_runs_an_audited_auction(target: LocalTarget, tmp_path: 
     assert int(stats[("WS", "bid")]["Failure Count"]) == 0, failures
     assert int(stats[("AUCTION", "bid_to_viewer")]["Request Count"]) >= 5 * 20, counts
     assert not [key for key in stats if key[0] == "WSERR"], failures
+
+
+def test_headless_locust_giveaway_scenario(target: LocalTarget, tmp_path: Path) -> None:
+    """--lt-giveaway: every viewer enters once, the draw reaches them all, and the
+    creator's check of it from the public API passes."""
+    proc = _locust("--headless", "-u", "25", "-r", "25", "-t", "16s", "--host",
+                   target.base_url, "--csv", str(tmp_path / "gw"), *DROP_ARGS,
+                   "--lt-giveaway", "3", "--lt-giveaway-winners", "2", cwd=tmp_path)
+    out, _ = proc.communicate(timeout=80)
+    assert proc.returncode == 0, out.decode()[-2000:]
+    assert b"Traceback" not in out, out.decode()[-4000:]
+    stats = _stats(tmp_path / "gw")
+    entries = stats[("WS", "giveaway.enter")]
+    assert int(entries["Request Count"]) >= 10 and int(entries["Failure Count"]) == 0
+    verify = stats[("GIVEAWAY", "verify")]
+    assert int(verify["Request Count"]) >= 1 and int(verify["Failure Count"]) == 0
+    assert int(stats[("GIVEAWAY", "shown")]["Request Count"]) >= 10
+    assert int(stats[("POST", "giveaway open")]["Failure Count"]) == 0
+    assert not [key for key in stats if key[0] == "WSERR"], "protocol errors or lost events"

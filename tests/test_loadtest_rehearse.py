@@ -107,3 +107,52 @@ async def test_a_slow_control_path_gives_slow_probes_not_fewer(monkeypatch) -> N
     assert probe.started == len(probe.latencies) == 5
     assert min(probe.latencies) >= 1.5 and probe.errors == 0
     assert probe.due >= 8  # at 0.1 .. 0.8 s (more if this loop was slow to wake)
+
+
+@pytest.mark.timeout(150)
+def test_small_rehearsal_with_the_giveaway_scenario(tmp_path: Path) -> None:
+    """Every viewer enters a giveaway between going live and BUY NOW; the draw is
+    recomputed from PostgreSQL and matches what every viewer was shown."""
+    cfg = RehearsalConfig(
+        viewers=200, stock=20, server_workers=1, swarm_processes=2, connect_rate=1000,
+        buy_probability=0.6, buy_delay_ms=(0, 50), chat_messages=0, countdown_s=1.0,
+        probe_interval_s=0, floor=False, rush_timeout_s=15, max_duration_s=90,
+        out_dir=str(tmp_path), quiet=True, p99_budget_ms=5000, command="test",
+        giveaway=True, giveaway_window_s=3, giveaway_winners=3, enter_probability=0.9)
+    result = asyncio.run(rehearse(cfg))
+    assert result["failures"] == [] and result["passed"] is True
+    g = result["giveaway"]
+    assert 150 < g["entries_sent"] < 200  # 90 % of the viewers, spread evenly
+    assert g["answered"] == g["new"] == g["entries_sent"] == g["entrants_acknowledged"]
+    assert g["refused"] == {} and g["latency"]["count"] == g["entries_sent"]
+    assert g["answers_per_s"] > 0 and g["answered_within_s"] <= 3
+    a = g["audit"]
+    assert a["checked"] and a["state"] == "drawn" and a["recomputed_ok"]
+    assert len(a["winners"]) == 3
+    assert a["shown_as_recomputed"] == 200 and a["shown_otherwise"] == 0
+    assert a["entrants_in_postgresql"] == a["entrants_announced"] == g["entries_sent"]
+    assert a["acknowledged_not_recorded"] == a["recorded_not_acknowledged"] == 0
+    assert "_entrants" not in g  # not carried into the report
+    # The drop itself still rushed as usual after the giveaway.
+    assert result["reservations"]["held"] == 20 and result["audit"]["oversold"] == 0
+    html = Path(result["reports"]["html"]).read_text()
+    assert "giveaway draw from PostgreSQL" in html and "reproduced" in html
+
+
+def test_the_giveaway_judge_fails_on_a_disputed_result() -> None:
+    from loadtest import giveaway
+
+    def result(**audit):
+        base = {"checked": True, "state": "drawn", "recomputed_ok": True, "problems": [],
+                "shown_as_recomputed": 10, "shown_otherwise": 0,
+                "entrants_in_postgresql": 5, "entrants_announced": 5,
+                "acknowledged_not_recorded": 0, "recorded_not_acknowledged": 0}
+        return {"connections": {"open_at_end": 10},
+                "giveaway": {"refused": {}, "answered": 5, "entries_sent": 5,
+                             "audit": {**base, **audit}}}
+
+    assert giveaway.judge(result()) == []
+    for bad in ({"recomputed_ok": False}, {"shown_otherwise": 1},
+                {"shown_as_recomputed": 9}, {"recorded_not_acknowledged": 1},
+                {"entrants_announced": 4}, {"state": "open"}):
+        assert giveaway.judge(result(**bad)), bad

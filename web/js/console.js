@@ -6,6 +6,7 @@ import { fetchJson, loadConfig, tokenFromFragment } from "./api.js";
 import { initialAuctions, reduceAuctions, secondsLeft } from "./auction-state.js";
 import { DropClient } from "./client.js";
 import * as creator from "./creator-api.js";
+import { mountGiveawayConsole } from "./giveaway-console.js";
 import { formatMoney } from "./viewer-state.js";
 import { WhipPublisher } from "./whip.js";
 
@@ -31,6 +32,7 @@ const ui = {
   goLive: null, // {dropId, at (ms), timer} while a draft counts down to live
   goLiveSeconds: 5,
   auctions: initialAuctions(),
+  giveaways: null, // the giveaway panel's hooks (giveaway-console.js)
 };
 window.__console = ui; // for tests and debugging
 
@@ -142,6 +144,7 @@ async function openDrop(id) {
     ui.drop = drop;
     history.replaceState(null, "", `/console?drop=${id}`);
     renderDrop();
+    ui.giveaways.onDropOpened();
     connectSocket();
     refreshStats();
     refreshAuctions();
@@ -203,6 +206,7 @@ function connectSocket() {
   });
   ui.client.addEventListener("event", (e) => {
     const { event, data } = e.detail;
+    ui.giveaways.onEvent(event, data);
     if (event.startsWith("auction.")) {
       auctionDispatch(event, data);
       if (event !== "auction.bid") log(`${event} ${JSON.stringify(data)}`);
@@ -439,6 +443,7 @@ async function togglePublish() {
 
 async function main() {
   ui.config = await loadConfig();
+  ui.giveaways = mountGiveawayConsole({ drop: () => ui.drop, token: () => ui.token, log });
   renderDrop();
   renderStats();
   $("token-form").addEventListener("submit", async (ev) => {

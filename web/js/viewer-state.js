@@ -267,7 +267,8 @@ export function reduce(state, event, data = {}) {
       return applyOrder(state, phase, data, extra);
     }
     case "order.paid":
-      return applyOrder(state, OrderPhase.PAID, data);
+      // amount 0: a giveaway's prize (docs/topics/giveaways.md), not a purchase
+      return applyOrder(state, OrderPhase.PAID, data, data.amount === 0 ? { prize: true } : {});
     case "order.failed":
       return applyOrder(state, OrderPhase.FAILED, data, { reason: data.reason ?? "" });
     case "order.expired":

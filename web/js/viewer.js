@@ -8,6 +8,7 @@ import {
   currentAuction, initialAuctions, nextAmounts, reduceAuctions, secondsLeft, statusText,
 } from "./auction-state.js";
 import { DropClient } from "./client.js";
+import { mountGiveaways } from "./giveaway-panel.js";
 import { startPlayer } from "./player.js";
 import {
   countdown, formatClock, formatMoney, initialState, isOver, OrderPhase, overlay, reduce,
@@ -205,8 +206,12 @@ function renderOrder() {
     headline = o.phase === OrderPhase.PAID ? `Paid! You're buyer #${o.buyerNumber}`
       : `You're buyer #${o.buyerNumber}`;
   }
-  $("order-headline").textContent = headline;
   let det = detail;
+  if (o.phase === OrderPhase.PAID && o.prize) {
+    headline = "The prize is yours!";
+    det = "A giveaway prize: nothing to pay.";
+  }
+  $("order-headline").textContent = headline;
   if (o.phase === OrderPhase.FAILED || o.phase === OrderPhase.REJECTED) det = o.reason || "";
   if (o.amount && o.phase === OrderPhase.HELD) {
     det = `${formatMoney(o.amount, o.currency)}. ${detail}`;
@@ -408,6 +413,8 @@ async function main() {
     minDelayMs: config.reconnect_min_ms, maxDelayMs: config.reconnect_max_ms,
   });
   window.__dropClient = client; // tests and debugging
+  const giveaways = mountGiveaways({ dropId: state.dropId,
+    command: (type, data) => client.command(type, data) });
   client.addEventListener("state", (e) => dispatch("conn", {
     state: e.detail.state, attempt: e.detail.attempt, retryInMs: e.detail.retryInMs,
     recovered: e.detail.recovered,
@@ -423,6 +430,7 @@ async function main() {
     // Auctions are not in the join snapshot: read them, then events keep them current
     // (the higher seq wins either way round).
     if (e.detail.recovered !== true) fetchAuctions();
+    giveaways.onJoined();
   });
   client.addEventListener("join-error", async (e) => {
     if (e.detail.code === "drop_not_found") {
@@ -444,6 +452,7 @@ async function main() {
       return;
     }
     dispatch(e.detail.event, e.detail.data);
+    giveaways.onEvent(e.detail.event, e.detail.data);
     if (e.detail.event === "stream.status") syncPlayer();
   });
   client.start();

@@ -178,3 +178,11 @@ test("a drop that cannot be joined is unavailable, not waiting for its stream", 
   assert.equal(s.unavailable, true);
   assert.equal(wantsPlayer(reduce(s, "stream.status", { status: "live" })), false);
 });
+
+test("a zero-price order.paid is a giveaway prize, not a purchase", () => {
+  const s = reduce(initialState(1), "order.paid", { order_id: "1-7-aa", amount: 0 });
+  assert.equal(s.order.phase, OrderPhase.PAID);
+  assert.equal(s.order.prize, true);
+  const bought = reduce(initialState(1), "order.paid", { order_id: "1-7-bb", amount: 4500 });
+  assert.equal(bought.order.prize, undefined);
+});
