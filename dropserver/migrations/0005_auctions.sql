@@ -10,7 +10,7 @@
 --   end time it left and whether it extended the clock. Refused bids are not kept.
 -- replay_moments.kind gains the auction moments (start, each bid, the close); the
 --   giveaway kinds are listed too, so that this file and the giveaways migration
---   (0004 on its branch) agree whichever lands first.
+--   (0004) agree whichever lands first.
 CREATE TABLE IF NOT EXISTS auctions (
     id              BIGSERIAL PRIMARY KEY,
     drop_id         BIGINT NOT NULL REFERENCES drops(id),
