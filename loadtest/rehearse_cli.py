@@ -132,6 +132,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def auction_main(args: argparse.Namespace) -> int:
+    if getattr(args, "giveaway", False):
+        raise SystemExit("--giveaway is a step of the drop scenario; --scenario auction "
+                         "runs auctions only")
     fields = {f: getattr(args, f) for f in AuctionConfig.__dataclass_fields__
               if hasattr(args, f) and f not in ("server_env", "command")}
     cfg = AuctionConfig(**fields, server_env=_server_env(args),

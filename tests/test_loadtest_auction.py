@@ -90,3 +90,17 @@ async def test_the_audit_fails_what_contradicts_postgresql(server, http, make_to
     found = await audit(db, aid, accepted, [viewer([1, 2, 3], [shown])], row)
     text = "\n".join(found)
     assert "under the minimum 1200" in text and "the highest bid is a at 1150" in text
+
+
+def test_the_auction_scenario_refuses_a_giveaway() -> None:
+    """--giveaway is a step of the drop scenario; with --scenario auction it would be
+    ignored, so the command refuses it before starting anything."""
+    import argparse
+
+    from loadtest import rehearse_cli
+
+    parser = argparse.ArgumentParser()
+    rehearse_cli.add_arguments(parser)
+    args = parser.parse_args(["--scenario", "auction", "--giveaway"])
+    with pytest.raises(SystemExit, match="--giveaway"):
+        rehearse_cli.main(args)
