@@ -39,7 +39,7 @@ from drops.giveaway import GiveawayState, Refusal
 from drops.giveaway_store import GiveawayRefused, Meta
 from drops.lifecycle import DropState
 from dropserver.auth import Principal, Role, principal, require, require_drop_owner
-from dropserver.background import Periodic
+from dropserver.background import Periodic, stop_task
 from dropserver.component import Component
 from dropserver.errors import ApiError, Conflict, NotFound, Unauthorized, ValidationFailed
 from dropserver.http import field, read_json, reject_unknown
@@ -246,9 +246,7 @@ class Giveaways:
     async def stop(self) -> None:
         await self.closer.stop()
         if self._counts is not None:
-            self._counts.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._counts
+            await stop_task(self._counts, log)
         with contextlib.suppress(Exception):
             await self.flush_journal()
         with contextlib.suppress(Exception):

@@ -544,3 +544,33 @@ async def test_the_documented_giveaway_examples_work_as_written(server, http, cr
     same_fields(resp.json(), shown, "giveaway")
     assert mismatches(resp.json(), shown, values=HTTP_VALUES) == []
     assert resp.json()["prize"] == "A signed poster" and resp.json()["winners"] == 3
+
+
+async def test_the_entry_count_loop_stops_although_it_swallowed_a_cancellation():
+    """Shutdown stops the giveaway entry count loop as every background task is stopped
+    (dropserver.background.stop_task: cancelled again until it ends): one cancel and an
+    await would wait forever on a loop that swallowed it, and would swallow the
+    shutdown's own cancellation too."""
+    from types import SimpleNamespace
+
+    from drops.giveaway_api import Giveaways
+
+    app = SimpleNamespace(state=SimpleNamespace(
+        settings=SimpleNamespace(stock_coalesce_ms=100), redis=None, db=None))
+    gw = Giveaways(app)  # type: ignore[arg-type]
+
+    async def swallows_one_cancel() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass  # as a library's cleanup might
+        await asyncio.Event().wait()  # and runs on, until cancelled again
+
+    gw._counts = asyncio.create_task(swallows_one_cancel())
+    await asyncio.sleep(0)
+    stopper = asyncio.create_task(gw.stop())
+    done, _ = await asyncio.wait([stopper], timeout=5)
+    if not done:
+        gw._counts.cancel()
+    assert done and stopper.exception() is None
+    assert gw._counts.done()
