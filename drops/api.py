@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from checkout import inventory
 from drops import actions, store
-from drops.lifecycle import DropState, allowed_actions
+from drops.lifecycle import ON_AIR, DropState, allowed_actions
 from drops.spec import parse_create, parse_patch, parse_product_id, parse_time
 from dropserver.auth import Principal, Role, principal, require, require_drop_owner
 from dropserver.component import Component
@@ -33,7 +33,6 @@ from dropserver.observability import bind
 
 __all__ = ["drop_json", "part", "snapshot"]
 
-_ON_AIR = {DropState.LIVE, DropState.SELLING, DropState.SOLD_OUT, DropState.CLOSED}
 
 
 def _now() -> datetime:
@@ -120,7 +119,7 @@ async def snapshot(app: Any, drop_id: int, who: Principal | None = None) -> dict
     if drop is None or (drop["state"] == DropState.DRAFT and not private):
         return None
     remaining = None
-    if DropState(drop["state"]) in _ON_AIR:
+    if DropState(drop["state"]) in ON_AIR:
         remaining = await inventory.remaining(app.state.redis, drop_id)
     return drop_json(drop, private=private, remaining=remaining)
 

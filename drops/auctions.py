@@ -31,7 +31,7 @@ from checkout import auction, auction_store
 from checkout.auction import AuctionError, History
 from checkout.auction_rules import parse_spec
 from drops import store
-from drops.lifecycle import DropState
+from drops.lifecycle import ON_AIR, DropState
 from dropserver.auth import Principal, Role, principal, require, require_drop_owner
 from dropserver.component import Component
 from dropserver.errors import ApiError, Conflict, NotFound
@@ -41,7 +41,6 @@ from realtime import channels
 
 __all__ = ["auction_json", "part", "start"]
 
-_ON_AIR = {DropState.LIVE, DropState.SELLING, DropState.SOLD_OUT, DropState.CLOSED}
 _START_REFUSALS = {
     "not_ready": (503, "the drop is not loaded yet; retry in a moment"),
     "product_not_loaded": (409, "the product is not loaded; is the drop live?"),
@@ -121,7 +120,7 @@ async def start(app: Any, who: Principal, drop_id: int, data: dict[str, Any],
         if drop is None:
             raise NotFound(f"drop {drop_id} does not exist", code="drop_not_found")
         require_drop_owner(who, drop["creator_id"])
-        if DropState(drop["state"]) not in _ON_AIR:
+        if DropState(drop["state"]) not in ON_AIR:
             raise Conflict(f"the drop is {drop['state']}: auctions run while it is on air",
                            code="drop_not_on_air", details={"state": drop["state"]})
         products = (await store.load_products(conn, [drop_id]))[drop_id]

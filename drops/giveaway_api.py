@@ -37,7 +37,7 @@ from checkout import keys as checkout_keys
 from drops import giveaway, giveaway_store, store
 from drops.giveaway import GiveawayState, Refusal
 from drops.giveaway_store import GiveawayRefused, Meta
-from drops.lifecycle import DropState
+from drops.lifecycle import ON_AIR, DropState
 from dropserver.auth import Principal, Role, principal, require, require_drop_owner
 from dropserver.background import Periodic, stop_task
 from dropserver.component import Component
@@ -56,7 +56,6 @@ ENTRIES = Counter("dropserver_giveaway_entries_total",
                   ["result"])
 _NEW, _REPEAT = ENTRIES.labels("new"), ENTRIES.labels("repeat")
 
-_ON_AIR = {DropState.LIVE, DropState.SELLING, DropState.SOLD_OUT, DropState.CLOSED}
 OPEN_FIELDS = ("product_id", "prize", "winners", "duration_s", "must_be_present",
                "must_have_bought")
 MIN_WINDOW_S, MAX_WINDOW_S = 2, 3600
@@ -306,9 +305,9 @@ async def open_giveaway(app: Any, who: Principal, drop_id: int,
     if drop is None:
         raise NotFound(f"drop {drop_id} does not exist", code="drop_not_found")
     require_drop_owner(who, drop["creator_id"])
-    if DropState(drop["state"]) not in _ON_AIR:
+    if DropState(drop["state"]) not in ON_AIR:
         raise Conflict(f"the drop is {drop['state']}: giveaways run while it is on air",
-                       code="drop_not_live", details={"state": drop["state"]})
+                       code="drop_not_on_air", details={"state": drop["state"]})
     if product_id is not None:
         product = next((p for p in drop["products"] if p["product_id"] == product_id), None)
         if product is None:

@@ -22,6 +22,7 @@ from dropserver.errors import Conflict
 
 __all__ = [
     "EDITABLE",
+    "ON_AIR",
     "PINNABLE",
     "PRODUCT_TRANSITIONS",
     "TARGET",
@@ -105,6 +106,8 @@ TARGET: Mapping[Action, DropState] = MappingProxyType({
 EDITABLE: frozenset[DropState] = frozenset({S.DRAFT, S.SCHEDULED})
 PINNABLE: frozenset[DropState] = frozenset(
     {S.SCHEDULED, S.LIVE, S.SELLING, S.SOLD_OUT, S.CLOSED})
+# On air: went live and has not ended. Stock is in Redis; auctions and giveaways run.
+ON_AIR: frozenset[DropState] = frozenset({S.LIVE, S.SELLING, S.SOLD_OUT, S.CLOSED})
 
 P = ProductState
 

@@ -574,3 +574,21 @@ async def test_the_entry_count_loop_stops_although_it_swallowed_a_cancellation()
         gw._counts.cancel()
     assert done and stopper.exception() is None
     assert gw._counts.done()
+
+
+async def test_a_drop_off_air_refuses_a_giveaway_and_an_auction_alike(http, creator):
+    """Both ways a live room sells run only while the drop is on air, and a drop that
+    is not says so with one code for both (409 drop_not_on_air, its state in details)."""
+    resp = await http.post("/v1/drops", headers=creator, json={
+        "title": "Not yet", "products": [{"title": "Lot", "price": 1000, "units": 1}]})
+    assert resp.status_code == 201, resp.text
+    drop_id, pid = resp.json()["id"], resp.json()["products"][0]["product_id"]
+    gw = await http.post(f"/v1/drops/{drop_id}/giveaways", headers=creator,
+                         json={"product_id": pid, "winners": 1, "duration_s": 60})
+    auction = await http.post(f"/v1/drops/{drop_id}/auctions", headers=creator, json={
+        "product_id": pid, "start_price": 1000, "increment": 100, "duration_s": 20,
+        "snipe_window_s": 5})
+    for resp in (gw, auction):
+        assert resp.status_code == 409, resp.text
+        assert resp.json()["error"]["code"] == "drop_not_on_air", resp.text
+        assert resp.json()["error"]["details"] == {"state": "draft"}
