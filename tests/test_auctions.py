@@ -12,6 +12,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import httpx
 import pytest
 
 from checkout import auction
@@ -217,9 +218,12 @@ async def test_auction_from_start_to_the_winners_order(server, http, creator, ma
         assert data["outcome"] == "sold" and data["amount"] == 1200
         assert data["leader"] == "Alice" and data["bids"] == 3
         assert data["closed_at"] >= data["ends_at"]
-        # The close is final: a bid after it is refused.
-        late = await http.post(url, json={"amount": 5000}, headers={**bob,
-                               "Idempotency-Key": "b9"})
+        # The close is final: a bid after it is refused. On a new connection: the
+        # client's pooled one has been idle for about the auction's 5 s, uvicorn's
+        # keep-alive timeout, and a POST on it as the server closes it is a ReadError.
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as fresh:
+            late = await fresh.post(url, json={"amount": 5000}, headers={**bob,
+                                    "Idempotency-Key": "b9"})
         assert late.status_code == 409 and late.json()["error"]["code"] == "auction_closed"
 
         won = await alice.recv_until(lambda f: f.get("event") == "auction.won")
