@@ -67,6 +67,7 @@ from checkout.order_states import (
 from checkout.payment_types import Flow, Gateway, GatewayError, Intent, IntentStatus
 from checkout.retry import NotYet
 from dropserver.observability import bind
+from dropserver.outbound import EventType, enqueue
 
 __all__ = ["OrderProcessor", "hold_paid", "publish_user", "release_hold"]
 
@@ -76,6 +77,8 @@ S = OrderState
 Notify = Callable[[Any, str, str, dict], Awaitable[None]]
 
 _COLS = order_columns()
+# Order states an outbound webhook reports (dropserver.outbound).
+_WEBHOOK_EVENTS = {S.PAID: EventType.ORDER_PAID, S.REFUNDED: EventType.ORDER_REFUNDED}
 _CANCELLABLE = (IntentStatus.REQUIRES_PAYMENT_METHOD, IntentStatus.REQUIRES_CONFIRMATION,
                 IntentStatus.REQUIRES_ACTION, IntentStatus.REQUIRES_CAPTURE)
 
@@ -293,12 +296,36 @@ class OrderProcessor:
         sets ``orders.released``). The buyer is told by :meth:`tell`, not here."""
         if target in RELEASED_STATES:
             released = target.value
-        row = await self.db.fetchrow(
-            """UPDATE orders SET state = $2, released = COALESCE(released, $4),
-                   updated_at = now()
-               WHERE id = $1 AND state = ANY($3::text[]) RETURNING state""",
-            order["id"], target.value, sources_of(target), released)
+        sql = """UPDATE orders SET state = $2, released = COALESCE(released, $4),
+                     updated_at = now()
+                 WHERE id = $1 AND state = ANY($3::text[]) RETURNING state"""
+        args = (order["id"], target.value, sources_of(target), released)
+        if target not in _WEBHOOK_EVENTS:
+            return await self.db.fetchrow(sql, *args) is not None
+        # paid and refunded are outbound webhooks: the event commits with the state
+        async with self.db.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(sql, *args)
+            if row is not None:
+                await self._webhook(conn, order["id"], _WEBHOOK_EVENTS[target])
         return row is not None
+
+    @staticmethod
+    async def _webhook(conn: asyncpg.Connection, order_id: int, kind: EventType) -> None:
+        o = await conn.fetchrow(
+            """SELECT o.public_id, o.drop_id, o.product_id, o.user_id, o.quantity,
+                      o.amount, o.currency, o.released, d.creator_id,
+                      COALESCE(p.amount_refunded, 0) AS amount_refunded
+               FROM orders o JOIN drops d ON d.id = o.drop_id
+               LEFT JOIN payments p ON p.order_id = o.id WHERE o.id = $1""", order_id)
+        data = {"order_id": o["public_id"], "drop_id": o["drop_id"],
+                "product_id": o["product_id"], "buyer_id": o["user_id"],
+                "quantity": o["quantity"], "amount": o["amount"],
+                "currency": o["currency"].strip()}
+        if kind is EventType.ORDER_REFUNDED:
+            data["amount_refunded"] = o["amount_refunded"]
+            data["released"] = o["released"]
+        await enqueue(conn, kind, data, creator_id=o["creator_id"], drop_id=o["drop_id"],
+                      key=f"{kind.value}:{o['public_id']}")
 
     async def _publish_once(self, marker: str, user_id: str, event: str,
                             data: dict) -> bool:

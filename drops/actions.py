@@ -51,6 +51,7 @@ from drops.lifecycle import (
 from drops.spec import DropPatch, DropSpec
 from dropserver.auth import Principal, require_drop_owner
 from dropserver.errors import ApiError, NotFound, ValidationFailed
+from dropserver.outbound import EventType, enqueue
 from realtime.publish import publish_many
 
 __all__ = [
@@ -196,6 +197,16 @@ async def _transition(work: _Work, action: Action, actor: Principal | None,
     return new
 
 
+async def _webhook(work: _Work, kind: EventType, drop: dict[str, Any]) -> None:
+    """The outbound webhook of a transition, in the transition's own transaction."""
+    await enqueue(work.conn, kind, {
+        "drop_id": drop["id"], "creator_id": drop["creator_id"], "title": drop["title"],
+        "state": drop["state"], "starts_at": iso(drop["starts_at"]),
+        "live_at": iso(drop["live_at"])},
+        creator_id=drop["creator_id"], drop_id=drop["id"],
+        key=f"{kind.value}:{drop['id']}:{drop['version']}")
+
+
 async def _reload(work: _Work) -> dict[str, Any]:
     drop = await store.load_drop(work.conn, work.drop["id"])
     assert drop is not None
@@ -267,7 +278,9 @@ async def schedule(app_or_pool: Any, redis: Any, drop_id: int, actor: Principal,
                                    details={"field": "starts_at"})
         await _transition(work, Action.SCHEDULE, actor, {"starts_at": when})
         work.events.append(("drop.countdown", {"starts_at": iso(when)}))
-        return await _reload(work)
+        drop = await _reload(work)
+        await _webhook(work, EventType.DROP_SCHEDULED, drop)
+        return drop
 
 
 async def go_live(app_or_pool: Any, redis: Any, drop_id: int,
@@ -278,7 +291,9 @@ async def go_live(app_or_pool: Any, redis: Any, drop_id: int,
         products = list((await work.products()).values())
         await inventory.prewarm(redis, work.drop, products)
         await _transition(work, Action.GO_LIVE, actor, {"live_at": datetime.now(UTC)})
-        return await _reload(work)
+        drop = await _reload(work)
+        await _webhook(work, EventType.DROP_LIVE, drop)
+        return drop
 
 
 async def pin(app_or_pool: Any, redis: Any, drop_id: int, actor: Principal,

@@ -32,6 +32,7 @@ from checkout.order_entries import transfer_group
 from checkout.payments import Gateway, GatewayError
 from drops.lifecycle import Action, DropState, IllegalTransition
 from drops.settlement import Sale, Settlement, Split, settle
+from dropserver.outbound import EventType, enqueue
 
 __all__ = ["compute", "ledger_targets", "pay_out", "post_ledger", "report",
            "reverse_if_settled", "settle_drop"]
@@ -166,8 +167,14 @@ async def pay_out(db: asyncpg.Pool, gateway: Gateway, drop: dict[str, Any],
                                                 "error": str(exc)})
             await db.execute("UPDATE payouts SET state = 'failed' WHERE id = $1", row["id"])
             continue
-        await db.execute("UPDATE payouts SET state = 'sent', transfer_id = $2 WHERE id = $1",
-                         row["id"], tr.id)
+        async with db.acquire() as conn, conn.transaction():
+            await conn.execute("UPDATE payouts SET state = 'sent', transfer_id = $2 "
+                               "WHERE id = $1", row["id"], tr.id)
+            await enqueue(conn, EventType.PAYOUT_SENT, {
+                "drop_id": drop_id, "party_id": party, "role": role,
+                "amount": row["amount"], "currency": currency, "transfer_id": tr.id,
+                "transfer_group": group}, creator_id=drop["creator_id"], drop_id=drop_id,
+                key=f"payout.sent:{row['id']}")
 
 
 async def settle_drop(db: asyncpg.Pool, gateway: Gateway, drop_id: int) -> int:

@@ -1,9 +1,9 @@
 """dropserver: the composition package.
 
 It holds what every domain package shares (settings, auth, HTTP errors, logging,
-metrics, database and Redis connections), the launcher for local backing services,
-the CLI, and :func:`dropserver.app.create_app`, which builds the Starlette app from
-the routes of ``realtime``, ``drops``, ``checkout`` and ``streaming``. A reader
+metrics, database and Redis connections, outbound webhooks), the launcher for local
+backing services, the CLI, and :func:`dropserver.app.create_app`, which builds the
+Starlette app from the routes of ``realtime``, ``drops``, ``checkout`` and ``streaming``. A reader
 looking for where something is handled starts at ``app`` and follows its imports.
 
 Modules, in the order to read them:
@@ -24,6 +24,13 @@ Modules, in the order to read them:
   (``redis+cluster://``); what differs on a cluster (sharded publish, scripts).
 * ``db``: the asyncpg pool and versioned migrations (``migrations/``, ``schema.sql``).
 * ``background``: a step run every few seconds until the process stops.
+* ``outbound``: outbound webhooks' events and :func:`~dropserver.outbound.enqueue`
+  (one outbox row in the caller's transaction), Standard Webhooks signing, the
+  endpoint URL rule.
+* ``outbound_delivery``: the outbox's consumer: fan-out to endpoints, claim with a
+  lease, send, retry with backoff, replay.
+* ``outbound_api``: webhook endpoints, the delivery log and replay over HTTP; the
+  dispatcher's start and stop.
 * ``web``: the viewer's live page and the creator's console, with their assets.
 * ``serve``: one process, or N workers sharing a port; draining.
 * ``lifeline``: a child process dies with its parent, however the parent dies.

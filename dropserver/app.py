@@ -25,7 +25,7 @@ import checkout.component
 import drops.component
 import realtime.component
 import streaming.component
-from dropserver import __version__, openapi, web
+from dropserver import __version__, openapi, outbound_api, web
 from dropserver.auth import TokenVerifier, principal
 from dropserver.background import Periodic
 from dropserver.component import Component
@@ -51,6 +51,7 @@ COMPONENTS: tuple[Component, ...] = (
     drops.component.component,
     checkout.component.component,
     streaming.component.component,
+    outbound_api.component,  # outbound webhooks: endpoints, delivery log, dispatcher
     web.component,  # pages and static files: last, so API routes win
 )
 

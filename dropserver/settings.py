@@ -211,6 +211,26 @@ class Settings:
     campaign_check_interval: float = _env("DROPSERVER_CAMPAIGN_CHECK_INTERVAL", 5.0,
                                           "Seconds between checks for campaign deadlines.")
 
+    # --- outbound webhooks ----------------------------------------------------
+    webhook_concurrency: int = _env("DROPSERVER_WEBHOOK_CONCURRENCY", 16,
+                                    "Outbound webhook requests in flight per process "
+                                    "(0: this process sends none; others still do).")
+    webhook_timeout: float = _env("DROPSERVER_WEBHOOK_TIMEOUT", 10.0,
+                                  "Seconds a receiver has to answer one webhook attempt.")
+    webhook_retry_schedule: tuple[str, ...] = _env(
+        "DROPSERVER_WEBHOOK_RETRY_SCHEDULE", ("5", "300", "1800", "7200", "18000", "36000",
+                                              "36000"),
+        "Seconds to wait after each failed webhook attempt (comma-separated; the "
+        "default is Standard Webhooks': 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h, so 8 "
+        "attempts over ~27 h); then the delivery is failed until replayed.")
+    webhook_poll_interval: float = _env("DROPSERVER_WEBHOOK_POLL_INTERVAL", 0.5,
+                                        "Seconds between looks for new or due webhook "
+                                        "deliveries.")
+    webhook_allow_http_loopback: bool = _env(
+        "DROPSERVER_WEBHOOK_ALLOW_HTTP_LOOPBACK", False, "Accept plain http:// webhook "
+        "endpoints on a loopback host (127.0.0.0/8, ::1, localhost): tests and local "
+        "receivers. Always on under `dropserver dev`; production endpoints are https://.")
+
     # --- streaming -----------------------------------------------------------
     media_dir: str = _env("DROPSERVER_MEDIA_DIR", "", "Where HLS segments and replays "
                           "are written (shared by all workers); empty uses "
@@ -306,6 +326,13 @@ class Settings:
                                 "expected three positive integers, like 700,10,100")
         if self.db_control_pool < 1:
             raise SettingsError("DROPSERVER_DB_CONTROL_POOL", "must be at least 1")
+        try:
+            schedule = [float(x) for x in self.webhook_retry_schedule]
+        except ValueError:
+            schedule = [-1.0]
+        if any(x < 0 or x != x for x in schedule):
+            raise SettingsError("DROPSERVER_WEBHOOK_RETRY_SCHEDULE",
+                                "expected non-negative seconds, like 5,300,1800")
         if self.db_pool_min > self.db_pool_max:
             raise SettingsError("DROPSERVER_DB_POOL_MIN", "must not exceed "
                                 "DROPSERVER_DB_POOL_MAX")
