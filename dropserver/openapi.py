@@ -250,6 +250,30 @@ _HTML = {"description": "the page", "content": {"text/html": {"schema": STR}}}
 _SDP = "application/sdp"
 
 # (method, path as the route spells it) -> operation. Every route has one entry.
+_EVENT_TYPES = {"type": "string", "enum": ["drop.scheduled", "drop.live", "drop.reminder",
+                                             "order.paid", "order.refunded", "tip.paid",
+                                             "payout.sent"]}
+_EVENTS = {"type": "array", "minItems": 1, "maxItems": 14, "items": _EVENT_TYPES}
+_HOOK_URL = {"type": "string", "minLength": 8, "maxLength": 2048, "pattern": _TEXT}
+_ENDPOINT_FIELDS = dict(
+    id=ID, owner_id=STR, scope={"type": "string", "enum": ["creator", "platform"]},
+    url=STR, description=STR, events={"type": "array", "items": STR}, enabled=BOOL,
+    created_at=TIME, updated_at=TIME, previous_secret_expires_at=_nullable(TIME))
+_ENDPOINT = _obj(list(_ENDPOINT_FIELDS), **_ENDPOINT_FIELDS)
+_ENDPOINT_SECRET = _obj([*_ENDPOINT_FIELDS, "secret"], **_ENDPOINT_FIELDS, secret=STR)
+_DELIVERY_FIELDS = dict(
+    id=ID, event_id=STR, event_type=STR, endpoint_id=ID,
+    state={"type": "string", "enum": ["pending", "delivered", "failed"]}, attempts=INT,
+    next_attempt_at=_nullable(TIME), last_status=_nullable(INT), last_error=_nullable(STR),
+    last_attempt_at=_nullable(TIME), delivered_at=_nullable(TIME), created_at=TIME)
+_DELIVERY = _obj(list(_DELIVERY_FIELDS), **_DELIVERY_FIELDS)
+_DELIVERY_DETAIL = _obj([*_DELIVERY_FIELDS, "payload", "attempt_log"], **_DELIVERY_FIELDS,
+                        payload={"type": "object"}, attempt_log={"type": "array", "items": _obj(
+                            ["attempt", "status", "error", "duration_ms", "at"], attempt=INT,
+                            status=_nullable(INT), error=_nullable(STR), duration_ms=INT,
+                            at=TIME)})
+_HOOK_DESCRIPTION = {"type": "string", "maxLength": 500, "pattern": _TEXT}
+
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     # platform
     ("GET", "/healthz"): _op("The process is up", PUBLIC, {"200": _json(_obj(
@@ -445,6 +469,48 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             status=STR, error=_nullable(STR)))}, tag="payments",
         body=_body(_obj(closed=True, payment_method={"type": "string", "maxLength": 64,
                                                      "pattern": _TEXT}), required=False)),
+    # outbound webhooks
+    ("POST", "/v1/webhooks/endpoints"): _op(
+        "Register an outbound webhook endpoint (a creator: their events; an admin: "
+        "every creator's)", AUTH, {"201": _json(_ENDPOINT_SECRET, "registered; the secret "
+                                                "is shown once", _LOCATION)},
+        tag="webhooks", body=_body(_obj(["url", "events"], closed=True, url=_HOOK_URL,
+                                        events=_EVENTS, description=_HOOK_DESCRIPTION))),
+    ("GET", "/v1/webhooks/endpoints"): _op(
+        "The caller's endpoints (an admin: all)", AUTH, {"200": _json(_obj(
+            ["endpoints"], endpoints={"type": "array", "items": _ENDPOINT}))},
+        tag="webhooks"),
+    ("GET", "/v1/webhooks/endpoints/{endpoint_id:id}"): _op(
+        "One endpoint", AUTH, {"200": _json(_ENDPOINT)}, tag="webhooks"),
+    ("PATCH", "/v1/webhooks/endpoints/{endpoint_id:id}"): _op(
+        "Change an endpoint", AUTH, {"200": _json(_ENDPOINT)}, tag="webhooks",
+        body=_body(_obj(closed=True, url=_HOOK_URL, events=_EVENTS,
+                        description=_HOOK_DESCRIPTION, enabled=BOOL))),
+    ("DELETE", "/v1/webhooks/endpoints/{endpoint_id:id}"): _op(
+        "Remove an endpoint and its delivery log", AUTH, {"204": {"description": "removed"}},
+        tag="webhooks"),
+    ("POST", "/v1/webhooks/endpoints/{endpoint_id:id}/rotate-secret"): _op(
+        "A new signing secret; the old one signs beside it for a while", AUTH,
+        {"200": _json(_ENDPOINT_SECRET)}, tag="webhooks", body=_body(_obj(
+            closed=True, previous_valid_for_s={"type": "integer", "minimum": 0,
+                                               "maximum": 604800}), required=False)),
+    ("GET", "/v1/webhooks/endpoints/{endpoint_id:id}/deliveries"): _op(
+        "The endpoint's delivery log, newest first", AUTH, {"200": _json(_obj(
+            ["deliveries", "next_before"], deliveries={"type": "array", "items": _DELIVERY},
+            next_before=_nullable(ID)))}, tag="webhooks", params=[
+            _query("state", {"type": "string", "enum": ["pending", "delivered", "failed"]},
+                   "only deliveries in this state"),
+            _query("limit", {"type": "integer", "minimum": 1, "maximum": 200},
+                   "page size (default 50)"),
+            _query("before", {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+                   "deliveries with a smaller id (the next page)")]),
+    ("GET", "/v1/webhooks/deliveries/{delivery_id:id}"): _op(
+        "One delivery, its attempts and the body sent", AUTH,
+        {"200": _json(_DELIVERY_DETAIL)}, tag="webhooks"),
+    ("POST", "/v1/webhooks/deliveries/{delivery_id:id}/replay"): _op(
+        "Send a delivery again now, with a fresh retry schedule", AUTH, {"202": _json(_obj(
+            ["id", "state", "replayed"], id=ID, state={"const": "pending"},
+            replayed=BOOL))}, tag="webhooks", body=_body(_EMPTY, required=False)),
     # streaming
     ("POST", "/v1/drops/{drop_id:id}/whip"): _op("WHIP publish (RFC 9725)", AUTH, {
         "201": {"description": "the SDP answer", "headers": {**_LOCATION, **_ETAG},

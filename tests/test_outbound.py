@@ -347,3 +347,37 @@ async def test_order_paid_and_refunded_come_from_the_payments_pipeline(settings,
             assert await db.fetchval("SELECT count(*) FROM outbound_events") == 2
         finally:
             await db.close()
+
+
+def _python_blocks(page: str, after: str) -> str:
+    text = page[page.index(after):]
+    start = text.index("```python\n") + len("```python\n")
+    return text[start:text.index("```", start)]
+
+
+async def test_the_documented_verification_recipes_run_as_written(settings, make_token):
+    from pathlib import Path
+
+    page = (Path(__file__).parents[1] / "docs" / "topics" / "webhooks.md").read_text()
+    library = _python_blocks(page, "With the Standard Webhooks library")
+    by_hand = _python_blocks(page, "By hand, with nothing but the standard library")
+    creator = _auth(make_token, "creator-a")
+    async with Receiver() as rx, running(settings, **FAST) as srv, \
+            httpx.AsyncClient(base_url=srv.base_url, timeout=10) as http:
+        ep = await _register(http, creator, rx.url + "/hook", events=["drop.scheduled"])
+        drop_id = await _drop(http, creator)
+        starts = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+        await http.post(f"/v1/drops/{drop_id}/schedule", headers=creator,
+                        json={"starts_at": starts})
+
+        async def arrived():
+            return rx.delivered() or None
+        [req] = await _wait(arrived)
+    for recipe in (library, by_hand):
+        scope = {"secret": ep["secret"], "headers": dict(req.headers), "body": req.body}
+        exec(compile(recipe, "docs/topics/webhooks.md", "exec"), scope)
+        assert scope["event"]["type"] == "drop.scheduled"
+        assert scope["event"]["data"]["drop_id"] == drop_id
+        tampered = {**scope, "body": req.body.replace(b"scheduled", b"cancelled")}
+        with pytest.raises((ValueError, WebhookVerificationError)):
+            exec(compile(recipe, "docs/topics/webhooks.md", "exec"), tampered)
