@@ -15,6 +15,7 @@ import asyncpg
 
 from checkout.auction_rules import AuctionSpec, bands_of
 from checkout.journal import HoldJournal
+from realtime import chat
 
 __all__ = ["BidJournal", "active_bans", "close_from_order", "flow_for", "insert_auction",
            "load_auction", "load_auctions", "load_bids", "max_seq", "record_bids",
@@ -130,16 +131,9 @@ async def active_bans(db: Any, drop_id: int, creator_id: str) -> dict[str, str]:
     """The drop's active bans as the chat's moderation hash keeps them
     (``user -> "ban:<until ms, 0: until lifted>"``, realtime/chat.py): put back with
     an auction after a Redis loss, so a banned viewer stays unable to bid."""
-    rows = await db.fetch(
-        """SELECT user_id, expires_at FROM chat_moderation
-           WHERE action = 'ban' AND lifted_at IS NULL
-             AND (expires_at IS NULL OR expires_at > now())
-             AND (drop_id = $1 OR (drop_id IS NULL AND (creator_id = $2
-                                                        OR creator_id IS NULL)))""",
-        drop_id, creator_id)
-    return {r["user_id"]: "ban:" + ("0" if r["expires_at"] is None
-                                    else str(int(r["expires_at"].timestamp() * 1000)))
-            for r in rows}
+    return {user: entry for user, entry in
+            (await chat.active_moderation(db, drop_id, creator_id)).items()
+            if entry.startswith("ban:")}
 
 
 async def running_auctions(db: Any) -> list[dict[str, Any]]:

@@ -11,13 +11,17 @@
   that assigns the position (``scripts/history_add.lua``), so the snapshot lists
   them in offset order. Clients dedupe by ``id``.
 * Mutes (one drop, for a while) and bans (every drop of the creator, until lifted)
-  are rows in ``chat_moderation`` and cached in the drop's Redis hash; the rows are
-  read into that hash the first time a connection posts, so a ban holds across
-  reconnects and Redis restarts.
+  are rows in ``chat_moderation`` and cached in the drop's Redis hash. The hash
+  carries a marker (the field ``""``, never a user id) once the drop's active rows
+  have been read into it: a post that finds no marker (a new drop, Redis restarted)
+  makes its process read them, once per drop however many sockets post meanwhile,
+  and asks again. So a ban holds across reconnects and Redis restarts, and a chat
+  storm costs PostgreSQL nothing: posting is two Redis scripts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import time
@@ -30,7 +34,8 @@ from realtime._lua import load
 from realtime.protocol import ErrorCode, ProtocolError
 from realtime.publish import publish
 
-__all__ = ["ban", "delete", "normalize", "post", "set_slow_mode", "unban"]
+__all__ = ["active_moderation", "ban", "delete", "normalize", "post", "set_slow_mode",
+           "unban"]
 
 _check = load("chat_check")
 
@@ -68,20 +73,44 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-async def _load_moderation(app: Any, conn: Any, user_id: str) -> None:
-    """Copy the user's active mutes/bans for this drop from PostgreSQL into Redis."""
-    rows = await app.state.db.fetch(
-        """SELECT action, expires_at FROM chat_moderation
-           WHERE user_id = $1 AND action IN ('mute', 'ban') AND lifted_at IS NULL
+LOADED_FIELD = ""  # in the drop's "blocked" hash: its moderation rows are in it
+_LOAD_TRIES = 3
+
+
+async def _load_moderation(app: Any, drop_id: int, creator_id: str | None) -> None:
+    """Copy the drop's active mutes and bans from PostgreSQL into its Redis hash, with
+    the marker, in one write. One read per drop at a time in this process: the posts
+    that find the marker missing meanwhile wait for the same read."""
+    loads = getattr(app.state, "chat_moderation_loads", None)
+    if loads is None:
+        loads = app.state.chat_moderation_loads = {}
+    task = loads.get(drop_id)
+    if task is None:
+        task = loads[drop_id] = asyncio.ensure_future(
+            _read_moderation(app, drop_id, creator_id))
+        task.add_done_callback(lambda _t: loads.pop(drop_id, None))
+    await asyncio.shield(task)
+
+
+async def active_moderation(db: Any, drop_id: int, creator_id: str | None) -> dict[str, str]:
+    """The drop's active mutes and bans as its moderation hash keeps them: user ->
+    ``"<mute|ban>:<until ms, 0: until lifted>"``, a ban before a mute."""
+    rows = await db.fetch(
+        """SELECT DISTINCT ON (user_id) user_id, action, expires_at FROM chat_moderation
+           WHERE action IN ('mute', 'ban') AND lifted_at IS NULL
              AND (expires_at IS NULL OR expires_at > now())
-             AND (drop_id = $2 OR (drop_id IS NULL AND (creator_id = $3 OR creator_id IS NULL)))
-           ORDER BY action = 'ban' DESC, expires_at DESC NULLS FIRST LIMIT 1""",
-        user_id, conn.drop_id, conn.creator_id)
-    if rows:
-        row = rows[0]
-        until = 0 if row["expires_at"] is None else int(row["expires_at"].timestamp() * 1000)
-        await app.state.redis.hset(channels.chat_key(conn.drop_id, "blocked"), user_id,
-                                   f"{row['action']}:{until}")
+             AND (drop_id = $1 OR (drop_id IS NULL AND (creator_id = $2 OR creator_id IS NULL)))
+           ORDER BY user_id, action = 'ban' DESC, expires_at DESC NULLS FIRST""",
+        drop_id, creator_id)
+    return {r["user_id"]: r["action"] + ":" + ("0" if r["expires_at"] is None else
+                                               str(int(r["expires_at"].timestamp() * 1000)))
+            for r in rows}
+
+
+async def _read_moderation(app: Any, drop_id: int, creator_id: str | None) -> None:
+    entries = await active_moderation(app.state.db, drop_id, creator_id)
+    entries[LOADED_FIELD] = "loaded"
+    await app.state.redis.hset(channels.chat_key(drop_id, "blocked"), mapping=entries)
 
 
 async def post(app: Any, conn: Any, text: str) -> dict[str, Any]:
@@ -90,17 +119,21 @@ async def post(app: Any, conn: Any, text: str) -> dict[str, Any]:
     user_id = _require_user(conn)
     clean = normalize(text, settings.chat_max_chars)
     drop_id = conn.drop_id
-    if not conn.moderation_checked:
-        await _load_moderation(app, conn, user_id)
-        conn.moderation_checked = True
     exempt = conn.principal.can_manage(conn.creator_id or "")
-    verdict, wait_ms = await _check(
-        keys=[channels.chat_key(drop_id, "blocked"), channels.chat_key(drop_id, f"rate:{user_id}"),
-              channels.chat_key(drop_id, "slow"), channels.chat_key(drop_id, f"last:{user_id}")],
-        args=[user_id, _now_ms(), settings.chat_rate_per_10s, RATE_WINDOW_MS,
-              "1" if exempt else "0"],
-        client=redis)
-    verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
+    keys = [channels.chat_key(drop_id, "blocked"), channels.chat_key(drop_id, f"rate:{user_id}"),
+            channels.chat_key(drop_id, "slow"), channels.chat_key(drop_id, f"last:{user_id}")]
+    for _ in range(_LOAD_TRIES):
+        verdict, wait_ms = await _check(
+            keys=keys, args=[user_id, _now_ms(), settings.chat_rate_per_10s, RATE_WINDOW_MS,
+                             "1" if exempt else "0", LOADED_FIELD],
+            client=redis)
+        verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
+        if verdict != "unloaded":
+            break
+        await _load_moderation(app, drop_id, conn.creator_id)
+    else:
+        raise ProtocolError("unavailable", "chat moderation could not be read; retry shortly",
+                            details={"retry_after_ms": 1000})
     if verdict == "ban":
         raise ProtocolError(ErrorCode.BANNED, "you are banned from this chat")
     if verdict == "mute":

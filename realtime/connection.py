@@ -85,7 +85,6 @@ class Connection:
         "joined",
         "last_seen",
         "limit",
-        "moderation_checked",
         "node",
         "opened_at",
         "pending",
@@ -113,7 +112,6 @@ class Connection:
         self.auth: Any = None  # realtime.tokens.TokenLife of a signed-in socket
         self.drop_id: int | None = None
         self.creator_id: str | None = None
-        self.moderation_checked = False
         self.room: Any = None
         self.joined = False
         # Publications that arrive while the join is being answered (see hub.Room).

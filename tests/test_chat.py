@@ -181,6 +181,44 @@ async def test_ban_survives_a_lost_redis_cache(server, settings, make_token, cle
     await admin.close()
 
 
+async def test_a_chat_storm_does_not_read_postgresql_per_poster(server, settings, make_token):
+    """The drop's mutes and bans are read into Redis once; a socket's first post is
+    two Redis scripts. Proven with chat_moderation locked: a read of it would hang."""
+    drop_id, _ = await create_drop(settings.database_url)
+    first = await _viewer(server, drop_id, make_token("first"))
+    assert (await first.request({"t": "chat.send", "text": "hi"}))["t"] == "reply"
+    posters = [await _viewer(server, drop_id, make_token(f"fan-{i}")) for i in range(5)]
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        async with db.transaction():
+            await db.execute("LOCK TABLE chat_moderation IN ACCESS EXCLUSIVE MODE")
+            replies = await asyncio.gather(*(
+                p.request({"t": "chat.send", "text": "first words"}, wait=10.0)
+                for p in posters))
+        assert [r["t"] for r in replies] == ["reply"] * 5, replies
+    finally:
+        await db.close()
+    for c in (first, *posters):
+        await c.close()
+
+
+async def test_a_ban_in_a_drop_whose_moderation_is_already_loaded(server, settings,
+                                                                  make_token):
+    """Loaded once per drop, the hash still hears later bans, and their lifting."""
+    drop_id, _ = await create_drop(settings.database_url)
+    creator = await _viewer(server, drop_id, make_token("creator-1", "creator"))
+    troll = await _viewer(server, drop_id, make_token("troll"))
+    assert (await troll.request({"t": "chat.send", "text": "hi"}))["t"] == "reply"
+    assert (await creator.request({"t": "chat.ban", "user_id": "troll"}))["t"] == "reply"
+    assert (await troll.request({"t": "chat.send", "text": "hi"}))["code"] == "banned"
+    again = await _viewer(server, drop_id, make_token("troll"))
+    assert (await again.request({"t": "chat.send", "text": "hi"}))["code"] == "banned"
+    assert (await creator.request({"t": "chat.unban", "user_id": "troll"}))["t"] == "reply"
+    assert (await again.request({"t": "chat.send", "text": "back"}))["t"] == "reply"
+    for c in (creator, troll, again):
+        await c.close()
+
+
 def test_normalize_pure():
     assert chat.normalize("  hi\tthere\n ", 10) == "hithere"
     assert chat.normalize("a\nb", 10) == "a\nb"

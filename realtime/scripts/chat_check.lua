@@ -1,6 +1,8 @@
 -- May this user post to the drop's chat now? Checks, in order: ban/mute (cached from
 -- chat_moderation), the per-user rate limit (fixed window), slow mode. Records the
--- post for the limits only when it is allowed.
+-- post for the limits only when it is allowed. "unloaded" (nothing recorded): the
+-- drop's moderation rows are not in the hash yet (no marker field); the caller reads
+-- them from PostgreSQL into it (realtime.chat) and asks again.
 local blocked_key = KEYS[1]   -- {drop:<id>}:chat:blocked  HASH user -> "<kind>:<until_ms|0>"
 local rate_key = KEYS[2]      -- {drop:<id>}:chat:rate:<user>  counter of this window
 local slow_key = KEYS[3]      -- {drop:<id>}:chat:slow  seconds between posts, absent = off
@@ -10,7 +12,11 @@ local now_ms = tonumber(ARGV[2])
 local rate_limit = tonumber(ARGV[3])
 local window_ms = tonumber(ARGV[4])
 local exempt = ARGV[5] == "1"  -- the creator and admins skip rate limit and slow mode
+local loaded_field = ARGV[6]  -- present in the hash once the drop's rows are in it
 
+if redis.call("HEXISTS", blocked_key, loaded_field) == 0 then
+  return {"unloaded", 0}
+end
 local block = redis.call("HGET", blocked_key, user)
 if block then
   local sep = string.find(block, ":", 1, true)
