@@ -75,6 +75,7 @@ def compose(cfg: RehearsalConfig, reports: list[dict[str, Any]], audit: dict[str
     ramp = (joined_at[-1] - first) if joined_at else 0.0
     bn = summarize(buy_now_lat)
     chat_lat = [x for r in reports for x in r.get("chat_latency_s", ())]
+    chat_after = [x for r in reports for x in r.get("chat_after_post_s", ())]
     joined_n = max(totals["joined"], 1)
     server: dict[str, Any] = {"measured": watch is not None}
     if baseline is not None and after_connect is not None:
@@ -140,7 +141,9 @@ def compose(cfg: RehearsalConfig, reports: list[dict[str, Any]], audit: dict[str
                  "sent": sum(int(r.get("chat_sent", 0)) for r in reports),
                  "received_per_viewer": round(totals["chat_seen"] / joined_n, 1),
                  "left_out_per_viewer": round(totals["chat_skipped"] / joined_n, 1),
-                 "latency": summarize(chat_lat)},
+                 "latency": summarize(chat_lat),
+                 # the part from the server's acceptance on (publication, batch, fan-out)
+                 "after_post_latency": summarize(chat_after)},
         "protocol_errors": dict(errors),
         # [user, hold id, buyer number] of every hold a buyer was told of
         "holds": [h for r in reports for h in r.get("holds", ())],

@@ -341,7 +341,13 @@ class Rehearsal:
                                     lambda: self.progress.total("sold_out_seen")
                                     >= self.progress.total("joined"), limit_s=15)
             self.phase("end")
-            drop_state = (await creator.get()).get("state")
+            try:
+                drop_state = (await creator.get()).get("state")
+            except (CreatorError, httpx.HTTPError) as exc:  # reported, as the BUY NOW's
+                drop_state = None
+                self.notes.append(f"reading the drop before its end failed: "
+                                  f"{type(exc).__name__}: {exc}"[:300])
+                self.say(self.notes[-1])
             with contextlib.suppress(Exception):
                 await creator.end()
             await self.wait_for("the end to reach every open viewer",

@@ -25,6 +25,7 @@ import enum
 import json
 import random
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,7 @@ class Viewer:
         "buy_retries",
         "buy_sent_at",
         "buyer_number",
+        "chat_after",
         "chat_lat",
         "chat_seen",
         "chat_skipped",
@@ -191,6 +193,10 @@ class Viewer:
         # Delivery latencies of rehearsal chat (seconds), on sampled viewers only.
         self.chat_lat: list[float] | None = \
             [] if config.chat_sample and index % config.chat_sample == 0 else None
+        # Of those, the part after the server accepted the message (its ``at``, wall
+        # clock ms): publication, batching, fan-out and this viewer's reading; the rest
+        # is the swarm's sending and the server's reading and checks.
+        self.chat_after: list[float] | None = [] if self.chat_lat is not None else None
         self._msg_gaps: list[tuple[int, int]] | None = None  # missing ranges, this message
         self._msg_skipped_to = 0  # the highest skipped frame position in this message
         self.errors: Counter[str] | None = None
@@ -401,9 +407,13 @@ class Viewer:
         if event == CHAT:
             self.chat_seen += 1
             if self.chat_lat is not None:
-                sent = _chat_sent_at((message.get("data") or {}).get("text"))
+                data = message.get("data") or {}
+                sent = _chat_sent_at(data.get("text"))
                 if sent is not None:
                     self.chat_lat.append(round(now - sent, 4))
+                    at = data.get("at")
+                    if isinstance(at, int | float) and self.chat_after is not None:
+                        self.chat_after.append(round(time.time() - at / 1000, 4))
         elif event == BUY_NOW:
             if self.buy_now_at is None:
                 self.buy_now_at = now

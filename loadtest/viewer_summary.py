@@ -32,6 +32,7 @@ def summarize_viewers(viewers: Iterable[Viewer]) -> dict[str, Any]:
     last_offsets: Counter[str] = Counter()
     totals: Counter[str] = Counter()
     chat_lat: list[float] = []
+    chat_after: list[float] = []
     holds: list[list[Any]] = []
     outages: list[list[Any]] = []
     entrants: list[str] = []  # users whose giveaway entry was answered: entered
@@ -54,6 +55,8 @@ def summarize_viewers(viewers: Iterable[Viewer]) -> dict[str, Any]:
             drawn_seen[v.gw_drawn] += 1
         if v.chat_lat:
             chat_lat.extend(v.chat_lat)
+        if v.chat_after:
+            chat_after.extend(v.chat_after)
         if v.joined_at is not None:
             joined.append(round(v.joined_at, 4))
             if v.connect_started is not None and v.connected_at is not None:
@@ -100,6 +103,7 @@ def summarize_viewers(viewers: Iterable[Viewer]) -> dict[str, Any]:
         "buy_outcomes": dict(outcomes), "buy_codes": dict(codes), "errors": dict(errors),
         "last_positions": dict(last_offsets), "totals": dict(totals),
         "chat_latency_s": chat_lat,
+        "chat_after_post_s": chat_after,
         "giveaway": {"entrants": entrants, "entry_codes": dict(entry_codes),
                      "entry_s": entry_s, "answered_at": entry_answered_at,
                      "drawn_seen": dict(drawn_seen)},

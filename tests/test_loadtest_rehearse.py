@@ -51,6 +51,10 @@ def test_small_rehearsal_holds_and_never_oversells(tmp_path: Path) -> None:
     # The chat storm: sampled (viewers got fewer than were sent), yet nothing lost.
     chat = result["chat"]
     assert chat["sent"] >= 40 and chat["latency"]["count"] > 0
+    # and the part of it after the server took each message, timed on the same ones
+    after = chat["after_post_latency"]
+    assert after["count"] == chat["latency"]["count"]
+    assert 0 < after["p50_ms"] <= chat["latency"]["p50_ms"] + 50  # clocks: wall vs monotonic
     assert chat["left_out_per_viewer"] > 0
     assert chat["received_per_viewer"] + chat["left_out_per_viewer"] >= chat["sent"] - 1
     creator = result["creator"]
