@@ -15,7 +15,8 @@ Modules, in the order to read them:
 * ``ingest``: aiortc as the WHIP receiver, media handed to the packager.
 * ``live``: one drop's stream in this process: sessions, status, moments.
 * ``whip``: the WHIP endpoint ``/v1/drops/{id}/whip``.
-* ``hls``: serving the playlists and media, blocking reloads included.
+* ``hls``: serving the playlists and media, blocking reloads included, with the
+  cache headers a CDN in front goes by.
 * ``replay``: shoppable replays: moments stored with their place in the video.
 * ``component``: the package as :mod:`dropserver.app` mounts it.
 """

@@ -123,7 +123,7 @@ async def test_publish_with_ffmpeg_whip_muxer(whip_server, media_settings, make_
 
         live = await wait_for(has_segment)
         assert live.headers["content-type"] == "application/vnd.apple.mpegurl"
-        assert live.headers["cache-control"] == "no-cache"
+        assert live.headers["cache-control"] == "public, max-age=1"
         assert live.headers["access-control-allow-origin"] == "*"
         assert "#EXT-X-PART:" in live.text and "#EXT-X-PRELOAD-HINT" in live.text
         status = (await http.get(f"/v1/drops/{drop_id}/stream")).json()
