@@ -21,6 +21,9 @@ run. In the order of the hot paths:
 * :mod:`benchmarks.orders`: the order workers, holds in the stream to paid orders.
 * :mod:`benchmarks.ingest`: one 720p30 stream's server CPU, publish-to-playlist and
   glass-to-viewer latency.
+* :mod:`benchmarks.hls_cdn`: LL-HLS viewers behind nginx as a caching proxy: origin
+  requests per second per 1,000 viewers and part latency, against viewers straight
+  at the origin.
 * :mod:`benchmarks.startup`: ``dropserver dev`` from launch to ready.
 * :mod:`benchmarks.balancer`: a rehearsal through HAProxy across 3 nodes against one
   node with as many workers, and a node killed or drained mid-drop: how long until

@@ -33,6 +33,10 @@ Modules, in the order to read them:
 * ``_netreaper``: deletes those namespaces and devices when the harness ends, however.
 * ``balancer``: HAProxy in front of the nodes: its configuration (``haproxy.cfg``),
   processes and view of the nodes.
+* ``cdn``: nginx as a caching proxy in front of the LL-HLS origin (a CDN edge): its
+  configuration (``nginx-cdn.conf``) and process.
+* ``hls_viewers``: simulated LL-HLS viewers, thousands per process over raw HTTP/1.1,
+  each part timed from the origin writing it to a viewer holding it.
 * ``cluster``: several ``dropserver serve`` nodes behind HAProxy on this machine,
   over one Redis and one PostgreSQL; nodes killed, drained and started again.
 * ``cluster_cli``: ``python -m loadtest cluster up|status|kill|drain|start|down``.

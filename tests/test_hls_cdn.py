@@ -1,0 +1,106 @@
+"""LL-HLS behind nginx as a caching proxy (the CDN stand-in), with the configuration
+docs/streaming.md documents: simulated LL-HLS viewers through the proxy cost the
+origin about one request per part and kind, however many they are, and get each part
+soon after the origin wrote it.
+
+A real origin (``dropserver dev``) with a creator publishing over WHIP (FFmpeg's muxer),
+real nginx, viewers in processes of their own (:mod:`loadtest.hls_viewers`); requests
+that reach the origin are read from its ``dropserver_hls_requests_total``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from benchmarks.hls_cdn import Rig
+from loadtest.cdn import TEMPLATE, find_nginx, render
+from loadtest.hls_viewers import hint_of
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_NGINX = bool(shutil.which("nginx") or Path("/usr/sbin/nginx").exists())
+needs_nginx = pytest.mark.skipif(not HAVE_NGINX, reason="nginx is not installed")
+
+PARTS_PER_S = 5  # DROPSERVER_HLS_PART_SECONDS 0.2, the default
+# What one part may cost the origin behind the proxy: the part (a blocking request for
+# the preload hint) and the blocking playlist reload that lists it. Besides, at most one
+# live.m3u8 a second (it is cached for a second) and a few stragglers.
+ORIGIN_RPS_BOUND = 2 * PARTS_PER_S + 3
+
+
+@needs_nginx
+def test_the_template_renders_and_nginx_accepts_it(tmp_path: Path) -> None:
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(render(listen="127.0.0.1:9", origin="127.0.0.1:8000",
+                           cache_dir=str(tmp_path / "cache"), run_dir=str(tmp_path)))
+    assert "@" not in conf.read_text()
+    check = subprocess.run([find_nginx(), "-t", "-p", str(tmp_path), "-c", str(conf)],
+                           capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stderr
+    with pytest.raises(KeyError):
+        render(listen="x", origin="y", cache_dir="z", run_dir="w",
+               template=TEMPLATE.read_text() + "\n# @UNKNOWN@\n")
+
+
+def test_the_streaming_guide_shows_the_configuration_the_tests_run() -> None:
+    """docs/streaming.md quotes loadtest/nginx-cdn.conf whole: one configuration, tested."""
+    guide = (ROOT / "docs" / "streaming.md").read_text()
+    assert TEMPLATE.read_text().strip() in guide
+
+
+def test_the_viewers_follow_the_preload_hint() -> None:
+    text = ('#EXT-X-PART:DURATION=0.2,URI="s7.3.m4s"\n'
+            '#EXT-X-PRELOAD-HINT:TYPE=PART,URI="s7.4.m4s"\n')
+    assert hint_of(text) == (7, 4)
+    assert hint_of("#EXTM3U\n#EXT-X-ENDLIST\n") is None
+
+
+def _check_viewers(fig: dict) -> None:
+    assert fig["started"] == fig["viewers"], fig
+    assert fig["errors"] == {}, fig
+    assert set(fig["statuses"]) <= {200, 503}, fig
+    assert fig["parts"] > 0
+
+
+@needs_nginx
+async def test_viewers_behind_the_proxy_cost_the_origin_one_request_per_part(
+        settings, tmp_path: Path) -> None:
+    """100 viewers through the proxy cost the origin what one viewer does (one blocking
+    reload and one part request per part); 20 straight at the origin cost it all their
+    requests. Parts reach a viewer within a second of the origin writing them."""
+    async with Rig(settings.redis_url, settings.database_url, tmp_path,
+                   publish_seconds=40) as rig:
+        direct = await rig.watch(20, 6, through_cdn=False)
+        proxied = await rig.watch(100, 8, through_cdn=True, probes=5)
+    _check_viewers(direct)
+    _check_viewers(proxied)
+    # Without the proxy every request of every viewer reaches the origin.
+    assert direct["origin_rps"] >= 0.8 * direct["viewer_rps"], direct
+    assert direct["origin_rps"] > ORIGIN_RPS_BOUND, direct
+    # Through it, a hundred viewers cost about one viewer's worth.
+    assert proxied["origin_rps"] <= ORIGIN_RPS_BOUND, proxied
+    assert proxied["viewer_rps"] > 5 * proxied["origin_rps"], proxied
+    assert proxied["cache"].get("HIT", 0) > 10 * proxied["cache"].get("MISS", 0), proxied
+    assert proxied["probe_latency_p50_s"] <= 1.0, proxied
+
+
+@pytest.mark.slow
+@needs_nginx
+async def test_origin_requests_stay_flat_from_100_to_1000_viewers(settings,
+                                                                   tmp_path: Path) -> None:
+    """The goal's shape at the scale a test can afford (benchmarks.hls_cdn goes to
+    5,000): ten times the viewers, origin requests within 2x, part latency p99 within a
+    second for viewers timed on an idle loop."""
+    async with Rig(settings.redis_url, settings.database_url, tmp_path,
+                   publish_seconds=60) as rig:
+        small = await rig.watch(100, 10, processes=1, probes=10)
+        large = await rig.watch(1000, 10, processes=2, probes=10)
+    _check_viewers(small)
+    _check_viewers(large)
+    assert small["origin_rps"] <= ORIGIN_RPS_BOUND, small
+    assert large["origin_rps"] <= max(2 * small["origin_rps"], ORIGIN_RPS_BOUND), (small, large)
+    for fig in (small, large):
+        assert fig["probe_latency_p99_s"] <= 1.0, fig
