@@ -128,26 +128,43 @@ class Packager:
 
     # ------------------------------------------------------------------ state
     def _load(self) -> None:
-        """Continue a stream already on disk (a reconnect, maybe on another worker)."""
+        """Continue a stream already on disk (a reconnect, maybe on another worker).
+
+        No file name already written is written again with other bytes: a CDN keeps
+        media it has served (immutable, see streaming.hls). A worker lost mid-segment
+        left parts of a segment it never closed: that segment is listed as a gap
+        (rfc8216bis 4.4.4.7) and numbering goes on after it; an init segment no closed
+        segment names still counts in the session numbers."""
         index = self.dir / "segments.jsonl"
-        if not index.exists():
-            return
-        for line in index.read_text().splitlines():
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            self.playlist.segments.append(Segment(
-                msn=row["msn"], uri=row["uri"], duration=row["duration"],
-                program_date_time=datetime.fromisoformat(row["pdt"]), map_uri=row["map"],
-                discontinuity=row["disc"]))
-            self._end = max(self._end, row["end"])
-            self.session = max(self.session, row["session"])
+        if index.exists():
+            for line in index.read_text().splitlines():
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                self.playlist.segments.append(Segment(
+                    msn=row["msn"], uri=row["uri"], duration=row["duration"],
+                    program_date_time=datetime.fromisoformat(row["pdt"]),
+                    map_uri=row["map"], discontinuity=row["disc"],
+                    gap=row.get("gap", False)))
+                self._end = max(self._end, row["end"])
+                self.session = max(self.session, row["session"])
         if self.playlist.segments:
             self.playlist.next_msn = self.playlist.segments[-1].msn + 1
-        for name in ("live.json",):
-            path = self.dir / name
-            if path.exists():
-                self._fragment_seq = json.loads(path.read_text()).get("fragments", 0)
+        inits = [int(p.name[4:-4]) for p in self.dir.glob("init*.mp4")
+                 if p.name[4:-4].isdigit()]
+        self.session = max([self.session, *inits])
+        msn = self.playlist.next_msn
+        unfinished = self.dir / f"s{msn}.m4s.tmp"
+        if unfinished.exists() or any(self.dir.glob(f"s{msn}.*.m4s")):
+            last = self.playlist.segments[-1] if self.playlist.segments else None
+            self._append_segment(Segment(
+                msn=msn, uri=f"s{msn}.m4s", duration=self.playlist.target_duration,
+                program_date_time=datetime.now(UTC),
+                map_uri=last.map_uri if last else f"init{self.session}.mp4", gap=True))
+            unfinished.unlink(missing_ok=True)
+        path = self.dir / "live.json"
+        if path.exists():
+            self._fragment_seq = json.loads(path.read_text()).get("fragments", 0)
 
     @property
     def has_media(self) -> bool:
@@ -344,17 +361,23 @@ class Packager:
                       program_date_time=self._segment_pdt, map_uri=self._map_uri,
                       discontinuity=pl.next_discontinuity and bool(pl.segments),
                       parts=pl.parts)
-        pl.segments.append(seg)
-        pl.next_msn = msn + 1
+        self._append_segment(seg)
         pl.parts = []
         pl.next_discontinuity = False
-        with (self.dir / "segments.jsonl").open("a") as f:
-            f.write(json.dumps({
-                "msn": msn, "uri": uri, "duration": seg.duration, "map": seg.map_uri,
-                "pdt": seg.program_date_time.isoformat(), "disc": seg.discontinuity,
-                "end": self._end, "session": self.session}) + "\n")
         self._prune_parts()
         self._segment_file = None
+
+    def _append_segment(self, seg: Segment) -> None:
+        """A closed segment (or a gap) onto the playlist and into ``segments.jsonl``."""
+        self.playlist.segments.append(seg)
+        self.playlist.next_msn = seg.msn + 1
+        row = {"msn": seg.msn, "uri": seg.uri, "duration": seg.duration, "map": seg.map_uri,
+               "pdt": seg.program_date_time.isoformat(), "disc": seg.discontinuity,
+               "end": self._end, "session": self.session}
+        if seg.gap:
+            row["gap"] = True
+        with (self.dir / "segments.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def _prune_parts(self) -> None:
         old = len(self.playlist.segments) - 3 - PART_FILES_KEPT

@@ -48,6 +48,7 @@ class Segment:
     map_uri: str  # EXT-X-MAP (init segment) this segment needs
     discontinuity: bool = False  # first segment after a publisher reconnect
     parts: list[Part] = field(default_factory=list)
+    gap: bool = False  # 4.4.4.7 EXT-X-GAP: no media (a segment its worker never closed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +163,8 @@ class MediaPlaylist:
             lines.append(f"#EXT-X-PROGRAM-DATE-TIME:{_date(seg.program_date_time)}")
             if seg.msn in with_parts:
                 lines.extend(_part_line(p) for p in seg.parts)
+            if seg.gap:
+                lines.append("#EXT-X-GAP")
             lines.append(f"#EXTINF:{seg.duration:.5f},")
             lines.append(seg.uri)
 

@@ -184,3 +184,34 @@ async def test_requests_are_counted_by_kind(origin, settings) -> None:
         "playlist", "blocking_playlist", "init", "segment", "part", "missing")}
     assert grew == {"playlist": 2, "blocking_playlist": 1, "init": 1, "segment": 1,
                     "part": 3, "missing": 1}
+
+
+def test_a_stream_continued_after_a_lost_worker_never_reuses_a_served_name(
+        tmp_path: Path) -> None:
+    """A worker killed mid-segment leaves parts of a segment that was never closed
+    (and maybe an init segment no closed segment names). The worker that continues the
+    stream must not write other bytes under those names: a CDN keeps media it has
+    served for a year (immutable). The unfinished segment is listed as a gap
+    (rfc8216bis 4.4.4.7 EXT-X-GAP: players skip it), so the numbering stays whole."""
+    first = Feeder(Packager(tmp_path))
+    first.until(lambda: len(first.packager.playlist.segments) >= 2)
+    first.parts(2)  # segment 2 has parts on disk, and is never closed: the worker dies
+    served = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.suffix in (".m4s", ".mp4")}
+    lost_msn = first.packager.playlist.next_msn
+
+    second = Feeder(Packager(tmp_path))  # another worker, same directory
+    second.until(lambda: len(second.packager.playlist.segments) >= lost_msn + 2)
+    for name, data in served.items():
+        assert (tmp_path / name).read_bytes() == data, f"{name} was written again"
+    pl = second.packager.playlist
+    assert [s.msn for s in pl.segments] == list(range(len(pl.segments)))
+    gaps = [s.msn for s in pl.segments if s.gap]
+    assert gaps == [lost_msn]
+    text = (tmp_path / "live.m3u8").read_text()
+    lines = text.splitlines()
+    gap_at = lines.index("#EXT-X-GAP")
+    assert lines[gap_at + 2] == f"s{lost_msn}.m4s"
+    assert "init2.mp4" in text  # a new init for the new session, not init1 again
+    # A third worker after a clean end still sees the one gap (segments.jsonl).
+    second.packager.end_session()
+    assert [s.msn for s in Packager(tmp_path).playlist.segments if s.gap] == [lost_msn]
