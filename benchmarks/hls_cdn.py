@@ -177,7 +177,7 @@ def case_figures(stats: ViewerStats, origin_rps: float, through_cdn: bool,
         "latency_max_s": round(max(lat), 3) if lat else float("nan"),
         "loop_lag_p99_s": round(_pct(stats.loop_lag, 0.99), 3),
         "statuses": dict(stats.statuses), "cache": dict(stats.cache),
-        "errors": dict(stats.errors),
+        "errors": dict(stats.errors), "odd": stats.odd[:5],
     }
     if probe is not None:
         out.update({"probes": probe.viewers, "probe_parts": probe.parts,
@@ -191,13 +191,14 @@ def case_figures(stats: ViewerStats, origin_rps: float, through_cdn: bool,
 async def _run(args: argparse.Namespace, redis_url: str, database_url: str,
                work: Path) -> list[dict[str, Any]]:
     cases = [(n, False) for n in args.direct] + [(n, True) for n in args.viewers]
-    total = len(cases) * (args.seconds + 5) + 30
+    total = sum(max(2.0, n / 500) + args.seconds + 5 for n, _ in cases) + 30
     results = []
     async with Rig(redis_url, database_url, work, publish_seconds=total) as rig:
         for n, through in cases:
             load = os.getloadavg()[0]
-            fig = await rig.watch(n, args.seconds, through_cdn=through,
-                                  processes=args.processes, probes=args.probes)
+            ramp = max(2.0, n / 500)  # viewers join at 500 a second
+            fig = await rig.watch(n, ramp + args.seconds, through_cdn=through,
+                                  processes=args.processes, probes=args.probes, ramp=ramp)
             fig["load_before"] = round(load, 2)
             results.append(fig)
             print(json.dumps(fig), flush=True)
@@ -214,7 +215,8 @@ def main() -> None:
                         help="viewers through the proxy, one case each")
     parser.add_argument("--direct", default="100",
                         help="viewers straight at the origin (the baseline); '' for none")
-    parser.add_argument("--seconds", type=float, default=20.0, help="per case")
+    parser.add_argument("--seconds", type=float, default=20.0,
+                        help="per case, after the viewers have joined (500 a second)")
     parser.add_argument("--processes", type=int, default=2,
                         help="viewer processes sharing each case's crowd")
     parser.add_argument("--probes", type=int, default=20,

@@ -115,10 +115,11 @@ class ViewerStats:
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     requests: int = 0
     loop_lag: list[float] = field(default_factory=list)  # seconds late, a tick per 50 ms
+    odd: list[str] = field(default_factory=list)  # the first answers other than 200
 
     def to_json(self) -> dict:
         out = {name: getattr(self, name) for name in (
-            "viewers", "started", "parts", "bytes", "requests")}
+            "viewers", "started", "parts", "bytes", "requests", "odd")}
         for name in ("statuses", "cache", "errors"):
             out[name] = dict(getattr(self, name))
         out["latencies"] = [round(x * 1000, 1) for x in self.latencies]
@@ -130,6 +131,7 @@ class ViewerStats:
         for name in ("viewers", "started", "parts", "bytes", "requests"):
             setattr(self, name, getattr(self, name) + other[name])
         self.latencies += [x / 1000 for x in other["latencies"]]
+        self.odd += other.get("odd", [])[:20 - len(self.odd)]
         self.loop_lag += [x / 1000 for x in other["loop_lag"]]
         for name in ("statuses", "cache", "errors"):
             getattr(self, name).update({(int(k) if name == "statuses" else k): v
@@ -145,6 +147,9 @@ async def _viewer(host: str, port: int, base: str, until: float, stats: ViewerSt
         stats.requests += 1
         stats.statuses[status] += 1
         stats.cache[headers.get("x-cache-status", "-")] += 1
+        if status != 200 and len(stats.odd) < 20:
+            stats.odd.append(f"{time.time():.3f} {status} {path} "
+                             f"{headers.get('x-cache-status', '-')} {body[:80]!r}")
         return status, headers, body
 
     async def part(name: str) -> None:
