@@ -54,9 +54,15 @@ Modules, in the order to read them:
 * ``compensations``: undoing an order that cannot go through, step by step.
 * ``dead_letters``: entries given up on, parked, compensated.
 * ``order_worker``: the consumer group loop; outages waited out.
-* ``webhooks``: Stripe webhooks: verify, deduplicate, re-read, apply.
+* ``tips``: tips during the live: the tip row first, its PaymentIntent, paid by the
+  intent (webhook ``tip.paid`` in the same transaction), the room's ``tip`` event,
+  refunds, the sweep that repairs what a lost webhook or a crash left.
+* ``webhooks``: Stripe webhooks: verify, deduplicate, re-read, apply (orders, and
+  tips for an intent that is no order's).
 * ``campaigns``: campaign drops: the goal, the deadline, capture or cancel.
 * ``payments_api``: order workers, gateway, webhook and order routes as mounted.
+* ``tips_api``: the tip routes (the creator's amounts, send, read, refund, the dev
+  confirm) and the sweep's loop.
 * ``component``: the package as :mod:`dropserver.app` mounts it (reservations, then
   payments).
 """

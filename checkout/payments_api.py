@@ -57,7 +57,8 @@ async def stripe_webhook(request: Request) -> JSONResponse:
         raise ApiError(str(exc), code=exc.code, status=status) from None
     result = await webhooks.handle_event(event, db=state.db,
                                          gateway=state.payments_gateway,
-                                         processor=state.order_processor)
+                                         processor=state.order_processor,
+                                         tips=getattr(state, "tips", None))
     return JSONResponse({"received": True, "id": event["id"], "result": result.value})
 
 
@@ -191,7 +192,8 @@ async def startup(app: Starlette) -> None:
     if isinstance(gateway, FakeGateway):
         async def on_event(event: dict) -> None:
             await webhooks.handle_event(event, db=state.db, gateway=gateway,
-                                        processor=processor)
+                                        processor=processor,
+                                        tips=getattr(state, "tips", None))
 
         gateway.listeners.append(on_event)
     state.order_workers = []

@@ -31,6 +31,7 @@ from checkout.order_rows import order_columns
 from checkout.order_states import OrderState
 from checkout.orders import OrderProcessor
 from checkout.payments import Gateway
+from checkout.tips import Tips
 
 __all__ = ["WebhookError", "WebhookResult", "handle_event", "verify"]
 
@@ -82,8 +83,9 @@ async def _order_for_intent(db: asyncpg.Pool, intent_id: str) -> asyncpg.Record 
 
 
 async def handle_event(event: dict[str, Any], *, db: asyncpg.Pool, gateway: Gateway,
-                       processor: OrderProcessor) -> WebhookResult:
-    """Record and apply one verified event (idempotent)."""
+                       processor: OrderProcessor, tips: Tips | None = None) -> WebhookResult:
+    """Record and apply one verified event (idempotent). An intent or charge that is no
+    order's may be a tip's (``tips``)."""
     etype = event["type"]
     row = await db.fetchrow(
         """INSERT INTO webhook_events (id, type, object_id, payload)
@@ -94,7 +96,7 @@ async def handle_event(event: dict[str, Any], *, db: asyncpg.Pool, gateway: Gate
     if row["processed_at"] is not None:
         WEBHOOKS.labels(etype, "duplicate").inc()
         return WebhookResult.DUPLICATE
-    result = await _apply(event, db=db, gateway=gateway, processor=processor)
+    result = await _apply(event, db=db, gateway=gateway, processor=processor, tips=tips)
     await db.execute("UPDATE webhook_events SET processed_at = now() WHERE id = $1",
                      event["id"])
     WEBHOOKS.labels(etype, result.value).inc()
@@ -102,13 +104,15 @@ async def handle_event(event: dict[str, Any], *, db: asyncpg.Pool, gateway: Gate
 
 
 async def _apply(event: dict[str, Any], *, db: asyncpg.Pool, gateway: Gateway,
-                 processor: OrderProcessor) -> WebhookResult:
+                 processor: OrderProcessor, tips: Tips | None) -> WebhookResult:
     etype: str = event["type"]
     oid = _object_id(event)
     if oid is None:
         return WebhookResult.IGNORED
     if etype.startswith("payment_intent."):
         order = await _order_for_intent(db, oid)
+        if order is None and tips is not None and await tips.apply_intent_id(oid):
+            return WebhookResult.PROCESSED
         if order is None:
             log.info("webhook for an unknown intent", extra={"intent_id": oid})
             return WebhookResult.IGNORED
@@ -125,7 +129,9 @@ async def _apply(event: dict[str, Any], *, db: asyncpg.Pool, gateway: Gateway,
             return WebhookResult.IGNORED
         order = await _order_for_intent(db, charge.payment_intent)
         if order is None:
-            return WebhookResult.IGNORED
+            tip = tips is not None and await tips.record_refund_for_intent(
+                charge.payment_intent, charge.amount_refunded, full=charge.refunded)
+            return WebhookResult.PROCESSED if tip else WebhookResult.IGNORED
         await processor.record_refund(order, charge.amount_refunded, full=charge.refunded)
         return WebhookResult.PROCESSED
     if etype.startswith("charge.dispute."):

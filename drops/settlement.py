@@ -22,6 +22,12 @@ Decisions where the seed is silent:
   plus their profit share;
 * a loss (COGS above what is left) distributes nothing; the shortfall is reported;
 * with no investor stakes recorded, the investors' share goes to the creator.
+
+Tips (a viewer's gift to the creator during the live) take the same platform fee
+rule and nothing else: the platform fee (``platform_fee_bps``) of the tips net of
+refunds, out of which the platform pays the tips' payment fees; the rest of the tips
+goes to the creator. Tips carry no COGS and are not distributable profit: investors
+and the profit split do not share them.
 """
 
 from __future__ import annotations
@@ -104,19 +110,26 @@ class Settlement:
     profit_creator: int
     profit_investors: int
     investors: dict[str, int] = field(default_factory=dict)   # investor id -> share
+    tips_gross: int = 0            # tips captured
+    tips_refunds: int = 0
+    tips_payment_fees: int = 0
+    tips_platform_fee: int = 0     # platform_fee_bps of the tips net of refunds
+    tips_creator: int = 0          # the tips net of refunds less the platform fee
 
     @property
     def creator_payout(self) -> int:
-        return self.cogs + self.profit_creator
+        return self.cogs + self.profit_creator + self.tips_creator
 
     @property
     def platform_total(self) -> int:
-        return self.net_platform_fee + self.profit_platform
+        return (self.net_platform_fee + self.profit_platform + self.tips_platform_fee
+                - self.tips_payment_fees)
 
 
-def settle(sales: Sequence[Sale], split: Split, stakes: dict[str, int] | None = None
-           ) -> Settlement:
-    """The settlement of one drop's paid orders."""
+def settle(sales: Sequence[Sale], split: Split, stakes: dict[str, int] | None = None,
+           tips: Sequence[Sale] = ()) -> Settlement:
+    """The settlement of one drop's paid orders and paid tips (``tips``: a ``Sale``
+    each, without COGS)."""
     stakes = {k: v for k, v in (stakes or {}).items() if v > 0}
     gross = sum(s.amount for s in sales)
     refunds = sum(min(s.refunded, s.amount) for s in sales)
@@ -138,11 +151,17 @@ def settle(sales: Sequence[Sale], split: Split, stakes: dict[str, int] | None = 
     else:
         p_creator += p_investors
         p_investors = 0
+    tips_gross = sum(t.amount for t in tips)
+    tips_refunds = sum(min(t.refunded, t.amount) for t in tips)
+    tips_fee = fee(tips_gross - tips_refunds, split.platform_fee_bps)
     return Settlement(
         gross=gross, refunds=refunds, net_revenue=net, payment_fees=payment_fees,
         platform_fee=platform_fee, net_platform_fee=platform_fee - payment_fees,
         cogs=cogs, profit=profit, shortfall=shortfall, profit_platform=p_platform,
-        profit_creator=p_creator, profit_investors=p_investors, investors=investors)
+        profit_creator=p_creator, profit_investors=p_investors, investors=investors,
+        tips_gross=tips_gross, tips_refunds=tips_refunds,
+        tips_payment_fees=sum(t.payment_fee for t in tips), tips_platform_fee=tips_fee,
+        tips_creator=tips_gross - tips_refunds - tips_fee)
 
 
 def exact_share(total: int, weight: int, wsum: int) -> Fraction:

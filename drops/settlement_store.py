@@ -58,6 +58,18 @@ async def load_sales(db: Any, drop_id: int) -> list[Sale]:
                  payment_fee=r["fee"], cogs=r["cogs"]) for r in rows]
 
 
+async def load_tips(db: Any, drop_id: int) -> list[Sale]:
+    """The drop's paid (or since refunded) tips, as sales without COGS."""
+    rows = await db.fetch(
+        """SELECT id, amount_received, amount_refunded, fee, state FROM tips
+           WHERE drop_id = $1 AND state IN ('paid', 'refunded') AND amount_received > 0
+           ORDER BY id""", drop_id)
+    return [Sale(order_id=r["id"], amount=r["amount_received"],
+                 refunded=r["amount_received"] if r["state"] == "refunded"
+                 else min(r["amount_refunded"], r["amount_received"]),
+                 payment_fee=r["fee"]) for r in rows]
+
+
 async def compute(db: Any, drop_id: int) -> tuple[dict[str, Any], Settlement,
                                                  dict[str, int]]:
     drop = await db.fetchrow(
@@ -70,7 +82,8 @@ async def compute(db: Any, drop_id: int) -> tuple[dict[str, Any], Settlement,
         "SELECT investor_id, amount FROM investor_stakes WHERE drop_id = $1", drop_id)}
     split = Split(drop["platform_fee_bps"], drop["split_platform_bps"],
                   drop["split_creator_bps"], drop["split_investors_bps"])
-    result = settle(await load_sales(db, drop_id), split, stakes)
+    result = settle(await load_sales(db, drop_id), split, stakes,
+                    tips=await load_tips(db, drop_id))
     return dict(drop), result, stakes
 
 
@@ -87,6 +100,10 @@ def ledger_targets(s: Settlement, creator_id: str) -> dict[tuple[str, str], int]
     }
     for investor, share in s.investors.items():
         out[("profit_investor", investor)] = share
+    out.update({("tips", ""): s.tips_gross, ("tip_refunds", ""): -s.tips_refunds,
+                ("tip_payment_fees", ""): s.tips_payment_fees,
+                ("tip_platform_fee", ""): s.tips_platform_fee,
+                ("tips_creator", creator_id): s.tips_creator})
     return out
 
 
@@ -236,6 +253,9 @@ async def report(db: Any, drop_id: int) -> dict[str, Any]:
             "shortfall": s.shortfall, "profit_platform": s.profit_platform,
             "profit_creator": s.profit_creator, "profit_investors": s.profit_investors,
             "creator_payout": s.creator_payout,
+            "tips": {"gross": s.tips_gross, "refunds": s.tips_refunds,
+                     "payment_fees": s.tips_payment_fees,
+                     "platform_fee": s.tips_platform_fee, "creator": s.tips_creator},
         },
         "investors": [{"investor_id": k, "stake": stakes[k], "share": v}
                       for k, v in sorted(s.investors.items())],

@@ -274,6 +274,27 @@ _DELIVERY_DETAIL = _obj([*_DELIVERY_FIELDS, "payload", "attempt_log"], **_DELIVE
                             at=TIME)})
 _HOOK_DESCRIPTION = {"type": "string", "maxLength": 500, "pattern": _TEXT}
 
+_TIP_FIELDS = dict(tip_id=STR, drop_id=ID, display_name=STR, amount=MONEY, currency=STR,
+                   message=STR, state={"type": "string", "enum": [
+                       "payment_pending", "paid", "failed", "cancelled", "refunded"]},
+                   created_at=TIME, paid_at=_nullable(TIME))
+_TIP = _obj(list(_TIP_FIELDS), **_TIP_FIELDS)
+_TIP_PRIVATE = _obj([*_TIP_FIELDS, "user_id", "amount_refunded", "error"], **_TIP_FIELDS,
+                    user_id=STR, amount_refunded=MONEY, error=_nullable(STR))
+_TIP_SENT = _obj([*_TIP_FIELDS, "user_id", "amount_refunded", "error", "intent_id"],
+                 **_TIP_FIELDS, user_id=STR, amount_refunded=MONEY, error=_nullable(STR),
+                 intent_id=_nullable(STR), client_secret=STR)
+_TIP_AMOUNTS = _obj(["drop_id", "currency", "amounts"], drop_id=ID, currency=STR,
+                    amounts={"type": "array", "items": MONEY})
+_TIPS = _obj(["drop_id", "currency", "amounts", "recent"], drop_id=ID, currency=STR,
+             amounts={"type": "array", "items": MONEY},
+             recent={"type": "array", "items": _TIP},
+             totals=_obj(["count", "gross", "refunded", "net", "pending", "top"], count=INT,
+                         gross=MONEY, refunded=MONEY, net=INT, pending=INT,
+                         top={"type": "array", "items": _obj(
+                             ["user_id", "name", "amount"], user_id=STR, name=STR,
+                             amount=INT)}))
+
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     # platform
     ("GET", "/healthz"): _op("The process is up", PUBLIC, {"200": _json(_obj(
@@ -467,6 +488,36 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "Stripe.js would", AUTH, {"200": _json(_obj(
             ["order_id", "state", "status", "error"], order_id=STR, state=STR,
             status=STR, error=_nullable(STR)))}, tag="payments",
+        body=_body(_obj(closed=True, payment_method={"type": "string", "maxLength": 64,
+                                                     "pattern": _TEXT}), required=False)),
+    # tips
+    ("POST", "/v1/drops/{drop_id:id}/tip-amounts"): _op(
+        "Set the amounts viewers may tip ([]: tips off); the drop's creator", AUTH,
+        {"200": _json(_TIP_AMOUNTS)}, tag="tips", body=_body(_obj(
+            ["amounts"], closed=True, amounts={"type": "array", "maxItems": 6, "items": {
+                "type": "integer", "minimum": 1, "maximum": 10**8}}))),
+    ("GET", "/v1/drops/{drop_id:id}/tips"): _op(
+        "The tip amounts and the latest paid tips (the creator also gets the totals)",
+        OPTIONAL_AUTH, {"200": _json(_TIPS)}, tag="tips"),
+    ("POST", "/v1/drops/{drop_id:id}/tips"): _op(
+        "Tip the creator while the drop is on air", AUTH,
+        {"201": _json(_TIP_SENT, "the tip; confirm client_secret with Stripe.js")},
+        tag="tips", body=_body(_obj(
+            ["amount"], closed=True, amount={"type": "integer", "minimum": 1,
+                                             "maximum": 10**8},
+            message={"type": "string", "maxLength": 200, "pattern": _TEXT},
+            idempotency_key={"type": "string", "pattern": r"^[\x21-\x7e]{1,255}$"}))),
+    ("GET", "/v1/tips/{tip_id}"): _op(
+        "A tip (the tipper, the drop's creator, an admin)", AUTH,
+        {"200": _json(_TIP_PRIVATE)}, tag="tips"),
+    ("POST", "/v1/tips/{tip_id}/refund"): _op(
+        "Refund a paid tip in full (the drop's creator or an admin)", AUTH,
+        {"200": _json(_TIP_PRIVATE)}, tag="tips", body=_body(_EMPTY, required=False)),
+    ("POST", "/v1/dev/tips/{tip_id}/confirm"): _op(
+        "Fake gateway only (dropserver dev, DROPSERVER_UNSAFE_FAKE_PAYMENTS): confirm a "
+        "tip as Stripe.js would", AUTH, {"200": _json(_obj(
+            ["tip_id", "state", "status", "error"], tip_id=STR, state=STR, status=STR,
+            error=_nullable(STR)))}, tag="tips",
         body=_body(_obj(closed=True, payment_method={"type": "string", "maxLength": 64,
                                                      "pattern": _TEXT}), required=False)),
     # outbound webhooks
