@@ -7,6 +7,7 @@ import { initialAuctions, reduceAuctions, secondsLeft } from "./auction-state.js
 import { DropClient } from "./client.js";
 import * as creator from "./creator-api.js";
 import { mountGiveawayConsole } from "./giveaway-console.js";
+import { mountTipsConsole } from "./tips-console.js";
 import { formatMoney } from "./viewer-state.js";
 import { WhipPublisher } from "./whip.js";
 
@@ -145,6 +146,7 @@ async function openDrop(id) {
     history.replaceState(null, "", `/console?drop=${id}`);
     renderDrop();
     ui.giveaways.onDropOpened();
+    ui.tips.onDropOpened();
     connectSocket();
     refreshStats();
     refreshAuctions();
@@ -207,6 +209,7 @@ function connectSocket() {
   ui.client.addEventListener("event", (e) => {
     const { event, data } = e.detail;
     ui.giveaways.onEvent(event, data);
+    ui.tips.onEvent(event, data);
     if (event.startsWith("auction.")) {
       auctionDispatch(event, data);
       if (event !== "auction.bid") log(`${event} ${JSON.stringify(data)}`);
@@ -444,6 +447,7 @@ async function togglePublish() {
 async function main() {
   ui.config = await loadConfig();
   ui.giveaways = mountGiveawayConsole({ drop: () => ui.drop, token: () => ui.token, log });
+  ui.tips = mountTipsConsole({ drop: () => ui.drop, token: () => ui.token, log });
   renderDrop();
   renderStats();
   $("token-form").addEventListener("submit", async (ev) => {

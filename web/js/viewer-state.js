@@ -216,6 +216,15 @@ export function reduce(state, event, data = {}) {
       return { ...state, chat: [...state.chat, msg].slice(-CHAT_KEEP) };
     }
 
+    case "tip": {
+      // A paid tip: highlighted in the chat (docs/protocol.md, `tip`).
+      const msg = { id: `tip:${data.tip_id}`, name: String(data.name || "a viewer"),
+        text: String(data.message ?? ""), at: null,
+        tip: { amount: Number(data.amount), currency: String(data.currency || "usd") } };
+      if (state.chat.some((m) => m.id === msg.id)) return state;
+      return { ...state, chat: [...state.chat, msg].slice(-CHAT_KEEP) };
+    }
+
     case "chat.deleted":
       return { ...state, chat: state.chat.filter((m) => m.id !== data.id) };
 

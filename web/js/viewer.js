@@ -9,6 +9,7 @@ import {
 } from "./auction-state.js";
 import { DropClient } from "./client.js";
 import { mountGiveaways } from "./giveaway-panel.js";
+import { mountTips } from "./tip-panel.js";
 import { startPlayer } from "./player.js";
 import {
   countdown, formatClock, formatMoney, initialState, isOver, OrderPhase, overlay, reduce,
@@ -252,6 +253,14 @@ function renderChat() {
     const text = document.createElement("span");
     text.className = "text";
     text.textContent = m.text; // never innerHTML
+    if (m.tip) {
+      li.className = "tip";
+      const amount = document.createElement("span");
+      amount.className = "tip-amount";
+      amount.textContent = `tipped ${formatMoney(m.tip.amount, m.tip.currency)}`;
+      li.append(who, amount, text);
+      return li;
+    }
     li.append(who, text);
     return li;
   }));
@@ -415,6 +424,8 @@ async function main() {
   window.__dropClient = client; // tests and debugging
   const giveaways = mountGiveaways({ dropId: state.dropId,
     command: (type, data) => client.command(type, data) });
+  const tips = mountTips({ dropId: state.dropId, token: () => viewerTokenValue,
+    payments: () => ({ gateway: config.payment_gateway, stripe }) });
   client.addEventListener("state", (e) => dispatch("conn", {
     state: e.detail.state, attempt: e.detail.attempt, retryInMs: e.detail.retryInMs,
     recovered: e.detail.recovered,
@@ -431,6 +442,7 @@ async function main() {
     // (the higher seq wins either way round).
     if (e.detail.recovered !== true) fetchAuctions();
     giveaways.onJoined();
+    tips.onJoined();
   });
   client.addEventListener("join-error", async (e) => {
     if (e.detail.code === "drop_not_found") {
@@ -453,6 +465,7 @@ async function main() {
     }
     dispatch(e.detail.event, e.detail.data);
     giveaways.onEvent(e.detail.event, e.detail.data);
+    tips.onEvent(e.detail.event, e.detail.data);
     if (e.detail.event === "stream.status") syncPlayer();
   });
   client.start();

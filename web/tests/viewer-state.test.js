@@ -186,3 +186,14 @@ test("a zero-price order.paid is a giveaway prize, not a purchase", () => {
   const bought = reduce(initialState(1), "order.paid", { order_id: "1-7-bb", amount: 4500 });
   assert.equal(bought.order.prize, undefined);
 });
+
+test("a paid tip joins the chat once, highlighted with its amount", () => {
+  const tip = { tip_id: "tip_1", user_id: "u1", name: "Ada", amount: 500, currency: "usd",
+    message: "great show" };
+  let s = play([["chat.message", { id: "m1", name: "Bo", text: "hi" }], ["tip", tip]]);
+  s = reduce(s, "tip", tip); // the same tip again (history replayed): kept once
+  assert.equal(s.chat.length, 2);
+  assert.deepEqual(s.chat[1], { id: "tip:tip_1", name: "Ada", text: "great show", at: null,
+    tip: { amount: 500, currency: "usd" } });
+  assert.equal(s.chat[0].tip, undefined);
+});
