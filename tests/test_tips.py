@@ -6,13 +6,13 @@ with the platform fee rule."""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from drops.settlement import Sale, Split, settle
 from dropserver.auth import Role
+from tests.invariants import fake_gateway_payments
 from tests.realtime_support import Client
 
 CREATOR = "creator-tips"
@@ -52,6 +52,24 @@ async def tip(http, token, drop_id, amount=500, message="great show", key="t1"):
 async def confirm(http, token, tip_id, pm="pm_card_visa"):
     return await http.post(f"/v1/dev/tips/{tip_id}/confirm", headers=bearer(token),
                            json={"payment_method": pm})
+
+
+async def tip_money_agrees(db, redis) -> None:
+    """The gateway and PostgreSQL agree on every tip: one intent each, the money the
+    gateway keeps is what the tip rows say (received less refunded), and it is kept
+    only for paid tips."""
+    rows = {r["intent_id"]: r for r in await db.fetch(
+        "SELECT intent_id, state, amount, amount_received, amount_refunded FROM tips "
+        "WHERE intent_id IS NOT NULL")}
+    assert await db.fetchval("SELECT count(*) FROM tips WHERE intent_id IS NULL "
+                             "AND payment_requested") == 0
+    gateway = {p.intent_id: p for p in await fake_gateway_payments(redis)}
+    for intent_id, row in rows.items():
+        p = gateway[intent_id]
+        assert (p.received, p.refunded) == (row["amount_received"], row["amount_refunded"])
+        assert (p.kept > 0) == (row["state"] == "paid"), (row, p)
+        if row["state"] == "paid":
+            assert p.kept == row["amount"]
 
 
 def test_tips_take_the_platform_fee_and_go_to_the_creator():
@@ -178,6 +196,7 @@ async def test_refunds_are_recorded_and_tips_are_settled(server, http, creator,
     total = await db.fetchval("SELECT sum(amount) FROM ledger_entries WHERE drop_id = $1 "
                               "AND account = 'tips_creator'", drop_id)
     assert total == 0
+    await tip_money_agrees(db, server.app.state.redis)
 
 
 async def test_the_sweep_repairs_a_lost_webhook_and_a_crash_before_the_row(server, http,
@@ -223,4 +242,4 @@ async def test_the_sweep_repairs_a_lost_webhook_and_a_crash_before_the_row(serve
     assert resp.status_code == 409
     assert await db.fetchval("SELECT count(*) FROM outbound_events "
                              "WHERE type = 'tip.paid'") == 1
-    await asyncio.sleep(0)
+    await tip_money_agrees(db, app.state.redis)
