@@ -289,7 +289,8 @@ async def _startup(app: Starlette) -> None:
         dispatcher = Dispatcher(
             app.state.db, schedule=[float(s) for s in settings.webhook_retry_schedule],
             timeout=settings.webhook_timeout, concurrency=settings.webhook_concurrency,
-            poll_interval=settings.webhook_poll_interval)
+            poll_interval=settings.webhook_poll_interval,
+            retention_days=settings.webhook_retention_days)
         dispatcher.start()
         app.state.webhook_dispatcher = dispatcher
 

@@ -20,7 +20,10 @@ Every server process runs one :class:`Dispatcher` (``DROPSERVER_WEBHOOK_CONCURRE
    the delivery ``delivered``; anything else schedules the next try after the
    ``DROPSERVER_WEBHOOK_RETRY_SCHEDULE`` step (plus up to 10% jitter), and when the
    schedule is spent the delivery is ``failed`` until a replay
-   (:func:`replay`) makes it due again with a fresh schedule.
+   (:func:`replay`) makes it due again with a fresh schedule;
+5. once an hour, **prunes** events older than ``DROPSERVER_WEBHOOK_RETENTION_DAYS``
+   whose deliveries all ended, with their deliveries and attempts (the delivery log
+   keeps that long, as Stripe's keeps 30 days).
 
 None of it runs on a request's path: a slow or dead receiver costs a background task
 and a row, never a buyer's time.
@@ -46,6 +49,8 @@ from dropserver.outbound import signature_headers
 __all__ = ["ATTEMPTS", "Dispatcher", "replay"]
 
 log = logging.getLogger("dropserver.webhooks")
+
+PRUNE_EVERY_S = 3600.0
 
 ATTEMPTS = Counter("dropserver_webhook_attempts_total",
                    "Outbound webhook attempts by outcome: delivered (2xx), retry (a "
@@ -92,8 +97,10 @@ class Dispatcher:
     ``len(schedule) + 1`` failed attempts the delivery is ``failed``."""
 
     def __init__(self, db: asyncpg.Pool, *, schedule: Sequence[float], timeout: float,
-                 concurrency: int, poll_interval: float) -> None:
+                 concurrency: int, poll_interval: float, retention_days: int = 30) -> None:
         self.db = db
+        self.retention_days = retention_days
+        self._pruned_at = 0.0
         self.schedule = [float(s) for s in schedule]
         self.timeout = timeout
         self.concurrency = max(1, concurrency)
@@ -131,6 +138,9 @@ class Dispatcher:
         while True:
             busy = False
             try:
+                if time.monotonic() - self._pruned_at > PRUNE_EVERY_S:
+                    self._pruned_at = time.monotonic()
+                    await self.prune()
                 await self.fan_out()
                 free = self.concurrency - len(self._inflight)
                 if free > 0:
@@ -157,6 +167,26 @@ class Dispatcher:
         """Make the deliveries of up to ``batch`` new events; returns how many."""
         rows = await self.db.fetch(_FAN_OUT, batch)
         return int(rows[0]["deliveries"]) if rows else 0
+
+    async def prune(self) -> int:
+        """Forget events older than ``retention_days`` whose deliveries all ended
+        (delivered or failed), with their deliveries and attempts; returns how many
+        events. Pending ones are kept whatever their age."""
+        if self.retention_days <= 0:
+            return 0
+        rows = await self.db.fetch(
+            """WITH old AS (
+                   SELECT ev.seq, ev.id FROM outbound_events ev
+                   WHERE ev.created_at < now() - make_interval(days => $1)
+                     AND ev.fanned_out_at IS NOT NULL
+                     AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d
+                                     WHERE d.event_id = ev.id AND d.state = 'pending')
+                   LIMIT 5000),
+               gone AS (DELETE FROM webhook_deliveries d USING old
+                        WHERE d.event_id = old.id RETURNING 1)
+               DELETE FROM outbound_events ev USING old WHERE ev.seq = old.seq
+               RETURNING (SELECT count(*) FROM gone) AS deliveries""", self.retention_days)
+        return len(rows)
 
     async def claim(self, n: int) -> list[asyncpg.Record]:
         return await self.db.fetch(_CLAIM, n, self.lease)

@@ -226,6 +226,9 @@ class Settings:
     webhook_poll_interval: float = _env("DROPSERVER_WEBHOOK_POLL_INTERVAL", 0.5,
                                         "Seconds between looks for new or due webhook "
                                         "deliveries.")
+    webhook_retention_days: int = _env("DROPSERVER_WEBHOOK_RETENTION_DAYS", 30,
+                                       "Days the delivery log keeps events whose "
+                                       "deliveries all ended (0: forever).")
     webhook_allow_http_loopback: bool = _env(
         "DROPSERVER_WEBHOOK_ALLOW_HTTP_LOOPBACK", False, "Accept plain http:// webhook "
         "endpoints on a loopback host (127.0.0.0/8, ::1, localhost): tests and local "

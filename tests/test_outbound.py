@@ -381,3 +381,33 @@ async def test_the_documented_verification_recipes_run_as_written(settings, make
         tampered = {**scope, "body": req.body.replace(b"scheduled", b"cancelled")}
         with pytest.raises((ValueError, WebhookVerificationError)):
             exec(compile(recipe, "docs/topics/webhooks.md", "exec"), tampered)
+
+
+async def test_the_log_forgets_ended_deliveries_after_the_retention(settings):
+    from dropserver.db import create_pool
+    from dropserver.outbound_delivery import Dispatcher
+
+    db = await create_pool(settings.database_url)
+    try:
+        endpoint = await db.fetchval(
+            "INSERT INTO webhook_endpoints (owner_id, scope, url, events, secret) "
+            "VALUES ('c1', 'creator', 'https://x.example/', '{order.paid}', 's') "
+            "RETURNING id")
+        ids = []
+        for n in range(3):
+            ids.append(await enqueue(db, "order.paid", {"n": n}, creator_id="c1"))
+        d = Dispatcher(db, schedule=[1], timeout=1, concurrency=1, poll_interval=1,
+                       retention_days=30)
+        assert await d.fan_out() == 3
+        await db.execute("UPDATE outbound_events SET created_at = now() - interval '31 days'"
+                         " WHERE id = ANY($1::text[])", ids[:2])
+        await db.execute("UPDATE webhook_deliveries SET state = 'delivered' "
+                         "WHERE event_id = $1", ids[0])
+        # old and ended: gone; old but pending: kept; recent: kept
+        assert await d.prune() == 1
+        left = {r["id"] for r in await db.fetch("SELECT id FROM outbound_events")}
+        assert left == {ids[1], ids[2]}
+        assert await db.fetchval("SELECT count(*) FROM webhook_deliveries "
+                                 "WHERE endpoint_id = $1", endpoint) == 2
+    finally:
+        await db.close()
