@@ -6,6 +6,7 @@ with the platform fee rule."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -181,6 +182,8 @@ async def test_refunds_are_recorded_and_tips_are_settled(server, http, creator,
                            headers=bearer(make_token("fan-1", Role.VIEWER)))).json()[
         "state"] == "paid"
     await http.post(f"/v1/drops/{drop_id}/end", headers=creator, json={})
+    await db.execute("UPDATE creators SET stripe_account_id = 'acct_cleo' "
+                     "WHERE user_id = $1", CREATOR)
     resp = await http.post(f"/v1/drops/{drop_id}/settle", headers=creator, json={})
     assert resp.status_code == 200, resp.text
     tips = resp.json()["totals"]["tips"]
@@ -190,6 +193,14 @@ async def test_refunds_are_recorded_and_tips_are_settled(server, http, creator,
     assert ledger[("tips", None)] == 1500 and ledger[("tips_creator", CREATOR)] == 900
     payout = next(p for p in resp.json()["payouts"] if p["role"] == "creator")
     assert payout["amount"] == resp.json()["totals"]["creator_payout"] == 900
+    assert payout["state"] == "sent"
+    # the transfer is an outbound webhook, once, whatever settles again
+    await http.post(f"/v1/drops/{drop_id}/settle", headers=creator, json={})
+    [sent] = await db.fetch("SELECT body FROM outbound_events WHERE type = 'payout.sent'")
+    data = json.loads(sent["body"])["data"]
+    assert data == {"drop_id": drop_id, "party_id": CREATOR, "role": "creator",
+                    "amount": 900, "currency": "usd", "transfer_id": payout["transfer_id"],
+                    "transfer_group": f"drop_{drop_id}"}
     # refunded after settlement: the ledger is reversed
     resp = await http.post(f"/v1/tips/{ids[0]}/refund", headers=creator, json={})
     assert resp.json()["state"] == "refunded"
