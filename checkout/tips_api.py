@@ -36,6 +36,7 @@ from dropserver.background import Periodic
 from dropserver.component import Component
 from dropserver.errors import ApiError, Conflict, NotFound, ValidationFailed
 from dropserver.http import field, read_json, reject_unknown
+from realtime.chat import active_moderation
 
 __all__ = ["part"]
 
@@ -121,6 +122,14 @@ async def send_tip(request: Request) -> JSONResponse:
         raise Conflict("the creator has not turned tips on for this drop",
                        code="tips_off")
     db = request.app.state.db
+    # the chat's mutes and bans hold for a tip's message, which the chat shows
+    blocked = (await active_moderation(db, drop["id"], drop["creator_id"])).get(
+        who.user_id, "")
+    if blocked.startswith("ban:"):
+        raise ApiError("you are banned from this drop's chat", code="banned", status=403)
+    if blocked.startswith("mute:") and message:
+        raise ApiError("you are muted in this drop's chat: tip without a message",
+                       code="muted", status=403, details={"field": "message"})
     await db.execute("INSERT INTO users (id, display_name, role) VALUES ($1, $2, $3) "
                      "ON CONFLICT (id) DO NOTHING", who.user_id, who.name or "",
                      who.role.value if who.role else "viewer")

@@ -155,10 +155,21 @@ async def test_tips_refuse_what_the_creator_did_not_offer(server, http, creator,
     assert resp.status_code == 401
     resp = await tip(http, fan, drop_id, amount=300, message="x" * 201)
     assert resp.status_code == 422
+    db = server.app.state.db
+    await db.execute("INSERT INTO chat_moderation (drop_id, user_id, action, moderator_id) "
+                     "VALUES ($1, 'fan-1', 'mute', $2)", drop_id, CREATOR)
+    resp = await tip(http, fan, drop_id, amount=300, key="muted")
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "muted"
+    resp = await tip(http, fan, drop_id, amount=300, message="", key="muted-2")
+    assert resp.status_code == 201  # a muted viewer may still tip, without a message
+    await db.execute("INSERT INTO chat_moderation (drop_id, user_id, action, moderator_id) "
+                     "VALUES ($1, 'fan-1', 'ban', $2)", drop_id, CREATOR)
+    resp = await tip(http, fan, drop_id, amount=300, message="", key="banned")
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "banned"
     await http.post(f"/v1/drops/{drop_id}/end", headers=creator, json={})
     resp = await tip(http, fan, drop_id, amount=300, key="late")
     assert resp.status_code == 409 and resp.json()["error"]["code"] == "drop_not_on_air"
-    assert await server.app.state.db.fetchval("SELECT count(*) FROM tips") == 0
+    assert await db.fetchval("SELECT count(*) FROM tips") == 1  # the muted one's
 
 
 async def test_refunds_are_recorded_and_tips_are_settled(server, http, creator,
