@@ -219,6 +219,41 @@ async def test_a_ban_in_a_drop_whose_moderation_is_already_loaded(server, settin
         await c.close()
 
 
+async def test_a_storm_of_posts_is_bounded_per_process_and_the_rest_refused_at_once(
+        server, settings, make_token, clean_backends, monkeypatch):
+    """With Redis slow (paused), posts wait for one of the process's slots, a bounded
+    number queue, and the next are refused at once (rate_limited, retry_after_ms)
+    instead of each taking a Redis connection of their own; the creator's post is
+    never refused. Once Redis answers, every queued post is accepted."""
+    monkeypatch.setattr(chat, "POST_SLOTS", 2, raising=False)
+    monkeypatch.setattr(chat, "POST_QUEUE", 3, raising=False)
+    drop_id, _ = await create_drop(settings.database_url)
+    creator = await _viewer(server, drop_id, make_token("creator-1", "creator"))
+    fans = [await _viewer(server, drop_id, make_token(f"fan-{i}")) for i in range(8)]
+    # The drop's moderation is loaded by a first post, so the rest is Redis alone.
+    assert (await fans[0].request({"t": "chat.send", "text": "first"}))["t"] == "reply"
+    r = connect_redis(clean_backends.redis_url)
+    try:
+        await r.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+        started = asyncio.get_running_loop().time()
+        *replies, staff = await asyncio.gather(*(
+            f.request({"t": "chat.send", "text": f"hello {i}"}, wait=10.0)
+            for i, f in enumerate(fans)),
+            creator.request({"t": "chat.send", "text": "welcome"}, wait=10.0))
+        refused = [x for x in replies if x.get("code") == "rate_limited"]
+        accepted = [x for x in replies if x["t"] == "reply"]
+        assert len(accepted) == 5 and len(refused) == 3, replies
+        assert all(x["details"]["retry_after_ms"] > 0 for x in refused)
+        assert staff["t"] == "reply", staff
+        # The accepted ones waited for Redis; the refused did not.
+        assert asyncio.get_running_loop().time() - started >= 1.0
+    finally:
+        await r.execute_command("CLIENT", "UNPAUSE")
+        await r.aclose()
+    for c in (creator, *fans):
+        await c.close()
+
+
 def test_normalize_pure():
     assert chat.normalize("  hi\tthere\n ", 10) == "hithere"
     assert chat.normalize("a\nb", 10) == "a\nb"
