@@ -181,6 +181,7 @@ def case_figures(stats: ViewerStats, origin_rps: float, through_cdn: bool,
     }
     if probe is not None:
         out.update({"probes": probe.viewers, "probe_parts": probe.parts,
+                    "probe_late": probe.late[:5], "probe_odd": probe.odd[:5],
                     "probe_latency_p50_s": round(_pct(probe.latencies, 0.5), 3),
                     "probe_latency_p99_s": round(_pct(probe.latencies, 0.99), 3),
                     "probe_latency_max_s": round(max(probe.latencies), 3)

@@ -116,10 +116,11 @@ class ViewerStats:
     requests: int = 0
     loop_lag: list[float] = field(default_factory=list)  # seconds late, a tick per 50 ms
     odd: list[str] = field(default_factory=list)  # the first answers other than 200
+    late: list[str] = field(default_factory=list)  # the first parts over 2 s late
 
     def to_json(self) -> dict:
         out = {name: getattr(self, name) for name in (
-            "viewers", "started", "parts", "bytes", "requests", "odd")}
+            "viewers", "started", "parts", "bytes", "requests", "odd", "late")}
         for name in ("statuses", "cache", "errors"):
             out[name] = dict(getattr(self, name))
         out["latencies"] = [round(x * 1000, 1) for x in self.latencies]
@@ -132,6 +133,7 @@ class ViewerStats:
             setattr(self, name, getattr(self, name) + other[name])
         self.latencies += [x / 1000 for x in other["latencies"]]
         self.odd += other.get("odd", [])[:20 - len(self.odd)]
+        self.late += other.get("late", [])[:20 - len(self.late)]
         self.loop_lag += [x / 1000 for x in other["loop_lag"]]
         for name in ("statuses", "cache", "errors"):
             getattr(self, name).update({(int(k) if name == "statuses" else k): v
@@ -153,7 +155,8 @@ async def _viewer(host: str, port: int, base: str, until: float, stats: ViewerSt
         return status, headers, body
 
     async def part(name: str) -> None:
-        status, _, body = await get(part_conn, f"{base}/{name}")
+        asked = time.time()
+        status, headers, body = await get(part_conn, f"{base}/{name}")
         if status != 200:
             return
         arrived = time.time()
@@ -162,6 +165,10 @@ async def _viewer(host: str, port: int, base: str, until: float, stats: ViewerSt
         at = written(name)
         if at is not None:
             stats.latencies.append(arrived - at)
+            if arrived - at > 2 and len(stats.late) < 20:
+                stats.late.append(f"{name} asked {asked - at:+.3f} s, arrived "
+                                  f"{arrived - at:+.3f} s after written, "
+                                  f"{headers.get('x-cache-status', '-')}")
 
     try:
         hint = None

@@ -73,12 +73,17 @@ LIVE_PLAYLIST_CACHE = "public, max-age=1"
 BLOCKING_PLAYLIST_CACHE = "public, max-age=30"
 ENDED_PLAYLIST_CACHE = "public, max-age=60"
 FINAL_PLAYLIST_CACHE = "public, max-age=86400"
-# A 404 (a part not written yet and too far ahead to be held, or one deleted) for one
-# second: a crowd asking for it costs one origin request, and the part, once there,
-# is not hidden behind a cached 404 for long. A blocking reload that timed out (503)
-# is not cached at all: the next viewer should wait for the part afresh.
+# Errors a crowd can meet together are cached for a second too: a 404 (a part not
+# written yet and too far ahead to be held, or one deleted), a blocking reload that
+# timed out (503: the publisher stalled) and one asked for too far ahead (400). A
+# proxy that collapses requests lets one through per key and holds the others until
+# its answer; an answer it may not cache sends them to the origin one at a time, each
+# held again (measured with nginx: 20 viewers waiting on a no-store 503 reached the
+# origin one by one, the last after nginx's 10 s lock timeout). A second is short
+# enough that a part, once there, is not hidden for long.
 MISSING_CACHE = "public, max-age=1"
-TIMEOUT_CACHE = "no-store"
+TIMEOUT_CACHE = "public, max-age=1"
+REFUSED_CACHE = "public, max-age=1"
 
 
 def cache_control(name: str, *, blocking: bool = False, ended: bool = False,
@@ -182,14 +187,16 @@ async def hls_file(request: Request) -> Response:
         try:
             blocking = parse_blocking_request(dict(request.query_params))
         except ValueError as exc:
-            raise ApiError(str(exc), code="bad_blocking_request") from None
+            raise ApiError(str(exc), code="bad_blocking_request",
+                           headers={**CORS, "Cache-Control": REFUSED_CACHE}) from None
     tally(_KINDS[_kind(name, blocking is not None)])
     if blocking is not None:
         state = _state(stream, directory)
         if state is not None and blocking.msn > state[0] + 2:
             # 6.2.5.2: more than two segments ahead of the last one
             raise ApiError("_HLS_msn is too far in the future",
-                           code="bad_blocking_request")
+                           code="bad_blocking_request",
+                           headers={**CORS, "Cache-Control": REFUSED_CACHE})
         if not await _wait(stream, directory, blocking.msn, blocking.part, hold):
             raise ApiError("the requested part did not arrive in time",
                            code="unavailable", status=503,
