@@ -382,20 +382,34 @@ class OrderProcessor:
                                "WHERE id = $1", order["id"], state.value)
         return sent
 
-    async def record_intent(self, intent: Intent) -> None:
-        """The intent's current status and amounts on its ``payments`` row."""
-        await self.db.execute(
-            """UPDATE payments SET status = $2, amount_received = $3,
+    async def record_intent(self, intent: Intent) -> bool:
+        """The intent's status and amounts on its ``payments`` row; False (nothing
+        written) when the row already has a final status (``succeeded``,
+        ``canceled``) that ``intent`` does not: ``intent`` is an older snapshot, read
+        before the payment ended by a caller that raced its applier (Stripe's final
+        statuses are never left, so a later reading can only agree)."""
+        status = await self.db.fetchval(
+            """UPDATE payments SET status = $2,
+                   amount_received = GREATEST(amount_received, $3),
                    fee = GREATEST(fee, $4), last_error = $5,
                    capture_before = COALESCE(to_timestamp($6::bigint), capture_before),
                    updated_at = now()
-               WHERE intent_id = $1""",
+               WHERE intent_id = $1
+                 AND (status NOT IN ('succeeded', 'canceled') OR status = $2)
+               RETURNING status""",
             intent.id, intent.status.value, intent.amount_received, intent.fee,
             intent.error_code, intent.capture_before)
+        return status is not None or not await self.db.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM payments WHERE intent_id = $1)", intent.id)
 
     async def apply_intent(self, order: Mapping[str, Any], intent: Intent) -> OrderState:
-        """Record the intent's current state on ``payments`` and the order."""
-        await self.record_intent(intent)
+        """Record the intent's current state on ``payments`` and the order. An older
+        snapshot than the recorded one (two appliers raced: a redelivered order entry
+        and the buyer's payment) is read again from the gateway before it decides
+        anything."""
+        if not await self.record_intent(intent):
+            intent = await self.gateway.retrieve_intent(intent.id)
+            await self.record_intent(intent)
         flow = Flow(order["payment_flow"])
         target = state_for_intent(intent, flow)
         current, _ = await self.state_of(order["id"])

@@ -450,6 +450,37 @@ async def test_real_cancel_then_late_payment_is_undone(env) -> None:
     assert env["rec"].of("order.cancelled") == []  # it ended refunded: one outcome
 
 
+async def test_a_stale_intent_applied_after_the_payment_changes_nothing(env) -> None:
+    """Two appliers of one order race: a worker re-reading its entry (redelivered after a
+    Redis failover) retrieved the intent while it still awaited the buyer; the buyer's
+    payment is applied first; the worker's older snapshot is applied last. The payment
+    row keeps ``succeeded`` and the amount received (it said ``requires_payment_method``
+    and 0 before: a paid order whose money PostgreSQL did not keep, seen in the cluster
+    failover test), and the order stays paid, told once."""
+    from tests.invariants import check, stub_payments
+
+    db, redis, stub, proc = env["db"], env["redis"], env["stub"], env["proc"]
+    drop_id, product_id = await make_drop(db)
+    hold = await _real_hold(redis, drop_id, product_id, "rb-st", "client_confirm")
+    await drain(env["worker"])
+    row = await order_row(db, hold.hold_id)
+    stale = await env["gw"].retrieve_intent(row["intent_id"])
+    assert stale.status is IntentStatus.REQUIRES_PAYMENT_METHOD
+    stub.confirm_as_buyer(row["intent_id"])
+    fresh = await env["gw"].retrieve_intent(row["intent_id"])
+    assert await proc.apply_intent(row, fresh) is OrderState.PAID
+    assert await proc.apply_intent(row, stale) is OrderState.PAID
+    row = await order_row(db, hold.hold_id)
+    payment = await db.fetchrow("SELECT status, amount_received FROM payments "
+                                "WHERE order_id = $1", row["id"])
+    assert (row["state"], payment["status"], payment["amount_received"]) == (
+        "paid", "succeeded", 2500)
+    assert [d["order_id"] for d in env["rec"].of("order.paid")] == [hold.hold_id]
+    # (Redis was loaded with 5 units by _real_hold, PostgreSQL's drop has 100)
+    await check(db, redis, drop_id, acknowledged=[hold.hold_id],
+                payments=stub_payments(stub), redis_checks=False)
+
+
 async def test_payment_for_a_hold_released_in_redis_is_refunded(env) -> None:
     """The succeeded webhook arrives before the worker saw the release entry: Redis
     says the hold is cancelled (mark_paid refuses), so the payment is refunded."""
