@@ -417,3 +417,26 @@ async def test_an_upgraded_socket_leaves_no_http_protocol_for_the_cycle_collecto
         assert left == []
         for c in clients:
             await c.close()
+
+
+def test_frames_meeting_an_outage_are_logged_once_a_second_with_a_count(caplog):
+    """Each frame of an outage is answered 'unavailable'; the warning is one line per
+    second with how many frames it stands for, not a line per frame."""
+    import logging
+
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from realtime import gateway
+    from realtime.protocol import ClientFrame, ClientType
+
+    now = [100.0]
+    outages = gateway.OutageLog(every_s=1.0, clock=lambda: now[0])
+    frame = ClientFrame(ClientType.CHAT_SEND, "1", {"text": "hi"})
+    with caplog.at_level(logging.WARNING, logger="dropserver.realtime"):
+        for _ in range(500):
+            outages.frame(frame, RedisConnectionError("Connection refused"))
+        now[0] += 1.0
+        outages.frame(frame, RedisConnectionError("Connection refused"))
+    lines = [r for r in caplog.records if r.getMessage().startswith("backing service")]
+    assert [r.left_out for r in lines] == [0, 499]
+    assert "Connection refused" in lines[0].error
