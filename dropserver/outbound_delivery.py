@@ -214,7 +214,11 @@ class Dispatcher:
             error = None
         elif status is not None:
             error = f"HTTP {status}"
-        await self._record(row, ok, status, error, ms)
+        try:
+            await self._record(row, ok, status, error, ms)
+        except Exception as exc:  # PostgreSQL away: the lease ends, it is sent again
+            log.warning("webhook attempt not recorded", extra={
+                "delivery_id": row["id"], "ok": ok, "error": repr(exc)[:300]})
         return ok
 
     async def _record(self, row: asyncpg.Record, ok: bool, status: int | None,
