@@ -265,3 +265,51 @@ async def test_the_sweep_repairs_a_lost_webhook_and_a_crash_before_the_row(serve
     assert await db.fetchval("SELECT count(*) FROM outbound_events "
                              "WHERE type = 'tip.paid'") == 1
     await tip_money_agrees(db, app.state.redis)
+
+
+from tests import payments_fixtures as pf  # noqa: E402
+
+stub = pf.stub
+stripe_server = pf.stripe_server
+client = pf.client
+
+
+async def test_a_tip_through_stripe_is_paid_by_the_signed_webhook(stripe_server, stub,
+                                                                  client, make_token):
+    """The real stripe SDK against the loopback Stripe stub: the tip's PaymentIntent,
+    the buyer confirming in 'Stripe.js', then Stripe's signed webhooks (succeeded, a
+    duplicate, charge.refunded) reaching the tip through POST /v1/webhooks/stripe."""
+    creator = bearer(make_token(CREATOR, Role.CREATOR))
+    drop_id = await live_drop(client, creator)
+    fan = make_token("fan-1", Role.VIEWER, name="Ada")
+    resp = await tip(client, fan, drop_id, amount=1000)
+    assert resp.status_code == 201, resp.text
+    sent = resp.json()
+    assert sent["intent_id"].startswith("pi_") and sent["client_secret"]
+    intent = stub.intents[sent["intent_id"]]
+    assert intent["metadata"]["tip_id"] == sent["tip_id"] and intent["amount"] == 1000
+    retried = (await tip(client, fan, drop_id, amount=1000)).json()  # a client's retry
+    assert retried["tip_id"] == sent["tip_id"] and retried["intent_id"] == sent["intent_id"]
+    assert len([i for i in stub.intents.values()
+                if (i.get("metadata") or {}).get("tip_id") == sent["tip_id"]]) == 1
+    stub.confirm_as_buyer(sent["intent_id"], "pm_card_visa")
+    url = stripe_server.base_url + "/v1/webhooks/stripe"
+    event = stub.event_for("payment_intent.succeeded", sent["intent_id"])
+    first = await stub.deliver(url, event)
+    assert first.status_code == 200 and first.json()["result"] == "processed"
+    again = await stub.deliver(url, event)
+    assert again.json()["result"] == "duplicate"
+    db = stripe_server.app.state.db
+    row = await db.fetchrow("SELECT state, amount_received, fee, announced FROM tips")
+    assert row["state"] == "paid" and row["amount_received"] == 1000 and row["announced"]
+    assert row["fee"] > 0  # Stripe's fee, for the settlement
+    # refunded outside the server (Stripe's dashboard): charge.refunded records it
+    await stripe_server.app.state.payments_gateway.refund(
+        sent["intent_id"], idempotency_key="dashboard-refund")
+    charge = stub.intents[sent["intent_id"]]["latest_charge"]
+    r = await stub.deliver(url, stub.event_for("charge.refunded", charge))
+    assert r.json()["result"] == "processed"
+    row = await db.fetchrow("SELECT state, amount_refunded FROM tips")
+    assert dict(row) == {"state": "refunded", "amount_refunded": 1000}
+    assert await db.fetchval("SELECT count(*) FROM outbound_events "
+                             "WHERE type = 'tip.paid'") == 1
