@@ -98,8 +98,9 @@ async def test_a_stalled_publisher_costs_the_origin_one_request_not_one_per_view
     playlist, parts = answers[:20], answers[20:]
     assert {status for status, _ in playlist} == {503}, playlist
     assert {status for status, _ in parts} == {404}, parts
-    # The origin's hold is 3 s; nginx looks at waiters every 0.5 s.
-    assert max(at for _, at in answers) < 5.0, answers
+    # The origin's hold is 3 s; nginx looks at waiters every 0.5 s. (One at a time,
+    # the last waiter was answered after 9 s, near nginx's 10 s lock timeout.)
+    assert max(at for _, at in answers) < 8.0, answers
     for kind in ("blocking_playlist", "part"):
         assert metric(after, kind) - metric(before, kind) <= 2, kind
 
