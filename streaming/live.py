@@ -69,7 +69,8 @@ class DropStream:
         self.publisher: Publisher | None = None
         self.recorder = replay.MomentRecorder(
             streaming.redis, streaming.db, drop_id,
-            lambda: round(self.packager.replay_seconds * 1000))
+            lambda: round(self.packager.replay_seconds * 1000),
+            redis_url=settings.redis_url)
         self._grace: asyncio.Task | None = None
         self._owner: asyncio.Task | None = None
         self._announce = False  # say "live" at the new session's first playlist write

@@ -30,7 +30,6 @@ from checkout.auction_rules import (
 from dropserver.auth import Role
 from dropserver.errors import ValidationFailed
 from streaming.replay import moment_from_event
-from tests.conftest import only_single_redis
 from tests.invariants import check, fake_gateway_payments, quiesce
 from tests.realtime_support import JSON, Client
 
@@ -352,7 +351,6 @@ async def test_second_chance_after_the_winner_lets_the_hold_go(server, http, cre
                 payments=await fake_gateway_payments(redis))
 
 
-@only_single_redis  # the moment recorder listens with SUBSCRIBE: one Redis's publications
 async def test_an_auction_leaves_its_moments_on_the_replay(server, http, creator, make_token):
     """The replay's moment recorder, listening to the drop's channel as while a stream
     is live, stores the auction's start, each bid and the close."""
@@ -360,7 +358,8 @@ async def test_an_auction_leaves_its_moments_on_the_replay(server, http, creator
 
     drop_id, (pid,) = await live_drop(http, creator)
     db = await pg(server)
-    recorder = MomentRecorder(server.app.state.redis, db, drop_id, media_ms=lambda: 1234)
+    recorder = MomentRecorder(server.app.state.redis, db, drop_id, media_ms=lambda: 1234,
+                              redis_url=server.app.state.settings.redis_url)
     await recorder.start()
     try:
         a = await start_auction(http, creator, drop_id, product_id=pid, start_price=1000,
