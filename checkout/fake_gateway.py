@@ -28,7 +28,6 @@ test payment method, like Stripe's test cards: ``pm_card_visa`` succeeds,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -50,6 +49,7 @@ from checkout.payment_types import (
     Refund,
     Transfer,
 )
+from dropserver.background import stop_task
 
 __all__ = ["FakeGateway", "MemoryStore", "RedisStore", "fake_fee"]
 
@@ -463,8 +463,4 @@ class FakeGateway:
         return Transfer(**await self.store.get("transfer", tid))
 
     async def close(self) -> None:
-        for task in list(self._deliveries):
-            task.cancel()
-        for task in list(self._deliveries):
-            with contextlib.suppress(BaseException):
-                await task
+        await asyncio.gather(*(stop_task(task, log) for task in list(self._deliveries)))

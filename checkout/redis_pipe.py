@@ -53,6 +53,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from dropserver.background import stop_task
+
 __all__ = ["AutoPipeline", "NotReplicated"]
 
 UNREPLICATED = Counter("dropserver_redis_unreplicated_seconds_total",
@@ -268,9 +270,7 @@ class AutoPipeline:
             self._watchdog.cancel()
         for task in (self._flusher, self._reader):
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                await stop_task(task, log)
         self._fail_queue(RedisConnectionError("the pipeline is closed"))
         if self._conn is not None:
             self._lost(self._conn, RedisConnectionError("the pipeline is closed"))

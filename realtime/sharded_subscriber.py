@@ -39,7 +39,6 @@ too, but hides the gap, which this gateway must fill.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +46,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
+from dropserver.background import stop_task
 from dropserver.redis_client import cluster_nodes, connect, is_cluster_url
 from realtime import metrics
 from realtime.subscriber import PING_EVERY, SILENT_LIMIT, Subscriber
@@ -134,9 +134,7 @@ class ShardedSubscriber:
     async def stop(self) -> None:
         self._stopping = True
         if self._mover is not None:
-            self._mover.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._mover
+            await stop_task(self._mover, log)
         for link in list(self._links.values()):
             await link.stop()
         self._links.clear()

@@ -30,6 +30,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from dropserver.background import stop_task
 from realtime import metrics
 from realtime.connection import spawn
 
@@ -83,9 +84,7 @@ class Subscriber:
     async def stop(self) -> None:
         self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await stop_task(self._task, log)
         await self._drop_connection()
         if self._client is not None:
             await self._client.aclose()

@@ -139,3 +139,66 @@ async def test_a_server_stops_although_a_request_holds_a_database_connection(set
     assert time.monotonic() - t0 < 12.0
     with pytest.raises(asyncpg.InterfaceError):
         await held.fetchval("SELECT 1")
+
+
+def _stoppers():
+    """(name, object, install, stop) for each object that stops tasks of its own
+    outside stop_task's callers above: install puts a task on it, stop stops it."""
+    from checkout.fake_gateway import FakeGateway
+    from realtime.sharded_subscriber import ShardedSubscriber
+    from realtime.subscriber import Subscriber
+    from streaming.replay import MomentRecorder
+
+    def nothing(*_args) -> None:
+        return None
+
+    def recorder():
+        r = MomentRecorder(None, None, 1, lambda: 0, redis_url="redis://127.0.0.1:1")
+        return r, lambda t: setattr(r, "_task", t), r.stop
+
+    def subscriber():
+        s = Subscriber("redis://127.0.0.1:1", nothing, nothing)
+        return s, lambda t: setattr(s, "_task", t), s.stop
+
+    def sharded():
+        s = ShardedSubscriber("redis+cluster://127.0.0.1:1", nothing, nothing)
+        return s, lambda t: setattr(s, "_mover", t), s.stop
+
+    def gateway():
+        g = FakeGateway()
+        return g, g._deliveries.add, g.close
+
+    def pipeline():
+        import redis.asyncio as aioredis
+
+        from checkout.redis_pipe import AutoPipeline
+
+        p = AutoPipeline(aioredis.Redis.from_url("redis://127.0.0.1:1"))
+        return p, lambda t: setattr(p, "_reader", t), p.aclose
+
+    return {"moment recorder": recorder, "subscriber": subscriber,
+            "sharded subscriber": sharded, "fake gateway": gateway,
+            "buy pipeline": pipeline}
+
+
+@pytest.mark.parametrize("which", ["moment recorder", "subscriber", "sharded subscriber",
+                                   "fake gateway", "buy pipeline"])
+async def test_each_stop_ends_although_its_task_swallowed_a_cancellation(which):
+    """The same bound for the objects that stop a task of their own (the replay's moment
+    recorder, the pub/sub subscribers, the buy path's pipeline, the fake gateway's
+    deliveries): before, each
+    cancelled once and awaited inside suppress(CancelledError), and waited forever on a
+    task that swallowed the cancel."""
+    _obj, install, stop = _stoppers()[which]()
+    ended: list[str] = []
+    task = asyncio.create_task(_swallows(1, ended))
+    install(task)
+    await asyncio.sleep(0)
+    stopper = asyncio.create_task(stop())
+    done, _ = await asyncio.wait([stopper], timeout=5)
+    if not done:
+        task.cancel()
+        stopper.cancel()
+        await asyncio.wait([stopper, task], timeout=2)
+    assert done and stopper.exception() is None, which
+    assert ended == ["cancelled"] and task.done()
