@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -66,25 +67,58 @@ async def healthz(request: Request) -> JSONResponse:
                          "version": __version__})
 
 
+READY_PROBE_S = 1.0  # a dependency's probe answers within this, or it is slow
+# A probe that is merely slow (no error) still counts as ready while the dependency
+# answered one within this many seconds (a slow probe goes on in the background, for
+# at most as long, and its answer counts when it comes): a node busy with a join storm
+# and a rush answers late, and a load balancer that took every busy node out at once
+# would turn the loss of one node into an outage of all of them. An error (refused,
+# reset, an error reply) is unready at once.
+READY_SLOW_GRACE_S = 5.0
+
+
+async def _probe(name: str, probe, answered: dict[str, float]) -> None:
+    async with asyncio.timeout(READY_SLOW_GRACE_S):
+        await probe()
+    answered[name] = asyncio.get_running_loop().time()
+
+
+def _retrieved(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()  # a late probe's failure: the next /readyz sees its own
+
+
 async def readyz(request: Request) -> JSONResponse:
-    """Redis and PostgreSQL both answer within a second."""
+    """Redis and PostgreSQL answer (within a second, or slower but answered within the
+    last few seconds), and the worker is not draining."""
     state = request.app.state
     checks: dict[str, str] = {}
+    answered: dict[str, float] | None = getattr(state, "ready_answered", None)
+    if answered is None:  # dependency -> when it last answered a probe
+        answered = state.ready_answered = {}
 
     async def check(name: str, probe) -> None:
-        try:
-            async with asyncio.timeout(1.0):
-                await probe()
-            checks[name] = "ok"
-        except Exception as exc:  # any failure means not ready
+        task = asyncio.ensure_future(_probe(name, probe, answered))
+        await asyncio.wait([task], timeout=READY_PROBE_S)
+        if not task.done():  # slow: it goes on and counts when it answers
+            task.add_done_callback(_retrieved)
+            if asyncio.get_running_loop().time() - answered.get(name, -math.inf) \
+                    < READY_SLOW_GRACE_S:
+                checks[name] = "slow"
+            else:
+                checks[name] = f"TimeoutError: no answer in {READY_PROBE_S:g} s"
+        elif task.exception() is not None:  # any failure means not ready
+            exc = task.exception()
             checks[name] = f"{type(exc).__name__}: {exc}"[:200]
+        else:
+            checks[name] = "ok"
 
     await asyncio.gather(
         check("redis", state.redis.ping),
         check("postgres", lambda: state.db.fetchval("SELECT 1")),
     )
     draining = getattr(state, "draining", False)
-    ready = all(v == "ok" for v in checks.values()) and not draining
+    ready = all(v in ("ok", "slow") for v in checks.values()) and not draining
     body = {"status": "ready" if ready else "unavailable", "checks": checks,
             "draining": draining}
     if not ready:

@@ -300,7 +300,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("GET", "/healthz"): _op("The process is up", PUBLIC, {"200": _json(_obj(
         ["status", "node", "version"], status={"const": "ok"}, node=STR, version=STR))},
         tag="platform"),
-    ("GET", "/readyz"): _op("Redis and PostgreSQL answer within 1 s", PUBLIC, {
+    ("GET", "/readyz"): _op("Redis and PostgreSQL answer, the worker is not draining", PUBLIC, {
         "200": _json(_ref("Ready")), "503": _json(_ref("Ready"), "not ready")},
         tag="platform", errors=False),
     ("GET", "/metrics"): _op("Prometheus text", PUBLIC, {"200": {

@@ -93,3 +93,48 @@ async def test_request_id_is_echoed_or_made(http):
     assert given.headers["x-request-id"] == "abc123"
     made = await http.get("/healthz")
     assert made.headers["x-request-id"].startswith("r-")
+
+
+class _SlowRedis:
+    """A Redis whose PING answers, but only after ``seconds`` (a busy node's)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def ping(self) -> bool:
+        import asyncio
+
+        await asyncio.sleep(self.seconds)
+        return True
+
+
+async def test_readyz_stays_ready_while_a_dependency_that_answered_is_slow(server, http):
+    """A probe slower than 1 s is 'slow', still ready, while Redis answered one within
+    the last 5 s (a node busy with a rejoin storm must not be taken out by every
+    balancer check at once); a slow probe's late answer counts; never answered, or not
+    for 5 s, is unready."""
+    import asyncio
+
+    from dropserver import app as app_module
+
+    state = server.app.state
+    good = state.redis
+    state.ready_answered = {}
+    try:
+        state.redis = _SlowRedis(1.5)
+        cold = await http.get("/readyz")  # nothing answered yet: not ready
+        assert cold.status_code == 503 and cold.json()["checks"]["redis"].startswith(
+            "TimeoutError")
+        await asyncio.sleep(0.8)  # its PING answered late, and that counts
+        slow = await http.get("/readyz")
+        assert slow.status_code == 200, slow.text
+        assert slow.json()["checks"] == {"redis": "slow", "postgres": "ok"}
+        state.redis = _SlowRedis(3600)  # answers nothing any more
+        await asyncio.sleep(1.0)  # the previous probe's late answer is in
+        state.ready_answered["redis"] -= app_module.READY_SLOW_GRACE_S  # long ago
+        late = await http.get("/readyz")
+        assert late.status_code == 503 and late.json()["error"]["code"] == "unavailable"
+        state.redis = good
+        assert (await http.get("/readyz")).status_code == 200
+    finally:
+        state.redis = good
