@@ -74,8 +74,11 @@ function decodeOne(msg) {
   }
 }
 
-/** Full-jitter exponential backoff: uniform in [min, min(max, min * 2^(attempt-1))]. */
+/** Jittered exponential backoff: uniform in [min, min + min(max - min, min * 2^(attempt-1))]
+ * (500-1000 ms, 500-1500, 500-2500, 500-4500, then 500-5000 by default). The first retry
+ * is spread too: the viewers of a crashed node must not all come back at the same
+ * instant. */
 export function backoffDelay(attempt, minMs = 500, maxMs = 5000, random = Math.random) {
-  const cap = Math.min(maxMs, minMs * 2 ** Math.max(0, attempt - 1));
-  return Math.round(minMs + random() * Math.max(0, cap - minMs));
+  const spread = Math.min(Math.max(0, maxMs - minMs), minMs * 2 ** Math.max(0, attempt - 1));
+  return Math.round(minMs + random() * spread);
 }

@@ -10,8 +10,11 @@ test("backoff grows, stays within [min, max] and is jittered", () => {
       assert.ok(d >= 500 && d <= 5000, `attempt ${attempt}: ${d}`);
     }
   }
-  assert.equal(backoffDelay(1, 500, 5000, () => 0.999), 500);
-  assert.ok(backoffDelay(4, 500, 5000, () => 0.999) > 3900);
+  // the first retry is spread over [500, 1000] ms: a crashed node's viewers not at once
+  assert.equal(backoffDelay(1, 500, 5000, () => 0), 500);
+  assert.equal(backoffDelay(1, 500, 5000, () => 0.999), 1000);
+  assert.equal(backoffDelay(2, 500, 5000, () => 0.5), 1000);
+  assert.ok(backoffDelay(4, 500, 5000, () => 0.999) > 4400);
   assert.equal(backoffDelay(30, 500, 5000, () => 1), 5000);
   assert.notEqual(backoffDelay(5, 500, 5000, () => 0.1), backoffDelay(5, 500, 5000, () => 0.9));
 });
