@@ -85,6 +85,7 @@ async def record_bids(db: Any, auction_id: int, bids: list[dict[str, Any]]) -> N
     """Accepted bids (:func:`checkout.auction.read_bids`' rows), once each."""
     if not bids:
         return
+    bids = sorted(bids, key=lambda b: b["seq"])  # one key order for every writer
     cols = ("seq", "user_id", "display_name", "amount", "at_ms", "ends_at_ms", "extended",
             "idempotency_key")
     await db.execute(

@@ -48,14 +48,17 @@ async def insert_orders(conn: asyncpg.Connection, rows: list[tuple]) -> None:
     after its record."""
     if not rows:
         return
-    cols = list(zip(*rows, strict=True))
+    # One order for every writer's keys (hold ids, user ids): the journal, the order
+    # workers and recovery insert overlapping rows at once, and two inserts taking
+    # each other's keys in opposite orders deadlock.
+    cols = list(zip(*sorted(rows, key=lambda r: r[0]), strict=True))
     drops = sorted({lock_key(d) for d in cols[1]})
     await conn.execute(
         "SELECT pg_advisory_xact_lock_shared($1, d) FROM unnest($2::int[]) AS d",
         REBUILD_LOCK_NS, drops)
     await conn.execute(
-        "INSERT INTO users (id) SELECT DISTINCT unnest($1::text[]) ON CONFLICT DO NOTHING",
-        list(cols[3]))
+        "INSERT INTO users (id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+        sorted(set(cols[3])))
     await conn.execute(
         """INSERT INTO orders (public_id, drop_id, product_id, user_id, quantity,
                buyer_number, unit_price, amount, currency, idempotency_key,

@@ -173,13 +173,18 @@ async def restore_in_redis(db: Any, redis: Any, drop_id: int, giveaway_id: int,
 
 async def journal_entrants(db: Any, rows: list[tuple[int, str, str, str]]) -> None:
     """Entrants as the processes that took them record them: ``(giveaway id, user
-    id, ticket, display name)``, once each (``ON CONFLICT DO NOTHING``)."""
+    id, ticket, display name)``, once each (``ON CONFLICT DO NOTHING``). Rows go in
+    (giveaway, user) order: the draw's transaction and the entry journals write rows
+    of the same giveaway at once, and two inserts taking each other's keys in opposite
+    orders deadlock."""
     if not rows:
         return
-    cols = list(zip(*rows, strict=True))
+    cols = list(zip(*sorted(rows, key=lambda r: (r[0], r[1])), strict=True))
     await db.execute(
         """INSERT INTO giveaway_entrants (giveaway_id, user_id, ticket, display_name)
-           SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])
+           SELECT g, usr, t, d
+           FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])
+                WITH ORDINALITY AS u(g, usr, t, d, n) ORDER BY n
            ON CONFLICT DO NOTHING""", *[list(c) for c in cols])
 
 
