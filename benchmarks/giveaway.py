@@ -101,7 +101,10 @@ async def end_to_end(server: Server, *, sockets: int, per_socket: int, sources: 
     tokens = [issue_token(settings, f"bench-{i}", Role.VIEWER) for i in range(sockets)]
     buyers = await open_buyers(server.ws_url, drop_id, tokens,
                                sources=source_addresses(sources))
+    # Idle longer than uvicorn's 5 s keep-alive while the entries go in: a pooled
+    # connection reused then meets the server closing it (httpx.ReadError, seen).
     async with httpx.AsyncClient(base_url=server.base_url, timeout=30,
+                                 limits=httpx.Limits(keepalive_expiry=1.0),
                                  headers={"Authorization": f"Bearer {creator}"}) as http:
         resp = await http.post(f"/v1/drops/{drop_id}/giveaways", json={
             "prize": "bench", "winners": 3, "duration_s": window_s})
