@@ -112,6 +112,7 @@ def _check_viewers(fig: dict) -> None:
     assert fig["parts"] > 0
 
 
+@pytest.mark.timeout(240)
 @needs_nginx
 async def test_viewers_behind_the_proxy_cost_the_origin_one_request_per_part(
         settings, tmp_path: Path) -> None:
@@ -130,6 +131,7 @@ async def test_viewers_behind_the_proxy_cost_the_origin_one_request_per_part(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)  # three crowds and an origin; 80-190 s on a loaded 2-core VM
 @needs_nginx
 async def test_origin_requests_stay_flat_from_100_to_1000_viewers(settings,
                                                                    tmp_path: Path) -> None:
