@@ -217,7 +217,23 @@ class Hub:
         conns.add(conn)
 
     async def _subscribe_user(self, user_id: str) -> None:
-        await self.subscriber.subscribe(channels.user_channel(user_id))
+        # A subscribe that gives up (Redis slow or failing over, this process starved)
+        # leaves the channel wanted by the subscriber; it is awaited again until
+        # confirmed, then the user's sockets are sent what they missed meanwhile.
+        channel = channels.user_channel(user_id)
+        delay = 0.5
+        while True:
+            try:
+                await self.subscriber.subscribe(channel)
+                break
+            except Exception as exc:
+                if user_id not in self.users:
+                    return
+                log.warning("user channel not subscribed yet; waiting again",
+                            extra={"user_id": user_id,
+                                   "error": f"{type(exc).__name__}: {exc}"[:200]})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
         self.private.request((user_id,))
 
     def _remove_user(self, conn: Connection) -> None:

@@ -121,6 +121,10 @@ class ShardedSubscriber:
         self._links: dict[Addr, _ShardLink] = {}
         self._home: dict[bytes, _ShardLink] = {}  # wanted channel -> its link
         self._unheard: set[bytes] = set()  # ended by Redis (sunsubscribe): subscribe again
+        # Wanted but not placed on a link yet: a subscribe() that gave up (its wait
+        # ran out while it waited for the lock or for its shard link's connection) is
+        # still made, by the mover.
+        self._homeless: set[bytes] = set()
         self._lock = asyncio.Lock()  # links are made and channels moved one at a time
         self._mover: asyncio.Task | None = None
         self._again = False
@@ -143,7 +147,7 @@ class ShardedSubscriber:
 
     @property
     def channels(self) -> set[bytes]:
-        return set(self._home)
+        return set(self._home) | self._homeless
 
     @property
     def reconnects(self) -> int:
@@ -155,16 +159,31 @@ class ShardedSubscriber:
         return dict(self._links)
 
     async def subscribe(self, channel: str, wait: float = 5.0) -> None:
-        """Subscribe on the shard that owns the channel; returns once confirmed."""
+        """Subscribe on the shard that owns the channel; returns once confirmed.
+
+        The channel is wanted from the first moment: when ``wait`` runs out first
+        (TimeoutError), it is subscribed all the same, by the mover once its shard
+        link is there, and ``on_reconnect`` runs then (the hub fills the gap)."""
         name = channel.encode()
-        async with asyncio.timeout(wait):
-            async with self._lock:
-                link = await self._link(self._home_for(name))
-                self._home[name] = link
-            await link.subscribe(channel, wait)
+        if name not in self._home:
+            self._homeless.add(name)
+        try:
+            async with asyncio.timeout(wait):
+                async with self._lock:
+                    link = self._home.get(name)
+                    if link is None:
+                        link = await self._link(self._home_for(name))
+                        self._home[name] = link
+                        self._homeless.discard(name)
+                await link.subscribe(channel, wait)
+        except BaseException:
+            if name in self._homeless:
+                self._check_homes(f"{channel} not subscribed in time")
+            raise
 
     async def unsubscribe(self, channel: str) -> None:
         self._unheard.discard(channel.encode())
+        self._homeless.discard(channel.encode())
         link = self._home.pop(channel.encode(), None)
         if link is not None:
             await link.unsubscribe(channel)
@@ -219,7 +238,7 @@ class ShardedSubscriber:
                             extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
                 moved, settled = 0, False
             else:
-                settled = (not self._unheard
+                settled = (not self._unheard and not self._homeless
                            and all(link.connected for link in set(self._home.values())))
             if moved:
                 self.moves += 1
@@ -247,7 +266,16 @@ class ShardedSubscriber:
                 self._home[name] = new
                 await new.subscribe(name.decode(), 5.0)
                 self._unheard.discard(name)
+            placed = 0
+            for name in list(self._homeless):  # a subscribe() that gave up: made here
+                new = await self._link(self._home_for(name))
+                if name not in self._homeless:
+                    continue  # unsubscribed meanwhile
+                self._home[name] = new
+                self._homeless.discard(name)
+                await new.subscribe(name.decode(), 5.0)
+                placed += 1
             wanted_on = {link.addr for link in self._home.values()}
             for addr in [a for a in self._links if a not in wanted_on]:
                 await self._links.pop(addr).stop()
-            return len(moving)
+            return len(moving) + placed

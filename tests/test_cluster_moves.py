@@ -187,6 +187,42 @@ async def test_a_killed_primary_the_subscriber_and_the_buys_move_to_its_replica(
                                     deadline=time.monotonic() + 60)
 
 
+async def test_a_subscription_that_timed_out_is_still_made(cluster):
+    """A subscribe that gives up before its shard link exists (a worker that connected
+    sixty sockets at once on a loaded machine: the shard link's connection not made
+    within the wait) still subscribes the channel once the link is there: the
+    channel stays wanted. Without that the user's channel was never subscribed, and
+    every order event of the buyers whose subscribe timed out was lost for as long as
+    their sockets stayed open (the killed-primary rush, at load 17-25)."""
+    r = connect(cluster.redis_url)
+    await ready(r)
+    got: list[bytes] = []
+    sub = ShardedSubscriber(cluster.redis_url, lambda ch, data: got.append(ch),
+                            lambda: None)
+    await sub.start()
+    try:
+        names = [channels.user_channel(f"late-{i}") for i in range(6)]
+        for name in names:  # no link exists yet: each gives up while it is made
+            with pytest.raises(TimeoutError):
+                await sub.subscribe(name, wait=0.0001)
+        deadline = time.monotonic() + 20
+        while True:
+            for name in names:
+                await r.execute_command(publish_command(r), name, b"x")
+            await asyncio.sleep(0.2)
+            if {ch.decode() for ch in got} >= set(names):
+                break
+            assert time.monotonic() < deadline, \
+                f"never subscribed: {sorted(set(names) - {c.decode() for c in got})}"
+        assert {n.encode() for n in names} <= sub.channels
+        # Unsubscribed, a channel that never got its home is forgotten too.
+        await sub.unsubscribe(names[0])
+        assert names[0].encode() not in sub.channels
+    finally:
+        await sub.stop()
+        await r.aclose()
+
+
 async def test_a_batch_no_replica_confirmed_in_time_is_not_acknowledged(cluster):
     """WAIT after each batch: with the primary's replica frozen, the batch's callers
     get NotReplicated (a buy answers 503 and is retried), never a reply a failover
