@@ -25,6 +25,8 @@ Modules, in the order to read them:
   award, announce, audit.
 * ``giveaway_api``: giveaways over HTTP and the ``giveaway.enter`` command, the live
   entry count, the closer every process runs.
+* ``reminders``: "Remind me" on a scheduled drop; the reminders 10 minutes before the
+  start and at go-live, handed to the outbound notification once across processes.
 * ``scripts``: the giveaway Lua scripts (``giveaway_open``, ``giveaway_enter``,
   ``giveaway_close``, ``giveaway_restore``), called by SHA.
 * ``component``: the package as :mod:`dropserver.app` mounts it.

@@ -30,6 +30,7 @@ from dropserver.component import Component
 from dropserver.errors import NotFound, ValidationFailed
 from dropserver.http import MAX_ID, parse_int, read_json, reject_unknown
 from dropserver.observability import bind
+from realtime.moderators import guard_sales
 
 __all__ = ["drop_json", "part", "snapshot"]
 
@@ -205,7 +206,11 @@ async def go_live(request: Request) -> JSONResponse:
     drop_id = _drop_id(request)
     who = await _creator(request)
     await _no_body(request)
-    return _answer(await actions.go_live(request.app, request.app.state.redis, drop_id, who))
+    drop = await actions.go_live(request.app, request.app.state.redis, drop_id, who)
+    reminders = getattr(request.app.state, "reminders", None)
+    if reminders is not None:  # the "it's live" reminders go out now, not at the next scan
+        reminders.wake()
+    return _answer(drop)
 
 
 async def pin(request: Request) -> JSONResponse:
@@ -271,14 +276,14 @@ part = Component(
         Route("/v1/drops", create_drop, methods=["POST"]),
         Route("/v1/drops", list_drops, methods=["GET"]),
         Route(_ID, get_drop, methods=["GET"]),
-        Route(_ID, update_drop, methods=["PATCH"]),
-        Route(f"{_ID}/schedule", schedule, methods=["POST"]),
-        Route(f"{_ID}/live", go_live, methods=["POST"]),
-        Route(f"{_ID}/go-live", go_live, methods=["POST"]),     # alias (web console)
-        Route(f"{_ID}/pin", pin, methods=["POST"]),
-        Route(f"{_ID}/buy-now", buy_now, methods=["POST"]),
-        Route(f"{_ID}/close", close, methods=["POST"]),
-        Route(f"{_ID}/end", end, methods=["POST"]),
-        Route(f"{_ID}/transitions", list_transitions, methods=["GET"]),
+        Route(_ID, guard_sales(update_drop), methods=["PATCH"]),
+        Route(f"{_ID}/schedule", guard_sales(schedule), methods=["POST"]),
+        Route(f"{_ID}/live", guard_sales(go_live), methods=["POST"]),
+        Route(f"{_ID}/go-live", guard_sales(go_live), methods=["POST"]),     # alias (web console)
+        Route(f"{_ID}/pin", guard_sales(pin), methods=["POST"]),
+        Route(f"{_ID}/buy-now", guard_sales(buy_now), methods=["POST"]),
+        Route(f"{_ID}/close", guard_sales(close), methods=["POST"]),
+        Route(f"{_ID}/end", guard_sales(end), methods=["POST"]),
+        Route(f"{_ID}/transitions", guard_sales(list_transitions), methods=["GET"]),
     ],
 )

@@ -38,6 +38,7 @@ from dropserver.errors import ApiError, Conflict, NotFound
 from dropserver.http import read_json
 from dropserver.observability import bind
 from realtime import channels
+from realtime.moderators import guard_sales
 
 __all__ = ["auction_json", "part", "start"]
 
@@ -277,11 +278,11 @@ async def http_second_chance(request: Request) -> JSONResponse:
 
 _A = "/v1/drops/{drop_id:id}/auctions"
 routes = [
-    Route(_A, http_start, methods=["POST"]),
+    Route(_A, guard_sales(http_start), methods=["POST"]),
     Route(_A, http_list, methods=["GET"]),
     Route(_A + "/{auction_id:id}", http_get, methods=["GET"]),
     Route(_A + "/{auction_id:id}/bids", http_bids, methods=["GET"]),
-    Route(_A + "/{auction_id:id}/second-chance", http_second_chance, methods=["POST"]),
+    Route(_A + "/{auction_id:id}/second-chance", guard_sales(http_second_chance), methods=["POST"]),
 ]
 
 part = Component(name="drops.auctions", routes=routes)

@@ -24,6 +24,7 @@ from dropserver.auth import Role, require, require_drop_owner
 from dropserver.component import Component
 from dropserver.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from dropserver.http import field, read_json, reject_unknown
+from realtime.moderators import guard_sales
 
 _MAX_STAKE = 10**13
 
@@ -136,9 +137,9 @@ async def get_settlement(request: Request) -> JSONResponse:
 part = Component(
     name="drops.settlement",
     routes=[
-        Route("/v1/drops/{drop_id:id}/stakes", put_stake, methods=["POST"]),
-        Route("/v1/drops/{drop_id:id}/stakes", get_stakes, methods=["GET"]),
-        Route("/v1/drops/{drop_id:id}/settle", settle, methods=["POST"]),
-        Route("/v1/drops/{drop_id:id}/settlement", get_settlement, methods=["GET"]),
+        Route("/v1/drops/{drop_id:id}/stakes", guard_sales(put_stake), methods=["POST"]),
+        Route("/v1/drops/{drop_id:id}/stakes", guard_sales(get_stakes), methods=["GET"]),
+        Route("/v1/drops/{drop_id:id}/settle", guard_sales(settle), methods=["POST"]),
+        Route("/v1/drops/{drop_id:id}/settlement", guard_sales(get_settlement), methods=["GET"]),
     ],
 )

@@ -147,6 +147,18 @@ GIVEAWAY_OPEN = _obj(
     duration_s={"type": "integer", "minimum": 2, "maximum": 3600},
     must_be_present=BOOL, must_have_bought=BOOL)
 
+_REMINDER = _obj(["drop_id", "reminded"], drop_id=ID, reminded=BOOL)
+_MODERATOR = _obj(["user_id", "appointed_by", "appointed_at"], user_id=STR,
+                  appointed_by=STR, appointed_at=TIME)
+_MODERATION_ACTION = _obj(
+    ["id", "action", "user_id", "moderator_id", "message_id", "reason", "seconds",
+     "expires_at", "lifted_at", "drop_id", "at"],
+    id=ID, action={"type": "string", "enum": ["mute", "ban", "delete", "unban", "slow",
+                                              "pin", "unpin", "appoint", "dismiss"]},
+    user_id=STR, moderator_id=STR, message_id=_nullable(STR), reason=STR,
+    seconds=_nullable(INT), expires_at=_nullable(TIME), lifted_at=_nullable(TIME),
+    drop_id=_nullable(ID), at=TIME)
+
 SCHEMAS = {
     "Error": ERROR, "Product": PRODUCT, "Drop": DROP, "ProductInput": PRODUCT_INPUT,
     "ProductPatch": PRODUCT_PATCH, "DropCreate": DROP_CREATE, "DropPatch": DROP_PATCH,
@@ -356,6 +368,49 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "200": _json(_obj(["transitions"], transitions={"type": "array", "items": _obj(
             ["from", "to", "actor_id", "at"], **{"from": _nullable(STR)}, to=STR,
             actor_id=_nullable(STR), at=_nullable(STR))}))}, tag="drops"),
+    # moderators and the moderation audit
+    ("GET", "/v1/creators/{creator_id}/moderators"): _op(
+        "The creator's moderators (the creator, an admin)", AUTH, {
+            "200": _json(_obj(["moderators"], moderators={
+                "type": "array", "items": _MODERATOR}))}, tag="moderation"),
+    ("PUT", "/v1/creators/{creator_id}/moderators/{user_id}"): _op(
+        "Appoint a moderator of all the creator's drops", AUTH, {
+            "201": _json(_MODERATOR, "appointed"),
+            "200": _json(_MODERATOR, "already a moderator")}, tag="moderation",
+        body=_body(_EMPTY, required=False)),
+    ("DELETE", "/v1/creators/{creator_id}/moderators/{user_id}"): _op(
+        "Dismiss a moderator", AUTH, {"204": {"description": "dismissed"}},
+        tag="moderation"),
+    ("GET", "/v1/drops/{drop_id:id}/moderation"): _op(
+        "The drop's moderation audit, newest first (creator, moderators, admins)", AUTH, {
+            "200": _json(_obj(["actions", "next_before"], actions={
+                "type": "array", "items": _MODERATION_ACTION},
+                next_before=_nullable(ID)))}, tag="moderation", params=[
+            _query("limit", {"type": "integer", "minimum": 1, "maximum": 200},
+                   "at most this many (default 50)"),
+            _query("before", {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+                   "actions older than this id (the previous page's next_before)")]),
+    # reminders
+    ("GET", "/v1/drops/{drop_id:id}/reminder"): _op(
+        "Whether the caller asked to be reminded of the drop", AUTH, {
+            "200": _json(_REMINDER)}, tag="reminders"),
+    ("POST", "/v1/drops/{drop_id:id}/reminder"): _op(
+        "Remind me (a scheduled drop)", AUTH, {
+            "201": _json(_REMINDER, "reminded"),
+            "200": _json(_REMINDER, "already asked")}, tag="reminders",
+        body=_body(_EMPTY, required=False)),
+    ("DELETE", "/v1/drops/{drop_id:id}/reminder"): _op(
+        "Do not remind me", AUTH, {"204": {"description": "not reminded"}},
+        tag="reminders"),
+    ("GET", "/v1/drops/{drop_id:id}/reminders"): _op(
+        "How many asked, and the reminders handed off (the creator)", AUTH, {
+            "200": _json(_obj(["drop_id", "reminded", "sent"], drop_id=ID, reminded=INT,
+                              sent={"type": "array", "items": _obj(
+                                  ["kind", "for", "users", "at"],
+                                  kind={"type": "string",
+                                        "enum": ["starting_soon", "live"]},
+                                  **{"for": TIME}, users=INT, at=TIME)}))},
+        tag="reminders"),
     ("GET", "/v1/drops/{drop_id:id}/stats"): _op("The console's live numbers", AUTH, {
         "200": _json(_obj(["drop_id", "state", "currency", "sold", "orders", "revenue",
                            "open_holds", "remaining"], drop_id=ID, state=STR,

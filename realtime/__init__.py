@@ -33,7 +33,9 @@ Modules, in the order to read them:
 * ``heartbeat``: pings in slices over the interval; silent sockets closed.
 * ``snapshot``: what a viewer sees on joining, briefly cached per process.
 * ``presence``: viewer counts across processes and nodes.
-* ``chat``: drop chat, its limits and moderation.
+* ``chat``: drop chat, its limits, pins and moderation.
+* ``moderators``: the moderators a creator appoints (HTTP), their per-process cache,
+  the moderation audit.
 * ``component``: the package as :mod:`dropserver.app` mounts it.
 * ``metrics``, ``_lua`` (``scripts/*.lua``): Prometheus metrics; the Redis scripts.
 * ``watch``: ``python -m realtime.watch URL DROP``: a drop's frames in the terminal.

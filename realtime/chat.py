@@ -1,4 +1,4 @@
-"""Drop chat: post, recent history, slow mode, and moderation by the creator or admins.
+"""Drop chat: post, recent history, slow mode, pins, and moderation by the drop's staff.
 
 * Posting needs a signed-in viewer; the text is trimmed, control characters other
   than newline are removed, and it must be 1..``DROPSERVER_CHAT_MAX_CHARS`` characters.
@@ -17,6 +17,15 @@
   makes its process read them, once per drop however many sockets post meanwhile,
   and asks again. So a ban holds across reconnects and Redis restarts, and a chat
   storm costs PostgreSQL nothing: posting is two Redis scripts.
+* The staff of a drop: its creator, admins, and the moderators the creator appointed
+  (realtime.moderators, read from a per-process cache: never PostgreSQL per
+  message). Staff delete, mute, ban, unban, pin and set slow mode; a moderator may not
+  mute or ban the creator or another moderator. Every such action is a row of
+  ``chat_moderation`` (the audit), and those viewers must see (a deleted or pinned
+  message, slow mode) is a durable event of the drop.
+* One message at a time is pinned (``chat.pin``): kept in Redis beside the recent
+  list, shown in the join snapshot (``chat_pinned``), announced as ``chat.pinned`` /
+  ``chat.unpinned``; deleting the pinned message unpins it.
 """
 
 from __future__ import annotations
@@ -33,11 +42,12 @@ import msgpack
 
 from realtime import channels, metrics
 from realtime._lua import load
+from realtime.moderators import record
 from realtime.protocol import ErrorCode, ProtocolError
 from realtime.publish import publish
 
-__all__ = ["active_moderation", "ban", "delete", "normalize", "post", "set_slow_mode",
-           "unban"]
+__all__ = ["active_moderation", "ban", "delete", "is_staff", "normalize", "pin", "post",
+           "set_slow_mode", "unban", "unpin"]
 
 _check = load("chat_check")
 
@@ -63,12 +73,31 @@ def _require_user(conn: Any) -> str:
     return conn.principal.user_id
 
 
-def _require_manager(conn: Any) -> str:
+async def is_staff(app: Any, conn: Any) -> bool:
+    """The drop's creator, an admin, or one of the creator's moderators (from memory)."""
+    who = conn.principal
+    if who is None or who.is_guest:
+        return False
+    if who.can_manage(conn.creator_id or ""):
+        return True
+    return await app.state.moderators.is_moderator(conn.creator_id, who.user_id)
+
+
+async def _require_staff(app: Any, conn: Any) -> str:
     user_id = _require_user(conn)
-    if not conn.principal.can_manage(conn.creator_id or ""):
-        raise ProtocolError(ErrorCode.FORBIDDEN, "only the drop's creator or an admin may "
-                            "moderate this chat")
+    if not await is_staff(app, conn):
+        raise ProtocolError(ErrorCode.FORBIDDEN, "only the drop's creator, its moderators "
+                            "or an admin may moderate this chat")
     return user_id
+
+
+async def _require_target(app: Any, conn: Any, user_id: str) -> None:
+    """A moderator mutes and bans viewers, not the creator nor another moderator."""
+    if user_id == conn.creator_id or (
+            not conn.principal.can_manage(conn.creator_id or "")
+            and await app.state.moderators.is_moderator(conn.creator_id, user_id)):
+        raise ProtocolError(ErrorCode.STAFF_TARGET, "the creator and moderators cannot be "
+                            "muted or banned by a moderator", details={"user_id": user_id})
 
 
 def _now_ms() -> int:
@@ -178,7 +207,7 @@ async def _post(app: Any, conn: Any, text: str) -> dict[str, Any]:
     user_id = _require_user(conn)
     clean = normalize(text, settings.chat_max_chars)
     drop_id = conn.drop_id
-    exempt = conn.principal.can_manage(conn.creator_id or "")
+    exempt = await is_staff(app, conn)
     keys = [channels.chat_key(drop_id, "blocked"), channels.chat_key(drop_id, f"rate:{user_id}"),
             channels.chat_key(drop_id, "slow"), channels.chat_key(drop_id, f"last:{user_id}")]
     for _ in range(_LOAD_TRIES):
@@ -217,27 +246,79 @@ async def _post(app: Any, conn: Any, text: str) -> dict[str, Any]:
     return {"message_id": message["id"], "pos": {"epoch": epoch, "offset": offset}}
 
 
-async def delete(app: Any, conn: Any, message_id: str) -> dict[str, Any]:
-    moderator = _require_manager(conn)
-    redis = app.state.redis
-    key = channels.chat_key(conn.drop_id, "recent")
-    for raw in await redis.lrange(key, 0, -1):
+async def _recent(redis: Any, drop_id: int, message_id: str) -> tuple[bytes, dict[str, Any]]:
+    """A message of the recent list (raw and decoded), or ``message_not_found``."""
+    for raw in await redis.lrange(channels.chat_key(drop_id, "recent"), 0, -1):
         try:
             message = msgpack.unpackb(raw, raw=False)
         except Exception:
             continue
-        if message.get("id") == message_id:
-            break
-    else:
-        raise ProtocolError(ErrorCode.MESSAGE_NOT_FOUND, "no such recent message",
-                            details={"message_id": message_id})
-    await redis.lrem(key, 0, raw)
-    await app.state.db.execute(
-        """INSERT INTO chat_moderation (drop_id, user_id, action, message_id, moderator_id)
-           VALUES ($1, $2, 'delete', $3, $4)""",
-        conn.drop_id, message["user_id"], message_id, moderator)
+        if isinstance(message, dict) and message.get("id") == message_id:
+            return raw, message
+    raise ProtocolError(ErrorCode.MESSAGE_NOT_FOUND, "no such recent message",
+                        details={"message_id": message_id})
+
+
+async def pinned(redis: Any, drop_id: int) -> dict[str, Any] | None:
+    """The drop's pinned chat message, or None."""
+    raw = await redis.get(channels.chat_key(drop_id, "pinned"))
+    if raw is None:
+        return None
+    try:
+        message = msgpack.unpackb(raw, raw=False)
+    except Exception:
+        return None
+    return message if isinstance(message, dict) else None
+
+
+async def delete(app: Any, conn: Any, message_id: str) -> dict[str, Any]:
+    moderator = await _require_staff(app, conn)
+    redis = app.state.redis
+    raw, message = await _recent(redis, conn.drop_id, message_id)
+    await redis.lrem(channels.chat_key(conn.drop_id, "recent"), 0, raw)
+    await record(app.state.db, action="delete", creator_id=conn.creator_id,
+                 in_drop_id=conn.drop_id, drop_id=conn.drop_id, user_id=message["user_id"],
+                 message_id=message_id, moderator_id=moderator)
+    current = await pinned(redis, conn.drop_id)
+    if current is not None and current.get("id") == message_id:
+        await _unpin(app, conn, moderator, current)
     epoch, offset = await publish(redis, conn.drop_id, "chat.deleted", {"id": message_id})
     return {"deleted": message_id, "pos": {"epoch": epoch, "offset": offset}}
+
+
+async def pin(app: Any, conn: Any, message_id: str) -> dict[str, Any]:
+    """Pin a recent message (it replaces the one pinned before): ``chat.pinned``."""
+    moderator = await _require_staff(app, conn)
+    redis = app.state.redis
+    _, message = await _recent(redis, conn.drop_id, message_id)
+    shown = {**message, "pinned_by": moderator}
+    await redis.set(channels.chat_key(conn.drop_id, "pinned"),
+                    msgpack.packb(shown, use_bin_type=True), ex=app.state.settings.history_ttl)
+    await record(app.state.db, action="pin", creator_id=conn.creator_id,
+                 in_drop_id=conn.drop_id, user_id=message["user_id"], message_id=message_id,
+                 moderator_id=moderator)
+    epoch, offset = await publish(redis, conn.drop_id, "chat.pinned", shown)
+    return {"pinned": message_id, "pos": {"epoch": epoch, "offset": offset}}
+
+
+async def _unpin(app: Any, conn: Any, moderator: str,
+                 current: dict[str, Any]) -> tuple[str, int]:
+    await app.state.redis.delete(channels.chat_key(conn.drop_id, "pinned"))
+    await record(app.state.db, action="unpin", creator_id=conn.creator_id,
+                 in_drop_id=conn.drop_id, user_id=str(current.get("user_id", "")),
+                 message_id=current.get("id"), moderator_id=moderator)
+    return await publish(app.state.redis, conn.drop_id, "chat.unpinned",
+                         {"id": current.get("id")})
+
+
+async def unpin(app: Any, conn: Any) -> dict[str, Any]:
+    """Unpin the pinned message (``chat.unpinned``); nothing pinned is not an error."""
+    moderator = await _require_staff(app, conn)
+    current = await pinned(app.state.redis, conn.drop_id)
+    if current is None:
+        return {"unpinned": None}
+    epoch, offset = await _unpin(app, conn, moderator, current)
+    return {"unpinned": current.get("id"), "pos": {"epoch": epoch, "offset": offset}}
 
 
 async def _open_drops_of(app: Any, creator_id: str) -> list[int]:
@@ -250,27 +331,22 @@ async def _open_drops_of(app: Any, creator_id: str) -> list[int]:
 async def moderate(app: Any, conn: Any, action: str, user_id: str, seconds: int | None,
                    reason: str) -> dict[str, Any]:
     """Mute (this drop; default 10 minutes) or ban (all drops of the creator)."""
-    moderator = _require_manager(conn)
+    moderator = await _require_staff(app, conn)
+    await _require_target(app, conn, user_id)
     if action == "mute":
         seconds = seconds or DEFAULT_MUTE_SECONDS
     until_ms = 0 if seconds is None else _now_ms() + seconds * 1000
     db = app.state.db
+    expires_in = None if seconds is None else float(seconds)
     if action == "mute":
-        await db.execute(
-            """INSERT INTO chat_moderation (drop_id, user_id, action, reason, moderator_id,
-                                            expires_at)
-               VALUES ($1, $2, 'mute', $3, $4, now() + make_interval(secs => $5))""",
-            conn.drop_id, user_id, reason, moderator, float(seconds))
+        await record(db, action="mute", creator_id=None, drop_id=conn.drop_id,
+                     in_drop_id=conn.drop_id, user_id=user_id, reason=reason,
+                     moderator_id=moderator, expires_in=expires_in)
         drops = [conn.drop_id]
     else:
-        await db.execute(
-            """INSERT INTO chat_moderation (creator_id, user_id, action, reason, moderator_id,
-                                            expires_at)
-               VALUES ($1, $2, 'ban', $3, $4,
-                       CASE WHEN $5::float8 IS NULL THEN NULL
-                            ELSE now() + make_interval(secs => $5::float8) END)""",
-            conn.creator_id, user_id, reason, moderator,
-            None if seconds is None else float(seconds))
+        await record(db, action="ban", creator_id=conn.creator_id, in_drop_id=conn.drop_id,
+                     user_id=user_id, reason=reason, moderator_id=moderator,
+                     expires_in=expires_in)
         drops = sorted(set(await _open_drops_of(app, conn.creator_id)) | {conn.drop_id})
     redis = app.state.redis
     for drop_id in drops:
@@ -281,12 +357,14 @@ async def moderate(app: Any, conn: Any, action: str, user_id: str, seconds: int 
 
 async def unban(app: Any, conn: Any, user_id: str) -> dict[str, Any]:
     """Lift the user's mutes in this drop and bans by this drop's creator."""
-    _require_manager(conn)
+    moderator = await _require_staff(app, conn)
     result = await app.state.db.execute(
         """UPDATE chat_moderation SET lifted_at = now()
            WHERE user_id = $1 AND action IN ('mute', 'ban') AND lifted_at IS NULL
              AND (drop_id = $2 OR creator_id = $3)""",
         user_id, conn.drop_id, conn.creator_id)
+    await record(app.state.db, action="unban", creator_id=conn.creator_id,
+                 in_drop_id=conn.drop_id, user_id=user_id, moderator_id=moderator)
     drops = sorted(set(await _open_drops_of(app, conn.creator_id)) | {conn.drop_id})
     for drop_id in drops:
         await app.state.redis.hdel(channels.chat_key(drop_id, "blocked"), user_id)
@@ -294,13 +372,15 @@ async def unban(app: Any, conn: Any, user_id: str) -> dict[str, Any]:
 
 
 async def set_slow_mode(app: Any, conn: Any, seconds: int) -> dict[str, Any]:
-    _require_manager(conn)
+    moderator = await _require_staff(app, conn)
     redis = app.state.redis
     key = channels.chat_key(conn.drop_id, "slow")
     if seconds > 0:
         await redis.set(key, seconds, ex=app.state.settings.history_ttl)
     else:
         await redis.delete(key)
+    await record(app.state.db, action="slow", creator_id=conn.creator_id,
+                 in_drop_id=conn.drop_id, user_id="", moderator_id=moderator, seconds=seconds)
     epoch, offset = await publish(redis, conn.drop_id, "chat.slow", {"seconds": seconds})
     return {"seconds": seconds, "pos": {"epoch": epoch, "offset": offset}}
 

@@ -1,4 +1,5 @@
-"""The realtime package as mounted by dropserver.app: ``/ws`` and its machinery.
+"""The realtime package as mounted by dropserver.app: ``/ws`` and its machinery, and
+the HTTP routes of chat moderators and the moderation audit (realtime.moderators).
 
 Start-up builds, on ``app.state.realtime``, the process's :class:`realtime.hub.Hub`
 (rooms, the pub/sub subscriber, the snapshot cache), then starts presence reporting
@@ -15,7 +16,7 @@ from starlette.routing import WebSocketRoute
 
 from dropserver.background import stop_task
 from dropserver.component import Component
-from realtime import gateway, publish
+from realtime import gateway, moderators, publish
 from realtime.heartbeat import Heartbeat, heartbeat_loop
 from realtime.hub import Hub
 from realtime.presence import Presence
@@ -29,6 +30,7 @@ async def startup(app: Starlette) -> None:
     state = app.state
     settings = state.settings
     publish.configure(history_size=settings.history_size, history_ttl=settings.history_ttl)
+    state.moderators = moderators.ModeratorCache(state.db)
     hub = Hub(app, SnapshotCache(app))
     hub.tokens = TokenClock(hub)  # signed-in sockets until their tokens expire
     await hub.start()
@@ -58,7 +60,7 @@ async def shutdown(app: Starlette) -> None:
 
 component = Component(
     name="realtime",
-    routes=[WebSocketRoute("/ws", gateway.RawEndpoint())],
+    routes=[WebSocketRoute("/ws", gateway.RawEndpoint()), *moderators.routes],
     startup=startup,
     shutdown=shutdown,
     drain=gateway.drain,

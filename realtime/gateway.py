@@ -269,6 +269,10 @@ async def _handle(app: Any, hub: Hub, conn: Connection, token: str | None,
         result = await chat.unban(app, conn, data["user_id"])
     elif t is ClientType.CHAT_SLOW:
         result = await chat.set_slow_mode(app, conn, data["seconds"])
+    elif t is ClientType.CHAT_PIN:
+        result = await chat.pin(app, conn, data["message_id"])
+    elif t is ClientType.CHAT_UNPIN:
+        result = await chat.unpin(app, conn)
     else:  # a command registered by another package (e.g. checkout's "buy")
         if conn.principal is None or conn.principal.is_guest:
             raise ProtocolError(ErrorCode.TOKEN_MISSING, f"sign in to {frame.command}")

@@ -73,6 +73,8 @@ class ClientType(enum.StrEnum):
     CHAT_BAN = "chat.ban"
     CHAT_UNBAN = "chat.unban"
     CHAT_SLOW = "chat.slow"
+    CHAT_PIN = "chat.pin"
+    CHAT_UNPIN = "chat.unpin"
     REFRESH = "refresh"          # a new token for the socket's user (realtime/tokens.py)
     # Any other type registered in app.state.commands (e.g. "buy") is a COMMAND.
     COMMAND = "command"
@@ -127,6 +129,7 @@ class ErrorCode(enum.StrEnum):
     MUTED = "muted"
     BANNED = "banned"
     MESSAGE_NOT_FOUND = "message_not_found"
+    STAFF_TARGET = "target_is_staff"     # a moderator muting/banning the creator or a moderator
     INTERNAL_ERROR = "internal_error"
 
 
@@ -390,5 +393,7 @@ _VALIDATORS = {
     ClientType.CHAT_BAN: _chat_moderate,
     ClientType.CHAT_UNBAN: _chat_moderate,
     ClientType.CHAT_SLOW: _chat_slow,
+    ClientType.CHAT_PIN: _chat_delete,      # the same one field: message_id
+    ClientType.CHAT_UNPIN: _empty,
     ClientType.REFRESH: _refresh,
 }

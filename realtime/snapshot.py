@@ -1,7 +1,8 @@
 """What a viewer sees on joining a drop: one function, briefly cached per process.
 
 ``build(app, drop_id)`` returns the drop's state, products with price and remaining
-stock, countdown target, pinned and selling product, recent chat and the stream
+stock, countdown target, pinned and selling product, recent chat, the pinned chat
+message and the stream
 position ``pos`` it was taken at. The position is read *before* the data, so every
 event after ``pos`` is at least as new as the snapshot; the gateway sends those
 events after it (see realtime.gateway). A per-process cache (about a second, and
@@ -61,6 +62,16 @@ async def _remaining(redis: Any, drop_id: int) -> dict[int, int]:
     return {int(k): int(v) for k, v in (stock or {}).items()}
 
 
+def _unpack(raw: bytes | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        value = msgpack.unpackb(raw, raw=False)
+    except Exception:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 async def recent_chat(redis: Any, drop_id: int, count: int) -> list[dict[str, Any]]:
     if count <= 0:
         return []
@@ -97,7 +108,8 @@ async def build(app: Any, drop_id: int) -> dict[str, Any] | None:
             "remaining": stock.get(pid, row["units"]),
             "per_buyer_limit": row["per_buyer_limit"], "state": row["state"],
         })
-    slow = await redis.get(channels.chat_key(drop_id, "slow"))
+    slow, pinned = await asyncio.gather(redis.get(channels.chat_key(drop_id, "slow")),
+                                        redis.get(channels.chat_key(drop_id, "pinned")))
     snap: dict[str, Any] = {
         "drop": {
             "id": drop["id"], "creator_id": drop["creator_id"], "title": drop["title"],
@@ -111,6 +123,7 @@ async def build(app: Any, drop_id: int) -> dict[str, Any] | None:
         "products": products,
         "chat": chat,
         "chat_slow_seconds": int(slow or 0),
+        "chat_pinned": _unpack(pinned),
         "viewers": 0,
         "pos": {"epoch": pos.epoch, "offset": pos.offset},
     }

@@ -43,8 +43,8 @@ def test_production_documents_no_dev_route(settings):
     assert not [p for p in doc["paths"] if p.startswith("/v1/dev/")]
 
 
-_ROW = re.compile(r"\|\s*(GET|POST|PATCH|DELETE|OPTIONS)\s*\|\s*`(/[^`]*)`")
-_INLINE = re.compile(r"`(GET|POST|PATCH|DELETE|OPTIONS) (/[^`]*)`")
+_ROW = re.compile(r"\|\s*(GET|POST|PUT|PATCH|DELETE|OPTIONS)\s*\|\s*`(/[^`]*)`")
+_INLINE = re.compile(r"`(GET|POST|PUT|PATCH|DELETE|OPTIONS) (/[^`]*)`")
 
 
 def _page_operations() -> set[tuple[str, str]]:
