@@ -32,7 +32,7 @@ from dropserver.http import MAX_ID, parse_int, read_json, reject_unknown
 from dropserver.observability import bind
 from realtime.moderators import guard_sales
 
-__all__ = ["drop_json", "part", "snapshot"]
+__all__ = ["drop_json", "host_json", "part", "snapshot"]
 
 
 
@@ -50,6 +50,12 @@ async def _creator(request: Request) -> Principal:
     who = await require(request, Role.CREATOR)
     bind(user_id=who.user_id)
     return who
+
+
+def host_json(drop: dict[str, Any]) -> dict[str, Any]:
+    """Who hosts the drop, as the viewer page shows them: the creator's name and avatar."""
+    return {"id": drop["creator_id"], "name": drop.get("host_name") or drop["creator_id"],
+            "avatar_url": drop.get("host_avatar_url") or ""}
 
 
 def drop_json(drop: dict[str, Any], *, private: bool,
@@ -84,6 +90,7 @@ def drop_json(drop: dict[str, Any], *, private: bool,
         "version": drop["version"], "created_at": actions.iso(drop["created_at"]),
         "updated_at": actions.iso(drop["updated_at"]), "live_at": actions.iso(drop["live_at"]),
         "ended_at": actions.iso(drop["ended_at"]), "products": products,
+        "host": host_json(drop),
     }
     if private:
         out["allowed_actions"] = [a.value for a in allowed_actions(drop["state"])

@@ -34,7 +34,9 @@ __all__ = [
 DROP_COLUMNS = (
     "id, creator_id, title, description, kind, state, currency, starts_at, "
     "pinned_product_id, selling_product_id, max_holds_per_user, campaign_goal_orders, "
-    "campaign_deadline, campaign_outcome, version, created_at, updated_at, live_at, ended_at"
+    "campaign_deadline, campaign_outcome, version, created_at, updated_at, live_at, ended_at, "
+    "(SELECT u.display_name FROM users u WHERE u.id = drops.creator_id) AS host_name, "
+    "(SELECT u.avatar_url FROM users u WHERE u.id = drops.creator_id) AS host_avatar_url"
 )
 _PRODUCT_COLUMNS = (
     "dp.product_id, dp.position, dp.price, dp.units, dp.per_buyer_limit, dp.cogs, dp.state, "
@@ -49,11 +51,24 @@ _UPDATABLE = {"title", "description", "currency", "starts_at", "max_holds_per_us
 async def ensure_user(conn: asyncpg.Connection, who: Principal) -> None:
     """Upsert the caller into ``users`` (id = token ``sub``), and ``creators`` for creators."""
     role = who.role.value if who.role else Role.VIEWER.value
-    # The token is authoritative for the role: a viewer promoted to creator is updated.
+    claims = who.claims or {}
+    name = claims.get("name") if isinstance(claims.get("name"), str) else None
+    picture = claims.get("picture")
+    if not (isinstance(picture, str) and len(picture) <= 2000
+            and picture.startswith(("https://", "http://"))):
+        picture = None
+    # The token is authoritative for the role (a viewer promoted to creator is updated),
+    # and for the name and picture (OIDC "name", "picture") when it carries them.
     await conn.execute(
-        "INSERT INTO users (id, display_name, role) VALUES ($1, $2, $3) "
-        "ON CONFLICT (id) DO UPDATE SET role = EXCLUDED.role "
-        "WHERE users.role IS DISTINCT FROM EXCLUDED.role", who.user_id, who.name or "", role)
+        "INSERT INTO users (id, display_name, role, avatar_url) "
+        "VALUES ($1, $2, $3, coalesce($5, '')) "
+        "ON CONFLICT (id) DO UPDATE SET role = EXCLUDED.role, "
+        "display_name = coalesce($4, users.display_name), "
+        "avatar_url = coalesce($5, users.avatar_url) "
+        "WHERE users.role IS DISTINCT FROM EXCLUDED.role "
+        "OR users.display_name IS DISTINCT FROM coalesce($4, users.display_name) "
+        "OR users.avatar_url IS DISTINCT FROM coalesce($5, users.avatar_url)",
+        who.user_id, who.name or "", role, name, picture)
     if who.role in (Role.CREATOR, Role.ADMIN):
         await conn.execute("INSERT INTO creators (user_id) VALUES ($1) "
                            "ON CONFLICT (user_id) DO NOTHING", who.user_id)

@@ -27,12 +27,12 @@ import drops.component
 import realtime.component
 import streaming.component
 from dropserver import __version__, openapi, outbound_api, web
-from dropserver.auth import TokenVerifier, principal
+from dropserver.auth import TokenVerifier, principal, require
 from dropserver.background import Periodic
 from dropserver.component import Component
 from dropserver.db import create_pool
-from dropserver.errors import exception_handlers
-from dropserver.http import NulGuard
+from dropserver.errors import ValidationFailed, exception_handlers
+from dropserver.http import NulGuard, read_json, reject_unknown
 from dropserver.observability import (
     RequestContextMiddleware,
     bind,
@@ -42,6 +42,7 @@ from dropserver.observability import (
 from dropserver.redis_client import connect as connect_redis
 from dropserver.redis_client import ready as redis_ready
 from dropserver.settings import Settings
+from realtime import moderators
 
 __all__ = ["COMPONENTS", "create_app"]
 
@@ -131,8 +132,39 @@ async def me(request: Request) -> JSONResponse:
     who = await principal(request)
     if who.is_guest:
         return JSONResponse({"guest": True, "user_id": None, "role": None})
+    db = request.app.state.db
+    avatar = await db.fetchval("SELECT avatar_url FROM users WHERE id = $1", who.user_id)
     return JSONResponse({"guest": False, "user_id": who.user_id,
-                         "role": who.role.value if who.role else None, "name": who.name})
+                         "role": who.role.value if who.role else None, "name": who.name,
+                         "avatar_url": avatar or "",
+                         "moderator_of": await moderators.moderator_of(db, who.user_id)})
+
+
+async def update_me(request: Request) -> JSONResponse:
+    """The caller's profile as pages show it: ``display_name``, ``avatar_url``."""
+    who = await require(request)
+    data = await read_json(request)
+    reject_unknown(data, ("display_name", "avatar_url"))
+    if not data:
+        raise ValidationFailed("send display_name or avatar_url", details={"field": "body"})
+    name = data.get("display_name")
+    if name is not None and (not isinstance(name, str) or len(name) > 80
+                             or not name.strip()):
+        raise ValidationFailed("display_name must be 1 to 80 characters",
+                               details={"field": "display_name"})
+    avatar = data.get("avatar_url")
+    if avatar is not None and (not isinstance(avatar, str) or len(avatar) > 2000 or (
+            avatar and not avatar.startswith(("https://", "http://", "/")))):
+        raise ValidationFailed("avatar_url must be an http(s) URL or a path, at most 2000 "
+                               "characters (empty removes it)", details={"field": "avatar_url"})
+    row = await request.app.state.db.fetchrow(
+        "INSERT INTO users (id, display_name, avatar_url) "
+        "VALUES ($1, coalesce($2, ''), coalesce($3, '')) ON CONFLICT (id) DO UPDATE SET "
+        "display_name = coalesce($2, users.display_name), "
+        "avatar_url = coalesce($3, users.avatar_url) RETURNING display_name, avatar_url",
+        who.user_id, name.strip() if name is not None else None, avatar)
+    return JSONResponse({"user_id": who.user_id, "display_name": row["display_name"],
+                         "avatar_url": row["avatar_url"]})
 
 
 DEV_PREFIX = "/v1/dev/"
@@ -233,6 +265,7 @@ def create_app(settings: Settings, components: tuple[Component, ...] = COMPONENT
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/v1/me", me, methods=["GET"]),
+        Route("/v1/me", update_me, methods=["PATCH"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
     ]
     for comp in components:
@@ -241,7 +274,7 @@ def create_app(settings: Settings, components: tuple[Component, ...] = COMPONENT
     if settings.cors_origins:
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
             allow_headers=["authorization", "content-type", "idempotency-key"],
             expose_headers=["location", "link", "etag"],
         ))

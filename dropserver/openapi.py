@@ -80,7 +80,7 @@ PRODUCT = _obj(
 DROP = _obj(
     ["id", "creator_id", "title", "description", "kind", "state", "currency", "starts_at",
      "pinned_product_id", "selling_product_id", "max_holds_per_user", "campaign",
-     "version", "created_at", "updated_at", "live_at", "ended_at", "products"],
+     "version", "created_at", "updated_at", "live_at", "ended_at", "products", "host"],
     id=ID, creator_id=STR, title=STR, description=STR,
     kind={"type": "string", "enum": ["standard", "campaign"]},
     state={"type": "string", "enum": ["draft", "scheduled", "live", "selling", "sold_out",
@@ -93,7 +93,8 @@ DROP = _obj(
     version=INT, created_at=_nullable(TIME), updated_at=_nullable(TIME),
     live_at=_nullable(TIME), ended_at=_nullable(TIME),
     products={"type": "array", "items": _ref("Product")},
-    allowed_actions={"type": "array", "items": STR})
+    allowed_actions={"type": "array", "items": STR},
+    host=_obj(["id", "name", "avatar_url"], id=STR, name=STR, avatar_url=STR))
 
 _PRODUCT_FIELDS = dict(
     title=_text(200, min_len=1, blank=False), description=_text(5000),
@@ -322,8 +323,16 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         {"type": "object"})}, tag="platform"),
     ("GET", "/v1/me"): _op("Who the token says the caller is", OPTIONAL_AUTH, {
         "200": _json(_obj(["guest", "user_id", "role"], guest=BOOL,
-                          user_id=_nullable(STR), role=_nullable(STR), name=STR))},
+                          user_id=_nullable(STR), role=_nullable(STR), name=STR,
+                          avatar_url=STR, moderator_of={"type": "array", "items": STR}))},
         tag="platform"),
+    ("PATCH", "/v1/me"): _op("Set the name and avatar pages show for the caller", AUTH, {
+        "200": _json(_obj(["user_id", "display_name", "avatar_url"], user_id=STR,
+                          display_name=STR, avatar_url=STR))}, tag="platform",
+        body=_body({**_obj(closed=True, display_name=_text(80, min_len=1, blank=False),
+                           avatar_url={"type": "string", "maxLength": 2000,
+                                       "pattern": r"^((https?://|/)[^\u0000]*)?$"}),
+                    "minProperties": 1})),
     # drops
     ("POST", "/v1/drops"): _op("Create a draft", AUTH, {"201": _json(
         _ref("Drop"), "created", {**_LOCATION, **_ETAG})}, tag="drops",

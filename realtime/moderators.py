@@ -33,7 +33,7 @@ from dropserver.http import MAX_ID, parse_int, read_json, reject_unknown
 from dropserver.text import text_problem
 
 __all__ = ["CACHE_SECONDS", "ModeratorCache", "audit", "guard_sales", "is_moderator_of",
-           "record", "refuse_sales", "routes"]
+           "moderator_of", "record", "refuse_sales", "routes"]
 
 CACHE_SECONDS = 2.0
 MAX_USER_ID_LEN = 128
@@ -90,6 +90,15 @@ async def is_moderator_of(db: Any, creator_id: str, user_id: str | None) -> bool
     return bool(await db.fetchval(
         "SELECT 1 FROM creator_moderators WHERE creator_id = $1 AND user_id = $2",
         creator_id, user_id))
+
+
+async def moderator_of(db: Any, user_id: str | None) -> list[str]:
+    """The creators whose drops ``user_id`` moderates (``GET /v1/me``)."""
+    if not user_id:
+        return []
+    rows = await db.fetch("SELECT creator_id FROM creator_moderators WHERE user_id = $1 "
+                          "ORDER BY creator_id", user_id)
+    return [r["creator_id"] for r in rows]
 
 
 async def record(db: Any, *, action: str, creator_id: str | None, in_drop_id: int | None,

@@ -30,7 +30,9 @@ CACHE_SECONDS = 1.0
 _DROP_SQL = """
 SELECT id, creator_id, title, description, kind, state, currency, starts_at,
        pinned_product_id, selling_product_id, campaign_goal_orders, campaign_deadline,
-       campaign_outcome
+       campaign_outcome,
+       (SELECT u.display_name FROM users u WHERE u.id = drops.creator_id) AS host_name,
+       (SELECT u.avatar_url FROM users u WHERE u.id = drops.creator_id) AS host_avatar_url
 FROM drops WHERE id = $1
 """
 _PRODUCTS_SQL = """
@@ -115,6 +117,9 @@ async def build(app: Any, drop_id: int) -> dict[str, Any] | None:
             "id": drop["id"], "creator_id": drop["creator_id"], "title": drop["title"],
             "description": drop["description"], "kind": drop["kind"],
             "state": drop["state"], "currency": drop["currency"].strip(),
+            "host": {"id": drop["creator_id"],
+                     "name": drop["host_name"] or drop["creator_id"],
+                     "avatar_url": drop["host_avatar_url"] or ""},
         },
         "state": drop["state"],
         "countdown": {"starts_at": _iso(drop["starts_at"])},

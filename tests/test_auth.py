@@ -18,7 +18,8 @@ async def test_guest_and_signed_in(http, make_token):
     assert (await http.get("/v1/me")).json()["guest"] is True
     token = make_token("alice", Role.CREATOR, name="Alice")
     body = (await http.get("/v1/me", headers={"Authorization": f"Bearer {token}"})).json()
-    assert body == {"guest": False, "user_id": "alice", "role": "creator", "name": "Alice"}
+    assert body == {"guest": False, "user_id": "alice", "role": "creator", "name": "Alice",
+                    "avatar_url": "", "moderator_of": []}
 
 
 @pytest.mark.parametrize("case", ["forged", "expired", "wrong_audience", "garbage", "scheme"])

@@ -199,11 +199,13 @@ async def test_the_documented_token_claims_are_the_ones_checked(server, http, se
         return resp.status_code, resp.json()
 
     assert await me(claims) == (200, {"guest": False, "user_id": claims["sub"],
-                                      "role": claims["role"], "name": claims["name"]})
+                                      "role": claims["role"], "name": claims["name"],
+                                      "avatar_url": "", "moderator_of": []})
     # Optional claims have the documented defaults.
     bare = {k: claims[k] for k in ("sub", "aud", "exp")}
     assert await me(bare) == (200, {"guest": False, "user_id": claims["sub"],
-                                    "role": "viewer", "name": claims["sub"]})
+                                    "role": "viewer", "name": claims["sub"],
+                                    "avatar_url": "", "moderator_of": []})
     for required in ("sub", "aud", "exp"):
         status, body = await me({k: v for k, v in claims.items() if k != required})
         assert status == 401 and body["error"]["code"] == "token_invalid", required

@@ -111,7 +111,7 @@ async def test_dev_token_issues_distinct_viewer_tokens(http: httpx.AsyncClient) 
     # and the server accepts it
     me = await http.get("/v1/me", headers={"authorization": f"Bearer {a['token']}"})
     assert me.json() == {"guest": False, "user_id": a["user_id"], "role": "viewer",
-                         "name": "Ann"}
+                         "name": "Ann", "avatar_url": "", "moderator_of": []}
 
 
 @pytest.mark.parametrize("params, field", [

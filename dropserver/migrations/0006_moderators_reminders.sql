@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS creator_moderators (
     created_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (creator_id, user_id)
 );
+CREATE INDEX IF NOT EXISTS creator_moderators_user_idx ON creator_moderators (user_id);
 
 ALTER TABLE chat_moderation DROP CONSTRAINT IF EXISTS chat_moderation_action_check;
 ALTER TABLE chat_moderation ADD CONSTRAINT chat_moderation_action_check

@@ -1,5 +1,5 @@
 // The creator's console: token, drop, camera preview + WHIP publishing, drop
-// controls, auctions and live stats. Text from the server is rendered with
+// controls, auctions, giveaways, chat moderation and moderators, and live stats. Text from the server is rendered with
 // textContent.
 
 import { fetchJson, loadConfig, tokenFromFragment } from "./api.js";
@@ -8,6 +8,7 @@ import { DropClient } from "./client.js";
 import * as creator from "./creator-api.js";
 import { mountGiveawayConsole } from "./giveaway-console.js";
 import { mountTipsConsole } from "./tips-console.js";
+import { mountModerationConsole } from "./moderation-console.js";
 import { formatMoney } from "./viewer-state.js";
 import { WhipPublisher } from "./whip.js";
 
@@ -34,6 +35,7 @@ const ui = {
   goLiveSeconds: 5,
   auctions: initialAuctions(),
   giveaways: null, // the giveaway panel's hooks (giveaway-console.js)
+  moderation: null, // the chat and moderators panel's hooks (moderation-console.js)
 };
 window.__console = ui; // for tests and debugging
 
@@ -147,6 +149,7 @@ async function openDrop(id) {
     renderDrop();
     ui.giveaways.onDropOpened();
     ui.tips.onDropOpened();
+    ui.moderation.onDropOpened();
     connectSocket();
     refreshStats();
     refreshAuctions();
@@ -199,6 +202,7 @@ function connectSocket() {
     minDelayMs: ui.config.reconnect_min_ms, maxDelayMs: ui.config.reconnect_max_ms });
   ui.client.addEventListener("state", (e) => setConn(e.detail.state));
   ui.client.addEventListener("joined", (e) => {
+    ui.moderation.onJoined(e.detail.data?.snapshot);
     // the drop's viewer count as of the join (this console is not one of them)
     const viewers = e.detail.data?.viewers;
     if (typeof viewers === "number") {
@@ -210,6 +214,7 @@ function connectSocket() {
     const { event, data } = e.detail;
     ui.giveaways.onEvent(event, data);
     ui.tips.onEvent(event, data);
+    ui.moderation.onEvent(event, data);
     if (event.startsWith("auction.")) {
       auctionDispatch(event, data);
       if (event !== "auction.bid") log(`${event} ${JSON.stringify(data)}`);
@@ -448,6 +453,11 @@ async function main() {
   ui.config = await loadConfig();
   ui.giveaways = mountGiveawayConsole({ drop: () => ui.drop, token: () => ui.token, log });
   ui.tips = mountTipsConsole({ drop: () => ui.drop, token: () => ui.token, log });
+  ui.moderation = mountModerationConsole({ drop: () => ui.drop, token: () => ui.token, log,
+    command: (type, data) => {
+      if (!ui.client) throw new Error("open a drop first");
+      return ui.client.command(type, data);
+    } });
   renderDrop();
   renderStats();
   $("token-form").addEventListener("submit", async (ev) => {

@@ -54,15 +54,45 @@ export function initialState(dropId = null) {
       pinnedProductId: null,
       sellingProductId: null,
       currency: "usd",
+      creatorId: null,
+      host: null, // {id, name, avatarUrl}: who hosts the drop
     },
     products: {}, // product_id -> {id, title, price, currency, remaining}
     viewers: null,
     chat: [],
+    chatPinned: null, // the pinned chat message {id, name, text, userId, pinnedBy}
     campaign: null,
     stream: { status: "offline", hls: null },
     unavailable: false, // the drop cannot be joined (no such drop, or a draft)
     order: { phase: OrderPhase.IDLE },
   };
+}
+
+function hostOf(h) {
+  if (!h || typeof h !== "object") return null;
+  return { id: String(h.id ?? ""), name: String(h.name || h.id || ""),
+    avatarUrl: typeof h.avatar_url === "string" ? h.avatar_url : "" };
+}
+
+function pinnedOf(m) {
+  if (!m || typeof m !== "object" || m.id == null) return null;
+  return { id: String(m.id), name: String(m.name ?? m.user_id ?? ""), text: String(m.text ?? ""),
+    userId: m.user_id == null ? null : String(m.user_id), pinnedBy: m.pinned_by ?? null };
+}
+
+/** Whether the signed-in user (``/v1/me``) moderates this drop's chat: its creator, an
+ * admin, or one of the creator's moderators. */
+export function isStaff(state, me) {
+  if (!me || me.guest || !me.user_id) return false;
+  const creator = state.drop.creatorId;
+  if (me.role === "admin") return true;
+  if (!creator) return false;
+  return me.user_id === creator || (me.moderator_of || []).includes(creator);
+}
+
+/** The drop's shareable address (its page), from the page's own origin. */
+export function shareUrl(origin, dropId) {
+  return `${origin}/d/${Number(dropId)}`;
 }
 
 function withProduct(state, id, fields) {
@@ -119,7 +149,10 @@ export function reduce(state, event, data = {}) {
         pinnedProductId: idOrNull(pick("pinned_product_id"), state.drop.pinnedProductId),
         sellingProductId: idOrNull(pick("selling_product_id"), state.drop.sellingProductId),
         currency: pick("currency") ?? state.drop.currency,
+        creatorId: pick("creator_id") ?? state.drop.creatorId,
+        host: hostOf(pick("host")) ?? state.drop.host,
       };
+      if (data.chat_pinned !== undefined) next.chatPinned = pinnedOf(data.chat_pinned);
       for (const p of pick("products") || []) {
         const id = p.product_id ?? p.id;
         next = { ...next, products: withProduct(next, id, {
@@ -211,7 +244,8 @@ export function reduce(state, event, data = {}) {
 
     case "chat.message": {
       const msg = { id: data.id ?? null, name: String(data.name ?? data.user_name ??
-        data.user_id ?? "viewer"), text: String(data.text ?? ""), at: data.at ?? null };
+        data.user_id ?? "viewer"), text: String(data.text ?? ""), at: data.at ?? null,
+        userId: data.user_id == null ? null : String(data.user_id), role: data.role ?? null };
       if (msg.id !== null && state.chat.some((m) => m.id === msg.id)) return state;
       return { ...state, chat: [...state.chat, msg].slice(-CHAT_KEEP) };
     }
@@ -226,7 +260,16 @@ export function reduce(state, event, data = {}) {
     }
 
     case "chat.deleted":
-      return { ...state, chat: state.chat.filter((m) => m.id !== data.id) };
+      return { ...state, chat: state.chat.filter((m) => m.id !== data.id),
+        chatPinned: state.chatPinned && state.chatPinned.id === data.id ? null
+          : state.chatPinned };
+
+    case "chat.pinned":
+      return { ...state, chatPinned: pinnedOf(data) };
+
+    case "chat.unpinned":
+      return state.chatPinned && state.chatPinned.id === data.id
+        ? { ...state, chatPinned: null } : state;
 
     case "campaign.progress":
       return { ...state, campaign: { backers: data.backers, goal: data.goal,

@@ -1,5 +1,6 @@
 // The viewer's live page: player, drop state, BUY NOW, buy flow, auctions, chat,
-// viewers. State lives in viewer-state.js and auction-state.js (pure); this file does
+// viewers, the host, a share link, "Remind me", the pinned chat message and, for the
+// drop's staff (creator, moderators, admins), the chat's moderation tools. State lives in viewer-state.js and auction-state.js (pure); this file does
 // I/O and rendering only.
 // All user-supplied text is rendered with textContent, never innerHTML.
 
@@ -12,8 +13,8 @@ import { mountGiveaways } from "./giveaway-panel.js";
 import { mountTips } from "./tip-panel.js";
 import { startPlayer } from "./player.js";
 import {
-  countdown, formatClock, formatMoney, initialState, isOver, OrderPhase, overlay, reduce,
-  secondsUntil, sellingProduct, wantsPlayer,
+  countdown, formatClock, formatMoney, initialState, isOver, isStaff, OrderPhase, overlay,
+  reduce, secondsUntil, sellingProduct, shareUrl, wantsPlayer,
 } from "./viewer-state.js";
 
 const $ = (id) => document.getElementById(id);
@@ -34,6 +35,8 @@ let stripeCard = null;
 let viewerTokenValue = null;
 const seenBuyNow = { productId: null };
 let auctions = initialAuctions();
+let me = null; // GET /v1/me: who the token says we are (staff tools need it)
+const reminder = { known: false, on: false, busy: false, error: "" };
 
 function auctionDispatch(event, data) {
   auctions = reduceAuctions(auctions, event, data, Date.now());
@@ -72,6 +75,10 @@ function render() {
   }
   if (s.unavailable) connText = "not available";
   conn.textContent = connText;
+
+  renderHost();
+  renderRemind();
+  renderPinnedChat();
 
   $("viewers").hidden = s.viewers === null;
   $("viewer-count").textContent = s.viewers === null ? "" : s.viewers.toLocaleString();
@@ -241,12 +248,17 @@ function renderCampaign() {
 }
 
 let renderedChat = [];
+let renderedStaff = false;
 function renderChat() {
-  if (renderedChat === state.chat) return;
+  const staff = isStaff(state, me);
+  $("mod-tools").hidden = !staff;
+  if (renderedChat === state.chat && renderedStaff === staff) return;
   const list = $("chat-list");
   const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
   list.replaceChildren(...state.chat.map((m) => {
     const li = document.createElement("li");
+    li.dataset.id = m.id ?? "";
+    if (m.role) li.dataset.role = m.role;
     const who = document.createElement("span");
     who.className = "who";
     who.textContent = m.name;
@@ -262,10 +274,137 @@ function renderChat() {
       return li;
     }
     li.append(who, text);
+    if (staff && m.id) li.append(...modButtons(m));
     return li;
   }));
   renderedChat = state.chat;
+  renderedStaff = staff;
   if (atBottom) list.scrollTop = list.scrollHeight;
+}
+
+// A staff member's buttons on a message: pin, delete, and mute its author (not
+// another member of the staff: the server refuses that to a moderator).
+function modButtons(m) {
+  const make = (label, action, frame) => {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "mod";
+    b.dataset.mod = action;
+    b.textContent = label;
+    b.addEventListener("click", () => moderate(action, frame));
+    return b;
+  };
+  const out = [make("Pin", "pin", { t: "chat.pin", message_id: m.id }),
+    make("Delete", "delete", { t: "chat.delete", message_id: m.id })];
+  if (!m.role && m.userId && m.userId !== me?.user_id) {
+    out.push(make("Mute", "mute", { t: "chat.mute", user_id: m.userId, seconds: 600 }));
+  }
+  return out;
+}
+
+async function moderate(action, frame) {
+  if (!client) return;
+  const { t, ...data } = frame;
+  $("mod-status").textContent = "";
+  try {
+    await client.command(t, data);
+    $("mod-status").textContent = action === "mute" ? "muted for 10 minutes" : "";
+  } catch (err) {
+    $("mod-status").textContent = `${action}: ${err.message}`;
+  }
+}
+
+function renderPinnedChat() {
+  const p = state.chatPinned;
+  $("chat-pinned").hidden = !p;
+  if (!p) return;
+  $("chat-pinned-name").textContent = p.name;
+  $("chat-pinned-text").textContent = p.text; // never innerHTML
+  $("chat-unpin").hidden = !isStaff(state, me);
+}
+
+let renderedHost = null;
+function renderHost() {
+  const h = state.drop.host;
+  $("host").hidden = !h;
+  $("share-btn").hidden = state.dropId === null || state.unavailable;
+  if (!h || renderedHost === h) return;
+  renderedHost = h;
+  $("host-name").textContent = h.name;
+  $("host-initial").textContent = (h.name || "?").slice(0, 1).toUpperCase();
+  const img = $("host-avatar");
+  const safe = /^(https?:\/\/|\/)/.test(h.avatarUrl) ? h.avatarUrl : "";
+  img.hidden = !safe;
+  $("host-initial").hidden = !!safe;
+  img.alt = h.name;
+  if (safe && img.getAttribute("src") !== safe) img.src = safe;
+}
+
+function renderRemind() {
+  const scheduled = state.drop.state === "scheduled";
+  $("remind").hidden = !(scheduled && viewerTokenValue && reminder.known);
+  const btn = $("remind-btn");
+  btn.textContent = reminder.on ? "Reminder set: cancel" : "Remind me";
+  btn.classList.toggle("primary", !reminder.on);
+  btn.disabled = reminder.busy;
+  $("remind-text").textContent = reminder.error
+    || (reminder.on ? "We'll tell you 10 minutes before it starts, and when it's live."
+      : "");
+}
+
+// --- reminders and sharing ---------------------------------------------------------
+
+async function loadReminder() {
+  if (!viewerTokenValue || state.drop.state !== "scheduled" || reminder.known) return;
+  reminder.known = true; // asked once per page
+  try {
+    const body = await fetchJson(`/v1/drops/${state.dropId}/reminder`,
+      { token: viewerTokenValue });
+    reminder.on = !!body.reminded;
+  } catch (err) {
+    reminder.error = err.message;
+  }
+  renderRemind();
+}
+
+async function toggleReminder() {
+  if (reminder.busy) return;
+  reminder.busy = true;
+  reminder.error = "";
+  renderRemind();
+  try {
+    const body = await fetchJson(`/v1/drops/${state.dropId}/reminder`, {
+      method: reminder.on ? "DELETE" : "POST", token: viewerTokenValue });
+    reminder.on = body ? !!body.reminded : false;
+  } catch (err) {
+    reminder.error = err.message;
+  } finally {
+    reminder.busy = false;
+    renderRemind();
+  }
+}
+
+async function share() {
+  const url = shareUrl(location.origin, state.dropId);
+  const title = state.drop.title || "Live drop";
+  $("share").hidden = false;
+  $("share-link").value = url;
+  $("share-link").select();
+  if (navigator.share && navigator.userActivation?.isActive) {
+    try {
+      await navigator.share({ title, url });
+      $("share-status").textContent = "Shared";
+      return;
+    } catch {
+      // cancelled, or not allowed here: the link stays on the page to copy
+    }
+  }
+  try {
+    await navigator.clipboard.writeText(url);
+    $("share-status").textContent = "Link copied";
+  } catch {
+    $("share-status").textContent = "Copy the link above";
+  }
 }
 
 // --- actions --------------------------------------------------------------------
@@ -399,8 +538,17 @@ async function main() {
   const token = await viewerToken(config);
   viewerTokenValue = token;
   if (token) {
-    fetchJson("/v1/me", { token }).then((me) => auctionDispatch("me", me)).catch(() => {});
+    fetchJson("/v1/me", { token }).then((who) => {
+      me = who;
+      auctionDispatch("me", who);
+      render();
+    }).catch(() => {});
   }
+  $("remind-btn").addEventListener("click", toggleReminder);
+  $("share-btn").addEventListener("click", share);
+  $("chat-unpin").addEventListener("click", () => moderate("unpin", { t: "chat.unpin" }));
+  $("mod-slow").addEventListener("change", () => moderate("slow mode",
+    { t: "chat.slow", seconds: Number($("mod-slow").value) }));
   $("buy-btn").addEventListener("click", buy);
   $("pay-btn").addEventListener("click", pay);
   $("cancel-btn").addEventListener("click", cancelHold);
@@ -433,7 +581,13 @@ async function main() {
   client.addEventListener("joined", (e) => {
     // realtime/hub.py joined_frame: {recovered, pos, events, viewers, snapshot?, stock?}
     const d = e.detail.data || {};
-    if (d.snapshot) dispatch("snapshot", d.snapshot);
+    if (d.snapshot) {
+      dispatch("snapshot", d.snapshot);
+      if (typeof d.snapshot.chat_slow_seconds === "number") {
+        $("mod-slow").value = String(d.snapshot.chat_slow_seconds);
+      }
+      loadReminder();
+    }
     if (typeof d.viewers === "number") dispatch("viewers", { count: d.viewers });
     if (d.stock) dispatch("stock", d.stock.data || d.stock);
     // Back after a gap the server could not replay: a stream.status may be missed.
@@ -467,6 +621,7 @@ async function main() {
     giveaways.onEvent(e.detail.event, e.detail.data);
     tips.onEvent(e.detail.event, e.detail.data);
     if (e.detail.event === "stream.status") syncPlayer();
+    if (e.detail.event === "chat.slow") $("mod-slow").value = String(e.detail.data.seconds);
   });
   client.start();
   setInterval(() => { renderCountdown(); renderAuctionTimer(); }, 250);

@@ -3,8 +3,8 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import {
-  countdown, formatClock, formatMoney, initialState, OrderPhase, overlay, reduce, secondsUntil,
-  sellingProduct, wantsPlayer,
+  countdown, formatClock, formatMoney, initialState, isStaff, OrderPhase, overlay, reduce,
+  secondsUntil, sellingProduct, shareUrl, wantsPlayer,
 } from "../js/viewer-state.js";
 
 const play = (events, s = initialState(7)) =>
@@ -196,4 +196,46 @@ test("a paid tip joins the chat once, highlighted with its amount", () => {
   assert.deepEqual(s.chat[1], { id: "tip:tip_1", name: "Ada", text: "great show", at: null,
     tip: { amount: 500, currency: "usd" } });
   assert.equal(s.chat[0].tip, undefined);
+});
+
+test("the host and the pinned chat message come with the snapshot and events", () => {
+  let s = play([["snapshot", { drop: { title: "T", state: "live", creator_id: "c1",
+    host: { id: "c1", name: "Mia", avatar_url: "https://cdn.example/m.jpg" } },
+  chat: [{ id: "a", user_id: "u1", name: "Ann", text: "hi", at: 1 },
+    { id: "b", user_id: "m1", name: "Mo", text: "rules", at: 2, role: "moderator" }],
+  chat_pinned: { id: "a", user_id: "u1", name: "Ann", text: "hi", pinned_by: "m1" } }]]);
+  assert.deepEqual(s.drop.host, { id: "c1", name: "Mia",
+    avatarUrl: "https://cdn.example/m.jpg" });
+  assert.equal(s.drop.creatorId, "c1");
+  assert.equal(s.chatPinned.id, "a");
+  assert.equal(s.chatPinned.pinnedBy, "m1");
+  assert.equal(s.chat[1].role, "moderator");
+  assert.equal(s.chat[0].userId, "u1");
+  s = reduce(s, "chat.unpinned", { id: "other" });
+  assert.equal(s.chatPinned.id, "a", "another message's unpin leaves it");
+  s = reduce(s, "chat.pinned", { id: "b", user_id: "m1", name: "Mo", text: "rules" });
+  assert.equal(s.chatPinned.text, "rules");
+  s = reduce(s, "chat.deleted", { id: "b" });
+  assert.equal(s.chatPinned, null, "deleting the pinned message unpins it");
+  s = reduce(s, "chat.pinned", { id: "a", name: "Ann", text: "hi" });
+  s = reduce(s, "chat.unpinned", { id: "a" });
+  assert.equal(s.chatPinned, null);
+  // A later snapshot without chat_pinned keeps what is known; null clears it.
+  s = reduce(s, "chat.pinned", { id: "a", name: "Ann", text: "hi" });
+  s = reduce(s, "snapshot", { drop: { state: "live" } });
+  assert.equal(s.chatPinned.id, "a");
+  s = reduce(s, "snapshot", { drop: { state: "live" }, chat_pinned: null });
+  assert.equal(s.chatPinned, null);
+});
+
+test("staff: the creator, an admin, the creator's moderators; a share link", () => {
+  const s = play([["snapshot", { drop: { creator_id: "c1", state: "live" } }]]);
+  assert.equal(isStaff(s, null), false);
+  assert.equal(isStaff(s, { guest: true }), false);
+  assert.equal(isStaff(s, { user_id: "u1", role: "viewer", moderator_of: [] }), false);
+  assert.equal(isStaff(s, { user_id: "u1", role: "viewer", moderator_of: ["c2"] }), false);
+  assert.equal(isStaff(s, { user_id: "m1", role: "viewer", moderator_of: ["c1"] }), true);
+  assert.equal(isStaff(s, { user_id: "c1", role: "creator" }), true);
+  assert.equal(isStaff(s, { user_id: "root", role: "admin" }), true);
+  assert.equal(shareUrl("https://shop.example", 42), "https://shop.example/d/42");
 });
