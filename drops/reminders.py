@@ -5,8 +5,9 @@
 * Two reminders per drop: ``starting_soon`` :data:`LEAD` (10 minutes) before
   ``starts_at`` while the drop is still scheduled, and ``live`` once it went on air.
   Each is handed to the outbound notification as a ``drop.reminder`` event
-  (:func:`hand_off`; the platform's webhooks deliver it to the creator's email, SMS or
-  push tool: the server sends no message itself), in batches of :data:`BATCH` users.
+  (:func:`hand_off`: ``dropserver.outbound.enqueue``, in the claiming transaction; the
+  outbound webhooks deliver it to the creator's email, SMS or push tool: the server
+  sends no message itself), in batches of :data:`BATCH` users.
 * The due time is durable: it is the drop's own ``starts_at`` / ``live_at`` in
   PostgreSQL, so nothing is lost in a restart. Every process runs :class:`Reminders`
   (a scan every :data:`SCAN_SECONDS`, woken at once by a go-live on this process); a
@@ -30,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from dropserver import outbound
 from dropserver.auth import require, require_drop_owner
 from dropserver.background import Periodic
 from dropserver.component import Component
@@ -44,7 +46,7 @@ LEAD = "10 minutes"          # the starting_soon reminder, before starts_at
 STALE = "1 hour"             # older starts (or go-lives) are not reminded any more
 SCAN_SECONDS = 5.0
 BATCH = 500                  # users per drop.reminder event
-EVENT = "drop.reminder"
+EVENT = outbound.EventType.DROP_REMINDER.value
 ON_AIR_STATES = ("live", "selling", "sold_out", "closed")
 
 
@@ -53,17 +55,18 @@ def _iso(value: datetime | None) -> str | None:
 
 
 async def hand_off(conn: Any, event_type: str, payload: dict[str, Any],
-                   creator_id: str) -> None:
-    """Give one event to the outbound notification, in the caller's transaction.
-
-    Recorded in ``drop_reminder_notices`` (the durable log the console reads); this is
-    the one place the outbound webhooks' queue is called from.
-    """
-    await conn.execute(
+                   creator_id: str) -> str | None:
+    """Give one event to the outbound notification, in the caller's transaction: the
+    outbound webhooks' queue (:func:`dropserver.outbound.enqueue`, which the creator's
+    and the platform's endpoints hear), and ``drop_reminder_notices`` (the log the
+    console reads). Both commit or roll back with the claim. Returns the event id."""
+    notice = await conn.fetchval(
         "INSERT INTO drop_reminder_notices (drop_id, kind, starts_at, users, payload) "
-        "VALUES ($1, $2, $3::text::timestamptz, $4, $5)",
+        "VALUES ($1, $2, $3::text::timestamptz, $4, $5) RETURNING id",
         payload["drop_id"], payload["kind"], payload["for"], len(payload["users"]),
         payload)
+    return await outbound.enqueue(conn, event_type, payload, creator_id=creator_id,
+                                  drop_id=payload["drop_id"], key=f"{event_type}:{notice}")
 
 
 _DUE = {

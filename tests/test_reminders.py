@@ -42,6 +42,16 @@ async def _notices(db, drop_id: int) -> list[dict]:
     return [dict(r) for r in rows]
 
 
+async def _outbound(db, drop_id: int) -> list[dict]:
+    """The drop.reminder events in the outbound webhooks' queue (their data)."""
+    import json
+
+    rows = await db.fetch("SELECT type, creator_id, body FROM outbound_events "
+                          "WHERE drop_id = $1 ORDER BY seq", drop_id)
+    assert {(r["type"], r["creator_id"]) for r in rows} <= {("drop.reminder", "creator-1")}
+    return [json.loads(r["body"])["data"] for r in rows]
+
+
 def _process(db) -> Reminders:
     """One process's reminder scan (its own pool: another process)."""
     return Reminders(SimpleNamespace(state=SimpleNamespace(db=db)), "https://shop.example")
@@ -101,12 +111,17 @@ async def test_starting_soon_goes_out_once_across_processes(settings):
         assert payload["batch"] == 1 and payload["batches"] == 1
         assert payload["for"] == payload["starts_at"]
         assert await _notices(db, later) == []
+        # Handed to the outbound webhooks' queue in the same transaction, once.
+        assert await _outbound(db, drop_id) == [payload]
+        assert await _outbound(db, later) == []
         assert await _process(db).scan() == 0  # nothing twice
         # Someone who asks after it went out is reminded at the next scan, alone.
         await _remind(db, drop_id, "u4")
         assert await _process(db).scan() == 1
         assert [u["user_id"] for u in (await _notices(db, drop_id))[-1]["payload"][
             "users"]] == ["u4"]
+        assert [[u["user_id"] for u in e["users"]] for e in await _outbound(db, drop_id)] == [
+            ["u1", "u2", "u3"], ["u4"]]
 
 
 async def test_a_rescheduled_drop_is_reminded_for_its_new_time(settings):
@@ -143,6 +158,7 @@ async def test_went_live_and_batches(settings, monkeypatch):
         notices = await _notices(db, drop_id)
         assert [(n["kind"], n["users"]) for n in notices] == [("live", 2), ("live", 1)]
         assert [n["payload"]["batch"] for n in notices] == [1, 2]
+        assert [e["batch"] for e in await _outbound(db, drop_id)] == [1, 2]
         assert {n["payload"]["batches"] for n in notices} == {2}
         assert await proc.scan() == 0
         # Gone live without ever being within 10 minutes of a scan: no late
