@@ -37,6 +37,7 @@ __all__ = [
     "pack_body",
     "parse_message",
     "parse_publications",
+    "unpack_map",
     "user_channel",
 ]
 
@@ -72,6 +73,17 @@ def chat_key(drop_id: int, suffix: str) -> str:
 
 def user_channel(user_id: str) -> str:
     return f"{{user:{user_id}}}:events"
+
+
+def unpack_map(raw: bytes | None) -> dict[str, Any] | None:
+    """A msgpack map kept in Redis (a chat message), or None when absent or not one."""
+    if raw is None:
+        return None
+    try:
+        value = msgpack.unpackb(raw, raw=False)
+    except Exception:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def pack_body(event: str, data: dict[str, Any]) -> bytes:

@@ -261,14 +261,7 @@ async def _recent(redis: Any, drop_id: int, message_id: str) -> tuple[bytes, dic
 
 async def pinned(redis: Any, drop_id: int) -> dict[str, Any] | None:
     """The drop's pinned chat message, or None."""
-    raw = await redis.get(channels.chat_key(drop_id, "pinned"))
-    if raw is None:
-        return None
-    try:
-        message = msgpack.unpackb(raw, raw=False)
-    except Exception:
-        return None
-    return message if isinstance(message, dict) else None
+    return channels.unpack_map(await redis.get(channels.chat_key(drop_id, "pinned")))
 
 
 async def delete(app: Any, conn: Any, message_id: str) -> dict[str, Any]:

@@ -64,16 +64,6 @@ async def _remaining(redis: Any, drop_id: int) -> dict[int, int]:
     return {int(k): int(v) for k, v in (stock or {}).items()}
 
 
-def _unpack(raw: bytes | None) -> dict[str, Any] | None:
-    if raw is None:
-        return None
-    try:
-        value = msgpack.unpackb(raw, raw=False)
-    except Exception:
-        return None
-    return value if isinstance(value, dict) else None
-
-
 async def recent_chat(redis: Any, drop_id: int, count: int) -> list[dict[str, Any]]:
     if count <= 0:
         return []
@@ -128,7 +118,7 @@ async def build(app: Any, drop_id: int) -> dict[str, Any] | None:
         "products": products,
         "chat": chat,
         "chat_slow_seconds": int(slow or 0),
-        "chat_pinned": _unpack(pinned),
+        "chat_pinned": channels.unpack_map(pinned),
         "viewers": 0,
         "pos": {"epoch": pos.epoch, "offset": pos.offset},
     }
