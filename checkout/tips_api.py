@@ -37,6 +37,7 @@ from dropserver.component import Component
 from dropserver.errors import ApiError, Conflict, NotFound, ValidationFailed
 from dropserver.http import field, read_json, reject_unknown
 from realtime.chat import active_moderation
+from realtime.moderators import guard_sales
 
 __all__ = ["part"]
 
@@ -239,7 +240,7 @@ _D = "/v1/drops/{drop_id:id}"
 part = Component(
     name="checkout.tips",
     routes=[
-        Route(f"{_D}/tip-amounts", set_amounts, methods=["POST"]),
+        Route(f"{_D}/tip-amounts", guard_sales(set_amounts), methods=["POST"]),
         Route(f"{_D}/tips", list_tips, methods=["GET"]),
         Route(f"{_D}/tips", send_tip, methods=["POST"]),
         Route("/v1/tips/{tip_id}", get_tip, methods=["GET"]),

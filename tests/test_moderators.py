@@ -139,7 +139,8 @@ async def test_a_moderator_may_not_touch_sales(http, settings, make_token):
             ("POST", "buy-now", {"product_id": pids[0]}), ("POST", "close", {}),
             ("POST", "end", {}), ("POST", "pin", {"product_id": pids[0]}),
             ("PATCH", "", {"title": "mine now"}), ("GET", "transitions", None),
-            ("POST", "settle", {}), ("GET", "settlement", None)):
+            ("POST", "settle", {}), ("GET", "settlement", None),
+            ("POST", "tip-amounts", {"amounts": [500]})):
         for headers in (viewer_mod, creator_mod):
             resp = await http.request(method, f"/v1/drops/{drop_id}/{path}".rstrip("/"),
                                       json=body, headers=headers)

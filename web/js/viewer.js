@@ -1,7 +1,7 @@
 // The viewer's live page: player, drop state, BUY NOW, buy flow, auctions, chat,
 // viewers, the host, a share link, "Remind me", the pinned chat message and, for the
-// drop's staff (creator, moderators, admins), the chat's moderation tools. State lives in viewer-state.js and auction-state.js (pure); this file does
-// I/O and rendering only.
+// drop's staff (creator, moderators, admins), the chat's moderation tools. State lives
+// in viewer-state.js and auction-state.js (pure); this file does I/O and rendering only.
 // All user-supplied text is rendered with textContent, never innerHTML.
 
 import { fetchJson, loadConfig, viewerToken } from "./api.js";
