@@ -195,19 +195,19 @@ async def post(app: Any, conn: Any, text: str) -> dict[str, Any]:
     """Post ``text`` as ``conn``'s user. The drop's creator and moderators skip the
     process's bound on posts in flight (:class:`PostGate`); viewers take a slot."""
     _require_user(conn)
-    if conn.principal.can_manage(conn.creator_id or ""):
-        return await _post(app, conn, text)
+    staff = await is_staff(app, conn)  # from memory: realtime.moderators
+    if staff:
+        return await _post(app, conn, text, staff)
     async with _gate(app).slot():
-        return await _post(app, conn, text)
+        return await _post(app, conn, text, staff)
 
 
-async def _post(app: Any, conn: Any, text: str) -> dict[str, Any]:
+async def _post(app: Any, conn: Any, text: str, exempt: bool) -> dict[str, Any]:
     settings = app.state.settings
     redis = app.state.redis
     user_id = _require_user(conn)
     clean = normalize(text, settings.chat_max_chars)
     drop_id = conn.drop_id
-    exempt = await is_staff(app, conn)
     keys = [channels.chat_key(drop_id, "blocked"), channels.chat_key(drop_id, f"rate:{user_id}"),
             channels.chat_key(drop_id, "slow"), channels.chat_key(drop_id, f"last:{user_id}")]
     for _ in range(_LOAD_TRIES):

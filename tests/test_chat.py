@@ -229,28 +229,38 @@ async def test_a_storm_of_posts_is_bounded_per_process_and_the_rest_refused_at_o
     monkeypatch.setattr(chat, "POST_QUEUE", 3, raising=False)
     drop_id, _ = await create_drop(settings.database_url)
     creator = await _viewer(server, drop_id, make_token("creator-1", "creator"))
+    db = await asyncpg.connect(settings.database_url)
+    try:  # an appointed moderator is staff too (realtime.moderators)
+        await db.execute("INSERT INTO creator_moderators (creator_id, user_id, appointed_by) "
+                         "VALUES ('creator-1', 'mod-1', 'creator-1')")
+    finally:
+        await db.close()
+    mod = await _viewer(server, drop_id, make_token("mod-1"))
     fans = [await _viewer(server, drop_id, make_token(f"fan-{i}")) for i in range(8)]
     # The drop's moderation is loaded by a first post, so the rest is Redis alone.
     assert (await fans[0].request({"t": "chat.send", "text": "first"}))["t"] == "reply"
+    assert (await mod.request({"t": "chat.send", "text": "hi all"}))["t"] == "reply"
     r = connect_redis(clean_backends.redis_url)
     try:
         await r.execute_command("CLIENT", "PAUSE", "1500", "ALL")
         started = asyncio.get_running_loop().time()
-        *replies, staff = await asyncio.gather(*(
+        *replies, staff, moderator = await asyncio.gather(*(
             f.request({"t": "chat.send", "text": f"hello {i}"}, wait=10.0)
             for i, f in enumerate(fans)),
-            creator.request({"t": "chat.send", "text": "welcome"}, wait=10.0))
+            creator.request({"t": "chat.send", "text": "welcome"}, wait=10.0),
+            mod.request({"t": "chat.send", "text": "be nice"}, wait=10.0))
         refused = [x for x in replies if x.get("code") == "rate_limited"]
         accepted = [x for x in replies if x["t"] == "reply"]
         assert len(accepted) == 5 and len(refused) == 3, replies
         assert all(x["details"]["retry_after_ms"] > 0 for x in refused)
         assert staff["t"] == "reply", staff
+        assert moderator["t"] == "reply", moderator
         # The accepted ones waited for Redis; the refused did not.
         assert asyncio.get_running_loop().time() - started >= 1.0
     finally:
         await r.execute_command("CLIENT", "UNPAUSE")
         await r.aclose()
-    for c in (creator, *fans):
+    for c in (creator, mod, *fans):
         await c.close()
 
 
