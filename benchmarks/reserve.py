@@ -14,9 +14,9 @@ Two figures from the same run, same machine, same script and arguments (a third 
   a second, freshly prewarmed product with enough stock not to sell out.
 
 With ``--redis both``, the end-to-end rush also runs, in the same run and against
-the same PostgreSQL, on a server over a local Redis Cluster (3 primaries, 3
-replicas: ``dropserver.local_cluster``; holds acknowledged after WAIT 1, the cluster
-default), each round the cluster first, then one Redis: ``cluster_per_s`` and
+the same PostgreSQL (a database of its own), on a server over a local Redis Cluster
+(3 primaries, 3 replicas: ``dropserver.local_cluster``; holds acknowledged after
+WAIT 1, the cluster default), each round the cluster first, then one Redis: ``cluster_per_s`` and
 ``single_over_cluster``. (``--redis cluster`` runs only that.)
 
 With ``--bare``, a third figure from the same run: the same rush against a bare
@@ -132,6 +132,18 @@ async def _prewarm(redis_url: str, units: int, *, drop_id: int) -> tuple[int, in
         await r.aclose()
 
 
+async def _second_database(database_url: str, name: str) -> str:
+    """A new, empty database ``name`` beside ``database_url``'s; its URL."""
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return database_url.rsplit("/", 1)[0] + "/" + name
+
+
 async def _forget_drop(redis_url: str, drop_id: int) -> None:
     """Delete every key of a bench-only drop (its hash tag), in batches."""
     import redis.asyncio as aioredis
@@ -202,7 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         if ns.redis != "single":
             cluster = stack.enter_context(LocalServices(want_postgres=False,
                                                         redis_cluster=True))
-            on_cluster = start_server(cluster.redis_url, services.database_url,
+            # A database of its own: two servers over two Redis and one database each
+            # take the other's drops for drops their Redis lost, and rebuild them
+            # (recovery, the reconciler) in the middle of the other's rush.
+            cluster_db = asyncio.run(_second_database(services.database_url, "on_cluster"))
+            asyncio.run(migrate_database(cluster_db))
+            on_cluster = start_server(cluster.redis_url, cluster_db,
                                       workers=ns.workers, env=server_env)
             stack.callback(on_cluster.stop)
         for run in range(ns.runs):
