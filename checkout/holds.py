@@ -78,7 +78,7 @@ async def release(redis: Redis, hold_id: str, reason: Reason | str, *,
     d, p = ref.drop_id, ref.product_id
     reply = await script("release")(
         keys=[keys.hold(d, hold_id), keys.product(d, p), keys.units(d, p),
-              keys.open_holds(d, p), keys.expiry(d), keys.orders(d)],
+              keys.open_holds(d, p), keys.expiry(d), keys.orders(d), *ref.variant_keys()],
         args=[hold_id, Reason(reason).value, owner, KEEP_RELEASED_MS], client=redis)
     status = _s(reply[0])
     if status == "ok":
@@ -107,8 +107,9 @@ async def mark_paid(redis: Redis, hold_id: str, state: str = "paid") -> str:
     return _s(reply[0])
 
 
-_HOLD_INTS = ("drop_id", "product_id", "quantity", "buyer_number", "unit_price", "amount",
-              "expires_at", "created_at", "released_at", "remaining_after")
+_HOLD_INTS = ("drop_id", "product_id", "variant_id", "quantity", "buyer_number",
+              "unit_price", "amount", "expires_at", "created_at", "released_at",
+              "remaining_after", "variant_remaining_after")
 
 
 async def get_hold(redis: Redis, hold_id: str) -> dict[str, Any] | None:

@@ -23,7 +23,8 @@ from redis.exceptions import ResponseError
 from checkout import keys
 from checkout.scripts import script
 
-__all__ = ["InventoryError", "close_sales", "open_sales", "prewarm", "remaining"]
+__all__ = ["InventoryError", "close_sales", "open_sales", "prewarm", "remaining",
+           "stock_event", "variants_remaining"]
 
 
 class InventoryError(RuntimeError):
@@ -57,6 +58,25 @@ def product_spec(row: Mapping[str, Any], currency: str) -> dict[str, Any]:
     }
     if spec["product_id"] <= 0 or spec["price"] <= 0 or spec["units"] < 0 or spec["limit"] < 1:
         raise ValueError(f"invalid product for prewarm: {spec}")
+    variants = [variant_spec(v, spec["price"]) for v in row.get("variants") or ()]
+    if variants:
+        # The product's units are its variants' together (prewarm.lua keeps the
+        # product's remaining the sum of theirs).
+        spec["units"] = sum(v["units"] for v in variants)
+        spec["variants"] = variants
+    return spec
+
+
+def variant_spec(row: Mapping[str, Any], product_price: int) -> dict[str, Any]:
+    """One ``drop_product_variants`` row as prewarm.lua reads it: the price is the
+    variant's own or the product's, a limit of 0 leaves only the product's."""
+    price = row.get("price")
+    spec = {"variant_id": _int(row, "variant_id", "id"),
+            "price": product_price if price is None else _int(row, "price"),
+            "units": _int(row, "units"),
+            "limit": row.get("per_buyer_limit") or row.get("limit") or 0}
+    if spec["variant_id"] <= 0 or spec["price"] <= 0 or spec["units"] < 0:
+        raise ValueError(f"invalid variant for prewarm: {spec}")
     return spec
 
 
@@ -78,6 +98,8 @@ async def prewarm(redis: Redis, drop: Mapping[str, Any], products: Sequence[Mapp
     }
     key_list = [keys.meta(drop_id), keys.products(drop_id)]
     key_list += [keys.product(drop_id, s["product_id"]) for s in specs]
+    key_list += [keys.variant(drop_id, s["product_id"], v["variant_id"])
+                 for s in specs for v in s.get("variants", ())]
     await script("prewarm")(keys=key_list, args=[json.dumps(payload)], client=redis)
     await redis.sadd(keys.ACTIVE_DROPS, drop_id)
 
@@ -122,6 +144,64 @@ async def remaining(redis: Redis, drop_id: int) -> dict[int, int]:
             pipe.hget(keys.product(drop_id, pid), "remaining")
         values = await pipe.execute()
     return {pid: int(v) for pid, v in zip(pids, values, strict=True) if v is not None}
+
+
+async def variants_remaining(redis: Redis, drop_id: int) -> dict[int, dict[int, int]]:
+    """Units left per variant id, per product id (products with variants only)."""
+    pids = sorted(int(p) for p in await redis.smembers(keys.products(drop_id)))
+    if not pids:
+        return {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for pid in pids:
+            pipe.hget(keys.product(drop_id, pid), "variants")
+        lists = await pipe.execute()
+    wanted = [(pid, int(v)) for pid, raw in zip(pids, lists, strict=True) if raw
+              for v in (raw.decode() if isinstance(raw, bytes) else raw).split(",") if v]
+    if not wanted:
+        return {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for pid, vid in wanted:
+            pipe.hget(keys.variant(drop_id, pid, vid), "remaining")
+        values = await pipe.execute()
+    out: dict[int, dict[int, int]] = {}
+    for (pid, vid), value in zip(wanted, values, strict=True):
+        if value is not None:
+            out.setdefault(pid, {})[vid] = int(value)
+    return out
+
+
+async def stock_event(redis: Redis, drop_id: int) -> dict[str, Any]:
+    """The drop's ``stock`` event: units left per product (every variant together) and,
+    only when the drop has products with variants, units left per variant (per
+    product). Integer ids: each wire format encodes them its own way (JSON turns map
+    keys into strings, msgpack keeps integers; docs/protocol.md)."""
+    pids = sorted(int(p) for p in await redis.smembers(keys.products(drop_id)))
+    left: dict[int, int] = {}
+    wanted: list[tuple[int, int]] = []
+    if pids:
+        async with redis.pipeline(transaction=False) as pipe:
+            for pid in pids:
+                pipe.hmget(keys.product(drop_id, pid), "remaining", "variants")
+            rows = await pipe.execute()
+        for pid, (rem, variants) in zip(pids, rows, strict=True):
+            if rem is None:
+                continue
+            left[pid] = int(rem)
+            if variants:
+                text = variants.decode() if isinstance(variants, bytes) else variants
+                wanted += [(pid, int(v)) for v in text.split(",") if v]
+    data: dict[str, Any] = {"products": left}
+    if wanted:
+        async with redis.pipeline(transaction=False) as pipe:
+            for pid, vid in wanted:
+                pipe.hget(keys.variant(drop_id, pid, vid), "remaining")
+            values = await pipe.execute()
+        per: dict[int, dict[int, int]] = {}
+        for (pid, vid), value in zip(wanted, values, strict=True):
+            if value is not None:
+                per.setdefault(pid, {})[vid] = int(value)
+        data["variants"] = per
+    return data
 
 
 async def product_state(redis: Redis, drop_id: int, product_id: int) -> dict[str, str]:

@@ -121,4 +121,4 @@ def row_for(hold: Any, req: Any, hold_ttl_ms: int) -> tuple:
     return (hold.hold_id, hold.drop_id, hold.product_id, req.user_id, hold.quantity,
             hold.buyer_number, hold.unit_price, hold.amount, hold.currency,
             req.idempotency_key, hold.expires_at, hold.flow or "client_confirm",
-            hold.expires_at - hold_ttl_ms, "held", None)
+            hold.expires_at - hold_ttl_ms, "held", None, hold.variant_id)

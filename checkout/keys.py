@@ -9,14 +9,23 @@ plain commands, and the dead-letter stream ``orders:dead`` (checkout.dead_letter
 Both are small and written rarely; while the shard holding one fails over, sweeps and
 new order-worker rounds wait a few seconds, sales do not.
 
-Layout (D = drop id, P = product id, H = hold id)::
+A product with variants keeps its own counters too: its ``units`` and ``remaining``
+are the sums over its variants (every script moves both), its ``units`` hash counts
+the buyer's units of every variant (the product's per-buyer limit), and its buyer
+numbers and open holds are the product's, whatever the variant.
+
+Layout (D = drop id, P = product id, V = variant id, H = hold id)::
 
     {drop:D}:sale            HASH  loaded, generation, currency, max_holds, flow
     {drop:D}:products        SET   product ids of the drop
     {drop:D}:p:P             HASH  price, units, limit, currency, state, remaining,
-                                   buyers (last buyer number), opened_at (ms)
+                                   buyers (last buyer number), opened_at (ms),
+                                   variants ("V1,V2,..." ; absent: no variants)
     {drop:D}:p:P:units       HASH  user id -> units held or paid (per-buyer limit)
     {drop:D}:p:P:open        HASH  user id -> open holds (max holds per user)
+    {drop:D}:p:P:v:V         HASH  one variant: price, units, limit (0: the product's
+                                   only), remaining
+    {drop:D}:p:P:v:V:units   HASH  user id -> units of the variant held or paid
     {drop:D}:idem            HASH  "<user>\\n<idempotency key>" -> hold id
     {drop:D}:hold:H          HASH  one hold (see docs/topics/checkout.md)
     {drop:D}:expiry          ZSET  hold id scored by its expiry (unix ms)
@@ -54,6 +63,8 @@ __all__ = [
     "tag",
     "told",
     "units",
+    "variant",
+    "variant_units",
 ]
 
 # Drops whose holds the sweeper of every process looks at (see checkout/holds.py).
@@ -83,6 +94,14 @@ def units(drop_id: int, product_id: int) -> str:
 
 def open_holds(drop_id: int, product_id: int) -> str:
     return f"{tag(drop_id)}:p:{int(product_id)}:open"
+
+
+def variant(drop_id: int, product_id: int, variant_id: int) -> str:
+    return f"{tag(drop_id)}:p:{int(product_id)}:v:{int(variant_id)}"
+
+
+def variant_units(drop_id: int, product_id: int, variant_id: int) -> str:
+    return f"{tag(drop_id)}:p:{int(product_id)}:v:{int(variant_id)}:units"
 
 
 def idem(drop_id: int) -> str:
@@ -121,9 +140,11 @@ def told(drop_id: int, hold_id: str, state: str) -> str:
     return f"{tag(drop_id)}:told:{hold_id}:{state}"
 
 
-# A hold id names its drop and product so any node can find the hold's keys from the
-# id alone (GET /v1/holds/{id}, the sweeper): "<drop>-<product>-<16 hex>".
-_HOLD_RE = re.compile(r"^([1-9][0-9]{0,17})-([1-9][0-9]{0,17})-([0-9a-f]{16})$")
+# A hold id names its drop, product and variant so any node can find the hold's keys
+# from the id alone (GET /v1/holds/{id}, the sweeper): "<drop>-<product>-<16 hex>", or
+# "<drop>-<product>-<variant>-<16 hex>" for a hold of a variant.
+_HOLD_RE = re.compile(
+    r"^([1-9][0-9]{0,17})-([1-9][0-9]{0,17})(?:-([1-9][0-9]{0,17}))?-([0-9a-f]{16})$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,15 +152,26 @@ class HoldRef:
     drop_id: int
     product_id: int
     hold_id: str
+    variant_id: int | None = None
+
+    def variant_keys(self) -> list[str]:
+        """The variant's hash and units hash (none for a product without variants)."""
+        if self.variant_id is None:
+            return []
+        return [variant(self.drop_id, self.product_id, self.variant_id),
+                variant_units(self.drop_id, self.product_id, self.variant_id)]
 
 
-def new_hold_id(drop_id: int, product_id: int) -> str:
-    return f"{int(drop_id)}-{int(product_id)}-{secrets.token_hex(8)}"
+def new_hold_id(drop_id: int, product_id: int, variant_id: int | None = None) -> str:
+    if variant_id is None:
+        return f"{int(drop_id)}-{int(product_id)}-{secrets.token_hex(8)}"
+    return f"{int(drop_id)}-{int(product_id)}-{int(variant_id)}-{secrets.token_hex(8)}"
 
 
 def parse_hold_id(hold_id: str) -> HoldRef | None:
-    """The drop and product a hold id names, or None when it is not a hold id."""
+    """The drop, product and variant a hold id names, or None when it is not one."""
     match = _HOLD_RE.match(hold_id) if isinstance(hold_id, str) else None
     if match is None:
         return None
-    return HoldRef(int(match.group(1)), int(match.group(2)), hold_id)
+    variant_id = int(match.group(3)) if match.group(3) else None
+    return HoldRef(int(match.group(1)), int(match.group(2)), hold_id, variant_id)

@@ -35,6 +35,7 @@ class ReserveEntry:
     expires_at_ms: int
     flow: Flow
     created_at_ms: int = 0  # Redis' clock when the hold was made (0: not said)
+    variant_id: int | None = None  # the variant bought (None: no variants)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +91,7 @@ def parse_entry(fields: Mapping[Any, Any]) -> ReserveEntry | ReleaseEntry:
         currency=text("currency").lower(), idempotency_key=text("idempotency_key"),
         expires_at_ms=integer("expires_at", 0), flow=flow,
         created_at_ms=integer("created_at", 0) if f.get("created_at") else 0,
+        variant_id=integer("variant_id", 1) if f.get("variant_id") else None,
     )
     if entry.amount != entry.unit_price * entry.quantity:
         raise BadEntry("amount is not unit_price * quantity")

@@ -14,7 +14,8 @@ import asyncpg
 
 __all__ = ["ORDER_COLUMNS", "REBUILD_LOCK_NS", "insert_orders", "lock_key", "order_columns"]
 
-ORDER_COLUMNS = ("id", "public_id", "drop_id", "product_id", "user_id", "quantity",
+ORDER_COLUMNS = ("id", "public_id", "drop_id", "product_id", "variant_id", "user_id",
+                 "quantity",
                  "buyer_number", "unit_price", "amount", "currency", "state",
                  "payment_flow", "hold_expires_at", "released", "told")
 
@@ -39,7 +40,8 @@ async def insert_orders(conn: asyncpg.Connection, rows: list[tuple]) -> None:
     """Insert holds as ``orders`` rows, once each (``ON CONFLICT DO NOTHING``); call in
     a transaction. A row is ``(public_id, drop_id, product_id, user_id, quantity,
     buyer_number, unit_price, amount, currency, idempotency_key, expires_at_ms, flow,
-    created_at_ms, state, released)``.
+    created_at_ms, state, released[, variant_id])`` (no variant_id: None, a product
+    without variants).
 
     A hold made before recovery last read its drop's orders (``drop_rebuilds``) and
     arriving only now is one the rebuilt Redis does not count and may have sold
@@ -50,8 +52,9 @@ async def insert_orders(conn: asyncpg.Connection, rows: list[tuple]) -> None:
         return
     # One order for every writer's keys (hold ids, user ids): the journal, the order
     # workers and recovery insert overlapping rows at once, and two inserts taking
-    # each other's keys in opposite orders deadlock.
-    cols = list(zip(*sorted(rows, key=lambda r: r[0]), strict=True))
+    # each other's keys in opposite orders deadlock. (A row without variant_id: None.)
+    cols = list(zip(*sorted((row if len(row) == 16 else (*row, None) for row in rows),
+                            key=lambda r: r[0]), strict=True))
     drops = sorted({lock_key(d) for d in cols[1]})
     await conn.execute(
         "SELECT pg_advisory_xact_lock_shared($1, d) FROM unnest($2::int[]) AS d",
@@ -62,19 +65,19 @@ async def insert_orders(conn: asyncpg.Connection, rows: list[tuple]) -> None:
     await conn.execute(
         """INSERT INTO orders (public_id, drop_id, product_id, user_id, quantity,
                buyer_number, unit_price, amount, currency, idempotency_key,
-               hold_expires_at, payment_flow, state, released)
+               hold_expires_at, payment_flow, state, released, variant_id)
            SELECT t.public_id, t.drop_id, t.product_id, t.user_id, t.quantity,
                   t.buyer_number, t.unit_price, t.amount, t.currency, t.idempotency_key,
                   to_timestamp(t.expires_ms::double precision / 1000), t.flow,
                   CASE WHEN g.lost THEN 'failed' ELSE t.state END,
-                  CASE WHEN g.lost THEN 'lost' ELSE t.released END
+                  CASE WHEN g.lost THEN 'lost' ELSE t.released END, t.variant_id
            FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::int[],
                        $6::int[], $7::bigint[], $8::bigint[], $9::text[], $10::text[],
                        $11::bigint[], $12::text[], $13::bigint[], $14::text[],
-                       $15::text[])
+                       $15::text[], $16::bigint[])
                 AS t(public_id, drop_id, product_id, user_id, quantity, buyer_number,
                      unit_price, amount, currency, idempotency_key, expires_ms, flow,
-                     created_ms, state, released)
+                     created_ms, state, released, variant_id)
            CROSS JOIN LATERAL (
                SELECT t.created_ms > 0 AND EXISTS (
                    SELECT 1 FROM drop_rebuilds r

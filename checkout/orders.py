@@ -229,16 +229,18 @@ class OrderProcessor:
             v = (e.hold_id, e.drop_id, e.product_id, e.user_id, e.quantity, e.buyer_number,
                  e.unit_price, e.amount, e.currency, e.idempotency_key, e.expires_at_ms,
                  e.flow.value)
+            variant_id = e.variant_id
         else:
             v = (e["hold_id"], int(e["drop_id"]), int(e["product_id"]), e["user_id"],
                  int(e["quantity"]), int(e["buyer_number"]), int(e["unit_price"]),
                  int(e["amount"]), str(e["currency"]).lower(), e["idempotency_key"],
                  int(e["expires_at"]), e.get("flow") or Flow.CLIENT_CONFIRM.value)
+            variant_id = int(e["variant_id"]) if e.get("variant_id") else None
         created = (e.created_at_ms if isinstance(e, ReserveEntry)
                    else int(e.get("created_at") or 0))
         released = state.value if state in RELEASED_STATES else None
         async with self.db.acquire() as conn, conn.transaction():
-            await insert_orders(conn, [(*v, created, state.value, released)])
+            await insert_orders(conn, [(*v, created, state.value, released, variant_id)])
             row = await conn.fetchrow(
                 f"SELECT {_COLS} FROM orders WHERE public_id = $1", v[0])
         if row is None:

@@ -41,7 +41,8 @@ Redis, the drop's lock ``{drop:D}:reconcile`` (one process per drop and round), 
 4. when the drop was quiet while it read (no entry in flight, the stream's length and
    every buyer counter unchanged from before the PostgreSQL read to after it) and no
    hold needed a repair, recomputes each product's ``remaining``, units per buyer and
-   open holds per buyer from its holds (which now agree with PostgreSQL) and sets
+   open holds per buyer (and each variant's ``remaining`` and units per buyer) from its
+   holds (which now agree with PostgreSQL) and sets
    them if they differ (``counters``), in one script that reads every hold and
    writes nothing if a hold was made meanwhile. (Not from PostgreSQL directly: a
    payment marked paid in Redis a moment before PostgreSQL records it moves the open
@@ -165,7 +166,8 @@ async def _requeue(redis: Redis, drop_id: int, fields: dict[str, Any]) -> None:
 
 def _reserve_fields(record: dict[str, Any]) -> dict[str, Any]:
     names = ("hold_id", "drop_id", "product_id", "user_id", "quantity", "buyer_number",
-             "unit_price", "amount", "currency", "idempotency_key", "expires_at", "flow")
+             "unit_price", "amount", "currency", "idempotency_key", "expires_at", "flow",
+             "variant_id")
     return {"type": "reserve", **{n: record[n] for n in names if n in record}}
 
 
@@ -279,13 +281,18 @@ async def _reconcile(db: asyncpg.Pool, redis: Redis, drop_id: int,
     # Counters follow the holds (each of which now agrees with PostgreSQL): set in one
     # script that reads every hold of the product and writes nothing if a hold was
     # made since they were listed.
+    variants = {row["product_id"]: row["variants"].split(",")
+                for row in plan["products"] if row.get("variants")}
     for pid in pids:
         prefix = f"{drop_id}-{pid}-"
         names = [keys.hold(drop_id, h) for h in held if h.startswith(prefix)]
+        vids = variants.get(pid, [])
+        vkeys = [k for v in vids for k in (keys.variant(drop_id, pid, int(v)),
+                                           keys.variant_units(drop_id, pid, int(v)))]
         result = await script("reconcile_counters")(
             keys=[keys.product(drop_id, pid), keys.units(drop_id, pid),
-                  keys.open_holds(drop_id, pid), *names],
-            args=[before[1 + pids.index(pid)]], client=redis)
+                  keys.open_holds(drop_id, pid), *vkeys, *names],
+            args=[before[1 + pids.index(pid)], len(vids), *vids], client=redis)
         if _s(result[0]) == "fixed":
             await repair("counters", f"product {pid}", remaining=int(result[1]),
                          expected=int(result[2]))
@@ -294,10 +301,14 @@ async def _reconcile(db: asyncpg.Pool, redis: Redis, drop_id: int,
 async def _set_hold(redis: Redis, drop_id: int, record: dict[str, Any], seen: str,
                     target: str, *, force: bool) -> list:
     hold_id, pid = record["hold_id"], int(record["product_id"])
+    vkeys = []
+    if record.get("variant_id") is not None:
+        vid = int(record["variant_id"])
+        vkeys = [keys.variant(drop_id, pid, vid), keys.variant_units(drop_id, pid, vid)]
     return await script("reconcile_hold")(
         keys=[keys.hold(drop_id, hold_id), keys.product(drop_id, pid),
               keys.units(drop_id, pid), keys.open_holds(drop_id, pid),
-              keys.expiry(drop_id)],
+              keys.expiry(drop_id), *vkeys],
         args=[hold_id, seen, target, json.dumps(record), KEEP_RELEASED_MS,
               "1" if force else "0"], client=redis)
 

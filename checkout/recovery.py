@@ -13,7 +13,9 @@ lost writes) the per-drop marker ``{drop:D}:sale`` ``loaded`` is gone, and:
   so order rows in flight land, then writes, in one MULTI/EXEC: per product
   ``remaining = units - units of live orders``, the buyer counter ``max(buyer_number)``,
   per-user units and open holds, every hold with its expiry, the idempotency index,
-  and last the marker with a new generation. The drop's order stream and any hold
+  and last the marker with a new generation (a product with variants: the same per
+  variant, from ``orders.variant_id``; its own counters the sums of its variants'). The
+  drop's order stream and any hold
   PostgreSQL does not know go (they describe holds the rebuild does not count). Sales
   resume.
 * a failover that lost writes may keep the marker: :func:`find_behind` compares the
@@ -158,14 +160,20 @@ async def _read_on(conn: asyncpg.Connection, drop_id: int) -> tuple[Any, list, l
             drop_id)
         if drop is None or drop["state"] not in LIVE_DROP_STATES:
             return None
-        products = await conn.fetch(
+        products = [dict(r) for r in await conn.fetch(
             "SELECT product_id, price, units, per_buyer_limit, state, selling_at "
-            "FROM drop_products WHERE drop_id = $1 ORDER BY position, product_id", drop_id)
+            "FROM drop_products WHERE drop_id = $1 ORDER BY position, product_id", drop_id)]
+        variants = await conn.fetch(
+            "SELECT id AS variant_id, product_id, price, units, per_buyer_limit "
+            "FROM drop_product_variants WHERE drop_id = $1 ORDER BY position, id", drop_id)
         orders = await conn.fetch(
-            "SELECT public_id, product_id, user_id, quantity, buyer_number, unit_price, "
-            "amount, currency, idempotency_key, state, released, hold_expires_at, "
-            "payment_flow, created_at FROM orders WHERE drop_id = $1", drop_id)
-    return drop, list(products), list(orders)
+            "SELECT public_id, product_id, variant_id, user_id, quantity, buyer_number, "
+            "unit_price, amount, currency, idempotency_key, state, released, "
+            "hold_expires_at, payment_flow, created_at FROM orders WHERE drop_id = $1",
+            drop_id)
+    for p in products:
+        p["variants"] = [dict(v) for v in variants if v["product_id"] == p["product_id"]]
+    return drop, products, list(orders)
 
 
 def hold_state(state: str, released: str | None) -> str:
@@ -184,6 +192,8 @@ def plan(drop_id: int, drop: Any, products: list, orders: list) -> dict[str, Any
     currency = drop["currency"].strip().lower()
     flow = "manual_capture" if drop["kind"] == "campaign" else "client_confirm"
     sold: dict[int, int] = defaultdict(int)
+    vsold: dict[tuple[int, int], int] = defaultdict(int)
+    vunits: dict[tuple[int, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
     buyers: dict[int, int] = defaultdict(int)
     units: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     open_holds: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -198,9 +208,13 @@ def plan(drop_id: int, drop: Any, products: list, orders: list) -> dict[str, Any
         if redis_state == "held":
             expiry[o["public_id"]] = expires_at
             open_holds[pid][user] += 1
+        vid = o.get("variant_id")
         if redis_state in ("held", "paid"):
             sold[pid] += o["quantity"]
             units[pid][user] += o["quantity"]
+            if vid is not None:
+                vsold[(pid, vid)] += o["quantity"]
+                vunits[(pid, vid)][user] += o["quantity"]
         holds[o["public_id"]] = {
             "hold_id": o["public_id"], "drop_id": drop_id, "product_id": pid,
             "user_id": user, "quantity": o["quantity"], "buyer_number": o["buyer_number"],
@@ -210,20 +224,35 @@ def plan(drop_id: int, drop: Any, products: list, orders: list) -> dict[str, Any
             "created_at": _ms(o["created_at"]), "flow": o["payment_flow"],
             "state": redis_state,
         }
+        if vid is not None:
+            holds[o["public_id"]]["variant_id"] = vid
         idem[f"{user}\n{o['idempotency_key']}"] = o["public_id"]
     product_rows = []
+    variant_rows = []
     for p in products:
         pid = p["product_id"]
         state = "selling" if p["state"] in SELLING_PRODUCT_STATES else p["state"]
         row = {"product_id": pid, "price": p["price"], "units": p["units"],
                "limit": p["per_buyer_limit"], "currency": currency, "state": state,
                "remaining": max(0, p["units"] - sold[pid]), "buyers": buyers[pid]}
+        mine = [{"product_id": pid, "variant_id": v["variant_id"],
+                 "price": p["price"] if v["price"] is None else v["price"],
+                 "units": v["units"], "limit": v["per_buyer_limit"] or 0,
+                 "remaining": max(0, v["units"] - vsold[(pid, v["variant_id"])])}
+                for v in p.get("variants") or ()]
+        if mine:
+            # As prewarm.lua: the product's units and remaining are its variants'.
+            row["units"] = sum(v["units"] for v in mine)
+            row["remaining"] = sum(v["remaining"] for v in mine)
+            row["variants"] = ",".join(str(v["variant_id"]) for v in mine)
+            variant_rows += mine
         if state == "selling" and p["selling_at"] is not None:
             row["opened_at"] = _ms(p["selling_at"])
         product_rows.append(row)
     return {"meta": {"drop_id": drop_id, "currency": currency,
                      "max_holds": drop["max_holds_per_user"], "flow": flow},
             "products": product_rows, "units": units, "open": open_holds,
+            "variants": variant_rows, "variant_units": vunits,
             "holds": holds, "expiry": expiry, "idem": idem}
 
 
@@ -254,6 +283,14 @@ async def _write(redis: Redis, drop_id: int, contents: dict[str, Any]) -> int:
                 tx.hset(keys.units(d, pid), mapping=dict(contents["units"][pid]))
             if contents["open"].get(pid):
                 tx.hset(keys.open_holds(d, pid), mapping=dict(contents["open"][pid]))
+        for v in contents.get("variants", ()):
+            pid, vid = v["product_id"], v["variant_id"]
+            tx.delete(keys.variant(d, pid, vid), keys.variant_units(d, pid, vid))
+            tx.hset(keys.variant(d, pid, vid), mapping={
+                k: v[k] for k in ("price", "units", "limit", "remaining")})
+            if contents["variant_units"].get((pid, vid)):
+                tx.hset(keys.variant_units(d, pid, vid),
+                        mapping=dict(contents["variant_units"][(pid, vid)]))
         for hold_id, record in contents["holds"].items():
             tx.delete(keys.hold(d, hold_id))
             tx.hset(keys.hold(d, hold_id), mapping=record)

@@ -1,8 +1,8 @@
 """Reservations: the buy command, holds, bot defence, recovery (routes and hooks).
 
-* WebSocket commands (contract 3): ``buy`` {product_id, quantity?, idempotency_key,
-  flow?, proof?} -> {hold_id, buyer_number, expires_at, amount, currency, remaining,
-  ...}; ``cancel_hold`` {hold_id} -> {hold_id, state, remaining}.
+* WebSocket commands (contract 3): ``buy`` {product_id, variant_id?, quantity?,
+  idempotency_key, flow?, proof?} -> {hold_id, buyer_number, expires_at, amount,
+  currency, remaining, ...}; ``cancel_hold`` {hold_id} -> {hold_id, state, remaining}.
 * HTTP: ``POST /v1/drops/{id}/buy``, ``GET /v1/holds/{hold_id}``,
   ``DELETE /v1/holds/{hold_id}`` (docs/http-api.md, section Checkout).
 * Background, in every process: the hold sweeper, the recovery check and the
@@ -70,7 +70,8 @@ RELEASES = Counter("dropserver_hold_releases_total", "Holds released", ["reason"
 
 _NOT_LIVE_CACHE_S = 1.0
 # What a buy may carry (HTTP body and WebSocket command alike); anything else is 422.
-BUY_FIELDS = frozenset({"product_id", "quantity", "idempotency_key", "flow", "proof"})
+BUY_FIELDS = frozenset({"product_id", "variant_id", "quantity", "idempotency_key", "flow",
+                        "proof"})
 
 
 class Notifier:
@@ -116,10 +117,8 @@ class Notifier:
                 pipe.execute(command, *user_message(user_id, event, data, origin=origin))
                 for user_id, event, data, origin in events])
         for drop_id in dirty:
-            left = await inventory.remaining(self.redis, drop_id)
-            # Integer product ids: each wire format encodes them its own way (JSON
-            # turns map keys into strings, msgpack keeps integers; docs/protocol.md).
-            await publish_volatile(self.redis, drop_id, "stock", {"products": left})
+            await publish_volatile(self.redis, drop_id, "stock",
+                                   await inventory.stock_event(self.redis, drop_id))
 
     async def _run(self) -> None:
         while True:
@@ -307,8 +306,10 @@ async def buy(app: Any, who: Principal, drop_id: int, data: dict[str, Any], *, i
     quantity = field(data, "quantity", int, default=1, min_value=1, max_value=100)
     key = idempotency_key or field(data, "idempotency_key", str, max_len=255)
     flow = field(data, "flow", str, default="", max_len=32)
+    variant_id = field(data, "variant_id", int, default=None, min_value=1, max_value=2**62)
     req = BuyRequest(drop_id=drop_id, product_id=product_id, user_id=who.user_id or "",
-                     idempotency_key=key, quantity=quantity, ip=ip, flow=flow)
+                     idempotency_key=key, quantity=quantity, ip=ip, flow=flow,
+                     variant_id=variant_id)
     req.validate()
     res = _state(app)
     try:
@@ -329,6 +330,8 @@ async def buy(app: Any, who: Principal, drop_id: int, data: dict[str, Any], *, i
     held = {"order_id": hold.hold_id, "product_id": product_id,
             "buyer_number": hold.buyer_number, "expires_at": hold.expires_at,
             "amount": hold.amount, "currency": hold.currency}
+    if variant_id is not None:
+        held["variant_id"] = variant_id
     res.notifier.user_event(req.user_id, "order.held", held, origin)
     res.notifier.stock_changed(drop_id)
     if hold.remaining == 0:

@@ -56,6 +56,8 @@ class Refusal(enum.StrEnum):
     VELOCITY_EXCEEDED = "velocity_exceeded"
     IDEMPOTENCY_MISMATCH = "idempotency_mismatch"
     IDEMPOTENCY_KEY_EXPIRED = "idempotency_key_expired"
+    VARIANT_REQUIRED = "variant_required"    # the product has variants: name one
+    UNKNOWN_VARIANT = "unknown_variant"      # not a variant of this product
 
     @property
     def status(self) -> int:
@@ -77,6 +79,8 @@ _STATUS = {
     Refusal.VELOCITY_EXCEEDED: 429,
     Refusal.IDEMPOTENCY_MISMATCH: 422,
     Refusal.IDEMPOTENCY_KEY_EXPIRED: 422,
+    Refusal.VARIANT_REQUIRED: 422,
+    Refusal.UNKNOWN_VARIANT: 422,
 }
 _MESSAGES = {
     Refusal.NOT_READY: "sales are resuming, retry in a moment",
@@ -89,6 +93,8 @@ _MESSAGES = {
     Refusal.VELOCITY_EXCEEDED: "too many buy attempts right after BUY NOW",
     Refusal.IDEMPOTENCY_MISMATCH: "this idempotency key was used for a different buy",
     Refusal.IDEMPOTENCY_KEY_EXPIRED: "this idempotency key's hold is gone; use a new key",
+    Refusal.VARIANT_REQUIRED: "this product comes in variants: name one (variant_id)",
+    Refusal.UNKNOWN_VARIANT: "variant_id is not a variant of this product",
 }
 
 
@@ -107,6 +113,11 @@ class BuyRefused(ApiError):
         details: dict[str, Any] = {"detail": detail} if detail else {}
         if refusal in (Refusal.SOLD_OUT, Refusal.NOT_ENOUGH_STOCK) and detail.isdigit():
             details = {"remaining": int(detail)}
+        elif refusal is Refusal.VARIANT_REQUIRED:
+            details = {"field": "variant_id",
+                       "variant_ids": [int(v) for v in detail.split(",") if v.isdigit()]}
+        elif refusal is Refusal.UNKNOWN_VARIANT:
+            details = {"field": "variant_id"}
         headers = None
         if refusal is Refusal.NOT_READY:
             headers = {"Retry-After": "1"}
@@ -127,6 +138,7 @@ class BuyRequest:
     quantity: int = 1
     ip: str = ""
     flow: str = ""  # "" = the drop's default
+    variant_id: int | None = None  # None: a product without variants
 
     def validate(self) -> None:
         from dropserver.errors import ValidationFailed
@@ -162,15 +174,22 @@ class Hold:
     state: str               # held, paid, expired, cancelled, failed
     flow: str
     replay: bool = False     # an idempotent retry: the first result, nothing changed
+    variant_id: int | None = None
+    variant_remaining: int | None = None  # units left of the variant after this buy
 
     def reply(self) -> dict[str, Any]:
-        """The payload of the ``buy`` reply and of the HTTP 201/200 body."""
-        return {"hold_id": self.hold_id, "drop_id": self.drop_id,
-                "product_id": self.product_id, "buyer_number": self.buyer_number,
-                "expires_at": self.expires_at, "amount": self.amount,
-                "currency": self.currency, "remaining": self.remaining,
-                "quantity": self.quantity, "unit_price": self.unit_price,
-                "state": self.state, "flow": self.flow, "replay": self.replay}
+        """The payload of the ``buy`` reply and of the HTTP 201/200 body (a buy of a
+        variant adds ``variant_id`` and ``variant_remaining``)."""
+        out = {"hold_id": self.hold_id, "drop_id": self.drop_id,
+               "product_id": self.product_id, "buyer_number": self.buyer_number,
+               "expires_at": self.expires_at, "amount": self.amount,
+               "currency": self.currency, "remaining": self.remaining,
+               "quantity": self.quantity, "unit_price": self.unit_price,
+               "state": self.state, "flow": self.flow, "replay": self.replay}
+        if self.variant_id is not None:
+            out["variant_id"] = self.variant_id
+            out["variant_remaining"] = self.variant_remaining
+        return out
 
 
 def _s(value: Any) -> str:
@@ -186,15 +205,16 @@ def parse_reply(req: BuyRequest, reply: list[Any]) -> Hold:
         buyer_number=int(reply[2]), expires_at=int(reply[3]), amount=int(reply[4]),
         currency=_s(reply[5]), remaining=int(reply[6]), replay=bool(int(reply[7])),
         state=_s(reply[8]), quantity=int(reply[9]), unit_price=int(reply[10]),
-        flow=_s(reply[11]),
+        flow=_s(reply[11]), variant_id=req.variant_id,
+        variant_remaining=int(reply[12]) if req.variant_id is not None else None,
     )
 
 
 def script_call(req: BuyRequest, hold_ttl_ms: int, limits: BuyLimits,
                 ) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of reserve.lua for one request (see the script's header)."""
-    d, p = req.drop_id, req.product_id
-    hold_id = keys.new_hold_id(d, p)
+    d, p, v = req.drop_id, req.product_id, req.variant_id
+    hold_id = keys.new_hold_id(d, p, v)
     key_list = [
         keys.meta(d), keys.product(d, p), keys.units(d, p), keys.open_holds(d, p),
         keys.idem(d), keys.hold(d, hold_id), keys.expiry(d), keys.orders(d),
@@ -202,6 +222,9 @@ def script_call(req: BuyRequest, hold_ttl_ms: int, limits: BuyLimits,
     ]
     args = [req.user_id, req.quantity, req.idempotency_key, hold_id, hold_ttl_ms,
             req.flow, d, p, *limits.script_args()]
+    if v is not None:
+        key_list += [keys.variant(d, p, v), keys.variant_units(d, p, v)]
+        args.append(v)
     return key_list, args
 
 

@@ -58,9 +58,21 @@ def host_json(drop: dict[str, Any]) -> dict[str, Any]:
             "avatar_url": drop.get("host_avatar_url") or ""}
 
 
+def _variant_json(v: dict[str, Any], left: dict[int, int] | None) -> dict[str, Any]:
+    item = {"variant_id": v["variant_id"], "title": v["title"], "options": v["options"],
+            "image_url": v["image_url"], "price": v["price"], "units": v["units"],
+            "per_buyer_limit": v["per_buyer_limit"]}
+    if left is not None and v["variant_id"] in left:
+        item["remaining"] = left[v["variant_id"]]
+    return item
+
+
 def drop_json(drop: dict[str, Any], *, private: bool,
-              remaining: dict[int, int] | None = None) -> dict[str, Any]:
-    """The API's view of a drop; ``private`` adds COGS and the legal next actions."""
+              remaining: dict[int, int] | None = None,
+              variants_left: dict[int, dict[int, int]] | None = None) -> dict[str, Any]:
+    """The API's view of a drop; ``private`` adds COGS and the legal next actions.
+    While on air, ``remaining`` (per product) and ``variants_left`` (per product, per
+    variant) add what is left and ``sold`` (units - remaining)."""
     campaign = None
     if drop["kind"] == "campaign":
         campaign = {"goal_orders": drop["campaign_goal_orders"],
@@ -77,6 +89,9 @@ def drop_json(drop: dict[str, Any], *, private: bool,
         }
         if remaining is not None and p["product_id"] in remaining:
             item["remaining"] = remaining[p["product_id"]]
+            item["sold"] = max(0, p["units"] - item["remaining"])
+        left = (variants_left or {}).get(p["product_id"]) if remaining is not None else None
+        item["variants"] = [_variant_json(v, left) for v in p.get("variants", ())]
         if private:
             item["cogs"] = p["cogs"]
         products.append(item)
@@ -126,10 +141,13 @@ async def snapshot(app: Any, drop_id: int, who: Principal | None = None) -> dict
     private = drop is not None and who is not None and who.can_manage(drop["creator_id"])
     if drop is None or (drop["state"] == DropState.DRAFT and not private):
         return None
-    remaining = None
+    remaining = variants_left = None
     if DropState(drop["state"]) in ON_AIR:
         remaining = await inventory.remaining(app.state.redis, drop_id)
-    return drop_json(drop, private=private, remaining=remaining)
+        if any(p["variants"] for p in drop["products"]):
+            variants_left = await inventory.variants_remaining(app.state.redis, drop_id)
+    return drop_json(drop, private=private, remaining=remaining,
+                     variants_left=variants_left)
 
 
 async def get_drop(request: Request) -> JSONResponse:

@@ -22,6 +22,7 @@ __all__ = [
     "DropPatch",
     "DropSpec",
     "ProductSpec",
+    "VariantSpec",
     "parse_create",
     "parse_patch",
     "parse_product_id",
@@ -40,6 +41,9 @@ class _Limits:
     per_buyer_limit: int = 100
     max_holds_per_user: int = 10
     goal_orders: int = 10_000_000
+    variants: int = 50             # variants of one product
+    options: int = 4               # option names of a variant (size, colour, ...)
+    option_text: int = 100
 
 
 LIMITS = _Limits()
@@ -48,9 +52,25 @@ _CURRENCY = re.compile(r"^[A-Za-z]{3}$")  # ISO 4217 alphabetic code
 _DROP_FIELDS = {"title", "description", "kind", "currency", "starts_at",
                 "max_holds_per_user", "campaign", "products"}
 _PRODUCT_FIELDS = {"product_id", "title", "description", "image_url", "price", "units",
-                   "per_buyer_limit", "cogs"}
+                   "per_buyer_limit", "cogs", "variants"}
+_VARIANT_FIELDS = {"variant_id", "title", "options", "image_url", "price", "units",
+                   "per_buyer_limit"}
 _CAMPAIGN_FIELDS = {"goal_orders", "deadline"}
 KINDS = ("standard", "campaign")
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One variant of a product (a size, a colour): its own stock, and optionally its
+    own per-buyer limit and price (None: the product's)."""
+
+    options: dict[str, str]
+    units: int
+    title: str = ""
+    image_url: str = ""
+    price: int | None = None
+    per_buyer_limit: int | None = None
+    variant_id: int | None = None   # set when a PATCH updates a variant already there
 
 
 @dataclass(frozen=True)
@@ -63,6 +83,7 @@ class ProductSpec:
     description: str = ""
     image_url: str = ""
     product_id: int | None = None   # set when a PATCH updates a product already in the drop
+    variants: tuple[VariantSpec, ...] = ()  # none: one implicit variant (the product)
 
 
 @dataclass(frozen=True)
@@ -157,15 +178,90 @@ def _image_url(prefix: str, data: dict[str, Any]) -> str:
     return url
 
 
+def _options(path: str, raw: Any) -> dict[str, str]:
+    data = _object(path, raw)
+    if not 1 <= len(data) <= LIMITS.options:
+        raise _fail(path, f"must name 1 to {LIMITS.options} options, e.g. {{\"size\": \"M\"}}")
+    out: dict[str, str] = {}
+    for name, value in data.items():
+        if not name.strip() or len(name) > LIMITS.option_text:
+            raise _fail(path, f"option names must be 1-{LIMITS.option_text} characters")
+        if not isinstance(value, str) or not value.strip() or len(value) > LIMITS.option_text:
+            raise _fail(f"{path}.{name}", f"must be a string of 1-{LIMITS.option_text} "
+                        "characters")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def _variant(prefix: str, raw: Any, *, allow_id: bool, product_limit: int) -> VariantSpec:
+    data = _object(prefix.rstrip("."), raw)
+    reject_unknown(data, _VARIANT_FIELDS if allow_id else _VARIANT_FIELDS - {"variant_id"},
+                   prefix)
+    if "options" not in data:
+        raise _fail(f"{prefix}options", "is required")
+    options = _options(f"{prefix}options", data["options"])
+    units = _at(prefix, data, "units", int, min_value=1, max_value=LIMITS.units)
+    limit = _at(prefix, data, "per_buyer_limit", int, default=None, min_value=1,
+                max_value=LIMITS.per_buyer_limit)
+    if limit is not None and limit > product_limit:
+        raise _fail(f"{prefix}per_buyer_limit", "must not exceed the product's "
+                    "per_buyer_limit (it counts every variant of the product)")
+    return VariantSpec(
+        options=options, units=units,
+        title=_text(prefix, data, "title", LIMITS.title) or " / ".join(options.values()),
+        image_url=_image_url(prefix, data),
+        price=_at(prefix, data, "price", int, default=None, min_value=1,
+                  max_value=LIMITS.price),
+        per_buyer_limit=limit,
+        variant_id=_at(prefix, data, "variant_id", int, default=None, min_value=1)
+        if allow_id else None,
+    )
+
+
+def _variants(prefix: str, raw: Any, *, allow_id: bool,
+              product_limit: int) -> tuple[VariantSpec, ...]:
+    path = f"{prefix}variants"
+    if not isinstance(raw, list) or not 1 <= len(raw) <= LIMITS.variants:
+        raise _fail(path, f"must be a list of 1 to {LIMITS.variants} variants")
+    specs = [_variant(f"{path}[{i}].", item, allow_id=allow_id, product_limit=product_limit)
+             for i, item in enumerate(raw)]
+    names = set(specs[0].options)
+    seen: dict[tuple, int] = {}
+    for i, v in enumerate(specs):
+        if set(v.options) != names:
+            raise _fail(f"{path}[{i}].options", "must name the same options as "
+                        f"{path}[0] ({', '.join(sorted(names))})")
+        combo = tuple(sorted((k, val.casefold()) for k, val in v.options.items()))
+        if combo in seen:
+            raise _fail(f"{path}[{i}].options",
+                        f"repeats the options of {path}[{seen[combo]}]")
+        seen[combo] = i
+    ids = [v.variant_id for v in specs if v.variant_id is not None]
+    if len(ids) != len(set(ids)):
+        raise _fail(path, "names a variant_id twice")
+    return tuple(specs)
+
+
 def _product(index: int, raw: Any, *, allow_id: bool) -> ProductSpec:
     prefix = f"products[{index}]."
     data = _object(f"products[{index}]", raw)
     reject_unknown(data, _PRODUCT_FIELDS if allow_id else _PRODUCT_FIELDS - {"product_id"},
                    prefix)
     price = _at(prefix, data, "price", int, min_value=1, max_value=LIMITS.price)
-    units = _at(prefix, data, "units", int, min_value=1, max_value=LIMITS.units)
     limit = _at(prefix, data, "per_buyer_limit", int, default=1, min_value=1,
                 max_value=LIMITS.per_buyer_limit)
+    variants: tuple[VariantSpec, ...] = ()
+    if data.get("variants") is not None:
+        variants = _variants(prefix, data["variants"], allow_id=allow_id,
+                             product_limit=limit)
+        total = sum(v.units for v in variants)
+        units = _at(prefix, data, "units", int, default=total, min_value=1,
+                    max_value=LIMITS.units * LIMITS.variants)
+        if units != total:
+            raise _fail(f"{prefix}units", f"must be the sum of its variants' units ({total})"
+                        " or left out")
+    else:
+        units = _at(prefix, data, "units", int, min_value=1, max_value=LIMITS.units)
     if limit > units:
         raise _fail(f"{prefix}per_buyer_limit", "must not exceed units")
     return ProductSpec(
@@ -178,6 +274,7 @@ def _product(index: int, raw: Any, *, allow_id: bool) -> ProductSpec:
         cogs=_at(prefix, data, "cogs", int, default=0, min_value=0, max_value=LIMITS.price),
         product_id=_at(prefix, data, "product_id", int, default=None, min_value=1)
         if allow_id else None,
+        variants=variants,
     )
 
 

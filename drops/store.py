@@ -8,13 +8,15 @@ the layers above it.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import asyncpg
 
 from drops.lifecycle import DropState, ProductState
-from drops.spec import CampaignSpec, DropSpec, ProductSpec
+from drops.spec import CampaignSpec, DropSpec, ProductSpec, VariantSpec
 from dropserver.auth import Principal, Role
+from dropserver.errors import ValidationFailed
 
 __all__ = [
     "DROP_COLUMNS",
@@ -23,6 +25,7 @@ __all__ = [
     "list_drops",
     "load_drop",
     "load_products",
+    "load_variants",
     "lock_drop",
     "record_transition",
     "replace_products",
@@ -84,7 +87,45 @@ async def _insert_product(conn: asyncpg.Connection, drop_id: int, creator_id: st
         "INSERT INTO drop_products (drop_id, product_id, position, price, units, "
         "per_buyer_limit, cogs) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         drop_id, product_id, position, spec.price, spec.units, spec.per_buyer_limit, spec.cogs)
+    await _replace_variants(conn, drop_id, product_id, spec.variants, index=position)
     return product_id
+
+
+async def _replace_variants(conn: asyncpg.Connection, drop_id: int, product_id: int,
+                            specs: tuple[VariantSpec, ...], *, index: int) -> None:
+    """Make the product's variants exactly ``specs`` (ids update, others are new).
+    A ``variant_id`` that is not one of this product's is a 422 naming it."""
+    current = {r["id"] for r in await conn.fetch(
+        "SELECT id FROM drop_product_variants WHERE drop_id = $1 AND product_id = $2",
+        drop_id, product_id)}
+    for i, v in enumerate(specs):
+        if v.variant_id is not None and v.variant_id not in current:
+            path = f"products[{index}].variants[{i}].variant_id"
+            raise ValidationFailed(f"{path} {v.variant_id} is not a variant of this product",
+                                   details={"field": path})
+    kept = [v.variant_id for v in specs if v.variant_id is not None]
+    await conn.execute(
+        "DELETE FROM drop_product_variants WHERE drop_id = $1 AND product_id = $2 "
+        "AND NOT (id = ANY($3::bigint[]))", drop_id, product_id, kept)
+    # Options are unique per product: clear the kept ones first so that two variants
+    # may swap their options in one edit.
+    await conn.execute(
+        "UPDATE drop_product_variants SET options = jsonb_build_object('', id::text) "
+        "WHERE id = ANY($1::bigint[])", kept)
+    for position, v in enumerate(specs):
+        values = (position, v.title, json.dumps(v.options), v.image_url, v.price, v.units,
+                  v.per_buyer_limit)
+        if v.variant_id is None:
+            await conn.execute(
+                "INSERT INTO drop_product_variants (drop_id, product_id, position, title, "
+                "options, image_url, price, units, per_buyer_limit) "
+                "VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7, $8, $9)",
+                drop_id, product_id, *values)
+        else:
+            await conn.execute(
+                "UPDATE drop_product_variants SET position = $2, title = $3, "
+                "options = $4::text::jsonb, image_url = $5, price = $6, units = $7, "
+                "per_buyer_limit = $8 WHERE id = $1", v.variant_id, *values)
 
 
 async def create_drop(conn: asyncpg.Connection, creator_id: str, spec: DropSpec) -> int:
@@ -131,6 +172,7 @@ async def replace_products(conn: asyncpg.Connection, drop_id: int, creator_id: s
             "per_buyer_limit = $6, cogs = $7 WHERE drop_id = $1 AND product_id = $2",
             drop_id, spec.product_id, position, spec.price, spec.units,
             spec.per_buyer_limit, spec.cogs)
+        await _replace_variants(conn, drop_id, spec.product_id, spec.variants, index=position)
 
 
 async def update_drop(conn: asyncpg.Connection, drop_id: int, values: dict[str, Any],
@@ -203,10 +245,31 @@ async def load_products(conn: asyncpg.Connection | asyncpg.Pool,
         "JOIN products p ON p.id = dp.product_id "
         "WHERE dp.drop_id = ANY($1::bigint[]) ORDER BY dp.drop_id, dp.position, dp.product_id",
         drop_ids)
+    variants = await load_variants(conn, drop_ids)
     out: dict[int, list[dict[str, Any]]] = {i: [] for i in drop_ids}
     for row in rows:
         item = dict(row)
-        out[item.pop("drop_id")].append(item)
+        drop_id = item.pop("drop_id")
+        item["variants"] = variants.get((drop_id, item["product_id"]), [])
+        out[drop_id].append(item)
+    return out
+
+
+async def load_variants(conn: asyncpg.Connection | asyncpg.Pool, drop_ids: list[int],
+                        ) -> dict[tuple[int, int], list[dict[str, Any]]]:
+    """The variants of the drops' products, by ``(drop_id, product_id)``, in order;
+    ``price`` and ``per_buyer_limit`` are None where the product's apply."""
+    rows = await conn.fetch(
+        "SELECT id AS variant_id, drop_id, product_id, position, title, options::text AS options, "
+        "image_url, "
+        "price, units, per_buyer_limit FROM drop_product_variants "
+        "WHERE drop_id = ANY($1::bigint[]) ORDER BY drop_id, product_id, position, id",
+        drop_ids)
+    out: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        item = dict(row)
+        item["options"] = json.loads(item["options"])
+        out.setdefault((item.pop("drop_id"), item.pop("product_id")), []).append(item)
     return out
 
 

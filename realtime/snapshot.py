@@ -9,13 +9,15 @@ events after it (see realtime.gateway). A per-process cache (about a second, and
 dropped on every durable event of the drop) keeps 50k joins from reaching
 PostgreSQL 50k times.
 
-Remaining stock comes from ``checkout.inventory.remaining(redis, drop_id)``; a
-product it does not know yet (before pre-warm) shows its units from PostgreSQL.
+Remaining stock comes from ``checkout.inventory.remaining(redis, drop_id)`` (and
+``variants_remaining`` for each variant of a product that has them); a product it
+does not know yet (before pre-warm) shows its units from PostgreSQL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -41,6 +43,11 @@ SELECT dp.product_id, p.title, p.description, p.image_url, dp.price, dp.units,
 FROM drop_products dp JOIN products p ON p.id = dp.product_id
 WHERE dp.drop_id = $1 ORDER BY dp.position, dp.product_id
 """
+_VARIANTS_SQL = """
+SELECT id AS variant_id, product_id, title, options::text AS options, image_url, price,
+       units, per_buyer_limit
+FROM drop_product_variants WHERE drop_id = $1 ORDER BY product_id, position, id
+"""
 
 
 def _iso(value: Any) -> str | None:
@@ -64,6 +71,30 @@ async def _remaining(redis: Any, drop_id: int) -> dict[int, int]:
     return {int(k): int(v) for k, v in (stock or {}).items()}
 
 
+async def _variants(state: Any, drop_id: int) -> dict[int, list[dict[str, Any]]]:
+    """The variants of the drop's products with what is left of each (Redis, once
+    loaded; before that their units)."""
+    rows = await state.db.fetch(_VARIANTS_SQL, drop_id)
+    if not rows:
+        return {}
+    left: dict[int, dict[int, int]] = {}
+    try:
+        from checkout import inventory
+
+        left = await inventory.variants_remaining(state.redis, drop_id)
+    except Exception:  # the checkout package is optional for the gateway
+        left = {}
+    out: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        pid, vid = row["product_id"], row["variant_id"]
+        out.setdefault(pid, []).append({
+            "variant_id": vid, "title": row["title"], "options": json.loads(row["options"]),
+            "image_url": row["image_url"], "price": row["price"], "units": row["units"],
+            "per_buyer_limit": row["per_buyer_limit"],
+            "remaining": left.get(pid, {}).get(vid, row["units"])})
+    return out
+
+
 async def recent_chat(redis: Any, drop_id: int, count: int) -> list[dict[str, Any]]:
     if count <= 0:
         return []
@@ -85,10 +116,11 @@ async def build(app: Any, drop_id: int) -> dict[str, Any] | None:
     drop = await load_drop(state.db, drop_id)
     if drop is None:
         return None
-    rows, stock, chat = await asyncio.gather(
+    rows, stock, chat, variants = await asyncio.gather(
         state.db.fetch(_PRODUCTS_SQL, drop_id),
         _remaining(redis, drop_id),
         recent_chat(redis, drop_id, state.settings.chat_history),
+        _variants(state, drop_id),
     )
     products = []
     for row in rows:
@@ -99,6 +131,7 @@ async def build(app: Any, drop_id: int) -> dict[str, Any] | None:
             "currency": drop["currency"].strip(), "units": row["units"],
             "remaining": stock.get(pid, row["units"]),
             "per_buyer_limit": row["per_buyer_limit"], "state": row["state"],
+            "variants": variants.get(pid, []),
         })
     slow, pinned = await asyncio.gather(redis.get(channels.chat_key(drop_id, "slow")),
                                         redis.get(channels.chat_key(drop_id, "pinned")))

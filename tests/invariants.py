@@ -19,6 +19,11 @@ pipeline is quiet (:func:`quiesce`) and then checks what must always hold
 5. Redis and PostgreSQL agree: remaining stock per product, the buyer counter, each
    buyer's units and open holds, and the state of every hold.
 
+A product with variants is checked per variant too: every order of it names one of
+its variants, no variant has more units in live orders than it has, no buyer more than
+the variant's own limit, and Redis' remaining and units per buyer of each variant are
+PostgreSQL's.
+
 "Units-holding" orders are those whose units are sold or held: ``held``,
 ``payment_pending``, ``authorized``, ``paid``, ``disputed``, and ``refunded`` unless
 the hold had been released first (``orders.released``, set when the hold expired,
@@ -204,8 +209,11 @@ async def violations(db: Any, redis: Any, drop_id: int, *,
         "SELECT EXISTS (SELECT 1 FROM information_schema.columns "
         "WHERE table_name = 'orders' AND column_name = 'released')")
     released_col = "o.released" if has_released else "NULL::text"
+    has_variants = await db.fetchval("SELECT to_regclass('drop_product_variants') IS NOT NULL")
+    variant_col = "o.variant_id" if has_variants else "NULL::bigint"
     orders = [dict(r) for r in await db.fetch(
-        f"""SELECT o.id, o.public_id, o.product_id, o.user_id, o.quantity, o.buyer_number,
+        f"""SELECT o.id, o.public_id, o.product_id, {variant_col} AS variant_id, o.user_id,
+                   o.quantity, o.buyer_number,
                    o.amount, o.state, {released_col} AS released,
                    p.intent_id, p.status AS pay_status,
                    COALESCE(p.amount_received, 0) AS received,
@@ -260,6 +268,13 @@ async def violations(db: Any, redis: Any, drop_id: int, *,
         if p is not None and n > p["per_buyer_limit"]:
             out.append(f"product {pid}: buyer {user} holds {n} units, the limit is "
                        f"{p['per_buyer_limit']}")
+
+    variants: dict[int, dict[str, Any]] = {}
+    if has_variants:
+        variants = {r["variant_id"]: dict(r) for r in await db.fetch(
+            "SELECT id AS variant_id, product_id, units, per_buyer_limit "
+            "FROM drop_product_variants WHERE drop_id = $1", drop_id)}
+        out += _variant_violations(orders, variants)
 
     # 3. and 4. payments and money, PostgreSQL side
     for o in orders:
@@ -325,6 +340,62 @@ async def violations(db: Any, redis: Any, drop_id: int, *,
     if redis_checks:
         out += await _redis_violations(redis, drop_id, orders, products, sold, per_user,
                                        open_per_user)
+        if variants:
+            out += await _redis_variant_violations(redis, drop_id, orders, variants)
+    return out
+
+
+def _variant_sold(orders: list[dict]) -> tuple[dict[int, int], dict[tuple[int, str], int]]:
+    sold: dict[int, int] = defaultdict(int)
+    per_user: dict[tuple[int, str], int] = defaultdict(int)
+    for o in orders:
+        if o["variant_id"] is not None and _holds_units(o):
+            sold[o["variant_id"]] += o["quantity"]
+            per_user[(o["variant_id"], o["user_id"])] += o["quantity"]
+    return sold, per_user
+
+
+def _variant_violations(orders: list[dict], variants: Mapping[int, dict]) -> list[str]:
+    out = []
+    with_variants = {v["product_id"] for v in variants.values()}
+    for o in orders:
+        vid = o["variant_id"]
+        if vid is None and o["product_id"] in with_variants:
+            out.append(f"order {o['public_id']} of product {o['product_id']} names no "
+                       "variant, the product has variants")
+        elif vid is not None and variants.get(vid, {}).get("product_id") != o["product_id"]:
+            out.append(f"order {o['public_id']} names variant {vid}, not one of product "
+                       f"{o['product_id']}")
+    sold, per_user = _variant_sold(orders)
+    for vid, n in sold.items():
+        v = variants.get(vid)
+        if v is not None and n > v["units"]:
+            out.append(f"variant {vid}: {n} units in live orders, only {v['units']} exist")
+    for (vid, user), n in per_user.items():
+        v = variants.get(vid)
+        if v is not None and v["per_buyer_limit"] and n > v["per_buyer_limit"]:
+            out.append(f"variant {vid}: buyer {user} holds {n} units, the limit is "
+                       f"{v['per_buyer_limit']}")
+    return out
+
+
+async def _redis_variant_violations(redis: Any, drop_id: int, orders: list[dict],
+                                    variants: Mapping[int, dict]) -> list[str]:
+    out = []
+    tag = f"{{drop:{int(drop_id)}}}"
+    sold, per_user = _variant_sold(orders)
+    for vid, v in sorted(variants.items()):
+        key = f"{tag}:p:{v['product_id']}:v:{vid}"
+        remaining = await redis.hget(key, "remaining")
+        expected = v["units"] - sold.get(vid, 0)
+        if remaining is None or int(remaining) != expected:
+            out.append(f"variant {vid}: Redis has {_s(remaining)} remaining, PostgreSQL "
+                       f"{expected}")
+        units = {_s(k): int(n) for k, n in (await redis.hgetall(f"{key}:units")).items()}
+        want = {u: n for (q, u), n in per_user.items() if q == vid and n}
+        if units != want:
+            out.append(f"variant {vid}: units per buyer differ: Redis {units}, "
+                       f"PostgreSQL {want}")
     return out
 
 

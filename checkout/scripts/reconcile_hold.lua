@@ -2,6 +2,8 @@
 -- with it, atomically and only if the hold is still as the reconciler saw it.
 -- KEYS[1] {drop:D}:hold:<H>   KEYS[2] {drop:D}:p:<P>   KEYS[3] {drop:D}:p:<P>:units
 -- KEYS[4] {drop:D}:p:<P>:open KEYS[5] {drop:D}:expiry
+-- KEYS[6] {drop:D}:p:<P>:v:<V>  KEYS[7] {drop:D}:p:<P>:v:<V>:units  (a variant's hold:
+--         its units move with the product's)
 -- ARGV[1] hold id
 -- ARGV[2] the state the reconciler saw: 'missing', 'held', 'paid' or 'released'
 -- ARGV[3] the target: 'held', 'paid', or a released state (expired, cancelled, failed)
@@ -13,6 +15,7 @@
 --       | {'no_stock', remaining} (restoring would oversell)
 local hold_key, product_key, units_key, open_key, expiry_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local variant_key, variant_units_key = KEYS[6], KEYS[7]
 local hold_id, seen, target = ARGV[1], ARGV[2], ARGV[3]
 local record = cjson.decode(ARGV[4])
 local keep, force = tonumber(ARGV[5]), ARGV[6] == '1'
@@ -35,8 +38,12 @@ local expires_at = tonumber(h[4] or record.expires_at)
 local counted_before = now_class == 'held' or now_class == 'paid'
 local counted_after = target == 'held' or target == 'paid'
 local remaining = tonumber(redis.call('HGET', product_key, 'remaining'))
-if counted_after and not counted_before and remaining < quantity and not force then
-  return {'no_stock', remaining}
+local stock = remaining
+if variant_key then
+  stock = tonumber(redis.call('HGET', variant_key, 'remaining')) or 0
+end
+if counted_after and not counted_before and stock < quantity and not force then
+  return {'no_stock', stock}
 end
 
 -- writes -------------------------------------------------------------------
@@ -51,13 +58,19 @@ if counted_after then
 else
   redis.call('PEXPIRE', hold_key, keep)
 end
-if counted_after and not counted_before then
-  remaining = redis.call('HINCRBY', product_key, 'remaining', -quantity)
-  redis.call('HINCRBY', units_key, user_id, quantity)
-elseif counted_before and not counted_after then
-  remaining = redis.call('HINCRBY', product_key, 'remaining', quantity)
-  if redis.call('HINCRBY', units_key, user_id, -quantity) <= 0 then
-    redis.call('HDEL', units_key, user_id)
+local function move(stock_key, per_user_key, delta)
+  local left = redis.call('HINCRBY', stock_key, 'remaining', -delta)
+  if redis.call('HINCRBY', per_user_key, user_id, delta) <= 0 then
+    redis.call('HDEL', per_user_key, user_id)
+  end
+  return left
+end
+if counted_after ~= counted_before then
+  local delta = quantity
+  if counted_before then delta = -quantity end
+  remaining = move(product_key, units_key, delta)
+  if variant_key then
+    move(variant_key, variant_units_key, delta)
   end
 end
 if now_class == 'held' and target ~= 'held' then

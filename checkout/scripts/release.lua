@@ -3,6 +3,7 @@
 -- cancelling their own hold and by the payments worker when a payment fails.
 -- KEYS[1] {drop:D}:hold:<H>   KEYS[2] {drop:D}:p:<P>   KEYS[3] {drop:D}:p:<P>:units
 -- KEYS[4] {drop:D}:p:<P>:open KEYS[5] {drop:D}:expiry  KEYS[6] {drop:D}:orders
+-- KEYS[7] {drop:D}:p:<P>:v:<V>  KEYS[8] {drop:D}:p:<P>:v:<V>:units  (a variant's hold)
 -- ARGV[1] hold id   ARGV[2] reason: expired | cancelled | failed
 -- ARGV[3] user id that must own the hold ('' = any)   ARGV[4] keep the record (ms)
 -- Returns {'ok', remaining, user_id, product_id, quantity}
@@ -10,6 +11,7 @@
 --      or {'err', code}              (not_found, not_owner)
 local hold_key, product_key, units_key, open_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local expiry_key, orders_key = KEYS[5], KEYS[6]
+local variant_key, variant_units_key = KEYS[7], KEYS[8]
 local hold_id, reason, owner, keep = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 
 -- checks -------------------------------------------------------------------
@@ -40,6 +42,12 @@ if redis.call('HINCRBY', units_key, user_id, -quantity) <= 0 then
 end
 if redis.call('HINCRBY', open_key, user_id, -1) <= 0 then
   redis.call('HDEL', open_key, user_id)
+end
+if variant_key then
+  redis.call('HINCRBY', variant_key, 'remaining', quantity)
+  if redis.call('HINCRBY', variant_units_key, user_id, -quantity) <= 0 then
+    redis.call('HDEL', variant_units_key, user_id)
+  end
 end
 redis.call('ZREM', expiry_key, hold_id)
 redis.call('XADD', orders_key, '*', 'type', 'release', 'hold_id', hold_id,
