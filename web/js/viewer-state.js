@@ -57,7 +57,11 @@ export function initialState(dropId = null) {
       creatorId: null,
       host: null, // {id, name, avatarUrl}: who hosts the drop
     },
-    products: {}, // product_id -> {id, title, price, currency, remaining}
+    products: {}, // product_id -> {id, title, price, currency, remaining, units,
+    //               description, imageUrl, variants: [{id, title, options, price,
+    //               units, remaining, imageUrl}]}
+    productOrder: [], // product ids in the drop's order (the product list)
+    picks: {}, // product_id -> the variant id the viewer picked
     viewers: null,
     chat: [],
     chatPinned: null, // the pinned chat message {id, name, text, userId, pinnedBy}
@@ -99,8 +103,20 @@ function withProduct(state, id, fields) {
   if (id === undefined || id === null) return state.products;
   const key = String(id);
   const prev = state.products[key] || { id: key, title: "", price: null, currency: null,
-    remaining: null };
+    remaining: null, units: null, description: "", imageUrl: "", variants: [] };
   return { ...state.products, [key]: { ...prev, ...fields } };
+}
+
+function variantOf(v) {
+  return {
+    id: String(v.variant_id ?? v.id),
+    title: v.title ?? "",
+    options: v.options || {},
+    price: v.price ?? null, // null: the product's price
+    units: v.units ?? null,
+    remaining: v.remaining ?? v.units ?? null,
+    imageUrl: v.image_url ?? "",
+  };
 }
 
 function idOrNull(value, fallback) {
@@ -153,16 +169,22 @@ export function reduce(state, event, data = {}) {
         host: hostOf(pick("host")) ?? state.drop.host,
       };
       if (data.chat_pinned !== undefined) next.chatPinned = pinnedOf(data.chat_pinned);
+      const order = [];
       for (const p of pick("products") || []) {
         const id = p.product_id ?? p.id;
+        order.push(String(id));
         next = { ...next, products: withProduct(next, id, {
           title: p.title ?? "",
           price: p.price ?? null,
           currency: p.currency ?? next.drop.currency,
           remaining: p.remaining ?? p.units ?? null,
+          units: p.units ?? null,
+          description: p.description ?? "",
           imageUrl: p.image_url ?? "",
+          variants: (p.variants || []).map(variantOf),
         }) };
       }
+      if (order.length) next.productOrder = order;
       const stock = data.stock || d.stock;
       if (stock) next = reduce(next, "stock", stock.products ? stock : { products: stock });
       if (typeof data.viewers === "number") next.viewers = data.viewers;
@@ -232,12 +254,25 @@ export function reduce(state, event, data = {}) {
       };
 
     case "stock": {
+      // Coalesced per product (every variant together), with per-variant remaining
+      // for products that have variants (docs/protocol.md).
       let products = state.products;
       for (const [id, remaining] of Object.entries(data.products || {})) {
         products = withProduct({ products }, id, { remaining: Number(remaining) });
       }
+      for (const [id, left] of Object.entries(data.variants || {})) {
+        const p = products[String(id)];
+        if (!p) continue;
+        const variants = p.variants.map((v) => (left[v.id] === undefined ? v
+          : { ...v, remaining: Number(left[v.id]) }));
+        products = withProduct({ products }, id, { variants });
+      }
       return { ...state, products };
     }
+
+    case "variant.picked":
+      return { ...state, picks: { ...state.picks,
+        [String(data.product_id)]: String(data.variant_id) } };
 
     case "viewers":
       return { ...state, viewers: Number(data.count) };
@@ -284,7 +319,8 @@ export function reduce(state, event, data = {}) {
     // --- the buy flow ---------------------------------------------------------
     case "buy.requested":
       return { ...state, order: { phase: OrderPhase.REQUESTING,
-        productId: String(data.product_id) } };
+        productId: String(data.product_id),
+        variantId: data.variant_id == null ? null : String(data.variant_id) } };
 
     case "buy.rejected":
       return { ...state, order: { ...state.order, phase: OrderPhase.REJECTED,
@@ -298,6 +334,8 @@ export function reduce(state, event, data = {}) {
           orderId: data.order_id,
           productId: data.product_id == null ? state.order.productId
             : String(data.product_id),
+          variantId: data.variant_id == null ? (state.order.variantId ?? null)
+            : String(data.variant_id),
           buyerNumber: data.buyer_number,
           expiresAt: data.expires_at,
           amount: data.amount,
@@ -342,6 +380,33 @@ export function reduce(state, event, data = {}) {
 export function sellingProduct(state) {
   const id = state.drop.sellingProductId;
   return id == null ? null : state.products[String(id)] || null;
+}
+
+/** The variant a buy of `product` names: the viewer's pick while it has stock, else
+ * the first variant with stock; null for a product without variants (or all gone). */
+export function chosenVariant(state, product) {
+  if (!product || !product.variants || product.variants.length === 0) return null;
+  const picked = product.variants.find((v) => v.id === state.picks[product.id]);
+  if (picked && (picked.remaining === null || picked.remaining > 0)) return picked;
+  return product.variants.find((v) => v.remaining === null || v.remaining > 0) || null;
+}
+
+/** The price a buy of `product` (and its chosen variant) costs. */
+export function priceOf(product, variant) {
+  return variant && variant.price !== null ? variant.price : product.price;
+}
+
+/** Units taken of a product (held or paid, every variant together): its units less
+ * what the coalesced stock says is left. The page's "12 sold"; 0 before it sells. */
+export function soldOf(product) {
+  if (!product || product.units === null || product.remaining === null) return 0;
+  return Math.max(0, product.units - product.remaining);
+}
+
+/** The drop's products in the drop's order (the product list). */
+export function productList(state) {
+  const ids = state.productOrder.length ? state.productOrder : Object.keys(state.products);
+  return ids.map((id) => state.products[id]).filter(Boolean);
 }
 
 /** BUY NOW overlay: "hidden", "open" (can buy) or "sold_out". */

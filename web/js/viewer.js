@@ -13,8 +13,9 @@ import { mountGiveaways } from "./giveaway-panel.js";
 import { mountTips } from "./tip-panel.js";
 import { startPlayer } from "./player.js";
 import {
-  countdown, formatClock, formatMoney, initialState, isOver, isStaff, OrderPhase, overlay,
-  reduce, secondsUntil, sellingProduct, shareUrl, wantsPlayer,
+  chosenVariant, countdown, formatClock, formatMoney, initialState, isOver, isStaff, OrderPhase,
+  overlay, priceOf, productList, reduce, secondsUntil, sellingProduct, shareUrl, soldOf,
+  wantsPlayer,
 } from "./viewer-state.js";
 
 const $ = (id) => document.getElementById(id);
@@ -111,11 +112,13 @@ function render() {
   ov.hidden = mode === "hidden";
   ov.dataset.mode = mode;
   const product = sellingProduct(s);
+  const variant = chosenVariant(s, product);
   if (product) {
     $("buy-title").textContent = product.title || `Product ${product.id}`;
-    $("buy-price").textContent = formatMoney(product.price, product.currency);
+    $("buy-price").textContent = formatMoney(priceOf(product, variant), product.currency);
+    const left = variant ? variant.remaining : product.remaining;
     $("buy-remaining").textContent = mode === "sold_out" ? "sold out"
-      : product.remaining === null ? "" : `${product.remaining} left`;
+      : left === null ? "" : `${left} left${variant ? ` in ${variant.title}` : ""}`;
     if (seenBuyNow.productId !== product.id && mode === "open") {
       seenBuyNow.productId = product.id;
       // Browsers refuse (and log an error) until the viewer has tapped the page.
@@ -128,10 +131,97 @@ function render() {
   btn.textContent = mode === "sold_out" ? "SOLD OUT" : busy ? "HELD" : "BUY NOW";
   btn.disabled = mode !== "open" || busy || s.conn.state !== "open";
 
+  renderVariantPicker(product, variant, mode);
+  renderProducts();
   renderOrder();
   renderCampaign();
   renderChat();
   renderAuction();
+}
+
+// The variant picker of the product on sale: one button per variant with what is
+// left of it; a sold-out variant cannot be picked.
+let renderedPicker = "";
+function renderVariantPicker(product, variant, mode) {
+  const picker = $("variant-picker");
+  const variants = product && mode === "open" ? product.variants : [];
+  picker.hidden = variants.length === 0;
+  const key = variants.map((v) => `${v.id}:${v.remaining}`).join(",") +
+    `|${variant ? variant.id : ""}`;
+  if (key === renderedPicker) return;
+  renderedPicker = key;
+  picker.replaceChildren(...variants.map((v) => {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "variant-btn";
+    b.setAttribute("role", "radio");
+    b.dataset.variantId = v.id;
+    const chosen = variant !== null && variant.id === v.id;
+    b.setAttribute("aria-checked", chosen ? "true" : "false");
+    b.disabled = v.remaining !== null && v.remaining <= 0;
+    b.textContent = v.remaining === null ? v.title : `${v.title} · ${v.remaining} left`;
+    b.addEventListener("click", () => dispatch("variant.picked",
+      { product_id: product.id, variant_id: v.id }));
+    return b;
+  }));
+}
+
+// The drop's product list: picture (or a local placeholder), title, price, what is
+// left and the "N sold" figure (from the coalesced stock events), the variants.
+const PLACEHOLDER = "/static/img/product-placeholder.svg";
+let renderedProducts = "";
+function renderProducts() {
+  const list = productList(state);
+  $("products").hidden = list.length === 0;
+  const selling = state.drop.sellingProductId;
+  const key = JSON.stringify([selling, list.map((p) => [p.id, p.title, p.price, p.remaining,
+    p.units, p.imageUrl, p.description, p.variants.map((v) => [v.id, v.remaining])])]);
+  if (key === renderedProducts) return;
+  renderedProducts = key;
+  $("product-list").replaceChildren(...list.map((p) => {
+    const li = document.createElement("li");
+    li.className = "product-item";
+    li.dataset.productId = p.id;
+    li.dataset.selling = p.id === selling ? "1" : "0";
+    const img = document.createElement("img");
+    img.alt = "";
+    img.loading = "lazy";
+    img.src = p.imageUrl || PLACEHOLDER;
+    const body = document.createElement("div");
+    body.className = "product-body";
+    const name = document.createElement("div");
+    name.className = "product-name";
+    name.textContent = p.title || `Product ${p.id}`;
+    const meta = document.createElement("div");
+    meta.className = "product-meta";
+    const price = document.createElement("span");
+    price.textContent = formatMoney(p.price, p.currency);
+    const left = document.createElement("span");
+    left.className = "muted product-left";
+    left.textContent = p.remaining === null ? "" : p.remaining > 0 ? `${p.remaining} left`
+      : "sold out";
+    const sold = document.createElement("span");
+    sold.className = "product-sold";
+    const n = soldOf(p);
+    sold.textContent = n > 0 ? `${n.toLocaleString()} sold` : "";
+    meta.append(price, left, sold);
+    body.append(name, meta);
+    if (p.description) {
+      const desc = document.createElement("p");
+      desc.className = "muted product-desc";
+      desc.textContent = p.description;
+      body.append(desc);
+    }
+    if (p.variants.length) {
+      const vs = document.createElement("p");
+      vs.className = "muted product-variants";
+      vs.textContent = p.variants.map((v) => (v.remaining === null ? v.title
+        : `${v.title}: ${v.remaining > 0 ? v.remaining : "sold out"}`)).join(" · ");
+      body.append(vs);
+    }
+    li.append(img, body);
+    return li;
+  }));
 }
 
 // The auction panel: the leading bid, the server's countdown, bid buttons for the
@@ -412,10 +502,13 @@ async function share() {
 async function buy() {
   const product = sellingProduct(state);
   if (!product || !client) return;
-  dispatch("buy.requested", { product_id: product.id });
+  const variant = chosenVariant(state, product);
+  if (product.variants.length && !variant) return; // every variant is gone
+  dispatch("buy.requested", { product_id: product.id, variant_id: variant?.id ?? null });
   try {
     const reply = await client.command("buy", {
       product_id: Number(product.id),
+      ...(variant ? { variant_id: Number(variant.id) } : {}),
       quantity: 1,
       idempotency_key: crypto.randomUUID(),
     });
