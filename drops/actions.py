@@ -343,10 +343,26 @@ async def buy_now(app_or_pool: Any, redis: Any, drop_id: int, actor: Principal,
                           {"selling_product_id": product_id}, product_id)
         await store.set_product_state(work.conn, drop_id, product_id, ProductState.SELLING,
                                       selling_at=True)
-        work.events.append(("drop.buy_now", {
-            "product_id": product_id, "price": product["price"],
-            "currency": work.drop["currency"].strip(), "remaining": remaining}))
+        work.events.append(("drop.buy_now", await _buy_now_data(
+            redis, drop_id, product, work.drop["currency"], remaining)))
         return await _reload(work)
+
+
+async def _buy_now_data(redis: Any, drop_id: int, product: dict[str, Any], currency: str,
+                        remaining: int) -> dict[str, Any]:
+    """``drop.buy_now``'s data; a product with variants adds each variant (its id,
+    title, options, price (null: the product's) and what is left of it), so that a
+    page can show its picker at once."""
+    data: dict[str, Any] = {"product_id": product["product_id"], "price": product["price"],
+                            "currency": currency.strip(), "remaining": remaining}
+    if product.get("variants"):
+        left = (await inventory.variants_remaining(redis, drop_id)).get(
+            product["product_id"], {})
+        data["variants"] = [
+            {"variant_id": v["variant_id"], "title": v["title"], "options": v["options"],
+             "price": v["price"], "remaining": left.get(v["variant_id"], v["units"])}
+            for v in product["variants"]]
+    return data
 
 
 async def close(app_or_pool: Any, redis: Any, drop_id: int, actor: Principal,
@@ -422,9 +438,8 @@ async def mark_back_in_stock(app_or_pool: Any, redis: Any, drop_id: int,
         product = (await work.products())[product_id]
         await _transition(work, Action.RESTOCK, None, None, product_id)
         await store.set_product_state(work.conn, drop_id, product_id, ProductState.SELLING)
-        work.events.append(("drop.buy_now", {
-            "product_id": product_id, "price": product["price"],
-            "currency": work.drop["currency"].strip(), "remaining": left}))
+        work.events.append(("drop.buy_now", await _buy_now_data(
+            redis, drop_id, product, work.drop["currency"], left)))
         return True
 
 

@@ -231,6 +231,7 @@ export function reduce(state, event, data = {}) {
           currency: data.currency ?? state.drop.currency,
           remaining: data.remaining ?? null,
           ...(data.title ? { title: data.title } : {}),
+          ...(Array.isArray(data.variants) ? { variants: data.variants.map(variantOf) } : {}),
         }),
       };
 

@@ -72,3 +72,14 @@ test("a held order remembers its variant", () => {
     buyer_number: 1, amount: 2500, currency: "usd" });
   assert.equal(s.order.variantId, "32");
 });
+
+test("BUY NOW of a product with variants brings the picker's variants", () => {
+  const s = play([["drop.buy_now", { product_id: 4, price: 1000, remaining: 3, variants: [
+    { variant_id: 41, title: "Red", options: { colour: "red" }, price: null, remaining: 0 },
+    { variant_id: 42, title: "Blue", options: { colour: "blue" }, price: 1200,
+      remaining: 3 }] }]]);
+  const p = sellingProduct(s);
+  assert.deepEqual(p.variants.map((v) => [v.id, v.remaining]), [["41", 0], ["42", 3]]);
+  assert.equal(chosenVariant(s, p).id, "42");
+  assert.equal(priceOf(p, chosenVariant(s, p)), 1200);
+});
