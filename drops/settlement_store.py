@@ -262,4 +262,25 @@ async def report(db: Any, drop_id: int) -> dict[str, Any]:
         "ledger": [{"account": r["account"], "party_id": r["party_id"],
                     "amount": int(r["amount"]), "entries": r["entries"]} for r in ledger],
         "payouts": [dict(r) for r in payouts],
+        "sales": await sales_by_variant(db, drop_id),
     }
+
+
+async def sales_by_variant(db: Any, drop_id: int) -> list[dict[str, Any]]:
+    """What sold, per product and variant (``variant_id`` None: a product without
+    variants): orders, units kept (not refunded), money received and refunded. The
+    settlement's gross is the sum of ``received`` (the same orders as
+    :func:`load_sales`)."""
+    rows = await db.fetch(
+        """SELECT o.product_id, o.variant_id, count(*) AS orders,
+                  sum(CASE WHEN o.state = 'refunded' THEN 0 ELSE o.quantity END) AS units,
+                  sum(p.amount_received) AS received,
+                  sum(CASE WHEN o.state = 'refunded' THEN p.amount_received
+                           ELSE LEAST(p.amount_refunded, p.amount_received) END) AS refunded
+           FROM orders o JOIN payments p ON p.order_id = o.id
+           WHERE o.drop_id = $1 AND o.state = ANY($2::text[]) AND p.amount_received > 0
+           GROUP BY o.product_id, o.variant_id
+           ORDER BY o.product_id, o.variant_id NULLS FIRST""", drop_id, list(_SOLD))
+    return [{"product_id": r["product_id"], "variant_id": r["variant_id"],
+             "orders": r["orders"], "units": int(r["units"]),
+             "received": int(r["received"]), "refunded": int(r["refunded"])} for r in rows]

@@ -21,7 +21,7 @@ from drops import store
 from dropserver.db import create_pool
 from dropserver.redis_client import connect as connect_redis
 from tests.invariants import check_fake_drop, fake_drop_violations, quiesce
-from tests.payments_fixtures import Recorder, make_drop
+from tests.payments_fixtures import Recorder, make_drop, save_card
 
 OFF = BuyLimits(per_user=0, per_ip=0, velocity_window_ms=0)
 # S: 2 units; M: 2 units at 3000; L: 1 unit, one per buyer. Two tees per buyer.
@@ -59,9 +59,13 @@ async def env(clean_backends) -> AsyncIterator[dict]:
         await db.close()
 
 
-async def buy(env, user: str, size: str, quantity: int = 1, key: str = "k1") -> str:
+async def buy(env, user: str, size: str, quantity: int = 1, key: str = "k1",
+              flow: str = "") -> str:
+    if flow == "off_session":
+        await save_card(env["db"], user)
     h = await reserve(env["redis"], BuyRequest(env["drop_id"], env["pid"], user, key,
-                                               quantity, variant_id=env["vids"][size]),
+                                               quantity, flow=flow,
+                                               variant_id=env["vids"][size]),
                       hold_ttl_ms=60_000, limits=OFF)
     env["told"][h.hold_id] = {"user_id": user, "buyer_number": h.buyer_number}
     return h.hold_id
@@ -191,3 +195,21 @@ async def test_the_invariants_catch_a_variant_oversold(env) -> None:
     found = await fake_drop_violations(env)
     assert any(f"variant {env['vids']['L']}: 2 units in live orders, only 1 exist" in f
                for f in found), found
+
+
+async def test_the_settlement_report_says_what_each_variant_sold(env) -> None:
+    from drops import settlement_store
+
+    await buy(env, "u1", "M", quantity=2, flow="off_session")
+    await buy(env, "u2", "S", flow="off_session")
+    await buy(env, "u3", "L")  # held, not paid: not in the sales
+    await settle(env)
+    report = await settlement_store.report(env["db"], env["drop_id"])
+    v = env["vids"]
+    assert report["sales"] == [
+        {"product_id": env["pid"], "variant_id": v["S"], "orders": 1, "units": 1,
+         "received": 2500, "refunded": 0},
+        {"product_id": env["pid"], "variant_id": v["M"], "orders": 1, "units": 2,
+         "received": 6000, "refunded": 0}]
+    assert report["totals"]["gross"] == sum(x["received"] for x in report["sales"])
+    await check_fake_drop(env)
