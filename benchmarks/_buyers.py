@@ -123,26 +123,44 @@ async def buy(buyer: Buyer, product_id: int, key: str, **extra: Any) -> dict[str
 
 
 
+def split_units(units: int, variants: int) -> list[int]:
+    """``units`` shared out over ``variants`` as evenly as whole units allow."""
+    return [units // variants + (1 if i < units % variants else 0) for i in range(variants)]
+
+
 async def selling_drop(base_url: str, creator_token: str, *, units: int,
                        per_buyer_limit: int = 1, max_holds_per_user: int = 1,
-                       price: int = 2500) -> tuple[int, int]:
-    """Create a drop through the creator API, go live and open BUY NOW."""
+                       price: int = 2500, variants: int = 0,
+                       ) -> tuple[int, int] | tuple[int, int, list[int]]:
+    """Create a drop through the creator API, go live and open BUY NOW. With
+    ``variants``, the product comes in that many variants sharing ``units`` (the
+    last one at its own price) and their ids come third."""
     import httpx
 
     headers = {"Authorization": f"Bearer {creator_token}"}
+    product: dict[str, Any] = {"title": "item", "price": price, "units": units,
+                               "per_buyer_limit": per_buyer_limit}
+    if variants:
+        del product["units"]
+        product["variants"] = [
+            {"options": {"size": f"s{i}"}, "units": n,
+             **({"price": price + 500} if i == variants - 1 else {})}
+            for i, n in enumerate(split_units(units, variants))]
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30) as http:
         resp = await http.post("/v1/drops", json={
             "title": "rush", "max_holds_per_user": max_holds_per_user,
-            "products": [{"title": "item", "price": price, "units": units,
-                          "per_buyer_limit": per_buyer_limit}]})
+            "products": [product]})
         resp.raise_for_status()
         drop = resp.json()
         drop_id, product_id = drop["id"], drop["products"][0]["product_id"]
+        variant_ids = [v["variant_id"] for v in drop["products"][0].get("variants", ())]
         starts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 300))
         for action, body in (("schedule", {"starts_at": starts}), ("live", {}),
                              ("buy-now", {"product_id": product_id})):
             resp = await http.post(f"/v1/drops/{drop_id}/{action}", json=body)
             resp.raise_for_status()
+    if variants:
+        return drop_id, product_id, variant_ids
     return drop_id, product_id
 
 
@@ -152,14 +170,16 @@ def source_addresses(n: int) -> list[str]:
 
 
 async def rush(buyers: list[Buyer], product_id: int, *, units: int, per_user: int,
-               ) -> dict[str, Any]:
-    """Every buyer buys back to back until sold out; checks zero oversell.
+               variant_ids: list[int] | None = None) -> dict[str, Any]:
+    """Every buyer buys back to back until sold out; checks zero oversell. With
+    ``variant_ids``, buyer n buys variant ``n % len(variant_ids)`` (each variant's
+    buyers must be able to take all of its units).
 
     Each buyer sends its next ``buy`` from the callback that read the previous answer
     (:class:`_Rush`): no task, future or coroutine per buy, so the client, which
     shares the machine with the server it measures, takes as little of it as it can.
     """
-    state = _RushState(product_id, per_user, len(buyers))
+    state = _RushState(product_id, per_user, len(buyers), variant_ids or [])
     state.first_sent = state.last_hold = time.perf_counter()
     for n, b in enumerate(buyers):
         buying = _Rush(state, b, n)
@@ -182,10 +202,12 @@ async def rush(buyers: list[Buyer], product_id: int, *, units: int, per_user: in
 
 class _RushState:
     __slots__ = ("done", "first_sent", "holds", "last_hold", "left", "per_user",
-                 "product_id", "refused")
+                 "product_id", "refused", "variant_ids")
 
-    def __init__(self, product_id: int, per_user: int, buyers: int) -> None:
+    def __init__(self, product_id: int, per_user: int, buyers: int,
+                 variant_ids: list[int]) -> None:
         self.product_id, self.per_user, self.left = product_id, per_user, buyers
+        self.variant_ids = variant_ids
         self.holds: list[dict] = []
         self.refused: dict[str, int] = {}
         self.first_sent = self.last_hold = 0.0
@@ -197,19 +219,22 @@ class _RushState:
 class _Rush:
     """One buyer's ``per_user`` buys, one after another, driven by its answers."""
 
-    __slots__ = ("buyer", "k", "n", "rid", "state")
+    __slots__ = ("buyer", "k", "n", "rid", "state", "variant")
 
     def __init__(self, state: _RushState, buyer: Buyer, n: int) -> None:
         self.state, self.buyer, self.n = state, buyer, n
         self.k = 0  # buys answered
         self.rid: str | None = None  # the id of the buy waiting for its answer
+        ids = state.variant_ids
+        self.variant = {"variant_id": ids[n % len(ids)]} if ids else {}
         buyer.rush = self
 
     def next(self) -> None:
         b = self.buyer
         rid = self.rid = str(next(b._ids))
         b.conn.send(msgpack.packb({"t": "buy", "id": rid, "product_id": self.state.product_id,
-                                   "idempotency_key": f"b{self.n}-{self.k}"}))
+                                   "idempotency_key": f"b{self.n}-{self.k}",
+                                   **self.variant}))
 
     def answered(self, b: Buyer, frame: dict[str, Any]) -> None:
         state = self.state

@@ -51,33 +51,43 @@ __all__ = ["main"]
 # -- the benchmark ----------------------------------------------------------------------
 
 def raw_evalsha(redis_url: str, *, drop_id: int, product_id: int, requests: int,
-                clients: int, pipeline: int, limits: list[int]) -> float:
-    """redis-benchmark EVALSHA of reserve.lua; returns requests per second."""
+                clients: int, pipeline: int, limits: list[int],
+                variant_id: int | None = None) -> float:
+    """redis-benchmark EVALSHA of reserve.lua (of one variant when ``variant_id``);
+    returns requests per second."""
     d, p = drop_id, product_id
+    hold = f"{d}-{p}-__rand_int__" if variant_id is None else f"{d}-{p}-{variant_id}-__rand_int__"
     key_list = [keys.meta(d), keys.product(d, p), keys.units(d, p), keys.open_holds(d, p),
-                keys.idem(d), keys.hold(d, f"{d}-{p}-__rand_int__"), keys.expiry(d),
+                keys.idem(d), keys.hold(d, hold), keys.expiry(d),
                 keys.orders(d), keys.rate_user(d, "u__rand_int__"), keys.rate_ip(d, "-")]
     # Each __rand_int__ gets its own random value: distinct buyers and hold ids.
-    args = ["u__rand_int__", "1", "k", f"{d}-{p}-__rand_int__", "600000", "",
+    args = ["u__rand_int__", "1", "k", hold, "600000", "",
             str(d), str(p), *map(str, limits)]
+    if variant_id is not None:
+        key_list += [keys.variant(d, p, variant_id), keys.variant_units(d, p, variant_id)]
+        args.append(str(variant_id))
     return redis_benchmark_evalsha(redis_url, source("reserve"), key_list, args,
                                    requests=requests, clients=clients, pipeline=pipeline)
 
 
 async def end_to_end(server: Server, *, sockets: int, units: int, sources: int,
-                     ) -> dict[str, Any]:
+                     variants: int = 0) -> dict[str, Any]:
     from dropserver.auth import Role, issue_token
     from dropserver.settings import load_settings
 
     settings = load_settings({}, dev=True)
     per_user = 10  # max_holds_per_user allowed by the drops API
-    drop_id, product_id = await selling_drop(
+    made = await selling_drop(
         server.base_url, issue_token(settings, "bench-creator", Role.CREATOR),
-        units=units, per_buyer_limit=per_user, max_holds_per_user=per_user)
+        units=units, per_buyer_limit=per_user, max_holds_per_user=per_user,
+        variants=variants)
+    drop_id, product_id = made[0], made[1]
+    variant_ids = made[2] if len(made) > 2 else None
     tokens = [issue_token(settings, f"bench-{i}", Role.VIEWER) for i in range(sockets)]
     buyers = await open_buyers(server.ws_url, drop_id, tokens,
                                sources=source_addresses(sources))
-    result = await rush(buyers, product_id, units=units, per_user=per_user)
+    result = await rush(buyers, product_id, units=units, per_user=per_user,
+                        variant_ids=variant_ids)
     return {**result, "drop_id": drop_id}
 
 
@@ -109,8 +119,10 @@ def bare(redis_url: str, *, processes: int, sockets: int, units: int, sources: i
             proc.wait(10)
 
 
-async def _prewarm(redis_url: str, units: int, *, drop_id: int) -> tuple[int, int]:
-    """A selling product straight in Redis (no PostgreSQL row: nobody sweeps it)."""
+async def _prewarm(redis_url: str, units: int, *, drop_id: int,
+                   variant_id: int | None = None) -> tuple[int, int]:
+    """A selling product straight in Redis (no PostgreSQL row: nobody sweeps it); with
+    ``variant_id``, a product whose one variant has the units."""
     import redis.asyncio as aioredis
 
     from checkout import inventory
@@ -122,9 +134,13 @@ async def _prewarm(redis_url: str, units: int, *, drop_id: int) -> tuple[int, in
                          keys.idem(drop_id), keys.expiry(drop_id), keys.meta(drop_id),
                          keys.units(drop_id, product_id),
                          keys.open_holds(drop_id, product_id)])
-        await inventory.prewarm(r, {"id": drop_id, "max_holds_per_user": 10},
-                                [{"product_id": product_id, "price": 2500, "units": units,
-                                  "per_buyer_limit": 10}])
+        product: dict[str, Any] = {"product_id": product_id, "price": 2500, "units": units,
+                                   "per_buyer_limit": 10}
+        if variant_id is not None:
+            product["variants"] = [{"variant_id": variant_id, "units": units, "price": 3000}]
+            await r.delete(keys.variant(drop_id, product_id, variant_id),
+                           keys.variant_units(drop_id, product_id, variant_id))
+        await inventory.prewarm(r, {"id": drop_id, "max_holds_per_user": 10}, [product])
         await inventory.open_sales(r, drop_id, product_id)
         await r.srem(keys.ACTIVE_DROPS, drop_id)  # not a real drop: nobody sweeps it
         return drop_id, product_id
@@ -184,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis", choices=["single", "cluster", "both"], default="single",
                         help="the end-to-end rush on one Redis, a local cluster, or both "
                              "in the same run")
+    parser.add_argument("--variants", type=int, default=0,
+                        help="the product on sale comes in this many variants sharing its "
+                             "units, each buyer buying one of them; the raw EVALSHA buys "
+                             "a variant too (0: a product without variants)")
     parser.add_argument("--bare", action="store_true",
                         help="also the same rush against a bare websockets server with "
                              "the same script (benchmarks/_bare.py): the ceiling")
@@ -236,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             # One Redis: the end-to-end rush, the ceiling, raw EVALSHA.
             e2e = asyncio.run(end_to_end(server, sockets=ns.sockets, units=ns.units,
-                                         sources=ns.sources))
+                                         sources=ns.sources, variants=ns.variants))
             if cluster_figures:
                 cluster_figures["single_over_cluster"] = round(
                     e2e["per_second"] / max(c["per_second"], 1e-9), 2)
@@ -250,15 +270,19 @@ def main(argv: list[str] | None = None) -> int:
                            "bare_buyer_numbers_1_to_units": b["numbers_ok"],
                            "end_to_end_over_bare": round(
                                e2e["per_second"] / b["per_second"], 2)}
+            raw_variant = 7 if ns.variants else None
             drop_id, product_id = asyncio.run(_prewarm(
-                services.redis_url, ns.raw_requests * 2, drop_id=900_000_001))
+                services.redis_url, ns.raw_requests * 2, drop_id=900_000_001,
+                variant_id=raw_variant))
             raw = raw_evalsha(services.redis_url, drop_id=drop_id, product_id=product_id,
                               requests=ns.raw_requests, clients=ns.raw_clients,
-                              pipeline=ns.raw_pipeline, limits=limits)
+                              pipeline=ns.raw_pipeline, limits=limits,
+                              variant_id=raw_variant)
             # The raw phase left ~2 keys per call; the next run starts without them.
             asyncio.run(_forget_drop(services.redis_url, drop_id))
             ratio = raw / e2e["per_second"] if e2e["per_second"] else float("inf")
-            print(json.dumps({"run": run + 1, "end_to_end_per_s": round(e2e["per_second"]),
+            print(json.dumps({"run": run + 1, "variants": ns.variants,
+                              "end_to_end_per_s": round(e2e["per_second"]),
                               "holds": e2e["holds"], "units": e2e["units"],
                               "seconds": round(e2e["seconds"], 3),
                               "buyer_numbers_1_to_units": e2e["numbers_ok"],

@@ -62,12 +62,22 @@ class CreatorClient:
         return resp.json()
 
     async def create(self, *, title: str, units: int, price: int = 2500,
-                     currency: str = "usd", products: int = 1) -> dict[str, Any]:
-        body = {
-            "title": title, "currency": currency,
-            "products": [{"title": f"{title} item {i + 1}", "price": price, "units": units}
-                         for i in range(products)],
-        }
+                     currency: str = "usd", products: int = 1,
+                     variants: int = 0) -> dict[str, Any]:
+        """A drop of ``products`` products of ``units`` each; with ``variants``, each
+        product comes in that many sizes sharing its units (the last one dearer)."""
+        items: list[dict[str, Any]] = []
+        for i in range(products):
+            item: dict[str, Any] = {"title": f"{title} item {i + 1}", "price": price,
+                                    "units": units}
+            if variants:
+                item["variants"] = [
+                    {"options": {"size": f"size {v + 1}"},
+                     "units": units // variants + (1 if v < units % variants else 0),
+                     **({"price": price + 500} if v == variants - 1 else {})}
+                    for v in range(variants)]
+            items.append(item)
+        body = {"title": title, "currency": currency, "products": items}
         drop = await self._post("create", "/v1/drops", body)
         self.drop_id = int(drop["id"])
         self.product_ids = [int(p["product_id"]) for p in drop["products"]]

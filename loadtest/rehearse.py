@@ -58,6 +58,7 @@ CHAT_SETTLE_S = 2.0  # chat sent as the storm stopped lands after drop.ended (<=
 class RehearsalConfig:
     viewers: int = 1000
     stock: int = 100
+    variants: int = 0  # the product's variants sharing the stock (0: none)
     target: str = ""  # empty: start a local server
     server_workers: int = 0  # 0: one per 14,000 viewers, at least 1
     swarm_processes: int = 0  # 0: one per 14,000 viewers, at least 2
@@ -255,7 +256,8 @@ class Rehearsal:
                 self.watch = ProcWatch(target.server_pids)
             self.sample()
             baseline = self.watch.sample() if self.watch else None
-            await creator.create(title=f"Rehearsal {cfg.viewers} viewers", units=cfg.stock)
+            await creator.create(title=f"Rehearsal {cfg.viewers} viewers", units=cfg.stock,
+                                 variants=cfg.variants)
             drop_id = creator.drop_id
             assert drop_id is not None
             ramp_s = cfg.viewers / cfg.connect_rate

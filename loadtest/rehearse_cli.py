@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = RehearsalConfig()
     p.add_argument("--viewers", type=int, default=d.viewers)
     p.add_argument("--stock", type=int, default=d.stock, help="units of the one product")
+    p.add_argument("--variants", type=int, default=d.variants,
+                   help="the product comes in this many variants sharing its stock; each "
+                        "buyer picks one (0: no variants)")
     p.add_argument("--target", default="", help="base URL of a running deployment; "
                    "default: start a local server on 127.0.0.1")
     p.add_argument("--server-workers", type=int, default=0,

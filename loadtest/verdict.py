@@ -89,18 +89,21 @@ async def audit(database_url: str, drop_id: int, product_ids: list[int],
         deadline = time.monotonic() + 20
         while True:
             rows = await conn.fetch(
-                "SELECT product_id, user_id, state, quantity, buyer_number FROM orders "
-                "WHERE drop_id = $1", drop_id)
+                "SELECT product_id, variant_id, user_id, state, quantity, buyer_number "
+                "FROM orders WHERE drop_id = $1", drop_id)
             if len(rows) >= len(held_users) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.25)
         units = await conn.fetch(
             "SELECT product_id, units FROM drop_products WHERE drop_id = $1", drop_id)
+        variant_units = {r["id"]: r["units"] for r in await conn.fetch(
+            "SELECT id, units FROM drop_product_variants WHERE drop_id = $1", drop_id)}
     finally:
         await conn.close()
     active = {"held", "payment_pending", "authorized", "paid"}
     unit_map = {r["product_id"]: r["units"] for r in units}
     sold: Counter[int] = Counter()
+    variant_sold: Counter[int] = Counter()
     states: Counter[str] = Counter()
     numbers: Counter[tuple[int, int]] = Counter()
     db_users: set[str] = set()
@@ -109,8 +112,13 @@ async def audit(database_url: str, drop_id: int, product_ids: list[int],
         numbers[(r["product_id"], r["buyer_number"])] += 1
         if r["state"] in active:
             sold[r["product_id"]] += r["quantity"]
+            if r["variant_id"] is not None:
+                variant_sold[r["variant_id"]] += r["quantity"]
             db_users.add(r["user_id"])
     oversold = sum(max(0, sold[p] - unit_map.get(p, 0)) for p in unit_map)
+    # Per variant too: a variant over its own units is oversold even when its product
+    # as a whole is not.
+    oversold += sum(max(0, n - variant_units.get(v, 0)) for v, n in variant_sold.items())
     remaining: dict[str, int] = {}
     redis_url = getattr(target, "redis_url", "")
     if redis_url:
@@ -126,6 +134,8 @@ async def audit(database_url: str, drop_id: int, product_ids: list[int],
         "checked": True, "units": sum(unit_map.values()),
         "active_orders": sum(sold.values()), "orders_by_state": dict(states),
         "oversold": oversold,
+        "variants": {str(v): {"units": u, "active_orders": variant_sold.get(v, 0)}
+                     for v, u in sorted(variant_units.items())},
         "duplicate_buyer_numbers": sum(1 for c in numbers.values() if c > 1),
         "buyer_number_above_units": sum(1 for (p, n) in numbers if n > unit_map.get(p, 0)),
         "mismatched_users": len(held_users ^ db_users),

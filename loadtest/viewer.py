@@ -26,6 +26,7 @@ import json
 import random
 import sys
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +120,7 @@ class Viewer:
     __slots__ = (
         "_buy_delay",
         "_buy_product",
+        "_buy_variant",
         "_join_id",
         "_msg_gaps",
         "_msg_skipped_to",
@@ -218,6 +220,7 @@ class Viewer:
         self.buy_code: str | None = None
         self.buy_retries = 0  # the same buy sent again after a reconnect (same key)
         self._buy_product: Any = None
+        self._buy_variant: Any = None
         self.hold_id: str | None = None  # what a held reply said
         self.buyer_number: int | None = None
         # Since when the socket is lost (and whether going_away announced it), until
@@ -503,6 +506,11 @@ class Viewer:
         if data.get("product_id") is not None:
             frame["product_id"] = data["product_id"]
         self._buy_product = data.get("product_id")
+        # A product with variants: this viewer's pick among those with units left
+        # (spread by user id), as the page's picker would offer them.
+        self._buy_variant = _pick_variant(data.get("variants"), self.user_id)
+        if self._buy_variant is not None:
+            frame["variant_id"] = self._buy_variant
         self.buy_sent_at = now  # corrected by sent_delayed() when it leaves later
         out.append((self._buy_delay, frame))
 
@@ -519,6 +527,8 @@ class Viewer:
                                  "idempotency_key": f"lt-{self.user_id}-1"}
         if self._buy_product is not None:
             frame["product_id"] = self._buy_product
+        if self._buy_variant is not None:
+            frame["variant_id"] = self._buy_variant
         out.append((0.0, frame))
 
     def _command_error(self, message: dict[str, Any], now: float) -> None:
@@ -563,6 +573,18 @@ class Viewer:
             counts["entries_answered"] += 1
         if self.gw_drawn is not None:
             counts["giveaway_drawn_seen"] += 1
+
+
+def _pick_variant(variants: Any, user_id: str) -> Any:
+    """The variant a buyer picks from ``drop.buy_now``'s list: among those with units
+    left, one chosen by the user id (stable across retries); None without variants."""
+    if not isinstance(variants, list) or not variants:
+        return None
+    left = [v for v in variants if isinstance(v, dict) and (v.get("remaining") or 0) > 0]
+    pool = left or [v for v in variants if isinstance(v, dict)]
+    if not pool:
+        return None
+    return pool[zlib.crc32(str(user_id).encode()) % len(pool)].get("variant_id")
 
 
 def _selling(snapshot: dict[str, Any]) -> bool:

@@ -24,3 +24,23 @@ async def test_an_idle_buyer_answers_the_heartbeat_and_can_still_buy(settings, m
             assert frame["t"] == "reply" and frame["data"]["buyer_number"] == 1
         finally:
             buyer.close()
+
+
+async def test_a_rush_on_variants_takes_every_unit_of_every_variant(settings, make_token):
+    """benchmarks.reserve --variants: each buyer buys one variant until it is gone; the
+    product sells out with buyer numbers 1..units and each variant empty."""
+    from benchmarks._buyers import rush, split_units
+    from checkout import inventory
+
+    assert split_units(10, 3) == [4, 3, 3]
+    async with running(settings) as srv:
+        drop_id, product_id, variant_ids = await selling_drop(
+            srv.base_url, make_token("rush-creator", Role.CREATOR), units=30,
+            per_buyer_limit=10, max_holds_per_user=10, variants=3)
+        buyers = await open_buyers(f"{srv.ws_url}/ws", drop_id,
+                                   [make_token(f"v-buyer-{i}", Role.VIEWER) for i in range(6)])
+        result = await rush(buyers, product_id, units=30, per_user=10,
+                            variant_ids=variant_ids)
+        assert result["holds"] == 30 and result["numbers_ok"], result
+        left = await inventory.variants_remaining(srv.app.state.redis, drop_id)
+        assert left == {product_id: dict.fromkeys(variant_ids, 0)}

@@ -160,3 +160,26 @@ def test_the_giveaway_judge_fails_on_a_disputed_result() -> None:
                 {"shown_as_recomputed": 9}, {"recorded_not_acknowledged": 1},
                 {"entrants_announced": 4}, {"state": "open"}):
         assert giveaway.judge(result(**bad)), bad
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_small_rehearsal_with_variants_sells_every_variant_out(tmp_path: Path) -> None:
+    """``--variants 3``: the product comes in three sizes sharing the stock; each buyer
+    picks one with units left from BUY NOW's list. Exactly ``stock`` holds, no variant
+    oversold (the audit counts each variant against its own units)."""
+    cfg = RehearsalConfig(
+        viewers=200, stock=21, variants=3, server_workers=1, swarm_processes=2,
+        connect_rate=1000, buy_probability=0.8, buy_delay_ms=(0, 50), chat_messages=0,
+        countdown_s=1.5, probe_interval_s=0, floor=False, rush_timeout_s=15,
+        max_duration_s=90, out_dir=str(tmp_path), quiet=True, p99_budget_ms=5000,
+        command="test")
+    result = asyncio.run(rehearse(cfg))
+    assert result["failures"] == [] and result["passed"] is True
+    res = result["reservations"]
+    assert res["held"] == 21
+    assert res["held"] + res["sold_out"] + res["rejected"] == res["sent"]
+    audit = result["audit"]
+    assert audit["checked"] and audit["oversold"] == 0 and audit["active_orders"] == 21
+    assert sorted(v["active_orders"] for v in audit["variants"].values()) == [7, 7, 7]
+    assert audit["redis_remaining"] == {str(result["drop"]["product_ids"][0]): 0}
