@@ -70,12 +70,19 @@ ERROR = _obj(["error"], error=_obj(
     ["code", "message", "details"], code=STR, message=STR,
     details={"type": "object"}))
 
+VARIANT = _obj(
+    ["variant_id", "title", "options", "image_url", "price", "units", "per_buyer_limit"],
+    variant_id=ID, title=STR, options={"type": "object", "additionalProperties": STR},
+    image_url=STR, price=_nullable(MONEY), units=INT, per_buyer_limit=_nullable(INT),
+    remaining=INT)
+
 PRODUCT = _obj(
     ["product_id", "title", "description", "image_url", "position", "price", "units",
-     "per_buyer_limit", "state", "selling_at"],
+     "per_buyer_limit", "state", "selling_at", "variants"],
     product_id=ID, title=STR, description=STR, image_url=STR, position=INT,
     price=MONEY, units=INT, per_buyer_limit=INT, state=STR,
-    selling_at=_nullable(TIME), remaining=INT, cogs=MONEY)
+    selling_at=_nullable(TIME), remaining=INT, sold=INT, cogs=MONEY,
+    variants={"type": "array", "items": VARIANT})
 
 DROP = _obj(
     ["id", "creator_id", "title", "description", "kind", "state", "currency", "starts_at",
@@ -103,9 +110,23 @@ _PRODUCT_FIELDS = dict(
     units={"type": "integer", "minimum": 1, "maximum": 1_000_000},
     per_buyer_limit={"type": "integer", "minimum": 1, "maximum": 100},
     cogs={"type": "integer", "minimum": 0, "maximum": 10**10})
-PRODUCT_INPUT = _obj(["title", "price", "units"], closed=True, **_PRODUCT_FIELDS)
+_OPTIONS = {"type": "object", "minProperties": 1, "maxProperties": 4,
+            "propertyNames": _text(100, min_len=1, blank=False),
+            "additionalProperties": _text(100, min_len=1, blank=False)}
+_VARIANT_FIELDS = dict(
+    options=_OPTIONS, units=_PRODUCT_FIELDS["units"], title=_text(200),
+    image_url=_PRODUCT_FIELDS["image_url"], price=_PRODUCT_FIELDS["price"],
+    per_buyer_limit=_PRODUCT_FIELDS["per_buyer_limit"])
+# units: with variants, the sum of theirs (or left out; see docs/http-api.md)
+PRODUCT_INPUT = _obj(["title", "price", "units"], closed=True, **_PRODUCT_FIELDS,
+                     variants={"type": "array", "minItems": 1, "maxItems": 50,
+                               "items": _obj(["options", "units"], closed=True,
+                                             **_VARIANT_FIELDS)})
 PRODUCT_PATCH = _obj(["title", "price", "units"], closed=True, product_id=ID,
-                     **_PRODUCT_FIELDS)
+                     **_PRODUCT_FIELDS,
+                     variants={"type": "array", "minItems": 1, "maxItems": 50,
+                               "items": _obj(["options", "units"], closed=True,
+                                             variant_id=ID, **_VARIANT_FIELDS)})
 _CAMPAIGN = _obj(["goal_orders", "deadline"], closed=True,
                  goal_orders={"type": "integer", "minimum": 1, "maximum": 10_000_000},
                  deadline=TIME)
@@ -129,7 +150,7 @@ HOLD = _obj(
      "remaining", "quantity", "unit_price", "state", "flow", "replay"],
     hold_id=STR, drop_id=ID, product_id=ID, buyer_number=INT, expires_at=INT,
     amount=MONEY, currency=STR, remaining=INT, quantity=INT, unit_price=MONEY, state=STR,
-    flow=STR, replay=BOOL)
+    flow=STR, replay=BOOL, variant_id=ID, variant_remaining=INT)
 
 GIVEAWAY = _obj(
     ["id", "drop_id", "state", "prize", "product_id", "winners", "must_be_present",
@@ -470,6 +491,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         tag="checkout", body=_body(_obj(
             ["product_id"], closed=True,
             product_id={"type": "integer", "minimum": 1, "maximum": 2**62},
+            variant_id={"type": "integer", "minimum": 1, "maximum": 2**62},
             quantity={"type": "integer", "minimum": 1, "maximum": 100},
             idempotency_key={"type": "string", "pattern": r"^[\x21-\x7e]{1,255}$"},
             flow={"type": "string", "enum": ["client_confirm", "off_session"]},
@@ -482,7 +504,8 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         hold_id=STR, drop_id=ID, product_id=ID, user_id=STR, quantity=INT,
         buyer_number=INT, unit_price=MONEY, amount=MONEY, currency=STR,
         idempotency_key=STR, expires_at=INT, created_at=INT, released_at=INT, flow=STR,
-        state=STR, remaining_after=INT))}, tag="checkout"),
+        state=STR, remaining_after=INT, variant_id=ID,
+        variant_remaining_after=INT))}, tag="checkout"),
     ("DELETE", "/v1/holds/{hold_id}"): _op("Cancel the caller's hold", AUTH, {
         "200": _json(_obj(["hold_id", "state", "remaining"], hold_id=STR,
                           state={"const": "cancelled"}, remaining=INT))},
