@@ -146,28 +146,47 @@ async def remaining(redis: Redis, drop_id: int) -> dict[int, int]:
     return {pid: int(v) for pid, v in zip(pids, values, strict=True) if v is not None}
 
 
-async def variants_remaining(redis: Redis, drop_id: int) -> dict[int, dict[int, int]]:
-    """Units left per variant id, per product id (products with variants only)."""
+async def _products(redis: Redis, drop_id: int,
+                    ) -> tuple[dict[int, int], list[tuple[int, int]]]:
+    """Units left per product, and the (product, variant) ids of its variants."""
     pids = sorted(int(p) for p in await redis.smembers(keys.products(drop_id)))
+    left: dict[int, int] = {}
+    variants: list[tuple[int, int]] = []
     if not pids:
-        return {}
+        return left, variants
     async with redis.pipeline(transaction=False) as pipe:
         for pid in pids:
-            pipe.hget(keys.product(drop_id, pid), "variants")
-        lists = await pipe.execute()
-    wanted = [(pid, int(v)) for pid, raw in zip(pids, lists, strict=True) if raw
-              for v in (raw.decode() if isinstance(raw, bytes) else raw).split(",") if v]
-    if not wanted:
-        return {}
+            pipe.hmget(keys.product(drop_id, pid), "remaining", "variants")
+        rows = await pipe.execute()
+    for pid, (rem, ids) in zip(pids, rows, strict=True):
+        if rem is None:
+            continue
+        left[pid] = int(rem)
+        if ids:
+            text = ids.decode() if isinstance(ids, bytes) else ids
+            variants += [(pid, int(v)) for v in text.split(",") if v]
+    return left, variants
+
+
+async def _variants_left(redis: Redis, drop_id: int, variants: list[tuple[int, int]],
+                         ) -> dict[int, dict[int, int]]:
+    out: dict[int, dict[int, int]] = {}
+    if not variants:
+        return out
     async with redis.pipeline(transaction=False) as pipe:
-        for pid, vid in wanted:
+        for pid, vid in variants:
             pipe.hget(keys.variant(drop_id, pid, vid), "remaining")
         values = await pipe.execute()
-    out: dict[int, dict[int, int]] = {}
-    for (pid, vid), value in zip(wanted, values, strict=True):
+    for (pid, vid), value in zip(variants, values, strict=True):
         if value is not None:
             out.setdefault(pid, {})[vid] = int(value)
     return out
+
+
+async def variants_remaining(redis: Redis, drop_id: int) -> dict[int, dict[int, int]]:
+    """Units left per variant id, per product id (products with variants only)."""
+    _left, variants = await _products(redis, drop_id)
+    return await _variants_left(redis, drop_id, variants)
 
 
 async def stock_event(redis: Redis, drop_id: int) -> dict[str, Any]:
@@ -175,32 +194,10 @@ async def stock_event(redis: Redis, drop_id: int) -> dict[str, Any]:
     only when the drop has products with variants, units left per variant (per
     product). Integer ids: each wire format encodes them its own way (JSON turns map
     keys into strings, msgpack keeps integers; docs/protocol.md)."""
-    pids = sorted(int(p) for p in await redis.smembers(keys.products(drop_id)))
-    left: dict[int, int] = {}
-    wanted: list[tuple[int, int]] = []
-    if pids:
-        async with redis.pipeline(transaction=False) as pipe:
-            for pid in pids:
-                pipe.hmget(keys.product(drop_id, pid), "remaining", "variants")
-            rows = await pipe.execute()
-        for pid, (rem, variants) in zip(pids, rows, strict=True):
-            if rem is None:
-                continue
-            left[pid] = int(rem)
-            if variants:
-                text = variants.decode() if isinstance(variants, bytes) else variants
-                wanted += [(pid, int(v)) for v in text.split(",") if v]
+    left, variants = await _products(redis, drop_id)
     data: dict[str, Any] = {"products": left}
-    if wanted:
-        async with redis.pipeline(transaction=False) as pipe:
-            for pid, vid in wanted:
-                pipe.hget(keys.variant(drop_id, pid, vid), "remaining")
-            values = await pipe.execute()
-        per: dict[int, dict[int, int]] = {}
-        for (pid, vid), value in zip(wanted, values, strict=True):
-            if value is not None:
-                per.setdefault(pid, {})[vid] = int(value)
-        data["variants"] = per
+    if variants:
+        data["variants"] = await _variants_left(redis, drop_id, variants)
     return data
 
 
