@@ -171,26 +171,24 @@ end
 local amount = price * quantity
 local expires_at = now + ttl
 if meta[3] == 'manual_capture' or flow == '' then flow = meta[3] or 'client_confirm' end
+-- A variant's hold and stream entry name it (trailing fields; none without variants).
+local hold_extra, entry_extra = {}, {}
+if v then
+  hold_extra = {'variant_id', variant_id, 'variant_remaining_after', variant_remaining}
+  entry_extra = {'variant_id', variant_id}
+end
 redis.call('HSET', hold_key, 'hold_id', hold_id, 'drop_id', drop_id,
   'product_id', product_id, 'user_id', user_id, 'quantity', quantity,
   'buyer_number', buyer_number, 'unit_price', price, 'amount', amount,
   'currency', p[5], 'idempotency_key', idem, 'expires_at', expires_at,
-  'created_at', now, 'flow', flow, 'state', 'held', 'remaining_after', remaining)
-if v then
-  redis.call('HSET', hold_key, 'variant_id', variant_id,
-    'variant_remaining_after', variant_remaining)
-end
+  'created_at', now, 'flow', flow, 'state', 'held', 'remaining_after', remaining,
+  unpack(hold_extra))
 redis.call('HSET', idem_key, idem_field, hold_id)
 redis.call('ZADD', expiry_key, expires_at, hold_id)
-local entry = {'type', 'reserve', 'hold_id', hold_id,
+redis.call('XADD', orders_key, '*', 'type', 'reserve', 'hold_id', hold_id,
   'drop_id', drop_id, 'product_id', product_id, 'user_id', user_id,
   'quantity', quantity, 'buyer_number', buyer_number, 'unit_price', price,
   'amount', amount, 'currency', p[5], 'idempotency_key', idem,
-  'expires_at', expires_at, 'flow', flow, 'created_at', now}
-if v then
-  entry[#entry + 1] = 'variant_id'
-  entry[#entry + 1] = variant_id
-end
-redis.call('XADD', orders_key, '*', unpack(entry))
+  'expires_at', expires_at, 'flow', flow, 'created_at', now, unpack(entry_extra))
 return {'ok', hold_id, buyer_number, expires_at, amount, p[5], remaining, 0, 'held',
   quantity, price, flow, variant_remaining}
