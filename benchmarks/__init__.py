@@ -8,6 +8,9 @@ run. In the order of the hot paths:
 
 * :mod:`benchmarks.reserve`: the buy path, reservations per second from socket to
   ``reserve.lua`` and back, against raw EVALSHA and a bare buy server.
+* :mod:`benchmarks.reserve_script`: Redis' own time per ``reserve.lua`` call, a product
+  without variants against a variant of one (and against another version of the
+  script), alternating in one Valkey.
 * :mod:`benchmarks.fanout`: BUY NOW to every viewer (latency, server CPU per
   delivery, memory per idle connection), against a bare ``websockets.broadcast()``.
 * :mod:`benchmarks.bids`: bids per second through the socket path, accepted or
