@@ -172,8 +172,8 @@ def source_addresses(n: int) -> list[str]:
 async def rush(buyers: list[Buyer], product_id: int, *, units: int, per_user: int,
                variant_ids: list[int] | None = None) -> dict[str, Any]:
     """Every buyer buys back to back until sold out; checks zero oversell. With
-    ``variant_ids``, buyer n buys variant ``n % len(variant_ids)`` (each variant's
-    buyers must be able to take all of its units).
+    ``variant_ids``, buyer n buys variant ``n % len(variant_ids)``, and the next one
+    when that one is gone, so every unit sells however the buyers fall on them.
 
     Each buyer sends its next ``buy`` from the callback that read the previous answer
     (:class:`_Rush`): no task, future or coroutine per buy, so the client, which
@@ -219,11 +219,12 @@ class _RushState:
 class _Rush:
     """One buyer's ``per_user`` buys, one after another, driven by its answers."""
 
-    __slots__ = ("buyer", "k", "n", "rid", "state", "variant")
+    __slots__ = ("buyer", "k", "n", "rid", "state", "switches", "variant")
 
     def __init__(self, state: _RushState, buyer: Buyer, n: int) -> None:
         self.state, self.buyer, self.n = state, buyer, n
         self.k = 0  # buys answered
+        self.switches = 0  # variants found sold out and left for the next one
         self.rid: str | None = None  # the id of the buy waiting for its answer
         ids = state.variant_ids
         self.variant = {"variant_id": ids[n % len(ids)]} if ids else {}
@@ -239,14 +240,23 @@ class _Rush:
     def answered(self, b: Buyer, frame: dict[str, Any]) -> None:
         state = self.state
         self.k += 1
-        stop = self.k >= state.per_user
+        stop = self.k - self.switches >= state.per_user
         if frame["t"] == "reply":
             state.holds.append(frame["data"])
             state.last_hold = time.perf_counter()
         else:
             code = frame.get("code", "?")
             state.refused[code] = state.refused.get(code, 0) + 1
-            stop = stop or code in ("sold_out", "not_enough_stock")
+            gone = code in ("sold_out", "not_enough_stock")
+            ids = state.variant_ids
+            if gone and self.switches < len(ids) - 1:
+                # This variant is gone: the next one, as a shopper would (the
+                # attempt does not count against the buyer's buys).
+                self.switches += 1
+                self.variant = {"variant_id": ids[(self.n + self.switches) % len(ids)]}
+                stop = self.k - self.switches >= state.per_user
+            else:
+                stop = stop or gone
         if stop:
             self._finish(b)
         else:
