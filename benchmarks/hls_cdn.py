@@ -74,7 +74,7 @@ class Rig:
             "REDIS_URL": self.redis_url, "DATABASE_URL": self.database_url,
             "DROPSERVER_MEDIA_DIR": str(media), "DROPSERVER_WORKERS": "1"})
         try:
-            self.http = httpx.AsyncClient(base_url=self.origin.base_url, timeout=10)
+            self.http = httpx.AsyncClient(base_url=self.origin.base_url, timeout=30)
             self.drop_id = await create_drop(self.http, self.origin.token)
             self.publisher = WhipPublisher(
                 f"{self.origin.base_url}/v1/drops/{self.drop_id}/whip", self.origin.token,
