@@ -77,7 +77,9 @@ async def test_settle_pays_out_exactly_and_refund_reverses(settings, stripe_serv
                      "payment_fees": 4 * FEE, "platform_fee": 1000,
                      "net_platform_fee": 1000 - 4 * FEE, "cogs": 4000, "profit": 5000,
                      "shortfall": 0, "profit_platform": 1250, "profit_creator": 1250,
-                     "profit_investors": 2500, "creator_payout": 5250}
+                     "profit_investors": 2500, "creator_payout": 5250,
+                     "tips": {"gross": 0, "refunds": 0, "payment_fees": 0,
+                              "platform_fee": 0, "creator": 0}}  # no tips in this drop
         assert r.json()["investors"] == [
             {"investor_id": "inv-a", "stake": 3000, "share": 1875},
             {"investor_id": "inv-b", "stake": 1000, "share": 625}]
