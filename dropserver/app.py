@@ -147,13 +147,15 @@ async def update_me(request: Request) -> JSONResponse:
     reject_unknown(data, ("display_name", "avatar_url"))
     if not data:
         raise ValidationFailed("send display_name or avatar_url", details={"field": "body"})
+    # A field sent must be a string (null is refused like any wrong type: empty
+    # removes the avatar); a field left out keeps its value.
     name = data.get("display_name")
-    if name is not None and (not isinstance(name, str) or len(name) > 80
-                             or not name.strip()):
+    if "display_name" in data and (not isinstance(name, str) or len(name) > 80
+                                   or not name.strip()):
         raise ValidationFailed("display_name must be 1 to 80 characters",
                                details={"field": "display_name"})
     avatar = data.get("avatar_url")
-    if avatar is not None and (not isinstance(avatar, str) or len(avatar) > 2000 or (
+    if "avatar_url" in data and (not isinstance(avatar, str) or len(avatar) > 2000 or (
             avatar and not avatar.startswith(("https://", "http://", "/")))):
         raise ValidationFailed("avatar_url must be an http(s) URL or a path, at most 2000 "
                                "characters (empty removes it)", details={"field": "avatar_url"})

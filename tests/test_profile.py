@@ -72,7 +72,10 @@ async def test_me_lists_what_the_caller_moderates_and_refuses_bad_profiles(http,
     for body, field in (({}, "body"), ({"display_name": "   "}, "display_name"),
                         ({"display_name": "x" * 81}, "display_name"),
                         ({"avatar_url": "javascript:alert(1)"}, "avatar_url"),
-                        ({"avatar_url": 5}, "avatar_url"), ({"nick": "x"}, "nick")):
+                        ({"avatar_url": 5}, "avatar_url"), ({"nick": "x"}, "nick"),
+                        # null is a wrong type, not "leave it" (the deep fuzz found it)
+                        ({"avatar_url": None, "display_name": "0"}, "avatar_url"),
+                        ({"display_name": None}, "display_name")):
         resp = await http.patch("/v1/me", json=body, headers=mod)
         assert resp.status_code == 422, (body, resp.text)
         assert resp.json()["error"]["details"]["field"] == field
