@@ -78,6 +78,13 @@ class Browsers:
         self.logs: dict[str, list[str]] = {}
         self.problems: list[str] = []  # "<page> <what>", in the order they happened
         self.closing = False  # closing a browser aborts its requests: not a problem
+        self.expected: list[tuple[int, str]] = []  # (status, URL part) a test provokes
+        self.provoked: list[tuple[int, str]] = []  # (status, URL) answered as expected
+
+    def expect_http(self, status: int, url_part: str) -> None:
+        """One answer ``status`` to a URL containing ``url_part`` is what the test
+        provokes (a refused stale save), not a problem; any other still is."""
+        self.expected.append((status, url_part))
 
     def _problem(self, name: str, text: str) -> None:
         if self.closing:
@@ -102,11 +109,23 @@ class Browsers:
         def on_console(m) -> None:
             where = m.location or {}
             lines.append(f"[{m.type}] {m.text} ({where.get('url', '')})")
+            url = where.get("url") or ""
+            if m.type == "error" and any(
+                    f"status of {status}" in m.text and part in url
+                    for status, part in self.provoked + self.expected):
+                return  # Chromium's own line for the provoked answer
             if m.type == "error":
                 self._problem(name, f"console error: {m.text} at {where.get('url', '?')}")
 
         def on_response(r) -> None:
             if r.status >= 400:
+                hit = next((e for e in self.expected if e[0] == r.status and e[1] in r.url),
+                           None)
+                if hit is not None:
+                    self.expected.remove(hit)
+                    self.provoked.append((r.status, r.url))
+                    lines.append(f"[expected] HTTP {r.status} {r.request.method} {r.url}")
+                    return
                 self._problem(name, f"HTTP {r.status} {r.request.method} {r.url}")
 
         def on_page_error(e) -> None:

@@ -1,5 +1,6 @@
-// The creator's console: token, drop, camera preview + WHIP publishing, drop
-// controls, auctions, giveaways, chat moderation and moderators, and live stats. Text from the server is rendered with
+// The creator's console: token, drop, its products and variants, camera preview + WHIP
+// publishing, drop controls, auctions, giveaways, chat moderation and moderators, and
+// live stats. Text from the server is rendered with
 // textContent.
 
 import { fetchJson, loadConfig, tokenFromFragment } from "./api.js";
@@ -9,6 +10,7 @@ import * as creator from "./creator-api.js";
 import { mountGiveawayConsole } from "./giveaway-console.js";
 import { mountTipsConsole } from "./tips-console.js";
 import { mountModerationConsole } from "./moderation-console.js";
+import { mountProductsConsole } from "./products-console.js";
 import { formatMoney } from "./viewer-state.js";
 import { WhipPublisher } from "./whip.js";
 
@@ -36,6 +38,7 @@ const ui = {
   auctions: initialAuctions(),
   giveaways: null, // the giveaway panel's hooks (giveaway-console.js)
   moderation: null, // the chat and moderators panel's hooks (moderation-console.js)
+  products: null, // the products and variants panel's hooks (products-console.js)
 };
 window.__console = ui; // for tests and debugging
 
@@ -84,6 +87,7 @@ function renderDrop() {
   }
   renderGoLive();
   $("publish-btn").disabled = !d || !ui.stream;
+  ui.products?.onDrop();
 }
 
 /** The Go live button: the countdown (and a way to cancel it) while there is one. */
@@ -138,7 +142,9 @@ async function openDrop(id) {
   showError("drop-error", null);
   try {
     const drop = await creator.getDrop(id, ui.token);
-    if (ui.drop?.id !== drop.id) {
+    const another = ui.drop?.id !== drop.id;
+    if (another) {
+      ui.products.reset(); // nothing of the previous drop's products or edits
       cancelGoLive();
       ui.stats = { ...NO_STATS }; // nothing of the previous drop's numbers
       renderStats();
@@ -215,6 +221,7 @@ function connectSocket() {
     ui.giveaways.onEvent(event, data);
     ui.tips.onEvent(event, data);
     ui.moderation.onEvent(event, data);
+    ui.products.onEvent(event, data);
     if (event.startsWith("auction.")) {
       auctionDispatch(event, data);
       if (event !== "auction.bid") log(`${event} ${JSON.stringify(data)}`);
@@ -453,6 +460,17 @@ async function main() {
   ui.config = await loadConfig();
   ui.giveaways = mountGiveawayConsole({ drop: () => ui.drop, token: () => ui.token, log });
   ui.tips = mountTipsConsole({ drop: () => ui.drop, token: () => ui.token, log });
+  ui.products = mountProductsConsole({ drop: () => ui.drop, token: () => ui.token, log,
+    saved: (drop) => {
+      ui.drop = creator.fresher(ui.drop, drop);
+      renderDrop();
+    },
+    reload: async () => {
+      if (!ui.drop) return;
+      const drop = await creator.getDrop(ui.drop.id, ui.token);
+      ui.drop = creator.fresher(ui.drop, drop);
+      renderDrop();
+    } });
   ui.moderation = mountModerationConsole({ drop: () => ui.drop, token: () => ui.token, log,
     command: (type, data) => {
       if (!ui.client) throw new Error("open a drop first");

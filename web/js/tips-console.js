@@ -3,19 +3,9 @@
 // hears a `tip` (docs/http-api.md, "Tips").
 
 import { fetchJson } from "./api.js";
-import { formatMoney } from "./viewer-state.js";
+import { formatMoney, minorPerMajor } from "./viewer-state.js";
 
 const $ = (id) => document.getElementById(id);
-
-/** Minor units per major unit of `currency` (100 for usd, 1 for jpy). */
-function minorPerMajor(currency) {
-  try {
-    const fmt = new Intl.NumberFormat("en", { style: "currency", currency: currency.toUpperCase() });
-    return 10 ** fmt.resolvedOptions().maximumFractionDigits;
-  } catch {
-    return 100;
-  }
-}
 
 /**
  * Mount the panel (`#tips-panel` of console.html). `drop()` and `token()` give the open

@@ -461,6 +461,18 @@ export function formatClock(seconds) {
 }
 
 /** Minor units -> "$12.50" with Intl (falls back to "12.50 USD"). */
+/** Minor units per major unit of `currency` (100 for usd, 1 for jpy): money inputs in
+ * major units (4.99) become the API's integer minor units (499). */
+export function minorPerMajor(currency) {
+  try {
+    const fmt = new Intl.NumberFormat("en", { style: "currency",
+      currency: String(currency || "usd").toUpperCase() });
+    return 10 ** fmt.resolvedOptions().maximumFractionDigits;
+  } catch {
+    return 100;
+  }
+}
+
 export function formatMoney(amount, currency = "usd") {
   if (amount === null || amount === undefined) return "";
   const cur = String(currency || "usd").toUpperCase();
