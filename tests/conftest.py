@@ -34,7 +34,7 @@ from dropserver.settings import Settings, load_settings
 ON_CLUSTER = (os.environ.get("TEST_REDIS_CLUSTER", "") not in ("", "0")
               or os.environ.get("TEST_REDIS_URL", "").split("://", 1)[0].endswith("+cluster"))
 # For a test of one Redis's own machinery (its single subscriber connection, CLIENT
-# KILL of it): tests/test_sharded_subscriber.py covers the cluster's counterpart.
+# KILL of it): tests/test_cluster_moves.py covers the cluster's sharded subscriber.
 only_single_redis = pytest.mark.skipif(ON_CLUSTER, reason="one Redis's own machinery")
 
 
