@@ -1,12 +1,25 @@
-// The console's "Chat and moderators" panel: slow mode, the pinned chat message, the
-// creator's moderators (appoint, dismiss), the drop's moderation log (who did what,
-// when), and how many viewers asked to be reminded. Text from the server is rendered
-// with textContent.
+// The console's "Chat and moderators" panel: the drop's chat with each message's
+// tools (pin, delete, mute or ban its author) and a field to write in it, slow mode,
+// the pinned chat message, the creator's moderators (appoint, dismiss), the drop's
+// moderation log (who did what, when; a mute or ban still in force can be lifted), and
+// how many viewers asked to be reminded. Text from the server is rendered with
+// textContent.
 
 import { fetchJson } from "./api.js";
+import { formatMoney, initialState, reduce } from "./viewer-state.js";
 
 const $ = (id) => document.getElementById(id);
 const REFRESH_MS = 5000;
+const MUTE_SECONDS = 600;
+// The room events the console's chat list follows (viewer-state.js reduces them).
+const CHAT_EVENTS = new Set(["chat.message", "chat.deleted", "chat.pinned", "chat.unpinned",
+  "tip"]);
+
+/** Whether a log entry is a mute or ban still in force (it gets a Lift button). */
+export function inForce(a, now = Date.now()) {
+  return (a.action === "mute" || a.action === "ban") && !a.lifted_at
+    && (!a.expires_at || Date.parse(a.expires_at) > now);
+}
 
 const ACTION_TEXT = {
   delete: "deleted a message of", mute: "muted", ban: "banned", unban: "lifted the ban of",
@@ -28,6 +41,92 @@ export function describe(a) {
 export function mountModerationConsole({ drop, token, command, log }) {
   let timer = null;
   let shownFor = null; // the drop id the panel shows
+  let room = initialState(null); // the chat as the console's socket heard it
+  let renderedChat = null;
+  window.__consoleChat = () => room.chat; // tests and debugging
+
+  function button(label, action, onClick, cls = "mod") {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = cls;
+    b.dataset.mod = action;
+    b.textContent = label;
+    b.addEventListener("click", onClick);
+    return b;
+  }
+
+  /** The chat list: every message with Pin and Delete; a viewer's (not the staff's:
+   * `role`) also with Mute (10 minutes, this drop) and Ban (every drop of the creator,
+   * until lifted). A tip is shown, not moderated. */
+  function renderChat() {
+    if (renderedChat === room.chat) return;
+    const list = $("console-chat");
+    const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+    list.replaceChildren(...room.chat.map((m) => {
+      const li = document.createElement("li");
+      li.dataset.id = m.id ?? "";
+      if (m.userId) li.dataset.user = m.userId;
+      if (m.role) li.dataset.role = m.role;
+      const who = document.createElement("span");
+      who.className = "who";
+      who.textContent = m.name;
+      const text = document.createElement("span");
+      text.className = "text";
+      text.textContent = m.text;
+      if (m.tip) {
+        li.className = "tip";
+        const amount = document.createElement("span");
+        amount.className = "tip-amount";
+        amount.textContent = `tipped ${formatMoney(m.tip.amount, m.tip.currency)}`;
+        li.append(who, amount, text);
+        return li;
+      }
+      li.append(who, text);
+      if (!m.id) return li;
+      li.append(
+        button("Pin", "pin", () => act("pin", "chat.pin", { message_id: m.id })),
+        button("Delete", "delete", () => act("delete", "chat.delete", { message_id: m.id })));
+      if (!m.role && m.userId) {
+        li.append(
+          button("Mute", "mute", () => act(`mute ${m.name}`, "chat.mute",
+            { user_id: m.userId, seconds: MUTE_SECONDS })),
+          button("Ban", "ban", () => act(`ban ${m.name}`, "chat.ban", { user_id: m.userId })));
+      }
+      return li;
+    }));
+    renderedChat = room.chat;
+    if (atBottom) list.scrollTop = list.scrollHeight;
+  }
+
+  /** A moderation command over the console's socket; the log is read again after it. */
+  async function act(what, type, data) {
+    $("console-chat-status").textContent = "";
+    try {
+      const reply = await command(type, data);
+      const done = { mute: "muted for 10 minutes", ban: "banned until lifted" }[type.slice(5)];
+      if (done) $("console-chat-status").textContent = `${data.user_id} ${done}`;
+      log(`${what}${done ? `: ${done}` : ""}`);
+      await refresh();
+      return reply;
+    } catch (err) {
+      $("console-chat-status").textContent = `${what}: ${err.message}`;
+      showError(err);
+      return null;
+    }
+  }
+
+  async function send(ev) {
+    ev.preventDefault();
+    const input = $("console-chat-input");
+    const text = input.value.trim();
+    if (!text) return;
+    try {
+      await command("chat.send", { text });
+      input.value = "";
+    } catch (err) {
+      showError(err);
+    }
+  }
 
   function showError(err) {
     $("mod-error").hidden = !err;
@@ -50,6 +149,10 @@ export function mountModerationConsole({ drop, token, command, log }) {
         const li = document.createElement("li");
         li.dataset.kind = a.action;
         li.textContent = describe(a);
+        if (inForce(a)) {
+          li.append(button("Lift", "unban", () => act(`lift ${a.action} of ${a.user_id}`,
+            "chat.unban", { user_id: a.user_id }), "link"));
+        }
         return li;
       }));
       $("mod-list").replaceChildren(...mods.moderators.map((m) => {
@@ -119,6 +222,7 @@ export function mountModerationConsole({ drop, token, command, log }) {
   }
 
   $("mod-form").addEventListener("submit", appoint);
+  $("console-chat-form").addEventListener("submit", send);
   $("console-slow").addEventListener("change",
     () => chat("chat.slow", { seconds: Number($("console-slow").value) }));
   $("console-unpin").addEventListener("click", () => chat("chat.unpin", {}));
@@ -130,7 +234,10 @@ export function mountModerationConsole({ drop, token, command, log }) {
         $("mod-log").replaceChildren();
         $("mod-list").replaceChildren();
         $("reminder-count").textContent = "";
+        $("console-chat-status").textContent = "";
         showPinned(null);
+        room = initialState(d?.id ?? null);
+        renderChat();
         shownFor = d?.id ?? null;
       }
       clearInterval(timer);
@@ -138,13 +245,19 @@ export function mountModerationConsole({ drop, token, command, log }) {
       refresh();
     },
     onJoined(snapshot) {
-      if (!snapshot) return;
+      if (!snapshot) return; // resumed: the events missed were replayed
+      room = reduce(initialState(drop()?.id ?? null), "snapshot", snapshot);
+      renderChat();
       showPinned(snapshot.chat_pinned ?? null);
       if (typeof snapshot.chat_slow_seconds === "number") {
         $("console-slow").value = String(snapshot.chat_slow_seconds);
       }
     },
     onEvent(event, data) {
+      if (CHAT_EVENTS.has(event)) {
+        room = reduce(room, event, data);
+        renderChat();
+      }
       if (event === "chat.pinned") showPinned(data);
       else if (event === "chat.unpinned") showPinned(null);
       else if (event === "chat.slow") $("console-slow").value = String(data.seconds);
