@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from loadtest.viewer import Phase, UndecodableFrame, decode_server
+from loadtest.viewer import Phase, UndecodableFrame, decode_shared
 
 __all__ = ["FloorViewer", "summarize_floor"]
 
@@ -47,7 +47,7 @@ class FloorViewer:
 
     def received(self, data: bytes | str, now: float) -> list[tuple[float, dict[str, Any]]]:
         try:
-            messages = decode_server(data)
+            messages = decode_shared(data)  # as the rehearsal's viewers read
         except UndecodableFrame:
             return []
         for message in messages:

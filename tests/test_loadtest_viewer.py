@@ -6,7 +6,8 @@ import json
 
 import msgpack
 
-from loadtest.viewer import BuyOutcome, Phase, Viewer, ViewerConfig, decode_server
+from loadtest import viewer as viewer_mod
+from loadtest.viewer import BuyOutcome, Phase, Viewer, ViewerConfig, decode_server, decode_shared
 from realtime.protocol import Format, encode, event_frame
 
 
@@ -117,6 +118,36 @@ def test_decode_accepts_integer_keys_json_text_and_batches() -> None:
     assert decode_server('[{"t":"ping"},{"t":"pong"}]') == [{"t": "ping"}, {"t": "pong"}]
     v = _viewer()
     assert v.received(b"\xc1", 1.0) == [] and v.errors == {"undecodable_frame": 1}
+
+
+def test_a_broadcast_is_decoded_once_for_every_viewer_of_the_process(monkeypatch) -> None:
+    calls = []
+    real = viewer_mod.decode_server
+    monkeypatch.setattr(viewer_mod, "decode_server", lambda d: calls.append(d) or real(d))
+    viewers = [Viewer(i, f"lt-{i}", ViewerConfig(drop_id=42, buy_probability=0.0), draw=0.5)
+               for i in range(3)]
+    for v in viewers:
+        _join(v)
+    calls.clear()
+    batch = _wire([event_frame("chat.message", {"user_id": f"u{k}", "text": "hi " * 10},
+                               "e1", k) for k in (4, 5, 6)])
+    assert len(batch) >= viewer_mod.SHARED_MIN_BYTES
+    for v in viewers:
+        v.received(bytes(batch), 2.0)  # a fresh bytes object per socket, as read
+    assert len(calls) == 1
+    assert [(v.offset, v.chat_seen, v.gaps) for v in viewers] == [(6, 3, 0)] * 3
+    # A short frame (a reply, a ping) is one viewer's own: decoded each time.
+    ping = _wire({"t": "ping"})
+    assert len(ping) < viewer_mod.SHARED_MIN_BYTES
+    viewers[0].received(ping, 2.1)
+    viewers[1].received(ping, 2.1)
+    assert len(calls) == 3
+    # Bounded: the oldest broadcast is forgotten first.
+    for k in range(viewer_mod.SHARED_FRAMES + 5):
+        decode_shared(_wire({"t": "event", "event": "stock", "data": {"n": k, "pad": "x" * 64}}))
+    assert len(viewer_mod._shared) == viewer_mod.SHARED_FRAMES
+    assert bytes(batch) not in viewer_mod._shared
+    assert decode_shared(bytearray(batch)) == decode_server(batch)
 
 
 def test_chat_left_out_before_a_skipped_frame_is_not_a_lost_event() -> None:
