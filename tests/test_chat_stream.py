@@ -193,3 +193,39 @@ async def test_a_join_answered_ahead_of_the_room_does_not_get_those_events_twice
     plain = Sock(user="plain")
     room.joined(plain.conn, "e1", 4)  # up to date: nothing to remember
     assert plain.conn not in room._fresh
+
+
+def test_every_poster_left_out_gets_its_own_message_and_the_variants_share_the_work(
+        monkeypatch):
+    """A storm: 200 posters, a sample of 10. Each poster's variant has the sample and its
+    own message; a poster who joined mid-batch gets neither what its join answer had nor
+    less than its own. Each message's frame is built once for all of them."""
+    import realtime.chatstream as chatstream
+
+    built = Counter()
+    real = chatstream.protocol.event_frame
+    monkeypatch.setattr(chatstream.protocol, "event_frame",
+                        lambda event, data, epoch, offset: built.update([offset])
+                        or real(event, data, epoch, offset))
+    stream = ChatStream(batch_s=1.0, budget=0, read_rate=10, rng=random.Random(3))
+    pubs = [chat(i, user=f"p{i}") for i in range(1, 201)]
+    for p in pubs:
+        stream.add(p)
+    batch = stream.take(100, 0.0)
+    assert batch is not None and len(batch.chosen) == 10
+    chosen = {p.offset for p in batch.chosen}
+    for i in range(1, 201):
+        b = batch.for_conn(SimpleNamespace(user_id=f"p{i}"))
+        got = [f["pos"]["offset"] for f in b.frames if f["t"] == "event"]
+        assert got == sorted(chosen | {i})
+        assert b.frames[-1]["count"] == 200 - len(got)
+        assert b.chat.messages is batch.default.chat.messages  # one run for all
+    late_poster = next(i for i in range(150, 201) if i not in chosen)
+    b = batch.for_conn(SimpleNamespace(user_id=f"p{late_poster}"), after=120)
+    got = [f["pos"]["offset"] for f in b.frames if f["t"] == "event"]
+    assert got == sorted({o for o in chosen if o > 120} | {late_poster})
+    assert b.frames[-1] == {"t": "skipped", "count": 80 - len(got),
+                            "pos": {"epoch": "e1", "offset": 200}}
+    assert [p for p, _ in b.chat.messages] == list(range(121, 201))
+    assert batch.for_conn(SimpleNamespace(user_id="p3"), after=200) is None
+    assert max(built.values()) == 1  # each message's frame built once
