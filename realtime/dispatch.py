@@ -12,6 +12,15 @@ request, a Redis reply) runs before the next slice. So:
 * a worker writing to 12,500 sockets never holds its loop for the ~150 ms that takes,
   and the creator's ``POST /buy-now`` on that worker answers between slices.
 
+A slice is ``SLICE_S`` while the loop has little else to do. When it has more (a chat
+storm: hundreds of viewers' frames read, posts answered, replies from Redis between
+two slices), a fixed 4 ms slice gave a fan-out a few percent of the worker: BUY NOW
+to 10,000 sockets, ~250 ms of writes, took 3-4 s to reach them all. So a slice also
+grows with the time the rest of the loop took since the previous one: an urgent job
+gets at least ``URGENT_SHARE`` of the worker while it runs, a bulk one
+``BULK_SHARE``, each slice at most ``URGENT_SLICE_MAX_S`` / ``BULK_SLICE_MAX_S``, so
+a creator's request still starts within tens of milliseconds.
+
 Viewers' own commands (a ``buy``, a chat message) are the exception:
 :meth:`Dispatcher.urgent_idle` lets the gateway hold them while a drop event is
 still being fanned out, so every viewer sees BUY NOW before anyone's buy is taken.
@@ -31,9 +40,13 @@ from typing import Any
 from realtime import metrics
 from realtime.wire import Broadcast, Lane
 
-__all__ = ["SLICE_S", "Dispatcher", "Job"]
+__all__ = ["BULK_SHARE", "SLICE_S", "URGENT_SHARE", "Dispatcher", "Job"]
 
-SLICE_S = 0.004  # CPU seconds of fan-out before the loop runs whatever else is ready
+SLICE_S = 0.004  # seconds of fan-out before the loop runs whatever else is ready
+URGENT_SHARE = 0.5  # of the worker's time a drop event's fan-out takes at least
+URGENT_SLICE_MAX_S = 0.040
+BULK_SHARE = 1 / 3  # chat batches and coalesced events: viewers' buys come first
+BULK_SLICE_MAX_S = 0.012
 _STEP = 64  # sockets between clock reads
 
 
@@ -113,6 +126,7 @@ class Dispatcher:
         self._scheduled: asyncio.Handle | None = None
         self._running = False
         self._idle: asyncio.Future | None = None  # resolved when the urgent lane empties
+        self._yielded_at: float | None = None  # a slice ended with work left, at
 
     def submit(self, job: Job) -> Job:
         """Queue ``job``. With nothing ahead of it in its lane or above, its first slice
@@ -149,12 +163,24 @@ class Dispatcher:
         if self._scheduled is None and not self._running:
             self._scheduled = asyncio.get_running_loop().call_soon(self._run)
 
+    def slice_for(self, lane: Lane, others_s: float) -> float:
+        """This slice's length, after the rest of the loop took ``others_s`` since the
+        previous slice (see the module docstring)."""
+        share, most = ((URGENT_SHARE, URGENT_SLICE_MAX_S) if lane is Lane.URGENT
+                       else (BULK_SHARE, BULK_SLICE_MAX_S))
+        return max(self.slice_s, min(most, others_s * share / (1 - share)))
+
     def _run(self) -> None:
         self._scheduled = None
         self._running = True
         urgent, bulk = self._lanes
         try:
-            deadline = time.perf_counter() + self.slice_s
+            now = time.perf_counter()
+            slice_s = self.slice_s
+            if self._yielded_at is not None:
+                slice_s = self.slice_for(Lane.URGENT if urgent else Lane.BULK,
+                                         now - self._yielded_at)
+            deadline = now + slice_s
             while True:
                 lane = urgent if urgent else bulk
                 if not lane:
@@ -175,7 +201,10 @@ class Dispatcher:
             if not urgent and self._idle is not None and not self._idle.done():
                 self._idle.set_result(None)
             if urgent or bulk:
+                self._yielded_at = time.perf_counter()
                 self._schedule()
+            else:
+                self._yielded_at = None
 
     def close(self) -> None:
         if self._scheduled is not None:
