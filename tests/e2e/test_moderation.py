@@ -119,3 +119,52 @@ async def test_remind_me_and_share_on_a_scheduled_drop(
     await page.wait_for_function(
         "() => document.getElementById('share-status').textContent !== ''", timeout=5_000)
     await browsers.shot(page, "viewer-remind-share")
+
+
+async def test_a_moderator_bans_from_the_viewer_page_and_can_undo_it(
+        server: RunningServer, browsers: Browsers, http, make_token) -> None:
+    """Ban sits beside Mute on a viewer's message (never on the staff's): the author's
+    next message is refused in this drop and the creator's others; Undo lifts it."""
+    from tests.realtime_support import Client
+
+    creator = make_token("creator-1", "creator", name="Cleo")
+    drop = await api_drop(http, creator)
+    other = await api_drop(http, creator, title="Next drop")
+    assert (await http.put("/v1/creators/creator-1/moderators/mod-1", headers={
+        "authorization": f"Bearer {creator}"})).status_code == 201
+    troll = await Client.connect(server.ws_url, token=make_token("troll", name="Troll"))
+    assert (await troll.join(drop["id"]))["t"] == "joined"
+    host = await Client.connect(server.ws_url, token=creator)
+    assert (await host.join(drop["id"]))["t"] == "joined"
+    assert (await troll.request({"t": "chat.send", "text": "spam"}))["t"] == "reply"
+    assert (await host.request({"t": "chat.send", "text": "welcome"}))["t"] == "reply"
+
+    mod = await browsers.page("moderator", phone=True)
+    await mod.goto(f"{server.base_url}/d/{drop['id']}#token={make_token('mod-1', name='Mo')}")
+    await mod.wait_for_function(OPEN, timeout=15_000)
+    spam = mod.locator("#chat-list li", has_text="spam")
+    await spam.locator("button[data-mod='ban']").wait_for(timeout=10_000)
+    assert await spam.locator("button.mod").all_inner_texts() == ["Pin", "Delete", "Mute",
+                                                                   "Ban"]
+    welcome = mod.locator("#chat-list li", has_text="welcome")
+    assert await welcome.locator("button.mod").all_inner_texts() == ["Pin", "Delete"]
+    await spam.locator("button[data-mod='ban']").click()
+    await mod.wait_for_function(
+        "() => document.getElementById('mod-status').textContent"
+        ".startsWith('Troll banned until lifted')", timeout=10_000)
+    assert (await troll.request({"t": "chat.send", "text": "x"}))["code"] == "banned"
+    elsewhere = await Client.connect(server.ws_url, token=make_token("troll", name="Troll"))
+    assert (await elsewhere.join(other["id"]))["t"] == "joined"
+    assert (await elsewhere.request({"t": "chat.send", "text": "x"}))["code"] == "banned"
+    audit = (await http.get(f"/v1/drops/{drop['id']}/moderation", headers={
+        "authorization": f"Bearer {creator}"})).json()["actions"]
+    assert (audit[0]["action"], audit[0]["user_id"], audit[0]["moderator_id"]) == (
+        "ban", "troll", "mod-1")
+    await browsers.shot(mod, "moderator-ban")
+    await mod.click("#mod-undo")
+    await mod.wait_for_function(
+        "() => document.getElementById('mod-status').textContent === 'Troll may chat again'",
+        timeout=10_000)
+    assert (await troll.request({"t": "chat.send", "text": "sorry"}))["t"] == "reply"
+    for c in (troll, host, elsewhere):
+        await c.close()

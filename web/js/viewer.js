@@ -372,7 +372,7 @@ function renderChat() {
   if (atBottom) list.scrollTop = list.scrollHeight;
 }
 
-// A staff member's buttons on a message: pin, delete, and mute its author (not
+// A staff member's buttons on a message: pin, delete, and mute or ban its author (not
 // another member of the staff: the server refuses that to a moderator).
 function modButtons(m) {
   const make = (label, action, frame) => {
@@ -381,26 +381,40 @@ function modButtons(m) {
     b.className = "mod";
     b.dataset.mod = action;
     b.textContent = label;
-    b.addEventListener("click", () => moderate(action, frame));
+    b.addEventListener("click", () => moderate(action, frame, m.name));
     return b;
   };
   const out = [make("Pin", "pin", { t: "chat.pin", message_id: m.id }),
     make("Delete", "delete", { t: "chat.delete", message_id: m.id })];
   if (!m.role && m.userId && m.userId !== me?.user_id) {
-    out.push(make("Mute", "mute", { t: "chat.mute", user_id: m.userId, seconds: 600 }));
+    out.push(make("Mute", "mute", { t: "chat.mute", user_id: m.userId, seconds: 600 }),
+      make("Ban", "ban", { t: "chat.ban", user_id: m.userId }));
   }
   return out;
 }
 
-async function moderate(action, frame) {
+async function moderate(action, frame, name = "") {
   if (!client) return;
   const { t, ...data } = frame;
-  $("mod-status").textContent = "";
+  const status = $("mod-status");
+  status.replaceChildren();
   try {
     await client.command(t, data);
-    $("mod-status").textContent = action === "mute" ? "muted for 10 minutes" : "";
+    if (action === "mute") status.textContent = `${name} muted for 10 minutes`;
+    if (action === "ban") {
+      // a ban holds in every drop of the creator until lifted: undo is one tap away
+      const undo = document.createElement("button");
+      undo.type = "button";
+      undo.className = "link";
+      undo.id = "mod-undo";
+      undo.textContent = "Undo";
+      undo.addEventListener("click", () => moderate("unban",
+        { t: "chat.unban", user_id: data.user_id }, name));
+      status.append(`${name} banned until lifted`, undo);
+    }
+    if (action === "unban") status.textContent = `${name} may chat again`;
   } catch (err) {
-    $("mod-status").textContent = `${action}: ${err.message}`;
+    status.textContent = `${action}: ${err.message}`;
   }
 }
 
