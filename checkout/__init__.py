@@ -59,6 +59,9 @@ Modules, in the order to read them:
   refunds, the sweep that repairs what a lost webhook or a crash left.
 * ``webhooks``: Stripe webhooks: verify, deduplicate, re-read, apply (orders, and
   tips for an intent that is no order's).
+* ``receipts``: what a buyer bought: their orders and tips as receipts (items,
+  variant, amounts, payment reference, dates, state), paged by an opaque cursor.
+* ``receipts_api``: ``GET /v1/me/orders`` and an order's receipt route.
 * ``campaigns``: campaign drops: the goal, the deadline, capture or cancel.
 * ``payments_api``: order workers, gateway, webhook and order routes as mounted.
 * ``tips_api``: the tip routes (the creator's amounts, send, read, refund, the dev

@@ -47,7 +47,9 @@ async def insert_orders(conn: asyncpg.Connection, rows: list[tuple]) -> None:
     arriving only now is one the rebuilt Redis does not count and may have sold
     again: it is recorded ``failed`` with ``released = 'lost'`` (never counted, its
     buyer told). The shared lock makes every insert land either before the read or
-    after its record."""
+    after its record. ``created_at`` is when the hold was made (``created_at_ms``,
+    Redis' clock; now when 0), not when its row arrived: the buyer's "ordered at" and
+    the order of their receipts, whichever writer recorded it."""
     if not rows:
         return
     # One order for every writer's keys (hold ids, user ids): the journal, the order
@@ -65,12 +67,15 @@ async def insert_orders(conn: asyncpg.Connection, rows: list[tuple]) -> None:
     await conn.execute(
         """INSERT INTO orders (public_id, drop_id, product_id, user_id, quantity,
                buyer_number, unit_price, amount, currency, idempotency_key,
-               hold_expires_at, payment_flow, state, released, variant_id)
+               hold_expires_at, payment_flow, state, released, variant_id, created_at)
            SELECT t.public_id, t.drop_id, t.product_id, t.user_id, t.quantity,
                   t.buyer_number, t.unit_price, t.amount, t.currency, t.idempotency_key,
                   to_timestamp(t.expires_ms::double precision / 1000), t.flow,
                   CASE WHEN g.lost THEN 'failed' ELSE t.state END,
-                  CASE WHEN g.lost THEN 'lost' ELSE t.released END, t.variant_id
+                  CASE WHEN g.lost THEN 'lost' ELSE t.released END, t.variant_id,
+                  CASE WHEN t.created_ms > 0
+                       THEN to_timestamp(t.created_ms::double precision / 1000)
+                       ELSE now() END
            FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::int[],
                        $6::int[], $7::bigint[], $8::bigint[], $9::text[], $10::text[],
                        $11::bigint[], $12::text[], $13::bigint[], $14::text[],

@@ -298,8 +298,14 @@ class OrderProcessor:
         sets ``orders.released``). The buyer is told by :meth:`tell`, not here."""
         if target in RELEASED_STATES:
             released = target.value
+        # paid_at / refunded_at: the receipt's dates, set the first time only
         sql = """UPDATE orders SET state = $2, released = COALESCE(released, $4),
-                     updated_at = now()
+                     updated_at = now(),
+                     paid_at = CASE WHEN $2 = 'paid' THEN COALESCE(paid_at, now())
+                                    ELSE paid_at END,
+                     refunded_at = CASE WHEN $2 = 'refunded'
+                                        THEN COALESCE(refunded_at, now())
+                                        ELSE refunded_at END
                  WHERE id = $1 AND state = ANY($3::text[]) RETURNING state"""
         args = (order["id"], target.value, sources_of(target), released)
         if target not in _WEBHOOK_EVENTS:

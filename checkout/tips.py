@@ -243,7 +243,9 @@ class Tips:
         ledger is reversed if the drop was settled. Idempotent."""
         await self.db.execute(
             """UPDATE tips SET amount_refunded = GREATEST(amount_refunded, $2),
-                   state = CASE WHEN $3 THEN 'refunded' ELSE state END, updated_at = now()
+                   state = CASE WHEN $3 THEN 'refunded' ELSE state END, updated_at = now(),
+                   refunded_at = CASE WHEN $3 THEN COALESCE(refunded_at, now())
+                                      ELSE refunded_at END
                WHERE id = $1""", row["id"], amount_refunded, full)
         if self.on_refunded is not None:
             await self.on_refunded(row["drop_id"])

@@ -181,7 +181,30 @@ _MODERATION_ACTION = _obj(
     seconds=_nullable(INT), expires_at=_nullable(TIME), lifted_at=_nullable(TIME),
     drop_id=_nullable(ID), at=TIME)
 
+_RECEIPT_ITEM = _obj(
+    ["product_id", "variant_id", "title", "variant_title", "options", "image_url",
+     "quantity", "unit_price", "amount"], product_id=_nullable(ID), variant_id=_nullable(ID),
+    title=STR, variant_title=_nullable(STR),
+    options={"type": "object", "additionalProperties": STR}, image_url=STR, quantity=INT,
+    unit_price=MONEY, amount=MONEY)
+_RECEIPT_FIELDS = dict(
+    kind={"type": "string", "enum": ["order", "tip"]}, id=STR, drop_id=ID, drop_title=STR,
+    seller=_obj(["id", "name"], id=STR, name=STR),
+    state={"type": "string", "enum": ["held", "payment_pending", "authorized", "paid",
+                                      "failed", "expired", "cancelled", "refunded",
+                                      "disputed"]},
+    items={"type": "array", "items": _RECEIPT_ITEM}, total=MONEY, currency=STR,
+    amount_paid=MONEY, amount_refunded=MONEY, message=_nullable(STR),
+    buyer_number=_nullable(INT), released=_nullable(STR), flow=STR,
+    payment={"oneOf": [{"type": "null"}, _obj(
+        ["gateway", "reference", "status", "error"], gateway=STR, reference=STR,
+        status=STR, error=_nullable(STR))]},
+    created_at=TIME, paid_at=_nullable(TIME), refunded_at=_nullable(TIME),
+    hold_expires_at=_nullable(TIME))
+RECEIPT = _obj(list(_RECEIPT_FIELDS), **_RECEIPT_FIELDS)
+
 SCHEMAS = {
+    "Receipt": RECEIPT,
     "Error": ERROR, "Product": PRODUCT, "Drop": DROP, "ProductInput": PRODUCT_INPUT,
     "ProductPatch": PRODUCT_PATCH, "DropCreate": DROP_CREATE, "DropPatch": DROP_PATCH,
     "Hold": HOLD, "Giveaway": GIVEAWAY, "GiveawayOpen": GIVEAWAY_OPEN,
@@ -565,6 +588,20 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             hold_expires_at=INT, payment={"type": ["object", "null"], "properties": {
                 "status": STR, "intent_id": STR, "amount_received": MONEY,
                 "amount_refunded": MONEY, "client_secret": STR}}))}, tag="payments"),
+    ("GET", "/v1/orders/{order_id}/receipt"): _op(
+        "An order's receipt (the buyer, the drop's creator, an admin)", AUTH,
+        {"200": _json(_ref("Receipt"))}, tag="payments"),
+    ("GET", "/v1/me/orders"): _op(
+        "The caller's own orders and tips as receipts, newest first", AUTH,
+        {"200": _json(_obj(["orders", "next_cursor"], orders={
+            "type": "array", "items": _ref("Receipt")}, next_cursor=_nullable(STR)))},
+        tag="payments", params=[
+            _query("drop_id", ID, "one drop's only"),
+            _query("kind", {"type": "string", "enum": ["order", "tip"]}, "one kind only"),
+            _query("limit", {"type": "integer", "minimum": 1, "maximum": 100},
+                   "page size (default 20)"),
+            _query("cursor", {"type": "string", "maxLength": 80},
+                   "the previous page's next_cursor")]),
     ("POST", "/v1/orders/{order_id}/refund"): _op(
         "Refund a paid order in full (an admin or the drop's creator)", AUTH,
         {"200": _json(_obj(["order_id", "state", "amount_refunded", "currency"],
