@@ -10,6 +10,7 @@ import {
 } from "./auction-state.js";
 import { DropClient } from "./client.js";
 import { mountGiveaways } from "./giveaway-panel.js";
+import { mountOrders } from "./orders-panel.js";
 import { mountTips } from "./tip-panel.js";
 import { startPlayer } from "./player.js";
 import {
@@ -38,6 +39,7 @@ const seenBuyNow = { productId: null };
 let auctions = initialAuctions();
 let me = null; // GET /v1/me: who the token says we are (staff tools need it)
 const reminder = { known: false, on: false, busy: false, error: "" };
+let myOrders = null; // "My orders" and the paid order's receipt (orders-panel.js)
 
 function auctionDispatch(event, data) {
   auctions = reduceAuctions(auctions, event, data, Date.now());
@@ -282,7 +284,7 @@ const ORDER_TEXT = {
   requesting: ["Reserving…", ""],
   held: ["", "Pay before the timer runs out to keep it."],
   paying: ["Paying…", ""],
-  paid: ["Paid! It's yours.", "A receipt is on its way."],
+  paid: ["Paid! It's yours.", "Your receipt is below; it stays in My orders."],
   authorized: ["You're in!", "Your card is charged only if the goal is reached."],
   failed: ["Payment failed", ""],
   expired: ["Your hold expired", "The unit went back on sale."],
@@ -324,6 +326,7 @@ function renderOrder() {
   $("cancel-btn").hidden = o.phase !== OrderPhase.HELD;
   $("card-element").hidden = !stripeCard || !(o.phase === OrderPhase.HELD ||
     o.phase === OrderPhase.PAYING);
+  myOrders?.showCurrent();
   $("order-dismiss").hidden = ![OrderPhase.PAID, OrderPhase.AUTHORIZED, OrderPhase.FAILED,
     OrderPhase.EXPIRED, OrderPhase.CANCELLED, OrderPhase.REFUNDED, OrderPhase.REJECTED]
     .includes(o.phase);
@@ -639,6 +642,11 @@ async function main() {
     });
     dispatch("conn", { state: "closed" });
     listLiveDrops().catch(() => {});
+    // a signed-in viewer's orders in every drop
+    config = await loadConfig();
+    viewerTokenValue = await viewerToken(config);
+    myOrders = mountOrders({ dropId: null, token: () => viewerTokenValue });
+    myOrders.refresh().catch((err) => console.warn(err));
     return;
   }
   config = await loadConfig();
@@ -681,6 +689,9 @@ async function main() {
     command: (type, data) => client.command(type, data) });
   const tips = mountTips({ dropId: state.dropId, token: () => viewerTokenValue,
     payments: () => ({ gateway: config.payment_gateway, stripe }) });
+  myOrders = mountOrders({ dropId: state.dropId, token: () => viewerTokenValue,
+    currentOrder: () => state.order.orderId ?? null });
+  myOrders.refresh().catch((err) => console.warn(err));
   client.addEventListener("state", (e) => dispatch("conn", {
     state: e.detail.state, attempt: e.detail.attempt, retryInMs: e.detail.retryInMs,
     recovered: e.detail.recovered,
@@ -704,6 +715,8 @@ async function main() {
     if (e.detail.recovered !== true) fetchAuctions();
     giveaways.onJoined();
     tips.onJoined();
+    // back after a gap: an order may have changed meanwhile (the list is read again)
+    if (e.detail.recovered === false) myOrders.refresh().catch((err) => console.warn(err));
   });
   client.addEventListener("join-error", async (e) => {
     if (e.detail.code === "drop_not_found") {
@@ -727,6 +740,7 @@ async function main() {
     dispatch(e.detail.event, e.detail.data);
     giveaways.onEvent(e.detail.event, e.detail.data);
     tips.onEvent(e.detail.event, e.detail.data);
+    myOrders.onEvent(e.detail.event, e.detail.data, me?.user_id);
     if (e.detail.event === "stream.status") syncPlayer();
     if (e.detail.event === "chat.slow") $("mod-slow").value = String(e.detail.data.seconds);
   });
