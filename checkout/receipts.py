@@ -56,6 +56,8 @@ _TIP_COLS = """t.id, t.public_id, t.drop_id, t.user_id, t.amount, t.currency, t.
         AS host_name"""
 _TIP_FROM = """FROM tips t JOIN drops d ON d.id = t.drop_id
     LEFT JOIN users u ON u.id = d.creator_id"""
+# per kind: its columns, its tables, the alias of its own table
+_SOURCES = {"order": (_ORDER_COLS, _ORDER_FROM, "o"), "tip": (_TIP_COLS, _TIP_FROM, "t")}
 # the open states in which a hold's expiry still matters to the buyer
 _OPEN = ("held", "payment_pending")
 
@@ -160,21 +162,16 @@ async def list_receipts(db: asyncpg.Pool, user_id: str, *, limit: int,
     c_at, c_kind, c_id = ((after.created_at, after.kind, after.id) if after is not None
                           else (None, None, None))
     rows: list[tuple[str, asyncpg.Record]] = []
-    if kind in (None, "order"):
-        rows += [("order", r) for r in await db.fetch(
-            f"""SELECT {_ORDER_COLS} {_ORDER_FROM}
-                WHERE o.user_id = $1 AND ($2::bigint IS NULL OR o.drop_id = $2)
+    for k in KINDS:
+        if kind not in (None, k):
+            continue
+        cols, source, a = _SOURCES[k]
+        rows += [(k, r) for r in await db.fetch(
+            f"""SELECT {cols} {source}
+                WHERE {a}.user_id = $1 AND ($2::bigint IS NULL OR {a}.drop_id = $2)
                   AND ($3::timestamptz IS NULL
-                       OR (o.created_at, 'order', o.id) < ($3, $4::text, $5::bigint))
-                ORDER BY o.created_at DESC, o.id DESC LIMIT $6""",
-            user_id, drop_id, c_at, c_kind, c_id, limit + 1)]
-    if kind in (None, "tip"):
-        rows += [("tip", r) for r in await db.fetch(
-            f"""SELECT {_TIP_COLS} {_TIP_FROM}
-                WHERE t.user_id = $1 AND ($2::bigint IS NULL OR t.drop_id = $2)
-                  AND ($3::timestamptz IS NULL
-                       OR (t.created_at, 'tip', t.id) < ($3, $4::text, $5::bigint))
-                ORDER BY t.created_at DESC, t.id DESC LIMIT $6""",
+                       OR ({a}.created_at, '{k}', {a}.id) < ($3, $4::text, $5::bigint))
+                ORDER BY {a}.created_at DESC, {a}.id DESC LIMIT $6""",
             user_id, drop_id, c_at, c_kind, c_id, limit + 1)]
     rows.sort(key=lambda kr: (kr[1]["created_at"], kr[0], kr[1]["id"]), reverse=True)
     page = rows[:limit]
