@@ -157,13 +157,14 @@ async def test_pages_cover_every_order_and_tip_once_newest_first(
     other = await post_buy(http, second, bearer(make_token("buyer-b", Role.VIEWER)), p2)
     assert other.status_code == 201, other.text
 
-    async def all_recorded():
+    async def all_recorded():  # the rows and the cancels are written by the workers
         got = await _mine(http, buyer, limit=100)
-        return got if len(got["orders"]) == 5 else None
+        states = {o["id"]: o["state"] for o in got["orders"]}
+        done = len(states) == 5 and states[ids[0]] == states[ids[1]] == "cancelled"
+        return got if done else None
     whole = (await wait_for(all_recorded, 15))["orders"]
     assert [o["id"] for o in whole] == [tip_id, *reversed(ids)]
-    states = {o["id"]: o["state"] for o in whole}
-    assert states[ids[0]] == states[ids[1]] == "cancelled"
+    assert {o["state"] for o in whole[1:3]} <= {"held", "payment_pending"}
     tip = whole[0]
     assert (tip["kind"], tip["total"], tip["message"], tip["buyer_number"]) == (
         "tip", 300, "thanks!", None)
