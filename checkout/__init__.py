@@ -49,6 +49,7 @@ Modules, in the order to read them:
 * ``order_rows``: a hold's ``orders`` row, the one insert the worker and the journal
   share, against a rebuild's read.
 * ``order_events``: what the buyer hears about an order, published once.
+* ``refunds``: refunding a payment in full, as orders and tips both do.
 * ``orders``: the order processor: entries, intents, refunds applied; the buyer told.
 * ``campaign_rules``: how long a campaign may run (pure).
 * ``compensations``: undoing an order that cannot go through, step by step.

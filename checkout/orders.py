@@ -65,6 +65,7 @@ from checkout.order_states import (
     state_for_intent,
 )
 from checkout.payment_types import Flow, Gateway, GatewayError, Intent, IntentStatus
+from checkout.refunds import refund_in_full
 from checkout.retry import NotYet
 from dropserver.observability import bind
 from dropserver.outbound import EventType, enqueue
@@ -479,13 +480,8 @@ class OrderProcessor:
 
     async def _refund_all(self, order: Mapping[str, Any], intent: Intent, *,
                           reason: str) -> None:
-        try:
-            await self.gateway.refund(intent.id,
-                                      idempotency_key=f"refund:{order['public_id']}")
-        except GatewayError as exc:
-            if exc.code != "charge_already_refunded":
-                raise
-        charge = await self.gateway.retrieve_charge(intent.latest_charge or "")
+        charge = await refund_in_full(self.gateway, intent,
+                                      key=f"refund:{order['public_id']}")
         log.warning("refunded a payment", extra={"order_id": order["public_id"],
                                                  "reason": reason,
                                                  "amount": charge.amount_refunded})

@@ -37,6 +37,7 @@ import asyncpg
 
 from checkout.order_entries import transfer_group
 from checkout.payment_types import Flow, Gateway, GatewayError, Intent, IntentStatus
+from checkout.refunds import refund_in_full
 from dropserver.outbound import EventType, enqueue
 from realtime.publish import publish
 
@@ -226,13 +227,8 @@ class Tips:
         return await self._by_id(row["id"])
 
     async def _refund(self, row: asyncpg.Record, intent: Intent, *, reason: str) -> None:
-        try:
-            await self.gateway.refund(intent.id,
-                                      idempotency_key=f"refund:tip:{row['public_id']}")
-        except GatewayError as exc:
-            if exc.code != "charge_already_refunded":
-                raise
-        charge = await self.gateway.retrieve_charge(intent.latest_charge or "")
+        charge = await refund_in_full(self.gateway, intent,
+                                      key=f"refund:tip:{row['public_id']}")
         log.warning("refunded a tip", extra={"tip_id": row["public_id"], "reason": reason,
                                              "amount": charge.amount_refunded})
         await self.record_refund(row, charge.amount_refunded, full=charge.refunded)

@@ -199,6 +199,25 @@ async def test_a_second_full_refund_is_refused(gateway) -> None:
     assert charge.refunded and charge.amount_refunded == 800
 
 
+async def test_refund_in_full_answers_the_charge_however_often_it_is_asked(gateway) -> None:
+    """Orders and tips refund through checkout.refunds: a refund made already (another
+    path, another key) answers the refunded charge instead of failing; a charge that
+    cannot be refunded (the intent never succeeded) is still an error."""
+    from checkout.refunds import refund_in_full
+
+    pi = await gateway.create_intent(amount=700, currency="usd", idempotency_key="pi:h-rf",
+                                     flow=Flow.OFF_SESSION, payment_method="pm_card_visa")
+    await gateway.refund(pi.id, idempotency_key="refund:h-rf:creator")
+    for key in ("refund:h-rf", "refund:h-rf"):
+        charge = await refund_in_full(gateway, pi, key=key)
+        assert charge.refunded and charge.amount_refunded == 700
+    unpaid = await gateway.create_intent(amount=700, currency="usd",
+                                         idempotency_key="pi:h-rf2", flow=Flow.CLIENT_CONFIRM)
+    with pytest.raises(GatewayError) as info:
+        await refund_in_full(gateway, unpaid, key="refund:h-rf2")
+    assert info.value.code != "charge_already_refunded"
+
+
 async def test_refund_events_as_stripe_sends_them(gateway, stub: StripeStub) -> None:
     """A refund sends charge.refunded, then refund.created
     (https://docs.stripe.com/changelog/acacia/2024-10-28/refund-webhook-update)."""
