@@ -30,13 +30,13 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from dropserver.services import stop_process
 
-__all__ = ["DevServer", "Server", "cpu_seconds", "create_live_drop", "pcts",
-           "raise_nofile", "rss_kib", "start_dev", "start_server"]
+__all__ = ["DevServer", "Profile", "Server", "cpu_seconds", "create_live_drop", "pcts",
+           "raise_nofile", "rss_kib", "start_dev", "start_server", "top_frames"]
 
 WS_PATH = "/ws"
 
@@ -242,3 +242,74 @@ def redis_benchmark_evalsha(redis_url: str, source: bytes, key_list: list[str],
         capture_output=True, text=True, check=True).stdout
     last = [line for line in out.splitlines() if line.strip()][-1]
     return float(last.split(",")[1].strip('"'))
+
+
+# -- where the CPU goes -----------------------------------------------------------------
+
+class Profile:
+    """``py-spy record`` (a sampling profiler outside the process: the measured code is
+    not changed) on named processes for the measured part of a run, one collapsed-stack
+    file per name under ``out_dir`` (with its child processes for the names in
+    ``with_children``: a ``dropserver serve``'s workers); :func:`top_frames` reads
+    them. Sampling costs the profiled process little but takes py-spy's own share of
+    the machine: a profiled run's rate is not a figure of record."""
+
+    def __init__(self, out_dir: str, pids: Mapping[str, int], *, rate: int = 100,
+                 with_children: Collection[str] = ()) -> None:
+        import shutil
+
+        exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable),
+                                                     "py-spy")
+        if not os.path.exists(exe):
+            raise RuntimeError("py-spy not found (pip install py-spy)")
+        os.makedirs(out_dir, exist_ok=True)
+        self.files = {name: os.path.join(out_dir, f"{name}.txt") for name in pids}
+        self._procs = [subprocess.Popen(
+            [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
+             "--nonblocking", *(["--subprocesses"] if name in with_children else []),
+             "--output", self.files[name]],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for name, pid in pids.items()]
+
+    def stop(self) -> dict[str, str]:
+        """Stop sampling (py-spy writes its file on SIGINT); the files by name."""
+        for proc in self._procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in self._procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return self.files
+
+
+def top_frames(path: str, n: int = 25) -> dict[str, list[tuple[str, float]]]:
+    """From a ``py-spy --format raw`` file (``frame;frame;... count`` per line): the
+    ``n`` frames with the most samples on top of the stack (``self``) and anywhere in
+    it (``total``, each stack counted once per frame), as shares of all samples."""
+    self_n: dict[str, int] = {}
+    total_n: dict[str, int] = {}
+    samples = 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            c = int(count)
+            samples += c
+            frames = stack.split(";")
+            if frames[0].startswith("process "):
+                frames = frames[1:]
+            if not frames:
+                continue
+            self_n[frames[-1]] = self_n.get(frames[-1], 0) + c
+            for frame in set(frames):
+                total_n[frame] = total_n.get(frame, 0) + c
+
+    def top(counts: dict[str, int]) -> list[tuple[str, float]]:
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:n]
+        return [(frame, round(c / samples, 4)) for frame, c in ranked]
+
+    return {"samples": [("all", float(samples))], "self": top(self_n),
+            "total": top(total_n)}

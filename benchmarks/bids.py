@@ -26,14 +26,17 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import random
 import sys
 import time
 from collections import Counter
 from typing import Any
 
+import msgpack
+
 from benchmarks._buyers import Buyer, open_buyers, source_addresses
-from benchmarks._support import Server, cpu_seconds, start_server
+from benchmarks._support import Profile, Server, cpu_seconds, start_server, top_frames
 
 __all__ = ["main"]
 
@@ -63,42 +66,98 @@ async def running_auction(base_url: str, creator_token: str) -> tuple[int, int]:
         return drop_id, resp.json()["id"]
 
 
+class _War:
+    """What every bidder of a war shares: the lowest amount heard acceptable, the
+    answers, the clock."""
+
+    __slots__ = ("accepted", "auction_id", "done", "first", "known_min", "last", "left",
+                 "lost", "refused", "rng", "stop_at")
+
+    def __init__(self, auction_id: int, bidders: int, seconds: float) -> None:
+        self.auction_id = auction_id
+        self.rng = random.Random(1)
+        self.accepted: list[tuple[int, int]] = []  # (seq, amount)
+        self.refused: Counter[str] = Counter()
+        self.lost: Counter[str] = Counter()  # sockets closed with a bid unanswered
+        self.known_min = 100
+        self.first = self.last = time.perf_counter()
+        self.stop_at = self.first + seconds
+        self.left = bidders
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        if bidders == 0:
+            self.done.set_result(None)
+
+
+class _Bidder:
+    """One bidder's bids, back to back, each sent from the callback that read the
+    answer to the one before (the shape of :func:`benchmarks._buyers.rush`: no task,
+    future or coroutine per bid, so the load generator, which shares the machine with
+    the server it measures, takes as little of it as it can)."""
+
+    __slots__ = ("buyer", "k", "n", "rid", "war")
+
+    def __init__(self, war: _War, buyer: Buyer, n: int) -> None:
+        self.war, self.buyer, self.n = war, buyer, n
+        self.k = 0
+        self.rid: str | None = None  # the id of the bid waiting for its answer
+        buyer.rush = self
+
+    def next(self) -> None:
+        war = self.war
+        if time.perf_counter() >= war.stop_at:
+            self._finish(self.buyer)
+            return
+        self.k += 1
+        amount = war.known_min + war.rng.choice((0, 0, 0, 1, 2))
+        b = self.buyer
+        rid = self.rid = str(next(b._ids))
+        b.conn.send(msgpack.packb({"t": "bid", "id": rid, "auction_id": war.auction_id,
+                                   "amount": amount,
+                                   "idempotency_key": f"{self.n}-{self.k}"}))
+
+    def answered(self, b: Buyer, frame: dict[str, Any]) -> None:
+        war = self.war
+        war.last = time.perf_counter()
+        if frame.get("t") == "reply":
+            d = frame["data"]
+            war.accepted.append((d["seq"], d["amount"]))
+            war.known_min = max(war.known_min, d["next_min"])
+        else:
+            war.refused[frame.get("code", "?")] += 1
+            floor = (frame.get("details") or {}).get("min_amount")
+            if floor:
+                war.known_min = max(war.known_min, floor)
+        self.next()
+
+    def lost(self, b: Buyer, why: str) -> None:
+        self.war.lost[why] += 1
+        self._finish(b)
+
+    def _finish(self, b: Buyer) -> None:
+        b.rush = None
+        war = self.war
+        war.left -= 1
+        if war.left == 0 and not war.done.done():
+            war.done.set_result(None)
+
+
 async def war(bidders: list[Buyer], auction_id: int, seconds: float) -> dict[str, Any]:
     """Every bidder bids back to back for ``seconds``; the answers, checked."""
-    rng = random.Random(1)
-    accepted: list[tuple[int, int]] = []  # (seq, amount)
-    refused: Counter[str] = Counter()
-    known = {"min": 100}
-    first = time.perf_counter()
-    last = [first]
-    stop_at = first + seconds
-
-    async def bidder(b: Buyer, n: int) -> None:
-        k = 0
-        while time.perf_counter() < stop_at and not b.closed.done():
-            k += 1
-            amount = known["min"] + rng.choice((0, 0, 0, 1, 2))
-            frame = await b.command("bid", {"auction_id": auction_id, "amount": amount,
-                                            "idempotency_key": f"{n}-{k}"})
-            last[0] = time.perf_counter()
-            if frame.get("t") == "reply":
-                d = frame["data"]
-                accepted.append((d["seq"], d["amount"]))
-                known["min"] = max(known["min"], d["next_min"])
-            else:
-                refused[frame.get("code", "?")] += 1
-                floor = (frame.get("details") or {}).get("min_amount")
-                if floor:
-                    known["min"] = max(known["min"], floor)
-
-    await asyncio.gather(*(bidder(b, n) for n, b in enumerate(bidders)))
-    elapsed = last[0] - first
-    accepted.sort()
+    state = _War(auction_id, len(bidders), seconds)
+    for n, b in enumerate(bidders):
+        bidding = _Bidder(state, b, n)
+        if b.closed.done():  # nothing sent on it would ever be answered
+            bidding.lost(b, "closed before the war")
+        else:
+            bidding.next()
+    await state.done
+    elapsed = state.last - state.first
+    accepted = sorted(state.accepted)
     seqs = [s for s, _ in accepted]
     amounts = [a for _, a in accepted]
-    answers = len(accepted) + sum(refused.values())
-    return {"answers": answers, "accepted": len(accepted), "refused": dict(refused),
-            "seconds": round(elapsed, 3),
+    answers = len(accepted) + sum(state.refused.values())
+    return {"answers": answers, "accepted": len(accepted), "refused": dict(state.refused),
+            "lost": dict(state.lost), "seconds": round(elapsed, 3),
             "per_second": answers / elapsed if elapsed else 0.0,
             "seqs_1_to_n": seqs == list(range(1, len(seqs) + 1)),
             "amounts_rise": all(a < b for a, b in itertools.pairwise(amounts)),
@@ -106,6 +165,7 @@ async def war(bidders: list[Buyer], auction_id: int, seconds: float) -> dict[str
 
 
 async def run_once(server: Server, *, sockets: int, seconds: float, sources: int,
+                   redis_pid: int | None = None, profile: str | None = None,
                    ) -> dict[str, Any]:
     import httpx
 
@@ -122,15 +182,22 @@ async def run_once(server: Server, *, sockets: int, seconds: float, sources: int
 
     workers = [p.pid for p in server_processes(server.proc.pid)]
     server_cpu, client_cpu = sum(cpu_seconds(w) for w in workers), time.process_time()
+    redis_cpu = cpu_seconds(redis_pid) if redis_pid else 0.0
+    spy = (Profile(profile, {"server": server.proc.pid, "client": os.getpid()},
+                   with_children=("server",)) if profile else None)
     try:
         result = await war(bidders, auction_id, seconds)
     finally:
+        if spy is not None:
+            spy.stop()
         for b in bidders:
             b.close()
-    # Where the machine's time went: the server's workers, and this load generator
-    # (which also decodes every accepted bid's event on every bidder's socket).
+    # Where the machine's time went: the server's workers, Redis, and this load
+    # generator (which also decodes every accepted bid's event on every bidder's socket).
     result["server_cpu_s"] = round(sum(cpu_seconds(w) for w in workers) - server_cpu, 2)
     result["client_cpu_s"] = round(time.process_time() - client_cpu, 2)
+    result["redis_cpu_s"] = (round(cpu_seconds(redis_pid) - redis_cpu, 2) if redis_pid
+                             else None)
     async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
         shown = (await http.get(f"/v1/drops/{drop_id}/auctions/{auction_id}")).json()
     leading = (shown.get("leading") or {}).get("amount")
@@ -146,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sources", type=int, default=4,
                         help="127.0.0.x source addresses to spread sockets over")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--profile", metavar="DIR",
+                        help="py-spy the server's workers and this client during each "
+                             "run (DIR/run-N/{server,client}.txt; not a figure of record)")
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting for the dropserver under test (repeatable)")
     ns = parser.parse_args(argv)
@@ -171,18 +241,27 @@ def main(argv: list[str] | None = None) -> int:
                               workers=ns.workers, env=server_env)
         stack.callback(server.stop)
         for run in range(ns.runs):
+            profile = os.path.join(ns.profile, f"run-{run + 1}") if ns.profile else None
             r = asyncio.run(run_once(server, sockets=ns.sockets, seconds=ns.seconds,
-                                     sources=ns.sources))
-            ok = ok and r["seqs_1_to_n"] and r["amounts_rise"] and r["leading_is_top"]
+                                     sources=ns.sources, profile=profile,
+                                     redis_pid=services.pids.get("redis")))
+            ok = (ok and r["seqs_1_to_n"] and r["amounts_rise"] and r["leading_is_top"]
+                  and not r["lost"])
             print(json.dumps({"run": run + 1, "bids_per_s": round(r["per_second"]),
                               "answers": r["answers"], "accepted": r["accepted"],
-                              "refused": r["refused"], "seconds": r["seconds"],
+                              "refused": r["refused"], "lost": r["lost"],
+                              "seconds": r["seconds"],
                               "server_cpu_s": r["server_cpu_s"],
                               "client_cpu_s": r["client_cpu_s"],
+                              "redis_cpu_s": r["redis_cpu_s"],
                               "sockets": ns.sockets, "workers": ns.workers,
                               "seqs_1_to_n": r["seqs_1_to_n"],
                               "amounts_rise": r["amounts_rise"],
                               "leading_is_top": r["leading_is_top"]}), flush=True)
+            if profile:
+                for name in ("server", "client"):
+                    print(json.dumps({"profile": name, **top_frames(
+                        os.path.join(profile, f"{name}.txt"))}), flush=True)
     return 0 if ok else 1
 
 

@@ -89,3 +89,17 @@ def test_start_dev_reads_the_banner_and_stops_with_its_services():
     port = int(server.redis_url.rsplit(":", 1)[1].split("/")[0])
     with pytest.raises(ConnectionRefusedError):  # its Redis went with it
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_top_frames_reads_py_spys_collapsed_stacks(tmp_path):
+    from benchmarks._support import top_frames
+
+    path = tmp_path / "server.txt"
+    path.write_text(
+        "process 1:\"serve\";main (a.py:1);handle (b.py:2);write (c.py:3) 6\n"
+        "process 1:\"serve\";main (a.py:1);handle (b.py:2) 3\n"
+        "process 2:\"serve\";main (a.py:1);read (d.py:4) 1\n")
+    frames = top_frames(str(path), n=2)
+    assert frames["samples"] == [("all", 10.0)]
+    assert frames["self"] == [("write (c.py:3)", 0.6), ("handle (b.py:2)", 0.3)]
+    assert frames["total"] == [("main (a.py:1)", 1.0), ("handle (b.py:2)", 0.9)]
