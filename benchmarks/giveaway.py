@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -32,7 +33,14 @@ from typing import Any
 import msgpack
 
 from benchmarks._buyers import Buyer, open_buyers, selling_drop, source_addresses
-from benchmarks._support import Server, redis_benchmark_evalsha, start_server
+from benchmarks._support import (
+    Profile,
+    Server,
+    cpu_seconds,
+    redis_benchmark_evalsha,
+    start_server,
+    top_frames,
+)
 
 __all__ = ["main"]
 
@@ -87,7 +95,8 @@ class _Entries:
 
 
 async def end_to_end(server: Server, *, sockets: int, per_socket: int, sources: int,
-                     window_s: int) -> dict[str, Any]:
+                     window_s: int, redis_pid: int | None = None,
+                     profile: str | None = None) -> dict[str, Any]:
     import asyncpg
     import httpx
 
@@ -112,10 +121,18 @@ async def end_to_end(server: Server, *, sockets: int, per_socket: int, sources: 
         gid = resp.json()["id"]
         answers: list[tuple[float, str]] = []
         done = [len(buyers), asyncio.get_running_loop().create_future()]
+        cpu = _CpuWatch(server, redis_pid)
+        spy = (Profile(profile, {"server": server.proc.pid, "client": os.getpid()},
+                       with_children=("server",)) if profile else None)
         started = time.monotonic()
-        for b in buyers:
-            _Entries(b, gid, per_socket, answers, done).next()
-        await done[1]
+        try:
+            for b in buyers:
+                _Entries(b, gid, per_socket, answers, done).next()
+            await done[1]
+        finally:
+            if spy is not None:
+                spy.stop()
+        spent = cpu.spent()
         last = max(t for t, _ in answers)
         count_after = (await http.get(f"/v1/drops/{drop_id}/giveaways/{gid}")).json()
         for b in buyers:
@@ -140,7 +157,27 @@ async def end_to_end(server: Server, *, sockets: int, per_socket: int, sources: 
             "per_second": len(answers) / seconds if seconds > 0 else 0.0,
             "outcomes": outcomes, "live_count": count_after["entries"],
             "drawn": body["state"] == "drawn", "entrants": body.get("entries"),
-            "audit_ok": audit.ok, "audit_problems": audit.problems[:5]}
+            "audit_ok": audit.ok, "audit_problems": audit.problems[:5], **spent}
+
+
+class _CpuWatch:
+    """CPU seconds of the server's workers, Redis and this load generator from now."""
+
+    def __init__(self, server: Server, redis_pid: int | None) -> None:
+        from loadtest.procstat import server_processes
+
+        self.workers = [p.pid for p in server_processes(server.proc.pid)]
+        self.redis_pid = redis_pid
+        self.server = sum(cpu_seconds(w) for w in self.workers)
+        self.redis = cpu_seconds(redis_pid) if redis_pid else 0.0
+        self.client = time.process_time()
+
+    def spent(self) -> dict[str, float | None]:
+        return {"server_cpu_s": round(sum(cpu_seconds(w) for w in self.workers)
+                                      - self.server, 2),
+                "client_cpu_s": round(time.process_time() - self.client, 2),
+                "redis_cpu_s": (round(cpu_seconds(self.redis_pid) - self.redis, 2)
+                                if self.redis_pid else None)}
 
 
 def raw_evalsha(redis_url: str, *, requests: int, clients: int, pipeline: int) -> float:
@@ -186,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw-clients", type=int, default=50)
     parser.add_argument("--raw-pipeline", type=int, default=16)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--profile", metavar="DIR",
+                        help="py-spy the server's workers and this client during each "
+                             "run's entries (DIR/run-N/{server,client}.txt; not a figure "
+                             "of record)")
     ns = parser.parse_args(argv)
 
     from benchmarks._support import raise_nofile
@@ -203,10 +244,21 @@ def main(argv: list[str] | None = None) -> int:
         server = start_server(services.redis_url, services.database_url,
                               workers=ns.workers, env=BENCH_ENV)
         stack.callback(server.stop)
+        ok = True
         for run in range(ns.runs):
+            profile = os.path.join(ns.profile, f"run-{run + 1}") if ns.profile else None
             e2e = asyncio.run(end_to_end(server, sockets=ns.sockets,
                                          per_socket=ns.entries_per_socket,
-                                         sources=ns.sources, window_s=ns.window))
+                                         sources=ns.sources, window_s=ns.window,
+                                         redis_pid=services.pids.get("redis"),
+                                         profile=profile))
+            # Every answer new or a repeat (no refusal, none lost), one new per viewer,
+            # the live count and the draw's entrants equal to them, the draw audited.
+            want = {"new": ns.sockets,
+                    "repeat": ns.sockets * (ns.entries_per_socket - 1)}
+            ok = ok and ({k: v for k, v in e2e["outcomes"].items() if v} == {
+                k: v for k, v in want.items() if v} and e2e["live_count"] == ns.sockets
+                and e2e["entrants"] == ns.sockets and e2e["drawn"] and e2e["audit_ok"])
             raw = raw_evalsha(services.redis_url, requests=ns.raw_requests,
                               clients=ns.raw_clients, pipeline=ns.raw_pipeline)
             print(json.dumps({
@@ -215,10 +267,16 @@ def main(argv: list[str] | None = None) -> int:
                 "outcomes": e2e["outcomes"], "live_count": e2e["live_count"],
                 "drawn": e2e["drawn"], "entrants": e2e["entrants"],
                 "audit_ok": e2e["audit_ok"], "audit_problems": e2e["audit_problems"],
+                "server_cpu_s": e2e["server_cpu_s"], "client_cpu_s": e2e["client_cpu_s"],
+                "redis_cpu_s": e2e["redis_cpu_s"],
                 "raw_evalsha_per_s": round(raw),
                 "raw_over_end_to_end": round(raw / max(e2e["per_second"], 1e-9), 2),
             }), flush=True)
-    return 0
+            if profile:
+                for name in ("server", "client"):
+                    print(json.dumps({"profile": name, **top_frames(
+                        os.path.join(profile, f"{name}.txt"))}), flush=True)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
