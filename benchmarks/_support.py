@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 
 from dropserver.services import stop_process
 
-__all__ = ["DevServer", "Profile", "Server", "cpu_seconds", "create_live_drop", "pcts",
-           "raise_nofile", "rss_kib", "start_dev", "start_server", "top_frames"]
+__all__ = ["CpuWatch", "DevServer", "Profile", "Server", "cpu_seconds", "cpu_times",
+           "create_live_drop", "pcts", "raise_nofile", "rss_kib", "start_dev",
+           "start_server", "top_frames"]
 
 WS_PATH = "/ws"
 
@@ -189,9 +190,69 @@ def rss_kib(pid: int) -> int:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of ``pid`` so far, all threads (proc(5): fields 14, 15)."""
+    return sum(cpu_times(pid))
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid`` so far, all threads (proc(5): fields 14,
+    15): the system share is the kernel's work for it (on loopback, a socket write
+    also runs the receiving side's TCP)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tck, int(fields[12]) / tck
+
+
+class CpuWatch:
+    """CPU seconds spent from now by a ``dropserver serve``'s workers (and how much of
+    it in the kernel), by Redis, by PostgreSQL (its server processes alive at both
+    ends) and by this process (the load generator)."""
+
+    def __init__(self, server: Server, redis_pid: int | None = None,
+                 postgres_pid: int | None = None) -> None:
+        from loadtest.procstat import server_processes
+
+        self.workers = [p.pid for p in server_processes(server.proc.pid)]
+        self.redis_pid = redis_pid
+        self.postgres_pid = postgres_pid
+        self._server = self._workers()
+        self._redis = cpu_seconds(redis_pid) if redis_pid else 0.0
+        self._postgres = self._pg()
+        self._client = time.process_time()
+
+    def _pg(self) -> dict[int, float]:
+        if not self.postgres_pid:
+            return {}
+        import psutil
+
+        out = {}
+        root = psutil.Process(self.postgres_pid)
+        for p in [root, *root.children()]:
+            try:
+                t = p.cpu_times()
+            except psutil.Error:  # a backend that just ended
+                continue
+            out[p.pid] = t.user + t.system
+        return out
+
+    def _workers(self) -> tuple[float, float]:
+        times = [cpu_times(w) for w in self.workers]
+        return sum(u for u, _ in times), sum(s for _, s in times)
+
+    def spent(self) -> dict[str, float | None]:
+        """``server_cpu_s`` (user + system), ``server_sys_s``, ``client_cpu_s``,
+        ``redis_cpu_s``, ``postgres_cpu_s`` (None without their pid) since the watch
+        began."""
+        user, system = self._workers()
+        pg = self._pg()
+        return {"server_cpu_s": round(user + system - sum(self._server), 2),
+                "server_sys_s": round(system - self._server[1], 2),
+                "client_cpu_s": round(time.process_time() - self._client, 2),
+                "redis_cpu_s": (round(cpu_seconds(self.redis_pid) - self._redis, 2)
+                                if self.redis_pid else None),
+                "postgres_cpu_s": (round(sum(t - self._postgres.get(pid, 0.0)
+                                             for pid, t in pg.items()), 2)
+                                   if self.postgres_pid else None)}
 
 
 def raise_nofile() -> None:

@@ -3,7 +3,8 @@
 ``dropserver serve --workers N`` (real Redis, real PostgreSQL); the creator starts an
 auction (long, no anti-snipe window) through the HTTP API; ``--sockets`` bidders
 connect over WebSockets, join the drop, and for ``--seconds`` each sends ``bid``
-commands one after another: the lowest amount it last heard was acceptable (from its
+commands one after another (each from the callback that read the answer to the one
+before; at most 45 a second per socket, under the gateway's 50): the lowest amount it last heard was acceptable (from its
 own answers: an accepted bid's ``next_min``, a refusal's ``details.min_amount``),
 sometimes one or two increments more. Many bidders bid the same amount at once, so
 most bids are refused ``bid_too_low`` (the first to arrive wins) and some accepted:
@@ -11,8 +12,12 @@ a bidding war's mix. Bids/s = answers (accepted + refused) / time from the first
 sent to the last answered.
 
 Every answer is checked: accepted bids have sequence numbers 1..n without a gap or a
-duplicate, each over the one before it, and the auction's leading bid afterwards
-(``GET /v1/drops/{id}/auctions/{auction_id}``) is the highest accepted.
+duplicate, each over the one before it, the auction's leading bid afterwards
+(``GET /v1/drops/{id}/auctions/{auction_id}``) is the highest accepted, and no bid
+went unanswered (a socket closed, or no answer 30 s after the war); the run exits 1
+otherwise. Each run reports the CPU seconds of the server's workers (and their
+kernel share), Redis, PostgreSQL and this load generator; ``--profile DIR`` samples
+the workers and this process with py-spy.
 
 Run: ``python -m benchmarks.bids`` (``--help`` for sizes). The bid-to-every-viewer
 fan-out is ``python -m benchmarks.fanout --servers gateway-bids baseline``. Figures go
@@ -36,7 +41,7 @@ from typing import Any
 import msgpack
 
 from benchmarks._buyers import Buyer, open_buyers, source_addresses
-from benchmarks._support import Profile, Server, cpu_seconds, start_server, top_frames
+from benchmarks._support import CpuWatch, Profile, Server, start_server, top_frames
 
 __all__ = ["main"]
 
@@ -64,6 +69,10 @@ async def running_auction(base_url: str, creator_token: str) -> tuple[int, int]:
             "duration_s": 3600, "snipe_window_s": 0})
         resp.raise_for_status()
         return drop_id, resp.json()["id"]
+
+
+MIN_GAP_S = 1 / 45  # per socket: under the gateway's 50 frames a second
+ANSWER_WAIT_S = 30  # after the war, for the last answers
 
 
 class _War:
@@ -94,19 +103,26 @@ class _Bidder:
     future or coroutine per bid, so the load generator, which shares the machine with
     the server it measures, takes as little of it as it can)."""
 
-    __slots__ = ("buyer", "k", "n", "rid", "war")
+    __slots__ = ("buyer", "k", "last", "n", "rid", "war")
 
     def __init__(self, war: _War, buyer: Buyer, n: int) -> None:
         self.war, self.buyer, self.n = war, buyer, n
         self.k = 0
+        self.last = 0.0  # when the last bid left
         self.rid: str | None = None  # the id of the bid waiting for its answer
         buyer.rush = self
 
     def next(self) -> None:
         war = self.war
-        if time.perf_counter() >= war.stop_at:
+        now = time.perf_counter()
+        if now >= war.stop_at:
             self._finish(self.buyer)
             return
+        wait = self.last + MIN_GAP_S - now
+        if wait > 0:  # a socket over the gateway's frame rate is not answered
+            asyncio.get_running_loop().call_later(wait, self.next)
+            return
+        self.last = now
         self.k += 1
         amount = war.known_min + war.rng.choice((0, 0, 0, 1, 2))
         b = self.buyer
@@ -150,7 +166,12 @@ async def war(bidders: list[Buyer], auction_id: int, seconds: float) -> dict[str
             bidding.lost(b, "closed before the war")
         else:
             bidding.next()
-    await state.done
+    try:
+        await asyncio.wait_for(asyncio.shield(state.done), seconds + ANSWER_WAIT_S)
+    except TimeoutError:
+        for b in bidders:
+            if b.rush is not None:
+                b.rush.lost(b, "unanswered")
     elapsed = state.last - state.first
     accepted = sorted(state.accepted)
     seqs = [s for s, _ in accepted]
@@ -165,8 +186,8 @@ async def war(bidders: list[Buyer], auction_id: int, seconds: float) -> dict[str
 
 
 async def run_once(server: Server, *, sockets: int, seconds: float, sources: int,
-                   redis_pid: int | None = None, profile: str | None = None,
-                   ) -> dict[str, Any]:
+                   redis_pid: int | None = None, postgres_pid: int | None = None,
+                   profile: str | None = None) -> dict[str, Any]:
     import httpx
 
     from dropserver.auth import Role, issue_token
@@ -178,11 +199,7 @@ async def run_once(server: Server, *, sockets: int, seconds: float, sources: int
     tokens = [issue_token(settings, f"bidder-{i}", Role.VIEWER) for i in range(sockets)]
     bidders = await open_buyers(server.ws_url, drop_id, tokens,
                                 sources=source_addresses(sources))
-    from loadtest.procstat import server_processes
-
-    workers = [p.pid for p in server_processes(server.proc.pid)]
-    server_cpu, client_cpu = sum(cpu_seconds(w) for w in workers), time.process_time()
-    redis_cpu = cpu_seconds(redis_pid) if redis_pid else 0.0
+    cpu = CpuWatch(server, redis_pid, postgres_pid)
     spy = (Profile(profile, {"server": server.proc.pid, "client": os.getpid()},
                    with_children=("server",)) if profile else None)
     try:
@@ -194,10 +211,7 @@ async def run_once(server: Server, *, sockets: int, seconds: float, sources: int
             b.close()
     # Where the machine's time went: the server's workers, Redis, and this load
     # generator (which also decodes every accepted bid's event on every bidder's socket).
-    result["server_cpu_s"] = round(sum(cpu_seconds(w) for w in workers) - server_cpu, 2)
-    result["client_cpu_s"] = round(time.process_time() - client_cpu, 2)
-    result["redis_cpu_s"] = (round(cpu_seconds(redis_pid) - redis_cpu, 2) if redis_pid
-                             else None)
+    result.update(cpu.spent())
     async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
         shown = (await http.get(f"/v1/drops/{drop_id}/auctions/{auction_id}")).json()
     leading = (shown.get("leading") or {}).get("amount")
@@ -244,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             profile = os.path.join(ns.profile, f"run-{run + 1}") if ns.profile else None
             r = asyncio.run(run_once(server, sockets=ns.sockets, seconds=ns.seconds,
                                      sources=ns.sources, profile=profile,
-                                     redis_pid=services.pids.get("redis")))
+                                     redis_pid=services.pids.get("redis"),
+                                     postgres_pid=services.pids.get("postgres")))
             ok = (ok and r["seqs_1_to_n"] and r["amounts_rise"] and r["leading_is_top"]
                   and not r["lost"])
             print(json.dumps({"run": run + 1, "bids_per_s": round(r["per_second"]),
@@ -252,8 +267,10 @@ def main(argv: list[str] | None = None) -> int:
                               "refused": r["refused"], "lost": r["lost"],
                               "seconds": r["seconds"],
                               "server_cpu_s": r["server_cpu_s"],
+                              "server_sys_s": r["server_sys_s"],
                               "client_cpu_s": r["client_cpu_s"],
                               "redis_cpu_s": r["redis_cpu_s"],
+                              "postgres_cpu_s": r["postgres_cpu_s"],
                               "sockets": ns.sockets, "workers": ns.workers,
                               "seqs_1_to_n": r["seqs_1_to_n"],
                               "amounts_rise": r["amounts_rise"],

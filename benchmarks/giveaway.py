@@ -34,9 +34,9 @@ import msgpack
 
 from benchmarks._buyers import Buyer, open_buyers, selling_drop, source_addresses
 from benchmarks._support import (
+    CpuWatch,
     Profile,
     Server,
-    cpu_seconds,
     redis_benchmark_evalsha,
     start_server,
     top_frames,
@@ -96,7 +96,8 @@ class _Entries:
 
 async def end_to_end(server: Server, *, sockets: int, per_socket: int, sources: int,
                      window_s: int, redis_pid: int | None = None,
-                     profile: str | None = None) -> dict[str, Any]:
+                     postgres_pid: int | None = None, profile: str | None = None,
+                     ) -> dict[str, Any]:
     import asyncpg
     import httpx
 
@@ -121,7 +122,7 @@ async def end_to_end(server: Server, *, sockets: int, per_socket: int, sources: 
         gid = resp.json()["id"]
         answers: list[tuple[float, str]] = []
         done = [len(buyers), asyncio.get_running_loop().create_future()]
-        cpu = _CpuWatch(server, redis_pid)
+        cpu = CpuWatch(server, redis_pid, postgres_pid)
         spy = (Profile(profile, {"server": server.proc.pid, "client": os.getpid()},
                        with_children=("server",)) if profile else None)
         started = time.monotonic()
@@ -158,26 +159,6 @@ async def end_to_end(server: Server, *, sockets: int, per_socket: int, sources: 
             "outcomes": outcomes, "live_count": count_after["entries"],
             "drawn": body["state"] == "drawn", "entrants": body.get("entries"),
             "audit_ok": audit.ok, "audit_problems": audit.problems[:5], **spent}
-
-
-class _CpuWatch:
-    """CPU seconds of the server's workers, Redis and this load generator from now."""
-
-    def __init__(self, server: Server, redis_pid: int | None) -> None:
-        from loadtest.procstat import server_processes
-
-        self.workers = [p.pid for p in server_processes(server.proc.pid)]
-        self.redis_pid = redis_pid
-        self.server = sum(cpu_seconds(w) for w in self.workers)
-        self.redis = cpu_seconds(redis_pid) if redis_pid else 0.0
-        self.client = time.process_time()
-
-    def spent(self) -> dict[str, float | None]:
-        return {"server_cpu_s": round(sum(cpu_seconds(w) for w in self.workers)
-                                      - self.server, 2),
-                "client_cpu_s": round(time.process_time() - self.client, 2),
-                "redis_cpu_s": (round(cpu_seconds(self.redis_pid) - self.redis, 2)
-                                if self.redis_pid else None)}
 
 
 def raw_evalsha(redis_url: str, *, requests: int, clients: int, pipeline: int) -> float:
@@ -251,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                                          per_socket=ns.entries_per_socket,
                                          sources=ns.sources, window_s=ns.window,
                                          redis_pid=services.pids.get("redis"),
+                                         postgres_pid=services.pids.get("postgres"),
                                          profile=profile))
             # Every answer new or a repeat (no refusal, none lost), one new per viewer,
             # the live count and the draw's entrants equal to them, the draw audited.
@@ -267,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                 "outcomes": e2e["outcomes"], "live_count": e2e["live_count"],
                 "drawn": e2e["drawn"], "entrants": e2e["entrants"],
                 "audit_ok": e2e["audit_ok"], "audit_problems": e2e["audit_problems"],
-                "server_cpu_s": e2e["server_cpu_s"], "client_cpu_s": e2e["client_cpu_s"],
-                "redis_cpu_s": e2e["redis_cpu_s"],
+                "server_cpu_s": e2e["server_cpu_s"], "server_sys_s": e2e["server_sys_s"],
+                "client_cpu_s": e2e["client_cpu_s"],
+                "redis_cpu_s": e2e["redis_cpu_s"], "postgres_cpu_s": e2e["postgres_cpu_s"],
                 "raw_evalsha_per_s": round(raw),
                 "raw_over_end_to_end": round(raw / max(e2e["per_second"], 1e-9), 2),
             }), flush=True)

@@ -39,7 +39,7 @@ from dropserver.background import Periodic
 from dropserver.component import Component
 from dropserver.errors import ApiError, Unauthorized
 from dropserver.http import field, read_json, reject_unknown
-from dropserver.observability import bind, tally
+from dropserver.observability import bind, tally, tally_observe
 from dropserver.redis_client import is_cluster
 from realtime import channels
 
@@ -282,7 +282,7 @@ async def bid(app: Any, who: Principal, drop_id: int, auction_id: int, data: dic
         log.warning("redis unavailable for a bid", exc_info=True)
         raise _redis_away() from None
     finally:
-        BID_SECONDS.observe(time.perf_counter() - started)
+        tally_observe(BID_SECONDS, time.perf_counter() - started)
     _count_bid("replay" if result.replay else "accepted")
     if not result.replay:
         auctions.bid_journal.add((auction_id, {

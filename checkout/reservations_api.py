@@ -51,7 +51,7 @@ from dropserver.background import stop_task
 from dropserver.component import Component
 from dropserver.errors import ApiError, NotFound, Unauthorized, ValidationFailed
 from dropserver.http import field, read_json, reject_unknown
-from dropserver.observability import bind, tally
+from dropserver.observability import bind, tally, tally_label, tally_observe
 from realtime.protocol import private_frame
 
 __all__ = ["Notifier", "Reservations", "buy", "cancel", "part"]
@@ -318,10 +318,10 @@ async def buy(app: Any, who: Principal, drop_id: int, data: dict[str, Any], *, i
                                                          ip, data.get("proof")))
         hold = await res.reserve(req)
     except ApiError as exc:
-        RESERVATIONS.labels(exc.code).inc()
+        tally_label(RESERVATIONS, exc.code)
         raise
     finally:
-        RESERVE_SECONDS.observe(time.perf_counter() - started)
+        tally_observe(RESERVE_SECONDS, time.perf_counter() - started)
     if hold.replay:
         tally(_REPLAYED)
         return hold, hold.reply(), None

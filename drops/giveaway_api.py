@@ -43,7 +43,7 @@ from dropserver.background import Periodic, stop_task
 from dropserver.component import Component
 from dropserver.errors import ApiError, Conflict, NotFound, Unauthorized, ValidationFailed
 from dropserver.http import field, read_json, reject_unknown
-from dropserver.observability import bind, tally
+from dropserver.observability import bind, tally, tally_label
 from dropserver.redis_client import is_cluster
 from realtime.publish import publish, publish_user, publish_volatile
 
@@ -379,7 +379,7 @@ async def enter(app: Any, who: Principal, drop_id: int, giveaway_id: int, *,
             new, count = await giveaway_store.try_enter(gw.call_enter, drop_id,
                                                         giveaway_id, user, name)
     except ApiError as exc:
-        ENTRIES.labels(exc.code).inc()
+        tally_label(ENTRIES, exc.code)
         raise
     tally(_NEW if new else _REPEAT)
     if new:

@@ -14,6 +14,7 @@ worker reports the sum of all of them.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextvars
 import json
@@ -44,6 +45,8 @@ __all__ = [
     "new_id",
     "redact",
     "tally",
+    "tally_label",
+    "tally_observe",
 ]
 
 _CONTEXT_KEYS = ("request_id", "conn_id", "drop_id", "user_id", "node_id")
@@ -195,17 +198,65 @@ class RequestContextMiddleware:
 _tallies: collections.Counter[Any] = collections.Counter()
 
 
+# Hot-path observations not yet added to their histograms: per histogram, the sum
+# and a count per bucket. In multi-process mode ``observe()`` is two of those locked
+# writes (the sum and a bucket): with the labelled error count, three per refused
+# bid, the most common answer of a bidding war (docs/benchmarks.md, "Auctions").
+_observed: dict[Any, tuple[list[float], list[int], Any]] = {}
+
+
 def tally(counter: Any, amount: int = 1) -> None:
     """``counter.inc(amount)``, batched: for counters on the hot path."""
     _tallies[counter] += amount
 
 
+_children: dict[tuple[Any, str], Any] = {}  # (counter, label value) -> its child
+
+
+def tally_label(counter: Any, value: str, amount: int = 1) -> None:
+    """``counter.labels(value).inc(amount)``, batched, the child looked up once (for a
+    counter with one label of a few values: refusal codes, outcomes)."""
+    key = (counter, value)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = counter.labels(value)
+    _tallies[child] += amount
+
+
+def tally_observe(histogram: Any, amount: float) -> None:
+    """``histogram.observe(amount)``, batched as :func:`tally` (same buckets, same sum
+    once flushed). A histogram whose internals are not prometheus_client's known
+    ones (``_upper_bounds``, ``_buckets``, ``_sum``) is observed at once instead."""
+    acc = _observed.get(histogram)
+    if acc is None:
+        bounds = getattr(histogram, "_upper_bounds", None)
+        buckets = getattr(histogram, "_buckets", None)
+        if (not bounds or buckets is None or len(buckets) != len(bounds)
+                or not hasattr(histogram, "_sum") or bounds[-1] != float("inf")):
+            histogram.observe(amount)
+            return
+        acc = _observed[histogram] = ([0.0], [0] * len(bounds), bounds)
+    acc[0][0] += amount
+    # observe() counts the first bucket whose upper bound is >= the amount.
+    acc[1][bisect.bisect_left(acc[2], amount)] += 1
+
+
 def flush_tallies() -> None:
-    """Add every pending :func:`tally` to its counter."""
+    """Add every pending :func:`tally` to its counter and every pending
+    :func:`tally_observe` to its histogram."""
     pending = dict(_tallies)
     _tallies.clear()
     for counter, amount in pending.items():
         counter.inc(amount)
+    observed = list(_observed.items())
+    _observed.clear()
+    for histogram, (total, counts, _bounds) in observed:
+        if not any(counts):
+            continue
+        histogram._sum.inc(total[0])
+        for bucket, n in zip(histogram._buckets, counts, strict=True):
+            if n:
+                bucket.inc(n)
 
 
 async def metrics_endpoint(request: Request) -> Response:

@@ -24,7 +24,7 @@ from starlette.requests import HTTPConnection
 
 from dropserver.auth import GUEST, Principal, bearer_token
 from dropserver.errors import ApiError, is_outage
-from dropserver.observability import new_id
+from dropserver.observability import new_id, tally_label
 from realtime import chat, history, metrics, protocol, tokens
 from realtime.connection import Connection
 from realtime.hub import Hub
@@ -95,7 +95,7 @@ def _send_frame(conn: Connection, frame: dict[str, Any] | list[dict[str, Any]],
 
 
 def _send_error(conn: Connection, exc: ProtocolError) -> None:
-    metrics.ERRORS.labels(exc.code).inc()
+    tally_label(metrics.ERRORS, exc.code)
     _send_frame(conn, protocol.error_frame(exc.code, exc.message, exc.request_id,
                                            exc.details or None))
 

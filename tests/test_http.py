@@ -58,6 +58,34 @@ def test_tallied_counts_reach_the_counter_on_flush():
     assert value() == 5
 
 
+def test_tallied_observations_reach_the_histogram_as_observe_would():
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from dropserver.observability import flush_tallies, tally_observe
+
+    registry = CollectorRegistry()
+    buckets = (0.001, 0.01, 0.1, 1.0)
+    batched = Histogram("obs_batched", "probe", buckets=buckets, registry=registry)
+    direct = Histogram("obs_direct", "probe", buckets=buckets, registry=registry)
+    # On a bound, between bounds, under the first, over the last (+Inf).
+    amounts = [0.0005, 0.001, 0.002, 0.01, 0.05, 0.1, 0.5, 1.0, 3.0, 0.0]
+
+    def samples(name: str) -> dict[tuple, float]:
+        return {(s.name.replace(name, ""), s.labels.get("le")): s.value
+                for family in registry.collect() if family.name == name
+                for s in family.samples if not s.name.endswith("_created")}
+
+    for amount in amounts:
+        tally_observe(batched, amount)
+        direct.observe(amount)
+    assert samples("obs_batched")[("_count", None)] == 0  # batched: nothing yet
+    flush_tallies()
+    assert samples("obs_batched") == samples("obs_direct")
+    assert samples("obs_batched")[("_count", None)] == len(amounts)
+    flush_tallies()  # nothing pending: nothing added twice
+    assert samples("obs_batched") == samples("obs_direct")
+
+
 async def test_tallies_are_flushed_every_second_without_a_scrape(server):
     import asyncio
 
