@@ -127,6 +127,8 @@ class Dispatcher:
         self._running = False
         self._idle: asyncio.Future | None = None  # resolved when the urgent lane empties
         self._yielded_at: float | None = None  # a slice ended with work left, at
+        self.urgent_max_s = max(slice_s, URGENT_SLICE_MAX_S)
+        self.bulk_max_s = max(slice_s, BULK_SLICE_MAX_S)
 
     def submit(self, job: Job) -> Job:
         """Queue ``job``. With nothing ahead of it in its lane or above, its first slice
@@ -166,8 +168,8 @@ class Dispatcher:
     def slice_for(self, lane: Lane, others_s: float) -> float:
         """This slice's length, after the rest of the loop took ``others_s`` since the
         previous slice (see the module docstring)."""
-        share, most = ((URGENT_SHARE, URGENT_SLICE_MAX_S) if lane is Lane.URGENT
-                       else (BULK_SHARE, BULK_SLICE_MAX_S))
+        share, most = ((URGENT_SHARE, self.urgent_max_s) if lane is Lane.URGENT
+                       else (BULK_SHARE, self.bulk_max_s))
         return max(self.slice_s, min(most, others_s * share / (1 - share)))
 
     def _run(self) -> None:

@@ -117,6 +117,9 @@ async def test_over_the_readable_rate_a_batch_is_a_sample_with_a_skipped_frame()
 
 async def test_a_drop_event_goes_out_before_the_rest_of_a_chat_batch_in_one_message():
     room, socks = make_room(4000, slice_s=0.0003)
+    # Fixed slices: on a loaded machine a chat slice grows with the loop's other work
+    # (tests/test_send_lanes.py), which would let more chat out before BUY NOW here.
+    room.hub.dispatcher.bulk_max_s = 0.0003
     room.on_publication(chat(1))  # a chat batch fanned out to 4,000 sockets, slice by slice
     while room._chat_job is None:  # noqa: ASYNC110 (steps the loop one turn at a time)
         await asyncio.sleep(0)
