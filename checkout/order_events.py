@@ -17,6 +17,7 @@ hears each once and never an older one after a newer.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ from checkout.order_states import OUTCOMES, OrderState, event_for
 from checkout.payment_types import Gateway, GatewayError, Intent, IntentStatus
 from realtime.private import Current
 
-__all__ = ["TOLD_TTL_S", "RecentOrders", "event_data", "publish_user",
+__all__ = ["TOLD_TTL_S", "RecentOrders", "claim_marker", "event_data", "publish_user",
            "publish_user_once"]
 
 log = logging.getLogger("dropserver.orders")
@@ -50,19 +51,33 @@ async def publish_user_once(redis: Any, marker: str, user_id: str, event: str,
     user's, and a script may publish only to its own slot's shard channels: the
     marker is set (SET NX) and then the event published with SPUBLISH. A crash
     between the two leaves the buyer untold by this event (they still read the
-    order's state from ``GET /v1/orders/{id}``), never told twice."""
+    order's state from ``GET /v1/orders/{id}``), never told twice. The marker is
+    claimed with a token of this call (:func:`claim_marker`): redis-py's cluster client
+    sends a command again when its connection failed, and a SET NX whose first try
+    was carried out (its reply lost with a primary that died) must not read as
+    "told already", or the event would never be published."""
     from checkout.scripts import script
     from dropserver.redis_client import is_cluster
     from realtime.publish import user_message
 
     channel, message = user_message(user_id, event, data)
     if is_cluster(redis):
-        if not await redis.set(marker, b"1", ex=TOLD_TTL_S, nx=True):
+        if not await claim_marker(redis, marker, secrets.token_hex(8)):
             return False
         await redis.spublish(channel, message)
         return True
     return bool(await script("tell")(keys=[marker], args=[channel, message, TOLD_TTL_S],
                                      client=redis))
+
+
+async def claim_marker(redis: Any, marker: str, token: str) -> bool:
+    """Set ``marker`` to ``token`` unless it is set (``SET NX GET``, Redis 7+): True when
+    this call set it -- or an earlier try of this same call did, which a client that
+    sends a command again after a lost connection makes (the old value is our token)."""
+    old = await redis.set(marker, token, ex=TOLD_TTL_S, nx=True, get=True)
+    if old is None:
+        return True
+    return (old.decode() if isinstance(old, bytes) else str(old)) == token
 
 
 def event_data(state: OrderState, row: Mapping[str, Any],

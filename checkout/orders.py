@@ -37,6 +37,7 @@ Stripe delivers again. States and transitions are :mod:`checkout.order_states`.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -53,7 +54,7 @@ from checkout.order_entries import (
     intent_key,
     transfer_group,
 )
-from checkout.order_events import TOLD_TTL_S, event_data, publish_user, publish_user_once
+from checkout.order_events import claim_marker, event_data, publish_user, publish_user_once
 from checkout.order_rows import insert_orders, order_columns
 from checkout.order_states import (
     OPEN_STATES,
@@ -340,7 +341,7 @@ class OrderProcessor:
                             data: dict) -> bool:
         if self.notify is publish_user:
             return await publish_user_once(self.redis, marker, user_id, event, data)
-        if not await self.redis.set(marker, 1, nx=True, ex=TOLD_TTL_S):
+        if not await claim_marker(self.redis, marker, secrets.token_hex(8)):
             return False
         try:
             await self.notify(self.redis, user_id, event, data)

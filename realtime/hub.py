@@ -214,6 +214,7 @@ class Hub:
             # is recovered once it is (realtime.private).
             task = spawn(self._subscribe_user(user_id))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self.private.joined(user_id, conn)
         conns.add(conn)
 
     async def _subscribe_user(self, user_id: str) -> None:
@@ -239,9 +240,10 @@ class Hub:
     def _remove_user(self, conn: Connection) -> None:
         user_id = conn.user_id
         conns = self.users.get(user_id) if user_id else None
-        if conns is None:
+        if conns is None or conn not in conns:
             return
         conns.discard(conn)
+        self.private.left(user_id, conn)
         if not conns:
             del self.users[user_id]
             spawn(

@@ -18,7 +18,10 @@ socket remembers the highest rank it heard per topic (:class:`Heard`) and is sen
 event only above it, live or recovered, so nothing is heard twice and a recovered
 state is never followed by an older live one. A socket is offered what changed since
 it opened (a little before, for clocks): what happened before that, a client reads
-over HTTP after it connects (docs/protocol.md).
+over HTTP after it connects (docs/protocol.md). A user's new socket starts knowing
+what their sockets closed here in the last seconds heard (:meth:`Recovery.left`,
+:meth:`Recovery.joined`), so a client that reconnects is not told again, inside that
+margin, what its old socket heard.
 
 Recovery is batched (one query for many users) and retried while the source fails
 (PostgreSQL down): users whose sockets are gone are dropped from the batch.
@@ -28,15 +31,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["CLOCK_SLACK_S", "Current", "Heard", "PrivateSource", "Recovery", "Sources"]
+__all__ = ["CLOCK_SLACK_S", "LEFT_KEEP_S", "Current", "Heard", "PrivateSource", "Recovery",
+           "Sources"]
 
 log = logging.getLogger("dropserver.realtime")
 
 CLOCK_SLACK_S = 1.0  # a socket is offered what changed from this long before it opened
+LEFT_KEEP_S = CLOCK_SLACK_S + 4.0  # what a user's closed socket heard, kept for the next
+LEFT_USERS = 10_000  # users whose closed sockets' ranks are kept (oldest forgotten)
 HEARD_TOPICS = 256   # topics a socket remembers (its user's recent orders)
 BATCH = 500          # users per source query
 BATCH_DELAY_S = 0.05  # users gathered before a query
@@ -90,6 +97,16 @@ class Heard:
     def __init__(self) -> None:
         self.ranks: dict[str, int] = {}
 
+    def merge(self, other: Heard) -> None:
+        """Also remember what ``other`` heard (the higher rank of each topic)."""
+        for topic, rank in other.ranks.items():
+            self.fresh(topic, rank)
+
+    def copy(self) -> Heard:
+        heard = Heard()
+        heard.ranks = dict(self.ranks)
+        return heard
+
     def fresh(self, topic: str, rank: int) -> bool:
         """Whether an event at ``rank`` is news to this socket; remembers it if so."""
         ranks = self.ranks
@@ -112,6 +129,9 @@ class Recovery:
         self._deliver = deliver
         self._wanted: set[str] = set()
         self._task: asyncio.Task | None = None
+        # user -> (until, what their closed sockets heard): a reconnecting client's
+        # new socket starts from it (see :meth:`left`)
+        self._left: dict[str, tuple[float, Heard]] = {}
         self.recovered = 0  # events sent by recovery (tests, logs)
 
     def add_source(self, source: PrivateSource) -> None:
@@ -133,6 +153,37 @@ class Recovery:
         if heard is None:
             heard = conn.heard_private = Heard()
         return heard.fresh(*key)
+
+    def left(self, user_id: str, conn: Any) -> None:
+        """``conn`` no longer gets ``user_id``'s private events (closed, signed out):
+        what it heard is kept a few seconds for the user's next socket here."""
+        heard = conn.heard_private
+        if heard is None or not heard.ranks:
+            return
+        now = time.monotonic()
+        kept = self._left.pop(user_id, None)
+        if kept is not None and kept[0] > now:
+            heard = kept[1].copy()
+            heard.merge(conn.heard_private)
+        self._left[user_id] = (now + LEFT_KEEP_S, heard.copy())
+        while len(self._left) > LEFT_USERS:
+            del self._left[next(iter(self._left))]
+
+    def joined(self, user_id: str, conn: Any) -> None:
+        """``conn`` gets ``user_id``'s private events from now: it starts knowing what
+        the user's sockets closed in the last seconds heard, so a client that
+        reconnects is not sent again, on its new socket, what its old one heard (a new
+        socket is offered what changed from ``CLOCK_SLACK_S`` before it opened)."""
+        kept = self._left.get(user_id)
+        if kept is None:
+            return
+        if kept[0] <= time.monotonic():
+            del self._left[user_id]
+            return
+        if conn.heard_private is None:
+            conn.heard_private = kept[1].copy()
+        else:
+            conn.heard_private.merge(kept[1])
 
     def request(self, user_ids: Iterable[str]) -> None:
         if self.source is None:
@@ -175,6 +226,7 @@ class Recovery:
         if not opened:
             return
         found = await source.current(users, min(opened) - CLOCK_SLACK_S)
+        sent = self.recovered
         for cur in found:
             key = source.key(cur.event, cur.data)
             if key is None:
@@ -188,3 +240,6 @@ class Recovery:
                 if heard.fresh(*key):
                     self.recovered += 1
                     self._deliver(conn, cur.event, cur.data)
+        if self.recovered > sent:
+            log.info("private events recovered", extra={
+                "users": len(users), "events": self.recovered - sent})

@@ -151,3 +151,70 @@ async def test_an_outcome_told_before_a_new_socket_is_subscribed_is_heard_once(
 
 async def _async(value):
     return value
+
+
+@only_single_redis
+async def test_a_buyer_who_reconnects_right_after_an_outcome_does_not_hear_it_again(
+        server, http, db, make_token, monkeypatch) -> None:
+    """A new socket is offered what changed from a little before it opened (clocks):
+    a buyer whose socket closed just after it heard ``order.paid`` and who reconnects
+    at once must not hear it again on the new one (the fault rig counts a buyer's
+    events over all their sockets). The window is widened to 30 s here so that the
+    reconnect surely falls inside it, however slow the machine."""
+    from realtime import private
+
+    monkeypatch.setattr(private, "CLOCK_SLACK_S", 30.0)
+    monkeypatch.setattr(private, "LEFT_KEEP_S", 34.0, raising=False)
+    creator = bearer(make_token("creator-1", Role.CREATOR))
+    drop_id, pid = await selling_drop(http, creator, units=2)
+    hub = server.app.state.realtime
+    a = await Client.connect(server.ws_url, token=make_token("buyer-c"))
+    try:
+        await a.join(drop_id)
+        user_channel = channels.user_channel("buyer-c").encode()
+        await wait_for(lambda: _async(user_channel in hub.subscriber.channels), 5)
+        await asyncio.sleep(0.2)  # the subscription is confirmed
+        buyer = bearer(make_token("buyer-c", Role.VIEWER))
+        resp = await post_buy(http, drop_id, buyer, pid)
+        assert resp.status_code == 201, resp.text
+        hold_id = resp.json()["hold_id"]
+        await _told(db, hold_id, "payment_pending")
+        resp = await http.post(f"/v1/dev/orders/{hold_id}/confirm", headers=buyer, json={})
+        assert resp.status_code == 200, resp.text
+        await _told(db, hold_id, "paid")
+        heard = await _private(a, hold_id, 1.0)
+        assert heard == Counter({"order.held": 1, "order.payment": 1, "order.paid": 1}), heard
+    finally:
+        await a.close()
+    await wait_for(lambda: _async("buyer-c" not in hub.users), 5)
+    b = await Client.connect(server.ws_url, token=make_token("buyer-c"))
+    try:
+        await b.join(drop_id)  # the user's channel is subscribed again: recovery runs
+        again = await _private(b, hold_id, 2.0)
+        assert again == Counter(), again
+        # The new socket still hears what is news: the refund of the paid order.
+        staff = bearer(make_token("admin-1", Role.ADMIN))
+        resp = await http.post(f"/v1/orders/{hold_id}/refund", headers=staff)
+        assert resp.status_code == 200, resp.text
+        news = await _private(b, hold_id, 5.0)
+        assert news == Counter({"order.refunded": 1}), news
+        await _invariants(server, db, drop_id, hold_id, "buyer-c")
+    finally:
+        await b.close()
+
+
+async def test_a_told_marker_set_by_a_retried_command_is_still_its_own(r) -> None:
+    """On a cluster the buyer is told with SET NX (the marker) then SPUBLISH. redis-py's
+    cluster client sends a command again when its connection failed, so a SET NX
+    carried out by a primary that died before answering comes twice: the second must
+    not read as "told already", or the event is never published (a plain SET NX
+    answers nil to it). The marker holds the teller's token (SET NX GET)."""
+    from checkout.order_events import TOLD_TTL_S, claim_marker
+
+    marker = "{drop:1}:told:h-retried:paid"
+    assert await claim_marker(r, marker, "try-1")
+    assert await claim_marker(r, marker, "try-1")  # the same command, sent again
+    assert not await claim_marker(r, marker, "try-2")  # another teller: told already
+    assert 0 < await r.ttl(marker) <= TOLD_TTL_S
+    assert await r.set("{drop:1}:told:h-plain:paid", 1, nx=True)  # what it replaced:
+    assert not await r.set("{drop:1}:told:h-plain:paid", 1, nx=True)  # a retry reads "told"
