@@ -28,8 +28,14 @@ A channel moves when its node stops serving it:
 
 Either way ``on_reconnect`` then runs once, so the hub fills the gap from each drop's
 history (publications made while nobody listened are in the history; the stock and
-viewer counts, volatile, come with the next update). Each move is logged and counted
-in ``dropserver_pubsub_resubscribes_total`` like a reconnect.
+viewer counts, volatile, come with the next update) and sends every signed-in socket
+the current state of its user's orders that it has not heard (realtime.private).
+That is what covers a replica that lagged: what the old primary published and had
+not yet passed to it (an ``order.paid`` among them) dies with the old primary, and the
+promotion's ``sunsubscribe`` is the move that has it recovered. The failover test
+(tests/test_cluster_failover.py) freezes the replica 2 s before the kill for this.
+Each move is logged and counted in ``dropserver_pubsub_resubscribes_total`` like a
+reconnect.
 
 Centrifuge's Redis broker (broker_redis.go) does the same with a sharded PUBSUB per
 cluster slot range and resubscribes on MOVED; redis-py's ClusterPubSub follows moves
