@@ -70,7 +70,7 @@ class Hub:
         # Private events a socket missed (no user-channel history): the package that
         # owns them adds its source (checkout: the buyer's orders; drops: giveaway wins).
         self.private = Recovery(lambda user_id: self.users.get(user_id, ()),
-                                self._send_private)
+                                self._send_private, self.redis)
 
     async def start(self) -> None:
         await self.subscriber.start()

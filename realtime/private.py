@@ -19,9 +19,10 @@ event only above it, live or recovered, so nothing is heard twice and a recovere
 state is never followed by an older live one. A socket is offered what changed since
 it opened (a little before, for clocks): what happened before that, a client reads
 over HTTP after it connects (docs/protocol.md). A user's new socket starts knowing
-what their sockets closed here in the last seconds heard (:meth:`Recovery.left`,
-:meth:`Recovery.joined`), so a client that reconnects is not told again, inside that
-margin, what its old socket heard.
+what their sockets closed in the last seconds heard (:meth:`Recovery.left`,
+:meth:`Recovery.joined`; from another process through a short-lived Redis hash,
+:func:`left_key`, read only when recovery has something to send), so a client that
+reconnects is not told again, inside that margin, what its old socket heard.
 
 Recovery is batched (one query for many users) and retried while the source fails
 (PostgreSQL down): users whose sockets are gone are dropped from the batch.
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -44,6 +46,13 @@ log = logging.getLogger("dropserver.realtime")
 CLOCK_SLACK_S = 1.0  # a socket is offered what changed from this long before it opened
 LEFT_KEEP_S = CLOCK_SLACK_S + 4.0  # what a user's closed socket heard, kept for the next
 LEFT_USERS = 10_000  # users whose closed sockets' ranks are kept (oldest forgotten)
+CLOSED_AT = "_closed_at"  # the field of left_key's hash that says when (wall clock)
+
+
+def left_key(user_id: str) -> str:
+    """The Redis hash of what a user's sockets closed lately heard (topic -> rank),
+    on the user's slot, for the user's next socket on another process."""
+    return f"{{user:{user_id}}}:heard"
 HEARD_TOPICS = 256   # topics a socket remembers (its user's recent orders)
 BATCH = 500          # users per source query
 BATCH_DELAY_S = 0.05  # users gathered before a query
@@ -92,10 +101,11 @@ class Sources:
 class Heard:
     """What one socket heard: the highest rank per topic (bounded; oldest forgotten)."""
 
-    __slots__ = ("ranks",)
+    __slots__ = ("last", "ranks")
 
     def __init__(self) -> None:
         self.ranks: dict[str, int] = {}
+        self.last = 0.0  # monotonic: when it last heard something new
 
     def merge(self, other: Heard) -> None:
         """Also remember what ``other`` heard (the higher rank of each topic)."""
@@ -104,7 +114,7 @@ class Heard:
 
     def copy(self) -> Heard:
         heard = Heard()
-        heard.ranks = dict(self.ranks)
+        heard.ranks, heard.last = dict(self.ranks), self.last
         return heard
 
     def fresh(self, topic: str, rank: int) -> bool:
@@ -114,6 +124,7 @@ class Heard:
             return False
         ranks.pop(topic, None)
         ranks[topic] = rank
+        self.last = time.monotonic()
         if len(ranks) > HEARD_TOPICS:
             del ranks[next(iter(ranks))]
         return True
@@ -123,8 +134,10 @@ class Recovery:
     """Batched recovery for a hub: ``request(users)``; see the module docstring."""
 
     def __init__(self, sockets_of: Callable[[str], Iterable[Any]],
-                 deliver: Callable[[Any, str, dict[str, Any]], None]) -> None:
+                 deliver: Callable[[Any, str, dict[str, Any]], None],
+                 redis: Any = None) -> None:
         self.source: PrivateSource | None = None
+        self.redis = redis  # where closed sockets' ranks are shared with other processes
         self._sockets_of = sockets_of
         self._deliver = deliver
         self._wanted: set[str] = set()
@@ -132,6 +145,7 @@ class Recovery:
         # user -> (until, what their closed sockets heard): a reconnecting client's
         # new socket starts from it (see :meth:`left`)
         self._left: dict[str, tuple[float, Heard]] = {}
+        self._sharing: set[asyncio.Task] = set()
         self.recovered = 0  # events sent by recovery (tests, logs)
 
     def add_source(self, source: PrivateSource) -> None:
@@ -168,6 +182,50 @@ class Recovery:
         self._left[user_id] = (now + LEFT_KEEP_S, heard.copy())
         while len(self._left) > LEFT_USERS:
             del self._left[next(iter(self._left))]
+        if self.redis is not None and conn.heard_private.last > now - LEFT_KEEP_S:
+            # It heard something lately: its client may reconnect to another process.
+            task = asyncio.get_running_loop().create_task(
+                self._share(user_id, heard.copy()), name="private-left")
+            self._sharing.add(task)
+            task.add_done_callback(self._sharing.discard)
+
+    async def _share(self, user_id: str, heard: Heard) -> None:
+        key = left_key(user_id)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hset(key, mapping={CLOSED_AT: repr(time.time()), **heard.ranks})
+                pipe.expire(key, math.ceil(LEFT_KEEP_S))
+                await pipe.execute()
+        except Exception as exc:  # a repeat on another process, at worst
+            log.warning("closed socket's private ranks not shared",
+                        extra={"user_id": user_id, "error": str(exc)[:200]})
+
+    async def _heard_elsewhere(self, users: Iterable[str]) -> dict[str, tuple[float, Heard]]:
+        """What the users' sockets closed lately on any process heard, and when the
+        last of them closed (wall clock), from Redis."""
+        users = list(users)
+        if self.redis is None or not users:
+            return {}
+        try:
+            found = await asyncio.gather(*(self.redis.hgetall(left_key(u)) for u in users))
+        except Exception as exc:
+            log.warning("closed sockets' private ranks not read",
+                        extra={"users": len(users), "error": str(exc)[:200]})
+            return {}
+        out: dict[str, tuple[float, Heard]] = {}
+        for user_id, fields in zip(users, found, strict=True):
+            if not fields:
+                continue
+            heard, closed_at = Heard(), 0.0
+            for name, value in fields.items():
+                name = name.decode() if isinstance(name, bytes) else name
+                value = value.decode() if isinstance(value, bytes) else value
+                if name == CLOSED_AT:
+                    closed_at = float(value)
+                else:
+                    heard.ranks[name] = int(value)
+            out[user_id] = (closed_at, heard)
+        return out
 
     def joined(self, user_id: str, conn: Any) -> None:
         """``conn`` gets ``user_id``'s private events from now: it starts knowing what
@@ -226,6 +284,15 @@ class Recovery:
         if not opened:
             return
         found = await source.current(users, min(opened) - CLOCK_SLACK_S)
+        # A socket opened after another of its user's closed (a reconnect, maybe from
+        # another process) starts from what that one heard.
+        elsewhere = await self._heard_elsewhere({cur.user_id for cur in found})
+        for user_id, (closed_at, heard_there) in elsewhere.items():
+            for conn in self._sockets_of(user_id):
+                if conn.opened_at >= closed_at:
+                    if conn.heard_private is None:
+                        conn.heard_private = Heard()
+                    conn.heard_private.merge(heard_there)
         sent = self.recovered
         for cur in found:
             key = source.key(cur.event, cur.data)

@@ -8,6 +8,7 @@ tests/invariants.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -16,7 +17,7 @@ import pytest
 
 from dropserver.auth import Role
 from realtime import channels
-from tests.conftest import only_single_redis
+from tests.conftest import only_single_redis, running
 from tests.invariants import check, fake_gateway_payments, quiesce
 from tests.payments_fixtures import wait_for
 from tests.realtime_support import Client
@@ -154,13 +155,15 @@ async def _async(value):
 
 
 @only_single_redis
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["same-process", "other-process"])
 async def test_a_buyer_who_reconnects_right_after_an_outcome_does_not_hear_it_again(
-        server, http, db, make_token, monkeypatch) -> None:
+        server, http, db, settings, make_token, monkeypatch, elsewhere) -> None:
     """A new socket is offered what changed from a little before it opened (clocks):
     a buyer whose socket closed just after it heard ``order.paid`` and who reconnects
-    at once must not hear it again on the new one (the fault rig counts a buyer's
-    events over all their sockets). The window is widened to 30 s here so that the
-    reconnect surely falls inside it, however slow the machine."""
+    at once -- to the same process or to another one -- must not hear it again on the
+    new socket (the fault rig counts a buyer's events over all their sockets). The
+    window is widened to 30 s here so that the reconnect surely falls inside it,
+    however slow the machine."""
     from realtime import private
 
     monkeypatch.setattr(private, "CLOCK_SLACK_S", 30.0)
@@ -187,9 +190,12 @@ async def test_a_buyer_who_reconnects_right_after_an_outcome_does_not_hear_it_ag
     finally:
         await a.close()
     await wait_for(lambda: _async("buyer-c" not in hub.users), 5)
-    b = await Client.connect(server.ws_url, token=make_token("buyer-c"))
-    try:
-        await b.join(drop_id)  # the user's channel is subscribed again: recovery runs
+    async with contextlib.AsyncExitStack() as stack:
+        other = (await stack.enter_async_context(running(settings)) if elsewhere
+                 else server)
+        b = await Client.connect(other.ws_url, token=make_token("buyer-c"))
+        stack.push_async_callback(b.close)
+        await b.join(drop_id)  # the user's channel is subscribed there: recovery runs
         again = await _private(b, hold_id, 2.0)
         assert again == Counter(), again
         # The new socket still hears what is news: the refund of the paid order.
@@ -198,9 +204,7 @@ async def test_a_buyer_who_reconnects_right_after_an_outcome_does_not_hear_it_ag
         assert resp.status_code == 200, resp.text
         news = await _private(b, hold_id, 5.0)
         assert news == Counter({"order.refunded": 1}), news
-        await _invariants(server, db, drop_id, hold_id, "buyer-c")
-    finally:
-        await b.close()
+    await _invariants(server, db, drop_id, hold_id, "buyer-c")
 
 
 async def test_a_told_marker_set_by_a_retried_command_is_still_its_own(r) -> None:
