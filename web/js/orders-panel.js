@@ -3,6 +3,9 @@
 // order's receipt: GET /v1/orders/{id}/receipt). The list follows the private order.*
 // events (the order's receipt is read again), and once the current order is paid its
 // receipt shows in the order panel (`#order-receipt`). Pure parts: orders-state.js.
+// On a drop's page the list is read when the viewer opens the panel, never on load:
+// tens of thousands of viewers open the page at once when a drop starts, and a query
+// each would be a stampede on PostgreSQL for a panel few of them open.
 // Text from the server is rendered with textContent, never innerHTML.
 
 import { fetchJson } from "./api.js";
@@ -64,12 +67,12 @@ export function mountOrders({ dropId, token, currentOrder = () => null }) {
 
   function render() {
     const panel = $("my-orders");
-    panel.hidden = !token() || !loaded;
-    $("my-orders-count").textContent = list.length ? `(${list.length}${cursor ? "+" : ""})`
-      : "";
+    panel.hidden = !token();
+    $("my-orders-count").textContent = loaded && list.length
+      ? `(${list.length}${cursor ? "+" : ""})` : "";
     $("my-orders-all").checked = allDrops;
     $("my-orders-all").parentElement.hidden = dropId === null;
-    $("my-orders-empty").hidden = list.length > 0;
+    $("my-orders-empty").hidden = !loaded || list.length > 0;
     $("my-orders-more").hidden = !cursor;
     $("my-orders-more").disabled = loading;
     $("my-orders-list").replaceChildren(...list.map((r) => {
@@ -136,7 +139,6 @@ export function mountOrders({ dropId, token, currentOrder = () => null }) {
     const r = await fetchJson(`/v1/orders/${encodeURIComponent(orderId)}/receipt`,
       { token: token() });
     if (allDrops || r.drop_id === dropId) list = mergeReceipt(list, r);
-    loaded = true;
     render();
   }
 
@@ -145,12 +147,19 @@ export function mountOrders({ dropId, token, currentOrder = () => null }) {
     cursor = null;
     load().catch((err) => console.warn(err));
   });
+  $("my-orders-details").addEventListener("toggle", () => {
+    if ($("my-orders-details").open && !loaded) load().catch((err) => console.warn(err));
+  });
   $("my-orders-more").addEventListener("click", () => {
     load({ more: true }).catch((err) => console.warn(err));
   });
 
+  if (dropId === null) $("my-orders-details").open = true; // the page's one panel
+  render();
+
   return {
-    refresh: () => load(),
+    /** Read the list again, if it was read before (the panel was opened). */
+    refresh: () => (loaded ? load() : Promise.resolve()),
     /** A private event: the order it names is read again. */
     onEvent(event, data, me) {
       const id = changedOrder(event, data);
@@ -159,7 +168,7 @@ export function mountOrders({ dropId, token, currentOrder = () => null }) {
         return;
       }
       // the viewer's own tip, paid: it joins the list
-      if (event === "tip" && me && data && data.user_id === me) {
+      if (event === "tip" && me && data && data.user_id === me && loaded) {
         load().catch((err) => console.warn(err));
       }
     },

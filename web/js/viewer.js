@@ -646,7 +646,6 @@ async function main() {
     config = await loadConfig();
     viewerTokenValue = await viewerToken(config);
     myOrders = mountOrders({ dropId: null, token: () => viewerTokenValue });
-    myOrders.refresh().catch((err) => console.warn(err));
     return;
   }
   config = await loadConfig();
@@ -691,7 +690,6 @@ async function main() {
     payments: () => ({ gateway: config.payment_gateway, stripe }) });
   myOrders = mountOrders({ dropId: state.dropId, token: () => viewerTokenValue,
     currentOrder: () => state.order.orderId ?? null });
-  myOrders.refresh().catch((err) => console.warn(err));
   client.addEventListener("state", (e) => dispatch("conn", {
     state: e.detail.state, attempt: e.detail.attempt, retryInMs: e.detail.retryInMs,
     recovered: e.detail.recovered,
