@@ -35,6 +35,7 @@ from checkout.orders import OrderProcessor
 from checkout.payments import create_gateway
 from dropserver.component import Component
 from dropserver.errors import ApiError
+from realtime.moderators import guard_sales
 
 log = logging.getLogger("dropserver.payments")
 
@@ -169,6 +170,14 @@ async def refund_order(request: Request) -> JSONResponse:
                          "currency": row["currency"].strip()})
 
 
+async def _order_creator(request: Request) -> str | None:
+    """The creator of the drop the order in the path belongs to (a moderator of theirs
+    is told ``moderator_not_allowed``: refunds are sales)."""
+    return await request.app.state.db.fetchval(
+        "SELECT d.creator_id FROM orders o JOIN drops d ON d.id = o.drop_id "
+        "WHERE o.public_id = $1", request.path_params["order_id"])
+
+
 async def startup(app: Starlette) -> None:
     state = app.state
     settings = state.settings
@@ -227,7 +236,8 @@ part = Component(
     name="checkout.payments",
     routes=[Route("/v1/webhooks/stripe", stripe_webhook, methods=["POST"]),
             Route("/v1/orders/{order_id}", get_order, methods=["GET"]),
-            Route("/v1/orders/{order_id}/refund", refund_order, methods=["POST"]),
+            Route("/v1/orders/{order_id}/refund",
+                  guard_sales(refund_order, creator_of=_order_creator), methods=["POST"]),
             Route("/v1/dev/orders/{order_id}/confirm", fake_confirm, methods=["POST"])],
     startup=startup,
     shutdown=shutdown,

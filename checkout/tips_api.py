@@ -169,6 +169,13 @@ async def _own_tip(request: Request, who: Principal, *, manage: bool) -> Any:
     return row
 
 
+async def _tip_creator(request: Request) -> str | None:
+    """The creator of the drop the tip in the path was sent in."""
+    return await request.app.state.db.fetchval(
+        "SELECT d.creator_id FROM tips t JOIN drops d ON d.id = t.drop_id "
+        "WHERE t.public_id = $1", request.path_params["tip_id"])
+
+
 async def get_tip(request: Request) -> JSONResponse:
     who = await require(request)
     row = await _own_tip(request, who, manage=False)
@@ -244,7 +251,9 @@ part = Component(
         Route(f"{_D}/tips", list_tips, methods=["GET"]),
         Route(f"{_D}/tips", send_tip, methods=["POST"]),
         Route("/v1/tips/{tip_id}", get_tip, methods=["GET"]),
-        Route("/v1/tips/{tip_id}/refund", refund_tip, methods=["POST"]),
+        Route("/v1/tips/{tip_id}/refund",
+              guard_sales(refund_tip, creator_of=_tip_creator, hidden=("tip_not_found",)),
+              methods=["POST"]),
         Route("/v1/dev/tips/{tip_id}/confirm", fake_confirm_tip, methods=["POST"]),
     ],
     startup=_startup,

@@ -45,6 +45,7 @@ from dropserver.errors import ApiError, Conflict, NotFound, Unauthorized, Valida
 from dropserver.http import field, read_json, reject_unknown
 from dropserver.observability import bind, tally, tally_label
 from dropserver.redis_client import is_cluster
+from realtime.moderators import guard_sales
 from realtime.publish import publish, publish_user, publish_volatile
 
 __all__ = ["Giveaways", "enter", "giveaway_json", "open_giveaway", "part"]
@@ -495,7 +496,7 @@ _GW = "/v1/drops/{drop_id:id}/giveaways"
 part = Component(
     name="drops.giveaways",
     routes=[
-        Route(_GW, http_open, methods=["POST"]),
+        Route(_GW, guard_sales(http_open), methods=["POST"]),
         Route(_GW, http_list, methods=["GET"]),
         Route(_GW + "/{giveaway_id:id}", http_get, methods=["GET"]),
         Route(_GW + "/{giveaway_id:id}/entrants", http_entrants, methods=["GET"]),

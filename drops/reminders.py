@@ -37,6 +37,7 @@ from dropserver.background import Periodic
 from dropserver.component import Component
 from dropserver.errors import Conflict, NotFound
 from dropserver.http import read_json, reject_unknown
+from realtime.moderators import guard_sales
 
 __all__ = ["BATCH", "LEAD", "Reminders", "hand_off", "part"]
 
@@ -252,7 +253,8 @@ part = Component(
         Route(_R, get_reminder, methods=["GET"]),
         Route(_R, remind_me, methods=["POST"]),
         Route(_R, forget_me, methods=["DELETE"]),
-        Route("/v1/drops/{drop_id:id}/reminders", list_reminders, methods=["GET"]),
+        Route("/v1/drops/{drop_id:id}/reminders", guard_sales(list_reminders),
+              methods=["GET"]),
     ],
     startup=startup,
     shutdown=shutdown,

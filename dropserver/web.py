@@ -24,6 +24,7 @@ from checkout import inventory, keys
 from dropserver.auth import Role, issue_token, require, require_drop_owner
 from dropserver.component import Component
 from dropserver.errors import NotFound, ValidationFailed
+from realtime.moderators import guard_sales
 
 __all__ = ["component", "web_dir"]
 
@@ -197,7 +198,7 @@ component = Component(
         Route("/console", console_page, methods=["GET", "HEAD"]),
         Route("/v1/web/config", web_config, methods=["GET"]),
         Route("/v1/dev/token", dev_token, methods=["GET"]),
-        Route("/v1/drops/{drop_id:id}/stats", console_stats, methods=["GET"]),
+        Route("/v1/drops/{drop_id:id}/stats", guard_sales(console_stats), methods=["GET"]),
         Route("/static/{path:path}", static_file, methods=["GET", "HEAD"]),
         Route("/favicon.ico", favicon, methods=["GET", "HEAD"]),
     ],

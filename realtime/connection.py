@@ -93,6 +93,7 @@ class Connection:
         "room",
         "send",
         "sent_offset",
+        "staff",
         "task",
     )
 
@@ -112,6 +113,9 @@ class Connection:
         self.auth: Any = None  # realtime.tokens.TokenLife of a signed-in socket
         self.drop_id: int | None = None
         self.creator_id: str | None = None
+        # The drop's staff (its creator, an admin, a moderator the creator appointed),
+        # as of the join: not counted as a viewer (realtime.presence).
+        self.staff = False
         self.room: Any = None
         self.joined = False
         # Publications that arrive while the join is being answered (see hub.Room).

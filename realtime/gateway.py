@@ -315,6 +315,7 @@ async def _join_drop(app: Any, hub: Hub, conn: Connection, who: Principal, frame
                             details={"drop_id": drop_id})
     conn.principal = who
     conn.creator_id = snap["drop"]["creator_id"]
+    conn.staff = await _is_staff(app, conn)
     room = await hub.enter(conn, drop_id)
     try:
         await _answer_join(app, hub, room, conn, frame, data.get("since"))
@@ -323,6 +324,20 @@ async def _join_drop(app: Any, hub: Hub, conn: Connection, who: Principal, frame
         conn.drop_id = None
         raise
     tokens.track(hub, conn, who)  # signed-in until the token expires
+
+
+async def _is_staff(app: Any, conn: Connection) -> bool:
+    """Whether the joining socket is the drop's staff (from the moderators' cache: no
+    PostgreSQL read per join). Unknown (the database unreachable) counts as a viewer:
+    a join never fails over the audience figure."""
+    try:
+        return await chat.is_staff(app, conn)
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        log.warning("moderators unreadable; counting the socket as a viewer",
+                    extra={"creator_id": conn.creator_id})
+        return False
 
 
 async def _answer_join(app: Any, hub: Hub, room: Any, conn: Connection, frame: ClientFrame,

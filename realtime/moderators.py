@@ -3,8 +3,10 @@
 * A creator (or an admin for them) appoints moderators by user id for all of the
   creator's drops: ``PUT /v1/creators/{creator_id}/moderators/{user_id}``. A
   moderator may delete, mute, ban, unban, pin and set slow mode in the chat of those
-  drops (realtime.chat), never touch sales: the sales routes answer a moderator 403
-  ``moderator_not_allowed`` (:func:`refuse_sales`).
+  drops (realtime.chat), never touch sales: every route of the creator's sales (the
+  drop's lifecycle and products, auctions, giveaways, tips, refunds of orders and
+  tips, stats, settlement, the broadcast, the reminder list) answers a moderator 403
+  ``moderator_not_allowed`` (:func:`guard_sales`).
 * The chat asks :meth:`ModeratorCache.is_moderator` for every message (the staff
   skip the rate limit and slow mode, and their messages are always delivered in a
   sampled room): it answers from memory, reading ``creator_moderators`` at most once
@@ -32,8 +34,8 @@ from dropserver.errors import ApiError, Forbidden, NotFound, ValidationFailed
 from dropserver.http import MAX_ID, parse_int, read_json, reject_unknown
 from dropserver.text import text_problem
 
-__all__ = ["CACHE_SECONDS", "ModeratorCache", "audit", "guard_sales", "is_moderator_of",
-           "moderator_of", "record", "refuse_sales", "routes"]
+__all__ = ["CACHE_SECONDS", "ModeratorCache", "audit", "drop_creator", "guard_sales",
+           "is_moderator_of", "moderator_of", "record", "refuse_sales", "routes"]
 
 CACHE_SECONDS = 2.0
 MAX_USER_ID_LEN = 128
@@ -155,22 +157,32 @@ async def refuse_sales(db: Any, who: Principal, creator_id: str | None) -> None:
         raise ModeratorNotAllowed("moderators moderate the chat; sales are the creator's")
 
 
-def guard_sales(endpoint: Callable[[Request], Awaitable[Response]],
+async def drop_creator(request: Request) -> str | None:
+    """The creator of the drop named by the route's ``{drop_id}``."""
+    return await request.app.state.db.fetchval(
+        "SELECT creator_id FROM drops WHERE id = $1", request.path_params.get("drop_id"))
+
+
+def guard_sales(endpoint: Callable[[Request], Awaitable[Response]], *,
+                creator_of: Callable[[Request], Awaitable[str | None]] = drop_creator,
+                hidden: tuple[str, ...] = (),
                 ) -> Callable[[Request], Awaitable[Response]]:
-    """A sales route of a drop (``{drop_id}`` in its path) whose 403 for someone who
-    is not the drop's creator becomes ``moderator_not_allowed`` for a moderator."""
+    """A route of the creator's sales whose refusal of someone who is not the creator
+    (403 ``forbidden_role`` / ``not_drop_owner``, or a 404 whose code is in ``hidden``:
+    a route that does not tell strangers the thing exists) becomes 403
+    ``moderator_not_allowed`` for one of that creator's moderators. ``creator_of``
+    names the creator from the request: the drop in the path by default; a route
+    named by an order's or a tip's own id passes its own."""
 
     @functools.wraps(endpoint)
     async def guarded(request: Request) -> Response:
         try:
             return await endpoint(request)
-        except Forbidden as exc:
-            if exc.code not in ("forbidden_role", "not_drop_owner"):
+        except (Forbidden, NotFound) as exc:
+            if exc.code not in ("forbidden_role", "not_drop_owner", *hidden):
                 raise
-            db = request.app.state.db
-            creator_id = await db.fetchval("SELECT creator_id FROM drops WHERE id = $1",
-                                           request.path_params.get("drop_id"))
-            await refuse_sales(db, await principal(request), creator_id)
+            await refuse_sales(request.app.state.db, await principal(request),
+                               await creator_of(request))
             raise
 
     return guarded

@@ -8,8 +8,10 @@ changed, so counting costs one Redis call per drop per second per process and no
 pub/sub traffic. A crashed node stops reporting and its viewers leave every total
 within the TTL.
 
-Viewers are the audience: a socket joined with a token that may manage the drop (its
-creator, as the console joins, or an admin) is not counted (``Room.staff``).
+Viewers are the audience: a socket joined with a token of the drop's staff (its
+creator, as the console joins, an admin, or a moderator the creator appointed) is not
+counted (``Room.staff``, decided at the join: an appointment or a dismissal counts
+from the moderator's next join).
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ class Room:
         self.drop_id = drop_id
         self.channel = channels.drop_channel(drop_id)
         self.conns: set[Connection] = set()
-        self.staff: set[Connection] = set()  # of conns, the drop's creator and admins
+        self.staff: set[Connection] = set()  # of conns: creator, admins, moderators
         self.joining: set[Connection] = set()
         self.position = history.Position("", 0)
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -265,7 +265,7 @@ class Room:
     def joined(self, conn: Connection, epoch: str, offset: int) -> None:
         """``conn`` was answered up to ``(epoch, offset)`` and is live from now on."""
         self.conns.add(conn)
-        if conn.principal is not None and conn.principal.can_manage(conn.creator_id or ""):
+        if conn.staff:
             self.staff.add(conn)  # not a viewer (realtime.presence)
         # The next chat batch must skip what the answer had: the open batch's chat, or
         # events the answer read from Redis before they reached this room.

@@ -9,6 +9,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from dropserver.component import Component
+from realtime.moderators import guard_sales
 from streaming import ingest
 from streaming.hls import hls_file, replay_timeline, stream_status
 from streaming.live import Streaming
@@ -38,9 +39,10 @@ async def shutdown(app: Starlette) -> None:
 
 
 routes = [
-    Route("/v1/drops/{drop_id:id}/whip", whip_post, methods=["POST"]),
+    Route("/v1/drops/{drop_id:id}/whip", guard_sales(whip_post), methods=["POST"]),
     Route("/v1/drops/{drop_id:id}/whip", whip_options, methods=["OPTIONS"]),
-    Route("/v1/drops/{drop_id:id}/whip/{session_id}", whip_delete, methods=["DELETE"]),
+    Route("/v1/drops/{drop_id:id}/whip/{session_id}", guard_sales(whip_delete),
+          methods=["DELETE"]),
     Route("/v1/drops/{drop_id:id}/whip/{session_id}", whip_session_other,
           methods=["PATCH", "OPTIONS"]),
     Route("/v1/drops/{drop_id:id}/hls/{name}", hls_file, methods=["GET", "HEAD"]),

@@ -155,6 +155,73 @@ async def test_a_moderator_may_not_touch_sales(http, settings, make_token):
                                  drop_id) == "Sneaker drop"
 
 
+async def test_every_sales_route_answers_a_moderator_moderator_not_allowed(
+        http, settings, make_token):
+    """Not only the routes under /v1/drops/{id}: a refund of an order or a tip (named by
+    its own id), the console's stats, a giveaway, the broadcast (WHIP) and the
+    reminder list answer the creator's moderators 403 moderator_not_allowed, and
+    change nothing; someone who is not a moderator still gets the plain refusal."""
+    from datetime import UTC, datetime, timedelta
+
+    creator = _auth(make_token("creator-1", "creator"))
+    resp = await http.post("/v1/drops", headers=creator, json={
+        "title": "Sales", "products": [{"title": "Vinyl", "price": 4900, "units": 5}],
+        "starts_at": (datetime.now(UTC) + timedelta(minutes=5)).isoformat()})
+    assert resp.status_code == 201, resp.text
+    drop_id, pid = resp.json()["id"], resp.json()["products"][0]["product_id"]
+    for step, body in (("schedule", {}), ("live", {}), ("buy-now", {"product_id": pid}),
+                       ("tip-amounts", {"amounts": [500]})):
+        r = await http.post(f"/v1/drops/{drop_id}/{step}", headers=creator, json=body)
+        assert r.status_code == 200, (step, r.text)
+    buyer = _auth(make_token("fan-1"))
+    bought = await http.post(f"/v1/drops/{drop_id}/buy", json={"product_id": pid},
+                             headers={**buyer, "Idempotency-Key": "b1"})
+    assert bought.status_code == 201, bought.text
+    order_id = bought.json()["hold_id"]
+    tipped = await http.post(f"/v1/drops/{drop_id}/tips", headers=buyer,
+                             json={"amount": 500})
+    assert tipped.status_code in (200, 201), tipped.text
+    tip_id = tipped.json()["tip_id"]
+    for mod in ("mod-1", "mod-2"):
+        assert (await http.put(f"/v1/creators/creator-1/moderators/{mod}",
+                               headers=creator)).status_code == 201
+    sdp = {"content": "v=0\r\n", "headers": {"content-type": "application/sdp"}}
+    routes = (
+        ("POST", f"/v1/orders/{order_id}/refund", {"json": {}}),
+        ("POST", f"/v1/tips/{tip_id}/refund", {"json": {}}),
+        ("GET", f"/v1/drops/{drop_id}/stats", {}),
+        ("POST", f"/v1/drops/{drop_id}/giveaways", {"json": {"prize": "Poster"}}),
+        ("POST", f"/v1/drops/{drop_id}/auctions", {"json": {
+            "product_id": pid, "start_price": 100, "increment": 100, "duration_s": 30}}),
+        ("POST", f"/v1/drops/{drop_id}/stakes", {"json": {
+            "investor_id": "inv-1", "amount": 1000}}),
+        ("POST", f"/v1/drops/{drop_id}/whip", sdp),
+        ("DELETE", f"/v1/drops/{drop_id}/whip/abc", {}),
+        ("GET", f"/v1/drops/{drop_id}/reminders", {}),
+    )
+    viewer_mod = make_token("mod-1")
+    creator_mod = make_token("mod-2", "creator")  # a creator of other drops
+    for method, path, kw in routes:
+        for token in (viewer_mod, creator_mod):
+            headers = {**kw.get("headers", {}), **_auth(token)}
+            resp = await http.request(method, path, **{**kw, "headers": headers})
+            assert resp.status_code == 403, (path, resp.text)
+            assert resp.json()["error"]["code"] == "moderator_not_allowed", (path, resp.text)
+        plain = await http.request(method, path, **{
+            **kw, "headers": {**kw.get("headers", {}), **_auth(make_token("alice"))}})
+        assert plain.status_code in (403, 404), (path, plain.text)
+        assert plain.json()["error"]["code"] != "moderator_not_allowed", path
+    async with asyncpg.create_pool(settings.database_url, min_size=1, max_size=1) as db:
+        assert await db.fetchval("SELECT state FROM orders WHERE public_id = $1",
+                                 order_id) in ("held", "payment_pending")  # not refunded
+        assert await db.fetchval("SELECT amount_refunded FROM tips WHERE public_id = $1",
+                                 tip_id) == 0
+        assert await db.fetchval("SELECT count(*) FROM giveaways WHERE drop_id = $1",
+                                 drop_id) == 0
+        assert await db.fetchval("SELECT count(*) FROM auctions WHERE drop_id = $1",
+                                 drop_id) == 0
+
+
 async def test_dismissed_moderator_loses_the_chat_tools(server, http, settings, make_token):
     drop_id, _ = await create_drop(settings.database_url)
     creator = _auth(make_token("creator-1", "creator"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
+
 from realtime import presence
 from tests.conftest import running
 from tests.realtime_support import Client, create_drop
@@ -86,4 +88,33 @@ async def test_the_drops_creator_and_admins_are_not_viewers(settings, r, make_to
         await asyncio.sleep(0.3)  # a few more ticks: the count stays
         assert await presence.report(r, drop_id, "probe", 0, ttl_s=1) == 2
         for c in (console, admin, other_creator, viewer):
+            await c.close()
+
+
+async def test_the_creators_moderators_are_not_viewers(settings, r, make_token):
+    """A moderator the creator appointed is staff like the creator: present to keep
+    the chat, not part of the audience figure. A moderator of another creator's drops
+    watching this one is a viewer like anyone."""
+    drop_id, _ = await create_drop(settings.database_url, creator="creator-1")
+    async with asyncpg.create_pool(settings.database_url, min_size=1, max_size=1) as db:
+        await db.execute("INSERT INTO users (id) VALUES ('creator-2') ON CONFLICT DO NOTHING")
+        await db.execute(
+            "INSERT INTO creator_moderators (creator_id, user_id, appointed_by) VALUES "
+            "('creator-1', 'mod-1', 'creator-1'), ('creator-2', 'mod-2', 'creator-2')")
+    async with running(settings, viewers_coalesce_ms=100) as server:
+        mod = await Client.connect(server.ws_url)
+        await mod.join(drop_id, token=make_token("mod-1"))
+        theirs = await Client.connect(server.ws_url)  # moderates creator-2's drops only
+        await theirs.join(drop_id, token=make_token("mod-2"))
+        viewer = await Client.connect(server.ws_url)
+        await viewer.join(drop_id, token=make_token("viewer-1"))
+        for c in (mod, viewer):
+            await c.recv_until(lambda f: f.get("event") == "viewers"
+                               and f["data"]["count"] == 2, wait=5)
+        await asyncio.sleep(0.3)  # a few more ticks: the count stays
+        assert await presence.report(r, drop_id, "probe", 0, ttl_s=1) == 2
+        await mod.close()  # the moderator leaving leaves the audience as it was
+        await asyncio.sleep(0.3)
+        assert await presence.report(r, drop_id, "probe", 0, ttl_s=1) == 2
+        for c in (theirs, viewer):
             await c.close()
