@@ -98,6 +98,7 @@ class Giveaways:
         self.redis = app.state.redis
         self.db: asyncpg.Pool = app.state.db
         self.meta: dict[int, Meta] = {}
+        self._meta_loading: dict[tuple[int, int], asyncio.Future[Meta]] = {}
         self._dirty: dict[int, int] = {}  # giveaway id -> drop id
         self._journal: list[tuple[Meta, str, str]] = []  # new entrants to write
         self._restoring: dict[int, asyncio.Lock] = {}
@@ -111,17 +112,35 @@ class Giveaways:
 
     # -- entries ----------------------------------------------------------------------
     async def meta_of(self, drop_id: int, giveaway_id: int) -> Meta:
+        """The giveaway's fixed facts, read from PostgreSQL once per process: the
+        entries that arrive together when it opens (thousands in its first second)
+        share one read instead of each making its own."""
         m = self.meta.get(giveaway_id)
         if m is None:
-            row = await giveaway_store.load_giveaway(self.db, drop_id, giveaway_id)
-            if row is None:
-                raise GiveawayRefused(Refusal.NOT_FOUND, "no such giveaway in this drop")
-            m = Meta(row["id"], row["drop_id"], row["creator_id"], row["product_id"],
-                     row["must_be_present"], row["must_have_bought"],
-                     bytes.fromhex(row["seed"]))
-            self.meta[giveaway_id] = m
+            key = (drop_id, giveaway_id)
+            loading = self._meta_loading.get(key)
+            if loading is None:
+                loading = self._meta_loading[key] = asyncio.ensure_future(
+                    self._load_meta(drop_id, giveaway_id))
+                loading.add_done_callback(lambda f: self._loaded(key, f))
+            # Shielded: one waiter's cancellation (its socket closed) is not the others'.
+            m = await asyncio.shield(loading)
         if m.drop_id != drop_id:
             raise GiveawayRefused(Refusal.NOT_FOUND, "no such giveaway in this drop")
+        return m
+
+    def _loaded(self, key: tuple[int, int], f: asyncio.Future[Meta]) -> None:
+        self._meta_loading.pop(key, None)
+        if not f.cancelled():
+            f.exception()  # retrieved: every waiter may have gone (it raised to them)
+
+    async def _load_meta(self, drop_id: int, giveaway_id: int) -> Meta:
+        row = await giveaway_store.load_giveaway(self.db, drop_id, giveaway_id)
+        if row is None:
+            raise GiveawayRefused(Refusal.NOT_FOUND, "no such giveaway in this drop")
+        m = Meta(row["id"], row["drop_id"], row["creator_id"], row["product_id"],
+                 row["must_be_present"], row["must_have_bought"], bytes.fromhex(row["seed"]))
+        self.meta[giveaway_id] = m
         return m
 
     async def call_enter(self, key_list: list[str], args: list[Any]) -> Any:
