@@ -6,7 +6,8 @@
 // textContent.
 
 import { fetchJson } from "./api.js";
-import { formatMoney, initialState, reduce } from "./viewer-state.js";
+import { chatItem } from "./chat-view.js";
+import { initialState, reduce } from "./viewer-state.js";
 
 const $ = (id) => document.getElementById(id);
 const REFRESH_MS = 5000;
@@ -55,6 +56,20 @@ export function mountModerationConsole({ drop, token, command, log }) {
     return b;
   }
 
+  /** A message's tools: Pin and Delete; a viewer's also Mute and Ban of its author. */
+  function tools(m) {
+    const out = [
+      button("Pin", "pin", () => act("pin", "chat.pin", { message_id: m.id })),
+      button("Delete", "delete", () => act("delete", "chat.delete", { message_id: m.id }))];
+    if (!m.role && m.userId) {
+      out.push(
+        button("Mute", "mute", () => act(`mute ${m.name}`, "chat.mute",
+          { user_id: m.userId, seconds: MUTE_SECONDS })),
+        button("Ban", "ban", () => act(`ban ${m.name}`, "chat.ban", { user_id: m.userId })));
+    }
+    return out;
+  }
+
   /** The chat list: every message with Pin and Delete; a viewer's (not the staff's:
    * `role`) also with Mute (10 minutes, this drop) and Ban (every drop of the creator,
    * until lifted). A tip is shown, not moderated. */
@@ -62,38 +77,7 @@ export function mountModerationConsole({ drop, token, command, log }) {
     if (renderedChat === room.chat) return;
     const list = $("console-chat");
     const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
-    list.replaceChildren(...room.chat.map((m) => {
-      const li = document.createElement("li");
-      li.dataset.id = m.id ?? "";
-      if (m.userId) li.dataset.user = m.userId;
-      if (m.role) li.dataset.role = m.role;
-      const who = document.createElement("span");
-      who.className = "who";
-      who.textContent = m.name;
-      const text = document.createElement("span");
-      text.className = "text";
-      text.textContent = m.text;
-      if (m.tip) {
-        li.className = "tip";
-        const amount = document.createElement("span");
-        amount.className = "tip-amount";
-        amount.textContent = `tipped ${formatMoney(m.tip.amount, m.tip.currency)}`;
-        li.append(who, amount, text);
-        return li;
-      }
-      li.append(who, text);
-      if (!m.id) return li;
-      li.append(
-        button("Pin", "pin", () => act("pin", "chat.pin", { message_id: m.id })),
-        button("Delete", "delete", () => act("delete", "chat.delete", { message_id: m.id })));
-      if (!m.role && m.userId) {
-        li.append(
-          button("Mute", "mute", () => act(`mute ${m.name}`, "chat.mute",
-            { user_id: m.userId, seconds: MUTE_SECONDS })),
-          button("Ban", "ban", () => act(`ban ${m.name}`, "chat.ban", { user_id: m.userId })));
-      }
-      return li;
-    }));
+    list.replaceChildren(...room.chat.map((m) => chatItem(m, tools)));
     renderedChat = room.chat;
     if (atBottom) list.scrollTop = list.scrollHeight;
   }

@@ -8,6 +8,7 @@ import { fetchJson, loadConfig, viewerToken } from "./api.js";
 import {
   currentAuction, initialAuctions, nextAmounts, reduceAuctions, secondsLeft, statusText,
 } from "./auction-state.js";
+import { chatItem } from "./chat-view.js";
 import { DropClient } from "./client.js";
 import { mountGiveaways } from "./giveaway-panel.js";
 import { mountOrders } from "./orders-panel.js";
@@ -348,28 +349,7 @@ function renderChat() {
   if (renderedChat === state.chat && renderedStaff === staff) return;
   const list = $("chat-list");
   const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
-  list.replaceChildren(...state.chat.map((m) => {
-    const li = document.createElement("li");
-    li.dataset.id = m.id ?? "";
-    if (m.role) li.dataset.role = m.role;
-    const who = document.createElement("span");
-    who.className = "who";
-    who.textContent = m.name;
-    const text = document.createElement("span");
-    text.className = "text";
-    text.textContent = m.text; // never innerHTML
-    if (m.tip) {
-      li.className = "tip";
-      const amount = document.createElement("span");
-      amount.className = "tip-amount";
-      amount.textContent = `tipped ${formatMoney(m.tip.amount, m.tip.currency)}`;
-      li.append(who, amount, text);
-      return li;
-    }
-    li.append(who, text);
-    if (staff && m.id) li.append(...modButtons(m));
-    return li;
-  }));
+  list.replaceChildren(...state.chat.map((m) => chatItem(m, staff ? modButtons : null)));
   renderedChat = state.chat;
   renderedStaff = staff;
   if (atBottom) list.scrollTop = list.scrollHeight;
