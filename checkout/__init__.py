@@ -31,6 +31,8 @@ Modules, in the order to read them:
 * ``auction``: auctions in Redis: start, bid (``bid.lua``, one atomic step that also
   publishes ``auction.bid``), close once by Redis' clock, second-chance offer.
 * ``auction_store``: auctions and every accepted bid in PostgreSQL; the bid journal.
+* ``auction_events``: a bidder's private auction events that a socket missed, from
+  PostgreSQL (the hub's recovery source).
 * ``auctions_api``: the ``bid`` command and route; the keeper that closes auctions,
   hands the winner's hold to the order pipeline, records bids and puts back auctions a
   Redis loss took.

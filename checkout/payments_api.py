@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from checkout import campaigns, webhooks
+from checkout.auction_events import RecentAuctionEvents
 from checkout.fake_gateway import FakeGateway
 from checkout.order_events import RecentOrders
 from checkout.order_worker import OrderWorker
@@ -198,6 +199,7 @@ async def startup(app: Starlette) -> None:
     hub = getattr(state, "realtime", None)
     if hub is not None:  # private events a socket missed come from the orders
         hub.private.add_source(RecentOrders(state.db, gateway))
+        hub.private.add_source(RecentAuctionEvents(state.db))
     if isinstance(gateway, FakeGateway):
         async def on_event(event: dict) -> None:
             await webhooks.handle_event(event, db=state.db, gateway=gateway,

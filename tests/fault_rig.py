@@ -826,7 +826,10 @@ async def _buyer_outcomes(db: Any, rush: Rush, report: FaultReport) -> None:
                 continue
         report.unheard.append(f"{b.user}: order {hold_id} is {state}, the buyer heard "
                               f"{dict(heard)}" + (" and could not read it" if closed
-                                                  else ""))
+                                                  else "")
+                              + f" ({b.flow}, {b.reconnects} reconnects, hold "
+                              f"{'replayed' if b.hold.get('replay') else 'new'}"
+                              + (f", {'; '.join(b.notes)}" if b.notes else "") + ")")
 
 
 async def _doomed_order_worker(rig: Rig) -> asyncio.subprocess.Process:

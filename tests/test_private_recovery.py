@@ -21,6 +21,7 @@ from tests.conftest import only_single_redis, running
 from tests.invariants import check, fake_gateway_payments, quiesce
 from tests.payments_fixtures import wait_for
 from tests.realtime_support import Client
+from tests.test_auctions import live_drop
 from tests.test_reserve_api import bearer, post_buy, selling_drop
 
 
@@ -222,3 +223,65 @@ async def test_a_told_marker_set_by_a_retried_command_is_still_its_own(r) -> Non
     assert 0 < await r.ttl(marker) <= TOLD_TTL_S
     assert await r.set("{drop:1}:told:h-plain:paid", 1, nx=True)  # what it replaced:
     assert not await r.set("{drop:1}:told:h-plain:paid", 1, nx=True)  # a retry reads "told"
+
+
+async def test_auction_events_told_while_nobody_listened_are_heard_once(
+        server, http, db, make_token) -> None:
+    """``auction.outbid`` and ``auction.won`` reach a bidder's socket whose user channel
+    was not subscribed yet when they were published: recovered from PostgreSQL's bids
+    and auctions (checkout.auction_events), once each."""
+    hub = server.app.state.realtime
+    creator = bearer(make_token("creator-1", Role.CREATOR))
+    drop_id, (pid,) = await live_drop(http, creator)
+    resp = await http.post(f"/v1/drops/{drop_id}/auctions", headers=creator, json={
+        "product_id": pid, "start_price": 1000, "increment": 100, "duration_s": 5,
+        "snipe_window_s": 1})
+    assert resp.status_code == 201, resp.text
+    aid = resp.json()["id"]
+    gates = {user: Gate() for user in ("alice", "bob")}
+    for user, gate in gates.items():
+        gate.hold(hub.subscriber, "subscribe",
+                  only=lambda channel, *_, user=user: channel == channels.user_channel(user))
+    url = f"/v1/drops/{drop_id}/auctions/{aid}/bids"
+    alice, bob = (bearer(make_token(u, Role.VIEWER, name=u)) for u in ("alice", "bob"))
+    sockets = [await Client.connect(server.ws_url, token=make_token(u)) for u in
+               ("alice", "bob")]
+    try:
+        for c in sockets:
+            await c.join(drop_id)
+        for who, amount, key in ((alice, 1000, "a1"), (bob, 1100, "b1")):
+            resp = await http.post(url, json={"amount": amount},
+                                   headers={**who, "Idempotency-Key": key})
+            assert resp.status_code == 201, resp.text
+        await wait_for(lambda: db.fetchval(  # journaled: what recovery reads
+            "SELECT count(*) = 2 FROM auction_bids WHERE auction_id = $1", aid), 10)
+        gates["alice"].open.set()
+        heard = await _auction_private(sockets[0], aid, 3.0)
+        assert [e for e, _ in heard] == ["auction.outbid"], heard
+        assert heard[0][1]["amount"] == 1100 and heard[0][1]["your_amount"] == 1000
+        assert heard[0][1]["next_min"] == 1200
+        await wait_for(lambda: db.fetchval(  # Bob won; his hold is an order
+            "SELECT o.id IS NOT NULL FROM auctions a JOIN orders o ON o.public_id = "
+            "a.hold_id WHERE a.id = $1 AND a.winner_id = 'bob'", aid), 20)
+        gates["bob"].open.set()
+        heard = await _auction_private(sockets[1], aid, 3.0)
+        assert [e for e, _ in heard] == ["auction.won"], heard
+        assert heard[0][1]["amount"] == 1100 and heard[0][1]["hold_id"]
+        assert await _auction_private(sockets[0], aid, 1.0) == []  # nothing twice
+    finally:
+        for c in sockets:
+            await c.close()
+
+
+async def _auction_private(c: Client, auction_id: int, seconds: float) -> list:
+    heard = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while (left := deadline - loop.time()) > 0:
+        try:
+            frame = await c.recv(left)
+        except TimeoutError:
+            break
+        if frame.get("t") == "private" and frame["data"].get("auction_id") == auction_id:
+            heard.append((frame["event"], frame["data"]))
+    return heard
