@@ -82,6 +82,22 @@ async def _paid_while_nobody_listens(http, db, c: Client, gate: Gate, hold_id: s
     assert heard == Counter({"order.paid": 1}), heard
 
 
+async def _buy_while_listening(server, http, db, c: Client, user: str, buyer: dict,
+                               drop_id: int, pid: int) -> str:
+    """``c`` joins, its user channel is subscribed, the user buys over HTTP and is told
+    order.payment; the hold id."""
+    await c.join(drop_id)
+    user_channel = channels.user_channel(user).encode()
+    hub = server.app.state.realtime
+    await wait_for(lambda: _async(user_channel in hub.subscriber.channels), 5)
+    await asyncio.sleep(0.2)  # the subscription is confirmed
+    resp = await post_buy(http, drop_id, buyer, pid)
+    assert resp.status_code == 201, resp.text
+    hold_id = resp.json()["hold_id"]
+    await _told(db, hold_id, "payment_pending")
+    return hold_id
+
+
 async def _invariants(server, db, drop_id: int, hold_id: str, user: str) -> None:
     redis = server.app.state.redis
     await quiesce(redis, drop_id, within=20)
@@ -101,15 +117,9 @@ async def test_an_outcome_told_while_the_subscription_was_lost_is_heard_once(
     drop_id, pid = await selling_drop(http, creator, units=2)
     c = await Client.connect(server.ws_url, token=make_token("buyer-a"))
     try:
-        await c.join(drop_id)
-        user_channel = channels.user_channel("buyer-a").encode()
-        await wait_for(lambda: _async(user_channel in hub.subscriber.channels), 5)
-        await asyncio.sleep(0.2)  # the subscription is confirmed
         buyer = bearer(make_token("buyer-a", Role.VIEWER))
-        resp = await post_buy(http, drop_id, buyer, pid)
-        assert resp.status_code == 201, resp.text
-        hold_id = resp.json()["hold_id"]
-        await _told(db, hold_id, "payment_pending")
+        hold_id = await _buy_while_listening(server, http, db, c, "buyer-a", buyer,
+                                             drop_id, pid)
         before = await _private(c, hold_id, 1.0)
         assert before == Counter({"order.held": 1, "order.payment": 1}), before
 
@@ -174,15 +184,9 @@ async def test_a_buyer_who_reconnects_right_after_an_outcome_does_not_hear_it_ag
     hub = server.app.state.realtime
     a = await Client.connect(server.ws_url, token=make_token("buyer-c"))
     try:
-        await a.join(drop_id)
-        user_channel = channels.user_channel("buyer-c").encode()
-        await wait_for(lambda: _async(user_channel in hub.subscriber.channels), 5)
-        await asyncio.sleep(0.2)  # the subscription is confirmed
         buyer = bearer(make_token("buyer-c", Role.VIEWER))
-        resp = await post_buy(http, drop_id, buyer, pid)
-        assert resp.status_code == 201, resp.text
-        hold_id = resp.json()["hold_id"]
-        await _told(db, hold_id, "payment_pending")
+        hold_id = await _buy_while_listening(server, http, db, a, "buyer-c", buyer,
+                                             drop_id, pid)
         resp = await http.post(f"/v1/dev/orders/{hold_id}/confirm", headers=buyer, json={})
         assert resp.status_code == 200, resp.text
         await _told(db, hold_id, "paid")
