@@ -70,8 +70,9 @@ log = logging.getLogger("dropserver.checkout")
 REBUILDS = Counter("dropserver_checkout_rebuilds_total",
                    "Drops whose Redis state was rebuilt from PostgreSQL")
 
-# Drop states in which a drop's stock must be in Redis.
-LIVE_DROP_STATES = ("live", "selling", "sold_out", "closed")
+# Drop states in which a drop's stock must be in Redis: on air, or selling on the
+# replay after the live (drops.lifecycle.STOCK_IN_REDIS).
+LIVE_DROP_STATES = ("live", "selling", "sold_out", "closed", "replay")
 OPEN_ORDER_STATES = ("held", "payment_pending")
 KEPT_ORDER_STATES = ("authorized", "paid", "disputed", "refunded")
 SELLING_PRODUCT_STATES = ("selling", "sold_out")

@@ -35,7 +35,7 @@ from prometheus_client import Counter
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from checkout import inventory
+from checkout import inventory, recovery
 from drops import store
 from drops.lifecycle import (
     EDITABLE,
@@ -68,6 +68,7 @@ __all__ = [
     "pin",
     "pool_of",
     "schedule",
+    "sell_replay",
 ]
 
 log = logging.getLogger("dropserver.drops")
@@ -384,17 +385,91 @@ async def close(app_or_pool: Any, redis: Any, drop_id: int, actor: Principal,
 
 
 async def end(app_or_pool: Any, redis: Any, drop_id: int, actor: Principal) -> dict[str, Any]:
-    """live / selling / sold_out / closed -> ended: every sale closes, off air."""
+    """live / selling / sold_out / closed -> ended: every sale closes, off air.
+    replay -> ended: the replay's sales close (``ended_at`` stays the live's end)."""
     async with _action(app_or_pool, redis, drop_id, actor) as work:
+        replay = work.state is DropState.REPLAY
         transition(work.state, Action.END)
         await inventory.close_sales(redis, drop_id)
-        current = work.drop["selling_product_id"]
         products = await work.products()
-        if current is not None and products[current]["state"] in ("selling", "sold_out"):
-            await store.set_product_state(work.conn, drop_id, current, ProductState.CLOSED)
-        await _transition(work, Action.END, actor, {"ended_at": datetime.now(UTC)})
+        for pid, product in products.items():
+            if product["state"] in ("selling", "sold_out"):
+                await store.set_product_state(work.conn, drop_id, pid, ProductState.CLOSED)
+        await _transition(work, Action.END, actor,
+                          None if replay else {"ended_at": datetime.now(UTC)})
         work.events.append(("drop.ended", {}))
         return await _reload(work)
+
+
+class NothingToSell(ApiError):
+    status = 409
+    code = "nothing_to_sell"
+
+
+async def sell_replay(app_or_pool: Any, redis: Any, drop_id: int,
+                      actor: Principal) -> dict[str, Any]:
+    """ended -> replay: the products dropped during the live (BUY NOW) that have units
+    left go on sale again, all at once, for the replay page; ``end`` closes them.
+
+    Units come from Redis as the live left them (held and paid units stay sold;
+    holds still open may be released back onto the replay's sale). A drop whose stock
+    is no longer in Redis is rebuilt from PostgreSQL first, never re-loaded from its
+    units. Nothing left to sell is 409 ``nothing_to_sell``. Broadcasts ``drop.state``
+    and ``drop.replay_sales`` with each product as ``drop.buy_now`` has it."""
+    async with _action(app_or_pool, redis, drop_id, actor) as work:
+        transition(work.state, Action.SELL_REPLAY)
+        products = await work.products()
+        loaded = await recovery.is_loaded(redis, drop_id)
+        left = (await inventory.remaining(redis, drop_id) if loaded
+                else await _left_in_postgres(work.conn, drop_id, products))
+        dropped = [p for p in products.values()
+                   if p["selling_at"] is not None and left.get(p["product_id"], 0) > 0]
+        if not dropped:
+            raise NothingToSell(
+                "nothing to sell on the replay: no product dropped during the live has "
+                "units left", details={"state": work.state.value})
+        opened: list[int] = []
+        work.undo.append(lambda: _close_each(redis, drop_id, opened))
+        items = []
+        for product in dropped:
+            pid = product["product_id"]
+            product_transition(product["state"], Action.SELL_REPLAY, drop_state=work.state,
+                               product_id=pid)
+            remaining = left[pid]
+            if loaded:
+                try:
+                    remaining = await inventory.open_sales(redis, drop_id, pid)
+                except inventory.InventoryError as exc:
+                    raise SalesUnavailable(
+                        f"sales cannot open: {exc}", details={"reason": exc.code},
+                        headers={"Retry-After": "1"}) from None
+                opened.append(pid)
+            await store.set_product_state(work.conn, drop_id, pid, ProductState.SELLING)
+            items.append(await _buy_now_data(redis, drop_id, product, work.drop["currency"],
+                                             remaining))
+        await _transition(work, Action.SELL_REPLAY, actor)
+        work.events.append(("drop.replay_sales", {"products": items}))
+        return await _reload(work)
+
+
+async def _left_in_postgres(conn: asyncpg.Connection, drop_id: int,
+                            products: dict[int, dict[str, Any]]) -> dict[int, int]:
+    """Units left per product as PostgreSQL's orders say (held and kept units are
+    taken), for a drop whose stock Redis no longer has: the recovery rebuilds Redis
+    from the same rows once the drop sells again (``recovery.LIVE_DROP_STATES``)."""
+    rows = await conn.fetch(
+        "SELECT product_id, state, released, quantity FROM orders WHERE drop_id = $1",
+        drop_id)
+    taken: dict[int, int] = {}
+    for r in rows:
+        if recovery.hold_state(r["state"], r["released"]) in ("held", "paid"):
+            taken[r["product_id"]] = taken.get(r["product_id"], 0) + r["quantity"]
+    return {pid: max(0, p["units"] - taken.get(pid, 0)) for pid, p in products.items()}
+
+
+async def _close_each(redis: Any, drop_id: int, product_ids: list[int]) -> None:
+    for pid in product_ids:
+        await inventory.close_sales(redis, drop_id, pid)
 
 
 # --- system actions (checkout calls these) ---------------------------------------------

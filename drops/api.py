@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from checkout import inventory
 from drops import actions, store
-from drops.lifecycle import ON_AIR, DropState, allowed_actions
+from drops.lifecycle import STOCK_IN_REDIS, DropState, allowed_actions
 from drops.spec import parse_create, parse_patch, parse_product_id, parse_time
 from dropserver.auth import Principal, Role, principal, require, require_drop_owner
 from dropserver.component import Component
@@ -135,14 +135,15 @@ def _if_match(request: Request) -> int | None:
 
 async def snapshot(app: Any, drop_id: int, who: Principal | None = None) -> dict | None:
     """The drop as ``GET /v1/drops/{id}`` shows it to ``who`` (None: a guest), with the
-    remaining units while on air; None when it does not exist or is a draft ``who`` may
-    not see. For the gateway's join reply as much as for the endpoint."""
+    remaining units while on air or selling on the replay; None when it does not exist
+    or is a draft ``who`` may not see. For the gateway's join reply as much as for the
+    endpoint."""
     drop = await store.load_drop(app.state.db, drop_id)
     private = drop is not None and who is not None and who.can_manage(drop["creator_id"])
     if drop is None or (drop["state"] == DropState.DRAFT and not private):
         return None
     remaining = variants_left = None
-    if DropState(drop["state"]) in ON_AIR:
+    if DropState(drop["state"]) in STOCK_IN_REDIS:
         remaining = await inventory.remaining(app.state.redis, drop_id)
         if any(p["variants"] for p in drop["products"]):
             variants_left = await inventory.variants_remaining(app.state.redis, drop_id)
@@ -274,6 +275,14 @@ async def end(request: Request) -> JSONResponse:
     return _answer(await actions.end(request.app, request.app.state.redis, drop_id, who))
 
 
+async def sell_replay(request: Request) -> JSONResponse:
+    drop_id = _drop_id(request)
+    who = await _creator(request)
+    await _no_body(request)
+    return _answer(await actions.sell_replay(request.app, request.app.state.redis, drop_id,
+                                             who))
+
+
 async def list_transitions(request: Request) -> JSONResponse:
     """The drop's audit trail (creator and admins)."""
     drop_id = _drop_id(request)
@@ -309,6 +318,7 @@ part = Component(
         Route(f"{_ID}/buy-now", guard_sales(buy_now), methods=["POST"]),
         Route(f"{_ID}/close", guard_sales(close), methods=["POST"]),
         Route(f"{_ID}/end", guard_sales(end), methods=["POST"]),
+        Route(f"{_ID}/replay-sales", guard_sales(sell_replay), methods=["POST"]),
         Route(f"{_ID}/transitions", guard_sales(list_transitions), methods=["GET"]),
     ],
 )

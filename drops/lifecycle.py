@@ -3,7 +3,10 @@
 A drop moves ``draft -> scheduled -> live -> selling -> sold_out / closed -> ended ->
 settled``. While it is on air the creator drops several products one after another,
 so ``sold_out`` and ``closed`` lead back to ``selling`` with BUY NOW for the next
-product. Each product has a smaller machine of its own (:class:`ProductState`).
+product. After the end the creator may keep selling on the replay (``ended ->
+replay -> ended``): the products dropped during the live that have units left go on
+sale again, all at once, until the creator ends that too; only then can the drop be
+settled. Each product has a smaller machine of its own (:class:`ProductState`).
 
 :func:`transition` is the only way a state changes; an action that is not in
 :data:`TRANSITIONS` raises :class:`IllegalTransition`, which the HTTP layer answers
@@ -25,6 +28,7 @@ __all__ = [
     "ON_AIR",
     "PINNABLE",
     "PRODUCT_TRANSITIONS",
+    "STOCK_IN_REDIS",
     "TARGET",
     "TRANSITIONS",
     "Action",
@@ -47,6 +51,7 @@ class DropState(enum.StrEnum):
     SOLD_OUT = "sold_out"
     CLOSED = "closed"
     ENDED = "ended"
+    REPLAY = "replay"        # ended, still selling what is left on the replay page
     SETTLED = "settled"
 
 
@@ -64,7 +69,8 @@ class Action(enum.StrEnum):
     SOLD_OUT = "sold_out"    # system: the selling product's stock reached 0
     RESTOCK = "restock"      # system: released holds put a sold-out product back on sale
     CLOSE = "close"          # creator: stop selling the current product
-    END = "end"              # creator: off air; any open sales close
+    END = "end"              # creator: off air; any open sales close (also replay sales)
+    SELL_REPLAY = "sell_replay"  # creator: after the end, sell what is left on the replay
     SETTLE = "settle"        # settlement: ledger written, payouts made
 
 
@@ -86,6 +92,8 @@ TRANSITIONS: Mapping[tuple[DropState, Action], DropState] = MappingProxyType({
     (S.SOLD_OUT, A.END): S.ENDED,
     (S.CLOSED, A.BUY_NOW): S.SELLING,       # the next product
     (S.CLOSED, A.END): S.ENDED,
+    (S.ENDED, A.SELL_REPLAY): S.REPLAY,     # the replay page sells what is left
+    (S.REPLAY, A.END): S.ENDED,             # replay sales close
     (S.ENDED, A.SETTLE): S.SETTLED,
 })
 
@@ -99,6 +107,7 @@ TARGET: Mapping[Action, DropState] = MappingProxyType({
     A.CLOSE: S.CLOSED,
     A.END: S.ENDED,
     A.SETTLE: S.SETTLED,
+    A.SELL_REPLAY: S.REPLAY,
 })
 
 # Not transitions, but only legal in some states: editing the drop and its products,
@@ -108,6 +117,8 @@ PINNABLE: frozenset[DropState] = frozenset(
     {S.SCHEDULED, S.LIVE, S.SELLING, S.SOLD_OUT, S.CLOSED})
 # On air: went live and has not ended. Stock is in Redis; auctions and giveaways run.
 ON_AIR: frozenset[DropState] = frozenset({S.LIVE, S.SELLING, S.SOLD_OUT, S.CLOSED})
+# The drop's stock lives in Redis and may sell: on air, or selling on the replay.
+STOCK_IN_REDIS: frozenset[DropState] = ON_AIR | {S.REPLAY}
 
 P = ProductState
 
@@ -119,6 +130,7 @@ PRODUCT_TRANSITIONS: Mapping[tuple[ProductState, Action], ProductState] = Mappin
     (P.SOLD_OUT, A.CLOSE): P.CLOSED,
     (P.SELLING, A.END): P.CLOSED,
     (P.SOLD_OUT, A.END): P.CLOSED,
+    (P.CLOSED, A.SELL_REPLAY): P.SELLING,   # dropped on the live, units left
 })
 
 

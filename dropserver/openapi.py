@@ -91,7 +91,7 @@ DROP = _obj(
     id=ID, creator_id=STR, title=STR, description=STR,
     kind={"type": "string", "enum": ["standard", "campaign"]},
     state={"type": "string", "enum": ["draft", "scheduled", "live", "selling", "sold_out",
-                                      "closed", "ended", "settled", "cancelled"]},
+                                      "closed", "ended", "replay", "settled", "cancelled"]},
     currency=STR, starts_at=_nullable(TIME), pinned_product_id=_nullable(ID),
     selling_product_id=_nullable(ID), max_holds_per_user=INT,
     campaign={"oneOf": [{"type": "null"}, _obj(
@@ -416,6 +416,10 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         body=_body(_obj(closed=True, product_id=_nullable(ID)), required=False)),
     ("POST", "/v1/drops/{drop_id:id}/end"): _op("-> ended", AUTH, {
         "200": _json(_ref("Drop"), headers=_ETAG)}, tag="drops",
+        body=_body(_EMPTY, required=False)),
+    ("POST", "/v1/drops/{drop_id:id}/replay-sales"): _op(
+        "ended -> replay: sell what is left on the replay", AUTH, {
+            "200": _json(_ref("Drop"), headers=_ETAG)}, tag="drops",
         body=_body(_EMPTY, required=False)),
     ("GET", "/v1/drops/{drop_id:id}/transitions"): _op("Audit trail", AUTH, {
         "200": _json(_obj(["transitions"], transitions={"type": "array", "items": _obj(

@@ -187,7 +187,8 @@ async def test_happy_path_two_products_broadcast_in_order(server, http, creator)
     assert closed["state"] == "closed" and closed["products"][1]["state"] == "closed"
     assert (await inventory.product_state(redis, drop_id, cap))["state"] == "closed"
     ended = await act(http, creator, drop_id, "end")
-    assert ended["state"] == "ended" and ended["ended_at"] and ended["allowed_actions"] == []
+    assert ended["state"] == "ended" and ended["ended_at"]
+    assert ended["allowed_actions"] == ["sell_replay"]
 
     events = await history(redis, drop_id)
     assert [e for e, _ in events] == [
@@ -334,7 +335,7 @@ async def test_failed_broadcast_rolls_back_and_closes_sales(server, http, creato
 
 # --- illegal transitions -----------------------------------------------------------------
 
-ENDPOINTS = ["schedule", "live", "buy-now", "close", "end"]
+ENDPOINTS = ["schedule", "live", "buy-now", "close", "end", "replay-sales"]
 LEGAL = {
     "draft": {"schedule"},
     "scheduled": {"live"},
@@ -342,12 +343,13 @@ LEGAL = {
     "selling": {"close", "end"},
     "sold_out": {"buy-now", "close", "end"},
     "closed": {"buy-now", "end"},
-    "ended": set(),
+    "ended": {"replay-sales"},
+    "replay": {"end"},
 }
 TARGET = {"schedule": "scheduled", "live": "live", "buy-now": "selling", "close": "closed",
-          "end": "ended"}
+          "end": "ended", "replay-sales": "replay"}
 ACTION = {"schedule": "schedule", "live": "go_live", "buy-now": "buy_now", "close": "close",
-          "end": "end"}
+          "end": "end", "replay-sales": "sell_replay"}
 
 
 async def _walk_to(server, http, headers, state):
@@ -359,7 +361,8 @@ async def _walk_to(server, http, headers, state):
             "selling": ["schedule", "live", "buy"], "sold_out": ["schedule", "live", "buy",
                                                                  "sell_out"],
             "closed": ["schedule", "live", "buy", "close"],
-            "ended": ["schedule", "live", "end"]}[state]
+            "ended": ["schedule", "live", "end"],
+            "replay": ["schedule", "live", "buy", "end", "replay-sales"]}[state]
     for step in path:
         if step == "schedule":
             await act(http, headers, drop_id, "schedule", {"starts_at": later()})
@@ -393,7 +396,7 @@ async def test_illegal_transitions_are_409(server, http, creator, state):
     body = (await http.get(f"/v1/drops/{drop_id}", headers=creator)).json()
     assert body["state"] == state                 # nothing moved
     allowed = {"schedule": "schedule", "go_live": "live", "buy_now": "buy-now",
-               "close": "close", "end": "end"}
+               "close": "close", "end": "end", "sell_replay": "replay-sales"}
     assert {allowed[a] for a in body["allowed_actions"]} == LEGAL[state]
 
 

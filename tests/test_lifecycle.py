@@ -20,14 +20,18 @@ S, A = DropState, Action
 
 
 def test_states_match_the_schema_check_constraint():
-    from dropserver.db import schema_path
+    from dropserver.db import migrations, schema_path
 
     schema = schema_path().read_text()
     check = ("CHECK (state IN ('draft', 'scheduled', 'live', 'selling',\n"
              "                                     'sold_out', 'closed', 'ended', 'settled'))")
     assert check in schema
+    replay = next(m for m in migrations() if m.name.endswith("_replay_sales.sql")).sql
+    assert ("CHECK (state IN ('draft', 'scheduled', 'live', 'selling', 'sold_out', 'closed',\n"
+            "                     'ended', 'replay', 'settled'))") in replay
     assert [s.value for s in DropState] == [
-        "draft", "scheduled", "live", "selling", "sold_out", "closed", "ended", "settled"]
+        "draft", "scheduled", "live", "selling", "sold_out", "closed", "ended", "replay",
+        "settled"]
     assert "CHECK (state IN ('pending', 'selling', 'sold_out', 'closed'))" in schema
     assert [p.value for p in ProductState] == ["pending", "selling", "sold_out", "closed"]
 
@@ -68,7 +72,7 @@ def test_every_other_pair_is_illegal(state, action):
 
 def test_illegal_count_is_the_complement_of_the_table():
     assert len(ILLEGAL) + len(TRANSITIONS) == len(DropState) * len(Action)
-    assert len(TRANSITIONS) == 14
+    assert len(TRANSITIONS) == 16
 
 
 def test_skipping_steps_is_illegal():
@@ -83,7 +87,27 @@ def test_skipping_steps_is_illegal():
 
 def test_settled_is_terminal():
     assert allowed_actions(S.SETTLED) == []
-    assert allowed_actions(S.ENDED) == [A.SETTLE]
+    assert allowed_actions(S.ENDED) == [A.SELL_REPLAY, A.SETTLE]
+
+
+def test_selling_on_the_replay_comes_after_the_end_and_before_settlement():
+    """ended -> replay -> ended: only an ended drop sells on its replay, and a drop
+    selling on its replay cannot be settled (its sales would escape the ledger)."""
+    assert transition(S.ENDED, A.SELL_REPLAY) is S.REPLAY
+    assert allowed_actions(S.REPLAY) == [A.END]
+    assert transition(S.REPLAY, A.END) is S.ENDED
+    for state in (S.LIVE, S.SELLING, S.CLOSED, S.SETTLED, S.REPLAY):
+        with pytest.raises(IllegalTransition):
+            transition(state, A.SELL_REPLAY)
+    with pytest.raises(IllegalTransition):
+        transition(S.REPLAY, A.SETTLE)
+    P = ProductState
+    assert product_transition(P.CLOSED, A.SELL_REPLAY, drop_state=S.ENDED,
+                              product_id=1) is P.SELLING
+    assert product_transition(P.SELLING, A.END, drop_state=S.REPLAY,
+                              product_id=1) is P.CLOSED
+    with pytest.raises(IllegalTransition):  # never dropped on the live
+        product_transition(P.PENDING, A.SELL_REPLAY, drop_state=S.ENDED, product_id=1)
 
 
 def test_every_state_is_reachable_from_draft():
