@@ -9,7 +9,8 @@ const ACTIONS = Object.freeze({
   pin: "pin",
   buy_now: "buy-now",
   close: "close",
-  end: "end",
+  end: "end", // also closes the replay's sales
+  sell_replay: "replay-sales", // after the end: what is left sells on the replay
 });
 
 export function createDrop(body, token) {

@@ -22,6 +22,7 @@ export const DropState = Object.freeze({
   SOLD_OUT: "sold_out",
   CLOSED: "closed",
   ENDED: "ended",
+  REPLAY: "replay", // ended, and what is left sells on the replay
   SETTLED: "settled",
 });
 
@@ -41,7 +42,18 @@ export const OrderPhase = Object.freeze({
 });
 
 const CHAT_KEEP = 100;
-const ENDED_STATES = new Set([DropState.ENDED, DropState.SETTLED]);
+const ENDED_STATES = new Set([DropState.ENDED, DropState.REPLAY, DropState.SETTLED]);
+
+// Replay moments the timeline lists (streaming/replay.py MOMENT_EVENTS; bids and
+// pins are left out: a busy auction would bury the BUY NOWs).
+export const MOMENT_LABELS = Object.freeze({
+  buy_now: "BUY NOW",
+  sold_out: "Sold out",
+  auction_started: "Auction",
+  auction_closed: "Auction closed",
+  giveaway_opened: "Giveaway",
+  giveaway_drawn: "Giveaway draw",
+});
 
 export function initialState(dropId = null) {
   return {
@@ -66,7 +78,10 @@ export function initialState(dropId = null) {
     chat: [],
     chatPinned: null, // the pinned chat message {id, name, text, userId, pinnedBy}
     campaign: null,
-    stream: { status: "offline", hls: null },
+    stream: { status: "offline", hls: null, replay: null }, // replay: its playlist, once one exists
+    // The replay of an ended drop (GET /v1/drops/{id}/replay): its playlist, length and
+    // moments; `active` once the player plays it, `ms` where it is.
+    replay: null, // {playlist, durationMs, moments: [{kind, productId, mediaMs}], active, ms}
     unavailable: false, // the drop cannot be joined (no such drop, or a draft)
     order: { phase: OrderPhase.IDLE },
   };
@@ -103,7 +118,7 @@ function withProduct(state, id, fields) {
   if (id === undefined || id === null) return state.products;
   const key = String(id);
   const prev = state.products[key] || { id: key, title: "", price: null, currency: null,
-    remaining: null, units: null, description: "", imageUrl: "", variants: [] };
+    remaining: null, units: null, description: "", imageUrl: "", variants: [], state: null };
   return { ...state.products, [key]: { ...prev, ...fields } };
 }
 
@@ -116,6 +131,18 @@ function variantOf(v) {
     units: v.units ?? null,
     remaining: v.remaining ?? v.units ?? null,
     imageUrl: v.image_url ?? "",
+  };
+}
+
+// A product put on sale (drop.buy_now, or each of drop.replay_sales' products).
+function onSale(currency, data) {
+  return {
+    price: data.price ?? null,
+    currency: data.currency ?? currency,
+    remaining: data.remaining ?? null,
+    state: "selling",
+    ...(data.title ? { title: data.title } : {}),
+    ...(Array.isArray(data.variants) ? { variants: data.variants.map(variantOf) } : {}),
   };
 }
 
@@ -182,6 +209,7 @@ export function reduce(state, event, data = {}) {
           description: p.description ?? "",
           imageUrl: p.image_url ?? "",
           variants: (p.variants || []).map(variantOf),
+          state: p.state ?? null,
         }) };
       }
       if (order.length) next.productOrder = order;
@@ -226,33 +254,47 @@ export function reduce(state, event, data = {}) {
         ...state,
         drop: { ...state.drop, state: DropState.SELLING,
           sellingProductId: String(data.product_id) },
-        products: withProduct(state, data.product_id, {
-          price: data.price ?? null,
-          currency: data.currency ?? state.drop.currency,
-          remaining: data.remaining ?? null,
-          ...(data.title ? { title: data.title } : {}),
-          ...(Array.isArray(data.variants) ? { variants: data.variants.map(variantOf) } : {}),
-        }),
+        products: withProduct(state, data.product_id, onSale(state.drop.currency, data)),
       };
+
+    case "drop.replay_sales": {
+      // After the live: these products sell again, all at once, on the replay.
+      let products = state.products;
+      for (const p of data.products || []) {
+        products = withProduct({ products }, p.product_id, onSale(state.drop.currency, p));
+      }
+      return { ...state, drop: { ...state.drop, state: DropState.REPLAY,
+        sellingProductId: null }, products };
+    }
 
     case "drop.sold_out":
       return {
         ...state,
         drop: { ...state.drop, state: DropState.SOLD_OUT },
-        products: withProduct(state, data.product_id, { remaining: 0 }),
+        products: withProduct(state, data.product_id, { remaining: 0, state: "sold_out" }),
       };
 
     case "drop.closed":
       return {
         ...state,
         drop: { ...state.drop, state: DropState.CLOSED, sellingProductId: null },
+        products: withProduct(state, data.product_id ?? state.drop.sellingProductId,
+          { state: "closed" }),
       };
 
-    case "drop.ended":
+    case "drop.ended": {
+      // Every sale closes (the live's, or the replay's).
+      const products = {};
+      for (const [id, p] of Object.entries(state.products)) {
+        products[id] = p.state === "selling" || p.state === "sold_out"
+          ? { ...p, state: "closed" } : p;
+      }
       return {
         ...state,
         drop: { ...state.drop, state: DropState.ENDED, sellingProductId: null },
+        products,
       };
+    }
 
     case "stock": {
       // Coalesced per product (every variant together), with per-variant remaining
@@ -312,7 +354,28 @@ export function reduce(state, event, data = {}) {
         percent: data.percent } };
 
     case "stream.status":
-      return { ...state, stream: { status: data.status, hls: data.hls ?? state.stream.hls } };
+      return { ...state, stream: { status: data.status, hls: data.hls ?? state.stream.hls,
+        replay: data.replay === undefined ? state.stream.replay : data.replay } };
+
+    case "replay.loaded":
+      // GET /v1/drops/{id}/replay: {playlist, duration_ms, moments: [{kind, product_id,
+      // media_ms, at}]}
+      return { ...state, replay: {
+        playlist: String(data.playlist),
+        durationMs: Number(data.duration_ms) || 0,
+        moments: (data.moments || []).filter((m) => MOMENT_LABELS[m.kind]).map((m) => ({
+          kind: m.kind, productId: m.product_id == null ? null : String(m.product_id),
+          mediaMs: Number(m.media_ms) || 0 })),
+        active: state.replay?.active ?? false,
+        ms: state.replay?.ms ?? 0,
+      } };
+
+    case "replay.playing":
+      return state.replay ? { ...state, replay: { ...state.replay, active: true } } : state;
+
+    case "replay.time":
+      return state.replay ? { ...state, replay: { ...state.replay,
+        ms: Math.max(0, Math.round(Number(data.ms) || 0)) } } : state;
 
     case "unavailable":
       return { ...state, unavailable: true };
@@ -379,8 +442,52 @@ export function reduce(state, event, data = {}) {
 // --- derived values the page shows ---------------------------------------------
 
 export function sellingProduct(state) {
+  if (state.replay?.active) return replayProduct(state);
   const id = state.drop.sellingProductId;
   return id == null ? null : state.products[String(id)] || null;
+}
+
+/** The product the replay is showing: the one whose BUY NOW is the last at or before
+ * the replay's position (null before the first). */
+export function replayProduct(state, ms = state.replay?.ms ?? 0) {
+  if (!state.replay) return null;
+  let id = null;
+  for (const m of state.replay.moments) {
+    if (m.mediaMs > ms) break;
+    if (m.kind === "buy_now" && m.productId !== null) id = m.productId;
+  }
+  return id === null ? null : state.products[id] || null;
+}
+
+/** Whether `product` can be bought on the replay: the drop sells on its replay
+ * (state "replay") and the product is one of those on sale again. */
+export function onReplaySale(state, product) {
+  return !!product && state.drop.state === DropState.REPLAY && product.state === "selling";
+}
+
+/** The replay's timeline: the moments worth a jump, each with its label, its time and
+ * its product; `current` is the last one at or before the replay's position. */
+export function timeline(state) {
+  if (!state.replay) return [];
+  const ms = state.replay.ms;
+  let current = -1;
+  state.replay.moments.forEach((m, i) => { if (m.mediaMs <= ms) current = i; });
+  return state.replay.moments.map((m, i) => {
+    const product = m.productId === null ? null : state.products[m.productId] || null;
+    const title = product ? product.title || `Product ${product.id}` : "";
+    return { ...m, index: i, label: MOMENT_LABELS[m.kind], title, current: i === current,
+      clock: formatClock(Math.floor(m.mediaMs / 1000)),
+      buyable: m.kind === "buy_now" && onReplaySale(state, product) &&
+        (product.remaining === null || product.remaining > 0),
+      remaining: product ? product.remaining : null };
+  });
+}
+
+/** Whether the page plays the drop's replay: the drop is over, its stream is not on
+ * air, and the replay is known. */
+export function wantsReplay(state) {
+  return !state.unavailable && isOver(state) && !!state.replay &&
+    state.stream.status !== "live" && state.stream.status !== "reconnecting";
 }
 
 /** The variant a buy of `product` names: the viewer's pick while it has stock, else
@@ -412,6 +519,12 @@ export function productList(state) {
 
 /** BUY NOW overlay: "hidden", "open" (can buy) or "sold_out". */
 export function overlay(state) {
+  if (state.replay?.active) {
+    // On the replay: the product the video is showing, while it is on replay sale.
+    const shown = replayProduct(state);
+    if (!onReplaySale(state, shown)) return "hidden";
+    return shown.remaining !== null && shown.remaining <= 0 ? "sold_out" : "open";
+  }
   const product = sellingProduct(state);
   if (state.drop.state === DropState.SOLD_OUT) return product ? "sold_out" : "hidden";
   if (state.drop.state !== DropState.SELLING || !product) return "hidden";

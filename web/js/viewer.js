@@ -1,6 +1,7 @@
 // The viewer's live page: player, drop state, BUY NOW, buy flow, auctions, chat,
 // viewers, the host, a share link, "Remind me", the pinned chat message and, for the
-// drop's staff (creator, moderators, admins), the chat's moderation tools. State lives
+// drop's staff (creator, moderators, admins), the chat's moderation tools. After the
+// live it plays the replay with its moments and sells what is left from it. State lives
 // in viewer-state.js and auction-state.js (pure); this file does I/O and rendering only.
 // All user-supplied text is rendered with textContent, never innerHTML.
 
@@ -15,9 +16,9 @@ import { mountOrders } from "./orders-panel.js";
 import { mountTips } from "./tip-panel.js";
 import { startPlayer } from "./player.js";
 import {
-  chosenVariant, countdown, formatClock, formatMoney, initialState, isOver, isStaff, OrderPhase,
-  overlay, priceOf, productList, reduce, secondsUntil, sellingProduct, shareUrl, soldOf,
-  wantsPlayer,
+  chosenVariant, countdown, DropState, formatClock, formatMoney, initialState, isOver, isStaff,
+  OrderPhase, overlay, priceOf, productList, reduce, secondsUntil, sellingProduct, shareUrl,
+  soldOf, timeline, wantsPlayer, wantsReplay,
 } from "./viewer-state.js";
 
 const $ = (id) => document.getElementById(id);
@@ -94,11 +95,14 @@ function render() {
   renderCountdown();
 
   const streamLive = s.stream.status === "live";
-  $("stream-status").hidden = streamLive && !isOver(s) && !s.unavailable;
+  const replaying = !!s.replay?.active;
+  $("stream-status").hidden = (streamLive && !isOver(s) && !s.unavailable) || replaying;
   $("stream-status").textContent = s.unavailable
     ? "This drop is not available: the link may be wrong, or the drop is not public yet."
-    : isOver(s) ? "This drop has ended."
+    : isOver(s) ? (s.replay ? "The live has ended: its moments are below." : "This drop has ended.")
       : streamLive ? "" : "Waiting for the stream…";
+  // "replay" on the state badge already says so while the replay sells
+  $("replay-badge").hidden = !replaying || s.drop.state === DropState.REPLAY;
   $("chat-form").hidden = !viewerTokenValue || s.unavailable;
 
   // pinned product
@@ -122,7 +126,7 @@ function render() {
     const left = variant ? variant.remaining : product.remaining;
     $("buy-remaining").textContent = mode === "sold_out" ? "sold out"
       : left === null ? "" : `${left} left${variant ? ` in ${variant.title}` : ""}`;
-    if (seenBuyNow.productId !== product.id && mode === "open") {
+    if (seenBuyNow.productId !== product.id && mode === "open" && !replaying) {
       seenBuyNow.productId = product.id;
       // Browsers refuse (and log an error) until the viewer has tapped the page.
       if (navigator.userActivation?.hasBeenActive) navigator.vibrate?.(80);
@@ -135,6 +139,7 @@ function render() {
   btn.disabled = mode !== "open" || busy || s.conn.state !== "open";
 
   renderVariantPicker(product, variant, mode);
+  renderReplay();
   renderProducts();
   renderOrder();
   renderCampaign();
@@ -169,6 +174,58 @@ function renderVariantPicker(product, variant, mode) {
   }));
 }
 
+// The replay's moments: a bar with a mark per moment and the list to jump to each
+// (BUY NOW of every product, sold out, auctions, giveaways), with what is still on
+// sale from the replay.
+let renderedMoments = "";
+function renderReplay() {
+  const r = state.replay;
+  $("replay").hidden = !r || !isOver(state);
+  if (!r) return;
+  $("replay-sale").hidden = state.drop.state !== DropState.REPLAY;
+  const duration = Math.max(1, r.durationMs);
+  $("replay-progress").style.width = r.active
+    ? `${Math.min(100, (100 * r.ms) / duration).toFixed(2)}%` : "0";
+  const items = timeline(state);
+  const key = JSON.stringify(items.map((m) => [m.mediaMs, m.title, m.current, m.buyable,
+    m.remaining]));
+  if (key === renderedMoments) return;
+  renderedMoments = key;
+  $("replay-bar").replaceChildren($("replay-progress"), ...items.map((m) => {
+    const mark = document.createElement("span");
+    mark.className = "replay-mark";
+    mark.dataset.kind = m.kind;
+    mark.style.left = `${Math.min(100, (100 * m.mediaMs) / duration).toFixed(2)}%`;
+    return mark;
+  }));
+  $("moment-list").replaceChildren(...items.map((m) => {
+    const li = document.createElement("li");
+    li.dataset.kind = m.kind;
+    li.dataset.ms = String(m.mediaMs);
+    li.dataset.current = m.current ? "1" : "0";
+    if (m.productId !== null) li.dataset.productId = m.productId;
+    const btn = document.createElement("button");
+    btn.type = "button";
+    btn.className = "moment-btn";
+    const clock = document.createElement("span");
+    clock.className = "clock";
+    clock.textContent = m.clock;
+    const what = document.createElement("span");
+    what.className = "what";
+    what.textContent = m.title ? `${m.label} · ${m.title}` : m.label;
+    btn.append(clock, what);
+    btn.addEventListener("click", () => jumpTo(m.mediaMs));
+    li.append(btn);
+    if (m.buyable) {
+      const sale = document.createElement("span");
+      sale.className = "moment-sale";
+      sale.textContent = m.remaining === null ? "on sale" : `on sale · ${m.remaining} left`;
+      li.append(sale);
+    }
+    return li;
+  }));
+}
+
 // The drop's product list: picture (or a local placeholder), title, price, what is
 // left and the "N sold" figure (from the coalesced stock events), the variants.
 const PLACEHOLDER = "/static/img/product-placeholder.svg";
@@ -176,7 +233,8 @@ let renderedProducts = "";
 function renderProducts() {
   const list = productList(state);
   $("products").hidden = list.length === 0;
-  const selling = state.drop.sellingProductId;
+  // outlined: the product under BUY NOW (on the replay: the one the replay shows)
+  const selling = overlay(state) === "hidden" ? null : sellingProduct(state)?.id ?? null;
   const key = JSON.stringify([selling, list.map((p) => [p.id, p.title, p.price, p.remaining,
     p.units, p.imageUrl, p.description, p.variants.map((v) => [v.id, v.remaining])])]);
   if (key === renderedProducts) return;
@@ -648,6 +706,9 @@ async function main() {
   $("cancel-btn").addEventListener("click", cancelHold);
   $("order-dismiss").addEventListener("click", () => dispatch("order.reset"));
   $("chat-form").addEventListener("submit", sendChat);
+  $("video").addEventListener("timeupdate", () => {
+    if (state.replay?.active) dispatch("replay.time", { ms: $("video").currentTime * 1000 });
+  });
   $("unmute").addEventListener("click", () => {
     $("video").muted = false;
     $("unmute").hidden = true;
@@ -679,6 +740,7 @@ async function main() {
     const d = e.detail.data || {};
     if (d.snapshot) {
       dispatch("snapshot", d.snapshot);
+      syncReplay();
       if (typeof d.snapshot.chat_slow_seconds === "number") {
         $("mod-slow").value = String(d.snapshot.chat_slow_seconds);
       }
@@ -720,6 +782,7 @@ async function main() {
     tips.onEvent(e.detail.event, e.detail.data);
     myOrders.onEvent(e.detail.event, e.detail.data, me?.user_id);
     if (e.detail.event === "stream.status") syncPlayer();
+    syncReplay();
     if (e.detail.event === "chat.slow") $("mod-slow").value = String(e.detail.data.seconds);
   });
   client.start();
@@ -742,10 +805,12 @@ async function listLiveDrops() {
 
 function fetchStreamStatus() {
   fetchJson(`/v1/drops/${state.dropId}/stream`).then((st) => {
+    streamKnown = true;
     // An event may have come first: a fresher "live" is not undone by this answer.
     if (st && st.status && state.stream.status !== "live") {
-      dispatch("stream.status", { status: st.status, hls: st.hls });
+      dispatch("stream.status", { status: st.status, hls: st.hls, replay: st.replay ?? null });
       syncPlayer();
+      syncReplay();
     }
   }).catch(() => {});
 }
@@ -755,7 +820,7 @@ function fetchStreamStatus() {
 // plays out what it has; if the stream goes live again, it reloads the playlist.
 let playerSawOffline = false;
 function syncPlayer() {
-  if (state.dropId === null || !config) return;
+  if (state.dropId === null || !config || state.replay?.active) return;
   if (!wantsPlayer(state)) {
     if (player && state.stream.status === "offline") playerSawOffline = true;
     if (player && state.unavailable) {
@@ -771,12 +836,79 @@ function syncPlayer() {
     }
     return;
   }
+  sawLive = true;
   const url = state.stream.hls
     || config.hls_url_template.replace("{drop_id}", String(state.dropId));
   player = startPlayer($("video"), url, {
     onPlaying: () => { $("unmute").hidden = !$("video").muted; },
     onStalled: () => {},
   });
+}
+
+// The replay: once the drop is over and its stream is off air, the page reads the
+// replay's playlist and moments (GET /v1/drops/{id}/stream says whether there is one,
+// GET /v1/drops/{id}/replay gives them). A page opened after the end plays the replay
+// at once; a page that watched the live plays out its end and switches to the replay
+// when the viewer picks a moment. Buying on the replay is the live's buy: the overlay
+// shows the product whose BUY NOW the replay last passed, while it is on sale again.
+let replayStep = "idle"; // idle -> asking -> loaded | none
+let sawLive = false; // this page watched the live: its viewers' requests are spread
+let streamKnown = false; // the page's own GET /stream answered
+function syncReplay() {
+  if (state.dropId === null || !config || state.unavailable || !isOver(state)) return;
+  if (!streamKnown) return; // its answer calls this again
+  if (state.stream.status === "live" || state.stream.status === "reconnecting") return;
+  if (state.replay) {
+    if (!player && wantsReplay(state)) startReplay();
+    return;
+  }
+  if (replayStep !== "idle") return;
+  replayStep = "asking";
+  // Every viewer of a big room learns of the end at once: spread their two requests
+  // over the two seconds the live player still plays.
+  setTimeout(() => loadReplay().catch(() => { replayStep = "idle"; }),
+    sawLive ? Math.random() * 2000 : 0);
+}
+
+async function loadReplay() {
+  let url = state.stream.replay;
+  if (!url) {
+    const st = await fetchJson(`/v1/drops/${state.dropId}/stream`);
+    url = st?.replay ?? null;
+    if (st?.status) {
+      dispatch("stream.status", { status: st.status, hls: st.hls, replay: url });
+    }
+  }
+  if (!url) {
+    replayStep = "none";
+    return;
+  }
+  const body = await fetchJson(`/v1/drops/${state.dropId}/replay`);
+  replayStep = "loaded";
+  dispatch("replay.loaded", body);
+  syncReplay();
+}
+
+function startReplay() {
+  const video = $("video");
+  player = startPlayer(video, state.replay.playlist, {
+    onPlaying: () => { $("unmute").hidden = !video.muted; },
+    onStalled: () => {},
+  });
+  dispatch("replay.playing");
+}
+
+/** Jump to a moment of the replay (and play it there). */
+function jumpTo(ms) {
+  if (!state.replay) return;
+  if (!player) {
+    startReplay();
+  } else if (!state.replay.active) {
+    player.switchTo(state.replay.playlist); // the live's player, played out
+    dispatch("replay.playing");
+  }
+  dispatch("replay.time", { ms });
+  player.seek(ms / 1000);
 }
 
 main().catch((err) => {
