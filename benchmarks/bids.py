@@ -4,8 +4,9 @@
 auction (long, no anti-snipe window) through the HTTP API; ``--sockets`` bidders
 connect over WebSockets, join the drop, and for ``--seconds`` each sends ``bid``
 commands one after another (each from the callback that read the answer to the one
-before; at most 45 a second per socket, under the gateway's 50): the lowest amount it last heard was acceptable (from its
-own answers: an accepted bid's ``next_min``, a refusal's ``details.min_amount``),
+before; at most 45 a second per socket, under the gateway's 50): the lowest amount it
+last heard was acceptable (from its own answers: an accepted bid's ``next_min``, a
+refusal's ``details.min_amount``),
 sometimes one or two increments more. Many bidders bid the same amount at once, so
 most bids are refused ``bid_too_low`` (the first to arrive wins) and some accepted:
 a bidding war's mix. Bids/s = answers (accepted + refused) / time from the first bid
