@@ -122,7 +122,11 @@ async def test_the_replay_plays_jumps_to_a_moment_and_sells_what_is_left(
         f" return t >= {cap_at - 0.3} && t < {cap_at + 4}; }}", timeout=15_000)
     await page.wait_for_function(PLAYING, timeout=15_000)
     assert await page.locator("#buy-overlay").is_hidden()
-    assert await cap_item.get_attribute("data-current") == "1"
+    # The outlined moment is the cap's: its BUY NOW, or its sell-out a moment later
+    # once the replay has played past it.
+    current = page.locator("#moment-list li[data-current='1']")
+    assert await current.get_attribute("data-product-id") == str(cap)
+    assert int(await current.get_attribute("data-ms")) >= cap_at * 1000
 
     # Back to the hoodie's BUY NOW: the overlay offers it, bought from the replay.
     await hoodie_item.locator("button").click()
