@@ -333,12 +333,7 @@ async def buy_now(app_or_pool: Any, redis: Any, drop_id: int, actor: Principal,
         if previous is not None and products.get(previous, {}).get("state") == "sold_out":
             await inventory.close_sales(redis, drop_id, previous)
             await store.set_product_state(work.conn, drop_id, previous, ProductState.CLOSED)
-        try:
-            remaining = await inventory.open_sales(redis, drop_id, product_id)
-        except inventory.InventoryError as exc:
-            raise SalesUnavailable(
-                f"sales cannot open: {exc}", details={"reason": exc.code},
-                headers={"Retry-After": "1"}) from None
+        remaining = await _open_sales(redis, drop_id, product_id)
         work.undo.append(lambda: inventory.close_sales(redis, drop_id, product_id))
         await _transition(work, Action.BUY_NOW, actor,
                           {"selling_product_id": product_id}, product_id)
@@ -347,6 +342,17 @@ async def buy_now(app_or_pool: Any, redis: Any, drop_id: int, actor: Principal,
         work.events.append(("drop.buy_now", await _buy_now_data(
             redis, drop_id, product, work.drop["currency"], remaining)))
         return await _reload(work)
+
+
+async def _open_sales(redis: Any, drop_id: int, product_id: int) -> int:
+    """:func:`checkout.inventory.open_sales`; a drop Redis cannot sell yet is 503
+    ``sales_unavailable`` (retry)."""
+    try:
+        return await inventory.open_sales(redis, drop_id, product_id)
+    except inventory.InventoryError as exc:
+        raise SalesUnavailable(
+            f"sales cannot open: {exc}", details={"reason": exc.code},
+            headers={"Retry-After": "1"}) from None
 
 
 async def _buy_now_data(redis: Any, drop_id: int, product: dict[str, Any], currency: str,
@@ -437,12 +443,7 @@ async def sell_replay(app_or_pool: Any, redis: Any, drop_id: int,
                                product_id=pid)
             remaining = left[pid]
             if loaded:
-                try:
-                    remaining = await inventory.open_sales(redis, drop_id, pid)
-                except inventory.InventoryError as exc:
-                    raise SalesUnavailable(
-                        f"sales cannot open: {exc}", details={"reason": exc.code},
-                        headers={"Retry-After": "1"}) from None
+                remaining = await _open_sales(redis, drop_id, pid)
                 opened.append(pid)
             await store.set_product_state(work.conn, drop_id, pid, ProductState.SELLING)
             items.append(await _buy_now_data(redis, drop_id, product, work.drop["currency"],
