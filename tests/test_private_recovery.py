@@ -49,17 +49,24 @@ class Gate:
         setattr(target, name, gated)
 
 
-async def _private(c: Client, hold_id: str, seconds: float) -> Counter[str]:
-    """The private events about ``hold_id`` that reach ``c`` within ``seconds``."""
-    heard: Counter[str] = Counter()
+async def _privates(c: Client, seconds: float) -> AsyncIterator[dict]:
+    """The private frames that reach ``c`` within ``seconds``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     while (left := deadline - loop.time()) > 0:
         try:
             frame = await c.recv(left)
         except TimeoutError:
-            break
-        if frame.get("t") == "private" and frame["data"].get("order_id") == hold_id:
+            return
+        if frame.get("t") == "private":
+            yield frame
+
+
+async def _private(c: Client, hold_id: str, seconds: float) -> Counter[str]:
+    """The private events about ``hold_id`` that reach ``c`` within ``seconds``."""
+    heard: Counter[str] = Counter()
+    async for frame in _privates(c, seconds):
+        if frame["data"].get("order_id") == hold_id:
             heard[frame["event"]] += 1
     return heard
 
@@ -278,14 +285,5 @@ async def test_auction_events_told_while_nobody_listened_are_heard_once(
 
 
 async def _auction_private(c: Client, auction_id: int, seconds: float) -> list:
-    heard = []
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while (left := deadline - loop.time()) > 0:
-        try:
-            frame = await c.recv(left)
-        except TimeoutError:
-            break
-        if frame.get("t") == "private" and frame["data"].get("auction_id") == auction_id:
-            heard.append((frame["event"], frame["data"]))
-    return heard
+    return [(frame["event"], frame["data"]) async for frame in _privates(c, seconds)
+            if frame["data"].get("auction_id") == auction_id]
