@@ -7,7 +7,10 @@ documented configuration (``loadtest/nginx-cdn.conf``), and simulated LL-HLS vie
 part, two keep-alive connections each) through the proxy. For each number of viewers:
 HLS requests that reached the origin per second (its ``dropserver_hls_requests_total``,
 read before and after), the same per 1,000 viewers, and part latency (a part's file
-written at the origin -> its last byte at a viewer; same machine, same clock).
+written at the origin -> its last byte at a viewer; same machine, same clock). Beside
+it, the servers' wait: how long the proxy and origin took to answer a part or a
+blocking playlist reload after it existed and was asked for (a viewer's own loop lag,
+which makes it ask late, is in the part latency, not in the wait).
 The baseline, same run: viewers straight at the origin, no proxy.
 
     python -m benchmarks.hls_cdn [--viewers 100,1000,5000] [--direct 100] [--seconds 20]
@@ -175,12 +178,18 @@ def case_figures(stats: ViewerStats, origin_rps: float, through_cdn: bool,
         "mbit_s": round(stats.bytes * 8 / seconds / 1e6, 1),
         "latency_p50_s": round(_pct(lat, 0.5), 3), "latency_p99_s": round(_pct(lat, 0.99), 3),
         "latency_max_s": round(max(lat), 3) if lat else float("nan"),
+        "wait_p99_s": round(_pct(stats.waits, 0.99), 3),
         "loop_lag_p99_s": round(_pct(stats.loop_lag, 0.99), 3),
         "statuses": dict(stats.statuses), "cache": dict(stats.cache),
         "errors": dict(stats.errors), "odd": stats.odd[:5],
     }
     if probe is not None:
         out.update({"probes": probe.viewers, "probe_parts": probe.parts,
+                    "probe_wait_p99_s": round(_pct(probe.waits, 0.99), 3),
+                    "probe_wait_max_s": round(max(probe.waits), 3)
+                    if probe.waits else float("nan"),
+                    "probe_loop_lag_max_s": round(max(probe.loop_lag), 3)
+                    if probe.loop_lag else float("nan"),
                     "probe_late": probe.late[:5], "probe_odd": probe.odd[:5],
                     "probe_latency_p50_s": round(_pct(probe.latencies, 0.5), 3),
                     "probe_latency_p99_s": round(_pct(probe.latencies, 0.99), 3),
@@ -230,12 +239,14 @@ def main() -> None:
         results = asyncio.run(_run(args, services.redis_url, services.database_url,
                                    Path(work)))
     print("\nviewers  proxy  origin req/s  per 1,000 viewers  viewer req/s  "
-          "part latency p50 / p99 (probes p50 / p99)  client loop lag p99")
+          "part latency p50 / p99 (probes p50 / p99)  probes' server wait p99  "
+          "client loop lag p99")
     for r in results:
         print(f"{r['viewers']:>7}  {'yes' if r['through_cdn'] else 'no ':>5}  "
               f"{r['origin_rps']:>12}  {r['origin_rps_per_1000']:>17}  {r['viewer_rps']:>12}  "
               f"{r['latency_p50_s']} / {r['latency_p99_s']} s "
               f"({r.get('probe_latency_p50_s')} / {r.get('probe_latency_p99_s')} s)  "
+              f"{r.get('probe_wait_p99_s')} s  "
               f"{r['loop_lag_p99_s']} s")
 
 

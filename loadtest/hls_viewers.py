@@ -110,6 +110,11 @@ class ViewerStats:
     parts: int = 0
     bytes: int = 0
     latencies: list[float] = field(default_factory=list)  # seconds, one per part
+    # seconds the proxy and origin took beyond the moment a thing existed and was asked
+    # for: a part's arrival - max(asked, written), a blocking playlist reload's arrival
+    # - max(asked, its part written). A viewer whose loop stalls asks late; that lag is
+    # in ``latencies``, not here: these are the servers' alone.
+    waits: list[float] = field(default_factory=list)
     statuses: collections.Counter[int] = field(default_factory=collections.Counter)
     cache: collections.Counter[str] = field(default_factory=collections.Counter)
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -124,6 +129,7 @@ class ViewerStats:
         for name in ("statuses", "cache", "errors"):
             out[name] = dict(getattr(self, name))
         out["latencies"] = [round(x * 1000, 1) for x in self.latencies]
+        out["waits"] = [round(x * 1000, 1) for x in self.waits]
         out["loop_lag"] = [round(x * 1000, 1) for x in self.loop_lag]
         return out
 
@@ -132,6 +138,7 @@ class ViewerStats:
         for name in ("viewers", "started", "parts", "bytes", "requests"):
             setattr(self, name, getattr(self, name) + other[name])
         self.latencies += [x / 1000 for x in other["latencies"]]
+        self.waits += [x / 1000 for x in other.get("waits", [])]
         self.odd += other.get("odd", [])[:20 - len(self.odd)]
         self.late += other.get("late", [])[:20 - len(self.late)]
         self.loop_lag += [x / 1000 for x in other["loop_lag"]]
@@ -165,6 +172,7 @@ async def _viewer(host: str, port: int, base: str, until: float, stats: ViewerSt
         at = written(name)
         if at is not None:
             stats.latencies.append(arrived - at)
+            stats.waits.append(arrived - max(asked, at))
             if arrived - at > 2 and len(stats.late) < 20:
                 stats.late.append(f"{name} asked {asked - at:+.3f} s, arrived "
                                   f"{arrived - at:+.3f} s after written, "
@@ -181,8 +189,13 @@ async def _viewer(host: str, port: int, base: str, until: float, stats: ViewerSt
         while hint is not None and time.monotonic() < until:
             msn, index = hint
             fetch = asyncio.ensure_future(part(f"s{msn}.{index}.m4s"))
+            asked = time.time()
             status, _, body = await get(
                 playlist_conn, f"{base}/live.m3u8?_HLS_msn={msn}&_HLS_part={index}")
+            if status == 200:
+                at = written(f"s{msn}.{index}.m4s")  # listed now, so it exists
+                if at is not None:
+                    stats.waits.append(time.time() - max(asked, at))
             await fetch
             text = body.decode() if status == 200 else ""
             if "#EXT-X-ENDLIST" in text:

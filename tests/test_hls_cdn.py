@@ -21,7 +21,7 @@ import pytest
 
 from benchmarks.hls_cdn import Rig
 from loadtest.cdn import TEMPLATE, Cdn, find_nginx, render
-from loadtest.hls_viewers import hint_of
+from loadtest.hls_viewers import hint_of, run_viewers
 from streaming.packager import Packager
 from tests.conftest import running
 from tests.test_hls_cache import Feeder, metric
@@ -105,6 +105,55 @@ async def test_a_stalled_publisher_costs_the_origin_one_request_not_one_per_view
         assert metric(after, kind) - metric(before, kind) <= 2, kind
 
 
+async def test_a_viewer_tells_the_servers_wait_from_its_own_lag() -> None:
+    """A part and its blocking reload held 0.4 s by the server are 0.4 s of the
+    servers' wait; a part asked 5 s after it was written and answered at once is 5 s
+    of part latency (the viewer's lag) and no wait."""
+    hold = 0.4
+    served: dict[str, float] = {}
+
+    async def origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:  # the viewer closed its connection
+                writer.close()
+                return
+            path = head.split(b" ")[1].decode()
+            if path.endswith("/live.m3u8"):  # the first load: the hints of two parts
+                body = '#EXTM3U\n#EXT-X-PRELOAD-HINT:TYPE=PART,URI="s1.0.m4s"\n'
+            elif "_HLS_msn=1&_HLS_part=0" in path:
+                await asyncio.sleep(hold)
+                body = '#EXTM3U\n#EXT-X-PRELOAD-HINT:TYPE=PART,URI="s1.1.m4s"\n'
+            elif "_HLS_msn=1&_HLS_part=1" in path:
+                body = "#EXTM3U\n#EXT-X-ENDLIST\n"
+            elif path.endswith("/s1.0.m4s"):
+                served.setdefault("s1.0.m4s", time.time())
+                await asyncio.sleep(hold)
+                body = "part"
+            else:
+                body = "part"
+            writer.write(f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n"
+                         f"{body}".encode())
+            await writer.drain()
+
+    def written(name: str) -> float | None:
+        # s1.0 exists once asked (the origin holds it); s1.1 was written 5 s ago
+        return served["s1.0.m4s"] if name == "s1.0.m4s" else time.time() - 5
+
+    server = await asyncio.start_server(origin, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        stats = await run_viewers(f"http://127.0.0.1:{port}", 1, 1, 10,
+                                  written=written, ramp=0)
+    assert stats.errors == {} and stats.parts == 2, stats
+    # s1.1 and its reload answered at once; s1.0 and its reload held
+    quick_part, quick_reload, held_part, held_reload = sorted(stats.waits)
+    assert quick_reload < 0.2 and quick_part < 0.2, stats.waits
+    assert hold - 0.05 <= held_part <= held_reload <= hold + 0.5, stats.waits
+    assert max(stats.latencies) >= 4.9, stats.latencies
+
+
 def _check_viewers(fig: dict) -> None:
     assert fig["started"] == fig["viewers"], fig
     assert fig["errors"] == {}, fig
@@ -140,8 +189,12 @@ async def test_origin_requests_stay_flat_from_100_to_1000_viewers(settings,
     5,000): ten times the viewers, origin requests within 2x. Part latency, for viewers
     timed on an idle loop: the goal (p99 within a second) is the benchmark's, run
     alone on the machine; here, on a machine shared with other tests, a median
-    within a second and no part later than two (a collapse that fails, or a lock that
-    times out, shows as parts seconds late)."""
+    within a second, and the proxy and origin answering 99% of parts and blocking
+    reloads within two seconds of the part existing and being asked for (a collapse
+    that fails, or a lock that times out, shows as answers seconds late). Not the
+    p99 of part latency itself: a probe process starved of CPU by a test beside this
+    one asks seconds late and gets a cached part at once (seen in CI: parts asked
+    ~9 s after they were written, answered in 2 ms); that lag is the client's."""
     async with Rig(settings.redis_url, settings.database_url, tmp_path,
                    publish_seconds=80) as rig:
         direct = await rig.watch(20, 6, through_cdn=False)
@@ -156,5 +209,6 @@ async def test_origin_requests_stay_flat_from_100_to_1000_viewers(settings,
     assert large["origin_rps"] <= max(2 * small["origin_rps"], ORIGIN_RPS_BOUND), (small, large)
     for fig in (small, large):
         assert fig["probe_latency_p50_s"] <= 1.0, fig
-        assert fig["probe_latency_p99_s"] <= 2.0, (fig["probe_late"], fig["probe_odd"],
-                                                   fig["statuses"], fig["cache"])
+        assert fig["probe_wait_p99_s"] <= 2.0, (fig["probe_wait_max_s"], fig["probe_late"],
+                                                fig["probe_odd"], fig["statuses"],
+                                                fig["cache"])
