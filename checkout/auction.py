@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -197,23 +197,38 @@ class Bid:
                 "next_min": self.next_min, "leading": True, "replay": self.replay}
 
 
+@lru_cache(maxsize=1024)
+def _auction_keys(drop_id: int, auction_id: int) -> tuple[str, ...]:
+    """What every bid on one auction names alike: its keys, the drop's channel and
+    the prefix of the attempt counters' keys. Built once per auction, not per bid (a
+    war is thousands of bids a second on one auction)."""
+    d, a = drop_id, auction_id
+    return (auction_key(d, a), bids_key(d, a), idem_key(d, a),
+            channels.chat_key(d, "blocked"), channels.meta_key(d), channels.history_key(d),
+            channels.drop_channel(d), rate_user(d, ""), rate_ip(d, ""))
+
+
 def bid_call(req: BidRequest, limits: BidLimits, history: History,
              ) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of bid.lua for one request (see the script's header)."""
-    d, a = req.drop_id, req.auction_id
-    key_list = [auction_key(d, a), bids_key(d, a), idem_key(d, a),
-                rate_user(d, req.user_id), rate_ip(d, req.ip or "-"),
-                channels.chat_key(d, "blocked"), channels.meta_key(d),
-                channels.history_key(d)]
+    auction, bids, idem, blocked, meta, hist, channel, rl_user, rl_ip = _auction_keys(
+        req.drop_id, req.auction_id)
+    key_list = [auction, bids, idem, rl_user + req.user_id, rl_ip + (req.ip or "-"),
+                blocked, meta, hist]
     args = [req.user_id, req.amount, req.idempotency_key, req.name or req.user_id,
-            limits.window_ms, limits.per_user, limits.per_ip, *history.args(d), KEEP_MS]
+            limits.window_ms, limits.per_user, limits.per_ip,
+            channel, new_epoch(), history.size, history.ttl, KEEP_MS]
     return key_list, args
+
+
+_REFUSALS = {r.value.encode(): r for r in BidRefusal}  # the script's codes, as read
 
 
 def parse_bid(req: BidRequest, reply: list[Any]) -> Bid:
     """bid.lua's reply -> :class:`Bid`, or raise :class:`BidRefused`."""
-    if _s(reply[0]) != "ok":
-        raise BidRefused(BidRefusal(_s(reply[1])), detail=_s(reply[2]),
+    if reply[0] != b"ok" and reply[0] != "ok":
+        code = reply[1]
+        raise BidRefused(_REFUSALS.get(code) or BidRefusal(_s(code)), detail=_s(reply[2]),
                          min_amount=int(reply[3]), ends_at=int(reply[4]),
                          server_time=int(reply[5]))
     return Bid(auction_id=req.auction_id, seq=int(reply[1]), amount=int(reply[2]),

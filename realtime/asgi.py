@@ -211,7 +211,9 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             self.frames = []
             self.on_pong()
             return
-        small = sum(len(f) for f in frames) <= SMALL_FRAME
+        # One frame read by data_received above (every command), or websockets' parts.
+        small = (len(frames[0]) if len(frames) == 1
+                 else sum(len(f) for f in frames)) <= SMALL_FRAME
         if self.read_paused or not small or self.queue.qsize() + 1 >= QUEUE_FRAMES:
             super().send_receive_event_to_app()  # queues it and pauses reading
             return

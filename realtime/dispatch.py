@@ -148,7 +148,11 @@ class Dispatcher:
     @property
     def urgent_busy(self) -> bool:
         """A drop event (or another urgent message) is still being fanned out."""
-        return any(not job.cancelled for job in self._lanes[Lane.URGENT])
+        # Asked before every viewer's command: a loop, not any() over a generator.
+        for job in self._lanes[0]:  # Lane.URGENT
+            if not job.cancelled:
+                return True
+        return False
 
     def pending(self, lane: Lane) -> int:
         return sum(1 for job in self._lanes[lane] if not job.cancelled)

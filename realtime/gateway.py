@@ -95,9 +95,15 @@ def _send_frame(conn: Connection, frame: dict[str, Any] | list[dict[str, Any]],
 
 
 def _send_error(conn: Connection, exc: ProtocolError) -> None:
-    tally_label(metrics.ERRORS, exc.code)
-    _send_frame(conn, protocol.error_frame(exc.code, exc.message, exc.request_id,
-                                           exc.details or None))
+    _send_refusal(conn, exc.code, exc.message, exc.request_id, exc.details or None)
+
+
+def _send_refusal(conn: Connection, code: str, message: str, request_id: str | None,
+                  details: dict[str, Any] | None) -> None:
+    """The ``error`` frame answering one frame (a refused bid, most of a bidding war's
+    answers, comes here straight from its ApiError)."""
+    tally_label(metrics.ERRORS, code)
+    conn.deliver(Broadcast(protocol.error_frame(code, message, request_id, details)))
 
 
 async def endpoint(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -213,8 +219,7 @@ async def _serve(app: Any, hub: Hub, conn: Connection, token: str | None, receiv
             _send_error(conn, exc)
             continue
         except ApiError as exc:
-            _send_error(conn, ProtocolError(exc.code, exc.message, frame.id,
-                                            exc.details or None))
+            _send_refusal(conn, exc.code, exc.message, frame.id, exc.details or None)
             continue
         except Exception as exc:
             if is_outage(exc):  # Redis or PostgreSQL away: retry, as over HTTP (503)

@@ -115,6 +115,28 @@ def test_spec_and_increments():
             parse_spec(bad)
 
 
+def test_a_bid_names_its_own_auctions_keys():
+    """bid.lua's KEYS and ARGV (the auction's part built once per auction): each bid
+    names its own auction, drop, bidder and address, in the script's order."""
+    from realtime import channels
+
+    limits, history = auction.BidLimits(), auction.History(size=50, ttl=600)
+    for d, a, user, ip in ((7, 3, "ann", "127.0.0.5"), (8, 3, "bob", ""),
+                           (7, 4, "bob", "::1"), (7, 3, "cy", "127.0.0.6")):
+        req = BidRequest(drop_id=d, auction_id=a, user_id=user, amount=120,
+                         idempotency_key="k1", name=user.title(), ip=ip)
+        key_list, args = auction.bid_call(req, limits, history)
+        assert key_list == [auction.auction_key(d, a), auction.bids_key(d, a),
+                            auction.idem_key(d, a), auction.rate_user(d, user),
+                            auction.rate_ip(d, ip or "-"), channels.chat_key(d, "blocked"),
+                            channels.meta_key(d), channels.history_key(d)]
+        channel, epoch, size, ttl = history.args(d)
+        assert args[:7] == [user, 120, "k1", user.title(), limits.window_ms,
+                            limits.per_user, limits.per_ip]
+        assert args[7] == channel and args[9:] == [size, ttl, auction.KEEP_MS]
+        assert len(args[8]) == len(epoch) == 8 and args[8] != epoch  # a new epoch each
+
+
 def test_replay_finds_every_broken_rule():
     bands = ((0, 100),)
     good = [

@@ -70,6 +70,17 @@ async def test_concurrent_publishers_never_share_an_offset(r):
     assert len({e for e, _ in results}) == 1
 
 
+def test_epochs_are_new_whatever_random_seed_says():
+    import random
+
+    epochs = set()
+    for _ in range(3):
+        random.seed(1)  # a test seeding the shared generator does not repeat epochs
+        epochs.add(publish.new_epoch())
+    assert len(epochs) == 3
+    assert all(len(e) == 8 and int(e, 16) >= 0 for e in epochs)
+
+
 async def test_new_epoch_after_history_expired(r):
     e1, _ = await publish.publish(r, 3, "drop.state", {"state": "live"})
     await r.delete(channels.meta_key(3))  # what the TTL does
