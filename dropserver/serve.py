@@ -29,7 +29,7 @@ import uvicorn
 
 from dropserver.settings import Settings, load_settings
 
-__all__ = ["bind_socket", "run_single", "run_supervisor"]
+__all__ = ["bind_socket", "run_single", "run_supervisor", "worker_command"]
 
 log = logging.getLogger("dropserver.serve")
 
@@ -163,6 +163,19 @@ def _worker_main() -> None:
     run_single(settings, sock)
 
 
+WORKER_ENTRY = "from dropserver.serve import _worker_main; _worker_main()"
+
+
+def worker_command(entry: str = WORKER_ENTRY) -> list[str]:
+    """A worker's command line: this interpreter, importing from this process's
+    ``sys.path`` exactly. ``python -c`` alone puts the working directory first, so a
+    supervisor that imported one checkout (``python -P`` with ``PYTHONPATH``, as an A/B
+    benchmark starts the code before a change; or the installed ``dropserver``
+    command run inside another checkout) had workers serving whatever code the
+    working directory held."""
+    return [sys.executable, "-c", f"import sys; sys.path[:] = {sys.path!r}; {entry}"]
+
+
 def run_supervisor(settings: Settings, *, extra_env: dict[str, str] | None = None,
                    on_ready=None) -> int:
     """Run ``settings.workers`` worker processes on one port until signalled."""
@@ -192,10 +205,7 @@ def run_supervisor(settings: Settings, *, extra_env: dict[str, str] | None = Non
         wenv = dict(env)
         base = settings.node_id or socket.gethostname()
         wenv["DROPSERVER_NODE_ID"] = f"{base}:w{index}:{os.getpid()}"
-        procs[index] = subprocess.Popen(
-            [sys.executable, "-c", "from dropserver.serve import _worker_main; _worker_main()"],
-            env=wenv,
-        )
+        procs[index] = subprocess.Popen(worker_command(), env=wenv)
 
     def forward(sig: int, frame: FrameType | None) -> None:
         nonlocal stopping

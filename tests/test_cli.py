@@ -124,6 +124,23 @@ def test_serve_runs_workers_on_one_port_and_drains(backends):
             proc.kill()
 
 
+def test_workers_import_the_supervisors_code_not_the_working_directorys(tmp_path):
+    # A supervisor started from one checkout's directory with another on PYTHONPATH
+    # (`python -P`, as an A/B benchmark serves the code before a change) had workers
+    # importing the working directory's checkout: `python -c` puts it first.
+    import dropserver
+    from dropserver.serve import worker_command
+
+    shadow = tmp_path / "dropserver"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise SystemExit('the working directory won')\n")
+    out = subprocess.run(
+        worker_command("import dropserver; print(dropserver.__file__)"), cwd=tmp_path,
+        capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == dropserver.__file__
+
+
 def test_token_command_issues_a_verifiable_token():
     out = subprocess.run(
         [sys.executable, "-m", "dropserver.cli", "token", "--sub", "carol",
