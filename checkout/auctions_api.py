@@ -70,6 +70,7 @@ KEEPER_INTERVAL = 0.1    # seconds between the keeper's rounds: how late a close
 RESTORE_EVERY = 20       # rounds between looks for running auctions Redis lost (~2 s)
 RECORD_LOCK_MS = 5000
 BID_FIELDS = frozenset({"auction_id", "amount", "idempotency_key"})
+_WS_BID_FIELDS = BID_FIELDS | {"drop_id"}  # a socket not joined names the drop
 
 
 class Auctions:
@@ -298,7 +299,7 @@ async def bid(app: Any, who: Principal, drop_id: int, auction_id: int, data: dic
 
 
 async def ws_bid(app: Any, ctx: Any, data: dict) -> dict:
-    reject_unknown(data, BID_FIELDS | {"drop_id"})
+    reject_unknown(data, _WS_BID_FIELDS)
     drop_id = getattr(ctx, "drop_id", None)
     if drop_id is None:  # not from a joined socket: the drop is named in the command
         drop_id = field(data, "drop_id", int, min_value=1)

@@ -69,12 +69,14 @@ class OutageLog:
 _outage_log = OutageLog()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CommandContext:
     """What a delegated command handler (``app.state.commands``) gets as ``ctx``.
 
     Frames a handler appends to ``after`` leave with its reply, in the same message
-    (a batch), e.g. the buyer's own ``order.held``.
+    (a batch), e.g. the buyer's own ``order.held``. Not frozen: one is made for every
+    buy and bid, and a frozen dataclass's ``__init__`` (``object.__setattr__`` per
+    field) took four times as long.
     """
 
     principal: Principal
