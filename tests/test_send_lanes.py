@@ -175,6 +175,21 @@ async def test_commands_wait_for_the_urgent_lane_and_only_for_it():
     await asyncio.wait_for(d.urgent_idle(), 0.1)  # idle: returns at once
 
 
+async def test_only_a_live_urgent_job_holds_commands():
+    """Chat being fanned out holds nobody's command, nor does a cancelled drop event."""
+    d = Dispatcher(slice_s=0.0005)
+    socks = [Sock() for _ in range(3000)]
+    conns = [s.conn for s in socks]
+    bulk = d.submit(Job([(Broadcast(event(1), lane=Lane.BULK), conns)], lane=Lane.BULK))
+    assert not bulk.done and not d.urgent_busy
+    urgent = d.submit(Job([(Broadcast(event(2), positioned=True), conns)]))
+    assert not urgent.done and d.urgent_busy
+    urgent.cancel()
+    assert not d.urgent_busy
+    await asyncio.wait_for(d.urgent_idle(), 0.1)  # nothing live to wait for
+    d.close()
+
+
 class _Clock:
     """The dispatcher's clock, moved by the work alone: each socket write takes 10 us,
     each turn of the rest of the loop 8 ms, whatever else the machine is doing."""
