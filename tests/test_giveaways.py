@@ -63,6 +63,14 @@ async def enter_ws(c, giveaway_id):
     return await c.request({"t": "giveaway.enter", "giveaway_id": giveaway_id})
 
 
+async def enter_all(clients, gw) -> None:
+    """Every client enters at once, each entry accepted. The clients are connected and
+    joined before the giveaway opens: connecting them one by one inside a 2 s window
+    outlasted it on a loaded machine, and the late ones were (rightly) refused."""
+    replies = await asyncio.gather(*[enter_ws(c, gw["id"]) for c in clients])
+    assert all(r.get("t") == "reply" and r["data"]["new"] is True for r in replies), replies
+
+
 async def past_window(r, gw) -> None:
     """Until Redis' clock is past the giveaway's window."""
     left = gw["closes_at"] - await giveaway_store.redis_now_ms(r)
@@ -196,11 +204,10 @@ async def test_buyers_only_and_not_present_required(server, http, creator, make_
 async def test_no_entry_after_the_window_and_the_draw_is_reproducible(
         server, http, creator, make_token):
     drop_id, pid = await live_drop(http, creator, units=5)
-    gw = await open_gw(http, creator, drop_id, product_id=pid, winners=2, duration_s=2)
     clients = [await viewer(server, make_token, drop_id, f"v{i}", name=f"Viewer {i}")
                for i in range(6)]
-    for c in clients:
-        assert (await enter_ws(c, gw["id"]))["data"]["new"] is True
+    gw = await open_gw(http, creator, drop_id, product_id=pid, winners=2, duration_s=2)
+    await enter_all(clients, gw)
     r = server.app.state.redis
     # Past closes_at by Redis' clock, before or after any closer ran: refused.
     await past_window(r, gw)
@@ -255,10 +262,9 @@ async def test_the_draw_happens_once_under_concurrent_closers(server, http, crea
     # The server's own closer is stopped: only the contenders below may draw.
     gw_state = server.app.state.giveaways
     await gw_state.closer.stop()
-    gw = await open_gw(http, creator, drop_id, prize="Poster", winners=3, duration_s=2)
     clients = [await viewer(server, make_token, drop_id, f"v{i}") for i in range(8)]
-    for c in clients:
-        await enter_ws(c, gw["id"])
+    gw = await open_gw(http, creator, drop_id, prize="Poster", winners=3, duration_s=2)
+    await enter_all(clients, gw)
     r = server.app.state.redis
     await past_window(r, gw)
     pools = [await asyncpg.create_pool(clean_backends.database_url, min_size=1, max_size=2)
@@ -297,10 +303,9 @@ async def test_the_draw_happens_once_under_concurrent_closers(server, http, crea
 
 async def test_audit_recomputes_winners_from_postgresql(server, http, creator, make_token):
     drop_id, _ = await live_drop(http, creator)
-    gw = await open_gw(http, creator, drop_id, prize="Tote", winners=2, duration_s=2)
     clients = [await viewer(server, make_token, drop_id, f"v{i}") for i in range(5)]
-    for c in clients:
-        await enter_ws(c, gw["id"])
+    gw = await open_gw(http, creator, drop_id, prize="Tote", winners=2, duration_s=2)
+    await enter_all(clients, gw)
     body = await wait_drawn(http, drop_id, gw["id"])
     report = await giveaway_store.audit(server.app.state.db, gw["id"])
     assert report.ok, report
@@ -319,10 +324,9 @@ def _docs_script() -> str:
 async def test_the_documented_script_verifies_a_real_draw(server, http, creator,
                                                           make_token, tmp_path):
     drop_id, pid = await live_drop(http, creator)
-    gw = await open_gw(http, creator, drop_id, product_id=pid, winners=3, duration_s=2)
     clients = [await viewer(server, make_token, drop_id, f"fan-{i}") for i in range(7)]
-    for c in clients:
-        await enter_ws(c, gw["id"])
+    gw = await open_gw(http, creator, drop_id, product_id=pid, winners=3, duration_s=2)
+    await enter_all(clients, gw)
     body = await wait_drawn(http, drop_id, gw["id"])
     script = tmp_path / "verify_giveaway.py"
     script.write_text(_docs_script())
@@ -364,10 +368,9 @@ async def test_prizes_out_of_stock_and_off_air_still_announce(server, http, crea
     """Two winners, one unit left: rank 1 gets it, rank 2 wins without a unit. A drop
     whose stock Redis lost after it went off air: the winner wins, not_on_sale."""
     drop_id, pid = await live_drop(http, creator, units=1)
-    gw = await open_gw(http, creator, drop_id, product_id=pid, winners=2, duration_s=2)
     clients = [await viewer(server, make_token, drop_id, f"v{i}") for i in range(3)]
-    for c in clients:
-        await enter_ws(c, gw["id"])
+    gw = await open_gw(http, creator, drop_id, product_id=pid, winners=2, duration_s=2)
+    await enter_all(clients, gw)
     body = await wait_drawn(http, drop_id, gw["id"])
     await wait_announced(server.app.state.db, gw["id"])
     won = await giveaway_store.winners(server.app.state.db, gw["id"])
@@ -461,8 +464,8 @@ async def test_entries_survive_redis_restarting_empty(server, http, creator, mak
     from tests.payments_fixtures import wait_for
 
     drop_id, _ = await live_drop(http, creator)
-    gw = await open_gw(http, creator, drop_id, prize="Poster", winners=2, duration_s=6)
     clients = [await viewer(server, make_token, drop_id, f"v{i}") for i in range(5)]
+    gw = await open_gw(http, creator, drop_id, prize="Poster", winners=2, duration_s=6)
     for c in clients[:4]:
         assert (await enter_ws(c, gw["id"]))["data"]["new"] is True
     db = server.app.state.db
@@ -500,9 +503,11 @@ async def test_concurrent_duplicates_count_once(server, http, creator, make_toke
     """One user on three sockets, each entering ten times at once, and ten other
     viewers: exactly one new entry per user, the count and the draw agree."""
     drop_id, _ = await live_drop(http, creator)
-    gw = await open_gw(http, creator, drop_id, prize="Cap", winners=3, duration_s=3)
+    # joined before the 3 s window opens: joining 13 sockets inside it outlasts it on
+    # a loaded machine
     twins = [await viewer(server, make_token, drop_id, "v-twin") for _ in range(3)]
     others = [await viewer(server, make_token, drop_id, f"v{i}") for i in range(10)]
+    gw = await open_gw(http, creator, drop_id, prize="Cap", winners=3, duration_s=3)
 
     async def burst(c, n):
         """``n`` entries sent at once on one socket, then their answers."""
