@@ -70,6 +70,7 @@ __all__ = [
 ]
 
 WS_PATH = "/ws"
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
 QUEUE_FRAMES = 8  # small frames queued for the app before reading pauses
 SMALL_FRAME = 4096  # bytes
 
@@ -77,7 +78,9 @@ SMALL_FRAME = 4096  # bytes
 class FastPath:
     """ASGI wrapper: ``/ws`` WebSockets straight to the endpoint ``app`` mounts there
     (the gateway's), everything else to ``app``. Found among the app's routes, so this
-    module does not import the gateway."""
+    module does not import the gateway. An HTTP request that writes (any method but
+    GET, HEAD, OPTIONS: the creator's drop actions, payments) runs with the process's
+    fan-out expedited (:meth:`realtime.dispatch.Dispatcher.expedite`)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app  # dropserver.serve finds the drain hook through .app
@@ -89,6 +92,14 @@ class FastPath:
             scope["app"] = self.app
             await self._ws(scope, receive, send)
             return
+        if scope["type"] == "http" and scope["method"] not in _READS:
+            hub = getattr(self.app.state, "realtime", None)
+            if hub is not None:
+                # Someone waits on each of this request's awaits: chat fans out in
+                # shorter slices meanwhile (realtime.dispatch).
+                with hub.dispatcher.expedite():
+                    await self.app(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 
