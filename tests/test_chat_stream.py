@@ -157,6 +157,43 @@ async def test_a_drop_event_carries_the_open_chat_batch_in_front_of_it():
     assert not room.chat  # nothing left to send later
 
 
+async def test_a_drop_event_carrying_a_sampled_batch_keeps_each_posters_own_message():
+    """The open batch rides in BUY NOW's message: sampled as a batch of its own would
+    be, each poster's socket with its own message, a socket that joined mid-batch
+    without what its join answer had (only those few are looked at one by one)."""
+    room, socks = make_room(6, chat_batch_ms=500, chat_read_rate=10.0)  # cap 5 a batch
+    room.on_publication(chat(1))  # leaves at once: the first after a quiet spell
+    await settle()
+    for offset in range(2, 32):
+        user = {10: "viewer-1", 11: "viewer-4", 25: "viewer-4"}.get(offset, "")
+        room.on_publication(chat(offset, user=user))
+    late = Sock(user="viewer-9")
+    room.joined(late.conn, "e1", 20)  # its join answer had the chat up to 20
+    socks.append(late)
+    room.on_publication(drop_event(32))
+    await settle()
+    while room.hub.dispatcher.urgent_busy:  # noqa: ASYNC110
+        await asyncio.sleep(0)
+    own = {1: {10}, 4: {11, 25}}
+    default = None
+    for i, sock in enumerate(socks):
+        message = sock.got[-1]
+        assert isinstance(message, list) and message[-1]["event"] == "drop.buy_now"
+        chatted = {f["pos"]["offset"] for f in message if f.get("event") == "chat.message"}
+        skipped = next(f for f in message if f["t"] == "skipped")
+        assert skipped["pos"]["offset"] == 31
+        if sock is late:
+            assert min(chatted) > 20 and len(chatted) + skipped["count"] == 11
+            continue
+        assert len(chatted) + skipped["count"] == 30  # every offset accounted for
+        if i in own:
+            assert own[i] <= chatted
+            assert chatted - own[i] <= (default or chatted)
+        else:
+            default = default or chatted
+            assert chatted == default and len(chatted) == 5
+
+
 async def test_a_viewer_who_joined_mid_batch_does_not_get_what_its_join_answer_had():
     room, socks = make_room(2, chat_batch_ms=300)
     room.on_publication(chat(1))
