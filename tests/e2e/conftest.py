@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -72,6 +73,17 @@ def _blocking_reload(url: str) -> bool:
     return "/hls/live.m3u8" in url and "_HLS_msn=" in url
 
 
+class _Stamped:
+    """A page's log lines, each with its second since the browsers started (a stall
+    or an error then reads against the other pages' lines and the test's steps)."""
+
+    def __init__(self, started: float, lines: list[str]) -> None:
+        self.started, self.lines = started, lines
+
+    def append(self, line: str) -> None:
+        self.lines.append(f"{time.monotonic() - self.started:7.2f} {line}")
+
+
 class Browsers:
     """Opens pages, each in its own Chromium with a fresh profile, and records what
     went wrong on them (:attr:`problems`)."""
@@ -88,6 +100,7 @@ class Browsers:
         self.expected: list[tuple[int, str]] = []  # (status, URL part) a test provokes
         self.provoked: list[tuple[int, str]] = []  # (status, URL) answered as expected
         self.stalls: dict[str, int] = {}  # per page: blocking reloads answered 503
+        self.started = time.monotonic()  # log lines say their second since then
 
     def expect_http(self, status: int, url_part: str) -> None:
         """One answer ``status`` to a URL containing ``url_part`` is what the test
@@ -98,7 +111,7 @@ class Browsers:
         if self.closing:
             return
         line = f"{name} {text}"
-        self.logs.setdefault(name, []).append(f"[problem] {text}")
+        _Stamped(self.started, self.logs.setdefault(name, [])).append(f"[problem] {text}")
         self.problems.append(line)
 
     async def page(self, name: str, *, camera: bool = False, phone: bool = False):
@@ -112,7 +125,7 @@ class Browsers:
         )
         self.contexts.append(ctx)
         page = ctx.pages[0] if ctx.pages else await ctx.new_page()
-        lines = self.logs.setdefault(name, [])
+        lines = _Stamped(self.started, self.logs.setdefault(name, []))
 
         def on_console(m) -> None:
             where = m.location or {}
@@ -145,7 +158,10 @@ class Browsers:
                     # stalling is still a problem.
                     self.stalls[name] = self.stalls.get(name, 0) + 1
                     if self.stalls[name] <= MAX_STALLS:
-                        lines.append(f"[stalled] HTTP 503 {r.request.method} {r.url}")
+                        timing = r.request.timing
+                        held = timing.get("responseStart", -1) - timing.get("requestStart", 0)
+                        lines.append(f"[stalled] HTTP 503 {r.request.method} {r.url}"
+                                     f" (held {held:.0f} ms)")
                         return
                 self._problem(name, f"HTTP {r.status} {r.request.method} {r.url}")
 
