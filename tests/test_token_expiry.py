@@ -6,6 +6,7 @@ same user, without reconnecting (docs/protocol.md, "Tokens on an open socket")."
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 from dropserver.auth import Role, issue_token
@@ -119,9 +120,14 @@ async def test_the_clock_skips_closed_sockets_and_follows_refreshes(monkeypatch)
         def __init__(self) -> None:
             self.tokens = tokens.TokenClock(self)
             self.signed_out: list = []
+            self.at: list[float] = []  # when each was signed out
+            self.both = asyncio.Event()
 
         def sign_out(self, conn) -> None:
             self.signed_out.append(conn)
+            self.at.append(time.time())
+            if len(self.signed_out) == 2:
+                self.both.set()
 
     class Conn:
         def __init__(self) -> None:
@@ -137,11 +143,16 @@ async def test_the_clock_skips_closed_sockets_and_follows_refreshes(monkeypatch)
         hub.tokens.add(conn.auth, now + 0.5)
     tokens.forget(closing)
     hub.tokens.add(moved.auth, now + 2.5)  # a refresh: a later deadline
+    # Filed under the second each expires in (so at most a second late), the refresh
+    # under its new one.
+    assert (staying.auth.due, moved.auth.due) == (math.ceil(now + 0.5), math.ceil(now + 2.5))
     try:
-        await asyncio.sleep(1.8)
-        assert hub.signed_out == [staying]
-        assert told == [(staying, {"t": "token_expired"})]
-        await asyncio.sleep(2.5)  # past the ceiling of now + 2.5
+        # What the clock did, not when this test woke up to look (a loaded machine
+        # woke it after the refreshed one's second too; it slept a fixed 1.8 s).
+        await asyncio.wait_for(hub.both.wait(), 15)
+        # the closed one's second (the staying one's) has passed: it was skipped
         assert hub.signed_out == [staying, moved]
+        assert hub.at[0] >= now + 0.5 and hub.at[1] >= now + 2.5, (now, hub.at)
+        assert told == [(staying, {"t": "token_expired"}), (moved, {"t": "token_expired"})]
     finally:
         hub.tokens.close()
