@@ -245,17 +245,18 @@ async def _share_of_a_busy_loop(monkeypatch, lane: Lane) -> float:
 async def test_a_fan_out_takes_its_share_of_a_busy_loop_not_a_fixed_slice(monkeypatch):
     """With 0.5 ms slices against 8 ms of other work per turn, a fan-out got ~6% of the
     loop (BUY NOW to 10,000 sockets took seconds in a chat storm); now a drop event's
-    gets about half, a chat batch's about a third, and neither takes it all."""
+    gets about four fifths (half until the viewers' held buys were seen taking the
+    other half of a rush), a chat batch's about a third, and neither takes it all."""
     urgent = await _share_of_a_busy_loop(monkeypatch, Lane.URGENT)
     bulk = await _share_of_a_busy_loop(monkeypatch, Lane.BULK)
-    assert 0.45 < urgent < 0.6, urgent
+    assert 0.75 < urgent < 0.85, urgent
     assert 0.3 < bulk < 0.4, bulk
 
 
 def test_a_slice_grows_with_the_rest_of_the_loop_up_to_a_bound():
     d = Dispatcher(slice_s=0.004)
-    assert d.slice_for(Lane.URGENT, 0.001) == 0.004  # a quiet loop: the base slice
-    assert d.slice_for(Lane.URGENT, 0.010) == 0.010  # half the loop
+    assert d.slice_for(Lane.URGENT, 0.0005) == 0.004  # a quiet loop: the base slice
+    assert abs(d.slice_for(Lane.URGENT, 0.005) - 0.020) < 1e-9  # four fifths of the loop
     assert abs(d.slice_for(Lane.BULK, 0.010) - 0.005) < 1e-9  # a third
     assert d.slice_for(Lane.URGENT, 1.0) == 0.040  # bounded: the creator still gets in
     assert d.slice_for(Lane.BULK, 1.0) == 0.012
