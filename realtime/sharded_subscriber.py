@@ -132,6 +132,7 @@ class ShardedSubscriber:
         # still made, by the mover.
         self._homeless: set[bytes] = set()
         self._lock = asyncio.Lock()  # links are made and channels moved one at a time
+        self._making: dict[Addr, asyncio.Task] = {}  # links being made, by address
         self._mover: asyncio.Task | None = None
         self._again = False
         self._stopping = False
@@ -145,6 +146,8 @@ class ShardedSubscriber:
         self._stopping = True
         if self._mover is not None:
             await stop_task(self._mover, log)
+        for making in list(self._making.values()):
+            await stop_task(making, log)
         for link in list(self._links.values()):
             await link.stop()
         self._links.clear()
@@ -169,23 +172,50 @@ class ShardedSubscriber:
 
         The channel is wanted from the first moment: when ``wait`` runs out first
         (TimeoutError), it is subscribed all the same, by the mover once its shard
-        link is there, and ``on_reconnect`` runs then (the hub fills the gap)."""
+        link is there, and ``on_reconnect`` runs then (the hub fills the gap).
+
+        Only the first channel of a shard waits for the lock (its link is made);
+        the others go straight to their shard's link. A lock per subscribe made a
+        burst of them (2,000 buyers joining a worker at once) a convoy: each waiter
+        takes the lock one event-loop turn after the previous, so on a busy worker
+        most of them ran out of time before their turn and the mover, retrying them
+        all, held the lock even longer."""
         name = channel.encode()
         if name not in self._home:
             self._homeless.add(name)
         try:
             async with asyncio.timeout(wait):
-                async with self._lock:
-                    link = self._home.get(name)
-                    if link is None:
-                        link = await self._link(self._home_for(name))
-                        self._home[name] = link
-                        self._homeless.discard(name)
+                link = self._home.get(name)
+                if link is None:
+                    link = await self._place(name)
                 await link.subscribe(channel, wait)
         except BaseException:
             if name in self._homeless:
                 self._check_homes(f"{channel} not subscribed in time")
             raise
+
+    async def _place(self, name: bytes) -> _ShardLink:
+        """Home ``name`` on its shard's link (made first if there is none)."""
+        addr = self._home_for(name)
+        link = self._links.get(addr)
+        if link is None:
+            # Every subscribe that needs this link waits for the one making it, and
+            # all wake together once it is there (not one per loop turn, as a queue
+            # on the lock would).
+            making = self._making.get(addr)
+            if making is None:
+                making = self._making[addr] = asyncio.get_running_loop().create_task(
+                    self._make_link(addr), name="pubsub-link")
+                making.add_done_callback(lambda _: self._making.pop(addr, None))
+            link = await asyncio.shield(making)
+        if name in self._homeless:  # not unsubscribed, nor placed by the mover, meanwhile
+            self._home[name] = link
+            self._homeless.discard(name)
+        return self._home.get(name, link)
+
+    async def _make_link(self, addr: Addr) -> _ShardLink:
+        async with self._lock:  # one at a time with the mover
+            return await self._link(addr)
 
     async def unsubscribe(self, channel: str) -> None:
         self._unheard.discard(channel.encode())
@@ -226,9 +256,10 @@ class ShardedSubscriber:
         """A link failed or lost a channel: find each channel's owner again."""
         if self._stopping:
             return
-        log.warning("sharded pubsub: checking where channels live", extra={"why": why})
         self._again = True
         if self._mover is None or self._mover.done():
+            # Once per move, not per channel: the mover re-checks every channel.
+            log.warning("sharded pubsub: checking where channels live", extra={"why": why})
             self._mover = asyncio.get_running_loop().create_task(self._move(),
                                                                  name="pubsub-move")
 
@@ -266,22 +297,38 @@ class ShardedSubscriber:
                 if (link.addr not in self._serving(name) or not link.connected
                         or name in self._unheard):
                     moving.append((name, link, self._home_for(name)))
+            homeless = [(name, self._home_for(name)) for name in self._homeless]
+            for addr in {owner for *_, owner in moving} | {owner for _, owner in homeless}:
+                await self._link(addr)
+            # No await from here to the gather: the channels change homes at once, and
+            # every SSUBSCRIBE goes out together (one round trip for all, not one each).
+            confirm: dict[bytes, Any] = {}
             for name, old, owner in moving:
-                old._wanted.discard(name)
-                new = await self._link(owner)
-                self._home[name] = new
-                await new.subscribe(name.decode(), 5.0)
-                self._unheard.discard(name)
-            placed = 0
-            for name in list(self._homeless):  # a subscribe() that gave up: made here
-                new = await self._link(self._home_for(name))
-                if name not in self._homeless:
+                if self._home.get(name) is not old:
                     continue  # unsubscribed meanwhile
-                self._home[name] = new
+                old._wanted.discard(name)
+                self._home[name] = self._links[owner]
+                confirm[name] = self._links[owner].subscribe(name.decode(), 5.0)
+            placed = 0
+            for name, owner in homeless:  # a subscribe() that gave up: made here
+                if name not in self._homeless:
+                    continue  # unsubscribed (or placed by subscribe()) meanwhile
+                self._home[name] = self._links[owner]
                 self._homeless.discard(name)
-                await new.subscribe(name.decode(), 5.0)
+                confirm[name] = self._links[owner].subscribe(name.decode(), 5.0)
                 placed += 1
-            wanted_on = {link.addr for link in self._home.values()}
-            for addr in [a for a in self._links if a not in wanted_on]:
-                await self._links.pop(addr).stop()
+            failed: BaseException | None = None
+            results = await asyncio.gather(*confirm.values(), return_exceptions=True)
+            for name, result in zip(confirm, results, strict=True):
+                if isinstance(result, BaseException):
+                    failed = failed or result
+                else:
+                    self._unheard.discard(name)
+            if failed is not None:
+                raise failed  # logged by _move, which tries again
+            for addr in list(self._links):
+                # The set again each time: a subscribe() may home a channel on a
+                # link while another link is being stopped.
+                if addr not in {link.addr for link in self._home.values()}:
+                    await self._links.pop(addr).stop()
             return len(moving) + placed
