@@ -58,6 +58,26 @@ async def test_unknown_role_is_rejected(settings):
         await TokenVerifier(settings).verify(token)
 
 
+async def test_each_verifier_checks_tokens_against_its_own_secret(settings):
+    """HS256 secrets are prepared once per verifier (dropserver.auth._PreparedHMAC), not
+    once per token: two verifiers with different secrets in one process still each
+    accept only their own tokens, token after token."""
+    other = settings.replace(jwt_secret="another-secret-that-is-long-enough-for-hs256")
+    mine, theirs = TokenVerifier(settings), TokenVerifier(other)
+    for _ in range(3):
+        assert (await mine.verify(issue_token(settings, "alice"))).user_id == "alice"
+        assert (await theirs.verify(issue_token(other, "bob"))).user_id == "bob"
+        for verifier, token in ((mine, issue_token(other, "bob")),
+                                (theirs, issue_token(settings, "alice"))):
+            with pytest.raises(Unauthorized) as info:
+                await verifier.verify(token)
+            assert info.value.code == "token_invalid"
+    expired = issue_token(settings, "carol", ttl=60, now=time.time() - 3600)
+    with pytest.raises(Unauthorized) as info:
+        await mine.verify(expired)
+    assert info.value.code == "token_expired"
+
+
 class _Jwks:
     """A JWKS endpoint on loopback, as an identity provider serves it."""
 
