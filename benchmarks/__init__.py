@@ -31,6 +31,9 @@ run. In the order of the hot paths:
 * :mod:`benchmarks.balancer`: a rehearsal through HAProxy across 3 nodes against one
   node with as many workers, and a node killed or drained mid-drop: how long until
   every viewer is back and caught up, events and holds lost (root: namespaces).
+* :mod:`benchmarks.join_burst`: one worker taking a crashed node's viewers back at
+  once (each joining with its position): when they were back, CPU per join, and
+  where it went (py-spy); its baseline is the code before a change, in the same hold.
 * :mod:`benchmarks.faults`: every fault of the fault tests in a loop during a rush
   (PostgreSQL down, Redis restarted empty, workers killed): holds lost, refunds
   unrecorded, double charges, recovery times.

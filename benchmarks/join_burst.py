@@ -35,8 +35,14 @@ from typing import Any
 import msgpack
 
 from benchmarks._buyers import Buyer, open_buyers, source_addresses
-from benchmarks._support import (Profile, cpu_seconds, create_live_drop, pcts, start_server,
-                                 top_frames)
+from benchmarks._support import (
+    Profile,
+    cpu_seconds,
+    create_live_drop,
+    pcts,
+    start_server,
+    top_frames,
+)
 
 __all__ = ["main"]
 
