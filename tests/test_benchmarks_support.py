@@ -24,7 +24,7 @@ BENCHMARKS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py")
 def test_every_benchmark_is_found():
     assert BENCHMARKS == ["balancer", "bids", "buy_now", "churn", "cluster_clients",
                           "failover", "fanout", "faults", "giveaway", "hls_cdn", "ingest",
-                          "orders", "reserve", "reserve_script", "startup"]
+                          "join_burst", "orders", "reserve", "reserve_script", "startup"]
 
 
 @pytest.mark.parametrize("name", [*BENCHMARKS, "_bare"])
