@@ -23,6 +23,10 @@ export function mountTips({ dropId, token, payments }) {
   let currency = "usd";
   let sending = false; // a tip is being sent or paid
   let lastTipId = null; // the viewer's latest tip, until the room hears it
+  // Tips the room was heard paying. The `tip` event may come before the answer of the
+  // request that paid it (the socket is faster than the HTTP answer on a busy server):
+  // the answer then must not say "on its way" over "shown to everyone".
+  const heard = new Set();
   let card = null;
 
   function status(text, kind = "") {
@@ -76,6 +80,12 @@ export function mountTips({ dropId, token, payments }) {
     throw new Error("payments are not available");
   }
 
+  function shown(tip) {
+    status(`Your ${formatMoney(tip.amount, tip.currency || currency)} tip was shown to everyone.`,
+      "ok");
+    lastTipId = null;
+  }
+
   async function send(amount) {
     if (sending) return;
     const message = $("tip-message").value.trim();
@@ -88,8 +98,12 @@ export function mountTips({ dropId, token, payments }) {
         body: { amount, message, idempotency_key: newKey() },
       });
       lastTipId = tip.tip_id;
-      if (tip.state !== "paid") await pay(tip);
-      status(`Thank you! Your ${formatMoney(amount, currency)} tip is on its way.`, "ok");
+      if (tip.state !== "paid" && !heard.has(tip.tip_id)) await pay(tip);
+      if (heard.has(tip.tip_id)) {
+        shown(tip);
+      } else {
+        status(`Thank you! Your ${formatMoney(amount, currency)} tip is on its way.`, "ok");
+      }
       $("tip-message").value = "";
     } catch (err) {
       status(`Your tip did not go through: ${err.message}`, "error");
@@ -101,11 +115,11 @@ export function mountTips({ dropId, token, payments }) {
   return {
     onJoined() { refresh().catch((err) => console.warn(err)); },
     onEvent(event, data) {
-      if (event === "tip" && lastTipId && data.tip_id === lastTipId) {
-        status(`Your ${formatMoney(data.amount, data.currency)} tip was shown to everyone.`,
-          "ok");
-        lastTipId = null;
-      }
+      if (event !== "tip" || !sending && data.tip_id !== lastTipId) return;
+      // while a tip is being sent its id may not be known yet: remember the room's
+      heard.add(data.tip_id);
+      if (heard.size > 50) heard.delete(heard.values().next().value);
+      if (data.tip_id === lastTipId) shown(data);
     },
     refresh,
   };
