@@ -227,7 +227,12 @@ async def http_list(request: Request) -> JSONResponse:
         raise NotFound(f"drop {drop_id} does not exist", code="drop_not_found")
     private = await _may_see_private(request, drop["creator_id"])
     if drop["state"] == DropState.DRAFT and not private:
-        raise NotFound(f"drop {drop_id} does not exist", code="drop_not_found")
+        # A draft in the cache may have been scheduled since (the console reads the
+        # list of the draft it just made): a 404 is never answered from the cache.
+        _forget_listing(request.app, drop_id)
+        drop, rows = await _listing(request.app, drop_id)
+        if drop is None or drop["state"] == DropState.DRAFT:
+            raise NotFound(f"drop {drop_id} does not exist", code="drop_not_found")
     out = []
     for row in rows:
         # Running when last read from PostgreSQL: Redis says what it is now.
