@@ -11,6 +11,8 @@ that reach the origin are read from its ``dropserver_hls_requests_total``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import shutil
 import subprocess
 import time
@@ -25,6 +27,7 @@ from loadtest.hls_viewers import hint_of, run_viewers
 from streaming.packager import Packager
 from tests.conftest import running
 from tests.test_hls_cache import Feeder, metric
+from tests.test_streaming_packager import FPS
 from tests.test_whip import make_drop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +106,58 @@ async def test_a_stalled_publisher_costs_the_origin_one_request_not_one_per_view
     assert max(at for _, at in answers) < 8.0, answers
     for kind in ("blocking_playlist", "part"):
         assert metric(after, kind) - metric(before, kind) <= 2, kind
+
+
+_PART = re.compile(r'#EXT-X-PART:[^\n]*URI="(s\d+\.\d+\.m4s)"')
+
+
+@needs_nginx
+async def test_a_viewer_tuning_in_gets_the_live_playlist_no_older_than_its_max_age(
+        settings, tmp_path: Path) -> None:
+    """A viewer who tunes in (or loads the playlist again after a 503) when the
+    proxy's copy of ``live.m3u8`` has expired gets one whose newest part is at most the
+    playlist's max-age (1 s) plus a part old. The proxy must not answer with the
+    expired copy while it fetches a new one (nginx ``proxy_cache_use_stale updating``
+    with ``proxy_cache_background_update``): that copy is as old as the last time
+    anyone asked for the plain playlist, which at the live edge (viewers ask for
+    blocking reloads) can be many seconds; the viewer then asks for those old parts
+    and plays that far behind (seen in benchmarks.hls_cdn: parts reached probes 9-10 s
+    after they were written, every one a cache HIT)."""
+    drop_id = await make_drop(settings.database_url)
+    directory = Path(settings.media_dir) / "drops" / str(drop_id)
+    feeder = Feeder(Packager(directory), seconds=12.0)
+    feeder.until(lambda: len(feeder.packager.playlist.segments) >= 1)
+
+    async def publish() -> None:  # a part every 0.2 s, as a publisher does
+        while feeder.next < len(feeder.frames) - 2 * FPS:
+            feeder.parts(1)
+            await asyncio.sleep(1 / PARTS_PER_S)
+
+    def newest_part_age(text: str) -> float:
+        names = _PART.findall(text)
+        assert names, text
+        return time.time() - (directory / names[-1]).stat().st_mtime
+
+    async with running(settings) as server:
+        with Cdn(tmp_path / "nginx", server.base_url.removeprefix("http://")) as cdn:
+            publisher = asyncio.create_task(publish())
+            try:
+                async with httpx.AsyncClient(base_url=cdn.url, timeout=10) as http:
+                    live = f"/v1/drops/{drop_id}/hls/live.m3u8"
+                    first = await http.get(live)
+                    assert first.status_code == 200, first.text
+                    assert first.headers["cache-control"] == "public, max-age=1"
+                    # nginx keeps expiry in whole seconds: a copy cached at t is
+                    # fresh until the end of the second after t's.
+                    await asyncio.sleep(2.5)
+                    later = await http.get(live)
+                    age = newest_part_age(later.text)
+            finally:
+                publisher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await publisher
+    assert later.status_code == 200, later.text
+    assert age <= 1.0 + 1 / PARTS_PER_S, (age, later.headers.get("x-cache-status"))
 
 
 async def test_a_viewer_tells_the_servers_wait_from_its_own_lag() -> None:
