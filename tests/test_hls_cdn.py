@@ -200,8 +200,12 @@ async def test_a_viewer_tells_the_servers_wait_from_its_own_lag() -> None:
     port = server.sockets[0].getsockname()[1]
     async with server:
         stats = await run_viewers(f"http://127.0.0.1:{port}", 1, 1, 10,
-                                  written=written, ramp=0)
+                                  written=written, ramp=0, trace=True)
     assert stats.errors == {} and stats.parts == 2, stats
+    # the trace: every request, when it was asked and answered
+    assert stats.trace is not None and len(stats.trace) == stats.requests == 5, stats.trace
+    held = [row for row in stats.trace if row[3].endswith("/s1.0.m4s")]
+    assert len(held) == 1 and held[0][4] == 200 and held[0][2] - held[0][1] >= hold - 0.05
     # s1.1 and its reload answered at once; s1.0 and its reload held
     quick_part, quick_reload, held_part, held_reload = sorted(stats.waits)
     assert quick_reload < 0.2 and quick_part < 0.2, stats.waits
