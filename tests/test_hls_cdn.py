@@ -133,10 +133,12 @@ async def test_a_viewer_tuning_in_gets_the_live_playlist_no_older_than_its_max_a
             feeder.parts(1)
             await asyncio.sleep(1 / PARTS_PER_S)
 
-    def newest_part_age(text: str) -> float:
+    def newest_part_age(text: str, asked: float) -> float:
+        """How long before ``asked`` the newest part the playlist lists was written
+        (the time the answer took on its way is not counted)."""
         names = _PART.findall(text)
         assert names, text
-        return time.time() - (directory / names[-1]).stat().st_mtime
+        return asked - (directory / names[-1]).stat().st_mtime
 
     async with running(settings) as server:
         with Cdn(tmp_path / "nginx", server.base_url.removeprefix("http://")) as cdn:
@@ -150,8 +152,9 @@ async def test_a_viewer_tuning_in_gets_the_live_playlist_no_older_than_its_max_a
                     # nginx keeps expiry in whole seconds: a copy cached at t is
                     # fresh until the end of the second after t's.
                     await asyncio.sleep(2.5)
+                    asked = time.time()
                     later = await http.get(live)
-                    age = newest_part_age(later.text)
+                    age = newest_part_age(later.text, asked)
             finally:
                 publisher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
