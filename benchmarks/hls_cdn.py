@@ -38,18 +38,21 @@ import httpx
 from loadtest.cdn import Cdn
 from loadtest.hls_viewers import PartTimes, ViewerStats
 
-__all__ = ["Rig", "case_figures", "main", "origin_hls_requests"]
+__all__ = ["Rig", "case_figures", "main", "origin_hls_requests",
+           "origin_hls_requests_by_kind"]
+
+
+def origin_hls_requests_by_kind(metrics: str) -> dict[str, float]:
+    """``dropserver_hls_requests_total`` by kind."""
+    return {kind: float(value) for kind, value in re.findall(
+        r'^dropserver_hls_requests_total\{kind="(\w+)"\} (\S+)$', metrics, re.M)}
 
 
 def origin_hls_requests(metrics: str) -> float:
     """Sum of ``dropserver_hls_requests_total`` over its kinds, ``missing`` left out
     (a 404 is also counted under its kind)."""
-    total = 0.0
-    for kind, value in re.findall(
-            r'^dropserver_hls_requests_total\{kind="(\w+)"\} (\S+)$', metrics, re.M):
-        if kind != "missing":
-            total += float(value)
-    return total
+    return sum(v for kind, v in origin_hls_requests_by_kind(metrics).items()
+               if kind != "missing")
 
 
 @dataclass
@@ -107,17 +110,19 @@ class Rig:
         if self.origin is not None:
             await asyncio.to_thread(self.origin.stop)
 
-    async def origin_requests(self) -> float:
+    async def origin_requests(self) -> dict[str, float]:
+        """The origin's HLS requests so far, by kind."""
         assert self.http is not None
-        return origin_hls_requests((await self.http.get("/metrics")).text)
+        return origin_hls_requests_by_kind((await self.http.get("/metrics")).text)
 
     async def _viewers(self, url: str, viewers: int, seconds: float,
-                       ramp: float) -> dict[str, Any]:
+                       ramp: float, trace: Path | None = None) -> dict[str, Any]:
         """One ``python -m loadtest.hls_viewers`` process; its figures."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "loadtest.hls_viewers", url, str(self.drop_id),
             str(viewers), str(seconds), "--ramp", str(ramp),
             "--parts-dir", str(self.part_times.directory),
+            *(["--trace", str(trace)] if trace is not None else []),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(proc.communicate(), seconds + 60)
         if proc.returncode != 0:
@@ -125,11 +130,14 @@ class Rig:
         return json.loads(out)
 
     async def watch(self, viewers: int, seconds: float, *, through_cdn: bool = True,
-                    processes: int = 1, probes: int = 0, ramp: float = 2.0) -> dict[str, Any]:
+                    processes: int = 1, probes: int = 0, ramp: float = 2.0,
+                    trace: Path | None = None) -> dict[str, Any]:
         """``viewers`` split over ``processes`` for ``seconds``, and ``probes`` more in
         a process of their own: a few viewers on an idle event loop, whose part latency
         is the proxy's, not a saturated client's. Origin requests are counted from the
-        end of the ramp (plus a second) to the end: the steady state, not the tune-in."""
+        end of the ramp (plus a second) to the end: the steady state, not the tune-in.
+        ``trace``: the probes' every request written to that file (JSON lines), and
+        when each part was written beside it (``.parts``)."""
         assert self.cdn is not None
         url = self.cdn.url if through_cdn else self.origin.base_url
         window = {}
@@ -144,7 +152,7 @@ class Rig:
         shares = [viewers // processes + (k < viewers % processes) for k in range(processes)]
         runs = [self._viewers(url, n, seconds, ramp) for n in shares if n]
         if probes:
-            runs.append(self._viewers(url, probes, seconds, ramp))
+            runs.append(self._viewers(url, probes, seconds, ramp, trace))
         outs = await asyncio.gather(*runs)
         await counter
         crowd = ViewerStats()
@@ -154,8 +162,13 @@ class Rig:
         if probes:
             probe = ViewerStats()
             probe.merge(outs[-1])
-        (t0, n0), (t1, n1) = window["start"], window["end"]
-        return case_figures(crowd, (n1 - n0) / (t1 - t0), through_cdn, seconds, probe)
+        (t0, k0), (t1, k1) = window["start"], window["end"]
+        by_kind = {kind: round((k1[kind] - k0.get(kind, 0.0)) / (t1 - t0), 2)
+                   for kind in k1 if k1[kind] != k0.get(kind, 0.0)}
+        total = sum(v for kind, v in by_kind.items() if kind != "missing")
+        fig = case_figures(crowd, total, through_cdn, seconds, probe)
+        fig["origin_rps_by_kind"] = by_kind
+        return fig
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -207,8 +220,12 @@ async def _run(args: argparse.Namespace, redis_url: str, database_url: str,
         for n, through in cases:
             load = os.getloadavg()[0]
             ramp = max(2.0, n / 500)  # viewers join at 500 a second
+            trace = None
+            if args.trace_dir is not None:
+                trace = args.trace_dir / f"probes-{n}-{'cdn' if through else 'direct'}.jsonl"
             fig = await rig.watch(n, ramp + args.seconds, through_cdn=through,
-                                  processes=args.processes, probes=args.probes, ramp=ramp)
+                                  processes=args.processes, probes=args.probes, ramp=ramp,
+                                  trace=trace)
             fig["load_before"] = round(load, 2)
             results.append(fig)
             print(json.dumps(fig), flush=True)
@@ -231,7 +248,13 @@ def main() -> None:
                         help="viewer processes sharing each case's crowd")
     parser.add_argument("--probes", type=int, default=20,
                         help="viewers in a process of their own, timed on an idle loop")
+    parser.add_argument("--trace-dir", type=Path,
+                        help="write each case's probe requests there (JSON lines: probe, "
+                             "asked, answered, path, status, X-Cache-Status) and when "
+                             "each part was written (.parts)")
     args = parser.parse_args()
+    if args.trace_dir is not None:
+        args.trace_dir.mkdir(parents=True, exist_ok=True)
     args.viewers = [int(x) for x in args.viewers.split(",") if x]
     args.direct = [int(x) for x in args.direct.split(",") if x]
     raise_nofile()

@@ -122,6 +122,9 @@ class ViewerStats:
     loop_lag: list[float] = field(default_factory=list)  # seconds late, a tick per 50 ms
     odd: list[str] = field(default_factory=list)  # the first answers other than 200
     late: list[str] = field(default_factory=list)  # the first parts over 2 s late
+    # every request, when asked for (``trace=True``): (viewer, asked, answered (unix
+    # seconds), path, status, X-Cache-Status); not part of to_json
+    trace: list[tuple] | None = None
 
     def to_json(self) -> dict:
         out = {name: getattr(self, name) for name in (
@@ -148,11 +151,15 @@ class ViewerStats:
 
 
 async def _viewer(host: str, port: int, base: str, until: float, stats: ViewerStats,
-                  written: Callable[[str], float | None]) -> None:
+                  written: Callable[[str], float | None], number: int = 0) -> None:
     playlist_conn, part_conn = HttpConnection(host, port), HttpConnection(host, port)
 
     async def get(conn: HttpConnection, path: str) -> tuple[int, dict[str, str], bytes]:
+        asked = time.time()
         status, headers, body = await conn.get(path)
+        if stats.trace is not None:
+            stats.trace.append((number, round(asked, 4), round(time.time(), 4), path,
+                                status, headers.get("x-cache-status", "-")))
         stats.requests += 1
         stats.statuses[status] += 1
         stats.cache[headers.get("x-cache-status", "-")] += 1
@@ -216,20 +223,22 @@ async def _viewer(host: str, port: int, base: str, until: float, stats: ViewerSt
 
 
 async def run_viewers(url: str, drop_id: int, viewers: int, seconds: float, *,
-                      written: Callable[[str], float | None], ramp: float = 2.0) -> ViewerStats:
+                      written: Callable[[str], float | None], ramp: float = 2.0,
+                      trace: bool = False) -> ViewerStats:
     """``viewers`` LL-HLS viewers of ``drop_id`` at ``url`` (``http://host:port``), each
-    starting within ``ramp`` seconds and all stopping ``seconds`` after the start."""
+    starting within ``ramp`` seconds and all stopping ``seconds`` after the start;
+    ``trace``: every request kept in ``stats.trace``."""
     m = re.fullmatch(r"http://([^:/]+):(\d+)/?", url)
     if m is None:
         raise ValueError(f"not an http://host:port URL: {url}")
     host, port = m.group(1), int(m.group(2))
     base = f"/v1/drops/{int(drop_id)}/hls"
-    stats = ViewerStats(viewers=viewers)
+    stats = ViewerStats(viewers=viewers, trace=[] if trace else None)
     until = time.monotonic() + seconds
 
     async def one(k: int) -> None:
         await asyncio.sleep(ramp * k / max(1, viewers))
-        await _viewer(host, port, base, until, stats, written)
+        await _viewer(host, port, base, until, stats, written, k)
 
     async def lag() -> None:
         while True:
@@ -277,6 +286,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts-dir", required=True, type=Path,
                         help="the drop's media directory, for when each part was written")
     parser.add_argument("--ramp", type=float, default=2.0)
+    parser.add_argument("--trace", type=Path,
+                        help="write every request here, one JSON array a line: viewer, "
+                             "asked, answered (unix seconds), path, status, X-Cache-Status"
+                             "; and when each part was written to its name with .parts")
     args = parser.parse_args(argv)
     try:
         import uvloop
@@ -286,8 +299,16 @@ def main(argv: list[str] | None = None) -> None:
     import resource
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    written = PartTimes(args.parts_dir)
     stats = asyncio.run(run_viewers(args.url, args.drop_id, args.viewers, args.seconds,
-                                    written=PartTimes(args.parts_dir), ramp=args.ramp))
+                                    written=written, ramp=args.ramp,
+                                    trace=args.trace is not None))
+    if args.trace is not None:
+        with args.trace.open("w") as out:
+            out.writelines(json.dumps(row) + "\n" for row in stats.trace or [])
+        with args.trace.with_suffix(".parts").open("w") as out:  # when each was written
+            out.writelines(json.dumps([name, at]) + "\n"
+                           for name, at in sorted(written.seen.items()))
     json.dump(stats.to_json(), sys.stdout)
 
 

@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dropserver.settings import unsafe_rig_env
@@ -20,19 +21,46 @@ def _get(url: str, timeout: float = 2.0):
         return resp.status, json.loads(resp.read())
 
 
-def _procs_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+def _tree(pid: int) -> dict[int, psutil.Process]:
+    """The launcher's processes now: its children and theirs, by pid. Each
+    ``psutil.Process`` remembers its start time, so a pid used again by another
+    process later is not taken for it (``is_running``). Only this tree is looked at,
+    not every process on the machine: in a parallel test run another test's processes
+    can carry the same port or directory in their command lines."""
+    return {p.pid: p for p in psutil.Process(pid).children(recursive=True)}
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def _in_tree(tree: dict[int, psutil.Process], text: str) -> list[psutil.Process]:
+    """The processes of ``tree`` whose command line holds ``text``."""
+    return [p for p in tree.values() if text in _cmdline(p)]
+
+
+def _still_running(tree: dict[int, psutil.Process]) -> list[str]:
+    left = []
+    for proc in tree.values():
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (entry / "stat").read_text().split(")")[-1].split()[0]
-        except OSError:
-            continue
-        if text in cmdline and state != "Z":
-            pids.append(int(entry.name))
-    return pids
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{proc.pid} {_cmdline(proc)[:100]}")
+        except psutil.NoSuchProcess:
+            pass
+    return left
+
+
+def _assert_gone(tree: dict[int, psutil.Process], root: Path) -> None:
+    """Within 10 s: every process of the launcher's ``tree`` has exited and its
+    directory ``root`` is deleted."""
+    deadline = time.monotonic() + 10
+    while (_still_running(tree) or root.exists()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _still_running(tree) == [], "left running"
+    assert not root.exists(), f"{root} was left behind"
 
 
 def _wait_line(proc: subprocess.Popen, pattern: str, timeout: float) -> str:
@@ -70,28 +98,21 @@ def test_dev_kill_9_leaves_nothing_behind():
         redis_port = rline.rsplit(":", 1)[1].split("/")[0]
         pg = _wait_line(proc, r"PostgreSQL\s+postgresql://", 5)
         pg_port = pg.rsplit(":", 1)[1].split("/")[0]
-        servers = _procs_mentioning(f"-p {pg_port}")
-        assert servers, "the PostgreSQL child was not found"
-        cmd = (Path(f"/proc/{servers[0]}/cmdline").read_bytes().split(b"\0"))
-        datadir = Path(cmd[cmd.index(b"-D") + 1].decode())
+        tree = _tree(proc.pid)
+        servers = _in_tree(tree, f"-p {pg_port}")
+        assert servers, f"the PostgreSQL child was not found: {_still_running(tree)}"
+        cmd = servers[0].cmdline()
+        datadir = Path(cmd[cmd.index("-D") + 1])
         root = datadir.parents[1]
         assert root.name.startswith("dropserver-") and root.exists()
         # Valkey rewrites its title to "valkey-server HOST:PORT".
-        redis_children = _procs_mentioning(f"127.0.0.1:{redis_port}")
-        assert redis_children, "the Redis child was not found"
+        assert _in_tree(tree, f"127.0.0.1:{redis_port}"), "the Redis child was not found"
+        assert _in_tree(tree, "dropserver._reaper"), "the reaper was not found"
+        tree.update(_tree(proc.pid))  # and anything started since
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        left = _procs_mentioning(str(root))
-        if not left and not root.exists():
-            break
-        time.sleep(0.05)
-    assert _procs_mentioning(str(root)) == []
-    assert _procs_mentioning(f"-p {pg_port}") == []
-    assert _procs_mentioning(f"127.0.0.1:{redis_port}") == []
-    assert not root.exists(), f"{root} was left behind"
+    _assert_gone(tree, root)
 
 
 @pytest.mark.timeout(90)

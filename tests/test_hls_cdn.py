@@ -11,6 +11,8 @@ that reach the origin are read from its ``dropserver_hls_requests_total``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import shutil
 import subprocess
 import time
@@ -25,6 +27,7 @@ from loadtest.hls_viewers import hint_of, run_viewers
 from streaming.packager import Packager
 from tests.conftest import running
 from tests.test_hls_cache import Feeder, metric
+from tests.test_streaming_packager import FPS
 from tests.test_whip import make_drop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +108,61 @@ async def test_a_stalled_publisher_costs_the_origin_one_request_not_one_per_view
         assert metric(after, kind) - metric(before, kind) <= 2, kind
 
 
+_PART = re.compile(r'#EXT-X-PART:[^\n]*URI="(s\d+\.\d+\.m4s)"')
+
+
+@needs_nginx
+async def test_a_viewer_tuning_in_gets_the_live_playlist_no_older_than_its_max_age(
+        settings, tmp_path: Path) -> None:
+    """A viewer who tunes in (or loads the playlist again after a 503) when the
+    proxy's copy of ``live.m3u8`` has expired gets one whose newest part is at most the
+    playlist's max-age (1 s) plus a part old. The proxy must not answer with the
+    expired copy while it fetches a new one (nginx ``proxy_cache_use_stale updating``
+    with ``proxy_cache_background_update``): that copy is as old as the last time
+    anyone asked for the plain playlist, which at the live edge (viewers ask for
+    blocking reloads) can be many seconds; the viewer then asks for those old parts
+    and plays that far behind (seen in benchmarks.hls_cdn: parts reached probes 9-10 s
+    after they were written, every one a cache HIT)."""
+    drop_id = await make_drop(settings.database_url)
+    directory = Path(settings.media_dir) / "drops" / str(drop_id)
+    feeder = Feeder(Packager(directory), seconds=12.0)
+    feeder.until(lambda: len(feeder.packager.playlist.segments) >= 1)
+
+    async def publish() -> None:  # a part every 0.2 s, as a publisher does
+        while feeder.next < len(feeder.frames) - 2 * FPS:
+            feeder.parts(1)
+            await asyncio.sleep(1 / PARTS_PER_S)
+
+    def newest_part_age(text: str, asked: float) -> float:
+        """How long before ``asked`` the newest part the playlist lists was written
+        (the time the answer took on its way is not counted)."""
+        names = _PART.findall(text)
+        assert names, text
+        return asked - (directory / names[-1]).stat().st_mtime
+
+    async with running(settings) as server:
+        with Cdn(tmp_path / "nginx", server.base_url.removeprefix("http://")) as cdn:
+            publisher = asyncio.create_task(publish())
+            try:
+                async with httpx.AsyncClient(base_url=cdn.url, timeout=10) as http:
+                    live = f"/v1/drops/{drop_id}/hls/live.m3u8"
+                    first = await http.get(live)
+                    assert first.status_code == 200, first.text
+                    assert first.headers["cache-control"] == "public, max-age=1"
+                    # nginx keeps expiry in whole seconds: a copy cached at t is
+                    # fresh until the end of the second after t's.
+                    await asyncio.sleep(2.5)
+                    asked = time.time()
+                    later = await http.get(live)
+                    age = newest_part_age(later.text, asked)
+            finally:
+                publisher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await publisher
+    assert later.status_code == 200, later.text
+    assert age <= 1.0 + 1 / PARTS_PER_S, (age, later.headers.get("x-cache-status"))
+
+
 async def test_a_viewer_tells_the_servers_wait_from_its_own_lag() -> None:
     """A part and its blocking reload held 0.4 s by the server are 0.4 s of the
     servers' wait; a part asked 5 s after it was written and answered at once is 5 s
@@ -145,8 +203,12 @@ async def test_a_viewer_tells_the_servers_wait_from_its_own_lag() -> None:
     port = server.sockets[0].getsockname()[1]
     async with server:
         stats = await run_viewers(f"http://127.0.0.1:{port}", 1, 1, 10,
-                                  written=written, ramp=0)
+                                  written=written, ramp=0, trace=True)
     assert stats.errors == {} and stats.parts == 2, stats
+    # the trace: every request, when it was asked and answered
+    assert stats.trace is not None and len(stats.trace) == stats.requests == 5, stats.trace
+    held = [row for row in stats.trace if row[3].endswith("/s1.0.m4s")]
+    assert len(held) == 1 and held[0][4] == 200 and held[0][2] - held[0][1] >= hold - 0.05
     # s1.1 and its reload answered at once; s1.0 and its reload held
     quick_part, quick_reload, held_part, held_reload = sorted(stats.waits)
     assert quick_reload < 0.2 and quick_part < 0.2, stats.waits

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import redis
 
 from dropserver import local_cluster
 from dropserver.redis_client import cluster_nodes, connect_sync
-from tests.test_cli import _dev_env, _procs_mentioning, _wait_line
+from tests.test_cli import _assert_gone, _dev_env, _in_tree, _tree, _wait_line
 
 
 def _role(node) -> str:
@@ -78,17 +77,6 @@ def test_a_killed_primary_is_replaced_by_its_replica_and_rejoins_as_replica(clus
         client.close()
 
 
-def _assert_gone(hosts: list, root: Path) -> None:
-    """Within 10 s: no process serves any of ``hosts`` and ``root`` is deleted."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if not any(_procs_mentioning(f"127.0.0.1:{p}") for _, p in hosts) and not root.exists():
-            break
-        time.sleep(0.05)
-    assert [p for _, p in hosts if _procs_mentioning(f"127.0.0.1:{p}")] == []
-    assert not root.exists(), f"{root} was left behind"
-
-
 def test_services_with_a_cluster_killed_with_sigkill_leave_nothing_behind():
     proc = subprocess.Popen(
         [sys.executable, "-m", "dropserver.cli", "services", "--redis-cluster"],
@@ -104,16 +92,16 @@ def test_services_with_a_cluster_killed_with_sigkill_leave_nothing_behind():
             assert client.ping()
         finally:
             client.close()
-        nodes = {port: _procs_mentioning(f"127.0.0.1:{port}") for _, port in hosts}
+        tree = _tree(proc.pid)
+        nodes = {port: _in_tree(tree, f"127.0.0.1:{port}") for _, port in hosts}
         assert all(nodes.values()), f"a cluster node was not found: {nodes}"
-        pid = nodes[hosts[0][1]][0]
-        node_dir = Path(os.readlink(f"/proc/{pid}/cwd"))
-        root = node_dir.parent
+        root = Path(nodes[hosts[0][1]][0].cwd()).parent
         assert root.name.startswith("dropserver-") and root.exists()
+        tree.update(_tree(proc.pid))
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    _assert_gone(hosts, root)
+    _assert_gone(tree, root)
 
 
 @pytest.mark.slow
@@ -121,8 +109,6 @@ def test_dev_with_a_cluster_serves_and_leaves_nothing_behind_when_killed():
     proc = subprocess.Popen(
         [sys.executable, "-m", "dropserver.cli", "dev", "--redis-cluster", "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_dev_env())
-    root = None
-    hosts: list = []
     try:
         line = _wait_line(proc, r"HTTP\s+http://", 60)
         base = line.split()[-1]
@@ -131,10 +117,13 @@ def test_dev_with_a_cluster_serves_and_leaves_nothing_behind_when_killed():
         assert body["status"] == "ready" and body["checks"]["redis"] == "ok"
         rline = _wait_line(proc, r"Redis\s+redis\+cluster://", 5)
         hosts, _ = cluster_nodes(rline.split()[-1])
-        pid = _procs_mentioning(f"127.0.0.1:{hosts[0][1]}")[0]
-        root = Path(os.readlink(f"/proc/{pid}/cwd")).parent
+        tree = _tree(proc.pid)
+        nodes = {port: _in_tree(tree, f"127.0.0.1:{port}") for _, port in hosts}
+        assert all(nodes.values()), f"a cluster node was not found: {nodes}"
+        root = Path(nodes[hosts[0][1]][0].cwd()).parent
         assert root.name.startswith("dropserver-")
+        tree.update(_tree(proc.pid))
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    _assert_gone(hosts, root)
+    _assert_gone(tree, root)
