@@ -112,6 +112,13 @@ def clean_backends(backends: Backends) -> Backends:
     return backends
 
 
+# The test servers' heartbeat: one ping an hour, so no test client is pinged (an extra
+# frame in what it reads) or closed as silent (4001) because a loaded machine made it
+# slow to read. A test ABOUT heartbeats sets its own ``ws_ping_interval`` and
+# ``ws_pong_timeout`` (tests/test_fanout.py, tests/test_benchmarks_buyers.py).
+TEST_WS_PING_INTERVAL = 3600.0
+
+
 @pytest.fixture
 def settings(clean_backends: Backends, tmp_path) -> Settings:
     return load_settings(
@@ -122,6 +129,7 @@ def settings(clean_backends: Backends, tmp_path) -> Settings:
         log_format="text",
         order_workers=1,
         media_dir=str(tmp_path / "media"),
+        ws_ping_interval=TEST_WS_PING_INTERVAL,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -87,7 +88,9 @@ async def test_a_cancelled_caller_does_not_shift_the_replies(r, pipe):
 async def test_a_killed_connection_fails_what_is_in_flight_and_reconnects(r, pipe):
     assert await pipe.execute("PING") == b"PONG"
     blocked = pipe.execute("BLPOP", "never", 0)  # in flight until the connection dies
-    await asyncio.sleep(0.1)
+    async with asyncio.timeout(10):  # Redis has it: blocked (not a fixed 0.1 s)
+        while (await r.info("clients"))["blocked_clients"] < 1:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
     killed = await r.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
     assert killed >= 1
     with pytest.raises(RedisConnectionError):
@@ -130,19 +133,33 @@ async def test_closed_pipeline_refuses_commands(r, pipe):
         pipe.execute("PING")
 
 
-async def test_waiting_for_a_replica_on_a_primary_without_one_answers_and_counts_it(r):
+async def test_waiting_for_a_replica_on_a_primary_without_one_answers_and_counts_it(
+        r, monkeypatch):
     """WAIT 1 on a Redis with no replica can never be met: nobody a failover could
     promote, so the batch is answered (ROLE says there is no replica), counted, and
     the next second's batches go without WAIT."""
+    import checkout.redis_pipe as redis_pipe
+
+    # The pipeline's clock stands still until the test moves it: "the next second"
+    # cannot lapse while a loaded machine holds the test between two commands.
+    clock = {"now": time.monotonic()}
+    monkeypatch.setattr(redis_pipe, "time", SimpleNamespace(monotonic=lambda: clock["now"]))
+
+    async def waits() -> int:  # WAIT commands Redis has run
+        return (await r.info("commandstats")).get("cmdstat_wait", {}).get("calls", 0)
+
     client = hot_path_client(_url(r))
     p = AutoPipeline(client, wait_replicas=1, wait_timeout_ms=50)
     try:
-        before = UNREPLICATED._value.get()
+        before, waited = UNREPLICATED._value.get(), await waits()
         assert await p.execute("SET", "wait-k", "v") in (True, b"OK")
         assert UNREPLICATED._value.get() > before
-        t0 = time.monotonic()
+        assert await waits() == waited + 1
         assert await p.execute("GET", "wait-k") == b"v"
-        assert time.monotonic() - t0 < 0.04  # no 50 ms WAIT this time
+        assert await waits() == waited + 1  # no WAIT this time (was: < 40 ms real)
+        clock["now"] += 1.0  # the second is over: batches carry WAIT again
+        assert await p.execute("GET", "wait-k") == b"v"
+        assert await waits() == waited + 2
     finally:
         await p.aclose()
         await client.aclose()
