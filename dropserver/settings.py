@@ -147,6 +147,12 @@ class Settings:
                                  "carries at most this times its interval, a fair "
                                  "sample; the creator's, moderators' and the viewer's "
                                  "own messages always.")
+    chat_quiet_ms: int = _env("DROPSERVER_CHAT_QUIET_MS", 1000,
+                              "In a big room, the chat in front of a drop event goes "
+                              "out thinned (the creator's, moderators' and the viewer's "
+                              "own messages; a skipped count for the rest) and the next "
+                              "chat batch waits this long after the drop event reached "
+                              "every socket. 0: neither.")
 
     # --- checkout ------------------------------------------------------------
     hold_ttl: int = _env("DROPSERVER_HOLD_TTL", 600, "Seconds a reservation is held.")

@@ -20,6 +20,15 @@ batch are in offset order, and a batch that left messages out ends with a
 ``skipped`` frame (count, and the position the batch accounts up to) so that a
 client tells chat left out of its stream from a lost event (docs/protocol.md). A
 resume with ``since`` gets every message from history.
+
+**The chat quiet.** When a drop event (``drop.*``) goes out in a big room, the chat
+in front of it (the open batch, and what a chat batch in progress has not delivered
+yet) rides in its message *thinned*: only the creator's and moderators' messages
+and each viewer's own, then ``skipped`` for the rest (``ChatStream.take(...,
+thin=True)``, :func:`thinned`); realtime.room then sends the next batch no sooner
+than ``DROPSERVER_CHAT_QUIET_MS`` after the drop event reached every socket. The
+sockets' writes (and the viewers' reading) go to BUY NOW at the moment that counts,
+not to chat that would reach them in the same breath.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from realtime.channels import Publication
 from realtime.connection import STAFF_ROLES
 from realtime.wire import Broadcast, ChatRun, Lane
 
-__all__ = ["ChatBatch", "ChatStream", "sample"]
+__all__ = ["ChatBatch", "ChatStream", "sample", "thinned"]
 
 CHAT_EVENT = "chat.message"
 
@@ -48,6 +57,20 @@ def sample(pubs: list[Publication], cap: int, rng: random.Random) -> list[Public
     chosen = staff + (rng.sample(others, room) if room < len(others) else others)
     chosen.sort(key=lambda p: p.offset)
     return chosen
+
+
+def thinned(run: ChatRun, me: str | None) -> list[dict[str, Any]]:
+    """The chat of ``run`` as a socket of user ``me`` gets it in front of a drop event
+    in a big room: the staff's messages and ``me``'s own, then a ``skipped`` frame for
+    the rest (never empty: at least the ``skipped`` frame)."""
+    frames = [protocol.event_frame(CHAT_EVENT, data, run.epoch, offset)
+              for offset, data in run.messages
+              if data.get("role") in STAFF_ROLES or (me is not None
+                                                     and data.get("user_id") == me)]
+    left_out = len(run.messages) - len(frames)
+    if left_out or not frames:
+        frames.append(protocol.skipped_frame(left_out, run.epoch, run.last))
+    return frames
 
 
 class ChatBatch:
@@ -170,17 +193,20 @@ class ChatStream:
     def add(self, pub: Publication) -> None:
         self.pubs.append(pub)
 
-    def take(self, viewers: int, now: float) -> ChatBatch | None:
-        """Close the open batch: sample it for ``viewers`` sockets and encode it."""
+    def take(self, viewers: int, now: float, thin: bool = False) -> ChatBatch | None:
+        """Close the open batch: sample it for ``viewers`` sockets and encode it.
+        ``thin``: in front of a drop event, only the staff's messages (and each
+        poster's own, per socket) instead of a sample (see the module docstring)."""
         pubs, self.pubs = self.pubs, []
         self.last_flush = now
         if not pubs:
             return None
-        cap = self.cap(viewers)
+        cap = 0 if thin else self.cap(viewers)
         chosen = list(pubs) if cap is None else sample(pubs, cap, self._rng)
         metrics.CHAT_BATCHES.inc()
         if len(chosen) < len(pubs):
-            metrics.CHAT_SAMPLED_OUT.inc(len(pubs) - len(chosen))
+            counter = metrics.CHAT_THINNED if thin else metrics.CHAT_SAMPLED_OUT
+            counter.inc(len(pubs) - len(chosen))
         kept = {p.offset for p in chosen}
         left_out_by = frozenset(str(p.data.get("user_id")) for p in pubs
                                 if p.offset not in kept)

@@ -211,9 +211,10 @@ async def _serve(app: Any, hub: Hub, conn: Connection, token: str | None, receiv
         metrics.frame_in(frame.command or frame.type.value)
         conn.handling = True
         try:
-            if dispatcher.urgent_busy and frame.type not in _UNHELD:
+            if dispatcher.holding and frame.type not in _UNHELD:
                 # A drop event is still on its way to this process's viewers: every
-                # one of them sees BUY NOW before anyone's buy is taken.
+                # one of them sees BUY NOW before anyone's buy is taken (and the
+                # commands held meanwhile resume a few per turn of the loop, in order).
                 await dispatcher.urgent_idle()
             reply = await _handle(app, hub, conn, token, frame)
         except ProtocolError as exc:

@@ -56,6 +56,10 @@ CHAT_SAMPLED_OUT = Counter("dropserver_chat_sampled_out_total",
 CHAT_SHED = Counter("dropserver_chat_shed_total",
                     "Queued chat messages a slow socket did not get (replaced by a "
                     "`skipped` frame so that a drop event goes first).")
+CHAT_THINNED = Counter("dropserver_chat_thinned_total",
+                       "Chat messages left out of a big room's stream in front of a drop "
+                       "event (the chat quiet, DROPSERVER_CHAT_QUIET_MS; every message "
+                       "stays in history).")
 CHAT_REFUSED = Counter("dropserver_chat_refused_total",
                        "Chat posts refused (rate_limited) because the process already had "
                        "its bound of posts in flight and waiting (realtime.chat.PostGate).")

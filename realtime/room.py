@@ -17,6 +17,11 @@ fan-out jobs (realtime.dispatch):
   waits for chat: the chat the room still holds, and what a chat job in progress has
   not delivered yet, go out *in the drop event's own message*, before it (one write
   per socket, positions in order).
+* **The chat quiet.** In a big room a ``drop.*`` event takes that chat thinned (the
+  staff's messages and each viewer's own, ``skipped`` for the rest), and the next
+  chat batch waits ``DROPSERVER_CHAT_QUIET_MS`` after the event reached every socket:
+  the sockets' writes, and the viewers' reading, go to BUY NOW at the moment that
+  counts. History and ``since`` resumes are untouched.
 * **Coalescing.** ``stock``, ``campaign.progress`` and ``viewers`` reach a socket at
   most once per ``DROPSERVER_STOCK_COALESCE_MS`` / ``..._VIEWERS_COALESCE_MS`` per drop,
   latest wins (``stock`` merges per product). The interval grows with the room: a
@@ -38,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 from realtime import channels, history, metrics, protocol
 from realtime.channels import Kind, Publication
-from realtime.chatstream import CHAT_EVENT, ChatBatch, ChatStream
-from realtime.connection import Connection, spawn
+from realtime.chatstream import CHAT_EVENT, ChatBatch, ChatStream, thinned
+from realtime.connection import STAFF_ROLES, Connection, spawn
 from realtime.dispatch import Job
 from realtime.wire import Broadcast, Lane
 
@@ -95,6 +100,10 @@ class Room:
                                min_viewers=s.chat_batch_viewers, rng=random.Random())
         self._chat_timer: asyncio.TimerHandle | None = None
         self._chat_job: Job | None = None  # the chat batch being fanned out
+        self.quiet_s = s.chat_quiet_ms / 1000
+        # A big room's next chat batch waits until then (time.monotonic): the chat
+        # quiet after a drop event reached every socket.
+        self._quiet_until = 0.0
         # Sockets that joined since the last chat batch, with the offset their join
         # answer covered: the batch must not repeat what they already have.
         self._fresh: dict[Connection, tuple[str, int]] = {}
@@ -140,24 +149,66 @@ class Room:
         self._send_positioned(frames)
 
     def _send_positioned(self, frames: list[dict[str, Any]]) -> None:
-        """An urgent job for ``frames``; chat not delivered yet rides in front."""
+        """An urgent job for ``frames``; chat not delivered yet rides in front (thinned
+        in front of a drop event in a big room: the chat quiet)."""
         if not self.conns:
             self.chat.take(0, time.monotonic())  # nobody to tell; history has it
             self._fresh.clear()
             return
+        quiet = self.quiet_s > 0 and self.big and any(
+            str(f.get("event", "")).startswith("drop.") for f in frames)
         prefix: list[tuple[Broadcast, Sequence[Connection]]] = []
         job = self._chat_job
         if job is not None and not job.done:
             prefix = job.remaining()
             job.cancel()
             self._chat_job = None
-        batch = self._take_chat()
+            if quiet:
+                prefix = self._thin(prefix)
+        batch = self._take_chat(thin=quiet)
         if not prefix and batch is None:
             message = frames if len(frames) > 1 else frames[0]
             segments = [(Broadcast(message, positioned=True), list(self.conns))]
         else:
             segments = self._segments(prefix, batch, frames)
-        self.hub.dispatcher.submit(Job(segments, Lane.URGENT))
+        if quiet:
+            # At least the quiet from now; from when the last socket had it, once it did.
+            self._quiet_until = max(self._quiet_until, time.monotonic() + self.quiet_s)
+        self.hub.dispatcher.submit(Job(segments, Lane.URGENT,
+                                       on_done=self._drop_event_out if quiet else None))
+
+    def _drop_event_out(self, job: Job) -> None:
+        """A drop event reached every socket: the chat quiet starts now."""
+        self._quiet_until = max(self._quiet_until, time.monotonic() + self.quiet_s)
+
+    def _thin(self, prefix: list[tuple[Broadcast, Sequence[Connection]]]
+              ) -> list[tuple[Broadcast, Sequence[Connection]]]:
+        """A chat job's undelivered (message, sockets), thinned: each socket gets the
+        staff's messages and its user's own (chatstream.thinned). One message for
+        most sockets; one per poster for the posters' sockets (from the per-user
+        index, not a look at each socket)."""
+        by_user = self._by_user
+        out: list[tuple[Broadcast, Sequence[Connection]]] = []
+        for b, conns in prefix:
+            run = b.chat
+            if run is None:  # not chat: as it was
+                out.append((b, conns))
+                continue
+            posters = {data.get("user_id") for _, data in run.messages
+                       if data.get("role") not in STAFF_ROLES}
+            special: set[Connection] = set()
+            for user in posters:
+                if isinstance(user, str):
+                    special.update(by_user.get(user, ()))
+            plain = [c for c in conns if c not in special] if special else list(conns)
+            if plain:
+                out.append((Broadcast(thinned(run, None), positioned=True), plain))
+            mine: dict[str | None, list[Connection]] = {}
+            for conn in special.intersection(conns):
+                mine.setdefault(conn.user_id, []).append(conn)
+            for user, some in mine.items():
+                out.append((Broadcast(thinned(run, user), positioned=True), some))
+        return out
 
     def _segments(self, prefix: list[tuple[Broadcast, Sequence[Connection]]],
                   batch: ChatBatch | None,
@@ -214,11 +265,11 @@ class Room:
         after = self._fresh.get(conn)
         return batch.for_conn(conn, after[1] if after else None)
 
-    def _take_chat(self) -> ChatBatch | None:
+    def _take_chat(self, thin: bool = False) -> ChatBatch | None:
         if self._chat_timer is not None:
             self._chat_timer.cancel()
             self._chat_timer = None
-        return self.chat.take(len(self.conns), time.monotonic())
+        return self.chat.take(len(self.conns), time.monotonic(), thin=thin)
 
     # -- chat batches ---------------------------------------------------------------
     def _add_chat(self, pub: Publication) -> None:
@@ -226,10 +277,11 @@ class Room:
             self.flush_outbox()  # earlier drop events leave before this chat
         self.chat.add(pub)
         if self._chat_timer is None:
-            wait = self.chat.last_flush + self.chat.interval(len(self.conns)) - \
-                time.monotonic()
+            due = self.chat.last_flush + self.chat.interval(len(self.conns))
+            if self.big:
+                due = max(due, self._quiet_until)
             self._chat_timer = asyncio.get_running_loop().call_later(
-                max(0.0, wait), self._flush_chat)
+                max(0.0, due - time.monotonic()), self._flush_chat)
 
     def _flush_chat(self) -> None:
         self._chat_timer = None
@@ -240,6 +292,10 @@ class Room:
             # Drop events first, and one chat batch per room at a time.
             self._chat_timer = asyncio.get_running_loop().call_later(
                 CHAT_RETRY_S, self._flush_chat)
+            return
+        quiet = self._quiet_until - time.monotonic()
+        if quiet > 0 and self.big:  # the chat quiet after a drop event
+            self._chat_timer = asyncio.get_running_loop().call_later(quiet, self._flush_chat)
             return
         batch = self._take_chat()
         if batch is None or not self.conns:

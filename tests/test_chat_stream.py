@@ -33,6 +33,7 @@ def drop_event(offset: int, name: str = "drop.buy_now") -> Publication:
 def make_room(viewers: int, *, slice_s: float = 0.004, **settings) -> tuple[Room, list[Sock]]:
     s = load_settings({}, dev=True, **{"chat_batch_viewers": 1, "chat_batch_ms": 100,
                                        "chat_budget": 0, "chat_read_rate": 1000.0,
+                                       "chat_quiet_ms": 0,  # tests/test_chat_quiet.py
                                        **settings})
     hub = SimpleNamespace(settings=s, dispatcher=Dispatcher(slice_s), intervals={},
                           snapshots=SimpleNamespace(applied=lambda *args: None))

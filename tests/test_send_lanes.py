@@ -195,6 +195,81 @@ async def test_only_a_live_urgent_job_holds_commands():
     d.close()
 
 
+async def test_commands_held_behind_a_drop_event_resume_a_few_per_loop_turn_in_order():
+    """BUY NOW's rush held ~2,000 buys and chat posts on a worker; resumed all in one
+    turn of the loop, each ran to its first Redis call there, and the next drop event
+    or creator request waited behind the lot. Now RELEASE_PER_TURN a turn, first come
+    first served; a command that comes meanwhile queues behind them, and one whose
+    socket closed while held is skipped."""
+    from collections import Counter
+
+    from realtime.dispatch import RELEASE_PER_TURN
+
+    loop = asyncio.get_running_loop()
+    d = Dispatcher(slice_s=0.0005)
+    socks = [Sock() for _ in range(3000)]
+    turn, ticking = [0], [True]
+
+    def tick() -> None:
+        turn[0] += 1
+        if ticking[0]:
+            loop.call_soon(tick)
+
+    loop.call_soon(tick)
+    resumed: list[tuple[int, int]] = []  # (command, turn of the loop it resumed in)
+
+    async def command(i: int) -> None:
+        await d.urgent_idle()
+        resumed.append((i, turn[0]))
+
+    # Their first steps run in the next turn of the loop, before the fan-out's second
+    # slice (the first runs in submit): each finds the drop event on its way.
+    tasks = [asyncio.create_task(command(i)) for i in range(200)]
+    job = d.submit(Job([(Broadcast(event(1), positioned=True), [s.conn for s in socks])]))
+    await asyncio.sleep(0)
+    assert not resumed  # every one of them held
+    tasks[5].cancel()  # its socket closed
+    while not job.done:  # noqa: ASYNC110 (steps the loop one turn at a time)
+        await asyncio.sleep(0)
+    late = asyncio.create_task(command(999))
+    await asyncio.wait_for(asyncio.gather(*tasks[:5], *tasks[6:], late), 5)
+    ticking[0] = False
+    assert [i for i, _ in resumed] == [i for i in range(200) if i != 5] + [999]
+    per_turn = Counter(t for _, t in resumed)
+    assert max(per_turn.values()) <= RELEASE_PER_TURN, per_turn
+    assert len(per_turn) >= 200 // RELEASE_PER_TURN
+    assert not d.holding
+    await asyncio.wait_for(d.urgent_idle(), 0.1)  # nothing held: at once
+
+
+async def test_a_drop_event_during_the_release_holds_the_rest_again():
+    from realtime.dispatch import RELEASE_PER_TURN
+
+    d = Dispatcher(slice_s=0.0005)
+    socks = [Sock() for _ in range(3000)]
+    conns = [s.conn for s in socks]
+    resumed: list[int] = []
+
+    async def command(i: int) -> None:
+        await d.urgent_idle()
+        resumed.append(i)
+
+    tasks = [asyncio.create_task(command(i)) for i in range(100)]  # held (above)
+    first = d.submit(Job([(Broadcast(event(1), positioned=True), conns)]))
+    while not first.done:  # noqa: ASYNC110
+        await asyncio.sleep(0)
+    while not resumed:  # noqa: ASYNC110 (the first few resume)
+        await asyncio.sleep(0)
+    assert len(resumed) <= RELEASE_PER_TURN
+    second = d.submit(Job([(Broadcast(event(2), positioned=True), conns)]))
+    count = len(resumed)
+    while not second.done:
+        await asyncio.sleep(0)
+        assert len(resumed) <= count + RELEASE_PER_TURN  # at most the turn already let go
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert resumed == list(range(100))
+
+
 class _Clock:
     """The dispatcher's clock, moved by the work alone: each socket write takes 10 us,
     each turn of the rest of the loop 8 ms, whatever else the machine is doing."""
