@@ -14,9 +14,11 @@ drop's ``live.json`` every 20 ms.
 ``Cache-Control`` (:func:`cache_control`) is what a CDN caches by; docs/streaming.md
 ("Behind a CDN") has the tested proxy configuration. Every request is counted in
 ``dropserver_hls_requests_total`` by kind, which is how an operator (and the CDN
-test) sees what reaches the origin. ``Access-Control-Allow-Origin: *`` (viewers may
-be guests on another origin); ``application/vnd.apple.mpegurl``, ``video/mp4``,
-``video/iso.segment``.
+test) sees what reaches the origin. A blocking reload answered 503 is also counted
+in ``dropserver_hls_blocking_timeouts_total`` by whether its publisher sent media
+meanwhile (``sending``: the server's stall) or not (``silent``: the publisher's).
+``Access-Control-Allow-Origin: *`` (viewers may be guests on another origin);
+``application/vnd.apple.mpegurl``, ``video/mp4``, ``video/iso.segment``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from streaming.live import DropStream, Streaming, StreamStatus
 from streaming.playlist import parse_blocking_request
 from streaming.whip import STREAMABLE_STATES
 
-__all__ = ["REQUESTS", "cache_control", "hls_file", "replay_timeline", "stream_status"]
+__all__ = ["BLOCKING_TIMEOUTS", "REQUESTS", "cache_control", "hls_file", "replay_timeline",
+           "stream_status"]
 
 _NAME = re.compile(r"^(live\.m3u8|index\.m3u8|replay\.m3u8|init\d{1,6}\.mp4|"
                    r"s\d{1,9}(\.\d{1,4})?\.m4s)$")
@@ -52,6 +55,14 @@ REQUESTS = Counter("dropserver_hls_requests_total",
                    "blocking_playlist, part, segment, init, missing (404).", ["kind"])
 _KINDS = {kind: REQUESTS.labels(kind) for kind in (
     "playlist", "blocking_playlist", "part", "segment", "init", "missing")}
+BLOCKING_TIMEOUTS = Counter(
+    "dropserver_hls_blocking_timeouts_total",
+    "Blocking playlist reloads answered 503 (the part asked for did not arrive within "
+    "three target durations), by what the publisher did meanwhile: silent (no media "
+    "from it reached this worker while the request was held), sending (media came in, "
+    "yet the part was not there in time: the server's stall), elsewhere (this worker "
+    "does not hold the drop's publisher; it read live.json).", ["publisher"])
+_PUBLISHER = {p: BLOCKING_TIMEOUTS.labels(p) for p in ("silent", "sending", "elsewhere")}
 
 # Cache-Control by what a response is. Media and init segments never change once
 # written (names are never reused: see Packager._load), so a CDN keeps them as long as
@@ -197,7 +208,10 @@ async def hls_file(request: Request) -> Response:
             raise ApiError("_HLS_msn is too far in the future",
                            code="bad_blocking_request",
                            headers={**CORS, "Cache-Control": REFUSED_CACHE})
+        asked = time.monotonic()
         if not await _wait(stream, directory, blocking.msn, blocking.part, hold):
+            _PUBLISHER["elsewhere" if stream is None
+                       else "sending" if stream.media_at >= asked else "silent"].inc()
             raise ApiError("the requested part did not arrive in time",
                            code="unavailable", status=503,
                            headers={**CORS, "Cache-Control": TIMEOUT_CACHE})

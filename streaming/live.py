@@ -25,6 +25,7 @@ import contextlib
 import enum
 import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,10 @@ class DropStream:
                                  on_update=self._on_update)
         self.status = StreamStatus.OFFLINE
         self.publisher: Publisher | None = None
+        # When the publisher's last frame or audio packet arrived (time.monotonic):
+        # tells a blocking reload that timed out on a silent publisher from one that
+        # timed out while media came in (streaming.hls, BLOCKING_TIMEOUTS).
+        self.media_at = -1.0
         self.recorder = replay.MomentRecorder(
             streaming.redis, streaming.db, drop_id,
             lambda: round(self.packager.replay_seconds * 1000),
@@ -91,9 +96,11 @@ class DropStream:
 
     # The Publisher's sink: forwards to the packager.
     def add_video(self, annexb: bytes, pts: int) -> None:
+        self.media_at = time.monotonic()
         self.packager.add_video(annexb, pts)
 
     def add_audio(self, packet: bytes, pts: int) -> None:
+        self.media_at = time.monotonic()
         self.packager.add_audio(packet, pts)
 
     @property

@@ -65,3 +65,22 @@ async def test_a_killed_supervisor_leaves_no_orphan_and_loses_no_hold(rig) -> No
     report = await run_fault(rig, "supervisor_kill", seed=6)
     _assert_ok(report)  # no orphan: report.ok counts them
     assert report.timings["tree_gone_s"] < 20.0, report.summary()
+
+
+def test_sales_resumed_is_infinite_when_no_hold_came_after_the_fault() -> None:
+    """The failover's 'sales resumed' is the first hold a buyer heard after the kill;
+    none at all (the rush ended first) reads as never, which fails the test's bound
+    clearly, instead of a crash or the length of the wait."""
+    from types import SimpleNamespace
+
+    from tests.fault_rig import Buyer, sales_resumed
+
+    def buyer(heard_at: float, hold: bool = True) -> Buyer:
+        return Buyer(user="u", flow="off_session", cancels=False, start_at=0.0,
+                     hold={"hold_id": "h"} if hold else None, hold_heard_at=heard_at)
+
+    before = SimpleNamespace(buyers=[buyer(9.0), buyer(0.0, hold=False)])
+    assert sales_resumed(before, 10.0) == float("inf")
+    assert sales_resumed(SimpleNamespace(buyers=[]), 10.0) == float("inf")
+    after = SimpleNamespace(buyers=[buyer(9.0), buyer(12.5), buyer(11.0)])
+    assert sales_resumed(after, 10.0) == 1.0

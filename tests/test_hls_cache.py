@@ -220,3 +220,68 @@ def test_a_stream_continued_after_a_lost_worker_never_reuses_a_served_name(
     # A third worker after a clean end still sees the one gap (segments.jsonl).
     second.packager.end_session()
     assert [s.msn for s in Packager(tmp_path).playlist.segments if s.gap] == [lost_msn]
+
+
+def timeouts(text: str, publisher: str) -> float:
+    m = re.search(rf'^dropserver_hls_blocking_timeouts_total{{publisher="{publisher}"}} (\S+)$',
+                  text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+async def test_a_blocking_reload_that_times_out_says_whether_its_publisher_sent_media(
+        settings) -> None:
+    """``dropserver_hls_blocking_timeouts_total{publisher}``: a 503 while no media came
+    from the publisher is ``silent`` (its stall), one while media came in yet the part
+    asked for was not there is ``sending`` (the server's), one on a worker without
+    the publisher ``elsewhere``. The e2e pages (tests/e2e/conftest.py) allow only the
+    first kind."""
+    from streaming.live import DropStream
+
+    silent_drop = await make_drop(settings.database_url, state="live")
+    sending_drop = await make_drop(settings.database_url, state="live")
+    elsewhere_drop = await make_drop(settings.database_url, state="live")
+    async with running(settings) as server:
+        streaming = server.app.state.streaming
+        feeds = {}
+        for drop_id in (silent_drop, sending_drop):
+            stream = streaming.streams[drop_id] = DropStream(streaming, drop_id, "creator-1")
+            feeds[drop_id] = (stream, Feeder(stream.packager))
+        elsewhere = Feeder(Packager(Path(settings.media_dir) / "drops" / str(elsewhere_drop)))
+        elsewhere.until(lambda: len(elsewhere.packager.playlist.segments) >= 1)
+
+        def feed_one(drop_id: int) -> None:  # through the publisher's sink
+            stream, feeder = feeds[drop_id]
+            data, pts, _ = feeder.frames[feeder.next]
+            stream.add_video(data, pts)
+            feeder.next += 1
+
+        for drop_id in feeds:
+            while not feeds[drop_id][1].packager.playlist.segments:
+                feed_one(drop_id)
+
+        def next_part(packager: Packager) -> str:
+            msn, part = packager.playlist.preload_uri[1:-4].split(".")
+            return f"live.m3u8?_HLS_msn={msn}&_HLS_part={part}"
+
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=20) as http:
+            before = (await http.get("/metrics")).text
+
+            async def ask(drop_id: int, packager: Packager) -> int:
+                return (await http.get(f"/v1/drops/{drop_id}/hls/{next_part(packager)}")
+                        ).status_code
+
+            async def trickle() -> None:  # one frame while held: not a whole part
+                await asyncio.sleep(0.5)
+                feed_one(sending_drop)
+
+            statuses = await asyncio.gather(
+                ask(silent_drop, feeds[silent_drop][1].packager),
+                ask(sending_drop, feeds[sending_drop][1].packager),
+                ask(elsewhere_drop, elsewhere.packager), trickle())
+            after = (await http.get("/metrics")).text
+        for stream, _ in feeds.values():
+            await stream.recorder.stop()
+    assert statuses[:3] == [503, 503, 503]
+    assert {p: timeouts(after, p) - timeouts(before, p)
+            for p in ("silent", "sending", "elsewhere")} == \
+        {"silent": 1, "sending": 1, "elsewhere": 1}

@@ -84,14 +84,13 @@ async def test_a_task_that_never_ends_is_left_behind_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="tests.shutdown"), virtual_clock() as clock:
         stopper = asyncio.create_task(stop_task(task, log, within=1.0))
         took = await clock.run_until(stopper.done, limit=5.0)
-        assert stopper.result() is False
+    release.set()  # whatever happened: nothing is left running behind the test
+    await _end(stopper, task)
+    assert stopper.result() is False
     # given up at its bound, not before it and not a step after
     assert took == pytest.approx(1.0, abs=clock.step), took
     [rec] = [r for r in caplog.records if r.getMessage() == "task did not stop"]
     assert rec.task == "stubborn" and "stubborn" in rec.suspended_in
-    release.set()
-    task.cancel()
-    await asyncio.wait([task], timeout=2)
     assert ended == ["released"]
 
 
@@ -110,13 +109,12 @@ async def test_the_caller_of_stop_task_can_still_be_cancelled():
     with virtual_clock() as clock:
         stopper = asyncio.create_task(stop_task(victim, log, within=30.0))
         await clock.advance(0.1)
-        assert not stopper.done()
+        running = not stopper.done()
         stopper.cancel()
         took = await clock.run_until(stopper.done, limit=2.0)
-    assert took is not None and stopper.cancelled()
-    release.set()
-    victim.cancel()
-    await asyncio.wait([victim], timeout=2)
+    release.set()  # whatever happened: nothing is left running behind the test
+    await _end(stopper, victim)
+    assert running and took is not None and stopper.cancelled()
     assert victim.done()
 
 
