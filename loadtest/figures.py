@@ -102,6 +102,8 @@ def compose(cfg: RehearsalConfig, reports: list[dict[str, Any]], audit: dict[str
                    "buy_delay_ms": list(cfg.buy_delay_ms), "encoding": cfg.encoding,
                    "p99_budget_ms": cfg.p99_budget_ms, "chat_rate": cfg.chat_rate,
                    "chat_messages": cfg.chat_messages, "countdown_s": cfg.countdown_s,
+                   "countdown_jitter_s": cfg.countdown_jitter_s,
+                   "countdown_drawn_s": cfg.countdown_drawn_s,
                    "server_env": cfg.server_env,
                    "fault": ({"what": cfg.fault.describe(), "after_s": cfg.fault.after_s,
                               "budget_s": cfg.fault.budget_s} if cfg.fault else None)},

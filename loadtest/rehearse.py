@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -74,6 +75,10 @@ class RehearsalConfig:
     server_env: dict[str, str] = field(default_factory=dict)  # extra env, local server
     encoding: str = "msgpack"
     countdown_s: float = 2.0
+    # BUY NOW comes countdown_s plus up to this many seconds (uniform) after go-live:
+    # not on the beat of a big room's chat batches (docs/benchmarks.md, "Chat storm").
+    countdown_jitter_s: float = 0.0
+    countdown_drawn_s: float | None = None  # the countdown of this run, once drawn
     rush_timeout_s: float = 30.0
     max_duration_s: float = 900.0
     p99_budget_ms: float = 1000.0
@@ -90,6 +95,10 @@ class RehearsalConfig:
     giveaway_window_s: float = 10.0
     giveaway_winners: int = 3
     enter_probability: float = 1.0
+
+    def draw_countdown(self, rng: random.Random) -> float:
+        """Seconds from go-live to BUY NOW for this run."""
+        return self.countdown_s + rng.uniform(0.0, max(0.0, self.countdown_jitter_s))
 
     def resolved_workers(self) -> int:
         return self.server_workers or max(1, math.ceil(self.viewers / 14000))
@@ -291,8 +300,9 @@ class Rehearsal:
             chat_started = self.progress.total("chat_sent"), time.monotonic()
             if cfg.probe_interval_s > 0:
                 probe.start(cfg.probe_interval_s)
+            cfg.countdown_drawn_s = cfg.draw_countdown(random.Random())
             await creator.go_live()
-            await self.wait_for("countdown", lambda: False, limit_s=cfg.countdown_s,
+            await self.wait_for("countdown", lambda: False, limit_s=cfg.countdown_drawn_s,
                                 note=False)
             giveaway_phase = None
             if cfg.giveaway:

@@ -56,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "checkout: --server-env PYTHONPATH=/path/to/it")
     p.add_argument("--encoding", choices=["msgpack", "json"], default=d.encoding)
     p.add_argument("--countdown", type=float, default=d.countdown_s, dest="countdown_s")
+    p.add_argument("--countdown-jitter", type=float, default=d.countdown_jitter_s,
+                   dest="countdown_jitter_s", metavar="S",
+                   help="BUY NOW up to S seconds (uniform) later than --countdown: not "
+                   "on the beat of a big room's chat batches")
     p.add_argument("--rush-timeout", type=float, default=d.rush_timeout_s,
                    dest="rush_timeout_s")
     p.add_argument("--max-duration", type=float, default=d.max_duration_s,

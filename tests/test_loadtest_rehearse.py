@@ -183,3 +183,24 @@ def test_small_rehearsal_with_variants_sells_every_variant_out(tmp_path: Path) -
     assert audit["checked"] and audit["oversold"] == 0 and audit["active_orders"] == 21
     assert sorted(v["active_orders"] for v in audit["variants"].values()) == [7, 7, 7]
     assert audit["redis_remaining"] == {str(result["drop"]["product_ids"][0]): 0}
+
+
+def test_the_countdown_is_drawn_off_the_chat_beat_when_asked() -> None:
+    """A big room's chat goes out on a ~1 s beat from go-live: a fixed countdown puts
+    BUY NOW at the same point of it in every run of one server (docs/benchmarks.md).
+    --countdown-jitter S draws it from [countdown, countdown + S] per run."""
+    import argparse
+    import random
+
+    from loadtest import rehearse_cli
+
+    parser = argparse.ArgumentParser()
+    rehearse_cli.add_arguments(parser)
+    args = parser.parse_args(["--countdown", "5", "--countdown-jitter", "1"])
+    assert (args.countdown_s, args.countdown_jitter_s) == (5.0, 1.0)
+    cfg = RehearsalConfig(countdown_s=5.0, countdown_jitter_s=1.0)
+    rng = random.Random(4)
+    drawn = [cfg.draw_countdown(rng) for _ in range(200)]
+    assert all(5.0 <= d <= 6.0 for d in drawn)
+    assert max(drawn) - min(drawn) > 0.8  # spread over the whole beat
+    assert RehearsalConfig(countdown_s=5.0).draw_countdown(rng) == 5.0  # no jitter
