@@ -197,7 +197,12 @@ async def stock_event(redis: Redis, drop_id: int) -> dict[str, Any]:
     left, variants = await _products(redis, drop_id)
     data: dict[str, Any] = {"products": left}
     if variants:
-        data["variants"] = await _variants_left(redis, drop_id, variants)
+        by_product = data["variants"] = await _variants_left(redis, drop_id, variants)
+        # A product with variants has what they have together (the reserve script moves
+        # both at once): taken from the later read, so that a buy landing between the
+        # two reads cannot make one event's total disagree with its variants.
+        for pid, byv in by_product.items():
+            left[pid] = sum(byv.values())
     return data
 
 

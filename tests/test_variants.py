@@ -191,6 +191,25 @@ async def test_stock_event_is_per_product_with_per_variant_remaining(r):
     assert await inventory.stock_event(r, 2) == {"products": {6: 4}}
 
 
+async def test_a_stock_event_totals_its_variants_though_a_buy_lands_between_its_reads(
+        r, monkeypatch):
+    """The event reads the products, then their variants: a buy landing in between
+    must not leave the product's total behind its variants in the same event (seen in
+    CI: the console showed '1 sold' for a product whose variants had sold 3)."""
+    await selling(r)
+    real = inventory._products
+
+    async def then_a_buy(redis, drop_id):
+        read = await real(redis, drop_id)
+        await buy(r, 52, user="late", key="late")
+        return read
+
+    monkeypatch.setattr(inventory, "_products", then_a_buy)
+    event = await inventory.stock_event(r, 1)
+    assert event["variants"][5] == {51: 2, 52: 2, 53: 1}
+    assert event["products"][5] == 5 == sum(event["variants"][5].values())
+
+
 async def test_a_rush_on_one_variant_never_oversells_it(r):
     await selling(r, max_holds=1)
     results = await asyncio.gather(
