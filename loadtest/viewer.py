@@ -9,12 +9,15 @@ times the reply. Frames are built and encoded with :mod:`realtime.protocol`
 server's validating ``protocol.decode`` for client frames, accepts integer map keys
 (``stock`` carries product ids as keys).
 
-A viewer reads through :func:`decode_shared`: a broadcast (a chat batch, BUY NOW)
+A viewer reads through :func:`shared_frame`: a broadcast (a chat batch, BUY NOW)
 reaches every viewer of a swarm as the same bytes, so it is decoded once per swarm
 process, not once per viewer. Reading chat was the load generator's largest cost (a
 21-frame batch: 110-135 us of CPU per viewer, half of it msgpack; at 10,000 viewers
 ~1.1-1.4 cores on the machine the server runs on), and the floor's viewers read the
-same way, so both sides of the ratio pay the same.
+same way, so both sides of the ratio pay the same. Once decoded, checking a chat
+batch's 20-odd positions was most of what was left (~25 us per viewer per batch);
+a frame of chat only is now checked once per starting position, not once per viewer
+(:class:`SharedFrame`), with the same result for each.
 
 A big room's chat may leave messages out of a viewer's stream: an offset missing
 before the position of a ``skipped`` frame in the same message is chat left out
@@ -42,8 +45,8 @@ import msgpack
 
 from realtime.protocol import ErrorCode, Format, ServerType, encode
 
-__all__ = ["BuyOutcome", "Phase", "UndecodableFrame", "Viewer", "ViewerConfig", "chat_text",
-           "decode_server", "decode_shared"]
+__all__ = ["BuyOutcome", "Phase", "SharedFrame", "UndecodableFrame", "Viewer", "ViewerConfig",
+           "chat_text", "decode_server", "decode_shared", "shared_frame"]
 
 CHAT_PREFIX = "rc "  # rehearsal chat: "rc <monotonic send time> <sender>"
 
@@ -81,24 +84,107 @@ def decode_server(data: bytes | bytearray | str) -> list[dict[str, Any]]:
 
 SHARED_MIN_BYTES = 64  # shorter frames are replies and pings: one viewer's own
 SHARED_FRAMES = 64  # distinct broadcast frames remembered (the oldest goes first)
-_shared: dict[bytes | str, list[dict[str, Any]]] = {}
+SHARED_STEPS = 16  # starting positions remembered per frame (see SharedFrame.step)
+
+
+class SharedFrame:
+    """One broadcast frame as every viewer of the process reads it: its messages,
+    decoded once, and, for a frame of chat only (``chat.message`` events and
+    ``skipped`` frames, every one with a valid position), what reading it does to a
+    viewer, by the position the viewer had before it.
+
+    Reading such a frame changes nothing but the viewer's position and counters (and
+    the chat latencies of a viewer that times chat, which depend on the messages and
+    the moment, not on the position), and what it changes depends only on where the
+    viewer was: viewers at the same position (nearly all of them, one chat batch after
+    another) end at the same position with the same counts. So the first viewer at a
+    position has it read in full (:meth:`Viewer.read_messages`, every check of every
+    message, by a scratch viewer at that position), and the result is remembered for
+    the next (:meth:`step`): exactly what each would have found, without each reading
+    20-odd messages (the swarm's largest cost in a chat storm: docs/benchmarks.md,
+    "The load generator's reading cost"). A viewer anywhere else (behind after a gap,
+    a new epoch) gets its own reading; a frame with anything else in it (BUY NOW, a
+    reply, a ping) is read by every viewer in full.
+    """
+
+    __slots__ = ("chat_only", "chat_times", "has_event", "items", "steps")
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+        self.steps: dict[tuple[str | None, int], tuple[Any, ...]] = {}
+        self.has_event = any(m.get("t") == ServerType.EVENT for m in items)
+        self.chat_only = all(_chat_only(m) for m in items)
+        # The send time (and the server's ``at``) of each rehearsal chat message, in
+        # order, for the viewers that time chat (Viewer._event does the same per message).
+        self.chat_times: list[tuple[float, Any]] = []
+        for m in items if self.chat_only else ():
+            if m.get("t") == ServerType.EVENT:
+                data = m.get("data") or {}
+                if not isinstance(data, dict):  # read in full, as it would be
+                    self.chat_only = False
+                    self.chat_times = []
+                    break
+                sent = _chat_sent_at(data.get("text"))
+                if sent is not None:
+                    at = data.get("at")
+                    self.chat_times.append((sent, at if isinstance(at, int | float) else None))
+
+    def step(self, epoch: str | None, offset: int) -> tuple[Any, ...] | None:
+        """``(epoch, offset, durable, out_of_order, gaps, epoch_changes, chat_seen,
+        chat_skipped)`` after this frame for a viewer at ``(epoch, offset)`` (the
+        counters as increments); None where a viewer must read it itself."""
+        key = (epoch, offset)
+        found = self.steps.get(key)
+        if found is not None:
+            return found
+        scratch = _scratch()
+        scratch.epoch, scratch.offset = epoch, offset
+        if scratch.read_messages(self.items, 0.0) or scratch.errors:
+            return None  # not what a chat-only frame does: never taken as one
+        found = (scratch.epoch, scratch.offset, scratch.durable, scratch.out_of_order,
+                 scratch.gaps, scratch.epoch_changes, scratch.chat_seen, scratch.chat_skipped)
+        if len(self.steps) < SHARED_STEPS:
+            self.steps[key] = found
+        return found
+
+
+def _chat_only(message: Any) -> bool:
+    kind = message.get("t")
+    if kind == ServerType.EVENT:
+        if message.get("event") != CHAT:
+            return False
+    elif kind != ServerType.SKIPPED:
+        return False
+    try:
+        position_of(message["pos"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
+_shared: dict[bytes | str, SharedFrame] = {}
+
+
+def shared_frame(data: bytes | bytearray | str) -> SharedFrame:
+    """:func:`decode_server` as a :class:`SharedFrame`, remembering the last
+    ``SHARED_FRAMES`` frames of at least ``SHARED_MIN_BYTES``: the same bytes again
+    (one broadcast, the next viewer of the process) give the same frame without
+    decoding. Its messages are shared between callers: read them, never change them."""
+    if len(data) < SHARED_MIN_BYTES:
+        return SharedFrame(decode_server(data))
+    key = bytes(data) if isinstance(data, bytearray) else data
+    frame = _shared.get(key)
+    if frame is None:
+        frame = SharedFrame(decode_server(key))
+        if len(_shared) >= SHARED_FRAMES:
+            del _shared[next(iter(_shared))]
+        _shared[key] = frame
+    return frame
 
 
 def decode_shared(data: bytes | bytearray | str) -> list[dict[str, Any]]:
-    """:func:`decode_server`, remembering the last ``SHARED_FRAMES`` frames of at least
-    ``SHARED_MIN_BYTES``: the same bytes again (one broadcast, the next viewer of the
-    process) give the same list without decoding. The messages are shared between
-    callers: read them, never change them."""
-    if len(data) < SHARED_MIN_BYTES:
-        return decode_server(data)
-    key = bytes(data) if isinstance(data, bytearray) else data
-    items = _shared.get(key)
-    if items is None:
-        items = decode_server(key)
-        if len(_shared) >= SHARED_FRAMES:
-            del _shared[next(iter(_shared))]
-        _shared[key] = items
-    return items
+    """The messages of :func:`shared_frame` (decoded once per process)."""
+    return shared_frame(data).items
 
 
 def position_of(pos: Any) -> tuple[str, int]:
@@ -310,12 +396,45 @@ class Viewer:
 
     def received(self, data: bytes | str, now: float) -> list[tuple[float, dict[str, Any]]]:
         """A frame from the server: ``[(delay_s, message to send), ...]``."""
-        out: list[tuple[float, dict[str, Any]]] = []
         try:
-            messages = decode_shared(data)
+            frame = shared_frame(data)
         except UndecodableFrame:
             self._error("undecodable_frame")
-            return out
+            return []
+        if frame.chat_only:
+            step = frame.step(self.epoch, self.offset)
+            if step is not None:  # what reading it in full gives, found once (SharedFrame)
+                (self.epoch, self.offset, durable, out_of_order, gaps, epoch_changes,
+                 chat_seen, chat_skipped) = step
+                self.durable += durable
+                self.out_of_order += out_of_order
+                self.gaps += gaps
+                self.epoch_changes += epoch_changes
+                self.chat_seen += chat_seen
+                self.chat_skipped += chat_skipped
+                if frame.has_event:
+                    self.last_event_at = now
+                if self.chat_lat is not None and frame.chat_times:
+                    self._time_chat(frame.chat_times, now)
+                return []
+        return self.read_messages(frame.items, now)
+
+    def _time_chat(self, times: list[tuple[float, Any]], now: float) -> None:
+        """The chat of one frame timed, as :meth:`_event` times each message: from its
+        send time to ``now``, and from the server's ``at`` to the wall clock now."""
+        lat, after = self.chat_lat, self.chat_after
+        assert lat is not None and after is not None
+        wall = time.time()
+        for sent, at in times:
+            lat.append(round(now - sent, 4))
+            if at is not None:
+                after.append(round(wall - at / 1000, 4))
+
+    def read_messages(self, messages: list[dict[str, Any]],
+                      now: float) -> list[tuple[float, dict[str, Any]]]:
+        """Every message of one frame, checked in full: ``[(delay_s, message to send),
+        ...]``."""
+        out: list[tuple[float, dict[str, Any]]] = []
         self._msg_gaps = []
         self._msg_skipped_to = 0
         for message in messages:
@@ -327,7 +446,7 @@ class Viewer:
             left_out = max(0, min(hi, cut) - lo + 1)
             self.chat_skipped += left_out
             self.gaps += (hi - lo + 1) - left_out
-        self._msg_gaps = None
+        self._msg_gaps, self._msg_skipped_to = None, 0
         return out
 
     def sent_delayed(self, now: float, message: dict[str, Any] | None = None) -> None:
@@ -602,6 +721,14 @@ class Viewer:
             counts["entries_answered"] += 1
         if self.gw_drawn is not None:
             counts["giveaway_drawn_seen"] += 1
+
+
+_SCRATCH = ViewerConfig(drop_id=0, buy_probability=0.0)
+
+
+def _scratch() -> Viewer:
+    """A viewer that has counted nothing and times no chat (:meth:`SharedFrame.step`)."""
+    return Viewer(-1, "scratch", _SCRATCH, 1.0)
 
 
 def _pick_variant(variants: Any, user_id: str) -> Any:

@@ -243,3 +243,99 @@ def test_buy_now_recovered_after_a_reconnect_is_late_not_live() -> None:
     v.received(_wire({"t": "joined", "id": str(join["id"]), "recovered": True,
                       "pos": {"epoch": "e1", "offset": 5}, "events": events}), 5.1)
     assert v.buy_now_at == 5.1 and v.buy_now_late and v.gaps == 0
+
+
+def _chat_batch(epoch: str, offsets: list[int], skipped_to: int | None, sent: float) -> bytes:
+    from loadtest.viewer import chat_text
+
+    frames = [event_frame("chat.message", {"text": chat_text(sent, f"s{o}"), "at": 1_000_000,
+                                           "pad": "x" * 20}, epoch, o) for o in offsets]
+    if skipped_to is not None:
+        frames.append({"t": "skipped", "count": 3, "pos": {"epoch": epoch, "offset": skipped_to}})
+    return _wire(frames)
+
+
+def _state(v: Viewer) -> dict:
+    return {name: getattr(v, name) for name in Viewer.__slots__ if name != "config"}
+
+
+def test_a_chat_batch_is_checked_once_per_starting_position_with_each_viewers_result(
+        monkeypatch) -> None:
+    """Viewers at the same position share one full reading of a chat batch; a viewer
+    elsewhere (behind after a lost batch) gets its own, with its own gap."""
+    made = []
+    real = viewer_mod._scratch
+    monkeypatch.setattr(viewer_mod, "_scratch", lambda: made.append(1) or real())
+    viewers = [Viewer(i, f"lt-{i}", ViewerConfig(drop_id=42, buy_probability=0.0), 0.5)
+               for i in range(50)]
+    for v in viewers:
+        _join(v, offset=3)
+    behind = viewers[-1]
+    behind.received(_wire(event_frame("chat.message", {}, "e1", 2)), 1.5)  # a repeat
+    made.clear()
+    first = _chat_batch("e1", [5, 7], 10, 2.0)
+    for v in viewers[:-1]:
+        v.received(bytes(first), 2.0)
+    assert len(made) == 1
+    assert {(v.offset, v.chat_seen, v.chat_skipped, v.gaps, v.durable) for v in viewers[:-1]} \
+        == {(10, 2, 5, 0, 2)}
+    assert all(v.last_event_at == 2.0 for v in viewers[:-1])
+    second = _chat_batch("e1", [12], 14, 3.0)  # 11 missing, before the skipped frame
+    for v in viewers:
+        v.received(bytes(second), 3.0)
+    assert len(made) == 3  # from 10, and the viewer still at 3
+    assert {(v.offset, v.chat_seen, v.chat_skipped, v.gaps) for v in viewers[:-1]} \
+        == {(14, 3, 8, 0)}
+    # Behind: 4..11 and 13..14 missing, all up to the skipped frame's 14: chat left out.
+    assert (behind.offset, behind.chat_seen, behind.chat_skipped, behind.gaps,
+            behind.out_of_order) == (14, 2, 10, 0, 1)
+    third = _chat_batch("e1", [20], None, 4.0)  # no skipped frame: 15..19 are lost
+    for v in viewers:
+        v.received(bytes(third), 4.0)
+    assert {(v.offset, v.gaps) for v in viewers} == {(20, 5)}
+
+
+def test_shared_reading_gives_every_viewer_what_reading_in_full_gives(monkeypatch) -> None:
+    """Random streams of chat batches (gaps, repeats, reordering, a new epoch, skipped
+    frames), BUY NOW and pings between them: a viewer reading through shared frames
+    ends in the same state as one reading every message itself, timing viewers too."""
+    import random
+    import time as time_mod
+
+    monkeypatch.setattr(time_mod, "time", lambda: 5_000.0)
+    rng = random.Random(16)
+    for trial in range(30):
+        viewer_mod._shared.clear()
+        cfg = ViewerConfig(drop_id=42, buy_probability=0.0, chat_sample=3 if trial % 2 else 0)
+        shared = [Viewer(i, f"lt-{i}", cfg, 0.5) for i in range(3)]
+        full = [Viewer(i, f"lt-{i}", cfg, 0.5) for i in range(3)]
+        for v in shared + full:
+            _join(v, offset=3)
+        epoch, offset = "e1", 3
+        for step in range(40):
+            now = 10.0 + step
+            roll = rng.random()
+            if roll < 0.05:
+                epoch, offset = f"e{step}", rng.randrange(0, 50)
+            if roll < 0.1:
+                data = _wire({"t": "ping"})
+            elif roll < 0.15:
+                offset += 1
+                data = _wire([event_frame("drop.buy_now", {"product_id": 1}, epoch, offset)])
+            else:
+                n = rng.randrange(1, 6)
+                offsets = sorted(rng.sample(range(offset + 1, offset + 12), n))
+                if rng.random() < 0.1:
+                    offsets.reverse()
+                if rng.random() < 0.1:
+                    offsets.append(offsets[0])
+                skipped = max(offsets) + rng.randrange(0, 3) if rng.random() < 0.7 else None
+                offset = max([*offsets, skipped or 0])
+                data = _chat_batch(epoch, offsets, skipped, now - rng.uniform(0.1, 1.5))
+            for i in range(3):
+                if rng.random() < 0.1:
+                    continue  # this viewer missed the frame (its own gap follows)
+                shared[i].received(bytes(data), now)
+                full[i].read_messages(decode_server(data), now)
+        for a, b in zip(shared, full, strict=True):
+            assert _state(a) == _state(b), trial
