@@ -383,3 +383,14 @@ def test_buy_now_with_chat_in_front_checks_positions_once_and_times_each_viewer(
             for out in outs] == [[(0.0, "buy", 9, f"lt-lt-{i}-1")] for i in range(20)]
     assert {(v.offset, v.durable, v.chat_seen, v.chat_skipped, v.gaps) for v in viewers} \
         == {(8, 3, 1, 2, 0)}
+
+
+def test_the_frame_just_read_is_found_again_without_confusing_two_of_one_length() -> None:
+    from loadtest.viewer import shared_frame
+
+    a = _chat_batch("e1", [5, 6], 7, 1.0)
+    b = bytes(a).replace(b"e1", b"e2")  # as long as a, other bytes
+    assert len(a) == len(b) and a != b
+    seen = [shared_frame(bytes(x)) for x in (a, a, b, b, a, b)]
+    assert [f.items[0]["pos"]["epoch"] for f in seen] == ["e1", "e1", "e2", "e2", "e1", "e2"]
+    assert seen[0] is seen[1] is seen[4] and seen[2] is seen[3] is seen[5]
