@@ -11,7 +11,8 @@ like a big room's batch in a storm (``--kept`` chat messages out of ``--per-batc
 then a ``skipped`` frame: docs/protocol.md), then ``drop.ended``. The swarm
 process's CPU (user + system, from /proc) is read when the first batch leaves and
 when every viewer has seen ``drop.ended``; the swarm's report then says whether every
-viewer accounted every position (no gap, nothing out of order).
+viewer accounted every position (no gap, nothing out of order: the command exits 1
+otherwise).
 
 Printed per run and generator: CPU per frame and per chat message received (us),
 messages read per CPU second, and the checks. With several ``--generator`` the runs
@@ -244,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{(sum(b) / len(b)) / (sum(a) / len(a)):.3f}")
     if ns.json:
         Path(ns.json).write_text(json.dumps(results, indent=1))
+    bad = [x for x in results if x["checks"]["gaps"] or x["checks"]["out_of_order"]
+           or x["checks"]["joined"] != x["sockets"]
+           or x["checks"]["ended_seen"] != x["sockets"]]
+    if bad:  # a generator that reads less than every position is not cheaper, it is wrong
+        print(f"FAILED checks in {len(bad)} run(s)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -120,6 +120,9 @@ class Rehearsal:
         self._last_sample = None
         self._cpu_samples: list[float] = []
         self.notes: list[str] = []
+        # The swarm processes' own CPU from the countdown through the rush ("drop": the
+        # chat storm's window) and while the floor's messages go out ("floor").
+        self.generator: dict[str, Any] = {}
 
     # -- helpers ----------------------------------------------------------------------------
     def now(self) -> float:
@@ -187,6 +190,28 @@ class Rehearsal:
                     self._cpu_samples.append(row["cpu_percent"])
             self._last_sample = s
         self.timeline.append(row)
+
+    def swarm_cpu(self) -> Any:
+        """A reading of the swarm processes' CPU now (a ProcSample), None if unreadable."""
+        import psutil
+
+        from loadtest.procstat import ProcWatch
+
+        try:
+            return ProcWatch([sp.proc.pid for sp in self.swarms]).sample()
+        except psutil.Error:  # a swarm gone: a figure, never a reason to fail the run
+            return None
+
+    def note_swarm_cpu(self, name: str, first: Any, last: Any) -> None:
+        """The load generator's CPU between two readings: it shares the machine with the
+        server it measures (docs/loadtest.md, "The swarm's socket client")."""
+        from loadtest.procstat import cpu_percent
+
+        if first is None or last is None:
+            return
+        self.generator[name] = {"cpu_s": round(last.cpu_seconds - first.cpu_seconds, 2),
+                                "window_s": round(last.t - first.t, 2),
+                                "cpu_percent": cpu_percent(first, last)}
 
     # -- swarms -------------------------------------------------------------------------------
     async def start_swarms(self, ws_url: str, drop_id: int, jwt_secret: str,
@@ -292,6 +317,7 @@ class Rehearsal:
             if cfg.probe_interval_s > 0:
                 await probe.prepare()
             self.phase("countdown")
+            drop_cpu = self.swarm_cpu()
             for sp in self.swarms:
                 share = cfg.chat_messages // n + (1 if sp.index < cfg.chat_messages % n else 0)
                 if share:
@@ -343,6 +369,7 @@ class Rehearsal:
                                 limit_s=cfg.rush_timeout_s)
             fault_record = await self.after_fault(fault_task) if fault_task else None
             cpu_after = self.watch.sample() if self.watch else None
+            self.note_swarm_cpu("drop", drop_cpu, self.swarm_cpu())
             await self.set_chat_rate(0)
             chat_window = (self.progress.total("chat_sent") - chat_started[0],
                            time.monotonic() - chat_started[1])
@@ -409,6 +436,7 @@ class Rehearsal:
         if cfg.floor:
             result["floor"] = await self.measure_floor(target, joined)
             verdict.compare_floor(result)
+        result["generator"] = self.generator
         return result
 
     async def after_fault(self, task: asyncio.Task) -> dict[str, Any]:
@@ -469,6 +497,7 @@ class Rehearsal:
             connect_s = time.monotonic() - t_connect
             connected = self.progress.total("ever_joined")
             await asyncio.sleep(1.0)
+            floor_cpu = self.swarm_cpu()
             for k in range(cfg.floor_events):
                 sent.append(time.monotonic())
                 await redis.publish(channel, floor_message(k))
@@ -476,6 +505,7 @@ class Rehearsal:
                                     lambda k=k: self.progress.total("floor_seen")
                                     >= (k + 1) * connected, limit_s=15)
                 await asyncio.sleep(cfg.floor_interval_s)
+            self.note_swarm_cpu("floor", floor_cpu, self.swarm_cpu())
             reports = await self.collect()
         finally:
             await self.stop_swarms()

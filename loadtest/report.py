@@ -102,6 +102,7 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     res = result.get("reservations", {})
     audit = result.get("audit", {})
     server = result.get("server", {})
+    gen = result.get("generator") or {}
     rlat = res.get("latency", {})
 
     def fmt(v: Any) -> str:
@@ -138,6 +139,9 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("server RSS per connection", f"{fmt(server.get('rss_per_connection_kib'))} KiB"),
         ("server CPU (avg / peak, 100 = one core)",
          f"{fmt(server.get('cpu_avg_percent'))} / {fmt(server.get('cpu_peak_percent'))} %"),
+        ("load generator CPU, countdown to rush / floor (100 = one core)",
+         f"{fmt(gen.get('drop', {}).get('cpu_percent'))} / "
+         f"{fmt(gen.get('floor', {}).get('cpu_percent'))} %"),
     ]
 
 

@@ -16,7 +16,7 @@ process, not once per viewer. Reading chat was the load generator's largest cost
 ~1.1-1.4 cores on the machine the server runs on), and the floor's viewers read the
 same way, so both sides of the ratio pay the same. Once decoded, checking a chat
 batch's 20-odd positions was most of what was left (~25 us per viewer per batch);
-a frame of chat only is now checked once per starting position, not once per viewer
+a frame of events is now checked once per starting position, not once per viewer
 (:class:`SharedFrame`), with the same result for each.
 
 A big room's chat may leave messages out of a viewer's stream: an offset missing
@@ -89,45 +89,63 @@ SHARED_STEPS = 16  # starting positions remembered per frame (see SharedFrame.st
 
 class SharedFrame:
     """One broadcast frame as every viewer of the process reads it: its messages,
-    decoded once, and, for a frame of chat only (``chat.message`` events and
-    ``skipped`` frames, every one with a valid position), what reading it does to a
-    viewer, by the position the viewer had before it.
+    decoded once, and, for a frame of events and ``skipped`` frames only (a chat
+    batch; BUY NOW with the chat in front of it), what reading it does to a viewer's
+    position and counters, by the position the viewer had before it.
 
-    Reading such a frame changes nothing but the viewer's position and counters (and
-    the chat latencies of a viewer that times chat, which depend on the messages and
-    the moment, not on the position), and what it changes depends only on where the
-    viewer was: viewers at the same position (nearly all of them, one chat batch after
-    another) end at the same position with the same counts. So the first viewer at a
-    position has it read in full (:meth:`Viewer.read_messages`, every check of every
-    message, by a scratch viewer at that position), and the result is remembered for
-    the next (:meth:`step`): exactly what each would have found, without each reading
-    20-odd messages (the swarm's largest cost in a chat storm: docs/benchmarks.md,
-    "The load generator's reading cost"). A viewer anywhere else (behind after a gap,
-    a new epoch) gets its own reading; a frame with anything else in it (BUY NOW, a
-    reply, a ping) is read by every viewer in full.
+    That part depends only on where the viewer was: viewers at the same position
+    (nearly all of them, one broadcast after another) end at the same position with
+    the same counts. So the first viewer at a position has the frame read in full
+    (:meth:`Viewer.read_messages`, every check of every message, by a scratch viewer
+    at that position), and the result is remembered for the next (:meth:`step`):
+    exactly what each would have found, without each checking 20-odd positions (the
+    swarm's largest cost in a chat storm: docs/benchmarks.md, "The load generator's
+    reading cost"). What is each viewer's own is still done per viewer, at the moment
+    it reads the frame: the events other than chat (``others``: BUY NOW's time and the
+    buy, sold out, ended, giveaways) and, on a viewer that times chat, each message's
+    latency (``chat_times``). A viewer anywhere else (behind after a gap, a new epoch)
+    gets its own reading; a frame with anything else in it (a reply, a ping, a
+    ``joined``) is read by every viewer in full.
     """
 
-    __slots__ = ("chat_only", "chat_times", "has_event", "items", "steps")
+    __slots__ = ("chat_times", "has_event", "items", "others", "shared", "steps")
 
     def __init__(self, items: list[dict[str, Any]]) -> None:
         self.items = items
         self.steps: dict[tuple[str | None, int], tuple[Any, ...]] = {}
-        self.has_event = any(m.get("t") == ServerType.EVENT for m in items)
-        self.chat_only = all(_chat_only(m) for m in items)
+        self.has_event = False
         # The send time (and the server's ``at``) of each rehearsal chat message, in
-        # order, for the viewers that time chat (Viewer._event does the same per message).
+        # order, for the viewers that time chat (as Viewer._event times each message).
         self.chat_times: list[tuple[float, Any]] = []
-        for m in items if self.chat_only else ():
-            if m.get("t") == ServerType.EVENT:
-                data = m.get("data") or {}
-                if not isinstance(data, dict):  # read in full, as it would be
-                    self.chat_only = False
-                    self.chat_times = []
-                    break
-                sent = _chat_sent_at(data.get("text"))
-                if sent is not None:
-                    at = data.get("at")
-                    self.chat_times.append((sent, at if isinstance(at, int | float) else None))
+        self.others: list[dict[str, Any]] = []  # events other than chat, in order
+        self.shared = all(self._take(m) for m in items)
+        if not self.shared:
+            self.chat_times, self.others = [], []
+
+    def _take(self, message: Any) -> bool:
+        """Note one message; False if it is not an event or ``skipped`` frame with a
+        valid position (then the frame is read in full by every viewer)."""
+        kind = message.get("t")
+        if kind != ServerType.EVENT and kind != ServerType.SKIPPED:
+            return False
+        try:
+            position_of(message["pos"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        if kind == ServerType.SKIPPED:
+            return True
+        self.has_event = True
+        if message.get("event") != CHAT:
+            self.others.append(message)
+            return True
+        data = message.get("data") or {}
+        if not isinstance(data, dict):
+            return False
+        sent = _chat_sent_at(data.get("text"))
+        if sent is not None:
+            at = data.get("at")
+            self.chat_times.append((sent, at if isinstance(at, int | float) else None))
+        return True
 
     def step(self, epoch: str | None, offset: int) -> tuple[Any, ...] | None:
         """``(epoch, offset, durable, out_of_order, gaps, epoch_changes, chat_seen,
@@ -140,7 +158,7 @@ class SharedFrame:
         scratch = _scratch()
         scratch.epoch, scratch.offset = epoch, offset
         if scratch.read_messages(self.items, 0.0) or scratch.errors:
-            return None  # not what a chat-only frame does: never taken as one
+            return None  # not what such a frame does: read in full instead
         found = (scratch.epoch, scratch.offset, scratch.durable, scratch.out_of_order,
                  scratch.gaps, scratch.epoch_changes, scratch.chat_seen, scratch.chat_skipped)
         if len(self.steps) < SHARED_STEPS:
@@ -148,21 +166,9 @@ class SharedFrame:
         return found
 
 
-def _chat_only(message: Any) -> bool:
-    kind = message.get("t")
-    if kind == ServerType.EVENT:
-        if message.get("event") != CHAT:
-            return False
-    elif kind != ServerType.SKIPPED:
-        return False
-    try:
-        position_of(message["pos"])
-    except (KeyError, TypeError, ValueError):
-        return False
-    return True
-
-
 _shared: dict[bytes | str, SharedFrame] = {}
+_last_key: bytes | str = b""
+_last_frame: SharedFrame | None = None
 
 
 def shared_frame(data: bytes | bytearray | str) -> SharedFrame:
@@ -170,15 +176,21 @@ def shared_frame(data: bytes | bytearray | str) -> SharedFrame:
     ``SHARED_FRAMES`` frames of at least ``SHARED_MIN_BYTES``: the same bytes again
     (one broadcast, the next viewer of the process) give the same frame without
     decoding. Its messages are shared between callers: read them, never change them."""
+    global _last_key, _last_frame
     if len(data) < SHARED_MIN_BYTES:
         return SharedFrame(decode_server(data))
     key = bytes(data) if isinstance(data, bytearray) else data
+    # The frame just read, again (the next socket of one broadcast): one comparison of
+    # the bytes instead of hashing them (a chat batch: ~3 KB, ~2 us to hash).
+    if _last_frame is not None and key == _last_key:
+        return _last_frame
     frame = _shared.get(key)
     if frame is None:
         frame = SharedFrame(decode_server(key))
         if len(_shared) >= SHARED_FRAMES:
             del _shared[next(iter(_shared))]
         _shared[key] = frame
+    _last_key, _last_frame = key, frame
     return frame
 
 
@@ -401,7 +413,7 @@ class Viewer:
         except UndecodableFrame:
             self._error("undecodable_frame")
             return []
-        if frame.chat_only:
+        if frame.shared:
             step = frame.step(self.epoch, self.offset)
             if step is not None:  # what reading it in full gives, found once (SharedFrame)
                 (self.epoch, self.offset, durable, out_of_order, gaps, epoch_changes,
@@ -416,7 +428,12 @@ class Viewer:
                     self.last_event_at = now
                 if self.chat_lat is not None and frame.chat_times:
                     self._time_chat(frame.chat_times, now)
-                return []
+                if not frame.others:
+                    return []
+                out: list[tuple[float, dict[str, Any]]] = []
+                for message in frame.others:  # BUY NOW, sold out, ...: this viewer's own
+                    self._effects(message, now, out)
+                return out
         return self.read_messages(frame.items, now)
 
     def _time_chat(self, times: list[tuple[float, Any]], now: float) -> None:
@@ -554,6 +571,11 @@ class Viewer:
         self.last_event_at = now
         if message.get("pos") is not None:
             self._position(message["pos"])
+        self._effects(message, now, out)
+
+    def _effects(self, message: dict[str, Any], now: float,
+                 out: list[tuple[float, dict[str, Any]]]) -> None:
+        """What an event does to this viewer beside its position."""
         event = message.get("event")
         if event == CHAT:
             self.chat_seen += 1

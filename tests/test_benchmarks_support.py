@@ -24,7 +24,8 @@ BENCHMARKS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py")
 def test_every_benchmark_is_found():
     assert BENCHMARKS == ["balancer", "bids", "buy_now", "churn", "cluster_clients",
                           "failover", "fanout", "faults", "giveaway", "hls_cdn", "ingest",
-                          "join_burst", "orders", "reserve", "reserve_script", "startup"]
+                          "join_burst", "orders", "reserve", "reserve_script", "startup",
+                          "swarm_recv"]
 
 
 @pytest.mark.parametrize("name", [*BENCHMARKS, "_bare"])
@@ -65,6 +66,20 @@ def test_orders_benchmark_pays_every_order(gateway):
                                    gateway).strip().splitlines()[-1])
     assert result["orders"] == 20 and result["intents"] == 20
     assert result["orders_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_swarm_recv_benchmark_reads_every_position(tmp_path):
+    """The generator's reading cost, small: a real swarm process reads every batch,
+    with no gap, and the figures come out."""
+    out = tmp_path / "recv.json"
+    _run("benchmarks.swarm_recv", "--sockets", "100", "--batches", "3", "--runs", "1",
+         "--interval", "0.05", "--json", str(out))
+    [run] = json.loads(out.read_text())
+    assert run["checks"]["joined"] == run["checks"]["ended_seen"] == 100
+    assert (run["checks"]["gaps"], run["checks"]["out_of_order"]) == (0, 0)
+    assert run["checks"]["chat_seen"] == 100 * 3 * 20
+    assert run["cpu_s"] >= 0 and run["us_per_message"] >= 0  # 100 sockets: ticks of 10 ms
 
 
 def test_pcts():

@@ -68,6 +68,11 @@ def test_small_rehearsal_holds_and_never_oversells(tmp_path: Path) -> None:
     assert floor["measured"] and floor["viewers"] == 200
     assert floor["delivered"] == floor["expected"] == 600
     assert result["buy_now"]["floor_ratio"]["p99"] > 0
+    # The load generator's own CPU, where it shares the machine with the server.
+    gen = result["generator"]
+    assert gen["drop"]["cpu_s"] > 0 and gen["drop"]["window_s"] > 1.5
+    assert gen["floor"]["cpu_s"] >= 0 and gen["floor"]["window_s"] >= 1.0
+    assert gen["drop"]["cpu_percent"] is not None
     paths = result["reports"]
     written = json.loads(Path(paths["json"]).read_text())
     assert written["passed"] is True and written["buy_now"]["histogram_ms"]

@@ -297,18 +297,28 @@ def test_a_chat_batch_is_checked_once_per_starting_position_with_each_viewers_re
 
 def test_shared_reading_gives_every_viewer_what_reading_in_full_gives(monkeypatch) -> None:
     """Random streams of chat batches (gaps, repeats, reordering, a new epoch, skipped
-    frames), BUY NOW and pings between them: a viewer reading through shared frames
-    ends in the same state as one reading every message itself, timing viewers too."""
+    frames), BUY NOW, sold out, the end and a giveaway (alone or with chat in front),
+    and pings between them: a viewer reading through shared frames ends in the same
+    state, and answers the same, as one reading every message itself; buyers, entrants
+    and viewers timing chat too."""
     import random
     import time as time_mod
 
     monkeypatch.setattr(time_mod, "time", lambda: 5_000.0)
     rng = random.Random(16)
-    for trial in range(30):
+    drop_events = [("drop.buy_now", {"product_id": 1, "variants": [
+                        {"variant_id": 5, "remaining": 2}, {"variant_id": 6, "remaining": 1}]}),
+                   ("drop.sold_out", {}), ("drop.ended", {}),
+                   ("giveaway.opened", {"giveaway_id": 3}),
+                   ("giveaway.drawn", {"giveaway_id": 3, "seed": "s",
+                                       "winners": [{"ticket": 4}]})]
+    for trial in range(40):
         viewer_mod._shared.clear()
-        cfg = ViewerConfig(drop_id=42, buy_probability=0.0, chat_sample=3 if trial % 2 else 0)
-        shared = [Viewer(i, f"lt-{i}", cfg, 0.5) for i in range(3)]
-        full = [Viewer(i, f"lt-{i}", cfg, 0.5) for i in range(3)]
+        cfg = ViewerConfig(drop_id=42, buy_probability=0.6, buy_delay_ms=(0, 100),
+                           chat_sample=3 if trial % 2 else 0, enter_probability=0.5)
+        draws = [0.1, 0.5, 0.9, 0.3]
+        shared = [Viewer(i, f"lt-{i}", cfg, draws[i]) for i in range(4)]
+        full = [Viewer(i, f"lt-{i}", cfg, draws[i]) for i in range(4)]
         for v in shared + full:
             _join(v, offset=3)
         epoch, offset = "e1", 3
@@ -317,25 +327,70 @@ def test_shared_reading_gives_every_viewer_what_reading_in_full_gives(monkeypatc
             roll = rng.random()
             if roll < 0.05:
                 epoch, offset = f"e{step}", rng.randrange(0, 50)
+            frames: list = []
             if roll < 0.1:
                 data = _wire({"t": "ping"})
-            elif roll < 0.15:
-                offset += 1
-                data = _wire([event_frame("drop.buy_now", {"product_id": 1}, epoch, offset)])
             else:
-                n = rng.randrange(1, 6)
-                offsets = sorted(rng.sample(range(offset + 1, offset + 12), n))
-                if rng.random() < 0.1:
-                    offsets.reverse()
-                if rng.random() < 0.1:
-                    offsets.append(offsets[0])
-                skipped = max(offsets) + rng.randrange(0, 3) if rng.random() < 0.7 else None
-                offset = max([*offsets, skipped or 0])
-                data = _chat_batch(epoch, offsets, skipped, now - rng.uniform(0.1, 1.5))
-            for i in range(3):
+                if roll < 0.8:
+                    n = rng.randrange(1, 6)
+                    offsets = sorted(rng.sample(range(offset + 1, offset + 12), n))
+                    if rng.random() < 0.1:
+                        offsets.reverse()
+                    if rng.random() < 0.1:
+                        offsets.append(offsets[0])
+                    sent = now - rng.uniform(0.1, 1.5)
+                    frames = msgpack.unpackb(_chat_batch(epoch, offsets, None, sent))
+                    offset = max(offsets)
+                    if rng.random() < 0.7:
+                        offset += rng.randrange(0, 3)
+                        frames.append({"t": "skipped", "count": 2,
+                                       "pos": {"epoch": epoch, "offset": offset}})
+                if roll >= 0.6:  # one creator action: one or two events
+                    for name, payload in rng.sample(drop_events, rng.choice((1, 2))):
+                        offset += rng.choice((1, 1, 2))
+                        frames.append(event_frame(name, payload, epoch, offset))
+                data = _wire(frames if len(frames) > 1 else frames[0])
+            for i in range(4):
                 if rng.random() < 0.1:
                     continue  # this viewer missed the frame (its own gap follows)
-                shared[i].received(bytes(data), now)
-                full[i].read_messages(decode_server(data), now)
+                got = shared[i].received(bytes(data), now)
+                assert got == full[i].read_messages(decode_server(data), now), trial
         for a, b in zip(shared, full, strict=True):
             assert _state(a) == _state(b), trial
+
+
+def test_buy_now_with_chat_in_front_checks_positions_once_and_times_each_viewer(
+        monkeypatch) -> None:
+    """BUY NOW riding behind the chat in front of it: the positions are checked once
+    for the viewers at the same position, and each viewer still notes BUY NOW at the
+    moment it read the frame and sends its own buy."""
+    made = []
+    real = viewer_mod._scratch
+    monkeypatch.setattr(viewer_mod, "_scratch", lambda: made.append(1) or real())
+    cfg = ViewerConfig(drop_id=42, buy_probability=1.0, buy_delay_ms=(0, 0))
+    viewers = [Viewer(i, f"lt-{i}", cfg, 0.5) for i in range(20)]
+    for v in viewers:
+        _join(v, offset=3)
+    made.clear()
+    frames = msgpack.unpackb(_chat_batch("e1", [5], 6, 1.0))
+    frames += [event_frame("drop.state", {"state": "selling"}, "e1", 7),
+               event_frame("drop.buy_now", {"product_id": 9}, "e1", 8)]
+    data = _wire(frames)
+    outs = [v.received(bytes(data), 2.0 + i / 100) for i, v in enumerate(viewers)]
+    assert len(made) == 1
+    assert [v.buy_now_at for v in viewers] == [2.0 + i / 100 for i in range(20)]
+    assert [[(d, m["t"], m["product_id"], m["idempotency_key"]) for d, m in out]
+            for out in outs] == [[(0.0, "buy", 9, f"lt-lt-{i}-1")] for i in range(20)]
+    assert {(v.offset, v.durable, v.chat_seen, v.chat_skipped, v.gaps) for v in viewers} \
+        == {(8, 3, 1, 2, 0)}
+
+
+def test_the_frame_just_read_is_found_again_without_confusing_two_of_one_length() -> None:
+    from loadtest.viewer import shared_frame
+
+    a = _chat_batch("e1", [5, 6], 7, 1.0)
+    b = bytes(a).replace(b"e1", b"e2")  # as long as a, other bytes
+    assert len(a) == len(b) and a != b
+    seen = [shared_frame(bytes(x)) for x in (a, a, b, b, a, b)]
+    assert [f.items[0]["pos"]["epoch"] for f in seen] == ["e1", "e1", "e2", "e2", "e1", "e2"]
+    assert seen[0] is seen[1] is seen[4] and seen[2] is seen[3] is seen[5]
