@@ -28,6 +28,7 @@ from types import FrameType
 import uvicorn
 
 from dropserver.settings import Settings, load_settings
+from realtime.board import BOARD_ENV, INDEX_ENV, FanoutBoard
 
 __all__ = ["bind_socket", "run_single", "run_supervisor", "worker_command"]
 
@@ -192,6 +193,12 @@ def run_supervisor(settings: Settings, *, extra_env: dict[str, str] | None = Non
         "DROPSERVER_WORKERS": "1",
         "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
     })
+    if settings.workers > 1:
+        # The workers hold their viewers' commands while any of them is writing a drop
+        # event (realtime.board).
+        board = os.path.join(metrics_dir, "fanout-board")
+        FanoutBoard.create(board, settings.workers)
+        env[BOARD_ENV] = board
     if settings.redis_url:
         env["REDIS_URL"] = settings.redis_url
     if settings.database_url:
@@ -205,6 +212,7 @@ def run_supervisor(settings: Settings, *, extra_env: dict[str, str] | None = Non
         wenv = dict(env)
         base = settings.node_id or socket.gethostname()
         wenv["DROPSERVER_NODE_ID"] = f"{base}:w{index}:{os.getpid()}"
+        wenv[INDEX_ENV] = str(index)
         procs[index] = subprocess.Popen(worker_command(), env=wenv)
 
     def forward(sig: int, frame: FrameType | None) -> None:

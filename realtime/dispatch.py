@@ -48,6 +48,11 @@ behind (traced, docs/benchmarks.md). Commands that arrive while held ones are st
 being released queue behind them, and a drop event that starts meanwhile holds the
 rest again.
 
+**The node's workers hold together** (realtime.board): a worker also holds its viewers'
+commands while another worker of its node is fanning a drop event out, and releases
+them once none is. Workers share the node's cores, and a worker that released its
+part of BUY NOW's rush first took the cores the others' writes of BUY NOW needed.
+
 Rooms keep the order of stream positions themselves (realtime.room): a job is never
 reordered against another of the same lane.
 """
@@ -62,6 +67,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from realtime import metrics
+from realtime.board import FanoutBoard
 from realtime.wire import Broadcast, Lane
 
 __all__ = ["BULK_SHARE", "EXPEDITED_SLICE_S", "RELEASE_PER_TURN", "SLICE_S", "URGENT_SHARE",
@@ -75,6 +81,7 @@ BULK_SLICE_MAX_S = 0.012
 EXPEDITED_SLICE_S = 0.0005  # bulk slices while an HTTP write request is in flight
 RELEASE_PER_TURN = 32  # commands held behind a drop event resumed per turn of the loop
 _STEP = 16  # sockets between clock reads (~0.2-0.4 ms of writes)
+BOARD_POLL_S = 0.002  # held commands look at the node's board this often
 
 
 class Job:
@@ -146,8 +153,9 @@ class Job:
 class Dispatcher:
     """Jobs by lane, run in slices; see the module docstring."""
 
-    def __init__(self, slice_s: float = SLICE_S) -> None:
+    def __init__(self, slice_s: float = SLICE_S, board: FanoutBoard | None = None) -> None:
         self.slice_s = slice_s
+        self.board = board  # the node's other workers' fan-outs (realtime.board)
         self._lanes: tuple[collections.deque[Job], ...] = (collections.deque(),
                                                             collections.deque())
         self._scheduled: asyncio.Handle | None = None
@@ -207,7 +215,10 @@ class Dispatcher:
     def holding(self) -> bool:
         """Viewers' commands wait (:meth:`urgent_idle`): a drop event is being fanned
         out, or the commands held behind one are not all released yet."""
-        return bool(self._held) or self.urgent_busy
+        if self._held or self.urgent_busy:
+            return True
+        board = self.board
+        return board is not None and board.others_busy(time.monotonic())
 
     async def urgent_idle(self) -> None:
         """Return once the urgent lane is empty and the commands held before this one
@@ -230,6 +241,12 @@ class Dispatcher:
         self._release = None
         if self.urgent_busy:
             return  # another drop event: they wait for it too (released when it ends)
+        board = self.board
+        if board is not None and self._held and board.others_busy(time.monotonic()):
+            # another worker of the node is still writing a drop event: look again soon
+            self._release = asyncio.get_running_loop().call_later(BOARD_POLL_S,
+                                                                 self._release_held)
+            return
         held = self._held
         released = 0
         while held and released < RELEASE_PER_TURN:
@@ -260,6 +277,8 @@ class Dispatcher:
         self._running = True
         urgent, bulk = self._lanes
         try:
+            if urgent and self.board is not None:
+                self.board.busy(time.monotonic())
             now = time.perf_counter()
             slice_s = self.slice_for(Lane.URGENT if urgent else Lane.BULK,
                                      0.0 if self._yielded_at is None
@@ -282,8 +301,11 @@ class Dispatcher:
             self._running = False
             while urgent and urgent[0].cancelled:
                 urgent.popleft()
-            if not urgent and self._held:
-                self._schedule_release()
+            if not urgent:
+                if self.board is not None:
+                    self.board.idle()
+                if self._held:
+                    self._schedule_release()
             if urgent or bulk:
                 self._yielded_at = time.perf_counter()
                 self._schedule()
@@ -299,6 +321,8 @@ class Dispatcher:
             self._release = None
         for lane in self._lanes:
             lane.clear()
+        if self.board is not None:
+            self.board.idle()
         held, self._held = self._held, collections.deque()
         for turn in held:
             if not turn.done():

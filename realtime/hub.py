@@ -25,6 +25,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from realtime import channels, history, metrics, protocol
+from realtime.board import FanoutBoard
 from realtime.channels import Kind, MalformedMessage, Publication
 from realtime.connection import Connection, spawn
 from realtime.dispatch import Dispatcher
@@ -60,7 +61,7 @@ class Hub:
         self.heartbeat: Heartbeat | None = None  # set when heartbeats run (component)
         self.tokens: Any = None  # realtime.tokens.TokenClock (component)
         self.join_slots = asyncio.Semaphore(JOIN_CONCURRENCY)
-        self.dispatcher = Dispatcher()
+        self.dispatcher = Dispatcher(board=FanoutBoard.from_env())
         s = self.settings
         self.intervals = {"stock": s.stock_coalesce_ms / 1000,
                           "campaign.progress": s.stock_coalesce_ms / 1000,
