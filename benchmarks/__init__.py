@@ -39,6 +39,9 @@ run. In the order of the hot paths:
   unrecorded, double charges, recovery times.
 * :mod:`benchmarks.failover`: Redis Cluster primaries killed mid-rush in a loop:
   units oversold, acknowledged holds lost, time until sales resume.
+* :mod:`benchmarks.swarm_recv`: the load generator's own CPU per frame and per chat
+  message it reads (the rehearsal's viewers share the server's cores), one generator
+  against another in the same run.
 * :mod:`benchmarks.cluster_clients`: the buy path's Redis call on a cluster through
   each candidate client (redis-py, its auto-pipeline with and without WAIT,
   valkey-glide, coredis).

@@ -23,6 +23,8 @@ Modules, in the order to read them:
   carried in front of drop events.
 * ``chatstream``: a big room's chat as a bounded stream: batches, a fair sample.
 * ``dispatch``: the process's fan-out queue: drop events first, in short slices.
+* ``board``: which of the node's workers is writing a drop event (their viewers'
+  commands wait for all of them).
 * ``wire``: a message encoded and framed once for every socket; its lane.
 * ``connection``: one socket's bounded two-lane send queue; a client that cannot keep
   up is closed.
