@@ -30,11 +30,14 @@ import uvicorn
 from dropserver.settings import Settings, load_settings
 from realtime.board import BOARD_ENV, INDEX_ENV, FanoutBoard
 
-__all__ = ["bind_socket", "run_single", "run_supervisor", "worker_command"]
+__all__ = ["bind_socket", "run_single", "run_supervisor", "sweep_metrics_dirs",
+           "worker_command"]
 
 log = logging.getLogger("dropserver.serve")
 
 SUPERVISOR_PID = "DROPSERVER_SUPERVISOR_PID"  # set for the workers: whom they die with
+METRICS_PREFIX = "dropserver-metrics-"  # a supervisor's folder in the temp dir
+OWNER_FILE = "owner"  # in that folder: its supervisor's process mark
 
 
 def bind_socket(host: str, port: int, *, reuse_port: bool, listen: bool = True) -> socket.socket:
@@ -177,13 +180,69 @@ def worker_command(entry: str = WORKER_ENTRY) -> list[str]:
     return [sys.executable, "-c", f"import sys; sys.path[:] = {sys.path!r}; {entry}"]
 
 
+def _process_mark(pid: int) -> str | None:
+    """``pid`` and, on Linux, its start time (``/proc/PID/stat`` field 22), so that a
+    reused pid is not taken for the process that had it; None when there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return None
+        try:  # no procfs: the pid alone
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return str(pid)
+    # The name (field 2) is in parentheses and may hold spaces: count after its ")".
+    return f"{pid} {stat.rsplit(b')', 1)[1].split()[19].decode()}"
+
+
+def sweep_metrics_dirs(base: str | None = None) -> list[str]:
+    """Remove the metrics folders of supervisors that are gone. A supervisor removes
+    its own when it stops; one killed with SIGKILL cannot. Folders without an owner
+    mark (being created, or left by older versions) are not touched."""
+    removed = []
+    base = base or tempfile.gettempdir()
+    with contextlib.suppress(OSError), os.scandir(base) as entries:
+        for entry in entries:
+            if not entry.name.startswith(METRICS_PREFIX) or entry.is_symlink():
+                continue
+            try:
+                with open(os.path.join(entry.path, OWNER_FILE)) as f:
+                    owner = f.read().strip()
+            except OSError:
+                continue
+            pid = owner.split(" ", 1)[0]
+            if not pid.isdigit() or _process_mark(int(pid)) == owner:
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
+def _metrics_dir() -> str:
+    """This supervisor's folder for the workers' metrics files and board, marked as its
+    own (written whole, by rename) after sweeping those of dead supervisors."""
+    for path in sweep_metrics_dirs():
+        log.info("removed a dead supervisor's metrics folder", extra={"path": path})
+    path = tempfile.mkdtemp(prefix=METRICS_PREFIX)
+    mark = os.path.join(path, OWNER_FILE)
+    with open(mark + ".tmp", "w") as f:
+        f.write(f"{_process_mark(os.getpid())}\n")
+    os.replace(mark + ".tmp", mark)
+    return path
+
+
 def run_supervisor(settings: Settings, *, extra_env: dict[str, str] | None = None,
                    on_ready=None) -> int:
     """Run ``settings.workers`` worker processes on one port until signalled."""
     # Resolve the port once; hold it so it cannot be taken between restarts.
     holder = bind_socket(settings.host, settings.port, reuse_port=True, listen=False)
     port = holder.getsockname()[1]
-    metrics_dir = tempfile.mkdtemp(prefix="dropserver-metrics-")
+    metrics_dir = _metrics_dir()
     env = dict(os.environ)
     env.update(extra_env or {})
     env.update({
