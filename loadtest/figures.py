@@ -104,7 +104,7 @@ def compose(cfg: RehearsalConfig, reports: list[dict[str, Any]], audit: dict[str
                    "chat_messages": cfg.chat_messages, "countdown_s": cfg.countdown_s,
                    "countdown_jitter_s": cfg.countdown_jitter_s,
                    "countdown_drawn_s": cfg.countdown_drawn_s,
-                   "server_env": cfg.server_env,
+                   "server_env": cfg.server_env, "floor": cfg.floor,
                    "fault": ({"what": cfg.fault.describe(), "after_s": cfg.fault.after_s,
                               "budget_s": cfg.fault.budget_s} if cfg.fault else None)},
         "connections": {
