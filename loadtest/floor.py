@@ -43,6 +43,7 @@ import msgpack
 __all__ = ["FloorServers", "floor_message", "rush_keys", "serve_broadcast"]
 
 TAKE_LUA = (Path(__file__).parent / "floor_take.lua").read_text()
+RUSH_CONNECTIONS = 64  # Redis connections of one rush floor process, as the buy path's
 
 
 def rush_keys(channel: str, product_id: int) -> list[str]:
@@ -62,7 +63,7 @@ async def serve_broadcast(port: int, redis_url: str, channel: str,
 
     conns: set[Any] = set()
     r = connect_redis(redis_url)  # one Redis or a cluster (classic pub/sub works on both)
-    take = r.register_script(TAKE_LUA) if rush else None
+    take = _buy_client(redis_url).register_script(TAKE_LUA) if rush else None
 
     async def handler(ws: Any) -> None:
         conns.add(ws)
@@ -89,6 +90,22 @@ async def serve_broadcast(port: int, redis_url: str, channel: str,
                      backlog=4096, reuse_port=True):
         print("ready", flush=True)
         await relay()
+
+
+def _buy_client(redis_url: str) -> Any:
+    """The rush floor's Redis client: redis-py's own (hiredis parses when installed),
+    its pool bounded, buys waiting for a free connection: an unbounded pool opens a
+    connection per buy in flight (thousands in a rush). A cluster's client has its own
+    pools per node."""
+    from redis.asyncio import BlockingConnectionPool, Redis
+
+    from dropserver.redis_client import connect as connect_redis
+    from dropserver.redis_client import is_cluster_url
+
+    if is_cluster_url(redis_url):
+        return connect_redis(redis_url, max_connections=RUSH_CONNECTIONS)
+    return Redis(connection_pool=BlockingConnectionPool.from_url(
+        redis_url, max_connections=RUSH_CONNECTIONS, timeout=None))
 
 
 async def _answer(take: Any, channel: str, data: bytes | str) -> bytes | str | None:
