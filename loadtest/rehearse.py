@@ -520,6 +520,7 @@ class Rehearsal:
             connected = self.progress.total("ever_joined")
             await asyncio.sleep(1.0)
             floor_cpu = self.swarm_cpu()
+            server_cpu = self.floor_server_cpu(servers.pids)
             for k in range(cfg.floor_events):
                 if rush:  # message k sells product k + 1
                     stock_key, buyers_key = rush_keys(channel, k + 1)
@@ -537,6 +538,7 @@ class Rehearsal:
                     sold.append(event)
                 await asyncio.sleep(cfg.floor_interval_s)
             self.note_swarm_cpu(name, floor_cpu, self.swarm_cpu())
+            server_cpu = (server_cpu, self.floor_server_cpu(servers.pids))
             reports = await self.collect()
         finally:
             await self.stop_swarms()
@@ -551,6 +553,10 @@ class Rehearsal:
                "viewers": connected, "connect_s": round(connect_s, 2),
                "events": len(sent), "delivered": len(lat), "expected": expected,
                "latency": summarize(lat)}
+        if all(server_cpu):  # the floor servers' CPU over the messages (and buys)
+            out["server_cpu_s"] = round(server_cpu[1].cpu_seconds - server_cpu[0].cpu_seconds,
+                                        2)
+            out["server_window_s"] = round(server_cpu[1].t - server_cpu[0].t, 2)
         if rush:
             buys: dict[str, int] = {}
             for r in reports:
@@ -564,6 +570,18 @@ class Rehearsal:
                 "buy_latency": summarize([x for r in reports
                                           for x in r.get("floor_buy_latency", [])])}
         return out
+
+    @staticmethod
+    def floor_server_cpu(pids: list[int]) -> Any:
+        """A reading of the floor servers' CPU now (a ProcSample), None if unreadable."""
+        import psutil
+
+        from loadtest.procstat import ProcWatch
+
+        try:
+            return ProcWatch(pids).sample()
+        except psutil.Error:
+            return None
 
     async def floor_rush_over(self, redis: Any, channel: str, k: int) -> dict[str, int]:
         """Wait, as the drop's rush does, until every buy of message ``k`` is answered;

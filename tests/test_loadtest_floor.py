@@ -131,6 +131,7 @@ async def test_rush_floor_measured_by_the_rehearsal_sells_its_stock_each_time(
     assert buys["held"] + buys["sold_out"] == buys["sent"] == sum(e["buys"] for e in per_message)
     assert "no_reply" not in buys and "rejected" not in buys
     assert rush["buy_latency"]["count"] == buys["sent"]
+    assert floor["server_cpu_s"] > 0 and floor["server_window_s"] > 0.9  # 3 x 0.3 s apart
 
 
 def _result(bare_p99: float, rush_p99: float) -> dict:
@@ -200,3 +201,25 @@ def test_the_floor_option_is_parsed_and_a_wrong_one_refused(capsys) -> None:
         main(["rehearse", "--floor", "rushed"])
     assert exc.value.code == 2
     assert "argument --floor: invalid choice: 'rushed'" in capsys.readouterr().err
+
+
+def test_the_servers_rush_cpu_is_reported_in_seconds_beside_the_floors() -> None:
+    """BUY NOW through the rush took the server 3.5 CPU-seconds in 2 s: 175 %, 3.5 s
+    (the rush floors report their servers' seconds the same way: server_cpu_s)."""
+    from loadtest.procstat import ProcSample
+    from loadtest.viewer_summary import summarize_viewers
+
+    report = summarize_viewers([])
+    report.update({"joined_at": [100.5], "ramp_started_at": 100.0, "connect_errors": {},
+                   "close_reasons": {}, "totals": {"joined": 1}})
+    before, after = ProcSample(10.0, 100 << 20, 50.0), ProcSample(12.0, 100 << 20, 53.5)
+
+    class _Watch:
+        pids = [1]  # what compose reads of the watch
+    rehearsal = Rehearsal(RehearsalConfig(viewers=1, stock=1, server_workers=1))
+    rehearsal.watch = _Watch()
+    result = rehearsal.compose([report], {"checked": False}, t_buy_now=0.0, joined=1,
+                               connect_s=1.0, baseline=before, after_connect=before,
+                               cpu_window=(before, after))
+    assert result["server"]["cpu_rush_percent"] == 175.0
+    assert result["server"]["cpu_rush_s"] == 3.5
