@@ -14,15 +14,17 @@ Modules, in the order to read them:
 * ``creator``: the creator's side: one drop driven through the HTTP API.
 * ``target``: where a rehearsal points: a local server it starts, a deployment, or
   the cluster harness's balancer.
-* ``floor``: the bare ``websockets`` broadcast server a rehearsal measures beside it.
-* ``floor_viewer``: the floor's viewer: it times each numbered broadcast.
+* ``floor``: the bare ``websockets`` broadcast server a rehearsal measures beside it,
+  and the rush floor: the same server answering buys (``floor_take.lua``).
+* ``floor_viewer``: the floor's viewer: it times each numbered broadcast, and on the
+  rush floor buys as a drop's viewer does.
 * ``procstat``: the server's memory and CPU during a run.
 * ``stats``: percentiles, latency summaries, histograms; pure.
 * ``fault``: a fault injected in a rehearsal's rush, and how the viewers came back.
 * ``rehearse``: the whole rehearsal, phase by phase.
 * ``swarm_pipes``: the rehearsal's end of its swarm processes: pipes, progress, reports.
 * ``figures``: the swarms' reports merged into the rehearsal's result.
-* ``verdict``: the orders audited, BUY NOW beside the floor, and pass or fail.
+* ``verdict``: the orders audited, BUY NOW beside the floors, and pass or fail.
 * ``auction_rehearsal``: ``rehearse --scenario auction``: bidding wars among
   thousands in auctions' last seconds, each audited against PostgreSQL.
 * ``giveaway``: the rehearsal's giveaway scenario: the phase, its figures, the draw

@@ -89,6 +89,9 @@ def compose(cfg: RehearsalConfig, reports: list[dict[str, Any]], audit: dict[str
             if cpu_samples else None,
             "cpu_peak_percent": max(cpu_samples) if cpu_samples else None,
             "cpu_rush_percent": cpu_percent(*cpu_window) if all(cpu_window) else None,
+            # CPU seconds from BUY NOW's request through the rush (a floor's: server_cpu_s)
+            "cpu_rush_s": round(cpu_window[1].cpu_seconds - cpu_window[0].cpu_seconds, 2)
+            if all(cpu_window) else None,
         })
     result: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -104,7 +107,7 @@ def compose(cfg: RehearsalConfig, reports: list[dict[str, Any]], audit: dict[str
                    "chat_messages": cfg.chat_messages, "countdown_s": cfg.countdown_s,
                    "countdown_jitter_s": cfg.countdown_jitter_s,
                    "countdown_drawn_s": cfg.countdown_drawn_s,
-                   "server_env": cfg.server_env,
+                   "server_env": cfg.server_env, "floor": cfg.floor,
                    "fault": ({"what": cfg.fault.describe(), "after_s": cfg.fault.after_s,
                               "budget_s": cfg.fault.budget_s} if cfg.fault else None)},
         "connections": {

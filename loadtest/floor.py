@@ -14,6 +14,15 @@ dropserver's code costs over the job itself (docs/benchmarks.md).
 prints ``ready`` once it listens. :class:`FloorServers` starts and stops a set of them;
 :func:`floor_message` is the message a rehearsal publishes (shaped like BUY NOW: one
 message of two event frames), numbered ``k`` so viewers time each one.
+
+The rush floor (``--rush``, a rehearsal's ``--floor rush``): the same broadcast, and
+each server also answers its viewers' buys with the least a team building on bare
+``websockets`` + Redis would write: decode the frame, one Lua call
+(``floor_take.lua``: take one unit if any is left and record the buyer) and one reply
+frame to the buyer. On one machine the buy rush that follows BUY NOW runs on the
+cores the swarms need to read it; the bare floor's viewers never buy, so the bare
+floor carries none of it (docs/loadtest.md, "The floor"). Message ``k`` sells product
+``k + 1``, whose stock the rehearsal sets (:func:`rush_keys`) before publishing it.
 """
 
 from __future__ import annotations
@@ -21,33 +30,55 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import msgpack
 
-__all__ = ["FloorServers", "floor_message", "serve_broadcast"]
+__all__ = ["FloorServers", "floor_message", "rush_keys", "serve_broadcast"]
+
+TAKE_LUA = (Path(__file__).parent / "floor_take.lua").read_text()
+RUSH_CONNECTIONS = 64  # Redis connections of one rush floor process, as the buy path's
 
 
-async def serve_broadcast(port: int, redis_url: str, channel: str) -> None:
-    """Relay every message of ``channel`` to every socket, nothing else."""
+def rush_keys(channel: str, product_id: int) -> list[str]:
+    """The rush floor's ``[stock, buyers]`` keys of one product (one hash slot)."""
+    tag = f"{{{channel}:{product_id}}}"
+    return [f"{tag}:stock", f"{tag}:buyers"]
+
+
+async def serve_broadcast(port: int, redis_url: str, channel: str,
+                          rush: bool = False) -> None:
+    """Relay every message of ``channel`` to every socket, nothing else; with ``rush``
+    also answer each socket's buys (:func:`_answer`)."""
     from websockets.asyncio.server import broadcast, serve
+    from websockets.exceptions import ConnectionClosed
 
     from dropserver.redis_client import connect as connect_redis
 
     conns: set[Any] = set()
+    r = connect_redis(redis_url)  # one Redis or a cluster (classic pub/sub works on both)
+    take = _buy_client(redis_url).register_script(TAKE_LUA) if rush else None
 
     async def handler(ws: Any) -> None:
         conns.add(ws)
         try:
-            await ws.wait_closed()
+            if take is None:
+                await ws.wait_closed()
+                return
+            with contextlib.suppress(ConnectionClosed):
+                async for data in ws:
+                    reply = await _answer(take, channel, data)
+                    if reply is not None:
+                        await ws.send(reply)
         finally:
             conns.discard(ws)
 
-    r = connect_redis(redis_url)  # one Redis or a cluster (classic pub/sub works on both)
     pubsub = r.pubsub(ignore_subscribe_messages=True)
     await pubsub.subscribe(channel)
 
@@ -61,14 +92,57 @@ async def serve_broadcast(port: int, redis_url: str, channel: str) -> None:
         await relay()
 
 
+def _buy_client(redis_url: str) -> Any:
+    """The rush floor's Redis client: redis-py's own (hiredis parses when installed),
+    its pool bounded, buys waiting for a free connection: an unbounded pool opens a
+    connection per buy in flight (thousands in a rush). A cluster's client has its own
+    pools per node."""
+    from redis.asyncio import BlockingConnectionPool, Redis
+
+    from dropserver.redis_client import connect as connect_redis
+    from dropserver.redis_client import is_cluster_url
+
+    if is_cluster_url(redis_url):
+        return connect_redis(redis_url, max_connections=RUSH_CONNECTIONS)
+    return Redis(connection_pool=BlockingConnectionPool.from_url(
+        redis_url, max_connections=RUSH_CONNECTIONS, timeout=None))
+
+
+async def _answer(take: Any, channel: str, data: bytes | str) -> bytes | str | None:
+    """One buy: ``{"t": "buy", "id", "product_id", "idempotency_key", ...}`` (msgpack, or
+    JSON text) -> one unit taken for its key if any is left -> a ``reply`` with the
+    buyer number, or an ``error`` ``sold_out``, in the frame's own encoding. Anything
+    else gets no answer."""
+    text = isinstance(data, str)
+    try:
+        frame = json.loads(data) if text else msgpack.unpackb(data)
+    except (ValueError, msgpack.UnpackException):
+        return None
+    if not isinstance(frame, dict) or frame.get("t") != "buy":
+        return None
+    product, key = frame.get("product_id"), frame.get("idempotency_key")
+    if not isinstance(product, int) or not isinstance(key, str):
+        reply: dict[str, Any] = {"t": "error", "id": str(frame.get("id")),
+                                 "code": "bad_request"}
+    else:
+        number, left = await take(keys=rush_keys(channel, product), args=[key])
+        reply = ({"t": "reply", "id": str(frame.get("id")),
+                  "data": {"hold_id": f"{product}:{number}", "buyer_number": number,
+                           "remaining": left}} if number
+                 else {"t": "error", "id": str(frame.get("id")), "code": "sold_out"})
+    return json.dumps(reply) if text else msgpack.packb(reply)
+
+
 def floor_message(k: int) -> bytes:
-    """Message ``k``: a batch of two event frames, the size of a BUY NOW (msgpack)."""
+    """Message ``k``: a batch of two event frames, the size of a BUY NOW (msgpack); it
+    puts product ``k + 1`` on sale (the rush floor's viewers buy it)."""
     return msgpack.packb([
         {"t": "event", "event": "drop.state",
-         "data": {"state": "selling", "previous": "live", "version": 4, "product_id": 1},
+         "data": {"state": "selling", "previous": "live", "version": 4,
+                  "product_id": k + 1},
          "pos": {"epoch": "floor", "offset": 2 * k + 1}},
         {"t": "event", "event": "drop.buy_now",
-         "data": {"product_id": 1, "price": 2500, "currency": "usd", "remaining": 500,
+         "data": {"product_id": k + 1, "price": 2500, "currency": "usd", "remaining": 500,
                   "k": k},
          "pos": {"epoch": "floor", "offset": 2 * k + 2}},
     ], use_bin_type=True)
@@ -77,8 +151,10 @@ def floor_message(k: int) -> bytes:
 class FloorServers:
     """``processes`` floor servers on one loopback port, started and stopped together."""
 
-    def __init__(self, processes: int, port: int, redis_url: str, channel: str) -> None:
+    def __init__(self, processes: int, port: int, redis_url: str, channel: str,
+                 rush: bool = False) -> None:
         self.processes = processes
+        self.rush = rush
         self.port = port
         self.redis_url = redis_url
         self.channel = channel
@@ -98,7 +174,8 @@ class FloorServers:
         for _ in range(self.processes):
             self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "loadtest.floor", "--port", str(self.port),
-                 "--redis-url", self.redis_url, "--channel", self.channel],
+                 "--redis-url", self.redis_url, "--channel", self.channel,
+                 *(["--rush"] if self.rush else [])],
                 stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
                 preexec_fn=die_with_parent()))
         deadline = time.monotonic() + timeout
@@ -131,12 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--channel", required=True)
+    parser.add_argument("--rush", action="store_true",
+                        help="also answer buys (the rush floor: floor_take.lua)")
     ns = parser.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:  # a process holds up to ulimit -n sockets
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_broadcast(ns.port, ns.redis_url, ns.channel))
+        asyncio.run(serve_broadcast(ns.port, ns.redis_url, ns.channel, ns.rush))
     return 0
 
 

@@ -3,8 +3,13 @@ them reports.
 
 A floor viewer joins nothing: it connects, then times each numbered message the floor
 server broadcasts (``data.k``). The swarm drives it through the same calls as a
-:class:`loadtest.viewer.Viewer` (``connecting``, ``opened``, ``received``, ``closed``,
-``count_into``), so one swarm process serves both.
+:class:`loadtest.viewer.Viewer` (``connecting``, ``opened``, ``received``,
+``sent_delayed``, ``closed``, ``count_into``), so one swarm process serves both.
+
+On the rush floor a viewer also buys as a rehearsal viewer does
+(:func:`loadtest.viewer.buy_plan`: the same draw from the swarm's seeded RNG, so the
+same viewers buy after the same reaction time): once per message, the product the
+message puts on sale, in the same ``buy`` frame, and it reads the reply the same way.
 """
 
 from __future__ import annotations
@@ -13,27 +18,43 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from loadtest.viewer import Phase, UndecodableFrame, decode_shared
+from loadtest.viewer import BuyOutcome, Phase, UndecodableFrame, buy_plan, decode_shared
+from realtime.protocol import Format, encode
 
 __all__ = ["FloorViewer", "summarize_floor"]
 
 
 class FloorViewer:
     """A viewer of the bare-broadcast floor (loadtest.floor): it joins nothing and
-    times each numbered message the floor server broadcasts (``data.k``)."""
+    times each numbered message the floor server broadcasts (``data.k``); with a buy
+    probability (the rush floor) it buys the product of each message it sees."""
 
-    __slots__ = ("arrivals", "index", "phase")
+    __slots__ = ("_buy_delay", "arrivals", "buy_id", "buy_lat", "buy_sent_at", "buys",
+                 "format", "index", "last_k", "phase", "user_id", "wants_to_buy")
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, user_id: str = "", draw: float = 1.0,
+                 buy_probability: float = 0.0, buy_delay_ms: tuple[float, float] = (0, 200),
+                 encoding: str = "msgpack") -> None:
         self.index = index
+        self.user_id = user_id or f"floor-{index}"
         self.phase = Phase.IDLE
         self.arrivals: list[tuple[int, float]] = []
+        self.wants_to_buy, self._buy_delay = buy_plan(draw, buy_probability, buy_delay_ms)
+        self.format = Format.JSON if encoding == "json" else Format.MSGPACK
+        self.last_k = -1  # the last message this viewer bought from
+        self.buy_id: int | None = None  # the buy awaiting its reply (its id: k + 1)
+        self.buy_sent_at: float | None = None
+        self.buys: Counter[str] = Counter()  # "sent" and each BuyOutcome
+        self.buy_lat: list[float] = []  # buy sent -> reply, seconds
 
     @property
     def is_open(self) -> bool:
         return self.phase is Phase.JOINED
 
     is_joined = is_open
+
+    def encode(self, message: dict[str, Any]) -> bytes | str:
+        return encode(message, self.format)
 
     def connecting(self, now: float) -> None:
         self.phase = Phase.CONNECTING
@@ -44,31 +65,86 @@ class FloorViewer:
 
     def closed(self, code: int | None, reason: str, now: float) -> None:
         self.phase = Phase.CLOSED
+        if self.buy_id is not None:
+            self.buys[BuyOutcome.NO_REPLY.value] += 1
+            self.buy_id = None
 
     def received(self, data: bytes | str, now: float) -> list[tuple[float, dict[str, Any]]]:
         try:
             messages = decode_shared(data)  # as the rehearsal's viewers read
         except UndecodableFrame:
             return []
+        out: list[tuple[float, dict[str, Any]]] = []
         for message in messages:
-            k = (message.get("data") or {}).get("k")
+            kind = message.get("t")
+            if kind == "reply" or kind == "error":
+                self._answered(message, now)
+                continue
+            body = message.get("data") or {}
+            k = body.get("k")
             if isinstance(k, int):
                 self.arrivals.append((k, round(now, 4)))
-        return []
+                if self.wants_to_buy:
+                    self._buy(k, body.get("product_id"), now, out)
+        return out
+
+    def sent_delayed(self, now: float, message: dict[str, Any] | None = None) -> None:
+        """The buy actually left now (the swarm held it for the reaction time)."""
+        if message is not None and message.get("id") == self.buy_id:
+            self.buy_sent_at = now
+
+    def _buy(self, k: int, product_id: Any, now: float,
+             out: list[tuple[float, dict[str, Any]]]) -> None:
+        """One buy per message, as a rehearsal viewer buys BUY NOW's product."""
+        if self.buy_id is not None or k <= self.last_k:
+            return
+        self.last_k = k
+        self.buy_id = k + 1
+        self.buy_sent_at = now  # corrected by sent_delayed() when it leaves later
+        self.buys["sent"] += 1
+        frame: dict[str, Any] = {"t": "buy", "id": self.buy_id, "quantity": 1,
+                                 "idempotency_key": f"lt-{self.user_id}-{k + 1}"}
+        if product_id is not None:
+            frame["product_id"] = product_id
+        out.append((self._buy_delay, frame))
+
+    def _answered(self, message: dict[str, Any], now: float) -> None:
+        if self.buy_id is None or message.get("id") != str(self.buy_id):
+            return
+        if message.get("t") == "reply":
+            outcome = BuyOutcome.HELD
+        elif message.get("code") == "sold_out":
+            outcome = BuyOutcome.SOLD_OUT
+        else:
+            outcome = BuyOutcome.REJECTED
+        self.buys[outcome.value] += 1
+        if self.buy_sent_at is not None:
+            self.buy_lat.append(round(now - self.buy_sent_at, 4))
+        self.buy_id = None
 
     def count_into(self, counts: Counter[str]) -> None:
         counts[self.phase.value] += 1
         if self.phase is Phase.JOINED:
             counts["ever_joined"] += 1
         counts["floor_seen"] += len(self.arrivals)
+        if self.buys:
+            counts["buys_sent"] += self.buys["sent"]
+            for outcome in BuyOutcome:
+                counts["buy_" + outcome.value] += self.buys[outcome.value]
 
 
 def summarize_floor(viewers: Iterable[FloorViewer]) -> dict[str, Any]:
-    """Arrival times by message number ``k``."""
+    """Arrival times by message number ``k``; on the rush floor the buys' outcomes and
+    their reply times."""
     arrivals: dict[str, list[float]] = {}
     joined = 0
+    buys: Counter[str] = Counter()
+    buy_lat: list[float] = []
     for v in viewers:
         joined += 1 if v.phase is Phase.JOINED else 0
         for k, t in v.arrivals:
             arrivals.setdefault(str(k), []).append(t)
-    return {"floor_arrivals": arrivals, "totals": {"joined": joined}}
+        buys.update(v.buys)
+        buy_lat.extend(v.buy_lat)
+    return {"floor_arrivals": arrivals, "totals": {"joined": joined},
+            "floor_buys": dict(buys), "floor_buy_latency": buy_lat}

@@ -139,9 +139,10 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("server RSS per connection", f"{fmt(server.get('rss_per_connection_kib'))} KiB"),
         ("server CPU (avg / peak, 100 = one core)",
          f"{fmt(server.get('cpu_avg_percent'))} / {fmt(server.get('cpu_peak_percent'))} %"),
-        ("load generator CPU, countdown to rush / floor (100 = one core)",
+        ("load generator CPU, countdown to rush / bare floor / rush floor (100 = one core)",
          f"{fmt(gen.get('drop', {}).get('cpu_percent'))} / "
-         f"{fmt(gen.get('floor', {}).get('cpu_percent'))} %"),
+         f"{fmt(gen.get('floor', {}).get('cpu_percent'))} / "
+         f"{fmt(gen.get('rush_floor', {}).get('cpu_percent'))} %"),
     ]
 
 
@@ -172,17 +173,36 @@ def _giveaway_rows(result: dict[str, Any], fmt: Any) -> list[tuple[str, str]]:
 def _storm_rows(result: dict[str, Any], fmt: Any) -> list[tuple[str, str]]:
     """The floor of the same run, the creator's requests and the chat storm."""
     rows = []
-    floor = result.get("floor") or {}
-    if floor.get("measured"):
+    for name, key, what in (("floor", "floor_ratio", "bare floor: broadcast only"),
+                            ("rush_floor", "rush_floor_ratio",
+                             "rush floor: broadcast + the same buy rush")):
+        floor = result.get(name) or {}
+        if not floor.get("measured"):
+            continue
         flat = floor.get("latency", {})
-        ratio = result.get("buy_now", {}).get("floor_ratio", {})
+        ratio = result.get("buy_now", {}).get(key, {})
         rows += [
-            ("floor: bare broadcast p50 / p99 / max",
+            (f"{what}, p50 / p99 / max",
              " / ".join(fmt(flat.get(k)) for k in ("p50_ms", "p99_ms", "max_ms"))
              + f" ms ({fmt(floor.get('delivered'))} / {fmt(floor.get('expected'))} "
              f"delivered, {fmt(floor.get('processes'))} processes)"),
-            ("BUY NOW / floor, p50 / p99", f"{fmt(ratio.get('p50'))} / {fmt(ratio.get('p99'))}"),
+            (f"BUY NOW / {what.split(':')[0]}, p50 / p99"
+             + (" (issue 16's goal)" if name == "floor" else ""),
+             f"{fmt(ratio.get('p50'))} / {fmt(ratio.get('p99'))}"),
         ]
+        rush = floor.get("rush")
+        if rush:
+            buys, blat = rush.get("buys", {}), rush.get("buy_latency", {})
+            rows += [
+                ("rush floor: buys sent / held / sold out / no reply",
+                 " / ".join(fmt(buys.get(k, 0)) for k in ("sent", "held", "sold_out",
+                                                          "no_reply"))
+                 + f"; reply p50 / p99 {fmt(blat.get('p50_ms'))} / "
+                   f"{fmt(blat.get('p99_ms'))} ms"),
+                ("rush floor: units sold per message / stock",
+                 f"{', '.join(fmt(e.get('sold')) for e in rush.get('sold', []))} / "
+                 f"{fmt(rush.get('stock_per_event'))} (oversold {fmt(rush.get('oversold'))})"),
+            ]
     creator = result.get("creator") or {}
     if creator:
         probes = creator.get("probes") or {}

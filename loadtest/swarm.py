@@ -16,7 +16,8 @@ died): a swarm never outlives its run. Viewers are :class:`loadtest.viewer.Viewe
 cores; this module only connects them (rate-limited, spread over source addresses),
 feeds them frames and sends what they answer. With ``mode: "floor"`` the viewers are
 :class:`loadtest.floor_viewer.FloorViewer` s of a bare broadcast server (loadtest.floor):
-connected, they only time what it broadcasts.
+connected, they only time what it broadcasts; with ``mode: "floor_rush"`` they also
+buy each message's product as the drop's viewers buy BUY NOW's.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ class SwarmConfig:
     chat_sample: int = 0  # every Nth viewer times the chat it gets (0: none)
     enter_probability: float = 0.0  # the giveaway scenario (loadtest.viewer.ViewerConfig)
     enter_delay_ms: tuple[float, float] = (0.0, 8000.0)
-    mode: str = "drop"  # "floor": viewers of the bare broadcast server (loadtest.floor)
+    # "floor": viewers of the bare broadcast server (loadtest.floor); "floor_rush": of
+    # the rush floor, buying as the drop's viewers do
+    mode: str = "drop"
 
     @classmethod
     def from_json(cls, raw: str) -> SwarmConfig:
@@ -104,9 +107,13 @@ class Swarm:
                             chat_sample=config.chat_sample,
                             enter_probability=config.enter_probability,
                             enter_delay_ms=config.enter_delay_ms)
-        self.floor = config.mode == "floor"
+        self.floor = config.mode in ("floor", "floor_rush")
+        # The rush floor's viewers buy as the drop's do (the same draw per viewer).
+        floor_buys = config.buy_probability if config.mode == "floor_rush" else 0.0
         self.viewers: list[Any] = [
-            FloorViewer(config.first + i) if self.floor else
+            FloorViewer(config.first + i, f"{config.user_prefix}-{config.first + i}",
+                        self._rng.random(), floor_buys, config.buy_delay_ms,
+                        config.encoding) if self.floor else
             Viewer(config.first + i, f"{config.user_prefix}-{config.first + i}", vcfg,
                    self._rng.random())
             for i in range(config.count)

@@ -25,15 +25,24 @@ __all__ = ["audit", "bucket_ms", "compare_floor", "judge"]
 
 
 def compare_floor(result: dict[str, Any]) -> None:
-    """BUY NOW against the floor of the same run: the ratios of their percentiles."""
-    floor = result.get("floor", {})
-    if not floor.get("measured"):
-        return
-    ratio: dict[str, float | None] = {}
-    for key in ("p50_ms", "p99_ms", "max_ms"):
-        ours, bare = result["buy_now"]["latency"].get(key), floor["latency"].get(key)
-        ratio[key.removesuffix("_ms")] = round(ours / bare, 2) if ours and bare else None
-    result["buy_now"]["floor_ratio"] = ratio
+    """BUY NOW against the floors of the same run: the ratios of their percentiles,
+    ``floor_ratio`` against the bare floor (issue 16's goal) and ``rush_floor_ratio``
+    against the rush floor. A rush floor that sold more than its stock fails the run:
+    its own figures would be wrong."""
+    for name, key in (("floor", "floor_ratio"), ("rush_floor", "rush_floor_ratio")):
+        floor = result.get(name) or {}
+        if not floor.get("measured"):
+            continue
+        ratio: dict[str, float | None] = {}
+        for pct in ("p50_ms", "p99_ms", "max_ms"):
+            ours, bare = result["buy_now"]["latency"].get(pct), floor["latency"].get(pct)
+            ratio[pct.removesuffix("_ms")] = round(ours / bare, 2) if ours and bare else None
+        result["buy_now"][key] = ratio
+    rush = (result.get("rush_floor") or {}).get("rush") or {}
+    if rush.get("oversold"):
+        result.setdefault("failures", []).append(
+            f"the rush floor sold {rush['oversold']} units over its stock")
+        result["passed"] = False
 
 
 def bucket_ms(lat: dict[str, Any]) -> float:

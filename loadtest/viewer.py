@@ -46,7 +46,7 @@ import msgpack
 from realtime.protocol import ErrorCode, Format, ServerType, encode
 
 __all__ = ["BuyOutcome", "Phase", "SharedFrame", "UndecodableFrame", "Viewer", "ViewerConfig",
-           "chat_text", "decode_server", "decode_shared", "shared_frame"]
+           "buy_plan", "chat_text", "decode_server", "decode_shared", "shared_frame"]
 
 CHAT_PREFIX = "rc "  # rehearsal chat: "rc <monotonic send time> <sender>"
 
@@ -63,6 +63,17 @@ def _chat_sent_at(text: Any) -> float | None:
         return float(text.split(" ", 2)[1])
     except (IndexError, ValueError):
         return None
+
+
+def buy_plan(draw: float, probability: float,
+             delay_ms: tuple[float, float]) -> tuple[bool, float]:
+    """Whether a viewer buys, and its reaction time in seconds, from its one draw in
+    [0, 1) of the swarm's seeded RNG: the same seed buys with the same viewers, after
+    the same delay (uniform over ``delay_ms`` across the buyers)."""
+    wants = draw < probability
+    lo, hi = delay_ms
+    return wants, ((lo + (hi - lo) * (draw / probability)) / 1000.0
+                   if wants and probability > 0 else 0.0)
 
 
 class UndecodableFrame(ValueError):
@@ -303,10 +314,8 @@ class Viewer:
         self.user_id = user_id
         self.config = config
         # Drawn once by the swarm's seeded RNG: the same seed buys with the same viewers.
-        self.wants_to_buy = draw < config.buy_probability
-        lo, hi = config.buy_delay_ms
-        self._buy_delay = (lo + (hi - lo) * (draw / config.buy_probability)) / 1000.0 \
-            if self.wants_to_buy and config.buy_probability > 0 else 0.0
+        self.wants_to_buy, self._buy_delay = buy_plan(draw, config.buy_probability,
+                                                       config.buy_delay_ms)
         self.phase = Phase.IDLE
         self._next_id = 1
         self._join_id: int | None = None

@@ -19,11 +19,12 @@ from loadtest.rehearse import RehearsalConfig, rehearse
 @pytest.mark.timeout(150)
 def test_small_rehearsal_holds_and_never_oversells(tmp_path: Path) -> None:
     """With a chat storm, in a room the server treats as big (its chat batched and
-    sampled), the creator's control-path probes and the bare-broadcast floor."""
+    sampled), the creator's control-path probes and both floors: the bare broadcast
+    and the one whose viewers buy as the drop's did."""
     cfg = RehearsalConfig(
         viewers=200, stock=20, server_workers=1, swarm_processes=2, connect_rate=1000,
         buy_probability=0.6, buy_delay_ms=(0, 50), chat_messages=6, countdown_s=1.5,
-        chat_rate=40, probe_interval_s=0.2, floor_events=3, floor_interval_s=0.5,
+        chat_rate=40, probe_interval_s=0.2, floor="both", floor_events=3, floor_interval_s=0.5,
         rush_timeout_s=15, max_duration_s=90, out_dir=str(tmp_path), quiet=True,
         p99_budget_ms=5000, command="test",
         server_env={"DROPSERVER_CHAT_BATCH_VIEWERS": "50", "DROPSERVER_CHAT_BATCH_MS": "250",
@@ -68,10 +69,16 @@ def test_small_rehearsal_holds_and_never_oversells(tmp_path: Path) -> None:
     assert floor["measured"] and floor["viewers"] == 200
     assert floor["delivered"] == floor["expected"] == 600
     assert result["buy_now"]["floor_ratio"]["p99"] > 0
+    rush_floor = result["rush_floor"]
+    assert rush_floor["delivered"] == rush_floor["expected"] == 600
+    assert rush_floor["rush"]["units_sold"] == 3 * 20 and rush_floor["rush"]["oversold"] == 0
+    assert rush_floor["rush"]["buys"]["sent"] == 3 * res["sent"]  # the same buyers each time
+    assert result["buy_now"]["rush_floor_ratio"]["p99"] > 0
     # The load generator's own CPU, where it shares the machine with the server.
     gen = result["generator"]
     assert gen["drop"]["cpu_s"] > 0 and gen["drop"]["window_s"] > 1.5
     assert gen["floor"]["cpu_s"] >= 0 and gen["floor"]["window_s"] >= 1.0
+    assert gen["rush_floor"]["cpu_s"] >= 0 and gen["rush_floor"]["window_s"] >= 1.0
     assert gen["drop"]["cpu_percent"] is not None
     paths = result["reports"]
     written = json.loads(Path(paths["json"]).read_text())
