@@ -18,7 +18,16 @@ each server in turn:
 * ``baseline``: a bare server (:mod:`benchmarks._bare`: websockets' asyncio server, no
   compression) whose only job is to subscribe to the drop's Redis channel and
   ``websockets.broadcast()`` each message to every socket (``--workers N``: N such
-  processes with SO_REUSEPORT).
+  processes with SO_REUSEPORT). It sends no pings (``ping_interval=None``): the floor
+  the goals are judged against.
+* ``baseline-ping``: the same bare server with ``websockets``' default keepalive (a
+  ping to each socket every ``BASELINE_PING_INTERVAL_S`` = 20 s, as ``websockets.serve``
+  does unless told otherwise), beside a gateway that pings every socket too
+  (``DROPSERVER_WS_PING_INTERVAL``): the floor of a team on ``websockets``' defaults.
+
+Ratios gateway / baseline (``p99_ratio``, ``cpu_ratio``: server CPU per delivery,
+``connect_ratio``) and gateway / baseline-ping (the same names with ``_ping``) for
+each baseline measured in the run.
 
 Viewers are lean sans-I/O clients (``loadtest.wsclient``; no task per socket) split
 over ``--clients`` processes (one process holds at most ``ulimit -n`` sockets; 50,000
@@ -273,13 +282,43 @@ async def _bidding(redis: Any, drop_id: int) -> Any:
     return emit
 
 
-def _start_baseline(port: int, redis_url: str, channel: str,
-                    workers: int) -> list[subprocess.Popen]:
-    """``workers`` bare broadcast servers (:mod:`benchmarks._bare`) on one port."""
+BASELINE_PING_INTERVAL_S = 20.0  # websockets.serve's default ping_interval
+
+
+def _start_baseline(port: int, redis_url: str, channel: str, workers: int,
+                    ping_interval: float | None = None) -> list[subprocess.Popen]:
+    """``workers`` bare broadcast servers (:mod:`benchmarks._bare`) on one port; with
+    ``ping_interval``, websockets' keepalive on (``baseline-ping``)."""
+    pings = [] if ping_interval is None else ["--ping-interval", str(ping_interval)]
     return [subprocess.Popen([sys.executable, "-m", "benchmarks._bare", "broadcast",
                               "--port", str(port), "--redis-url", redis_url,
-                              "--channel", channel])
+                              "--channel", channel, *pings])
             for _ in range(workers)]
+
+
+# Gateway figure / baseline figure: name in the results, figure of each server.
+_RATIOS = (("p99_ratio", "p99_ms"), ("cpu_ratio", "server_cpu_us_per_delivery"),
+           ("connect_ratio", "connect_s"))
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float]:
+    """The gateway's p99, CPU per delivery and connect time over each baseline's in
+    ``results``: ``p99_ratio`` ... against ``baseline`` (no pings: the goals' floor),
+    ``p99_ratio_ping`` ... against ``baseline-ping``; ``bid_p99_ratio`` for
+    ``gateway-bids`` against ``baseline``; ``cluster_p99_ratio`` cluster / one Redis."""
+    out: dict[str, float] = {}
+
+    def put(name: str, a: dict[str, Any] | None, b: dict[str, Any] | None, key: str) -> None:
+        if a is not None and b is not None and a.get(key) and b.get(key):
+            out[name] = round(a[key] / b[key], 2)
+
+    gateway = results.get("gateway")
+    put("cluster_p99_ratio", results.get("gateway-cluster"), gateway, "p99_ms")
+    for base, suffix in (("baseline", ""), ("baseline-ping", "_ping")):
+        for name, key in _RATIOS:
+            put(name + suffix, gateway, results.get(base), key)
+    put("bid_p99_ratio", results.get("gateway-bids"), results.get("baseline"), "p99_ms")
+    return out
 
 
 def _server_pids(procs: list[subprocess.Popen]) -> list[int]:
@@ -326,8 +365,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     procs = _start_gateway(port, cluster.redis_url, services.database_url,
                                            args.viewers, args.workers)
                 else:
-                    procs = _start_baseline(port, services.redis_url,
-                                            channels.drop_channel(drop_id), args.workers)
+                    procs = _start_baseline(
+                        port, services.redis_url, channels.drop_channel(drop_id),
+                        args.workers,
+                        BASELINE_PING_INTERVAL_S if name == "baseline-ping" else None)
                 try:
                     for proc in procs:
                         wait_port(port, [proc])
@@ -354,18 +395,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             await redis.aclose()
             if cluster_redis is not None:
                 await cluster_redis.aclose()
-    if "gateway" in results and "gateway-cluster" in results:
-        g, c = results["gateway"], results["gateway-cluster"]
-        if g["p99_ms"] and c["p99_ms"]:
-            results["cluster_p99_ratio"] = round(c["p99_ms"] / g["p99_ms"], 2)
-    if "gateway" in results and "baseline" in results:
-        g, b = results["gateway"], results["baseline"]
-        if g["p99_ms"] and b["p99_ms"]:
-            results["p99_ratio"] = round(g["p99_ms"] / b["p99_ms"], 2)
-    if "gateway-bids" in results and "baseline" in results:
-        g, b = results["gateway-bids"], results["baseline"]
-        if g["p99_ms"] and b["p99_ms"]:
-            results["bid_p99_ratio"] = round(g["p99_ms"] / b["p99_ms"], 2)
+    results.update(ratios(results))
     return results
 
 
@@ -377,8 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1,
                         help="server processes on the port (both servers)")
     parser.add_argument("--clients", type=int, default=1, help="viewer processes")
-    parser.add_argument("--servers", nargs="+", default=["gateway", "baseline"],
-                        choices=["gateway", "gateway-cluster", "gateway-bids", "baseline"])
+    parser.add_argument("--servers", nargs="+", default=["gateway", "baseline", "baseline-ping"],
+                        choices=["gateway", "gateway-cluster", "gateway-bids", "baseline",
+                                 "baseline-ping"])
     args = parser.parse_args(argv)
     results = asyncio.run(main_async(args))
     print(json.dumps(results, indent=2))

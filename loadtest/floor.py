@@ -32,8 +32,14 @@ import msgpack
 __all__ = ["FloorServers", "floor_message", "serve_broadcast"]
 
 
-async def serve_broadcast(port: int, redis_url: str, channel: str) -> None:
-    """Relay every message of ``channel`` to every socket, nothing else."""
+async def serve_broadcast(port: int, redis_url: str, channel: str,
+                          ping_interval: float | None = None) -> None:
+    """Relay every message of ``channel`` to every socket, nothing else.
+
+    ``ping_interval``: None (the floor) sends no pings; a number of seconds keeps
+    ``websockets``' own keepalive (a ping to each socket every that many seconds, its
+    default timeout), as a server on ``websockets.serve``'s defaults (20 s) does
+    (``python -m benchmarks.fanout``'s ``baseline-ping``)."""
     from websockets.asyncio.server import broadcast, serve
 
     from dropserver.redis_client import connect as connect_redis
@@ -55,7 +61,7 @@ async def serve_broadcast(port: int, redis_url: str, channel: str) -> None:
         async for msg in pubsub.listen():
             broadcast(conns, msg["data"])
 
-    async with serve(handler, "127.0.0.1", port, compression=None, ping_interval=None,
+    async with serve(handler, "127.0.0.1", port, compression=None, ping_interval=ping_interval,
                      backlog=4096, reuse_port=True):
         print("ready", flush=True)
         await relay()
