@@ -437,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1,
                         help="server processes on the port (both servers)")
     parser.add_argument("--clients", type=int, default=1, help="viewer processes")
-    parser.add_argument("--idle", type=float, default=5.0,
+    # One whole keepalive period of baseline-ping: websockets pings each socket 20 s
+    # after it connected, so its pings come in bunches as the viewers connected.
+    parser.add_argument("--idle", type=float, default=BASELINE_PING_INTERVAL_S,
                         help="seconds of CPU measured after the events, viewers connected "
                              "and nothing published (0: none)")
     parser.add_argument("--servers", nargs="+", default=["gateway", "baseline", "baseline-ping"],
