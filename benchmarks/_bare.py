@@ -14,11 +14,15 @@ dropserver's code costs over the job itself.
 * **broadcast** (:func:`loadtest.floor.serve_broadcast`, which the rehearsal runs as
   its floor; the ``baseline`` of ``python -m benchmarks.fanout``): subscribes to the
   drop's Redis channel and hands each message to ``websockets.broadcast()`` for
-  every socket.
+  every socket. It sends no pings (``ping_interval=None``); with ``--ping-interval
+  20`` it keeps ``websockets``' default keepalive (a ping to each socket every 20 s),
+  as a team serving with ``websockets.serve``'s defaults gets (``baseline-ping`` in
+  ``python -m benchmarks.fanout``).
 
 Run as a process of its own: ``python -m benchmarks._bare buy --port P --redis-url URL
 --limits window_ms,per_user,per_ip,velocity_window_ms,velocity_max`` or
-``python -m benchmarks._bare broadcast --port P --redis-url URL --channel NAME``
+``python -m benchmarks._bare broadcast --port P --redis-url URL --channel NAME
+[--ping-interval S]``
 (several on one port share it with SO_REUSEPORT). Only the buy server imports
 dropserver's code.
 """
@@ -115,13 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     cast.add_argument("--port", type=int, required=True)
     cast.add_argument("--redis-url", required=True)
     cast.add_argument("--channel", required=True)
+    cast.add_argument("--ping-interval", type=float, default=None,
+                      help="seconds between websockets' keepalive pings (default: none)")
     ns = parser.parse_args(argv)
     if ns.server == "buy":
         _buy_main(ns)
     else:
         from loadtest.floor import serve_broadcast
 
-        asyncio.run(serve_broadcast(ns.port, ns.redis_url, ns.channel))
+        asyncio.run(serve_broadcast(ns.port, ns.redis_url, ns.channel,
+                                    ping_interval=ns.ping_interval))
     return 0
 
 

@@ -18,7 +18,22 @@ each server in turn:
 * ``baseline``: a bare server (:mod:`benchmarks._bare`: websockets' asyncio server, no
   compression) whose only job is to subscribe to the drop's Redis channel and
   ``websockets.broadcast()`` each message to every socket (``--workers N``: N such
-  processes with SO_REUSEPORT).
+  processes with SO_REUSEPORT). It sends no pings (``ping_interval=None``): the floor
+  the goals are judged against.
+* ``baseline-ping``: the same bare server with ``websockets``' default keepalive (a
+  ping to each socket every ``BASELINE_PING_INTERVAL_S`` = 20 s, as ``websockets.serve``
+  does unless told otherwise), beside a gateway that pings every socket too
+  (``DROPSERVER_WS_PING_INTERVAL``): the floor of a team on ``websockets``' defaults.
+
+Server CPU: the server processes' user + system time over the events' window (the
+fan-outs, and whatever the server does per second meanwhile: pings, background
+loops), / deliveries (``server_cpu_us_per_delivery``); then, viewers still connected
+and nothing published, over ``--idle`` seconds (``server_cpu_ms_per_s_idle``); and the
+window's CPU less that idle rate over its length, / deliveries
+(``server_cpu_us_per_delivery_net``: the fan-outs' own cost). Ratios gateway /
+baseline (``p99_ratio``, ``cpu_ratio``, ``cpu_net_ratio``, ``connect_ratio``) and
+gateway / baseline-ping (the same names with ``_ping``) for each baseline measured
+in the run.
 
 Viewers are lean sans-I/O clients (``loadtest.wsclient``; no task per socket) split
 over ``--clients`` processes (one process holds at most ``ulimit -n`` sockets; 50,000
@@ -150,7 +165,8 @@ def _client_main(*args: Any) -> None:
 
 async def _run_viewers(url: str, n: int, drop_id: int, join: bool, events: int,
                        interval: float, redis: Any, server_pids: list[int], clients: int,
-                       subprotocols: list[str] | None, emit: Any = None) -> dict[str, Any]:
+                       subprotocols: list[str] | None, emit: Any = None,
+                       idle_s: float = 0.0) -> dict[str, Any]:
     import multiprocessing
 
     loop = asyncio.get_running_loop()
@@ -177,6 +193,7 @@ async def _run_viewers(url: str, n: int, drop_id: int, join: bool, events: int,
     rss_after = sum(rss_kib(pid) for pid in server_pids)
     sent: list[float] = []
     cpu_before = sum(cpu_seconds(pid) for pid in server_pids)
+    window_started = time.perf_counter()
     for k in range(events):
         sent.append(time.perf_counter())  # CLOCK_MONOTONIC: same clock in every process
         if emit is not None:
@@ -189,6 +206,14 @@ async def _run_viewers(url: str, n: int, drop_id: int, join: bool, events: int,
     # Everything the server processes did meanwhile: the fan-outs, and idle work
     # (pings, presence) that is the same from run to run of one server.
     cpu_events = sum(cpu_seconds(pid) for pid in server_pids) - cpu_before
+    window_s = time.perf_counter() - window_started
+    # Then the same servers with every viewer still connected and no event: what they
+    # spend per second whatever is published (pings and pongs, background loops).
+    cpu_idle = None
+    if idle_s > 0:
+        cpu_before = sum(cpu_seconds(pid) for pid in server_pids)
+        await asyncio.sleep(idle_s)
+        cpu_idle = sum(cpu_seconds(pid) for pid in server_pids) - cpu_before
     arrivals: list[list[float]] = [[] for _ in range(events)]
     closed = 0
     close_codes: collections.Counter[str] = collections.Counter()
@@ -226,7 +251,21 @@ async def _run_viewers(url: str, n: int, drop_id: int, join: bool, events: int,
         "close_codes": dict(close_codes),
         "server_cpu_s_events": round(cpu_events, 2),
         "server_cpu_us_per_delivery": round(cpu_events / max(1, len(lat_ms)) * 1e6, 2),
+        **idle_figures(cpu_events, window_s, cpu_idle, idle_s, len(lat_ms)),
     }
+
+
+def idle_figures(cpu_events: float, window_s: float, cpu_idle: float | None,
+                 idle_s: float, deliveries: int) -> dict[str, float]:
+    """The idle window's CPU per second, and the events window's CPU less that rate
+    over its length, per delivery: what the fan-outs themselves cost."""
+    if cpu_idle is None or idle_s <= 0:
+        return {}
+    rate = cpu_idle / idle_s
+    return {"idle_s": round(idle_s, 2), "server_cpu_s_idle": round(cpu_idle, 2),
+            "server_cpu_ms_per_s_idle": round(rate * 1000, 1),
+            "server_cpu_us_per_delivery_net": round(
+                (cpu_events - rate * window_s) / max(1, deliveries) * 1e6, 2)}
 
 
 def _start_gateway(port: int, redis_url: str, database_url: str, n: int,
@@ -273,13 +312,43 @@ async def _bidding(redis: Any, drop_id: int) -> Any:
     return emit
 
 
-def _start_baseline(port: int, redis_url: str, channel: str,
-                    workers: int) -> list[subprocess.Popen]:
-    """``workers`` bare broadcast servers (:mod:`benchmarks._bare`) on one port."""
+BASELINE_PING_INTERVAL_S = 20.0  # websockets.serve's default ping_interval
+
+
+def _start_baseline(port: int, redis_url: str, channel: str, workers: int,
+                    ping_interval: float | None = None) -> list[subprocess.Popen]:
+    """``workers`` bare broadcast servers (:mod:`benchmarks._bare`) on one port; with
+    ``ping_interval``, websockets' keepalive on (``baseline-ping``)."""
+    pings = [] if ping_interval is None else ["--ping-interval", str(ping_interval)]
     return [subprocess.Popen([sys.executable, "-m", "benchmarks._bare", "broadcast",
                               "--port", str(port), "--redis-url", redis_url,
-                              "--channel", channel])
+                              "--channel", channel, *pings])
             for _ in range(workers)]
+
+
+# Gateway figure / baseline figure: name in the results, figure of each server.
+_RATIOS = (("p99_ratio", "p99_ms"), ("cpu_ratio", "server_cpu_us_per_delivery"),
+           ("connect_ratio", "connect_s"), ("cpu_net_ratio", "server_cpu_us_per_delivery_net"))
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float]:
+    """The gateway's p99, CPU per delivery and connect time over each baseline's in
+    ``results``: ``p99_ratio`` ... against ``baseline`` (no pings: the goals' floor),
+    ``p99_ratio_ping`` ... against ``baseline-ping``; ``bid_p99_ratio`` for
+    ``gateway-bids`` against ``baseline``; ``cluster_p99_ratio`` cluster / one Redis."""
+    out: dict[str, float] = {}
+
+    def put(name: str, a: dict[str, Any] | None, b: dict[str, Any] | None, key: str) -> None:
+        if a is not None and b is not None and a.get(key) and b.get(key):
+            out[name] = round(a[key] / b[key], 2)
+
+    gateway = results.get("gateway")
+    put("cluster_p99_ratio", results.get("gateway-cluster"), gateway, "p99_ms")
+    for base, suffix in (("baseline", ""), ("baseline-ping", "_ping")):
+        for name, key in _RATIOS:
+            put(name + suffix, gateway, results.get(base), key)
+    put("bid_p99_ratio", results.get("gateway-bids"), results.get("baseline"), "p99_ms")
+    return out
 
 
 def _server_pids(procs: list[subprocess.Popen]) -> list[int]:
@@ -326,8 +395,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     procs = _start_gateway(port, cluster.redis_url, services.database_url,
                                            args.viewers, args.workers)
                 else:
-                    procs = _start_baseline(port, services.redis_url,
-                                            channels.drop_channel(drop_id), args.workers)
+                    procs = _start_baseline(
+                        port, services.redis_url, channels.drop_channel(drop_id),
+                        args.workers,
+                        BASELINE_PING_INTERVAL_S if name == "baseline-ping" else None)
                 try:
                     for proc in procs:
                         wait_port(port, [proc])
@@ -339,7 +410,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         redis=cluster_redis if name == "gateway-cluster" else redis,
                         server_pids=_server_pids(procs), clients=args.clients,
                         subprotocols=(["dropserver.msgpack.v1"] if name.startswith("gateway")
-                                      else None), emit=emit)
+                                      else None), emit=emit, idle_s=args.idle)
                 finally:
                     for proc in procs:
                         proc.send_signal(signal.SIGTERM)
@@ -354,18 +425,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             await redis.aclose()
             if cluster_redis is not None:
                 await cluster_redis.aclose()
-    if "gateway" in results and "gateway-cluster" in results:
-        g, c = results["gateway"], results["gateway-cluster"]
-        if g["p99_ms"] and c["p99_ms"]:
-            results["cluster_p99_ratio"] = round(c["p99_ms"] / g["p99_ms"], 2)
-    if "gateway" in results and "baseline" in results:
-        g, b = results["gateway"], results["baseline"]
-        if g["p99_ms"] and b["p99_ms"]:
-            results["p99_ratio"] = round(g["p99_ms"] / b["p99_ms"], 2)
-    if "gateway-bids" in results and "baseline" in results:
-        g, b = results["gateway-bids"], results["baseline"]
-        if g["p99_ms"] and b["p99_ms"]:
-            results["bid_p99_ratio"] = round(g["p99_ms"] / b["p99_ms"], 2)
+    results.update(ratios(results))
     return results
 
 
@@ -377,8 +437,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1,
                         help="server processes on the port (both servers)")
     parser.add_argument("--clients", type=int, default=1, help="viewer processes")
-    parser.add_argument("--servers", nargs="+", default=["gateway", "baseline"],
-                        choices=["gateway", "gateway-cluster", "gateway-bids", "baseline"])
+    # One whole keepalive period of baseline-ping: websockets pings each socket 20 s
+    # after it connected, so its pings come in bunches as the viewers connected.
+    parser.add_argument("--idle", type=float, default=BASELINE_PING_INTERVAL_S,
+                        help="seconds of CPU measured after the events, viewers connected "
+                             "and nothing published (0: none)")
+    parser.add_argument("--servers", nargs="+", default=["gateway", "baseline", "baseline-ping"],
+                        choices=["gateway", "gateway-cluster", "gateway-bids", "baseline",
+                                 "baseline-ping"])
     args = parser.parse_args(argv)
     results = asyncio.run(main_async(args))
     print(json.dumps(results, indent=2))

@@ -52,10 +52,15 @@ def rush_keys(channel: str, product_id: int) -> list[str]:
     return [f"{tag}:stock", f"{tag}:buyers"]
 
 
-async def serve_broadcast(port: int, redis_url: str, channel: str,
-                          rush: bool = False) -> None:
+async def serve_broadcast(port: int, redis_url: str, channel: str, rush: bool = False,
+                          ping_interval: float | None = None) -> None:
     """Relay every message of ``channel`` to every socket, nothing else; with ``rush``
-    also answer each socket's buys (:func:`_answer`)."""
+    also answer each socket's buys (:func:`_answer`).
+
+    ``ping_interval``: None (the floor) sends no pings; a number of seconds keeps
+    ``websockets``' own keepalive (a ping to each socket every that many seconds, its
+    default timeout), as a server on ``websockets.serve``'s defaults (20 s) does
+    (``python -m benchmarks.fanout``'s ``baseline-ping``)."""
     from websockets.asyncio.server import broadcast, serve
     from websockets.exceptions import ConnectionClosed
 
@@ -86,7 +91,7 @@ async def serve_broadcast(port: int, redis_url: str, channel: str,
         async for msg in pubsub.listen():
             broadcast(conns, msg["data"])
 
-    async with serve(handler, "127.0.0.1", port, compression=None, ping_interval=None,
+    async with serve(handler, "127.0.0.1", port, compression=None, ping_interval=ping_interval,
                      backlog=4096, reuse_port=True):
         print("ready", flush=True)
         await relay()

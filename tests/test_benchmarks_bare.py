@@ -103,3 +103,57 @@ async def test_broadcast_server_relays_the_channel_to_every_socket(r, clean_back
         server.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await server
+
+
+async def _pings_within(port: int, seconds: float) -> int:
+    """Open a socket to the server on ``port`` (websockets' sans-I/O client, which
+    shows control frames) and count the pings it gets in ``seconds``."""
+    from websockets.client import ClientProtocol
+    from websockets.frames import Opcode
+    from websockets.uri import parse_uri
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    client = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}/"))
+    client.send_request(client.connect())
+    pings = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    try:
+        while True:
+            for data in client.data_to_send():
+                writer.write(data)
+            left = deadline - loop.time()
+            if left <= 0:
+                return pings
+            try:
+                data = await asyncio.wait_for(reader.read(4096), left)
+            except TimeoutError:
+                return pings
+            assert data, "the server closed the socket"
+            client.receive_data(data)
+            pings += sum(1 for e in client.events_received()
+                         if getattr(e, "opcode", None) is Opcode.PING)
+    finally:
+        writer.close()
+
+
+async def test_broadcast_server_pings_only_when_asked(r, clean_backends):
+    """The fan-out benchmark's ``baseline`` sends no pings; ``baseline-ping`` keeps
+    websockets' keepalive, which the socket answers (the client answers each ping)."""
+    from dropserver.services import free_port, wait_port
+
+    for interval, least in ((None, 0), (0.2, 3)):
+        port = free_port()
+        server = asyncio.ensure_future(
+            serve_broadcast(port, clean_backends.redis_url, "bench:p", ping_interval=interval))
+        try:
+            await asyncio.to_thread(wait_port, port, deadline_s=10)
+            pings = await _pings_within(port, 2.0)
+        finally:
+            server.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await server
+        if interval is None:
+            assert pings == 0
+        else:
+            assert pings >= least
