@@ -2,7 +2,8 @@
 shows.
 
 :func:`compose` adds up the swarms' raw times and counts (joins, BUY NOW arrivals,
-reservations, positions, chat) into latency summaries and totals, works out the events
+reservations, positions, chat) into latency summaries and totals (chat's also by when
+each message was posted: :func:`chat_by_phase`), works out the events
 lost at the tail (a viewer whose last position is behind the newest anyone saw), puts
 the server's memory and CPU beside them, and ends with the verdict
 (:mod:`loadtest.verdict`). The result is the JSON that :mod:`loadtest.report` draws.
@@ -21,7 +22,43 @@ from loadtest.stats import histogram, summarize
 if TYPE_CHECKING:
     from loadtest.rehearse import RehearsalConfig
 
-__all__ = ["compose"]
+__all__ = ["CHAT_PHASES", "chat_by_phase", "compose"]
+
+# When a timed chat message was posted (its send time): before the creator's BUY NOW
+# request, in the rush (from that request to the last buy reply any viewer got), after.
+CHAT_PHASES = ("before", "rush", "after")
+
+
+def chat_by_phase(sent: list[float], latency: list[float], after_post: list[float | None],
+                  *, t_buy_now: float, rush_end: float | None) -> dict[str, Any]:
+    """Chat delivery split by when each message was posted (:data:`CHAT_PHASES`).
+
+    ``sent``, ``latency`` and ``after_post`` hold one entry per timed message, in the
+    same order: its send time (monotonic), send to delivery, and server acceptance
+    (``at``) to delivery (``None`` without ``at``). ``t_buy_now``: the creator's BUY NOW
+    request (monotonic); ``rush_end``: the last buy reply (``None``: no buy, an empty
+    rush). Each phase: ``latency`` (send to delivery), and of the messages with an
+    ``at``, ``to_server_latency`` (send to acceptance: the sender's sending and the
+    server's reading and checks) and ``after_post_latency`` (acceptance to delivery:
+    publication, batching, fan-out, the viewer's reading). ``rush_s``: the rush's
+    length, from the BUY NOW request.
+    """
+    end = t_buy_now if rush_end is None else max(rush_end, t_buy_now)
+    parts: dict[str, tuple[list[float], list[float], list[float]]] = {
+        phase: ([], [], []) for phase in CHAT_PHASES}
+    for at, lat, after in zip(sent, latency, after_post, strict=True):
+        phase = "before" if at < t_buy_now else "rush" if at <= end else "after"
+        lats, to_server, after_ = parts[phase]
+        lats.append(lat)
+        if after is not None:
+            # wall clock (after) beside monotonic (lat): differences, so both hold
+            to_server.append(lat - after)
+            after_.append(after)
+    out: dict[str, Any] = {"rush_s": round(end - t_buy_now, 3)}
+    for phase, (lats, to_server, after_) in parts.items():
+        out[phase] = {"latency": summarize(lats), "to_server_latency": summarize(to_server),
+                      "after_post_latency": summarize(after_)}
+    return out
 
 
 def compose(cfg: RehearsalConfig, reports: list[dict[str, Any]], audit: dict[str, Any], *,
@@ -75,7 +112,12 @@ def compose(cfg: RehearsalConfig, reports: list[dict[str, Any]], audit: dict[str
     ramp = (joined_at[-1] - first) if joined_at else 0.0
     bn = summarize(buy_now_lat)
     chat_lat = [x for r in reports for x in r.get("chat_latency_s", ())]
-    chat_after = [x for r in reports for x in r.get("chat_after_post_s", ())]
+    chat_after_all = [x for r in reports for x in r.get("chat_after_post_s", ())]
+    chat_after = [x for x in chat_after_all if x is not None]
+    chat_sent = [x for r in reports for x in r.get("chat_sent_at", ())]
+    replies = [r["last_buy_reply_at"] for r in reports if r.get("last_buy_reply_at")]
+    chat_phases = chat_by_phase(chat_sent, chat_lat, chat_after_all, t_buy_now=t_buy_now,
+                                rush_end=max(replies) if replies else None)
     joined_n = max(totals["joined"], 1)
     server: dict[str, Any] = {"measured": watch is not None}
     if baseline is not None and after_connect is not None:
@@ -148,7 +190,13 @@ def compose(cfg: RehearsalConfig, reports: list[dict[str, Any]], audit: dict[str
                  "left_out_per_viewer": round(totals["chat_skipped"] / joined_n, 1),
                  "latency": summarize(chat_lat),
                  # the part from the server's acceptance on (publication, batch, fan-out)
-                 "after_post_latency": summarize(chat_after)},
+                 "after_post_latency": summarize(chat_after),
+                 # the part before it: the sender's sending, the server's reading
+                 "to_server_latency": summarize(
+                     [lat - after for lat, after in zip(chat_lat, chat_after_all,
+                                                        strict=True) if after is not None]),
+                 # by when each message was posted: before BUY NOW, in the rush, after
+                 "phases": chat_phases},
         "protocol_errors": dict(errors),
         # [user, hold id, buyer number] of every hold a buyer was told of
         "holds": [h for r in reports for h in r.get("holds", ())],

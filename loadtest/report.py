@@ -223,6 +223,33 @@ def _storm_rows(result: dict[str, Any], fmt: Any) -> list[tuple[str, str]]:
             ("chat delivery p50 / p99", f"{fmt(clat.get('p50_ms'))} / "
                                         f"{fmt(clat.get('p99_ms'))} ms"),
         ]
+        rows += _chat_phase_rows(chat, fmt)
+    return rows
+
+
+_PHASE_NAMES = {"before": "posted before BUY NOW", "rush": "posted in the rush",
+                "after": "posted after the rush"}
+
+
+def _chat_phase_rows(chat: dict[str, Any], fmt: Any) -> list[tuple[str, str]]:
+    """Chat delivery by when each message was posted, each split into send to the
+    server's acceptance and acceptance to delivery (loadtest.figures.chat_by_phase)."""
+    phases = chat.get("phases") or {}
+    rows = []
+    for name in ("before", "rush", "after"):
+        part = phases.get(name)
+        if not part:
+            continue
+        lat, to_server, after = (part.get(k) or {} for k in (
+            "latency", "to_server_latency", "after_post_latency"))
+        label = _PHASE_NAMES[name] + (f" (BUY NOW + {fmt(phases.get('rush_s'))} s)"
+                                      if name == "rush" else "")
+        rows.append((f"chat {label}: p50 / p99",
+                     f"{fmt(lat.get('p50_ms'))} / {fmt(lat.get('p99_ms'))} ms "
+                     f"({fmt(lat.get('count'))} timed); to server p50 / p99 "
+                     f"{fmt(to_server.get('p50_ms'))} / {fmt(to_server.get('p99_ms'))}, "
+                     f"then to viewer {fmt(after.get('p50_ms'))} / "
+                     f"{fmt(after.get('p99_ms'))} ms"))
     return rows
 
 

@@ -275,6 +275,7 @@ class Viewer:
         "chat_after",
         "chat_lat",
         "chat_seen",
+        "chat_sent",
         "chat_skipped",
         "config",
         "connect_started",
@@ -334,7 +335,11 @@ class Viewer:
         # Of those, the part after the server accepted the message (its ``at``, wall
         # clock ms): publication, batching, fan-out and this viewer's reading; the rest
         # is the swarm's sending and the server's reading and checks.
-        self.chat_after: list[float] | None = [] if self.chat_lat is not None else None
+        # (None where the message carried no ``at``), and each one's send time (the
+        # sender's monotonic clock): both in the order of chat_lat, one per message, so
+        # the rehearsal splits each latency by when it was posted (loadtest.figures).
+        self.chat_after: list[float | None] | None = [] if self.chat_lat is not None else None
+        self.chat_sent: list[float] | None = [] if self.chat_lat is not None else None
         self._msg_gaps: list[tuple[int, int]] | None = None  # missing ranges, this message
         self._msg_skipped_to = 0  # the highest skipped frame position in this message
         self.errors: Counter[str] | None = None
@@ -447,14 +452,15 @@ class Viewer:
 
     def _time_chat(self, times: list[tuple[float, Any]], now: float) -> None:
         """The chat of one frame timed, as :meth:`_event` times each message: from its
-        send time to ``now``, and from the server's ``at`` to the wall clock now."""
-        lat, after = self.chat_lat, self.chat_after
-        assert lat is not None and after is not None
+        send time to ``now``, and from the server's ``at`` to the wall clock now; and
+        its send time."""
+        lat, after, sents = self.chat_lat, self.chat_after, self.chat_sent
+        assert lat is not None and after is not None and sents is not None
         wall = time.time()
         for sent, at in times:
             lat.append(round(now - sent, 4))
-            if at is not None:
-                after.append(round(wall - at / 1000, 4))
+            after.append(round(wall - at / 1000, 4) if at is not None else None)
+            sents.append(sent)
 
     def read_messages(self, messages: list[dict[str, Any]],
                       now: float) -> list[tuple[float, dict[str, Any]]]:
@@ -591,11 +597,13 @@ class Viewer:
             if self.chat_lat is not None:
                 data = message.get("data") or {}
                 sent = _chat_sent_at(data.get("text"))
-                if sent is not None:
+                if sent is not None and self.chat_after is not None \
+                        and self.chat_sent is not None:
                     self.chat_lat.append(round(now - sent, 4))
                     at = data.get("at")
-                    if isinstance(at, int | float) and self.chat_after is not None:
-                        self.chat_after.append(round(time.time() - at / 1000, 4))
+                    self.chat_after.append(round(time.time() - at / 1000, 4)
+                                           if isinstance(at, int | float) else None)
+                    self.chat_sent.append(sent)
         elif event == BUY_NOW:
             if self.buy_now_at is None:
                 self.buy_now_at = now

@@ -3,9 +3,10 @@ totals.
 
 :func:`summarize_viewers` turns a swarm's viewers into the report it sends the
 rehearsal when asked: each viewer's join, BUY NOW and reservation times (seconds,
-rounded to 0.1 ms), buy outcomes and error codes, last positions, chat latencies, and
-totals (gaps, resumes, reconnects, outages). The rehearsal adds every swarm's report
-up (:mod:`loadtest.figures`).
+rounded to 0.1 ms), buy outcomes and error codes, last positions, chat latencies (with
+each timed message's send time), the last buy reply's time, and totals (gaps, resumes,
+reconnects, outages). The rehearsal adds every swarm's report up
+(:mod:`loadtest.figures`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def summarize_viewers(viewers: Iterable[Viewer]) -> dict[str, Any]:
     last_offsets: Counter[str] = Counter()
     totals: Counter[str] = Counter()
     chat_lat: list[float] = []
-    chat_after: list[float] = []
+    chat_after: list[float | None] = []  # None: the message carried no ``at``
+    chat_sent: list[float] = []
+    last_reply: float | None = None  # the last buy reply (the rush's end)
     holds: list[list[Any]] = []
     outages: list[list[Any]] = []
     entrants: list[str] = []  # users whose giveaway entry was answered: entered
@@ -53,10 +56,12 @@ def summarize_viewers(viewers: Iterable[Viewer]) -> dict[str, Any]:
         totals["entries_sent"] += 1 if v.gw_sent_at is not None else 0
         if v.gw_drawn is not None:
             drawn_seen[v.gw_drawn] += 1
-        if v.chat_lat:
+        if v.chat_lat and v.chat_after is not None and v.chat_sent is not None:
             chat_lat.extend(v.chat_lat)
-        if v.chat_after:
             chat_after.extend(v.chat_after)
+            chat_sent.extend(v.chat_sent)
+        if v.buy_reply_at is not None and (last_reply is None or v.buy_reply_at > last_reply):
+            last_reply = v.buy_reply_at
         if v.joined_at is not None:
             joined.append(round(v.joined_at, 4))
             if v.connect_started is not None and v.connected_at is not None:
@@ -102,8 +107,11 @@ def summarize_viewers(viewers: Iterable[Viewer]) -> dict[str, Any]:
         "outages": outages,
         "buy_outcomes": dict(outcomes), "buy_codes": dict(codes), "errors": dict(errors),
         "last_positions": dict(last_offsets), "totals": dict(totals),
+        # one entry per timed message, in the same order in all three lists
         "chat_latency_s": chat_lat,
         "chat_after_post_s": chat_after,
+        "chat_sent_at": chat_sent,
+        "last_buy_reply_at": last_reply,
         "giveaway": {"entrants": entrants, "entry_codes": dict(entry_codes),
                      "entry_s": entry_s, "answered_at": entry_answered_at,
                      "drawn_seen": dict(drawn_seen)},

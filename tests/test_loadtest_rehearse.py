@@ -56,6 +56,19 @@ def test_small_rehearsal_holds_and_never_oversells(tmp_path: Path) -> None:
     after = chat["after_post_latency"]
     assert after["count"] == chat["latency"]["count"]
     assert 0 < after["p50_ms"] <= chat["latency"]["p50_ms"] + 50  # clocks: wall vs monotonic
+    # and the part before it, the same messages again
+    assert chat["to_server_latency"]["count"] == chat["latency"]["count"]
+    # By when each message was posted: the countdown's burst and storm before BUY NOW,
+    # the storm through the rush (BUY NOW's request to the last buy reply), the rest
+    # after; every timed message in one of them, each split at the server's acceptance.
+    phases = chat["phases"]
+    assert phases["rush_s"] > 0
+    counts = [phases[p]["latency"]["count"] for p in ("before", "rush", "after")]
+    assert counts[0] > 0 and counts[1] > 0 and sum(counts) == chat["latency"]["count"]
+    for p in ("before", "rush", "after"):
+        part = phases[p]
+        assert part["to_server_latency"]["count"] == part["latency"]["count"]
+        assert part["after_post_latency"]["count"] == part["latency"]["count"]
     assert chat["left_out_per_viewer"] > 0
     assert chat["received_per_viewer"] + chat["left_out_per_viewer"] >= chat["sent"] - 1
     creator = result["creator"]
