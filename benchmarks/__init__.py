@@ -8,6 +8,8 @@ run. In the order of the hot paths:
 
 * :mod:`benchmarks.reserve`: the buy path, reservations per second from socket to
   ``reserve.lua`` and back, against raw EVALSHA and a bare buy server.
+* :mod:`benchmarks.buy_cpu`: the server's CPU per buy command in a rush, refused
+  (a sold-out product) and held, with a py-spy profile of the workers.
 * :mod:`benchmarks.reserve_script`: Redis' own time per ``reserve.lua`` call, a product
   without variants against a variant of one (and against another version of the
   script), alternating in one Valkey.

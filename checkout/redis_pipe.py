@@ -64,6 +64,24 @@ UNREPLICATED = Counter("dropserver_redis_unreplicated_seconds_total",
 log = logging.getLogger("dropserver.checkout")
 
 
+try:  # hiredis' reader, as redis-py's parser sets it up (its "not enough data" mark)
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
+    from redis._parsers.hiredis import _AsyncHiredisParser
+except ImportError:  # another redis-py: every reply through read_response
+    _NOT_ENOUGH_DATA = _AsyncHiredisParser = None  # type: ignore[assignment,misc]
+
+
+def _buffered_replies(conn: Any) -> Any:
+    """``gets`` of ``conn``'s hiredis reader: the next complete reply already read in
+    (``_NOT_ENOUGH_DATA`` when there is none); None where every reply must go through
+    ``read_response`` (no hiredis parser)."""
+    parser = getattr(conn, "_parser", None)
+    if _AsyncHiredisParser is None or type(parser) is not _AsyncHiredisParser:
+        return None
+    reader = getattr(parser, "_reader", None)
+    return None if reader is None else reader.gets
+
+
 class NotReplicated(RedisTimeoutError):
     """Fewer replicas than wanted confirmed a batch in time (``WAIT``)."""
 
@@ -210,6 +228,13 @@ class AutoPipeline:
     # -- replies ------------------------------------------------------------------
     async def _read(self, conn: Any) -> None:
         inflight = self._inflight
+        # The replies already read in after the one awaited are taken straight from
+        # hiredis' reader: redis-py's read_response per reply was most of this task's
+        # time in a rush (docs/benchmarks.md, "Buy path"); redis-py still reads the
+        # socket and raises what it raises.
+        buffered = _buffered_replies(conn)
+        push = getattr(getattr(conn, "_parser", None), "_hiredis_PushNotificationType",
+                       None)
         try:
             while True:
                 try:
@@ -217,15 +242,29 @@ class AutoPipeline:
                                                      disconnect_on_error=False)
                 except ResponseError as exc:
                     reply = exc
-                if not inflight:
-                    raise RedisConnectionError("a reply that nobody asked for")
-                fut, _ = inflight.popleft()
-                if fut.done():
-                    continue  # its caller was cancelled
-                if isinstance(reply, Exception):
-                    fut.set_exception(reply)
-                else:
-                    fut.set_result(reply)
+                while True:
+                    if not inflight:
+                        raise RedisConnectionError("a reply that nobody asked for")
+                    fut, _ = inflight.popleft()
+                    if not fut.done():  # done: its caller was cancelled
+                        if isinstance(reply, Exception):
+                            fut.set_exception(reply)
+                        else:
+                            fut.set_result(reply)
+                    if buffered is None:
+                        break
+                    reply = buffered()
+                    if reply is _NOT_ENOUGH_DATA:
+                        break
+                    if isinstance(reply, RedisConnectionError) or (
+                            isinstance(reply, list) and reply
+                            and isinstance(reply[0], RedisConnectionError)):
+                        raise reply if isinstance(reply, Exception) else reply[0]
+                    if push is not None and isinstance(reply, push):
+                        # RESP3 out of band (none is asked for here): handled as
+                        # read_response does, and the replies go on from there.
+                        await conn._parser.handle_push_response(reply)
+                        break
         except asyncio.CancelledError:
             self._lost(conn, RedisConnectionError("the pipeline is closed"))
             raise

@@ -44,7 +44,9 @@ from checkout.reserve import (
     Refusal,
     ReserveBatcher,
     hot_path_client,
+    parse_reply,
     reserve_batched,
+    script_call,
 )
 from dropserver.auth import Principal, Role, principal
 from dropserver.background import stop_task
@@ -206,12 +208,22 @@ class Reservations:
             self.notifier.back_in_stock(result.drop_id, result.product_id)
 
     async def reserve(self, req: BuyRequest) -> Hold:
+        # The rush's path, one coroutine deep: the script's reply parsed here, a
+        # refusal raised once (not caught and raised again on its way out).
         try:
-            return await self._reserve(req)
+            key_list, args = script_call(req, self.hold_ttl_ms, self.limits)
+            reply = await self.batcher.call(key_list, args)
         except (RedisConnectionError, RedisTimeoutError, OSError):
             # Redis is restarting or failing over: say so, the client retries.
             log.warning("redis unavailable for a buy", exc_info=True)
             raise _redis_away() from None
+        if _not_ready(reply):
+            try:
+                return await self._reserve_unloaded(req)
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                log.warning("redis unavailable for a buy", exc_info=True)
+                raise _redis_away() from None
+        return parse_reply(req, reply)
 
     async def cancel(self, hold_id: str, owner: str) -> ReleaseResult:
         """The buyer's cancel (``release.lua``, reason ``cancelled``)."""
@@ -248,15 +260,9 @@ class Reservations:
                            code="not_ready", status=503, headers={"Retry-After": "1"})
         return outcome == "loaded"
 
-    async def _reserve(self, req: BuyRequest) -> Hold:
-        try:
-            return await reserve_batched(self.batcher, req, hold_ttl_ms=self.hold_ttl_ms,
-                                         limits=self.limits)
-        except BuyRefused as exc:
-            if exc.refusal is not Refusal.NOT_READY:
-                raise
-        # The drop is not loaded: a Redis loss (rebuild from PostgreSQL first) or a
-        # drop that is not live at all.
+    async def _reserve_unloaded(self, req: BuyRequest) -> Hold:
+        """The script said ``not_ready``: the drop is not loaded, after a Redis loss
+        (rebuild from PostgreSQL first) or because it is not live at all."""
         until = self._not_live.get(req.drop_id, 0.0)
         if until > time.monotonic():
             raise BuyRefused(Refusal.NOT_SELLING, "drop is not live")
@@ -279,6 +285,15 @@ class Reservations:
             self._loading[drop_id] = task
             task.add_done_callback(lambda _t: self._loading.pop(drop_id, None))
         return await asyncio.shield(task)
+
+
+def _not_ready(reply: Any) -> bool:
+    """reserve.lua refused with ``not_ready`` (the drop is not loaded)."""
+    head = reply[0]
+    if head == b"ok" or head == "ok":
+        return False
+    code = reply[1]
+    return code == b"not_ready" or code == "not_ready"
 
 
 def _redis_away() -> ApiError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -110,23 +111,37 @@ class BuyRefused(ApiError):
     """A refused buy; ``refusal`` is the reason, ``code`` its string."""
 
     def __init__(self, refusal: Refusal, detail: str = "") -> None:
-        details: dict[str, Any] = {"detail": detail} if detail else {}
-        if refusal in (Refusal.SOLD_OUT, Refusal.NOT_ENOUGH_STOCK) and detail.isdigit():
-            details = {"remaining": int(detail)}
+        headers = None
+        if refusal is Refusal.SOLD_OUT or refusal is Refusal.NOT_ENOUGH_STOCK:
+            # Most of a rush's answers: the units left, looked at first.
+            details: dict[str, Any] = ({"remaining": int(detail)} if detail.isdigit()
+                                       else {"detail": detail} if detail else {})
         elif refusal is Refusal.VARIANT_REQUIRED:
             details = {"field": "variant_id",
                        "variant_ids": [int(v) for v in detail.split(",") if v.isdigit()]}
         elif refusal is Refusal.UNKNOWN_VARIANT:
             details = {"field": "variant_id"}
-        headers = None
-        if refusal is Refusal.NOT_READY:
-            headers = {"Retry-After": "1"}
-        elif refusal in (Refusal.RATE_LIMITED, Refusal.VELOCITY_EXCEEDED):
-            details = {"scope": detail} if refusal is Refusal.RATE_LIMITED else {}
+        elif refusal is Refusal.RATE_LIMITED:
+            details = {"scope": detail}
             headers = {"Retry-After": "2"}
-        super().__init__(refusal.message, code=refusal.value, status=refusal.status,
-                         details=details, headers=headers)
+        elif refusal is Refusal.VELOCITY_EXCEEDED:
+            details = {}
+            headers = {"Retry-After": "2"}
+        else:
+            details = {"detail": detail} if detail else {}
+            if refusal is Refusal.NOT_READY:
+                headers = {"Retry-After": "1"}
+        message, code, status = _FACE[refusal]
+        super().__init__(message, code=code, status=status, details=details,
+                         headers=headers)
         self.refusal = refusal
+
+
+# What a refusal shows: message, code, status (looked up once per refusal, not through
+# the enum's properties); and the refusal a script's reply names, by its bytes or str.
+_FACE = {r: (_MESSAGES[r], r.value, _STATUS[r]) for r in Refusal}
+_BY_CODE: dict[bytes | str, Refusal] = {
+    **{r.value: r for r in Refusal}, **{r.value.encode(): r for r in Refusal}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,8 +213,13 @@ def _s(value: Any) -> str:
 
 def parse_reply(req: BuyRequest, reply: list[Any]) -> Hold:
     """reserve.lua's reply -> :class:`Hold`, or raise :class:`BuyRefused`."""
-    if _s(reply[0]) != "ok":
-        raise BuyRefused(Refusal(_s(reply[1])), _s(reply[2]) if len(reply) > 2 else "")
+    head = reply[0]
+    if head != b"ok" and head != "ok":
+        code = reply[1]
+        refusal = _BY_CODE.get(code) if isinstance(code, bytes | str) else None
+        if refusal is None:
+            refusal = Refusal(_s(code))  # ValueError: a code this process does not know
+        raise BuyRefused(refusal, _s(reply[2]) if len(reply) > 2 else "")
     return Hold(
         hold_id=_s(reply[1]), drop_id=req.drop_id, product_id=req.product_id,
         buyer_number=int(reply[2]), expires_at=int(reply[3]), amount=int(reply[4]),
@@ -210,20 +230,42 @@ def parse_reply(req: BuyRequest, reply: list[Any]) -> Hold:
     )
 
 
+# The keys of reserve.lua's call that depend on the drop and product (and variant) only,
+# per product: every buy of a rush names the same few. A bounded cache: cleared whole
+# when full (a process sells a handful of products at a time).
+_PRODUCT_KEYS: dict[tuple[int, int, int | None], tuple[str, ...]] = {}
+_PRODUCT_KEYS_MAX = 1024
+
+
+def _product_keys(d: int, p: int, v: int | None) -> tuple[str, ...]:
+    """hold id prefix, then KEYS 1-5, the hold key's prefix, KEYS 7-8, the rate keys'
+    prefixes, then the variant's two keys (none without a variant)."""
+    k = (d, p, v)
+    got = _PRODUCT_KEYS.get(k)
+    if got is None:
+        if len(_PRODUCT_KEYS) >= _PRODUCT_KEYS_MAX:
+            _PRODUCT_KEYS.clear()
+        got = _PRODUCT_KEYS[k] = (
+            keys.hold_id_prefix(d, p, v), keys.meta(d), keys.product(d, p),
+            keys.units(d, p), keys.open_holds(d, p), keys.idem(d), keys.hold(d, ""),
+            keys.expiry(d), keys.orders(d), keys.rate_user(d, ""), keys.rate_ip(d, ""),
+            *((keys.variant(d, p, v), keys.variant_units(d, p, v)) if v is not None
+              else ()))
+    return got
+
+
 def script_call(req: BuyRequest, hold_ttl_ms: int, limits: BuyLimits,
                 ) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of reserve.lua for one request (see the script's header)."""
     d, p, v = req.drop_id, req.product_id, req.variant_id
-    hold_id = keys.new_hold_id(d, p, v)
-    key_list = [
-        keys.meta(d), keys.product(d, p), keys.units(d, p), keys.open_holds(d, p),
-        keys.idem(d), keys.hold(d, hold_id), keys.expiry(d), keys.orders(d),
-        keys.rate_user(d, req.user_id), keys.rate_ip(d, req.ip or "-"),
-    ]
+    pk = _product_keys(d, p, v)
+    hold_id = pk[0] + os.urandom(8).hex()  # as keys.new_hold_id
+    key_list = [pk[1], pk[2], pk[3], pk[4], pk[5], pk[6] + hold_id, pk[7], pk[8],
+                pk[9] + req.user_id, pk[10] + (req.ip or "-")]
     args = [req.user_id, req.quantity, req.idempotency_key, hold_id, hold_ttl_ms,
             req.flow, d, p, *limits.script_args()]
     if v is not None:
-        key_list += [keys.variant(d, p, v), keys.variant_units(d, p, v)]
+        key_list += [pk[11], pk[12]]
         args.append(v)
     return key_list, args
 

@@ -59,6 +59,36 @@ async def test_replies_reach_their_callers_in_order_in_one_write(r, pipe):
     assert writes == [3, 1]
 
 
+async def test_replies_read_in_together_are_handed_out_without_a_read_each(r, pipe):
+    # A rush's batch comes back in a few socket reads: the replies after the one
+    # awaited come straight from hiredis' reader, each error to its own caller still.
+    from redis.exceptions import NoScriptError
+
+    assert await pipe.execute("PING") == b"PONG"
+    conn, reads = pipe._conn, []
+    read = conn.read_response
+
+    async def counting(*a, **kw):
+        reads.append(1)
+        return await read(*a, **kw)
+
+    conn.read_response = counting
+    await r.set("text", "abc")
+    futs = []
+    for i in range(1000):
+        futs.append(pipe.execute("INCR", "n"))
+        if i % 100 == 50:
+            futs.append(pipe.execute("INCR", "text"))
+            futs.append(pipe.execute("EVALSHA", "0" * 40, 0))
+    results = await asyncio.gather(*futs, return_exceptions=True)
+    assert [x for x in results if not isinstance(x, Exception)] == list(range(1, 1001))
+    errors = [x for x in results if isinstance(x, Exception)]
+    assert [type(e) for e in errors] == [ResponseError, NoScriptError] * 10
+    assert all("not an integer" in str(e) for e in errors[::2])
+    assert len(reads) < 100, len(reads)  # was one per reply: 1,020
+    assert await pipe.execute("ECHO", "after") == b"after"
+
+
 async def test_one_connection_for_all_callers(r, pipe):
     before = await _clients(r)
     await asyncio.gather(*[pipe.execute("PING") for _ in range(300)])

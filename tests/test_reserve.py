@@ -235,3 +235,74 @@ async def test_batched_reserve_same_decisions_and_survives_script_flush(r):
     assert sorted(h.buyer_number for h in fresh) == list(range(1, 31))
     assert {e.code for e in errors} == {"sold_out"}
     assert (await inventory.remaining(r, 1)) == {5: 0}
+
+
+def test_the_script_call_names_each_product_and_variant_keys_of_its_own():
+    # The drop's and product's keys are kept per product (checkout/reserve.py): every
+    # call still names exactly the keys of its own drop, product, variant, buyer, IP.
+    from checkout import reserve as rs
+
+    limits = BuyLimits(per_user=7, per_ip=0, velocity_window_ms=0)
+    calls = [(1, 5, None, "u1", "10.0.0.1"), (2, 5, None, "u1", ""),
+             (1, 6, None, "u2", "10.0.0.2"), (1, 5, 3, "u1", "10.0.0.1"),
+             (1, 5, 4, "u3", ""), (1, 5, None, "u4", "10.0.0.3")]
+    for d, p, v, user, ip in calls * 2:  # the second time from the kept keys
+        kl, args = rs.script_call(BuyRequest(d, p, user, "k", ip=ip, variant_id=v), TTL,
+                                  limits)
+        hold_id = args[3]
+        ref = keys.parse_hold_id(hold_id)
+        assert (ref.drop_id, ref.product_id, ref.variant_id) == (d, p, v), hold_id
+        assert hold_id.startswith(keys.hold_id_prefix(d, p, v)) and hold_id.count("-") == (
+            2 if v is None else 3)
+        want = [keys.meta(d), keys.product(d, p), keys.units(d, p), keys.open_holds(d, p),
+                keys.idem(d), keys.hold(d, hold_id), keys.expiry(d), keys.orders(d),
+                keys.rate_user(d, user), keys.rate_ip(d, ip or "-")]
+        if v is not None:
+            want += [keys.variant(d, p, v), keys.variant_units(d, p, v)]
+        assert kl == want
+        assert args == [user, 1, "k", hold_id, TTL, "", d, p, *limits.script_args(),
+                        *([v] if v is not None else [])]
+    # Hold ids are fresh on every call.
+    assert len({rs.script_call(req(), TTL, OFF)[1][3] for _ in range(50)}) == 50
+    # The kept keys are bounded: a process that sold many products does not grow.
+    for p in range(1, rs._PRODUCT_KEYS_MAX + 10):
+        rs.script_call(BuyRequest(9, p, "u", "k"), TTL, OFF)
+        assert len(rs._PRODUCT_KEYS) <= rs._PRODUCT_KEYS_MAX
+    kl, _ = rs.script_call(BuyRequest(9, 3, "u", "k"), TTL, OFF)
+    assert kl[1] == keys.product(9, 3)
+
+
+@pytest.mark.parametrize(("refusal", "detail", "status", "details", "headers"), [
+    (Refusal.NOT_READY, "", 503, {}, {"Retry-After": "1"}),
+    (Refusal.NOT_READY, "drop is not loaded", 503, {"detail": "drop is not loaded"},
+     {"Retry-After": "1"}),
+    (Refusal.NOT_SELLING, "paused", 409, {"detail": "paused"}, None),
+    (Refusal.SOLD_OUT, "0", 409, {"remaining": 0}, None),
+    (Refusal.SOLD_OUT, "", 409, {}, None),
+    (Refusal.NOT_ENOUGH_STOCK, "2", 409, {"remaining": 2}, None),
+    (Refusal.NOT_ENOUGH_STOCK, "x", 409, {"detail": "x"}, None),
+    (Refusal.LIMIT_REACHED, "1", 409, {"detail": "1"}, None),
+    (Refusal.HOLD_EXISTS, "1", 409, {"detail": "1"}, None),
+    (Refusal.RATE_LIMITED, "user", 429, {"scope": "user"}, {"Retry-After": "2"}),
+    (Refusal.RATE_LIMITED, "ip", 429, {"scope": "ip"}, {"Retry-After": "2"}),
+    (Refusal.VELOCITY_EXCEEDED, "5", 429, {}, {"Retry-After": "2"}),
+    (Refusal.IDEMPOTENCY_MISMATCH, "1-5-ab", 422, {"detail": "1-5-ab"}, None),
+    (Refusal.IDEMPOTENCY_KEY_EXPIRED, "1-5-ab", 422, {"detail": "1-5-ab"}, None),
+    (Refusal.VARIANT_REQUIRED, "3,4,x", 422, {"field": "variant_id", "variant_ids": [3, 4]},
+     None),
+    (Refusal.UNKNOWN_VARIANT, "9", 422, {"field": "variant_id"}, None),
+])
+def test_every_refusal_answers_its_code_status_message_details_and_headers(
+        refusal, detail, status, details, headers):
+    from checkout.reserve import parse_reply
+
+    for reply in ([b"err", refusal.value.encode(), detail.encode()],
+                  ["err", refusal.value, detail]):
+        with pytest.raises(BuyRefused) as err:
+            parse_reply(req(), reply)
+        e = err.value
+        assert (e.refusal, e.code, e.status, e.message, e.details, e.headers) == (
+            refusal, refusal.value, status, refusal.message, details, headers)
+        assert str(e) == refusal.message
+    with pytest.raises(ValueError):  # a code this process does not know
+        parse_reply(req(), [b"err", b"no_such_code", b""])
