@@ -22,7 +22,7 @@ BENCHMARKS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py")
 
 
 def test_every_benchmark_is_found():
-    assert BENCHMARKS == ["balancer", "bids", "buy_now", "churn", "cluster_clients",
+    assert BENCHMARKS == ["balancer", "bids", "buy_cpu", "buy_now", "churn", "cluster_clients",
                           "failover", "fanout", "faults", "giveaway", "hls_cdn", "ingest",
                           "join_burst", "orders", "reserve", "reserve_script", "startup",
                           "swarm_recv"]
