@@ -21,6 +21,8 @@ the WebSocket buyers in :mod:`benchmarks._buyers`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import resource
 import signal
@@ -32,10 +34,12 @@ import time
 import urllib.request
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from dropserver.services import stop_process
 
-__all__ = ["CpuWatch", "DevServer", "Profile", "Server", "cpu_seconds", "cpu_times",
+__all__ = ["CpuWatch", "DevServer", "Profile", "Server", "bench_env", "client_loop",
+           "cpu_seconds", "cpu_times",
            "create_live_drop", "pcts", "raise_nofile", "rss_kib", "start_dev",
            "start_server", "top_frames"]
 
@@ -98,6 +102,27 @@ def start_server(redis_url: str, database_url: str, *, workers: int = 2,
         time.sleep(0.1)
     return Server(base, f"ws://127.0.0.1:{port}{WS_PATH}", redis_url, database_url, proc,
                   full)
+
+
+def bench_env(parser: Any, base: Mapping[str, str], items: list[str]) -> dict[str, str]:
+    """``base`` with each ``--server-env NAME=VALUE`` over it; a malformed item is the
+    parser's error (its usage and exit 2)."""
+    env = dict(base)
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--server-env wants NAME=VALUE, got {item!r}")
+        env[name] = value
+    return env
+
+
+def client_loop() -> None:
+    """The benchmark client's event loop: uvloop where it is installed, as the
+    server's."""
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 @dataclass

@@ -40,7 +40,15 @@ from typing import Any
 import msgpack
 
 from benchmarks._buyers import Buyer, open_buyers, selling_drop, source_addresses
-from benchmarks._support import CpuWatch, Profile, Server, start_server, top_frames
+from benchmarks._support import (
+    CpuWatch,
+    Profile,
+    Server,
+    bench_env,
+    client_loop,
+    start_server,
+    top_frames,
+)
 from benchmarks.reserve import BENCH_LIMITS
 
 __all__ = ["main", "storm"]
@@ -190,20 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     phases = [p for p in ns.phases.split(",") if p]
     if not phases or set(phases) - {"refusals", "holds"}:
         parser.error("--phases takes refusals and/or holds")
-    server_env = dict(BENCH_LIMITS)
-    for item in ns.server_env:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            parser.error(f"--server-env wants NAME=VALUE, got {item!r}")
-        server_env[name] = value
+    server_env = bench_env(parser, BENCH_LIMITS, ns.server_env)
 
     from dropserver.db import migrate_database
     from dropserver.services import LocalServices
 
-    with contextlib.suppress(ImportError):  # the client's loop, as the server's
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    client_loop()  # the client's loop, as the server's
     ok = True
     with contextlib.ExitStack() as stack:
         services = stack.enter_context(LocalServices())

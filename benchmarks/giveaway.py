@@ -37,6 +37,7 @@ from benchmarks._support import (
     CpuWatch,
     Profile,
     Server,
+    client_loop,
     redis_benchmark_evalsha,
     start_server,
     top_frames,
@@ -215,10 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     from dropserver.services import LocalServices
 
     raise_nofile()
-    with contextlib.suppress(ImportError):  # the client's loop, as the server's
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    client_loop()  # the client's loop, as the server's
     with contextlib.ExitStack() as stack:
         services = stack.enter_context(LocalServices())
         asyncio.run(migrate_database(services.database_url))

@@ -41,7 +41,13 @@ import sys
 from typing import Any
 
 from benchmarks._buyers import open_buyers, rush, selling_drop, source_addresses
-from benchmarks._support import Server, redis_benchmark_evalsha, start_server
+from benchmarks._support import (
+    Server,
+    bench_env,
+    client_loop,
+    redis_benchmark_evalsha,
+    start_server,
+)
 from checkout import keys
 from checkout.scripts import source
 
@@ -208,20 +214,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="also the same rush against a bare websockets server with "
                              "the same script (benchmarks/_bare.py): the ceiling")
     ns = parser.parse_args(argv)
-    server_env = dict(BENCH_LIMITS)
-    for item in ns.server_env:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            parser.error(f"--server-env wants NAME=VALUE, got {item!r}")
-        server_env[name] = value
+    server_env = bench_env(parser, BENCH_LIMITS, ns.server_env)
 
     from dropserver.db import migrate_database
     from dropserver.services import LocalServices
 
-    with contextlib.suppress(ImportError):  # the client's loop, as the server's
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    client_loop()  # the client's loop, as the server's
     # Same limits in both: per user 100/10 s, per IP off, velocity 20 in 2 s.
     limits = [10_000, 100, 0, 2000, 20]
     with contextlib.ExitStack() as stack:
