@@ -38,10 +38,24 @@ from typing import Any
 
 from dropserver.services import stop_process
 
-__all__ = ["CpuWatch", "DevServer", "Profile", "Server", "bench_env", "client_loop",
-           "cpu_seconds", "cpu_times",
-           "create_live_drop", "pcts", "raise_nofile", "rss_kib", "start_dev",
-           "start_server", "top_frames"]
+__all__ = [
+    "CpuWatch",
+    "DevServer",
+    "Profile",
+    "Server",
+    "bench_env",
+    "client_loop",
+    "cpu_seconds",
+    "cpu_times",
+    "create_live_drop",
+    "pcts",
+    "raise_nofile",
+    "rss_kib",
+    "serve_locally",
+    "start_dev",
+    "start_server",
+    "top_frames",
+]
 
 WS_PATH = "/ws"
 
@@ -114,6 +128,21 @@ def bench_env(parser: Any, base: Mapping[str, str], items: list[str]) -> dict[st
             parser.error(f"--server-env wants NAME=VALUE, got {item!r}")
         env[name] = value
     return env
+
+
+def serve_locally(stack: Any, *, workers: int,
+                  env: dict[str, str] | None = None) -> tuple[Any, Server]:
+    """A local Redis and PostgreSQL (migrated) and ``dropserver serve`` on them, each
+    stopped when ``stack`` (a ``contextlib.ExitStack``) closes."""
+    from dropserver.db import migrate_database
+    from dropserver.services import LocalServices
+
+    services = stack.enter_context(LocalServices())
+    asyncio.run(migrate_database(services.database_url))
+    server = start_server(services.redis_url, services.database_url, workers=workers,
+                          env=env)
+    stack.callback(server.stop)
+    return services, server
 
 
 def client_loop() -> None:

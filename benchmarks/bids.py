@@ -48,7 +48,7 @@ from benchmarks._support import (
     Server,
     bench_env,
     client_loop,
-    start_server,
+    serve_locally,
     top_frames,
 )
 
@@ -244,17 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     server_env = bench_env(parser, BENCH_LIMITS, ns.server_env)
 
-    from dropserver.db import migrate_database
-    from dropserver.services import LocalServices
-
     client_loop()  # the client's loop, as the server's
     ok = True
     with contextlib.ExitStack() as stack:
-        services = stack.enter_context(LocalServices())
-        asyncio.run(migrate_database(services.database_url))
-        server = start_server(services.redis_url, services.database_url,
-                              workers=ns.workers, env=server_env)
-        stack.callback(server.stop)
+        services, server = serve_locally(stack, workers=ns.workers, env=server_env)
         for run in range(ns.runs):
             profile = os.path.join(ns.profile, f"run-{run + 1}") if ns.profile else None
             r = asyncio.run(run_once(server, sockets=ns.sockets, seconds=ns.seconds,

@@ -46,7 +46,7 @@ from benchmarks._support import (
     Server,
     bench_env,
     client_loop,
-    start_server,
+    serve_locally,
     top_frames,
 )
 from benchmarks.reserve import BENCH_LIMITS
@@ -200,17 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--phases takes refusals and/or holds")
     server_env = bench_env(parser, BENCH_LIMITS, ns.server_env)
 
-    from dropserver.db import migrate_database
-    from dropserver.services import LocalServices
-
     client_loop()  # the client's loop, as the server's
     ok = True
     with contextlib.ExitStack() as stack:
-        services = stack.enter_context(LocalServices())
-        asyncio.run(migrate_database(services.database_url))
-        server = start_server(services.redis_url, services.database_url,
-                              workers=ns.workers, env=server_env)
-        stack.callback(server.stop)
+        services, server = serve_locally(stack, workers=ns.workers, env=server_env)
         for run in range(ns.runs):
             for kind in phases:
                 profile = (os.path.join(ns.profile, f"run-{run + 1}")

@@ -39,7 +39,7 @@ from benchmarks._support import (
     Server,
     client_loop,
     redis_benchmark_evalsha,
-    start_server,
+    serve_locally,
     top_frames,
 )
 
@@ -212,17 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
 
     from benchmarks._support import raise_nofile
-    from dropserver.db import migrate_database
-    from dropserver.services import LocalServices
-
     raise_nofile()
     client_loop()  # the client's loop, as the server's
     with contextlib.ExitStack() as stack:
-        services = stack.enter_context(LocalServices())
-        asyncio.run(migrate_database(services.database_url))
-        server = start_server(services.redis_url, services.database_url,
-                              workers=ns.workers, env=BENCH_ENV)
-        stack.callback(server.stop)
+        services, server = serve_locally(stack, workers=ns.workers, env=BENCH_ENV)
         ok = True
         for run in range(ns.runs):
             profile = os.path.join(ns.profile, f"run-{run + 1}") if ns.profile else None

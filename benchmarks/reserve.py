@@ -46,6 +46,7 @@ from benchmarks._support import (
     bench_env,
     client_loop,
     redis_benchmark_evalsha,
+    serve_locally,
     start_server,
 )
 from checkout import keys
@@ -223,11 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     # Same limits in both: per user 100/10 s, per IP off, velocity 20 in 2 s.
     limits = [10_000, 100, 0, 2000, 20]
     with contextlib.ExitStack() as stack:
-        services = stack.enter_context(LocalServices())
-        asyncio.run(migrate_database(services.database_url))
-        server = start_server(services.redis_url, services.database_url,
-                              workers=ns.workers, env=server_env)
-        stack.callback(server.stop)
+        services, server = serve_locally(stack, workers=ns.workers, env=server_env)
         on_cluster = None
         if ns.redis != "single":
             cluster = stack.enter_context(LocalServices(want_postgres=False,
