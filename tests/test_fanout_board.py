@@ -93,13 +93,16 @@ async def test_the_supervisor_gives_each_worker_its_own_slot_on_one_board(clean_
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,  # noqa: ASYNC220
                             stderr=subprocess.DEVNULL)
     try:
+        # A child read between its fork and its exec still shows the supervisor's own
+        # environment: wait until each has exec'd, which its per-worker index says.
         deadline = time.monotonic() + 60
-        workers: list[psutil.Process] = []
-        while len(workers) < 3 and time.monotonic() < deadline:
+        envs: list[dict[str, str]] = []
+        while time.monotonic() < deadline:
             await asyncio.sleep(0.2)
-            workers = psutil.Process(proc.pid).children()
-        assert len(workers) == 3
-        envs = [w.environ() for w in workers]
+            envs = [w.environ() for w in psutil.Process(proc.pid).children()]
+            if len(envs) == 3 and all(INDEX_ENV in e for e in envs):
+                break
+        assert len(envs) == 3 and all(INDEX_ENV in e for e in envs)
         paths = {e.get(BOARD_ENV) for e in envs}
         assert len(paths) == 1 and None not in paths
         (path,) = paths
