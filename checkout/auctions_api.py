@@ -36,6 +36,7 @@ from checkout.auction_rules import MAX_PRICE, check_idempotency_key
 from checkout.retry import is_outage
 from dropserver.auth import Principal, principal
 from dropserver.background import Periodic
+from dropserver.chores import chores
 from dropserver.component import Component
 from dropserver.errors import ApiError, Unauthorized
 from dropserver.http import field, read_json, reject_unknown
@@ -327,7 +328,8 @@ async def startup(app: Starlette) -> None:
     app.state.auctions = auctions
     app.state.commands["bid"] = ws_bid
     auctions.bid_journal.start()
-    auctions.keeper.start()
+    if chores(app):  # one keeper per node (dropserver.chores)
+        auctions.keeper.start()
 
 
 async def shutdown(app: Starlette) -> None:

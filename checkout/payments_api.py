@@ -34,6 +34,7 @@ from checkout.order_events import RecentOrders
 from checkout.order_worker import OrderWorker
 from checkout.orders import OrderProcessor
 from checkout.payments import create_gateway
+from dropserver.chores import chores
 from dropserver.component import Component
 from dropserver.errors import ApiError
 from realtime.moderators import guard_sales
@@ -217,7 +218,8 @@ async def startup(app: Starlette) -> None:
         state.order_workers.append(worker)
     state.campaign_loop = campaigns.DeadlineLoop(
         state.db, state.redis, gateway, processor, settings.campaign_check_interval)
-    state.campaign_loop.start()
+    if chores(app):  # one per node (dropserver.chores)
+        state.campaign_loop.start()
     log.info("payments started", extra={"gateway": gateway.name,
                                         "order_workers": settings.order_workers})
 

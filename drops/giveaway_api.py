@@ -40,6 +40,7 @@ from drops.giveaway_store import GiveawayRefused, Meta
 from drops.lifecycle import ON_AIR, DropState
 from dropserver.auth import Principal, Role, principal, require, require_drop_owner
 from dropserver.background import Periodic, stop_task
+from dropserver.chores import chores
 from dropserver.component import Component
 from dropserver.errors import ApiError, Conflict, NotFound, Unauthorized, ValidationFailed
 from dropserver.http import field, read_json, reject_unknown
@@ -260,7 +261,8 @@ class Giveaways:
     def start(self) -> None:
         self._counts = asyncio.get_running_loop().create_task(self._run_counts(),
                                                               name="giveaway-counts")
-        self.closer.start()
+        if chores(self.app):  # one closer per node (dropserver.chores)
+            self.closer.start()
 
     async def stop(self) -> None:
         await self.closer.stop()

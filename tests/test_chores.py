@@ -1,0 +1,131 @@
+"""The node's chores run in one worker per node (dropserver.chores), and a chore worker
+killed stops them only until the supervisor respawns it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from dropserver.chores import RESPAWN_BOUND_S, runs_chores
+from realtime.board import INDEX_ENV
+
+
+def test_worker_0_or_a_process_that_is_the_whole_node_runs_the_chores():
+    assert runs_chores({})  # --workers 1, dropserver dev, plain uvicorn, tests
+    assert runs_chores({INDEX_ENV: "0"})
+    assert not runs_chores({INDEX_ENV: "1"})
+    assert not runs_chores({INDEX_ENV: "3"})
+
+
+def _workers(supervisor: int) -> dict[int, int]:
+    """index -> pid of the supervisor's workers that have exec'd (their own env)."""
+    out = {}
+    for child in psutil.Process(supervisor).children():
+        try:
+            index = child.environ().get(INDEX_ENV)
+        except psutil.Error:
+            continue
+        if index is not None:
+            out[int(index)] = child.pid
+    return out
+
+
+async def _hold_state(r, drop_id: int, hold_id: str) -> str:
+    from checkout import keys
+
+    raw = await r.hget(keys.hold(drop_id, hold_id), "state")
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_a_killed_chore_worker_is_respawned_and_sweeps_the_expired_hold(
+        clean_backends):
+    """``serve --workers 2``: worker 0 stopped (SIGSTOP), a hold expires and stays
+    held (worker 1 runs no sweeper); worker 0 SIGKILLed, the supervisor respawns it
+    and the hold is swept within RESPAWN_BOUND_S, its unit back in stock; every
+    invariant holds after (Redis and PostgreSQL agree, nothing lost or oversold)."""
+    import asyncpg
+    import httpx
+
+    from benchmarks._buyers import selling_drop
+    from benchmarks._support import start_server
+    from checkout import keys
+    from dropserver.auth import Role, issue_token
+    from dropserver.redis_client import connect as connect_redis
+    from dropserver.settings import load_settings
+    from tests.invariants import check, fake_gateway_payments, quiesce
+
+    backends = clean_backends
+    env = {"DROPSERVER_BUY_RATE_IP": "0", "DROPSERVER_SHUTDOWN_GRACE": "2",
+           "DROPSERVER_HOLD_TTL": "3", "DROPSERVER_ORDER_CLAIM_IDLE_MS": "1000"}
+    server = await asyncio.to_thread(start_server, backends.redis_url,
+                                     backends.database_url, workers=2, env=env)
+    r = connect_redis(backends.redis_url)
+    stopped = None
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers := _workers(server.proc.pid)) < 2:
+            assert time.monotonic() < deadline, workers
+            await asyncio.sleep(0.2)
+        settings = load_settings({}, dev=True)
+        drop_id, product_id = await selling_drop(
+            server.base_url, issue_token(settings, "chore-creator", Role.CREATOR),
+            units=5, per_buyer_limit=1)
+        buyer = issue_token(settings, "chore-buyer", Role.VIEWER)
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+            resp = await http.post(f"/v1/drops/{drop_id}/buy", json={
+                "product_id": product_id, "idempotency_key": "chore-1"},
+                headers={"Authorization": f"Bearer {buyer}"})
+        assert resp.status_code == 201, resp.text
+        hold = resp.json()
+        stopped = workers[0]
+        os.kill(stopped, signal.SIGSTOP)  # worker 0 alive but running nothing
+        product = keys.product(drop_id, product_id)
+        assert int(await r.hget(product, "remaining")) == 4
+
+        # Past the hold's expiry and two sweep intervals: worker 1 swept nothing.
+        await asyncio.sleep(max(0.0, hold["expires_at"] / 1000 - time.time()) + 2.5)
+        assert await _hold_state(r, drop_id, hold["hold_id"]) == "held"
+        assert int(await r.hget(product, "remaining")) == 4
+
+        killed_at = time.monotonic()
+        os.kill(stopped, signal.SIGKILL)
+        respawned = swept = None
+        while time.monotonic() - killed_at < RESPAWN_BOUND_S + 5:
+            now = _workers(server.proc.pid)
+            if respawned is None and now.get(0) not in (None, stopped):
+                respawned = time.monotonic() - killed_at
+            if await _hold_state(r, drop_id, hold["hold_id"]) != "held":
+                swept = time.monotonic() - killed_at
+                break
+            await asyncio.sleep(0.05)
+        print(f"\nworker 0 respawned {respawned} s, hold swept {swept} s after SIGKILL")
+        assert respawned is not None and swept is not None, (respawned, swept)
+        assert swept <= RESPAWN_BOUND_S
+        assert await _hold_state(r, drop_id, hold["hold_id"]) == "expired"
+        assert int(await r.hget(product, "remaining")) == 5
+
+        await quiesce(r, drop_id, within=60)
+        db = await asyncpg.connect(backends.database_url)
+        try:
+            state = await db.fetchval("SELECT state FROM orders WHERE public_id = $1",
+                                      hold["hold_id"])
+            assert state == "expired"
+            await check(db, r, drop_id, acknowledged={hold["hold_id"]: {
+                "user_id": "chore-buyer", "buyer_number": hold["buyer_number"]}},
+                payments=await fake_gateway_payments(r))
+        finally:
+            await db.close()
+    finally:
+        if stopped is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGKILL)
+        await r.aclose()
+        await asyncio.to_thread(server.stop)
