@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import time
@@ -129,3 +130,102 @@ async def test_a_killed_chore_worker_is_respawned_and_sweeps_the_expired_hold(
                 os.kill(stopped, signal.SIGKILL)
         await r.aclose()
         await asyncio.to_thread(server.stop)
+
+
+# -- deadline-driven loops (dropserver.background.Scheduled) ----------------------------
+
+async def test_scheduled_sleeps_until_the_step_says_capped_and_a_wake_runs_it_at_once():
+    import logging
+
+    from dropserver.background import Scheduled
+
+    log = logging.getLogger("test.scheduled")
+    calls: list[float] = []
+    answers = iter([None, 30.0, 0.05, -1.0, ValueError("boom"), None, None, None])
+
+    async def step():
+        calls.append(time.monotonic())
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    loop = Scheduled("t", step, log, "test step", max_wait=1.0, retry=0.2)
+    loop.start()
+    try:
+        await asyncio.sleep(0.3)
+        assert len(calls) == 1  # None: asleep for max_wait
+        await asyncio.sleep(1.0)
+        assert len(calls) == 2  # ... and no longer (30.0 is capped at max_wait too)
+        loop.wake()
+        await asyncio.sleep(0.05)
+        assert len(calls) == 3  # woken at once
+        # 0.05 s, then a past deadline (-1: at once), then a failure retried after 0.2.
+        await asyncio.sleep(0.6)
+        assert len(calls) >= 6
+        gaps = [b - a for a, b in itertools.pairwise(calls[2:])]
+        assert 0.05 <= gaps[0] < 0.2 and gaps[1] < gaps[2] and 0.2 <= gaps[2] < 1.0
+    finally:
+        await loop.stop()
+    assert not loop.running
+    loop.wake()  # a loop that does not run here: nothing
+
+
+async def test_the_keeper_sleeps_until_the_auction_ends_and_reads_a_soft_close_extension(
+        server, http, make_token):
+    """The keeper's round says when the next is: none running -> its idle bound; an
+    auction running -> its end; a bid in the snipe window moved the end -> the new end;
+    past the end -> closed, then KEEPER_INTERVAL while its outcome is recorded."""
+    from checkout import auction
+    from checkout.auctions_api import KEEPER_INTERVAL
+    from dropserver.auth import Role
+    from tests.test_auctions import bearer, live_drop, start_auction
+
+    creator = bearer(make_token("creator-1", Role.CREATOR))
+    keeper = server.app.state.auctions.keeper
+    await keeper.stop()  # its rounds are this test's
+    assert await keeper._step() is None
+    drop_id, (pid,) = await live_drop(http, creator)
+    a = await start_auction(http, creator, drop_id, product_id=pid, start_price=1000,
+                            increment=100, duration_s=5, snipe_window_s=5)
+    wait = await keeper._step()
+    assert keeper.due_ms == a["ends_at"]
+    assert 0 < wait <= 5.0 and abs(time.time() + wait - a["ends_at"] / 1000) < 0.1
+    resp = await http.post(f"/v1/drops/{drop_id}/auctions/{a['id']}/bids",
+                           json={"amount": 1000, "idempotency_key": "k"},
+                           headers=bearer(make_token("bob", Role.VIEWER)))
+    assert resp.status_code == 201 and resp.json()["extended"], resp.text
+    wait = await keeper._step()
+    assert keeper.due_ms == resp.json()["ends_at"] > a["ends_at"]
+    await asyncio.sleep(wait)
+    wait = await keeper._step()  # at the (new) end: closed in this round
+    state = await auction.read(server.app.state.redis, drop_id, a["id"])
+    assert state["state"] == "closed" and state["closed_at"] >= state["ends_at"]
+    assert state["closed_at"] - state["ends_at"] <= KEEPER_INTERVAL * 1000 + 50
+    assert wait in (KEEPER_INTERVAL, None)  # recorded this round already, or next
+
+
+async def test_the_closer_sleeps_until_the_giveaway_closes_then_draws_it(
+        server, http, make_token):
+    from drops.giveaway_api import CLOSER_INTERVAL_S
+    from dropserver.auth import Role
+    from tests.test_auctions import bearer, live_drop
+
+    creator = bearer(make_token("creator-1", Role.CREATOR))
+    gw = server.app.state.giveaways
+    await gw.closer.stop()  # its rounds are this test's
+    assert await gw.close_due() is None
+    drop_id, _ = await live_drop(http, creator)
+    resp = await http.post(f"/v1/drops/{drop_id}/giveaways", headers=creator,
+                           json={"prize": "Poster", "duration_s": 2})
+    assert resp.status_code == 201, resp.text
+    opened = resp.json()
+    wait = await gw.close_due()
+    assert 0 < wait <= 2.0 and abs(time.time() + wait - opened["closes_at"] / 1000) < 0.1
+    await asyncio.sleep(wait)
+    wait = await gw.close_due()
+    row = await server.app.state.db.fetchrow(
+        "SELECT state, announced_at FROM giveaways WHERE id = $1", opened["id"])
+    assert row["state"] == "drawn" and row["announced_at"] is not None
+    assert wait == CLOSER_INTERVAL_S  # one more look; then nothing is open
+    assert await gw.close_due() is None
