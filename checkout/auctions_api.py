@@ -80,6 +80,10 @@ KEEPER_INTERVAL = 0.1
 # whatever was due: ~10 Redis calls a second per worker with no auction at all.
 KEEPER_IDLE_S = 1.0
 RESTORE_EVERY_S = 2.0    # between looks for running auctions Redis lost
+# The round at an end wakes this long after it: the close script judges by Redis'
+# clock, and one a hair behind ours would answer "not due" (then the next round is
+# KEEPER_INTERVAL later).
+END_MARGIN_S = 0.005
 RECORD_LOCK_MS = 5000
 BID_FIELDS = frozenset({"auction_id", "amount", "idempotency_key"})
 _WS_BID_FIELDS = BID_FIELDS | {"drop_id"}  # a socket not joined names the drop
@@ -175,7 +179,7 @@ class AuctionKeeper:
         if self.due_ms is None:
             return None
         wait = (self.due_ms - time.time() * 1000) / 1000
-        return wait if wait > 0 else self.interval
+        return wait + END_MARGIN_S if wait > 0 else self.interval
 
     async def tick(self) -> list[Closed]:
         """One round; an outage of Redis or PostgreSQL is logged once per 10 s (and

@@ -71,6 +71,7 @@ CLOSER_INTERVAL_S = 0.2
 # this, before it can close (a window is at least MIN_WINDOW_S). It was five
 # PostgreSQL queries a second per worker whatever was due.
 CLOSER_IDLE_S = 1.0
+CLOSE_MARGIN_S = 0.005  # after the close: Redis' clock, which judges it, a hair behind
 JOURNAL_MAX = 200_000  # entrants kept while PostgreSQL is away (then the oldest go)
 JOURNAL_BATCH = 5_000
 
@@ -250,7 +251,9 @@ class Giveaways:
             await self.announce(giveaway_id)
         if due:
             return CLOSER_INTERVAL_S
-        return None if next_ms is None else (next_ms - time.time() * 1000) / 1000
+        if next_ms is None:
+            return None
+        return (next_ms - time.time() * 1000) / 1000 + CLOSE_MARGIN_S
 
     async def announce(self, giveaway_id: int) -> bool:
         return await giveaway_store.announce(
