@@ -1,7 +1,8 @@
 """Payments: order workers, Stripe, webhooks, campaigns (routes and hooks).
 
 Start-up builds the gateway ``DROPSERVER_PAYMENT_GATEWAY`` names, starts
-``DROPSERVER_ORDER_WORKERS`` order consumers and the campaign deadline loop; shutdown
+``DROPSERVER_ORDER_WORKERS`` order consumers (every worker) and the campaign deadline
+loop (the node's chore worker, dropserver.chores); shutdown
 stops them. Objects on ``app.state``: ``payments_gateway``, ``order_processor``,
 ``order_workers``, ``campaign_loop``.
 

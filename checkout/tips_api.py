@@ -12,8 +12,8 @@
 * ``POST /v1/dev/tips/{tip_id}/confirm`` -- fake gateway only: Stripe.js' part.
 
 Start-up builds :class:`checkout.tips.Tips` (``app.state.tips``) after the payments
-part (it uses its gateway) and runs :meth:`~checkout.tips.Tips.sweep` every
-``SWEEP_INTERVAL_S``.
+part (it uses its gateway) and, in the node's chore worker (dropserver.chores), runs
+:meth:`~checkout.tips.Tips.sweep` every ``SWEEP_INTERVAL_S``.
 """
 
 from __future__ import annotations
