@@ -4,9 +4,12 @@
   amount, ends_at, server_time, extended, next_min, leading, replay}.
 * HTTP: ``POST /v1/drops/{id}/auctions/{auction_id}/bids`` (docs/http-api.md,
   "Auctions").
-* Background, in every process: :class:`AuctionKeeper` closes what is due (the close
-  script decides once, by Redis' clock), gives the winner's hold to the order
-  pipeline, and copies accepted bids and the outcome to PostgreSQL.
+* Background, in the node's chore worker (dropserver.chores): :class:`AuctionKeeper`
+  closes what is due (the close script decides once, by Redis' clock), gives the
+  winner's hold to the order pipeline, and copies accepted bids and the outcome to
+  PostgreSQL. It sleeps until the next auction's end (soft-close extensions only move
+  an end later: it wakes, reads the new end, sleeps again), at most
+  ``KEEPER_IDLE_S``; a start on its own process wakes it at once.
 
 A bid is one Redis round trip (``bid.lua`` through the buy path's auto-pipeline),
 which also publishes ``auction.bid`` to every viewer; the outbid bidder's private
@@ -35,7 +38,8 @@ from checkout.auction import Bid, BidLimits, BidRequest, BidScript, Closed, Hist
 from checkout.auction_rules import MAX_PRICE, check_idempotency_key
 from checkout.retry import is_outage
 from dropserver.auth import Principal, principal
-from dropserver.background import Periodic
+from dropserver.background import Scheduled
+from dropserver.chores import chores
 from dropserver.component import Component
 from dropserver.errors import ApiError, Unauthorized
 from dropserver.http import field, read_json, reject_unknown
@@ -66,8 +70,20 @@ def _count_bid(result: str) -> None:
 
 CLOSES = Counter("dropserver_auction_closes_total", "Auctions closed by outcome", ["outcome"])
 
-KEEPER_INTERVAL = 0.1    # seconds between the keeper's rounds: how late a close may be
-RESTORE_EVERY = 20       # rounds between looks for running auctions Redis lost (~2 s)
+# How late a close may be: the keeper's next round after an auction's end when that
+# round did not close it (Redis' clock not there yet, a failure), and after a close
+# while its outcome is recorded. The round at the end itself is timed to it.
+KEEPER_INTERVAL = 0.1
+# The longest the keeper sleeps: an auction started on another process (another worker
+# of the node, another node) is seen within this, well before it can end (an auction
+# runs at least checkout.auction_rules.MIN_DURATION_S, 5 s). It was ten rounds a second
+# whatever was due: ~10 Redis calls a second per worker with no auction at all.
+KEEPER_IDLE_S = 1.0
+RESTORE_EVERY_S = 2.0    # between looks for running auctions Redis lost
+# The round at an end wakes this long after it: the close script judges by Redis'
+# clock, and one a hair behind ours would answer "not due" (then the next round is
+# KEEPER_INTERVAL later).
+END_MARGIN_S = 0.005
 RECORD_LOCK_MS = 5000
 BID_FIELDS = frozenset({"auction_id", "amount", "idempotency_key"})
 _WS_BID_FIELDS = BID_FIELDS | {"drop_id"}  # a socket not joined names the drop
@@ -131,21 +147,43 @@ class Auctions:
 
 
 class AuctionKeeper:
-    """Every process runs one: closes due auctions, records bids and outcomes."""
+    """The node's chore worker runs one: closes due auctions, records bids and
+    outcomes. Each round notes the earliest end of the auctions it saw running
+    (:attr:`due_ms`): the next round is then, at most ``KEEPER_IDLE_S`` away."""
 
-    def __init__(self, auctions: Auctions, interval: float = KEEPER_INTERVAL) -> None:
+    def __init__(self, auctions: Auctions, interval: float = KEEPER_INTERVAL,
+                 idle: float = KEEPER_IDLE_S) -> None:
         self.auctions = auctions
         self.redis = auctions.redis
         self.db = auctions.db
         self.token = secrets.token_hex(8)
         self.rounds = 0
+        self.interval = interval
+        self.due_ms: int | None = None  # the next end seen (unix ms), None: none
+        self.away = False  # the last round met an outage of Redis or PostgreSQL
+        self._restored_at = -RESTORE_EVERY_S
         self._outage_logged = -10.0
-        self._loop = Periodic("auction-keeper", interval, self.tick, log, "auction keeper")
-        self.start, self.stop = self._loop.start, self._loop.stop
+        self._loop = Scheduled("auction-keeper", self._step, log, "auction keeper",
+                               max_wait=idle, retry=interval)
+        self.start, self.stop, self.wake = self._loop.start, self._loop.stop, self._loop.wake
+
+    async def _step(self) -> float | None:
+        """One round, then the seconds until the next: to the next end, or
+        ``interval`` when an end has passed and its auction is still open or being
+        recorded (or Redis or PostgreSQL was away)."""
+        self.due_ms = None
+        self.away = False
+        await self.tick()
+        if self.away:
+            return self.interval
+        if self.due_ms is None:
+            return None
+        wait = (self.due_ms - time.time() * 1000) / 1000
+        return wait + END_MARGIN_S if wait > 0 else self.interval
 
     async def tick(self) -> list[Closed]:
-        """One round; an outage of Redis or PostgreSQL is logged once per 10 s (the
-        round runs ten times a second), anything else as the loop logs failures."""
+        """One round; an outage of Redis or PostgreSQL is logged once per 10 s (and
+        :attr:`away` set), anything else as the loop logs failures."""
         try:
             return await self._round()
         except Exception as exc:
@@ -155,12 +193,18 @@ class AuctionKeeper:
                 self._outage_logged = time.monotonic()
                 log.warning("auction keeper waits for Redis or PostgreSQL",
                             extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+            self.away = True
             return []
+
+    def _note_due(self, at_ms: int) -> None:
+        if self.due_ms is None or at_ms < self.due_ms:
+            self.due_ms = at_ms
 
     async def _round(self) -> list[Closed]:
         closed = []
         self.rounds += 1
-        if self.rounds % RESTORE_EVERY == 1:
+        if time.monotonic() - self._restored_at >= RESTORE_EVERY_S:
+            self._restored_at = time.monotonic()
             await self.restore_lost()
         members = await self.redis.smembers(auction.ACTIVE_AUCTIONS)
         for raw in members:
@@ -224,6 +268,9 @@ class AuctionKeeper:
                     "amount": result.amount, "hold_id": result.hold_id})
                 self.auctions.won(result)
                 a = await auction.read(self.redis, drop_id, auction_id) or a
+        # Running: due at its end (a bid's extension is read the round it wakes);
+        # closed but still watched (its outcome not recorded yet): due now.
+        self._note_due(int(a["ends_at"]) if a["state"] == "running" else 0)
         await self.record(drop_id, auction_id, a)
         return result
 
@@ -327,7 +374,8 @@ async def startup(app: Starlette) -> None:
     app.state.auctions = auctions
     app.state.commands["bid"] = ws_bid
     auctions.bid_journal.start()
-    auctions.keeper.start()
+    if chores(app):  # one keeper per node (dropserver.chores)
+        auctions.keeper.start()
 
 
 async def shutdown(app: Starlette) -> None:

@@ -1,7 +1,8 @@
 """Payments: order workers, Stripe, webhooks, campaigns (routes and hooks).
 
 Start-up builds the gateway ``DROPSERVER_PAYMENT_GATEWAY`` names, starts
-``DROPSERVER_ORDER_WORKERS`` order consumers and the campaign deadline loop; shutdown
+``DROPSERVER_ORDER_WORKERS`` order consumers (every worker) and the campaign deadline
+loop (the node's chore worker, dropserver.chores); shutdown
 stops them. Objects on ``app.state``: ``payments_gateway``, ``order_processor``,
 ``order_workers``, ``campaign_loop``.
 
@@ -34,6 +35,7 @@ from checkout.order_events import RecentOrders
 from checkout.order_worker import OrderWorker
 from checkout.orders import OrderProcessor
 from checkout.payments import create_gateway
+from dropserver.chores import chores
 from dropserver.component import Component
 from dropserver.errors import ApiError
 from realtime.moderators import guard_sales
@@ -217,7 +219,8 @@ async def startup(app: Starlette) -> None:
         state.order_workers.append(worker)
     state.campaign_loop = campaigns.DeadlineLoop(
         state.db, state.redis, gateway, processor, settings.campaign_check_interval)
-    state.campaign_loop.start()
+    if chores(app):  # one per node (dropserver.chores)
+        state.campaign_loop.start()
     log.info("payments started", extra={"gateway": gateway.name,
                                         "order_workers": settings.order_workers})
 

@@ -5,8 +5,9 @@
   currency, remaining, ...}; ``cancel_hold`` {hold_id} -> {hold_id, state, remaining}.
 * HTTP: ``POST /v1/drops/{id}/buy``, ``GET /v1/holds/{hold_id}``,
   ``DELETE /v1/holds/{hold_id}`` (docs/http-api.md, section Checkout).
-* Background, in every process: the hold sweeper, the recovery check and the
-  reconciler (checkout/reconcile.py).
+* Background, in the node's chore worker (dropserver.chores): the hold sweeper, the
+  recovery check and the reconciler (checkout/reconcile.py); in every process: the
+  notifier and the hold journal.
 
 After a buy the answer goes straight back on the socket (one Redis round trip), with
 the buyer's private ``order.held`` in the same message; the new hold is also queued
@@ -50,6 +51,7 @@ from checkout.reserve import (
 )
 from dropserver.auth import Principal, Role, principal
 from dropserver.background import stop_task
+from dropserver.chores import chores
 from dropserver.component import Component
 from dropserver.errors import ApiError, NotFound, Unauthorized, ValidationFailed
 from dropserver.http import field, read_json, reject_unknown
@@ -438,10 +440,11 @@ async def startup(app: Starlette) -> None:
     app.state.commands["cancel_hold"] = ws_cancel_hold
     res.notifier.start()
     res.journal.start()
-    res.sweeper.start()
-    res.recovery.start()
-    if res.reconciler is not None:
-        res.reconciler.start()
+    if chores(app):  # the node's chores: one worker per node (dropserver.chores)
+        res.sweeper.start()
+        res.recovery.start()
+        if res.reconciler is not None:
+            res.reconciler.start()
 
 
 async def shutdown(app: Starlette) -> None:

@@ -12,8 +12,8 @@
 * ``POST /v1/dev/tips/{tip_id}/confirm`` -- fake gateway only: Stripe.js' part.
 
 Start-up builds :class:`checkout.tips.Tips` (``app.state.tips``) after the payments
-part (it uses its gateway) and runs :meth:`~checkout.tips.Tips.sweep` every
-``SWEEP_INTERVAL_S``.
+part (it uses its gateway) and, in the node's chore worker (dropserver.chores), runs
+:meth:`~checkout.tips.Tips.sweep` every ``SWEEP_INTERVAL_S``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from checkout.tips import MAX_MESSAGE, TipError, Tips, tip_json
 from drops.lifecycle import ON_AIR, DropState
 from dropserver.auth import Principal, Role, principal, require, require_drop_owner
 from dropserver.background import Periodic
+from dropserver.chores import chores
 from dropserver.component import Component
 from dropserver.errors import ApiError, Conflict, NotFound, ValidationFailed
 from dropserver.http import field, read_json, reject_unknown
@@ -233,7 +234,8 @@ async def _startup(app: Starlette) -> None:
                       on_refunded=on_refunded)
     state.tips_sweep = Periodic("tips-sweep", SWEEP_INTERVAL_S, state.tips.sweep, log,
                                 "tips sweep")
-    state.tips_sweep.start()
+    if chores(app):  # one per node (dropserver.chores)
+        state.tips_sweep.start()
 
 
 async def _shutdown(app: Starlette) -> None:

@@ -154,6 +154,9 @@ async def start(app: Any, who: Principal, drop_id: int, data: dict[str, Any],
             await redis.hset(channels.chat_key(drop_id, "blocked"), mapping=bans)
         row = await auction_store.load_auction(conn, auction_id)
     assert row is not None
+    auctions = getattr(app.state, "auctions", None)
+    if auctions is not None:  # this process's keeper (if it runs here) sleeps to its end
+        auctions.keeper.wake()
     return auction_json(row, await auction.read(redis, drop_id, auction_id), private=True)
 
 

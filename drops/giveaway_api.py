@@ -6,9 +6,11 @@
   ``GET .../{gid}/entrants`` (the sorted tickets the draw shuffled).
 * Viewers: the WebSocket command ``giveaway.enter`` {giveaway_id} from a socket joined
   to the drop, or ``POST /v1/drops/{id}/giveaways/{gid}/entries``.
-* Every process: the closer (draw and announce, once per giveaway across processes)
-  and the coalesced ``giveaway.entries`` count (volatile, at most one per
-  ``DROPSERVER_STOCK_COALESCE_MS`` per process and giveaway).
+* The node's chore worker (dropserver.chores): the closer (draw and announce, once per
+  giveaway across processes), asleep until the next giveaway's close (at most
+  ``CLOSER_IDLE_S``; an open on its own process wakes it). Every process: the
+  coalesced ``giveaway.entries`` count (volatile, at most one per
+  ``DROPSERVER_STOCK_COALESCE_MS`` per process and giveaway) and the entrant journal.
 
 Present (a giveaway's ``must_be_present``, the default): the entry comes from a
 signed-in socket joined to the drop that is not its creator's or an admin's (the
@@ -39,7 +41,8 @@ from drops.giveaway import GiveawayState, Refusal
 from drops.giveaway_store import GiveawayRefused, Meta
 from drops.lifecycle import ON_AIR, DropState
 from dropserver.auth import Principal, Role, principal, require, require_drop_owner
-from dropserver.background import Periodic, stop_task
+from dropserver.background import Scheduled, stop_task
+from dropserver.chores import chores
 from dropserver.component import Component
 from dropserver.errors import ApiError, Conflict, NotFound, Unauthorized, ValidationFailed
 from dropserver.http import field, read_json, reject_unknown
@@ -60,7 +63,15 @@ _NEW, _REPEAT = ENTRIES.labels("new"), ENTRIES.labels("repeat")
 OPEN_FIELDS = ("product_id", "prize", "winners", "duration_s", "must_be_present",
                "must_have_bought")
 MIN_WINDOW_S, MAX_WINDOW_S = 2, 3600
+# How late a draw may be: the closer's next round after a close that did not draw
+# (Redis' clock not there yet, another process drawing, a failure) or announce. The
+# round at the close itself is timed to it.
 CLOSER_INTERVAL_S = 0.2
+# The longest the closer sleeps: a giveaway opened on another process is seen within
+# this, before it can close (a window is at least MIN_WINDOW_S). It was five
+# PostgreSQL queries a second per worker whatever was due.
+CLOSER_IDLE_S = 1.0
+CLOSE_MARGIN_S = 0.005  # after the close: Redis' clock, which judges it, a hair behind
 JOURNAL_MAX = 200_000  # entrants kept while PostgreSQL is away (then the oldest go)
 JOURNAL_BATCH = 5_000
 
@@ -107,8 +118,8 @@ class Giveaways:
         self._wake = asyncio.Event()
         self.coalesce = max(s.stock_coalesce_ms, 1) / 1000
         self._counts: asyncio.Task | None = None
-        self.closer = Periodic("giveaway-closer", CLOSER_INTERVAL_S, self.close_due, log,
-                               "giveaway closer")
+        self.closer = Scheduled("giveaway-closer", self.close_due, log, "giveaway closer",
+                                max_wait=CLOSER_IDLE_S, retry=CLOSER_INTERVAL_S)
 
     # -- entries ----------------------------------------------------------------------
     async def meta_of(self, drop_id: int, giveaway_id: int) -> Meta:
@@ -222,13 +233,27 @@ class Giveaways:
             await asyncio.sleep(self.coalesce)
 
     # -- the closer -------------------------------------------------------------------
-    async def close_due(self) -> None:
-        """Draw and announce what is due (every process; one draws each giveaway)."""
-        for giveaway_id, _drop_id, state in await giveaway_store.due(
-                self.db, int(time.time() * 1000)):
+    async def close_due(self) -> float | None:
+        """Draw and announce what is due (one process draws each giveaway); the seconds
+        until the next close (``CLOSER_INTERVAL_S`` while one due is not yet drawn and
+        announced; None when none is open)."""
+        now = int(time.time() * 1000)
+        next_ms = None
+        due = False
+        for giveaway_id, _drop_id, state, closes_at in await giveaway_store.pending(
+                self.db):
+            if state == GiveawayState.OPEN and closes_at > now:
+                next_ms = closes_at if next_ms is None else min(next_ms, closes_at)
+                continue
+            due = True  # looked at again next round until it is announced
             if state == GiveawayState.OPEN:
                 await giveaway_store.close_and_draw(self.db, self.redis, giveaway_id)
             await self.announce(giveaway_id)
+        if due:
+            return CLOSER_INTERVAL_S
+        if next_ms is None:
+            return None
+        return (next_ms - time.time() * 1000) / 1000 + CLOSE_MARGIN_S
 
     async def announce(self, giveaway_id: int) -> bool:
         return await giveaway_store.announce(
@@ -260,7 +285,8 @@ class Giveaways:
     def start(self) -> None:
         self._counts = asyncio.get_running_loop().create_task(self._run_counts(),
                                                               name="giveaway-counts")
-        self.closer.start()
+        if chores(self.app):  # one closer per node (dropserver.chores)
+            self.closer.start()
 
     async def stop(self) -> None:
         await self.closer.stop()
@@ -360,6 +386,7 @@ async def open_giveaway(app: Any, who: Principal, drop_id: int,
             "giveaway_id": row["id"], "server_time": opened})
     log.info("giveaway opened", extra={"drop_id": drop_id, "giveaway_id": row["id"],
                                        "winners": winners, "duration_s": duration})
+    _state(app).closer.wake()  # this process's closer (if it runs here) sleeps to its close
     return body
 
 

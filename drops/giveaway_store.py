@@ -45,7 +45,6 @@ __all__ = [
     "audit",
     "close_and_draw",
     "drawn_event",
-    "due",
     "entrants",
     "entrants_key",
     "entries",
@@ -54,6 +53,7 @@ __all__ = [
     "list_giveaways",
     "load_giveaway",
     "open_in_redis",
+    "pending",
     "recent_wins",
     "redis_now_ms",
     "restore_in_redis",
@@ -231,14 +231,15 @@ class DrawResult:
     winners: list[str]  # tickets, rank order
 
 
-async def due(db: Any, now_ms: int) -> list[tuple[int, int, str]]:
-    """``(giveaway id, drop id, state)`` of giveaways to draw or to announce."""
+async def pending(db: Any) -> list[tuple[int, int, str, int]]:
+    """``(giveaway id, drop id, state, closes_at_ms)`` of every giveaway still open and
+    every one drawn but not announced, earliest close first: what is due now and when
+    the next is (one query for both: the closer sleeps until then)."""
     rows = await db.fetch(
-        "SELECT id, drop_id, state FROM giveaways "
-        "WHERE (state = 'open' AND closes_at_ms <= $1) "
-        "   OR (state = 'drawn' AND announced_at IS NULL) ORDER BY closes_at_ms LIMIT 50",
-        now_ms)
-    return [(r["id"], r["drop_id"], r["state"]) for r in rows]
+        "SELECT id, drop_id, state, closes_at_ms FROM giveaways "
+        "WHERE state = 'open' OR (state = 'drawn' AND announced_at IS NULL) "
+        "ORDER BY closes_at_ms LIMIT 50")
+    return [(r["id"], r["drop_id"], r["state"], r["closes_at_ms"]) for r in rows]
 
 
 async def _lock(conn: asyncpg.Connection, giveaway_id: int,

@@ -33,7 +33,8 @@ from starlette.routing import Route
 
 from dropserver import outbound
 from dropserver.auth import require, require_drop_owner
-from dropserver.background import Periodic
+from dropserver.background import Periodic, stop_task
+from dropserver.chores import chores
 from dropserver.component import Component
 from dropserver.errors import Conflict, NotFound
 from dropserver.http import read_json, reject_unknown
@@ -98,19 +99,34 @@ _CLAIM = {
 
 
 class Reminders:
-    """The reminder scan every process runs."""
+    """The reminder scan the node's chore worker runs (dropserver.chores); the other
+    workers scan once when a drop goes live on them (:meth:`wake`)."""
 
     def __init__(self, app: Any, public_url: str = "") -> None:
         self.app = app
         self.public_url = public_url.rstrip("/")
         self.handed = 0  # events handed off by this process
         self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task | None = None  # a scan of wake() without the loop
+        self._scanning = False  # this process runs the scan loop
         self.periodic = Periodic("reminders", 0, self._step, log, "reminder scan")
 
     def wake(self) -> None:
-        """Scan now (a drop went live on this process)."""
-        self._wake.set()
+        """Scan now (a drop went live on this process). A worker that runs no scan
+        loop (not its node's chore worker) scans once itself: the "it's live"
+        reminders go out now, not at the chore worker's next scan (a claim is one
+        transaction: two scans at once hand nothing off twice)."""
+        if self._scanning:
+            self._wake.set()
+        elif self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._scan_once(),
+                                                                name="reminders-now")
+
+    async def _scan_once(self) -> None:
+        try:
+            await self.scan()
+        except Exception:
+            log.warning("reminder scan failed", exc_info=True)
 
     async def _step(self) -> None:
         try:
@@ -160,10 +176,13 @@ class Reminders:
             return len(batches)
 
     def start(self) -> None:
+        self._scanning = True
         self.periodic.start()
 
     async def stop(self) -> None:
         await self.periodic.stop()
+        if self._task is not None:
+            await stop_task(self._task, log)
 
 
 # -- HTTP -------------------------------------------------------------------------------
@@ -236,7 +255,8 @@ async def list_reminders(request: Request) -> JSONResponse:
 async def startup(app: Starlette) -> None:
     reminders = Reminders(app, app.state.settings.public_url)
     app.state.reminders = reminders
-    reminders.start()
+    if chores(app):  # one scan loop per node (dropserver.chores)
+        reminders.start()
 
 
 async def shutdown(app: Starlette) -> None:

@@ -29,6 +29,7 @@ import streaming.component
 from dropserver import __version__, openapi, outbound_api, web
 from dropserver.auth import TokenVerifier, principal, require
 from dropserver.background import Periodic
+from dropserver.chores import runs_chores
 from dropserver.component import Component
 from dropserver.db import create_pool
 from dropserver.errors import ValidationFailed, exception_handlers
@@ -213,6 +214,9 @@ def create_app(settings: Settings, components: tuple[Component, ...] = COMPONENT
         state.settings = settings
         state.node_id = settings.effective_node_id
         state.draining = False
+        # Worker 0 of a node (or a process that is the whole node) runs the node's
+        # chores; the other workers only their own process's loops (dropserver.chores).
+        state.chores = runs_chores()
         state.verifier = TokenVerifier(settings)
         # WebSocket commands other packages handle (e.g. checkout registers "buy"):
         # name -> async handler(app, conn: realtime.CommandContext, data: dict) -> dict

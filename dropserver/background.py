@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["Periodic", "stop_task"]
+__all__ = ["Periodic", "Scheduled", "stop_task"]
 
 STOP_WITHIN = 5.0  # seconds a task gets to end once cancelled at shutdown
 
@@ -84,6 +84,71 @@ class Periodic:
             except Exception:
                 self.log.log(self.level, "%s failed", self.what, exc_info=True)
             await asyncio.sleep(self.interval)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await stop_task(self._task, self.log)
+            self._task = None
+
+
+class Scheduled:
+    """Runs ``step`` in a task of its own whenever it is due: ``step`` returns the
+    seconds until it wants to run again (its next deadline; None when it knows of
+    none), which is waited for at most ``max_wait`` (work another process made, which
+    this one cannot be told of, is seen within that) and cut short by :meth:`wake`
+    (this process made work that is due sooner). A step that fails is logged as
+    ``"<what> failed"`` at ``level`` and tried again after ``retry`` seconds; only
+    :meth:`stop` ends the loop.
+
+    For loops with deadlines (closing auctions and giveaways): a fixed short period
+    kept their promise only by polling ten times a second while nothing was due."""
+
+    def __init__(self, name: str, step: Callable[[], Awaitable[float | None]],
+                 log: logging.Logger, what: str, *, max_wait: float, retry: float,
+                 level: int = logging.WARNING) -> None:
+        self.name = name
+        self.step = step
+        self.log = log
+        self.what = what
+        self.max_wait = max_wait
+        self.retry = retry
+        self.level = level
+        self.rounds = 0
+        self._woken = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
+
+    def wake(self) -> None:
+        """Run the step now (or as soon as the one running ends); nothing when the loop
+        does not run in this process."""
+        if self._task is not None:
+            self._woken.set()
+
+    async def _run(self) -> None:
+        while True:
+            self._woken.clear()  # a wake from here on runs the step again at once
+            try:
+                wait = await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.log.log(self.level, "%s failed", self.what, exc_info=True)
+                wait = self.retry
+            self.rounds += 1
+            wait = self.max_wait if wait is None else min(max(wait, 0.0), self.max_wait)
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._woken.wait()
+            else:
+                await asyncio.sleep(0)
 
     async def stop(self) -> None:
         if self._task is not None:

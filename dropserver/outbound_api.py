@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from dropserver.auth import Principal, Role, require
+from dropserver.chores import chores
 from dropserver.component import Component
 from dropserver.errors import ApiError, NotFound, ValidationFailed
 from dropserver.http import field, parse_int, read_json, reject_unknown
@@ -291,7 +292,8 @@ async def _startup(app: Starlette) -> None:
             timeout=settings.webhook_timeout, concurrency=settings.webhook_concurrency,
             poll_interval=settings.webhook_poll_interval,
             retention_days=settings.webhook_retention_days)
-        dispatcher.start()
+        if chores(app):  # one dispatcher per node (dropserver.chores)
+            dispatcher.start()
         app.state.webhook_dispatcher = dispatcher
 
 

@@ -168,7 +168,8 @@ class Settings:
     buy_verifier: str = _env("DROPSERVER_BUY_VERIFIER", "", "Captcha/attestation hook "
                              "as module:attr; empty accepts every buy attempt.")
     hold_sweep_interval: float = _env("DROPSERVER_HOLD_SWEEP_INTERVAL", 1.0,
-                                      "Seconds between expired-hold sweeps per process.")
+                                      "Seconds between expired-hold sweeps (in the node's "
+                                      "chore worker).")
     recovery_interval: float = _env("DROPSERVER_RECOVERY_INTERVAL", 2.0,
                                     "Seconds between checks for live drops missing "
                                     "from Redis (rebuilt from PostgreSQL).")

@@ -820,7 +820,7 @@ async def test_the_keeper_waits_out_a_redis_outage_quietly(caplog):
     dead = aioredis.Redis(port=free_port(), socket_connect_timeout=0.2,
                           retry=Retry(NoBackoff(), 0))
     keeper = AuctionKeeper(SimpleNamespace(redis=dead, db=None))
-    keeper.rounds = 1  # past the round that also looks in PostgreSQL
+    keeper._restored_at = time.monotonic()  # past the round that also looks in PostgreSQL
     try:
         with caplog.at_level(logging.WARNING, logger="dropserver.auctions"):
             for _ in range(10):

@@ -23,9 +23,9 @@ BENCHMARKS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py")
 
 def test_every_benchmark_is_found():
     assert BENCHMARKS == ["balancer", "bids", "buy_cpu", "buy_now", "churn", "cluster_clients",
-                          "failover", "fanout", "faults", "giveaway", "hls_cdn", "ingest",
-                          "join_burst", "orders", "reserve", "reserve_script", "startup",
-                          "swarm_recv"]
+                          "failover", "fanout", "faults", "giveaway", "hls_cdn", "idle",
+                          "ingest", "join_burst", "orders", "reserve", "reserve_script",
+                          "startup", "swarm_recv"]
 
 
 @pytest.mark.parametrize("name", [*BENCHMARKS, "_bare"])

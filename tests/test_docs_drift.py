@@ -13,7 +13,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
 # Environment variables that are not settings (dropserver/settings.py) but are read
 # elsewhere: the local services' binaries, the tests' servers, the supervisor's.
 NOT_SETTINGS = {"DROPSERVER_REDIS_SERVER", "DROPSERVER_POSTGRES_BIN", "TEST_REDIS_URL",
-                "TEST_DATABASE_URL", "DROPSERVER_SUPERVISOR_PID"}
+                "TEST_DATABASE_URL", "DROPSERVER_SUPERVISOR_PID",
+                "DROPSERVER_WORKER_INDEX"}  # set by the supervisor for each worker
 
 
 def _mentioned(pattern: str) -> dict[str, list[str]]:

@@ -166,6 +166,29 @@ async def test_went_live_and_batches(settings, monkeypatch):
         assert {n["kind"] for n in await _notices(db, drop_id)} == {"live"}
 
 
+async def test_a_worker_without_the_scan_loop_scans_once_when_a_drop_goes_live_on_it(
+        settings):
+    """Only the node's chore worker runs the scan loop (dropserver.chores): a drop
+    that goes live on another worker is reminded at once all the same, by one scan
+    of that worker's own, and a second process scanning hands nothing off twice."""
+    drop_id = await _scheduled(settings.database_url, 60)
+    async with asyncpg.create_pool(settings.database_url, min_size=1, max_size=2,
+                                   init=_json) as db:
+        await _remind(db, drop_id, "u1")
+        await db.execute("UPDATE drops SET state = 'live', live_at = now() WHERE id = $1",
+                         drop_id)
+        worker = _process(db)  # never started: another worker runs the loop
+        worker.wake()
+        deadline = time.monotonic() + 5
+        while not await _notices(db, drop_id):
+            assert time.monotonic() < deadline, "wake() without the loop scanned nothing"
+            await asyncio.sleep(0.05)
+        await worker.stop()
+        assert worker.handed == 1
+        assert await _process(db).scan() == 0  # the chore worker's next scan: nothing
+        assert [n["kind"] for n in await _notices(db, drop_id)] == ["live"]
+
+
 async def test_go_live_reminds_at_once_and_a_restart_loses_nothing(settings, make_token):
     """The running server: go-live wakes the scan (no wait for the next period); a
     reminder that fell due while no server ran goes out when one starts."""
