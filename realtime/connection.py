@@ -13,6 +13,13 @@ Fan-out calls :meth:`Connection.deliver` for every local socket with the same
 * otherwise the message joins this connection's queue, drained by a writer task that
   exists only while something is queued (idle sockets have none).
 
+A socket whose heartbeat ping is due soon (``ping_due``, set by
+:class:`realtime.heartbeat.Heartbeat` for the slice whose ping tick comes next) gets
+the ping's frame appended to the first message written straight to its transport
+(:meth:`realtime.wire.Broadcast.with_ping`): one ``send()`` where the ping would have
+cost its own. A message that is queued or goes the ASGI way carries no ping; the
+heartbeat's tick pings that socket as before.
+
 The queue has two lanes (:class:`realtime.wire.Lane`). ``URGENT`` messages (drop
 events, the buyer's private events, replies, pings) are written before any ``BULK``
 one (chat batches, coalesced volatile events), so a socket that fell behind gets BUY
@@ -88,6 +95,7 @@ class Connection:
         "node",
         "opened_at",
         "pending",
+        "ping_due",
         "principal",
         "proto",
         "room",
@@ -130,6 +138,9 @@ class Connection:
         # this socket meanwhile, so its silence is ours, not the peer's.
         self.handling = False
         self.hb_slot = 0  # which heartbeat slice pings this socket (realtime.heartbeat)
+        # Its ping is due soon: the next frame written straight to the transport
+        # carries it (realtime.heartbeat; cleared once sent).
+        self.ping_due = False
         # Queued (message, size, key, chat run) items; None while empty.
         self._urgent: collections.deque | None = None
         self._bulk: collections.deque | None = None
@@ -161,8 +172,14 @@ class Connection:
         message, size, wire = b.message(self.fmt)
         if self._writer is None and not self._urgent and not self._bulk:
             proto = self.proto
-            if proto is not None and proto.write_frame(wire):
-                return
+            if proto is not None:
+                if self.ping_due:
+                    # The heartbeat's ping rides in this write (realtime.heartbeat).
+                    if proto.write_frame(b.with_ping(self.fmt)):
+                        self.ping_due = False
+                        return
+                elif proto.write_frame(wire):
+                    return
             if self._write_now(message):
                 return
         self._enqueue(b, message, size)

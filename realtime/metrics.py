@@ -20,6 +20,9 @@ REFUSED = Counter("dropserver_ws_refused_total", "Sockets told to retry later (o
 FRAMES_IN = Counter("dropserver_ws_frames_received_total", "Client frames, by type.",
                     ["type"])
 _frames_in: dict[str, Any] = {}  # type -> child; types are the protocol's, a few
+HEARTBEAT_PINGS = Counter("dropserver_ws_pings_total",
+                          "Heartbeat pings sent, by how: in the same write as a message "
+                          "the socket was getting (with_data) or alone.", ["how"])
 ERRORS = Counter("dropserver_ws_errors_total", "Error frames sent, by code.", ["code"])
 FANOUT_SECONDS = Histogram(
     "dropserver_fanout_seconds", "Time to hand one publication to every local socket.",

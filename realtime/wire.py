@@ -9,6 +9,9 @@ hand to :meth:`realtime.connection.Connection.deliver`.
 * :class:`Broadcast`: one message (a frame, or a batch: a list of frames) encoded at
   most once per wire format, with what a socket's send queue needs to order it: its
   :class:`Lane` and, for a batch of chat, the :class:`ChatRun` it covers.
+* :data:`PING`: the heartbeat's ``{"t": "ping"}``; :meth:`Broadcast.with_ping` is a
+  message's frame with the ping's frame after it, for a socket whose ping is due
+  (realtime.heartbeat): both leave in one write.
 * :class:`Lane`: drop events outrank chat. ``URGENT`` messages (durable drop events,
   the buyer's private events, replies, pings) never wait behind ``BULK`` ones (chat
   batches, coalesced volatile events) in a socket's queue (realtime.connection).
@@ -24,7 +27,7 @@ from typing import Any
 from realtime import protocol
 from realtime.protocol import Format
 
-__all__ = ["Broadcast", "ChatRun", "Lane", "asgi_message", "server_frame"]
+__all__ = ["PING", "Broadcast", "ChatRun", "Lane", "asgi_message", "server_frame"]
 
 
 class Lane(enum.IntEnum):
@@ -58,7 +61,8 @@ class Broadcast:
     """One frame (or a batch: a list of frames), encoded at most once per format, for
     many connections: the ASGI message, and the WebSocket frame's bytes."""
 
-    __slots__ = ("_frame", "_json", "_msgpack", "chat", "key", "lane", "positioned")
+    __slots__ = ("_frame", "_json", "_msgpack", "_pinged", "chat", "key", "lane",
+                 "positioned")
 
     def __init__(self, frame: dict[str, Any] | list[dict[str, Any]], *,
                  lane: Lane = Lane.URGENT, key: str | None = None,
@@ -66,6 +70,7 @@ class Broadcast:
         self._frame = frame
         self._msgpack: tuple[dict[str, Any], int, bytes] | None = None
         self._json: tuple[dict[str, Any], int, bytes] | None = None
+        self._pinged: dict[Format, bytes] | None = None  # with_ping's, by format
         self.lane = lane
         self.key = key  # coalescable: a newer one replaces a queued one of the same key
         self.chat = chat
@@ -88,8 +93,22 @@ class Broadcast:
             self._json = _encoded(protocol.encode(self._frame, fmt))
         return self._json
 
+    def with_ping(self, fmt: Format) -> bytes:
+        """This message's frame then the heartbeat's ping frame, as one write's bytes
+        (built once per format, however many sockets take it)."""
+        pinged = self._pinged
+        if pinged is None:
+            pinged = self._pinged = {}
+        wire = pinged.get(fmt)
+        if wire is None:
+            wire = pinged[fmt] = self.message(fmt)[2] + PING.message(fmt)[2]
+        return wire
+
     def deliver(self, conn: Any) -> None:
         conn.deliver(self)
+
+
+PING = Broadcast({"t": protocol.ServerType.PING.value})
 
 
 def _encoded(payload: bytes | str) -> tuple[dict[str, Any], int, bytes]:

@@ -317,6 +317,59 @@ async def test_heartbeat_closes_silent_clients_only(settings):
         await alive.close()
 
 
+async def test_pings_ride_with_events_and_a_silent_client_is_still_closed(settings, r):
+    """Events every 50 ms: each socket's ping leaves in an event's write, in the fifth
+    of the interval before its tick (realtime.heartbeat). A client that reads them and
+    answers stays; one that reads them and never answers is closed 4001 as before."""
+    drop_id, _ = await create_drop(settings.database_url)
+    async with running(settings, ws_ping_interval=2.0, ws_pong_timeout=0.8) as srv:
+        assert srv.app.state.realtime.heartbeat.early == 5  # 0.4 s before each tick
+        rode = metrics.HEARTBEAT_PINGS.labels("with_data")
+        rode_before = rode._value.get()
+        silent = await Client.connect(srv.ws_url)
+        alive = await Client.connect(srv.ws_url)
+        await silent.join(drop_id)
+        await alive.join(drop_id)
+        pings = 0
+
+        async def answer_pings():
+            nonlocal pings
+            with contextlib.suppress(ConnectionClosed, TimeoutError):
+                while True:
+                    frame = await alive.recv(5)
+                    if frame["t"] == "ping":
+                        pings += 1
+                        await alive.send({"t": "pong"})
+
+        async def publishing():
+            k = 0
+            while True:
+                await publish(r, drop_id, "drop.buy_now", {"k": k})
+                k += 1
+                await asyncio.sleep(0.05)
+
+        answering = asyncio.create_task(answer_pings())
+        publisher = asyncio.create_task(publishing())
+        try:
+            started = time.monotonic()
+            with pytest.raises(ConnectionClosed) as info:
+                while True:
+                    frame = await silent.recv(5)
+                    assert frame["t"] in ("event", "ping", "volatile")
+            assert info.value.rcvd.code == 4001
+            # Silent since its join: closed within interval + timeout + a tick (and
+            # a loaded machine's slack).
+            assert time.monotonic() - started < 2.0 + 0.8 + 0.08 + 5.0
+            await asyncio.sleep(4.5)  # two more rounds for the one that answers
+            assert not answering.done()  # the answering client is still connected
+            assert pings >= 2
+            assert rode._value.get() - rode_before >= 2  # pings rode with events
+        finally:
+            publisher.cancel()
+            answering.cancel()
+        await alive.close()
+
+
 async def test_pings_are_spread_over_the_interval_not_one_burst(settings):
     """A ping burst to every socket at once delays whatever is fanned out behind it;
     the server pings its sockets in slices spread over the ping interval."""
