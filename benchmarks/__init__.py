@@ -21,6 +21,8 @@ run. In the order of the hot paths:
 * :mod:`benchmarks.giveaway`: giveaway entries per second from socket to
   ``giveaway_enter.lua`` and back (50,000 by default), the draw audited, against raw
   EVALSHA of the same script.
+* :mod:`benchmarks.idle`: a node with one live drop and no viewers: the CPU its workers,
+  Redis and PostgreSQL spend idle, and how often it polls them.
 * :mod:`benchmarks.churn`: whether a worker gives back the memory of viewers who left.
 * :mod:`benchmarks.buy_now`: the creator's BUY NOW until it is on the drop's channel.
 * :mod:`benchmarks.orders`: the order workers, holds in the stream to paid orders.

@@ -24,6 +24,8 @@ Modules, in the order to read them:
   (``redis+cluster://``); what differs on a cluster (sharded publish, scripts).
 * ``db``: the asyncpg pool and versioned migrations (``migrations/``, ``schema.sql``).
 * ``background``: a step run every few seconds until the process stops.
+* ``chores``: which worker of a node runs the node's chores (hold sweeper, recovery,
+  auction keeper, ...): worker 0 of ``serve``, or a process that is the whole node.
 * ``outbound``: outbound webhooks' events and :func:`~dropserver.outbound.enqueue`
   (one outbox row in the caller's transaction), Standard Webhooks signing, the
   endpoint URL rule.
