@@ -59,12 +59,19 @@ def bind_socket(host: str, port: int, *, reuse_port: bool, listen: bool = True) 
 class _DrainingServer(uvicorn.Server):
     """uvicorn.Server whose first exit signal drains the app before stopping."""
 
-    def __init__(self, config: uvicorn.Config, drain_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, drain_timeout: float, *,
+                 supervised: bool = False) -> None:
         super().__init__(config)
         self._drain_timeout = drain_timeout
+        self._supervised = supervised
         self._draining: asyncio.Task | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._supervised and sig == signal.SIGINT:
+            # A terminal's Ctrl-C reaches the whole process group: the supervisor
+            # forwards it to this worker as SIGTERM. Taken here too, the two made a
+            # "second signal" and the worker skipped its app's shutdown.
+            return
         if self._draining is not None or self.should_exit:
             # A second signal: stop now.
             self.force_exit = True
@@ -130,15 +137,18 @@ def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
     )
 
 
-def run_single(settings: Settings, sock: socket.socket | None = None) -> None:
-    """Run one worker in this process (serving ``sock`` or host:port)."""
+def run_single(settings: Settings, sock: socket.socket | None = None, *,
+               supervised: bool = False) -> None:
+    """Run one worker in this process (serving ``sock`` or host:port); ``supervised``:
+    a worker of :func:`run_supervisor`, which stops it with SIGTERM."""
     from dropserver.app import create_app
 
     app = create_app(settings)
     config = uvicorn_config(app, settings)
     if sock is None:
         sock = bind_socket(settings.host, settings.port, reuse_port=False)
-    server = _DrainingServer(config, drain_timeout=settings.shutdown_grace)
+    server = _DrainingServer(config, drain_timeout=settings.shutdown_grace,
+                             supervised=supervised)
     apply_gc_threshold(settings)
     server.run(sockets=[sock])
 
@@ -164,7 +174,7 @@ def _worker_main() -> None:
         watch_parent(int(supervisor), sig=signal.SIGTERM,
                      grace=settings.shutdown_grace + 5)
     sock = bind_socket(settings.host, settings.port, reuse_port=True)
-    run_single(settings, sock)
+    run_single(settings, sock, supervised=bool(supervisor))
 
 
 WORKER_ENTRY = "from dropserver.serve import _worker_main; _worker_main()"

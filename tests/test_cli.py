@@ -145,6 +145,48 @@ def test_serve_runs_workers_on_one_port_and_drains(backends):
             proc.kill()
 
 
+@pytest.mark.timeout(90)
+def test_ctrl_c_in_a_terminal_stops_every_worker_through_its_app_shutdown(backends):
+    """A terminal's Ctrl-C sends SIGINT to the whole foreground process group: the
+    supervisor and each worker at once, and the supervisor then forwards SIGTERM to
+    each worker. A worker took those two signals for "stop now, again": it skipped
+    its app's shutdown (journals, presence, order workers) and logged a traceback."""
+    env = _dev_env()
+    env.update({"REDIS_URL": backends.redis_url, "DATABASE_URL": backends.database_url,
+                "DROPSERVER_SHUTDOWN_GRACE": "3", "DROPSERVER_LOG_FORMAT": "json",
+                **unsafe_rig_env()})
+    from tests.conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dropserver.cli", "serve", "--workers", "2",
+         "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+        start_new_session=True,  # its own process group, as a shell gives a job
+    )
+    try:
+        nodes = set()
+        deadline = time.monotonic() + 40
+        while len(nodes) < 2 and time.monotonic() < deadline:
+            try:
+                nodes.add(_get(f"http://127.0.0.1:{port}/healthz", 1)[1]["node"])
+            except OSError:
+                time.sleep(0.1)
+        assert len(nodes) == 2, f"saw workers {nodes}"
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    errors = [r["msg"][:200] for r in records if r.get("level") in ("error", "critical")]
+    assert not errors
+    done = [r for r in records if r.get("msg") == "Application shutdown complete."]
+    assert len(done) == 2, [r.get("msg") for r in records][-20:]
+
+
 def test_workers_import_the_supervisors_code_not_the_working_directorys(tmp_path):
     # A supervisor started from one checkout's directory with another on PYTHONPATH
     # (`python -P`, as an A/B benchmark serves the code before a change) had workers
