@@ -11,8 +11,9 @@ and :func:`~dropserver.services.wait_port`). On top of it, here:
   creator token (:class:`DevServer`).
 * :func:`create_live_drop`: a live drop with one product, written straight into
   PostgreSQL (the schema comes from :func:`dropserver.db.migrate_database`).
-* :func:`rss_kib`, :func:`cpu_seconds`, :func:`raise_nofile`: a process's memory and
-  CPU time from ``/proc``; this process's open-files limit up to the hard limit.
+* :func:`rss_kib`, :func:`cpu_seconds`, :func:`tree_cpu_seconds`, :func:`raise_nofile`:
+  a process's memory and CPU time from ``/proc`` (a process tree's, PostgreSQL's);
+  this process's open-files limit up to the hard limit.
 * :func:`pcts`: p50 / p95 / max of a list of samples.
 
 The bare servers the benchmarks compare dropserver with are in :mod:`benchmarks._bare`;
@@ -55,6 +56,7 @@ __all__ = [
     "start_dev",
     "start_server",
     "top_frames",
+    "tree_cpu_seconds",
 ]
 
 WS_PATH = "/ws"
@@ -257,6 +259,23 @@ def cpu_times(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tck, int(fields[12]) / tck
 
 
+def tree_cpu_seconds(root_pid: int) -> dict[int, float]:
+    """User + system CPU seconds so far of ``root_pid`` and each of its children, by
+    pid (PostgreSQL: the postmaster and its backends; a backend that ends between two
+    readings drops out of the second)."""
+    import psutil
+
+    out = {}
+    root = psutil.Process(root_pid)
+    for p in [root, *root.children()]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:  # a backend that just ended
+            continue
+        out[p.pid] = t.user + t.system
+    return out
+
+
 class CpuWatch:
     """CPU seconds spent from now by a ``dropserver serve``'s workers (and how much of
     it in the kernel), by Redis, by PostgreSQL (its server processes alive at both
@@ -275,19 +294,7 @@ class CpuWatch:
         self._client = time.process_time()
 
     def _pg(self) -> dict[int, float]:
-        if not self.postgres_pid:
-            return {}
-        import psutil
-
-        out = {}
-        root = psutil.Process(self.postgres_pid)
-        for p in [root, *root.children()]:
-            try:
-                t = p.cpu_times()
-            except psutil.Error:  # a backend that just ended
-                continue
-            out[p.pid] = t.user + t.system
-        return out
+        return tree_cpu_seconds(self.postgres_pid) if self.postgres_pid else {}
 
     def _workers(self) -> tuple[float, float]:
         times = [cpu_times(w) for w in self.workers]

@@ -28,7 +28,7 @@ import json
 import os
 import time
 
-from benchmarks._support import cpu_seconds, create_live_drop, serve_locally
+from benchmarks._support import cpu_seconds, create_live_drop, serve_locally, tree_cpu_seconds
 
 INDEX_ENV = "DROPSERVER_WORKER_INDEX"  # realtime.board.INDEX_ENV (not imported: A/B)
 
@@ -44,20 +44,6 @@ def _worker_index(pid: int) -> str:
     except OSError:
         pass
     return "?"
-
-
-def _pg_cpu(root_pid: int) -> dict[int, float]:
-    import psutil
-
-    out = {}
-    root = psutil.Process(root_pid)
-    for p in [root, *root.children()]:
-        try:
-            t = p.cpu_times()
-        except psutil.Error:  # a backend that just ended
-            continue
-        out[p.pid] = t.user + t.system
-    return out
 
 
 async def _xacts(database_url: str) -> int:
@@ -98,14 +84,14 @@ def measure(server, services, *, window: float) -> dict:
     w0 = {pid: cpu_seconds(pid) for pid in workers}
     s0 = cpu_seconds(server.proc.pid)
     r0 = cpu_seconds(redis_pid) if redis_pid else 0.0
-    p0 = _pg_cpu(pg_pid) if pg_pid else {}
+    p0 = tree_cpu_seconds(pg_pid) if pg_pid else {}
     t0 = time.monotonic()
     time.sleep(window)
     elapsed = time.monotonic() - t0
     w1 = {pid: cpu_seconds(pid) for pid in workers}
     s1 = cpu_seconds(server.proc.pid)
     r1 = cpu_seconds(redis_pid) if redis_pid else 0.0
-    p1 = _pg_cpu(pg_pid) if pg_pid else {}
+    p1 = tree_cpu_seconds(pg_pid) if pg_pid else {}
     c1 = _redis_commands(server.redis_url)
     # pg_stat_database lags by up to PGSTAT_MIN_INTERVAL (1 s, PostgreSQL 15): wait it
     # out so the window's last second is in the count.

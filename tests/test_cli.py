@@ -115,6 +115,18 @@ def test_dev_kill_9_leaves_nothing_behind():
     _assert_gone(tree, root)
 
 
+def _both_workers_answer(port: int) -> None:
+    nodes = set()
+    deadline = time.monotonic() + 40
+    while len(nodes) < 2 and time.monotonic() < deadline:
+        try:
+            # A new connection each time: SO_REUSEPORT spreads them over workers.
+            nodes.add(_get(f"http://127.0.0.1:{port}/healthz", 1)[1]["node"])
+        except OSError:
+            time.sleep(0.1)
+    assert len(nodes) == 2, f"saw workers {nodes}"
+
+
 @pytest.mark.timeout(90)
 def test_serve_runs_workers_on_one_port_and_drains(backends):
     env = _dev_env()
@@ -129,15 +141,7 @@ def test_serve_runs_workers_on_one_port_and_drains(backends):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )
     try:
-        nodes = set()
-        deadline = time.monotonic() + 40
-        while len(nodes) < 2 and time.monotonic() < deadline:
-            try:
-                # A new connection each time: SO_REUSEPORT spreads them over workers.
-                nodes.add(_get(f"http://127.0.0.1:{port}/healthz", 1)[1]["node"])
-            except OSError:
-                time.sleep(0.1)
-        assert len(nodes) == 2, f"saw workers {nodes}"
+        _both_workers_answer(port)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
@@ -165,14 +169,7 @@ def test_ctrl_c_in_a_terminal_stops_every_worker_through_its_app_shutdown(backen
         start_new_session=True,  # its own process group, as a shell gives a job
     )
     try:
-        nodes = set()
-        deadline = time.monotonic() + 40
-        while len(nodes) < 2 and time.monotonic() < deadline:
-            try:
-                nodes.add(_get(f"http://127.0.0.1:{port}/healthz", 1)[1]["node"])
-            except OSError:
-                time.sleep(0.1)
-        assert len(nodes) == 2, f"saw workers {nodes}"
+        _both_workers_answer(port)
         os.killpg(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0
