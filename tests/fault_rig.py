@@ -257,15 +257,23 @@ class _Socket:
         self.pending: dict[str, asyncio.Future] = {}
         self.ids = 0
         self.closed = False  # the server closed it (a killed worker, a resync)
+        # The client gave up on it (close() called): what still arrives in its closing
+        # handshake is not heard, as a client that moved to a new socket ignores it.
+        self.closing = False
         self.reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def open(cls, url: str, token: str, drop_id: int, on_event: Any) -> _Socket:
+    async def open(cls, url: str, token: str, drop_id: int, on_event: Any,
+                   join_wait: float = 10.0) -> _Socket:
         ws = await websockets.connect(url, subprotocols=[JSON_PROTOCOL],  # type: ignore[list-item]
                                       additional_headers={"Authorization": f"Bearer {token}"},
                                       compression=None, ping_interval=None, open_timeout=5)
         sock = cls(ws, on_event)
-        joined = await sock.request({"t": "join", "drop_id": drop_id})
+        try:
+            joined = await sock.request({"t": "join", "drop_id": drop_id}, join_wait)
+        except BaseException:  # a join that timed out: the socket must not live on
+            await sock.close()
+            raise
         if joined.get("t") != "joined":
             await sock.close()
             raise ConnectionError(f"join refused: {joined}")
@@ -274,6 +282,8 @@ class _Socket:
     async def _read(self) -> None:
         try:
             async for raw in self.ws:
+                if self.closing:
+                    continue
                 message = json.loads(raw)
                 for frame in message if isinstance(message, list) else [message]:
                     if frame.get("t") == "ping":  # the gateway's heartbeat
@@ -306,6 +316,7 @@ class _Socket:
                 fut.exception()
 
     async def close(self) -> None:
+        self.closing = True
         with contextlib.suppress(Exception):
             await self.ws.close()
         self.reader.cancel()
@@ -329,6 +340,12 @@ class Buyer:
     user_no: int = 0
     confirms_won: int = 0       # confirms that succeeded (never more than one)
     notes: list[str] = field(default_factory=list)
+    sockets: int = 0            # sockets opened (each reconnect, each failed open)
+    heard_on: list[int] = field(default_factory=list)  # which socket heard events[i]
+
+    def heard(self, event: str, data: dict, socket_no: int) -> None:
+        self.events.append((event, data))
+        self.heard_on.append(socket_no)
 
 
 class Rush:
@@ -382,10 +399,11 @@ class Rush:
     async def _connect(self, b: Buyer) -> _Socket:
         delay = 0.1
         while True:
+            b.sockets += 1
             try:
                 return await _Socket.open(self.rig.ws_url, self.rig.token(b.user),
                                           self.drop_id,
-                                          lambda e, d, b=b: b.events.append((e, d)))
+                                          lambda e, d, b=b, n=b.sockets: b.heard(e, d, n))
             except (TimeoutError, OSError, ConnectionError, websockets.WebSocketException) as exc:
                 b.notes.append(f"connect: {type(exc).__name__}")
                 await asyncio.sleep(delay)
@@ -863,7 +881,12 @@ async def _buyer_outcomes(db: Any, rush: Rush, report: FaultReport) -> None:
         heard = Counter(e for e, d in b.events if d.get("order_id") == hold_id)
         for event, n in heard.items():
             if event in OUTCOME_EVENTS and n > 1:
-                report.duplicates.append(f"{b.user} heard {event} {n} times for {hold_id}")
+                on = [s for (e, d), s in zip(b.events, b.heard_on, strict=True)
+                      if e == event and d.get("order_id") == hold_id]
+                report.duplicates.append(
+                    f"{b.user} heard {event} {n} times for {hold_id} (on its sockets "
+                    f"{on} of {b.sockets}; {b.reconnects} reconnects"
+                    + (f"; {'; '.join(b.notes)}" if b.notes else "") + ")")
         state = states.get(hold_id)
         want = EVENT_FOR_STATE.get(state or "")
         if not want or heard.get(want):
