@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import linecache
 import signal
 import sys
 import time
@@ -371,6 +372,10 @@ async def test_a_worker_cancelled_before_its_read_starts_leaves_no_command_unawa
         warnings.simplefilter("always")
         task = asyncio.create_task(worker.run_once())
         await asyncio.sleep(0)  # its first step: straight into gather, which made tasks
+        # (the round waits in gather itself, not in something awaited before it)
+        frame = task.get_coro().cr_frame
+        assert "asyncio.gather(" in linecache.getline(frame.f_code.co_filename,
+                                                      frame.f_lineno)
         task.cancel()  # ... that have not run yet
         with pytest.raises(asyncio.CancelledError):
             await task
