@@ -173,11 +173,9 @@ class OrderWorker:
             handled += await self.claim_stale()
         # One XREADGROUP per hash slot, side by side: a cluster refuses a command whose
         # keys are in different slots (drops' streams are, each on its drop's slot).
-        replies = await asyncio.gather(
-            *(self.redis.xreadgroup(GROUP, self.consumer, dict.fromkeys(group, ">"),
-                                    count=self.batch, block=self.block_ms)
-              for group in self._read_groups(streams)),
-            return_exceptions=True)
+        replies = await asyncio.gather(*(self._read(group)
+                                         for group in self._read_groups(streams)),
+                                       return_exceptions=True)
         failure: BaseException | None = None
         for reply in replies:
             if isinstance(reply, ResponseError) and "NOGROUP" in str(reply):
@@ -196,6 +194,15 @@ class OrderWorker:
         if failure is not None:
             raise failure
         return handled
+
+    async def _read(self, streams: list[str]) -> Any:
+        """One XREADGROUP of ``streams``, made inside gather's task: redis-py's async
+        ``xreadgroup`` makes the command's coroutine when called and returns a wrapper
+        awaiting it, so a wrapper handed to gather and cancelled before its task first
+        ran (the worker stopped in that loop turn) left the command's coroutine never
+        awaited. This coroutine, closed unstarted, has made nothing."""
+        return await self.redis.xreadgroup(GROUP, self.consumer, dict.fromkeys(streams, ">"),
+                                           count=self.batch, block=self.block_ms)
 
     def _read_groups(self, streams: set[str]) -> list[list[str]]:
         """The streams to read in one XREADGROUP each: all of them on one Redis, one

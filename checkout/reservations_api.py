@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import Counter, Histogram
@@ -153,18 +154,21 @@ class Notifier:
     def sold_out(self, drop_id: int, product_id: int) -> None:
         from drops.actions import mark_sold_out
 
-        self.spawn(self._guard(mark_sold_out(self.app, self.redis, drop_id, product_id)))
+        self.spawn(self._guard(mark_sold_out, self.app, self.redis, drop_id, product_id))
 
     def back_in_stock(self, drop_id: int, product_id: int) -> None:
         from drops.actions import mark_back_in_stock
 
-        self.spawn(self._guard(mark_back_in_stock(self.app, self.redis, drop_id,
-                                                  product_id)))
+        self.spawn(self._guard(mark_back_in_stock, self.app, self.redis, drop_id,
+                               product_id))
 
     @staticmethod
-    async def _guard(coro: Any) -> None:
+    async def _guard(update: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run ``update(*args)``, logging a failure. The update's coroutine is made
+        here, in the task: one made by the caller was left never awaited when the task
+        was cancelled before its first step (the loop's last turn at shutdown)."""
         try:
-            await coro
+            await update(*args)
         except Exception:
             log.warning("drop state update failed", exc_info=True)
 

@@ -4,10 +4,13 @@ the real stripe SDK talking to the loopback stub."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import linecache
 import signal
 import sys
 import time
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -350,6 +353,38 @@ async def test_worker_task_starts_and_stops(env) -> None:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
     await worker.stop()
+
+
+async def test_a_worker_cancelled_before_its_read_starts_leaves_no_command_unawaited(
+        env) -> None:
+    """Stopping a worker cancels its round wherever it is, also in the loop turn after
+    it handed its XREADGROUPs to gather and before their tasks first ran. redis-py's
+    async ``xreadgroup`` is no coroutine function: it makes the command's coroutine at
+    once and returns a wrapper that awaits it, so a wrapper cancelled before it starts
+    left that coroutine behind ("coroutine 'Redis.execute_command' was never awaited",
+    printed at teardown by tests/test_reconcile.py and test_variant_orders.py)."""
+    redis = env["redis"]
+    worker = OrderWorker(redis, env["proc"], consumer="test-cancel", claim_idle_ms=60_000,
+                         block_ms=50)
+    await redis.sadd(keys.ACTIVE_DROPS, 424242)
+    await worker.run_once()  # creates the group, claims, reads; the next round only reads
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        task = asyncio.create_task(worker.run_once())
+        await asyncio.sleep(0)  # its first step: straight into gather, which made tasks
+        # (the round waits in gather itself, not in something awaited before it)
+        frame = task.get_coro().cr_frame
+        assert "asyncio.gather(" in linecache.getline(frame.f_code.co_filename,
+                                                      frame.f_lineno)
+        task.cancel()  # ... that have not run yet
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        del task
+        await asyncio.sleep(0)  # the step that got the cancellation let go of it
+        gc.collect()
+    unawaited = [str(w.message) for w in caught if "never awaited" in str(w.message)]
+    assert unawaited == []
+    assert await worker.run_once() == 0  # and the worker goes on reading
 
 
 def test_publish_user_reaches_the_user_channel(clean_backends) -> None:

@@ -4,6 +4,8 @@ handlers, sold-out and stock notifications, the verifier hook."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import warnings
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
@@ -127,6 +129,28 @@ async def test_sell_out_marks_the_drop_sold_out_and_publishes_stock(server, http
         assert any(m.startswith(b"V") and b"stock" in m for m in seen)
     finally:
         await pubsub.aclose()
+
+
+def test_a_state_update_cancelled_before_it_starts_leaves_no_coroutine_unawaited() -> None:
+    """A sold-out (or back-in-stock) report runs in a task of its own; the loop's end
+    (a server shutting down) cancels one made in its last turn before it ran. Its
+    transition is made inside that task: a coroutine made by the caller and handed to
+    the task was left behind ("coroutine 'mark_sold_out' was never awaited")."""
+    from checkout.reservations_api import Notifier
+
+    async def report_in_the_last_turn() -> None:
+        notifier = Notifier(SimpleNamespace(state=SimpleNamespace()), None, 10, pipe=None)
+        loop = asyncio.get_running_loop()
+        # run in the turn that also stops the loop (this coroutine's end): the tasks
+        # they spawn get no step before asyncio.run cancels every task left
+        loop.call_soon(notifier.sold_out, 1, 2)
+        loop.call_soon(notifier.back_in_stock, 1, 2)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(report_in_the_last_turn())
+        gc.collect()
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
 
 
 async def test_get_and_cancel_own_hold(server, http, creator, buyer):
