@@ -26,6 +26,19 @@ a command whose keys are on different slots: a round reads the streams with one
 blocking XREADGROUP per slot, side by side (one for all of them on one Redis);
 claims and acknowledgements are per stream anyway.
 
+**Only what a failover keeps.** On a Redis with replicas (``DROPSERVER_HOLD_REPLICAS``,
+a cluster by default) a buy is acknowledged only once a replica has its hold, but the
+reservation script wrote the hold and its stream entry on the primary before that, and
+a worker reading the stream there would record in PostgreSQL a hold that a failover
+then loses: PostgreSQL ahead of the promoted replica, whose buyer counter is behind,
+so it gives the same buyer numbers again -- to acknowledged holds, whose rows then
+conflict (seen as dead letters "buyer number N is another order's", under load, in
+tests/test_cluster_failover.py). So a worker first waits, per stream and batch, until
+the replicas have what it read (:class:`ReplicationFence`: the batch's last entry
+still in the stream, a write, and the ``WAIT`` the pipeline sends after it), while the
+replicas lag as through an outage; entries the primary no longer has (a failover lost
+them) are left unprocessed, like the holds they describe.
+
 **Dead letters** (:mod:`checkout.dead_letters`): a malformed entry, one the rules
 refuse, one that fails ``DROPSERVER_ORDER_MAX_ATTEMPTS`` times with an error that is
 not an outage, or a reserve entry delivered more than ``max_deliveries`` times whose
@@ -49,11 +62,12 @@ from checkout import keys
 from checkout.dead_letters import dead_letter
 from checkout.order_entries import BadEntry, ReserveEntry, fields_text, parse_entry
 from checkout.orders import OrderProcessor
+from checkout.reserve import auto_pipeline, hot_path_client
 from checkout.retry import backoff, is_outage, until_done
 from dropserver.background import stop_task
 from dropserver.redis_client import is_cluster
 
-__all__ = ["GROUP", "OrderWorker"]
+__all__ = ["GROUP", "OrderWorker", "ReplicationFence"]
 
 log = logging.getLogger("dropserver.orders")
 
@@ -71,14 +85,49 @@ def _id(entry_id: Any) -> str:
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
+# On the primary that holds the stream: whether the batch's last entry is still there
+# (a failover may have lost it; the entries before it are then there too, replication
+# being in order), and a write, so that the WAIT the pipeline sends after it covers
+# everything this primary had when the entries were read.
+_FENCE = """
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', 60000)
+return 1
+"""
+
+
+class ReplicationFence:
+    """Whether entries read from a stream are on ``replicas`` replicas (see the module
+    docstring), over a connection of its own per primary (an auto-pipeline with
+    ``WAIT``, as the buy path's; its fallback for a primary without connected replicas
+    included). :meth:`check` raises :class:`~checkout.redis_pipe.NotReplicated` (an
+    outage) while they lag."""
+
+    def __init__(self, url: str, *, replicas: int, timeout_ms: int) -> None:
+        self.redis = hot_path_client(url, max_connections=8)
+        self.pipe = auto_pipeline(self.redis, wait_replicas=replicas,
+                                  wait_timeout_ms=timeout_ms)
+
+    async def check(self, stream: str, last_id: str) -> bool:
+        """True once the replicas have the stream up to ``last_id``; False when the
+        primary no longer has that entry."""
+        return bool(await self.pipe.execute("EVAL", _FENCE, 2, stream, f"{stream}:fence",
+                                            last_id))
+
+    async def aclose(self) -> None:
+        await self.pipe.aclose()
+        await self.redis.aclose()
+
+
 class OrderWorker:
     """One consumer of the ``orders`` group on every active drop's stream."""
 
     def __init__(self, redis: Redis, processor: OrderProcessor, *, consumer: str,
                  claim_idle_ms: int = 15000, max_attempts: int = 5,
                  max_deliveries: int = 10, batch: int = 32, block_ms: int = 1000,
-                 concurrency: int = 32) -> None:
+                 concurrency: int = 32, fence: ReplicationFence | None = None) -> None:
         self.redis = redis
+        self.fence = fence
         self.processor = processor
         self.consumer = consumer
         self.claim_idle_ms = claim_idle_ms
@@ -242,6 +291,14 @@ class OrderWorker:
         return handled
 
     async def _handle_batch(self, stream: str, entries: list, delivered: int | None) -> None:
+        if self.fence is not None and entries and not await self._replicated(stream,
+                                                                               entries):
+            log.warning("order entries a failover lost are not processed",
+                        extra={"stream": stream, "count": len(entries),
+                               "last": _id(entries[-1][0])})
+            for _entry_id, fields in entries:
+                ORDERS_PROCESSED.labels(fields_text(fields).get("type", "?"), "lost").inc()
+            return
         # Entries of one hold run in stream order; different holds run concurrently.
         by_hold: dict[str, list] = {}
         for entry_id, fields in entries:
@@ -254,6 +311,34 @@ class OrderWorker:
                     await self._handle_one(stream, entry_id, fields, delivered)
 
         await asyncio.gather(*(run_group(g) for g in by_hold.values()))
+
+    async def _replicated(self, stream: str, entries: list) -> bool:
+        """Wait until the replicas have ``entries`` (False: the primary lost them). They
+        stay claimed meanwhile (:meth:`_keep_claimed`), as through an outage."""
+        assert self.fence is not None
+        waiting = [(stream, _id(entry_id)) for entry_id, _fields in entries]
+        now = time.monotonic()
+        for key in waiting:
+            self._in_flight.setdefault(key, now)
+        attempt = 0
+        try:
+            while True:
+                try:
+                    return await self.fence.check(stream, waiting[-1][1])
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if not is_outage(exc):
+                        raise
+                    if attempt % 20 == 0:
+                        log.warning("order entries wait for the replicas", extra={
+                            "stream": stream, "count": len(entries), "attempt": attempt + 1,
+                            "error": f"{type(exc).__name__}: {exc}"[:300]})
+                    await asyncio.sleep(backoff(attempt, cap=1.0))
+                    attempt += 1
+        finally:
+            for key in waiting:
+                self._in_flight.pop(key, None)
 
     async def _deliveries(self, stream: str, entry_id: Any) -> int:
         rows = await self.redis.xpending_range(stream, GROUP, min=entry_id, max=entry_id,

@@ -32,7 +32,7 @@ from checkout import campaigns, webhooks
 from checkout.auction_events import RecentAuctionEvents
 from checkout.fake_gateway import FakeGateway
 from checkout.order_events import RecentOrders
-from checkout.order_worker import OrderWorker
+from checkout.order_worker import OrderWorker, ReplicationFence
 from checkout.orders import OrderProcessor
 from checkout.payments import create_gateway
 from dropserver.chores import chores
@@ -210,11 +210,16 @@ async def startup(app: Starlette) -> None:
 
         gateway.listeners.append(on_event)
     state.order_workers = []
+    # With replicas, the workers record only what a failover keeps (checkout.order_worker).
+    replicas = settings.effective_hold_replicas
+    state.order_fence = (ReplicationFence(settings.redis_url, replicas=replicas,
+                                          timeout_ms=settings.hold_replica_timeout_ms)
+                         if replicas > 0 else None)
     for i in range(settings.order_workers):
         worker = OrderWorker(
             state.redis, processor, consumer=f"{state.node_id}:{i}:{secrets.token_hex(3)}",
             claim_idle_ms=settings.order_claim_idle_ms,
-            max_attempts=settings.order_max_attempts)
+            max_attempts=settings.order_max_attempts, fence=state.order_fence)
         worker.start()
         state.order_workers.append(worker)
     state.campaign_loop = campaigns.DeadlineLoop(
@@ -232,6 +237,9 @@ async def shutdown(app: Starlette) -> None:
         await loop.stop()
     for worker in getattr(state, "order_workers", []):
         await worker.stop()
+    fence = getattr(state, "order_fence", None)
+    if fence is not None:
+        await fence.aclose()
     gateway = getattr(state, "payments_gateway", None)
     if gateway is not None:
         await gateway.close()

@@ -35,6 +35,7 @@ __all__ = [
     "Hold",
     "Refusal",
     "ReserveBatcher",
+    "auto_pipeline",
     "hot_path_client",
     "parse_reply",
     "reserve",
@@ -294,11 +295,8 @@ class ReserveBatcher:
         self.redis = redis
         # On a cluster, one auto-pipeline per primary (checkout.cluster_pipe). With
         # wait_replicas, a batch's replies wait for that many replicas (WAIT).
-        opts = {"max_batch": max_batch, "wait_replicas": wait_replicas,
-                "wait_timeout_ms": wait_timeout_ms}
-        self.pipe: AutoPipeline | ClusterAutoPipeline = (
-            ClusterAutoPipeline(redis, node_client=_node_client, **opts)
-            if is_cluster(redis) else AutoPipeline(redis, **opts))
+        self.pipe = auto_pipeline(redis, max_batch=max_batch, wait_replicas=wait_replicas,
+                                  wait_timeout_ms=wait_timeout_ms)
         self._loading: asyncio.Future | None = None
 
     async def call(self, key_list: list[str], args: list[Any]) -> Any:
@@ -337,6 +335,13 @@ class PackedConnection(Connection):
         if isinstance(args[0], str) and " " in args[0]:  # "CONFIG GET" style names
             return super().pack_command(*args)
         return [hiredis.pack_command(args)]
+
+
+def auto_pipeline(redis: Any, **opts: Any) -> AutoPipeline | ClusterAutoPipeline:
+    """An auto-pipeline over ``redis`` (a :func:`hot_path_client`): one per primary on a
+    cluster. ``opts``: :class:`~checkout.redis_pipe.AutoPipeline`'s (``wait_replicas``...)."""
+    return (ClusterAutoPipeline(redis, node_client=_node_client, **opts)
+            if is_cluster(redis) else AutoPipeline(redis, **opts))
 
 
 def hot_path_client(url: str, *, max_connections: int = 64) -> Any:

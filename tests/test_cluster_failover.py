@@ -8,11 +8,16 @@ was told about. ``python -m benchmarks.failover --repeat 20`` runs it in a loop.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 from collections.abc import Iterator
 
 import pytest
 
-from tests.fault_rig import Rig, run_fault
+from dropserver import local_cluster
+from tests import invariants
+from tests.fault_rig import Rig, _Socket, run_fault
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -55,3 +60,54 @@ async def test_a_lagging_replica_promoted_has_every_acknowledged_hold(cluster_ri
         report.summary()
     assert report.dead_letters == 0, report.summary()
     assert report.unheard == [], report.summary()
+
+
+@pytest.mark.timeout(120)
+async def test_a_hold_the_replica_lacks_reaches_postgresql_only_once_replicated(cluster_rig):
+    """The reservation script writes a hold and its order entry on the primary; the
+    buyer hears of it only once a replica has it (WAIT). The payments workers must not
+    record it in PostgreSQL before that either: a failover would lose it from Redis and
+    keep it in PostgreSQL, and the promoted replica, its buyer counter behind, would
+    give the same buyer numbers again to acknowledged holds, whose rows then conflict
+    (dead letters, acknowledged holds without a row: seen under load in the lagging
+    failover above). With the replica frozen, the hold stays out of PostgreSQL; thawed,
+    it is recorded, and the buyer's retry with the same key is answered with it."""
+    rig = cluster_rig
+    drop_id, pid = await rig.selling_drop(units=3)
+    replica = local_cluster.replica_of(
+        rig.services, local_cluster.primary_for(rig.services, f"{{drop:{drop_id}}}:sale"))
+    sock = await _Socket.open(rig.ws_url, rig.token("fence-buyer"), drop_id,
+                              lambda e, d: None)
+    db = await rig.db()
+    r = rig.redis()
+    buy = {"t": "buy", "product_id": pid, "idempotency_key": "fence-k1",
+           "flow": "client_confirm"}
+    try:
+        os.kill(rig.services.pids[replica.name], signal.SIGSTOP)
+        try:
+            answer = await sock.request(buy)
+            assert answer.get("code") == "unavailable", answer  # not replicated: not told
+            await asyncio.sleep(2.0)  # a worker records an entry within milliseconds
+            rows = await db.fetchval("SELECT count(*) FROM orders WHERE drop_id = $1",
+                                     drop_id)
+            assert rows == 0, "a hold no replica has was recorded in PostgreSQL"
+        finally:
+            os.kill(rig.services.pids[replica.name], signal.SIGCONT)
+        for _ in range(50):  # the replica catches up; the retry replays the same hold
+            answer = await sock.request(buy)
+            if answer.get("t") == "reply":
+                break
+            await asyncio.sleep(0.2)
+        assert answer.get("t") == "reply", answer
+        hold_id = answer["data"]["hold_id"]
+        await invariants.quiesce(r, drop_id, within=30)
+        state = await db.fetchval("SELECT state FROM orders WHERE public_id = $1", hold_id)
+        assert state == "payment_pending", state
+        assert await invariants.violations(
+            db, r, drop_id, acknowledged={hold_id: {
+                "user_id": "fence-buyer", "buyer_number": answer["data"]["buyer_number"]}},
+            payments=invariants.stub_payments(rig.stub)) == []
+    finally:
+        await sock.close()
+        await r.aclose()
+        await db.close()
