@@ -8,6 +8,8 @@ for 40 units and, a second into it, SIGKILLs the cluster primary that holds the 
 is started again and rejoins as a replica (the next round's drop may live on any
 shard, so the kills move around the cluster). ``--lagging`` first freezes the
 replica (SIGSTOP) for 2 s while buyers buy, so replication really lags at the kill.
+``--burn N`` runs N busy-looping processes beside it: on the 2-core VM that starves the
+server and Redis as a loaded CI runner does (where the lagging case once broke).
 
 After each round it waits until the order pipeline is quiet and checks the
 invariants (tests/invariants.py), and counts what the goal names: **oversold**
@@ -26,10 +28,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +59,20 @@ def classify(report: FaultReport) -> dict[str, int]:
             "dead_letters": report.dead_letters, "orphans": len(report.orphans)}
 
 
+@contextlib.contextmanager
+def _burning(n: int, *, bound_s: float) -> Iterator[None]:
+    """``n`` processes spinning on the CPU while the block runs (each stops by itself
+    after ``bound_s`` whatever happens here)."""
+    spin = f"import time\nend = time.monotonic() + {bound_s}\nwhile time.monotonic() < end: pass"
+    procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.failover",
                                      description=__doc__.split("\n\n")[0])
@@ -65,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting for the server under test (repeatable)")
     parser.add_argument("--json", type=Path, help="write every round's report here")
+    parser.add_argument("--burn", type=int, default=0, metavar="N",
+                        help="N busy-looping processes beside the rounds: the server and "
+                             "Redis starved of CPU, as on a loaded CI runner")
     ns = parser.parse_args(argv)
     env = dict(item.split("=", 1) for item in ns.env)
     fault = "primary_kill_lagging" if ns.lagging else "primary_kill"
@@ -72,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, list[float]] = {}
     rounds: list[dict[str, Any]] = []
     started = time.monotonic()
-    with Rig(workers=2, hold_ttl=120, redis_cluster=True, env=env) as rig:
+    with _burning(ns.burn, bound_s=120 * ns.repeat + 120), \
+            Rig(workers=2, hold_ttl=120, redis_cluster=True, env=env) as rig:
         for i in range(ns.repeat):
             report = asyncio.run(run_fault(rig, fault, buyers=ns.buyers, units=ns.units,
                                            outage=2.0, seed=1000 + i))
@@ -90,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "command": " ".join(["python -m benchmarks.failover", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "failovers": ns.repeat, "fault": fault, "env": env, **totals,
+        "failovers": ns.repeat, "fault": fault, "env": env, "burn": ns.burn, **totals,
         "timings": {k: {"median": round(statistics.median(v), 2), "max": round(max(v), 2)}
                     for k, v in timings.items() if v and all(x != float("inf") for x in v)},
         "minutes": round((time.monotonic() - started) / 60, 1),
