@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     totals: dict[str, int] = {}
     timings: dict[str, list[float]] = {}
     rounds: list[dict[str, Any]] = []
+    dead_before = 0
     started = time.monotonic()
     with _burning(ns.burn, bound_s=120 * ns.repeat + 120), \
             Rig(workers=2, hold_ttl=120, redis_cluster=True, env=env) as rig:
@@ -100,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             report = asyncio.run(run_fault(rig, fault, buyers=ns.buyers, units=ns.units,
                                            outage=2.0, seed=1000 + i))
             counts = classify(report)
+            # orders:dead is the rig's, kept across rounds: this round's are the new ones
+            counts["dead_letters"], dead_before = (report.dead_letters - dead_before,
+                                                   report.dead_letters)
             for k, n in counts.items():
                 totals[k] = totals.get(k, 0) + n
             for k, t in report.timings.items():
