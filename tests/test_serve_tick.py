@@ -79,7 +79,7 @@ async def test_sigterm_to_an_idle_worker_drains_and_stops_at_once():
     for attempt in range(3):  # at several phases of the once-a-second tick
         sent: list[float] = []
         drained.clear()
-        async with _serving(drained) as (server, task, _):
+        async with _serving(drained) as (_server, task, _):
             # Wait on the server alone: no timer of this test wakes the loop.
             _signal_later(0.3 + 0.3 * attempt, sent)
             done, _ = await asyncio.wait([task], timeout=10)
@@ -102,7 +102,7 @@ async def test_should_exit_set_from_another_thread_stops_the_server_at_once():
 
 
 async def test_the_date_header_names_the_second_the_response_is_made():
-    async with _serving([]) as (server, task, base), \
+    async with _serving([]) as (_server, _task, base), \
             httpx.AsyncClient(base_url=base) as http:
         lags = []
         end = time.time() + 2.5
@@ -122,7 +122,7 @@ async def test_the_date_header_names_the_second_the_response_is_made():
 
 async def test_a_request_limit_keeps_uvicorns_own_tick():
     # --limit-max-requests is counted at each tick: with it set, uvicorn's loop runs.
-    async with _serving([], limit_max_requests=2) as (server, task, base), \
+    async with _serving([], limit_max_requests=2) as (_server, task, base), \
             httpx.AsyncClient(base_url=base) as http:
         for _ in range(2):
             assert (await http.get("/")).status_code == 200
