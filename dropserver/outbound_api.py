@@ -299,7 +299,7 @@ async def _startup(app: Starlette) -> None:
             app.state.db, schedule=[float(s) for s in settings.webhook_retry_schedule],
             timeout=settings.webhook_timeout, concurrency=settings.webhook_concurrency,
             poll_interval=settings.webhook_poll_interval,
-            fallback_poll=settings.webhook_fallback_poll, dsn=settings.database_url,
+            fallback_poll=settings.webhook_fallback_poll, dsn=settings.database_url or None,
             retention_days=settings.webhook_retention_days)
         if chores(app):  # one dispatcher per node (dropserver.chores)
             dispatcher.start()
