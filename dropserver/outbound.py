@@ -39,7 +39,7 @@ __all__ = ["EVENT_TYPES", "NOTIFY_CHANNEL", "EventType", "UrlRefused", "check_ur
 
 # PostgreSQL's channel that wakes the dispatcher (dropserver.outbound_delivery) when an
 # event is queued, a delivery replayed or an endpoint enabled.
-NOTIFY_CHANNEL = "dropserver_outbound"
+NOTIFY_CHANNEL = "outbound_webhooks"
 
 
 class EventType(enum.StrEnum):

@@ -283,7 +283,7 @@ async def test_deliveries_go_out_when_due_not_at_the_next_poll(settings, make_to
 async def _listeners(conn: asyncpg.Connection) -> list[int]:
     return [r["pid"] for r in await conn.fetch(
         "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-        "AND pid <> pg_backend_pid() AND query LIKE 'LISTEN%dropserver_outbound%'")]
+        "AND pid <> pg_backend_pid() AND query LIKE 'LISTEN%outbound_webhooks%'")]
 
 
 async def test_the_dispatcher_listens_again_after_its_connection_is_killed(settings,
