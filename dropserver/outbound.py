@@ -6,7 +6,9 @@ transaction**, so the event exists exactly when the state change that caused it
 committed (a transactional outbox: an ``order.paid`` can neither be sent for a payment
 that rolled back nor lost for one that committed). It costs one INSERT and never waits
 on a receiver: :mod:`dropserver.outbound_delivery` fans events out to the registered
-endpoints and sends them in the background, at least once, with retries.
+endpoints and sends them in the background, at least once, with retries. The same
+statement sends a ``NOTIFY`` on :data:`NOTIFY_CHANNEL`, which PostgreSQL delivers when
+the transaction commits: it wakes the dispatcher, which does not poll for new events.
 
 Signing follows the Standard Webhooks specification (standardwebhooks.com) with its
 reference library (``standardwebhooks``): headers ``webhook-id`` (the event id, the
@@ -32,8 +34,12 @@ from urllib.parse import urlsplit
 import asyncpg
 from standardwebhooks.webhooks import Webhook
 
-__all__ = ["EVENT_TYPES", "EventType", "UrlRefused", "check_url", "enqueue", "envelope",
-           "new_secret", "signature_headers"]
+__all__ = ["EVENT_TYPES", "NOTIFY_CHANNEL", "EventType", "UrlRefused", "check_url",
+           "enqueue", "envelope", "new_secret", "signature_headers"]
+
+# PostgreSQL's channel that wakes the dispatcher (dropserver.outbound_delivery) when an
+# event is queued, a delivery replayed or an endpoint enabled.
+NOTIFY_CHANNEL = "outbound_webhooks"
 
 
 class EventType(enum.StrEnum):
@@ -87,12 +93,16 @@ async def enqueue(conn: asyncpg.Connection | asyncpg.Pool, event_type: EventType
     event_id = f"msg_{uuid.uuid4().hex}"
     at = datetime.now(UTC)
     body = envelope(event_id, kind, data, at)
+    # The NOTIFY is the transaction's: PostgreSQL sends it at commit, never on rollback,
+    # and once however many events the transaction queued.
     row = await conn.fetchval(
-        """INSERT INTO outbound_events (id, type, creator_id, drop_id, dedupe_key, body,
-               created_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7)
-           ON CONFLICT (dedupe_key) DO NOTHING RETURNING id""",
-        event_id, kind, creator_id, drop_id, key, body, at)
+        """WITH ev AS (
+               INSERT INTO outbound_events (id, type, creator_id, drop_id, dedupe_key,
+                   body, created_at)
+               VALUES ($1, $2, $3, $4, $5, $6, $7)
+               ON CONFLICT (dedupe_key) DO NOTHING RETURNING id)
+           SELECT id, pg_notify($8, '') FROM ev""",
+        event_id, kind, creator_id, drop_id, key, body, at, NOTIFY_CHANNEL)
     return row
 
 

@@ -36,7 +36,13 @@ from dropserver.chores import chores
 from dropserver.component import Component
 from dropserver.errors import ApiError, NotFound, ValidationFailed
 from dropserver.http import field, parse_int, read_json, reject_unknown
-from dropserver.outbound import EVENT_TYPES, UrlRefused, check_url, new_secret
+from dropserver.outbound import (
+    EVENT_TYPES,
+    NOTIFY_CHANNEL,
+    UrlRefused,
+    check_url,
+    new_secret,
+)
 from dropserver.outbound_delivery import Dispatcher, replay
 
 __all__ = ["component"]
@@ -192,6 +198,8 @@ async def patch_endpoint(request: Request) -> JSONResponse:
         if row is None:
             raise NotFound("webhook endpoint was removed meanwhile",
                            code="webhook_endpoint_not_found")
+        if values.get("enabled"):  # its pending deliveries are due: wake the dispatcher
+            await request.app.state.db.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
     return JSONResponse(_endpoint_json(row))
 
 
@@ -291,6 +299,7 @@ async def _startup(app: Starlette) -> None:
             app.state.db, schedule=[float(s) for s in settings.webhook_retry_schedule],
             timeout=settings.webhook_timeout, concurrency=settings.webhook_concurrency,
             poll_interval=settings.webhook_poll_interval,
+            fallback_poll=settings.webhook_fallback_poll, dsn=settings.database_url or None,
             retention_days=settings.webhook_retention_days)
         if chores(app):  # one dispatcher per node (dropserver.chores)
             dispatcher.start()

@@ -1,7 +1,15 @@
 """Outbound webhooks in flight: fan-out, claim, send, retry (the outbox's consumer).
 
-Every server process runs one :class:`Dispatcher` (``DROPSERVER_WEBHOOK_CONCURRENCY``
-> 0). Each round it
+Worker 0 of each node runs one :class:`Dispatcher` (``DROPSERVER_WEBHOOK_CONCURRENCY``
+> 0; :mod:`dropserver.chores`). A round runs when there is work, not on a clock: it
+listens (``LISTEN``) on :data:`dropserver.outbound.NOTIFY_CHANNEL` over a connection of
+its own, so a new event (:func:`dropserver.outbound.enqueue`'s ``NOTIFY``, sent at the
+enqueuing transaction's commit), a replay or an endpoint enabled wakes it at once; after
+each round it sleeps until the next pending delivery is due (a retry, or a lease that
+ends), at most ``DROPSERVER_WEBHOOK_FALLBACK_POLL`` (10 s: anything made due some other
+way, e.g. by hand in SQL, waits at most that). While its listening connection is lost
+(PostgreSQL restarted) it looks every ``DROPSERVER_WEBHOOK_POLL_INTERVAL`` (0.5 s), as
+it always did before, and connects again at most every :data:`RELISTEN_S`. Each round it
 
 1. **fans out** events not yet fanned out (``outbound_events.fanned_out_at IS NULL``):
    one ``webhook_deliveries`` row per enabled endpoint that asked for the type (a
@@ -32,6 +40,7 @@ and a row, never a buyer's time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -44,13 +53,17 @@ from prometheus_client import Counter
 
 from dropserver import __version__
 from dropserver.background import stop_task
-from dropserver.outbound import signature_headers
+from dropserver.outbound import NOTIFY_CHANNEL, signature_headers
 
 __all__ = ["ATTEMPTS", "Dispatcher", "replay"]
 
 log = logging.getLogger("dropserver.webhooks")
 
 PRUNE_EVERY_S = 3600.0
+RELISTEN_S = 2.0  # the listening connection lost: try again at most this often
+# A delivery due but not claimed (another process holds it, or it fell due between the
+# claim and the look at the next due time): look again this soon, not at once.
+MIN_WAIT_S = 0.1
 
 ATTEMPTS = Counter("dropserver_webhook_attempts_total",
                    "Outbound webhook attempts by outcome: delivered (2xx), retry (a "
@@ -90,14 +103,24 @@ RETURNING d.id, d.attempts, d.step, d.endpoint_id, e.url, e.secret,
 """
 
 
+_NEXT_DUE = """
+SELECT EXTRACT(EPOCH FROM min(d.next_attempt_at) - clock_timestamp())::float8
+FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id AND e.enabled
+WHERE d.state = 'pending'
+"""
+
+
 class Dispatcher:
     """Fans out, claims and sends deliveries until stopped (see the module docstring).
 
     ``schedule``: seconds to wait after the 1st, 2nd, ... failed attempt; after
-    ``len(schedule) + 1`` failed attempts the delivery is ``failed``."""
+    ``len(schedule) + 1`` failed attempts the delivery is ``failed``. ``dsn``: the
+    database to ``LISTEN`` on (None: no listening, a look every ``poll_interval``);
+    ``fallback_poll``: the longest sleep while listening."""
 
     def __init__(self, db: asyncpg.Pool, *, schedule: Sequence[float], timeout: float,
-                 concurrency: int, poll_interval: float, retention_days: int = 30) -> None:
+                 concurrency: int, poll_interval: float, fallback_poll: float = 10.0,
+                 dsn: str | None = None, retention_days: int = 30) -> None:
         self.db = db
         self.retention_days = retention_days
         self._pruned_at = 0.0
@@ -105,10 +128,17 @@ class Dispatcher:
         self.timeout = timeout
         self.concurrency = max(1, concurrency)
         self.poll_interval = poll_interval
+        self.fallback_poll = max(poll_interval, fallback_poll)
+        self.dsn = dsn
         self.lease = timeout + 5.0  # past the attempt's own bound
         self._inflight: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
         self._client: httpx.AsyncClient | None = None
+        self._wake = asyncio.Event()
+        self._listener: asyncpg.Connection | None = None
+        self._listen_tried_at = -RELISTEN_S
+        self._listen_lost_logged = False
+        self._more_to_fan_out = False
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -128,15 +158,67 @@ class Dispatcher:
         if self._task is not None:
             await stop_task(self._task, log)
             self._task = None
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            listener.terminate()
         for task in list(self._inflight):
             await stop_task(task, log)
         if self._client is not None:
             await self._client.aclose()
             self._client = None
 
+    @property
+    def listening(self) -> bool:
+        """Whether notifications wake this dispatcher now."""
+        return self._listener is not None and not self._listener.is_closed()
+
+    def wake(self) -> None:
+        """Run a round now (a notification, an attempt that scheduled a retry)."""
+        self._wake.set()
+
+    def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        self._wake.set()
+
+    def _listener_lost(self, conn: object) -> None:
+        if conn is self._listener:
+            self._listener = None
+            self._wake.set()  # poll again, and connect again
+
+    async def _listen(self) -> None:
+        """Connect the listening connection if it is not (at most every RELISTEN_S)."""
+        if self.dsn is None or self.listening:
+            return
+        if time.monotonic() - self._listen_tried_at < RELISTEN_S:
+            return
+        self._listen_tried_at = time.monotonic()
+        conn = None
+        try:
+            conn = await asyncpg.connect(self.dsn, timeout=5)
+            await conn.add_listener(NOTIFY_CHANNEL, self._notified)
+        except asyncio.CancelledError:
+            if conn is not None:
+                conn.terminate()
+            raise
+        except Exception as exc:
+            if conn is not None:
+                conn.terminate()
+            if not self._listen_lost_logged:
+                self._listen_lost_logged = True
+                log.warning("webhook dispatcher cannot listen for notifications; polling",
+                            extra={"every_s": self.poll_interval, "error": repr(exc)[:300]})
+            return
+        conn.add_termination_listener(self._listener_lost)
+        self._listener = conn
+        if self._listen_lost_logged:
+            log.info("webhook dispatcher listening again")
+        self._listen_lost_logged = False
+
     async def _run(self) -> None:
         while True:
             busy = False
+            due_in: float | None = None
+            await self._listen()
+            self._wake.clear()  # what wakes it from here on runs another round
             try:
                 if time.monotonic() - self._pruned_at > PRUNE_EVERY_S:
                     self._pruned_at = time.monotonic()
@@ -150,22 +232,50 @@ class Dispatcher:
                         self._inflight.add(task)
                         task.add_done_callback(self._inflight.discard)
                     busy = len(claimed) == free
+                if not busy and not self._more_to_fan_out:
+                    due_in = await self.next_due()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # PostgreSQL away a moment: try next round
                 log.warning("webhook dispatch failed", extra={"error": repr(exc)[:300]})
+                due_in = self.poll_interval  # soon, as before, listening or not
             if busy:
                 await asyncio.sleep(0)  # more may be due: claim again once slots free
                 while len(self._inflight) >= self.concurrency:
                     await asyncio.wait(set(self._inflight),
                                        return_when=asyncio.FIRST_COMPLETED)
             else:
-                await asyncio.sleep(self.poll_interval)
+                await self._sleep(due_in)
+
+    async def _sleep(self, due_in: float | None) -> None:
+        """Until woken, the next delivery is due (``due_in`` seconds), or the poll (the
+        fallback while listening) ends."""
+        if self._more_to_fan_out or self._wake.is_set():
+            await asyncio.sleep(0)
+            return
+        if self.listening:
+            wait = self.fallback_poll
+        else:
+            wait = self.poll_interval
+            if self.dsn is not None:  # and connect again as soon as allowed
+                wait = min(wait, max(MIN_WAIT_S, self._listen_tried_at + RELISTEN_S
+                                     - time.monotonic()))
+        if due_in is not None:
+            wait = min(wait, due_in + 0.001 if due_in > 0 else MIN_WAIT_S)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await self._wake.wait()
+
+    async def next_due(self) -> float | None:
+        """Seconds until the next pending delivery of an enabled endpoint is due (<= 0:
+        due now), or None when none is pending."""
+        return await self.db.fetchval(_NEXT_DUE)
 
     # -- the steps ---------------------------------------------------------------
     async def fan_out(self, batch: int = 500) -> int:
         """Make the deliveries of up to ``batch`` new events; returns how many."""
         rows = await self.db.fetch(_FAN_OUT, batch)
+        self._more_to_fan_out = len(rows) >= batch  # one row per event: go again
         return int(rows[0]["deliveries"]) if rows else 0
 
     async def prune(self) -> int:
@@ -219,6 +329,8 @@ class Dispatcher:
         except Exception as exc:  # PostgreSQL away: the lease ends, it is sent again
             log.warning("webhook attempt not recorded", extra={
                 "delivery_id": row["id"], "ok": ok, "error": repr(exc)[:300]})
+        if not ok:
+            self.wake()  # its retry is due sooner than the lease the round slept to
         return ok
 
     async def _record(self, row: asyncpg.Record, ok: bool, status: int | None,
@@ -267,5 +379,6 @@ async def replay(db: Any, delivery_id: int) -> bool:
     row = await db.fetchrow(
         """UPDATE webhook_deliveries SET state = 'pending', step = 0,
                next_attempt_at = now()
-           WHERE id = $1 AND state <> 'pending' RETURNING id""", delivery_id)
+           WHERE id = $1 AND state <> 'pending' RETURNING id, pg_notify($2, '')""",
+        delivery_id, NOTIFY_CHANNEL)
     return row is not None

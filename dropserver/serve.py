@@ -56,15 +56,68 @@ def bind_socket(host: str, port: int, *, reuse_port: bool, listen: bool = True) 
     return sock
 
 
+# The tick wakes this long after each second of the wall clock begins, so that the Date
+# header it sets names that second (asyncio's timers may fire up to a clock tick early).
+DATE_SLACK_S = 0.005
+
+
 class _DrainingServer(uvicorn.Server):
-    """uvicorn.Server whose first exit signal drains the app before stopping."""
+    """uvicorn.Server whose first exit signal drains the app before stopping, and whose
+    main loop wakes once a second (to set the Date header) or when told to stop.
+
+    uvicorn's own loop wakes 10 times a second to look at ``should_exit`` (and, every
+    tenth wake, to set the Date header): ~10 wake-ups a second in every idle worker
+    (issue 16; ``python -m benchmarks.idle``). Here ``should_exit`` is a property that
+    wakes the loop when set (from the loop, a signal handler or another thread), so a
+    stop is as prompt as before; the Date header is set just after each wall-clock
+    second begins, so it names the second a response is written (uvicorn's, set once a
+    second at the phase the server started at, lagged by up to a second more). With
+    ``limit_max_requests`` or ``callback_notify`` set (not set by dropserver) uvicorn's
+    own loop runs, unchanged: it counts requests at each tick.
+    """
 
     def __init__(self, config: uvicorn.Config, drain_timeout: float, *,
                  supervised: bool = False) -> None:
+        self._should_exit = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
         super().__init__(config)
         self._drain_timeout = drain_timeout
         self._supervised = supervised
         self._draining: asyncio.Task | None = None
+
+    @property
+    def should_exit(self) -> bool:
+        return self._should_exit
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        self._should_exit = value
+        if value:
+            self._wake_main_loop()
+
+    def _wake_main_loop(self) -> None:
+        # Thread-safe, and from a signal handler too: it writes to the loop's self-pipe.
+        # A plain call_soon from a signal handler that interrupted the loop's epoll_wait
+        # runs only when the loop next wakes (its next timer: up to a second here).
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(wake.set)
+
+    async def main_loop(self) -> None:
+        if self.limit_max_requests is not None or self.config.callback_notify is not None:
+            await super().main_loop()
+            return
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        # counter 0: on_tick sets the Date header; it returns should_exit
+        while not await self.on_tick(0):
+            delay = 1.0 - time.time() % 1.0 + DATE_SLACK_S
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            self._wake.clear()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._supervised and sig == signal.SIGINT:
@@ -79,6 +132,9 @@ class _DrainingServer(uvicorn.Server):
             return
         loop = asyncio.get_event_loop()
         self._draining = loop.create_task(self._drain_then_exit())
+        # This runs in a signal handler: wake the loop so the drain starts now, not at
+        # its next timer.
+        loop.call_soon_threadsafe(_nothing)
 
     async def _drain_then_exit(self) -> None:
         # Stop accepting first, so a drained viewer reconnects to another worker.
@@ -95,6 +151,10 @@ class _DrainingServer(uvicorn.Server):
             except Exception:
                 log.exception("drain failed")
         self.should_exit = True
+
+
+def _nothing() -> None:
+    pass
 
 
 def _find_drain(app: object):

@@ -232,7 +232,14 @@ class Settings:
         "attempts over ~27 h); then the delivery is failed until replayed.")
     webhook_poll_interval: float = _env("DROPSERVER_WEBHOOK_POLL_INTERVAL", 0.5,
                                         "Seconds between looks for new or due webhook "
-                                        "deliveries.")
+                                        "deliveries while the dispatcher cannot listen "
+                                        "for PostgreSQL's notifications (its listening "
+                                        "connection lost).")
+    webhook_fallback_poll: float = _env(
+        "DROPSERVER_WEBHOOK_FALLBACK_POLL", 10.0,
+        "Seconds between looks for webhook deliveries while the dispatcher listens: a "
+        "new event, a replay or an endpoint enabled wakes it at once (PostgreSQL "
+        "NOTIFY), a retry at its due time; this look catches anything else.")
     webhook_retention_days: int = _env("DROPSERVER_WEBHOOK_RETENTION_DAYS", 30,
                                        "Days the delivery log keeps events whose "
                                        "deliveries all ended (0: forever).")

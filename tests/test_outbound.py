@@ -215,6 +215,109 @@ async def test_a_failing_receiver_is_retried_then_failed_then_replayed(settings,
         assert Webhook(ep["secret"]).verify(ok.body, ok.headers)["id"] == one["event_id"]
 
 
+# The poll this long: only a wake-up (NOTIFY, a retry's due time) can send in time.
+NO_POLL = dict(webhook_retry_schedule=("1",), webhook_poll_interval=30.0,
+               webhook_fallback_poll=30.0, webhook_timeout=1.0)
+
+
+async def _sent_within(rx: Receiver, count: int, within: float, what: str) -> float:
+    started = time.monotonic()
+
+    async def arrived():
+        return len(rx.requests) >= count or None
+    await _wait(arrived, within=within, what=what)
+    return time.monotonic() - started
+
+
+async def test_deliveries_go_out_when_due_not_at_the_next_poll(settings, make_token):
+    """A new event, a retry, a replay and an endpoint enabled each send at once (or at
+    the retry's due time) with the poll 30 s apart. Polling every 0.5 s (the dispatcher
+    before LISTEN/NOTIFY) they waited for the next poll, here 30 s."""
+    creator = _auth(make_token, "creator-a")
+    async with Receiver(fail_rate=1.0) as rx, running(settings, **NO_POLL) as srv, \
+            httpx.AsyncClient(base_url=srv.base_url, timeout=10) as http:
+        ep = await _register(http, creator, rx.url + "/hook", events=["drop.scheduled"])
+        drop_id = await _drop(http, creator)
+        await asyncio.sleep(0.5)  # the dispatcher's first round is over: it sleeps
+        starts = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+        r = await http.post(f"/v1/drops/{drop_id}/schedule", headers=creator,
+                            json={"starts_at": starts})
+        assert r.status_code == 200
+        # a new event: at its commit
+        assert await _sent_within(rx, 1, 5, "the first attempt") < 3
+        # its retry, 1-1.1 s later (the schedule, with its jitter)
+        waited = await _sent_within(rx, 2, 10, "the retry")
+        assert 0.5 < waited < 3.5, waited
+        logs = f"/v1/webhooks/endpoints/{ep['id']}/deliveries"
+
+        async def failed():
+            rows = (await http.get(logs + "?state=failed", headers=creator)).json()
+            return rows["deliveries"] or None
+        [delivery] = await _wait(failed, within=5, what="the delivery to fail")
+        # a replay
+        rx.fail_rate = 0.0
+        r = await http.post(f"/v1/webhooks/deliveries/{delivery['id']}/replay",
+                            headers=creator, json={})
+        assert r.status_code == 202
+        assert await _sent_within(rx, 3, 5, "the replay") < 3
+        # a retry held while its endpoint is disabled goes at once when it is enabled
+        rx.fail_rate = 1.0
+        drop2 = await _drop(http, creator)
+        r = await http.post(f"/v1/drops/{drop2}/schedule", headers=creator,
+                            json={"starts_at": starts})
+        assert r.status_code == 200
+        await _sent_within(rx, 4, 5, "the second event")
+        r = await http.patch(f"/v1/webhooks/endpoints/{ep['id']}", headers=creator,
+                             json={"enabled": False})
+        assert r.status_code == 200
+        await asyncio.sleep(2.0)  # its retry fell due meanwhile
+        assert len(rx.requests) == 4
+        rx.fail_rate = 0.0
+        r = await http.patch(f"/v1/webhooks/endpoints/{ep['id']}", headers=creator,
+                             json={"enabled": True})
+        assert r.status_code == 200
+        assert await _sent_within(rx, 5, 5, "the retry held for the endpoint") < 3
+        assert [q.answer for q in rx.requests] == ["500", "500", "200", "500", "200"]
+
+
+async def _listeners(conn: asyncpg.Connection) -> list[int]:
+    return [r["pid"] for r in await conn.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid() AND query LIKE 'LISTEN%outbound_webhooks%'")]
+
+
+async def test_the_dispatcher_listens_again_after_its_connection_is_killed(settings,
+                                                                          make_token):
+    """The listening connection terminated by PostgreSQL (as in a restart or a
+    failover): the dispatcher connects again and a new event goes out at once, still
+    with the poll 30 s apart."""
+    creator = _auth(make_token, "creator-a")
+    admin = await asyncpg.connect(settings.database_url)
+    try:
+        async with Receiver() as rx, running(settings, **NO_POLL) as srv, \
+                httpx.AsyncClient(base_url=srv.base_url, timeout=10) as http:
+            await _register(http, creator, rx.url + "/hook", events=["drop.scheduled"])
+            [first] = await _wait(lambda: _listeners(admin), within=5,
+                                  what="the dispatcher's LISTEN")
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", first)
+
+            async def again():
+                return [p for p in await _listeners(admin) if p != first] or None
+            await _wait(again, within=10, what="a new LISTEN connection")
+            drop_id = await _drop(http, creator)
+            starts = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+            r = await http.post(f"/v1/drops/{drop_id}/schedule", headers=creator,
+                                json={"starts_at": starts})
+            assert r.status_code == 200
+            assert await _sent_within(rx, 1, 5, "the event after the reconnect") < 3
+
+        async def closed():  # the server's stop closed it (its backend ends a moment later)
+            return await _listeners(admin) == []
+        await _wait(closed, within=5, what="the LISTEN connection closed")
+    finally:
+        await admin.close()
+
+
 async def test_a_rotated_secret_signs_beside_the_new_one(settings, make_token):
     creator = _auth(make_token, "creator-a")
     async with Receiver() as rx, running(settings, **FAST) as srv, \
