@@ -215,6 +215,14 @@ class AuctionKeeper:
                 closed.append(result)
         return closed
 
+    async def _replicated(self, drop_id: int, auction_id: int) -> tuple[int, str]:
+        """The auction's seq and state once a replica has them (see :meth:`record`);
+        :class:`~checkout.redis_pipe.NotReplicated`, an outage, while it lags."""
+        key = auction.auction_key(drop_id, auction_id)
+        seq, state = await self.auctions.script.pipe.execute("EVAL", _FENCE, 2, key,
+                                                             f"{key}:fence")
+        return int(seq), state.decode() if isinstance(state, bytes) else str(state)
+
     async def restore_lost(self) -> list[int]:
         """Running auctions (PostgreSQL) that Redis lost, put back once their drop is
         loaded again (recovery rebuilds it); returns their ids. One Redis closed and
@@ -276,25 +284,47 @@ class AuctionKeeper:
 
     async def record(self, drop_id: int, auction_id: int, a: dict[str, Any]) -> None:
         """Copy new bids to PostgreSQL; once closed and every bid is there, write the
-        outcome and stop watching the auction. One process at a time per auction."""
+        outcome and stop watching the auction. One process at a time per auction.
+
+        Only what a replica has (as the order workers, checkout.order_worker): the
+        auction's seq and state are taken with a write on its primary, and the
+        pipeline's ``WAIT`` after it (the buy path's, with ``DROPSERVER_HOLD_REPLICAS``)
+        says a replica has them; bids up to that seq were written before, so they are
+        there too. A bid whose ``WAIT`` failed (its bidder was answered 503) or a close a
+        lagging failover then loses is not recorded: PostgreSQL never gets ahead of the
+        replica a failover promotes, which could give that ``seq`` again."""
         lock = f"{auction.auction_key(drop_id, auction_id)}:recorder"
         if not await self.redis.set(lock, self.token, nx=True, px=RECORD_LOCK_MS):
             return
         try:
+            seq, state = await self._replicated(drop_id, auction_id)
             recorded = await auction_store.max_seq(self.db, auction_id)
-            while recorded < int(a.get("seq") or 0):
-                bids = await auction.read_bids(self.redis, drop_id, auction_id, recorded)
+            while recorded < seq:
+                bids = [b for b in await auction.read_bids(self.redis, drop_id, auction_id,
+                                                           recorded) if b["seq"] <= seq]
                 if not bids:
                     break
                 await auction_store.record_bids(self.db, auction_id, bids)
                 recorded = bids[-1]["seq"]
-            if a["state"] == "closed" and recorded >= int(a.get("seq") or 0):
+            if state == "closed" and recorded >= seq:
+                a = await auction.read(self.redis, drop_id, auction_id) or {}
+                if a.get("state") != "closed" or int(a.get("seq") or 0) != seq:
+                    return  # not the close a replica has (a failover in between)
                 await auction_store.record_close(self.db, auction_id, a)
                 await self.redis.srem(auction.ACTIVE_AUCTIONS,
                                       auction.member(drop_id, auction_id))
         finally:
             if await self.redis.get(lock) in (self.token, self.token.encode()):
                 await self.redis.delete(lock)
+
+
+# The auction's seq and state as they are on its primary, and a write: the WAIT the
+# pipeline sends after it covers everything this primary had when they were read.
+_FENCE = """
+local v = redis.call('HMGET', KEYS[1], 'seq', 'state')
+redis.call('SET', KEYS[2], '1', 'PX', 60000)
+return {v[1] or '0', v[2] or ''}
+"""
 
 
 def _state(app: Any) -> Auctions:

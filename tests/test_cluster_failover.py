@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from dropserver import local_cluster
+from dropserver.auth import Role
 from tests import invariants
 from tests.fault_rig import Rig, _Socket, run_fault
 
@@ -110,4 +111,66 @@ async def test_a_hold_the_replica_lacks_reaches_postgresql_only_once_replicated(
     finally:
         await sock.close()
         await r.aclose()
+        await db.close()
+
+
+@pytest.mark.timeout(120)
+async def test_a_bid_the_replica_lacks_reaches_postgresql_only_once_replicated(cluster_rig):
+    """The auction keeper copies bids from the primary to PostgreSQL; a bid whose WAIT
+    failed (its bidder was answered 503) must not be copied before a replica has it,
+    or PostgreSQL gets ahead of the replica a failover would promote, which could give
+    its seq again. Frozen replica: no bid row; thawed: the retry (same key) is the
+    same bid, and it is recorded once."""
+    import httpx
+
+    rig = cluster_rig
+    creator = {"Authorization": f"Bearer {rig.token('rig-creator', Role.CREATOR)}"}
+    async with httpx.AsyncClient(base_url=rig.base_url, timeout=30) as http:
+        resp = await http.post("/v1/drops", headers=creator, json={
+            "title": "Fence auction", "products": [{"title": "Lot", "price": 1000,
+                                                    "units": 1}]})
+        assert resp.status_code == 201, resp.text
+        drop = resp.json()
+        drop_id, pid = drop["id"], drop["products"][0]["product_id"]
+        for action, body in (("schedule", {"starts_at": "2030-01-01T20:00:00Z"}),
+                             ("live", {})):
+            resp = await http.post(f"/v1/drops/{drop_id}/{action}", json=body,
+                                   headers=creator)
+            assert resp.status_code == 200, resp.text
+        resp = await http.post(f"/v1/drops/{drop_id}/auctions", headers=creator, json={
+            "product_id": pid, "start_price": 1000, "increment": 100, "duration_s": 60})
+        assert resp.status_code == 201, resp.text
+        aid = resp.json()["id"]
+    replica = local_cluster.replica_of(
+        rig.services, local_cluster.primary_for(rig.services, f"{{drop:{drop_id}}}:sale"))
+    sock = await _Socket.open(rig.ws_url, rig.token("fence-bidder"), drop_id,
+                              lambda e, d: None)
+    db = await rig.db()
+    bid = {"t": "bid", "auction_id": aid, "amount": 1000, "idempotency_key": "fence-b1"}
+    try:
+        os.kill(rig.services.pids[replica.name], signal.SIGSTOP)
+        try:
+            answer = await sock.request(bid)
+            assert answer.get("code") == "unavailable", answer  # not replicated: not told
+            await asyncio.sleep(2.5)  # the keeper's rounds are at most 1 s apart
+            rows = await db.fetchval("SELECT count(*) FROM auction_bids WHERE auction_id = $1",
+                                     aid)
+            assert rows == 0, "a bid no replica has was recorded in PostgreSQL"
+        finally:
+            os.kill(rig.services.pids[replica.name], signal.SIGCONT)
+        for _ in range(50):
+            answer = await sock.request(bid)
+            if answer.get("t") == "reply":
+                break
+            await asyncio.sleep(0.2)
+        assert answer.get("t") == "reply" and answer["data"]["seq"] == 1, answer
+        for _ in range(100):
+            rows = await db.fetch("SELECT seq, user_id, amount FROM auction_bids "
+                                  "WHERE auction_id = $1", aid)
+            if rows:
+                break
+            await asyncio.sleep(0.1)
+        assert [tuple(r) for r in rows] == [(1, "fence-bidder", 1000)]
+    finally:
+        await sock.close()
         await db.close()
