@@ -113,8 +113,10 @@ async def test_publish_with_ffmpeg_whip_muxer(whip_server, media_settings, make_
     drop_id = await make_drop(media_settings.database_url)
     token = make_token(CREATOR, Role.CREATOR)
     base = whip_server.base_url
+    child_tmp = tmp_path / "publisher-tmp"
+    child_tmp.mkdir()
     pub = WhipPublisher(f"{base}/v1/drops/{drop_id}/whip", token, seconds=3.5,
-                        profile=profile)
+                        profile=profile, tmp=str(child_tmp))
     pub.start()
     async with httpx.AsyncClient(base_url=base, timeout=10) as http:
         async def has_segment():
@@ -131,6 +133,7 @@ async def test_publish_with_ffmpeg_whip_muxer(whip_server, media_settings, make_
 
         await pub.wait(20)
         assert pub.error is None, pub.error
+        assert list(child_tmp.iterdir()) == []  # its DTLS identity removed, not left behind
 
         async def ended():
             r = await http.get(f"/v1/drops/{drop_id}/hls/live.m3u8")

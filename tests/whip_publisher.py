@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -31,15 +32,14 @@ import time
 FPS = 30
 
 
-def dtls_identity() -> tuple[str, str]:
-    """A P-256 DTLS certificate for FFmpeg (paths to PEM files).
+def dtls_identity(folder: str) -> tuple[str, str]:
+    """A P-256 DTLS certificate for FFmpeg (paths to PEM files written in ``folder``).
 
     FFmpeg 8.1 generates a secp224r1 certificate of its own, and the OpenSSL 4 that
     aiortc's peer uses (cryptography >= 50) no longer offers P-224: the handshake
     then fails with ``illegal_parameter``. Browsers and OBS use P-256 (RFC 8827 6.5).
     """
     import datetime
-    import tempfile
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -54,7 +54,6 @@ def dtls_identity() -> tuple[str, str]:
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=1))
             .sign(key, hashes.SHA256()))
-    folder = tempfile.mkdtemp(prefix="whip-publisher-")
     cert_path, key_path = f"{folder}/cert.pem", f"{folder}/key.pem"
     with open(cert_path, "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
@@ -65,15 +64,24 @@ def dtls_identity() -> tuple[str, str]:
     return cert_path, key_path
 
 
-def publish(url: str, token: str, *, seconds: float, profile: str, width: int,
-            height: int, audio: bool, timestamps: str | None = None,
-            bitrate: int = 0, counts: str | None = None) -> None:
+def publish(url: str, token: str, **options) -> None:
+    """:func:`_publish` with a DTLS identity in a folder of its own, removed after."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="whip-publisher-") as folder:
+        _publish(url, token, identity=dtls_identity(folder), **options)
+
+
+def _publish(url: str, token: str, *, identity: tuple[str, str], seconds: float,
+             profile: str, width: int, height: int, audio: bool,
+             timestamps: str | None = None, bitrate: int = 0,
+             counts: str | None = None) -> None:
     """``bitrate`` (kbit/s): constant bitrate with filler, as OBS' CBR sends; 0 lets
     x264 pick (the flat test picture then needs only ~1 Mbit/s at 720p)."""
     import av
     import numpy as np
 
-    cert, key = dtls_identity()
+    cert, key = identity
     out = av.open(url, mode="w", format="whip",
                   options={"authorization": token, "handshake_timeout": "10000",
                            "cert_file": cert, "key_file": key})
@@ -239,7 +247,10 @@ class WhipPublisher:
     def __init__(self, url: str, token: str, *, seconds: float = 3.0,
                  profile: str = "baseline", width: int = 320, height: int = 240,
                  audio: bool = True, timestamps: str | None = None,
-                 bitrate: int = 0, counts: str | None = None) -> None:
+                 bitrate: int = 0, counts: str | None = None,
+                 tmp: str | None = None) -> None:
+        """``tmp``: the child's ``TMPDIR`` (where its DTLS identity goes)."""
+        self.env = None if tmp is None else {**os.environ, "TMPDIR": tmp}
         self.argv = [sys.executable, "-m", "tests.whip_publisher", url, token,
                      "--seconds", str(seconds), "--profile", profile,
                      "--size", f"{width}x{height}", "--bitrate", str(bitrate)] + (
@@ -253,7 +264,7 @@ class WhipPublisher:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE, env=self.env)
 
     def join(self, timeout: float) -> None:
         assert self.proc is not None
