@@ -25,6 +25,7 @@ and winners in the same transaction. Then the prizes are awarded (zero-price ord
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ from dropserver.errors import ApiError
 
 __all__ = [
     "Audit",
+    "Call",
     "DrawResult",
     "GiveawayRefused",
     "Meta",
@@ -223,6 +225,18 @@ async def try_enter(call: Any, drop_id: int, giveaway_id: int, user_id: str,
 
 # -- the draw ---------------------------------------------------------------------------
 
+# How the closer runs a script: ``call(script, keys, args)`` (a ClusterAwareScript or
+# redis-py's AsyncScript) -> its reply.
+Call = Callable[[Any, list[str], list[Any]], Awaitable[Any]]
+
+
+async def _run(call: Call | None, redis: Any, script: Any, key_list: list[str],
+               args: list[Any]) -> Any:
+    if call is not None:
+        return await call(script, key_list, args)
+    return await script(keys=key_list, args=args, client=redis)
+
+
 @dataclass(frozen=True, slots=True)
 class DrawResult:
     giveaway_id: int
@@ -251,17 +265,24 @@ async def _lock(conn: asyncpg.Connection, giveaway_id: int,
         "FOR UPDATE SKIP LOCKED", giveaway_id)
 
 
-async def close_and_draw(db: asyncpg.Pool, redis: Any, giveaway_id: int) -> DrawResult | None:
+async def close_and_draw(db: asyncpg.Pool, redis: Any, giveaway_id: int, *,
+                         call: Call | None = None) -> DrawResult | None:
     """Close the window and draw, if this process is the one to (see the module
     docstring). None when another process has it, it was drawn, or its window has
-    not ended by Redis' clock."""
+    not ended by Redis' clock.
+
+    ``call(script, keys, args)`` runs ``giveaway_close.lua`` (default: on ``redis``).
+    The closer's runs it on the buy path's pipeline, whose ``WAIT`` answers only once
+    a replica has the close and every entry before it (see "In a Redis failover" in
+    docs/topics/giveaways.md); until then it raises
+    :class:`~checkout.redis_pipe.NotReplicated` and nothing is drawn."""
     async with db.acquire() as conn, conn.transaction():
         row = await _lock(conn, giveaway_id, "state = 'open'")
         if row is None:
             return None
         drop_id = row["drop_id"]
-        reply = await _close(keys=[gw_key(drop_id, giveaway_id),
-                                   entrants_key(drop_id, giveaway_id)], args=[], client=redis)
+        reply = await _run(call, redis, _close, [gw_key(drop_id, giveaway_id),
+                                                 entrants_key(drop_id, giveaway_id)], [])
         outcome = _s(reply[0])
         if outcome == "not_yet":
             return None

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Iterator
 
 import pytest
 
+from drops import giveaway_store
 from dropserver import local_cluster
 from dropserver.auth import Role
 from tests import invariants
@@ -171,6 +173,80 @@ async def test_a_bid_the_replica_lacks_reaches_postgresql_only_once_replicated(c
                 break
             await asyncio.sleep(0.1)
         assert [tuple(r) for r in rows] == [(1, "fence-bidder", 1000)]
+    finally:
+        await sock.close()
+        await db.close()
+
+
+async def _giveaway(rig: Rig, drop_id: int, **body: object) -> dict:
+    import httpx
+
+    creator = {"Authorization": f"Bearer {rig.token('rig-creator', Role.CREATOR)}"}
+    async with httpx.AsyncClient(base_url=rig.base_url, timeout=30) as http:
+        resp = await http.post(f"/v1/drops/{drop_id}/giveaways", headers=creator,
+                               json={"winners": 1, **body})
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+async def _until(check, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if await check():
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+@pytest.mark.timeout(120)
+async def test_a_giveaway_entry_the_replica_lacks_is_drawn_only_once_replicated(cluster_rig):
+    """An entry is answered only once a replica has it (WAIT, the buy path's pipeline);
+    one whose WAIT failed (its entrant was answered 503) must not be drawn, recorded
+    in PostgreSQL and announced while no replica has it: a failover would lose it and
+    the close from Redis while PostgreSQL keeps a draw its entrant was told they are
+    not in. Frozen replica past the close: nothing drawn; thawed: drawn with the
+    entry, and the entrant's retry says they are in (not ``giveaway_closed``)."""
+    rig = cluster_rig
+    drop_id, _pid = await rig.selling_drop(units=3)
+    replica = local_cluster.replica_of(
+        rig.services, local_cluster.primary_for(rig.services, f"{{drop:{drop_id}}}:sale"))
+    sock = await _Socket.open(rig.ws_url, rig.token("fence-entrant"), drop_id,
+                              lambda e, d: None)
+    db = await rig.db()
+    gw = await _giveaway(rig, drop_id, prize="A signed cap", duration_s=3)
+    gid = gw["id"]
+    enter = {"t": "giveaway.enter", "giveaway_id": gid}
+    try:
+        os.kill(rig.services.pids[replica.name], signal.SIGSTOP)
+        try:
+            answer = await sock.request(enter)
+            assert answer.get("code") == "unavailable", answer  # not replicated: not told
+            # Past the close (Redis' clock is this machine's) and the closer's rounds.
+            await asyncio.sleep(max(0.0, gw["closes_at"] / 1000 - time.time()) + 2.0)
+            row = await db.fetchrow("SELECT state, entrants FROM giveaways WHERE id = $1",
+                                    gid)
+            assert row["state"] == "open", f"drawn while no replica had it: {dict(row)}"
+            assert await db.fetchval("SELECT count(*) FROM giveaway_entrants "
+                                     "WHERE giveaway_id = $1", gid) == 0
+        finally:
+            os.kill(rig.services.pids[replica.name], signal.SIGCONT)
+
+        async def announced() -> bool:
+            return await db.fetchval("SELECT announced_at IS NOT NULL FROM giveaways "
+                                     "WHERE id = $1", gid)
+
+        assert await _until(announced, 20), "not drawn and announced after the thaw"
+        answer = await sock.request(enter)  # the entrant's retry: in the draw, so in
+        assert answer.get("t") == "reply", answer
+        assert answer["data"]["entered"] is True and answer["data"]["new"] is False, answer
+        entrants = await db.fetch("SELECT user_id FROM giveaway_entrants "
+                                  "WHERE giveaway_id = $1", gid)
+        assert [r["user_id"] for r in entrants] == ["fence-entrant"]
+        winners = await db.fetch("SELECT user_id FROM giveaway_winners "
+                                 "WHERE giveaway_id = $1", gid)
+        assert [r["user_id"] for r in winners] == ["fence-entrant"]
+        audit = await giveaway_store.audit(db, gid)
+        assert audit.ok, audit.problems
     finally:
         await sock.close()
         await db.close()
