@@ -163,8 +163,8 @@ class Giveaways:
         """A script (a ClusterAwareScript or redis-py's AsyncScript) on the buy path's
         auto-pipelined connection: with ``DROPSERVER_HOLD_REPLICAS`` its reply comes
         only once a replica has its writes and everything its primary had before them
-        (``WAIT``), :class:`~checkout.redis_pipe.NotReplicated` otherwise. Entries
-        and the close go this way (docs/topics/giveaways.md, "In a Redis
+        (``WAIT``), :class:`~checkout.redis_pipe.NotReplicated` otherwise. Entries,
+        the close and the prizes go this way (docs/topics/giveaways.md, "In a Redis
         failover")."""
         res = getattr(self.app.state, "reservations", None)
         if res is None:
@@ -278,7 +278,7 @@ class Giveaways:
     async def announce(self, giveaway_id: int) -> bool:
         return await giveaway_store.announce(
             self.db, self.redis, giveaway_id, publish=self._publish, tell=self._tell,
-            on_award=self._on_award, load_drop=self._load_drop)
+            on_award=self._on_award, load_drop=self._load_drop, call=self.call_script)
 
     async def _publish(self, drop_id: int, event: str, data: dict) -> None:
         await publish(self.redis, drop_id, event, data)

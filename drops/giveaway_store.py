@@ -320,7 +320,7 @@ async def close_and_draw(db: asyncpg.Pool, redis: Any, giveaway_id: int, *,
 
 async def announce(db: asyncpg.Pool, redis: Any, giveaway_id: int, *,
                    publish: Any, tell: Any, on_award: Any = None,
-                   load_drop: Any = None) -> bool:
+                   load_drop: Any = None, call: Call | None = None) -> bool:
     """Award the prizes and publish the result, once: under the row lock, the prize
     orders are made (idempotent), ``publish(drop_id, event, data)`` sends
     ``giveaway.drawn`` and ``tell(user_id, event, data)`` each ``giveaway.won``, and
@@ -331,7 +331,11 @@ async def announce(db: asyncpg.Pool, redis: Any, giveaway_id: int, *,
     loss) before trying again: it answers ``checkout.recovery.ensure_loaded``'s
     ``"loaded"``, ``"not_live"`` (the drop is off air in PostgreSQL: the winner wins
     without a unit, ``prize_error`` ``not_on_sale``) or ``"busy"`` (503: the next
-    round tries again)."""
+    round tries again).
+
+    ``call``: as :func:`close_and_draw`'s, for ``award.lua``: a prize hold no replica
+    has is neither recorded nor announced (a lagging failover would lose it, and its
+    winner would be told of an order that never comes)."""
     async with db.acquire() as conn, conn.transaction():
         row = await _lock(conn, giveaway_id, "state = 'drawn' AND announced_at IS NULL")
         if row is None:
@@ -342,12 +346,12 @@ async def announce(db: asyncpg.Pool, redis: Any, giveaway_id: int, *,
             if product_id is None or w["order_id"] is not None or w["prize_error"]:
                 continue
             result = await prizes.award(redis, drop_id, product_id, w["user_id"],
-                                        giveaway_id, w["rank"])
+                                        giveaway_id, w["rank"], call=call)
             if result.error == "not_ready":
                 outcome = await load_drop(drop_id) if load_drop is not None else "busy"
                 if outcome == "loaded":
                     result = await prizes.award(redis, drop_id, product_id, w["user_id"],
-                                                giveaway_id, w["rank"])
+                                                giveaway_id, w["rank"], call=call)
                 elif outcome == "not_live":
                     result = prizes.Award(None, error="not_on_sale")
             if result.hold_id is None and result.error == "not_ready":

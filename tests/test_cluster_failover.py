@@ -250,3 +250,89 @@ async def test_a_giveaway_entry_the_replica_lacks_is_drawn_only_once_replicated(
     finally:
         await sock.close()
         await db.close()
+
+
+async def _waiting_on_lock(db, query_start: str) -> bool:
+    return bool(await db.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND query LIKE $1", query_start + "%"))
+
+
+@pytest.mark.timeout(120)
+async def test_a_prize_the_replica_lacks_is_announced_only_once_replicated(cluster_rig):
+    """A product prize is a hold the announcement makes on the primary (award.lua);
+    it must not be recorded as the winner's order nor announced (``giveaway.won``
+    with its order id) while no replica has it: a failover would lose the hold, and
+    the winner was told of an order that never comes. The test holds the giveaway's
+    row between the draw and the announcement (the draw held on a table lock, the
+    row taken as it commits), freezes the replica, and lets the announcement go:
+    nothing announced while frozen; thawed, announced once with the order."""
+    from checkout.prizes import prize_hold_id
+
+    rig = cluster_rig
+    drop_id, pid = await rig.selling_drop(units=3)
+    replica = local_cluster.replica_of(
+        rig.services, local_cluster.primary_for(rig.services, f"{{drop:{drop_id}}}:sale"))
+    heard: list[dict] = []
+    sock = await _Socket.open(rig.ws_url, rig.token("fence-winner"), drop_id,
+                              lambda e, d: heard.append(d) if e == "giveaway.won" else None)
+    db, draw_blocker, row_holder = await rig.db(), await rig.db(), await rig.db()
+    r = rig.redis()
+    gw = await _giveaway(rig, drop_id, product_id=pid, duration_s=2)
+    gid = gw["id"]
+    try:
+        answer = await sock.request({"t": "giveaway.enter", "giveaway_id": gid})
+        assert answer.get("t") == "reply" and answer["data"]["new"] is True, answer
+        blocked = draw_blocker.transaction()
+        await blocked.start()
+        await draw_blocker.execute("LOCK TABLE giveaway_winners IN SHARE MODE")
+        assert await _until(lambda: _waiting_on_lock(db, "INSERT INTO giveaway_winners"),
+                            15), "the closer did not draw"
+        held = row_holder.transaction()
+        await held.start()
+        taking = asyncio.ensure_future(row_holder.fetchval(
+            "SELECT id FROM giveaways WHERE id = $1 FOR UPDATE", gid))
+        assert await _until(lambda: _waiting_on_lock(db, "SELECT id FROM giveaways"), 5)
+        await blocked.rollback()  # the draw commits; the row goes to row_holder
+        await asyncio.wait_for(taking, 10)
+        row = await db.fetchrow("SELECT state, announced_at FROM giveaways WHERE id = $1",
+                                gid)
+        assert row["state"] == "drawn" and row["announced_at"] is None, dict(row)
+        os.kill(rig.services.pids[replica.name], signal.SIGSTOP)
+        try:
+            await held.rollback()  # the closer's next round announces
+            await asyncio.sleep(2.0)
+            row = await db.fetchrow("SELECT announced_at FROM giveaways WHERE id = $1", gid)
+            order_id = await db.fetchval("SELECT order_id FROM giveaway_winners "
+                                         "WHERE giveaway_id = $1", gid)
+            assert row["announced_at"] is None and order_id is None, \
+                f"a prize no replica has was announced: order {order_id}"
+            assert heard == []
+        finally:
+            os.kill(rig.services.pids[replica.name], signal.SIGCONT)
+
+        async def announced() -> bool:
+            return await db.fetchval("SELECT announced_at IS NOT NULL FROM giveaways "
+                                     "WHERE id = $1", gid)
+
+        assert await _until(announced, 20), "not announced after the thaw"
+        hold_id = prize_hold_id(drop_id, pid, gid, 1)
+        assert await db.fetchval("SELECT order_id FROM giveaway_winners "
+                                 "WHERE giveaway_id = $1", gid) == hold_id
+        await invariants.quiesce(r, drop_id, within=30)
+        orders = await db.fetch("SELECT public_id, user_id, amount, state FROM orders "
+                                "WHERE drop_id = $1", drop_id)
+        assert [tuple(o) for o in orders] == [(hold_id, "fence-winner", 0, "paid")]
+        assert await _until(lambda: _true(heard), 10)
+        assert [d["order_id"] for d in heard] == [hold_id]
+        audit = await giveaway_store.audit(db, gid)
+        assert audit.ok, audit.problems
+    finally:
+        await sock.close()
+        await r.aclose()
+        for conn in (db, draw_blocker, row_holder):
+            await conn.close()
+
+
+async def _true(items: list) -> bool:
+    return bool(items)
