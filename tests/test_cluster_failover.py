@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from checkout.auction import auction_key
 from drops import giveaway_store
 from dropserver import local_cluster
 from dropserver.auth import Role
@@ -116,16 +117,10 @@ async def test_a_hold_the_replica_lacks_reaches_postgresql_only_once_replicated(
         await db.close()
 
 
-@pytest.mark.timeout(120)
-async def test_a_bid_the_replica_lacks_reaches_postgresql_only_once_replicated(cluster_rig):
-    """The auction keeper copies bids from the primary to PostgreSQL; a bid whose WAIT
-    failed (its bidder was answered 503) must not be copied before a replica has it,
-    or PostgreSQL gets ahead of the replica a failover would promote, which could give
-    its seq again. Frozen replica: no bid row; thawed: the retry (same key) is the
-    same bid, and it is recorded once."""
+async def _auction(rig: Rig, **spec: object) -> tuple[int, int]:
+    """A live drop of one unit with an auction of it: (drop id, auction id)."""
     import httpx
 
-    rig = cluster_rig
     creator = {"Authorization": f"Bearer {rig.token('rig-creator', Role.CREATOR)}"}
     async with httpx.AsyncClient(base_url=rig.base_url, timeout=30) as http:
         resp = await http.post("/v1/drops", headers=creator, json={
@@ -140,9 +135,73 @@ async def test_a_bid_the_replica_lacks_reaches_postgresql_only_once_replicated(c
                                    headers=creator)
             assert resp.status_code == 200, resp.text
         resp = await http.post(f"/v1/drops/{drop_id}/auctions", headers=creator, json={
-            "product_id": pid, "start_price": 1000, "increment": 100, "duration_s": 60})
+            "product_id": pid, "start_price": 1000, "increment": 100, **spec})
         assert resp.status_code == 201, resp.text
-        aid = resp.json()["id"]
+        return drop_id, resp.json()["id"]
+
+
+@pytest.mark.timeout(120)
+async def test_an_auction_won_while_the_replica_lags_reaches_postgresql_once_replicated(
+        cluster_rig):
+    """The keeper closes an auction on its primary (auction_close.lua makes the
+    winner's hold and buyer number); the process then journals that hold to
+    PostgreSQL's orders and tells the winner ``auction.won``. Before a replica has the
+    close that is the order workers' defect again: a failover loses the hold while
+    PostgreSQL keeps it, and the promoted replica, the auction still running there,
+    closes it again with the same buyer number. Frozen replica over the end: no order
+    row, nothing told; thawed: one order, the one the winner is told of."""
+    rig = cluster_rig  # before the other auction tests: no auction of theirs is running
+    drop_id, aid = await _auction(rig, duration_s=5, snipe_window_s=0)
+    replica = local_cluster.replica_of(
+        rig.services, local_cluster.primary_for(rig.services, f"{{drop:{drop_id}}}:sale"))
+    won: list[dict] = []
+    sock = await _Socket.open(rig.ws_url, rig.token("fence-winner-a"), drop_id,
+                              lambda e, d: won.append(d) if e == "auction.won" else None)
+    db = await rig.db()
+    r = rig.redis()
+    try:
+        answer = await sock.request({"t": "bid", "auction_id": aid, "amount": 1000,
+                                     "idempotency_key": "fence-a1"})
+        assert answer.get("t") == "reply", answer
+        ends_at = answer["data"]["ends_at"] / 1000
+        assert ends_at - time.time() > 1.0, "the auction ends too soon to freeze before"
+        await asyncio.sleep(ends_at - time.time() - 1.0)
+        os.kill(rig.services.pids[replica.name], signal.SIGSTOP)
+        try:
+            await asyncio.sleep(ends_at - time.time() + 2.5)  # closed within 0.1 s of it
+            state = await r.hget(auction_key(drop_id, aid), "state")
+            assert state in ("closed", b"closed"), state  # the keeper closed it
+            rows = await db.fetch("SELECT public_id FROM orders WHERE drop_id = $1", drop_id)
+            assert rows == [], "a winner's hold no replica has was recorded in PostgreSQL"
+            assert won == [], "the winner was told of a hold no replica has"
+        finally:
+            os.kill(rig.services.pids[replica.name], signal.SIGCONT)
+        assert await _until(lambda: _true(won), 20), "the winner was not told after the thaw"
+        await invariants.quiesce(r, drop_id, within=30)
+        orders = await db.fetch("SELECT public_id, user_id, buyer_number, amount FROM orders "
+                                "WHERE drop_id = $1", drop_id)
+        assert len(won) == 1, won
+        assert [tuple(o) for o in orders] == [
+            (won[0]["hold_id"], "fence-winner-a", won[0]["buyer_number"], 1000)]
+        assert await invariants.violations(
+            db, r, drop_id, acknowledged={won[0]["hold_id"]: {
+                "user_id": "fence-winner-a", "buyer_number": won[0]["buyer_number"]}},
+            payments=invariants.stub_payments(rig.stub)) == []
+    finally:
+        await sock.close()
+        await r.aclose()
+        await db.close()
+
+
+@pytest.mark.timeout(120)
+async def test_a_bid_the_replica_lacks_reaches_postgresql_only_once_replicated(cluster_rig):
+    """The auction keeper copies bids from the primary to PostgreSQL; a bid whose WAIT
+    failed (its bidder was answered 503) must not be copied before a replica has it,
+    or PostgreSQL gets ahead of the replica a failover would promote, which could give
+    its seq again. Frozen replica: no bid row; thawed: the retry (same key) is the
+    same bid, and it is recorded once."""
+    rig = cluster_rig
+    drop_id, aid = await _auction(rig, duration_s=60)
     replica = local_cluster.replica_of(
         rig.services, local_cluster.primary_for(rig.services, f"{{drop:{drop_id}}}:sale"))
     sock = await _Socket.open(rig.ws_url, rig.token("fence-bidder"), drop_id,
