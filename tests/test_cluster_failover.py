@@ -194,6 +194,80 @@ async def test_an_auction_won_while_the_replica_lags_reaches_postgresql_once_rep
 
 
 @pytest.mark.timeout(120)
+async def test_a_second_chance_offer_the_replica_lacks_is_not_recorded_nor_told(cluster_rig):
+    """A second-chance offer makes the runner-up's hold and buyer number on the primary
+    (auction_offer.lua); journaled to PostgreSQL and told to the runner-up before a
+    replica has it, a failover loses the hold that PostgreSQL keeps (the promoted
+    replica can give its buyer number again). Frozen replica: the creator is answered
+    503, nothing recorded or told; thawed: the retry is a replay, recorded and told
+    once."""
+    import httpx
+
+    rig = cluster_rig
+    drop_id, aid = await _auction(rig, duration_s=5, snipe_window_s=0)
+    replica = local_cluster.replica_of(
+        rig.services, local_cluster.primary_for(rig.services, f"{{drop:{drop_id}}}:sale"))
+    offers: list[dict] = []
+    sock = await _Socket.open(rig.ws_url, rig.token("fence-bob"), drop_id,
+                              lambda e, d: offers.append(d) if e == "auction.offer" else None)
+    db = await rig.db()
+    r = rig.redis()
+    creator = {"Authorization": f"Bearer {rig.token('rig-creator', Role.CREATOR)}"}
+    url = f"/v1/drops/{drop_id}/auctions/{aid}"
+    try:
+        async with httpx.AsyncClient(base_url=rig.base_url, timeout=30) as http:
+            for user, amount in (("fence-bob", 1000), ("fence-alice", 1500)):
+                resp = await http.post(url + "/bids", json={
+                    "amount": amount, "idempotency_key": f"{user}-1"},
+                    headers={"Authorization": f"Bearer {rig.token(user)}"})
+                assert resp.status_code == 201, resp.text
+
+            async def closed() -> bool:
+                return await db.fetchval("SELECT hold_id FROM auctions WHERE id = $1 "
+                                         "AND state = 'closed'", aid) is not None
+
+            assert await _until(closed, 20), "the auction was not closed and recorded"
+            won = await db.fetchval("SELECT hold_id FROM auctions WHERE id = $1", aid)
+            resp = await http.delete(f"/v1/holds/{won}", headers={
+                "Authorization": f"Bearer {rig.token('fence-alice')}"})
+            assert resp.status_code == 200, resp.text
+            os.kill(rig.services.pids[replica.name], signal.SIGSTOP)
+            try:
+                resp = await http.post(url + "/second-chance", headers=creator)
+                assert resp.status_code == 503, resp.text  # not replicated: not told
+                await asyncio.sleep(1.0)
+                rows = await db.fetch("SELECT public_id FROM orders WHERE drop_id = $1 "
+                                      "AND user_id = 'fence-bob'", drop_id)
+                assert rows == [], "an offer no replica has was recorded in PostgreSQL"
+                assert offers == [], "the runner-up was told of an offer no replica has"
+            finally:
+                os.kill(rig.services.pids[replica.name], signal.SIGCONT)
+            for _ in range(50):
+                resp = await http.post(url + "/second-chance", headers=creator)
+                if resp.status_code != 503:
+                    break
+                await asyncio.sleep(0.2)
+            assert resp.status_code == 200 and resp.json()["replay"] is True, resp.text
+            offer = resp.json()
+        assert offer["user_id"] == "fence-bob" and offer["amount"] == 1000, offer
+        assert await _until(lambda: _true(offers), 10), "the runner-up was not told"
+        await invariants.quiesce(r, drop_id, within=30)
+        assert [d["hold_id"] for d in offers] == [offer["hold_id"]]
+        rows = await db.fetch("SELECT public_id FROM orders WHERE drop_id = $1 "
+                              "AND user_id = 'fence-bob'", drop_id)
+        assert [row["public_id"] for row in rows] == [offer["hold_id"]]
+        assert await db.fetchval("SELECT offer_hold_id FROM auctions WHERE id = $1",
+                                 aid) == offer["hold_id"]
+        assert await invariants.violations(
+            db, r, drop_id, acknowledged=[won, offer["hold_id"]],
+            payments=invariants.stub_payments(rig.stub)) == []
+    finally:
+        await sock.close()
+        await r.aclose()
+        await db.close()
+
+
+@pytest.mark.timeout(120)
 async def test_a_bid_the_replica_lacks_reaches_postgresql_only_once_replicated(cluster_rig):
     """The auction keeper copies bids from the primary to PostgreSQL; a bid whose WAIT
     failed (its bidder was answered 503) must not be copied before a replica has it,
