@@ -20,7 +20,6 @@ The creator's routes (start, second chance, reading) are :mod:`drops.auctions`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
@@ -37,7 +36,7 @@ from starlette.routing import Route
 from checkout import auction, auction_store
 from checkout.auction import Bid, BidLimits, BidRequest, BidScript, Closed, History, Offer
 from checkout.auction_rules import MAX_PRICE, check_idempotency_key
-from checkout.retry import backoff, is_outage
+from checkout.retry import is_outage, until_done
 from dropserver.auth import Principal, principal
 from dropserver.background import Scheduled
 from dropserver.chores import chores
@@ -236,21 +235,10 @@ class AuctionKeeper:
         if not result.hold_id:
             self.auctions.won(result)  # nothing sold: nothing to journal or tell
             return
-        attempt = 0
-        while True:
-            try:
-                kept = await self.has(result.drop_id, result.auction_id, "hold_id",
-                                      result.hold_id)
-                break
-            except Exception as exc:
-                if not is_outage(exc):
-                    raise
-                if attempt % 20 == 0:
-                    log.warning("auction close waits for the replicas", extra={
-                        "drop_id": result.drop_id, "auction_id": result.auction_id,
-                        "attempt": attempt + 1, "error": f"{type(exc).__name__}: {exc}"[:300]})
-                await asyncio.sleep(backoff(attempt, cap=1.0))
-                attempt += 1
+        kept = await until_done(
+            lambda: self.has(result.drop_id, result.auction_id, "hold_id", result.hold_id),
+            what="auction close waits for the replicas", log=log,
+            extra={"drop_id": result.drop_id, "auction_id": result.auction_id})
         if kept:
             self.auctions.won(result)
         else:
