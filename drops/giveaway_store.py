@@ -326,9 +326,9 @@ async def announce(db: asyncpg.Pool, redis: Any, giveaway_id: int, *,
     ``giveaway.drawn`` and ``tell(user_id, event, data)`` each ``giveaway.won``, and
     ``announced_at`` is set. True when this call announced.
 
-    ``on_award(drop_id, product_id, award)`` follows each new prize (stock, sold out);
-    ``load_drop(drop_id)`` is awaited when the drop is not loaded in Redis (a Redis
-    loss) before trying again: it answers ``checkout.recovery.ensure_loaded``'s
+    ``on_award(drop_id, product_id, award)`` follows each prize awarded, a replay too
+    (stock, sold out); ``load_drop(drop_id)`` is awaited when the drop is not loaded in
+    Redis (a Redis loss) before trying again: it answers ``checkout.recovery.ensure_loaded``'s
     ``"loaded"``, ``"not_live"`` (the drop is off air in PostgreSQL: the winner wins
     without a unit, ``prize_error`` ``not_on_sale``) or ``"busy"`` (503: the next
     round tries again).
@@ -362,7 +362,9 @@ async def announce(db: asyncpg.Pool, redis: Any, giveaway_id: int, *,
                 "UPDATE giveaway_winners SET order_id = $3, prize_error = $4 "
                 "WHERE giveaway_id = $1 AND rank = $2",
                 giveaway_id, w["rank"], w["order_id"], w["prize_error"])
-            if on_award is not None and result.hold_id is not None and not result.replay:
+            # A replay too: an announcement rolled back after its award (a replica
+            # that lagged, a crash) may not have said it (on_award is idempotent).
+            if on_award is not None and result.hold_id is not None:
                 await on_award(drop_id, product_id, result)
         await publish(drop_id, "giveaway.drawn", drawn_event(row, won))
         for w in won:

@@ -403,7 +403,7 @@ async def test_a_prize_the_replica_lacks_is_announced_only_once_replicated(clust
     from checkout.prizes import prize_hold_id
 
     rig = cluster_rig
-    drop_id, pid = await rig.selling_drop(units=3)
+    drop_id, pid = await rig.selling_drop(units=1)  # the prize is the last unit
     replica = local_cluster.replica_of(
         rig.services, local_cluster.primary_for(rig.services, f"{{drop:{drop_id}}}:sale"))
     heard: list[dict] = []
@@ -458,6 +458,12 @@ async def test_a_prize_the_replica_lacks_is_announced_only_once_replicated(clust
         assert [tuple(o) for o in orders] == [(hold_id, "fence-winner", 0, "paid")]
         assert await _until(lambda: _true(heard), 10)
         assert [d["order_id"] for d in heard] == [hold_id]
+
+        async def sold_out() -> bool:  # the award retried as a replay still says so
+            return await db.fetchval("SELECT state FROM drops WHERE id = $1",
+                                     drop_id) == "sold_out"
+
+        assert await _until(sold_out, 10), "the prize took the last unit: sold out"
         audit = await giveaway_store.audit(db, gid)
         assert audit.ok, audit.problems
     finally:
