@@ -151,7 +151,7 @@ async def test_an_auction_won_while_the_replica_lags_reaches_postgresql_once_rep
     closes it again with the same buyer number. Frozen replica over the end: no order
     row, nothing told; thawed: one order, the one the winner is told of."""
     rig = cluster_rig  # before the other auction tests: no auction of theirs is running
-    drop_id, aid = await _auction(rig, duration_s=5, snipe_window_s=0)
+    drop_id, aid = await _auction(rig, duration_s=8, snipe_window_s=0)
     replica = local_cluster.replica_of(
         rig.services, local_cluster.primary_for(rig.services, f"{{drop:{drop_id}}}:sale"))
     won: list[dict] = []
