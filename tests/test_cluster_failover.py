@@ -396,10 +396,10 @@ async def test_a_prize_the_replica_lacks_is_announced_only_once_replicated(clust
     """A product prize is a hold the announcement makes on the primary (award.lua);
     it must not be recorded as the winner's order nor announced (``giveaway.won``
     with its order id) while no replica has it: a failover would lose the hold, and
-    the winner was told of an order that never comes. The test holds the giveaway's
-    row between the draw and the announcement (the draw held on a table lock, the
-    row taken as it commits), freezes the replica, and lets the announcement go:
-    nothing announced while frozen; thawed, announced once with the order."""
+    the winner was told of an order that never comes. The test holds the
+    announcement between the draw and the award (table locks on giveaway_winners),
+    freezes the replica, and lets the announcement go: nothing announced while
+    frozen; thawed, announced once with the order."""
     from checkout.prizes import prize_hold_id
 
     rig = cluster_rig
@@ -409,7 +409,7 @@ async def test_a_prize_the_replica_lacks_is_announced_only_once_replicated(clust
     heard: list[dict] = []
     sock = await _Socket.open(rig.ws_url, rig.token("fence-winner"), drop_id,
                               lambda e, d: heard.append(d) if e == "giveaway.won" else None)
-    db, draw_blocker, row_holder = await rig.db(), await rig.db(), await rig.db()
+    db, draw_blocker, table_holder = await rig.db(), await rig.db(), await rig.db()
     r = rig.redis()
     gw = await _giveaway(rig, drop_id, product_id=pid, duration_s=2)
     gid = gw["id"]
@@ -421,19 +421,23 @@ async def test_a_prize_the_replica_lacks_is_announced_only_once_replicated(clust
         await draw_blocker.execute("LOCK TABLE giveaway_winners IN SHARE MODE")
         assert await _until(lambda: _waiting_on_lock(db, "INSERT INTO giveaway_winners"),
                             15), "the closer did not draw"
-        held = row_holder.transaction()
+        # Queued behind the draw's insert: granted once the draw commits, it holds the
+        # announcement at its first read of the winners (before any award).
+        held = table_holder.transaction()
         await held.start()
-        taking = asyncio.ensure_future(row_holder.fetchval(
-            "SELECT id FROM giveaways WHERE id = $1 FOR UPDATE", gid))
-        assert await _until(lambda: _waiting_on_lock(db, "SELECT id FROM giveaways"), 5)
-        await blocked.rollback()  # the draw commits; the row goes to row_holder
+        taking = asyncio.ensure_future(table_holder.execute(
+            "LOCK TABLE giveaway_winners IN ACCESS EXCLUSIVE MODE"))
+        assert await _until(lambda: _waiting_on_lock(db, "LOCK TABLE giveaway_winners"), 5)
+        await blocked.rollback()  # the draw inserts its winners and commits
         await asyncio.wait_for(taking, 10)
+        assert await _until(lambda: _waiting_on_lock(db, "SELECT rank, user_id"), 10), \
+            "the announcement did not start"
         row = await db.fetchrow("SELECT state, announced_at FROM giveaways WHERE id = $1",
                                 gid)
         assert row["state"] == "drawn" and row["announced_at"] is None, dict(row)
         os.kill(rig.services.pids[replica.name], signal.SIGSTOP)
         try:
-            await held.rollback()  # the closer's next round announces
+            await held.rollback()  # the announcement goes on, the replica frozen
             await asyncio.sleep(2.0)
             row = await db.fetchrow("SELECT announced_at FROM giveaways WHERE id = $1", gid)
             order_id = await db.fetchval("SELECT order_id FROM giveaway_winners "
@@ -469,7 +473,7 @@ async def test_a_prize_the_replica_lacks_is_announced_only_once_replicated(clust
     finally:
         await sock.close()
         await r.aclose()
-        for conn in (db, draw_blocker, row_holder):
+        for conn in (db, draw_blocker, table_holder):
             await conn.close()
 
 
