@@ -36,7 +36,7 @@ from starlette.routing import Route
 from checkout import auction, auction_store
 from checkout.auction import Bid, BidLimits, BidRequest, BidScript, Closed, History, Offer
 from checkout.auction_rules import MAX_PRICE, check_idempotency_key
-from checkout.retry import is_outage
+from checkout.retry import is_outage, until_done
 from dropserver.auth import Principal, principal
 from dropserver.background import Scheduled
 from dropserver.chores import chores
@@ -215,6 +215,37 @@ class AuctionKeeper:
                 closed.append(result)
         return closed
 
+    async def has(self, drop_id: int, auction_id: int, name: str, value: str) -> bool:
+        """Whether a replica has the auction with ``name`` at ``value`` (the hold of a
+        close or of an offer this process made): :meth:`_replicated`'s fence, then
+        the auction read on the same primary; False when it is not that (a failover
+        lost it). :class:`~checkout.redis_pipe.NotReplicated` while the replica lags."""
+        await self._replicated(drop_id, auction_id)
+        a = await auction.read(self.redis, drop_id, auction_id) or {}
+        return str(a.get(name) or "") == value
+
+    async def _won(self, result: Closed) -> None:
+        """:meth:`Auctions.won` (the winner's hold journaled to PostgreSQL, the winner
+        told) once a replica has the close: ``auction_close.lua`` made the hold and
+        its buyer number on the primary, and a failover that loses them while
+        PostgreSQL has the hold lets the promoted replica close the auction again
+        with the same buyer number (as the order workers, checkout.order_worker). A
+        lagging replica is waited out like an outage; a close a failover lost is
+        neither journaled nor told (the auction, running again there, closes again)."""
+        if not result.hold_id:
+            self.auctions.won(result)  # nothing sold: nothing to journal or tell
+            return
+        kept = await until_done(
+            lambda: self.has(result.drop_id, result.auction_id, "hold_id", result.hold_id),
+            what="auction close waits for the replicas", log=log,
+            extra={"drop_id": result.drop_id, "auction_id": result.auction_id})
+        if kept:
+            self.auctions.won(result)
+        else:
+            log.warning("auction close lost in a failover: not journaled nor told", extra={
+                "drop_id": result.drop_id, "auction_id": result.auction_id,
+                "hold_id": result.hold_id})
+
     async def _replicated(self, drop_id: int, auction_id: int) -> tuple[int, str]:
         """The auction's seq and state once a replica has them (see :meth:`record`);
         :class:`~checkout.redis_pipe.NotReplicated`, an outage, while it lags."""
@@ -274,7 +305,7 @@ class AuctionKeeper:
                     "drop_id": drop_id, "auction_id": auction_id,
                     "outcome": result.outcome.value, "bids": result.seq,
                     "amount": result.amount, "hold_id": result.hold_id})
-                self.auctions.won(result)
+                await self._won(result)
                 a = await auction.read(self.redis, drop_id, auction_id) or a
         # Running: due at its end (a bid's extension is read the round it wakes);
         # closed but still watched (its outcome not recorded yet): due now.

@@ -273,7 +273,14 @@ async def http_second_chance(request: Request) -> JSONResponse:
         status, message = _OFFER_REFUSALS.get(exc.code, (409, exc.code))
         raise ApiError(message, code=exc.code, status=status,
                        details={"detail": exc.detail} if exc.detail else None) from None
-    if not offer.replay:
+    # Like a close (checkout.auctions_api.AuctionKeeper._won): the offer's hold reaches
+    # PostgreSQL and the bidder only once a replica has it, else 503; the creator's
+    # retry is a replay, which tells and records it if the first answer did not.
+    if not await auctions.keeper.has(row["drop_id"], row["id"], "offer_hold_id",
+                                     offer.hold_id):
+        raise ApiError("the offer was lost in a Redis failover; try again",
+                       code="unavailable", status=503)
+    if not offer.replay or row["offer_hold_id"] != offer.hold_id:
         auctions.offered(row, offer)
     await auction_store.record_offer(request.app.state.db, row["id"], offer.user_id,
                                      offer.amount, offer.hold_id)

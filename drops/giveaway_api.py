@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from checkout import keys as checkout_keys
+from checkout.redis_pipe import NotReplicated
 from drops import giveaway, giveaway_store, store
 from drops.giveaway import GiveawayState, Refusal
 from drops.giveaway_store import GiveawayRefused, Meta
@@ -113,9 +114,9 @@ class Giveaways:
         self._dirty: dict[int, int] = {}  # giveaway id -> drop id
         self._journal: list[tuple[Meta, str, str]] = []  # new entrants to write
         self._restoring: dict[int, asyncio.Lock] = {}
-        lua = giveaway_store._enter  # the form a cluster or one Redis takes
-        self._enter_script = lua.sharded if is_cluster(self.redis) else lua.single
+        self._cluster = is_cluster(self.redis)
         self._wake = asyncio.Event()
+        self._lagging = 0  # closer rounds in a row a replica lagged (logged now and then)
         self.coalesce = max(s.stock_coalesce_ms, 1) / 1000
         self._counts: asyncio.Task | None = None
         self.closer = Scheduled("giveaway-closer", self.close_due, log, "giveaway closer",
@@ -156,10 +157,19 @@ class Giveaways:
 
     async def call_enter(self, key_list: list[str], args: list[Any]) -> Any:
         """``giveaway_enter.lua`` on the buy path's auto-pipelined connection."""
+        return await self.call_script(giveaway_store._enter, key_list, args)
+
+    async def call_script(self, lua: Any, key_list: list[str], args: list[Any]) -> Any:
+        """A script (a ClusterAwareScript or redis-py's AsyncScript) on the buy path's
+        auto-pipelined connection: with ``DROPSERVER_HOLD_REPLICAS`` its reply comes
+        only once a replica has its writes and everything its primary had before them
+        (``WAIT``), :class:`~checkout.redis_pipe.NotReplicated` otherwise. Entries,
+        the close and the prizes go this way (docs/topics/giveaways.md, "In a Redis
+        failover")."""
         res = getattr(self.app.state, "reservations", None)
         if res is None:
-            return await giveaway_store._enter(keys=key_list, args=args, client=self.redis)
-        script = self._enter_script
+            return await lua(keys=key_list, args=args, client=self.redis)
+        script = getattr(lua, "sharded" if self._cluster else "single", lua)
         pipe = res.batcher.pipe
         try:
             return await pipe.execute("EVALSHA", script.sha, len(key_list), *key_list, *args)
@@ -246,9 +256,19 @@ class Giveaways:
                 next_ms = closes_at if next_ms is None else min(next_ms, closes_at)
                 continue
             due = True  # looked at again next round until it is announced
-            if state == GiveawayState.OPEN:
-                await giveaway_store.close_and_draw(self.db, self.redis, giveaway_id)
-            await self.announce(giveaway_id)
+            try:
+                if state == GiveawayState.OPEN:
+                    await giveaway_store.close_and_draw(self.db, self.redis, giveaway_id,
+                                                        call=self.call_script)
+                await self.announce(giveaway_id)
+            except NotReplicated as exc:  # a lagging replica: waited out, next round
+                self._lagging += 1
+                if self._lagging % 25 == 1:
+                    log.warning("giveaway draw waits for the replicas", extra={
+                        "giveaway_id": giveaway_id, "attempt": self._lagging,
+                        "error": str(exc)[:300]})
+                continue
+            self._lagging = 0
         if due:
             return CLOSER_INTERVAL_S
         if next_ms is None:
@@ -258,7 +278,7 @@ class Giveaways:
     async def announce(self, giveaway_id: int) -> bool:
         return await giveaway_store.announce(
             self.db, self.redis, giveaway_id, publish=self._publish, tell=self._tell,
-            on_award=self._on_award, load_drop=self._load_drop)
+            on_award=self._on_award, load_drop=self._load_drop, call=self.call_script)
 
     async def _publish(self, drop_id: int, event: str, data: dict) -> None:
         await publish(self.redis, drop_id, event, data)

@@ -25,6 +25,7 @@ and winners in the same transaction. Then the prizes are awarded (zero-price ord
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ from dropserver.errors import ApiError
 
 __all__ = [
     "Audit",
+    "Call",
     "DrawResult",
     "GiveawayRefused",
     "Meta",
@@ -223,6 +225,18 @@ async def try_enter(call: Any, drop_id: int, giveaway_id: int, user_id: str,
 
 # -- the draw ---------------------------------------------------------------------------
 
+# How the closer runs a script: ``call(script, keys, args)`` (a ClusterAwareScript or
+# redis-py's AsyncScript) -> its reply.
+Call = Callable[[Any, list[str], list[Any]], Awaitable[Any]]
+
+
+async def _run(call: Call | None, redis: Any, script: Any, key_list: list[str],
+               args: list[Any]) -> Any:
+    if call is not None:
+        return await call(script, key_list, args)
+    return await script(keys=key_list, args=args, client=redis)
+
+
 @dataclass(frozen=True, slots=True)
 class DrawResult:
     giveaway_id: int
@@ -251,17 +265,24 @@ async def _lock(conn: asyncpg.Connection, giveaway_id: int,
         "FOR UPDATE SKIP LOCKED", giveaway_id)
 
 
-async def close_and_draw(db: asyncpg.Pool, redis: Any, giveaway_id: int) -> DrawResult | None:
+async def close_and_draw(db: asyncpg.Pool, redis: Any, giveaway_id: int, *,
+                         call: Call | None = None) -> DrawResult | None:
     """Close the window and draw, if this process is the one to (see the module
     docstring). None when another process has it, it was drawn, or its window has
-    not ended by Redis' clock."""
+    not ended by Redis' clock.
+
+    ``call(script, keys, args)`` runs ``giveaway_close.lua`` (default: on ``redis``).
+    The closer's runs it on the buy path's pipeline, whose ``WAIT`` answers only once
+    a replica has the close and every entry before it (see "In a Redis failover" in
+    docs/topics/giveaways.md); until then it raises
+    :class:`~checkout.redis_pipe.NotReplicated` and nothing is drawn."""
     async with db.acquire() as conn, conn.transaction():
         row = await _lock(conn, giveaway_id, "state = 'open'")
         if row is None:
             return None
         drop_id = row["drop_id"]
-        reply = await _close(keys=[gw_key(drop_id, giveaway_id),
-                                   entrants_key(drop_id, giveaway_id)], args=[], client=redis)
+        reply = await _run(call, redis, _close, [gw_key(drop_id, giveaway_id),
+                                                 entrants_key(drop_id, giveaway_id)], [])
         outcome = _s(reply[0])
         if outcome == "not_yet":
             return None
@@ -299,18 +320,22 @@ async def close_and_draw(db: asyncpg.Pool, redis: Any, giveaway_id: int) -> Draw
 
 async def announce(db: asyncpg.Pool, redis: Any, giveaway_id: int, *,
                    publish: Any, tell: Any, on_award: Any = None,
-                   load_drop: Any = None) -> bool:
+                   load_drop: Any = None, call: Call | None = None) -> bool:
     """Award the prizes and publish the result, once: under the row lock, the prize
     orders are made (idempotent), ``publish(drop_id, event, data)`` sends
     ``giveaway.drawn`` and ``tell(user_id, event, data)`` each ``giveaway.won``, and
     ``announced_at`` is set. True when this call announced.
 
-    ``on_award(drop_id, product_id, award)`` follows each new prize (stock, sold out);
-    ``load_drop(drop_id)`` is awaited when the drop is not loaded in Redis (a Redis
-    loss) before trying again: it answers ``checkout.recovery.ensure_loaded``'s
+    ``on_award(drop_id, product_id, award)`` follows each prize awarded, a replay too
+    (stock, sold out); ``load_drop(drop_id)`` is awaited when the drop is not loaded in
+    Redis (a Redis loss) before trying again: it answers ``checkout.recovery.ensure_loaded``'s
     ``"loaded"``, ``"not_live"`` (the drop is off air in PostgreSQL: the winner wins
     without a unit, ``prize_error`` ``not_on_sale``) or ``"busy"`` (503: the next
-    round tries again)."""
+    round tries again).
+
+    ``call``: as :func:`close_and_draw`'s, for ``award.lua``: a prize hold no replica
+    has is neither recorded nor announced (a lagging failover would lose it, and its
+    winner would be told of an order that never comes)."""
     async with db.acquire() as conn, conn.transaction():
         row = await _lock(conn, giveaway_id, "state = 'drawn' AND announced_at IS NULL")
         if row is None:
@@ -321,12 +346,12 @@ async def announce(db: asyncpg.Pool, redis: Any, giveaway_id: int, *,
             if product_id is None or w["order_id"] is not None or w["prize_error"]:
                 continue
             result = await prizes.award(redis, drop_id, product_id, w["user_id"],
-                                        giveaway_id, w["rank"])
+                                        giveaway_id, w["rank"], call=call)
             if result.error == "not_ready":
                 outcome = await load_drop(drop_id) if load_drop is not None else "busy"
                 if outcome == "loaded":
                     result = await prizes.award(redis, drop_id, product_id, w["user_id"],
-                                                giveaway_id, w["rank"])
+                                                giveaway_id, w["rank"], call=call)
                 elif outcome == "not_live":
                     result = prizes.Award(None, error="not_on_sale")
             if result.hold_id is None and result.error == "not_ready":
@@ -337,7 +362,9 @@ async def announce(db: asyncpg.Pool, redis: Any, giveaway_id: int, *,
                 "UPDATE giveaway_winners SET order_id = $3, prize_error = $4 "
                 "WHERE giveaway_id = $1 AND rank = $2",
                 giveaway_id, w["rank"], w["order_id"], w["prize_error"])
-            if on_award is not None and result.hold_id is not None and not result.replay:
+            # A replay too: an announcement rolled back after its award (a replica
+            # that lagged, a crash) may not have said it (on_award is idempotent).
+            if on_award is not None and result.hold_id is not None:
                 await on_award(drop_id, product_id, result)
         await publish(drop_id, "giveaway.drawn", drawn_event(row, won))
         for w in won:
