@@ -7,7 +7,8 @@ stops them. Objects on ``app.state``: ``payments_gateway``, ``order_processor``,
 ``order_workers``, ``campaign_loop``.
 
 Routes: ``POST /v1/webhooks/stripe`` (signature-verified, see checkout/webhooks.py);
-``GET /v1/orders/{order_id}`` (the order as PostgreSQL has it);
+``GET /v1/orders/{order_id}`` (the order as PostgreSQL has it, or its hold before
+the hold journal writes the row);
 ``POST /v1/orders/{order_id}/refund`` (an admin or the drop's creator refunds a paid
 order in full); ``POST /v1/dev/orders/{order_id}/confirm`` (fake gateway only:
 Stripe.js stand-in; mounted only under ``dropserver dev`` or with
@@ -116,7 +117,9 @@ async def get_order(request: Request) -> JSONResponse:
         "p.amount_received, p.amount_refunded FROM orders o "
         "JOIN drops d ON d.id = o.drop_id LEFT JOIN payments p ON p.order_id = o.id "
         "WHERE o.public_id = $1", request.path_params["order_id"])
-    if row is None or not (row["user_id"] == who.user_id or who.can_manage(row["creator_id"])):
+    if row is None:
+        return JSONResponse(await _held_order(state, who, request.path_params["order_id"]))
+    if not (row["user_id"] == who.user_id or who.can_manage(row["creator_id"])):
         raise NotFound("no such order", code="order_not_found")
     payment = None
     if row["intent_id"] is not None:
@@ -134,6 +137,26 @@ async def get_order(request: Request) -> JSONResponse:
         "currency": row["currency"].strip(), "flow": row["payment_flow"],
         "hold_expires_at": int(row["hold_expires_at"].timestamp() * 1000),
         "payment": payment})
+
+
+async def _held_order(state, who, order_id: str) -> dict:
+    """An order whose row is not written yet: the buy is answered before the hold
+    journal writes it (checkout/journal.py), so a buyer who reads the order at once
+    finds only the hold. Answered from the hold, in the order's shape: ``held``, no
+    payment yet. Else (no hold either, or not the caller's) ``404 order_not_found``."""
+    from dropserver.errors import NotFound
+
+    hold = await state.reservations.get_hold(order_id)
+    if hold is None or hold.get("state") != "held" or not (
+            hold.get("user_id") == who.user_id or who.can_manage(await state.db.fetchval(
+                "SELECT creator_id FROM drops WHERE id = $1", hold["drop_id"]))):
+        raise NotFound("no such order", code="order_not_found")
+    return {"order_id": order_id, "drop_id": hold["drop_id"],
+            "product_id": hold["product_id"], "state": "held", "released": None,
+            "quantity": hold["quantity"], "buyer_number": hold["buyer_number"],
+            "amount": hold["amount"], "currency": hold["currency"],
+            "flow": hold.get("flow") or "client_confirm",
+            "hold_expires_at": hold["expires_at"], "payment": None}
 
 
 async def refund_order(request: Request) -> JSONResponse:

@@ -583,7 +583,8 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             "name": "Stripe-Signature", "in": "header", "required": True,
             "schema": STR}]),
     ("GET", "/v1/orders/{order_id}"): _op(
-        "An order as PostgreSQL has it (the buyer, the drop's creator, an admin)", AUTH,
+        "An order as PostgreSQL has it, or its hold before the row is written "
+        "(the buyer, the drop's creator, an admin)", AUTH,
         {"200": _json(_obj(
             ["order_id", "drop_id", "product_id", "state", "released", "quantity",
              "buyer_number", "amount", "currency", "flow", "hold_expires_at", "payment"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -194,9 +195,11 @@ async def _serve(app: Any, hub: Hub, conn: Connection, token: str | None, receiv
             window_start, window_count = now, 0
         window_count += 1
         if window_count > FRAMES_PER_SECOND:
-            if window_count == FRAMES_PER_SECOND + 1:
+            if window_count == FRAMES_PER_SECOND + 1:  # the rest are dropped unread
+                wait_ms = max(1, math.ceil((window_start + 1.0 - now) * 1000))
                 _send_error(conn, ProtocolError(ErrorCode.RATE_LIMITED,
-                                                "too many frames; slow down"))
+                                                "too many frames; slow down", None,
+                                                {"retry_after_ms": wait_ms}))
             continue
         try:
             frame = protocol.decode(raw, conn.fmt, commands)

@@ -251,10 +251,12 @@ def decode(raw: bytes | str, fmt: Format, commands: frozenset[str] | set[str] = 
     request_id = obj.get("id")
     if request_id is not None:
         if isinstance(request_id, bool) or not isinstance(request_id, (str, int)):
-            raise ProtocolError(ErrorCode.INVALID_FIELD, "id must be a string or integer")
+            raise ProtocolError(ErrorCode.INVALID_FIELD, "id must be a string or integer",
+                                details={"field": "id"})
         request_id = str(request_id)
         if len(request_id) > MAX_ID_LEN:
-            raise ProtocolError(ErrorCode.INVALID_FIELD, f"id longer than {MAX_ID_LEN}")
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"id longer than {MAX_ID_LEN}",
+                                details={"field": "id"})
     kind = obj.get("t")
     if not isinstance(kind, str):
         raise ProtocolError(ErrorCode.BAD_FRAME, "t (the frame type) must be a string",

@@ -304,6 +304,25 @@ async def test_frame_flood_is_rate_limited_and_server_survives(server, http):
     await c.close()
 
 
+async def test_a_frame_flood_says_when_to_send_again(server, http):
+    """The frames past FRAMES_PER_SECOND in a second are dropped unread (so they carry
+    no id to answer) and the first of them is answered with one ``rate_limited``: an
+    outside client got it without any ``details``, so it could not tell when its
+    dropped frames (a buy among them) could be sent again. It says
+    ``retry_after_ms``, the rest of the second, as chat's ``rate_limited`` does."""
+    from realtime.gateway import FRAMES_PER_SECOND
+
+    c = await Client.connect(server.ws_url)
+    for i in range(FRAMES_PER_SECOND * 3):
+        await c.send({"t": "ping", "id": i})
+    error = await c.recv_until(lambda f: f["t"] == "error")
+    assert error["code"] == "rate_limited" and "id" not in error, error
+    assert 1 <= error["details"]["retry_after_ms"] <= 1000, error
+    await asyncio.sleep(error["details"]["retry_after_ms"] / 1000)
+    assert (await c.request({"t": "ping"}))["t"] == "pong"
+    await c.close()
+
+
 async def test_metrics_name_the_gateway(server, http, settings):
     drop_id, _ = await create_drop(settings.database_url)
     c = await Client.connect(server.ws_url)

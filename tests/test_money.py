@@ -327,6 +327,43 @@ async def test_an_order_can_be_read_over_http(server, http, db, make_token) -> N
     assert "client_secret" not in body["payment"]
 
 
+async def test_an_order_reads_as_held_before_its_row_is_written(
+        server, http, db, make_token) -> None:
+    """The buy is answered before the hold journal writes the order's row (no await on
+    the buy path): a buyer reading ``GET /v1/orders/{hold_id}`` in between got
+    ``404 order_not_found`` for the order they had just been told they hold (an outside
+    client did, right after its ``buy`` reply). It reads the order from the hold:
+    ``held``, no payment yet. The row is held back for real: a transaction keeps
+    ``orders`` locked against writes (reads still pass) until the checks are done."""
+    creator = bearer(make_token("creator-1", Role.CREATOR))
+    drop_id, pid = await selling_drop(http, creator)
+    buyer = bearer(make_token("buyer-a", Role.VIEWER))
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
+        resp = await post_buy(http, drop_id, buyer, pid)
+        assert resp.status_code == 201, resp.text
+        hold = resp.json()
+        hold_id = hold["hold_id"]
+        r = await http.get(f"/v1/orders/{hold_id}", headers=buyer)
+        assert r.status_code == 200, r.text
+        assert r.json() == {
+            "order_id": hold_id, "drop_id": drop_id, "product_id": pid, "state": "held",
+            "released": None, "quantity": 1, "buyer_number": hold["buyer_number"],
+            "amount": 4500, "currency": "usd", "flow": "client_confirm",
+            "hold_expires_at": hold["expires_at"], "payment": None}
+        as_creator = await http.get(f"/v1/orders/{hold_id}", headers=creator)
+        assert as_creator.status_code == 200 and as_creator.json() == r.json()
+        for who in (make_token("buyer-z", Role.VIEWER), make_token("creator-2", Role.CREATOR)):
+            other = await http.get(f"/v1/orders/{hold_id}", headers=bearer(who))
+            assert other.status_code == 404, other.text
+            assert other.json()["error"]["code"] == "order_not_found"
+        assert await conn.fetchval(
+            "SELECT count(*) FROM orders WHERE public_id = $1", hold_id) == 0
+    await _payment_pending(db, hold_id)  # the lock gone, the row and payment follow
+    body = (await http.get(f"/v1/orders/{hold_id}", headers=buyer)).json()
+    assert body["state"] == "payment_pending" and body["payment"] is not None
+
+
 @pytest.fixture(scope="module")
 def own_postgres():
     """A PostgreSQL of this module's own, to stop and start for real (the session's is

@@ -78,6 +78,16 @@ def test_invalid_frames(obj, code):
     assert info.value.code == code
 
 
+@pytest.mark.parametrize("request_id", [[1], {"a": 1}, 1.5, True, "x" * 65])
+def test_a_bad_id_is_named_in_details_field(request_id):
+    """docs/protocol.md: ``invalid_field`` names the field in ``details.field``; a
+    client that sent a 65-character id got ``invalid_field`` with no details at all."""
+    with pytest.raises(ProtocolError) as info:
+        decode(_pack({"t": "ping", "id": request_id}), MP)
+    assert info.value.code == ErrorCode.INVALID_FIELD
+    assert info.value.details == {"field": "id"}
+
+
 def _pack(obj):
     try:
         return mp(obj)

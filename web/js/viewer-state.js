@@ -565,6 +565,11 @@ export function secondsUntil(when, now = Date.now()) {
 
 export function formatClock(seconds) {
   if (seconds === null) return "";
+  if (seconds >= 86400) { // weeks ahead: "12d 03:04:05", not "291:04:05"
+    const rest = seconds % 86400;
+    const hms = [Math.floor(rest / 3600), Math.floor((rest % 3600) / 60), rest % 60];
+    return `${Math.floor(seconds / 86400)}d ${hms.map((n) => String(n).padStart(2, "0")).join(":")}`;
+  }
   const h = Math.floor(seconds / 3600);
   const m = Math.floor((seconds % 3600) / 60);
   const s = seconds % 60;

@@ -105,6 +105,12 @@ test("time and money formatting", () => {
   assert.equal(secondsUntil("garbage", now), null);
   assert.equal(formatClock(65), "1:05");
   assert.equal(formatClock(3725), "1:02:05");
+  // A drop scheduled weeks ahead (the README's tour: 2030) read "starts in
+  // 26998:50:07"; from a day on the days are counted apart.
+  assert.equal(formatClock(86399), "23:59:59");
+  assert.equal(formatClock(86400), "1d 00:00:00");
+  assert.equal(formatClock(97198207), "1124d 23:30:07");
+  assert.equal(formatClock(3 * 86400 + 65), "3d 00:01:05");
   assert.match(formatMoney(4900, "usd"), /49\.00/);
   assert.match(formatMoney(500, "jpy"), /500/);
 });
