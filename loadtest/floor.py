@@ -90,6 +90,9 @@ async def serve_broadcast(port: int, redis_url: str, channel: str, rush: bool = 
     r = connect_redis(redis_url)  # one Redis or a cluster (classic pub/sub works on both)
     take = _buy_client(redis_url).register_script(TAKE_LUA) if rush else None
     chat = _ChatRelay(chat_batch_ms) if chat_batch_ms is not None else None
+    # Chat is published through a bounded pool that waits for a free connection: the
+    # messages read while the loop was writing a batch all publish at once after it.
+    publisher = _buy_client(redis_url) if chat is not None else None
 
     async def handler(ws: Any) -> None:
         conns.add(ws)
@@ -102,8 +105,8 @@ async def serve_broadcast(port: int, redis_url: str, channel: str, rush: bool = 
                     if chat is not None:
                         taken = chat.take(data, ws.remote_address)
                         if taken is not None:  # published first, then acknowledged
-                            if taken[0] is not None:
-                                await r.publish(channel, taken[0])
+                            if taken[0] is not None and publisher is not None:
+                                await publisher.publish(channel, taken[0])
                             await ws.send(taken[1])
                         continue
                     reply = await _answer(take, channel, data)
@@ -219,8 +222,9 @@ def chat_control(batch_ms: int) -> bytes:
 
 
 def _buy_client(redis_url: str) -> Any:
-    """The rush floor's Redis client: redis-py's own (hiredis parses when installed),
-    its pool bounded, buys waiting for a free connection: an unbounded pool opens a
+    """The rush floor's Redis client, and the chat floor's publisher: redis-py's own
+    (hiredis parses when installed), its pool bounded, buys (chat) waiting for a free
+    connection: an unbounded pool opens a
     connection per buy in flight (thousands in a rush). A cluster's client has its own
     pools per node."""
     from redis.asyncio import BlockingConnectionPool, Redis

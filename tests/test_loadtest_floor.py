@@ -286,6 +286,26 @@ async def test_chat_floor_relays_every_message_to_every_socket_in_one_batch_per_
             await ws.close()
 
 
+async def test_chat_floor_takes_a_burst_bigger_than_a_redis_pool(clean_backends) -> None:
+    """150 sockets post at once (after a batch, a process reads all the chat that came
+    meanwhile): every post is published and reaches every socket; each publish does not
+    take a connection of its own (redis-py's default pool: 100; the 10,000-viewer
+    chat floor lost sockets to MaxConnectionsError before the publisher's pool waited)."""
+    async with rush_server(clean_backends.redis_url, "t:burst", 200) as url:
+        socks = [await ws_connect(url) for _ in range(150)]
+        await asyncio.gather(*(ws.send(msgpack.packb({"t": "chat.send", "id": f"c{i}",
+                                                      "text": f"m{i}"}))
+                               for i, ws in enumerate(socks)))
+        loop = asyncio.get_running_loop()
+        got = await asyncio.gather(*(_frames(ws, loop.time() + 2.0) for ws in socks))
+        for i, frames in enumerate(got):
+            texts = {m["data"]["text"] for f in frames if isinstance(f, list) for m in f}
+            assert texts == {f"m{k}" for k in range(150)}, i
+            assert [f["id"] for f in frames if isinstance(f, dict)] == [f"c{i}"]
+        for ws in socks:
+            await ws.close()
+
+
 def test_floor_viewer_counts_and_times_chat_by_interval() -> None:
     """Every chat message counted under its interval, the timed viewer's latencies
     from the send time in the text; the chat frame is a rehearsal viewer's."""
