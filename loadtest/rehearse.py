@@ -635,11 +635,15 @@ class Rehearsal:
                                    "label": str(ms)})
                 await self.wait_for("the chat floor's storm", lambda: False,
                                     limit_s=cfg.chat_floor_s, note=False)
+                self.progress.chat_acks.clear()
                 for sp in self.swarms:
                     await sp.send({"cmd": "chat_rate", "rate": 0})
                 storm_s = time.monotonic() - t_start
-                await asyncio.sleep(1.0)  # the swarms' progress after the storm
-                sent = self.progress.total("chat_sent")
+                # What was sent, exactly: each swarm's answer to the stop (a busy swarm
+                # reads it late, and keeps sending until then).
+                await self.wait_for("every swarm to stop its chat",
+                                    lambda: len(self.progress.chat_acks) == n, limit_s=30)
+                sent = sum(int(a["sent"]) for a in self.progress.chat_acks.values())
                 delivered = await self.wait_for(
                     f"the chat floor's storm ({ms} ms) to reach every viewer",
                     lambda sent=sent: self.progress.total("chat_seen") >= sent * connected,

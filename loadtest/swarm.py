@@ -8,6 +8,10 @@ line on stdin; after that stdin carries commands and stdout carries JSON lines b
                                                          this rate until the next chat_rate
                                                          (0 stops); with "label", what they
                                                          send is also counted under it
+                                                     <- {"type": "chat_rate", "sent": N}
+                                                         every chat message sent so far:
+                                                         none leaves after this answer
+                                                         until the next chat_rate
     -> {"cmd": "report"}                                 <- {"type": "report", ...}
     -> {"cmd": "stop"}                                   close every socket and exit
     <- {"type": "progress", ...} every ``progress_interval`` seconds
@@ -344,6 +348,7 @@ async def _control(swarm: Swarm, reader: asyncio.StreamReader, done: asyncio.Eve
             label = cmd.get("label")
             swarm.chat_rate(float(cmd.get("rate", 0.0)),
                             None if label is None else str(label))
+            _emit({"type": "chat_rate", "sent": swarm.chat_sent})
         elif name == "stop":
             done.set()
             return

@@ -306,6 +306,38 @@ async def test_chat_floor_takes_a_burst_bigger_than_a_redis_pool(clean_backends)
             await ws.close()
 
 
+async def test_a_swarm_answers_a_chat_stop_with_all_it_sent(clean_backends, capsys) -> None:
+    """The chat floor counts on it: a swarm's answer to ``chat_rate`` 0 says how many
+    messages it sent, and none leaves after (a loaded 50,000-viewer swarm read its
+    stop late and kept sending: the rehearsal, reading its progress instead, counted
+    fewer than were sent and collected before the last batch had reached everyone)."""
+    from loadtest.swarm import Swarm, SwarmConfig, _control
+
+    async with rush_server(clean_backends.redis_url, "t:ack", 100) as url:
+        swarm = Swarm(SwarmConfig(ws_url=url, drop_id=0, first=0, count=20, rate=1000,
+                                  mode="floor_chat", chat_sample=1))
+        await swarm.ramp()
+        reader, done = asyncio.StreamReader(), asyncio.Event()
+        control = asyncio.ensure_future(_control(swarm, reader, done))
+        reader.feed_data(b'{"cmd": "chat_rate", "rate": 100, "label": "100"}\n')
+        await asyncio.sleep(0.6)
+        reader.feed_data(b'{"cmd": "chat_rate", "rate": 0}\n')
+        await asyncio.sleep(0.05)
+        acks = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+                if line.startswith("{")]  # the server prints "ready"
+        assert [a["type"] for a in acks] == ["chat_rate", "chat_rate"]
+        sent = acks[-1]["sent"]
+        assert sent >= 30 and sent == swarm.chat_sent == swarm.chat_sent_by["100"]
+        await asyncio.sleep(0.5)
+        assert swarm.chat_sent == sent  # nothing after the answer
+        assert all(v.chat_counts == {100: sent} for v in swarm.viewers)  # every one, all
+        assert all(len(v.chat_lat) == sent for v in swarm.viewers)  # each timed
+        done.set()
+        reader.feed_eof()
+        await control
+        await swarm.stop()
+
+
 def test_floor_viewer_counts_and_times_chat_by_interval() -> None:
     """Every chat message counted under its interval, the timed viewer's latencies
     from the send time in the text; the chat frame is a rehearsal viewer's."""
