@@ -118,6 +118,9 @@ class RehearsalConfig:
         self.chat_floor_intervals = tuple(int(ms) for ms in self.chat_floor_intervals)
         if any(ms < 0 for ms in self.chat_floor_intervals):
             raise ValueError("a chat floor interval is 0 (unbatched) or more ms")
+        if len(set(self.chat_floor_intervals)) < len(self.chat_floor_intervals):
+            # what an interval delivered is filed under its ms: two would be one
+            raise ValueError("each chat floor interval once (its figures are filed by ms)")
         if self.chat_floor_intervals and self.chat_rate <= 0:
             raise ValueError("the chat floor carries the chat storm: it needs a chat rate")
 

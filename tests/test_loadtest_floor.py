@@ -440,6 +440,8 @@ def test_the_chat_floor_options_are_parsed_and_checked(capsys) -> None:
         RehearsalConfig(chat_floor_intervals=(250,))
     with pytest.raises(ValueError, match="0 \\(unbatched\\) or more"):
         RehearsalConfig(chat_rate=5, chat_floor_intervals=(-1,))
+    with pytest.raises(ValueError, match="each chat floor interval once"):
+        RehearsalConfig(chat_rate=5, chat_floor_intervals=(250, 500, 250))
     from loadtest.__main__ import main
 
     with pytest.raises(SystemExit) as exc:
