@@ -59,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="MS[,MS...]", help="measure the chat floor after the drop: bare "
                    "websockets servers relaying the same --chat-rate storm through Redis, "
                    "every message to every viewer, in one batch per MS (0: unbatched), "
-                   "each interval in turn on the same sockets; e.g. 250,500,1000")
+                   "each interval in turn on the same sockets, longest first; e.g. "
+                   "1000,500,250")
     p.add_argument("--chat-floor-duration", type=float, default=d.chat_floor_s,
                    dest="chat_floor_s", metavar="S",
                    help="seconds of the chat floor's storm per interval")
