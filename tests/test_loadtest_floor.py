@@ -258,7 +258,7 @@ async def test_chat_floor_relays_every_message_to_every_socket_in_one_batch_per_
         await socks[0].send(msgpack.packb({"t": "chat.send", "id": "c2", "text": "two"}))
         await socks[4].send(json.dumps({"t": "chat.send", "id": "c3", "text": "three"}))
         await socks[1].send(msgpack.packb({"t": "chat.send", "id": "c4", "text": " "}))
-        got = await asyncio.gather(*(_frames(ws, loop.time() + 0.9) for ws in socks))
+        got = await asyncio.gather(*(_frames(ws, loop.time() + 2.0) for ws in socks))
         for i, frames in enumerate(got):
             replies = [f for f in frames if isinstance(f, dict)]
             batches = [f for f in frames if isinstance(f, list)]
@@ -276,7 +276,7 @@ async def test_chat_floor_relays_every_message_to_every_socket_in_one_batch_per_
         await asyncio.sleep(0.2)
         await socks[3].send(msgpack.packb({"t": "chat.send", "id": "c5", "text": "four"}))
         await socks[3].send(msgpack.packb({"t": "chat.send", "id": "c6", "text": "five"}))
-        got = await asyncio.gather(*(_frames(ws, loop.time() + 0.5) for ws in socks))
+        got = await asyncio.gather(*(_frames(ws, loop.time() + 1.5) for ws in socks))
         for frames in got:
             events = [f for f in frames if isinstance(f, dict) and f["t"] == "event"]
             assert [f["data"]["text"] for f in events] == ["four", "five"]
@@ -297,7 +297,7 @@ async def test_chat_floor_takes_a_burst_bigger_than_a_redis_pool(clean_backends)
                                                       "text": f"m{i}"}))
                                for i, ws in enumerate(socks)))
         loop = asyncio.get_running_loop()
-        got = await asyncio.gather(*(_frames(ws, loop.time() + 2.0) for ws in socks))
+        got = await asyncio.gather(*(_frames(ws, loop.time() + 3.0) for ws in socks))
         for i, frames in enumerate(got):
             texts = {m["data"]["text"] for f in frames if isinstance(f, list) for m in f}
             assert texts == {f"m{k}" for k in range(150)}, i
@@ -322,13 +322,21 @@ async def test_a_swarm_answers_a_chat_stop_with_all_it_sent(clean_backends, caps
         reader.feed_data(b'{"cmd": "chat_rate", "rate": 100, "label": "100"}\n')
         await asyncio.sleep(0.6)
         reader.feed_data(b'{"cmd": "chat_rate", "rate": 0}\n')
-        await asyncio.sleep(0.05)
-        acks = [json.loads(line) for line in capsys.readouterr().out.splitlines()
-                if line.startswith("{")]  # the server prints "ready"
+        acks: list = []
+        for _ in range(200):  # until the swarm has read the stop
+            acks += [json.loads(line) for line in capsys.readouterr().out.splitlines()
+                     if line.startswith("{")]  # the server prints "ready"
+            if len(acks) == 2:
+                break
+            await asyncio.sleep(0.05)
         assert [a["type"] for a in acks] == ["chat_rate", "chat_rate"]
         sent = acks[-1]["sent"]
         assert sent >= 30 and sent == swarm.chat_sent == swarm.chat_sent_by["100"]
-        await asyncio.sleep(0.5)
+        for _ in range(200):  # until every viewer has it all (or the assert says why)
+            if all(v.chat_counts.get(100) == sent for v in swarm.viewers):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # 30 messages at the rate asked, had it gone on
         assert swarm.chat_sent == sent  # nothing after the answer
         assert all(v.chat_counts == {100: sent} for v in swarm.viewers)  # every one, all
         assert all(len(v.chat_lat) == sent for v in swarm.viewers)  # each timed
