@@ -150,6 +150,8 @@ def compose(cfg: RehearsalConfig, reports: list[dict[str, Any]], audit: dict[str
                    "countdown_jitter_s": cfg.countdown_jitter_s,
                    "countdown_drawn_s": cfg.countdown_drawn_s,
                    "server_env": cfg.server_env, "floor": cfg.floor,
+                   "chat_floor_intervals": list(cfg.chat_floor_intervals),
+                   "chat_floor_s": cfg.chat_floor_s,
                    "fault": ({"what": cfg.fault.describe(), "after_s": cfg.fault.after_s,
                               "budget_s": cfg.fault.budget_s} if cfg.fault else None)},
         "connections": {

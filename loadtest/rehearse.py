@@ -22,6 +22,12 @@ workers, and ``--floor-events`` messages shaped like BUY NOW are broadcast to th
 what this machine, with this load generator, needs to reach that many sockets. The
 report puts BUY NOW's latency beside it, and the ratio.
 
+With ``--chat-floor-intervals``, the chat floor (loadtest.floor): the same swarm
+connects the same number of viewers to the same bare servers taking chat, and its
+viewers send the same storm (``--chat-rate``) for ``--chat-floor-duration`` seconds per
+batch interval, every message delivered to every viewer; the report puts the chat's
+delivery latency beside the best interval's, and the ratio.
+
 It samples every swarm's progress and the server's RSS/CPU twice a second
 (loadtest.swarm_pipes), prints a progress line, and finally collects each swarm's raw
 times into the result (loadtest.figures), audits the orders in PostgreSQL against the
@@ -76,6 +82,10 @@ class RehearsalConfig:
     floor: str | bool = "bare"
     floor_events: int = 5
     floor_interval_s: float = 2.0
+    # The chat floor (loadtest.floor, --chat): its batch intervals in ms, each tried on
+    # the same sockets for chat_floor_s seconds of the storm (0: unbatched); empty: none.
+    chat_floor_intervals: tuple[int, ...] = ()
+    chat_floor_s: float = 15.0
     server_env: dict[str, str] = field(default_factory=dict)  # extra env, local server
     encoding: str = "msgpack"
     countdown_s: float = 2.0
@@ -105,6 +115,14 @@ class RehearsalConfig:
             self.floor = "bare" if self.floor else "none"
         if self.floor not in FLOORS:
             raise ValueError(f"floor must be one of {', '.join(FLOORS)}, not {self.floor!r}")
+        self.chat_floor_intervals = tuple(int(ms) for ms in self.chat_floor_intervals)
+        if any(ms < 0 for ms in self.chat_floor_intervals):
+            raise ValueError("a chat floor interval is 0 (unbatched) or more ms")
+        if len(set(self.chat_floor_intervals)) < len(self.chat_floor_intervals):
+            # what an interval delivered is filed under its ms: two would be one
+            raise ValueError("each chat floor interval once (its figures are filed by ms)")
+        if self.chat_floor_intervals and self.chat_rate <= 0:
+            raise ValueError("the chat floor carries the chat storm: it needs a chat rate")
 
     def floors(self) -> list[str]:
         """The floors to measure, in order: the bare one first."""
@@ -450,6 +468,8 @@ class Rehearsal:
         for kind in cfg.floors():
             result["floor" if kind == "bare" else "rush_floor"] = \
                 await self.measure_floor(target, joined, rush=kind == "rush")
+        if cfg.chat_floor_intervals:
+            result["chat_floor"] = await self.measure_chat_floor(target, joined)
         verdict.compare_floor(result)
         result["generator"] = self.generator
         return result
@@ -570,6 +590,114 @@ class Rehearsal:
                 "buy_latency": summarize([x for r in reports
                                           for x in r.get("floor_buy_latency", [])])}
         return out
+
+    async def measure_chat_floor(self, target: Any, viewers: int) -> dict[str, Any]:
+        """The same swarm, the same number of viewers, bare servers that take chat and
+        deliver every message to every viewer; the same storm (``chat_rate``) for
+        ``chat_floor_s`` seconds under each batch interval in turn, on the same
+        sockets, each storm delivered in full (or given up after 30 s) before the next."""
+        from dropserver.services import free_port
+        from loadtest.floor import FloorServers, chat_control
+
+        cfg = self.cfg
+        redis_url = getattr(target, "redis_url", "")
+        if not redis_url:
+            return {"measured": False, "why": "no Redis of our own (remote target)"}
+        from dropserver.redis_client import connect as connect_redis
+
+        self.phase("chat_floor")
+        channel = "rehearsal:chat-floor"
+        intervals = cfg.chat_floor_intervals
+        servers = FloorServers(cfg.resolved_workers(), free_port(), redis_url, channel,
+                               chat_batch_ms=intervals[0])
+        await asyncio.to_thread(servers.start)
+        redis = connect_redis(redis_url)
+        self.progress = Progress()
+        self.swarms = []
+        windows: list[dict[str, Any]] = []
+        try:
+            await self.start_swarms(servers.ws_url, 0, cfg.jwt_secret, mode="floor_chat")
+            n = len(self.swarms)
+            t_connect = time.monotonic()
+            await self.wait_for(
+                "every chat floor viewer to connect",
+                lambda: (self.progress.total("ever_joined") >= viewers) or (
+                    len(self.progress.latest) == n
+                    and all(p.get("ramp_done") for p in self.progress.latest.values())
+                    and self.progress.total("connecting") == 0),
+                limit_s=viewers / cfg.connect_rate * 3 + 60)
+            connect_s = time.monotonic() - t_connect
+            connected = self.progress.total("ever_joined")
+            for ms in intervals:
+                await redis.publish(channel, chat_control(ms))
+                await asyncio.sleep(1.0)  # every process on the new interval
+                swarm_cpu, server_cpu = self.swarm_cpu(), self.floor_server_cpu(servers.pids)
+                t_start = time.monotonic()
+                for sp in self.swarms:
+                    await sp.send({"cmd": "chat_rate", "rate": cfg.chat_rate / n,
+                                   "label": str(ms)})
+                await self.wait_for("the chat floor's storm", lambda: False,
+                                    limit_s=cfg.chat_floor_s, note=False)
+                self.progress.chat_acks.clear()
+                for sp in self.swarms:
+                    await sp.send({"cmd": "chat_rate", "rate": 0})
+                storm_s = time.monotonic() - t_start
+                # What was sent, exactly: each swarm's answer to the stop (a busy swarm
+                # reads it late, and keeps sending until then).
+                await self.wait_for("every swarm to stop its chat",
+                                    lambda: len(self.progress.chat_acks) == n, limit_s=30)
+                sent = sum(int(a["sent"]) for a in self.progress.chat_acks.values())
+                delivered = await self.wait_for(
+                    f"the chat floor's storm ({ms} ms) to reach every viewer",
+                    lambda sent=sent: self.progress.total("chat_seen") >= sent * connected,
+                    limit_s=30)
+                self.note_swarm_cpu(f"chat_floor_{ms}", swarm_cpu, self.swarm_cpu())
+                after = self.floor_server_cpu(servers.pids)
+                window = {"batch_ms": ms, "storm_s": round(storm_s, 2),
+                          "drained": delivered}
+                if server_cpu is not None and after is not None:
+                    window["server_cpu_s"] = round(after.cpu_seconds - server_cpu.cpu_seconds,
+                                                   2)
+                    window["server_window_s"] = round(after.t - server_cpu.t, 2)
+                windows.append(window)
+                await asyncio.sleep(0.5)
+            reports = await self.collect()
+        finally:
+            await self.stop_swarms()
+            await redis.aclose()
+            await asyncio.to_thread(servers.stop)
+        out: dict[str, Any] = {"measured": True, "processes": cfg.resolved_workers(),
+                               "viewers": connected, "connect_s": round(connect_s, 2),
+                               "rate_asked_per_s": cfg.chat_rate,
+                               "storm_s": cfg.chat_floor_s,
+                               "intervals": [self.chat_floor_figures(w, reports, connected)
+                                             for w in windows]}
+        return out
+
+    @staticmethod
+    def chat_floor_figures(window: dict[str, Any], reports: list[dict[str, Any]],
+                           connected: int) -> dict[str, Any]:
+        """One interval of the chat floor: what was sent, what every viewer got, how
+        long it took (the timed viewers: every Nth, as the rehearsal times chat)."""
+        key = str(window["batch_ms"])
+        sent = sum(int(r.get("chat_sent_by", {}).get(key, 0)) for r in reports)
+        per_viewer: dict[int, int] = {}  # messages got -> viewers
+        for r in reports:
+            for count, nviewers in r.get("chat_floor_counts", {}).get(key, {}).items():
+                per_viewer[int(count)] = per_viewer.get(int(count), 0) + int(nviewers)
+        got_some = sum(per_viewer.values())
+        if connected > got_some:
+            per_viewer[0] = per_viewer.get(0, 0) + connected - got_some
+        lat = [x for r in reports for x in r.get("chat_floor_latency", {}).get(key, ())]
+        delivered = sum(count * nv for count, nv in per_viewer.items())
+        counts = sorted(per_viewer)
+        return {**window, "sent": sent,
+                "sent_per_s": round(sent / window["storm_s"], 1) if window["storm_s"] else None,
+                "expected": sent * connected, "delivered": delivered,
+                "per_viewer": {"min": counts[0] if counts else None,
+                               "max": counts[-1] if counts else None,
+                               "viewers_with_all": per_viewer.get(sent, 0)},
+                "latency": summarize(lat)}
 
     @staticmethod
     def floor_server_cpu(pids: list[int]) -> Any:

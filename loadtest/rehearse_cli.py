@@ -55,6 +55,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--floor-events", type=int, default=d.floor_events)
     p.add_argument("--floor-interval", type=float, default=d.floor_interval_s,
                    dest="floor_interval_s")
+    p.add_argument("--chat-floor-intervals", type=_intervals, default=d.chat_floor_intervals,
+                   metavar="MS[,MS...]", help="measure the chat floor after the drop: bare "
+                   "websockets servers relaying the same --chat-rate storm through Redis, "
+                   "every message to every viewer, in one batch per MS (0: unbatched), "
+                   "each interval in turn on the same sockets, longest first; e.g. "
+                   "1000,500,250")
+    p.add_argument("--chat-floor-duration", type=float, default=d.chat_floor_s,
+                   dest="chat_floor_s", metavar="S",
+                   help="seconds of the chat floor's storm per interval")
     p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                    help="environment of the local server (repeat), e.g. to run another "
                    "checkout: --server-env PYTHONPATH=/path/to/it")
@@ -114,6 +123,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    dest="bid_interval_s", help="mean seconds between one bidder's bids")
 
 
+def _intervals(text: str) -> tuple[int, ...]:
+    """``250,500,1000`` -> ``(250, 500, 1000)``: ms, 0 or more each."""
+    try:
+        found = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of ms: {text!r}") from None
+    if not found or any(ms < 0 for ms in found):
+        raise argparse.ArgumentTypeError(f"not a list of ms (0 or more each): {text!r}")
+    return found
+
+
 def _server_env(args: argparse.Namespace) -> dict[str, str]:
     env = {}
     for item in getattr(args, "server_env", None) or []:
@@ -137,7 +157,10 @@ def main(args: argparse.Namespace) -> int:
 
         fields["fault"] = Fault(after_s=args.fault_after_s, command=args.fault_command,
                                 budget_s=args.recovery_budget_s)
-    cfg = RehearsalConfig(**fields)
+    try:
+        cfg = RehearsalConfig(**fields)
+    except ValueError as exc:  # e.g. a chat floor without a chat storm
+        raise SystemExit(f"rehearse: {exc}") from None
     result = asyncio.run(asyncio.wait_for(rehearse(cfg), cfg.max_duration_s + 120))
     return 0 if result.get("passed") else 1
 

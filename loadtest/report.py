@@ -224,6 +224,31 @@ def _storm_rows(result: dict[str, Any], fmt: Any) -> list[tuple[str, str]]:
                                         f"{fmt(clat.get('p99_ms'))} ms"),
         ]
         rows += _chat_phase_rows(chat, fmt)
+    rows += _chat_floor_rows(result, fmt)
+    return rows
+
+
+def _chat_floor_rows(result: dict[str, Any], fmt: Any) -> list[tuple[str, str]]:
+    """The chat floor of the same run, per batch interval, and chat's ratio to its best
+    (loadtest.verdict.compare_chat_floor)."""
+    floor = result.get("chat_floor") or {}
+    if not floor.get("measured"):
+        return []
+    rows = []
+    for i in floor.get("intervals", ()):
+        lat, per = i.get("latency", {}), i.get("per_viewer", {})
+        label = f"batch {i['batch_ms']} ms" if i["batch_ms"] else "unbatched"
+        rows.append((f"chat floor, {label}: p50 / p99 / max",
+                     " / ".join(fmt(lat.get(k)) for k in ("p50_ms", "p99_ms", "max_ms"))
+                     + f" ms ({fmt(i.get('delivered'))} / {fmt(i.get('expected'))} delivered"
+                     f", {fmt(i.get('sent_per_s'))} sent per s, per viewer "
+                     f"{fmt(per.get('min'))}-{fmt(per.get('max'))})"))
+    best = floor.get("best")
+    ratio = (result.get("chat") or {}).get("chat_floor_ratio") or {}
+    if best:
+        rows.append((f"chat / chat floor (best: {best['batch_ms']} ms), p50 / p99 / before "
+                     "BUY NOW p99",
+                     " / ".join(fmt(ratio.get(k)) for k in ("p50", "p99", "before_p99"))))
     return rows
 
 

@@ -6,7 +6,12 @@ line on stdin; after that stdin carries commands and stdout carries JSON lines b
     -> {"cmd": "chat", "count": 5, "spread_s": 2.0}   some joined viewers send chat
     -> {"cmd": "chat_rate", "rate": 25.0}               random joined viewers send chat at
                                                          this rate until the next chat_rate
-                                                         (0 stops)
+                                                         (0 stops); with "label", what they
+                                                         send is also counted under it
+                                                     <- {"type": "chat_rate", "sent": N}
+                                                         every chat message sent so far:
+                                                         none leaves after this answer
+                                                         until the next chat_rate
     -> {"cmd": "report"}                                 <- {"type": "report", ...}
     -> {"cmd": "stop"}                                   close every socket and exit
     <- {"type": "progress", ...} every ``progress_interval`` seconds
@@ -17,7 +22,8 @@ cores; this module only connects them (rate-limited, spread over source addresse
 feeds them frames and sends what they answer. With ``mode: "floor"`` the viewers are
 :class:`loadtest.floor_viewer.FloorViewer` s of a bare broadcast server (loadtest.floor):
 connected, they only time what it broadcasts; with ``mode: "floor_rush"`` they also
-buy each message's product as the drop's viewers buy BUY NOW's.
+buy each message's product as the drop's viewers buy BUY NOW's; with
+``mode: "floor_chat"`` they send the chat storm and time its delivery (the chat floor).
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ class SwarmConfig:
     enter_probability: float = 0.0  # the giveaway scenario (loadtest.viewer.ViewerConfig)
     enter_delay_ms: tuple[float, float] = (0.0, 8000.0)
     # "floor": viewers of the bare broadcast server (loadtest.floor); "floor_rush": of
-    # the rush floor, buying as the drop's viewers do
+    # the rush floor, buying as the drop's viewers do; "floor_chat": of the chat floor
     mode: str = "drop"
 
     @classmethod
@@ -107,13 +113,15 @@ class Swarm:
                             chat_sample=config.chat_sample,
                             enter_probability=config.enter_probability,
                             enter_delay_ms=config.enter_delay_ms)
-        self.floor = config.mode in ("floor", "floor_rush")
+        self.floor = config.mode in ("floor", "floor_rush", "floor_chat")
+        chat_every = config.chat_sample if config.mode == "floor_chat" else 0
         # The rush floor's viewers buy as the drop's do (the same draw per viewer).
         floor_buys = config.buy_probability if config.mode == "floor_rush" else 0.0
         self.viewers: list[Any] = [
             FloorViewer(config.first + i, f"{config.user_prefix}-{config.first + i}",
                         self._rng.random(), floor_buys, config.buy_delay_ms,
-                        config.encoding) if self.floor else
+                        config.encoding, chat_timed=bool(chat_every)
+                        and (config.first + i) % chat_every == 0) if self.floor else
             Viewer(config.first + i, f"{config.user_prefix}-{config.first + i}", vcfg,
                    self._rng.random())
             for i in range(config.count)
@@ -128,6 +136,8 @@ class Swarm:
         self.ramp_done_at: float | None = None
         self._chat_seq = 0
         self.chat_sent = 0
+        self.chat_label: str | None = None  # what the chat sent now is counted under
+        self.chat_sent_by: Counter[str] = Counter()
         self._chat_task: asyncio.Task | None = None
 
     # -- the Handler interface of loadtest.wsclient ----------------------------------
@@ -256,9 +266,11 @@ class Swarm:
                             viewer.encode(message))
         return len(chosen)
 
-    def chat_rate(self, rate: float) -> None:
+    def chat_rate(self, rate: float, label: str | None = None) -> None:
         """Random joined viewers send chat at ``rate`` per second from now on (0 stops);
-        each message carries its send time (:func:`loadtest.viewer.chat_text`)."""
+        each message carries its send time (:func:`loadtest.viewer.chat_text`), and is
+        counted under ``label`` if one is given (the chat floor's intervals)."""
+        self.chat_label = label
         if self._chat_task is not None:
             self._chat_task.cancel()
             self._chat_task = None
@@ -278,6 +290,8 @@ class Swarm:
                     text = chat_text(time.monotonic(), f"{self.config.first}/{self._chat_seq}")
                     conn.send(viewer.encode(viewer.chat_message(text)))
                     self.chat_sent += 1
+                    if self.chat_label is not None:
+                        self.chat_sent_by[self.chat_label] += 1
                     break
             await asyncio.sleep(max(0.0, start + n / rate - loop.time()))
 
@@ -297,7 +311,7 @@ class Swarm:
                 "started": self.started,
                 "connect_errors": dict(self.connect_errors.most_common(20)),
                 "close_reasons": dict(self.close_reasons.most_common(20)),
-                "chat_sent": self.chat_sent,
+                "chat_sent": self.chat_sent, "chat_sent_by": dict(self.chat_sent_by),
                 **(summarize_floor(self.viewers) if self.floor
                    else summarize_viewers(self.viewers))}
 
@@ -331,7 +345,10 @@ async def _control(swarm: Swarm, reader: asyncio.StreamReader, done: asyncio.Eve
             sent = swarm.chat(int(cmd.get("count", 1)), float(cmd.get("spread_s", 1.0)))
             _emit({"type": "chat", "sent": sent})
         elif name == "chat_rate":
-            swarm.chat_rate(float(cmd.get("rate", 0.0)))
+            label = cmd.get("label")
+            swarm.chat_rate(float(cmd.get("rate", 0.0)),
+                            None if label is None else str(label))
+            _emit({"type": "chat_rate", "sent": swarm.chat_sent})
         elif name == "stop":
             done.set()
             return

@@ -46,6 +46,8 @@ class Progress:
         self.latest: dict[int, dict[str, Any]] = {}
         self.reports: dict[int, dict[str, Any]] = {}
         self.events: dict[int, asyncio.Event] = {}
+        # Each swarm's answer to its last chat_rate: the chat it had sent by then.
+        self.chat_acks: dict[int, dict[str, Any]] = {}
 
     def total(self, key: str) -> int:
         return sum(int(p.get(key, 0)) for p in self.latest.values())
@@ -78,6 +80,8 @@ async def read_swarm(sp: SwarmProc, progress: Progress) -> None:
         kind = msg.get("type")
         if kind == "progress":
             progress.latest[sp.index] = msg
+        elif kind == "chat_rate":
+            progress.chat_acks[sp.index] = msg
         elif kind == "report":
             progress.reports[sp.index] = msg
             progress.events[sp.index].set()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from loadtest.rehearse import RehearsalConfig
 
-__all__ = ["audit", "bucket_ms", "compare_floor", "judge"]
+__all__ = ["audit", "bucket_ms", "compare_chat_floor", "compare_floor", "judge"]
 
 
 def compare_floor(result: dict[str, Any]) -> None:
@@ -43,6 +43,41 @@ def compare_floor(result: dict[str, Any]) -> None:
         result.setdefault("failures", []).append(
             f"the rush floor sold {rush['oversold']} units over its stock")
         result["passed"] = False
+    compare_chat_floor(result)
+
+
+def compare_chat_floor(result: dict[str, Any]) -> None:
+    """Chat delivery against the chat floor of the same run: its best interval (the
+    lowest p99 among those that delivered every message to every viewer, else among
+    all) in ``chat_floor.best``, and the ratios of chat's p50/p99 to it in
+    ``chat.chat_floor_ratio`` (``before_p99``: the chat posted before BUY NOW, a storm
+    without the rush, as the chat floor's is). A chat floor that delivered more than it
+    was sent fails the run: its own figures would be wrong."""
+    floor = result.get("chat_floor") or {}
+    intervals = [i for i in floor.get("intervals", ()) if i["latency"].get("p99_ms")]
+    if not floor.get("measured") or not intervals:
+        return
+    for i in floor["intervals"]:
+        if i["delivered"] > i["expected"]:
+            result.setdefault("failures", []).append(
+                f"the chat floor ({i['batch_ms']} ms) delivered {i['delivered']} messages "
+                f"of {i['expected']} sent x viewers")
+            result["passed"] = False
+    whole = [i for i in intervals if i["delivered"] == i["expected"]]
+    best = min(whole or intervals, key=lambda i: i["latency"]["p99_ms"])
+    floor["best"] = {"batch_ms": best["batch_ms"], "complete": bool(whole),
+                     "latency": best["latency"]}
+    chat = result.get("chat") or {}
+    lat = chat.get("latency") or {}
+    before = (((chat.get("phases") or {}).get("before") or {}).get("latency") or {})
+    ratio: dict[str, float | None] = {}
+    for name, ours, pct in (("p50", lat.get("p50_ms"), "p50_ms"),
+                            ("p99", lat.get("p99_ms"), "p99_ms"),
+                            ("before_p99", before.get("p99_ms"), "p99_ms")):
+        bare = best["latency"].get(pct)
+        ratio[name] = round(ours / bare, 2) if ours and bare else None
+    if chat:
+        chat["chat_floor_ratio"] = ratio
 
 
 def bucket_ms(lat: dict[str, Any]) -> float:

@@ -1,6 +1,8 @@
 """The rehearsal's floors (loadtest/floor.py, loadtest/floor_viewer.py): the rush
 floor sells exactly its stock and answers every buyer, its viewers buy as the drop's
-do, the report carries both floors' ratios, and ``--floor`` is checked."""
+do, the report carries both floors' ratios, and ``--floor`` is checked; the chat floor
+delivers every message to every viewer, batched or not, times it as the rehearsal
+times chat, and is reported beside the rehearsal's chat with a ratio."""
 
 from __future__ import annotations
 
@@ -16,20 +18,22 @@ import msgpack
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
-from loadtest.floor import floor_message, rush_keys, serve_broadcast
+from loadtest.floor import chat_control, floor_message, rush_keys, serve_broadcast
 from loadtest.floor_viewer import FloorViewer, summarize_floor
 from loadtest.rehearse import Rehearsal, RehearsalConfig
 from loadtest.rehearse_cli import add_arguments
 from loadtest.report import format_console
 from loadtest.verdict import compare_floor
-from loadtest.viewer import Viewer, ViewerConfig
+from loadtest.viewer import Viewer, ViewerConfig, chat_text
 from tests.conftest import free_port
 
 
 @contextlib.asynccontextmanager
-async def rush_server(redis_url: str, channel: str):
+async def rush_server(redis_url: str, channel: str, chat_batch_ms: int | None = None):
     port = free_port()
-    task = asyncio.ensure_future(serve_broadcast(port, redis_url, channel, rush=True))
+    task = asyncio.ensure_future(serve_broadcast(port, redis_url, channel,
+                                                 rush=chat_batch_ms is None,
+                                                 chat_batch_ms=chat_batch_ms))
     try:
         for _ in range(100):  # until it listens
             with contextlib.suppress(OSError):
@@ -223,3 +227,234 @@ def test_the_servers_rush_cpu_is_reported_in_seconds_beside_the_floors() -> None
                                cpu_window=(before, after))
     assert result["server"]["cpu_rush_percent"] == 175.0
     assert result["server"]["cpu_rush_s"] == 3.5
+
+
+async def _frames(ws, until: float) -> list:
+    """Every frame a socket gets until ``until`` (loop time), decoded."""
+    out = []
+    loop = asyncio.get_running_loop()
+    while (left := until - loop.time()) > 0:
+        try:
+            async with asyncio.timeout(left):
+                data = await ws.recv()
+                out.append(json.loads(data) if isinstance(data, str) else msgpack.unpackb(data))
+        except TimeoutError:
+            break
+    return out
+
+
+async def test_chat_floor_relays_every_message_to_every_socket_in_one_batch_per_interval(
+        r, clean_backends) -> None:
+    """Two server processes' worth (two servers on one channel), three sockets each:
+    three messages sent from two sockets reach all six sockets, in one batch per
+    socket when they came within one interval; the sender gets its reply; a refused
+    message is answered and reaches nobody; unbatched, each message is its own frame."""
+    channel = "t:chat"
+    async with rush_server(clean_backends.redis_url, channel, 300) as a, \
+            rush_server(clean_backends.redis_url, channel, 300) as b:
+        socks = [await ws_connect(u) for u in (a, a, a, b, b, b)]
+        loop = asyncio.get_running_loop()
+        await socks[0].send(msgpack.packb({"t": "chat.send", "id": "c1", "text": "one"}))
+        await socks[0].send(msgpack.packb({"t": "chat.send", "id": "c2", "text": "two"}))
+        await socks[4].send(json.dumps({"t": "chat.send", "id": "c3", "text": "three"}))
+        await socks[1].send(msgpack.packb({"t": "chat.send", "id": "c4", "text": " "}))
+        got = await asyncio.gather(*(_frames(ws, loop.time() + 2.0) for ws in socks))
+        for i, frames in enumerate(got):
+            replies = [f for f in frames if isinstance(f, dict)]
+            batches = [f for f in frames if isinstance(f, list)]
+            texts = sorted(m["data"]["text"] for batch in batches for m in batch)
+            assert texts == ["one", "three", "two"], i  # every message, once
+            assert all(m["event"] == "chat.message" and m["data"]["batch_ms"] == 300
+                       and m["data"]["at"] > 0 for batch in batches for m in batch)
+            assert len(batches) <= 2  # batched (3 messages sent within one interval,
+            # at most split over two by the interval's edge)
+            want = {0: ["c1", "c2"], 1: ["c4"], 4: ["c3"]}.get(i, [])
+            assert sorted(f["id"] for f in replies) == want, i
+        assert [f["code"] for f in got[1] if isinstance(f, dict)] == ["bad_request"]
+        # Unbatched from now on (the rehearsal's switch): one frame per message.
+        await r.publish(channel, chat_control(0))
+        await asyncio.sleep(0.2)
+        await socks[3].send(msgpack.packb({"t": "chat.send", "id": "c5", "text": "four"}))
+        await socks[3].send(msgpack.packb({"t": "chat.send", "id": "c6", "text": "five"}))
+        got = await asyncio.gather(*(_frames(ws, loop.time() + 1.5) for ws in socks))
+        for frames in got:
+            events = [f for f in frames if isinstance(f, dict) and f["t"] == "event"]
+            assert [f["data"]["text"] for f in events] == ["four", "five"]
+            assert {f["data"]["batch_ms"] for f in events} == {0}
+            assert not any(isinstance(f, list) for f in frames)
+        for ws in socks:
+            await ws.close()
+
+
+async def test_chat_floor_takes_a_burst_bigger_than_a_redis_pool(clean_backends) -> None:
+    """150 sockets post at once (after a batch, a process reads all the chat that came
+    meanwhile): every post is published and reaches every socket; each publish does not
+    take a connection of its own (redis-py's default pool: 100; the 10,000-viewer
+    chat floor lost sockets to MaxConnectionsError before the publisher's pool waited)."""
+    async with rush_server(clean_backends.redis_url, "t:burst", 200) as url:
+        socks = [await ws_connect(url) for _ in range(150)]
+        await asyncio.gather(*(ws.send(msgpack.packb({"t": "chat.send", "id": f"c{i}",
+                                                      "text": f"m{i}"}))
+                               for i, ws in enumerate(socks)))
+        loop = asyncio.get_running_loop()
+        got = await asyncio.gather(*(_frames(ws, loop.time() + 3.0) for ws in socks))
+        for i, frames in enumerate(got):
+            texts = {m["data"]["text"] for f in frames if isinstance(f, list) for m in f}
+            assert texts == {f"m{k}" for k in range(150)}, i
+            assert [f["id"] for f in frames if isinstance(f, dict)] == [f"c{i}"]
+        for ws in socks:
+            await ws.close()
+
+
+async def test_a_swarm_answers_a_chat_stop_with_all_it_sent(clean_backends, capsys) -> None:
+    """The chat floor counts on it: a swarm's answer to ``chat_rate`` 0 says how many
+    messages it sent, and none leaves after (a loaded 50,000-viewer swarm read its
+    stop late and kept sending: the rehearsal, reading its progress instead, counted
+    fewer than were sent and collected before the last batch had reached everyone)."""
+    from loadtest.swarm import Swarm, SwarmConfig, _control
+
+    async with rush_server(clean_backends.redis_url, "t:ack", 100) as url:
+        swarm = Swarm(SwarmConfig(ws_url=url, drop_id=0, first=0, count=20, rate=1000,
+                                  mode="floor_chat", chat_sample=1))
+        await swarm.ramp()
+        reader, done = asyncio.StreamReader(), asyncio.Event()
+        control = asyncio.ensure_future(_control(swarm, reader, done))
+        reader.feed_data(b'{"cmd": "chat_rate", "rate": 100, "label": "100"}\n')
+        await asyncio.sleep(0.6)
+        reader.feed_data(b'{"cmd": "chat_rate", "rate": 0}\n')
+        acks: list = []
+        for _ in range(200):  # until the swarm has read the stop
+            acks += [json.loads(line) for line in capsys.readouterr().out.splitlines()
+                     if line.startswith("{")]  # the server prints "ready"
+            if len(acks) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert [a["type"] for a in acks] == ["chat_rate", "chat_rate"]
+        sent = acks[-1]["sent"]
+        assert sent >= 30 and sent == swarm.chat_sent == swarm.chat_sent_by["100"]
+        for _ in range(200):  # until every viewer has it all (or the assert says why)
+            if all(v.chat_counts.get(100) == sent for v in swarm.viewers):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # 30 messages at the rate asked, had it gone on
+        assert swarm.chat_sent == sent  # nothing after the answer
+        assert all(v.chat_counts == {100: sent} for v in swarm.viewers)  # every one, all
+        assert all(len(v.chat_lat) == sent for v in swarm.viewers)  # each timed
+        done.set()
+        reader.feed_eof()
+        await control
+        await swarm.stop()
+
+
+def test_floor_viewer_counts_and_times_chat_by_interval() -> None:
+    """Every chat message counted under its interval, the timed viewer's latencies
+    from the send time in the text; the chat frame is a rehearsal viewer's."""
+    def batch(interval: int, *sent: float) -> bytes:
+        return msgpack.packb([{"t": "event", "event": "chat.message",
+                               "data": {"text": chat_text(t, "0/1"), "batch_ms": interval},
+                               "pos": {"epoch": "e", "offset": 1}} for t in sent])
+    timed, plain = FloorViewer(0, chat_timed=True), FloorViewer(1)
+    for v in (timed, plain):
+        assert v.received(batch(250, 10.0, 10.1), 10.3) == []
+        assert v.received(batch(250, 10.2), 10.5) == []
+        assert v.received(batch(1000, 20.0, 20.5, 20.9), 21.0) == []
+        v.received(msgpack.packb({"t": "reply", "id": "c1", "data": {}}), 21.1)  # ignored
+    assert timed.chat_counts == plain.chat_counts == {250: 3, 1000: 3}
+    assert timed.chat_lat == [(250, 0.3), (250, pytest.approx(0.2)), (250, 0.3),
+                              (1000, 1.0), (1000, 0.5), (1000, pytest.approx(0.1))]
+    assert plain.chat_lat is None
+    drop = Viewer(0, "lt-0", ViewerConfig(drop_id=1), 0.5)
+    assert timed.chat_message("x")["t"] == drop.chat_message("x")["t"] == "chat.send"
+    counts: Counter[str] = Counter()
+    timed.count_into(counts)
+    assert counts["chat_seen"] == 6
+    summary = summarize_floor([timed, plain])
+    assert summary["chat_floor_counts"] == {"250": {3: 2}, "1000": {3: 2}}
+    assert sorted(summary["chat_floor_latency"]["1000"]) == [pytest.approx(0.1), 0.5, 1.0]
+
+
+@pytest.mark.timeout(120)
+async def test_chat_floor_measured_by_the_rehearsal_delivers_every_message(
+        clean_backends, tmp_path: Path) -> None:
+    """200 viewers, 2 server processes, 40 chat messages/s: unbatched, then one batch
+    per 250 ms, on the same sockets: each storm reaches every viewer whole (sent x
+    viewers, every viewer every message), timed on every viewer (200 / 500 -> 1)."""
+    cfg = RehearsalConfig(viewers=200, server_workers=2, swarm_processes=2,
+                          connect_rate=1000, chat_rate=40, chat_floor_intervals=(0, 250),
+                          chat_floor_s=1.5, out_dir=str(tmp_path), quiet=True)
+    rehearsal = Rehearsal(cfg)
+    floor = await rehearsal.measure_chat_floor(_Target(clean_backends.redis_url), 200)
+    assert floor["measured"] and floor["viewers"] == 200 and floor["processes"] == 2
+    assert [i["batch_ms"] for i in floor["intervals"]] == [0, 250]
+    for i in floor["intervals"]:
+        assert i["sent"] >= 40 and i["sent_per_s"] > 20  # ~40/s for 1.5 s, both swarms
+        assert i["drained"] and i["delivered"] == i["expected"] == i["sent"] * 200
+        assert i["per_viewer"] == {"min": i["sent"], "max": i["sent"],
+                                   "viewers_with_all": 200}
+        lat = i["latency"]
+        assert lat["count"] == i["sent"] * 200  # every viewer timed at this size
+        assert 0 < lat["min_ms"] <= lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+        assert i["server_cpu_s"] > 0 and i["storm_s"] >= 1.5
+    # Batched, a message waits for its batch: ~60 messages over six 250 ms batches,
+    # some came just after one left.
+    assert floor["intervals"][1]["latency"]["max_ms"] >= 100
+    assert rehearsal.generator["chat_floor_250"]["window_s"] >= 1.5
+
+
+def _chat_result(floor_p99s: dict[int, float], delivered_short: int = 0) -> dict:
+    intervals = [{"batch_ms": ms, "sent": 10, "sent_per_s": 5.0, "expected": 100,
+                  "delivered": 100 - (delivered_short if ms == 250 else 0),
+                  "per_viewer": {"min": 9, "max": 10, "viewers_with_all": 9},
+                  "latency": {"p50_ms": p99 / 2, "p99_ms": p99, "max_ms": p99 + 10}}
+                 for ms, p99 in floor_p99s.items()]
+    result = {"buy_now": {"latency": {"p50_ms": 1.0, "p99_ms": 2.0, "max_ms": 3.0}},
+              "failures": [], "passed": True,
+              "chat": {"sent": 500, "latency": {"p50_ms": 400.0, "p99_ms": 2000.0},
+                       "phases": {"before": {"latency": {"p99_ms": 800.0}}}},
+              "chat_floor": {"measured": True, "intervals": intervals}}
+    compare_floor(result)
+    return result
+
+
+def test_the_report_puts_chat_beside_the_best_whole_chat_floor() -> None:
+    result = _chat_result({250: 300.0, 500: 400.0, 1000: 800.0})
+    assert result["chat_floor"]["best"]["batch_ms"] == 250
+    assert result["chat"]["chat_floor_ratio"] == {"p50": 2.67, "p99": 6.67,
+                                                "before_p99": 2.67}
+    rows = _rows(format_console(result))
+    assert rows["chat floor, batch 500 ms: p50 / p99 / max"].startswith(
+        "200.0 / 400.0 / 410.0 ms (100 / 100 delivered")
+    assert rows["chat / chat floor (best: 250 ms), p50 / p99 / before BUY NOW p99"] == \
+        "2.7 / 6.7 / 2.7"
+    # An interval that lost messages is no floor: the best whole one is taken instead.
+    short = _chat_result({250: 300.0, 500: 400.0}, delivered_short=1)
+    assert short["chat_floor"]["best"] == {"batch_ms": 500, "complete": True,
+                                           "latency": short["chat_floor"]["intervals"][1][
+                                               "latency"]}
+    assert short["passed"] is True
+    # More delivered than sent x viewers: the floor's own figures are wrong.
+    dup = _chat_result({250: 300.0}, delivered_short=-5)
+    assert dup["passed"] is False
+    assert dup["failures"] == ["the chat floor (250 ms) delivered 105 messages of 100 sent "
+                               "x viewers"]
+
+
+def test_the_chat_floor_options_are_parsed_and_checked(capsys) -> None:
+    assert _parse().chat_floor_intervals == ()  # none by default: runs as before
+    ns = _parse("--chat-floor-intervals", "250,500,1000", "--chat-floor-duration", "20")
+    assert ns.chat_floor_intervals == (250, 500, 1000) and ns.chat_floor_s == 20.0
+    assert _parse("--chat-floor-intervals", "0").chat_floor_intervals == (0,)
+    with pytest.raises(ValueError, match="needs a chat rate"):
+        RehearsalConfig(chat_floor_intervals=(250,))
+    with pytest.raises(ValueError, match="0 \\(unbatched\\) or more"):
+        RehearsalConfig(chat_rate=5, chat_floor_intervals=(-1,))
+    with pytest.raises(ValueError, match="each chat floor interval once"):
+        RehearsalConfig(chat_rate=5, chat_floor_intervals=(250, 500, 250))
+    from loadtest.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["rehearse", "--chat-floor-intervals", "250,x"])
+    assert exc.value.code == 2
+    assert "not a list of ms" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="needs a chat rate"):
+        main(["rehearse", "--chat-floor-intervals", "250"])

@@ -19,12 +19,14 @@ from loadtest.rehearse import RehearsalConfig, rehearse
 @pytest.mark.timeout(150)
 def test_small_rehearsal_holds_and_never_oversells(tmp_path: Path) -> None:
     """With a chat storm, in a room the server treats as big (its chat batched and
-    sampled), the creator's control-path probes and both floors: the bare broadcast
-    and the one whose viewers buy as the drop's did."""
+    sampled), the creator's control-path probes and the three floors: the bare
+    broadcast, the one whose viewers buy as the drop's did, and the chat floor (the
+    same storm through bare servers, every message to every viewer)."""
     cfg = RehearsalConfig(
         viewers=200, stock=20, server_workers=1, swarm_processes=2, connect_rate=1000,
         buy_probability=0.6, buy_delay_ms=(0, 50), chat_messages=6, countdown_s=1.5,
         chat_rate=40, probe_interval_s=0.2, floor="both", floor_events=3, floor_interval_s=0.5,
+        chat_floor_intervals=(250,), chat_floor_s=1.0,
         rush_timeout_s=15, max_duration_s=90, out_dir=str(tmp_path), quiet=True,
         p99_budget_ms=5000, command="test",
         server_env={"DROPSERVER_CHAT_BATCH_VIEWERS": "50", "DROPSERVER_CHAT_BATCH_MS": "250",
@@ -87,6 +89,14 @@ def test_small_rehearsal_holds_and_never_oversells(tmp_path: Path) -> None:
     assert rush_floor["rush"]["units_sold"] == 3 * 20 and rush_floor["rush"]["oversold"] == 0
     assert rush_floor["rush"]["buys"]["sent"] == 3 * res["sent"]  # the same buyers each time
     assert result["buy_now"]["rush_floor_ratio"]["p99"] > 0
+    [chat_floor] = result["chat_floor"]["intervals"]
+    assert chat_floor["batch_ms"] == 250 and chat_floor["sent"] >= 20
+    assert chat_floor["delivered"] == chat_floor["expected"] == chat_floor["sent"] * 200
+    assert chat_floor["per_viewer"]["min"] == chat_floor["sent"]
+    assert chat_floor["latency"]["count"] == chat_floor["sent"] * 200  # 200 // 500: all
+    assert 0 < chat_floor["latency"]["p50_ms"] <= chat_floor["latency"]["p99_ms"]
+    assert result["chat_floor"]["best"]["batch_ms"] == 250
+    assert chat["chat_floor_ratio"]["p99"] > 0 and chat["chat_floor_ratio"]["before_p99"] > 0
     # The load generator's own CPU, where it shares the machine with the server.
     gen = result["generator"]
     assert gen["drop"]["cpu_s"] > 0 and gen["drop"]["window_s"] > 1.5
@@ -96,6 +106,7 @@ def test_small_rehearsal_holds_and_never_oversells(tmp_path: Path) -> None:
     paths = result["reports"]
     written = json.loads(Path(paths["json"]).read_text())
     assert written["passed"] is True and written["buy_now"]["histogram_ms"]
+    assert written["config"]["chat_floor_intervals"] == [250]
     assert Path(paths["png"]).stat().st_size > 10_000
     assert "PASS" in Path(paths["html"]).read_text()
 
