@@ -15,7 +15,9 @@ away too) is recorded failed -- the rebuilt Redis may have sold its unit again -
 buyer told (``checkout.orders.insert_orders``). Only a process dying in the same few
 milliseconds as Redis can still lose a hold.
 
-The hot path pays one list append per new hold (replays and refusals: nothing).
+The hot path pays one list append per hold it answers, a replay's too (a replay may be
+the first answer a buyer got: the first attempt's ``WAIT`` failed, 503; the row is
+``ON CONFLICT DO NOTHING``); refusals: nothing.
 """
 
 from __future__ import annotations

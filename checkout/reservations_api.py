@@ -317,7 +317,8 @@ async def buy(app: Any, who: Principal, drop_id: int, data: dict[str, Any], *, i
     """The buy path shared by the ``buy`` command and ``POST /v1/drops/{id}/buy``.
 
     Returns the hold, the reply and, for a new hold, the buyer's ``order.held``
-    data; ``origin`` (a connection id) is the socket that sends that event itself.
+    data; ``origin`` (a connection id) is the socket that sends that event itself
+    (a replay's is told by the reply alone).
     """
     started = time.perf_counter()
     if who.is_guest:
@@ -343,10 +344,11 @@ async def buy(app: Any, who: Principal, drop_id: int, data: dict[str, Any], *, i
         raise
     finally:
         tally_observe(RESERVE_SECONDS, time.perf_counter() - started)
-    if hold.replay:
-        tally(_REPLAYED)
-        return hold, hold.reply(), None
-    tally(_HELD)
+    tally(_REPLAYED if hold.replay else _HELD)
+    # A replay too: its first attempt may have been answered 503 (no replica had the
+    # hold in time: the WAIT), and so neither journaled nor told; each step is
+    # idempotent (the journal's row ON CONFLICT DO NOTHING, a socket hears an order's
+    # event once, mark_sold_out reads Redis' units left again).
     res.journal.add(journal.row_for(hold, req, res.hold_ttl_ms))
     held = {"order_id": hold.hold_id, "product_id": product_id,
             "buyer_number": hold.buyer_number, "expires_at": hold.expires_at,
@@ -357,7 +359,9 @@ async def buy(app: Any, who: Principal, drop_id: int, data: dict[str, Any], *, i
     res.notifier.stock_changed(drop_id)
     if hold.remaining == 0:
         res.notifier.sold_out(drop_id, product_id)
-    return hold, hold.reply(), held
+    # The requesting socket has the hold in the replay's reply; the user's other
+    # sockets hear order.held through the channel, only if they have not yet.
+    return hold, hold.reply(), None if hold.replay else held
 
 
 async def cancel(app: Any, who: Principal, hold_id: str) -> dict[str, Any]:

@@ -117,6 +117,59 @@ async def test_a_hold_the_replica_lacks_reaches_postgresql_only_once_replicated(
         await db.close()
 
 
+async def test_a_buy_first_answered_by_its_replay_is_told_and_sells_out(cluster_rig):
+    """A buy whose WAIT failed was answered 503 and nothing else: not journaled, no
+    ``order.held``, no stock or sold out. Its retry with the same key is a replay, and
+    the replay is then the first answer the buyer gets: it must do what the first
+    answer would have. Here the hold is the drop's last unit, so the drop sells out,
+    and the buyer's other socket hears ``order.held`` once."""
+    rig = cluster_rig
+    drop_id, pid = await rig.selling_drop(units=1)  # the hold takes the last unit
+    replica = local_cluster.replica_of(
+        rig.services, local_cluster.primary_for(rig.services, f"{{drop:{drop_id}}}:sale"))
+    heard: list[tuple[str, dict]] = []
+    sock = await _Socket.open(rig.ws_url, rig.token("replay-buyer"), drop_id,
+                              lambda e, d: None)
+    other = await _Socket.open(rig.ws_url, rig.token("replay-buyer"), drop_id,
+                               lambda e, d: heard.append((e, d)))
+    db = await rig.db()
+    r = rig.redis()
+    buy = {"t": "buy", "product_id": pid, "idempotency_key": "replay-k1",
+           "flow": "client_confirm"}
+    try:
+        os.kill(rig.services.pids[replica.name], signal.SIGSTOP)
+        try:
+            answer = await sock.request(buy)
+            assert answer.get("code") == "unavailable", answer  # not replicated: not told
+        finally:
+            os.kill(rig.services.pids[replica.name], signal.SIGCONT)
+        for _ in range(50):  # the replica catches up; the retry replays the same hold
+            answer = await sock.request(buy)
+            if answer.get("t") == "reply":
+                break
+            await asyncio.sleep(0.2)
+        assert answer.get("t") == "reply" and answer["data"]["replay"], answer
+        hold_id = answer["data"]["hold_id"]
+
+        async def sold_out() -> bool:
+            return await db.fetchval("SELECT state FROM drops WHERE id = $1",
+                                     drop_id) == "sold_out"
+
+        assert await _until(sold_out, 10), "the replay took the last unit: sold out"
+        assert await _until(lambda: _true(heard), 10), "the other socket heard nothing"
+        await invariants.quiesce(r, drop_id, within=30)
+        assert [d["order_id"] for e, d in heard if e == "order.held"] == [hold_id]
+        assert await invariants.violations(
+            db, r, drop_id, acknowledged={hold_id: {
+                "user_id": "replay-buyer", "buyer_number": answer["data"]["buyer_number"]}},
+            payments=invariants.stub_payments(rig.stub)) == []
+    finally:
+        await sock.close()
+        await other.close()
+        await r.aclose()
+        await db.close()
+
+
 async def _auction(rig: Rig, **spec: object) -> tuple[int, int]:
     """A live drop of one unit with an auction of it: (drop id, auction id)."""
     import httpx
