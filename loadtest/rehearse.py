@@ -525,18 +525,9 @@ class Rehearsal:
         sent: list[float] = []
         sold: list[dict[str, int]] = []
         try:
-            await self.start_swarms(servers.ws_url, 0, cfg.jwt_secret,
-                                    mode="floor_rush" if rush else "floor")
-            n = len(self.swarms)
-            t_connect = time.monotonic()
-            await self.wait_for(
-                "every floor viewer to connect",
-                lambda: (self.progress.total("ever_joined") >= viewers) or (
-                    len(self.progress.latest) == n
-                    and all(p.get("ramp_done") for p in self.progress.latest.values())
-                    and self.progress.total("connecting") == 0),
-                limit_s=viewers / cfg.connect_rate * 3 + 60)
-            connect_s = time.monotonic() - t_connect
+            connect_s = await self.connect_floor(servers, viewers,
+                                                 "floor_rush" if rush else "floor",
+                                                 "every floor viewer to connect")
             connected = self.progress.total("ever_joined")
             await asyncio.sleep(1.0)
             floor_cpu = self.swarm_cpu()
@@ -591,6 +582,23 @@ class Rehearsal:
                                           for x in r.get("floor_buy_latency", [])])}
         return out
 
+    async def connect_floor(self, servers: Any, viewers: int, mode: str, what: str) -> float:
+        """Start the swarms (``mode``) on floor servers and wait until ``viewers`` are
+        connected, or every swarm has ramped and none is still connecting: the seconds
+        it took."""
+        cfg = self.cfg
+        await self.start_swarms(servers.ws_url, 0, cfg.jwt_secret, mode=mode)
+        n = len(self.swarms)
+        t_connect = time.monotonic()
+        await self.wait_for(
+            what,
+            lambda: (self.progress.total("ever_joined") >= viewers) or (
+                len(self.progress.latest) == n
+                and all(p.get("ramp_done") for p in self.progress.latest.values())
+                and self.progress.total("connecting") == 0),
+            limit_s=viewers / cfg.connect_rate * 3 + 60)
+        return time.monotonic() - t_connect
+
     async def measure_chat_floor(self, target: Any, viewers: int) -> dict[str, Any]:
         """The same swarm, the same number of viewers, bare servers that take chat and
         deliver every message to every viewer; the same storm (``chat_rate``) for
@@ -616,18 +624,10 @@ class Rehearsal:
         self.swarms = []
         windows: list[dict[str, Any]] = []
         try:
-            await self.start_swarms(servers.ws_url, 0, cfg.jwt_secret, mode="floor_chat")
-            n = len(self.swarms)
-            t_connect = time.monotonic()
-            await self.wait_for(
-                "every chat floor viewer to connect",
-                lambda: (self.progress.total("ever_joined") >= viewers) or (
-                    len(self.progress.latest) == n
-                    and all(p.get("ramp_done") for p in self.progress.latest.values())
-                    and self.progress.total("connecting") == 0),
-                limit_s=viewers / cfg.connect_rate * 3 + 60)
-            connect_s = time.monotonic() - t_connect
+            connect_s = await self.connect_floor(servers, viewers, "floor_chat",
+                                                 "every chat floor viewer to connect")
             connected = self.progress.total("ever_joined")
+            n = len(self.swarms)
             for ms in intervals:
                 await redis.publish(channel, chat_control(ms))
                 await asyncio.sleep(1.0)  # every process on the new interval

@@ -67,6 +67,27 @@ async def test_a_lagging_replica_promoted_has_every_acknowledged_hold(cluster_ri
 
 
 @pytest.mark.timeout(120)
+async def _retried_past_a_frozen_replica(rig: Rig, replica, sock: _Socket, buy: dict,
+                                         while_frozen=None) -> dict:
+    """``buy`` sent while the shard's replica is frozen (SIGSTOP): answered 503, not
+    replicated, not told (then ``while_frozen()``); sent again with the same key once
+    it is thawed, until answered: the reply, the same hold's replay."""
+    os.kill(rig.services.pids[replica.name], signal.SIGSTOP)
+    try:
+        answer = await sock.request(buy)
+        assert answer.get("code") == "unavailable", answer  # not replicated: not told
+        if while_frozen is not None:
+            await while_frozen()
+    finally:
+        os.kill(rig.services.pids[replica.name], signal.SIGCONT)
+    for _ in range(50):  # the replica catches up; the retry replays the same hold
+        answer = await sock.request(buy)
+        if answer.get("t") == "reply":
+            return answer
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"no reply after the replica thawed: {answer}")
+
+
 async def test_a_hold_the_replica_lacks_reaches_postgresql_only_once_replicated(cluster_rig):
     """The reservation script writes a hold and its order entry on the primary; the
     buyer hears of it only once a replica has it (WAIT). The payments workers must not
@@ -86,23 +107,14 @@ async def test_a_hold_the_replica_lacks_reaches_postgresql_only_once_replicated(
     r = rig.redis()
     buy = {"t": "buy", "product_id": pid, "idempotency_key": "fence-k1",
            "flow": "client_confirm"}
+    async def none_recorded() -> None:
+        await asyncio.sleep(2.0)  # a worker records an entry within milliseconds
+        rows = await db.fetchval("SELECT count(*) FROM orders WHERE drop_id = $1", drop_id)
+        assert rows == 0, "a hold no replica has was recorded in PostgreSQL"
+
     try:
-        os.kill(rig.services.pids[replica.name], signal.SIGSTOP)
-        try:
-            answer = await sock.request(buy)
-            assert answer.get("code") == "unavailable", answer  # not replicated: not told
-            await asyncio.sleep(2.0)  # a worker records an entry within milliseconds
-            rows = await db.fetchval("SELECT count(*) FROM orders WHERE drop_id = $1",
-                                     drop_id)
-            assert rows == 0, "a hold no replica has was recorded in PostgreSQL"
-        finally:
-            os.kill(rig.services.pids[replica.name], signal.SIGCONT)
-        for _ in range(50):  # the replica catches up; the retry replays the same hold
-            answer = await sock.request(buy)
-            if answer.get("t") == "reply":
-                break
-            await asyncio.sleep(0.2)
-        assert answer.get("t") == "reply", answer
+        answer = await _retried_past_a_frozen_replica(rig, replica, sock, buy,
+                                                      while_frozen=none_recorded)
         hold_id = answer["data"]["hold_id"]
         await invariants.quiesce(r, drop_id, within=30)
         state = await db.fetchval("SELECT state FROM orders WHERE public_id = $1", hold_id)
@@ -137,18 +149,8 @@ async def test_a_buy_first_answered_by_its_replay_is_told_and_sells_out(cluster_
     buy = {"t": "buy", "product_id": pid, "idempotency_key": "replay-k1",
            "flow": "client_confirm"}
     try:
-        os.kill(rig.services.pids[replica.name], signal.SIGSTOP)
-        try:
-            answer = await sock.request(buy)
-            assert answer.get("code") == "unavailable", answer  # not replicated: not told
-        finally:
-            os.kill(rig.services.pids[replica.name], signal.SIGCONT)
-        for _ in range(50):  # the replica catches up; the retry replays the same hold
-            answer = await sock.request(buy)
-            if answer.get("t") == "reply":
-                break
-            await asyncio.sleep(0.2)
-        assert answer.get("t") == "reply" and answer["data"]["replay"], answer
+        answer = await _retried_past_a_frozen_replica(rig, replica, sock, buy)
+        assert answer["data"]["replay"], answer
         hold_id = answer["data"]["hold_id"]
 
         async def sold_out() -> bool:
