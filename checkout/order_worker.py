@@ -37,7 +37,8 @@ tests/test_cluster_failover.py). So a worker first waits, per stream and batch, 
 the replicas have what it read (:class:`ReplicationFence`: the batch's last entry
 still in the stream, a write, and the ``WAIT`` the pipeline sends after it), while the
 replicas lag as through an outage; entries the primary no longer has (a failover lost
-them) are left unprocessed, like the holds they describe.
+them: a batch's tail) are left unprocessed, like the holds they describe, and the
+batch's entries before them are processed.
 
 **Dead letters** (:mod:`checkout.dead_letters`): a malformed entry, one the rules
 refuse, one that fails ``DROPSERVER_ORDER_MAX_ATTEMPTS`` times with an error that is
@@ -85,15 +86,23 @@ def _id(entry_id: Any) -> str:
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
-# On the primary that holds the stream: whether the batch's last entry is still there
-# (a failover may have lost it; the entries before it are then there too, replication
-# being in order), and a write, so that the WAIT the pipeline sends after it covers
-# everything this primary had when the entries were read.
+# On the primary that holds the stream: the newest entry still there between the
+# batch's first and last (a failover may have lost the batch's tail: replication is in
+# order, so every entry older than one still there is there too; nil: none is), and a
+# write, so that the WAIT the pipeline sends after it covers everything this primary
+# had when the entries were read.
 _FENCE = """
-if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', 60000)
-return 1
+local newest = redis.call('XREVRANGE', KEYS[1], ARGV[2], ARGV[1], 'COUNT', 1)[1]
+if not newest then return false end
+redis.call('SET', KEYS[2], newest[1], 'PX', 60000)
+return newest[1]
 """
+
+
+def _order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (``ms-seq``) as the stream orders it."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 class ReplicationFence:
@@ -108,11 +117,13 @@ class ReplicationFence:
         self.pipe = auto_pipeline(self.redis, wait_replicas=replicas,
                                   wait_timeout_ms=timeout_ms)
 
-    async def check(self, stream: str, last_id: str) -> bool:
-        """True once the replicas have the stream up to ``last_id``; False when the
-        primary no longer has that entry."""
-        return bool(await self.pipe.execute("EVAL", _FENCE, 2, stream, f"{stream}:fence",
-                                            last_id))
+    async def check(self, stream: str, first_id: str, last_id: str) -> str | None:
+        """Once the replicas have the stream up to it: the newest entry from
+        ``first_id`` to ``last_id`` the primary still has (the entries up to it are
+        there); None when it has none of them."""
+        newest = await self.pipe.execute("EVAL", _FENCE, 2, stream, f"{stream}:fence",
+                                         first_id, last_id)
+        return None if newest is None else _id(newest)
 
     async def aclose(self) -> None:
         await self.pipe.aclose()
@@ -291,14 +302,18 @@ class OrderWorker:
         return handled
 
     async def _handle_batch(self, stream: str, entries: list, delivered: int | None) -> None:
-        if self.fence is not None and entries and not await self._replicated(stream,
-                                                                               entries):
-            log.warning("order entries a failover lost are not processed",
-                        extra={"stream": stream, "count": len(entries),
-                               "last": _id(entries[-1][0])})
-            for _entry_id, fields in entries:
-                ORDERS_PROCESSED.labels(fields_text(fields).get("type", "?"), "lost").inc()
-            return
+        if self.fence is not None and entries:
+            newest = await self._replicated(stream, entries)
+            upto = (-1, -1) if newest is None else _order(newest)
+            lost = [e for e in entries if _order(_id(e[0])) > upto]
+            if lost:
+                log.warning("order entries a failover lost are not processed",
+                            extra={"stream": stream, "count": len(lost),
+                                   "first": _id(lost[0][0])})
+                for _entry_id, fields in lost:
+                    ORDERS_PROCESSED.labels(fields_text(fields).get("type", "?"),
+                                            "lost").inc()
+                entries = [e for e in entries if _order(_id(e[0])) <= upto]
         # Entries of one hold run in stream order; different holds run concurrently.
         by_hold: dict[str, list] = {}
         for entry_id, fields in entries:
@@ -312,9 +327,10 @@ class OrderWorker:
 
         await asyncio.gather(*(run_group(g) for g in by_hold.values()))
 
-    async def _replicated(self, stream: str, entries: list) -> bool:
-        """Wait until the replicas have ``entries`` (False: the primary lost them). They
-        stay claimed meanwhile (:meth:`_keep_claimed`), as through an outage."""
+    async def _replicated(self, stream: str, entries: list) -> str | None:
+        """Wait until the replicas have what the primary still has of ``entries`` (in
+        stream order): the newest of them it has (None: it lost them all). They stay
+        claimed meanwhile (:meth:`_keep_claimed`), as through an outage."""
         assert self.fence is not None
         waiting = [(stream, _id(entry_id)) for entry_id, _fields in entries]
         now = time.monotonic()
@@ -324,7 +340,7 @@ class OrderWorker:
         try:
             while True:
                 try:
-                    return await self.fence.check(stream, waiting[-1][1])
+                    return await self.fence.check(stream, waiting[0][1], waiting[-1][1])
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:

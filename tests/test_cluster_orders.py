@@ -98,3 +98,52 @@ async def test_what_a_dead_consumer_left_is_taken_over_on_every_slot(cluster) ->
         await worker.stop()
         await r.srem(keys.ACTIVE_DROPS, *drops)
         await r.aclose()
+
+
+async def test_a_batch_whose_tail_a_failover_lost_has_the_rest_processed(cluster) -> None:
+    """A worker read a batch on the primary; a failover then lost the batch's tail (the
+    replica never had it; here deleted after the read). The fence (WAIT) finds the
+    newest entry the primary still has: the entries up to it are processed at once,
+    the lost ones are not (counted ``lost``). A batch it lost whole: nothing. (Before,
+    a lost tail left the whole batch unprocessed, and counted lost, until another
+    consumer claimed its survivors 15 s later.)"""
+    from prometheus_client import REGISTRY
+
+    from checkout.order_worker import ReplicationFence
+
+    d = _drops_on_other_slots(1, 9300)[0]
+    stream = keys.orders(d)
+    r = connect(cluster.redis_url)
+    await ready(r)
+    rec = _Recorder()
+    fence = ReplicationFence(cluster.redis_url, replicas=1, timeout_ms=2000)
+    worker = OrderWorker(r, rec, consumer="w", fence=fence)  # type: ignore[arg-type]
+
+    def lost() -> float:
+        return REGISTRY.get_sample_value("dropserver_orders_processed_total",
+                                         {"type": "release", "result": "lost"}) or 0.0
+
+    async def read(*holds: str) -> list:
+        for hold in holds:
+            await _add(r, d, hold)
+        got = await r.xreadgroup(GROUP, "w", {stream: ">"}, count=10)
+        return got[0][1]
+
+    try:
+        await r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        entries = await read("kept0", "kept1", "lost2", "lost3")
+        assert len(entries) == 4
+        await r.xdel(stream, entries[2][0], entries[3][0])  # the tail a failover lost
+        before = lost()
+        await worker._handle_batch(stream, entries, delivered=1)
+        assert sorted(rec.seen) == [(d, "kept0"), (d, "kept1")]
+        assert lost() - before == 2
+
+        entries = await read("lost4", "lost5")
+        await r.xdel(stream, *(entry_id for entry_id, _fields in entries))
+        await worker._handle_batch(stream, entries, delivered=1)
+        assert sorted(rec.seen) == [(d, "kept0"), (d, "kept1")]
+        assert lost() - before == 4
+    finally:
+        await fence.aclose()
+        await r.aclose()
