@@ -241,7 +241,14 @@ def cmd_services(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dropserver", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="dropserver",
+        description="dropserver: a WebSocket-first real-time server for live-commerce "
+                    "product drops.",
+        epilog="Start with 'dropserver dev' (a local Redis and PostgreSQL of its own), "
+               "then open http://127.0.0.1:8000/; 'dropserver COMMAND --help' for a "
+               "command's options. README.md has a 5-minute tour; docs/operations.md "
+               "runs it in production.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def net(p: argparse.ArgumentParser, port_default: int | None) -> None:

@@ -333,3 +333,14 @@ def test_other_startup_errors_are_one_line_not_a_traceback(argv, env, says):
     assert out.returncode == 1, out
     assert "Traceback" not in out.stderr, out.stderr
     assert says in out.stderr and "secret" not in out.stderr
+
+
+def test_help_says_what_it_is_and_where_to_start() -> None:
+    """``dropserver --help`` is a new user's first page: plain text (it printed the
+    module docstring's ``double backticks``), what the program is, how to start."""
+    from dropserver.cli import build_parser
+
+    text = build_parser().format_help()
+    assert "``" not in text
+    assert "live-commerce" in text and "dropserver dev" in text
+    assert "http://127.0.0.1:8000/" in text
