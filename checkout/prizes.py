@@ -43,22 +43,18 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def award(redis: Any, drop_id: int, product_id: int, user_id: str,
-                giveaway_id: int, rank: int, *, call: Any = None) -> Award:
-    """Give ``user_id`` one unit of the product at price 0 (``award.lua``).
-    ``call(script, keys, args)``, if given, runs the script instead of ``redis``
-    (the giveaway closer's: the buy path's pipeline, which answers only once a
-    replica has the hold, raising :class:`~checkout.redis_pipe.NotReplicated` until
-    then)."""
+async def award(call: Any, drop_id: int, product_id: int, user_id: str,
+                giveaway_id: int, rank: int) -> Award:
+    """Give ``user_id`` one unit of the product at price 0 (``award.lua``, run by
+    ``call(script, keys, args)``: the giveaway closer's is the buy path's pipeline,
+    which answers only once a replica has the hold, raising
+    :class:`~checkout.redis_pipe.NotReplicated` until then)."""
     d, p = int(drop_id), int(product_id)
     hold_id = prize_hold_id(d, p, giveaway_id, rank)
-    key_list = [keys.meta(d), keys.product(d, p), keys.units(d, p), keys.idem(d),
-                keys.hold(d, hold_id), keys.orders(d)]
-    args = [user_id, hold_id, f"giveaway:{int(giveaway_id)}:{int(rank)}", d, p]
-    if call is not None:
-        reply = await call(script("award"), key_list, args)
-    else:
-        reply = await script("award")(keys=key_list, args=args, client=redis)
+    reply = await call(script("award"),
+                       [keys.meta(d), keys.product(d, p), keys.units(d, p), keys.idem(d),
+                        keys.hold(d, hold_id), keys.orders(d)],
+                       [user_id, hold_id, f"giveaway:{int(giveaway_id)}:{int(rank)}", d, p])
     if _s(reply[0]) == "err":
         return Award(None, error=_s(reply[1]))
     return Award(_s(reply[1]), remaining=int(reply[3]), replay=bool(int(reply[4])))

@@ -336,6 +336,9 @@ async def announce(db: asyncpg.Pool, redis: Any, giveaway_id: int, *,
     ``call``: as :func:`close_and_draw`'s, for ``award.lua``: a prize hold no replica
     has is neither recorded nor announced (a lagging failover would lose it, and its
     winner would be told of an order that never comes)."""
+    def run(lua: Any, key_list: list[str], args: list[Any]) -> Any:
+        return _run(call, redis, lua, key_list, args)
+
     async with db.acquire() as conn, conn.transaction():
         row = await _lock(conn, giveaway_id, "state = 'drawn' AND announced_at IS NULL")
         if row is None:
@@ -345,13 +348,13 @@ async def announce(db: asyncpg.Pool, redis: Any, giveaway_id: int, *,
         for w in won:
             if product_id is None or w["order_id"] is not None or w["prize_error"]:
                 continue
-            result = await prizes.award(redis, drop_id, product_id, w["user_id"],
-                                        giveaway_id, w["rank"], call=call)
+            result = await prizes.award(run, drop_id, product_id, w["user_id"],
+                                        giveaway_id, w["rank"])
             if result.error == "not_ready":
                 outcome = await load_drop(drop_id) if load_drop is not None else "busy"
                 if outcome == "loaded":
-                    result = await prizes.award(redis, drop_id, product_id, w["user_id"],
-                                                giveaway_id, w["rank"], call=call)
+                    result = await prizes.award(run, drop_id, product_id, w["user_id"],
+                                                giveaway_id, w["rank"])
                 elif outcome == "not_live":
                     result = prizes.Award(None, error="not_on_sale")
             if result.hold_id is None and result.error == "not_ready":

@@ -9,6 +9,7 @@ Both sides are bare ``websockets`` here: what is under test is the rig's client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
@@ -19,6 +20,17 @@ from tests.fault_rig import _Socket
 pytestmark = pytest.mark.timeout(30)
 
 PAID = {"t": "private", "event": "order.paid", "data": {"order_id": "o-1"}}
+
+
+@contextlib.asynccontextmanager
+async def _joined(handler):
+    """A bare server running ``handler`` and the rig's socket joined to it: (the
+    socket, the private events it heard)."""
+    heard: list[tuple[str, dict]] = []
+    async with websockets.serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        yield await _Socket.open(f"ws://127.0.0.1:{port}", "token", 1,
+                                 lambda e, d: heard.append((e, d))), heard
 
 
 async def test_a_socket_whose_join_timed_out_is_closed_and_hears_nothing():
@@ -62,11 +74,7 @@ async def test_what_arrives_while_the_client_closes_a_socket_is_not_heard():
         sent.set()
         await ws.wait_closed()
 
-    heard: list[tuple[str, dict]] = []
-    async with websockets.serve(answers_then_sends, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
-        sock = await _Socket.open(f"ws://127.0.0.1:{port}", "token", 1,
-                                  lambda e, d: heard.append((e, d)))
+    async with _joined(answers_then_sends) as (sock, heard):
         await joined.wait()
         sock.ws.transport.pause_reading()
         release.set()
@@ -87,11 +95,7 @@ async def test_an_open_socket_hears_its_private_events():
         await ws.send(json.dumps(PAID))
         await ws.wait_closed()
 
-    heard: list[tuple[str, dict]] = []
-    async with websockets.serve(answers_and_sends, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
-        sock = await _Socket.open(f"ws://127.0.0.1:{port}", "token", 1,
-                                  lambda e, d: heard.append((e, d)))
+    async with _joined(answers_and_sends) as (sock, heard):
         for _ in range(100):
             if heard:
                 break
